@@ -1,0 +1,19 @@
+"""wan-kernels: fused kernels for the Wan2.1/2.2 video DiT, as `torch.ops.wan.*` and typed wrappers.
+
+Importing this package registers the `wan` op namespace (from the compiled extension `_C` when it is
+built, else from Python with the pure-torch references as CPU kernels). `python -m wan_kernels`
+prints what was built, the routing table and a self-check.
+"""
+
+from wan_kernels import _library
+from wan_kernels._library import EXTENSION
+from wan_kernels.ops import attention, nvfp4_dequantize, nvfp4_gemm, nvfp4_quantize, qk_norm_rope, qkv_rope
+from wan_kernels.routing import BACKENDS, IMPLS, BackendUnavailableError, resolve, route_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "EXTENSION", "IMPLS", "BackendUnavailableError", "attention", "nvfp4_dequantize", "nvfp4_gemm",
+    "nvfp4_quantize", "qk_norm_rope", "qkv_rope", "resolve", "route_table",
+]
+del _library

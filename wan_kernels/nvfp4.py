@@ -1,0 +1,51 @@
+"""NVFP4 format helpers: constants, the decode-convention global scale and the 128x4 scale swizzle.
+
+Layout (REFERENCE.md §5, CUTLASS sm100 `SfKMajorAtom`):
+  * `packed`      uint8 [M, K/2]: two E2M1 codes per byte, element 2i in the low nibble.
+  * `block_scale` float8_e4m3fn [roundup(M, 128), roundup(K/16, 4)]: one scale per 16 elements along K,
+    stored in the 128x4 swizzled order below, padding zero-filled. The tensor's flat bytes are the
+    swizzled buffer; its 2-D shape is the padded scale-matrix shape.
+      offset(m, k) = ((m // 128) * (Ks' // 4) + k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + k % 4
+  * `global_scale` float32 scalar, DECODE convention: value = e2m1 * block_scale * global_scale,
+    global_scale = amax / (6 * 448). (vLLM/FlashInfer pass the reciprocal, "encode" convention.)
+"""
+
+import torch
+
+BLOCK = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def scale_shape(m: int, k: int) -> tuple[int, int]:
+    """Shape of the swizzled block-scale tensor of an [m, k] matrix."""
+    return round_up(m, 128), round_up(k // BLOCK, 4)
+
+
+def global_scale(x: torch.Tensor) -> torch.Tensor:
+    """Decode-convention per-tensor scale amax(|x|) / (6 * 448) as a 0-dim float32 tensor (NaN ignored)."""
+    amax = torch.nan_to_num(x.detach().float(), nan=0.0).abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    return (amax / (E2M1_MAX * E4M3_MAX)).to(torch.float32)
+
+
+def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
+    """[M, Ks] scale matrix (any dtype) -> [M', Ks'] whose flat order is the 128x4 swizzled layout."""
+    m, ks = scales.shape
+    mp, kp = round_up(m, 128), round_up(ks, 4)
+    padded = scales.new_zeros((mp, kp))
+    padded[:m, :ks] = scales
+    # m = m0*128 + m1*32 + m2, k = k0*4 + k1  ->  offset order (m0, k0, m2, m1, k1)
+    blocks = padded.view(mp // 128, 4, 32, kp // 4, 4).permute(0, 3, 2, 1, 4)
+    return blocks.reshape(mp, kp)
+
+
+def unswizzle_scales(swizzled: torch.Tensor, m: int, ks: int) -> torch.Tensor:
+    """Inverse of `swizzle_scales`: [M', Ks'] swizzled -> [m, ks] row-major scale matrix."""
+    mp, kp = swizzled.shape
+    blocks = swizzled.reshape(mp // 128, kp // 4, 32, 4, 4).permute(0, 3, 2, 1, 4)
+    return blocks.reshape(mp, kp)[:m, :ks]
