@@ -27,6 +27,8 @@ class BuildConfig:
     jobs: int | None              # WAN_BUILD_JOBS: parallel compile jobs (ninja)
     nvcc_threads: int             # WAN_NVCC_THREADS: nvcc --threads (archs compiled in parallel)
     debug: bool                   # WAN_DEBUG_BUILD=1: -O0 -g
+    no_ext: bool                  # WAN_NO_EXT=1: install the Python package only (the Makefile then
+                                  # builds _C in place, incrementally, with `setup.py build_ext --inplace`)
 
     @staticmethod
     def from_env() -> "BuildConfig":
@@ -38,6 +40,7 @@ class BuildConfig:
             jobs=int(jobs) if jobs else None,
             nvcc_threads=int(os.environ.get("WAN_NVCC_THREADS", "1")),
             debug=os.environ.get("WAN_DEBUG_BUILD", "0") == "1",
+            no_ext=os.environ.get("WAN_NO_EXT", "0") == "1",
         )
 
 
@@ -127,13 +130,15 @@ def extensions(cfg: BuildConfig):
     cxx = opt + ["-Wall", "-Wno-unused-function"]
     cutlass_dirs, cutlass_version = cutlass_includes()
     if with_cuda:
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu") if "tests" not in p.parts)
         include_dirs += nvidia_wheel_includes() + cutlass_dirs
         nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "--expt-extended-lambda",
                       f"--threads={cfg.nvcc_threads}"] + gencode_flags(cfg.cuda_archs)
         write_build_info(gen_dir / "wan_build_info.h", True, ";".join(cfg.cuda_archs), torch.version.cuda,
                          cutlass_version)
-        return [CUDAExtension("wan_kernels._C", sources, include_dirs=include_dirs,
+        # libcudart.so sits in $CUDA_HOME/lib on this toolkit layout, lib64 on others.
+        library_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
+        return [CUDAExtension("wan_kernels._C", sources, include_dirs=include_dirs, library_dirs=library_dirs,
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
     write_build_info(gen_dir / "wan_build_info.h", False, "", "", cutlass_version)
     return [CppExtension("wan_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
@@ -145,7 +150,7 @@ def main() -> None:
 
     cfg = BuildConfig.from_env()
     setup(
-        ext_modules=extensions(cfg),
+        ext_modules=[] if cfg.no_ext else extensions(cfg),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )
 

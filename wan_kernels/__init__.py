@@ -5,7 +5,7 @@ built, else from Python with the pure-torch references as CPU kernels). `python 
 prints what was built, the routing table and a self-check.
 """
 
-from wan_kernels import _library
+from wan_kernels import _library, ref
 from wan_kernels._library import EXTENSION
 from wan_kernels.ops import attention, nvfp4_dequantize, nvfp4_gemm, nvfp4_quantize, qk_norm_rope, qkv_rope
 from wan_kernels.routing import BACKENDS, IMPLS, BackendUnavailableError, resolve, route_table

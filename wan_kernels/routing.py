@@ -96,8 +96,18 @@ def _compose_qkv_rope(qk_norm_rope_fn):
     return qkv_rope
 
 
-@functools.lru_cache(maxsize=None)
+_RESOLVED: dict[tuple[str, str, torch.device], object] = {}  # a plain dict: torch.compile traces lookups
+
+
 def _resolve(op: str, impl: str, device: torch.device):
+    key = (op, impl, device)
+    fn = _RESOLVED.get(key)
+    if fn is None:
+        fn = _RESOLVED[key] = _resolve_uncached(op, impl, device)
+    return fn
+
+
+def _resolve_uncached(op: str, impl: str, device: torch.device):
     if impl == "auto":
         return getattr(torch.ops.wan, op).default
     reason = unavailable_reason(op, impl, device)

@@ -32,11 +32,9 @@ __global__ void nvfp4_quantize_kernel(const T* __restrict__ x, int64_t M, int64_
   const T* src = x + m * stride_m + kb * kBlock * stride_k;
 #pragma unroll
   for (int i = 0; i < kBlock; ++i) buf[i] = static_cast<float>(src[i * stride_k]);
-  uint8_t out[kBlock / 2];
-  scale[swizzled_offset(m, kb, ks_padded)] = quantize_block(buf, *global_scale, out);
-  uint8_t* dst = packed + m * (K / 2) + kb * (kBlock / 2);
-#pragma unroll
-  for (int i = 0; i < kBlock / 2; ++i) dst[i] = out[i];
+  // Packed bytes go straight to global memory: a local staging array would live on the stack.
+  scale[swizzled_offset(m, kb, ks_padded)] =
+      quantize_block(buf, *global_scale, packed + m * (K / 2) + kb * (kBlock / 2));
 }
 
 template <typename T>

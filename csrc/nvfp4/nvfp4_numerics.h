@@ -56,10 +56,12 @@ WAN_HD uint8_t e2m1_encode(float v) {
   return c | sign;
 }
 
+// E2M1 = 1 sign, 2 exponent (bias 1), 1 mantissa bit; exponent 0 is subnormal (0 or 0.5).
+// Computed rather than looked up: a table indexed at run time would live in local memory on GPU.
 WAN_HD float e2m1_decode(uint8_t code) {
-  const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  const float m = mag[code & 0x7];
-  return (code & 0x8) ? -m : m;
+  const int e = (code >> 1) & 0x3, m = code & 0x1;
+  const float mag = e == 0 ? 0.5f * m : (1.0f + 0.5f * m) * static_cast<float>(1 << (e - 1));
+  return (code & 0x8) ? -mag : mag;
 }
 
 // FP8 E4M3 ("fn": no Inf, 0x7F = NaN, max 448) of a non-negative finite fp32, RNE, saturating

@@ -6,3 +6,4 @@ up from here; an op absent from this table has no Triton backend (yet) and `impl
 """
 
 KERNELS: dict = {}
+KERNELS["qk_norm_rope"] = __import__("wan_kernels.triton.qk_norm_rope", fromlist=["qk_norm_rope"]).qk_norm_rope

@@ -1,0 +1,43 @@
+# The README's commands. Everything runs from the virtual environment at .venv (created on first use,
+# reused while requirements.txt is unchanged). `make demo` = the main job, `make test` = every check.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+JOBS ?= 2
+
+.PHONY: all venv build demo info test test-cpp test-py clean
+
+all: build
+
+$(DEPS): requirements.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet -r requirements.txt
+	WAN_NO_EXT=1 $(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(DEPS)
+
+venv: $(DEPS)
+
+# Incremental (ninja) build of wan_kernels._C in place, C++ CPU + CUDA for WAN_CUDA_ARCHS.
+build: $(DEPS)
+	WAN_BUILD_JOBS=$(JOBS) $(VPY) setup.py --quiet build_ext --inplace
+
+demo: build
+	$(VPY) -m wan_model demo
+
+info: build
+	$(VPY) -m wan_kernels
+
+test-cpp:
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cmake
+	ctest --test-dir build/cmake --output-on-failure
+
+test-py: build
+	$(VPY) -m wan_kernels
+	$(VPY) -m pytest -q
+
+test: test-cpp test-py
+
+clean:
+	rm -rf build wan_kernels/_C*.so *.egg-info

@@ -1,0 +1,67 @@
+"""Bad input raises ValueError (Python paths) or RuntimeError (C++ kernels) naming the argument and
+quoting its shape or dtype, on every CPU backend."""
+
+import pytest
+import torch
+
+import wan_kernels
+
+from _inputs import op_inputs
+
+IMPLS = ["auto", "ref", "cpu"]
+NO_CPP_CPU_KERNEL = ("attention", "nvfp4_gemm")  # impl="cpu" raises for these (test_library.py)
+
+
+def _replace(args, i, value):
+    args = list(args)
+    args[i] = value
+    return tuple(args)
+
+
+CASES = [
+    # op, argument index, bad value, pattern the message must contain
+    ("qk_norm_rope", 0, torch.randn(2, 17, 100), r"qkv must be \[B, S, 3\*C\].*\(?2, 17, 100\)?"),
+    ("qk_norm_rope", 0, torch.randn(17, 384), r"qkv must be \[B, S, 3\*C\].*17, 384"),
+    ("qk_norm_rope", 0, torch.randn(2, 17, 384).double(), r"qkv must be float32/float16/bfloat16.*(Double|float64)"),
+    ("qk_norm_rope", 5, 3, r"num_heads=3 does not divide C=128"),
+    ("qk_norm_rope", 1, torch.randn(64), r"norm_q_weight must be \[128\].*64"),
+    ("qk_norm_rope", 3, torch.randn(17, 16), r"rope_cos.* must be float32 \[S, D/2\] = \[17, 32\].*17, 16"),
+    ("qk_norm_rope", 4, torch.randn(17, 32).double(), r"rope_sin.*(Double|float64)"),
+    ("qkv_rope", 1, torch.randn(384, 100), r"w_qkv must be \[3\*C, 128\].*384, 100"),
+    ("attention", 1, torch.randn(2, 7, 3, 64), r"k must be \[2, Sk, 2, 64\].*2, 7, 3, 64"),
+    ("attention", 0, torch.randn(2, 17, 128), r"q must be \[B, S, H, D\].*2, 17, 128"),
+    ("attention", 4, None, r"k_img and v_img must be given together"),
+    ("nvfp4_quantize", 0, torch.randn(4, 40), r"multiple of 16.*4, 40"),
+    ("nvfp4_quantize", 0, torch.randn(4, 4, 16), r"x must be 2-D \[M, K\].*4, 4, 16"),
+    ("nvfp4_quantize", 0, torch.randint(0, 5, (4, 32)), r"x must be float32/float16/bfloat16.*(Long|int64)"),
+    ("nvfp4_quantize", 1, torch.tensor([1.0, 2.0]), r"global_scale must be a 1-element float32 tensor.*2"),
+    ("nvfp4_dequantize", 1, torch.zeros(37, 4, dtype=torch.float8_e4m3fn), r"block_scale must have shape \[128, 4\].*37, 4"),
+    ("nvfp4_dequantize", 0, torch.zeros(37, 32), r"packed must be 2-D uint8.*(Float|float32)"),
+    ("nvfp4_dequantize", 3, torch.int32, r"dtype must be float32/float16/bfloat16"),
+    ("nvfp4_gemm", 3, torch.zeros(24, 16, dtype=torch.uint8), r"disagree on K|b_scale must have shape"),
+    ("nvfp4_gemm", 6, torch.randn(5), r"bias must be \[24\].*5"),
+]
+
+
+PARAMS = [pytest.param(*case, impl, id=f"{case[0]}-{i}-{impl}") for i, case in enumerate(CASES) for impl in IMPLS
+          if not (impl == "cpu" and case[0] in NO_CPP_CPU_KERNEL)]
+
+
+@pytest.mark.parametrize("op,index,bad,pattern,impl", PARAMS)
+def test_bad_input_message(op, index, bad, pattern, impl):
+    args = _replace(op_inputs()[op], index, bad)
+    with pytest.raises((ValueError, RuntimeError), match=pattern):
+        getattr(wan_kernels, op)(*args, impl=impl)
+
+
+def test_python_paths_raise_value_error():
+    args = _replace(op_inputs()["nvfp4_quantize"], 0, torch.randn(4, 40))
+    with pytest.raises(ValueError):
+        wan_kernels.nvfp4_quantize(*args, impl="ref")
+
+
+def test_device_mismatch_is_named():
+    x = torch.randn(4, 32)
+    gs = torch.empty((), device="meta")
+    with pytest.raises(ValueError, match="global_scale is on meta but the inputs are on cpu"):
+        wan_kernels.nvfp4_quantize(x, gs, impl="ref")

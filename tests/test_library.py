@@ -1,0 +1,190 @@
+"""The `wan` namespace: schemas, fake impls, opcheck, torch.compile, routing, Python-only fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wan_kernels
+from wan_kernels import _schemas, routing
+from wan_kernels._library import EXTENSION, FAKES, PYTHON_KERNELS
+
+from _inputs import op_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extension_is_built():
+    # CI builds _C (README test command); a silent fallback to pure torch would hide a broken build.
+    assert EXTENSION.loaded, EXTENSION.error
+    assert EXTENSION.build_info["torch_version"] == torch.__version__
+
+
+def test_extension_built_with_cuda_for_default_archs():
+    info = EXTENSION.build_info
+    if os.environ.get("WAN_SKIP_CUDA_BUILD") == "1":
+        pytest.skip("WAN_SKIP_CUDA_BUILD=1: this build has no CUDA sources by request")
+    assert info["with_cuda"], info
+    assert info["cuda_archs"] == os.environ.get("WAN_CUDA_ARCHS", "8.0;9.0a;10.0a")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("wan::nvfp4_quantize", "CUDA")
+    assert "CUDA" not in {k for k, ops in PYTHON_KERNELS.items() if "nvfp4_quantize" in ops}
+
+
+@pytest.mark.parametrize("op", _schemas.OPS)
+def test_schema_matches_python_copy(op):
+    # The C++ TORCH_LIBRARY is the source; the Python copy (for installs without _C) must be identical.
+    schema = str(getattr(torch.ops.wan, op).default._schema)
+    assert schema == "wan::" + _schemas.SCHEMAS[op]
+
+
+def test_every_op_has_fake_and_cpu_kernel():
+    for op in _schemas.OPS:
+        name = f"wan::{op}"
+        if op in _schemas.COMPOSITE:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+            continue
+        assert op in FAKES
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+
+
+def test_compiled_cpu_kernels_are_cpp():
+    # qk_norm_rope and the NVFP4 quantizer have C++ CPU kernels: auto must not route them to the reference.
+    for op in ("qk_norm_rope", "nvfp4_quantize", "nvfp4_dequantize"):
+        assert routing.auto_backend(op, None) == "cpu", op
+    assert routing.auto_backend("attention", None) == "ref"
+
+
+@pytest.mark.parametrize("op", _schemas.OPS)
+def test_opcheck(op):
+    args = op_inputs()[op]
+    fp8_inputs = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn]
+    if not fp8_inputs:
+        torch.library.opcheck(getattr(torch.ops.wan, op).default, args)
+        return
+    # SchemaCheckMode (opcheck's test_schema) compares inputs with allclose, which torch does not implement
+    # for float8_e4m3fn. Run the other three checks, and check the schema's promise (no input mutated)
+    # ourselves on the raw bytes.
+    torch.library.opcheck(getattr(torch.ops.wan, op).default, args,
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    before = [a.view(torch.uint8).clone() for a in fp8_inputs]
+    getattr(torch.ops.wan, op)(*args)
+    assert all(torch.equal(b, a.view(torch.uint8)) for a, b in zip(fp8_inputs, before))
+
+
+@pytest.mark.parametrize("op", _schemas.OPS)
+def test_fake_matches_real_shapes(op):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = op_inputs()[op]
+    real = getattr(torch.ops.wan, op)(*args)
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake = getattr(torch.ops.wan, op)(*fake_args)
+    real = real if isinstance(real, tuple) else (real,)
+    fake = fake if isinstance(fake, tuple) else (fake,)
+    assert [(t.shape, t.dtype) for t in real] == [(t.shape, t.dtype) for t in fake]
+
+
+def test_compile_fullgraph_traces_every_op():
+    inputs = op_inputs()
+
+    def f(inputs):
+        outs = []
+        for op in _schemas.OPS:
+            out = getattr(torch.ops.wan, op)(*inputs[op])
+            outs += list(out) if isinstance(out, tuple) else [out]
+        return outs
+
+    eager = f(inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")(inputs)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+
+
+def test_compile_inductor_with_wrappers():
+    q, k, v, ki, vi, _ = op_inputs()["attention"]
+    args = op_inputs()["qk_norm_rope"]
+
+    def f(q, k, v, ki, vi, qkv):
+        o = wan_kernels.attention(q, k, v, ki, vi)
+        qq, kk, vv = wan_kernels.qk_norm_rope(qkv, *args[1:])
+        return o * 2, qq + kk + vv
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(q, k, v, ki, vi, args[0])
+    want = f(q, k, v, ki, vi, args[0])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # same kernels; inductor only fuses the adds
+
+
+def test_named_unavailable_backend_raises_never_falls_back():
+    q, k, v, *_ = op_inputs()["attention"]
+    with pytest.raises(wan_kernels.BackendUnavailableError, match="impl='cuda' on cpu"):
+        wan_kernels.attention(q, k, v, impl="cuda")
+    with pytest.raises(wan_kernels.BackendUnavailableError, match="no C\\+\\+ CPU kernel of wan::attention"):
+        wan_kernels.attention(q, k, v, impl="cpu")
+    if "attention" not in wan_kernels.triton.KERNELS:
+        with pytest.raises(wan_kernels.BackendUnavailableError, match="no Triton kernel"):
+            wan_kernels.attention(q, k, v, impl="triton")
+    with pytest.raises(ValueError, match="unknown impl 'fast'"):
+        wan_kernels.attention(q, k, v, impl="fast")
+
+
+def test_route_table_covers_every_op_and_target():
+    table = wan_kernels.route_table()
+    assert set(table) == set(_schemas.OPS)
+    for row in table.values():
+        assert set(row) == set(routing.DEVICE_CLASSES)
+        assert set(row.values()) <= set(routing.BACKENDS)
+    if EXTENSION.build_info.get("with_cuda"):
+        # The CUDA NVFP4 quantizer is compiled for every default arch, so auto routes to it there.
+        assert {table["nvfp4_quantize"][c] for c in list(routing.DEVICE_CLASSES)[1:]} == {"cuda"}
+
+
+def test_cli_prints_routing_and_passes_self_check():
+    out = subprocess.run([sys.executable, "-m", "wan_kernels"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "routing (backend used by impl='auto')" in out.stdout
+    assert "self-check: passed" in out.stdout
+    assert "FAIL" not in out.stdout.replace("self-check: passed", "")
+
+
+_NO_EXT = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "wan_kernels._C":
+            raise ImportError("blocked for the test")
+sys.meta_path.insert(0, Block())
+import torch, wan_kernels
+from wan_kernels import routing
+assert not wan_kernels.EXTENSION.loaded
+assert routing.auto_backend("qk_norm_rope", None) == "ref"
+x = torch.randn(2, 5, 3 * 128)
+cos, sin = torch.ones(5, 32), torch.zeros(5, 32)
+q, k, v = torch.ops.wan.qkv_rope(x[..., :128], torch.randn(384, 128), None, torch.ones(128), torch.ones(128), cos, sin, 2, 1e-6)
+print("fallback", tuple(q.shape))
+try:
+    wan_kernels.qk_norm_rope(x, torch.ones(128), torch.ones(128), cos, sin, 2, impl="cpu")
+except wan_kernels.BackendUnavailableError as e:
+    print("raised", e)
+"""
+
+
+def test_import_without_extension_uses_references():
+    out = subprocess.run([sys.executable, "-c", _NO_EXT], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fallback (2, 5, 2, 64)" in out.stdout
+    assert "raised" in out.stdout and "no C++ CPU kernel" in out.stdout
+    main = subprocess.run([sys.executable, "-c", _NO_EXT.split("import torch")[0] +
+                           "import wan_kernels.__main__ as m; raise SystemExit(m.main([]))"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert main.returncode == 0, main.stdout + main.stderr
+    assert "NOT BUILT, pure-torch fallback" in main.stdout

@@ -1,0 +1,112 @@
+"""`python -m wan_kernels`: versions, what was compiled, the routing table and a self-check of every
+available backend against the reference on small CPU (and, if present, GPU) inputs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+import wan_kernels
+from wan_kernels import nvfp4, routing
+from wan_kernels._library import EXTENSION
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _sample_inputs(device: torch.device) -> dict[str, tuple]:
+    """Small inputs for each op (fp32, fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    B, S, H, D = 2, 17, 2, 64
+    C = H * D
+    ang = torch.rand(S, D // 2, generator=g).to(device) * 6.0
+    common = (r(C) + 1, r(C) + 1, ang.cos(), ang.sin(), H, 1e-6)
+    x = r(37, 64)
+    gs = nvfp4.global_scale(x)
+    a_p, a_s = wan_kernels.ref.nvfp4_quantize(x, gs)
+    w = r(24, 64)
+    gw = nvfp4.global_scale(w)
+    b_p, b_s = wan_kernels.ref.nvfp4_quantize(w, gw)
+    return {
+        "qk_norm_rope": (r(B, S, 3 * C),) + common,
+        "qkv_rope": (r(B, S, C), r(3 * C, C) * 0.1, r(3 * C), *common),
+        "attention": (r(B, S, H, D), r(B, 7, H, D), r(B, 7, H, D), r(B, 5, H, D), r(B, 5, H, D), None),
+        "nvfp4_quantize": (x, gs),
+        "nvfp4_dequantize": (a_p, a_s, gs, torch.float32),
+        "nvfp4_gemm": (a_p, a_s, gs, b_p, b_s, gw, r(24), torch.float32),
+    }
+
+
+def _max_diff(a, b) -> float:
+    if isinstance(a, (tuple, list)):
+        return max(_max_diff(x, y) for x, y in zip(a, b))
+    if a.dtype in (torch.uint8, torch.float8_e4m3fn):  # bit patterns: count mismatching bytes
+        return float((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+    return float((a.float() - b.float()).abs().max())
+
+
+def self_check(devices: list[torch.device]) -> bool:
+    ok = True
+    print("\nself-check (max |backend - ref|; NVFP4 codes/scales: mismatching bytes, must be 0):")
+    for device in devices:
+        inputs = _sample_inputs(device)
+        for op, args in inputs.items():
+            expected = routing.resolve(op, "ref", device)(*args)
+            for impl in ("auto",) + routing.BACKENDS[:-1]:
+                if impl != "auto" and routing.unavailable_reason(op, impl, device) is not None:
+                    continue
+                diff = _max_diff(routing.resolve(op, impl, device)(*args), expected)
+                good = diff <= 1e-4
+                ok &= good
+                print(f"  {device.type:4s} {op:17s} {impl:6s} {diff:10.3g}  {'ok' if good else 'FAIL'}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wan_kernels", description=__doc__)
+    p.add_argument("--no-check", action="store_true", help="skip the self-check")
+    args = p.parse_args(argv)
+
+    print(f"wan-kernels {wan_kernels.__version__}  python {platform.python_version()}  torch {torch.__version__}"
+          f"  triton {_version('triton')}  nvidia-cutlass {_version('nvidia-cutlass')}")
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    print(f"devices: cpu ({torch.get_num_threads()} threads)" + "".join(f", cuda:{i} {n}" for i, n in enumerate(gpus)))
+    if EXTENSION.loaded:
+        info = EXTENSION.build_info
+        cuda = f"CUDA {info['cuda_version']} kernels for archs {info['cuda_archs']}" if info["with_cuda"] else \
+            "no CUDA kernels (C++ CPU kernels only)"
+        print(f"wan_kernels._C: built with torch {info['torch_version']}; {cuda}; "
+              f"CUTLASS {info['cutlass_version'] or 'not found'}")
+    else:
+        print(f"wan_kernels._C: NOT BUILT, pure-torch fallback ({EXTENSION.error})")
+    print(f"Triton interpreter: {'on' if routing.interpreter_enabled() else 'off'} (TRITON_INTERPRET)")
+
+    table = routing.route_table()
+    classes = list(routing.DEVICE_CLASSES)
+    width = max(len(c) for c in classes) + 2
+    print("\nrouting (backend used by impl='auto'):")
+    print(f"  {'op':17s}" + "".join(f"{c:>{width}s}" for c in classes))
+    for op, row in table.items():
+        print(f"  {op:17s}" + "".join(f"{row[c]:>{width}s}" for c in classes))
+    if args.no_check:
+        return 0
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    ok = self_check(devices)
+    print("\nself-check:", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

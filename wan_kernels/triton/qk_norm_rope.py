@@ -1,0 +1,216 @@
+"""Triton kernel of wan::qk_norm_rope: RMSNorm of q and k across all heads + interleaved-pair RoPE, fused.
+
+One program per token. For a token with channels qkv = [q | k | v] (C = H * D channels each):
+    q' = q * rsqrt(mean(q^2) + eps) * w_q        (RMSNorm over all C channels, across heads: Wan / diffusers)
+    k' = k * rsqrt(mean(k^2) + eps) * w_k
+    RoPE on interleaved pairs of every head, angle index i in [0, D/2) (one angle per pair, shared by heads):
+        out[2i]   = a * cos_i - b * sin_i,    out[2i+1] = a * sin_i + b * cos_i,    (a, b) = (x'[2i], x'[2i+1])
+    v is copied into the [B, S, H, D] layout.
+All math in fp32, one rounding to the output dtype (as the reference `wan_kernels/ref/qk_norm_rope.py`,
+`F.rms_norm` rounding; REFERENCE §4). The input row is read once and the outputs written once: the fused
+path moves 6*C elements per token, the unfused diffusers sequence about 20*C (see bench/bench_qk_norm_rope.py).
+
+Layout: a token's q (or k, v) is viewed as a [H_BLOCK, D/2, 2] tile (heads x pairs x even/odd), loaded
+contiguously (vectorised 16-byte loads) and split into the even and odd channels with `tl.split`; the
+rotated pairs are re-joined and stored contiguously. cos/sin are one [D/2] row per token, broadcast over heads.
+
+Trade-offs:
+* Single-tile path (H_BLOCK * D <= MAX_TILE = 8192 elements: every Wan model, up to 64 heads of 128): q, k
+  and v of the token live in registers, so the sum of squares and the normalisation use one load. H_BLOCK is
+  next_pow2(H), so 40 heads run a 64-head tile with 24 heads masked off (idle lanes, no extra memory traffic).
+* Chunked path (more channels): two passes over chunks of H_CHUNK heads; the second pass re-reads q/k of
+  the token (20-40 KB, from L1/L2, not HBM). No cap on the number of heads.
+* num_warps is chosen so that each thread holds <= 16 elements per tensor (see `launch_config`); every
+  config the heuristic can pick compiles without spills for sm_80/sm_90/sm_100 (tests/test_triton_aot.py).
+
+The kernel runs on CUDA tensors, or on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1).
+Both flavours are built here from the same Python function (the choice is made per call by device), so
+importing this module before or after setting TRITON_INTERPRET makes no difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+# Largest per-tensor tile (elements) of the single-tile path; beyond it the chunked path runs.
+MAX_TILE = 8192
+# Elements of one tensor (q, k or v) each thread holds: sets num_warps (register budget, no spills).
+ELEMS_PER_THREAD = 16
+MAX_WARPS = 16
+# `tl.sum(x)` is `tl.reduce(x, axis, tl.standard._sum_combine)`; calling tl.reduce with Triton's own add
+# combiner directly keeps the kernel runnable by the interpreter even when triton.language was imported
+# before TRITON_INTERPRET=1 was set (`tl.sum` is then a compiled-only @jit function that the interpreter
+# cannot call; the interpreter recognises this combiner and reduces with numpy).
+_ADD = tl.standard._sum_combine
+# (Likewise `tl.full` rather than the @jit `tl.zeros`.)
+
+
+def _qk_norm_rope_kernel(
+    qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+    S, stride_qkv_b, stride_qkv_s, stride_rope_s, eps,
+    H: tl.constexpr, D: tl.constexpr, H_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    C: tl.constexpr = H * D
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // S
+    s = pid % S
+    row = qkv_ptr + b * stride_qkv_b + s * stride_qkv_s  # q at row[0:C], k at row[C:2C], v at row[2C:3C]
+    out_off = pid * C                                       # q/k/v outputs are [B*S, C] contiguous
+
+    h = tl.arange(0, H_BLOCK)
+    d = tl.arange(0, D)
+    offs = h[:, None] * D + d[None, :]                      # [H_BLOCK, D]: channel h*D + d of the chunk
+    i = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + s * stride_rope_s + i)[None, :]  # [1, HALF] fp32, broadcast over heads
+    sin = tl.load(sin_ptr + s * stride_rope_s + i)[None, :]
+    out_ty = q_ptr.dtype.element_ty
+
+    if NUM_CHUNKS == 1:
+        mask = tl.broadcast_to((h < H)[:, None], [H_BLOCK, D])
+        # everything of the token is loaded up front (memory-level parallelism), then computed in registers
+        xq = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
+        xk = tl.load(row + C + offs, mask=mask, other=0.0).to(tl.float32)
+        xv = tl.load(row + 2 * C + offs, mask=mask, other=0.0)
+        wq = tl.load(wq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        wk = tl.load(wk_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(v_ptr + out_off + offs, xv, mask=mask)
+
+        # sums of squares over the whole [H_BLOCK, D] tile (masked lanes are 0), then 1/sqrt(mean + eps)
+        rq = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(xq * xq, 1, _ADD), 0, _ADD) / C + eps)
+        rk = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(xk * xk, 1, _ADD), 0, _ADD) / C + eps)
+
+        # [H_BLOCK, D] -> [H_BLOCK, HALF, 2] -> even / odd channels [H_BLOCK, HALF] (register-local split)
+        a, bb = tl.split(tl.reshape(xq * rq * wq, [H_BLOCK, HALF, 2]))
+        oq = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
+        tl.store(q_ptr + out_off + offs, oq.to(out_ty), mask=mask)
+        a, bb = tl.split(tl.reshape(xk * rk * wk, [H_BLOCK, HALF, 2]))
+        ok = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
+        tl.store(k_ptr + out_off + offs, ok.to(out_ty), mask=mask)
+    else:
+        # pass 1: sums of squares over all chunks (and the v copy)
+        acc_q = tl.full([H_BLOCK, D], 0.0, tl.float32)
+        acc_k = tl.full([H_BLOCK, D], 0.0, tl.float32)
+        for c in range(NUM_CHUNKS):
+            co = c * H_BLOCK * D + offs
+            mask = tl.broadcast_to(((c * H_BLOCK + h) < H)[:, None], [H_BLOCK, D])
+            xq = tl.load(row + co, mask=mask, other=0.0).to(tl.float32)
+            xk = tl.load(row + C + co, mask=mask, other=0.0).to(tl.float32)
+            xv = tl.load(row + 2 * C + co, mask=mask, other=0.0)
+            tl.store(v_ptr + out_off + co, xv, mask=mask)
+            acc_q += xq * xq
+            acc_k += xk * xk
+        rq = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(acc_q, 1, _ADD), 0, _ADD) / C + eps)
+        rk = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(acc_k, 1, _ADD), 0, _ADD) / C + eps)
+        # pass 2: normalise + rotate (re-reads the token's q/k from cache)
+        for c in range(NUM_CHUNKS):
+            co = c * H_BLOCK * D + offs
+            mask = tl.broadcast_to(((c * H_BLOCK + h) < H)[:, None], [H_BLOCK, D])
+            xq = tl.load(row + co, mask=mask, other=0.0).to(tl.float32)
+            wq = tl.load(wq_ptr + co, mask=mask, other=0.0).to(tl.float32)
+            a, bb = tl.split(tl.reshape(xq * rq * wq, [H_BLOCK, HALF, 2]))
+            oq = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
+            tl.store(q_ptr + out_off + co, oq.to(out_ty), mask=mask)
+            xk = tl.load(row + C + co, mask=mask, other=0.0).to(tl.float32)
+            wk = tl.load(wk_ptr + co, mask=mask, other=0.0).to(tl.float32)
+            a, bb = tl.split(tl.reshape(xk * rk * wk, [H_BLOCK, HALF, 2]))
+            ok = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
+            tl.store(k_ptr + out_off + co, ok.to(out_ty), mask=mask)
+
+
+# The same function, compiled (CUDA tensors) and interpreted (CPU tensors under TRITON_INTERPRET=1).
+qk_norm_rope_kernel = JITFunction(_qk_norm_rope_kernel)
+qk_norm_rope_kernel_interpreted = InterpretedFunction(_qk_norm_rope_kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Compile-time parameters of one launch: H heads of D channels, tiles of H_BLOCK heads."""
+    H: int
+    D: int
+    H_BLOCK: int
+    NUM_CHUNKS: int
+    num_warps: int
+
+    def constexprs(self) -> dict[str, int]:
+        return {"H": self.H, "D": self.D, "H_BLOCK": self.H_BLOCK, "NUM_CHUNKS": self.NUM_CHUNKS}
+
+
+def launch_config(num_heads: int, head_dim: int) -> LaunchConfig:
+    """The heuristic: one tile of next_pow2(H) heads when it has <= MAX_TILE elements, else chunks of
+    MAX_TILE // D heads; num_warps = tile / (32 * ELEMS_PER_THREAD), clamped to [1, MAX_WARPS]."""
+    if head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"qk_norm_rope (triton): head_dim must be a power of two >= 2, got {head_dim}")
+    h_block = triton.next_power_of_2(num_heads)
+    if h_block * head_dim <= MAX_TILE:
+        chunks = 1
+    else:
+        h_block = max(1, MAX_TILE // head_dim)
+        chunks = triton.cdiv(num_heads, h_block)
+    tile = h_block * head_dim
+    num_warps = min(MAX_WARPS, max(1, tile // (32 * ELEMS_PER_THREAD)))
+    return LaunchConfig(num_heads, head_dim, h_block, chunks, num_warps)
+
+
+def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, num_heads: int, eps: float = 1e-6):
+    """Launcher (same contract as `wan_kernels.qk_norm_rope`; arguments are checked by the caller's wrapper).
+
+    qkv: [B, S, 3C], any strides on B and S (copied only if its last stride is not 1).
+    Returns q, k, v: [B, S, H, D] contiguous in qkv's dtype.
+    """
+    B, S, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    wq = norm_q_weight.contiguous()
+    wk = norm_k_weight.contiguous()
+    cos = rope_cos if rope_cos.stride(-1) == 1 else rope_cos.contiguous()
+    sin = rope_sin if rope_sin.stride(-1) == 1 else rope_sin.contiguous()
+    if cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    from wan_kernels.routing import interpreter_enabled  # lazy: routing imports this package
+
+    on_cpu = qkv.device.type != "cuda"
+    if on_cpu and not interpreter_enabled():
+        raise RuntimeError("qk_norm_rope (triton): CPU tensors need TRITON_INTERPRET=1")
+    shape = (B, S, num_heads, D)
+    # The interpreter's fp32 -> bf16 cast truncates instead of rounding to nearest even (triton 3.8,
+    # `cast_impl` passes no rounding mode): on CPU the kernel stores bf16 q/k in fp32 and torch rounds
+    # them (RNE, as the GPU's cvt.rn.bf16.f32). v is a plain copy and is stored by the kernel in any case.
+    soft_bf16 = on_cpu and qkv.dtype == torch.bfloat16
+    qk_dtype = torch.float32 if soft_bf16 else qkv.dtype
+    q = torch.empty(shape, dtype=qk_dtype, device=qkv.device)
+    k = torch.empty_like(q)
+    v = torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
+    if B * S > 0:
+        cfg = launch_config(num_heads, D)
+        kernel = qk_norm_rope_kernel_interpreted if on_cpu else qk_norm_rope_kernel
+        kernel[(B * S,)](qkv, wq, wk, cos, sin, q, k, v, S, qkv.stride(0), qkv.stride(1), cos.stride(0),
+                         float(eps), **cfg.constexprs(), num_warps=cfg.num_warps)
+    if soft_bf16:
+        q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    return q, k, v
+
+
+# Ahead-of-time compilation (tests/test_triton_aot.py, wan_kernels/triton/aot.py): the signature a launch on a
+# GPU specialises to for contiguous [B, S, 3C] input (pointers 16-byte aligned, row stride 3C % 16 == 0).
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+AOT_ALIGNED = ("qkv_ptr", "wq_ptr", "wk_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr", "stride_qkv_b",
+               "stride_qkv_s", "stride_rope_s")
+
+
+def aot_signature(dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Triton signature of `qk_norm_rope_kernel` for qkv in `dtype` and norm weights in `weight_dtype`."""
+    t, w = _TRITON_TYPES[dtype], _TRITON_TYPES[weight_dtype or dtype]
+    return {"qkv_ptr": f"*{t}", "wq_ptr": f"*{w}", "wk_ptr": f"*{w}", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+            "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "S": "i32", "stride_qkv_b": "i32",
+            "stride_qkv_s": "i32", "stride_rope_s": "i32", "eps": "fp32", "H": "constexpr", "D": "constexpr",
+            "H_BLOCK": "constexpr", "NUM_CHUNKS": "constexpr"}

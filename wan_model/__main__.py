@@ -1,0 +1,5 @@
+import sys
+
+from wan_model.cli import main
+
+sys.exit(main())

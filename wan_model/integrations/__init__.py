@@ -1,0 +1,1 @@
+"""Integrations of the `wan` kernels into other frameworks (imported lazily: optional dependencies)."""

@@ -1,0 +1,363 @@
+"""WanModel: the Wan2.1/2.2 DiT built from the `wan` ops (REFERENCE.md section 4 is the spec).
+
+Numerics follow diffusers' `WanTransformer3DModel` (>= 0.35): fp32 LayerNorm/modulation math, bf16
+activations between ops when the weights are bf16, the modules diffusers keeps in fp32 kept in fp32
+(`FP32_MODULES`). Differences by design: the self-attention QKV projection is one GEMM over the fused
+[3C, C] weight followed by `wan_kernels.qkv_rope` (RMSNorm + RoPE, one rounding instead of two),
+and the I2V text and image attention outputs are summed in fp32 by `wan_kernels.attention`.
+
+Cross-attention K/V depend only on the text/image context: `prepare_context` computes them for all
+layers with one GEMM per context (the layers' K/V weights are stored stacked) and `forward(...,
+context=ctx)` reuses them at every denoising step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import wan_kernels
+from wan_model.config import WanConfig
+from wan_model.rope import rope_tables
+
+# Parameter-name components diffusers keeps in fp32 under from_pretrained(torch_dtype=bf16)
+# (WanTransformer3DModel._keep_in_fp32_modules; matched against the dot-separated name parts).
+FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+
+def keeps_fp32(name: str) -> bool:
+    """True when diffusers keeps parameter `name` in fp32 whatever the load dtype."""
+    return any(part in FP32_MODULES for part in name.split("."))
+
+
+@dataclasses.dataclass
+class WanContext:
+    """Cross-attention keys/values of every layer for one text (+ image) context.
+
+    k[i], v[i]: [B, L_txt, H, D]; k_img[i], v_img[i]: [B, L_img, H, D] (I2V/FLF2V) or None.
+    dtype: dtype of the text input (diffusers casts temb to it).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    k_img: list[torch.Tensor] | None
+    v_img: list[torch.Tensor] | None
+    dtype: torch.dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def layer(self, i: int):
+        """(k, v, k_img, v_img) of layer i."""
+        if self.k_img is None:
+            return self.k[i], self.v[i], None, None
+        return self.k[i], self.v[i], self.k_img[i], self.v_img[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ops:
+    """The `wan` op callables bound once for an impl and device (no backend choice in forward)."""
+
+    qkv_rope: object
+    attention: object
+
+
+def bind_ops(impl: str, device: torch.device | str) -> _Ops:
+    """Resolve the backends of the ops the model calls, for `impl` on `device`."""
+    return _Ops(qkv_rope=wan_kernels.resolve("qkv_rope", impl, device),
+                attention=wan_kernels.resolve("attention", impl, device))
+
+
+def _layer_norm32(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm in fp32 (diffusers' FP32LayerNorm); returns fp32."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
+
+
+class TimeTextImageEmbedding(nn.Module):
+    """Timestep sinusoid + MLP, text projection and (I2V) CLIP image projection."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        C = cfg.dim
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = nn.ModuleDict({"linear_1": nn.Linear(cfg.freq_dim, C), "linear_2": nn.Linear(C, C)})
+        self.time_proj = nn.Linear(C, 6 * C)
+        self.text_embedder = nn.ModuleDict({"linear_1": nn.Linear(cfg.text_dim, C), "linear_2": nn.Linear(C, C)})
+        self.image_embedder = ImageEmbedding(cfg) if cfg.has_image else None
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [N] -> [N, freq_dim] fp32, [cos | sin], freq_i = exp(-ln(1e4) * i / half)."""
+        half = self.freq_dim // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        arg = t[:, None].float() * torch.exp(exponent)[None, :]                 # [N, half]
+        return torch.cat((torch.cos(arg), torch.sin(arg)), dim=-1)
+
+    def time_mlp(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [N] -> temb [N, C] in `dtype`, temb_proj [N, 6, C]."""
+        lin1, lin2 = self.time_embedder["linear_1"], self.time_embedder["linear_2"]
+        e = self.sinusoid(t).to(lin1.weight.dtype)
+        temb = lin2(F.silu(lin1(e))).to(dtype)                                   # [N, C]
+        proj = self.time_proj(F.silu(temb))                                      # [N, 6C]
+        return temb, proj.unflatten(-1, (6, -1))
+
+    def time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep [B] or per token [B, S] -> temb [B, 1|S, C], temb_proj [B, 1|S, 6, C].
+
+        Per-token timesteps hold only a few distinct values: the MLP runs on the unique ones and the
+        result is gathered (under torch.compile, which cannot trace the data-dependent unique, it runs
+        per token; the values agree).
+        """
+        if timestep.ndim == 1:
+            temb, proj = self.time_mlp(timestep, dtype)
+            return temb[:, None], proj[:, None]
+        if torch.compiler.is_compiling():
+            temb, proj = self.time_mlp(timestep.flatten(), dtype)
+            return temb.unflatten(0, timestep.shape), proj.unflatten(0, timestep.shape)
+        uniq, inverse = torch.unique(timestep, return_inverse=True)              # [U], [B, S]
+        temb, proj = self.time_mlp(uniq, dtype)
+        return temb[inverse], proj[inverse]
+
+    def text(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, text_dim] -> [B, L, C] (Linear, GELU-tanh, Linear)."""
+        lin1, lin2 = self.text_embedder["linear_1"], self.text_embedder["linear_2"]
+        return lin2(F.gelu(lin1(x), approximate="tanh"))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP image tokens -> model width: (+pos_embed) LN32 -> Linear -> GELU -> Linear -> LN32."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        d_in, C = cfg.image_dim, cfg.dim
+        self.norm1 = nn.LayerNorm(d_in, eps=1e-5)
+        self.ff = nn.ModuleDict({"proj_in": nn.Linear(d_in, d_in), "proj_out": nn.Linear(d_in, C)})
+        self.norm2 = nn.LayerNorm(C, eps=1e-5)
+        self.pos_embed = (nn.Parameter(torch.zeros(1, cfg.pos_embed_seq_len, d_in))
+                          if cfg.pos_embed_seq_len is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:  # FLF2V: [2B, 257, d] (first, last frame) -> [B, 514, d]
+            x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + self.pos_embed
+        dtype = x.dtype
+        x = _layer_norm32(x, self.norm1.weight, self.norm1.bias, 1e-5).to(dtype)
+        x = self.ff["proj_out"](F.gelu(self.ff["proj_in"](x)))
+        return _layer_norm32(x, self.norm2.weight, self.norm2.bias, 1e-5).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        C = cfg.dim
+        self.to_qkv = nn.Linear(C, 3 * C)            # rows: to_q | to_k | to_v
+        self.norm_q = nn.Parameter(torch.ones(C))
+        self.norm_k = nn.Parameter(torch.ones(C))
+        self.to_out = nn.Linear(C, C)
+
+
+class CrossAttention(nn.Module):
+    """Query side of the cross-attention (its K/V live stacked in WanModel.cross_kv)."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        C = cfg.dim
+        self.to_q = nn.Linear(C, C)
+        self.norm_q = nn.Parameter(torch.ones(C))
+        self.to_out = nn.Linear(C, C)
+
+
+class StackedKV(nn.Module):
+    """K/V projections of all layers' cross-attention for one context, stacked for one GEMM.
+
+    weight: [L*2*C, C_in] (layer-major, then k|v), bias: [L*2*C], norm_k: [L, C] (RMSNorm of k).
+    """
+
+    def __init__(self, num_layers: int, dim: int, in_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_layers * 2 * dim, in_dim))
+        self.bias = nn.Parameter(torch.zeros(num_layers * 2 * dim))
+        self.norm_k = nn.Parameter(torch.ones(num_layers, dim))
+        nn.init.normal_(self.weight, std=in_dim ** -0.5)
+
+    def forward(self, ctx: torch.Tensor, num_heads: int, eps: float):
+        """ctx [B, Lc, C_in] -> lists over layers of k, v: [B, Lc, H, D]."""
+        L, C = self.norm_k.shape
+        kv = F.linear(ctx, self.weight, self.bias).unflatten(-1, (L, 2, C))   # [B, Lc, L, 2, C], one GEMM
+        ks, vs = [], []
+        for i in range(L):
+            k = F.rms_norm(kv[:, :, i, 0], (C,), self.norm_k[i], eps)        # diffusers' RMSNorm rounding
+            ks.append(k.unflatten(-1, (num_heads, -1)).contiguous())
+            vs.append(kv[:, :, i, 1].unflatten(-1, (num_heads, -1)).contiguous())
+        return ks, vs
+
+
+class WanBlock(nn.Module):
+    """Self-attention (fused QKV + qk_norm_rope + attention), cross-attention, FFN, adaLN modulation."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        C = cfg.dim
+        self.num_heads, self.eps = cfg.num_attention_heads, cfg.eps
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, C) / C ** 0.5)
+        self.attn1 = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(C, eps=cfg.eps)     # affine, cross-attention pre-norm
+        self.attn2 = CrossAttention(cfg)
+        self.ffn = nn.ModuleDict({"proj_in": nn.Linear(C, cfg.ffn_dim), "proj_out": nn.Linear(cfg.ffn_dim, C)})
+
+    def forward(self, x, temb_proj, rope_cos, rope_sin, kv, ops: _Ops):
+        # x: [B, S, C]; temb_proj: [B, 1|S, 6, C]; kv: (k, v, k_img, v_img) of this layer
+        C, eps = x.shape[-1], self.eps
+        mods = self.scale_shift_table.unsqueeze(0) + temb_proj.float()          # [B, 1|S, 6, C] fp32
+        shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(dim=2)       # [B, 1|S, C] each
+
+        # 1. self-attention
+        a = self.attn1
+        n = (_layer_norm32(x, eps=eps) * (1 + scale) + shift).to(x.dtype)
+        q, k, v = ops.qkv_rope(n, a.to_qkv.weight, a.to_qkv.bias, a.norm_q, a.norm_k, rope_cos, rope_sin,
+                               self.num_heads, eps)                              # [B, S, H, D] each
+        o = a.to_out(ops.attention(q, k, v, None, None, None).flatten(2))       # [B, S, C]
+        x = (x.float() + o * gate).to(x.dtype)
+
+        # 2. cross-attention (K/V precomputed per context)
+        c = self.attn2
+        n = _layer_norm32(x, self.norm2.weight, self.norm2.bias, eps).to(x.dtype)
+        q = F.rms_norm(c.to_q(n), (C,), c.norm_q, eps).unflatten(-1, (self.num_heads, -1))
+        k_txt, v_txt, k_img, v_img = kv
+        x = x + c.to_out(ops.attention(q, k_txt, v_txt, k_img, v_img, None).flatten(2))
+
+        # 3. feed-forward
+        n = (_layer_norm32(x, eps=eps) * (1 + c_scale) + c_shift).to(x.dtype)
+        f = self.ffn["proj_out"](F.gelu(self.ffn["proj_in"](n), approximate="tanh"))
+        return (x.float() + f.float() * c_gate).to(x.dtype)
+
+
+class WanModel(nn.Module):
+    """The Wan transformer on `wan` ops.  `impl` ("auto"|"cuda"|"cpu"|"triton"|"ref") picks the backend
+    of every op once, at construction (and again when the model moves device)."""
+
+    def __init__(self, config: WanConfig, impl: str = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = cfg = config
+        self.impl = impl
+        C, L = cfg.dim, cfg.num_layers
+        with torch.device(device or "cpu"):
+            self.patch_embedding = nn.Conv3d(cfg.in_channels, C, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            self.condition_embedder = TimeTextImageEmbedding(cfg)
+            self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(L))
+            self.cross_kv = StackedKV(L, C, C)
+            self.cross_kv_img = StackedKV(L, C, C) if cfg.has_image else None
+            self.scale_shift_table = nn.Parameter(torch.randn(1, 2, C) / C ** 0.5)
+            self.proj_out = nn.Linear(C, cfg.out_channels * math.prod(cfg.patch_size))
+        if dtype is not None:
+            self.to_dtype(dtype)
+        self._ops = bind_ops(impl, self.device)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    def to_dtype(self, dtype: torch.dtype) -> "WanModel":
+        """Cast to `dtype`, keeping diffusers' fp32 modules (FP32_MODULES) in fp32."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
+        return self
+
+    def set_impl(self, impl: str) -> "WanModel":
+        """Switch every op of the model to backend `impl` (resolved once, here)."""
+        self._ops = bind_ops(impl, self.device)
+        self.impl = impl
+        return self
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "_ops"):
+            self._ops = bind_ops(self.impl, self.device)  # re-resolve the backends on the new device
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto", **kw):
+        """Load a diffusers dir, an original-Wan or ComfyUI safetensors file (see wan_model.checkpoint).
+        A Wan2.2 two-expert dir returns a `WanExperts` pair."""
+        from wan_model.checkpoint import load_model
+        return load_model(path, dtype=dtype, device=device, impl=impl, **kw)
+
+    def save_pretrained(self, path, format: str = "diffusers", max_shard_size: int | str = "5GB") -> None:
+        """Save atomically as a diffusers dir, an original-Wan file or a ComfyUI file (wan_model.checkpoint)."""
+        from wan_model.checkpoint import save_model
+        save_model(self, path, format=format, max_shard_size=max_shard_size)
+
+    # ------------------------------------------------------------------------------------------
+    def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope_cos, rope_sin [S, D/2] fp32 for a patched latent grid (cached per grid)."""
+        return _rope_constant(self.config.attention_head_dim, grid, self.config.rope_max_seq_len, self.device)
+
+    def prepare_context(self, encoder_hidden_states: torch.Tensor,
+                        encoder_hidden_states_image: torch.Tensor | None = None) -> WanContext:
+        """Text (+ image) cross-attention K/V of all layers, one GEMM per context.
+
+        encoder_hidden_states: [B, L_txt, text_dim] (512 tokens for I2V, as diffusers assumes);
+        encoder_hidden_states_image: [B, 257, image_dim] (I2V) or [2B, 257, image_dim] (FLF2V: first and
+        last frame interleaved per sample, as diffusers' pipeline passes them).
+        """
+        cfg = self.config
+        if cfg.has_image and encoder_hidden_states_image is None:
+            raise ValueError("this is an I2V/FLF2V model (config.image_dim set): encoder_hidden_states_image "
+                             "is required")
+        if not cfg.has_image and encoder_hidden_states_image is not None:
+            raise ValueError("encoder_hidden_states_image given but this model has no image embedder "
+                             f"(shape {tuple(encoder_hidden_states_image.shape)})")
+        txt = self.condition_embedder.text(encoder_hidden_states)                 # [B, L_txt, C]
+        k, v = self.cross_kv(txt, cfg.num_attention_heads, cfg.eps)
+        k_img = v_img = None
+        if cfg.has_image:
+            img = self.condition_embedder.image_embedder(encoder_hidden_states_image)  # [B, L_img, C]
+            k_img, v_img = self.cross_kv_img(img, cfg.num_attention_heads, cfg.eps)
+        return WanContext(k, v, k_img, v_img, encoder_hidden_states.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None,
+                encoder_hidden_states_image: torch.Tensor | None = None,
+                context: WanContext | None = None) -> torch.Tensor:
+        """Denoiser output, like diffusers' WanTransformer3DModel.forward(...).sample.
+
+        hidden_states: [B, C_in, F, H, W]; timestep: [B] or per token [B, S] (TI2V);
+        encoder_hidden_states: [B, L_txt, text_dim]; encoder_hidden_states_image: see prepare_context;
+        context: from prepare_context (then the two encoder inputs are not needed).
+        Returns [B, C_out, F, H, W] in the model dtype.
+        """
+        cfg = self.config
+        B, _, nf, nh, nw = hidden_states.shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = nf // pt, nh // ph, nw // pw
+        rope_cos, rope_sin = self.rope((f, h, w))                                # [S, D/2] fp32
+        if context is None:
+            context = self.prepare_context(encoder_hidden_states, encoder_hidden_states_image)
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, S, C]
+        temb, temb_proj = self.condition_embedder.time(timestep, context.dtype)  # [B, 1|S, C], [B, 1|S, 6, C]
+        for i, block in enumerate(self.blocks):
+            x = block(x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
+
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)  # [B, 1|S, C]
+        x = (_layer_norm32(x, eps=cfg.eps) * (1 + scale) + shift).to(x.dtype)
+        x = self.proj_out(x)                                                     # [B, S, pt*ph*pw*C_out]
+        x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+
+@torch.compiler.assume_constant_result
+def _rope_constant(head_dim, grid, max_len, device):
+    return rope_tables(head_dim, grid, max_len, device=device)
