@@ -28,10 +28,18 @@ demo: build
 info: build
 	$(VPY) -m wan_kernels
 
-test-cpp:
+NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+
+# Torch-free host code + its unit tests; with nvcc, the same numerics also compiled as device code.
+# The CUTLASS host test needs the nvidia-cutlass headers from the venv.
+test-cpp: $(DEPS)
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build build/cmake
 	ctest --test-dir build/cmake --output-on-failure
+	if [ -n "$(NVCC)" ]; then \
+	  cmake -S . -B build/cmake-cuda -G Ninja -DWAN_CMAKE_CUDA=ON -DCMAKE_CUDA_COMPILER=$(NVCC) \
+	    -DWAN_CUTLASS_DIR="$$($(VPY) -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))')" \
+	    > /dev/null && cmake --build build/cmake-cuda && ctest --test-dir build/cmake-cuda --output-on-failure; fi
 
 test-py: build
 	$(VPY) -m wan_kernels

@@ -18,6 +18,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0a;10.0a"
+# Sources whose kernels exist for ONE arch only: compiled by nvcc for that arch alone (not for every
+# arch in WAN_CUDA_ARCHS as the rest of csrc/*.cu), torch-free, in parallel, and linked into _C.
+ARCH_SPECIFIC_SOURCES = {
+    "10.0a": ("csrc/nvfp4_gemm/nvfp4_gemm_sm100_bf16.cu", "csrc/nvfp4_gemm/nvfp4_gemm_sm100_f16.cu"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +99,52 @@ def cutlass_includes() -> tuple[list[str], str]:
     return [str(d) for d in dirs], importlib.metadata.version("nvidia-cutlass")
 
 
-def write_build_info(path: Path, with_cuda: bool, archs: str, cuda_version: str, cutlass_version: str) -> None:
+def _arch(a: str) -> str:
+    return a.removesuffix("+PTX")
+
+
+def arch_specific_sources(cfg: BuildConfig, with_cuda: bool) -> dict[str, tuple[str, ...]]:
+    if not with_cuda:
+        return {}
+    return {a: srcs for a, srcs in ARCH_SPECIFIC_SOURCES.items() if a in {_arch(x) for x in cfg.cuda_archs}}
+
+
+def _up_to_date(obj: Path, dep: Path) -> bool:
+    """True when obj is newer than every file its nvcc -MD dependency list names."""
+    if not obj.exists() or not dep.exists():
+        return False
+    deps = dep.read_text().replace("\\\n", " ").split(":", 1)[-1].split()
+    mtime = obj.stat().st_mtime
+    return all(Path(d).exists() and Path(d).stat().st_mtime <= mtime for d in deps)
+
+
+def compile_arch_specific(sources: dict[str, tuple[str, ...]], include_dirs: list[str], opt: list[str],
+                          out_dir: Path, nvcc: str) -> list[str]:
+    """nvcc each arch-specific source for its own arch (in parallel, skipping up-to-date objects)."""
+    import subprocess
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs, objs = [], []
+    for arch, srcs in sources.items():
+        for src in srcs:
+            obj = out_dir / (Path(src).stem + ".o")
+            objs.append(str(obj))
+            dep = obj.with_suffix(".d")
+            if _up_to_date(obj, dep):
+                continue
+            cmd = [nvcc, "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo", *opt,
+                   *gencode_flags((arch,)), *[f"-I{d}" for d in include_dirs], "-MD", "-MF", str(dep),
+                   "-c", str(ROOT / src), "-o", str(obj)]
+            print(f"wan_kernels: nvcc {src} for {arch} only", flush=True)
+            jobs.append((src, subprocess.Popen(cmd)))
+    for src, proc in jobs:
+        if proc.wait() != 0:
+            raise SystemExit(f"wan_kernels: nvcc failed on {src}")
+    return objs
+
+
+def write_build_info(path: Path, with_cuda: bool, archs: str, cuda_version: str, cutlass_version: str,
+                     sm100_gemm: bool = False) -> None:
     import torch
 
     text = (
@@ -104,18 +154,14 @@ def write_build_info(path: Path, with_cuda: bool, archs: str, cuda_version: str,
         f'#define WAN_BUILD_CUDA_VERSION "{cuda_version}"\n'
         f'#define WAN_BUILD_CUTLASS_VERSION "{cutlass_version}"\n'
         f'#define WAN_BUILD_TORCH_VERSION "{torch.__version__}"\n'
+        f"#define WAN_BUILD_SM100_GEMM {int(sm100_gemm)}\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != text:  # keep the mtime: no needless ninja rebuilds
         path.write_text(text)
 
 
-def extensions(cfg: BuildConfig):
-    cuda_home = find_cuda_home()
-    if cuda_home and "CUDA_HOME" not in os.environ:
-        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-    if cfg.jobs:
-        os.environ["MAX_JOBS"] = str(cfg.jobs)
+def extensions(cfg: BuildConfig, cuda_home: str | None):
     import torch
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -130,28 +176,49 @@ def extensions(cfg: BuildConfig):
     cxx = opt + ["-Wall", "-Wno-unused-function"]
     cutlass_dirs, cutlass_version = cutlass_includes()
     if with_cuda:
-        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu") if "tests" not in p.parts)
+        special = {src for srcs in ARCH_SPECIFIC_SOURCES.values() for src in srcs}
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu")
+                          if "tests" not in p.parts and str(p.relative_to(ROOT)) not in special)
         include_dirs += nvidia_wheel_includes() + cutlass_dirs
         nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "--expt-extended-lambda",
                       f"--threads={cfg.nvcc_threads}"] + gencode_flags(cfg.cuda_archs)
+        arch_sources = arch_specific_sources(cfg, with_cuda)
+        if arch_sources and not cutlass_dirs:
+            raise SystemExit("wan_kernels: the sm_100a NVFP4 GEMM needs CUTLASS: pip install nvidia-cutlass")
         write_build_info(gen_dir / "wan_build_info.h", True, ";".join(cfg.cuda_archs), torch.version.cuda,
-                         cutlass_version)
+                         cutlass_version, sm100_gemm="10.0a" in arch_sources)
         # libcudart.so sits in $CUDA_HOME/lib on this toolkit layout, lib64 on others.
         library_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
-        return [CUDAExtension("wan_kernels._C", sources, include_dirs=include_dirs, library_dirs=library_dirs,
-                              extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+        ext = CUDAExtension("wan_kernels._C", sources, include_dirs=include_dirs, library_dirs=library_dirs,
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+        # compiled by WanBuildExt right before the extension, then linked into it
+        ext.wan_arch_sources = (arch_sources, include_dirs, opt, ROOT / "build" / "wan_arch_objects",
+                                os.path.join(cuda_home, "bin", "nvcc"))
+        return [ext]
     write_build_info(gen_dir / "wan_build_info.h", False, "", "", cutlass_version)
     return [CppExtension("wan_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
 
 
 def main() -> None:
+    cfg = BuildConfig.from_env()
+    cuda_home = find_cuda_home()
+    if cuda_home and "CUDA_HOME" not in os.environ:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import: set it first
+    if cfg.jobs:
+        os.environ["MAX_JOBS"] = str(cfg.jobs)
     from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension
 
-    cfg = BuildConfig.from_env()
+    class WanBuildExt(BuildExtension):
+        def build_extensions(self):
+            for ext in self.extensions:
+                if getattr(ext, "wan_arch_sources", None):
+                    ext.extra_objects = list(ext.extra_objects or []) + compile_arch_specific(*ext.wan_arch_sources)
+            super().build_extensions()
+
     setup(
-        ext_modules=[] if cfg.no_ext else extensions(cfg),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        ext_modules=[] if cfg.no_ext else extensions(cfg, cuda_home),
+        cmdclass={"build_ext": WanBuildExt.with_options(use_ninja=True)},
     )
 
 

@@ -46,6 +46,10 @@ TORCH_LIBRARY(wan, m) {
   m.def(
       "nvfp4_gemm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, "
       "Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Internal: the CUTLASS sm100a kernel behind wan::nvfp4_gemm on compute capability 10.0 (routing picks it).
+  m.def(
+      "nvfp4_gemm_sm100(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, "
+      "Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(wan, CompositeImplicitAutograd, m) { m.impl("qkv_rope", &qkv_rope); }

@@ -28,4 +28,5 @@ def op_inputs(dtype=torch.float32, seed=0) -> dict[str, tuple]:
         "nvfp4_quantize": (x, gx),
         "nvfp4_dequantize": (xp, xs, gx, torch.float32),
         "nvfp4_gemm": (xp, xs, gx, wp, ws, gw, r(24, dt=torch.float32), torch.float32),
+        "nvfp4_gemm_sm100": (xp, xs, gx, wp, ws, gw, None, torch.bfloat16),
     }

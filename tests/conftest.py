@@ -44,21 +44,11 @@ def diffusers_bf16_like(ref, dtype=torch.bfloat16):
 
 
 def diffusers_from_pretrained(path, dtype=torch.float32):
-    """diffusers' WanTransformer3DModel.from_pretrained on our saved dir.
-
-    Without `accelerate` (not installed here) diffusers refuses models with `_keep_in_fp32_modules`
-    ("low_cpu_mem_usage cannot be False"), so the attribute is cleared for the call (diffusers' full
-    config / shard-index / key loading path still runs) and the fp32-keep rule is applied after.
-    """
+    """diffusers' own WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype) on our saved dir (its
+    config, shard-index, key loading and fp32-keep rule; needs `accelerate`, in requirements.txt)."""
     from diffusers import WanTransformer3DModel
 
-    keep = WanTransformer3DModel._keep_in_fp32_modules
-    WanTransformer3DModel._keep_in_fp32_modules = None
-    try:
-        ref = WanTransformer3DModel.from_pretrained(path, low_cpu_mem_usage=False).eval()
-    finally:
-        WanTransformer3DModel._keep_in_fp32_modules = keep
-    return diffusers_bf16_like(ref, dtype) if dtype != torch.float32 else ref
+    return WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype).eval()
 
 
 @pytest.fixture(scope="session")

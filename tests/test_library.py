@@ -20,6 +20,9 @@ def test_extension_is_built():
     # CI builds _C (README test command); a silent fallback to pure torch would hide a broken build.
     assert EXTENSION.loaded, EXTENSION.error
     assert EXTENSION.build_info["torch_version"] == torch.__version__
+    from wan_kernels._library import MISSING_FROM_EXTENSION
+
+    assert MISSING_FROM_EXTENSION == (), f"stale _C build lacks {MISSING_FROM_EXTENSION}: run `make build`"
 
 
 def test_extension_built_with_cuda_for_default_archs():
@@ -52,6 +55,12 @@ def test_cuda_objects_per_arch_have_no_spills():
     stacks = [int(x) for x in re.findall(r"STACK:(\d+)", usage)]
     assert len(stacks) >= 3 * 6  # quantize + dequantize x 3 dtypes, per arch
     assert max(stacks) == 0, usage
+    if "10.0a" in EXTENSION.build_info["cuda_archs"]:
+        # The CUTLASS NVFP4 GEMM is compiled for sm_100a alone, with block-scaled FP4 tensor-core MMAs
+        # (tcgen05.mma...block_scale; SASS UTCOMMA), 1-SM and 2-SM (.2CTA) tiles.
+        assert re.findall(r"nvfp4_gemm_sm100_\w+\.(sm_\w+)\.cubin", elves) == ["sm_100a", "sm_100a"], elves
+        sass = subprocess.run([cuobjdump, "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+        assert "UTCOMMA.2CTA" in sass and "UTCOMMA.4X" in sass
 
 
 @pytest.mark.parametrize("op", _schemas.OPS)
@@ -70,7 +79,8 @@ def test_every_op_has_fake_and_cpu_kernel():
         assert op in FAKES
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        if op not in _schemas.INTERNAL:  # internal ops carry a CUDA kernel only where it is compiled
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 
 def test_compiled_cpu_kernels_are_cpp():
@@ -160,7 +170,7 @@ def test_named_unavailable_backend_raises_never_falls_back():
 
 def test_route_table_covers_every_op_and_target():
     table = wan_kernels.route_table()
-    assert set(table) == set(_schemas.OPS)
+    assert set(table) == set(_schemas.PUBLIC_OPS)
     for row in table.values():
         assert set(row) == set(routing.DEVICE_CLASSES)
         assert set(row.values()) <= set(routing.BACKENDS)

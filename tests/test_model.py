@@ -235,8 +235,12 @@ def test_compile_fullgraph_matches_eager(fp32_models, variant):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     eager, out = _run(model, inputs), _run(compiled, inputs)
-    # inductor fuses and reorders fp32 elementwise math: agreement to rounding, not bit-exact
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    # Inductor fuses and reorders the fp32 reductions (LayerNorm, RMSNorm, softmax), so the two agree to
+    # accumulated fp32 rounding, not bit for bit: seen up to 1.3e-5 on outputs of magnitude ~6, i.e.
+    # ~2e-6 relative to the output scale. Bound: 1e-5 of the output scale.
+    err = (out - eager).abs().max().item()
+    print(f"{variant} compiled vs eager: max diff {err:.3e}")
+    assert err <= 1e-5 * eager.abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,4 +155,5 @@ CHECKS = {
     "nvfp4_quantize": check_nvfp4_quantize,
     "nvfp4_dequantize": check_nvfp4_dequantize,
     "nvfp4_gemm": check_nvfp4_gemm,
+    "nvfp4_gemm_sm100": check_nvfp4_gemm,
 }

@@ -15,9 +15,17 @@ SCHEMAS = {
     "ScalarType dtype) -> Tensor",
     "nvfp4_gemm": "nvfp4_gemm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, "
     "Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    # Internal: the CUTLASS sm100a backend of nvfp4_gemm (same semantics; CUDA kernel only on sm_100).
+    "nvfp4_gemm_sm100": "nvfp4_gemm_sm100(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, "
+    "Tensor b_scale, Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
 }
+
+# Public op -> the internal op that carries its compiled CUDA kernel (when it is not the op itself).
+CUDA_KERNEL_OPS = {"nvfp4_gemm": "nvfp4_gemm_sm100"}
+INTERNAL = tuple(CUDA_KERNEL_OPS.values())
 
 # Ops implemented as a composition of other ops (no fake impl, no per-device kernels).
 COMPOSITE = ("qkv_rope",)
 
-OPS = tuple(SCHEMAS)
+OPS = tuple(SCHEMAS)                                       # every op of the namespace
+PUBLIC_OPS = tuple(op for op in OPS if op not in INTERNAL)  # the API (wan_kernels.<op>)

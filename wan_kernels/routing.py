@@ -119,13 +119,15 @@ def _resolve_uncached(op: str, impl: str, device: torch.device):
         return _library.checked(op, _compose_qkv_rope(_resolve("qk_norm_rope", impl, device)))
     if impl == "triton":
         return _library.checked(op, triton_kernels.KERNELS[op])
-    return getattr(torch.ops.wan, op).default  # "cpu" / "cuda": the compiled kernel behind the dispatcher
+    if impl == "cuda":  # the compiled CUDA kernel, possibly on its internal op
+        return getattr(torch.ops.wan, _schemas.CUDA_KERNEL_OPS.get(op, op)).default
+    return getattr(torch.ops.wan, op).default  # "cpu": the C++ kernel behind the dispatcher
 
 
 def resolve(op: str, impl: str, device: torch.device | str):
     """The callable that runs `op` with backend `impl` on `device` (same signature as the op)."""
-    if op not in _schemas.SCHEMAS:
-        raise ValueError(f"unknown op {op!r}; wan ops are {_schemas.OPS}")
+    if op not in _schemas.PUBLIC_OPS:
+        raise ValueError(f"unknown op {op!r}; wan ops are {_schemas.PUBLIC_OPS}")
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     device = torch.device(device)
@@ -166,4 +168,4 @@ def cuda_router(op: str):
 
 def route_table() -> dict[str, dict[str, str]]:
     """{op: {device class: backend used by impl="auto"}} for CPU and the sm80/sm90/sm100 targets."""
-    return {op: {name: auto_backend(op, cap) for name, cap in DEVICE_CLASSES.items()} for op in _schemas.OPS}
+    return {op: {name: auto_backend(op, cap) for name, cap in DEVICE_CLASSES.items()} for op in _schemas.PUBLIC_OPS}

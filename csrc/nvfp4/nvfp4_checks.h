@@ -48,4 +48,19 @@ inline void check_dequantize_args(const torch::Tensor& packed, const torch::Tens
   check_global_scale(global_scale, packed);
 }
 
+inline void check_gemm_args(const torch::Tensor& a, const torch::Tensor& a_scale, const torch::Tensor& a_global_scale,
+                            const torch::Tensor& b, const torch::Tensor& b_scale, const torch::Tensor& b_global_scale,
+                            const std::optional<torch::Tensor>& bias, at::ScalarType out_dtype) {
+  check_dequantize_args(a, a_scale, a_global_scale, out_dtype);
+  check_dequantize_args(b, b_scale, b_global_scale, out_dtype);
+  TORCH_CHECK(a.size(1) == b.size(1), "nvfp4_gemm: a ", a.sizes(), " and b ", b.sizes(),
+              " disagree on K; b is [N, K/2]");
+  TORCH_CHECK(b.device() == a.device(), "nvfp4_gemm: b is on ", b.device(), " but a is on ", a.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == b.size(0), "nvfp4_gemm: bias must be [", b.size(0),
+                "], got shape ", bias->sizes());
+    TORCH_CHECK(bias->device() == a.device(), "nvfp4_gemm: bias is on ", bias->device(), " but a is on ", a.device());
+  }
+}
+
 }  // namespace wan

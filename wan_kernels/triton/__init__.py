@@ -7,3 +7,7 @@ up from here; an op absent from this table has no Triton backend (yet) and `impl
 
 KERNELS: dict = {}
 KERNELS["qk_norm_rope"] = __import__("wan_kernels.triton.qk_norm_rope", fromlist=["qk_norm_rope"]).qk_norm_rope
+KERNELS["attention"] = __import__("wan_kernels.triton.attention", fromlist=["attention"]).attention
+KERNELS["nvfp4_quantize"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_quantize"]).nvfp4_quantize
+KERNELS["nvfp4_dequantize"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_dequantize"]).nvfp4_dequantize
+KERNELS["nvfp4_gemm"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_gemm"]).nvfp4_gemm

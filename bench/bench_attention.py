@@ -1,0 +1,117 @@
+"""Benchmark of wan::attention (non-causal, [B, S, H, D], optional image key/value set) on Wan-14B shapes.
+
+Shapes (REFERENCE §2/§6): 40 heads x head_dim 128, bf16;
+  self-attention at 480p (32,760 tokens) and 720p (75,600 tokens), q = k = v length;
+  cross-attention from the 480p/720p latents to the 512 text keys (T2V) and to 512 text + 257 image keys (I2V).
+Providers:
+  wan-triton      the Triton kernel (one launch, also for I2V)                                  GPU only
+  wan-triton-2x   I2V only: two Triton launches (text, image) summed, what one launch replaces  GPU only
+  sdpa            F.scaled_dot_product_attention with the flash backend (I2V: two calls summed)  GPU only
+  ref-eager       wan_kernels.ref.attention (the spec; correctness reference)
+  ref-compile     torch.compile(wan_kernels.ref.attention) (the speedup baseline)
+The references materialise the [B, H, Sq, Sk] fp32 score matrix (self-attention at 480p: 171 GB), so they
+run only where that fits in REF_MAX_BYTES; elsewhere SDPA is the correctness reference and the baseline (the
+table's "vs ref-compile" column then reads "vs sdpa", said in a note).
+FLOPs: 4 * B * H * Sq * Sk * D (QK^T and PV), + 4 * B * H * Sq * Si * D for the image set. Bytes: q, k, v
+(and k_img, v_img) read once and the output written once (the flash-attention minimum).
+On CPU only --quick runs (tiny shapes, ref providers); the GPU providers are reported skipped.
+
+    python bench/bench_attention.py [--quick] [--json out.json] [--csv out.csv]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import harness  # noqa: E402
+from wan_kernels import ref  # noqa: E402
+from wan_kernels.triton.attention import attention as triton_attention  # noqa: E402
+
+HEADS, HEAD_DIM = 40, 128
+TEXT, IMAGE = 512, 257
+TOKENS = {"480p": 32760, "720p": 75600}
+REF_MAX_BYTES = 8 * 2**30  # fp32 score matrix the reference may allocate (it also keeps its softmax)
+
+
+def _sdpa(q, k, v, k_img=None, v_img=None):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def one(k_, v_):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2)).transpose(1, 2)
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = one(k, v)
+        return out if k_img is None else out + one(k_img, v_img)
+
+
+def make_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: int, dtype, device) -> harness.Case:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    q, k, v = r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
+    ki, vi = (r(B, Si, H, D), r(B, Si, H, D)) if Si else (None, None)
+    keys = Sk + (Si or 0)
+    flops = 4.0 * B * H * Sq * keys * D
+    nbytes = float(dtype.itemsize) * B * H * D * (2 * Sq + 2 * keys)
+    providers = [harness.Provider("wan-triton", lambda: triton_attention(q, k, v, ki, vi), gpu_only=True)]
+    if Si:
+        providers.append(harness.Provider(
+            "wan-triton-2x", lambda: triton_attention(q, k, v) + triton_attention(q, ki, vi), gpu_only=True))
+    providers.append(harness.Provider("sdpa", lambda: _sdpa(q, k, v, ki, vi), gpu_only=True))
+    if 4.0 * B * H * Sq * max(Sk, Si or 0) <= REF_MAX_BYTES:
+        compiled = torch.compile(ref.attention)
+        providers.append(harness.Provider("ref-eager", lambda: ref.attention(q, k, v, ki, vi)))
+        providers.append(harness.Provider("ref-compile", lambda: compiled(q, k, v, ki, vi)))
+    shape = f"{label} B{B} q{Sq} k{Sk}{f'+i{Si}' if Si else ''} H{H} d{D}"
+    return harness.Case(shape, flops, nbytes, providers)
+
+
+def wan_cases(device: str, quick: bool) -> list[tuple[harness.Case, bool]]:
+    """(case, has_reference) for the Wan-14B shapes, or tiny shapes with the same structure under --quick."""
+    dt = torch.bfloat16
+    if quick:
+        specs = [("self", 1, 256, 256, None, 2), ("cross-t2v", 1, 256, 64, None, 2), ("cross-i2v", 1, 256, 64, 33, 2)]
+    else:
+        specs = []
+        for res, n in TOKENS.items():
+            specs += [(f"self {res}", 1, n, n, None, HEADS), (f"cross-t2v {res}", 1, n, TEXT, None, HEADS),
+                      (f"cross-i2v {res}", 1, n, TEXT, IMAGE, HEADS)]
+    cases = []
+    for label, B, Sq, Sk, Si, H in specs:
+        case = make_case(label, B, Sq, Sk, Si, H, HEAD_DIM, dt, device)
+        cases.append((case, any(p.name == "ref-eager" for p in case.providers)))
+    return cases
+
+
+def main(argv=None) -> None:
+    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    notes = []
+    if not on_gpu and not args.quick:
+        print("bench_attention: no GPU; the Wan shapes need one (the CPU reference would materialise a "
+              "171 GB score matrix). Run with --quick for the CPU smoke run.", file=sys.stderr)
+        sys.exit(2)
+    if not on_gpu:
+        notes.append("CPU: tiny shapes, reference providers only; wan-triton / sdpa (GPU providers) skipped")
+    device = "cuda" if on_gpu else "cpu"
+    rows = []
+    for case, has_ref in wan_cases(device, args.quick):
+        if has_ref:
+            rows += harness.run([case], reference="ref-eager", baseline="ref-compile")
+        else:
+            rows += harness.run([case], reference="sdpa", baseline="sdpa")
+            notes.append(f"{case.shape}: reference too large (score matrix > {REF_MAX_BYTES >> 30} GB); checked "
+                         f"against sdpa, speedup column is vs sdpa")
+    harness.report(rows, args, "wan::attention (bf16, non-causal; I2V = two softmaxes summed)", notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Triton NVFP4 kernels under the interpreter: the quantizer and dequantizer bit-exact against the
+reference (random, adversarial, hypothesis); the W4A4 emulation equals the reference W4A4 math; the
+W4A16 fallback GEMM equals dequantize-then-matmul in fp32 within the fp16 output rounding."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import wan_kernels
+from wan_kernels import nvfp4, ref
+from wan_kernels.triton import nvfp4 as tnv
+
+from test_nvfp4 import _adversarial, _assert_same_quant
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 16), (130, 64), (257, 80), (37, 1040)])
+def test_quantize_random_bit_exact(dtype, m, k):
+    # bf16 is loaded and upcast before any arithmetic, which the interpreter does correctly.
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * torch.logspace(-3, 3, k)).to(dtype)
+    gs = nvfp4.global_scale(x)
+    got = wan_kernels.nvfp4_quantize(x, gs, impl="triton")
+    _assert_same_quant(got, ref.nvfp4_quantize(x, gs))
+    back = wan_kernels.nvfp4_dequantize(*got, gs, torch.float32, impl="triton")
+    assert torch.equal(back, ref.nvfp4_dequantize(*got, gs, torch.float32))
+
+
+@pytest.mark.parametrize("gs", [1.0, 2**-9, 1 / 448, 3.7e-3])
+def test_quantize_adversarial_bit_exact(gs):
+    x = _adversarial(gs)
+    _assert_same_quant(tnv.nvfp4_quantize(x, torch.tensor(gs)), ref.nvfp4_quantize(x, torch.tensor(gs)))
+
+
+def test_quantize_zero_nan_inf_and_strided():
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    x[0, 3], x[1, 5], x[1, 20] = float("nan"), float("inf"), float("-inf")
+    x[2:4] = 0
+    for gs in (nvfp4.global_scale(x[2:4]), torch.tensor(1 / 448)):  # all-zero tensor scale 0; finite scale
+        _assert_same_quant(tnv.nvfp4_quantize(x, gs), ref.nvfp4_quantize(x, gs))
+    xt = torch.randn(64, 40, generator=torch.Generator().manual_seed(4)).T  # non-contiguous [40, 64]
+    gs = nvfp4.global_scale(xt)
+    _assert_same_quant(tnv.nvfp4_quantize(xt, gs), ref.nvfp4_quantize(xt.contiguous(), gs))
+
+
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 70), kb=st.integers(1, 10), log_scale=st.floats(-20, 20), seed=st.integers(0, 2**16))
+def test_quantize_hypothesis_bit_exact(m, kb, log_scale, seed):
+    x = torch.randn(m, kb * 16, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale
+    gs = nvfp4.global_scale(x)
+    _assert_same_quant(tnv.nvfp4_quantize(x, gs), ref.nvfp4_quantize(x, gs))
+
+
+def _operands(m, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.1
+    ga, gb = nvfp4.global_scale(a), nvfp4.global_scale(b)
+    return a, ga, ref.nvfp4_quantize(a, ga), b, gb, ref.nvfp4_quantize(b, gb), torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 40, 96), (33, 65, 208)])
+def test_w4a4_emulation_equals_reference(m, n, k):
+    a, ga, qa, b, gb, qb, bias = _operands(m, n, k)
+    got = wan_kernels.nvfp4_gemm(*qa, ga, *qb, gb, bias, torch.float32, impl="triton")
+    want = ref.nvfp4_gemm(*qa, ga, *qb, gb, bias, torch.float32)
+    # Decoded operands are exact; products exact in fp32; only the fp32 accumulation order differs (tile
+    # K=64 vs one matmul): a few fp32 ulps of the sum of |products| (K <= 208 terms of size <= ~50).
+    scale = (ref.nvfp4_dequantize(*qa, ga, torch.float32).abs() @ ref.nvfp4_dequantize(*qb, gb, torch.float32).abs().T)
+    assert ((got - want).abs() <= 8 * 2**-24 * scale + 1e-6).all()
+    got16 = wan_kernels.nvfp4_gemm(*qa, ga, *qb, gb, None, torch.float16, impl="triton")
+    want16 = ref.nvfp4_gemm(*qa, ga, *qb, gb, None, torch.float16)
+    # one fp16 rounding of (nearly) the same fp32 value: at most one fp16 ulp apart
+    assert ((got16.float() - want16.float()).abs() <= want16.float().abs() * 2**-10 + 2**-24).all()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 40, 96), (33, 65, 208)])
+def test_w4a16_equals_dequantize_then_matmul(m, n, k):
+    a, _, _, b, gb, qb, bias = _operands(m, n, k, seed=1)
+    x = a.half()
+    got = tnv.nvfp4_linear_w4a16(x, *qb, gb, bias.half())
+    want = x.double() @ ref.nvfp4_dequantize(*qb, gb, torch.float64).T + bias.half().double()
+    # The decoded weight tile is exact in fp16 (e2m1 x e4m3 has <= 5 significant bits), the dot accumulates
+    # in fp32 and the result is rounded once to fp16: |err| <= half an fp16 ulp of the result (2^-11
+    # relative) + the fp32 accumulation error (a few 2^-24 of sum |x||w|), + the gs multiply (1 fp32 ulp).
+    scale = x.double().abs() @ ref.nvfp4_dequantize(*qb, gb, torch.float64).abs().T
+    err = (got.double() - want).abs()
+    assert (err <= want.abs() * 2**-11 + 8 * 2**-24 * scale + 2**-24).all(), err.max()
+
+
+def test_w4a16_rejects_fp32_activations():
+    a, _, _, b, gb, qb, _ = _operands(4, 8, 16)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        tnv.nvfp4_linear_w4a16(a, *qb, gb, None)
