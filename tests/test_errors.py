@@ -9,7 +9,7 @@ import wan_kernels
 from _inputs import op_inputs
 
 IMPLS = ["auto", "ref", "cpu"]
-NO_CPP_CPU_KERNEL = ("attention", "nvfp4_gemm")  # impl="cpu" raises for these (test_library.py)
+NO_CPP_CPU_KERNEL = ("attention", "nvfp4_gemm", "nvfp4_linear")  # impl="cpu" raises for these (test_library.py)
 
 
 def _replace(args, i, value):
@@ -40,6 +40,8 @@ CASES = [
     ("nvfp4_dequantize", 3, torch.int32, r"dtype must be float32/float16/bfloat16"),
     ("nvfp4_gemm", 3, torch.zeros(24, 16, dtype=torch.uint8), r"disagree on K|b_scale must have shape"),
     ("nvfp4_gemm", 6, torch.randn(5), r"bias must be \[24\].*5"),
+    ("nvfp4_linear", 0, torch.randn(2, 5, 48), r"x must be \[\.\.\., 64\].*2, 5, 48"),
+    ("nvfp4_linear", 4, torch.randn(7), r"bias must be \[24\].*7"),
 ]
 
 

@@ -148,6 +148,20 @@ def check_nvfp4_gemm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bia
     _check_out_dtype(op, "out_dtype", out_dtype)
 
 
+def check_nvfp4_linear(x, w, w_scale, w_global_scale, bias) -> None:
+    op = "nvfp4_linear"
+    n, k = _check_packed(op, "w", w, "w_scale", w_scale)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{op}: x must be [..., {k}] for w of shape {_shape(w)} (K = 2 * w.shape[1]), "
+                         f"got shape {_shape(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: x must be float32/float16/bfloat16, got {x.dtype}")
+    _check_global_scale(op, "w_global_scale", w_global_scale, x)
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"{op}: bias must be [{n}], got shape {_shape(bias)}")
+    _same_device(op, x, w=w, bias=bias)
+
+
 CHECKS = {
     "qk_norm_rope": check_qk_norm_rope,
     "qkv_rope": check_qkv_rope,
@@ -156,4 +170,5 @@ CHECKS = {
     "nvfp4_dequantize": check_nvfp4_dequantize,
     "nvfp4_gemm": check_nvfp4_gemm,
     "nvfp4_gemm_sm100": check_nvfp4_gemm,
+    "nvfp4_linear": check_nvfp4_linear,
 }

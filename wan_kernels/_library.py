@@ -101,6 +101,10 @@ def _fake_nvfp4_gemm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bia
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
+def _fake_nvfp4_linear(x, w, w_scale, w_global_scale, bias):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
 FAKES = {
     "qk_norm_rope": _fake_qk_norm_rope,
     "attention": _fake_attention,
@@ -108,6 +112,7 @@ FAKES = {
     "nvfp4_dequantize": _fake_nvfp4_dequantize,
     "nvfp4_gemm": _fake_nvfp4_gemm,
     "nvfp4_gemm_sm100": _fake_nvfp4_gemm,
+    "nvfp4_linear": _fake_nvfp4_linear,
 }
 
 REFS = {op: getattr(ref, op) for op in _schemas.PUBLIC_OPS} | {"nvfp4_gemm_sm100": ref.nvfp4_gemm}

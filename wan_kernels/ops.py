@@ -72,3 +72,28 @@ def nvfp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_global_scale: torch.Ten
     """
     return resolve("nvfp4_gemm", impl, a.device)(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias,
                                                  out_dtype)
+
+
+def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, *, impl: str = "auto") -> torch.Tensor:
+    """W4A16 linear with NVFP4 weights: x [..., K] @ dequantize(w)^T + bias -> [..., N] in x's dtype.
+
+    w: packed [N, K/2], w_scale: swizzled [roundup(N,128), roundup(K/16,4)] e4m3, w_global_scale: fp32 scalar
+    (DECODE convention). On Ampere/Hopper the Triton kernel decodes weight tiles in the GEMM main loop.
+    """
+    return resolve("nvfp4_linear", impl, x.device)(x, w, w_scale, w_global_scale, bias)
+
+
+def nvfp4_linear_w4a4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None, x_global_scale: torch.Tensor | None = None, *,
+                      impl: str = "auto") -> torch.Tensor:
+    """W4A4 linear (Blackwell's FP4 tensor cores): quantize x to NVFP4 (global scale `x_global_scale`, or
+    amax(x) / (6*448) computed on the device), then `nvfp4_gemm`. x [..., K] -> [..., N] in x's dtype (the
+    CUTLASS kernel writes fp16/bf16 only)."""
+    from wan_kernels import nvfp4 as fmt
+
+    x2 = x.reshape(-1, x.shape[-1])
+    gs = fmt.global_scale(x2) if x_global_scale is None else x_global_scale
+    xq, xs = nvfp4_quantize(x2, gs, impl=impl)
+    out = nvfp4_gemm(xq, xs, gs, w, w_scale, w_global_scale, bias, x.dtype, impl=impl)
+    return out.reshape(*x.shape[:-1], w.shape[0])

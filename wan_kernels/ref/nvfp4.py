@@ -78,3 +78,13 @@ def nvfp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_global_scale: torch.Ten
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """W4A16 linear: x [..., K] @ dequantize(w [N, K/2])^T + bias -> [..., N] in x's dtype (fp32 math)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    out = x.to(dt) @ nvfp4_dequantize(w, w_scale, w_global_scale, dt).T
+    if bias is not None:
+        out = out + bias.to(dt)
+    return out.to(x.dtype)

@@ -11,3 +11,4 @@ KERNELS["attention"] = __import__("wan_kernels.triton.attention", fromlist=["att
 KERNELS["nvfp4_quantize"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_quantize"]).nvfp4_quantize
 KERNELS["nvfp4_dequantize"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_dequantize"]).nvfp4_dequantize
 KERNELS["nvfp4_gemm"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_gemm"]).nvfp4_gemm
+KERNELS["nvfp4_linear"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_linear_w4a16"]).nvfp4_linear_w4a16

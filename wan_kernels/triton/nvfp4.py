@@ -320,7 +320,10 @@ def nvfp4_gemm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias, out
 
 def nvfp4_linear_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
-    """W4A16: x [M, K] (fp16/bf16) @ dequant(w [N, K/2])^T * w_global_scale + bias -> [M, N] in x's dtype."""
+    """W4A16, Triton launcher of wan::nvfp4_linear: x [..., K] (fp16/bf16) @ dequant(w [N, K/2])^T * w_global_scale
+    + bias -> [..., N] in x's dtype."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"nvfp4_linear (W4A16): x must be float16/bfloat16, got {x.dtype}")
-    return _launch_gemm(x, None, w, w_scale, w_global_scale.reshape(1).float(), bias, x.dtype, False, x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = _launch_gemm(x2, None, w, w_scale, w_global_scale.reshape(1).float(), bias, x.dtype, False, x.dtype)
+    return out.reshape(*x.shape[:-1], w.shape[0])

@@ -1,0 +1,77 @@
+"""`NVFP4Linear`: a drop-in for `nn.Linear` whose weight is stored in NVFP4 (3.5x smaller than bf16).
+
+Buffers (= checkpoint keys, the ModelOpt/vLLM naming): `weight` uint8 [N, K/2] packed E2M1, `weight_scale`
+float8_e4m3fn [roundup(N,128), roundup(K/16,4)] swizzled block scales, `weight_scale_2` fp32 scalar global
+scale in the DECODE convention (amax / (6*448)), `bias` (kept in the activation dtype) or None.
+
+The compute mode is decided once, at construction (`mode="auto"`): "w4a4" on a compute-capability-10.0 GPU
+with the CUTLASS kernel compiled (activations quantized to NVFP4 on the fly, FP4 tensor cores), "w4a16"
+everywhere else (Triton decodes weight tiles in the GEMM main loop on Ampere/Hopper; the reference on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wan_kernels import nvfp4 as fmt
+from wan_kernels import ops, routing
+
+MODES = ("auto", "w4a16", "w4a4")
+
+
+def default_mode(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and routing.auto_backend("nvfp4_gemm", torch.cuda.get_device_capability(device)) == "cuda":
+        return "w4a4"
+    return "w4a16"
+
+
+class NVFP4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, mode: str = "auto",
+                 impl: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if in_features % fmt.BLOCK:
+            raise ValueError(f"NVFP4Linear: in_features must be a multiple of 16, got {in_features}")
+        if mode not in MODES:
+            raise ValueError(f"NVFP4Linear: mode must be one of {MODES}, got {mode!r}")
+        device = torch.device(device or "cpu")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(fmt.scale_shape(out_features, in_features),
+                                                         dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("weight_scale_2", torch.zeros((), dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.impl = impl
+        self.mode = default_mode(device) if mode == "auto" else mode
+        self._linear = ops.nvfp4_linear_w4a4 if self.mode == "w4a4" else ops.nvfp4_linear
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, mode: str = "auto", impl: str = "auto") -> "NVFP4Linear":
+        """Quantize an nn.Linear's weight (global scale from its amax)."""
+        w = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode, impl=impl,
+                device=w.device, dtype=w.dtype)
+        q.load_weight(w)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        gs = fmt.global_scale(weight)
+        # every quantizer backend is bit-identical: the device's default one is as good as any
+        packed, scale = ops.nvfp4_quantize(weight.float().contiguous(), gs.to(weight.device))
+        self.weight.copy_(packed)
+        self.weight_scale.copy_(scale)
+        self.weight_scale_2.copy_(gs)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return ops.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, dtype, impl="ref")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"mode={self.mode}, impl={self.impl}")
