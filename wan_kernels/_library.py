@@ -72,6 +72,7 @@ def checked(op: str, fn):
         return fn(*args)
 
     run.__name__ = f"{op}_{getattr(fn, '__name__', 'impl')}"
+    run.__wrapped__ = fn  # the backend function behind the checks
     return run
 
 
