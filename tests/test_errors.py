@@ -9,7 +9,7 @@ import wan_kernels
 from _inputs import op_inputs
 
 IMPLS = ["auto", "ref", "cpu"]
-NO_CPP_CPU_KERNEL = ("attention", "nvfp4_gemm", "nvfp4_linear")  # impl="cpu" raises for these (test_library.py)
+NO_CPP_CPU_KERNEL = ("nvfp4_gemm", "nvfp4_linear")  # impl="cpu" raises for these (test_library.py)
 
 
 def _replace(args, i, value):

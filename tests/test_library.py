@@ -84,10 +84,10 @@ def test_every_op_has_fake_and_cpu_kernel():
 
 
 def test_compiled_cpu_kernels_are_cpp():
-    # qk_norm_rope and the NVFP4 quantizer have C++ CPU kernels: auto must not route them to the reference.
-    for op in ("qk_norm_rope", "nvfp4_quantize", "nvfp4_dequantize"):
+    # these have C++ CPU kernels: auto must not route them to the reference.
+    for op in ("qk_norm_rope", "qkv_rope", "attention", "nvfp4_quantize", "nvfp4_dequantize"):
         assert routing.auto_backend(op, None) == "cpu", op
-    assert routing.auto_backend("attention", None) == "ref"
+    assert routing.auto_backend("nvfp4_gemm", None) == "ref"
 
 
 @pytest.mark.parametrize("op", _schemas.OPS)
@@ -159,8 +159,9 @@ def test_named_unavailable_backend_raises_never_falls_back():
     q, k, v, *_ = op_inputs()["attention"]
     with pytest.raises(wan_kernels.BackendUnavailableError, match="impl='cuda' on cpu"):
         wan_kernels.attention(q, k, v, impl="cuda")
-    with pytest.raises(wan_kernels.BackendUnavailableError, match="no C\\+\\+ CPU kernel of wan::attention"):
-        wan_kernels.attention(q, k, v, impl="cpu")
+    a, a_s, a_gs, b, b_s, b_gs, bias, dt = op_inputs()["nvfp4_gemm"]
+    with pytest.raises(wan_kernels.BackendUnavailableError, match="no C\\+\\+ CPU kernel of wan::nvfp4_gemm"):
+        wan_kernels.nvfp4_gemm(a, a_s, a_gs, b, b_s, b_gs, bias, dt, impl="cpu")
     if "attention" not in wan_kernels.triton.KERNELS:
         with pytest.raises(wan_kernels.BackendUnavailableError, match="no Triton kernel"):
             wan_kernels.attention(q, k, v, impl="triton")
