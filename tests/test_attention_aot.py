@@ -52,10 +52,11 @@ def test_every_arch_class_and_head_dim_has_a_config():
 
 
 @pytest.mark.parametrize("arch,head_dim,config,has_img,dtype,write_lse,kinds", _cases())
-def test_config_compiles_without_spills(arch, head_dim, config, has_img, dtype, write_lse, kinds):
+def test_config_compiles_without_spills(arch, head_dim, config, has_img, dtype, write_lse, kinds, tmp_path):
     r = aot.compile_aot(ta.attention_kernel, ta.aot_signature(dtype),
                         ta.aot_constexprs(head_dim, config, has_img, write_lse, dtype), arch=arch,
-                        num_warps=config.num_warps, num_stages=config.num_stages, aligned=ta.AOT_ALIGNED)
+                        num_warps=config.num_warps, num_stages=config.num_stages, aligned=ta.AOT_ALIGNED,
+                        workdir=tmp_path)
     RESULTS.append((kinds, f"{config} hd{head_dim} {str(dtype)[6:]}{' lse' if write_lse else ''}", r))
     assert MMA[arch] in r.mma_families, r.summary()
     assert not r.spills, r.summary()
