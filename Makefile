@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 JOBS ?= 2
 
-.PHONY: all venv build demo info test test-cpp test-py clean
+.PHONY: all venv build demo info readiness test test-cpp test-py clean
 
 all: build
 
@@ -41,8 +41,13 @@ test-cpp: $(DEPS)
 	    -DWAN_CUTLASS_DIR="$$($(VPY) -c 'import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), "source"))')" \
 	    > /dev/null && cmake --build build/cmake-cuda && ctest --test-dir build/cmake-cuda --output-on-failure; fi
 
+# GPU readiness without a GPU: every Triton config compiled for sm_80/90/100, no spills, tensor cores used.
+readiness: build
+	$(VPY) -m wan_kernels.readiness
+
 test-py: build
 	$(VPY) -m wan_kernels
+	$(VPY) -m wan_kernels.readiness
 	$(VPY) -m pytest -q
 
 test: test-cpp test-py

@@ -1,0 +1,625 @@
+"""Analytic cost model of the Wan DiT: FLOPs, bytes, weight/activation/K-V-cache bytes per op and layer.
+
+Counting rules (what the tests hold the model to, tests/test_cost.py):
+
+* FLOPs are matrix-product FLOPs (2 per multiply-add: GEMMs, the conv patch embedding, q k^T and p v),
+  as `torch.utils.flop_counter.FlopCounterMode` counts them; softmax/norm/elementwise work is 0. They equal
+  the counter on a real forward of `WanModel(impl="ref")` and of the fused model (the `wan` op formulas are
+  in `wan_kernels/flops.py`, imported here lazily by `flop_counter()`).
+* Bytes are kernel-level HBM traffic with no cache reuse: every kernel reads its inputs and writes its
+  outputs once (views are free; a broadcast operand counts its distinct elements). One "kernel" is
+    - impl="ref":   one aten op of the eager reference path, mirrored op by op from `wan_model/model.py`
+                    and `wan_kernels/ref/*.py` (fp32 casts, materialised [B, H, S, Sk] attention scores, ...);
+    - impl="fused": the `wan` kernels (qk_norm_rope in one pass, flash attention: q, k, v read once, out
+                    written once); every other op is the same torch op as in the ref path.
+  In the transformer blocks this is exactly what a byte-counting TorchDispatchMode records (inputs + outputs
+  of each non-view op); outside the blocks (embedders, K/V projection, head; < 1% of the bytes at Wan shapes)
+  the kernels are approximated. The fused-vs-ref difference is therefore exactly the per-op difference of
+  qk_norm_rope and the attentions.
+* Weight formats change the block GEMM weights (and the stacked cross-attention K/V weights): bf16 2 bytes
+  per element, fp8 1 byte + a 4-byte per-tensor scale, nvfp4 K/2 + K/16 bytes per row + a 4-byte global
+  scale; embedders, norms and the head stay as stored (bf16 / fp32). nvfp4 GEMMs run at the fp4 tensor-core
+  peak where a GPU has one (W4A4, Blackwell), else at the bf16 peak (W4A16 dequantising fallback); fp8 at the
+  bf16 peak (the peak table has no fp8 column). Activations are bf16 in every format.
+* Roofline per kernel: max(FLOPs / peak, bytes / bandwidth) with `bench.harness.PEAKS`; an op is
+  compute-bound when its summed compute time exceeds its summed memory time.
+
+Shapes: a video of `frames` x `height` x `width` pixels is `(frames - 1) // 4 + 1` latent frames of
+height/8 x width/8 (height/16 x width/16 for TI2V-5B's VAE), patched by `patch_size` (1, 2, 2): 1280x720,
+81 frames -> 21 x 45 x 80 = 75,600 tokens; 832x480 -> 21 x 30 x 52 = 32,760. Text context 512 tokens, CLIP
+image tokens 257 (FLF2V 514).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from wan_model.config import TEXT_TOKENS, WanConfig
+
+FORMATS = ("bf16", "fp8", "nvfp4")
+RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
+IMAGE_TOKENS = 257
+A, F32 = 2, 4  # bytes of a bf16 activation, of an fp32 value
+
+# The design document's targets (no shapes given): (label, GPU, weight format, block ms, model ms, memory GB).
+TARGETS = (("FP16 on Ampere/Hopper", "H100", "bf16", 10.0, 500.0, 8.0),
+           ("NVFP4 on Blackwell", "B200", "nvfp4", 2.0, 100.0, 2.0))
+
+
+def weight_nbytes(n_out: int, k_in: int, fmt: str = "bf16") -> int:
+    """Bytes of one [n_out, k_in] linear weight stored in `fmt`."""
+    if fmt == "bf16":
+        return 2 * n_out * k_in
+    if fmt == "fp8":
+        return n_out * k_in + 4
+    if fmt == "nvfp4":
+        if k_in % 16:
+            raise ValueError(f"nvfp4 needs K % 16 == 0, got K={k_in}")
+        return n_out * (k_in // 2 + k_in // 16) + 4
+    raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel: matmul FLOPs, bytes read / written, the batch-independent part of them (`const`:
+    weights, biases, norm weights, RoPE tables), the parameter bytes it reads (`weight`), and the compute
+    peak it runs at ("bf16" or "fp4")."""
+    name: str
+    flops: int = 0
+    read: int = 0
+    write: int = 0
+    const: int = 0
+    weight: int = 0
+    peak: str = "bf16"
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.write
+
+    def time_s(self, peak: dict) -> tuple[float, float]:
+        """(compute seconds, memory seconds) on a `bench.harness.PEAKS` entry."""
+        compute = peak.get(self.peak) or peak["bf16"]
+        return self.flops / (compute * 1e12), self.bytes / (peak["gbps"] * 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+    """One op of the model (a row of the table): its kernels and their sums."""
+    name: str
+    scope: str                  # "context" | "embed" | "block" | "head"
+    kernels: tuple[Kernel, ...]
+
+    flops = property(lambda self: sum(k.flops for k in self.kernels))
+    read = property(lambda self: sum(k.read for k in self.kernels))
+    write = property(lambda self: sum(k.write for k in self.kernels))
+    bytes = property(lambda self: self.read + self.write)
+    weight_bytes = property(lambda self: sum(k.weight for k in self.kernels))
+    const_bytes = property(lambda self: sum(k.const for k in self.kernels))
+
+    @property
+    def activation_bytes(self) -> int:
+        """Largest activation working set of one kernel of the op (non-constant reads + writes)."""
+        return max((k.bytes - k.const for k in self.kernels), default=0)
+
+    def roofline(self, peak: dict) -> tuple[float, str]:
+        """(seconds, "compute"|"memory") on a peak-table entry: per-kernel max(compute, memory), summed."""
+        times = [k.time_s(peak) for k in self.kernels]
+        compute, memory = sum(t[0] for t in times), sum(t[1] for t in times)
+        return sum(max(t) for t in times), ("compute" if compute >= memory else "memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    latent: tuple[int, int, int]     # latent frames, height, width (before patching)
+    grid: tuple[int, int, int]       # patched grid
+    text_tokens: int
+    image_tokens: int
+    timestep_rows: int               # rows the time MLP runs on
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+def latent_shape(cfg: WanConfig, width: int, height: int, frames: int) -> tuple[int, int, int]:
+    """Latent (frames, height, width) of a video: VAE stride 4 in time, 8 in space (16 for TI2V-5B)."""
+    down = 16 if cfg.in_channels == 48 else 8
+    if width % (down * cfg.patch_size[2]) or height % (down * cfg.patch_size[1]):
+        raise ValueError(f"{width}x{height} is not a multiple of {down * cfg.patch_size[2]}x"
+                         f"{down * cfg.patch_size[1]} (VAE stride {down} x patch)")
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"frames must be 4k + 1 (VAE temporal stride 4), got {frames}")
+    return (frames - 1) // 4 + 1, height // down, width // down
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCost:
+    """Cost of ONE forward of one transformer (one expert) for a batch: op rows by scope."""
+    config: WanConfig
+    shape: Shape
+    impl: str
+    weight_format: str
+    context: tuple[OpCost, ...]      # text/image embedders + cross-attention K/V projections (cacheable)
+    embed: tuple[OpCost, ...]        # patch + time embedding
+    block: tuple[OpCost, ...]        # ONE transformer block (all num_layers blocks cost the same)
+    head: tuple[OpCost, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def ops(self, include_context: bool = True) -> list[tuple[OpCost, int]]:
+        """(op, multiplicity) over one forward."""
+        rows = [(o, 1) for o in (self.context if include_context else ())]
+        return rows + [(o, 1) for o in self.embed] + [(o, self.num_layers) for o in self.block] + \
+            [(o, 1) for o in self.head]
+
+    def total(self, attr: str, include_context: bool = True) -> int:
+        return sum(getattr(o, attr) * n for o, n in self.ops(include_context))
+
+    def flops(self, include_context: bool = True) -> int:
+        return self.total("flops", include_context)
+
+    def bytes(self, include_context: bool = True) -> int:
+        return self.total("bytes", include_context)
+
+    def block_total(self, attr: str) -> int:
+        return sum(getattr(o, attr) for o in self.block)
+
+    def attention_flops(self, include_context: bool = True) -> int:
+        return sum(o.flops * n for o, n in self.ops(include_context) if o.name.endswith("attention"))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Cross-attention K/V of every layer for the batch's context (text + image), bf16."""
+        s = self.shape
+        return self.num_layers * 2 * (s.text_tokens + s.image_tokens) * self.config.dim * A * s.batch
+
+    @property
+    def weight_bytes(self) -> int:
+        return parameter_bytes(self.config, self.weight_format)
+
+    @property
+    def activation_peak_bytes(self) -> int:
+        """Estimate of the activation high-water mark of a forward: the largest kernel working set, plus
+        the residual stream, the K/V cache and the RoPE tables (not validated against an allocator)."""
+        s, c = self.shape, self.config
+        work = max(o.activation_bytes for o, _ in self.ops(include_context=False))
+        rope = 2 * s.tokens * (c.attention_head_dim // 2) * F32
+        return work + s.batch * s.tokens * c.dim * A + self.kv_cache_bytes + rope
+
+    def memory_bytes(self) -> int:
+        """Weights + activation peak (per-step figure: does not grow with steps)."""
+        return self.weight_bytes + self.activation_peak_bytes
+
+    def roofline(self, peak: dict, include_context: bool = True) -> float:
+        return sum(o.roofline(peak)[0] * n for o, n in self.ops(include_context))
+
+    def block_roofline(self, peak: dict) -> float:
+        return sum(o.roofline(peak)[0] for o in self.block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel lists, mirrored from wan_model/model.py (WanBlock.forward) and wan_kernels/ref/*.py
+
+def _norm_mod(n: int, r: int, c: int) -> list[Kernel]:
+    """(LN_fp32(x) * (1 + scale) + shift).to(bf16); scale/shift have r rows ([B, 1|S, C])."""
+    nc = n * c
+    return [Kernel("to_fp32", read=nc * A, write=nc * F32),
+            Kernel("layer_norm", read=nc * F32, write=nc * F32 + 2 * n * F32),
+            Kernel("1+scale", read=r * c * F32, write=r * c * F32),
+            Kernel("mul", read=nc * F32 + r * c * F32, write=nc * F32),
+            Kernel("add", read=nc * F32 + r * c * F32, write=nc * F32),
+            Kernel("to_bf16", read=nc * F32, write=nc * A)]
+
+
+def _linear(name: str, m: int, n_out: int, k_in: int, fmt: str, bias: bool = True) -> Kernel:
+    w = weight_nbytes(n_out, k_in, fmt)
+    b = n_out * A if bias else 0
+    return Kernel(name, flops=2 * m * n_out * k_in, read=m * k_in * A + w + b, write=m * n_out * A,
+                  const=w + b, weight=w + b, peak="fp4" if fmt == "nvfp4" else "bf16")
+
+
+def _rms_norm_ref(n: int, c: int, with_eps_add: bool) -> list[Kernel]:
+    """ref.rms_norm (x.float(); x * rsqrt(mean(x^2) + eps) * w.float()) or F.rms_norm (no separate eps add,
+    bf16 weight read directly)."""
+    nc = n * c
+    ks = [Kernel("to_fp32", read=nc * A, write=nc * F32),
+          Kernel("pow", read=nc * F32, write=nc * F32),
+          Kernel("mean", read=nc * F32, write=n * F32)]
+    if with_eps_add:
+        ks.append(Kernel("add_eps", read=n * F32, write=n * F32))
+    ks += [Kernel("rsqrt", read=n * F32, write=n * F32),
+           Kernel("mul", read=nc * F32 + n * F32, write=nc * F32)]
+    if with_eps_add:  # ref.rms_norm: weight.to(fp32) then multiply
+        ks += [Kernel("weight_fp32", read=c * A, write=c * F32, const=c * A + c * F32, weight=c * A),
+               Kernel("mul_weight", read=nc * F32 + c * F32, write=nc * F32, const=c * F32)]
+    else:
+        ks += [Kernel("mul_weight", read=nc * F32 + c * A, write=nc * F32, const=c * A, weight=c * A),
+               Kernel("to_bf16", read=nc * F32, write=nc * A)]
+    return ks
+
+
+def qk_norm_rope_kernels(batch: int, tokens: int, c: int, d: int, impl: str) -> list[Kernel]:
+    """wan::qk_norm_rope on qkv [B, S, 3C]: ref = wan_kernels/ref/qk_norm_rope.py op by op; fused = one pass
+    (read qkv, the two norm weights and cos/sin [S, D/2] fp32; write q, k, v): bench/bench_qk_norm_rope.py's
+    `fused_bytes` at batch 1."""
+    n, nc = batch * tokens, batch * tokens * c
+    table = tokens * (d // 2) * F32
+    if impl == "fused":
+        const = 2 * c * A + 2 * table
+        return [Kernel("qk_norm_rope", read=3 * nc * A + const, write=3 * nc * A, const=const, weight=2 * c * A)]
+    ks = []
+    for _ in "qk":
+        ks += _rms_norm_ref(n, c, with_eps_add=True)
+    half = nc // 2
+    for _ in "qk":  # rope_interleaved: x0*c, x1*s, -, x0*s, x1*c, +, stack
+        prod = Kernel("rope_mul", read=half * F32 + table, write=half * F32, const=table)
+        ks += [prod, prod, Kernel("rope_sub", read=2 * half * F32, write=half * F32),
+               prod, prod, Kernel("rope_add", read=2 * half * F32, write=half * F32),
+               Kernel("rope_stack", read=nc * F32, write=nc * F32)]
+    ks += [Kernel("q_to_bf16", read=nc * F32, write=nc * A), Kernel("k_to_bf16", read=nc * F32, write=nc * A),
+           Kernel("v_contiguous", read=nc * A, write=nc * A)]
+    return ks
+
+
+def attention_kernels(batch: int, heads: int, sq: int, kv_sets: list[int], d: int, impl: str) -> list[Kernel]:
+    """wan::attention of q [B, Sq, H, D] over key/value sets of the given lengths (softmaxes summed).
+    ref = wan_kernels/ref/attention.py op by op (fp32 scores [B, H, Sq, Sk] materialised; for B > 1 the
+    [B, H, S, D] -> [B*H, S, D] reshapes of transposed views copy q, k^T and v); fused = flash attention."""
+    c = heads * d
+    nq = batch * sq * c
+    flops = [2 * batch * heads * sq * sk * 2 * d for sk in kv_sets]
+    if impl == "fused":
+        kv = sum(2 * batch * sk * c * A for sk in kv_sets)
+        return [Kernel("flash_attention", flops=sum(flops), read=nq * A + kv, write=nq * A)]
+    ks = [Kernel("q_to_fp32", read=nq * A, write=nq * F32)]
+    for sk, fl in zip(kv_sets, flops):
+        nk, p = batch * sk * c, batch * heads * sq * sk * F32
+        ks += [Kernel("k_to_fp32", read=nk * A, write=nk * F32), Kernel("v_to_fp32", read=nk * A, write=nk * F32)]
+        if batch > 1:
+            ks += [Kernel("q_copy", read=nq * F32, write=nq * F32), Kernel("kT_copy", read=nk * F32, write=nk * F32)]
+        ks += [Kernel("bmm_qk", flops=fl // 2, read=nq * F32 + nk * F32, write=p),
+               Kernel("scale", read=p, write=p), Kernel("softmax", read=p, write=p)]
+        if batch > 1:
+            ks.append(Kernel("v_copy", read=nk * F32, write=nk * F32))
+        ks.append(Kernel("bmm_pv", flops=fl // 2, read=p + nk * F32, write=nq * F32))
+    if len(kv_sets) > 1:
+        ks.append(Kernel("sum_sets", read=2 * nq * F32, write=nq * F32))
+    ks += [Kernel("out_to_bf16", read=nq * F32, write=nq * A), Kernel("out_contiguous", read=nq * A, write=nq * A)]
+    return ks
+
+
+def block_ops(cfg: WanConfig, shape: Shape, impl: str, fmt: str) -> tuple[OpCost, ...]:
+    """The ops of one WanBlock.forward, in order."""
+    B, S, C, H, D, Fd = shape.batch, shape.tokens, cfg.dim, cfg.num_attention_heads, cfg.attention_head_dim, \
+        cfg.ffn_dim
+    N, NC = B * S, B * S * C
+    R = B * (S if cfg.expand_timesteps else 1)                    # rows of temb_proj / modulation vectors
+    kv_sets = [shape.text_tokens] + ([shape.image_tokens] if cfg.has_image else [])
+    ops = [
+        ("modulation", [Kernel("to_fp32", read=6 * R * C * A, write=6 * R * C * F32),
+                        Kernel("add_table", read=6 * C * F32 + 6 * R * C * F32, write=6 * R * C * F32,
+                               const=6 * C * F32, weight=6 * C * F32)]),
+        ("self_norm", _norm_mod(N, R, C)),
+        ("qkv_gemm", [_linear("qkv", N, 3 * C, C, fmt)]),
+        ("qk_norm_rope", qk_norm_rope_kernels(B, S, C, D, impl)),
+        ("self_attention", attention_kernels(B, H, S, [S], D, impl)),
+        ("self_out_proj", [_linear("to_out", N, C, C, fmt)]),
+        ("self_residual", [Kernel("x_to_fp32", read=NC * A, write=NC * F32),
+                           Kernel("mul_gate", read=NC * A + R * C * F32, write=NC * F32),
+                           Kernel("add", read=2 * NC * F32, write=NC * F32),
+                           Kernel("to_bf16", read=NC * F32, write=NC * A)]),
+        ("cross_norm", [Kernel("to_fp32", read=NC * A, write=NC * F32),
+                        Kernel("layer_norm", read=NC * F32 + 2 * C * F32, write=NC * F32 + 2 * N * F32,
+                               const=2 * C * F32, weight=2 * C * F32),
+                        Kernel("to_bf16", read=NC * F32, write=NC * A)]),
+        ("cross_q", [_linear("to_q", N, C, C, fmt)] + _rms_norm_ref(N, C, with_eps_add=False)),
+        ("cross_attention", attention_kernels(B, H, S, kv_sets, D, impl)),
+        ("cross_out_proj", [_linear("to_out", N, C, C, fmt), Kernel("residual_add", read=2 * NC * A, write=NC * A)]),
+        ("ffn_norm", _norm_mod(N, R, C)),
+        ("ffn", [_linear("proj_in", N, Fd, C, fmt), Kernel("gelu_tanh", read=N * Fd * A, write=N * Fd * A),
+                 _linear("proj_out", N, C, Fd, fmt)]),
+        ("ffn_residual", [Kernel("x_to_fp32", read=NC * A, write=NC * F32),
+                          Kernel("f_to_fp32", read=NC * A, write=NC * F32),
+                          Kernel("mul_gate", read=NC * F32 + R * C * F32, write=NC * F32),
+                          Kernel("add", read=2 * NC * F32, write=NC * F32),
+                          Kernel("to_bf16", read=NC * F32, write=NC * A)]),
+    ]
+    return tuple(OpCost(name, "block", tuple(ks)) for name, ks in ops)
+
+
+def _stacked_kv(name: str, cfg: WanConfig, tokens: int, fmt: str) -> OpCost:
+    """One GEMM [B*Lc, C] x [L*2C, C]^T, then per layer RMSNorm of k (F.rms_norm) and contiguous k, v copies
+    (approximated: the norm as one fp32 pass)."""
+    C, L = cfg.dim, cfg.num_layers
+    nc = tokens * C
+    per_layer = [Kernel("norm_k", read=nc * A + C * A, write=nc * A, const=C * A, weight=C * A),
+                 Kernel("k_v_contiguous", read=2 * nc * A, write=2 * nc * A)]
+    return OpCost(name, "context", (_linear("kv_gemm", tokens, L * 2 * C, C, fmt),) + tuple(per_layer) * L)
+
+
+def context_ops(cfg: WanConfig, shape: Shape, fmt: str) -> tuple[OpCost, ...]:
+    B, C, Lt = shape.batch, cfg.dim, shape.text_tokens
+    ops = [OpCost("text_embedder", "context", (
+        _linear("linear_1", B * Lt, C, cfg.text_dim, "bf16"), Kernel("gelu_tanh", read=B * Lt * C * A,
+                                                                     write=B * Lt * C * A),
+        _linear("linear_2", B * Lt, C, C, "bf16"))),
+        _stacked_kv("cross_kv_text", cfg, B * Lt, fmt)]
+    if cfg.has_image:
+        Li, d = B * shape.image_tokens, cfg.image_dim
+        ln = [Kernel("layer_norm", read=Li * d * A + 2 * d * F32, write=Li * d * A, const=2 * d * F32,
+                     weight=2 * d * F32)]
+        ops += [OpCost("image_embedder", "context", tuple(
+            ln + [_linear("proj_in", Li, d, d, "bf16"), Kernel("gelu", read=Li * d * A, write=Li * d * A),
+                  _linear("proj_out", Li, C, d, "bf16"),
+                  Kernel("layer_norm", read=Li * C * A + 2 * C * F32, write=Li * C * A, const=2 * C * F32,
+                         weight=2 * C * F32)])),
+            _stacked_kv("cross_kv_image", cfg, Li, fmt)]
+    return tuple(ops)
+
+
+def embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
+    B, S, C = shape.batch, shape.tokens, cfg.dim
+    N, NC = B * S, B * S * C
+    p = math.prod(cfg.patch_size)
+    w = C * cfg.in_channels * p * A + C * A
+    patch = OpCost("patch_embed", "embed", (
+        Kernel("conv3d", flops=2 * N * C * cfg.in_channels * p, read=N * cfg.in_channels * p * A + w, write=NC * A,
+               const=w, weight=w),
+        Kernel("to_tokens", read=NC * A, write=NC * A)))
+    U, fd = shape.timestep_rows, cfg.freq_dim
+    time = [Kernel("linear_1", flops=2 * U * fd * C, read=U * fd * F32 + (fd * C + C) * F32, write=U * C * F32,
+                   const=(fd * C + C) * F32, weight=(fd * C + C) * F32),
+            Kernel("linear_2", flops=2 * U * C * C, read=U * C * F32 + (C * C + C) * F32, write=U * C * F32,
+                   const=(C * C + C) * F32, weight=(C * C + C) * F32),
+            _linear("time_proj", U, 6 * C, C, "bf16")]
+    if cfg.expand_timesteps:  # gather the unique rows back to tokens: temb [B, S, C], temb_proj [B, S, 6C]
+        time.append(Kernel("gather", read=7 * U * C * A, write=7 * NC * A))
+    return patch, OpCost("time_embedder", "embed", tuple(time))
+
+
+def head_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
+    B, S, C = shape.batch, shape.tokens, cfg.dim
+    N = B * S
+    R = B * (S if cfg.expand_timesteps else 1)
+    out = cfg.out_channels * math.prod(cfg.patch_size)
+    return (OpCost("head", "head", tuple(
+        [Kernel("modulation", read=2 * C * F32 + 2 * R * C * A, write=2 * R * C * F32, const=2 * C * F32,
+                weight=2 * C * F32)] + _norm_mod(N, R, C) +
+        [_linear("proj_out", N, out, C, "bf16"), Kernel("unpatchify", read=N * out * A, write=N * out * A)])),)
+
+
+def model_cost(cfg: WanConfig | str, width: int = 1280, height: int = 720, frames: int = 81, *, batch: int = 1,
+               impl: str = "fused", weight_format: str = "bf16", latent: tuple[int, int, int] | None = None,
+               text_tokens: int = TEXT_TOKENS, image_tokens: int | None = None,
+               timestep_rows: int | None = None) -> ModelCost:
+    """Cost of one forward of `cfg` (a WanConfig or preset name) on a video of frames x height x width
+    (or an explicit `latent` (frames, height, width) grid before patching), batch `batch` (CFG batched = 2).
+
+    impl: "ref" (the eager reference path) or "fused" (wan kernels). timestep_rows: rows of the time MLP
+    (default: batch; TI2V runs the MLP on the unique timesteps, default 2: the conditioning frame's 0 and t).
+    """
+    if isinstance(cfg, str):
+        cfg = WanConfig.from_preset(cfg)
+    if impl not in ("ref", "fused"):
+        raise ValueError(f"impl must be 'ref' or 'fused', got {impl!r}")
+    if weight_format not in FORMATS:
+        raise ValueError(f"unknown weight format {weight_format!r}; expected one of {FORMATS}")
+    lat = latent if latent is not None else latent_shape(cfg, width, height, frames)
+    grid = tuple(n // p for n, p in zip(lat, cfg.patch_size))
+    if image_tokens is None:
+        image_tokens = (cfg.pos_embed_seq_len or IMAGE_TOKENS) if cfg.has_image else 0
+    if timestep_rows is None:
+        timestep_rows = 2 if cfg.expand_timesteps else batch
+    shape = Shape(batch, tuple(lat), grid, text_tokens, image_tokens, timestep_rows)
+    return ModelCost(cfg, shape, impl, weight_format, context_ops(cfg, shape, weight_format),
+                     embed_ops(cfg, shape), block_ops(cfg, shape, impl, weight_format), head_ops(cfg, shape))
+
+
+# Block linears that a weight format applies to (plus the stacked cross-attention K/V weights).
+_QUANTIZED = ("attn1.to_qkv.weight", "attn1.to_out.weight", "attn2.to_q.weight", "attn2.to_out.weight",
+              "ffn.proj_in.weight", "ffn.proj_out.weight")
+
+
+def parameter_bytes(cfg: WanConfig, fmt: str = "bf16") -> int:
+    """Bytes of all parameters of one transformer as loaded in bf16 (diffusers' fp32 modules kept fp32), the
+    block linears and cross-attention K/V weights in `fmt`. Exact: enumerated from a meta-device WanModel."""
+    import torch
+
+    from wan_model.model import WanModel, keeps_fp32
+
+    with torch.device("meta"):
+        model = WanModel(cfg.replace(num_layers=1), impl="ref", device="meta")
+    blocks, other = 0, 0
+    for name, p in model.named_parameters():
+        if name.endswith(_QUANTIZED) or name in ("cross_kv.weight", "cross_kv_img.weight"):
+            n = weight_nbytes(p.shape[0], p.shape[1], fmt)
+            if name.startswith("cross_kv"):
+                n = weight_nbytes(p.shape[0] * cfg.num_layers, p.shape[1], fmt)
+        else:
+            n = p.numel() * (4 if keeps_fp32(name) else 2)
+            if name.startswith("cross_kv"):
+                n *= cfg.num_layers
+        if name.startswith("blocks."):
+            blocks += n
+        else:
+            other += n
+    return blocks * cfg.num_layers + other
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end and targets
+
+def generation_cost(cost_b1: ModelCost, steps: int, cfg_guidance: bool = True) -> dict[str, float]:
+    """FLOPs and bytes of a whole generation: `steps` forwards of batch 1 (2 with CFG, batched as
+    wan_model.sampling does), the text/image context embedded and projected once (K/V cached).
+    Memory footprints do not scale with steps: `memory` is the per-step peak."""
+    b = 2 if cfg_guidance else 1
+    c = cost_b1 if b == cost_b1.shape.batch else _rebatch(cost_b1, b)
+    flops = steps * c.flops(include_context=False) + sum(o.flops for o in c.context)
+    nbytes = steps * c.bytes(include_context=False) + sum(o.bytes for o in c.context)
+    return {"flops": flops, "bytes": nbytes, "forwards": steps, "batch": b, "memory": c.memory_bytes()}
+
+
+def _rebatch(c: ModelCost, batch: int) -> ModelCost:
+    s = c.shape
+    return model_cost(c.config, latent=s.latent, batch=batch, impl=c.impl, weight_format=c.weight_format,
+                      text_tokens=s.text_tokens, image_tokens=s.image_tokens,
+                      timestep_rows=None if c.config.expand_timesteps else batch)
+
+
+def lower_bounds(c: ModelCost, peak: dict) -> dict[str, float]:
+    """Physical lower bounds on a GPU (seconds, bytes): compute = GEMM FLOPs at the format's GEMM peak +
+    attention FLOPs at the bf16 peak; memory = weights read once + the residual stream in and out per block;
+    time = max(compute, memory). Memory footprint = weights + activation peak estimate (batch of `c`)."""
+    def bound(ops, n_blocks_io):
+        compute = sum(k.flops / ((peak.get(k.peak) or peak["bf16"]) * 1e12) * n for o, n in ops for k in o.kernels)
+        io = sum(o.weight_bytes * n for o, n in ops) + n_blocks_io * 2 * c.shape.batch * c.shape.tokens * \
+            c.config.dim * A
+        return max(compute, io / (peak["gbps"] * 1e9))
+
+    return {"block_s": bound([(o, 1) for o in c.block], 1),
+            "model_s": bound(c.ops(include_context=False), c.num_layers),
+            "memory_bytes": c.memory_bytes()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers
+
+def flop_counter():
+    """A FlopCounterMode that also knows the `wan` ops (registers wan_kernels/flops.py on first use)."""
+    import wan_kernels.flops  # noqa: F401
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+def _peaks() -> dict:
+    from bench.harness import PEAKS
+
+    return PEAKS
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1e3:9.2f}"
+
+
+def format_report(c: ModelCost, steps: int, cfg_guidance: bool = True) -> str:
+    peaks = _peaks()
+    s, cfg = c.shape, c.config
+    lines = [f"# Wan cost model: dim {cfg.dim} ({cfg.num_attention_heads} heads), ffn {cfg.ffn_dim}, "
+             f"{cfg.num_layers} layers | latent {s.latent} -> grid {s.grid} = {s.tokens} tokens, batch {s.batch}, "
+             f"text {s.text_tokens}, image {s.image_tokens} | impl={c.impl}, weights {c.weight_format}"]
+    gpus = ("H100", "B200")
+    head = (f"{'op':18s} {'x':>3s} {'GFLOP':>11s} {'GB read':>9s} {'GB write':>9s} {'weight MB':>10s} "
+            f"{'act MB':>10s} {'FLOP/B':>7s}" + "".join(f" {g + ' ms':>10s} {'bound':>7s}" for g in gpus))
+    lines += [head, "-" * len(head)]
+    for o, n in c.ops():
+        ai = o.flops / o.bytes if o.bytes else 0.0
+        row = (f"{o.name:18s} {n:3d} {o.flops / 1e9:11.1f} {o.read / 1e9:9.3f} {o.write / 1e9:9.3f} "
+               f"{o.weight_bytes / 1e6:10.2f} {o.activation_bytes / 1e6:10.1f} {ai:7.0f}")
+        for g in gpus:
+            t, b = o.roofline(peaks[g])
+            row += f" {_fmt_s(t)[1:]:>10s} {b:>7s}"
+        lines.append(row)
+    blk_fl, blk_by = c.block_total("flops"), c.block_total("bytes")
+    lines.append(f"per layer (block): {blk_fl / 1e12:.2f} TFLOP, {blk_by / 1e9:.2f} GB moved, "
+                 f"weights {sum(o.weight_bytes for o in c.block) / 1e6:.1f} MB")
+    fl = c.flops()
+    att = c.attention_flops()
+    lines.append(f"per forward: {fl / 1e15:.3f} PFLOP (attention {100 * att / fl:.1f}%: self "
+                 f"{100 * sum(o.flops for o in c.block if o.name == 'self_attention') * c.num_layers / fl:.1f}%), "
+                 f"{c.bytes() / 1e9:.1f} GB moved; without the cacheable context: {c.flops(False) / 1e15:.3f} PFLOP")
+    lines.append(f"weights {c.weight_bytes / 1e9:.2f} GB ({c.weight_format}), cross-attn K/V cache "
+                 f"{c.kv_cache_bytes / 1e6:.1f} MB, activation peak ~{c.activation_peak_bytes / 1e9:.2f} GB, "
+                 f"memory ~{c.memory_bytes() / 1e9:.2f} GB")
+    g = generation_cost(c if s.batch == 1 else _rebatch(c, 1), steps, cfg_guidance)
+    lines.append(f"end to end: {steps} steps x {'CFG (batch 2)' if cfg_guidance else 'no CFG'}: "
+                 f"{g['flops'] / 1e15:.2f} PFLOP, {g['bytes'] / 1e12:.2f} TB moved, per-step memory "
+                 f"~{g['memory'] / 1e9:.2f} GB")
+    lines.append("roofline per GPU (sum over kernels of max(FLOP/peak, bytes/BW); GEMM peak by weight format):")
+    e2e = c if s.batch == 1 else _rebatch(c, 1)
+    e2e = _rebatch(e2e, 2) if cfg_guidance else e2e
+    for name, peak in peaks.items():
+        fwd = c.roofline(peak, include_context=False)
+        gen = steps * e2e.roofline(peak, include_context=False) + sum(o.roofline(peak)[0] for o in e2e.context)
+        lines.append(f"  {name:9s} block {c.block_roofline(peak) * 1e3:10.2f} ms | forward {fwd:9.3f} s | "
+                     f"generation {gen:9.1f} s")
+    return "\n".join(lines)
+
+
+def format_targets(presets: list[str] | None = None, frames: int = 81) -> str:
+    from wan_model.config import PRESETS
+
+    peaks = _peaks()
+    presets = presets or [n for n in PRESETS if not n.startswith("tiny")]
+    lines = ["# Physical lower bounds at batch 1 (one expert), 81 frames, vs the design targets:",
+             "#   " + "; ".join(f"{lbl} ({gpu}, {fmt}): block < {b:g} ms, model < {m:g} ms, memory < {g:g} GB"
+                               for lbl, gpu, fmt, b, m, g in TARGETS),
+             "# block/model = max(FLOPs at peak, weights + residual I/O at HBM bandwidth); memory = weights + "
+             "activation peak estimate (fused kernels) + K/V cache. 'ok' = the target is attainable in principle."]
+    head = f"{'preset':22s} {'res':5s} {'tokens':>7s} {'TFLOP/blk':>9s}"
+    for lbl, gpu, fmt, *_ in TARGETS:
+        head += f" | {gpu + ' ' + fmt + ' block ms':>20s} {'model ms':>10s} {'mem GB':>8s}"
+    lines += [head, "-" * len(head)]
+    for name in presets:
+        cfg = PRESETS[name]
+        for res, (w, h) in RESOLUTIONS.items():
+            if cfg.in_channels == 48 and h % 32:   # TI2V-5B (VAE stride 16 x patch 2): its 720p is 1280x704
+                h -= h % 32
+            row = None
+            for lbl, gpu, fmt, tb, tm, tg in TARGETS:
+                c = model_cost(cfg, w, h, frames, impl="fused", weight_format=fmt)
+                if row is None:
+                    row = f"{name:22s} {res:5s} {c.shape.tokens:7d} {c.block_total('flops') / 1e12:9.2f}"
+                lb = lower_bounds(c, peaks[gpu])
+
+                def mark(v, t):
+                    return f"{v:.4g}{'(ok)' if v <= t else ''}"
+                row += (f" | {mark(lb['block_s'] * 1e3, tb):>20s} {mark(lb['model_s'] * 1e3, tm):>10s} "
+                        f"{mark(lb['memory_bytes'] / 1e9, tg):>8s}")
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def plot(c: ModelCost, path: str, frames: int = 81) -> None:
+    """Stacked bar of time share per op per GPU, and FLOPs per forward vs resolution (needs matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib (in requirements.txt), which is not installed: "
+                           "pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peaks = _peaks()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    names = [o.name for o, _ in c.ops()]
+    bottom = [0.0] * len(peaks)
+    for o, n in c.ops():
+        shares = []
+        for i, peak in enumerate(peaks.values()):
+            shares.append(100 * o.roofline(peak)[0] * n / c.roofline(peak))
+        ax1.bar(list(peaks), shares, bottom=bottom, label=o.name)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    ax1.set_ylabel("% of roofline time per forward")
+    ax1.legend(fontsize=6, ncol=2)
+    ax1.set_title(f"time share per op ({len(names)} ops)")
+    sizes = [(480, 272), (640, 352), (832, 480), (960, 544), (1280, 720), (1600, 896), (1920, 1088)]
+    xs, ys = [], []
+    for w, h in sizes:
+        cc = model_cost(c.config, w, h, frames, impl=c.impl, weight_format=c.weight_format)
+        xs.append(cc.shape.tokens)
+        ys.append(cc.flops() / 1e15)
+    ax2.plot(xs, ys, "o-")
+    ax2.set_xlabel("tokens")
+    ax2.set_ylabel("PFLOP per forward")
+    ax2.set_title("FLOPs vs resolution")
+    fig.tight_layout()
+    fig.savefig(path)
