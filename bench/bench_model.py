@@ -3,10 +3,13 @@
 Same weights, same process, bf16 on CPU by default: dim 512 (4 heads of 128), 4 layers, 1280 latent
 tokens (5 x 32 x 32 latents), batch 1 with CFG. Ours: cond+uncond batched in one forward per step,
 cross-attention K/V computed once (prepare_context). diffusers: what WanPipeline does, two forwards
-per step. Correctness (final latents) is checked before timing is reported; `--profile` prints the
-top ops of one of our steps (torch profiler) to show what is left to fuse.
+per step. Correctness (final latents) is checked before timing is reported. Then a per-op time breakdown
+of one of our steps (torch profiler, self CPU time grouped into GEMM / attention / qk_norm_rope / elementwise
+and layout), `--profile` adds the top-20 aten ops. With a GPU, `--gpu` (default on when CUDA is available)
+times one CFG step (batch 2, context cached) of Wan 1.3B and 14B at 480p and 720p, 81 frames, random bf16
+weights, next to the analytic roofline of the same step (wan_model/cost.py) on that GPU.
 
-    python bench/bench_model.py [--steps 4] [--dtype bfloat16] [--profile]
+    python bench/bench_model.py [--steps 4] [--dtype bfloat16] [--profile] [--gpu | --no-gpu]
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--grid", default="5x32x32", help="latent frames x height x width (tokens = f*h*w/4)")
     p.add_argument("--profile", action="store_true", help="print the top ops of one of our steps")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                   help="per-step latency of Wan 1.3B / 14B at 480p / 720p on the GPU")
     args = p.parse_args()
 
     dtype = DTYPES[args.dtype]
@@ -77,15 +82,78 @@ def main() -> int:
         print(f"{name:<12}{t:>16.3f}{t / args.steps * 1e3:>12.1f}")
     print(f"speedup (diffusers / ours): {t_ref / t_ours:.3f}x")
 
+    from torch.profiler import ProfilerActivity, profile
+    ctx = ours.prepare_context(torch.cat([text, neg]))
+    x2 = torch.cat([latents, latents]).to(dtype)
+    t = torch.full((2,), 500.0)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours(x2, t, context=ctx)
+    print(breakdown(prof.key_averages()))
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        ctx = ours.prepare_context(torch.cat([text, neg]))
-        x2 = torch.cat([latents, latents]).to(dtype)
-        t = torch.full((2,), 500.0)
-        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            ours(x2, t, context=ctx)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    if args.gpu:
+        gpu_step_latency()
     return 0
+
+
+# aten / wan op name -> breakdown group (first matching prefix wins; the rest is elementwise and layout work)
+GROUPS = (("GEMM", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "aten::convolution",
+                    "aten::mkldnn_convolution")),
+          ("attention", ("wan::attention", "aten::_softmax", "aten::softmax", "aten::_scaled_dot_product")),
+          ("qk_norm_rope", ("wan::qk_norm_rope",)))
+
+
+def breakdown(events) -> str:
+    """Self CPU time of one step grouped by kind of op (leaf ops: self time, so nothing is counted twice)."""
+    totals: dict[str, float] = {}
+    for e in events:
+        group = next((g for g, prefixes in GROUPS if e.key.startswith(prefixes)), "elementwise/layout")
+        totals[group] = totals.get(group, 0.0) + e.self_cpu_time_total
+    all_us = sum(totals.values()) or 1.0
+    lines = ["# per-op time breakdown of one of our steps (batch 2, torch profiler, self CPU time)",
+             f"{'group':<20}{'ms':>10}{'share':>8}"]
+    for g, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{g:<20}{us / 1e3:>10.1f}{100 * us / all_us:>7.1f}%")
+    return "\n".join(lines)
+
+
+def gpu_step_latency(presets=("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"), sizes=((832, 480), (1280, 720))) -> None:
+    """One CFG step (batch 2, cross-attention K/V cached) per preset and size, bf16 random weights, CUDA events
+    (triton.testing.do_bench: median of a few reps). Printed next to the roofline of the step on this GPU."""
+    import triton.testing
+
+    from bench.harness import gpu_peak
+    from wan_model import cost
+    from wan_model.model import WanModel
+
+    peak = gpu_peak()
+    print(f"# GPU per-step latency (CFG batch 2, bf16, 81 frames, impl='auto'); roofline from wan_model/cost.py "
+          f"on {peak[0] if peak else 'an unknown GPU'}")
+    print(f"{'preset':<18}{'size':>10}{'tokens':>8}{'ms / step':>11}{'roofline ms':>13}{'% of roofline':>15}")
+    for name in presets:
+        cfg = WanConfig.from_preset(name)
+        with torch.device("meta"):
+            model = WanModel(cfg, impl="auto", device="meta").to_dtype(torch.bfloat16)
+        model = model.to_empty(device="cuda")
+        with torch.no_grad():
+            for pname, prm in model.named_parameters():   # unit-variance outputs, as random_model does
+                prm.normal_(1.0 if "norm" in pname else 0.0, 0.02 if prm.ndim < 2 else prm.shape[-1] ** -0.5)
+        model.eval()
+        for w, h in sizes:
+            c = cost.model_cost(cfg, w, h, 81, batch=2)
+            f, lh, lw = c.shape.latent
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(2, cfg.in_channels, f, lh, lw, device="cuda", generator=g, dtype=torch.bfloat16)
+            text = torch.randn(2, 512, cfg.text_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+            t = torch.full((2,), 500.0, device="cuda")
+            with torch.no_grad():
+                ctx = model.prepare_context(text)
+                ms = triton.testing.do_bench(lambda: model(x, t, context=ctx), warmup=1, rep=1, return_mode="median")
+            roof = c.roofline(peak[1], include_context=False) * 1e3 if peak else float("nan")
+            print(f"{name:<18}{f'{w}x{h}':>10}{c.shape.tokens:>8}{ms:>11.1f}{roof:>13.1f}{100 * roof / ms:>14.1f}%")
+            del x, text, ctx
+        del model
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

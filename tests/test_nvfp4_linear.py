@@ -70,3 +70,25 @@ def test_module_from_linear():
         NVFP4Linear(40, 8)
     with pytest.raises(ValueError, match="mode"):
         NVFP4Linear(32, 8, mode="fp8")
+
+
+def test_mode_is_rebound_on_device_move(monkeypatch):
+    import wan_kernels.linear as lin_mod
+
+    q = NVFP4Linear(32, 8)
+    assert q.mode == "w4a16"
+    seen = []
+    monkeypatch.setattr(lin_mod, "default_mode", lambda device: seen.append(torch.device(device)) or "w4a4")
+    q.to(torch.float32)  # any _apply re-decides for the buffers' device
+    assert q.mode == "w4a4" and q._linear is wan_kernels.nvfp4_linear_w4a4 and seen == [torch.device("cpu")]
+    assert NVFP4Linear(32, 8, mode="w4a16").to(torch.float32).mode == "w4a16"  # an explicit mode stays
+
+
+def test_dtype_casts_keep_the_nvfp4_format():
+    q = NVFP4Linear.from_linear(nn.Linear(64, 24))
+    scale, gs = q.weight_scale.clone(), q.weight_scale_2.clone()
+    q = q.to(torch.bfloat16)
+    assert q.weight_scale.dtype == torch.float8_e4m3fn and torch.equal(q.weight_scale.view(torch.uint8), scale.view(torch.uint8))
+    assert q.weight_scale_2.dtype == torch.float32 and torch.equal(q.weight_scale_2, gs)
+    assert q.bias.dtype == torch.bfloat16 and q.weight.dtype == torch.uint8
+    assert q(torch.randn(3, 64).bfloat16()).dtype == torch.bfloat16

@@ -43,8 +43,25 @@ class NVFP4Linear(nn.Module):
         self.register_buffer("weight_scale_2", torch.zeros((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.impl = impl
-        self.mode = default_mode(device) if mode == "auto" else mode
+        self.requested_mode = mode
+        self._bind(device)
+
+    def _bind(self, device: torch.device) -> None:
+        """Decide the compute mode for `device` (once per construction / device move, never per call)."""
+        self.mode = default_mode(device) if self.requested_mode == "auto" else self.requested_mode
         self._linear = ops.nvfp4_linear_w4a4 if self.mode == "w4a4" else ops.nvfp4_linear
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` cast every floating buffer, float8 included: the NVFP4 scales keep their
+        # format (the e4m3 block scales and the fp32 global scale) and only follow the device.
+        scales = {name: getattr(self, name) for name in ("weight_scale", "weight_scale_2")}
+        out = super()._apply(fn, recurse)
+        for name, before in scales.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        self._bind(self.weight.device)  # .to("cuda") of a CPU-quantized layer picks the GPU's mode
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, mode: str = "auto", impl: str = "auto") -> "NVFP4Linear":

@@ -11,6 +11,12 @@ A Wan2.2 two-expert pipeline directory (`transformer/` + `transformer_2/`) loads
 
 Inside the model the self-attention Q/K/V weights are one fused [3C, C] tensor and the cross-attention
 K/V weights of all layers one stacked tensor (see wan_model.model); conversion happens here.
+
+NVFP4 checkpoints (wan_model.quantize) hold, for each quantized layer, `<layer>.weight` (uint8 packed
+E2M1), `<layer>.weight_scale` (float8_e4m3fn, 128x4 swizzled) and `<layer>.weight_scale_2` (fp32
+scalar, decode convention) in any of the three namings; the layers with a `weight_scale_2` key are
+loaded into NVFP4Linear modules. diffusers dirs also carry `quantization_config` in config.json and
+every file the safetensors metadata `quantization: nvfp4`.
 """
 
 from __future__ import annotations
@@ -148,37 +154,84 @@ def diffusers_keys(cfg: WanConfig) -> set[str]:
     return keys
 
 
+def _with_nvfp4_scales(mapping: dict[str, str], keys) -> dict[str, str]:
+    """Extend a key mapping by the NVFP4 side-car keys (<w>_scale, <w>_scale_2) of its `.weight` entries
+    present in `keys`."""
+    out = dict(mapping)
+    for a, b in mapping.items():
+        if a.endswith(".weight") and b.endswith(".weight"):
+            for suffix in ("_scale", "_scale_2"):
+                if a + suffix in keys:
+                    out[a + suffix] = b + suffix
+    return out
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along rows, also for float8 tensors (concatenated as their bytes)."""
+    if parts[0].dtype == torch.float8_e4m3fn:
+        return torch.cat([p.view(torch.uint8) for p in parts]).view(torch.float8_e4m3fn)
+    return torch.cat(parts)
+
+
+def _shared_scale(parts: list[torch.Tensor], names: list[str]) -> torch.Tensor:
+    """The one global scale of a fused NVFP4 group: all members must carry the same weight_scale_2."""
+    first = parts[0]
+    if first.device.type != "meta" and any(not torch.equal(p, first) for p in parts[1:]):
+        bad = [n for n, p in zip(names, parts) if not torch.equal(p, first)]
+        raise CheckpointError(f"NVFP4 layers {names[0]} ... run as one GEMM with one global scale, but their "
+                              f"weight_scale_2 differ ({bad[:4]} vs {names[0]}): re-quantizing them would be "
+                              "lossy; quantize the dense checkpoint with `python -m wan_model convert --quantize "
+                              "nvfp4` instead")
+    return first
+
+
+def _fuse(sd, names: list[str], out: dict, native: str) -> None:
+    """Fuse the diffusers layers `names` (row order) into native module `native` (dense or NVFP4)."""
+    out[f"{native}.weight"] = _cat_rows([sd[f"{n}.weight"] for n in names])
+    out[f"{native}.bias"] = torch.cat([sd[f"{n}.bias"] for n in names])
+    if f"{names[0]}.weight_scale_2" in sd:
+        out[f"{native}.weight_scale"] = _cat_rows([sd[f"{n}.weight_scale"] for n in names])
+        out[f"{native}.weight_scale_2"] = _shared_scale([sd[f"{n}.weight_scale_2"] for n in names], names)
+
+
+def _unfuse(sd, names: list[str], out: dict, native: str, rows: int) -> None:
+    """Inverse of `_fuse`: row slices of the native tensors (NVFP4 scales: `rows` is a multiple of 128)."""
+    for suffix in ("weight", "bias", "weight_scale"):
+        if f"{native}.{suffix}" in sd:
+            t = sd[f"{native}.{suffix}"]
+            parts = t.view(torch.uint8).split(rows) if t.dtype == torch.float8_e4m3fn else t.split(rows)
+            for n, part in zip(names, parts):
+                out[f"{n}.{suffix}"] = part.view(t.dtype)
+    if f"{native}.weight_scale_2" in sd:
+        for n in names:
+            out[f"{n}.weight_scale_2"] = sd[f"{native}.weight_scale_2"].clone()  # safetensors: no shared storage
+
+
 def diffusers_to_native(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
-    """diffusers-named tensors -> our state dict (fuses QKV, stacks the cross-attn K/V of all layers)."""
-    out = {n: sd[d] for d, n in _native_direct(cfg).items()}
+    """diffusers-named tensors -> our state dict (fuses QKV, stacks the cross-attn K/V of all layers).
+    NVFP4 layers: packed weights and swizzled scales are row-concatenated, the shared scale checked."""
+    out = {n: sd[d] for d, n in _with_nvfp4_scales(_native_direct(cfg), sd).items()}
     for i in range(cfg.num_layers):
-        b = f"blocks.{i}.attn1."
-        out[f"blocks.{i}.attn1.to_qkv.weight"] = torch.cat([sd[f"{b}to_{x}.weight"] for x in "qkv"])  # [3C, C]
-        out[f"blocks.{i}.attn1.to_qkv.bias"] = torch.cat([sd[f"{b}to_{x}.bias"] for x in "qkv"])      # [3C]
+        _fuse(sd, [f"blocks.{i}.attn1.to_{x}" for x in "qkv"], out, f"blocks.{i}.attn1.to_qkv")  # [3C, C]
     for name, km, vm, nm in _stacked(cfg):
         L = range(cfg.num_layers)
-        out[f"{name}.weight"] = torch.cat([sd[f"blocks.{i}.{m}.weight"] for i in L for m in (km, vm)])  # [L*2C, C]
-        out[f"{name}.bias"] = torch.cat([sd[f"blocks.{i}.{m}.bias"] for i in L for m in (km, vm)])      # [L*2C]
+        _fuse(sd, [f"blocks.{i}.{m}" for i in L for m in (km, vm)], out, name)                    # [L*2C, C]
         out[f"{name}.norm_k"] = torch.stack([sd[f"blocks.{i}.{nm}.weight"] for i in L])                # [L, C]
     return out
 
 
 def native_to_diffusers(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> diffusers-named tensors (splits QKV and the stacked K/V; contiguous copies)."""
-    out = {d: sd[n] for d, n in _native_direct(cfg).items()}
+    native_of = _with_nvfp4_scales({n: d for d, n in _native_direct(cfg).items()}, sd)
+    out = {d: sd[n] for n, d in native_of.items()}
     C = cfg.dim
     for i in range(cfg.num_layers):
-        b = f"blocks.{i}.attn1."
-        for x, w, bias in zip("qkv", sd[b + "to_qkv.weight"].split(C), sd[b + "to_qkv.bias"].split(C)):
-            out[f"{b}to_{x}.weight"], out[f"{b}to_{x}.bias"] = w, bias
+        _unfuse(sd, [f"blocks.{i}.attn1.to_{x}" for x in "qkv"], out, f"blocks.{i}.attn1.to_qkv", C)
     for name, km, vm, nm in _stacked(cfg):
-        ws = sd[f"{name}.weight"].split(C)
-        bs = sd[f"{name}.bias"].split(C)
-        for i in range(cfg.num_layers):
-            b = f"blocks.{i}."
-            out[f"{b}{km}.weight"], out[f"{b}{vm}.weight"] = ws[2 * i], ws[2 * i + 1]
-            out[f"{b}{km}.bias"], out[f"{b}{vm}.bias"] = bs[2 * i], bs[2 * i + 1]
-            out[f"{b}{nm}.weight"] = sd[f"{name}.norm_k"][i]
+        L = range(cfg.num_layers)
+        _unfuse(sd, [f"blocks.{i}.{m}" for i in L for m in (km, vm)], out, name, C)
+        for i in L:
+            out[f"blocks.{i}.{nm}.weight"] = sd[f"{name}.norm_k"][i]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -267,7 +320,8 @@ def _apply_comfy_scales(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{key}: scale for a missing weight {layer}.weight")
         sd[layer + ".weight"] = sd[layer + ".weight"].float() * scale.float()
         sd.pop(layer + ".scale_input", None)
-    fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)]
+    fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+           and not (k.endswith(".weight_scale") and k + "_2" in sd)]  # NVFP4 block scales are e4m3 too
     if fp8:
         raise CheckpointError(f"fp8 weights without a scale (not a supported ComfyUI scaled file): {fp8[:8]}")
     return sd
@@ -305,10 +359,39 @@ def to_diffusers_names(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return out, source, fmt
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[str, str] | None = None) -> None:
-    """Raise CheckpointError listing missing/unexpected keys or quoting wrong shapes (diffusers names)."""
+def _expected_model(cfg: WanConfig, nvfp4_layers: tuple[str, ...] = (), device="cpu", impl: str = "ref"):
+    """An empty WanModel on "meta" with the layers `nvfp4_layers` (diffusers names) as NVFP4 modules."""
+    model = WanModel(cfg, impl=impl, device="meta")
+    if nvfp4_layers:
+        from wan_model.quantize import NVFP4Config, quantize_structure
+        try:
+            quantize_structure(model, NVFP4Config(layers=tuple(nvfp4_layers)), device)
+        except ValueError as e:
+            raise CheckpointError(f"NVFP4 checkpoint: {e}") from e
+    return model
+
+
+def logical_shapes(sd: dict) -> dict:
+    """Meta tensors of the dense shapes of a diffusers-named state dict (an NVFP4 `<layer>.weight` [N, K/2]
+    counts as [N, K]; its scales are dropped): what `WanConfig.from_state_dict` reads."""
+    from wan_model.config import _shape
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(SCALE_KEYS):
+            continue
+        shape = _shape(v)
+        if k.endswith(".weight") and k + "_scale_2" in sd:
+            shape = (shape[0], 2 * shape[1])
+        out[k] = torch.empty(shape, device="meta")
+    return out
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[str, str] | None = None,
+                     nvfp4_layers: tuple[str, ...] = ()) -> None:
+    """Raise CheckpointError listing missing/unexpected keys or quoting wrong shapes (diffusers names).
+    `nvfp4_layers`: the diffusers layers stored as NVFP4 (weight, weight_scale, weight_scale_2)."""
     source = source or {}
-    expected = WanModel(cfg, impl="ref", device="meta")
+    expected = _expected_model(cfg, nvfp4_layers)
     shapes = {k: tuple(v.shape) for k, v in native_to_diffusers_meta(expected).items()}
     got = {k for k in sd if not any(s in k for s in IGNORED_KEYS)}
     missing = sorted(set(shapes) - got)
@@ -334,15 +417,27 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
     Parameters diffusers keeps in fp32 (time_embedder, scale_shift_table, norm1/2/3) are fp32, the rest
     `dtype`, exactly as WanTransformer3DModel.from_pretrained(torch_dtype=dtype) holds them.
     """
-    cfg = config or WanConfig.from_state_dict(sd)
-    check_state_dict(sd, cfg, source)
+    from wan_model.quantize import checkpoint_layers
+
+    cfg = config or WanConfig.from_state_dict(logical_shapes(sd))
+    nvfp4_layers = checkpoint_layers(sd)
+    check_state_dict(sd, cfg, source, nvfp4_layers)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
     native = diffusers_to_native(sd, cfg)
-    native = {k: v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
-    model = WanModel(cfg, impl=impl, device="meta")
+    native = {k: v.to(device=device) if _is_nvfp4_buffer(k, v) else
+              v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
+    model = _expected_model(cfg, nvfp4_layers, device, impl)
     model.load_state_dict(native, strict=True, assign=True)
     model._apply(lambda t: t)  # re-bind the op backends on the real device
     return model
+
+
+SCALE_KEYS = (".weight_scale", ".weight_scale_2")
+
+
+def _is_nvfp4_buffer(key: str, t: torch.Tensor) -> bool:
+    """Packed weights (uint8) and scales keep their stored dtype whatever the load dtype."""
+    return key.endswith(SCALE_KEYS) or t.dtype == torch.uint8
 
 
 @dataclasses.dataclass
@@ -401,7 +496,7 @@ def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: st
     sd, source, _ = to_diffusers_names(sd)
     if config is None:
         try:
-            config = WanConfig.from_state_dict(sd)
+            config = WanConfig.from_state_dict(logical_shapes(sd))
         except KeyError as e:
             raise CheckpointError(f"{path}: cannot derive the config, key {e} is missing") from e
     return model_from_state_dict(sd, config, dtype, device, impl, source)
@@ -432,17 +527,25 @@ def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch
     return shards + [cur] if cur else shards
 
 
-def _write_diffusers(tmp: str, sd: dict[str, torch.Tensor], cfg: WanConfig, max_bytes: int) -> None:
+def _metadata(quantization: dict | None) -> dict[str, str]:
+    return {"format": "pt", "quantization": quantization["quant_method"]} if quantization else {"format": "pt"}
+
+
+def _write_diffusers(tmp: str, sd: dict[str, torch.Tensor], cfg: WanConfig, max_bytes: int,
+                     quantization: dict | None = None) -> None:
     shards = _shards(sd, max_bytes)
+    config = cfg.to_diffusers_config()
+    if quantization:
+        config["quantization_config"] = quantization
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg.to_diffusers_config(), f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2, sort_keys=True)
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata=_metadata(quantization))
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        save_file(shard, os.path.join(tmp, name), metadata=_metadata(quantization))
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in sd.values())
     with open(os.path.join(tmp, INDEX_NAME), "w") as f:
@@ -461,9 +564,10 @@ def _replace(tmp: str, dst: str) -> None:
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, path, format: str = "diffusers",
-                    max_shard_size: int | str = "5GB") -> None:
+                    max_shard_size: int | str = "5GB", quantization: dict | None = None) -> None:
     """Write diffusers-named tensors in `format`: a diffusers dir at `path`, or one safetensors file
-    (original names; ComfyUI: prefixed `model.diffusion_model.`). Atomic: nothing half-written remains."""
+    (original names; ComfyUI: prefixed `model.diffusion_model.`). Atomic: nothing half-written remains.
+    `quantization`: the quantization_config of an NVFP4 model (config.json field + file metadata)."""
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
     path = os.path.abspath(os.fspath(path))
@@ -474,7 +578,7 @@ def save_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, path, format: s
         max_bytes = parse_size(max_shard_size)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
         try:
-            _write_diffusers(tmp, sd, cfg, max_bytes)
+            _write_diffusers(tmp, sd, cfg, max_bytes, quantization)
             _replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -490,7 +594,7 @@ def save_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, path, format: s
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=".safetensors", dir=parent)
     os.close(fd)
     try:
-        save_file(out, tmp, metadata={"format": "pt"})
+        save_file(out, tmp, metadata=_metadata(quantization))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -516,16 +620,25 @@ def save_model(model: WanModel, path, format: str = "diffusers", max_shard_size:
             raise
         return
     sd = native_to_diffusers(dict(model.state_dict()), model.config)
-    save_state_dict(sd, model.config, path, format, max_shard_size)
+    quantization = model.quantization.to_json() if model.quantization is not None else None
+    save_state_dict(sd, model.config, path, format, max_shard_size, quantization)
 
 
 def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
-                       max_shard_size: int | str = "5GB") -> WanConfig:
+                       max_shard_size: int | str = "5GB", quantize: str | None = None, nvfp4_config=None,
+                       progress: bool = True) -> WanConfig:
     """Convert one Wan transformer checkpoint (any supported format) to `format` at `dst`.
 
     Tensors keep their stored dtype unless `dtype` is given (then diffusers' fp32 modules stay fp32);
     ComfyUI fp8 scaled weights come out dequantized (fp32, or `dtype`). Returns the config.
+    quantize="nvfp4": stream the conversion tensor by tensor and quantize on the fly
+    (wan_model.quantize.convert_nvfp4, `nvfp4_config` picks the layers); memory stays bounded.
     """
+    if quantize is not None:
+        if quantize != "nvfp4":
+            raise ValueError(f"unknown quantization {quantize!r}; expected 'nvfp4'")
+        from wan_model.quantize import convert_nvfp4
+        return convert_nvfp4(src, dst, format, nvfp4_config, dtype, max_shard_size, progress)
     src = os.fspath(src)
     if os.path.isdir(src):
         if os.path.isdir(os.path.join(src, "transformer_2")):
@@ -541,12 +654,16 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
     sd, source, _ = to_diffusers_names(sd)
     if cfg is None:
         try:
-            cfg = WanConfig.from_state_dict(sd)
+            cfg = WanConfig.from_state_dict(logical_shapes(sd))
         except KeyError as e:
             raise CheckpointError(f"{src}: cannot derive the config, key {e} is missing") from e
-    check_state_dict(sd, cfg, source)
+    from wan_model.quantize import NVFP4Config, checkpoint_layers
+    nvfp4_layers = checkpoint_layers(sd)  # an NVFP4 checkpoint changes naming only: its buffers are kept
+    check_state_dict(sd, cfg, source, nvfp4_layers)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
     if dtype is not None:
-        sd = {k: v.to(torch.float32 if keeps_fp32(k) else dtype) for k, v in sd.items()}
-    save_state_dict(sd, cfg, dst, format, max_shard_size)
+        sd = {k: v if _is_nvfp4_buffer(k, v) else v.to(torch.float32 if keeps_fp32(k) else dtype)
+              for k, v in sd.items()}
+    quantization = NVFP4Config(layers=nvfp4_layers).to_json() if nvfp4_layers else None
+    save_state_dict(sd, cfg, dst, format, max_shard_size, quantization)
     return cfg

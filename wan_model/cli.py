@@ -1,9 +1,11 @@
-"""`python -m wan_model demo | run | convert`.
+"""`python -m wan_model demo | run | convert | cost`.
 
 demo     builds a small random Wan checkpoint (diffusers format) in a temp dir, loads it through our
          loader, runs a few CFG Euler steps on the `wan` ops and compares with diffusers on the same steps
 run      the same sampling loop on a real checkpoint (any supported format)
-convert  converts a checkpoint between the diffusers / original / comfyui formats
+convert  converts a checkpoint between the diffusers / original / comfyui formats (--quantize nvfp4:
+         streamed NVFP4 quantization)
+cost     analytic FLOPs / bytes / memory per op, layer and forward, roofline per GPU (wan_model/cost.py)
 """
 
 from __future__ import annotations
@@ -156,9 +158,37 @@ def cmd_run(args) -> int:
 
 def cmd_convert(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
-    cfg = convert_checkpoint(args.src, args.dst, args.format, dtype=dtype, max_shard_size=args.max_shard_size)
-    print(f"converted {args.src} -> {args.dst} ({args.format}): dim {cfg.dim}, {cfg.num_layers} layers")
+    nvfp4_config = None
+    if args.quantize == "nvfp4":
+        from wan_model.quantize import DEFAULT_KEEP, NVFP4Config
+        nvfp4_config = NVFP4Config(keep=tuple(args.keep) if args.keep is not None else DEFAULT_KEEP)
+    elif args.keep is not None:
+        raise SystemExit("--keep needs --quantize nvfp4")
+    cfg = convert_checkpoint(args.src, args.dst, args.format, dtype=dtype, max_shard_size=args.max_shard_size,
+                             quantize=args.quantize, nvfp4_config=nvfp4_config, progress=not args.no_progress)
+    what = ", NVFP4 weights" if args.quantize else ""
+    print(f"converted {args.src} -> {args.dst} ({args.format}{what}): dim {cfg.dim}, {cfg.num_layers} layers")
     print(json.dumps(cfg.to_diffusers_config(), sort_keys=True))
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from wan_model import cost
+
+    if args.targets:
+        print(cost.format_targets(args.target_presets, args.frames))
+        return 0
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    c = cost.model_cost(args.preset, width, height, args.frames, batch=args.batch, impl=args.impl,
+                        weight_format=args.weights)
+    print(cost.format_report(c, args.steps, not args.no_cfg))
+    if args.plot:
+        try:
+            cost.plot(c, args.plot, args.frames)
+        except RuntimeError as e:
+            print(f"error: {e}")
+            return 2
+        print(f"plot written to {args.plot}")
     return 0
 
 
@@ -207,7 +237,28 @@ def main(argv=None) -> int:
     c.add_argument("--format", required=True, choices=FORMATS)
     c.add_argument("--dtype", choices=DTYPES, help="cast (fp32 modules stay fp32); default: keep")
     c.add_argument("--max-shard-size", default="5GB")
+    c.add_argument("--quantize", choices=["nvfp4"], help="quantize the weights on the fly (streamed, one tensor at "
+                                                         "a time; see wan_model/quantize.py)")
+    c.add_argument("--keep", action="append", metavar="PATTERN",
+                   help="with --quantize: fnmatch pattern of diffusers layer names kept in bf16 (repeatable; "
+                        "default: the time/text/image embedders and proj_out)")
+    c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_convert)
+
+    k = sub.add_parser("cost", help="analytic cost model: FLOPs, bytes, memory, roofline per GPU")
+    k.add_argument("--preset", default="wan2.1-t2v-14b", choices=list(PRESETS))
+    k.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT in pixels")
+    k.add_argument("--frames", type=int, default=81)
+    k.add_argument("--steps", type=int, default=40)
+    k.add_argument("--batch", type=int, default=1, help="batch of one forward (the table); CFG doubles it "
+                                                        "in the end-to-end line")
+    k.add_argument("--no-cfg", action="store_true", help="end to end without classifier-free guidance")
+    k.add_argument("--impl", default="fused", choices=("fused", "ref"))
+    k.add_argument("--weights", default="bf16", choices=("bf16", "fp8", "nvfp4"))
+    k.add_argument("--plot", help="PNG path: time share per op per GPU + FLOPs vs resolution (needs matplotlib)")
+    k.add_argument("--targets", action="store_true", help="lower bounds on H100/B200 vs the design targets")
+    k.add_argument("--target-presets", nargs="*", help="presets of the --targets table (default: all real ones)")
+    k.set_defaults(fn=cmd_cost)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -6,6 +6,9 @@ activations between ops when the weights are bf16, the modules diffusers keeps i
 [3C, C] weight followed by `wan_kernels.qkv_rope` (RMSNorm + RoPE, one rounding instead of two),
 and the I2V text and image attention outputs are summed in fp32 by `wan_kernels.attention`.
 
+`quantize("nvfp4")` (wan_model/quantize.py) turns the Linear layers of the blocks into NVFP4Linear; the
+self-attention then runs the NVFP4 QKV GEMM followed by `wan_kernels.qk_norm_rope`.
+
 Cross-attention K/V depend only on the text/image context: `prepare_context` computes them for all
 layers with one GEMM per context (the layers' K/V weights are stored stacked) and `forward(...,
 context=ctx)` reuses them at every denoising step.
@@ -64,12 +67,14 @@ class _Ops:
     """The `wan` op callables bound once for an impl and device (no backend choice in forward)."""
 
     qkv_rope: object
+    qk_norm_rope: object
     attention: object
 
 
 def bind_ops(impl: str, device: torch.device | str) -> _Ops:
     """Resolve the backends of the ops the model calls, for `impl` on `device`."""
     return _Ops(qkv_rope=wan_kernels.resolve("qkv_rope", impl, device),
+                qk_norm_rope=wan_kernels.resolve("qk_norm_rope", impl, device),
                 attention=wan_kernels.resolve("attention", impl, device))
 
 
@@ -151,7 +156,20 @@ class ImageEmbedding(nn.Module):
         return _layer_norm32(x, self.norm2.weight, self.norm2.bias, 1e-5).to(x.dtype)
 
 
+def qkv_fused_dense(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
+    """Dense [3C, C] weight: one `qkv_rope` op (GEMM + RMSNorm + RoPE). Returns q, k, v [B, S, H, D]."""
+    return ops.qkv_rope(n, a.to_qkv.weight, a.to_qkv.bias, a.norm_q, a.norm_k, rope_cos, rope_sin, num_heads, eps)
+
+
+def qkv_module_then_norm_rope(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
+    """Any projection module (e.g. NVFP4Linear): qkv = to_qkv(n) [B, S, 3C], then `qk_norm_rope`."""
+    return ops.qk_norm_rope(a.to_qkv(n), a.norm_q, a.norm_k, rope_cos, rope_sin, num_heads, eps)
+
+
 class SelfAttention(nn.Module):
+    """`project_qkv` is chosen at construction (dense: `qkv_fused_dense`) and rebound by
+    `WanModel.quantize` (`qkv_module_then_norm_rope`): forward never branches on the weight type."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         C = cfg.dim
@@ -159,6 +177,7 @@ class SelfAttention(nn.Module):
         self.norm_q = nn.Parameter(torch.ones(C))
         self.norm_k = nn.Parameter(torch.ones(C))
         self.to_out = nn.Linear(C, C)
+        self.project_qkv = qkv_fused_dense            # a plain function (deepcopy/compile friendly)
 
 
 class CrossAttention(nn.Module):
@@ -187,14 +206,19 @@ class StackedKV(nn.Module):
 
     def forward(self, ctx: torch.Tensor, num_heads: int, eps: float):
         """ctx [B, Lc, C_in] -> lists over layers of k, v: [B, Lc, H, D]."""
-        L, C = self.norm_k.shape
-        kv = F.linear(ctx, self.weight, self.bias).unflatten(-1, (L, 2, C))   # [B, Lc, L, 2, C], one GEMM
-        ks, vs = [], []
-        for i in range(L):
-            k = F.rms_norm(kv[:, :, i, 0], (C,), self.norm_k[i], eps)        # diffusers' RMSNorm rounding
-            ks.append(k.unflatten(-1, (num_heads, -1)).contiguous())
-            vs.append(kv[:, :, i, 1].unflatten(-1, (num_heads, -1)).contiguous())
-        return ks, vs
+        return split_kv(F.linear(ctx, self.weight, self.bias), self.norm_k, num_heads, eps)  # one GEMM
+
+
+def split_kv(kv: torch.Tensor, norm_k: torch.Tensor, num_heads: int, eps: float):
+    """Output of the stacked K/V GEMM [B, Lc, L*2*C] -> lists over layers of k (RMSNorm'd), v: [B, Lc, H, D]."""
+    L, C = norm_k.shape
+    kv = kv.unflatten(-1, (L, 2, C))                                         # [B, Lc, L, 2, C]
+    ks, vs = [], []
+    for i in range(L):
+        k = F.rms_norm(kv[:, :, i, 0], (C,), norm_k[i], eps)                 # diffusers' RMSNorm rounding
+        ks.append(k.unflatten(-1, (num_heads, -1)).contiguous())
+        vs.append(kv[:, :, i, 1].unflatten(-1, (num_heads, -1)).contiguous())
+    return ks, vs
 
 
 class WanBlock(nn.Module):
@@ -219,8 +243,7 @@ class WanBlock(nn.Module):
         # 1. self-attention
         a = self.attn1
         n = (_layer_norm32(x, eps=eps) * (1 + scale) + shift).to(x.dtype)
-        q, k, v = ops.qkv_rope(n, a.to_qkv.weight, a.to_qkv.bias, a.norm_q, a.norm_k, rope_cos, rope_sin,
-                               self.num_heads, eps)                              # [B, S, H, D] each
+        q, k, v = a.project_qkv(a, n, rope_cos, rope_sin, self.num_heads, eps, ops)  # [B, S, H, D] each
         o = a.to_out(ops.attention(q, k, v, None, None, None).flatten(2))       # [B, S, C]
         x = (x.float() + o * gate).to(x.dtype)
 
@@ -262,11 +285,24 @@ class WanModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.proj_out.weight.device
+        return self.patch_embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.proj_out.weight.dtype
+        """The compute dtype (of the patch embedding: a Conv3d, never quantized, never kept fp32)."""
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def quantization(self):
+        """The `NVFP4Config` this model was quantized with (None: dense)."""
+        return getattr(self, "_quantization", None)
+
+    def quantize(self, method: str = "nvfp4", config=None) -> "WanModel":
+        """Quantize the weights in place (and return self). method "nvfp4": the Linear layers selected by
+        `config` (a `wan_model.quantize.NVFP4Config`; default: every Linear in the blocks, incl. the
+        stacked cross-attention K/V) become `NVFP4Linear`; see wan_model/quantize.py."""
+        from wan_model.quantize import quantize_model
+        return quantize_model(self, method, config)
 
     def to_dtype(self, dtype: torch.dtype) -> "WanModel":
         """Cast to `dtype`, keeping diffusers' fp32 modules (FP32_MODULES) in fp32."""
@@ -279,6 +315,9 @@ class WanModel(nn.Module):
         """Switch every op of the model to backend `impl` (resolved once, here)."""
         self._ops = bind_ops(impl, self.device)
         self.impl = impl
+        if self.quantization is not None:
+            from wan_model.quantize import set_nvfp4_impl
+            set_nvfp4_impl(self, self.quantization.impl or impl)
         return self
 
     def _apply(self, fn, recurse=True):
