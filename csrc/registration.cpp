@@ -46,6 +46,8 @@ TORCH_LIBRARY(wan, m) {
   m.def(
       "nvfp4_gemm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, "
       "Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def("layer_norm_modulate(Tensor x, Tensor scale, Tensor shift, float eps) -> Tensor");
+  m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("nvfp4_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_global_scale, Tensor? bias) -> Tensor");
   // Internal: the CUTLASS sm100a kernel behind wan::nvfp4_gemm on compute capability 10.0 (routing picks it).
   m.def(

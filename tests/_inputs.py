@@ -30,4 +30,6 @@ def op_inputs(dtype=torch.float32, seed=0) -> dict[str, tuple]:
         "nvfp4_gemm": (xp, xs, gx, wp, ws, gw, r(24, dt=torch.float32), torch.float32),
         "nvfp4_gemm_sm100": (xp, xs, gx, wp, ws, gw, None, torch.bfloat16),
         "nvfp4_linear": (r(2, 5, 64), wp, ws, gw, r(24)),
+        "layer_norm_modulate": (r(2, S, C), r(2, 1, C, dt=torch.float32), r(2, S, C, dt=torch.float32), 1e-6),
+        "gated_residual": (r(2, S, C), r(2, S, C), r(2, 1, C, dt=torch.float32)),
     }

@@ -104,11 +104,11 @@ def test_wan_op_flop_formulas():
 # ---------------------------------------------------------------------------------------------
 # Bytes: a byte-counting dispatch mode, attributed to ops by WanBlock.forward's source lines
 
-_LINES = [("mods = ", "modulation"), ("* (1 + scale) + shift", "self_norm"), ("ops.qkv_rope(", "qkv"), ("project_qkv(", "qkv"),
-          ("a.to_out(ops.attention(", "self_attn"), ("o * gate", "self_residual"),
+_LINES = [("mods = ", "modulation"), ("ops.layer_norm_modulate(x, scale, shift", "self_norm"), ("ops.qkv_rope(", "qkv"),
+          ("project_qkv(", "qkv"), ("a.to_out(ops.attention(", "self_attn"), ("ops.gated_residual(x, o, gate)", "self_residual"),
           ("self.norm2.weight", "cross_norm"), ("F.rms_norm(c.to_q(n)", "cross_q"),
-          ("c.to_out(ops.attention(", "cross_attn"), ("* (1 + c_scale)", "ffn_norm"), ('self.ffn["proj_out"]', "ffn"),
-          ("f.float() * c_gate", "ffn_residual")]
+          ("c.to_out(ops.attention(", "cross_attn"), ("ops.layer_norm_modulate(x, c_scale", "ffn_norm"),
+          ('self.ffn["proj_out"]', "ffn"), ("ops.gated_residual(x, f, c_gate)", "ffn_residual")]
 _GEMM = ("aten.addmm.default", "aten.mm.default")
 _FREE = ("aten._unsafe_view.default", "aten.empty.memory_format")
 
@@ -231,7 +231,8 @@ def test_fused_vs_ref_bytes_differ_by_the_per_op_prediction():
     fused = cost.model_cost(cfg, 1280, 720, 81, impl="fused")
     assert ref.flops() == fused.flops()
     changed = {o.name for o, f in zip(ref.block, fused.block) if o.bytes != f.bytes}
-    assert changed == {"qk_norm_rope", "self_attention", "cross_attention"}
+    assert changed == {"qk_norm_rope", "self_attention", "cross_attention", "self_norm", "ffn_norm", "self_residual",
+                       "ffn_residual"}
     S, C, H, D, L = 75600, cfg.dim, cfg.num_attention_heads, 128, cfg.num_layers
     NC = S * C
     # closed forms (batch 1, bf16 activations, fp32 math in the reference):
@@ -252,11 +253,18 @@ def test_fused_vs_ref_bytes_differ_by_the_per_op_prediction():
     rope = 4 * (2 * NC + table + 2 * NC) + 2 * (6 * NC) + 8 * NC
     ref_qk = 2 * norm + 2 * rope + 2 * 6 * NC + 4 * NC
     per_op["qk_norm_rope"] = ref_qk - (12 * NC + 4 * C + 2 * table)
+    # layer_norm_modulate: ref = cast to fp32 (6 NC), LN (8 NC + 8 S mean/rstd), 1 + scale (8 C), * (8 NC + 4 C),
+    # + shift (8 NC + 4 C), cast back (6 NC); fused = read x and the two modulation rows, write once
+    norm_mod = (6 * NC + 8 * NC + 8 * S + 8 * C + 8 * NC + 4 * C + 8 * NC + 4 * C + 6 * NC) - (2 * NC + 8 * C + 2 * NC)
+    # gated_residual: ref = x to fp32 (6 NC), y * gate (6 NC + 4 C), add (12 NC), cast (6 NC); fused = x, y, gate -> out
+    residual = (6 * NC + 6 * NC + 4 * C + 12 * NC + 6 * NC) - (4 * NC + 4 * C + 2 * NC)
+    per_op.update(self_norm=norm_mod, ffn_norm=norm_mod, self_residual=residual, ffn_residual=residual)
     for name, diff in per_op.items():
         r = next(o for o in ref.block if o.name == name)
         f = next(o for o in fused.block if o.name == name)
         assert r.bytes - f.bytes == diff, name
-    assert ref.bytes() - fused.bytes() == L * sum(per_op.values())
+    # the head's adaLN is the same layer_norm_modulate
+    assert ref.bytes() - fused.bytes() == L * sum(per_op.values()) + norm_mod
 
 
 def test_fused_qk_norm_rope_bytes_align_with_the_benchmark():

@@ -7,14 +7,15 @@ prints what was built, the routing table and a self-check.
 
 from wan_kernels import _library, ref
 from wan_kernels._library import EXTENSION
-from wan_kernels.ops import (attention, nvfp4_dequantize, nvfp4_gemm, nvfp4_linear, nvfp4_linear_w4a4, nvfp4_quantize,
+from wan_kernels.ops import (attention, gated_residual, layer_norm_modulate, nvfp4_dequantize, nvfp4_gemm, nvfp4_linear, nvfp4_linear_w4a4, nvfp4_quantize,
                              qk_norm_rope, qkv_rope)
 from wan_kernels.routing import BACKENDS, IMPLS, BackendUnavailableError, resolve, route_table
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "EXTENSION", "IMPLS", "BackendUnavailableError", "attention", "nvfp4_dequantize", "nvfp4_gemm",
+    "BACKENDS", "EXTENSION", "IMPLS", "BackendUnavailableError", "attention", "gated_residual",
+    "layer_norm_modulate", "nvfp4_dequantize", "nvfp4_gemm",
     "nvfp4_linear", "nvfp4_linear_w4a4", "nvfp4_quantize", "qk_norm_rope", "qkv_rope", "resolve", "route_table",
 ]
 del _library

@@ -162,6 +162,38 @@ def check_nvfp4_linear(x, w, w_scale, w_global_scale, bias) -> None:
     _same_device(op, x, w=w, bias=bias)
 
 
+def _check_bsc(op: str, name: str, x) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{op}: {name} must be [B, S, C], got shape {_shape(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: {name} must be float32/float16/bfloat16, got {x.dtype}")
+
+
+def _check_modulation(op: str, name: str, t, x) -> None:
+    B, S, C = x.shape
+    if (t.dtype != torch.float32 or t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] not in (1, S)
+            or t.shape[2] != C):
+        raise ValueError(f"{op}: {name} must be float32 [{B} or 1, {S} or 1, {C}] for x of shape {_shape(x)}, "
+                         f"got shape {_shape(t)} dtype {t.dtype}")
+    _same_device(op, x, **{name: t})
+
+
+def check_layer_norm_modulate(x, scale, shift, eps=None) -> None:
+    op = "layer_norm_modulate"
+    _check_bsc(op, "x", x)
+    _check_modulation(op, "scale", scale, x)
+    _check_modulation(op, "shift", shift, x)
+
+
+def check_gated_residual(x, y, gate) -> None:
+    op = "gated_residual"
+    _check_bsc(op, "x", x)
+    _check_bsc(op, "y", y)
+    if y.shape != x.shape:
+        raise ValueError(f"{op}: y must have x's shape {_shape(x)}, got {_shape(y)}")
+    _check_modulation(op, "gate", gate, x)
+
+
 CHECKS = {
     "qk_norm_rope": check_qk_norm_rope,
     "qkv_rope": check_qkv_rope,
@@ -171,4 +203,6 @@ CHECKS = {
     "nvfp4_gemm": check_nvfp4_gemm,
     "nvfp4_gemm_sm100": check_nvfp4_gemm,
     "nvfp4_linear": check_nvfp4_linear,
+    "layer_norm_modulate": check_layer_norm_modulate,
+    "gated_residual": check_gated_residual,
 }

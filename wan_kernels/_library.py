@@ -106,6 +106,10 @@ def _fake_nvfp4_linear(x, w, w_scale, w_global_scale, bias):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
+def _fake_like_x(x, *args):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 FAKES = {
     "qk_norm_rope": _fake_qk_norm_rope,
     "attention": _fake_attention,
@@ -114,6 +118,8 @@ FAKES = {
     "nvfp4_gemm": _fake_nvfp4_gemm,
     "nvfp4_gemm_sm100": _fake_nvfp4_gemm,
     "nvfp4_linear": _fake_nvfp4_linear,
+    "layer_norm_modulate": _fake_like_x,
+    "gated_residual": _fake_like_x,
 }
 
 REFS = {op: getattr(ref, op) for op in _schemas.PUBLIC_OPS} | {"nvfp4_gemm_sm100": ref.nvfp4_gemm}

@@ -15,6 +15,8 @@ SCHEMAS = {
     "ScalarType dtype) -> Tensor",
     "nvfp4_gemm": "nvfp4_gemm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, "
     "Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    "layer_norm_modulate": "layer_norm_modulate(Tensor x, Tensor scale, Tensor shift, float eps) -> Tensor",
+    "gated_residual": "gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor",
     "nvfp4_linear": "nvfp4_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_global_scale, Tensor? bias) -> Tensor",
     # Internal: the CUTLASS sm100a backend of nvfp4_gemm (same semantics; CUDA kernel only on sm_100).
     "nvfp4_gemm_sm100": "nvfp4_gemm_sm100(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, "

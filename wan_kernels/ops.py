@@ -97,3 +97,15 @@ def nvfp4_linear_w4a4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w
     xq, xs = nvfp4_quantize(x2, gs, impl=impl)
     out = nvfp4_gemm(xq, xs, gs, w, w_scale, w_global_scale, bias, x.dtype, impl=impl)
     return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6, *,
+                        impl: str = "auto") -> torch.Tensor:
+    """adaLN: (LayerNorm_fp32(x) * (1 + scale) + shift) rounded once to x's dtype.
+    x: [B, S, C]; scale, shift: fp32 [B, 1|S, C] (any strides)."""
+    return resolve("layer_norm_modulate", impl, x.device)(x, scale, shift, eps)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """x + y * gate in fp32, rounded once to x's dtype. x, y: [B, S, C]; gate: fp32 [B, 1|S, C]."""
+    return resolve("gated_residual", impl, x.device)(x, y, gate)

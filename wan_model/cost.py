@@ -204,14 +204,28 @@ class ModelCost:
 # ---------------------------------------------------------------------------------------------
 # Kernel lists, mirrored from wan_model/model.py (WanBlock.forward) and wan_kernels/ref/*.py
 
-def _norm_mod(n: int, r: int, c: int) -> list[Kernel]:
-    """(LN_fp32(x) * (1 + scale) + shift).to(bf16); scale/shift have r rows ([B, 1|S, C])."""
+def _norm_mod(n: int, r: int, c: int, impl: str) -> list[Kernel]:
+    """wan::layer_norm_modulate: (LN_fp32(x) * (1 + scale) + shift).to(bf16); scale/shift have r rows
+    ([B, 1|S, C]). ref = wan_kernels/ref/modulate.py op by op; fused = one pass (read x, scale, shift)."""
     nc = n * c
+    if impl == "fused":
+        return [Kernel("layer_norm_modulate", read=nc * A + 2 * r * c * F32, write=nc * A)]
     return [Kernel("to_fp32", read=nc * A, write=nc * F32),
             Kernel("layer_norm", read=nc * F32, write=nc * F32 + 2 * n * F32),
             Kernel("1+scale", read=r * c * F32, write=r * c * F32),
             Kernel("mul", read=nc * F32 + r * c * F32, write=nc * F32),
             Kernel("add", read=nc * F32 + r * c * F32, write=nc * F32),
+            Kernel("to_bf16", read=nc * F32, write=nc * A)]
+
+
+def _gated_residual(n: int, r: int, c: int, impl: str) -> list[Kernel]:
+    """wan::gated_residual: (x.float() + y * gate).to(bf16), gate with r rows. ref op by op; fused one pass."""
+    nc = n * c
+    if impl == "fused":
+        return [Kernel("gated_residual", read=2 * nc * A + r * c * F32, write=nc * A)]
+    return [Kernel("x_to_fp32", read=nc * A, write=nc * F32),
+            Kernel("mul_gate", read=nc * A + r * c * F32, write=nc * F32),
+            Kernel("add", read=2 * nc * F32, write=nc * F32),
             Kernel("to_bf16", read=nc * F32, write=nc * A)]
 
 
@@ -303,15 +317,12 @@ def block_ops(cfg: WanConfig, shape: Shape, impl: str, fmt: str) -> tuple[OpCost
         ("modulation", [Kernel("to_fp32", read=6 * R * C * A, write=6 * R * C * F32),
                         Kernel("add_table", read=6 * C * F32 + 6 * R * C * F32, write=6 * R * C * F32,
                                const=6 * C * F32, weight=6 * C * F32)]),
-        ("self_norm", _norm_mod(N, R, C)),
+        ("self_norm", _norm_mod(N, R, C, impl)),
         ("qkv_gemm", [_linear("qkv", N, 3 * C, C, fmt)]),
         ("qk_norm_rope", qk_norm_rope_kernels(B, S, C, D, impl)),
         ("self_attention", attention_kernels(B, H, S, [S], D, impl)),
         ("self_out_proj", [_linear("to_out", N, C, C, fmt)]),
-        ("self_residual", [Kernel("x_to_fp32", read=NC * A, write=NC * F32),
-                           Kernel("mul_gate", read=NC * A + R * C * F32, write=NC * F32),
-                           Kernel("add", read=2 * NC * F32, write=NC * F32),
-                           Kernel("to_bf16", read=NC * F32, write=NC * A)]),
+        ("self_residual", _gated_residual(N, R, C, impl)),
         ("cross_norm", [Kernel("to_fp32", read=NC * A, write=NC * F32),
                         Kernel("layer_norm", read=NC * F32 + 2 * C * F32, write=NC * F32 + 2 * N * F32,
                                const=2 * C * F32, weight=2 * C * F32),
@@ -319,14 +330,10 @@ def block_ops(cfg: WanConfig, shape: Shape, impl: str, fmt: str) -> tuple[OpCost
         ("cross_q", [_linear("to_q", N, C, C, fmt)] + _rms_norm_ref(N, C, with_eps_add=False)),
         ("cross_attention", attention_kernels(B, H, S, kv_sets, D, impl)),
         ("cross_out_proj", [_linear("to_out", N, C, C, fmt), Kernel("residual_add", read=2 * NC * A, write=NC * A)]),
-        ("ffn_norm", _norm_mod(N, R, C)),
+        ("ffn_norm", _norm_mod(N, R, C, impl)),
         ("ffn", [_linear("proj_in", N, Fd, C, fmt), Kernel("gelu_tanh", read=N * Fd * A, write=N * Fd * A),
                  _linear("proj_out", N, C, Fd, fmt)]),
-        ("ffn_residual", [Kernel("x_to_fp32", read=NC * A, write=NC * F32),
-                          Kernel("f_to_fp32", read=NC * A, write=NC * F32),
-                          Kernel("mul_gate", read=NC * F32 + R * C * F32, write=NC * F32),
-                          Kernel("add", read=2 * NC * F32, write=NC * F32),
-                          Kernel("to_bf16", read=NC * F32, write=NC * A)]),
+        ("ffn_residual", _gated_residual(N, R, C, impl)),
     ]
     return tuple(OpCost(name, "block", tuple(ks)) for name, ks in ops)
 
@@ -381,14 +388,14 @@ def embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
     return patch, OpCost("time_embedder", "embed", tuple(time))
 
 
-def head_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
+def head_ops(cfg: WanConfig, shape: Shape, impl: str = "fused") -> tuple[OpCost, ...]:
     B, S, C = shape.batch, shape.tokens, cfg.dim
     N = B * S
     R = B * (S if cfg.expand_timesteps else 1)
     out = cfg.out_channels * math.prod(cfg.patch_size)
     return (OpCost("head", "head", tuple(
         [Kernel("modulation", read=2 * C * F32 + 2 * R * C * A, write=2 * R * C * F32, const=2 * C * F32,
-                weight=2 * C * F32)] + _norm_mod(N, R, C) +
+                weight=2 * C * F32)] + _norm_mod(N, R, C, impl) +
         [_linear("proj_out", N, out, C, "bf16"), Kernel("unpatchify", read=N * out * A, write=N * out * A)])),)
 
 
@@ -416,7 +423,7 @@ def model_cost(cfg: WanConfig | str, width: int = 1280, height: int = 720, frame
         timestep_rows = 2 if cfg.expand_timesteps else batch
     shape = Shape(batch, tuple(lat), grid, text_tokens, image_tokens, timestep_rows)
     return ModelCost(cfg, shape, impl, weight_format, context_ops(cfg, shape, weight_format),
-                     embed_ops(cfg, shape), block_ops(cfg, shape, impl, weight_format), head_ops(cfg, shape))
+                     embed_ops(cfg, shape), block_ops(cfg, shape, impl, weight_format), head_ops(cfg, shape, impl))
 
 
 # Block linears that a weight format applies to (plus the stacked cross-attention K/V weights).

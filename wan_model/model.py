@@ -69,13 +69,13 @@ class _Ops:
     qkv_rope: object
     qk_norm_rope: object
     attention: object
+    layer_norm_modulate: object
+    gated_residual: object
 
 
 def bind_ops(impl: str, device: torch.device | str) -> _Ops:
     """Resolve the backends of the ops the model calls, for `impl` on `device`."""
-    return _Ops(qkv_rope=wan_kernels.resolve("qkv_rope", impl, device),
-                qk_norm_rope=wan_kernels.resolve("qk_norm_rope", impl, device),
-                attention=wan_kernels.resolve("attention", impl, device))
+    return _Ops(**{f.name: wan_kernels.resolve(f.name, impl, device) for f in dataclasses.fields(_Ops)})
 
 
 def _layer_norm32(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
@@ -242,10 +242,10 @@ class WanBlock(nn.Module):
 
         # 1. self-attention
         a = self.attn1
-        n = (_layer_norm32(x, eps=eps) * (1 + scale) + shift).to(x.dtype)
+        n = ops.layer_norm_modulate(x, scale, shift, eps)                       # LN * (1 + scale) + shift
         q, k, v = a.project_qkv(a, n, rope_cos, rope_sin, self.num_heads, eps, ops)  # [B, S, H, D] each
         o = a.to_out(ops.attention(q, k, v, None, None, None).flatten(2))       # [B, S, C]
-        x = (x.float() + o * gate).to(x.dtype)
+        x = ops.gated_residual(x, o, gate)                                      # x + o * gate, in fp32
 
         # 2. cross-attention (K/V precomputed per context)
         c = self.attn2
@@ -255,9 +255,9 @@ class WanBlock(nn.Module):
         x = x + c.to_out(ops.attention(q, k_txt, v_txt, k_img, v_img, None).flatten(2))
 
         # 3. feed-forward
-        n = (_layer_norm32(x, eps=eps) * (1 + c_scale) + c_shift).to(x.dtype)
+        n = ops.layer_norm_modulate(x, c_scale, c_shift, eps)
         f = self.ffn["proj_out"](F.gelu(self.ffn["proj_in"](n), approximate="tanh"))
-        return (x.float() + f.float() * c_gate).to(x.dtype)
+        return ops.gated_residual(x, f, c_gate)
 
 
 class WanModel(nn.Module):
@@ -391,7 +391,7 @@ class WanModel(nn.Module):
             x = block(x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)  # [B, 1|S, C]
-        x = (_layer_norm32(x, eps=cfg.eps) * (1 + scale) + shift).to(x.dtype)
+        x = self._ops.layer_norm_modulate(x, scale, shift, cfg.eps)
         x = self.proj_out(x)                                                     # [B, S, pt*ph*pw*C_out]
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)

@@ -12,3 +12,5 @@ KERNELS["nvfp4_quantize"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nv
 KERNELS["nvfp4_dequantize"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_dequantize"]).nvfp4_dequantize
 KERNELS["nvfp4_gemm"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_gemm"]).nvfp4_gemm
 KERNELS["nvfp4_linear"] = __import__("wan_kernels.triton.nvfp4", fromlist=["nvfp4_linear_w4a16"]).nvfp4_linear_w4a16
+KERNELS["layer_norm_modulate"] = __import__("wan_kernels.triton.modulate", fromlist=["layer_norm_modulate"]).layer_norm_modulate
+KERNELS["gated_residual"] = __import__("wan_kernels.triton.modulate", fromlist=["gated_residual"]).gated_residual

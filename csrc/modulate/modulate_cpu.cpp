@@ -1,0 +1,116 @@
+// C++ CPU kernels of the DiT block's elementwise glue, each one pass over the activations, fp32 math and
+// one rounding (diffusers computes the same in fp32 with several full-size fp32 temporaries and casts):
+//   wan::layer_norm_modulate(x, scale, shift, eps) = (LayerNorm_fp32(x, no affine) * (1 + scale) + shift).to(x)
+//   wan::gated_residual(x, y, gate)                = (x.float() + y.float() * gate).to(x)
+// x, y: [B, S, C] (last dim contiguous); scale, shift, gate: fp32 broadcastable [B, 1|S, C] (any strides:
+// the model passes unbound views of its [B, 1|S, 6, C] modulation tensor). Parallel over tokens.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cmath>
+
+#include "common/dispatch.h"
+
+namespace wan {
+namespace {
+
+// fp32 [B, 1|S, C] operand broadcast to [B, S, C]: element (b, s, c) at base + b*sb + s*ss + c*sc.
+struct Bcast {
+  const float* base;
+  int64_t sb, ss, sc;
+};
+
+Bcast broadcast_arg(const torch::Tensor& t, const torch::Tensor& x, const char* op, const char* name) {
+  const int64_t B = x.size(0), S = x.size(1), C = x.size(2);
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.dim() == 3 && (t.size(0) == B || t.size(0) == 1) &&
+                  (t.size(1) == S || t.size(1) == 1) && t.size(2) == C,
+              op, ": ", name, " must be float32 [", B, " or 1, ", S, " or 1, ", C, "] for x of shape ", x.sizes(),
+              ", got shape ", t.sizes(), " dtype ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  return {t.data_ptr<float>(), t.size(0) == 1 ? 0 : t.stride(0), t.size(1) == 1 ? 0 : t.stride(1), t.stride(2)};
+}
+
+void check_x(const torch::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 3, op, ": ", name, " must be [B, S, C], got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kFloat16 || dt == torch::kBFloat16, op, ": ", name,
+              " must be float32/float16/bfloat16, got ", dt);
+}
+
+torch::Tensor layer_norm_modulate_cpu(const torch::Tensor& x_in, const torch::Tensor& scale, const torch::Tensor& shift,
+                                      double eps) {
+  check_x(x_in, "layer_norm_modulate", "x");
+  const auto x = x_in.contiguous();
+  const int64_t B = x.size(0), S = x.size(1), C = x.size(2);
+  const Bcast sc = broadcast_arg(scale, x, "layer_norm_modulate", "scale");
+  const Bcast sh = broadcast_arg(shift, x, "layer_norm_modulate", "shift");
+  auto out = torch::empty_like(x);
+  const float feps = static_cast<float>(eps);
+  WAN_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "layer_norm_modulate_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
+      std::vector<float> row(C);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / S, s = t % S;
+        const scalar_t* xr = xp + t * C;
+        // two-pass mean / variance in fp32 with 8 independent partial sums (vectorises; ATen's LN is fp32 too)
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t c = 0; c < C; ++c) acc[c & 7] += row[c] = static_cast<float>(xr[c]);
+        const float m = (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) / C;
+        float vacc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t c = 0; c < C; ++c) vacc[c & 7] += (row[c] - m) * (row[c] - m);
+        const float var = (((vacc[0] + vacc[4]) + (vacc[1] + vacc[5])) + ((vacc[2] + vacc[6]) + (vacc[3] + vacc[7]))) / C;
+        const float rstd = 1.0f / std::sqrt(var + feps);
+        const float* scp = sc.base + b * sc.sb + s * sc.ss;
+        const float* shp = sh.base + b * sh.sb + s * sh.ss;
+        scalar_t* orow = op + t * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const float n = (row[c] - m) * rstd;
+          orow[c] = static_cast<scalar_t>(n * (1.0f + scp[c * sc.sc]) + shp[c * sh.sc]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+torch::Tensor gated_residual_cpu(const torch::Tensor& x_in, const torch::Tensor& y_in, const torch::Tensor& gate) {
+  check_x(x_in, "gated_residual", "x");
+  check_x(y_in, "gated_residual", "y");
+  TORCH_CHECK(y_in.sizes() == x_in.sizes(), "gated_residual: y must have x's shape ", x_in.sizes(), ", got ",
+              y_in.sizes());
+  const auto x = x_in.contiguous();
+  const auto y = y_in.contiguous();
+  const int64_t B = x.size(0), S = x.size(1), C = x.size(2);
+  const Bcast g = broadcast_arg(gate, x, "gated_residual", "gate");
+  auto out = torch::empty_like(x);
+  WAN_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "gated_residual_cpu", [&] {
+    using x_t = scalar_t;
+    const x_t* xp = x.data_ptr<x_t>();
+    x_t* op = out.data_ptr<x_t>();
+    WAN_DISPATCH_FLOAT_HALF_BF16(y.scalar_type(), "gated_residual_cpu_y", [&] {
+      const scalar_t* yp = y.data_ptr<scalar_t>();
+      at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const float* gp = g.base + (t / S) * g.sb + (t % S) * g.ss;
+          for (int64_t c = 0; c < C; ++c) {
+            op[t * C + c] = static_cast<x_t>(static_cast<float>(xp[t * C + c]) +
+                                             static_cast<float>(yp[t * C + c]) * gp[c * g.sc]);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(wan, CPU, m) {
+  m.impl("layer_norm_modulate", &layer_norm_modulate_cpu);
+  m.impl("gated_residual", &gated_residual_cpu);
+}
+
+}  // namespace wan

@@ -1,0 +1,113 @@
+"""wan::layer_norm_modulate and wan::gated_residual: the C++ CPU kernels against the references, which are
+diffusers' own expressions (REFERENCE §4); broadcast and strided modulation tensors as the model passes them.
+
+Tolerances: fp32 outputs agree to a few ulps of O(1) values (LayerNorm's mean/variance reduction order
+differs): 1e-5. fp16/bf16: both round (nearly) the same fp32 value once, so they differ by at most one ulp
+of the output where the fp32 values straddle a rounding boundary."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import wan_kernels
+from wan_kernels import ref
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    return (torch.nextafter(x.abs(), torch.full_like(x, float("inf"))).float() - x.abs().float())
+
+
+def _assert_close(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    else:
+        assert ((got.float() - want.float()).abs() <= _ulp(want) + 1e-6).all()
+        assert (got == want).float().mean() > 0.98  # one rounding of the same value: nearly all identical
+
+
+def _mods(B, S, C, per_token, g):
+    # the model's layout: unbound views of a [B, 1|S, 6, C] fp32 tensor (strided along C's neighbours)
+    mods = torch.randn(B, S if per_token else 1, 6, C, generator=g)
+    return mods.unbind(dim=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,S,C,per_token", [(1, 1, 64, False), (2, 17, 512, False), (2, 33, 1536, True)])
+def test_layer_norm_modulate_matches_reference(dtype, B, S, C, per_token):
+    g = torch.Generator().manual_seed(S)
+    x = (torch.randn(B, S, C, generator=g) * 3 + 1).to(dtype)
+    shift, scale, *_ = _mods(B, S, C, per_token, g)
+    _assert_close(wan_kernels.layer_norm_modulate(x, scale, shift, 1e-6, impl="cpu"),
+                  ref.layer_norm_modulate(x, scale, shift, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,S,C,per_token", [(1, 1, 64, False), (2, 17, 512, False), (2, 33, 1536, True)])
+def test_gated_residual_matches_reference(dtype, B, S, C, per_token):
+    g = torch.Generator().manual_seed(S + 1)
+    x, y = ((torch.randn(B, S, C, generator=g) * 4).to(dtype) for _ in range(2))
+    *_, gate = _mods(B, S, C, per_token, g)
+    got = wan_kernels.gated_residual(x, y, gate, impl="cpu")
+    want = ref.gated_residual(x, y, gate)
+    # same three fp32 operations in the same order, one rounding: bit-identical
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 2), S=st.integers(1, 40), C=st.sampled_from([16, 128, 1000, 5120]), per_token=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_layer_norm_modulate_hypothesis(B, S, C, per_token, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, C, generator=g) * 10
+    shift, scale, *_ = _mods(B, S, C, per_token, g)
+    _assert_close(wan_kernels.layer_norm_modulate(x, scale, shift, 1e-6, impl="cpu"),
+                  ref.layer_norm_modulate(x, scale, shift, 1e-6))
+
+
+def test_errors_name_argument_and_shape():
+    x = torch.randn(2, 5, 64)
+    with pytest.raises((ValueError, RuntimeError), match=r"scale must be float32 \[2 or 1, 5 or 1, 64\].*2, 5, 32"):
+        wan_kernels.layer_norm_modulate(x, torch.randn(2, 5, 32), torch.randn(2, 1, 64), impl="cpu")
+    with pytest.raises(ValueError, match=r"shift must be float32.*BFloat16|shift must be float32.*bfloat16"):
+        wan_kernels.layer_norm_modulate(x, torch.randn(2, 1, 64), torch.randn(2, 1, 64).bfloat16(), impl="ref")
+    with pytest.raises((ValueError, RuntimeError), match=r"y must have x's shape"):
+        wan_kernels.gated_residual(x, torch.randn(2, 4, 64), torch.randn(2, 1, 64), impl="cpu")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,S,C,per_token", [(1, 1, 64, False), (2, 9, 1000, False), (1, 5, 5120, True)])
+def test_triton_kernels_match_reference(interpreter, dtype, B, S, C, per_token):
+    g = torch.Generator().manual_seed(C)
+    x, y = ((torch.randn(B, S, C, generator=g) * 3).to(dtype) for _ in range(2))
+    shift, scale, gate, *_ = _mods(B, S, C, per_token, g)
+    _assert_close(wan_kernels.layer_norm_modulate(x, scale, shift, 1e-6, impl="triton"),
+                  ref.layer_norm_modulate(x, scale, shift, 1e-6))
+    # x + y * gate in fp32 then one rounding: the interpreter's numpy fp32 math equals torch's bit for bit
+    assert torch.equal(wan_kernels.gated_residual(x, y, gate, impl="triton"), ref.gated_residual(x, y, gate))
+
+
+@pytest.mark.parametrize("arch", [80, 90, 100])
+@pytest.mark.parametrize("C", [1536, 3072, 5120])
+def test_triton_kernels_compile_without_spills(arch, C, tmp_path):
+    from wan_kernels.triton import aot, modulate
+
+    block, warps = modulate.launch_config(C)
+    ln = aot.compile_aot(modulate.layer_norm_modulate_kernel,
+                         {"x_ptr": "*bf16", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": "*bf16", "S": "i32",
+                          "C": "i32", "eps": "fp32", "ssb": "i32", "sss": "i32", "ssc": "i32", "shb": "i32", "shs": "i32",
+                          "shc": "i32", "BLOCK_C": "constexpr"}, {"BLOCK_C": block}, arch=arch, num_warps=warps,
+                         workdir=tmp_path, aligned=("x_ptr", "out_ptr", "C"))
+    gr = aot.compile_aot(modulate.gated_residual_kernel,
+                         {"x_ptr": "*bf16", "y_ptr": "*bf16", "gate_ptr": "*fp32", "out_ptr": "*bf16", "S": "i32",
+                          "C": "i32", "sgb": "i32", "sgs": "i32", "sgc": "i32", "BLOCK_C": "constexpr"},
+                         {"BLOCK_C": block}, arch=arch, num_warps=warps, workdir=tmp_path,
+                         aligned=("x_ptr", "y_ptr", "out_ptr", "C"))
+    print(ln.summary())
+    print(gr.summary())
+    assert not ln.spills and not gr.spills

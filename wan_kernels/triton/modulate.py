@@ -1,0 +1,107 @@
+"""Triton kernels of the DiT block's elementwise glue: one program per token, one pass, fp32 math, one rounding.
+
+  layer_norm_modulate(x, scale, shift, eps) = (LayerNorm(x, no affine) * (1 + scale) + shift).to(x.dtype)
+  gated_residual(x, y, gate)                = (x.float() + y.float() * gate).to(x.dtype)
+
+x, y: [B, S, C] (last dim contiguous); scale/shift/gate: fp32 [B, 1|S, C], any strides (stride 0 broadcasts).
+A row of C <= 8192 channels is one tile (Wan: 1536 / 3072 / 5120); warps chosen so each thread holds <= 16
+elements. Memory-bound: one read of x (and y / the modulation rows), one write.
+Like qk_norm_rope.py, the kernels are plain functions wrapped twice (compiled for CUDA tensors, interpreted for
+CPU tensors under TRITON_INTERPRET=1) and use tl.reduce with Triton's own combiner (interpreter-safe).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+_ADD = tl.standard._sum_combine
+
+
+def _layer_norm_modulate_kernel(x_ptr, scale_ptr, shift_ptr, out_ptr, S, C, eps,
+                                ssb, sss, ssc, shb, shs, shc, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    b = t // S
+    s = t % S
+    c = tl.arange(0, BLOCK_C)
+    mask = c < C
+    x = tl.load(x_ptr + t * C + c, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.reduce(x, 0, _ADD) / C
+    d = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.reduce(d * d, 0, _ADD) / C + eps)
+    sc = tl.load(scale_ptr + b * ssb + s * sss + c * ssc, mask=mask, other=0.0)
+    sh = tl.load(shift_ptr + b * shb + s * shs + c * shc, mask=mask, other=0.0)
+    out = d * rstd * (1.0 + sc) + sh
+    tl.store(out_ptr + t * C + c, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, S, C, sgb, sgs, sgc, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    b = t // S
+    s = t % S
+    c = tl.arange(0, BLOCK_C)
+    mask = c < C
+    x = tl.load(x_ptr + t * C + c, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + t * C + c, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + b * sgb + s * sgs + c * sgc, mask=mask, other=0.0)
+    tl.store(out_ptr + t * C + c, (x + y * g).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+layer_norm_modulate_kernel = JITFunction(_layer_norm_modulate_kernel)
+layer_norm_modulate_kernel_interpreted = InterpretedFunction(_layer_norm_modulate_kernel)
+gated_residual_kernel = JITFunction(_gated_residual_kernel)
+gated_residual_kernel_interpreted = InterpretedFunction(_gated_residual_kernel)
+
+
+def launch_config(C: int) -> tuple[int, int]:
+    """(BLOCK_C, num_warps): the row in one tile, <= 16 elements per thread, 1..16 warps."""
+    block = triton.next_power_of_2(C)
+    return block, max(1, min(16, block // (32 * 16)))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return (0 if t.shape[0] == 1 else t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2))
+
+
+def _pick(kernel, interpreted, x: torch.Tensor):
+    if x.device.type == "cuda":
+        return kernel
+    from wan_kernels.routing import interpreter_enabled  # lazy: routing imports this package
+
+    if not interpreter_enabled():
+        raise RuntimeError("modulate (triton): CPU tensors need TRITON_INTERPRET=1")
+    return interpreted
+
+
+def _out_for(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    # The interpreter's fp32 -> bf16 cast truncates (see qk_norm_rope.py): on CPU store fp32, torch rounds (RNE).
+    soft = x.device.type != "cuda" and x.dtype == torch.bfloat16
+    return torch.empty(x.shape, dtype=torch.float32 if soft else x.dtype, device=x.device), soft
+
+
+def layer_norm_modulate(x, scale, shift, eps):
+    """Triton launcher of wan::layer_norm_modulate."""
+    x = x.contiguous()
+    B, S, C = x.shape
+    out, soft = _out_for(x)
+    if B * S:
+        block, warps = launch_config(C)
+        _pick(layer_norm_modulate_kernel, layer_norm_modulate_kernel_interpreted, x)[(B * S,)](
+            x, scale, shift, out, S, C, float(eps), *_strides(scale), *_strides(shift), BLOCK_C=block,
+            num_warps=warps)
+    return out.to(x.dtype) if soft else out
+
+
+def gated_residual(x, y, gate):
+    """Triton launcher of wan::gated_residual."""
+    x, y = x.contiguous(), y.contiguous()
+    B, S, C = x.shape
+    out, soft = _out_for(x)
+    if B * S:
+        block, warps = launch_config(C)
+        _pick(gated_residual_kernel, gated_residual_kernel_interpreted, x)[(B * S,)](
+            x, y, gate, out, S, C, *_strides(gate), BLOCK_C=block, num_warps=warps)
+    return out.to(x.dtype) if soft else out
