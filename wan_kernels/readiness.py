@@ -14,6 +14,8 @@ Configs enumerated (the same as the AOT tests):
                 fp16, bf16, and bf16 with the LSE output (tests/test_attention_aot.py)
   nvfp4         `config_space()` (arch x W4A16/W4A4 x tile), fp16 and bf16 for W4A16, fp16 for W4A4; the
                 quantize / dequantize kernels in fp32 and bf16 (tests/test_nvfp4_triton_aot.py)
+  modulate      layer_norm_modulate / gated_residual at the Wan widths 1536 / 3072 / 5120, fp32 and bf16
+                (`modulate.aot_jobs`, tests/test_modulate.py)
 `--maxnreg N` caps the registers of every compile (a forced-spill check of the report itself).
 """
 
@@ -29,7 +31,7 @@ import time
 
 import torch
 
-KERNELS = ("qk_norm_rope", "attention", "nvfp4", "cuda")
+KERNELS = ("qk_norm_rope", "attention", "nvfp4", "modulate", "cuda")
 _WORKDIR = [None]  # where cubins go during a run (a temporary directory set by main)
 MMA = {80: "mma.sync", 90: "wgmma", 100: "tcgen05"}
 
@@ -136,6 +138,15 @@ def _nvfp4_jobs(archs, options):
     return jobs
 
 
+def _modulate_jobs(archs, options):
+    from wan_kernels.triton import aot, modulate
+
+    return [Job("modulate", name, arch, False, lambda arch=arch, k=kernel, sig=sig, cx=cx, w=warps, al=aligned:
+                aot.compile_aot(k, sig, cx, arch=arch, num_warps=w, aligned=al, options=options, workdir=_WORKDIR[0]))
+            for arch in archs for dtype in ("fp32", "bf16")
+            for name, kernel, sig, cx, warps, aligned in modulate.aot_jobs(dtype)]
+
+
 def problems(job: Job, r) -> list[str]:
     """Why a compiled config is not ready: spills, or no tensor-core path for a GEMM-like kernel."""
     out = []
@@ -217,7 +228,8 @@ def main(argv=None) -> int:
         p.error(f"unsupported archs {bad_arch}; choose from {tuple(MMA)}")
     options = {"maxnreg": args.maxnreg} if args.maxnreg else None
 
-    builders = {"qk_norm_rope": _qk_norm_rope_jobs, "attention": _attention_jobs, "nvfp4": _nvfp4_jobs}
+    builders = {"qk_norm_rope": _qk_norm_rope_jobs, "attention": _attention_jobs, "nvfp4": _nvfp4_jobs,
+                "modulate": _modulate_jobs}
     jobs = [j for k in kernels if k in builders for j in builders[k](archs, options)]
     if args.quick:
         seen, quick = set(), []
