@@ -11,15 +11,6 @@ from wan_kernels.triton import nvfp4 as tnv
 EXPECTED_MMA = {80: "mma.sync", 90: "wgmma", 100: "tcgen05"}
 
 
-def _gemm_signature(a_fp4: bool, dt: str) -> dict:
-    a = "*u8" if a_fp4 else f"*{dt}"
-    return {"a_ptr": a, "a_scale_ptr": a, "b_ptr": "*u8", "b_scale_ptr": "*u8", "alpha_ptr": "*fp32",
-            "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
-            "stride_ak": "i32", "ks_padded": "i32", "A_FP4": "constexpr", "HAS_BIAS": "constexpr",
-            "DOT_DTYPE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "GROUP_M": "constexpr"}
-
-
 # W4A4 emulation decodes to fp16 only (exact there); W4A16 runs in the activation dtype.
 GEMM_CASES = [(arch, a_fp4, cfg, dt) for arch, a_fp4, cfg in tnv.config_space()
               for dt in (("fp16",) if a_fp4 else ("fp16", "bf16"))]
@@ -32,9 +23,9 @@ def test_gemm_configs_compile_without_spills(arch, a_fp4, cfg, dt, tmp_path):
     cfg = dict(cfg)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     constexprs = dict(cfg, A_FP4=a_fp4, HAS_BIAS=True, DOT_DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16)
-    r = aot.compile_aot(tnv._nvfp4_gemm_kernel, _gemm_signature(a_fp4, dt), constexprs, arch=arch,
+    r = aot.compile_aot(tnv._nvfp4_gemm_kernel, tnv.aot_gemm_signature(a_fp4, dt), constexprs, arch=arch,
                         num_warps=num_warps, num_stages=num_stages, workdir=tmp_path,
-                        aligned=("a_ptr", "b_ptr", "b_scale_ptr", "out_ptr", "N", "K", "stride_am", "ks_padded"))
+                        aligned=tnv.AOT_GEMM_ALIGNED)
     print(r.summary())
     assert EXPECTED_MMA[arch] in r.mma_families
     assert not r.spills, r.summary()

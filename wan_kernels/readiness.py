@@ -90,15 +90,6 @@ def _attention_jobs(archs, options):
     return jobs
 
 
-def _nvfp4_gemm_signature(a_fp4: bool, dt: str) -> dict:
-    a = "*u8" if a_fp4 else f"*{dt}"
-    return {"a_ptr": a, "a_scale_ptr": a, "b_ptr": "*u8", "b_scale_ptr": "*u8", "alpha_ptr": "*fp32",
-            "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
-            "stride_ak": "i32", "ks_padded": "i32", "A_FP4": "constexpr", "HAS_BIAS": "constexpr",
-            "DOT_DTYPE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "GROUP_M": "constexpr"}
-
-
 def _nvfp4_jobs(archs, options):
     import triton.language as tl
 
@@ -117,10 +108,9 @@ def _nvfp4_jobs(archs, options):
                     f"s{stages} {dt}"
             jobs.append(Job("nvfp4", label, arch, True, lambda arch=arch, a_fp4=a_fp4, dt=dt, cx=constexprs, w=warps,
                             s=stages: aot.compile_aot(
-                                tnv._nvfp4_gemm_kernel, _nvfp4_gemm_signature(a_fp4, dt), cx, arch=arch, num_warps=w,
+                                tnv._nvfp4_gemm_kernel, tnv.aot_gemm_signature(a_fp4, dt), cx, arch=arch, num_warps=w,
                                 num_stages=s, options=options, workdir=_WORKDIR[0],
-                                aligned=("a_ptr", "b_ptr", "b_scale_ptr", "out_ptr", "N", "K", "stride_am",
-                                         "ks_padded"))))
+                                aligned=tnv.AOT_GEMM_ALIGNED)))
     blocks = {"BLOCK_M": tnv._QUANT_BLOCK_M, "BLOCK_K": tnv._QUANT_BLOCK_K}
     for arch in archs:
         for dt in ("fp32", "bf16"):

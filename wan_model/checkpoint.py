@@ -494,12 +494,30 @@ def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: st
         return load_diffusers_dir(path, dtype, device, impl)
     sd = read_safetensors([path])
     sd, source, _ = to_diffusers_names(sd)
-    if config is None:
-        try:
-            config = WanConfig.from_state_dict(logical_shapes(sd))
-        except KeyError as e:
-            raise CheckpointError(f"{path}: cannot derive the config, key {e} is missing") from e
+    config = config or config_from_state_dict(sd, path)
     return model_from_state_dict(sd, config, dtype, device, impl, source)
+
+
+def config_from_state_dict(sd: dict, where: str) -> WanConfig:
+    """The config derived from weight shapes, or a CheckpointError naming the missing key."""
+    try:
+        return WanConfig.from_state_dict(logical_shapes(sd))
+    except KeyError as e:
+        raise CheckpointError(f"{where}: cannot derive the config, key {e} is missing") from e
+
+
+def source_files(src: str) -> tuple[list[str], WanConfig | None]:
+    """The safetensors files of a checkpoint to convert, and its config when it is a diffusers directory."""
+    if os.path.isdir(src):
+        if os.path.isdir(os.path.join(src, "transformer_2")):
+            raise CheckpointError(f"{src} is a two-expert pipeline: convert {src}/transformer and "
+                                  f"{src}/transformer_2 one at a time")
+        if os.path.isdir(os.path.join(src, "transformer")):
+            src = os.path.join(src, "transformer")
+        return _diffusers_files(src), WanConfig.from_diffusers_config(src)
+    if not os.path.exists(src):
+        raise CheckpointError(f"{src}: no such file or directory")
+    return [src], None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,23 +658,9 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
         from wan_model.quantize import convert_nvfp4
         return convert_nvfp4(src, dst, format, nvfp4_config, dtype, max_shard_size, progress)
     src = os.fspath(src)
-    if os.path.isdir(src):
-        if os.path.isdir(os.path.join(src, "transformer_2")):
-            raise CheckpointError(f"{src} is a two-expert pipeline: convert {src}/transformer and "
-                                  f"{src}/transformer_2 one at a time")
-        if os.path.isdir(os.path.join(src, "transformer")):
-            src = os.path.join(src, "transformer")
-        cfg = WanConfig.from_diffusers_config(src)
-        sd = read_safetensors(_diffusers_files(src))
-    else:
-        sd = read_safetensors([src])
-        cfg = None
-    sd, source, _ = to_diffusers_names(sd)
-    if cfg is None:
-        try:
-            cfg = WanConfig.from_state_dict(logical_shapes(sd))
-        except KeyError as e:
-            raise CheckpointError(f"{src}: cannot derive the config, key {e} is missing") from e
+    files, cfg = source_files(src)
+    sd, source, _ = to_diffusers_names(read_safetensors(files))
+    cfg = cfg or config_from_state_dict(sd, src)
     from wan_model.quantize import NVFP4Config, checkpoint_layers
     nvfp4_layers = checkpoint_layers(sd)  # an NVFP4 checkpoint changes naming only: its buffers are kept
     check_state_dict(sd, cfg, source, nvfp4_layers)

@@ -324,21 +324,6 @@ class LazyCheckpoint:
         self._handles.clear()
 
 
-def _source_files(src: str) -> tuple[list[str], WanConfig | None]:
-    from wan_model.checkpoint import CheckpointError, _diffusers_files
-
-    if os.path.isdir(src):
-        if os.path.isdir(os.path.join(src, "transformer_2")):
-            raise CheckpointError(f"{src} is a two-expert pipeline: convert {src}/transformer and "
-                                  f"{src}/transformer_2 one at a time")
-        if os.path.isdir(os.path.join(src, "transformer")):
-            src = os.path.join(src, "transformer")
-        return _diffusers_files(src), WanConfig.from_diffusers_config(src)
-    if not os.path.exists(src):
-        raise CheckpointError(f"{src}: no such file or directory")
-    return [src], None
-
-
 def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | None = None,
                   dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
                   progress: bool = True) -> WanConfig:
@@ -356,7 +341,9 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | Non
     if format not in FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
     config = config or NVFP4Config()
-    files, cfg = _source_files(os.fspath(src))
+    from wan_model.checkpoint import source_files
+
+    files, cfg = source_files(os.fspath(src))
     lazy = LazyCheckpoint(files)
     try:
         if checkpoint_layers(lazy.entries):

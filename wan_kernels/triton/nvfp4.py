@@ -281,6 +281,19 @@ def gemm_config(m: int, capability: tuple[int, int] | None, a_fp4: bool) -> dict
     return dict(_SMALL if a_fp4 else _LARGE_SM80)
 
 
+def aot_gemm_signature(a_fp4: bool, dt: str) -> dict:
+    """Triton signature of `_nvfp4_gemm_kernel` for ahead-of-time compiles (tests, wan_kernels.readiness)."""
+    a = "*u8" if a_fp4 else f"*{dt}"
+    return {"a_ptr": a, "a_scale_ptr": a, "b_ptr": "*u8", "b_scale_ptr": "*u8", "alpha_ptr": "*fp32",
+            "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
+            "stride_ak": "i32", "ks_padded": "i32", "A_FP4": "constexpr", "HAS_BIAS": "constexpr",
+            "DOT_DTYPE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+            "GROUP_M": "constexpr"}
+
+
+AOT_GEMM_ALIGNED = ("a_ptr", "b_ptr", "b_scale_ptr", "out_ptr", "N", "K", "stride_am", "ks_padded")
+
+
 def config_space() -> list[tuple[int, bool, dict]]:
     """Every (arch, a_fp4, config) `gemm_config` can return on sm_80 / sm_90 / sm_100."""
     out = []
