@@ -30,10 +30,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _print_routes() -> None:
     table = wan_kernels.route_table()
     classes = list(next(iter(table.values())))
+    w = max(map(len, table)) + 2
     print("routing (impl='auto'):")
-    print("  " + "op".ljust(18) + "".join(c.ljust(20) for c in classes))
+    print("  " + "op".ljust(w) + "".join(c.ljust(20) for c in classes))
     for op, row in table.items():
-        print("  " + op.ljust(18) + "".join(row[c].ljust(20) for c in classes))
+        print("  " + op.ljust(w) + "".join(row[c].ljust(20) for c in classes))
 
 
 def _print_steps(res) -> None:
