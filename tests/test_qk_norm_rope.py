@@ -2,7 +2,7 @@
 reference `wan_kernels/ref/qk_norm_rope.py` (the spec).
 
 The Triton interpreter is switched on for this module only (module fixture below): the launcher picks the
-interpreted kernel per call for CPU tensors, and the routing (`wan_kernels.routing.interpreter_enabled()`)
+interpreted kernel per call for CPU tensors, and the routing (`wan_kernels.triton._launch.interpreter_enabled()`)
 reads TRITON_INTERPRET when a backend is resolved, so the variable need not be set before triton is imported.
 
 Tolerances (one table, per output dtype). The kernel and the reference both compute in fp32 and round once:

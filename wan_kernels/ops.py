@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from wan_kernels import nvfp4 as fmt
 from wan_kernels.routing import resolve
 
 
@@ -90,8 +91,6 @@ def nvfp4_linear_w4a4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w
     """W4A4 linear (Blackwell's FP4 tensor cores): quantize x to NVFP4 (global scale `x_global_scale`, or
     amax(x) / (6*448) computed on the device), then `nvfp4_gemm`. x [..., K] -> [..., N] in x's dtype (the
     CUTLASS kernel writes fp16/bf16 only)."""
-    from wan_kernels import nvfp4 as fmt
-
     x2 = x.reshape(-1, x.shape[-1])
     gs = fmt.global_scale(x2) if x_global_scale is None else x_global_scale
     xq, xs = nvfp4_quantize(x2, gs, impl=impl)

@@ -14,12 +14,12 @@ it never falls back silently.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from wan_kernels import _library, _schemas
 from wan_kernels import triton as triton_kernels
+from wan_kernels.triton._launch import interpreter_enabled
 
 BACKENDS = ("cuda", "cpu", "triton", "ref")
 IMPLS = ("auto",) + BACKENDS
@@ -31,10 +31,6 @@ DEVICE_CLASSES = {"cpu": None, "sm80 (A100)": (8, 0), "sm90 (H100/H200)": (9, 0)
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly named backend cannot run this op on this device."""
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def compiled_archs() -> tuple[tuple[int, int], ...]:

@@ -49,6 +49,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from wan_kernels.triton._launch import on_interpreter
+
 LOG2E = 1.4426950408889634
 # KV lengths up to this are "cross" (Wan: 512 text, 257 image keys); longer ones are "self".
 CROSS_MAX_KV = 1024
@@ -227,11 +229,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def _run(q, k, v, k_img, v_img, scale, write_lse: bool, config: Config | None):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention (triton): q must be float16/bfloat16/float32, got {q.dtype}")
-    from wan_kernels.routing import interpreter_enabled  # lazy: routing imports this package
-
-    on_cpu = q.device.type != "cuda"
-    if on_cpu and not interpreter_enabled():
-        raise RuntimeError("attention (triton): CPU tensors need TRITON_INTERPRET=1")
+    on_cpu = on_interpreter(q, "attention")
     out_dtype = q.dtype
     has_img = k_img is not None
     if on_cpu and q.dtype == torch.bfloat16:

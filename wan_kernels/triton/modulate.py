@@ -18,6 +18,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from wan_kernels.triton._launch import on_interpreter
+
 _ADD = tl.standard._sum_combine
 
 
@@ -67,13 +69,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _pick(kernel, interpreted, x: torch.Tensor):
-    if x.device.type == "cuda":
-        return kernel
-    from wan_kernels.routing import interpreter_enabled  # lazy: routing imports this package
-
-    if not interpreter_enabled():
-        raise RuntimeError("modulate (triton): CPU tensors need TRITON_INTERPRET=1")
-    return interpreted
+    return interpreted if on_interpreter(x, "modulate") else kernel
 
 
 def _out_for(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

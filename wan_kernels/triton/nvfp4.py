@@ -29,6 +29,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from wan_kernels.triton._launch import on_interpreter
+
 from wan_kernels.nvfp4 import BLOCK, round_up
 
 # ---------------------------------------------------------------------------------------------
@@ -168,12 +170,8 @@ def _interpreted(kernel: JITFunction) -> InterpretedFunction:
 
 def _kernel_for(kernel: JITFunction, t: torch.Tensor):
     """Compiled kernel for CUDA tensors; the interpreted one for CPU tensors under TRITON_INTERPRET=1."""
-    if t.device.type == "cuda":
+    if not on_interpreter(t, "nvfp4"):
         return kernel
-    from wan_kernels.routing import interpreter_enabled  # lazy: routing imports this package
-
-    if not interpreter_enabled():
-        raise RuntimeError("NVFP4 Triton kernels: CPU tensors need TRITON_INTERPRET=1")
     if kernel not in _INTERPRETED:
         _INTERPRETED[kernel] = _interpreted(kernel)
     return _INTERPRETED[kernel]

@@ -39,6 +39,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from wan_kernels.triton._launch import on_interpreter
+
 # Largest per-tensor tile (elements) of the single-tile path; beyond it the chunked path runs.
 MAX_TILE = 8192
 # Elements of one tensor (q, k or v) each thread holds: sets num_warps (register budget, no spills). 16 spilled
@@ -179,11 +181,7 @@ def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: 
     sin = rope_sin if rope_sin.stride(-1) == 1 else rope_sin.contiguous()
     if cos.stride(0) != sin.stride(0):
         cos, sin = cos.contiguous(), sin.contiguous()
-    from wan_kernels.routing import interpreter_enabled  # lazy: routing imports this package
-
-    on_cpu = qkv.device.type != "cuda"
-    if on_cpu and not interpreter_enabled():
-        raise RuntimeError("qk_norm_rope (triton): CPU tensors need TRITON_INTERPRET=1")
+    on_cpu = on_interpreter(qkv, "qk_norm_rope")
     shape = (B, S, num_heads, D)
     # The interpreter's fp32 -> bf16 cast truncates instead of rounding to nearest even (triton 3.8,
     # `cast_impl` passes no rounding mode): on CPU the kernel stores bf16 q/k in fp32 and torch rounds
