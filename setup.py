@@ -173,7 +173,9 @@ def extensions(cfg: BuildConfig, cuda_home: str | None):
     gen_dir = ROOT / "build" / "wan_generated"
     include_dirs = [str(ROOT / "csrc"), str(gen_dir)]
     opt = ["-O0", "-g"] if cfg.debug else ["-O3"]
-    cxx = opt + ["-Wall", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is a header template that runs serially in a translation unit compiled
+    # without OpenMP (torch's own CPU kernels are built with it; torch links libgomp)
+    cxx = opt + ["-Wall", "-Wno-unused-function", "-fopenmp"]
     cutlass_dirs, cutlass_version = cutlass_includes()
     if with_cuda:
         special = {src for srcs in ARCH_SPECIFIC_SOURCES.values() for src in srcs}
@@ -190,13 +192,14 @@ def extensions(cfg: BuildConfig, cuda_home: str | None):
         # libcudart.so sits in $CUDA_HOME/lib on this toolkit layout, lib64 on others.
         library_dirs = [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")) if os.path.isdir(d)]
         ext = CUDAExtension("wan_kernels._C", sources, include_dirs=include_dirs, library_dirs=library_dirs,
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
         # compiled by WanBuildExt right before the extension, then linked into it
         ext.wan_arch_sources = (arch_sources, include_dirs, opt, ROOT / "build" / "wan_arch_objects",
                                 os.path.join(cuda_home, "bin", "nvcc"))
         return [ext]
     write_build_info(gen_dir / "wan_build_info.h", False, "", "", cutlass_version)
-    return [CppExtension("wan_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+    return [CppExtension("wan_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                         extra_link_args=["-fopenmp"])]
 
 
 def main() -> None:

@@ -1,6 +1,12 @@
 """The C++ CPU kernel of wan::attention (impl="cpu", what impl="auto" runs on CPU) against an fp64 reference:
 error at most 2x that of F.scaled_dot_product_attention at the same precision (flash-attention's rule),
-plus the exact I2V semantics (two softmaxes summed) and layouts."""
+plus the exact I2V semantics (two softmaxes summed) and layouts. bfloat16 inputs run the AVX512-BF16 kernel
+(csrc/attention/attention_cpu_bf16.cpp) on CPUs that have the instructions, as this project's machines do;
+the first test pins that down so the bf16 tests below do exercise it there."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +15,18 @@ from hypothesis import given, settings, strategies as st
 
 import wan_kernels
 from wan_kernels import ref
+from wan_kernels._library import EXTENSION
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+HAS_AVX512_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= _cpu_flags()
 
 
 def _sdpa(q, k, v, scale=None):
@@ -63,3 +81,87 @@ def test_i2v_is_sum_of_two_calls_and_layouts():
     vv = torch.randn(2, 30, 2, 32)                                # value dim != head dim, explicit scale
     torch.testing.assert_close(wan_kernels.attention(q, k, vv, scale=0.3, impl="cpu"),
                                ref.attention(q, k, vv, scale=0.3), rtol=0, atol=1e-5)
+
+
+def test_bf16_kernel_is_chosen_by_the_cpu():
+    """The AVX512-BF16 kernel runs exactly where the CPU has the instructions (Linux: /proc/cpuinfo)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo to read the CPU flags from")
+    assert EXTENSION.loaded, EXTENSION.error
+    from wan_kernels import _C
+    assert _C.cpu_attention_bf16_kernel() == ("avx512_bf16" if HAS_AVX512_BF16 else "aten")
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 2), sq=st.integers(1, 130), sk=st.integers(1, 700), si=st.sampled_from([0, 1, 40, 257]),
+       h=st.integers(1, 3), d=st.sampled_from([64, 128]), seed=st.integers(0, 2**16))
+def test_hypothesis_bf16(b, sq, sk, si, h, d, seed):
+    """Key counts across the kernel's 32-key tiles and 256-key softmax blocks, query counts across its 48-row
+    blocks."""
+    _check_rule(*_inputs(b, sq, sk, si, h, d, torch.bfloat16, seed))
+
+
+@pytest.mark.parametrize("rising", [True, False])
+def test_bf16_online_softmax_rescales_across_key_blocks(rising):
+    """Scores that rise along the keys make every 256-key block raise the running max (the accumulated output
+    and sum must be rescaled each time); falling scores keep the first block's max. Logits span ~+-40."""
+    b, sq, sk, h, d = 1, 50, 1000, 2, 128
+    g = torch.Generator().manual_seed(7)
+    q = (torch.randn(b, sq, h, d, generator=g) * 0.2 + 1.0).bfloat16()
+    ramp = torch.linspace(-2.0, 2.0, sk) if rising else torch.linspace(2.0, -2.0, sk)
+    k = (torch.randn(b, sk, h, d, generator=g) * 0.2 + ramp[None, :, None, None]).bfloat16()
+    v = torch.randn(b, sk, h, d, generator=g).bfloat16()
+    _check_rule(q, k, v, None, None)
+
+
+def test_bf16_very_negative_logits():
+    """All logits near -150 (exp underflows unless the row max is subtracted) with 77 keys, padded inside the
+    kernel to 96: the padding's zero scores must not enter the row max."""
+    b, sq, sk, h, d = 1, 20, 77, 2, 128
+    g = torch.Generator().manual_seed(5)
+    q = torch.full((b, sq, h, d), 11.0).bfloat16()
+    k = (torch.randn(b, sk, h, d, generator=g) * 0.1 - 1.2).bfloat16()   # q.k / sqrt(128) ~ -150 +- 1.1
+    v = torch.randn(b, sk, h, d, generator=g).bfloat16()
+    assert (ref.attention(q.double(), k.double(), v.double()) - v.double().mean(1, keepdim=True)).abs().max() < 1
+    _check_rule(q, k, v, None, None)
+
+
+def test_bf16_strided_inputs_and_other_value_dims():
+    """Slices of a packed qkv tensor and permuted views (the kernel reads any strides), an explicit scale, and
+    a value dim the AVX512 kernel does not take (32: the fp32 flash path) all follow the rule."""
+    g = torch.Generator().manual_seed(3)
+    packed = torch.randn(2, 70, 3, 2, 128, generator=g).bfloat16()
+    qs, ks, vs = packed.unbind(2)
+    _check_rule(qs, ks, vs, None, None)
+    kt = torch.randn(2, 2, 90, 128, generator=g).bfloat16().transpose(1, 2)  # [B, Sk, H, D] view of [B, H, Sk, D]
+    vt = torch.randn(2, 2, 90, 128, generator=g).bfloat16().transpose(1, 2)
+    _check_rule(qs, kt, vt, None, None)
+    q, k = qs.contiguous(), ks.contiguous()
+    exact = ref.attention(q.double(), k.double(), vs.double(), scale=0.05)
+    err = (wan_kernels.attention(q, k, vs, scale=0.05, impl="cpu").double() - exact).abs().max().item()
+    err_sdpa = (_sdpa(q, k, vs, scale=0.05).double() - exact).abs().max().item()
+    assert err <= 2 * err_sdpa + 1.6e-2, (err, err_sdpa)
+    v32 = torch.randn(2, 70, 2, 32, generator=g).bfloat16()
+    exact = ref.attention(q.double(), k.double(), v32.double())
+    err = (wan_kernels.attention(q, k, v32, impl="cpu").double() - exact).abs().max().item()
+    assert err <= 2 * (_sdpa(q, k, v32).double() - exact).abs().max().item() + 1.6e-2
+
+
+def _attention_in_subprocess(env_value: str) -> subprocess.CompletedProcess:
+    code = ("import torch, wan_kernels; from wan_kernels import _C\n"
+            "q = torch.randn(1, 40, 2, 64).bfloat16()\n"
+            "out = wan_kernels.attention(q, q, q, impl='cpu')\n"
+            "print(_C.cpu_attention_bf16_kernel(), out.dtype)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WAN_CPU_ATTENTION": env_value})
+
+
+def test_env_opts_out_of_the_bf16_kernel():
+    """WAN_CPU_ATTENTION=aten keeps bf16 on ATen's fp32 flash kernel; a value other than auto/aten is an error
+    that names the variable and the value."""
+    done = _attention_in_subprocess("aten")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["aten", "torch.bfloat16"]
+    done = _attention_in_subprocess("fast")
+    assert done.returncode != 0
+    assert "WAN_CPU_ATTENTION must be 'auto' or 'aten', got 'fast'" in done.stderr

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             "no CUDA kernels (C++ CPU kernels only)"
         print(f"wan_kernels._C: built with torch {info['torch_version']}; {cuda}; "
               f"CUTLASS {info['cutlass_version'] or 'not found'}")
+        from wan_kernels import _C
+        print(f"C++ CPU attention for bfloat16: {_C.cpu_attention_bf16_kernel()} "
+              "(avx512_bf16 where the CPU has it; WAN_CPU_ATTENTION=aten opts out)")
     else:
         print(f"wan_kernels._C: NOT BUILT, pure-torch fallback ({EXTENSION.error})")
     print(f"Triton interpreter: {'on' if routing.interpreter_enabled() else 'off'} (TRITON_INTERPRET)")

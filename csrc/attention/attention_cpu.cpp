@@ -5,9 +5,16 @@
 // copies of the inputs (exact for bf16/fp16; fp64 stays fp64), in [B, H, S, D] views of our [B, S, H, D]
 // tensors (no transposing copies). The branches are summed in fp32 and rounded to the output dtype ONCE,
 // which is the contract of every wan::attention backend. (Calling the flash kernel in bf16 would round
-// the probabilities to bf16 before P V, and the I2V sum would round twice, as diffusers does.)
+// the I2V sum twice, as diffusers does.)
+//
+// bfloat16 inputs on a CPU with AVX512-BF16 go to attention_cpu_bf16.cpp instead, which runs both matrix
+// products at bf16 rate (ATen's flash kernel computes in fp32 there); WAN_CPU_ATTENTION=aten opts out.
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include <cmath>
+
+#include "attention/attention_cpu_bf16.h"
 
 namespace wan {
 namespace {
@@ -44,6 +51,10 @@ torch::Tensor attention_cpu(const torch::Tensor& q, const torch::Tensor& k, cons
                             const std::optional<torch::Tensor>& k_img, const std::optional<torch::Tensor>& v_img,
                             std::optional<double> scale) {
   check_attention_args(q, k, v, k_img, v_img);
+  if (q.scalar_type() == torch::kBFloat16 && cpu_attention_bf16_kernel() == "avx512_bf16" &&
+      attention_bf16_avx512_supports(q.size(3), v.size(3))) {
+    return attention_bf16_avx512(q, k, v, k_img, v_img, scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3)))));
+  }
   const auto ct = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;  // compute type
   auto heads_first = [&](const torch::Tensor& x) { return x.to(ct).transpose(1, 2); };      // [B, H, S, D] view
   const auto qh = heads_first(q);
