@@ -14,9 +14,12 @@ run only where that fits in REF_MAX_BYTES; elsewhere SDPA is the correctness ref
 table's "vs ref-compile" column then reads "vs sdpa", said in a note).
 FLOPs: 4 * B * H * Sq * Sk * D (QK^T and PV), + 4 * B * H * Sq * Si * D for the image set. Bytes: q, k, v
 (and k_img, v_img) read once and the output written once (the flash-attention minimum).
-On CPU only --quick runs (tiny shapes, ref providers); the GPU providers are reported skipped.
+On CPU, --quick runs tiny shapes with the ref providers (the GPU providers are reported skipped), and --cpu
+runs the shapes of bench/bench_model.py (batch 2, 1280 tokens, 4 heads x 128, bf16) with the CPU providers:
+  wan-cpu         the C++ CPU kernel (impl="cpu": the AVX512-BF16 kernel where the CPU has it)
+  sdpa            F.scaled_dot_product_attention in bf16 (ATen's CPU flash kernel; what diffusers runs)
 
-    python bench/bench_attention.py [--quick] [--json out.json] [--csv out.csv]
+    python bench/bench_attention.py [--quick | --cpu] [--json out.json] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -91,8 +94,50 @@ def wan_cases(device: str, quick: bool) -> list[tuple[harness.Case, bool]]:
     return cases
 
 
+def cpu_cases() -> list[harness.Case]:
+    """bench_model.py's attention calls: self (1280 keys), cross T2V (512 text keys), cross I2V (+257 image)."""
+    import wan_kernels
+
+    cases = []
+    for label, Sk, Si in (("self", 1280, None), ("cross-t2v", TEXT, None), ("cross-i2v", TEXT, IMAGE)):
+        B, Sq, H, D = 2, 1280, 4, HEAD_DIM
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, n, H, D, generator=g, dtype=torch.bfloat16) for n in (Sq, Sk, Sk))
+        ki, vi = (torch.randn(B, Si, H, D, generator=g, dtype=torch.bfloat16) for _ in range(2)) if Si else (None, None)
+        keys = Sk + (Si or 0)
+
+        def sdpa(q=q, k=k, v=v, ki=ki, vi=vi):
+            def one(k_, v_):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2),
+                                                      v_.transpose(1, 2)).transpose(1, 2)
+            return one(k, v) if ki is None else one(k, v) + one(ki, vi)
+
+        compiled = torch.compile(ref.attention)
+        providers = [
+            harness.Provider("wan-cpu", lambda q=q, k=k, v=v, ki=ki, vi=vi: wan_kernels.attention(q, k, v, ki, vi,
+                                                                                                  impl="cpu")),
+            harness.Provider("sdpa", sdpa),
+            harness.Provider("ref-eager", lambda q=q, k=k, v=v, ki=ki, vi=vi: ref.attention(q, k, v, ki, vi)),
+            harness.Provider("ref-compile", lambda q=q, k=k, v=v, ki=ki, vi=vi: compiled(q, k, v, ki, vi)),
+        ]
+        shape = f"{label} B{B} q{Sq} k{Sk}{f'+i{Si}' if Si else ''} H{H} d{D}"
+        cases.append(harness.Case(shape, 4.0 * B * H * Sq * keys * D, 2.0 * B * H * D * (2 * Sq + 2 * keys),
+                                  providers))
+    return cases
+
+
 def main(argv=None) -> None:
-    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = harness.arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--cpu", action="store_true", help="bench_model.py's shapes on the CPU kernels")
+    args = p.parse_args(argv)
+    if args.cpu:
+        from wan_kernels import _C
+
+        rows = harness.run(cpu_cases(), reference="ref-eager", baseline="sdpa")
+        harness.report(rows, args, "wan::attention on CPU (bf16, non-causal; I2V = two softmaxes summed)",
+                       [f"C++ CPU kernel for bf16: {_C.cpu_attention_bf16_kernel()}, {torch.get_num_threads()} threads; "
+                        "speedup column is vs sdpa"])
+        return
     on_gpu = torch.cuda.is_available()
     notes = []
     if not on_gpu and not args.quick:

@@ -126,6 +126,12 @@ def test_bf16_very_negative_logits():
     _check_rule(q, k, v, None, None)
 
 
+def test_bf16_long_key_set_goes_in_head_chunks():
+    """70,000 keys: 36 MB of packed K/V per head, over the kernel's 64 MB packing budget, so the two heads are
+    packed and computed one chunk at a time (a 720p video's self-attention has 75,600 keys)."""
+    _check_rule(*_inputs(1, 7, 70000, 0, 2, 128, torch.bfloat16, seed=11))
+
+
 def test_bf16_strided_inputs_and_other_value_dims():
     """Slices of a packed qkv tensor and permuted views (the kernel reads any strides), an explicit scale, and
     a value dim the AVX512 kernel does not take (32: the fp32 flash path) all follow the rule."""

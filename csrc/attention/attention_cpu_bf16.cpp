@@ -268,25 +268,30 @@ WAN_TARGET_AVX512_BF16 void store_bf16(const float* src, int64_t n, bf16_bits* d
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + c)));
 }
 
-struct PackedKV {  // K and V of every (b, h), packed; head bh at k.data() + bh * k_head, v.data() + bh * v_head
-  int64_t skv, k_head, v_head;
+constexpr int64_t kPackBudget = 64 << 20;  // bytes of packed K/V held at once (then heads go in chunks)
+
+struct PackedKV {  // K and V of heads [bh0, bh1), packed; head bh at k.data() + (bh - bh0) * k_head, same for v
+  int64_t skv = 0, k_head = 0, v_head = 0;
   std::vector<bf16_bits> k, v;
+  int64_t head_bytes() const { return (k_head + v_head) * static_cast<int64_t>(sizeof(bf16_bits)); }
 };
 
-PackedKV pack_kv(const torch::Tensor& k, const torch::Tensor& v) {
-  const int64_t B = k.size(0), skv = k.size(1), H = k.size(2), d = k.size(3), dv = v.size(3);
-  const int64_t skv_pad = round_up(skv, kTileN);
-  PackedKV out{skv, skv_pad * d, skv_pad * dv, {}, {}};
-  out.k.resize(B * H * out.k_head);
-  out.v.resize(B * H * out.v_head);
+PackedKV packed_shape(const torch::Tensor& k, const torch::Tensor& v) {
+  const int64_t skv_pad = round_up(k.size(1), kTileN);
+  return {k.size(1), skv_pad * k.size(3), skv_pad * v.size(3), {}, {}};
+}
+
+void pack_kv(const torch::Tensor& k, const torch::Tensor& v, int64_t bh0, int64_t bh1, PackedKV& out) {
+  const int64_t H = k.size(2), d = k.size(3), dv = v.size(3);
+  out.k.resize((bh1 - bh0) * out.k_head);
+  out.v.resize((bh1 - bh0) * out.v_head);
   const View4 kv(k), vv(v);
-  at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
+  at::parallel_for(bh0, bh1, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t bh = h0; bh < h1; ++bh) {
-      pack_k(kv, bh / H, bh % H, skv, d, out.k.data() + bh * out.k_head);
-      pack_v(vv, bh / H, bh % H, skv, dv, out.v.data() + bh * out.v_head);
+      pack_k(kv, bh / H, bh % H, out.skv, d, out.k.data() + (bh - bh0) * out.k_head);
+      pack_v(vv, bh / H, bh % H, out.skv, dv, out.v.data() + (bh - bh0) * out.v_head);
     }
   });
-  return out;
 }
 
 }  // namespace
@@ -300,35 +305,45 @@ torch::Tensor attention_bf16_avx512(const torch::Tensor& q, const torch::Tensor&
   const int64_t B = q.size(0), S = q.size(1), H = q.size(2), d = q.size(3), dv = v.size(3);
   TORCH_CHECK(attention_bf16_avx512_supports(d, dv), "attention: the AVX512-BF16 kernel needs an even head dim and a ",
               "value dim that is a multiple of 64, got ", d, " and ", dv);
-  const PackedKV txt = pack_kv(k, v);
   const bool two = k_img.has_value();
-  const PackedKV img = two ? pack_kv(*k_img, *v_img) : PackedKV{0, 0, 0, {}, {}};
+  PackedKV txt = packed_shape(k, v), img = two ? packed_shape(*k_img, *v_img) : PackedKV{};
   auto out = torch::empty({B, S, H, dv}, q.options());
   bf16_bits* outp = static_cast<bf16_bits*>(out.data_ptr());
   const float scale_log2e = static_cast<float>(scale * M_LOG2E);
   const View4 qv(q);
   const int64_t qblocks = (S + kBlockM - 1) / kBlockM;
-  at::parallel_for(0, B * H * qblocks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch w(dv);
-    std::vector<bf16_bits> qbuf(kBlockM * d);
-    std::vector<float> o_img(two ? kBlockM * dv : 0);
-    for (int64_t t = t0; t < t1; ++t) {  // consecutive tasks share a head: its packed K/V stay in cache
-      const int64_t bh = t / qblocks, b = bh / H, h = bh % H, i0 = (t % qblocks) * kBlockM;
-      const int64_t rows = std::min(kBlockM, S - i0);
-      for (int64_t r = 0; r < kBlockM; ++r) {  // rows past S are zeros: a uniform softmax, never stored
-        const bf16_bits* src = r < rows ? qv.row(b, i0 + r, h) : nullptr;
-        for (int64_t c = 0; c < d; ++c) qbuf[r * d + c] = src ? src[c * qv.sd] : 0;
+  // All heads' K/V packed at once when that fits kPackBudget (Wan on CPU: a few MB); long key sets (a 720p
+  // video's 75,600 keys: 39 MB per head) go a chunk of heads at a time, each chunk's query blocks in parallel.
+  const int64_t chunk = std::clamp(kPackBudget / std::max<int64_t>(1, txt.head_bytes() + img.head_bytes()),
+                                   int64_t{1}, std::max<int64_t>(1, B * H));
+  for (int64_t bh0 = 0; bh0 < B * H; bh0 += chunk) {
+    const int64_t bh1 = std::min(B * H, bh0 + chunk);
+    pack_kv(k, v, bh0, bh1, txt);
+    if (two) pack_kv(*k_img, *v_img, bh0, bh1, img);
+    at::parallel_for(0, (bh1 - bh0) * qblocks, 1, [&](int64_t t0, int64_t t1) {
+      Scratch w(dv);
+      std::vector<bf16_bits> qbuf(kBlockM * d);
+      std::vector<float> o_img(two ? kBlockM * dv : 0);
+      for (int64_t t = t0; t < t1; ++t) {  // consecutive tasks share a head: its packed K/V stay in cache
+        const int64_t hc = t / qblocks, bh = bh0 + hc, b = bh / H, h = bh % H, i0 = (t % qblocks) * kBlockM;
+        const int64_t rows = std::min(kBlockM, S - i0);
+        for (int64_t r = 0; r < kBlockM; ++r) {  // rows past S are zeros: a uniform softmax, never stored
+          const bf16_bits* src = r < rows ? qv.row(b, i0 + r, h) : nullptr;
+          for (int64_t c = 0; c < d; ++c) qbuf[r * d + c] = src ? src[c * qv.sd] : 0;
+        }
+        attend(qbuf.data(), d, dv, txt.k.data() + hc * txt.k_head, txt.v.data() + hc * txt.v_head, txt.skv,
+               scale_log2e, w, w.o.data());
+        if (two) {
+          attend(qbuf.data(), d, dv, img.k.data() + hc * img.k_head, img.v.data() + hc * img.v_head, img.skv,
+                 scale_log2e, w, o_img.data());
+          for (int64_t x = 0; x < rows * dv; ++x) w.o[x] += o_img[x];  // the two softmaxes summed in fp32
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          store_bf16(w.o.data() + r * dv, dv, outp + ((b * S + i0 + r) * H + h) * dv);
+        }
       }
-      attend(qbuf.data(), d, dv, txt.k.data() + bh * txt.k_head, txt.v.data() + bh * txt.v_head, txt.skv,
-             scale_log2e, w, w.o.data());
-      if (two) {
-        attend(qbuf.data(), d, dv, img.k.data() + bh * img.k_head, img.v.data() + bh * img.v_head, img.skv,
-               scale_log2e, w, o_img.data());
-        for (int64_t x = 0; x < rows * dv; ++x) w.o[x] += o_img[x];  // the two softmaxes summed in fp32
-      }
-      for (int64_t r = 0; r < rows; ++r) store_bf16(w.o.data() + r * dv, dv, outp + ((b * S + i0 + r) * H + h) * dv);
-    }
-  });
+    });
+  }
   return out;
 }
 
