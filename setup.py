@@ -174,8 +174,9 @@ def extensions(cfg: BuildConfig, cuda_home: str | None):
     include_dirs = [str(ROOT / "csrc"), str(gen_dir)]
     opt = ["-O0", "-g"] if cfg.debug else ["-O3"]
     # -fopenmp: at::parallel_for is a header template that runs serially in a translation unit compiled
-    # without OpenMP (torch's own CPU kernels are built with it; torch links libgomp)
-    cxx = opt + ["-Wall", "-Wno-unused-function", "-fopenmp"]
+    # without OpenMP (torch's own CPU kernels are built with it; torch links libgomp).
+    # -ffp-contract=off: a * b + c stays two roundings in the AVX512 (FMA-capable) paths, as torch computes it
+    cxx = opt + ["-Wall", "-Wno-unused-function", "-fopenmp", "-ffp-contract=off"]
     cutlass_dirs, cutlass_version = cutlass_includes()
     if with_cuda:
         special = {src for srcs in ARCH_SPECIFIC_SOURCES.values() for src in srcs}

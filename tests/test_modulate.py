@@ -65,6 +65,29 @@ def test_layer_norm_modulate_hypothesis(B, S, C, per_token, seed):
                   ref.layer_norm_modulate(x, scale, shift, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("C", [16, 100, 512])
+def test_vector_and_strided_paths(dtype, C):
+    """Modulation operands contiguous along C take the AVX512 rows (on CPUs that have AVX512, like this
+    project's); strided along C, the scalar rows. Both match the reference, C = 100 leaves a masked tail of 4
+    lanes, and rounding of huge / non-finite values follows torch's casts (inf stays inf, NaN stays NaN)."""
+    g = torch.Generator().manual_seed(C)
+    B, S = 2, 7
+    x, y = ((torch.randn(B, S, C, generator=g) * 3).to(dtype) for _ in range(2))
+    x[0, 0, :4] = torch.tensor([float("inf"), float("nan"), 3e38, -3e38]).to(dtype)
+    y[0, 1, :3] = torch.tensor([float("nan"), float("-inf"), 1e38]).to(dtype)
+    contiguous = [t.unsqueeze(1) for t in torch.randn(3, B, C, generator=g)]        # [B, 1, C], stride 1 along C
+    strided = [t.t().unsqueeze(1) for t in torch.randn(3, C, B, generator=g)]       # [B, 1, C], stride B along C
+    for shift, scale, gate in (contiguous, strided):
+        got = wan_kernels.layer_norm_modulate(x, scale, shift, 1e-6, impl="cpu")
+        want = ref.layer_norm_modulate(x, scale, shift, 1e-6)
+        assert torch.equal(got[0, 0].isnan(), want[0, 0].isnan())                  # the row with inf/NaN: all NaN
+        _assert_close(got[:, 1:], want[:, 1:])
+        got, want = wan_kernels.gated_residual(x, y, gate, impl="cpu"), ref.gated_residual(x, y, gate)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())                   # bit-identical, inf included
+
+
 def test_errors_name_argument_and_shape():
     x = torch.randn(2, 5, 64)
     with pytest.raises((ValueError, RuntimeError), match=r"scale must be float32 \[2 or 1, 5 or 1, 64\].*2, 5, 32"):

@@ -26,33 +26,17 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "common/cpu_features.h"
+
+#if WAN_X86_AVX512
 // GCC 12's avx512 reductions start from _mm512_undefined_ps(), a self-initialised variable that
 // -Wmaybe-uninitialized reports inside the header (a known false positive of that header)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
-#define WAN_HAVE_AVX512_BF16_KERNEL 1
-#define WAN_TARGET_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-#else
-#define WAN_HAVE_AVX512_BF16_KERNEL 0
 #endif
 
 namespace wan {
-
-namespace {
-
-bool cpu_has_avx512_bf16() {
-#if WAN_HAVE_AVX512_BF16_KERNEL
-  __builtin_cpu_init();  // libgcc also checks that the OS saves the zmm state (XCR0) for the avx512 bits
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
-}  // namespace
 
 const std::string& cpu_attention_bf16_kernel() {
   static const std::string kernel = [] {
@@ -69,7 +53,7 @@ bool attention_bf16_avx512_supports(int64_t head_dim, int64_t value_dim) {
   return head_dim > 0 && head_dim % 2 == 0 && value_dim > 0 && value_dim % 64 == 0;
 }
 
-#if WAN_HAVE_AVX512_BF16_KERNEL
+#if WAN_X86_AVX512
 namespace {
 
 using bf16_bits = uint16_t;

@@ -9,11 +9,88 @@
 #include <torch/types.h>
 
 #include <cmath>
+#include <type_traits>
 
+#include "common/cpu_features.h"
 #include "common/dispatch.h"
+
+#if WAN_X86_AVX512
+// GCC 12 avx512 reduction header: its self-initialised _mm512_undefined_ps() (see attention_cpu_bf16.cpp)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#endif
 
 namespace wan {
 namespace {
+
+#if WAN_X86_AVX512
+// AVX512 rows (CPUs with cpu_has_avx512(); modulation operands contiguous along C, as the model passes them):
+// the same fp32 operations as the scalar rows below, 16 lanes at a time (no FMA contraction: setup.py builds
+// with -ffp-contract=off), rounded to T by the rule of torch's casts (nearest even).
+template <typename T>
+WAN_TARGET_AVX512 inline __m512 load16(const T* p, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {  // bf16: the upper half of an fp32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+}
+
+template <typename T>
+WAN_TARGET_AVX512 inline void store16(T* p, __m512 v, __mmask16 m) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_mask_storeu_ps(p, m, v);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bf16 nearest-even as c10::BFloat16: (bits + 0x7FFF + lsb) >> 16; NaN -> 0x7FC0
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+  }
+}
+
+inline __mmask16 lanes(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
+template <typename T>
+WAN_TARGET_AVX512 void layer_norm_modulate_row_avx512(const T* x, const float* scale, const float* shift, int64_t C,
+                                                      float eps, T* out) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load16(x + c, lanes(C - c)));
+  const float m = _mm512_reduce_add_ps(acc) / C;
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 vacc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = lanes(C - c);
+    const __m512 d = _mm512_maskz_sub_ps(k, load16(x + c, k), vm);
+    vacc = _mm512_add_ps(vacc, _mm512_mul_ps(d, d));
+  }
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(vacc) / C + eps));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = lanes(C - c);
+    const __m512 n = _mm512_mul_ps(_mm512_sub_ps(load16(x + c, k), vm), rstd);
+    const __m512 y = _mm512_add_ps(_mm512_mul_ps(n, _mm512_add_ps(one, _mm512_maskz_loadu_ps(k, scale + c))),
+                                   _mm512_maskz_loadu_ps(k, shift + c));
+    store16(out + c, y, k);
+  }
+}
+
+template <typename T>
+WAN_TARGET_AVX512 void gated_residual_row_avx512(const T* x, const T* y, const float* gate, int64_t C, T* out) {
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 k = lanes(C - c);
+    store16(out + c, _mm512_add_ps(load16(x + c, k), _mm512_mul_ps(load16(y + c, k), _mm512_maskz_loadu_ps(k, gate + c))),
+            k);
+  }
+}
+#endif
 
 // fp32 [B, 1|S, C] operand broadcast to [B, S, C]: element (b, s, c) at base + b*sb + s*ss + c*sc.
 struct Bcast {
@@ -50,6 +127,18 @@ torch::Tensor layer_norm_modulate_cpu(const torch::Tensor& x_in, const torch::Te
   WAN_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "layer_norm_modulate_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+#if WAN_X86_AVX512
+    if (cpu_has_avx512() && sc.sc == 1 && sh.sc == 1) {
+      at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / S, s = t % S;
+          layer_norm_modulate_row_avx512(xp + t * C, sc.base + b * sc.sb + s * sc.ss, sh.base + b * sh.sb + s * sh.ss,
+                                         C, feps, op + t * C);
+        }
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
       std::vector<float> row(C);
       for (int64_t t = t0; t < t1; ++t) {
@@ -92,6 +181,17 @@ torch::Tensor gated_residual_cpu(const torch::Tensor& x_in, const torch::Tensor&
     x_t* op = out.data_ptr<x_t>();
     WAN_DISPATCH_FLOAT_HALF_BF16(y.scalar_type(), "gated_residual_cpu_y", [&] {
       const scalar_t* yp = y.data_ptr<scalar_t>();
+#if WAN_X86_AVX512
+      if (y.scalar_type() == x.scalar_type() && cpu_has_avx512() && g.sc == 1) {
+        const x_t* yx = reinterpret_cast<const x_t*>(yp);  // the same type: the runtime check above
+        at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) {
+            gated_residual_row_avx512(xp + t * C, yx + t * C, g.base + (t / S) * g.sb + (t % S) * g.ss, C, op + t * C);
+          }
+        });
+        return;
+      }
+#endif
       at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const float* gp = g.base + (t / S) * g.sb + (t % S) * g.ss;
