@@ -3,7 +3,9 @@
 //   wan::layer_norm_modulate(x, scale, shift, eps) = (LayerNorm_fp32(x, no affine) * (1 + scale) + shift).to(x)
 //   wan::gated_residual(x, y, gate)                = (x.float() + y.float() * gate).to(x)
 // x, y: [B, S, C] (last dim contiguous); scale, shift, gate: fp32 broadcastable [B, 1|S, C] (any strides:
-// the model passes unbound views of its [B, 1|S, 6, C] modulation tensor). Parallel over tokens.
+// the model passes unbound views of its [B, 1|S, 6, C] modulation tensor). Parallel over tokens; AVX512 rows
+// where the CPU has AVX512 and the modulation operands are contiguous along C (the model's case), scalar rows
+// otherwise.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
