@@ -1,14 +1,15 @@
 // C++ CPU kernel of wan::attention: softmax(q k^T s) v [+ softmax(q k_img^T s) v_img], [B, S, H, D] layout.
 //
-// Each softmax branch runs ATen's CPU flash-attention kernel (blocked, vectorised, threaded; the fastest
-// attention this CPU has: 50 ms vs 106 ms for the reference at 2 x 1280 tokens x 4 heads x 128) on fp32
+// Each softmax branch runs ATen's CPU flash-attention kernel (blocked, vectorised, threaded: 50 ms vs 106 ms
+// for the reference at 2 x 1280 tokens x 4 heads x 128) on fp32
 // copies of the inputs (exact for bf16/fp16; fp64 stays fp64), in [B, H, S, D] views of our [B, S, H, D]
 // tensors (no transposing copies). The branches are summed in fp32 and rounded to the output dtype ONCE,
 // which is the contract of every wan::attention backend. (Calling the flash kernel in bf16 would round
 // the I2V sum twice, as diffusers does.)
 //
 // bfloat16 inputs on a CPU with AVX512-BF16 go to attention_cpu_bf16.cpp instead, which runs both matrix
-// products at bf16 rate (ATen's flash kernel computes in fp32 there); WAN_CPU_ATTENTION=aten opts out.
+// products at bf16 rate (ATen's flash kernel computes in fp32 there: 1.7-1.9x slower at the shapes above;
+// bench/bench_attention.py --cpu); WAN_CPU_ATTENTION=aten opts out.
 #include <torch/library.h>
 #include <torch/types.h>
 
