@@ -28,14 +28,6 @@
 
 #include "common/cpu_features.h"
 
-#if WAN_X86_AVX512
-// GCC 12's avx512 reductions start from _mm512_undefined_ps(), a self-initialised variable that
-// -Wmaybe-uninitialized reports inside the header (a known false positive of that header)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#endif
-
 namespace wan {
 
 const std::string& cpu_attention_bf16_kernel() {
@@ -172,12 +164,6 @@ WAN_TARGET_AVX512_BF16 inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-inline __mmask16 valid_lanes(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF)
-                         : remaining <= 0 ? static_cast<__mmask16>(0)
-                                          : static_cast<__mmask16>((1u << remaining) - 1);
-}
-
 // One row of one key block: t = s * scale * log2(e) over n scores, the first `valid` of them real keys.
 // Updates the running max m and sum l, writes p = exp2(t - m) rounded to bf16 (0 for padded keys), and
 // returns the factor alpha = exp2(m_old - m_new) by which the row's accumulated output must be rescaled.
@@ -188,16 +174,16 @@ WAN_TARGET_AVX512_BF16 float softmax_row(float* s, int64_t n, int64_t valid, flo
   for (int64_t c = 0; c < n; c += 16) {
     const __m512 t = _mm512_mul_ps(_mm512_loadu_ps(s + c), vscale);
     _mm512_storeu_ps(s + c, t);
-    vmax = _mm512_mask_max_ps(vmax, valid_lanes(valid - c), vmax, t);
+    vmax = _mm512_mask_max_ps(vmax, tail_lanes(valid - c), vmax, t);
   }
   const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
   const float alpha = std::exp2(m - m_new);  // 0 on the first block (m = -inf)
   const __m512 vm = _mm512_set1_ps(m_new);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t c = 0; c < n; c += 32) {
-    const __m512 p0 = _mm512_maskz_mov_ps(valid_lanes(valid - c), exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm)));
+    const __m512 p0 = _mm512_maskz_mov_ps(tail_lanes(valid - c), exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c), vm)));
     const __m512 p1 =
-        _mm512_maskz_mov_ps(valid_lanes(valid - c - 16), exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), vm)));
+        _mm512_maskz_mov_ps(tail_lanes(valid - c - 16), exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + c + 16), vm)));
     vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
     _mm512_storeu_si512(p + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));  // low half <- p0 (round to nearest even)
   }

@@ -16,13 +16,6 @@
 #include "common/cpu_features.h"
 #include "common/dispatch.h"
 
-#if WAN_X86_AVX512
-// GCC 12 avx512 reduction header: its self-initialised _mm512_undefined_ps() (see attention_cpu_bf16.cpp)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#endif
-
 namespace wan {
 namespace {
 
@@ -56,27 +49,23 @@ WAN_TARGET_AVX512 inline void store16(T* p, __m512 v, __mmask16 m) {
   }
 }
 
-inline __mmask16 lanes(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
-}
-
 template <typename T>
 WAN_TARGET_AVX512 void layer_norm_modulate_row_avx512(const T* x, const float* scale, const float* shift, int64_t C,
                                                       float eps, T* out) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load16(x + c, lanes(C - c)));
+  for (int64_t c = 0; c < C; c += 16) acc = _mm512_add_ps(acc, load16(x + c, tail_lanes(C - c)));
   const float m = _mm512_reduce_add_ps(acc) / C;
   const __m512 vm = _mm512_set1_ps(m);
   __m512 vacc = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 k = lanes(C - c);
+    const __mmask16 k = tail_lanes(C - c);
     const __m512 d = _mm512_maskz_sub_ps(k, load16(x + c, k), vm);
     vacc = _mm512_add_ps(vacc, _mm512_mul_ps(d, d));
   }
   const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(vacc) / C + eps));
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 k = lanes(C - c);
+    const __mmask16 k = tail_lanes(C - c);
     const __m512 n = _mm512_mul_ps(_mm512_sub_ps(load16(x + c, k), vm), rstd);
     const __m512 y = _mm512_add_ps(_mm512_mul_ps(n, _mm512_add_ps(one, _mm512_maskz_loadu_ps(k, scale + c))),
                                    _mm512_maskz_loadu_ps(k, shift + c));
@@ -87,7 +76,7 @@ WAN_TARGET_AVX512 void layer_norm_modulate_row_avx512(const T* x, const float* s
 template <typename T>
 WAN_TARGET_AVX512 void gated_residual_row_avx512(const T* x, const T* y, const float* gate, int64_t C, T* out) {
   for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 k = lanes(C - c);
+    const __mmask16 k = tail_lanes(C - c);
     store16(out + c, _mm512_add_ps(load16(x + c, k), _mm512_mul_ps(load16(y + c, k), _mm512_maskz_loadu_ps(k, gate + c))),
             k);
   }
@@ -181,19 +170,19 @@ torch::Tensor gated_residual_cpu(const torch::Tensor& x_in, const torch::Tensor&
     using x_t = scalar_t;
     const x_t* xp = x.data_ptr<x_t>();
     x_t* op = out.data_ptr<x_t>();
+#if WAN_X86_AVX512
+    if (y.scalar_type() == x.scalar_type() && cpu_has_avx512() && g.sc == 1) {
+      const x_t* yp = y.data_ptr<x_t>();
+      at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          gated_residual_row_avx512(xp + t * C, yp + t * C, g.base + (t / S) * g.sb + (t % S) * g.ss, C, op + t * C);
+        }
+      });
+      return;
+    }
+#endif
     WAN_DISPATCH_FLOAT_HALF_BF16(y.scalar_type(), "gated_residual_cpu_y", [&] {
       const scalar_t* yp = y.data_ptr<scalar_t>();
-#if WAN_X86_AVX512
-      if (y.scalar_type() == x.scalar_type() && cpu_has_avx512() && g.sc == 1) {
-        const x_t* yx = reinterpret_cast<const x_t*>(yp);  // the same type: the runtime check above
-        at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
-          for (int64_t t = t0; t < t1; ++t) {
-            gated_residual_row_avx512(xp + t * C, yx + t * C, g.base + (t / S) * g.sb + (t % S) * g.ss, C, op + t * C);
-          }
-        });
-        return;
-      }
-#endif
       at::parallel_for(0, B * S, 16, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const float* gp = g.base + (t / S) * g.sb + (t % S) * g.ss;
