@@ -336,3 +336,26 @@ def test_cli_cost_plot(tmp_path, capsys):
     # matplotlib is in requirements.txt: the plot must be written
     assert rc == 0 and "plot written" in out, out
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_cost_runs_outside_the_repository(tmp_path):
+    """The cost model is part of the package: it runs from any directory, with `bench` not importable."""
+    import subprocess
+
+    code = ("import sys; sys.modules['bench'] = None\n"
+            "from wan_model.cli import main\n"
+            "sys.exit(main(['cost', '--preset', 'wan2.1-t2v-1.3b', '--size', '832x480']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "H200" in r.stdout
+
+
+def test_model_imports_no_checkpoint_code(tmp_path):
+    """`import wan_model.model` loads config, rope and the model only (layers point one way)."""
+    import subprocess
+
+    code = ("import sys, wan_model.model\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('wan_model', 'bench'))))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(["wan_model", "wan_model.config", "wan_model.model", "wan_model.rope"])

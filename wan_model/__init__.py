@@ -1,10 +1,28 @@
 """A thin Wan2.1/2.2 DiT on the `wan` ops: config + presets, model, RoPE tables, checkpoint formats,
-sampler and CLI (`python -m wan_model demo|run|convert`)."""
+sampler and CLI (`python -m wan_model demo|run|convert|cost`).
 
-from wan_model.checkpoint import CheckpointError, WanExperts, load_model, save_model
-from wan_model.config import PRESETS, WanConfig
-from wan_model.model import WanContext, WanModel
-from wan_model.rope import rope_tables
+The names below are imported on first use (PEP 562), so `import wan_model.model` loads the model alone,
+without the checkpoint readers and writers."""
 
-__all__ = ["PRESETS", "CheckpointError", "WanConfig", "WanContext", "WanExperts", "WanModel", "load_model",
-           "rope_tables", "save_model"]
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "wan_model.checkpoint", "WanExperts": "wan_model.checkpoint",
+    "load_model": "wan_model.checkpoint", "save_model": "wan_model.checkpoint",
+    "PRESETS": "wan_model.config", "WanConfig": "wan_model.config",
+    "WanContext": "wan_model.model", "WanModel": "wan_model.model",
+    "rope_tables": "wan_model.rope",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'wan_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -21,7 +21,7 @@ Counting rules (what the tests hold the model to, tests/test_cost.py):
   scale; embedders, norms and the head stay as stored (bf16 / fp32). nvfp4 GEMMs run at the fp4 tensor-core
   peak where a GPU has one (W4A4, Blackwell), else at the bf16 peak (W4A16 dequantising fallback); fp8 at the
   bf16 peak (the peak table has no fp8 column). Activations are bf16 in every format.
-* Roofline per kernel: max(FLOPs / peak, bytes / bandwidth) with `bench.harness.PEAKS`; an op is
+* Roofline per kernel: max(FLOPs / peak, bytes / bandwidth) with `wan_kernels.hardware.PEAKS`; an op is
   compute-bound when its summed compute time exceeds its summed memory time.
 
 Shapes: a video of `frames` x `height` x `width` pixels is `(frames - 1) // 4 + 1` latent frames of
@@ -78,7 +78,7 @@ class Kernel:
         return self.read + self.write
 
     def time_s(self, peak: dict) -> tuple[float, float]:
-        """(compute seconds, memory seconds) on a `bench.harness.PEAKS` entry."""
+        """(compute seconds, memory seconds) on a `wan_kernels.hardware.PEAKS` entry."""
         compute = peak.get(self.peak) or peak["bf16"]
         return self.flops / (compute * 1e12), self.bytes / (peak["gbps"] * 1e9)
 
@@ -508,7 +508,7 @@ def flop_counter():
 # Printing
 
 def _peaks() -> dict:
-    from bench.harness import PEAKS
+    from wan_kernels.hardware import PEAKS
 
     return PEAKS
 

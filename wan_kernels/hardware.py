@@ -1,0 +1,28 @@
+"""Peak throughput of the GPUs this package targets: the one table the benchmarks, the cost model and the
+GPU check read (REFERENCE.md section 6)."""
+
+from __future__ import annotations
+
+import torch
+
+# Dense peaks from vendor spec sheets (no sparsity): TFLOP/s bf16 (tensor cores, fp32 accumulate),
+# TFLOP/s fp4 (0 = no FP4 tensor cores), HBM/GDDR bandwidth GB/s.
+PEAKS = {
+    "H100": {"bf16": 989.0, "fp4": 0.0, "gbps": 3350.0},
+    "H200": {"bf16": 989.0, "fp4": 0.0, "gbps": 4800.0},
+    "B200": {"bf16": 2250.0, "fp4": 9000.0, "gbps": 7670.0},
+    "A100": {"bf16": 312.0, "fp4": 0.0, "gbps": 2039.0},
+    "RTX 5090": {"bf16": 209.5, "fp4": 1676.0, "gbps": 1792.0},
+}
+
+
+def gpu_peak(name: str | None = None) -> tuple[str, dict] | None:
+    """The peak-table entry of the current (or named) GPU, matched by substring of its name."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    for key, peak in PEAKS.items():
+        if key.replace(" ", "").lower() in name.replace(" ", "").lower():
+            return key, peak
+    return None
