@@ -1,0 +1,575 @@
+"""`python -m wan_kernels.gpu_check OUTDIR`: the whole GPU truth of this package from one command.
+
+Made for the GPU machines we can borrow: bare (torch + triton + nvcc, no package registry), minutes long.
+  1. build    `_C` in place for the local arch only (a child `setup.py build_ext --inplace`, then this
+              script re-executes itself so that the fresh extension is the one imported)
+  2. ops      every public op x backend (auto, cuda, triton, ref) x dtype (fp32, fp16, bf16) on the GPU
+              against the reference on the same inputs (the bf16 paths the CPU interpreter never runs)
+  3. big_gemm the Wan-14B 720p CFG `to_qkv` W4A16 GEMM at M = 151,200 (offsets past 2^31), slices checked
+  4. model    tiny random models (T2V, I2V) and a 1.3B-shaped 2-layer model, impl="auto" vs "ref";
+              torch.compile(fullgraph=True); CUDA graph capture + replay of a denoising step
+  5. bench_*  attention TFLOP/s at Wan-14B 480p/720p self-attention vs SDPA's flash and cuDNN backends, I2V
+              one launch vs two calls; qk_norm_rope / modulate / residual GB/s vs HBM peak; W4A16 GEMM vs bf16
+              cuBLAS, W4A4 CUTLASS (sm_100); one CFG step of 1.3B and 14B at 480p vs the cost model, peak memory
+Every case is one row appended (and flushed) to OUTDIR/results.jsonl as it finishes; OUTDIR/summary.md is
+rewritten after each section; OUTDIR/env.json and OUTDIR/build.log complete the set (4 files). Each section has
+a time box: once spent, its remaining cases are recorded as "timeout" and the next section starts, so a run
+cut short still returns everything measured so far.
+
+`--dry-run` (any machine) walks every section and records what each case would do, running nothing;
+`--device cpu` runs the sections that make sense on CPU tensors at their toy sizes (the test suite uses both,
+so the script cannot rot without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import wan_kernels
+from wan_kernels import _schemas, routing, samples
+from wan_kernels.hardware import gpu_peak
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# |backend - ref| <= ATOL + RTOL * |ref|, both computed from the same inputs: the kernels compute in fp32 and
+# round once, so the bound is about one ulp of the output dtype (x2 for reductions / accumulation order);
+# fp32 allows TF32-free fp32 accumulation-order differences. NVFP4 codes and scales are compared as bytes.
+TOLERANCE = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# Tokens per sample of Wan at 81 frames (patched latent grids 21 x 30 x 52 and 21 x 45 x 80).
+TOKENS = {"480p": 32760, "720p": 75600}
+SIZES = {"480p": (832, 480), "720p": (1280, 720)}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    run: Callable[[], dict]      # returns the row's fields; {"status": "fail", ...} on a wrong result
+    plan: str                    # what it does, for --dry-run and the summary
+    needs_cuda: bool = True
+
+
+@dataclasses.dataclass
+class Section:
+    name: str
+    budget_s: float
+    cases: Callable[["Check"], list[Case]]
+
+
+class Check:
+    """Run state: device, output files, time boxes."""
+
+    def __init__(self, outdir: Path, device: str, dry_run: bool):
+        self.outdir, self.dry_run = outdir, dry_run
+        self.device = torch.device(device)
+        self.on_cuda = self.device.type == "cuda"
+        present = not self.on_cuda or torch.cuda.is_available()
+        self.device_name = _device_name(self.device) if present else "cuda (none present: dry run)"
+        path = outdir / "results.jsonl"
+        self.rows: list[dict] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        self._results = open(path, "a")
+
+    def record(self, section: str, case: str, **fields) -> dict:
+        row = {"section": section, "case": case, **fields}
+        self.rows.append(row)
+        self._results.write(json.dumps(row, default=str) + "\n")
+        self._results.flush()
+        os.fsync(self._results.fileno())
+        status = row.get("status", "")
+        detail = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("section", "case", "status"))
+        print(f"[{section}] {case}: {status} {detail}", flush=True)
+        return row
+
+    def run_section(self, section: Section) -> None:
+        start = time.monotonic()
+        try:
+            cases = section.cases(self)
+        except Exception as e:  # a section that cannot even list its cases is a result too
+            self.record(section.name, "(setup)", status="error", error=_last_line(e))
+            return
+        for case in cases:
+            if self.dry_run:
+                self.record(section.name, case.name, status="dry-run", plan=case.plan)
+                continue
+            if case.needs_cuda and not self.on_cuda:
+                self.record(section.name, case.name, status="skip", reason="needs a CUDA device")
+                continue
+            if time.monotonic() - start > section.budget_s:
+                self.record(section.name, case.name, status="timeout", budget_s=section.budget_s)
+                continue
+            t0 = time.monotonic()
+            try:
+                fields = case.run()
+            except routing.BackendUnavailableError as e:
+                fields = {"status": "skip", "reason": str(e)}
+            except Exception as e:
+                fields = {"status": "error", "error": _last_line(e), "where": _where(e)}
+            finally:
+                if self.on_cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+            fields.setdefault("status", "ok")
+            self.record(section.name, case.name, **fields, wall_s=round(time.monotonic() - t0, 3))
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        lines = ["# wan-kernels GPU check", "", f"device: {self.device_name}", ""]
+        counts: dict[str, int] = {}
+        for r in self.rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        lines += ["totals: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), ""]
+        section = None
+        for r in self.rows:
+            if r["section"] != section:
+                section = r["section"]
+                lines += ["", f"## {section}", "", "| case | status | figures |", "|---|---|---|"]
+            figures = ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if k not in ("section", "case", "status"))
+            lines.append(f"| {r['case']} | {r['status']} | {figures} |")
+        tmp = self.outdir / ".summary.md.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.outdir / "summary.md")
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _last_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[0][:400] if text else type(e).__name__
+
+
+def _where(e: BaseException) -> str:
+    tb = traceback.extract_tb(e.__traceback__)
+    return f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    cap = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]})"
+
+
+def _sync(check: Check) -> None:
+    if check.on_cuda:
+        torch.cuda.synchronize()
+
+
+def _time_ms(check: Check, fn: Callable[[], object], reps: int = 10) -> float:
+    """Median ms of `fn` (triton's do_bench on CUDA: CUDA events, L2 flushed; perf_counter on CPU)."""
+    if check.on_cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=3, rep=max(reps * 5, 25), return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _error(got, want) -> tuple[float, bool]:
+    """(max abs error or mismatching bytes, within TOLERANCE) over tensors / tuples of tensors."""
+    if isinstance(got, (tuple, list)):
+        errs = [_error(g, w) for g, w in zip(got, want)]
+        return max(e for e, _ in errs), all(ok for _, ok in errs)
+    if got.dtype in (torch.uint8, torch.float8_e4m3fn):
+        bad = float((got.view(torch.uint8) != want.view(torch.uint8)).sum())
+        return bad, bad == 0
+    atol, rtol = TOLERANCE[got.dtype]
+    g, w = got.float(), want.float()
+    both_nan = g.isnan() & w.isnan()
+    err = (g - w).abs().masked_fill(both_nan, 0)
+    return float(err.max()), bool((err <= atol + rtol * w.abs()).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+def _local_arch() -> str:
+    """WAN_CUDA_ARCHS for this GPU: the arch-specific `a` target where we have one (sm_90a, sm_100a)."""
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}" + ("a" if (major, minor) in ((9, 0), (10, 0)) else "")
+
+
+def build(outdir: Path, timeout_s: float) -> dict:
+    """Build `_C` in place for the local arch (child process, log in build.log)."""
+    env = dict(os.environ, WAN_CUDA_ARCHS=_local_arch(), WAN_BUILD_JOBS=str(os.cpu_count() or 4),
+               WAN_NVCC_THREADS="1")
+    cmd = [sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"]
+    t0 = time.monotonic()
+    with open(outdir / "build.log", "w") as log:
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+            status = "ok" if r.returncode == 0 else "error"
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+    return {"status": status, "archs": env["WAN_CUDA_ARCHS"], "wall_s": round(time.monotonic() - t0, 1)}
+
+
+def env_fields(check: Check) -> dict:
+    info = wan_kernels.EXTENSION.build_info
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "triton": _version("triton"), "device": check.device_name,
+           "extension": "loaded" if wan_kernels.EXTENSION.loaded else f"missing ({wan_kernels.EXTENSION.error})",
+           "cuda_archs": info.get("cuda_archs"), "ext_torch": info.get("torch_version"),
+           "routes": routing.route_table()}
+    if check.on_cuda and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(check.device)
+        out |= {"sms": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 1),
+                "peak": gpu_peak()}
+    return out
+
+
+def _version(pkg: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def ops_cases(check: Check) -> list[Case]:
+    """Every public op x backend x dtype vs the reference on the same inputs, on the check's device."""
+    impls = ("auto", "cuda", "triton", "ref") if check.on_cuda else ("auto", "cpu", "ref")
+    cases = []
+    for dname, dtype in DTYPES.items():
+        for op in _schemas.PUBLIC_OPS:
+            for impl in impls[:-1]:
+                def run(op=op, impl=impl, dtype=dtype):
+                    reason = None if impl == "auto" else routing.unavailable_reason(op, impl, check.device)
+                    if reason is not None:
+                        return {"status": "skip", "reason": reason}
+                    args = samples.op_inputs(dtype, check.device)[op]
+                    with torch.no_grad():
+                        want = routing.resolve(op, "ref", check.device)(*args)
+                        got = routing.resolve(op, impl, check.device)(*args)
+                    err, ok = _error(got, want)
+                    return {"status": "ok" if ok else "fail", "max_err": err}
+                cases.append(Case(f"{op} {impl} {dname}", run, f"wan::{op} impl={impl} {dname} vs ref",
+                                  needs_cuda=False))
+    return cases
+
+
+def big_gemm_cases(check: Check) -> list[Case]:
+    """The 14B 720p CFG fused to_qkv W4A16 GEMM: M = 2 x 75,600 rows, N = 3 x 5120, K = 5120; the output's
+    flat offsets reach 2.32e9 > 2^31. First, middle and last 64 rows checked against the reference."""
+    M, N, K = 2 * TOKENS["720p"], 3 * 5120, 5120
+
+    def run():
+        g = torch.Generator(device=check.device).manual_seed(0)
+        w = torch.randn(N, K, device=check.device, generator=g) * K ** -0.5
+        gw = wan_kernels.nvfp4.global_scale(w)
+        wp, ws = wan_kernels.nvfp4_quantize(w, gw, impl="ref")
+        del w
+        x = torch.randn(M, K, device=check.device, dtype=torch.bfloat16, generator=g)
+        out = wan_kernels.nvfp4_linear(x, wp, ws, gw)
+        worst, ok = 0.0, True
+        for r0 in (0, M // 2, M - 64):
+            want = wan_kernels.nvfp4_linear(x[r0:r0 + 64], wp, ws, gw, impl="ref")
+            err, good = _error(out[r0:r0 + 64], want)
+            worst, ok = max(worst, err), ok and good
+        return {"status": "ok" if ok else "fail", "max_err": worst, "M": M, "N": N, "K": K,
+                "ms": _time_ms(check, lambda: wan_kernels.nvfp4_linear(x, wp, ws, gw), reps=3)}
+
+    return [Case("to_qkv W4A16 M=151200", run, f"nvfp4_linear [{M}, {K}] x [{N}, {K}] bf16, 3 slices vs ref")]
+
+
+def _tiny_inputs(cfg, device, dtype, grid=(2, 6, 10), batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, *grid, generator=g).to(device, dtype)
+    t = torch.tensor([700.0, 350.0][:batch], device=device)
+    text = torch.randn(batch, 512, cfg.text_dim, generator=g).to(device, dtype)
+    img = torch.randn(batch, 257, cfg.image_dim, generator=g).to(device, dtype) if cfg.has_image else None
+    return x, t, text, img
+
+
+def model_cases(check: Check) -> list[Case]:
+    from wan_model.cli import random_model
+    from wan_model.config import WanConfig
+
+    def compare(preset: str, dtype, layers: int | None = None, grid=(2, 6, 10)):
+        def run():
+            cfg = WanConfig.from_preset(preset)
+            if layers is not None:
+                cfg = cfg.replace(num_layers=layers)
+            model = random_model(cfg).to(check.device)
+            model.to_dtype(dtype)
+            x, t, text, img = _tiny_inputs(cfg, check.device, dtype, grid)
+            with torch.no_grad():
+                want = model.set_impl("ref")(x, t, text, img).float()
+                got = model.set_impl("auto")(x, t, text, img).float()
+            err = float((got - want).abs().max())
+            rel = err / float(want.abs().max())
+            # relative to max |ref| over one forward: fp32 differs only in accumulation order (seen ~5e-7);
+            # in bf16/fp16 the fused ops round once where the reference rounds per op, a few output ulps
+            # (bf16 ulp 2^-8 = 3.9e-3: 2e-2 is ~5 ulps; tiny-i2v measured 4.1e-3 on CPU)
+            limit = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+            return {"status": "ok" if rel <= limit else "fail", "max_err": err, "rel_err": rel, "limit": limit}
+        return run
+
+    def compiled():
+        cfg = WanConfig.from_preset("tiny-t2v")
+        model = random_model(cfg).to(check.device).set_impl("auto")
+        x, t, text, _ = _tiny_inputs(cfg, check.device, torch.float32)
+        with torch.no_grad():
+            want = model(x, t, text)
+            got = torch.compile(model, fullgraph=True)(x, t, text)
+        err = float((got - want).abs().max())
+        return {"status": "ok" if err <= 1e-4 else "fail", "max_err": err}
+
+    def cuda_graph():
+        cfg = WanConfig.from_preset("tiny-i2v")
+        model = random_model(cfg).to(check.device).set_impl("auto")
+        model.to_dtype(torch.bfloat16)
+        x, t, text, img = _tiny_inputs(cfg, check.device, torch.bfloat16)
+        with torch.no_grad():
+            ctx = model.prepare_context(text, img)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    eager = model(x, t, context=ctx)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = model(x, t, context=ctx)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            eager = model(x, t, context=ctx)
+        err = float((out.float() - eager.float()).abs().max())
+        return {"status": "ok" if err == 0.0 else "fail", "max_err": err}
+
+    return [
+        Case("tiny-t2v fp32 auto vs ref", compare("tiny-t2v", torch.float32), "forward", needs_cuda=False),
+        Case("tiny-i2v fp32 auto vs ref", compare("tiny-i2v", torch.float32), "forward", needs_cuda=False),
+        Case("tiny-i2v bf16 auto vs ref", compare("tiny-i2v", torch.bfloat16), "forward", needs_cuda=False),
+        Case("1.3B-shaped 2 layers bf16 auto vs ref", compare("wan2.1-t2v-1.3b", torch.bfloat16, 2, (3, 30, 52)),
+             "1.3B dims, 2 layers, 3 x 15 x 26 tokens x 2"),
+        Case("tiny-t2v torch.compile(fullgraph)", compiled, "compiled forward == eager", needs_cuda=False),
+        Case("tiny-i2v CUDA graph replay", cuda_graph, "capture one step, replay on new latents == eager"),
+    ]
+
+
+def _attention_flops(b, sq, sk, h, d):
+    return 4 * b * h * sq * sk * d
+
+
+def bench_attention_cases(check: Check) -> list[Case]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, D = 40, 128
+    cases = []
+    for res in ("480p", "720p"):
+        S = TOKENS[res]
+
+        def make(S=S):
+            g = torch.Generator(device=check.device).manual_seed(0)
+            return [torch.randn(1, S, H, D, device=check.device, dtype=torch.bfloat16, generator=g) for _ in "qkv"]
+
+        for provider in ("wan", "sdpa-flash", "sdpa-cudnn"):
+            def run(provider=provider, make=make, S=S):
+                q, k, v = make()
+                if provider == "wan":
+                    fn = lambda: wan_kernels.attention(q, k, v)  # noqa: E731
+                else:
+                    backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
+                    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+                    def fn():
+                        with sdpa_kernel(backend):
+                            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+                ms = _time_ms(check, fn, reps=3)
+                return {"ms": ms, "tflops": _attention_flops(1, S, S, H, D) / ms / 1e9}
+            cases.append(Case(f"self-attn 14B {res} {provider}", run, f"[1, {S}, {H}, {D}] bf16 {provider}"))
+
+    def i2v(mode: str):
+        def run():
+            S = TOKENS["480p"]
+            g = torch.Generator(device=check.device).manual_seed(0)
+            r = lambda n: torch.randn(1, n, H, D, device=check.device, dtype=torch.bfloat16, generator=g)  # noqa: E731
+            q, k, v, ki, vi = r(S), r(512), r(512), r(257), r(257)
+            if mode == "one launch":
+                fn = lambda: wan_kernels.attention(q, k, v, ki, vi)  # noqa: E731
+            else:
+                fn = lambda: wan_kernels.attention(q, k, v) + wan_kernels.attention(q, ki, vi)  # noqa: E731
+            ms = _time_ms(check, fn)
+            return {"ms": ms, "tflops": _attention_flops(1, S, 512 + 257, H, D) / ms / 1e9}
+        return run
+
+    cases += [Case(f"I2V cross-attn 14B 480p {m}", i2v(m), f"q [1, 32760, 40, 128], 512 text + 257 image keys, {m}")
+              for m in ("one launch", "two calls")]
+    return cases
+
+
+def bench_memory_cases(check: Check) -> list[Case]:
+    """The memory-bound fused ops at 14B 720p (one sample), GB/s vs the HBM peak."""
+    S, C, H = TOKENS["720p"], 5120, 40
+    peak = gpu_peak()
+    gbps_peak = peak[1]["gbps"] if peak else None
+
+    def result(ms, nbytes):
+        gbps = nbytes / ms / 1e6
+        return {"ms": ms, "gbps": gbps, "pct_hbm": 100 * gbps / gbps_peak if gbps_peak else None}
+
+    def qk_norm_rope():
+        qkv = torch.randn(1, S, 3 * C, device=check.device, dtype=torch.bfloat16)
+        w = torch.ones(C, device=check.device, dtype=torch.bfloat16)
+        ang = torch.rand(S, C // H // 2, device=check.device)
+        cos, sin = ang.cos(), ang.sin()
+        ms = _time_ms(check, lambda: wan_kernels.qk_norm_rope(qkv, w, w, cos, sin, H))
+        return result(ms, 2 * qkv.numel() * 2 + 2 * cos.numel() * 4)
+
+    def modulate():
+        x = torch.randn(1, S, C, device=check.device, dtype=torch.bfloat16)
+        sc = torch.randn(1, 1, C, device=check.device)
+        return result(_time_ms(check, lambda: wan_kernels.layer_norm_modulate(x, sc, sc)), 2 * x.numel() * 2)
+
+    def residual():
+        x = torch.randn(1, S, C, device=check.device, dtype=torch.bfloat16)
+        gate = torch.randn(1, 1, C, device=check.device)
+        return result(_time_ms(check, lambda: wan_kernels.gated_residual(x, x, gate)), 3 * x.numel() * 2)
+
+    return [Case("qk_norm_rope 14B 720p", qk_norm_rope, f"qkv [1, {S}, {3 * C}] bf16"),
+            Case("layer_norm_modulate 14B 720p", modulate, f"x [1, {S}, {C}] bf16"),
+            Case("gated_residual 14B 720p", residual, f"x, y [1, {S}, {C}] bf16")]
+
+
+def bench_gemm_cases(check: Check) -> list[Case]:
+    """NVFP4 GEMMs at the 14B linears (480p, one sample: M = 32,760) vs bf16 cuBLAS."""
+    M = TOKENS["480p"]
+    shapes = {"to_qkv": (3 * 5120, 5120), "ffn_in": (13824, 5120), "ffn_out": (5120, 13824)}
+    cases = []
+    for name, (N, K) in shapes.items():
+        def run(N=N, K=K):
+            g = torch.Generator(device=check.device).manual_seed(0)
+            w = torch.randn(N, K, device=check.device, generator=g) * K ** -0.5
+            x = torch.randn(M, K, device=check.device, dtype=torch.bfloat16, generator=g)
+            gw = wan_kernels.nvfp4.global_scale(w)
+            wp, ws = wan_kernels.nvfp4_quantize(w, gw, impl="ref")
+            wb = w.to(torch.bfloat16)
+            flops = 2 * M * N * K
+            out = {"cublas_ms": _time_ms(check, lambda: torch.nn.functional.linear(x, wb))}
+            out["w4a16_ms"] = _time_ms(check, lambda: wan_kernels.nvfp4_linear(x, wp, ws, gw))
+            if routing.unavailable_reason("nvfp4_gemm", "cuda", check.device) is None:
+                out["w4a4_ms"] = _time_ms(check, lambda: wan_kernels.nvfp4_linear_w4a4(x, wp, ws, gw, impl="cuda"))
+            else:
+                out["w4a4"] = "skip: " + routing.unavailable_reason("nvfp4_gemm", "cuda", check.device)[:120]
+            out |= {f"{k[:-3]}_tflops": flops / v / 1e9 for k, v in list(out.items()) if k.endswith("_ms")}
+            return out
+        cases.append(Case(f"{name} [{M}, {K}] x [{N}, {K}]", run, "cuBLAS bf16 vs W4A16 (vs W4A4 on sm_100)"))
+    return cases
+
+
+def model_step_cases(check: Check) -> list[Case]:
+    """One CFG step (batch 2) at 480p / 81 frames: measured vs the cost model's roofline; peak memory."""
+    from wan_model import cost
+    from wan_model.config import WanConfig
+    from wan_model.model import WanModel
+
+    def step(preset: str):
+        def run():
+            cfg = WanConfig.from_preset(preset)
+            torch.cuda.reset_peak_memory_stats()
+            with torch.device(check.device):
+                torch.set_default_dtype(torch.bfloat16)
+                try:
+                    model = WanModel(cfg, impl="auto", device=check.device).eval()
+                finally:
+                    torch.set_default_dtype(torch.float32)
+            model.to_dtype(torch.bfloat16)
+            x = torch.randn(2, cfg.in_channels, 21, 60, 104, device=check.device, dtype=torch.bfloat16)
+            t = torch.tensor([500.0, 500.0], device=check.device)
+            text = torch.randn(2, 512, cfg.text_dim, device=check.device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                ctx = model.prepare_context(text)
+                model(x, t, context=ctx)
+                _sync(check)
+                t0 = time.perf_counter()
+                model(x, t, context=ctx)
+                _sync(check)
+                ms = (time.perf_counter() - t0) * 1e3
+            peak = gpu_peak()
+            c = cost.model_cost(cfg, *SIZES["480p"], 81, batch=2)
+            roof = c.roofline(peak[1], include_context=False) * 1e3 if peak else None
+            return {"ms": ms, "roofline_ms": roof, "pct_of_roofline": 100 * roof / ms if roof else None,
+                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+        return run
+
+    return [Case(f"{p} CFG step 480p", step(p), f"{p}, batch 2, 32760 tokens, bf16")
+            for p in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")]
+
+
+SECTIONS = [
+    Section("ops", 90, ops_cases),
+    Section("big_gemm", 60, big_gemm_cases),
+    Section("model", 90, model_cases),
+    Section("bench_attention", 75, bench_attention_cases),
+    Section("bench_memory", 30, bench_memory_cases),
+    Section("bench_gemm", 45, bench_gemm_cases),
+    Section("model_step", 75, model_step_cases),
+]
+BUILD_TIMEOUT_S = 240
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wan_kernels.gpu_check", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("outdir", type=Path, help="directory for results.jsonl, summary.md, env.json, build.log")
+    p.add_argument("--dry-run", action="store_true", help="record what every section would do; run nothing")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--skip-build", action="store_true", help="use the _C already built")
+    p.add_argument("--sections", default=",".join(s.name for s in SECTIONS),
+                   help="comma-separated subset of: " + ", ".join(s.name for s in SECTIONS))
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the re-executed run after a build
+    args = p.parse_args(argv)
+    names = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(names) - {s.name for s in SECTIONS})
+    if unknown:
+        p.error(f"argument --sections: unknown section(s) {unknown}")
+    if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
+        p.error("argument --device: cuda requested but torch sees no CUDA device (use --device cpu or --dry-run)")
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (args.outdir / "results.jsonl").write_text("")
+
+    if args.device == "cuda" and not args.dry_run and not args.skip_build:
+        result = build(args.outdir, BUILD_TIMEOUT_S)
+        with open(args.outdir / "results.jsonl", "a") as f:
+            f.write(json.dumps({"section": "build", "case": "_C", **result}) + "\n")
+        print(f"[build] _C: {result}", flush=True)
+        # the package (and its _C, or the pure-torch fallback) is already imported: run the rest afresh
+        os.execv(sys.executable, [sys.executable, "-m", "wan_kernels.gpu_check", str(args.outdir), "--skip-build",
+                                  "--resume", "--sections", ",".join(names)])
+    check = Check(args.outdir, "cpu" if args.device == "cpu" else "cuda", args.dry_run)
+    env = env_fields(check)
+    (args.outdir / "env.json").write_text(json.dumps(env, indent=1, default=str))
+    print(f"device: {env['device']}; _C: {env['extension']}", flush=True)
+    for section in SECTIONS:
+        if section.name in names:
+            check.run_section(section)
+    check.write_summary()
+    failed = [r for r in check.rows if r["status"] in ("fail", "error")]
+    print(f"gpu_check: {len(check.rows)} cases, {len(failed)} failed or errored; summary in "
+          f"{args.outdir / 'summary.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
