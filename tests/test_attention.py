@@ -289,6 +289,35 @@ def test_bf16_on_cpu_is_upcast():
     assert_flash_rule(got, inputs, what="bf16")
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Sk", [1, 3, 70])  # 70: two key tiles, the non-finite key in the partial one
+@pytest.mark.parametrize("case", ["q_nan", "scale_nan", "k_nan", "v_nan", "k_img_nan", "v_img_nan", "q_inf",
+                                  "k_inf", "k_neg_inf", "v_inf"])
+def test_nan_and_inf_propagate_as_in_reference(case, Sk, dtype):
+    """A NaN or inf in q / k / v / the image set / the scale gives the reference's NaN and inf positions (a
+    NaN score must not be dropped by the row max, a row of -inf scores is NaN as in softmax), the finite
+    outputs still within the rule."""
+    q, k, v, ki, vi = make_inputs(1, 5, Sk, 3, 2, 64, torch.float32, seed=Sk)
+    scale = float("nan") if case == "scale_nan" else None
+    t, index, value = {"q_nan": (q, (0, 2, 1, 5), "nan"), "k_nan": (k, (0, Sk - 1, 0, 3), "nan"),
+                       "v_nan": (v, (0, 0, 1, 7), "nan"), "k_img_nan": (ki, (0, 1, 1, 0), "nan"),
+                       "v_img_nan": (vi, (0, 2, 0, 9), "nan"), "q_inf": (q, (0, 4, 0, 1), "inf"),
+                       "k_inf": (k, (0, 0, 1, 2), "inf"), "k_neg_inf": (k, (0, slice(None), 1, 0), "-inf"),
+                       "v_inf": (v, (0, Sk - 1, 0, 4), "-inf")}.get(case, (q, (), None))
+    if value is not None:
+        t[index] = float(value)
+    if case == "k_neg_inf":
+        q[0, :, 1, 0] = 1.0                                  # every score of head 1 is -inf
+    q, k, v, ki, vi = (x.to(dtype) for x in (q, k, v, ki, vi))
+    got = wan_kernels.attention(q, k, v, ki, vi, scale=scale, impl="triton")
+    want = ref.attention(q, k, v, ki, vi, scale=scale)
+    assert want.isnan().any() or want.isinf().any()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[got.isinf()], want[want.isinf()])
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+
+
 def test_wrapper_checks_arguments():
     q, k, v, _, _ = make_inputs(1, 4, 5, None, 2, 64, torch.float16)
     with pytest.raises(ValueError, match=r"k_img and v_img must be given together"):
@@ -318,3 +347,67 @@ def test_empty_query():
 
 def test_registered_as_triton_backend():
     assert KERNELS["attention"] is ta.attention
+
+
+# ---------------------------------------------------------------------------------------------
+# wan::attention_lse (ring attention's building block): every backend, and the exact merge of key blocks
+
+def _lse_impls():
+    return ["ref", "cpu", "triton"]
+
+
+def _scores64(q, k, scale):
+    return torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+
+
+@pytest.mark.parametrize("impl", _lse_impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attention_lse_matches_logsumexp_of_fp64_scores(impl, dtype):
+    from wan_kernels.ops import attention_lse
+
+    B, Sq, Sk, H, D, scale = 2, 33, 70, 3, 64, 0.2
+    q, k, v, _, _ = make_inputs(B, Sq, Sk, None, H, D, dtype, seed=7, magnitude=2.0)
+    out, lse = attention_lse(q, k, v, scale, impl=impl)
+    assert lse.shape == (B, H, Sq) and lse.dtype == torch.float32 and out.dtype == dtype
+    # fp32 scores of the rounded inputs, |scores| <= ~30: the LSE is good to ~1e-5 absolute (as above)
+    torch.testing.assert_close(lse.double(), _scores64(q, k, scale).logsumexp(-1), rtol=0, atol=1e-5)
+    want = wan_kernels.attention(q, k, v, None, None, scale, impl=impl)
+    # the same kernel with its LSE store switched on (ref: the same formula, matmuls in another layout)
+    tol = dict(rtol=0, atol=0) if impl != "ref" else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, want, **tol)
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+def test_lse_merge_of_two_key_blocks_equals_attention_over_all_keys(impl):
+    """out -= sigmoid(lse_b - lse) * (out - out_b); lse -= logsigmoid(lse - lse_b) (ring attention's merge), fp64."""
+    from wan_kernels.ops import attention_lse
+
+    B, Sq, Sk, H, D, scale = 2, 19, 70, 2, 32, 0.3
+    q, k, v, _, _ = make_inputs(B, Sq, Sk, None, H, D, torch.float64, seed=8, magnitude=2.0)
+    out, lse = attention_lse(q, k[:, :37], v[:, :37], scale, impl=impl)
+    out_b, lse_b = attention_lse(q, k[:, 37:], v[:, 37:], scale, impl=impl)
+    assert lse.dtype == torch.float64
+    w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)                  # [B, Sq, H, 1]
+    out = out - w * (out - out_b)
+    lse = lse - F.logsigmoid(lse - lse_b)
+    want_out, want_lse = ref.attention_lse(q, k, v, scale)
+    torch.testing.assert_close(lse, _scores64(q, k, scale).logsumexp(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)  # fp64 terms: a few ulps of O(1) values
+
+
+def test_attention_lse_is_not_differentiable_yet():
+    from wan_kernels.ops import attention_lse
+
+    q, k, v, _, _ = make_inputs(1, 4, 5, None, 1, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="attention_lse is not differentiable, but q requires grad"):
+        attention_lse(q.requires_grad_(), k, v)
+
+
+def test_attention_lse_checks_arguments():
+    from wan_kernels.ops import attention_lse
+
+    q, k, v, _, _ = make_inputs(1, 4, 5, None, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"k must be \[1, Sk, 2, 16\]"):
+        attention_lse(q, k[:, :, :1], v, impl="ref")
+    with pytest.raises(ValueError, match="k has no keys"):
+        attention_lse(q, k[:, :0], v[:, :0], impl="ref")

@@ -83,6 +83,62 @@ def test_i2v_is_sum_of_two_calls_and_layouts():
                                ref.attention(q, k, vv, scale=0.3), rtol=0, atol=1e-5)
 
 
+NONFINITE_CASES = ("q_nan", "q_row_nan", "scale_nan", "scale_inf", "k_nan", "v_nan", "k_img_nan", "v_img_nan",
+                   "q_inf", "k_inf", "k_neg_inf", "v_inf")
+
+
+def nonfinite_inputs(case, sk, dtype, dv=64):
+    """q [1, 5, 2, 64], k/v [1, sk, 2, 64 / dv] and a 3-key image set with one non-finite value (or scale) at
+    a place named by `case`; "k_neg_inf" makes every score of head 1 -inf (softmax of the row: NaN)."""
+    g = torch.Generator().manual_seed(sk)
+    q, k, ki = (torch.randn(1, n, 2, 64, generator=g) for n in (5, sk, 3))
+    v, vi = (torch.randn(1, n, 2, dv, generator=g) for n in (sk, 3))
+    scale = {"scale_nan": float("nan"), "scale_inf": float("inf")}.get(case)
+    t, index, value = {"q_nan": (q, (0, 2, 1, 5), "nan"), "q_row_nan": (q, (0, 2, 1), "nan"),
+                       "k_nan": (k, (0, sk - 1, 0, 3), "nan"), "v_nan": (v, (0, 0, 1, 7), "nan"),
+                       "k_img_nan": (ki, (0, 1, 1, 0), "nan"), "v_img_nan": (vi, (0, 2, 0, 9), "nan"),
+                       "q_inf": (q, (0, 4, 0, 1), "inf"), "k_inf": (k, (0, 0, 1, 2), "inf"),
+                       "k_neg_inf": (k, (0, slice(None), 1, 0), "-inf"), "v_inf": (v, (0, sk - 1, 0, 4), "-inf"),
+                       }.get(case, (q, (), None))
+    if value is not None:
+        t[index] = float(value)
+    if case == "k_neg_inf":
+        q[0, :, 1, 0] = 1.0
+    return (*(x.to(dtype) for x in (q, k, v, ki, vi)), scale)
+
+
+def assert_nonfinite_like(got, want, tol):
+    """Same NaN and +-inf positions as the reference, finite values within `tol` (atol = rtol)."""
+    assert torch.equal(got.isnan(), want.isnan()), (got.isnan().sum(), want.isnan().sum())
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()])
+    assert want.isnan().any() or want.isinf().any()
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("sk", [1, 3, 40])
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+def test_nan_and_inf_propagate_as_in_reference(dtype, sk, case):
+    """NaN and inf in any input (or the scale) give the reference's NaN / inf, with and without an image set.
+    ATen's flash kernel returned zeros for a row of only NaN / -inf scores (fewer keys than its vector width:
+    sk 1 and 3); bf16 runs the AVX512-BF16 kernel here, fp16/fp32/fp64 ATen's kernel."""
+    q, k, v, ki, vi, scale = nonfinite_inputs(case, sk, dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    if "img" not in case:
+        assert_nonfinite_like(wan_kernels.attention(q, k, v, scale=scale, impl="cpu"),
+                              ref.attention(q, k, v, scale=scale), tol)
+    assert_nonfinite_like(wan_kernels.attention(q, k, v, ki, vi, scale=scale, impl="cpu"),
+                          ref.attention(q, k, v, ki, vi, scale=scale), tol)
+
+
+@pytest.mark.parametrize("case", ["q_row_nan", "scale_nan", "k_neg_inf", "v_nan"])
+def test_nan_propagates_on_the_math_path(case):
+    """A value dim other than the head dim runs ATen's math kernel (not its flash kernel): NaN there too."""
+    q, k, v, ki, vi, scale = nonfinite_inputs(case, 3, torch.float32, dv=32)
+    assert_nonfinite_like(wan_kernels.attention(q, k, v, ki, vi, scale=scale, impl="cpu"),
+                          ref.attention(q, k, v, ki, vi, scale=scale), 1e-5)
+
+
 def test_bf16_kernel_is_chosen_by_the_cpu():
     """The AVX512-BF16 kernel runs exactly where the CPU has the instructions (Linux: /proc/cpuinfo)."""
     if not os.path.exists("/proc/cpuinfo"):
@@ -185,3 +241,23 @@ def test_env_opts_out_of_the_bf16_kernel():
     done = _attention_in_subprocess("fast")
     assert done.returncode != 0
     assert "WAN_CPU_ATTENTION must be 'auto' or 'aten', got 'fast'" in done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", ["flash", "value_dim", "q_row_nan"])
+def test_attention_lse_cpu_matches_reference(dtype, case):
+    """wan::attention_lse's C++ kernel: ATen's flash LSE (or the plain formula when Dv != D), NaN rows kept."""
+    q, k, v, _, _ = _inputs(2, 17, 40, 0, 2, 64, dtype, seed=3)
+    if case == "value_dim":
+        v = v[..., :48]
+    if case == "q_row_nan":
+        q[1, 5, 0, 3] = float("nan")
+    out, lse = torch.ops.wan.attention_lse(q, k, v, None)
+    want_out, want_lse = ref.attention_lse(q, k, v)
+    assert lse.dtype == want_lse.dtype and lse.shape == (2, 2, 17)
+    # fp32 compute in both (fp64 stays fp64); bf16 outputs round once: half a bf16 ulp of O(1) values
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5, equal_nan=True)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=tol, equal_nan=True)
+    if case == "q_row_nan":
+        assert lse[1, 0, 5].isnan() and out[1, 5, 0].isnan().all()

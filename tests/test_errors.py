@@ -8,7 +8,7 @@ import wan_kernels
 
 from _inputs import op_inputs
 
-IMPLS = ["auto", "ref", "cpu"]
+IMPLS = ["auto", "ref", "cpu", "triton"]  # triton: under TRITON_INTERPRET=1 (same checks, before the launch)
 NO_CPP_CPU_KERNEL = ("nvfp4_gemm", "nvfp4_linear")  # impl="cpu" raises for these (test_library.py)
 
 
@@ -42,6 +42,23 @@ CASES = [
     ("nvfp4_gemm", 6, torch.randn(5), r"bias must be \[24\].*5"),
     ("nvfp4_linear", 0, torch.randn(2, 5, 48), r"x must be \[\.\.\., 64\].*2, 5, 48"),
     ("nvfp4_linear", 4, torch.randn(7), r"bias must be \[24\].*7"),
+    # one input rule for every backend (the C++ composite of qkv_rope broadcast these biases)
+    ("qkv_rope", 2, torch.randn(1, 384), r"b_qkv must be \[384\] or None.*1, 384"),
+    ("qkv_rope", 2, torch.randn(17, 384), r"b_qkv must be \[384\] or None.*17, 384"),
+    ("qkv_rope", 2, torch.ones(384, dtype=torch.int64), r"b_qkv must have x's dtype torch.float32.*int64"),
+    ("qkv_rope", 0, torch.ones(2, 17, 128, dtype=torch.int32), r"x must be float32/float16/bfloat16.*int32"),
+    # float operands of int/bool/complex dtype, named with their dtype
+    ("qk_norm_rope", 1, torch.ones(128, dtype=torch.int64), r"norm_q_weight must be float32/float16/bf.*int64"),
+    ("qk_norm_rope", 2, torch.ones(128, dtype=torch.bool), r"norm_k_weight must be float32/float16/bfloat16.*bool"),
+    ("qk_norm_rope", 1, torch.ones(128, dtype=torch.complex64), r"norm_q_weight must be float.*complex64"),
+    ("qkv_rope", 4, torch.ones(128, dtype=torch.int32), r"norm_k_weight must be float32/float16/bfloat16.*int32"),
+    ("qk_norm_rope", 3, torch.ones(17, 32, dtype=torch.complex64), r"rope_cos must be float32.*complex64"),
+    ("qkv_rope", 6, torch.ones(17, 32, dtype=torch.int64), r"rope_sin must be float32.*int64"),
+    ("nvfp4_linear", 4, torch.ones(24, dtype=torch.int32), r"bias must be float32/float16/bfloat16.*int32"),
+    ("nvfp4_gemm", 6, torch.ones(24, dtype=torch.bool), r"bias must be float32/float16/bfloat16.*bool"),
+    ("layer_norm_modulate", 1, torch.ones(2, 1, 128, dtype=torch.int64), r"scale must be float32 .*int64"),
+    ("layer_norm_modulate", 2, torch.ones(2, 17, 128, dtype=torch.bool), r"shift must be float32 .*bool"),
+    ("gated_residual", 2, torch.ones(2, 1, 128, dtype=torch.complex64), r"gate must be float32 .*complex64"),
 ]
 
 
@@ -50,7 +67,8 @@ PARAMS = [pytest.param(*case, impl, id=f"{case[0]}-{i}-{impl}") for i, case in e
 
 
 @pytest.mark.parametrize("op,index,bad,pattern,impl", PARAMS)
-def test_bad_input_message(op, index, bad, pattern, impl):
+def test_bad_input_message(op, index, bad, pattern, impl, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     args = _replace(op_inputs()[op], index, bad)
     with pytest.raises((ValueError, RuntimeError), match=pattern):
         getattr(wan_kernels, op)(*args, impl=impl)
@@ -67,3 +85,18 @@ def test_device_mismatch_is_named():
     gs = torch.empty((), device="meta")
     with pytest.raises(ValueError, match="global_scale is on meta but the inputs are on cpu"):
         wan_kernels.nvfp4_quantize(x, gs, impl="ref")
+
+
+@pytest.mark.parametrize("op,index,bad,pattern", [
+    ("qk_norm_rope", 1, torch.ones(128, dtype=torch.int64), r"norm_q_weight must be float32/float16/bfloat16.*(Long|int64)"),
+    ("qk_norm_rope", 2, torch.ones(128, dtype=torch.bool), r"norm_k_weight must be float32/float16/bfloat16.*(Bool|bool)"),
+    ("qkv_rope", 2, torch.randn(1, 384), r"b_qkv must be \[384\] or None.*1, 384"),
+    ("qkv_rope", 2, torch.ones(384, dtype=torch.int64), r"b_qkv must have x's dtype torch.float32.*int64"),
+    ("qkv_rope", 4, torch.ones(128, dtype=torch.int32), r"norm_k_weight must be float32/float16/bfloat16.*(Int|int32)"),
+], ids=lambda v: v if isinstance(v, (str, int)) else None)
+def test_direct_dispatcher_call_checks_like_the_wrappers(op, index, bad, pattern):
+    # torch.ops.wan.* called directly: the C++ kernel's TORCH_CHECKs (qk_norm_rope) and the one composition of
+    # qkv_rope (its checks in front) hold the same rules as the wrappers
+    args = _replace(op_inputs()[op], index, bad)
+    with pytest.raises((ValueError, RuntimeError), match=pattern):
+        getattr(torch.ops.wan, op)(*args)

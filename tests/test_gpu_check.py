@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from wan_kernels import _schemas, gpu_check
+from wan_kernels import gpu_check, routing
 
 
 def _rows(outdir):
@@ -21,8 +21,8 @@ def test_dry_run_lists_every_section_and_op(tmp_path, capsys):
     assert {r["status"] for r in rows} == {"dry-run"}
     assert {r["section"] for r in rows} == {s.name for s in gpu_check.SECTIONS}
     ops = {r["case"].split()[0] for r in rows if r["section"] == "ops"}
-    assert ops == set(_schemas.PUBLIC_OPS)
-    assert len([r for r in rows if r["section"] == "ops"]) == len(_schemas.PUBLIC_OPS) * 3 * 3  # impls x dtypes
+    assert ops == set(routing.public_ops())
+    assert len([r for r in rows if r["section"] == "ops"]) == len(routing.public_ops()) * 3 * 3  # impls x dtypes
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["env.json", "results.jsonl", "summary.md"] and len(files) <= 8
     summary = (tmp_path / "summary.md").read_text()
@@ -38,7 +38,7 @@ def test_cpu_run_checks_ops_and_model(tmp_path, capsys):
     ran = [r for r in ops if r["status"] == "ok"]
     # every op runs through auto on CPU in all three dtypes, with its measured error recorded
     assert {(r["case"].split()[0], r["case"].split()[2]) for r in ran if " auto " in r["case"]} == \
-        {(op, d) for op in _schemas.PUBLIC_OPS for d in gpu_check.DTYPES}
+        {(op, d) for op in routing.public_ops() for d in gpu_check.DTYPES}
     assert all("max_err" in r for r in ran)
     model = {r["case"]: r for r in rows if r["section"] == "model"}
     assert model["tiny-i2v bf16 auto vs ref"]["status"] == "ok"

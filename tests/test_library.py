@@ -8,10 +8,14 @@ import pytest
 import torch
 
 import wan_kernels
-from wan_kernels import _schemas, routing
-from wan_kernels._library import EXTENSION, FAKES, PYTHON_KERNELS
+from wan_kernels import _extension, routing
+from wan_kernels._extension import EXTENSION
+from wan_kernels._spec import SPECS, all_specs
 
 from _inputs import op_inputs
+
+SPECS_ALL = {s.name: s for s in all_specs()}  # public and internal ops
+OPS = tuple(SPECS_ALL)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,8 +35,9 @@ def test_extension_built_with_cuda_for_default_archs():
         pytest.skip("WAN_SKIP_CUDA_BUILD=1: this build has no CUDA sources by request")
     assert info["with_cuda"], info
     assert info["cuda_archs"] == os.environ.get("WAN_CUDA_ARCHS", "8.0;9.0a;10.0a")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("wan::nvfp4_quantize", "CUDA")
-    assert "CUDA" not in {k for k, ops in PYTHON_KERNELS.items() if "nvfp4_quantize" in ops}
+    # on the internal op: the router binds it where its code runs (tests/test_routing.py)
+    assert _extension.has_compiled_kernel("nvfp4_quantize_cuda", "CUDA")
+    assert not _extension.has_compiled_kernel("nvfp4_quantize", "CUDA")
 
 
 def test_cuda_objects_per_arch_have_no_spills():
@@ -63,23 +68,23 @@ def test_cuda_objects_per_arch_have_no_spills():
         assert "UTCOMMA.2CTA" in sass and "UTCOMMA.4X" in sass
 
 
-@pytest.mark.parametrize("op", _schemas.OPS)
+@pytest.mark.parametrize("op", OPS)
 def test_schema_matches_python_copy(op):
-    # The C++ TORCH_LIBRARY is the source; the Python copy (for installs without _C) must be identical.
+    # The C++ TORCH_LIBRARY is the source; the spec's copy (for installs without _C) must be identical.
+    assert EXTENSION.loaded
     schema = str(getattr(torch.ops.wan, op).default._schema)
-    assert schema == "wan::" + _schemas.SCHEMAS[op]
+    assert schema == "wan::" + SPECS_ALL[op].schema
 
 
 def test_every_op_has_fake_and_cpu_kernel():
-    for op in _schemas.OPS:
+    for op, spec in SPECS_ALL.items():
         name = f"wan::{op}"
-        if op in _schemas.COMPOSITE:
+        if spec.compose is not None:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
             continue
-        assert op in FAKES
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
-        if op not in _schemas.INTERNAL:  # internal ops carry a CUDA kernel only where it is compiled
+        if spec.internal_of is None:  # internal ops carry a CUDA kernel only where it is compiled
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 
@@ -90,9 +95,16 @@ def test_compiled_cpu_kernels_are_cpp():
     assert routing.auto_backend("nvfp4_gemm", None) == "ref"
 
 
-@pytest.mark.parametrize("op", _schemas.OPS)
+def _requiring_grad(op: str, args: tuple) -> tuple:
+    """args with the inputs `op` is differentiable in requiring grad (so opcheck tests its autograd)."""
+    spec = SPECS_ALL[op]
+    return tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and n in spec.differentiable else a
+                 for n, a in zip(spec.arg_names, args))
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
-    args = op_inputs()[op]
+    args = _requiring_grad(op, op_inputs()[op])
     fp8_inputs = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn]
     if not fp8_inputs:
         torch.library.opcheck(getattr(torch.ops.wan, op).default, args)
@@ -107,7 +119,7 @@ def test_opcheck(op):
     assert all(torch.equal(b, a.view(torch.uint8)) for a, b in zip(fp8_inputs, before))
 
 
-@pytest.mark.parametrize("op", _schemas.OPS)
+@pytest.mark.parametrize("op", OPS)
 def test_fake_matches_real_shapes(op):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -126,7 +138,7 @@ def test_compile_fullgraph_traces_every_op():
 
     def f(inputs):
         outs = []
-        for op in _schemas.OPS:
+        for op in OPS:
             out = getattr(torch.ops.wan, op)(*inputs[op])
             outs += list(out) if isinstance(out, tuple) else [out]
         return outs
@@ -155,29 +167,36 @@ def test_compile_inductor_with_wrappers():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # same kernels; inductor only fuses the adds
 
 
-def test_named_unavailable_backend_raises_never_falls_back():
+def test_named_unavailable_backend_raises_never_falls_back(monkeypatch):
     q, k, v, *_ = op_inputs()["attention"]
     with pytest.raises(wan_kernels.BackendUnavailableError, match="impl='cuda' on cpu"):
         wan_kernels.attention(q, k, v, impl="cuda")
     a, a_s, a_gs, b, b_s, b_gs, bias, dt = op_inputs()["nvfp4_gemm"]
     with pytest.raises(wan_kernels.BackendUnavailableError, match="no C\\+\\+ CPU kernel of wan::nvfp4_gemm"):
         wan_kernels.nvfp4_gemm(a, a_s, a_gs, b, b_s, b_gs, bias, dt, impl="cpu")
-    if "attention" not in wan_kernels.triton.KERNELS:
-        with pytest.raises(wan_kernels.BackendUnavailableError, match="no Triton kernel"):
-            wan_kernels.attention(q, k, v, impl="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    routing.clear_caches()  # backends are resolved once; other tests resolved them under TRITON_INTERPRET=1
+    with pytest.raises(wan_kernels.BackendUnavailableError, match="Triton needs CUDA tensors"):
+        wan_kernels.attention(q, k, v, impl="triton")
+    assert routing.unavailable_reason("attention", "cuda", "cpu") == "backend 'cuda' runs CUDA tensors, got cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert routing.unavailable_reason("attention", "cuda", "cuda") == "wan::attention has no CUDA kernel"
     with pytest.raises(ValueError, match="unknown impl 'fast'"):
         wan_kernels.attention(q, k, v, impl="fast")
 
 
 def test_route_table_covers_every_op_and_target():
     table = wan_kernels.route_table()
-    assert set(table) == set(_schemas.PUBLIC_OPS)
+    assert set(table) == set(SPECS)
     for row in table.values():
         assert set(row) == set(routing.DEVICE_CLASSES)
         assert set(row.values()) <= set(routing.BACKENDS)
     if EXTENSION.build_info.get("with_cuda"):
-        # The CUDA NVFP4 quantizer is compiled for every default arch, so auto routes to it there.
-        assert {table["nvfp4_quantize"][c] for c in list(routing.DEVICE_CLASSES)[1:]} == {"cuda"}
+        # The CUDA NVFP4 quantizer is compiled for every default target: auto routes to it where that code runs
+        # (sm_80 SASS on 8.x, sm_90a on 9.0, sm_100a on 10.0), to Triton elsewhere.
+        assert {c: table["nvfp4_quantize"][c] for c in routing.DEVICE_CLASSES} == {
+            "cpu": "cpu", "sm80": "cuda", "sm86": "cuda", "sm89": "cuda", "sm90": "cuda", "sm100": "cuda",
+            "sm103": "triton", "sm120": "triton"}
 
 
 def test_cli_prints_routing_and_passes_self_check():

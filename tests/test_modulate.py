@@ -88,6 +88,41 @@ def test_vector_and_strided_paths(dtype, C):
         assert torch.equal(got.nan_to_num(), want.nan_to_num())                   # bit-identical, inf included
 
 
+def _layer_norm_modulate_fp64(x, scale, shift, eps):
+    x = x.double()
+    n = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    return n * (1 + scale.double()) + shift.double()
+
+
+def _huge_rows(B, S, C, dtype, g):
+    """Rows of randn * 10^m for m in 17..37 (the sum of squares overflows fp32 from ~1e17 at these widths; the
+    sum itself from ~1e35), the first row left O(1), the last one with an inf (NaN in torch)."""
+    x = torch.randn(B, S, C, generator=g, dtype=torch.float64)
+    x[:, 1:] *= 10.0 ** torch.linspace(17, 37, S - 1, dtype=torch.float64)[:, None]
+    x = x.to(dtype)
+    x[-1, -1, 3] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [64, 100, 1536])
+def test_layer_norm_of_huge_rows_matches_fp64(impl, dtype, C, monkeypatch):
+    """|x| up to 1e37 gives the O(1) LayerNorm of fp64 (was `shift` everywhere: the variance overflowed to inf,
+    or NaN), in the reference, on the AVX512 rows (modulation contiguous along C), the scalar rows (strided)
+    and Triton."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(C)
+    x = _huge_rows(2, 12, C, dtype, g)
+    contiguous = [t.unsqueeze(1) for t in torch.randn(2, 2, C, generator=g)]
+    strided = [t.t().unsqueeze(1) for t in torch.randn(2, C, 2, generator=g)]
+    for shift, scale in (contiguous, strided):
+        got = wan_kernels.layer_norm_modulate(x, scale, shift, 1e-6, impl=impl)
+        want = _layer_norm_modulate_fp64(x, scale, shift, 1e-6).to(dtype)
+        assert got[-1, -1].isnan().all() and not got[:, :-1].isnan().any()
+        _assert_close(got[:, :-1], want[:, :-1])
+
+
 def test_errors_name_argument_and_shape():
     x = torch.randn(2, 5, 64)
     with pytest.raises((ValueError, RuntimeError), match=r"scale must be float32 \[2 or 1, 5 or 1, 64\].*2, 5, 32"):

@@ -147,6 +147,22 @@ def test_all_zero_tensor(impl):
 
 
 @pytest.mark.parametrize("impl", CPU_QUANT_IMPLS)
+def test_strided_packed_and_block_scales(impl):
+    """Column-major packed codes and block scales (strides (1, rows)) and a stride-2 bias dequantize and
+    multiply exactly as contiguous ones (the C++ launchers copy them to the contiguous layout they index)."""
+    g = torch.Generator().manual_seed(21)
+    a, b, bias = torch.randn(70, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(80, generator=g)
+    ga, gb = nvfp4.global_scale(a), nvfp4.global_scale(b)
+    (pa, sa), (pb, sb) = (wan_kernels.nvfp4_quantize(t, gs, impl=impl) for t, gs in ((a, ga), (b, gb)))
+    cm = [t.t().contiguous().t() for t in (pa, sa, pb, sb)]
+    assert not any(t.is_contiguous() for t in cm)
+    want = wan_kernels.nvfp4_dequantize(pa, sa, ga, torch.float32, impl=impl)
+    assert torch.equal(wan_kernels.nvfp4_dequantize(cm[0], cm[1], ga, torch.float32, impl=impl), want)
+    want = wan_kernels.nvfp4_gemm(pa, sa, ga, pb, sb, gb, bias[::2].contiguous(), torch.float32)
+    assert torch.equal(wan_kernels.nvfp4_gemm(*cm[:2], ga, *cm[2:], gb, bias[::2], torch.float32), want)
+
+
+@pytest.mark.parametrize("impl", CPU_QUANT_IMPLS)
 def test_nan_inf_policy(impl):
     x = torch.randn(2, 32, generator=torch.Generator().manual_seed(7))
     x[0, 3] = float("nan")

@@ -1,20 +1,20 @@
 """wan-kernels: fused kernels for the Wan2.1/2.2 video DiT, as `torch.ops.wan.*` and typed wrappers.
 
-Importing this package registers the `wan` op namespace (from the compiled extension `_C` when it is
-built, else from Python with the pure-torch references as CPU kernels). `python -m wan_kernels`
-prints what was built, the routing table and a self-check.
+Importing this package registers the `wan` op namespace from the op specs (wan_kernels/ops/, one module per
+op; the compiled extension `_C` adds its C++/CUDA kernels when it is built, else the pure-torch references
+serve as CPU kernels). `python -m wan_kernels` prints what was built, the routing table and a self-check.
 """
 
 from wan_kernels import _library, ref
-from wan_kernels._library import EXTENSION
-from wan_kernels.ops import (attention, gated_residual, layer_norm_modulate, nvfp4_dequantize, nvfp4_gemm, nvfp4_linear, nvfp4_linear_w4a4, nvfp4_quantize,
-                             qk_norm_rope, qkv_rope)
+from wan_kernels._extension import EXTENSION
+from wan_kernels.ops import (attention, attention_lse, gated_residual, layer_norm_modulate, nvfp4_dequantize,
+                             nvfp4_gemm, nvfp4_linear, nvfp4_linear_w4a4, nvfp4_quantize, qk_norm_rope, qkv_rope)
 from wan_kernels.routing import BACKENDS, IMPLS, BackendUnavailableError, resolve, route_table
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "EXTENSION", "IMPLS", "BackendUnavailableError", "attention", "gated_residual",
+    "BACKENDS", "EXTENSION", "IMPLS", "BackendUnavailableError", "attention", "attention_lse", "gated_residual",
     "layer_norm_modulate", "nvfp4_dequantize", "nvfp4_gemm",
     "nvfp4_linear", "nvfp4_linear_w4a4", "nvfp4_quantize", "qk_norm_rope", "qkv_rope", "resolve", "route_table",
 ]

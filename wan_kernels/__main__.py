@@ -11,8 +11,8 @@ import sys
 import torch
 
 import wan_kernels
-from wan_kernels import nvfp4, routing
-from wan_kernels._library import EXTENSION
+from wan_kernels import routing, samples
+from wan_kernels._extension import EXTENSION
 
 
 def _version(pkg: str) -> str:
@@ -20,33 +20,6 @@ def _version(pkg: str) -> str:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _sample_inputs(device: torch.device) -> dict[str, tuple]:
-    """Small inputs for each op (fp32, fixed seed)."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g).to(device)
-
-    B, S, H, D = 2, 17, 2, 64
-    C = H * D
-    ang = torch.rand(S, D // 2, generator=g).to(device) * 6.0
-    common = (r(C) + 1, r(C) + 1, ang.cos(), ang.sin(), H, 1e-6)
-    x = r(37, 64)
-    gs = nvfp4.global_scale(x)
-    a_p, a_s = wan_kernels.ref.nvfp4_quantize(x, gs)
-    w = r(24, 64)
-    gw = nvfp4.global_scale(w)
-    b_p, b_s = wan_kernels.ref.nvfp4_quantize(w, gw)
-    return {
-        "qk_norm_rope": (r(B, S, 3 * C),) + common,
-        "qkv_rope": (r(B, S, C), r(3 * C, C) * 0.1, r(3 * C), *common),
-        "attention": (r(B, S, H, D), r(B, 7, H, D), r(B, 7, H, D), r(B, 5, H, D), r(B, 5, H, D), None),
-        "nvfp4_quantize": (x, gs),
-        "nvfp4_dequantize": (a_p, a_s, gs, torch.float32),
-        "nvfp4_gemm": (a_p, a_s, gs, b_p, b_s, gw, r(24), torch.float32),
-    }
 
 
 def _max_diff(a, b) -> float:
@@ -57,12 +30,13 @@ def _max_diff(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def self_check(devices: list[torch.device]) -> bool:
+def self_check(devices: list[torch.device], namespace: str = "wan") -> bool:
+    """Every public op of `namespace` (its spec's sample inputs, fp32) x every backend that can run it on each
+    device, against the reference."""
     ok = True
     print("\nself-check (max |backend - ref|; NVFP4 codes/scales: mismatching bytes, must be 0):")
     for device in devices:
-        inputs = _sample_inputs(device)
-        for op, args in inputs.items():
+        for op, args in samples.op_inputs(torch.float32, device, namespace=namespace).items():
             expected = routing.resolve(op, "ref", device)(*args)
             for impl in ("auto",) + routing.BACKENDS[:-1]:
                 if impl != "auto" and routing.unavailable_reason(op, impl, device) is not None:
@@ -70,7 +44,7 @@ def self_check(devices: list[torch.device]) -> bool:
                 diff = _max_diff(routing.resolve(op, impl, device)(*args), expected)
                 good = diff <= 1e-4
                 ok &= good
-                print(f"  {device.type:4s} {op:17s} {impl:6s} {diff:10.3g}  {'ok' if good else 'FAIL'}")
+                print(f"  {device.type:4s} {op:19s} {impl:6s} {diff:10.3g}  {'ok' if good else 'FAIL'}")
     return ok
 
 
@@ -100,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     classes = list(routing.DEVICE_CLASSES)
     width = max(len(c) for c in classes) + 2
     print("\nrouting (backend used by impl='auto'):")
-    print(f"  {'op':17s}" + "".join(f"{c:>{width}s}" for c in classes))
+    print(f"  {'op':19s}" + "".join(f"{c:>{width}s}" for c in classes))
     for op, row in table.items():
-        print(f"  {op:17s}" + "".join(f"{row[c]:>{width}s}" for c in classes))
+        print(f"  {op:19s}" + "".join(f"{row[c]:>{width}s}" for c in classes))
+    print("  " + "; ".join(f"{c}: {gpus}" for c, gpus in routing.GPUS.items()))
     if args.no_check:
         return 0
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 import wan_kernels
-from wan_kernels import _schemas, routing, samples
+from wan_kernels import routing, samples
 from wan_kernels.hardware import gpu_peak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,7 +250,7 @@ def ops_cases(check: Check) -> list[Case]:
     impls = ("auto", "cuda", "triton", "ref") if check.on_cuda else ("auto", "cpu", "ref")
     cases = []
     for dname, dtype in DTYPES.items():
-        for op in _schemas.PUBLIC_OPS:
+        for op in routing.public_ops():
             for impl in impls[:-1]:
                 def run(op=op, impl=impl, dtype=dtype):
                     reason = None if impl == "auto" else routing.unavailable_reason(op, impl, check.device)

@@ -4,9 +4,13 @@ Buffers (= checkpoint keys, the ModelOpt/vLLM naming): `weight` uint8 [N, K/2] p
 float8_e4m3fn [roundup(N,128), roundup(K/16,4)] swizzled block scales, `weight_scale_2` fp32 scalar global
 scale in the DECODE convention (amax / (6*448)), `bias` (kept in the activation dtype) or None.
 
-The compute mode is decided once, at construction (`mode="auto"`): "w4a4" on a compute-capability-10.0 GPU
-with the CUTLASS kernel compiled (activations quantized to NVFP4 on the fly, FP4 tensor cores), "w4a16"
-everywhere else (Triton decodes weight tiles in the GEMM main loop on Ampere/Hopper; the reference on CPU).
+The compute mode is decided once, at construction (`mode="auto"`): "w4a4" where the route table sends
+`nvfp4_gemm` to the CUTLASS kernel (sm_100; activations quantized to NVFP4 on the fly, FP4 tensor cores, and
+the dispatcher runs that same route), "w4a16" everywhere else (Triton decodes weight tiles in the GEMM main
+loop on Ampere/Hopper/sm_103/sm_120; the reference on CPU).
+
+Training: the NVFP4 weight is a frozen base; "w4a16" is differentiable in the input (dX = dY @ dequant(W)),
+"w4a4" raises at forward time when the input requires grad (it rounds activations to FP4).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ MODES = ("auto", "w4a16", "w4a4")
 
 
 def default_mode(device: torch.device | str) -> str:
+    """"w4a4" where impl="auto" runs nvfp4_gemm on the CUTLASS kernel, else "w4a16"."""
     device = torch.device(device)
     if device.type == "cuda" and routing.auto_backend("nvfp4_gemm", torch.cuda.get_device_capability(device)) == "cuda":
         return "w4a4"

@@ -1,4 +1,5 @@
-// C++ CPU kernel of wan::attention: softmax(q k^T s) v [+ softmax(q k_img^T s) v_img], [B, S, H, D] layout.
+// C++ CPU kernels of wan::attention: softmax(q k^T s) v [+ softmax(q k_img^T s) v_img], [B, S, H, D] layout,
+// and of wan::attention_lse (one key set, plus the log-sum-exp of the scores that ATen's flash kernel computes).
 //
 // Each softmax branch runs ATen's CPU flash-attention kernel (blocked, vectorised, threaded: 50 ms vs 106 ms
 // for the reference at 2 x 1280 tokens x 4 heads x 128) on fp32
@@ -10,10 +11,21 @@
 // bfloat16 inputs on a CPU with AVX512-BF16 go to attention_cpu_bf16.cpp instead, which runs both matrix
 // products at bf16 rate (ATen's flash kernel computes in fp32 there: 1.7-1.9x slower at the shapes above;
 // bench/bench_attention.py --cpu); WAN_CPU_ATTENTION=aten opts out.
+//
+// NaN: ATen's flash kernel treats a query row whose running score max stays -inf as fully masked and returns
+// zeros (log-sum-exp 0) for it. A row of only NaN / -inf scores gets there (a NaN in q or scale=nan with
+// fewer keys than its vector width: the scalar tail of its max drops NaN), where softmax, the reference and
+// every other backend give NaN. Rows whose LSE is exactly 0 (those, plus rare genuine ones) get their score
+// max recomputed and become NaN where it is not > -inf; an O(B H Sq) check on the normal path. Shapes the
+// flash kernel does not take (value dim != head dim) run the plain formula (ATen's math kernel zeroes such
+// rows as well).
+#include <ATen/SDPBackend.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "attention/attention_cpu_bf16.h"
 
@@ -48,6 +60,35 @@ void check_attention_args(const torch::Tensor& q, const torch::Tensor& k, const 
   if (k_img.has_value()) check_pair(*k_img, *v_img, "k_img");
 }
 
+// (softmax(q k^T scale) v, logsumexp(q k^T scale) [B, H, Sq]) for [B, H, S, D] views, by ATen's CPU kernels,
+// with the NaN rows of softmax kept.
+std::pair<torch::Tensor, torch::Tensor> softmax_attention(const torch::Tensor& q, const torch::Tensor& k,
+                                                          const torch::Tensor& v, std::optional<double> scale) {
+  const double s = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
+  constexpr auto flash = static_cast<int64_t>(at::SDPBackend::flash_attention);
+  if (at::_fused_sdp_choice(q, k, v, {}, 0.0, false, scale) != flash) {
+    // ATen's math kernel (value dim != head dim) zeroes rows of -inf scores too: the plain formula instead
+    const auto scores = at::matmul(q, k.transpose(-1, -2)) * s;
+    return {at::matmul(at::softmax(scores, -1), v), at::logsumexp(scores, -1)};
+  }
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, {}, scale);
+  const auto rows = lse.eq(0).nonzero();  // [n, 3]: (b, h, s) of the rows the kernel may have zeroed
+  const int64_t n = rows.size(0);
+  if (n == 0) return {out, lse};
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 22) / (k.size(2) * k.size(3)));  // gathered k bound
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const auto r = rows.slice(0, r0, std::min(n, r0 + chunk));
+    const auto b = r.select(1, 0), h = r.select(1, 1), i = r.select(1, 2);
+    const auto scores = at::matmul(k.index({b, h}), q.index({b, h, i}).unsqueeze(-1)).squeeze(-1) * s;  // [c, Sk]
+    const auto masked = scores.amax(-1).gt(-std::numeric_limits<double>::infinity()).logical_not();  // NaN or -inf
+    const auto bad = masked.nonzero().squeeze(-1);
+    const auto bb = b.index({bad}), hb = h.index({bad}), ib = i.index({bad});
+    out.index_put_({bb, hb, ib}, torch::full({}, std::numeric_limits<double>::quiet_NaN(), out.options()));
+    lse.index_put_({bb, hb, ib}, at::logsumexp(scores.index({bad}), -1).to(lse.scalar_type()));
+  }
+  return {out, lse};
+}
+
 torch::Tensor attention_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                             const std::optional<torch::Tensor>& k_img, const std::optional<torch::Tensor>& v_img,
                             std::optional<double> scale) {
@@ -59,15 +100,27 @@ torch::Tensor attention_cpu(const torch::Tensor& q, const torch::Tensor& k, cons
   const auto ct = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;  // compute type
   auto heads_first = [&](const torch::Tensor& x) { return x.to(ct).transpose(1, 2); };      // [B, H, S, D] view
   const auto qh = heads_first(q);
-  auto out = at::scaled_dot_product_attention(qh, heads_first(k), heads_first(v), {}, 0.0, false, scale);
-  if (k_img.has_value()) {
-    out.add_(at::scaled_dot_product_attention(qh, heads_first(*k_img), heads_first(*v_img), {}, 0.0, false, scale));
-  }
+  auto out = softmax_attention(qh, heads_first(k), heads_first(v), scale).first;
+  if (k_img.has_value()) out.add_(softmax_attention(qh, heads_first(*k_img), heads_first(*v_img), scale).first);
   return out.transpose(1, 2).to(q.scalar_type()).contiguous();  // [B, S, H, Dv], one rounding
+}
+
+// wan::attention_lse: one key set, (out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] in the compute type) from
+// the same ATen flash kernel, whose log-sum-exp it returns (bf16 inputs too: the AVX512-BF16 kernel keeps none).
+std::tuple<torch::Tensor, torch::Tensor> attention_lse_cpu(const torch::Tensor& q, const torch::Tensor& k,
+                                                           const torch::Tensor& v, std::optional<double> scale) {
+  check_attention_args(q, k, v, std::nullopt, std::nullopt);
+  const auto ct = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  auto heads_first = [&](const torch::Tensor& x) { return x.to(ct).transpose(1, 2); };
+  auto [out, lse] = softmax_attention(heads_first(q), heads_first(k), heads_first(v), scale);
+  return {out.transpose(1, 2).to(q.scalar_type()).contiguous(), lse.contiguous()};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(wan, CPU, m) { m.impl("attention", &attention_cpu); }
+TORCH_LIBRARY_IMPL(wan, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_lse", &attention_lse_cpu);
+}
 
 }  // namespace wan

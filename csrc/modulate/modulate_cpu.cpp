@@ -6,10 +6,15 @@
 // the model passes unbound views of its [B, 1|S, 6, C] modulation tensor). Parallel over tokens; AVX512 rows
 // where the CPU has AVX512 and the modulation operands are contiguous along C (the model's case), scalar rows
 // otherwise.
+// LayerNorm of huge rows: the sum of squared deviations overflows fp32 from |x| ~ 1e17 at Wan's widths (and the
+// sum of x near 1e35), which made the output `shift` (rstd = 0) or NaN. A row whose sum of squares is not finite
+// while max|x| is gets its moments again from x scaled by a power of two (layer_norm_modulate_row_huge); every
+// other row runs the plain two-pass code unchanged, and a row holding inf/NaN stays NaN, as in torch.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -18,6 +23,35 @@
 
 namespace wan {
 namespace {
+
+// One row whose sum of squared deviations `sq` (from `mean`, as the fast rows computed them) is not finite:
+// a finite row gets its moments again from x * 2^(1 - e), e = the exponent of max|x| (exact; the scaled row's
+// max is in [2, 4)), eps scaled alike; a row holding inf/NaN keeps the plain formula (NaN, as torch). Scalar:
+// the slow path of huge rows only. Modulation operands at strides ssc / shc along C.
+template <typename T>
+[[gnu::noinline, gnu::cold]] void layer_norm_modulate_row_huge(const T* x, const float* scale, int64_t ssc,
+                                                               const float* shift, int64_t shc, int64_t C,
+                                                               float mean, float sq, float eps, T* out) {
+  float amax = 0.0f;
+  for (int64_t c = 0; c < C; ++c) amax = std::max(amax, std::fabs(static_cast<float>(x[c])));
+  float xscale = 1.0f, rstd = 1.0f / std::sqrt(sq / C + eps);
+  if (std::isfinite(amax)) {
+    xscale = std::ldexp(1.0f, 1 - std::ilogb(amax));
+    double sum = 0;  // <= 4 C in magnitude: fp64 sums of the fp32 values are exact enough
+    for (int64_t c = 0; c < C; ++c) sum += static_cast<float>(x[c]) * xscale;
+    mean = static_cast<float>(sum / C);
+    double ss = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = static_cast<float>(x[c]) * xscale - mean;
+      ss += static_cast<double>(d) * d;
+    }
+    rstd = 1.0f / std::sqrt(static_cast<float>(ss / C) + eps * xscale * xscale);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float n = (static_cast<float>(x[c]) * xscale - mean) * rstd;
+    out[c] = static_cast<T>(n * (1.0f + scale[c * ssc]) + shift[c * shc]);
+  }
+}
 
 #if WAN_X86_AVX512
 // AVX512 rows (CPUs with cpu_has_avx512(); modulation operands contiguous along C, as the model passes them):
@@ -62,7 +96,9 @@ WAN_TARGET_AVX512 void layer_norm_modulate_row_avx512(const T* x, const float* s
     const __m512 d = _mm512_maskz_sub_ps(k, load16(x + c, k), vm);
     vacc = _mm512_add_ps(vacc, _mm512_mul_ps(d, d));
   }
-  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(vacc) / C + eps));
+  const float sq = _mm512_reduce_add_ps(vacc);
+  if (!std::isfinite(sq)) return layer_norm_modulate_row_huge(x, scale, 1, shift, 1, C, m, sq, eps, out);
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(sq / C + eps));
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 k = tail_lanes(C - c);
@@ -141,11 +177,15 @@ torch::Tensor layer_norm_modulate_cpu(const torch::Tensor& x_in, const torch::Te
         const float m = (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) / C;
         float vacc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int64_t c = 0; c < C; ++c) vacc[c & 7] += (row[c] - m) * (row[c] - m);
-        const float var = (((vacc[0] + vacc[4]) + (vacc[1] + vacc[5])) + ((vacc[2] + vacc[6]) + (vacc[3] + vacc[7]))) / C;
-        const float rstd = 1.0f / std::sqrt(var + feps);
+        const float sq = ((vacc[0] + vacc[4]) + (vacc[1] + vacc[5])) + ((vacc[2] + vacc[6]) + (vacc[3] + vacc[7]));
         const float* scp = sc.base + b * sc.sb + s * sc.ss;
         const float* shp = sh.base + b * sh.sb + s * sh.ss;
         scalar_t* orow = op + t * C;
+        if (!std::isfinite(sq)) {
+          layer_norm_modulate_row_huge(xr, scp, sc.sc, shp, sh.sc, C, m, sq, feps, orow);
+          continue;
+        }
+        const float rstd = 1.0f / std::sqrt(sq / C + feps);
         for (int64_t c = 0; c < C; ++c) {
           const float n = (row[c] - m) * rstd;
           orow[c] = static_cast<scalar_t>(n * (1.0f + scp[c * sc.sc]) + shp[c * sh.sc]);

@@ -107,9 +107,11 @@ torch::Tensor nvfp4_dequantize_cuda(const torch::Tensor& packed, const torch::Te
 
 }  // namespace
 
+// On internal ops: wan::nvfp4_quantize/nvfp4_dequantize route here only where this build's code runs
+// (wan_kernels/routing.py).
 TORCH_LIBRARY_IMPL(wan, CUDA, m) {
-  m.impl("nvfp4_quantize", &nvfp4_quantize_cuda);
-  m.impl("nvfp4_dequantize", &nvfp4_dequantize_cuda);
+  m.impl("nvfp4_quantize_cuda", &nvfp4_quantize_cuda);
+  m.impl("nvfp4_dequantize_cuda", &nvfp4_dequantize_cuda);
 }
 
 }  // namespace wan

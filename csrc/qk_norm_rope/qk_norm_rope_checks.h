@@ -22,6 +22,11 @@ inline void check_qk_norm_rope_args(const torch::Tensor& qkv, const torch::Tenso
               "], got shape ", norm_q_weight.sizes());
   TORCH_CHECK(norm_k_weight.dim() == 1 && norm_k_weight.size(0) == C, "qk_norm_rope: norm_k_weight must be [", C,
               "], got shape ", norm_k_weight.sizes());
+  for (const auto* t : {&norm_q_weight, &norm_k_weight}) {
+    const auto wt = t->scalar_type();
+    TORCH_CHECK(wt == torch::kFloat32 || wt == torch::kFloat16 || wt == torch::kBFloat16, "qk_norm_rope: ",
+                t == &norm_q_weight ? "norm_q_weight" : "norm_k_weight", " must be float32/float16/bfloat16, got ", wt);
+  }
   for (const auto* t : {&rope_cos, &rope_sin}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == S && t->size(1) == D / 2 && t->scalar_type() == torch::kFloat32,
                 "qk_norm_rope: rope_cos/rope_sin must be float32 [S, D/2] = [", S, ", ", D / 2, "], got shape ",

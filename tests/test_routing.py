@@ -1,0 +1,257 @@
+"""What the dispatcher runs is what the route table says, on every device class (capabilities simulated: no GPU);
+compiled code is routed only where it runs; an op is added from one spec.
+
+The CUDA cases call the dispatcher's own CUDA-key kernel of each op (`redispatch` with the CUDA key, on CPU
+tensors) with `torch.cuda.get_device_capability` answering the simulated capability, and record which backend
+the route hands the call to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+import wan_kernels
+from wan_kernels import _extension, _library, routing, samples
+from wan_kernels._spec import SPECS, OpSpec, register
+from wan_kernels.linear import NVFP4Linear, default_mode
+
+DEFAULT_BUILD = ("8.0", "9.0a", "10.0a")
+NO_CODE = (7, 5)  # T4: no SASS of the default build runs there, and the Triton kernels need 8.0
+GPU_CLASSES = {c: cap for c, cap in routing.DEVICE_CLASSES.items() if cap is not None} | {"sm75": NO_CODE}
+
+# Where the code of the default build runs, read off the CUDA compatibility rules by hand (SASS of sm_XY runs on
+# sm_XZ, Z >= Y, of the same major; `a` targets on exactly their arch; no PTX in the build).
+RUNS = {"8.0": {(8, 0), (8, 6), (8, 7), (8, 9)}, "9.0a": {(9, 0)}, "10.0a": {(10, 0)}}
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """Simulate a CUDA device of a capability: set(cap) points torch.cuda at it and forgets every route."""
+    def set_capability(cap):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+        routing.clear_caches()
+
+    yield set_capability
+    routing.clear_caches()
+
+
+def _default_build():
+    if _extension.build_targets() != DEFAULT_BUILD:
+        pytest.skip(f"expectations are for WAN_CUDA_ARCHS={';'.join(DEFAULT_BUILD)}, "
+                    f"built {_extension.build_targets()}")
+
+
+def _expected(op: str, cap: tuple[int, int]) -> str:
+    spec = SPECS[op]
+    if spec.compose is not None:
+        return _expected(spec.parts[0], cap)
+    if spec.cuda is not None and any(cap in RUNS[t] for t in spec.cuda.targets or DEFAULT_BUILD):
+        return "cuda"
+    return "triton" if spec.triton is not None and cap >= (8, 0) else "ref"
+
+
+def _cuda_key(spec: OpSpec, args):
+    """Call the dispatcher's CUDA kernel of the op (what a CUDA tensor reaches below autograd)."""
+    return spec.packet.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
+
+
+@pytest.mark.parametrize("device_class", GPU_CLASSES)
+@pytest.mark.parametrize("op", routing.public_ops())
+def test_dispatcher_runs_the_backend_the_table_names(op, device_class, capability, monkeypatch):
+    _default_build()
+    cap = GPU_CLASSES[device_class]
+    spec = SPECS[op]
+    capability(cap)
+    backend = routing.auto_backend(op, cap)
+    assert backend == _expected(op, cap)  # it can run there
+    if device_class in routing.DEVICE_CLASSES:
+        assert routing.route_table()[op][device_class] == backend  # the report is the same table
+    if spec.compose is not None:  # decomposed by the dispatcher: its parts are dispatched (and routed) each
+        return
+    # the callable the route holds is the backend's own
+    want = {"cuda": lambda: getattr(torch.ops.wan, spec.cuda.op).default, "triton": lambda: spec.triton,
+            "ref": lambda: spec.ref}[backend]()
+    assert routing.route(op, cap).fn.__wrapped__ is want
+    # and the dispatcher's CUDA kernel runs it
+    ran = []
+    real = routing.backend_fn
+
+    def spy(s, b):
+        fn = real(s, b)
+        return lambda *a: ran.append(b) or s.ref(*a)
+
+    monkeypatch.setattr(routing, "backend_fn", spy)
+    routing.clear_caches()
+    _cuda_key(spec, samples.op_inputs()[op])
+    assert ran == [backend]
+
+
+def test_auto_nvfp4_gemm_runs_cutlass_on_sm100(capability, monkeypatch):
+    # the issue's defect: the CUDA router knew only triton/ref, so auto ran the reference on a B200
+    _default_build()
+    capability((10, 0))
+    ran = []
+    monkeypatch.setattr(routing, "backend_fn", lambda s, b: lambda *a: ran.append((s.name, b)) or s.ref(*a))
+    _cuda_key(SPECS["nvfp4_gemm"], samples.op_inputs()["nvfp4_gemm"])
+    assert ran == [("nvfp4_gemm", "cuda")]
+    assert wan_kernels.route_table()["nvfp4_gemm"]["sm100"] == "cuda"
+
+
+@pytest.mark.parametrize("cap, mode", [((10, 0), "w4a4"), ((9, 0), "w4a16"), ((10, 3), "w4a16"), ((12, 0), "w4a16"),
+                                       ((8, 6), "w4a16")])
+def test_nvfp4_linear_picks_w4a4_where_auto_runs_cutlass(cap, mode, capability):
+    _default_build()
+    capability(cap)
+    assert default_mode("cuda") == mode
+    lin = NVFP4Linear(32, 8, mode="auto")
+    lin._bind(torch.device("cuda"))
+    assert lin.mode == mode
+    assert lin._linear is (wan_kernels.nvfp4_linear_w4a4 if mode == "w4a4" else wan_kernels.nvfp4_linear)
+
+
+@pytest.mark.parametrize("target, cap, runs", [
+    ("8.0", (8, 0), True), ("8.0", (8, 6), True), ("8.0", (8, 9), True), ("8.0", (9, 0), False),
+    ("8.0", (12, 0), False), ("8.6", (8, 0), False), ("9.0a", (9, 0), True), ("9.0a", (10, 0), False),
+    ("10.0a", (10, 0), True), ("10.0a", (10, 3), False), ("10.0a", (12, 0), False), ("10.0f", (10, 3), True),
+    ("10.0f", (12, 0), False), ("8.0+PTX", (9, 0), True), ("8.0+PTX", (12, 0), True), ("8.0+PTX", (7, 5), False),
+    ("10.0a+PTX", (10, 3), False), ("12.0", (12, 1), True), ("12.0", (11, 0), False),
+])
+def test_code_runs_on(target, cap, runs):
+    assert routing.code_runs_on(target, cap) is runs
+
+
+def test_consumer_gpus_are_device_classes():
+    assert {"sm86": (8, 6), "sm89": (8, 9), "sm120": (12, 0)}.items() <= routing.DEVICE_CLASSES.items()
+
+
+def test_sm86_may_name_the_sm80_cuda_kernel_and_sm120_may_not(capability):
+    # compiled_archs() used to match capabilities exactly: sm_86 refused the sm_80 SASS that runs there
+    _default_build()
+    capability((8, 6))
+    assert routing.unavailable_reason("nvfp4_quantize", "cuda", torch.device("cuda")) is None
+    capability((12, 0))
+    with pytest.raises(wan_kernels.BackendUnavailableError, match=r"compiled for \['8.0', '9.0a', '10.0a'\].*sm_120"):
+        routing.resolve("nvfp4_quantize", "cuda", torch.device("cuda", 0))
+
+
+def test_cuda_kernels_sit_on_internal_ops():
+    # a CUDA kernel bound to the public op runs on every CUDA device, also where its code does not
+    # ("no kernel image is available" on sm_103/sm_120): _C registers them on the internal ops only
+    if not _extension.EXTENSION.build_info.get("with_cuda"):
+        pytest.skip("_C built without CUDA")
+    for op in routing.public_ops():
+        assert not _extension.has_compiled_kernel(op, "CUDA"), op
+        dump = torch._C._dispatch_dump(f"wan::{op}")
+        if SPECS[op].compose is None:
+            assert re.search(r"^CUDA: registered at .*wan_kernels/_library\.py", dump, re.M), dump
+    for op in ("nvfp4_quantize_cuda", "nvfp4_dequantize_cuda", "nvfp4_gemm_sm100"):
+        assert _extension.has_compiled_kernel(op, "CUDA"), op
+
+
+@pytest.mark.parametrize("op", routing.public_ops())
+def test_cpu_dispatcher_runs_the_cpu_route(op):
+    """The CPU route: the C++ kernel where _C has one (registered from csrc/), else the checked reference."""
+    spec = SPECS[op]
+    backend = routing.auto_backend(op, None)
+    assert routing.route_table()[op]["cpu"] == backend
+    if spec.compose is not None:
+        assert backend == routing.auto_backend(spec.parts[0], None)
+        return
+    where = re.search(r"^CPU: registered at (\S+)", torch._C._dispatch_dump(f"wan::{op}"), re.M).group(1)
+    assert ("/csrc/" in where) == (backend == "cpu"), where
+
+
+def test_model_hot_path_binds_the_bare_dispatcher_ops():
+    from wan_model.model import bind_ops
+
+    ops = bind_ops("auto", "cpu")
+    assert ops.gated_residual is torch.ops.wan.gated_residual.default
+    assert ops.qkv_rope is torch.ops.wan.qkv_rope.default
+
+
+# ---------------------------------------------------------------------------------------------
+# A toy op from one spec
+
+
+def _toy_check(x, w):
+    if w.shape != x.shape[-1:]:
+        raise ValueError(f"toy_scale: w must be [{x.shape[-1]}], got shape {tuple(w.shape)}")
+
+
+def _toy_ref(x, w):
+    return (x.float() * w.float()).to(x.dtype)
+
+
+def _toy_triton(x, w):  # stands in for a Triton launcher
+    return _toy_ref(x, w)
+
+
+@pytest.fixture
+def toy():
+    spec = register(OpSpec(
+        name="toy_scale", schema="toy_scale(Tensor x, Tensor w) -> Tensor", namespace="wan_toy", check=_toy_check,
+        ref=_toy_ref, fake=lambda x, w: torch.empty_like(x), differentiable=("x", "w"), triton=_toy_triton,
+        samples=lambda s: (s.randn(3, 16), s.randn(16)),
+    ))
+    _library.register_namespace("wan_toy")
+    routing.clear_caches()
+    yield spec
+    _library.unregister_namespace("wan_toy")
+    del SPECS["toy_scale"]
+    routing.clear_caches()
+
+
+def test_toy_op_from_one_spec(toy, capability, monkeypatch, capsys):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wan_kernels.__main__ import self_check
+
+    x, w = samples.spec_inputs(toy)
+    # registration: schema, CPU kernel (the reference), fake, opcheck
+    torch.testing.assert_close(torch.ops.wan_toy.toy_scale(x, w), x * w, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.wan_toy.toy_scale.default, (x.requires_grad_(), w))
+    with FakeTensorMode() as mode:
+        assert torch.ops.wan_toy.toy_scale(mode.from_tensor(x), mode.from_tensor(w)).shape == x.shape
+    # checks on the dispatcher op and every backend
+    for call in (lambda: torch.ops.wan_toy.toy_scale(x, w[:3]),
+                 lambda: routing.resolve("toy_scale", "ref", "cpu")(x, w[:3])):
+        with pytest.raises(ValueError, match=r"toy_scale: w must be \[16\], got shape \(3,\)"):
+            call()
+    # autograd: the reference's gradients through the dispatcher
+    x = x.detach().requires_grad_()
+    gx, = torch.autograd.grad(torch.ops.wan_toy.toy_scale(x, w).sum(), x)
+    torch.testing.assert_close(gx, w.expand_as(x), rtol=0, atol=0)
+    # routing: CPU -> reference (no C++ kernel), sm80 -> its Triton launcher, through the dispatcher's CUDA key
+    assert routing.auto_backend("toy_scale", None) == "ref"
+    capability((8, 0))
+    assert routing.auto_backend("toy_scale", (8, 0)) == "triton"
+    assert routing.route("toy_scale", (8, 0)).fn.__wrapped__ is _toy_triton
+    ran = []
+    real = routing.backend_fn
+    monkeypatch.setattr(routing, "backend_fn", lambda s, b: (lambda *a: ran.append(b) or real(s, b)(*a)))
+    routing.clear_caches()
+    _cuda_key(toy, (x.detach(), w))
+    assert ran == ["triton"]
+    # the self-check of `python -m wan_kernels`
+    assert self_check([torch.device("cpu")], namespace="wan_toy")
+    assert "toy_scale" in capsys.readouterr().out
+
+
+def test_triton_kernels_registry_is_read_from_the_specs():
+    from wan_kernels.triton import KERNELS
+
+    assert KERNELS == {op: s.triton for op, s in SPECS.items() if s.triton is not None}
+    assert "qkv_rope" not in KERNELS and "attention" in KERNELS
+
+
+@pytest.mark.skipif(os.environ.get("WAN_SKIP_CUDA_BUILD") == "1", reason="no CUDA build")
+def test_internal_ops_have_the_public_schema():
+    for spec in SPECS.values():
+        if spec.cuda is not None:
+            internal = str(getattr(torch.ops.wan, spec.cuda.op).default._schema)
+            public = str(spec.packet.default._schema)
+            assert internal == public.replace(f"wan::{spec.name}(", f"wan::{spec.cuda.op}(", 1)

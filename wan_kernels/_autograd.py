@@ -1,0 +1,125 @@
+"""Autograd of the `wan` ops: which inputs each op is differentiable in, and one backward per op.
+
+The backward recomputes the op's pure-torch reference (wan_kernels/ref) from the saved inputs under
+autograd and returns its vector-Jacobian product, so every backend's gradients are the reference's
+(computed at the inputs' precision: fp32 math, one rounding to the input dtype); the forward keeps its
+fast kernel. Backward kernels (issue 16) replace `_vjp` op by op. Memory: the inputs are saved, and the
+backward holds the reference's intermediates (attention: the [Sq, Sk] probabilities) for one op at a time.
+
+One rule on every path, the dispatcher's `torch.ops.wan.<op>` (`register`) and the named backends of
+wan_kernels/routing.py that do not go through it (`backend`):
+  * grad mode on and an input in DIFFERENTIABLE[op] requires grad: the outputs carry this backward;
+  * grad mode on and any other tensor input requires grad (NVFP4 codes and scales, global scales, rope
+    tables; every input of nvfp4_quantize/dequantize/gemm): RuntimeError at forward time naming the
+    argument, never a silent None gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wan_kernels._spec import OpSpec
+
+# op -> argument names it is differentiable in (OpSpec.differentiable), its reference, its schema's argument
+# names, its qualified name; filled by `register`
+DIFFERENTIABLE: dict[str, tuple[str, ...]] = {}
+_REFS: dict = {}
+_NAMES: dict[str, tuple[str, ...]] = {}
+_QUALNAMES: dict[str, str] = {}
+
+
+def _any_requires_grad(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _check_not_differentiable(op: str, args) -> None:
+    """RuntimeError when an input outside DIFFERENTIABLE[op] requires grad (callers: grad mode is on)."""
+    diff = DIFFERENTIABLE[op]
+    for name, a in zip(_NAMES[op], args):
+        if isinstance(a, torch.Tensor) and a.requires_grad and name not in diff:
+            what = (f"{_QUALNAMES[op]} is not differentiable" if not diff else
+                    f"{_QUALNAMES[op]} is differentiable only in {', '.join(diff)}")
+            raise RuntimeError(f"{what}, but {name} requires grad: pass {name}.detach() or call it under "
+                               f"torch.no_grad()")
+
+
+def _setup_context(op: str):
+    def setup_context(ctx, inputs, output):
+        _check_not_differentiable(op, inputs)  # runs only when grad mode is on and an input requires grad
+        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs))
+        ctx.constants = tuple(None if isinstance(a, torch.Tensor) else a for a in inputs)
+
+    return setup_context
+
+
+def _vjp(op: str, inputs, grads, needs_input_grad) -> tuple:
+    """Gradients of the reference of `op` at `inputs` for the output gradients `grads`, one per input
+    (None where no gradient is needed). Differentiable itself when grad mode is on (double backward)."""
+    create_graph = torch.is_grad_enabled()
+    wanted = [i for i, need in enumerate(needs_input_grad) if need]
+    with torch.enable_grad():
+        leaves = list(inputs)
+        if not create_graph:
+            for i in wanted:
+                leaves[i] = inputs[i].detach().requires_grad_()
+        out = _REFS[op](*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+    got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                              allow_unused=True, create_graph=create_graph) if pairs and wanted else ()
+    result = [None] * len(inputs)
+    for i, g in zip(wanted, got):
+        result[i] = g
+    return tuple(result)
+
+
+def _backward(op: str):
+    def backward(ctx, *grads):
+        inputs = [t if t is not None else c for t, c in zip(ctx.saved_tensors, ctx.constants)]
+        return _vjp(op, inputs, grads, ctx.needs_input_grad)
+
+    return backward
+
+
+def _function(op: str, fn):
+    """An autograd.Function running `fn` (a backend of `op` outside the dispatcher) with op's backward."""
+    setup_context, backward = _setup_context(op), _backward(op)
+
+    def forward(ctx, *args):
+        out = fn(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    return type(f"wan_{op}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def backend(spec: OpSpec, fn, *, own_autograd: bool):
+    """`fn`, a backend of the op (same signature), as routing hands it out: the op's argument checks, then
+    the rule above. own_autograd: `fn` is differentiable by itself (the dispatcher op, whose autograd
+    `register` installs; the reference; a composite of those), else it runs in an autograd.Function
+    with the op's backward (the Triton launchers)."""
+    op, check = spec.name, spec.check
+    function = None if own_autograd else _function(op, fn)
+
+    def run(*args):
+        check(*args)
+        if torch.is_grad_enabled() and _any_requires_grad(args):
+            _check_not_differentiable(op, args)
+            if function is not None:
+                return function.apply(*args)
+        return fn(*args)
+
+    run.__name__ = f"{op}_{getattr(fn, '__name__', 'impl')}"
+    run.__wrapped__ = fn  # the backend function behind the checks
+    return run
+
+
+def register(lib: torch.library.Library, spec: OpSpec) -> None:
+    """Record the op's rule and register its autograd with the dispatcher (composites differentiate
+    through their parts)."""
+    op = spec.name
+    DIFFERENTIABLE[op], _REFS[op], _NAMES[op], _QUALNAMES[op] = spec.differentiable, spec.ref, spec.arg_names, \
+        spec.qualname
+    if spec.compose is None:
+        torch.library.register_autograd(spec.qualname, _backward(op), setup_context=_setup_context(op), lib=lib)

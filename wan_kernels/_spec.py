@@ -1,0 +1,160 @@
+"""One spec per op: the single place an op of the `wan` namespace is described.
+
+Registration (wan_kernels/_library.py), routing (wan_kernels/routing.py), the autograd rule, the self-check of
+`python -m wan_kernels`, the sample inputs of the tests and the GPU check, the FLOP formulas and the cost model's
+fused-kernel numbers are all derived from the `OpSpec`s in `SPECS`. Each op's spec sits next to its typed
+wrapper in wan_kernels/ops/<op>.py; its kernels are wan_kernels/ref/, wan_kernels/triton/ and csrc/.
+
+Adding an op: write wan_kernels/ops/<op>.py with `SPEC = register(OpSpec(...))` and the wrapper, import it in
+wan_kernels/ops/__init__.py, and (if it has C++/CUDA kernels) declare the same schema in csrc/registration.cpp
+(tests/test_library.py pins the two equal). tests/test_routing.py registers a toy op from one spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaKernel:
+    """A compiled CUDA kernel of `_C` behind an op. It sits on the internal op `op` (declared in
+    csrc/registration.cpp with the op's schema under that name), never on the public op itself, so the Python
+    router decides per device capability whether it can run. `targets`: the build targets (WAN_CUDA_ARCHS
+    entries, e.g. "10.0a") whose code holds it; None = every target of the build."""
+    op: str
+    targets: tuple[str, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """Everything about one op.
+
+    name, schema: `torch.ops.<namespace>.<name>`, schema string without the namespace.
+    check(*args): raises ValueError naming the argument and quoting its shape/dtype.
+    ref: the pure-torch reference (wan_kernels/ref/<op>.py), the spec of the numerics.
+    samples(Sampler) -> the positional arguments of one small deterministic call.
+    fake(*args): shapes only (torch.compile, meta tensors); None for a composite.
+    differentiable: the argument names gradients flow to (any other input requiring grad raises).
+    triton: the Triton launcher (same signature), or None.
+    cuda: the compiled CUDA kernel, or None.
+    compose(part) -> callable: a composite op built from the ops named in `parts`; part(name) gives the callable
+        of a part (its dispatcher op, or its named backend). Composites have no kernels of their own.
+    flops(*shapes): matmul FLOPs from the argument shapes (FlopCounterMode's convention), or None.
+    constant, weights: arguments independent of the batch (weights, tables) / model parameters among them
+        (the cost model's `const` and `weight` bytes).
+    internal_of: for the internal op carrying a CudaKernel, the public op it serves.
+    """
+    name: str
+    schema: str
+    check: Callable
+    ref: Callable
+    samples: Callable
+    fake: Callable | None = None
+    differentiable: tuple[str, ...] = ()
+    triton: Callable | None = None
+    cuda: CudaKernel | None = None
+    compose: Callable | None = None
+    parts: tuple[str, ...] = ()
+    flops: Callable | None = None
+    constant: tuple[str, ...] = ()
+    weights: tuple[str, ...] = ()
+    namespace: str = "wan"
+    internal_of: str | None = None
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.namespace}::{self.name}"
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in torch._C.parse_schema(self.qualname + self.schema[len(self.name):]).arguments)
+
+    @property
+    def packet(self):
+        """The dispatcher op `torch.ops.<namespace>.<name>`."""
+        return getattr(getattr(torch.ops, self.namespace), self.name)
+
+    def cost(self, *args) -> dict[str, int]:
+        """FLOPs and HBM bytes of ONE fused kernel of this op at `args` (meta tensors suffice): every input read
+        once (a broadcast operand counts its distinct elements), every output (from the fake) written once;
+        `const`/`weight`: the bytes of the inputs named in `constant`/`weights`. Keys match wan_model.cost.Kernel."""
+        tensors = {n: a for n, a in zip(self.arg_names, args) if isinstance(a, torch.Tensor)}
+        out = self.fake(*args)
+
+        def nbytes(ts) -> int:
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args]
+        return {"flops": self.flops(*shapes) if self.flops else 0, "read": nbytes(tensors.values()),
+                "write": nbytes(out if isinstance(out, tuple) else (out,)),
+                "const": nbytes(t for n, t in tensors.items() if n in self.constant),
+                "weight": nbytes(t for n, t in tensors.items() if n in self.weights)}
+
+    def internal(self) -> "OpSpec | None":
+        """The spec of the internal op carrying the CUDA kernel (same schema, fake, reference, checks)."""
+        if self.cuda is None:
+            return None
+        return dataclasses.replace(self, name=self.cuda.op, schema=self.cuda.op + self.schema[len(self.name):],
+                                   triton=None, cuda=None, internal_of=self.name)
+
+
+def checked(spec: OpSpec, fn: Callable) -> Callable:
+    """`fn` with the op's argument checks in front (`__wrapped__`: the backend function behind them)."""
+    check = spec.check
+
+    def run(*args):
+        check(*args)
+        return fn(*args)
+
+    run.__name__ = f"{spec.name}_{getattr(fn, '__name__', 'impl')}"
+    run.__wrapped__ = fn
+    return run
+
+
+SPECS: dict[str, OpSpec] = {}  # public op name -> spec, in registration order
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if not spec.schema.startswith(spec.name + "("):
+        raise ValueError(f"OpSpec {spec.name!r}: schema must start with '{spec.name}(', got {spec.schema!r}")
+    if (spec.fake is None) == (spec.compose is None) or bool(spec.compose) != bool(spec.parts):
+        raise ValueError(f"OpSpec {spec.name!r}: give a fake (an op with kernels) or compose + parts (a composite)")
+    SPECS[spec.name] = spec
+    return spec
+
+
+def all_specs(namespace: str = "wan") -> list[OpSpec]:
+    """Public and internal specs of a namespace."""
+    out = []
+    for s in SPECS.values():
+        if s.namespace == namespace:
+            out += [s] + ([s.internal()] if s.cuda else [])
+    return out
+
+
+class Sampler:
+    """Deterministic small inputs for `OpSpec.samples`: activations in `dtype` on `device`; operands that are
+    fp32 by contract (RoPE tables, adaLN scale/shift/gate, NVFP4 global scales) are asked for in fp32."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0):
+        self.dtype, self.device = dtype, torch.device(device)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def randn(self, *shape: int, dtype: torch.dtype | None = None, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.g) * scale).to(device=self.device, dtype=dtype or self.dtype)
+
+    def rope(self, s: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos, sin [s, d/2] of random angles."""
+        ang = torch.rand(s, d // 2, generator=self.g).to(self.device) * 6.0
+        return ang.cos(), ang.sin()
+
+    def nvfp4(self, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(packed, block_scale, global_scale) of a random fp32 [m, k] matrix, quantized by the reference."""
+        from wan_kernels import nvfp4, ref
+
+        x = self.randn(m, k, dtype=torch.float32)
+        gs = nvfp4.global_scale(x)
+        return (*ref.nvfp4_quantize(x, gs), gs)

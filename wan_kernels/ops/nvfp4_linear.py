@@ -1,0 +1,76 @@
+"""wan::nvfp4_linear (W4A16) and the W4A4 composition nvfp4_linear_w4a4 (nvfp4_quantize + nvfp4_gemm).
+Kernels: wan_kernels/ref/nvfp4.py, wan_kernels/triton/nvfp4.py (nvfp4_linear_w4a16)."""
+
+from __future__ import annotations
+
+import torch
+
+from wan_kernels import nvfp4 as fmt
+from wan_kernels import ref, routing
+from wan_kernels._checks import (FLOAT_DTYPES, check_bias, check_global_scale, check_packed, same_device,
+                                 shape_of)
+from wan_kernels._spec import OpSpec, register
+from wan_kernels.ops.nvfp4_gemm import nvfp4_gemm
+from wan_kernels.ops.nvfp4_quantize import nvfp4_quantize
+from wan_kernels.triton import nvfp4 as triton_nvfp4
+
+
+def check_nvfp4_linear(x, w, w_scale, w_global_scale, bias) -> None:
+    op = "nvfp4_linear"
+    n, k = check_packed(op, "w", w, "w_scale", w_scale)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{op}: x must be [..., {k}] for w of shape {shape_of(w)} (K = 2 * w.shape[1]), "
+                         f"got shape {shape_of(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: x must be float32/float16/bfloat16, got {x.dtype}")
+    check_global_scale(op, "w_global_scale", w_global_scale, x)
+    check_bias(op, bias, n)
+    same_device(op, x, w=w, bias=bias)
+
+
+def fake_nvfp4_linear(x, w, w_scale, w_global_scale, bias):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def samples_nvfp4_linear(s):
+    wp, ws, gw = s.nvfp4(24, 64)
+    return s.randn(2, 5, 64), wp, ws, gw, s.randn(24)
+
+
+SPEC = register(OpSpec(
+    name="nvfp4_linear",
+    schema="nvfp4_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_global_scale, Tensor? bias) -> Tensor",
+    check=check_nvfp4_linear, ref=ref.nvfp4_linear, samples=samples_nvfp4_linear, fake=fake_nvfp4_linear,
+    differentiable=("x", "bias"),  # the NVFP4 weight is a frozen base (QLoRA-style training)
+    triton=triton_nvfp4.nvfp4_linear_w4a16,
+    constant=("w", "w_scale", "w_global_scale", "bias"), weights=("w", "w_scale", "w_global_scale", "bias"),
+))
+
+
+def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None, *, impl: str = "auto") -> torch.Tensor:
+    """W4A16 linear with NVFP4 weights: x [..., K] @ dequantize(w)^T + bias -> [..., N] in x's dtype.
+
+    w: packed [N, K/2], w_scale: swizzled [roundup(N,128), roundup(K/16,4)] e4m3, w_global_scale: fp32 scalar
+    (DECODE convention). On Ampere/Hopper the Triton kernel decodes weight tiles in the GEMM main loop.
+    """
+    return routing.resolve("nvfp4_linear", impl, x.device)(x, w, w_scale, w_global_scale, bias)
+
+
+def nvfp4_linear_w4a4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None, x_global_scale: torch.Tensor | None = None, *,
+                      impl: str = "auto") -> torch.Tensor:
+    """W4A4 linear (Blackwell's FP4 tensor cores): quantize x to NVFP4 (global scale `x_global_scale`, or
+    amax(x) / (6*448) computed on the device), then `nvfp4_gemm` (impl="auto": the CUTLASS kernel where the route
+    table says cuda). x [..., K] -> [..., N] in x's dtype (the CUTLASS kernel writes fp16/bf16 only). Not
+    differentiable (rounding x to FP4 has no useful gradient): with grad mode on, an x or bias that requires grad
+    raises; train through `nvfp4_linear` (W4A16)."""
+    for name, t in (("x", x), ("bias", bias)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"nvfp4_linear_w4a4 is not differentiable, but {name} requires grad: train through "
+                               f"nvfp4_linear (W4A16; NVFP4Linear(mode='w4a16')), or call it under torch.no_grad()")
+    x2 = x.reshape(-1, x.shape[-1])
+    gs = fmt.global_scale(x2) if x_global_scale is None else x_global_scale
+    xq, xs = nvfp4_quantize(x2, gs, impl=impl)
+    out = nvfp4_gemm(xq, xs, gs, w, w_scale, w_global_scale, bias, x.dtype, impl=impl)
+    return out.reshape(*x.shape[:-1], w.shape[0])
