@@ -95,6 +95,35 @@ def test_w4a16_equals_dequantize_then_matmul(m, n, k):
     assert (err <= want.abs() * 2**-11 + 8 * 2**-24 * scale + 2**-24).all(), err.max()
 
 
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values with strides (1, rows): what a transposed copy of a scale tensor gives."""
+    return t.t().contiguous().t()
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as every second element of a buffer twice as long (stride 2)."""
+    buf = torch.zeros(2 * t.shape[0], dtype=t.dtype)
+    buf[::2] = t
+    return buf[::2]
+
+
+def test_strided_block_scales_and_bias():
+    """Column-major block scales and packed operands and a stride-2 bias give the results of contiguous ones,
+    bit for bit (the launchers indexed them as contiguous buffers: errors as large as the output)."""
+    a, ga, qa, b, gb, qb, bias = _operands(70, 40, 96, seed=2)
+    d = wan_kernels.nvfp4_dequantize(*qa, ga, torch.float32, impl="triton")
+    assert torch.equal(wan_kernels.nvfp4_dequantize(_column_major(qa[0]), _column_major(qa[1]), ga, torch.float32,
+                                                    impl="triton"), d)
+    want = wan_kernels.nvfp4_gemm(*qa, ga, *qb, gb, bias, torch.float32, impl="triton")
+    got = wan_kernels.nvfp4_gemm(qa[0], _column_major(qa[1]), ga, _column_major(qb[0]), _column_major(qb[1]), gb,
+                                 _strided(bias), torch.float32, impl="triton")
+    assert torch.equal(got, want)
+    x = a.half()
+    want = wan_kernels.nvfp4_linear(x, *qb, gb, bias.half(), impl="triton")
+    got = wan_kernels.nvfp4_linear(x, qb[0], _column_major(qb[1]), gb, _strided(bias.half()), impl="triton")
+    assert torch.equal(got, want)
+
+
 def test_w4a16_rejects_fp32_activations():
     a, _, _, b, gb, qb, _ = _operands(4, 8, 16)
     with pytest.raises(ValueError, match="float16/bfloat16"):

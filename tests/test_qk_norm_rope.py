@@ -199,7 +199,7 @@ def test_triton_empty_sequence():
 # Launch configs and error paths
 
 @pytest.mark.parametrize("H,D,h_block,chunks,warps", [
-    (12, 128, 16, 1, 8),    # Wan 1.3B
+    (12, 128, 16, 1, 16),   # Wan 1.3B
     (24, 128, 32, 1, 16),   # Wan2.2 5B
     (40, 128, 64, 1, 16),   # Wan 14B: all 5120 channels in one program, no head cap
     (2, 64, 2, 1, 1),

@@ -1,28 +1,35 @@
 """GPU-readiness report without a GPU: `python -m wan_kernels.readiness [--kernels ...] [--archs ...]`.
 
-Compiles ahead of time (wan_kernels/triton/aot.py) every launch config the Triton kernels' own heuristics can
-pick, for sm_80 / sm_90 / sm_100, and prints per kernel / config / arch: the tensor-core instruction family in
-the PTX, registers, spill bytes (cuobjdump STACK + LOCAL, STL/LDL count) and shared memory. Then lists the CUDA
-objects built into `wan_kernels._C` per arch (cuobjdump --list-elf / --dump-resource-usage, the copy bundled
-with Triton). Exit status 1 on any spill, or when a GEMM-like kernel (attention, NVFP4 GEMM) lacks its arch's
-tensor-core family (mma.sync / wgmma / tcgen05); 0 otherwise.
+Compiles ahead of time (wan_kernels/triton/aot.py) every launch the Triton launchers can make, for sm_80, sm_86,
+sm_89, sm_90, sm_100 and sm_120, and prints per kernel / launch / arch: the tensor-core instruction family in the
+PTX, registers, spill bytes (cuobjdump STACK + LOCAL, STL/LDL count) and shared memory. Then lists the CUDA objects
+built into `wan_kernels._C` per arch (cuobjdump --list-elf / --dump-resource-usage, the copy bundled with Triton).
+Exit status 1 on any spill, shared memory over the arch's per-block limit, or a GEMM-like kernel (attention, NVFP4
+GEMM) without its arch's tensor-core family (`_launch.mma_class`: mma.sync / wgmma / tcgen05); 0 otherwise.
 
-Configs enumerated (the same as the AOT tests):
+What is compiled is what the runtime compiles: each launch is the launcher's own `prepare*` (same tensors'
+layout, config pick for the arch's capability, output allocation) run on meta tensors of Wan-14B 720p shapes with
+CFG (75,600 tokens x 2), and `aot.compile_launch` lets Triton's binder derive the specialisation from those
+arguments (ints equal to 1 become constexprs, multiples of 16 and aligned pointers are tagged). Launches that
+specialise identically are compiled once. Enumerated:
   qk_norm_rope  `launch_config(H, D)` over the Wan head counts, the test shapes and one shape per head-tile
-                size (tests/test_triton_aot.py), deduplicated; fp32 / fp16 / bf16
-  attention     every entry of `CONFIGS` (arch x head_dim x kind; kinds sharing a config share the compile),
-                fp16, bf16, and bf16 with the LSE output (tests/test_attention_aot.py)
-  nvfp4         `config_space()` (arch x W4A16/W4A4 x tile), fp16 and bf16 for W4A16, fp16 for W4A4; the
-                quantize / dequantize kernels in fp32 and bf16 (tests/test_nvfp4_triton_aot.py)
-  modulate      layer_norm_modulate / gated_residual at the Wan widths 1536 / 3072 / 5120, fp32 and bf16
-                (`modulate.aot_jobs`, tests/test_modulate.py)
+                size, deduplicated; fp32 / fp16 / bf16
+  attention     per arch, head_dim 64 / 128 x self / cross / i2v (`pick_config`), fp16, bf16, and bf16 with the
+                LSE output
+  nvfp4         W4A16 (fp16, bf16) and W4A4 (fp16) at M = 2 and M = 151,200 (to_qkv: N = 15,360, K = 5,120);
+                quantize / dequantize in fp32 and bf16
+  modulate      layer_norm_modulate / gated_residual at the Wan widths 1536 / 3072 / 5120, fp32 and bf16, with
+                the model's modulation layout
+Compiles run in a process pool (`--jobs`, default 2); Triton's own cache keeps repeated runs fast.
 `--maxnreg N` caps the registers of every compile (a forced-spill check of the report itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import re
 import subprocess
 import sys
@@ -32,8 +39,17 @@ import time
 import torch
 
 KERNELS = ("qk_norm_rope", "attention", "nvfp4", "modulate", "cuda")
-_WORKDIR = [None]  # where cubins go during a run (a temporary directory set by main)
-MMA = {80: "mma.sync", 90: "wgmma", 100: "tcgen05"}
+ARCHS = (80, 86, 89, 90, 100, 120)
+# Largest shared memory per block (bytes, opt-in): A100 163 KB; sm_86 / sm_89 / sm_120 99 KB; H100 / B200 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+TOKENS, CFG_BATCH = 75600, 2  # Wan 14B at 720p (81 frames): tokens per sample; conditional + unconditional
+
+
+def mma(arch: int) -> str:
+    """The tensor-core family a GEMM-like kernel must use on sm_`arch`."""
+    from wan_kernels.triton._launch import mma_class
+
+    return mma_class((arch // 10, arch % 10))
 
 
 @dataclasses.dataclass
@@ -42,109 +58,181 @@ class Job:
     config: str
     arch: int
     gemm_like: bool
-    compile: object            # () -> AotResult
+    launch: object             # wan_kernels.triton._launch.Launch (meta tensors)
 
 
-def _qk_norm_rope_jobs(archs, options):
-    from wan_kernels.triton import aot
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _cap(arch: int) -> tuple[int, int]:
+    return arch // 10, arch % 10
+
+
+def _qk_norm_rope_jobs(archs):
     from wan_kernels.triton import qk_norm_rope as tqk
 
     shapes = [(12, 128), (24, 128), (40, 128), (2, 64), (2, 128), (40, 64), (80, 128), (200, 64)]
     shapes += [(max(1, hb - 1), d) for d in (64, 128) for hb in (1, 2, 4, 8, 16, 32, 64, 128)
                if hb * d <= tqk.MAX_TILE]
-    configs = []
+    configs = {}
     for h, d in shapes:
-        cfg = tqk.launch_config(h, d)
-        if cfg not in configs:
-            configs.append(cfg)
+        configs.setdefault(tqk.launch_config(h, d), (h, d))
     jobs = []
     for arch in archs:
-        for cfg in configs:
+        for cfg, (h, d) in configs.items():
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 label = f"H={cfg.H} D={cfg.D} H_BLOCK={cfg.H_BLOCK} chunks={cfg.NUM_CHUNKS} w{cfg.num_warps} " \
                         f"{str(dtype)[6:]}"
-                jobs.append(Job("qk_norm_rope", label, arch, False, lambda cfg=cfg, dtype=dtype, arch=arch: aot.compile_aot(
-                    tqk.qk_norm_rope_kernel, tqk.aot_signature(dtype), cfg.constexprs(), arch=arch,
-                    num_warps=cfg.num_warps, aligned=tqk.AOT_ALIGNED, options=options, workdir=_WORKDIR[0])))
+                c = h * d
+                launch = tqk.prepare(_meta(CFG_BATCH, TOKENS, 3 * c, dtype=dtype), _meta(c, dtype=dtype),
+                                     _meta(c, dtype=dtype), _meta(TOKENS, d // 2, dtype=torch.float32),
+                                     _meta(TOKENS, d // 2, dtype=torch.float32), h, 1e-6, _cap(arch))[0]
+                jobs.append(Job("qk_norm_rope", label, arch, False, launch))
     return jobs
 
 
-def _attention_jobs(archs, options):
-    from wan_kernels.triton import aot
+def _attention_jobs(archs):
     from wan_kernels.triton import attention as ta
 
-    kinds: dict[tuple, list[str]] = {}
-    for (arch, d, kind), cfg in ta.CONFIGS.items():
-        kinds.setdefault((arch, d, cfg, kind == "i2v"), []).append(kind)
+    cases = {64: (12, 1560), 128: (40, TOKENS)}  # head_dim -> (heads, tokens): a test-size hd64, Wan 14B hd128
     jobs = []
-    for (arch, d, cfg, img), names in sorted(kinds.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
-        if arch not in archs:
-            continue
-        for dtype, lse in ((torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)):
-            label = f"{'+'.join(names)} hd{d} {cfg} {str(dtype)[6:]}{' lse' if lse else ''}"
-            jobs.append(Job("attention", label, arch, True, lambda arch=arch, d=d, cfg=cfg, img=img, dtype=dtype,
-                            lse=lse: aot.compile_aot(
-                                ta.attention_kernel, ta.aot_signature(dtype),
-                                ta.aot_constexprs(d, cfg, img, lse, dtype), arch=arch, num_warps=cfg.num_warps,
-                                num_stages=cfg.num_stages, aligned=ta.AOT_ALIGNED, options=options, workdir=_WORKDIR[0])))
+    for arch in archs:
+        for d, (h, s) in cases.items():
+            for kind, (sk, si) in {"self": (s, 0), "cross": (512, 0), "i2v": (512, 257)}.items():
+                for dtype, lse in ((torch.float16, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+                    kv = [_meta(CFG_BATCH, n, h, d, dtype=dtype) for n in (sk, sk, si, si) if n]
+                    q = _meta(CFG_BATCH, s, h, d, dtype=dtype)
+                    img = kv[2:] if si else (None, None)
+                    launch = ta.prepare(q, kv[0], kv[1], *img, None, lse, None, _cap(arch))[0]
+                    cfg = ta.pick_config(_cap(arch), d, max(sk, si), bool(si))
+                    label = f"{kind} hd{d} {cfg} {str(dtype)[6:]}{' lse' if lse else ''}"
+                    jobs.append(Job("attention", label, arch, True, launch))
     return jobs
 
 
-def _nvfp4_jobs(archs, options):
-    import triton.language as tl
-
-    from wan_kernels.triton import aot
+def _nvfp4_jobs(archs):
+    from wan_kernels.nvfp4 import round_up
     from wan_kernels.triton import nvfp4 as tnv
 
+    n, k = 15360, 5120                      # Wan 14B to_qkv
+    w, ws = _meta(n, k // 2, dtype=torch.uint8), _meta(round_up(n, 128), k // 16, dtype=torch.float8_e4m3fn)
+    gs = _meta(dtype=torch.float32)
     jobs = []
-    for arch, a_fp4, cfg in tnv.config_space():
-        if arch not in archs:
-            continue
-        for dt in (("fp16",) if a_fp4 else ("fp16", "bf16")):
-            c = dict(cfg)
-            warps, stages = c.pop("num_warps"), c.pop("num_stages")
-            constexprs = dict(c, A_FP4=a_fp4, HAS_BIAS=True, DOT_DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16)
-            label = f"gemm {'w4a4' if a_fp4 else 'w4a16'} {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{warps} " \
-                    f"s{stages} {dt}"
-            jobs.append(Job("nvfp4", label, arch, True, lambda arch=arch, a_fp4=a_fp4, dt=dt, cx=constexprs, w=warps,
-                            s=stages: aot.compile_aot(
-                                tnv._nvfp4_gemm_kernel, tnv.aot_gemm_signature(a_fp4, dt), cx, arch=arch, num_warps=w,
-                                num_stages=s, options=options, workdir=_WORKDIR[0],
-                                aligned=tnv.AOT_GEMM_ALIGNED)))
-    blocks = {"BLOCK_M": tnv._QUANT_BLOCK_M, "BLOCK_K": tnv._QUANT_BLOCK_K}
     for arch in archs:
-        for dt in ("fp32", "bf16"):
-            jobs.append(Job("nvfp4", f"quantize {dt}", arch, False, lambda arch=arch, dt=dt: aot.compile_aot(
-                tnv._nvfp4_quantize_kernel,
-                {"x_ptr": f"*{dt}", "packed_ptr": "*u8", "scale_ptr": "*u8", "gs_ptr": "*fp32", "M": "i32",
-                 "K": "i32", "stride_m": "i32", "stride_k": "i32", "ks_padded": "i32", "BLOCK_M": "constexpr",
-                 "BLOCK_K": "constexpr"}, blocks, arch=arch, num_warps=4, options=options, workdir=_WORKDIR[0],
-                aligned=("x_ptr", "packed_ptr", "K", "stride_m"))))
-            jobs.append(Job("nvfp4", f"dequantize {dt}", arch, False, lambda arch=arch, dt=dt: aot.compile_aot(
-                tnv._nvfp4_dequantize_kernel,
-                {"packed_ptr": "*u8", "scale_ptr": "*u8", "gs_ptr": "*fp32", "out_ptr": f"*{dt}", "M": "i32",
-                 "K": "i32", "ks_padded": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}, blocks, arch=arch,
-                num_warps=4, options=options, workdir=_WORKDIR[0], aligned=("packed_ptr", "out_ptr", "K"))))
+        for m in (CFG_BATCH, CFG_BATCH * TOKENS):
+            for dt in (torch.float16, torch.bfloat16):
+                launch = tnv.prepare_w4a16(_meta(m, k, dtype=dt), w, ws, gs, _meta(n, dtype=dt), _cap(arch))[0]
+                jobs.append(Job("nvfp4", f"gemm w4a16 M={m} {_gemm_label(launch)} {str(dt)[6:]}", arch, True,
+                                launch))
+            a, sa = _meta(m, k // 2, dtype=torch.uint8), _meta(round_up(m, 128), k // 16, dtype=torch.float8_e4m3fn)
+            launch = tnv.prepare_w4a4(a, sa, gs, w, ws, gs, _meta(n, dtype=torch.float16), torch.float16,
+                                      _cap(arch))[0]
+            jobs.append(Job("nvfp4", f"gemm w4a4 M={m} {_gemm_label(launch)} float16", arch, True, launch))
+        for dt in (torch.float32, torch.bfloat16):
+            m = CFG_BATCH * TOKENS
+            launch = tnv.prepare_quantize(_meta(m, k, dtype=dt), gs, _cap(arch))[0]
+            jobs.append(Job("nvfp4", f"quantize {str(dt)[6:]}", arch, False, launch))
+            launch = tnv.prepare_dequantize(w, ws, gs, dt, _cap(arch))[0]
+            jobs.append(Job("nvfp4", f"dequantize {str(dt)[6:]}", arch, False, launch))
     return jobs
 
 
-def _modulate_jobs(archs, options):
-    from wan_kernels.triton import aot, modulate
+def _gemm_label(launch) -> str:
+    c = launch.kwargs
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
 
-    return [Job("modulate", name, arch, False, lambda arch=arch, k=kernel, sig=sig, cx=cx, w=warps, al=aligned:
-                aot.compile_aot(k, sig, cx, arch=arch, num_warps=w, aligned=al, options=options, workdir=_WORKDIR[0]))
-            for arch in archs for dtype in ("fp32", "bf16")
-            for name, kernel, sig, cx, warps, aligned in modulate.aot_jobs(dtype)]
+
+def _modulate_jobs(archs):
+    from wan_kernels.triton import modulate
+
+    jobs = []
+    for arch in archs:
+        for dt in (torch.float32, torch.bfloat16):
+            for c in modulate.AOT_C:
+                x = _meta(CFG_BATCH, TOKENS, c, dtype=dt)
+                shift, scale, gate = _meta(CFG_BATCH, 1, 6, c, dtype=torch.float32).unbind(2)[:3]  # the model's layout
+                launch = modulate.prepare_layer_norm_modulate(x, scale, shift, 1e-6, _cap(arch))[0]
+                warps = launch.kwargs["num_warps"]
+                jobs.append(Job("modulate", f"layer_norm_modulate C={c} w{warps} {str(dt)[6:]}", arch, False, launch))
+                launch = modulate.prepare_gated_residual(x, x, gate, _cap(arch))[0]
+                jobs.append(Job("modulate", f"gated_residual C={c} w{warps} {str(dt)[6:]}", arch, False, launch))
+    return jobs
+
+
+BUILDERS = {"qk_norm_rope": _qk_norm_rope_jobs, "attention": _attention_jobs, "nvfp4": _nvfp4_jobs,
+            "modulate": _modulate_jobs}
+
+
+def jobs_for(kernels, archs) -> list[Job]:
+    """Every launch of `kernels` on `archs`, launches that Triton specialises identically listed once."""
+    from wan_kernels.triton import aot
+
+    out, seen = [], set()
+    for k in kernels:
+        for j in BUILDERS.get(k, lambda _: [])(archs):
+            spec = aot.specialize(j.launch, j.arch)
+            key = (j.kernel, j.arch, j.launch.kernel.fn.__name__, repr(spec.signature), repr(spec.constexprs),
+                   repr(spec.attrs), repr(sorted(spec.options.__dict__.items())))
+            if key not in seen:
+                seen.add(key)
+                out.append(j)
+    return out
 
 
 def problems(job: Job, r) -> list[str]:
-    """Why a compiled config is not ready: spills, or no tensor-core path for a GEMM-like kernel."""
+    """Why a compiled launch is not ready: spills, shared memory over the limit, no tensor cores for a GEMM."""
     out = []
     if r.spills:
         out.append(f"SPILL (STACK {r.stack_bytes} LOCAL {r.local_bytes} STL/LDL {r.spill_stores}/{r.spill_loads})")
-    if job.gemm_like and MMA[job.arch] not in r.mma_families:
-        out.append(f"NO TENSOR CORES ({MMA[job.arch]} missing)")
+    if r.shared_bytes > SHARED_LIMIT[job.arch]:
+        out.append(f"SHARED {r.shared_bytes} > {SHARED_LIMIT[job.arch]}")
+    if job.gemm_like and mma(job.arch) not in r.mma_families:
+        out.append(f"NO TENSOR CORES ({mma(job.arch)} missing)")
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """What the report prints of one compile (picklable, no cubin)."""
+    mma_families: frozenset
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    spills: bool
+
+
+_POOL_STATE: dict = {}  # jobs / options / workdir, inherited by forked workers
+
+
+def _compile(i: int) -> Row | str:
+    from wan_kernels.triton import aot
+
+    j = _POOL_STATE["jobs"][i]
+    try:
+        r = aot.compile_launch(j.launch, j.arch, options=_POOL_STATE["options"], workdir=_POOL_STATE["workdir"])
+    except Exception as e:  # a launch that does not compile is not ready either
+        return f"{type(e).__name__}: {e}"
+    return Row(r.mma_families, r.registers, r.stack_bytes, r.local_bytes, r.spill_stores, r.spill_loads,
+               r.shared_bytes, r.spills)
+
+
+def compile_jobs(jobs: list[Job], options: dict | None, workers: int):
+    """(job, Row or compile-error text) in order, compiled by `workers` forked processes (1: in this one)."""
+    with tempfile.TemporaryDirectory(prefix="wan_readiness_") as tmp:
+        _POOL_STATE.update(jobs=jobs, options=options, workdir=tmp)
+        try:
+            if workers <= 1:
+                yield from zip(jobs, map(_compile, range(len(jobs))))
+                return
+            ctx = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                yield from zip(jobs, pool.map(_compile, range(len(jobs))))
+        finally:
+            _POOL_STATE.clear()
 
 
 def _demangle(name: str) -> str:
@@ -204,23 +292,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m wan_kernels.readiness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
-    p.add_argument("--archs", default="80,90,100", help="comma-separated compute capabilities")
-    p.add_argument("--quick", action="store_true", help="the first config of each kernel per arch only")
+    p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities")
+    p.add_argument("--quick", action="store_true", help="the first launch of each kernel per arch only")
     p.add_argument("--maxnreg", type=int, help="cap registers of every Triton compile (forces spills when low)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel compile processes (default 2)")
     args = p.parse_args(argv)
     kernels = [k for k in args.kernels.split(",") if k]
     unknown = [k for k in kernels if k not in KERNELS]
     if unknown:
         p.error(f"unknown kernels {unknown}; choose from {KERNELS}")
     archs = tuple(int(a) for a in args.archs.split(","))
-    bad_arch = [a for a in archs if a not in MMA]
+    bad_arch = [a for a in archs if a not in ARCHS]
     if bad_arch:
-        p.error(f"unsupported archs {bad_arch}; choose from {tuple(MMA)}")
+        p.error(f"unsupported archs {bad_arch}; choose from {ARCHS}")
     options = {"maxnreg": args.maxnreg} if args.maxnreg else None
 
-    builders = {"qk_norm_rope": _qk_norm_rope_jobs, "attention": _attention_jobs, "nvfp4": _nvfp4_jobs,
-                "modulate": _modulate_jobs}
-    jobs = [j for k in kernels if k in builders for j in builders[k](archs, options)]
+    t0 = time.perf_counter()
+    jobs = jobs_for(kernels, archs)
     if args.quick:
         seen, quick = set(), []
         for j in jobs:
@@ -228,32 +316,26 @@ def main(argv=None) -> int:
                 seen.add((j.kernel, j.arch, j.gemm_like))
                 quick.append(j)
         jobs = quick
-    t0 = time.perf_counter()
     failures = []
-    print(f"{'kernel':13s} {'arch':6s} {'config':52s} {'MMA':9s} {'REG':>4s} {'spill B':>8s} {'STL/LDL':>8s} "
+    print(f"{'kernel':13s} {'arch':6s} {'launch':52s} {'MMA':9s} {'REG':>4s} {'spill B':>8s} {'STL/LDL':>8s} "
           f"{'shared B':>9s}  status")
-    with tempfile.TemporaryDirectory(prefix="wan_readiness_") as tmp:
-        _WORKDIR[0] = tmp
-        for j in jobs:
-            try:
-                r = j.compile()
-            except Exception as e:  # a config that does not compile is not ready either
-                failures.append(f"{j.kernel} sm_{j.arch} {j.config}: compile error {type(e).__name__}: {e}")
-                print(f"{j.kernel:13s} sm_{j.arch:<3d} {j.config:52s} COMPILE ERROR {type(e).__name__}")
-                continue
-            why = problems(j, r)
-            failures += [f"{j.kernel} sm_{j.arch} {j.config}: {w}" for w in why]
-            mma = ",".join(sorted(r.mma_families)) or "-"
-            print(f"{j.kernel:13s} sm_{j.arch:<3d} {j.config:52s} {mma:9s} {r.registers:4d} "
-                  f"{r.stack_bytes + r.local_bytes:8d} {r.spill_stores:>3d}/{r.spill_loads:<4d} {r.shared_bytes:9d}  "
-                  f"{'; '.join(why) or 'ok'}")
-        _WORKDIR[0] = None
+    for j, r in compile_jobs(jobs, options, args.jobs):
+        if isinstance(r, str):
+            failures.append(f"{j.kernel} sm_{j.arch} {j.config}: compile error {r}")
+            print(f"{j.kernel:13s} sm_{j.arch:<3d} {j.config:52s} COMPILE ERROR {r.split(':')[0]}")
+            continue
+        why = problems(j, r)
+        failures += [f"{j.kernel} sm_{j.arch} {j.config}: {w}" for w in why]
+        mma_names = ",".join(sorted(r.mma_families)) or "-"
+        print(f"{j.kernel:13s} sm_{j.arch:<3d} {j.config:52s} {mma_names:9s} {r.registers:4d} "
+              f"{r.stack_bytes + r.local_bytes:8d} {r.spill_stores:>3d}/{r.spill_loads:<4d} {r.shared_bytes:9d}  "
+              f"{'; '.join(why) or 'ok'}", flush=True)
     if "cuda" in kernels:
         lines, bad = cuda_objects(archs)
         print("\n".join(lines))
         failures += bad
-    print(f"# {len(jobs)} Triton compiles in {time.perf_counter() - t0:.1f} s; "
-          f"{len(failures)} problem(s)")
+    print(f"# {len(jobs)} Triton compiles for {', '.join(f'sm_{a}' for a in archs)} in "
+          f"{time.perf_counter() - t0:.1f} s ({args.jobs} process(es)); {len(failures)} problem(s)")
     for f in failures:
         print(f"FAIL {f}")
     return 1 if failures else 0

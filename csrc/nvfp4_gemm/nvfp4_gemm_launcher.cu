@@ -31,11 +31,14 @@ torch::Tensor nvfp4_gemm_sm100(const torch::Tensor& a, const torch::Tensor& a_sc
   auto out = torch::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   auto alpha = (a_global_scale.reshape({}) * b_global_scale.reshape({})).to(torch::kFloat32);
+  // The kernel reads every operand as a dense buffer: contiguous copies (of strided inputs only), held until
+  // the GEMM is enqueued (a temporary's memory could be handed to the workspace below).
+  const auto a_c = a.contiguous(), b_c = b.contiguous(), sfa = a_scale.contiguous(), sfb = b_scale.contiguous();
   nvfp4_gemm::Params p{};
-  p.a = a.contiguous().data_ptr<uint8_t>();
-  p.b = b.contiguous().data_ptr<uint8_t>();
-  p.sfa = reinterpret_cast<const uint8_t*>(a_scale.data_ptr());
-  p.sfb = reinterpret_cast<const uint8_t*>(b_scale.data_ptr());
+  p.a = a_c.data_ptr<uint8_t>();
+  p.b = b_c.data_ptr<uint8_t>();
+  p.sfa = reinterpret_cast<const uint8_t*>(sfa.data_ptr());
+  p.sfb = reinterpret_cast<const uint8_t*>(sfb.data_ptr());
   p.alpha = alpha.data_ptr<float>();
   p.d = out.data_ptr();
   p.m = static_cast<int>(M);

@@ -1,12 +1,32 @@
-"""Where a Triton launcher runs its kernel: compiled on CUDA tensors, interpreted on CPU tensors.
+"""How a Triton launcher runs its kernel: one prepared `Launch`, run compiled on CUDA tensors (under the tensors'
+device), interpreted on CPU tensors, and compiled ahead of time by readiness from the same object.
 
-TRITON_INTERPRET is read per call (not at import), so a launcher can keep both a compiled and an
-interpreted copy of its kernel and pick per device; the routing reads the same switch.
+Every launcher is split in two: `prepare_*(..., capability)` checks nothing new, allocates the outputs, picks the
+config for `capability` ((major, minor) of the target GPU; None = the Triton interpreter) and returns a `Launch`
+(kernel, grid, positional args, constexprs + compile options); `run(launch)` launches it. A real call takes
+`capability` from the tensor's device (`target`); `wan_kernels.readiness` / `aot.compile_launch` take the same
+`Launch` built on meta tensors of Wan's shapes and let Triton's own binder derive the specialisation (ints equal
+to 1 become constexprs, multiples of 16 and 16-byte aligned pointers get `tt.divisibility`), so what readiness
+compiles is what the runtime compiles.
+
+TRITON_INTERPRET is read per call (not at import): each kernel is a `JITFunction` built explicitly (not by
+`@triton.jit`, which returns an interpreted function when TRITON_INTERPRET=1 is set at import), and its
+interpreted twin is made on demand; CUDA tensors always run the compiled kernel. The routing reads the same switch.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import os
+from typing import Any, Callable
 
 import torch
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+# Compile options of kernels whose results are claimed bit-identical to the reference / C++ kernels (built with
+# -ffp-contract=off): no mul+add -> fma contraction (Triton's default contracts; the interpreter does not).
+EXACT = {"enable_fp_fusion": False}
 
 
 def interpreter_enabled() -> bool:
@@ -21,3 +41,54 @@ def on_interpreter(t: torch.Tensor, op: str) -> bool:
     if not interpreter_enabled():
         raise RuntimeError(f"{op} (triton): CPU tensors need TRITON_INTERPRET=1")
     return True
+
+
+def target(t: torch.Tensor, op: str) -> tuple[int, int] | None:
+    """The capability a launch on `t` compiles for: its CUDA device's, or None (interpreter, CPU tensor)."""
+    return None if on_interpreter(t, op) else tuple(torch.cuda.get_device_capability(t.device))
+
+
+def mma_class(capability: tuple[int, int]) -> str:
+    """The tensor-core instruction class Triton emits for a capability, which tile configs are keyed on:
+    "wgmma" on sm_90 (sm_90a), "tcgen05" on the sm_100 family (10.x), "mma.sync" elsewhere (sm_80, sm_86, sm_87,
+    sm_89, sm_120/121: warp MMA, ~100 KB of shared memory per block except sm_80/87)."""
+    major, minor = capability
+    if (major, minor) == (9, 0):
+        return "wgmma"
+    if major == 10:
+        return "tcgen05"
+    return "mma.sync"
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: `kernel[grid](*args, **kwargs)` on `device` (kwargs: constexprs and compile options)."""
+    kernel: JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict[str, Any]
+    device: torch.device
+    interpreted: Callable[[JITFunction], InterpretedFunction] | None = None  # builds the interpreter flavour
+
+
+_INTERPRETED: dict = {}
+
+
+def kernel_for(launch: Launch):
+    """The function object `run` calls: the compiled kernel for CUDA devices, the interpreted one otherwise."""
+    if launch.device.type == "cuda":
+        return launch.kernel
+    if launch.kernel not in _INTERPRETED:
+        make = launch.interpreted or (lambda k: InterpretedFunction(k.fn))
+        _INTERPRETED[launch.kernel] = make(launch.kernel)
+    return _INTERPRETED[launch.kernel]
+
+
+def run(launch: Launch) -> None:
+    """Launch on the tensors' device (Triton launches on the current device and its current stream)."""
+    fn = kernel_for(launch)
+    if launch.device.type == "cuda":
+        with torch.cuda.device(launch.device):
+            fn[launch.grid](*launch.args, **launch.kwargs)
+    else:
+        fn[launch.grid](*launch.args, **launch.kwargs)

@@ -20,6 +20,11 @@ its Python function is recompiled here) or a plain Python function in Triton's l
     r = aot.compile_aot(kernel, {"x_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
                         arch=90, num_warps=4, aligned=("x_ptr",))
     print(r.summary())
+
+`compile_launch(launch, arch)` compiles a prepared launcher call (`wan_kernels.triton._launch.Launch`, built on meta
+tensors of the real shapes) with the signature, constexprs and divisibility attributes Triton's own binder derives
+from the call's arguments (`specialize`): ints equal to 1 become constexprs, ints % 16 == 0 and 16-byte aligned
+pointers get `tt.divisibility`, as a launch on a GPU would. Prefer it to a hand-written signature.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-ARCHS = (80, 90, 100)
+from wan_kernels.triton._launch import Launch
+
+# A100 / RTX 30xx (sm_86) / RTX 40xx, L40S (sm_89) / H100, H200 / B200 / RTX 50xx, RTX PRO 6000 (sm_120)
+ARCHS = (80, 86, 89, 90, 100, 120)
 MMA_FAMILIES = {
     "mma.sync": re.compile(r"\bmma\.sync\."),
     "wgmma": re.compile(r"\bwgmma\.mma_async\."),
@@ -152,10 +160,54 @@ def compile_aot(fn: Any, signature: dict[str, str], constexprs: dict[str, Any] |
     if need:
         raise ValueError(f"compile_aot({jit_fn.__name__}): no value for constexpr arguments {need}")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(jit_fn, signature, constexprs, attrs)
     opts = {"num_warps": num_warps, "num_stages": num_stages, **(options or {})}
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return _compile(ASTSource(jit_fn, signature, constexprs, attrs), arch, opts, num_warps, workdir)
 
+
+@dataclasses.dataclass(frozen=True)
+class Specialization:
+    """What Triton's launcher compiles for one call: signature {name: type}, constexprs {(index,): value},
+    attrs {(index,): [["tt.divisibility", 16]]} and the parsed compile options."""
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: Any
+
+    def constexpr_names(self, fn) -> dict[str, Any]:
+        names = as_jit_function(fn).arg_names
+        return {names[k[0]]: v for k, v in self.constexprs.items()}
+
+    def divisible_names(self, fn) -> set[str]:
+        names = as_jit_function(fn).arg_names
+        return {names[k[0]] for k, v in self.attrs.items() if ["tt.divisibility", 16] in v}
+
+
+def specialize(launch: Launch, arch: int) -> Specialization:
+    """The specialisation `JITFunction.run` computes for `launch` on an sm_`arch` device (its binder and
+    `_pack_args`, with the backend of that target): the same code path as a launch, without a GPU."""
+    jit_fn = as_jit_function(launch.kernel)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", jit_fn.debug) or triton.knobs.runtime.debug
+    kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(jit_fn.signature, jit_fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = jit_fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return Specialization(signature, constexprs, attrs, options)
+
+
+def compile_launch(launch: Launch, arch: int, *, options: dict[str, Any] | None = None,
+                   workdir: str | os.PathLike | None = None) -> AotResult:
+    """Compile a prepared launch for sm_`arch` as the runtime would (`specialize`) and inspect the cubin.
+    `options` overrides compile options (e.g. {"maxnreg": 32} for a forced-spill check)."""
+    spec = specialize(launch, arch)
+    opts = dict(spec.options.__dict__, **(options or {}))
+    src = ASTSource(as_jit_function(launch.kernel), spec.signature, spec.constexprs, spec.attrs)
+    return _compile(src, arch, opts, opts["num_warps"], workdir)
+
+
+def _compile(src: ASTSource, arch: int, opts: dict, num_warps: int, workdir) -> AotResult:
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     name = kernel.metadata.name
     directory = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="wan_aot_"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,7 +226,156 @@ def compile_aot(fn: Any, signature: dict[str, str], constexprs: dict[str, Any] |
     )
 
 
-def compile_all_archs(fn: Callable, signature: dict[str, str], constexprs: dict[str, Any] | None = None,
-                      archs: tuple[int, ...] = ARCHS, **kwargs) -> dict[int, AotResult]:
-    """`compile_aot` for each arch (default sm_80, sm_90, sm_100)."""
-    return {arch: compile_aot(fn, signature, constexprs, arch=arch, **kwargs) for arch in archs}
+# ---------------------------------------------------------------------------------------------
+# 32-bit offset overflow: interval analysis of the PTX integer registers at a launch's argument values
+
+_INT32 = (-(2 ** 31), 2 ** 31 - 1)
+_UINT32 = (0, 2 ** 32 - 1)
+_INSTR = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)\s+(.*?);\s*$")
+_REG = re.compile(r"^%(r|rd|rs)\d+$")
+_IMM = re.compile(r"^-?(?:0[xX][0-9a-fA-F]+|\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetCheck:
+    """`overflowing`: PTX lines that widen (cvt.s64.s32, mul.wide, mad.wide) a 32-bit value whose exact range at
+    the launch's arguments leaves 32 bits, i.e. an offset that wrapped before it was made 64-bit. `checked`: the
+    widening instructions whose sources had a known range (the analysis saw them)."""
+    overflowing: list[str]
+    checked: int
+
+
+def offset_overflows(launch: Launch, ptx: str, arch: int) -> OffsetCheck:
+    """Ranges of the integer registers of `ptx` (flow-insensitive intervals: program ids within `launch.grid`,
+    thread ids within the block, integer parameters equal to the launch's arguments), and the widenings of an
+    out-of-range 32-bit value. Registers fed by memory, floats or unmodelled instructions have unknown range
+    and are not checked."""
+    jit_fn = as_jit_function(launch.kernel)
+    spec = specialize(launch, arch)
+    values = dict(zip(jit_fn.arg_names, launch.args), **launch.kwargs)
+    params = [n for n, t in spec.signature.items() if t != "constexpr"]
+    name = re.search(r"\.entry\s+(\w+)", ptx).group(1)
+    ntid = int(m.group(1)) if (m := re.search(r"\.reqntid\s+(\d+)", ptx)) else 1024
+    grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+    special = {f"%ctaid.{a}": (0, g - 1) for a, g in zip("xyz", grid)}
+    special |= {f"%nctaid.{a}": (g, g) for a, g in zip("xyz", grid)}
+    special |= {"%tid.x": (0, ntid - 1), "%tid.y": (0, 0), "%tid.z": (0, 0), "%ntid.x": (ntid, ntid)}
+    lines = [m.groups() for m in map(_INSTR.match, ptx.splitlines()) if m]
+    ranges: dict[str, tuple[int, int] | None] = {}  # None: unknown
+    defs: dict[str, list] = {}
+    for opc, rest in lines:
+        ops = [o.strip() for o in rest.split(",")]
+        defs.setdefault(ops[0], []).append((opc.split(".")[0], ops))
+
+    def remainder_of(ops):
+        """`sub r, a, p` with p = q * d and q = a / d (LLVM's div/rem pairing): the registers (a, d), else None."""
+        (pk, pops), = defs.get(ops[2], [(None, None)])[:1] or [(None, None)]
+        if pk != "mul" or len(defs[ops[2]]) != 1:
+            return None
+        for q, d in ((pops[1], pops[2]), (pops[2], pops[1])):
+            qdef = defs.get(q, [])
+            if len(qdef) == 1 and qdef[0][0] == "div" and qdef[0][1][1:] == [ops[1], d]:
+                return ops[1], d
+        return None
+
+    def val(op):
+        if op in ranges:
+            return ranges[op]
+        if _IMM.match(op):
+            v = int(op, 0)
+            return (v, v)
+        if op in special:
+            return special[op]
+        return None if (_REG.match(op) is None or op in ranges) else "undef"
+
+    def evaluate(opc, ops):
+        parts = opc.split(".")
+        base = parts[0]
+        if base == "ld" and parts[1] == "param":
+            m = re.match(rf"\[{name}_param_(\d+)\]", ops[1])
+            i = int(m.group(1)) if m else -1
+            v = values.get(params[i]) if 0 <= i < len(params) else None
+            return (int(v), int(v)) if isinstance(v, int) and not isinstance(v, bool) else None
+        src = [val(o) for o in ops[1:]]
+        if "undef" in src:
+            return "undef"
+        if any(s is None for s in src[:3 if base in ("mad", "selp") else 2]) and base not in ("selp",):
+            return None
+        if base in ("mov", "cvt") and len(src) == 1:
+            return src[0]
+        a = src[0] if src else None
+        b = src[1] if len(src) > 1 else None
+        prods = lambda x, y: [p * q for p in x for q in y]  # noqa: E731
+        if base == "add":
+            return (a[0] + b[0], a[1] + b[1])
+        if base == "sub":
+            rem = remainder_of(ops)
+            if rem is not None and a[0] >= 0 and (d := val(rem[1])) not in (None, "undef") and d[0] > 0:
+                return (0, min(a[1], d[1] - 1))
+            return (a[0] - b[1], a[1] - b[0])
+        if base == "mul" and parts[1] in ("lo", "wide"):
+            return (min(prods(a, b)), max(prods(a, b)))
+        if base == "mad" and parts[1] in ("lo", "wide") and src[2] is not None:
+            p = prods(a, b)
+            return (min(p) + src[2][0], max(p) + src[2][1])
+        if base == "shl" and b[0] == b[1]:
+            return (a[0] << b[0], a[1] << b[0])
+        if base == "shr" and b[0] == b[1] and (parts[1] == "s32" or parts[1] == "s64" or a[0] >= 0):
+            return (a[0] >> b[0], a[1] >> b[0])
+        if base == "and" and (a[0] >= 0 or b[0] >= 0):
+            return (0, min(x[1] for x in (a, b) if x[0] >= 0))
+        if base in ("or", "xor") and a[0] >= 0 and b[0] >= 0:
+            return (0, a[1] + b[1])
+        if base in ("div", "rem") and a[0] >= 0 and b[0] > 0:
+            return (a[0] // b[1], a[1] // b[0]) if base == "div" else (0, min(a[1], b[1] - 1))
+        if base in ("min", "max"):
+            f = min if base == "min" else max
+            return (f(a[0], b[0]), f(a[1], b[1]))
+        if base == "selp" and a is not None and b is not None:
+            return (min(a[0], b[0]), max(a[1], b[1]))
+        if base == "neg":
+            return (-a[1], -a[0])
+        if base == "bfe" and src[2] is not None and src[2][0] == src[2][1]:
+            n = src[2][0]
+            return (0, 2 ** n - 1) if parts[1].startswith("u") else (-(2 ** (n - 1)), 2 ** (n - 1) - 1)
+        return None
+
+    for step in range(40):
+        changed = False
+        for opc, rest in lines:
+            ops = [o.strip() for o in rest.split(",")]
+            if not ops or not _REG.match(ops[0]):
+                continue
+            r = evaluate(opc, ops)
+            if r == "undef":
+                continue
+            old = ranges.get(ops[0], "unset")
+            if r is not None and old not in ("unset", None):
+                r = (min(r[0], old[0]), max(r[1], old[1]))
+            elif old is None:
+                r = None
+            if step >= 30 and r != old and old != "unset":
+                r = None  # still growing (a loop counter): widened to unknown
+            if r != old:
+                ranges[ops[0]] = r
+                changed = True
+        if not changed:
+            break
+
+    overflowing, checked = [], 0
+    for opc, rest in lines:
+        parts = opc.split(".")
+        ops = [o.strip() for o in rest.split(",")]
+        if parts[0] == "cvt" and len(parts) >= 3 and parts[-2][1:] == "64" and parts[-1][1:] == "32":
+            srcs, kind = ops[1:2], parts[-1]
+        elif parts[0] in ("mul", "mad") and parts[1] == "wide":
+            srcs, kind = ops[1:3], parts[2]
+        else:
+            continue
+        lo, hi = _INT32 if kind.startswith("s") else _UINT32
+        known = [ranges.get(s) for s in srcs if _REG.match(s)]
+        if known and all(k is not None for k in known):
+            checked += 1
+            if any(k[0] < lo or k[1] > hi for k in known):
+                overflowing.append(f"{opc} {rest}  ranges {known}")
+    return OffsetCheck(overflowing, checked)

@@ -39,17 +39,15 @@ both flavours are built from the same Python function, chosen per call by device
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.triton._launch import on_interpreter
+from wan_kernels.triton._launch import Launch, mma_class, run, target
 
 LOG2E = 1.4426950408889634
 # KV lengths up to this are "cross" (Wan: 512 text, 257 image keys); longer ones are "self".
@@ -139,9 +137,8 @@ def _attention_kernel(
              mask=row_ok[:, None] & dv_ok[None, :])
 
 
-# The same function, compiled (CUDA tensors) and interpreted (CPU tensors under TRITON_INTERPRET=1).
+# Compiled for CUDA tensors; `_launch.run` interprets the same function for CPU tensors (TRITON_INTERPRET=1).
 attention_kernel = JITFunction(_attention_kernel)
-attention_kernel_interpreted = InterpretedFunction(_attention_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +166,10 @@ _C = Config
 # is capped at 128 registers and spills 8 bytes with the LSE output, so "cross" there uses 2 stages.
 CONFIGS: dict[tuple[int, int, str], Config] = {
     # sm_80: mma.sync keeps q, the score tile and the accumulator in registers.
-    (80, 64, "self"): _C(128, 64, 4, 3), (80, 64, "cross"): _C(128, 64, 4, 3), (80, 64, "i2v"): _C(128, 64, 8, 3),
-    (80, 128, "self"): _C(128, 64, 8, 3), (80, 128, "cross"): _C(128, 64, 8, 3), (80, 128, "i2v"): _C(128, 32, 8, 3),
+    # 4 warps at hd64 spilled 32-64 B on sm_120 (same class, its own ptxas): 8 warps there too.
+    (80, 64, "self"): _C(128, 64, 8, 3), (80, 64, "cross"): _C(128, 64, 8, 3), (80, 64, "i2v"): _C(128, 64, 8, 3),
+    # i2v hd128: 128 x 32 spilled 24 B on sm_120 (2 or 3 stages); 128 x 16 keeps 224-234 registers on sm_80/120.
+    (80, 128, "self"): _C(128, 64, 8, 3), (80, 128, "cross"): _C(128, 64, 8, 3), (80, 128, "i2v"): _C(128, 16, 8, 3),
     # sm_90: wgmma. 128 x 128 at hd128 needs ~225 KB of shared memory at 3 stages and 255 registers.
     (90, 64, "self"): _C(128, 128, 8, 3), (90, 64, "cross"): _C(128, 64, 8, 3), (90, 64, "i2v"): _C(128, 64, 8, 3),
     (90, 128, "self"): _C(128, 64, 8, 3), (90, 128, "cross"): _C(128, 64, 8, 3), (90, 128, "i2v"): _C(128, 32, 8, 3),
@@ -184,13 +183,9 @@ INTERPRETER_CONFIG = Config(64, 64, 4, 1)
 
 
 def arch_class(capability: tuple[int, int]) -> int:
-    """The CONFIGS row of a CUDA device: sm_100-family (tcgen05), sm_90 (wgmma), else the mma.sync row."""
-    major, minor = capability
-    if major == 10:
-        return 100
-    if (major, minor) == (9, 0):
-        return 90
-    return 80
+    """The CONFIGS row of a CUDA device, by tensor-core class (`_launch.mma_class`): 100 for tcgen05 (sm_100
+    family), 90 for wgmma (sm_90), 80 for mma.sync (sm_80, sm_86, sm_89, sm_120: the row must fit all of them)."""
+    return {"tcgen05": 100, "wgmma": 90, "mma.sync": 80}[mma_class(capability)]
 
 
 def kind_of(kv_len: int, has_img: bool) -> str:
@@ -226,11 +221,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _run(q, k, v, k_img, v_img, scale, write_lse: bool, config: Config | None):
+def prepare(q, k, v, k_img, v_img, scale, write_lse: bool, config: Config | None, capability):
+    """(Launch or None when empty, out, lse) of one attention call for `capability` (None = interpreter)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention (triton): q must be float16/bfloat16/float32, got {q.dtype}")
-    on_cpu = on_interpreter(q, "attention")
-    out_dtype = q.dtype
+    on_cpu = capability is None
     has_img = k_img is not None
     if on_cpu and q.dtype == torch.bfloat16:
         # The interpreter computes on bf16 bit patterns as if they were integers (REFERENCE §1): on CPU
@@ -250,26 +245,31 @@ def _run(q, k, v, k_img, v_img, scale, write_lse: bool, config: Config | None):
     out = torch.empty((B, Sq, H, DV), dtype=q.dtype, device=q.device)
     num_sets = 2 if has_img else 1
     lse = torch.empty((num_sets, B, H, Sq) if write_lse else (1,), dtype=torch.float32, device=q.device)
-    if B * Sq * H > 0:
-        if config is None:
-            cap = None if on_cpu else torch.cuda.get_device_capability(q.device)
-            config = pick_config(cap, D, max(Sk, Si if has_img else 0), has_img)
-        kernel = attention_kernel_interpreted if on_cpu else attention_kernel
-        grid = (triton.cdiv(Sq, config.BLOCK_M), B * H)
-        with contextlib.nullcontext() if on_cpu else torch.cuda.device(q.device):
-            kernel[grid](
-                q, k, v, k_img, v_img, out, lse, Sq, Sk, Si, H,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), k_img.stride(0), k_img.stride(1), k_img.stride(2),
-                v_img.stride(0), v_img.stride(1), v_img.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                s * LOG2E, D=D, DV=DV, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(DV), BLOCK_M=config.BLOCK_M,
-                BLOCK_N=config.BLOCK_N, HAS_IMG=has_img, WRITE_LSE=write_lse,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                num_warps=config.num_warps, num_stages=config.num_stages)
+    if B * Sq * H == 0:
+        return None, out, lse
+    if config is None:
+        config = pick_config(capability, D, max(Sk, Si if has_img else 0), has_img)
+    grid = (triton.cdiv(Sq, config.BLOCK_M), B * H)
+    args = (q, k, v, k_img, v_img, out, lse, Sq, Sk, Si, H,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), k_img.stride(0), k_img.stride(1), k_img.stride(2),
+            v_img.stride(0), v_img.stride(1), v_img.stride(2), out.stride(0), out.stride(1), out.stride(2), s * LOG2E)
+    kwargs = dict(D=D, DV=DV, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(DV), BLOCK_M=config.BLOCK_M,
+                  BLOCK_N=config.BLOCK_N, HAS_IMG=has_img, WRITE_LSE=write_lse,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(attention_kernel, grid, args, kwargs, q.device), out, lse
+
+
+def _run(q, k, v, k_img, v_img, scale, write_lse: bool, config: Config | None):
+    out_dtype = q.dtype
+    launch, out, lse = prepare(q, k, v, k_img, v_img, scale, write_lse, config, target(q, "attention"))
+    if launch is not None:
+        run(launch)
     out = out.to(out_dtype)
     if not write_lse:
         return out, None, None
-    return out, lse[0], (lse[1] if has_img else None)
+    return out, lse[0], (lse[1] if k_img is not None else None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
@@ -293,6 +293,12 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img:
     over the image keys (None without an image set). `config` overrides the heuristic (tests).
     """
     return _run(q, k, v, k_img, v_img, scale, True, config)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+    """Launcher of wan::attention_lse: (out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32), one key set."""
+    out, lse, _ = _run(q, k, v, None, None, scale, True, None)
+    return out, lse
 
 
 def attention_with_config(q, k, v, k_img=None, v_img=None, scale=None, *, config: Config) -> torch.Tensor:

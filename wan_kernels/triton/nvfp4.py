@@ -29,15 +29,19 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.triton._launch import on_interpreter
-
 from wan_kernels.nvfp4 import BLOCK, round_up
+from wan_kernels.triton._launch import EXACT, Launch, mma_class, run, target
+
+# Kernels and helpers are JITFunctions whatever TRITON_INTERPRET says at import (`@triton.jit` would make them
+# interpreted functions, and CUDA tensors would run through the interpreter); `_interpreted` builds the
+# interpreter flavour per kernel, used for CPU tensors only.
+_jit = JITFunction
 
 # ---------------------------------------------------------------------------------------------
 # Shared device functions
 
 
-@triton.jit
+@_jit
 def _e4m3_encode_nonneg(x):
     """fp32 in [0, 448] (NaN-free) -> uint8 E4M3 code, round to nearest even."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -60,7 +64,7 @@ def _e4m3_encode_nonneg(x):
     return code.to(tl.uint8)
 
 
-@triton.jit
+@_jit
 def _e4m3_decode(code):
     """uint8 E4M3 code (finite, non-negative) -> fp32, exactly."""
     c = code.to(tl.int32)
@@ -70,7 +74,7 @@ def _e4m3_decode(code):
     return tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
 
 
-@triton.jit
+@_jit
 def _e2m1_decode(code):
     """uint8 E2M1 code (bit 3 = sign) -> fp32: exponent 0 is subnormal (0, 0.5)."""
     c = code.to(tl.int32)
@@ -80,7 +84,7 @@ def _e2m1_decode(code):
     return tl.where((c & 0x8) != 0, -mag, mag)
 
 
-@triton.jit
+@_jit
 def _e2m1_encode(v):
     """fp32 -> uint8 E2M1 code, RNE with ties to the even code, saturating at +-6; NaN -> 0."""
     a = tl.abs(v)
@@ -90,7 +94,7 @@ def _e2m1_encode(v):
     return tl.where(v == v, c | sign, 0).to(tl.uint8)
 
 
-@triton.jit
+@_jit
 def _swizzled_offset(m, k, ks_padded):
     return ((m // 128) * (ks_padded // 4) + k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + (k % 4)
 
@@ -99,15 +103,20 @@ def _swizzled_offset(m, k, ks_padded):
 # Quantize / dequantize
 
 
-@triton.jit
+@_jit
 def _nvfp4_quantize_kernel(x_ptr, packed_ptr, scale_ptr, gs_ptr, M, K, stride_m, stride_k, ks_padded,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
+    rows = m0 + r
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
+    # row bases in 64 bits (M * K passes 2^31 at Wan's sizes), offsets inside the tile in 32
+    x_ptr += m0.to(tl.int64) * stride_m
+    packed_ptr += m0.to(tl.int64) * (K // 2)
+    x = tl.load(x_ptr + r[:, None] * stride_m + cols[None, :] * stride_k, mask=mask, other=0.0).to(tl.float32)
     gs = tl.load(gs_ptr)
     gs_ok = (gs > 0.0) & (gs <= 3.4028234663852886e38)
 
@@ -123,36 +132,40 @@ def _nvfp4_quantize_kernel(x_ptr, packed_ptr, scale_ptr, gs_ptr, M, K, stride_m,
     codes = tl.where((denom > 0.0)[:, :, None], _e2m1_encode(q), 0).to(tl.uint8)
     lo, hi = tl.split(tl.reshape(codes, (BLOCK_M, BLOCK_K // 2, 2)))
     pcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    tl.store(packed_ptr + rows[:, None] * (K // 2) + pcols[None, :], lo | (hi << 4),
+    tl.store(packed_ptr + r[:, None] * (K // 2) + pcols[None, :], lo | (hi << 4),
              mask=(rows[:, None] < M) & (pcols[None, :] < K // 2))
     kb = pid_k * NB + tl.arange(0, NB)
     tl.store(scale_ptr + _swizzled_offset(rows[:, None], kb[None, :], ks_padded), scode,
              mask=(rows[:, None] < M) & (kb[None, :] < K // 16))
 
 
-@triton.jit
+@_jit
 def _nvfp4_dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, M, K, ks_padded,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    r = tl.arange(0, BLOCK_M)
+    rows = m0 + r
+    packed_ptr += m0.to(tl.int64) * (K // 2)                      # 64-bit row bases, 32-bit tile offsets
+    out_ptr += m0.to(tl.int64) * K
     pcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     pmask = (rows[:, None] < M) & (pcols[None, :] < K // 2)
-    p = tl.load(packed_ptr + rows[:, None] * (K // 2) + pcols[None, :], mask=pmask, other=0)
+    p = tl.load(packed_ptr + r[:, None] * (K // 2) + pcols[None, :], mask=pmask, other=0)
     vals = tl.reshape(tl.join(_e2m1_decode(p & 0xF), _e2m1_decode(p >> 4)), (BLOCK_M, BLOCK_K // 16, 16))
     kb = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
     smask = (rows[:, None] < M) & (kb[None, :] < K // 16)
     sc = _e4m3_decode(tl.load(scale_ptr + _swizzled_offset(rows[:, None], kb[None, :], ks_padded), mask=smask, other=0))
     out = tl.reshape(vals * sc[:, :, None], (BLOCK_M, BLOCK_K)) * tl.load(gs_ptr)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + r[:, None] * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
 def _interpreted(kernel: JITFunction) -> InterpretedFunction:
     """The same kernel for the Triton interpreter (CPU tensors), whatever TRITON_INTERPRET was at import.
 
-    The interpreter cannot call @triton.jit helpers, so the kernel and every helper of this module are
+    The interpreter cannot call JITFunction helpers, so the kernel and every helper of this module are
     re-created as plain functions over one namespace in which the helpers are plain functions too."""
     ns = dict(globals())
 
@@ -168,41 +181,60 @@ def _interpreted(kernel: JITFunction) -> InterpretedFunction:
     return InterpretedFunction(plain(kernel.fn))
 
 
-def _kernel_for(kernel: JITFunction, t: torch.Tensor):
-    """Compiled kernel for CUDA tensors; the interpreted one for CPU tensors under TRITON_INTERPRET=1."""
-    if not on_interpreter(t, "nvfp4"):
-        return kernel
-    if kernel not in _INTERPRETED:
-        _INTERPRETED[kernel] = _interpreted(kernel)
-    return _INTERPRETED[kernel]
-
-
-_INTERPRETED: dict = {}
 _QUANT_BLOCK_M, _QUANT_BLOCK_K = 16, 128
 
 
-def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor):
-    """Triton launcher of wan::nvfp4_quantize (same contract; see wan_kernels/ops.py)."""
+def _launch(kernel, grid, args, kwargs, device) -> Launch:
+    return Launch(kernel, grid, args, kwargs, device, _interpreted)
+
+
+def prepare_quantize(x: torch.Tensor, global_scale: torch.Tensor, capability=None):
+    """(Launch or None when empty, packed, scale) of `nvfp4_quantize` (one config for every target)."""
     M, K = x.shape
     ks_padded = round_up(K // BLOCK, 4)
     packed = torch.empty((M, K // 2), dtype=torch.uint8, device=x.device)
     scale = torch.zeros((round_up(M, 128), ks_padded), dtype=torch.uint8, device=x.device)
+    launch = None
     if M and K:
-        grid = (triton.cdiv(M, _QUANT_BLOCK_M), triton.cdiv(K, _QUANT_BLOCK_K))
-        _kernel_for(_nvfp4_quantize_kernel, x)[grid](x, packed, scale, global_scale.reshape(1).float(), M, K, x.stride(0),
-                                     x.stride(1), ks_padded, BLOCK_M=_QUANT_BLOCK_M, BLOCK_K=_QUANT_BLOCK_K)
-    return packed, scale.view(torch.float8_e4m3fn)
+        launch = _launch(_nvfp4_quantize_kernel, (triton.cdiv(M, _QUANT_BLOCK_M), triton.cdiv(K, _QUANT_BLOCK_K)),
+                         (x, packed, scale, global_scale.reshape(1).float(), M, K, x.stride(0), x.stride(1),
+                          ks_padded), dict(BLOCK_M=_QUANT_BLOCK_M, BLOCK_K=_QUANT_BLOCK_K, **EXACT), x.device)
+    return launch, packed, scale.view(torch.float8_e4m3fn)
+
+
+def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor):
+    """Triton launcher of wan::nvfp4_quantize (same contract; see wan_kernels/ops.py)."""
+    launch, packed, scale = prepare_quantize(x, global_scale, target(x, "nvfp4"))
+    if launch is not None:
+        run(launch)
+    return packed, scale
+
+
+def _bytes(block_scale: torch.Tensor) -> torch.Tensor:
+    """The swizzled block scales as the contiguous uint8 buffer the kernels index (any strides accepted)."""
+    return block_scale.contiguous().view(torch.uint8)
+
+
+def prepare_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                       dtype: torch.dtype, capability=None):
+    """(Launch or None when empty, out) of `nvfp4_dequantize` (one config for every target)."""
+    M, K = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty((M, K), dtype=dtype, device=packed.device)
+    launch = None
+    if M and K:
+        launch = _launch(_nvfp4_dequantize_kernel, (triton.cdiv(M, _QUANT_BLOCK_M), triton.cdiv(K, _QUANT_BLOCK_K)),
+                         (packed.contiguous(), _bytes(block_scale), global_scale.reshape(1).float(), out, M, K,
+                          block_scale.shape[1]), dict(BLOCK_M=_QUANT_BLOCK_M, BLOCK_K=_QUANT_BLOCK_K, **EXACT),
+                         packed.device)
+    return launch, out
 
 
 def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:
     """Triton launcher of wan::nvfp4_dequantize."""
-    M, K = packed.shape[0], packed.shape[1] * 2
-    out = torch.empty((M, K), dtype=dtype, device=packed.device)
-    if M and K:
-        grid = (triton.cdiv(M, _QUANT_BLOCK_M), triton.cdiv(K, _QUANT_BLOCK_K))
-        _kernel_for(_nvfp4_dequantize_kernel, packed)[grid](packed.contiguous(), block_scale.view(torch.uint8), global_scale.reshape(1).float(),
-                                       out, M, K, block_scale.shape[1], BLOCK_M=_QUANT_BLOCK_M, BLOCK_K=_QUANT_BLOCK_K)
+    launch, out = prepare_dequantize(packed, block_scale, global_scale, dtype, target(packed, "nvfp4"))
+    if launch is not None:
+        run(launch)
     return out
 
 
@@ -210,11 +242,14 @@ def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_sca
 # GEMM with NVFP4 operands decoded in the main loop
 
 
-@triton.jit
-def _decode_tile(p_ptr, s_ptr, rows, kp, n_rows, K, ks_padded, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed rows x [kp : kp + BLOCK_K/2) bytes -> [BLOCK_R, BLOCK_K] fp32 = e2m1 * block scale (exact)."""
+@_jit
+def _decode_tile(p_ptr, s_ptr, r0, kp, n_rows, K, ks_padded, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed rows [r0, r0 + BLOCK_R) x bytes [kp, kp + BLOCK_K/2) -> [BLOCK_R, BLOCK_K] fp32 = e2m1 * block
+    scale (exact). The row base is 64-bit (rows * K/2 passes 2^31 at Wan's sizes), tile offsets 32-bit."""
+    r = tl.arange(0, BLOCK_R)
+    rows = r0 + r
     pcols = kp + tl.arange(0, BLOCK_K // 2)
-    p = tl.load(p_ptr + rows[:, None] * (K // 2) + pcols[None, :],
+    p = tl.load(p_ptr + r0.to(tl.int64) * (K // 2) + (r[:, None] * (K // 2) + pcols[None, :]),
                 mask=(rows[:, None] < n_rows) & (pcols[None, :] < K // 2), other=0)
     vals = tl.reshape(tl.join(_e2m1_decode(p & 0xF), _e2m1_decode(p >> 4)), (BLOCK_R, BLOCK_K // 16, 16))
     kb = (kp * 2) // 16 + tl.arange(0, BLOCK_K // 16)
@@ -223,7 +258,7 @@ def _decode_tile(p_ptr, s_ptr, rows, kp, n_rows, K, ks_padded, BLOCK_R: tl.const
     return tl.reshape(vals * sc[:, :, None], (BLOCK_R, BLOCK_K))
 
 
-@triton.jit
+@_jit
 def _nvfp4_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, alpha_ptr, bias_ptr, out_ptr, M, N, K,
                        stride_am, stride_ak, ks_padded,
                        A_FP4: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -239,102 +274,117 @@ def _nvfp4_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, alpha_ptr, bias_p
     pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
     pid_n = (pid % (GROUP_M * num_n)) // size_m
 
-    rows_a = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_b = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # M * N and M * K pass 2^31 at Wan's sizes (to_qkv at 720p with CFG: 151,200 x 15,360): row bases are 64-bit,
+    # offsets inside a tile 32-bit
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    r = tl.arange(0, BLOCK_M)
+    rows_a = m0 + r
+    rows_b = n0 + tl.arange(0, BLOCK_N)
+    if not A_FP4:
+        a_ptr += m0.to(tl.int64) * stride_am
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if A_FP4:
-            a = _decode_tile(a_ptr, a_scale_ptr, rows_a, k0 // 2, M, K, ks_padded, BLOCK_M, BLOCK_K).to(DOT_DTYPE)
+            a = _decode_tile(a_ptr, a_scale_ptr, m0, k0 // 2, M, K, ks_padded, BLOCK_M, BLOCK_K).to(DOT_DTYPE)
         else:
             ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + rows_a[:, None] * stride_am + ks[None, :] * stride_ak,
+            a = tl.load(a_ptr + r[:, None] * stride_am + ks[None, :] * stride_ak,
                         mask=(rows_a[:, None] < M) & (ks[None, :] < K), other=0.0).to(DOT_DTYPE)
-        b = _decode_tile(b_ptr, b_scale_ptr, rows_b, k0 // 2, N, K, ks_padded, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
+        b = _decode_tile(b_ptr, b_scale_ptr, n0, k0 // 2, N, K, ks_padded, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
         acc += tl.dot(a, tl.trans(b))
     acc = acc * tl.load(alpha_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_b, mask=rows_b < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows_a[:, None] * N + rows_b[None, :], acc.to(out_ptr.dtype.element_ty),
+    out_ptr += m0.to(tl.int64) * N
+    tl.store(out_ptr + r[:, None] * N + rows_b[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows_a[:, None] < M) & (rows_b[None, :] < N))
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+# Tiles by tensor-core class, chosen by runtime-faithful AOT compiles (wan_kernels.readiness; stride_ak == 1 is a
+# constexpr there, as at run time). Measured spills that ruled out the alternatives: 128x64x64 with 4 warps
+# (W4A16) 128 B on sm_80, 232 B on sm_86/89, 200 B on sm_120; 128x128x64 w8 8 B on sm_100 (W4A16); the W4A4 mode
+# decodes two tiles per step and keeps 64x64 on mma.sync.
 _SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-_LARGE_SM80 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-_LARGE_SM90 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_LARGE = {"mma.sync": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+          "wgmma": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+          "tcgen05": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)}
+_INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
 
 
 def gemm_config(m: int, capability: tuple[int, int] | None, a_fp4: bool) -> dict:
-    """Tile config of the NVFP4 GEMM by M and arch. Every config this can return compiles with zero spills
-    (tests/test_nvfp4_triton_aot.py); measured: 128x128x64/8 warps spills on sm_80 (both modes) and
-    128x64x64/4 warps spills in the W4A4 mode on sm_80/sm_90 (two tiles decoded per step)."""
+    """Tile config of the NVFP4 GEMM by M and the target's tensor-core class (`_launch.mma_class`: sm_86/89/120
+    run the mma.sync configs of sm_80). Every config this can return compiles with zero spills on sm_80, sm_86,
+    sm_89, sm_90, sm_100 and sm_120 as the runtime specialises it (wan_kernels.readiness,
+    tests/test_nvfp4_triton_aot.py)."""
     if capability is None:                      # interpreter: small tiles keep numpy fast
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
+        return dict(_INTERPRETER)
     if m <= 64:                                 # skinny M: more column tiles in flight
         return dict(_SMALL)
-    if capability[0] >= 9:
-        return dict(_LARGE_SM90)
-    return dict(_SMALL if a_fp4 else _LARGE_SM80)
+    cls = mma_class(capability)
+    return dict(_SMALL if a_fp4 and cls == "mma.sync" else _LARGE[cls])
 
 
-def aot_gemm_signature(a_fp4: bool, dt: str) -> dict:
-    """Triton signature of `_nvfp4_gemm_kernel` for ahead-of-time compiles (tests, wan_kernels.readiness)."""
-    a = "*u8" if a_fp4 else f"*{dt}"
-    return {"a_ptr": a, "a_scale_ptr": a, "b_ptr": "*u8", "b_scale_ptr": "*u8", "alpha_ptr": "*fp32",
-            "bias_ptr": f"*{dt}", "out_ptr": f"*{dt}", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32",
-            "stride_ak": "i32", "ks_padded": "i32", "A_FP4": "constexpr", "HAS_BIAS": "constexpr",
-            "DOT_DTYPE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "GROUP_M": "constexpr"}
-
-
-AOT_GEMM_ALIGNED = ("a_ptr", "b_ptr", "b_scale_ptr", "out_ptr", "N", "K", "stride_am", "ks_padded")
-
-
-def config_space() -> list[tuple[int, bool, dict]]:
-    """Every (arch, a_fp4, config) `gemm_config` can return on sm_80 / sm_90 / sm_100."""
-    out = []
-    for arch in (80, 90, 100):
-        for a_fp4 in (False, True):
-            seen = []
-            for m in (1, 4096):
-                cfg = gemm_config(m, (arch // 10, arch % 10), a_fp4)
-                if cfg not in seen:
-                    seen.append(cfg)
-                    out.append((arch, a_fp4, cfg))
-    return out
-
-
-def _launch_gemm(a, a_scale, b, b_scale, alpha, bias, out_dtype, a_fp4: bool, dot_dtype: torch.dtype):
+def prepare_gemm(a, a_scale, b, b_scale, alpha, bias, out_dtype, a_fp4: bool, dot_dtype: torch.dtype, capability):
+    """(Launch or None when empty, out [M, N]) of the GEMM kernel for `capability` (None = interpreter)."""
     M = a.shape[0]
     N, K = b.shape[0], b.shape[1] * 2
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
-        return out
-    cap = torch.cuda.get_device_capability(a.device) if a.is_cuda else None
-    cfg = gemm_config(M, cap, a_fp4)
+        return None, out
+    cfg = gemm_config(M, capability, a_fp4)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _kernel_for(_nvfp4_gemm_kernel, a)[grid](
-        a, a_scale.view(torch.uint8) if a_fp4 else a, b.contiguous(), b_scale.view(torch.uint8), alpha,
-        bias if bias is not None else alpha, out, M, N, K,
-        0 if a_fp4 else a.stride(0), 0 if a_fp4 else a.stride(1), b_scale.shape[1],
-        A_FP4=a_fp4, HAS_BIAS=bias is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], **cfg)
+    # the kernel indexes packed operands, block scales and the bias as contiguous buffers (a x operand by strides)
+    args = (a, _bytes(a_scale) if a_fp4 else a, b.contiguous(), _bytes(b_scale), alpha,
+            bias.contiguous() if bias is not None else alpha, out, M, N, K,
+            0 if a_fp4 else a.stride(0), 0 if a_fp4 else a.stride(1), b_scale.shape[1])
+    kwargs = dict(A_FP4=a_fp4, HAS_BIAS=bias is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], **cfg)
+    return _launch(_nvfp4_gemm_kernel, grid, args, kwargs, a.device), out
+
+
+def _launch_gemm(a, a_scale, b, b_scale, alpha, bias, out_dtype, a_fp4: bool, dot_dtype: torch.dtype):
+    launch, out = prepare_gemm(a, a_scale, b, b_scale, alpha, bias, out_dtype, a_fp4, dot_dtype, target(a, "nvfp4"))
+    if launch is not None:
+        run(launch)
     return out
+
+
+def prepare_w4a4(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias, out_dtype, capability):
+    """`prepare_gemm` of `nvfp4_gemm` (W4A4)."""
+    alpha = (a_global_scale.reshape(1).float() * b_global_scale.reshape(1).float())
+    return prepare_gemm(a.contiguous(), a_scale, b, b_scale, alpha, bias, out_dtype, True, torch.float16, capability)
 
 
 def nvfp4_gemm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias, out_dtype):
     """W4A4 emulation: Triton launcher of wan::nvfp4_gemm (decoded tiles are exact in fp16)."""
-    alpha = (a_global_scale.reshape(1).float() * b_global_scale.reshape(1).float())
-    return _launch_gemm(a.contiguous(), a_scale, b, b_scale, alpha, bias, out_dtype, True, torch.float16)
+    launch, out = prepare_w4a4(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias, out_dtype,
+                               target(a, "nvfp4"))
+    if launch is not None:
+        run(launch)
+    return out
+
+
+def _check_w4a16(x: torch.Tensor) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"nvfp4_linear (W4A16): x must be float16/bfloat16, got {x.dtype}")
+
+
+def prepare_w4a16(x, w, w_scale, w_global_scale, bias, capability):
+    """`prepare_gemm` of `nvfp4_linear_w4a16` on x viewed as [M, K]; out is [M, N]."""
+    _check_w4a16(x)
+    return prepare_gemm(x.reshape(-1, x.shape[-1]), None, w, w_scale, w_global_scale.reshape(1).float(), bias,
+                        x.dtype, False, x.dtype, capability)
 
 
 def nvfp4_linear_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
     """W4A16, Triton launcher of wan::nvfp4_linear: x [..., K] (fp16/bf16) @ dequant(w [N, K/2])^T * w_global_scale
     + bias -> [..., N] in x's dtype."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"nvfp4_linear (W4A16): x must be float16/bfloat16, got {x.dtype}")
-    x2 = x.reshape(-1, x.shape[-1])
-    out = _launch_gemm(x2, None, w, w_scale, w_global_scale.reshape(1).float(), bias, x.dtype, False, x.dtype)
+    _check_w4a16(x)
+    launch, out = prepare_w4a16(x, w, w_scale, w_global_scale, bias, target(x, "nvfp4"))
+    if launch is not None:
+        run(launch)
     return out.reshape(*x.shape[:-1], w.shape[0])

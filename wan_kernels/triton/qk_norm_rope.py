@@ -36,17 +36,18 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.triton._launch import on_interpreter
+from wan_kernels.triton._launch import EXACT, Launch, run, target
 
 # Largest per-tensor tile (elements) of the single-tile path; beyond it the chunked path runs.
 MAX_TILE = 8192
 # Elements of one tensor (q, k or v) each thread holds: sets num_warps (register budget, no spills). 16 spilled
-# 8 bytes on sm_80 for 12 heads x 128 in fp32 (4 warps); with 8, every config is spill-free. Tiles of 8192
-# elements still give 16 per thread (MAX_WARPS), which compiles without spills.
-ELEMS_PER_THREAD = 8
+# 8 bytes on sm_80 for 12 heads x 128 in fp32 (4 warps); 8 spilled 8 bytes on sm_100 for 3 heads x 128 in bf16
+# (2 warps) once the kernel was compiled without FMA contraction and with div_rn / sqrt_rn; with 4, every config
+# of the readiness report is spill-free on all six archs. Tiles of 8192 elements still give 16 per thread
+# (MAX_WARPS), which compiles without spills.
+ELEMS_PER_THREAD = 4
 MAX_WARPS = 16
 # `tl.sum(x)` is `tl.reduce(x, axis, tl.standard._sum_combine)`; calling tl.reduce with Triton's own add
 # combiner directly keeps the kernel runnable by the interpreter even when triton.language was imported
@@ -88,8 +89,8 @@ def _qk_norm_rope_kernel(
         tl.store(v_ptr + out_off + offs, xv, mask=mask)
 
         # sums of squares over the whole [H_BLOCK, D] tile (masked lanes are 0), then 1/sqrt(mean + eps)
-        rq = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(xq * xq, 1, _ADD), 0, _ADD) / C + eps)
-        rk = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(xk * xk, 1, _ADD), 0, _ADD) / C + eps)
+        rq = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.reduce(tl.reduce(xq * xq, 1, _ADD), 0, _ADD), C * 1.0) + eps))
+        rk = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.reduce(tl.reduce(xk * xk, 1, _ADD), 0, _ADD), C * 1.0) + eps))
 
         # [H_BLOCK, D] -> [H_BLOCK, HALF, 2] -> even / odd channels [H_BLOCK, HALF] (register-local split)
         a, bb = tl.split(tl.reshape(xq * rq * wq, [H_BLOCK, HALF, 2]))
@@ -111,8 +112,8 @@ def _qk_norm_rope_kernel(
             tl.store(v_ptr + out_off + co, xv, mask=mask)
             acc_q += xq * xq
             acc_k += xk * xk
-        rq = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(acc_q, 1, _ADD), 0, _ADD) / C + eps)
-        rk = 1.0 / tl.sqrt_rn(tl.reduce(tl.reduce(acc_k, 1, _ADD), 0, _ADD) / C + eps)
+        rq = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.reduce(tl.reduce(acc_q, 1, _ADD), 0, _ADD), C * 1.0) + eps))
+        rk = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.reduce(tl.reduce(acc_k, 1, _ADD), 0, _ADD), C * 1.0) + eps))
         # pass 2: normalise + rotate (re-reads the token's q/k from cache)
         for c in range(NUM_CHUNKS):
             co = c * H_BLOCK * D + offs
@@ -129,9 +130,8 @@ def _qk_norm_rope_kernel(
             tl.store(k_ptr + out_off + co, ok.to(out_ty), mask=mask)
 
 
-# The same function, compiled (CUDA tensors) and interpreted (CPU tensors under TRITON_INTERPRET=1).
+# Compiled for CUDA tensors; `_launch.run` interprets the same function for CPU tensors (TRITON_INTERPRET=1).
 qk_norm_rope_kernel = JITFunction(_qk_norm_rope_kernel)
-qk_norm_rope_kernel_interpreted = InterpretedFunction(_qk_norm_rope_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +163,11 @@ def launch_config(num_heads: int, head_dim: int) -> LaunchConfig:
     return LaunchConfig(num_heads, head_dim, h_block, chunks, num_warps)
 
 
-def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
-                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, num_heads: int, eps: float = 1e-6):
-    """Launcher (same contract as `wan_kernels.qk_norm_rope`; arguments are checked by the caller's wrapper).
+def prepare(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor, rope_cos: torch.Tensor,
+            rope_sin: torch.Tensor, num_heads: int, eps: float, capability: tuple[int, int] | None):
+    """(Launch or None when empty, q, k, v): the launch `qk_norm_rope` runs, for `capability` (None = interpreter).
 
-    qkv: [B, S, 3C], any strides on B and S (copied only if its last stride is not 1).
-    Returns q, k, v: [B, S, H, D] contiguous in qkv's dtype.
-    """
+    On the interpreter bf16 q/k are allocated fp32 (see `qk_norm_rope`); the caller rounds them."""
     B, S, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
@@ -181,23 +179,36 @@ def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: 
     sin = rope_sin if rope_sin.stride(-1) == 1 else rope_sin.contiguous()
     if cos.stride(0) != sin.stride(0):
         cos, sin = cos.contiguous(), sin.contiguous()
-    on_cpu = on_interpreter(qkv, "qk_norm_rope")
     shape = (B, S, num_heads, D)
     # The interpreter's fp32 -> bf16 cast truncates instead of rounding to nearest even (triton 3.8,
     # `cast_impl` passes no rounding mode): on CPU the kernel stores bf16 q/k in fp32 and torch rounds
     # them (RNE, as the GPU's cvt.rn.bf16.f32). v is a plain copy and is stored by the kernel in any case.
-    soft_bf16 = on_cpu and qkv.dtype == torch.bfloat16
-    qk_dtype = torch.float32 if soft_bf16 else qkv.dtype
-    q = torch.empty(shape, dtype=qk_dtype, device=qkv.device)
+    soft_bf16 = capability is None and qkv.dtype == torch.bfloat16
+    q = torch.empty(shape, dtype=torch.float32 if soft_bf16 else qkv.dtype, device=qkv.device)
     k = torch.empty_like(q)
     v = torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
-    if B * S > 0:
-        cfg = launch_config(num_heads, D)
-        kernel = qk_norm_rope_kernel_interpreted if on_cpu else qk_norm_rope_kernel
-        kernel[(B * S,)](qkv, wq, wk, cos, sin, q, k, v, S, qkv.stride(0), qkv.stride(1), cos.stride(0),
-                         float(eps), **cfg.constexprs(), num_warps=cfg.num_warps)
-    if soft_bf16:
-        q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    if B * S == 0:
+        return None, q, k, v
+    cfg = launch_config(num_heads, D)
+    launch = Launch(qk_norm_rope_kernel, (B * S,), (qkv, wq, wk, cos, sin, q, k, v, S, qkv.stride(0), qkv.stride(1),
+                                                   cos.stride(0), float(eps)),
+                    dict(cfg.constexprs(), num_warps=cfg.num_warps, **EXACT), qkv.device)
+    return launch, q, k, v
+
+
+def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                 rope_cos: torch.Tensor, rope_sin: torch.Tensor, num_heads: int, eps: float = 1e-6):
+    """Launcher (same contract as `wan_kernels.qk_norm_rope`; arguments are checked by the caller's wrapper).
+
+    qkv: [B, S, 3C], any strides on B and S (copied only if its last stride is not 1).
+    Returns q, k, v: [B, S, H, D] contiguous in qkv's dtype.
+    """
+    launch, q, k, v = prepare(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps,
+                              target(qkv, "qk_norm_rope"))
+    if launch is not None:
+        run(launch)
+    if q.dtype != qkv.dtype:
+        q, k = q.to(qkv.dtype), k.to(qkv.dtype)
     return q, k, v
 
 
