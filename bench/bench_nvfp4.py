@@ -7,12 +7,13 @@
    dequantized weight, also the correctness reference) on GPU; cutlass-w4a4 (NVFP4 x NVFP4, activations
    quantized beforehand; reference: the W4A4 reference math) on sm100 only. Without a GPU these rows are
    listed as skipped and a small CPU shape of the reference path runs.
-3. Streaming `convert --quantize nvfp4` of a SYNTHETIC checkpoint with the real key names and shapes of
-   wan2.1-t2v-1.3b (random bf16, ~2.8 GB, written to a temp dir): wall time, peak RSS of the converting
-   subprocess (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss), output size / bf16 size. Targets
-   (issue 5): peak RSS < 1.5 GiB, size <= 0.29x.
+3. Streaming `convert --format F --quantize nvfp4` of a SYNTHETIC checkpoint with the real key names and
+   shapes of wan2.1-t2v-1.3b (random bf16, ~2.8 GB, written to a temp dir), for each format F of
+   --convert-formats: wall time, peak RSS of the converting subprocess (resource.getrusage(
+   RUSAGE_CHILDREN).ru_maxrss), output size / bf16 size. Targets (issues 5, 13): peak RSS < 1.5 GiB,
+   size <= 0.29x.
 
-    python bench/bench_nvfp4.py [--quick] [--skip-convert] [--json out.json]
+    python bench/bench_nvfp4.py [--quick] [--skip-convert] [--convert-formats F ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def write_synthetic_checkpoint(directory: str, preset: str = "wan2.1-t2v-1.3b", 
     from wan_model.checkpoint import INDEX_NAME, native_to_diffusers
     from wan_model.config import WanConfig
     from wan_model.model import WanModel
-    from wan_model.quantize import SafetensorsStreamWriter
+    from wan_model.formats import SafetensorsStreamWriter
 
     cfg = WanConfig.from_preset(preset)
     meta = native_to_diffusers(dict(WanModel(cfg, impl="ref", device="meta").state_dict()), cfg)
@@ -202,42 +203,59 @@ def analytic_size_ratio(preset: str, keep) -> float:
     return out / dense
 
 
-def convert_bench(preset: str = "wan2.1-t2v-1.3b") -> list[str]:
+def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",)) -> list[str]:
+    """Stream-convert one synthetic bf16 checkpoint to NVFP4 in each of `formats`; peak RSS per format (each
+    conversion is its own subprocess: RUSAGE_CHILDREN is the max over waited children, so the formats run
+    in rising order of that max, and a later one that stays below it is reported as "<= max")."""
+    from wan_model.formats import REGISTRY
     from wan_model.quantize import DEFAULT_KEEP
 
     lines = []
     with tempfile.TemporaryDirectory(prefix="wan-nvfp4-bench-") as tmp:
-        src, dst = os.path.join(tmp, "bf16"), os.path.join(tmp, "nvfp4")
+        src = os.path.join(tmp, "bf16")
         os.makedirs(src)
         t0 = time.perf_counter()
         dense = write_synthetic_checkpoint(src, preset)
         lines.append(f"synthetic {preset} checkpoint: {dense / 1e9:.2f} GB bf16 weights "
                      f"({_dir_bytes(src) / 1e9:.2f} GB on disk) written in {time.perf_counter() - t0:.1f} s")
-        base = [sys.executable, "-c", "import wan_model.quantize"]
+        base = [sys.executable, "-c", "import wan_model.checkpoint"]
         subprocess.run(base, check=True)
         import_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        cmd = [sys.executable, "-m", "wan_model", "convert", src, dst, "--format", "diffusers", "--quantize", "nvfp4",
-               "--no-progress"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        wall = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # max over waited children
-        out = _dir_bytes(dst)
-        ratio = out / _dir_bytes(src)
-        lines.append(f"convert --quantize nvfp4: {wall:.1f} s ({dense / wall / 1e9:.2f} GB/s of bf16 input), "
-                     f"peak RSS {peak / 2**30:.2f} GiB (target < 1.5 GiB; `import wan_model.quantize` alone: "
-                     f"{import_rss / 2**30:.2f} GiB) -> {'PASS' if peak < 1.5 * 2**30 else 'FAIL'}")
+        for name in formats:
+            directory = REGISTRY[name].directory
+            dst = os.path.join(tmp, name if directory else name + ".safetensors")
+            cmd = [sys.executable, "-m", "wan_model", "convert", src, dst, "--format", name, "--quantize", "nvfp4",
+                   "--no-progress"]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # max over waited children
+            rss = f"{peak / 2**30:.2f} GiB" if peak > before else f"<= {peak / 2**30:.2f} GiB"
+            out = _dir_bytes(dst) if directory else os.path.getsize(dst)
+            ratio = out / _dir_bytes(src)
+            lines.append(f"convert --format {name} --quantize nvfp4: {wall:.1f} s ({dense / wall / 1e9:.2f} GB/s of "
+                         f"bf16 input), peak RSS {rss} (target < 1.5 GiB; `import wan_model.checkpoint` alone: "
+                         f"{import_rss / 2**30:.2f} GiB) -> {'PASS' if peak < 1.5 * 2**30 else 'FAIL'}; output "
+                         f"{out / 1e9:.3f} GB = {ratio:.4f}x of bf16 (target <= 0.29) -> "
+                         f"{'PASS' if ratio <= 0.29 else 'FAIL'}")
+            if directory:
+                import shutil
+                shutil.rmtree(dst)
+            else:
+                os.unlink(dst)
         kept_time_proj = analytic_size_ratio(preset, DEFAULT_KEEP + ("condition_embedder.time_proj",))
         default = analytic_size_ratio(preset, DEFAULT_KEEP)
-        lines.append(f"output {out / 1e9:.3f} GB = {ratio:.4f}x of bf16 (target <= 0.29) -> "
-                     f"{'PASS' if ratio <= 0.29 else 'FAIL'}; analytic {default:.4f}x (default keep); "
-                     f"{kept_time_proj:.4f}x if time_proj were kept too")
+        lines.append(f"analytic size {default:.4f}x (default keep); {kept_time_proj:.4f}x if time_proj were kept too")
     return lines
 
 
 def main() -> int:
     p = arg_parser(__doc__)
     p.add_argument("--skip-convert", action="store_true", help="skip the streaming-conversion benchmark")
+    p.add_argument("--convert-formats", nargs="+", default=["diffusers"], metavar="FORMAT",
+                   help="formats of the streaming conversion (wan_model.formats.FORMATS; e.g. diffusers comfyui "
+                        "modelopt original)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = run(quantize_cases(device, args.quick), reference="ref-eager", baseline="ref-compile")
@@ -250,7 +268,7 @@ def main() -> int:
     w4a4, notes = gemm_w4a4_cases(device)
     rows += run(w4a4, reference="ref-eager", baseline="ref-eager")
     if not args.skip_convert:
-        notes += convert_bench()
+        notes += convert_bench(formats=tuple(args.convert_formats))
     report(rows, args, "NVFP4: quantize (GB/s), GEMM (TFLOP/s), streaming checkpoint conversion", notes)
     return 0
 

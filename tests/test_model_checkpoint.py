@@ -3,9 +3,14 @@ diffusers' own loader and converter, error paths, atomic saving, two-expert dirs
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import VARIANTS, diffusers_from_pretrained, make_inputs
 from wan_model import checkpoint as ckpt
+from wan_model import formats
 from wan_model.checkpoint import CheckpointError, WanExperts, load_model, native_to_diffusers
 from wan_model.cli import main as cli_main, random_model
 from wan_model.config import WanConfig
@@ -132,7 +138,8 @@ def test_comfyui_fp8_scaled_applied(tmp_path):
     _assert_same_weights(m8, WanModel.from_pretrained(ref_path, dtype=torch.float32))
     assert not torch.equal(m8.blocks[0].attn1.to_qkv.weight, model.blocks[0].attn1.to_qkv.weight)  # really fp8
 
-    # the newer comfy_quant side car: fp8 with a per-tensor weight_scale is applied, fp4 rejected
+    # the newer comfy_quant side car: fp8 with a per-tensor weight_scale is applied; an nvfp4 marker on an fp8
+    # layer (no weight_scale_2) is refused naming the layer
     k = "model.diffusion_model.blocks.0.ffn.0"
     quant = dict(scaled)
     del quant["scaled_fp8"]
@@ -145,7 +152,7 @@ def test_comfyui_fp8_scaled_applied(tmp_path):
     _assert_same_weights(WanModel.from_pretrained(tmp_path / "quant.safetensors", dtype=torch.float32), m8)
     quant[k + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
     save_file(quant, tmp_path / "fp4.safetensors")
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.ffn\.0: ComfyUI quantized weight format .*nvfp4.*not supported"):
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.ffn\.0: ComfyUI nvfp4 layer .*weight_scale_2 missing"):
         WanModel.from_pretrained(tmp_path / "fp4.safetensors")
 
 
@@ -218,14 +225,15 @@ def test_unknown_format_and_variant_errors(saved_t2v, tmp_path):
 
 
 def _failing_save(fail_at: int):
-    """save_file that raises OSError on its `fail_at`-th call (earlier calls write normally)."""
-    calls = []
+    """The one writer's write_safetensors, raising OSError on its `fail_at`-th call (earlier calls write
+    normally)."""
+    calls, real = [], formats.write_safetensors
 
-    def run(tensors, filename, metadata=None):
-        calls.append(filename)
+    def run(path, plan, tensors, metadata):
+        calls.append(path)
         if len(calls) == fail_at:
             raise OSError("disk full")
-        return save_file(tensors, filename, metadata=metadata)
+        return real(path, plan, tensors, metadata)
 
     return run
 
@@ -234,10 +242,10 @@ def test_failed_save_leaves_nothing(saved_t2v, monkeypatch, tmp_path):
     model, _ = saved_t2v
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.setattr(ckpt, "save_file", _failing_save(2))  # the 2nd shard fails after the 1st was written
+    monkeypatch.setattr(formats, "write_safetensors", _failing_save(2))  # the 2nd shard fails after the 1st was written
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(out / "model", format="diffusers", max_shard_size="200KB")
-    monkeypatch.setattr(ckpt, "save_file", _failing_save(1))
+    monkeypatch.setattr(formats, "write_safetensors", _failing_save(1))
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(out / "model.safetensors", format="original")
     assert os.listdir(out) == []
@@ -246,7 +254,7 @@ def test_failed_save_leaves_nothing(saved_t2v, monkeypatch, tmp_path):
     keep = tmp_path / "keep"
     model.save_pretrained(keep, format="diffusers")
     before = {p.name: p.read_bytes() for p in keep.iterdir()}
-    monkeypatch.setattr(ckpt, "save_file", _failing_save(2))
+    monkeypatch.setattr(formats, "write_safetensors", _failing_save(2))
     with pytest.raises(OSError, match="disk full"):
         random_model(model.config, seed=9).save_pretrained(keep, format="diffusers", max_shard_size="200KB")
     assert {p.name: p.read_bytes() for p in keep.iterdir()} == before
@@ -283,3 +291,233 @@ def test_convert_cli_keeps_tensors(saved_t2v, tmp_path, capsys):
                      "--dtype", "bfloat16"]) == 0
     bf = load_file(tmp_path / "b" / ckpt.WEIGHTS_NAME)
     assert bf["blocks.0.attn1.to_q.weight"].dtype == torch.bfloat16 and bf["blocks.0.norm2.weight"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# readers refuse what would load wrong or hang (issue 11)
+
+@contextlib.contextmanager
+def _within(seconds: float):
+    """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
+    def fire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_non_float_weights_refused(saved_t2v):
+    _, tmp = saved_t2v
+    sd = load_file(tmp / "orig.safetensors")
+    for key, dtype in (("blocks.0.ffn.0.weight", torch.int32), ("blocks.1.norm3.weight", torch.bool),
+                       ("head.head.bias", torch.uint16), ("patch_embedding.weight", torch.uint8)):
+        bad = dict(sd)
+        bad[key] = bad[key].to(dtype)
+        save_file(bad, tmp / "int.safetensors")
+        with pytest.raises(CheckpointError, match=rf"{key}: {dtype} \(expected a float dtype\)"):
+            load_model(tmp / "int.safetensors")
+    # the streaming converter reads dtypes from the headers: U16 is named (was KeyError: 'U16')
+    bad = dict(sd)
+    bad["head.head.bias"] = bad["head.head.bias"].to(torch.uint16)
+    save_file(bad, tmp / "u16.safetensors")
+    with pytest.raises(CheckpointError, match=r"'head\.head\.bias' of .*u16\.safetensors has dtype U16"):
+        ckpt.convert_checkpoint(tmp / "u16.safetensors", tmp / "q", "diffusers", quantize="nvfp4", progress=False)
+    assert not (tmp / "q").exists()
+
+
+def test_nvfp4_buffers_must_have_their_dtypes(tmp_path):
+    model = random_model(WanConfig.from_preset("tiny-t2v"), seed=2).quantize("nvfp4")
+    model.save_pretrained(tmp_path / "q.safetensors", format="original")
+    sd = load_file(tmp_path / "q.safetensors")
+    assert WanModel.from_pretrained(tmp_path / "q.safetensors").quantization is not None  # the legit file loads
+    key = "blocks.0.ffn.0.weight_scale"
+    for name, bad_dtype in ((key, torch.uint8), ("blocks.0.ffn.0.weight", torch.int8)):
+        bad = dict(sd)
+        bad[name] = bad[name].view(bad_dtype)
+        save_file(bad, tmp_path / "bad.safetensors", metadata={"nvfp4_layout": "ours"})
+        with pytest.raises(CheckpointError, match=rf"{name}: {bad_dtype} \(expected torch\.(float8_e4m3fn|uint8)\)"):
+            load_model(tmp_path / "bad.safetensors")
+
+
+def test_key_in_two_places_refused(saved_t2v, tmp_path):
+    model, tmp = saved_t2v
+    d = tmp_path / "sharded"
+    model.save_pretrained(d, max_shard_size="200KB")
+    first, second = sorted(d.glob("diffusion_pytorch_model-*.safetensors"))[:2]
+    key = sorted(load_file(first))[0]
+    sd2 = load_file(second)
+    sd2[key] = torch.zeros_like(load_file(first)[key])  # a second, different copy: last-one-wins is wrong
+    save_file(sd2, second)
+    with pytest.raises(CheckpointError, match=rf"{key}' is stored twice, in .*{first.name} and in .*{second.name}"):
+        load_model(d)
+    # one file, two names for one tensor: ComfyUI prefixed + plain, or an original + a diffusers name
+    sd = load_file(tmp / "orig.safetensors")
+    both = {ckpt.COMFY_PREFIX + k: v for k, v in sd.items()} | {"head.head.bias": sd["head.head.bias"] + 1}
+    save_file(both, tmp / "two.safetensors")
+    with pytest.raises(CheckpointError, match=r"keys '(model\.diffusion_model\.)?head\.head\.bias' and "
+                                              r"'(model\.diffusion_model\.)?head\.head\.bias' both hold"):
+        load_model(tmp / "two.safetensors")
+    save_file(dict(sd, **{"proj_out.bias": sd["head.head.bias"] + 1}), tmp / "mixed.safetensors")
+    with pytest.raises(CheckpointError, match=r"keys '(head\.head|proj_out)\.bias' and '(head\.head|proj_out)\.bias' "
+                                              r"both hold tensor 'proj_out\.bias'"):
+        load_model(tmp / "mixed.safetensors")
+
+
+def test_duplicate_json_keys_refused(tmp_path):
+    cfg = WanConfig.from_preset("tiny-t2v-a14b")
+    pipe = tmp_path / "pipe"
+    from wan_model.checkpoint import save_model
+    save_model(WanExperts(random_model(cfg, seed=1), random_model(cfg, seed=2), 0.875), pipe)
+    d = tmp_path / "sharded"
+    random_model(cfg, seed=1).save_pretrained(d, max_shard_size="200KB")
+    for path, key in ((pipe / "model_index.json", "boundary_ratio"), (pipe / "transformer" / "config.json", "ffn_dim"),
+                      (d / ckpt.INDEX_NAME, "weight_map")):
+        text = path.read_text()
+        value = json.dumps(json.loads(text)[key])
+        path.write_text(text.replace("{", "{" + json.dumps(key) + ": " + value + ", ", 1))
+        with pytest.raises(CheckpointError, match=rf"{path.name}.*key '{key}' appears twice"):
+            load_model(pipe if path.parent.name != "sharded" else d)
+        path.write_text(text)
+
+
+def test_index_entries_outside_the_directory_refused(saved_t2v, tmp_path):
+    model, _ = saved_t2v
+    d = tmp_path / "sharded"
+    model.save_pretrained(d, max_shard_size="200KB")
+    index = json.loads((d / ckpt.INDEX_NAME).read_text())
+    shard = index["weight_map"]["proj_out.bias"]
+    (tmp_path / "x.safetensors").write_bytes((d / shard).read_bytes())  # a readable file outside the dir
+    for name in ("../x.safetensors", str(tmp_path / "x.safetensors"), "sub/../../x.safetensors"):
+        index["weight_map"] = {k: name if v == shard else v for k, v in index["weight_map"].items()}
+        (d / ckpt.INDEX_NAME).write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=rf"weight_map entry '.*': '{re.escape(name)}' is not a file name"):
+            load_model(d)
+        shard = name
+    for bad, what in (([1, 2], "expected a JSON object, got a list"), ({"weight_map": ["a"]}, "'weight_map' must be"),
+                      ({"weight_map": {"proj_out.bias": 3}}, "entry 'proj_out.bias': 3 is not a file name")):
+        (d / ckpt.INDEX_NAME).write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=rf"{ckpt.INDEX_NAME}.*{re.escape(what)}"):
+            load_model(d)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_layers", 200000, r"the config has 200000 layers, the checkpoint 2 blocks"),
+    ("num_attention_heads", "2", r"config\.json: num_attention_heads must be a positive int, got '2'"),
+    ("num_layers", 0, r"config\.json: num_layers must be a positive int, got 0"),
+    ("ffn_dim", 512.5, r"config\.json: ffn_dim must be a positive int, got 512\.5"),
+    ("attention_head_dim", 127, r"config\.json: attention_head_dim must be even"),
+    ("patch_size", [1, 2], r"config\.json: patch_size must be 3 positive ints"),
+    ("patch_size", [1, 2, 0], r"config\.json: patch_size must be 3 positive ints"),
+    ("eps", -1.0, r"config\.json: eps must be a number in \(0, 1\)"),
+    ("rope_max_seq_len", 10**12, r"config\.json: rope_max_seq_len must be at most"),
+    ("cross_attn_norm", "yes", r"config\.json: only cross_attn_norm=True"),
+])
+def test_config_json_checked_before_building(saved_t2v, field, value, message):
+    _, tmp = saved_t2v
+    _edit_json(tmp / "dir" / "config.json", **{field: value})
+    t0 = time.perf_counter()
+    with _within(20), pytest.raises(CheckpointError, match=message):
+        load_model(tmp / "dir")
+    assert time.perf_counter() - t0 < 5  # refused before a model of the config's size is built
+
+
+def test_malformed_json_files_name_file_and_field(saved_t2v, tmp_path):
+    _, tmp = saved_t2v
+    config = tmp / "dir" / "config.json"
+    name = re.escape(str(config))
+    for text, message in (("[1, 2]", f"{name}: expected a JSON object, got a list"),
+                          ('{"num_layers": ', f"cannot read JSON file {name}: Expecting value"),
+                          ("", f"cannot read JSON file {name}"), ('"x"', f"{name}: expected a JSON object, got a str")):
+        config.write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp / "dir")
+    config.unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json.*No such file"):
+        load_model(tmp / "dir")
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    random_model(WanConfig.from_preset("tiny-t2v"), seed=1).save_pretrained(pipe / "transformer")
+    for index, message in (([], "expected a JSON object, got a list"),
+                           ({"boundary_ratio": "high"}, "boundary_ratio must be a number in"),
+                           ({"boundary_ratio": 7}, "boundary_ratio must be a number in"),
+                           ({"expand_timesteps": 1}, "expand_timesteps must be a bool")):
+        (pipe / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match=rf"model_index\.json.*{message}"):
+            load_model(pipe)
+
+
+def _open_writer_later(fifo, seconds: float = 2.0) -> None:
+    """Open `fifo` for writing after `seconds` if a reader blocks on it (a reader blocked in a C open() call is
+    not interrupted by _within's alarm): the read then sees an empty file instead of hanging the suite."""
+    def run():
+        with contextlib.suppress(OSError):  # ENXIO: nobody opened it for reading
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    timer = threading.Timer(seconds, run)
+    timer.daemon = True
+    timer.start()
+
+
+def test_non_regular_files_refused(saved_t2v):
+    _, tmp = saved_t2v
+    os.mkfifo(tmp / "fifo.safetensors")
+    _open_writer_later(tmp / "fifo.safetensors")
+    with _within(20), pytest.raises(CheckpointError, match=r"fifo\.safetensors: not a regular file"):
+        load_model(tmp / "fifo.safetensors")
+    for name in ("config.json", ckpt.WEIGHTS_NAME):
+        path = tmp / "dir" / name
+        keep = path.read_bytes()
+        path.unlink()
+        os.mkfifo(path)
+        _open_writer_later(path)
+        with _within(20), pytest.raises(CheckpointError, match=rf"{re.escape(name)}.*not a regular file"):
+            load_model(tmp / "dir")
+        path.unlink()
+        path.write_bytes(keep)
+    load_model(tmp / "dir")
+
+
+def test_state_dict_config_errors(saved_t2v):
+    _, tmp = saved_t2v
+    sd = load_file(tmp / "orig.safetensors")
+    cases = (
+        ({"blocks.1000000000.ffn.0.bias": sd["blocks.1.ffn.0.bias"].clone()}, r"block indices .* not 0\.\.N-1"),
+        ({"head.modulation": sd["head.modulation"].flatten()}, r"scale_shift_table has shape \(512,\), expected 3"),
+        ({"patch_embedding.weight": sd["patch_embedding.weight"].flatten(1)}, r"patch_embedding\.weight has shape"),
+        ({"head.head.weight": sd["head.head.weight"][:63]}, r"proj_out\.weight has 63 rows, not a multiple"),
+    )
+    for change, message in cases:
+        save_file(dict(sd, **change), tmp / "bad.safetensors")
+        with _within(20), pytest.raises(CheckpointError, match=rf"bad\.safetensors: .*{message}"):
+            load_model(tmp / "bad.safetensors")
+
+
+def test_comfy_quant_spec_errors(saved_t2v):
+    _, tmp = saved_t2v
+    sd = {ckpt.COMFY_PREFIX + k: v for k, v in load_file(tmp / "orig.safetensors").items()}
+    layer = ckpt.COMFY_PREFIX + "blocks.0.ffn.0"
+
+    def spec(obj):
+        return torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8)
+
+    cases = (
+        ({layer + ".comfy_quant": spec(["float8_e4m3fn"]), layer + ".weight_scale": torch.ones(1)},
+         r"blocks\.0\.ffn\.0: ComfyUI quantized weight format \['float8_e4m3fn'\] is not supported"),
+        ({layer + ".comfy_quant": spec({"format": "float8_e4m3fn"})},
+         r"blocks\.0\.ffn\.0: .*got weight_scale None"),
+        ({"model.diffusion_model.blocks.0.ffn.9.comfy_quant": spec({"format": "float8_e4m3fn"}),
+          "model.diffusion_model.blocks.0.ffn.9.weight_scale": torch.ones(1)}, r"missing weight blocks\.0\.ffn\.9\.weight"),
+    )
+    for change, message in cases:
+        save_file(dict(sd, **change), tmp / "bad.safetensors")
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp / "bad.safetensors")

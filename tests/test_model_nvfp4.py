@@ -19,8 +19,9 @@ from wan_model.checkpoint import CheckpointError
 from wan_model.cli import main as cli_main, random_model
 from wan_model.config import WanConfig
 from wan_model.model import StackedKV, WanModel, qkv_fused_dense, qkv_module_then_norm_rope
-from wan_model.quantize import (DEFAULT_KEEP, NVFP4Config, NVFP4StackedKV, SafetensorsStreamWriter,
-                                convert_nvfp4, layer_groups)
+from wan_model.checkpoint import convert_nvfp4
+from wan_model.formats import SafetensorsStreamWriter
+from wan_model.quantize import DEFAULT_KEEP, NVFP4Config, NVFP4StackedKV, layer_groups
 
 
 def _snr_db(ref: torch.Tensor, x: torch.Tensor) -> float:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
+import stat
 
 import torch
 
 HEAD_DIM = 128
 TEXT_TOKENS = 512  # text context length of umT5, hard-wired in diffusers' I2V attention split
+MAX_ROPE_LEN = 1 << 16   # rope tables are [rope_max_seq_len, head_dim/2] per axis, built at the first forward
+MAX_JSON_BYTES = 64 << 20  # config.json / shard index / model_index.json are kilobytes
+_INTS = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
+         "ffn_dim", "num_layers", "rope_max_seq_len", "num_experts")
+_OPTIONAL_INTS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+_BLOCK_INDEX = re.compile(r"blocks\.(\d+)\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +53,32 @@ class WanConfig:
     num_experts: int = 1
 
     def __post_init__(self):
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-        if len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        for name in _INTS + _OPTIONAL_INTS:
+            v = getattr(self, name)
+            if v is None and name in _OPTIONAL_INTS:
+                continue
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        p = self.patch_size
+        if not isinstance(p, (tuple, list)) or len(p) != 3 or not all(_is_int(x) and x >= 1 for x in p):
+            raise ValueError(f"patch_size must be 3 positive ints (t, h, w), got {p!r}")
+        object.__setattr__(self, "patch_size", tuple(int(x) for x in p))
+        if not _is_real(self.eps) or not 0 < self.eps < 1:
+            raise ValueError(f"eps must be a number in (0, 1), got {self.eps!r}")
+        if self.rope_max_seq_len > MAX_ROPE_LEN:
+            raise ValueError(f"rope_max_seq_len must be at most {MAX_ROPE_LEN}, got {self.rope_max_seq_len}")
+        if not isinstance(self.expand_timesteps, bool):
+            raise ValueError(f"expand_timesteps must be a bool, got {self.expand_timesteps!r}")
+        if self.boundary_ratio is not None and not (_is_real(self.boundary_ratio) and 0 <= self.boundary_ratio <= 1):
+            raise ValueError(f"boundary_ratio must be a number in [0, 1] or None, got {self.boundary_ratio!r}")
+        if self.num_experts not in (1, 2):
+            raise ValueError(f"num_experts must be 1 or 2, got {self.num_experts}")
         if self.attention_head_dim % 2:
             raise ValueError(f"attention_head_dim must be even for RoPE, got {self.attention_head_dim}")
         if self.qk_norm != "rms_norm_across_heads":
             raise ValueError(f"only qk_norm='rms_norm_across_heads' is supported, got {self.qk_norm!r}")
-        if not self.cross_attn_norm:
+        if self.cross_attn_norm is not True:
             raise ValueError("only cross_attn_norm=True is supported (every Wan checkpoint uses it)")
         if (self.image_dim is None) != (self.added_kv_proj_dim is None):
             raise ValueError(f"image_dim ({self.image_dim}) and added_kv_proj_dim ({self.added_kv_proj_dim}) "
@@ -89,24 +116,25 @@ class WanConfig:
 
     @classmethod
     def from_diffusers_config(cls, config: dict | str | os.PathLike) -> "WanConfig":
-        """From a diffusers transformer config dict, a config.json path, or a model directory."""
+        """From a diffusers transformer config dict, a config.json path, or a model directory.
+        Every field is checked (ValueError naming the file and the field)."""
+        where = "config"
         if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            try:
-                with open(path) as f:
-                    config = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise ValueError(f"cannot read a diffusers config from {path}: {e}") from e
+            where = os.fspath(config)
+            if os.path.isdir(where):
+                where = os.path.join(where, "config.json")
+            config = read_json(where)
         cls_name = config.get("_class_name", "WanTransformer3DModel")
         if cls_name != "WanTransformer3DModel":
-            raise ValueError(f"config is for {cls_name!r}, expected 'WanTransformer3DModel'")
+            raise ValueError(f"{where}: config is for {cls_name!r}, expected 'WanTransformer3DModel'")
         names = {f.name for f in dataclasses.fields(cls)} - {"expand_timesteps", "boundary_ratio", "num_experts"}
         kwargs = {k: v for k, v in config.items() if k in names}
         if kwargs.get("out_channels") is None:
             kwargs["out_channels"] = kwargs.get("in_channels", 16)
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
 
     def to_diffusers_config(self) -> dict:
         """The `WanTransformer3DModel` config dict (what diffusers writes to config.json)."""
@@ -124,41 +152,102 @@ class WanConfig:
 
         Only shapes are read (meta tensors or safetensors slices are fine). Pipeline-level fields
         (expand_timesteps, boundary_ratio, num_experts) cannot be seen in weights: pass them.
+        A missing key raises KeyError naming it; a tensor of the wrong rank, a zero or negative size or
+        block indices other than 0..N-1 raise ValueError naming the key.
         """
         keys = set(sd)
-        if "head.modulation" in keys:  # original / ComfyUI names
-            dim = _shape(sd["head.modulation"])[-1]
-            patch = tuple(_shape(sd["patch_embedding.weight"])[2:])
-            out = _shape(sd["head.head.weight"])[0] // _prod(patch)
-            ffn = _shape(sd["blocks.0.ffn.0.weight"])[0]
-            text_dim = _shape(sd["text_embedding.0.weight"])[1]
-            freq_dim = _shape(sd["time_embedding.0.weight"])[1]
-            image_dim = _shape(sd["img_emb.proj.0.weight"])[0] if "img_emb.proj.0.weight" in keys else None
-            pos = _shape(sd["img_emb.emb_pos"])[1] if "img_emb.emb_pos" in keys else None
-            block_re = re.compile(r"blocks\.(\d+)\.")
-        elif "scale_shift_table" in keys:  # diffusers names
-            dim = _shape(sd["scale_shift_table"])[-1]
-            patch = tuple(_shape(sd["patch_embedding.weight"])[2:])
-            out = _shape(sd["proj_out.weight"])[0] // _prod(patch)
-            ffn = _shape(sd["blocks.0.ffn.net.0.proj.weight"])[0]
-            text_dim = _shape(sd["condition_embedder.text_embedder.linear_1.weight"])[1]
-            freq_dim = _shape(sd["condition_embedder.time_embedder.linear_1.weight"])[1]
-            k = "condition_embedder.image_embedder.norm1.weight"
-            image_dim = _shape(sd[k])[0] if k in keys else None
-            k = "condition_embedder.image_embedder.pos_embed"
-            pos = _shape(sd[k])[1] if k in keys else None
-            block_re = re.compile(r"blocks\.(\d+)\.")
+        if "head.modulation" in keys:
+            names = _ORIGINAL_KEYS
+        elif "scale_shift_table" in keys:
+            names = _DIFFUSERS_KEYS
         else:
             raise ValueError("cannot derive a Wan config: the state dict has neither 'head.modulation' (original/"
                              f"ComfyUI) nor 'scale_shift_table' (diffusers); first keys: {sorted(keys)[:8]}")
+
+        def shape(role: str, ndim: int, optional: bool = False) -> tuple[int, ...] | None:
+            key = names[role]
+            if optional and key not in keys:
+                return None
+            s = _shape(sd[key])
+            if len(s) != ndim or min(s) < 1:
+                raise ValueError(f"cannot derive a Wan config: {key} has shape {s}, expected {ndim} positive sizes")
+            return s
+
+        dim = shape("modulation", 3)[-1]
+        patch_w = shape("patch", 5)
+        patch, rows = patch_w[2:], shape("head", 2)[0]
+        if rows % _prod(patch):
+            raise ValueError(f"cannot derive a Wan config: {names['head']} has {rows} rows, not a multiple of the "
+                             f"patch volume {patch}")
         if dim % HEAD_DIM:
             raise ValueError(f"model width {dim} (from the head modulation) is not a multiple of head_dim {HEAD_DIM}")
-        layers = 1 + max((int(m.group(1)) for k in keys if (m := block_re.match(k))), default=-1)
-        return cls(num_attention_heads=dim // HEAD_DIM, attention_head_dim=HEAD_DIM,
-                   in_channels=_shape(sd["patch_embedding.weight"])[1], out_channels=out, text_dim=text_dim,
-                   freq_dim=freq_dim, ffn_dim=ffn, num_layers=layers, patch_size=patch, image_dim=image_dim,
-                   added_kv_proj_dim=dim if image_dim is not None else None, pos_embed_seq_len=pos,
+        image, pos = shape("image", 1, optional=True), shape("pos", 3, optional=True)
+        image_dim = image[0] if image else None
+        return cls(num_attention_heads=dim // HEAD_DIM, attention_head_dim=HEAD_DIM, in_channels=patch_w[1],
+                   out_channels=rows // _prod(patch), text_dim=shape("text", 2)[1], freq_dim=shape("time", 2)[1],
+                   ffn_dim=shape("ffn", 2)[0], num_layers=num_blocks(keys), patch_size=patch, image_dim=image_dim,
+                   added_kv_proj_dim=dim if image_dim is not None else None, pos_embed_seq_len=pos[1] if pos else None,
                    **pipeline_fields)
+
+
+_ORIGINAL_KEYS = dict(modulation="head.modulation", patch="patch_embedding.weight", head="head.head.weight",
+                      ffn="blocks.0.ffn.0.weight", text="text_embedding.0.weight", time="time_embedding.0.weight",
+                      image="img_emb.proj.0.weight", pos="img_emb.emb_pos")
+_DIFFUSERS_KEYS = dict(modulation="scale_shift_table", patch="patch_embedding.weight", head="proj_out.weight",
+                       ffn="blocks.0.ffn.net.0.proj.weight", text="condition_embedder.text_embedder.linear_1.weight",
+                       time="condition_embedder.time_embedder.linear_1.weight",
+                       image="condition_embedder.image_embedder.norm1.weight",
+                       pos="condition_embedder.image_embedder.pos_embed")
+
+
+def block_indices(keys) -> set[int]:
+    """The N of every `blocks.N.` key."""
+    return {int(m.group(1)) for k in keys if (m := _BLOCK_INDEX.match(k))}
+
+
+def num_blocks(keys) -> int:
+    """The number of transformer blocks of a state dict's keys (ValueError unless they are 0..N-1)."""
+    idx = block_indices(keys)
+    if not idx or len(idx) != max(idx) + 1:
+        raise ValueError(f"block indices of the state dict are not 0..N-1: {len(idx)} distinct, "
+                         f"first {sorted(idx)[:4]}, last {max(idx, default=None)}")
+    return len(idx)
+
+
+def read_json(path) -> dict:
+    """The JSON object in file `path`, read strictly: a regular file (a FIFO would block) of at most
+    MAX_JSON_BYTES holding one object, no key twice (json.load keeps the last). ValueError naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            if st.st_size > MAX_JSON_BYTES:
+                raise ValueError(f"{st.st_size} bytes, more than the {MAX_JSON_BYTES} a config or index may have")
+            data = json.loads(f.read(), object_pairs_hook=_unique_keys)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"cannot read JSON file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _shape(t) -> tuple[int, ...]:

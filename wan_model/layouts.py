@@ -1,0 +1,376 @@
+"""The layouts of Wan checkpoints, as data: key names and NVFP4 tensor conventions (REFERENCE.md sections 3, 5, 7).
+
+Key names. Three namings of one transformer:
+  diffusers  names of diffusers' WanTransformer3DModel (`blocks.N.attn1.to_q`, ...)
+  original   names of Wan-Video's wan/modules/model.py (`blocks.N.self_attn.q`, ...); ComfyUI files use
+             them too, optionally prefixed `model.diffusion_model.` (COMFY_PREFIX)
+  native     our WanModel's state dict: the self-attention Q/K/V of a layer fused into one [3C, C]
+             tensor, the cross-attention K/V of all layers stacked into one (see wan_model.model)
+`diffusers_to_original_key` / `original_to_diffusers_key` rename one key; `diffusers_to_native` /
+`native_to_diffusers` convert a whole state dict (fusing / splitting, NVFP4 layers included).
+
+NVFP4 conventions (`NVFP4Layout`, one row per file layout in `NVFP4_LAYOUTS`). Every NVFP4 layer is, in
+memory, OURS: `weight` uint8 [N, K/2] with element 2i in the LOW nibble (the CUTLASS operand),
+`weight_scale` float8_e4m3fn 128x4-swizzled [roundup(N,128), roundup(K/16,4)], `weight_scale_2` fp32
+scalar in the DECODE convention (amax / 2688), optional `input_scale` (decode). A file layout differs
+in four ways, each a field: the nibble of element 2i, the block-scale layout (swizzled or linear
+[N, K/16]), the names and convention of the per-tensor scales (decode = amax / 2688; encode =
+2688 / amax = 1 / decode: `decode_to_encode`, `encode_to_decode`), and a per-layer marker. Readers
+and writers (wan_model.formats) apply these fields and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import torch
+
+from wan_kernels import nvfp4 as fmt
+from wan_model.config import WanConfig
+
+COMFY_PREFIX = "model.diffusion_model."
+# diffusers ignores these keys on load (WanTransformer3DModel._keys_to_ignore_on_load_unexpected)
+IGNORED_KEYS = ("norm_added_q",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not match the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Key names: diffusers <-> original / ComfyUI
+
+# diffusers module path -> original module path (outside the blocks)
+_TOP = {
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+    "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",
+    "scale_shift_table": "head.modulation",
+    "proj_out": "head.head",
+    "patch_embedding": "patch_embedding",
+}
+# inside blocks.N (note the norm2/norm3 swap)
+_BLOCK = {
+    "scale_shift_table": "modulation",
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+    "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+    "attn2.norm_added_k": "cross_attn.norm_k_img",
+    "norm2": "norm3",
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+_BLOCK_RE = re.compile(r"(blocks\.\d+\.)(.+)$")
+
+
+def _rename(key: str, top: dict, block: dict) -> str | None:
+    m = _BLOCK_RE.match(key)
+    prefix, rest, table = (m.group(1), m.group(2), block) if m else ("", key, top)
+    for name in sorted(table, key=len, reverse=True):
+        if rest == name or rest.startswith(name + "."):
+            return prefix + table[name] + rest[len(name):]
+    return None
+
+
+def diffusers_to_original_key(key: str) -> str | None:
+    """Original-Wan name of a diffusers key (None when it has none)."""
+    return _rename(key, _TOP, _BLOCK)
+
+
+def original_to_diffusers_key(key: str) -> str | None:
+    """diffusers name of an original-Wan / ComfyUI (unprefixed) key (None when unknown)."""
+    return _rename(key, {v: k for k, v in _TOP.items()}, {v: k for k, v in _BLOCK.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers names <-> our module's names (fused self-attn QKV, stacked cross-attn K/V)
+
+def native_direct(cfg: WanConfig) -> dict[str, str]:
+    """diffusers key -> native key for every parameter renamed one to one."""
+    m = {
+        "patch_embedding.weight": "patch_embedding.weight", "patch_embedding.bias": "patch_embedding.bias",
+        "scale_shift_table": "scale_shift_table",
+        "proj_out.weight": "proj_out.weight", "proj_out.bias": "proj_out.bias",
+    }
+    for sub in ("time_embedder.linear_1", "time_embedder.linear_2", "time_proj", "text_embedder.linear_1",
+                "text_embedder.linear_2"):
+        for p in ("weight", "bias"):
+            m[f"condition_embedder.{sub}.{p}"] = f"condition_embedder.{sub}.{p}"
+    if cfg.has_image:
+        ie = "condition_embedder.image_embedder."
+        for d, n in (("norm1", "norm1"), ("norm2", "norm2"), ("ff.net.0.proj", "ff.proj_in"),
+                     ("ff.net.2", "ff.proj_out")):
+            for p in ("weight", "bias"):
+                m[f"{ie}{d}.{p}"] = f"{ie}{n}.{p}"
+        if cfg.pos_embed_seq_len is not None:
+            m[ie + "pos_embed"] = ie + "pos_embed"
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}."
+        m[b + "scale_shift_table"] = b + "scale_shift_table"
+        for d, n in (("attn1.to_out.0", "attn1.to_out"), ("attn2.to_q", "attn2.to_q"),
+                     ("attn2.to_out.0", "attn2.to_out"), ("norm2", "norm2"), ("ffn.net.0.proj", "ffn.proj_in"),
+                     ("ffn.net.2", "ffn.proj_out")):
+            for p in ("weight", "bias"):
+                m[f"{b}{d}.{p}"] = f"{b}{n}.{p}"
+        for a, nq in (("attn1", "norm_q"), ("attn1", "norm_k"), ("attn2", "norm_q")):
+            m[f"{b}{a}.{nq}.weight"] = f"{b}{a}.{nq}"
+    return m
+
+
+def stacked_kv(cfg: WanConfig) -> list[tuple[str, str, str, str]]:
+    """(native stacked prefix, diffusers k module, v module, k-norm) of the cross-attn K/V sets."""
+    out = [("cross_kv", "attn2.to_k", "attn2.to_v", "attn2.norm_k")]
+    if cfg.has_image:
+        out.append(("cross_kv_img", "attn2.add_k_proj", "attn2.add_v_proj", "attn2.norm_added_k"))
+    return out
+
+
+def diffusers_keys(cfg: WanConfig) -> set[str]:
+    """Every key of a diffusers WanTransformer3DModel state dict for `cfg`."""
+    keys = set(native_direct(cfg))
+    for i in range(cfg.num_layers):
+        b = f"blocks.{i}."
+        keys |= {f"{b}attn1.to_{x}.{p}" for x in "qkv" for p in ("weight", "bias")}
+        for _, km, vm, nm in stacked_kv(cfg):
+            keys |= {f"{b}{km}.weight", f"{b}{km}.bias", f"{b}{vm}.weight", f"{b}{vm}.bias", f"{b}{nm}.weight"}
+    return keys
+
+
+def _with_nvfp4_scales(mapping: dict[str, str], keys) -> dict[str, str]:
+    """Extend a key mapping by the NVFP4 side-car keys (<w>_scale, <w>_scale_2) of its `.weight` entries
+    present in `keys`."""
+    out = dict(mapping)
+    for a, b in mapping.items():
+        if a.endswith(".weight") and b.endswith(".weight"):
+            for suffix in ("_scale", "_scale_2"):
+                if a + suffix in keys:
+                    out[a + suffix] = b + suffix
+    return out
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along rows, also for float8 tensors (concatenated as their bytes)."""
+    if parts[0].dtype == torch.float8_e4m3fn:
+        return torch.cat([p.view(torch.uint8) for p in parts]).view(torch.float8_e4m3fn)
+    return torch.cat(parts)
+
+
+def _shared_scale(parts: list[torch.Tensor], names: list[str]) -> torch.Tensor:
+    """The one global scale of a fused NVFP4 group: all members must carry the same weight_scale_2."""
+    first = parts[0]
+    if first.device.type != "meta" and any(not torch.equal(p, first) for p in parts[1:]):
+        bad = [n for n, p in zip(names, parts) if not torch.equal(p, first)]
+        raise CheckpointError(f"NVFP4 layers {names[0]} ... run as one GEMM with one global scale, but their "
+                              f"weight_scale_2 differ ({bad[:4]} vs {names[0]}): re-quantizing them would be "
+                              "lossy; quantize the dense checkpoint with `python -m wan_model convert --quantize "
+                              "nvfp4` instead")
+    return first
+
+
+def _fuse(sd, names: list[str], out: dict, native: str) -> None:
+    """Fuse the diffusers layers `names` (row order) into native module `native` (dense or NVFP4)."""
+    out[f"{native}.weight"] = _cat_rows([sd[f"{n}.weight"] for n in names])
+    out[f"{native}.bias"] = torch.cat([sd[f"{n}.bias"] for n in names])
+    if f"{names[0]}.weight_scale_2" in sd:
+        out[f"{native}.weight_scale"] = _cat_rows([sd[f"{n}.weight_scale"] for n in names])
+        out[f"{native}.weight_scale_2"] = _shared_scale([sd[f"{n}.weight_scale_2"] for n in names], names)
+
+
+def _unfuse(sd, names: list[str], out: dict, native: str, rows: int) -> None:
+    """Inverse of `_fuse`: row slices of the native tensors (NVFP4 scales: `rows` is a multiple of 128)."""
+    for suffix in ("weight", "bias", "weight_scale"):
+        if f"{native}.{suffix}" in sd:
+            t = sd[f"{native}.{suffix}"]
+            parts = t.view(torch.uint8).split(rows) if t.dtype == torch.float8_e4m3fn else t.split(rows)
+            for n, part in zip(names, parts):
+                out[f"{n}.{suffix}"] = part.view(t.dtype)
+    if f"{native}.weight_scale_2" in sd:
+        for n in names:
+            out[f"{n}.weight_scale_2"] = sd[f"{native}.weight_scale_2"].clone()  # safetensors: no shared storage
+
+
+def diffusers_to_native(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
+    """diffusers-named tensors -> our state dict (fuses QKV, stacks the cross-attn K/V of all layers).
+    NVFP4 layers: packed weights and swizzled scales are row-concatenated, the shared scale checked."""
+    out = {n: sd[d] for d, n in _with_nvfp4_scales(native_direct(cfg), sd).items()}
+    for i in range(cfg.num_layers):
+        _fuse(sd, [f"blocks.{i}.attn1.to_{x}" for x in "qkv"], out, f"blocks.{i}.attn1.to_qkv")  # [3C, C]
+    for name, km, vm, nm in stacked_kv(cfg):
+        L = range(cfg.num_layers)
+        _fuse(sd, [f"blocks.{i}.{m}" for i in L for m in (km, vm)], out, name)                    # [L*2C, C]
+        out[f"{name}.norm_k"] = torch.stack([sd[f"blocks.{i}.{nm}.weight"] for i in L])                # [L, C]
+    return out
+
+
+def native_to_diffusers(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
+    """Our state dict -> diffusers-named tensors (splits QKV and the stacked K/V; contiguous copies)."""
+    native_of = _with_nvfp4_scales({n: d for d, n in native_direct(cfg).items()}, sd)
+    out = {d: sd[n] for n, d in native_of.items()}
+    C = cfg.dim
+    for i in range(cfg.num_layers):
+        _unfuse(sd, [f"blocks.{i}.attn1.to_{x}" for x in "qkv"], out, f"blocks.{i}.attn1.to_qkv", C)
+    for name, km, vm, nm in stacked_kv(cfg):
+        L = range(cfg.num_layers)
+        _unfuse(sd, [f"blocks.{i}.{m}" for i in L for m in (km, vm)], out, name, C)
+        for i in L:
+            out[f"blocks.{i}.{nm}.weight"] = sd[f"{name}.norm_k"][i]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# NVFP4 tensor conventions of the file layouts
+
+NVFP4_KEYS = ("weight", "weight_scale", "weight_scale_2")  # ours, per layer; + optional "input_scale"
+
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4Layout:
+    """How one file layout stores an NVFP4 layer (REFERENCE.md section 7).
+
+    even_nibble:  "low" or "high": the nibble of a packed byte holding element 2i
+    block_scale:  "swizzled" (128x4, padded to [roundup(N,128), roundup(K/16,4)]) or "linear" [N, K/16]
+    global_key:   name of the weight's per-tensor scale; `convention` "decode" (amax / 2688) or "encode"
+    input_key:    name of the activation's per-tensor scale (same convention; optional in a file)
+    dropped:      keys derived from the others, read and ignored (LightX2V's alpha = 1/(in_gs * w_gs))
+    marker:       the JSON of a `<layer>.comfy_quant` uint8 tensor per NVFP4 layer (ComfyUI), or None
+    writable:     whether we write it
+    """
+
+    name: str
+    even_nibble: str
+    block_scale: str
+    global_key: str = "weight_scale_2"
+    convention: str = "decode"
+    input_key: str = "input_scale"
+    dropped: tuple[str, ...] = ()
+    marker: dict | None = None
+    writable: bool = True
+
+    def keys(self) -> tuple[str, ...]:
+        """Every per-layer key suffix of this layout (the marker included)."""
+        return ("weight", "weight_scale", self.global_key, self.input_key, *self.dropped) + (
+            (MARKER_KEY,) if self.marker else ())
+
+
+MARKER_KEY = "comfy_quant"
+NVFP4_LAYOUTS = {
+    "ours": NVFP4Layout("ours", even_nibble="low", block_scale="swizzled"),
+    "comfyui": NVFP4Layout("comfyui", even_nibble="high", block_scale="swizzled", marker={"format": "nvfp4"}),
+    "modelopt": NVFP4Layout("modelopt", even_nibble="low", block_scale="linear"),
+    "lightx2v": NVFP4Layout("lightx2v", even_nibble="low", block_scale="swizzled", global_key="weight_global_scale",
+                            convention="encode", input_key="input_global_scale", dropped=("alpha",), writable=False),
+}
+
+
+def decode_to_encode(scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scale, decode convention (amax / 2688, value = e2m1 * block * scale) -> encode (2688 / amax,
+    what vLLM / FlashInfer / LightX2V kernels take). fp32; a zero scale (all-zero tensor) maps to zero."""
+    s = scale.float()
+    return torch.where(s == 0, s, 1.0 / s)
+
+
+def encode_to_decode(scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `decode_to_encode`: encode (2688 / amax) -> decode (amax / 2688)."""
+    s = scale.float()
+    return torch.where(s == 0, s, 1.0 / s)
+
+
+def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 packed E2M1 with element 2i in one nibble -> in the other (its own inverse)."""
+    return (packed << 4) | (packed >> 4)
+
+
+def marker_tensor(spec: dict) -> torch.Tensor:
+    """The uint8 tensor ComfyUI stores as `<layer>.comfy_quant`: the UTF-8 bytes of json.dumps(spec)."""
+    return torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8)
+
+
+def parse_marker(t: torch.Tensor, key: str):
+    """The JSON value of a `<layer>.comfy_quant` tensor (CheckpointError naming `key` when not JSON)."""
+    try:
+        spec = json.loads(bytes(t.flatten().to(torch.uint8).tolist()).decode())
+    except (ValueError, RecursionError, RuntimeError) as e:
+        raise CheckpointError(f"{key}: cannot parse the ComfyUI quantization spec: {e}") from e
+    return spec
+
+
+def nvfp4_file_plan(layout: NVFP4Layout, n: int, k: int, input_scale: bool = False):
+    """[(key suffix, dtype, shape)] of an [n, k] NVFP4 layer as `layout` stores it."""
+    ks = k // fmt.BLOCK
+    plan = [("weight", torch.uint8, (n, k // 2)),
+            ("weight_scale", torch.float8_e4m3fn, fmt.scale_shape(n, k) if layout.block_scale == "swizzled" else (n, ks)),
+            (layout.global_key, torch.float32, ())]
+    if input_scale:
+        plan.append((layout.input_key, torch.float32, ()))
+    if layout.marker:
+        plan.append((MARKER_KEY, torch.uint8, tuple(marker_tensor(layout.marker).shape)))
+    return plan
+
+
+def _scale(t: torch.Tensor, convention: str, to: str) -> torch.Tensor:
+    if convention == to:
+        return t.float().reshape(())
+    return (decode_to_encode if to == "encode" else encode_to_decode)(t).reshape(())
+
+
+def nvfp4_to_file(layout: NVFP4Layout, layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our NVFP4 tensors of one layer ({weight, weight_scale, weight_scale_2[, input_scale]}) -> `layout`'s
+    {suffix: tensor}, in `nvfp4_file_plan` order."""
+    w, s = layer["weight"], layer["weight_scale"]
+    n, k = w.shape[0], w.shape[1] * 2
+    out = {"weight": swap_nibbles(w) if layout.even_nibble == "high" else w,
+           "weight_scale": (s if layout.block_scale == "swizzled" else
+                            fmt.unswizzle_scales(s.view(torch.uint8), n, k // fmt.BLOCK).contiguous().view(s.dtype)),
+           layout.global_key: _scale(layer["weight_scale_2"], "decode", layout.convention)}
+    if "input_scale" in layer:
+        out[layout.input_key] = _scale(layer["input_scale"], "decode", layout.convention)
+    if layout.marker:
+        out[MARKER_KEY] = marker_tensor(layout.marker)
+    return out
+
+
+def nvfp4_from_file(layout: NVFP4Layout, layer: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Inverse of `nvfp4_to_file`: `layout`'s tensors of one layer -> ours (shapes and dtypes checked,
+    CheckpointError naming `where`, the layer). Meta tensors give meta results of our shapes."""
+    missing = [s for s in ("weight", "weight_scale", layout.global_key) if s not in layer]
+    if missing:
+        raise CheckpointError(f"{where}: NVFP4 layer ({layout.name} layout) lacks {missing}")
+    w, s, g = layer["weight"], layer["weight_scale"], layer[layout.global_key]
+    if w.dtype != torch.uint8 or s.dtype != torch.float8_e4m3fn or not g.dtype.is_floating_point:
+        # passed on as they are: the state-dict check names the key and the dtype it expected
+        return {"weight": w, "weight_scale": s, "weight_scale_2": g,
+                **({"input_scale": layer[layout.input_key]} if layout.input_key in layer else {})}
+    if w.dim() != 2:
+        raise CheckpointError(f"{where}.weight: an NVFP4 weight is uint8 [N, K/2], got shape {tuple(w.shape)}")
+    n, k = w.shape[0], w.shape[1] * 2
+    want = fmt.scale_shape(n, k) if layout.block_scale == "swizzled" else (n, k // fmt.BLOCK)
+    if tuple(s.shape) != tuple(want):
+        raise CheckpointError(f"{where}.weight_scale: the {layout.name} layout stores float8_e4m3fn {list(want)} "
+                              f"({layout.block_scale}) for weight {tuple(w.shape)}, got {tuple(s.shape)}")
+    if g.numel() != 1:
+        raise CheckpointError(f"{where}.{layout.global_key}: a per-tensor scale, got shape {tuple(g.shape)}")
+    meta = w.device.type == "meta"
+    out = {"weight": swap_nibbles(w) if layout.even_nibble == "high" and not meta else w,
+           "weight_scale": (s if layout.block_scale == "swizzled" else
+                            torch.empty(fmt.scale_shape(n, k), dtype=s.dtype, device="meta") if meta else
+                            fmt.swizzle_scales(s.view(torch.uint8)).view(torch.float8_e4m3fn)),
+           "weight_scale_2": (torch.empty((), dtype=torch.float32, device="meta") if meta else
+                              _scale(g, layout.convention, "decode"))}
+    if layout.input_key in layer:
+        i = layer[layout.input_key]
+        if i.numel() != 1:
+            raise CheckpointError(f"{where}.{layout.input_key}: a per-tensor scale, got shape {tuple(i.shape)}")
+        out["input_scale"] = (torch.empty((), dtype=torch.float32, device="meta") if meta else
+                              _scale(i, layout.convention, "decode"))
+    return out
+
