@@ -27,8 +27,8 @@ def test_patched_diffusers_matches_unpatched(fp32_models, variant, impl):
     inputs = make_inputs(model.config)
     expected = _run(ref, inputs)
     patched = use_wan_kernels(copy.deepcopy(ref), impl=impl)
-    assert all(isinstance(b.attn1.processor, WanKernelsAttnProcessor) and hasattr(b.attn1, "to_qkv")
-               for b in patched.blocks)
+    assert all(isinstance(b.attn1.processor, WanKernelsAttnProcessor) and not hasattr(b.attn1, "to_qkv")
+               for b in patched.blocks)  # the processor fuses q|k|v per call: no second copy of the weights
     err = (_run(patched, inputs) - expected).abs().max().item()
     print(f"{variant} impl={impl}: patched vs unpatched diffusers {err:.3e}")
     assert err <= FP32_TOL

@@ -16,15 +16,22 @@ context=ctx)` reuses them at every denoising step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import wan_kernels
+from wan_model.integrations.versions import check_installed
+
+check_installed("torch", "triton")  # before wan_kernels: an unsupported torch is one clear ImportError
+
+import wan_kernels  # noqa: E402
 from wan_model.config import WanConfig
+from wan_model.parallel import local_attention
 from wan_model.rope import rope_tables
 
 # Parameter-name components diffusers keeps in fp32 under from_pretrained(torch_dtype=bf16)
@@ -62,6 +69,19 @@ class WanContext:
         return self.k[i], self.v[i], self.k_img[i], self.v_img[i]
 
 
+@dataclasses.dataclass
+class WanOutput:
+    """`forward(..., return_dict=True)`: the fields of diffusers' `Transformer2DModelOutput` (`.sample`, or `[0]`).
+
+    sample: [B, C_out, F, H, W].
+    """
+
+    sample: torch.Tensor
+
+    def __getitem__(self, i):
+        return getattr(self, i) if isinstance(i, str) else (self.sample,)[i]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ops:
     """The `wan` op callables bound once for an impl and device (no backend choice in forward)."""
@@ -74,8 +94,11 @@ class _Ops:
 
 
 def bind_ops(impl: str, device: torch.device | str) -> _Ops:
-    """Resolve the backends of the ops the model calls, for `impl` on `device`."""
-    return _Ops(**{f.name: wan_kernels.resolve(f.name, impl, device) for f in dataclasses.fields(_Ops)})
+    """Bind the backends of the ops the model calls, for `impl` on `device` (`wan_kernels.routing.bind`: under
+    impl="auto" the bare dispatcher ops, no Python wrapper per call)."""
+    from wan_kernels.routing import bind
+
+    return _Ops(**{f.name: bind(f.name, impl, device) for f in dataclasses.fields(_Ops)})
 
 
 def _layer_norm32(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
@@ -168,7 +191,8 @@ def qkv_module_then_norm_rope(a: "SelfAttention", n, rope_cos, rope_sin, num_hea
 
 class SelfAttention(nn.Module):
     """`project_qkv` is chosen at construction (dense: `qkv_fused_dense`) and rebound by
-    `WanModel.quantize` (`qkv_module_then_norm_rope`): forward never branches on the weight type."""
+    `WanModel.quantize` (`qkv_module_then_norm_rope`): forward never branches on the weight type.
+    `attend` likewise: `local_attention`, rebound by `WanModel.enable_parallelism` (wan_model/parallel.py)."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -178,6 +202,7 @@ class SelfAttention(nn.Module):
         self.norm_k = nn.Parameter(torch.ones(C))
         self.to_out = nn.Linear(C, C)
         self.project_qkv = qkv_fused_dense            # a plain function (deepcopy/compile friendly)
+        self.attend = local_attention                 # (q, k, v, ops) -> [B, S, H, Dv]
 
 
 class CrossAttention(nn.Module):
@@ -244,7 +269,7 @@ class WanBlock(nn.Module):
         a = self.attn1
         n = ops.layer_norm_modulate(x, scale, shift, eps)                       # LN * (1 + scale) + shift
         q, k, v = a.project_qkv(a, n, rope_cos, rope_sin, self.num_heads, eps, ops)  # [B, S, H, D] each
-        o = a.to_out(ops.attention(q, k, v, None, None, None).flatten(2))       # [B, S, C]
+        o = a.to_out(a.attend(q, k, v, ops).flatten(2))                         # [B, S, C]
         x = ops.gated_residual(x, o, gate)                                      # x + o * gate, in fp32
 
         # 2. cross-attention (K/V precomputed per context)
@@ -281,6 +306,7 @@ class WanModel(nn.Module):
         if dtype is not None:
             self.to_dtype(dtype)
         self._ops = bind_ops(impl, self.device)
+        self._parallel = None
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -303,6 +329,20 @@ class WanModel(nn.Module):
         stacked cross-attention K/V) become `NVFP4Linear`; see wan_model/quantize.py."""
         from wan_model.quantize import quantize_model
         return quantize_model(self, method, config)
+
+    def enable_parallelism(self, ulysses_degree: int = 1, ring_degree: int = 1, group=None) -> "WanModel":
+        """Sequence parallelism over `group` (default: the world) of size ulysses_degree * ring_degree, after
+        `torch.distributed.init_process_group`, on every rank (it creates sub-groups); every rank then passes
+        the same full inputs and gets the same full output (wan_model/parallel.py). diffusers' names."""
+        from wan_model.parallel import enable
+        enable(self, ulysses_degree, ring_degree, group)
+        return self
+
+    def disable_parallelism(self) -> "WanModel":
+        """Undo `enable_parallelism`: single-process forward again."""
+        from wan_model.parallel import disable
+        disable(self)
+        return self
 
     def to_dtype(self, dtype: torch.dtype) -> "WanModel":
         """Cast to `dtype`, keeping diffusers' fp32 modules (FP32_MODULES) in fp32."""
@@ -327,16 +367,29 @@ class WanModel(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto", **kw):
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", impl: str = "auto", *,
+                        torch_dtype: torch.dtype | None = None, subfolder: str | None = None, **kw):
         """Load a diffusers dir, an original-Wan or ComfyUI safetensors file (see wan_model.checkpoint).
-        A Wan2.2 two-expert dir returns a `WanExperts` pair."""
-        from wan_model.checkpoint import load_model
-        return load_model(path, dtype=dtype, device=device, impl=impl, **kw)
+        A Wan2.2 two-expert dir returns a `WanExperts` pair.
 
-    def save_pretrained(self, path, format: str = "diffusers", max_shard_size: int | str = "5GB") -> None:
-        """Save atomically as a diffusers dir, an original-Wan file or a ComfyUI file (wan_model.checkpoint)."""
+        `torch_dtype` and `subfolder` are diffusers' spellings: `torch_dtype` is `dtype` (default bfloat16; the
+        modules diffusers keeps in fp32 stay fp32), `subfolder` is joined to `path` (e.g. "transformer" of a
+        pipeline dir)."""
+        from wan_model.checkpoint import load_model
+
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
+        if subfolder:
+            path = os.path.join(os.fspath(path), subfolder)
+        return load_model(path, dtype=dtype or torch_dtype or torch.bfloat16, device=device, impl=impl, **kw)
+
+    def save_pretrained(self, path, format: str = "diffusers", max_shard_size: int | str = "5GB",
+                        overwrite: bool = False) -> None:
+        """Save atomically as a diffusers dir, an original-Wan file or a ComfyUI file. Never touches other
+        files: an existing file, or a directory holding more than a checkpoint of ours, is refused unless
+        `overwrite` (then only the checkpoint's files are replaced; wan_model.checkpoint.save_state_dict)."""
         from wan_model.checkpoint import save_model
-        save_model(self, path, format=format, max_shard_size=max_shard_size)
+        save_model(self, path, format=format, max_shard_size=max_shard_size, overwrite=overwrite)
 
     # ------------------------------------------------------------------------------------------
     def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,17 +419,36 @@ class WanModel(nn.Module):
             k_img, v_img = self.cross_kv_img(img, cfg.num_attention_heads, cfg.eps)
         return WanContext(k, v, k_img, v_img, encoder_hidden_states.dtype)
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs):
+        """diffusers' `CacheMixin.cache_context(name, ...)`, which WanPipeline enters around each forward. A WanModel
+        holds no diffusers cache hooks (`enable_cache` is diffusers-only), so there is no state to mark."""
+        yield
+
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None,
                 encoder_hidden_states_image: torch.Tensor | None = None,
-                context: WanContext | None = None) -> torch.Tensor:
-        """Denoiser output, like diffusers' WanTransformer3DModel.forward(...).sample.
+                return_dict: bool | None = None, attention_kwargs: dict | None = None, *,
+                context: WanContext | None = None):
+        """Denoiser output, like diffusers' WanTransformer3DModel.forward(...).sample (same argument order).
 
         hidden_states: [B, C_in, F, H, W]; timestep: [B] or per token [B, S] (TI2V);
         encoder_hidden_states: [B, L_txt, text_dim]; encoder_hidden_states_image: see prepare_context;
         context: from prepare_context (then the two encoder inputs are not needed).
-        Returns [B, C_out, F, H, W] in the model dtype.
+        attention_kwargs: diffusers' LoRA {"scale": s}; a WanModel holds no adapters, so as in diffusers
+        without adapters it changes nothing. Any other key is an error.
+        Returns [B, C_out, F, H, W] in the model dtype; with return_dict=False the tuple `(out,)`, with True a
+        `WanOutput` (`.sample`), as diffusers returns them (WanPipeline calls with return_dict=False).
         """
+        if attention_kwargs and set(attention_kwargs) - {"scale"}:
+            raise ValueError(f"WanModel.forward: attention_kwargs {sorted(set(attention_kwargs) - {'scale'})} "
+                             "are not supported (only diffusers' LoRA 'scale', which has nothing to scale here)")
+        out = self._denoise(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context)
+        if return_dict is None:
+            return out
+        return WanOutput(out) if return_dict else (out,)
+
+    def _denoise(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context):
         cfg = self.config
         B, _, nf, nh, nw = hidden_states.shape
         pt, ph, pw = cfg.patch_size
@@ -387,8 +459,13 @@ class WanModel(nn.Module):
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, S, C]
         temb, temb_proj = self.condition_embedder.time(timestep, context.dtype)  # [B, 1|S, C], [B, 1|S, 6, C]
+        sp = getattr(self, "_parallel", None)
+        if sp is not None:  # this rank's tokens [B, n, C] (wan_model/parallel.py)
+            x, temb_proj, rope_cos, rope_sin = sp.split(x, temb_proj, rope_cos, rope_sin)
         for i, block in enumerate(self.blocks):
             x = block(x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
+        if sp is not None:
+            x = sp.gather(x)                                                     # [B, S, C] on every rank
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)  # [B, 1|S, C]
         x = self._ops.layer_norm_modulate(x, scale, shift, cfg.eps)
