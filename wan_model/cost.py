@@ -204,13 +204,39 @@ class ModelCost:
 # ---------------------------------------------------------------------------------------------
 # Kernel lists, mirrored from wan_model/model.py (WanBlock.forward) and wan_kernels/ref/*.py
 
+def _act(*shape: int):
+    """A bf16 activation (or bf16 weight) of `shape` on the meta device."""
+    import torch
+
+    return torch.empty(shape, dtype=torch.bfloat16, device="meta")
+
+
+def _f32(*shape: int):
+    import torch
+
+    return torch.empty(shape, dtype=torch.float32, device="meta")
+
+
+def _fused(op: str, *args, name: str | None = None) -> Kernel:
+    """The one kernel of a `wan` op, its FLOPs and bytes from the op's spec (`OpSpec.cost`)."""
+    import wan_kernels  # noqa: F401  (registers the specs)
+    from wan_kernels._spec import SPECS
+
+    return Kernel(name or op, **SPECS[op].cost(*args))
+
+
 def _norm_mod(n: int, r: int, c: int, impl: str) -> list[Kernel]:
     """wan::layer_norm_modulate: (LN_fp32(x) * (1 + scale) + shift).to(bf16); scale/shift have r rows
     ([B, 1|S, C]). ref = wan_kernels/ref/modulate.py op by op; fused = one pass (read x, scale, shift)."""
     nc = n * c
     if impl == "fused":
-        return [Kernel("layer_norm_modulate", read=nc * A + 2 * r * c * F32, write=nc * A)]
+        return [_fused("layer_norm_modulate", _act(1, n, c), _f32(1, r, c), _f32(1, r, c), 1e-6)]
     return [Kernel("to_fp32", read=nc * A, write=nc * F32),
+            # the reference's huge-row guard (ref/modulate.py _layer_norm): row max |x| (vector_norm), its
+            # exponent and 2^k per row (frexp, rsub, clamp, exp2 on n values: fp32/int32), then x * 2^k
+            Kernel("row_amax", read=nc * F32, write=n * F32),
+            Kernel("row_exp2", read=4 * n * F32, write=5 * n * F32),
+            Kernel("scale_rows", read=nc * F32 + n * F32, write=nc * F32),
             Kernel("layer_norm", read=nc * F32, write=nc * F32 + 2 * n * F32),
             Kernel("1+scale", read=r * c * F32, write=r * c * F32),
             Kernel("mul", read=nc * F32 + r * c * F32, write=nc * F32),
@@ -222,7 +248,7 @@ def _gated_residual(n: int, r: int, c: int, impl: str) -> list[Kernel]:
     """wan::gated_residual: (x.float() + y * gate).to(bf16), gate with r rows. ref op by op; fused one pass."""
     nc = n * c
     if impl == "fused":
-        return [Kernel("gated_residual", read=2 * nc * A + r * c * F32, write=nc * A)]
+        return [_fused("gated_residual", _act(1, n, c), _act(1, n, c), _f32(1, r, c))]
     return [Kernel("x_to_fp32", read=nc * A, write=nc * F32),
             Kernel("mul_gate", read=nc * A + r * c * F32, write=nc * F32),
             Kernel("add", read=2 * nc * F32, write=nc * F32),
@@ -263,8 +289,8 @@ def qk_norm_rope_kernels(batch: int, tokens: int, c: int, d: int, impl: str) -> 
     n, nc = batch * tokens, batch * tokens * c
     table = tokens * (d // 2) * F32
     if impl == "fused":
-        const = 2 * c * A + 2 * table
-        return [Kernel("qk_norm_rope", read=3 * nc * A + const, write=3 * nc * A, const=const, weight=2 * c * A)]
+        return [_fused("qk_norm_rope", _act(batch, tokens, 3 * c), _act(c), _act(c), _f32(tokens, d // 2),
+                       _f32(tokens, d // 2), c // d, 1e-6)]
     ks = []
     for _ in "qk":
         ks += _rms_norm_ref(n, c, with_eps_add=True)
@@ -287,8 +313,8 @@ def attention_kernels(batch: int, heads: int, sq: int, kv_sets: list[int], d: in
     nq = batch * sq * c
     flops = [2 * batch * heads * sq * sk * 2 * d for sk in kv_sets]
     if impl == "fused":
-        kv = sum(2 * batch * sk * c * A for sk in kv_sets)
-        return [Kernel("flash_attention", flops=sum(flops), read=nq * A + kv, write=nq * A)]
+        kv = [_act(batch, sk, heads, d) for sk in kv_sets for _ in "kv"] + [None, None]
+        return [_fused("attention", _act(batch, sq, heads, d), *kv[:4], None, name="flash_attention")]
     ks = [Kernel("q_to_fp32", read=nq * A, write=nq * F32)]
     for sk, fl in zip(kv_sets, flops):
         nk, p = batch * sk * c, batch * heads * sq * sk * F32
@@ -630,3 +656,73 @@ def plot(c: ModelCost, path: str, frames: int = 81) -> None:
     ax2.set_title("FLOPs vs resolution")
     fig.tight_layout()
     fig.savefig(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence parallelism (wan_model/parallel.py): communication per rank and predicted scaling
+
+# Link bandwidth per GPU and direction, GB/s: NVLink 4 through NVSwitch (H100 SXM and H20: 900 GB/s
+# bidirectional). H20's peaks (not in wan_kernels.hardware.PEAKS, which lists the GPUs our kernels target):
+# 148 TFLOP/s dense bf16, 4.0 TB/s HBM3 (NVIDIA H20 spec sheet).
+LINK_GBPS = {"H100": 450.0, "H20": 450.0}
+PARALLEL_PEAKS = {"H20": {"bf16": 148.0, "fp4": 0.0, "gbps": 4000.0}}
+# Published Wan2.1 T2V-14B 720p, 50 steps (REFERENCE.md section 8): GPUs -> seconds
+PUBLISHED = {"H100": {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}, "H20": {1: 6935.5, 8: 980.5}}
+
+
+def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1) -> dict[str, int]:
+    """Bytes ONE rank sends in one forward of `c` under wan_model/parallel.py with (ulysses, ring) degrees
+    (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (bf16 activations).
+      ulysses: per layer, q, k, v before and the attention output after: 4 b n C, of which (U - 1) / U leaves;
+      ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops;
+      gather:  after the blocks, all_gather of the rank's [b, n, C] to the P - 1 others."""
+    s, cfg = c.shape, c.config
+    P, b, C, L = ulysses * ring, s.batch, cfg.dim, cfg.num_layers
+    n = math.ceil(s.tokens / P)
+    out = {"ulysses": L * 4 * b * n * C * A * (ulysses - 1) // ulysses,
+           "ring": L * (ring - 1) * 2 * b * n * C * A,
+           "gather": (P - 1) * b * n * C * A}
+    out["total"] = sum(out.values())
+    return out
+
+
+def parallel_step(c: ModelCost, gpu: str, ulysses: int = 1, ring: int = 1,
+                  forward_s: float | None = None) -> dict[str, float]:
+    """Predicted seconds of one forward of `c` on U R GPUs `gpu` (LINK_GBPS) and the efficiency t_1 / (P t_P).
+
+    t_1 = `forward_s` (e.g. a measured time) or the roofline forward (without the cacheable context); the
+    compute splits evenly over the P ranks; the Ulysses all-to-alls and the final gather are exposed (they
+    sit between kernels); each ring hop overlaps with the attention on the block in hand, so only
+    max(0, hop - attention of one block) is exposed. Link time = bytes / bandwidth (no latency term)."""
+    peak = PARALLEL_PEAKS.get(gpu) or _peaks()[gpu]
+    link = LINK_GBPS[gpu] * 1e9
+    P, L = ulysses * ring, c.num_layers
+    roof = c.roofline(peak, include_context=False)
+    t1 = roof if forward_s is None else forward_s
+    attn = sum(o.roofline(peak)[0] for o in c.block if o.name == "self_attention") * t1 / roof  # one layer
+    comm = parallel_comm(c, ulysses, ring)
+    hop = comm["ring"] / max(1, L * (ring - 1)) / link
+    exposed = (comm["ulysses"] + comm["gather"]) / link + L * (ring - 1) * max(0.0, hop - attn / (P * ring))
+    tp = t1 / P + exposed
+    return {"t1_s": t1, "tp_s": tp, "comm_s": exposed, "speedup": t1 / tp, "efficiency": t1 / (P * tp)}
+
+
+def format_parallel(c: ModelCost, ulysses: int, ring: int) -> str:
+    """The `cost --ulysses U --ring R` lines: bytes per rank and predicted scaling per GPU (roofline t_1 and,
+    for the published 1-GPU time of T2V-14B 720p, that time as t_1; one forward = half a CFG step)."""
+    comm = parallel_comm(c, ulysses, ring)
+    lines = [f"sequence parallelism ulysses {ulysses} x ring {ring} = {ulysses * ring} ranks: per rank and forward "
+             f"sends {comm['total'] / 1e9:.3f} GB (ulysses {comm['ulysses'] / 1e9:.3f}, ring "
+             f"{comm['ring'] / 1e9:.3f}, gather {comm['gather'] / 1e9:.3f})"]
+    for gpu in LINK_GBPS:
+        p = parallel_step(c, gpu, ulysses, ring)
+        lines.append(f"  {gpu:5s} NVLink {LINK_GBPS[gpu]:.0f} GB/s: roofline forward {p['t1_s']:.3f} s -> "
+                     f"{p['tp_s']:.3f} s (comm {p['comm_s'] * 1e3:.1f} ms), speedup {p['speedup']:.2f}x, "
+                     f"efficiency {100 * p['efficiency']:.1f}%")
+        pub = PUBLISHED.get(gpu, {})
+        if 1 in pub and c.shape.tokens == 75600 and c.config.dim == 5120 and c.shape.batch == 1:
+            m = parallel_step(c, gpu, ulysses, ring, forward_s=pub[1] / 50 / 2)
+            seen = pub.get(ulysses * ring)
+            lines.append(f"        from the published 1-GPU time ({pub[1]} s / 50 steps / 2 forwards): "
+                         f"speedup {m['speedup']:.2f}x" + (f" (published {pub[1] / seen:.2f}x)" if seen else ""))
+    return "\n".join(lines)

@@ -1,0 +1,277 @@
+"""Sequence parallelism (wan_model/parallel.py) on CPU processes: gloo on 127.0.0.1, 2 and 4 ranks.
+
+Each world size is spawned once (this file run as a script, one subprocess per rank) and runs every case of it:
+each rank computes the single-process output of a tiny fp32 model (same seed, same weights on every rank), then
+the output with `enable_parallelism(U, R)`, and records max |parallel - single|. Cases: T2V, I2V, TI2V at
+(U, R) in {(2, 1), (1, 2)} (2 ranks) and (2, 2), (1, 4) (4 ranks); token counts 30 (not divisible by 4),
+15 and 27 (odd), 9 on 4 ranks (the last rank's block is padding only). Tolerance 1e-5 (fp32; the split changes
+only the order of the fp32 key sums, and the ring merge is exact up to fp32 rounding of O(1) values).
+The bytes each rank sends (counted at the torch.distributed calls) must equal wan_model.cost.parallel_comm.
+Every subprocess has a wall-clock timeout, and gloo's own timeout is 30 s; one scenario makes rank 1 raise in
+its forward while rank 0 waits in a collective: both must exit, promptly, with the error reported. The CLI runs
+under torchrun (2 gloo ranks) and must write the single-process latents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+PROCESS_TIMEOUT_S = 240  # per spawn: import (~5 s per process on 2 shared cores) + all cases of the world size
+
+# name -> (variant, latent grid (frames, height, width), ulysses, ring); patch (1, 2, 2): tokens f * h/2 * w/2
+CASES = {
+    2: {f"{v}-30-u{u}r{r}": (f"tiny-{v}", (2, 6, 10), u, r)
+        for v in ("t2v", "i2v", "ti2v") for u, r in ((2, 1), (1, 2))}
+    | {"t2v-15-u2r1": ("tiny-t2v", (1, 6, 10), 2, 1), "i2v-15-u1r2": ("tiny-i2v", (1, 6, 10), 1, 2),
+       "ti2v-27-u1r2": ("tiny-ti2v", (3, 6, 6), 1, 2), "ti2v-27-u2r1": ("tiny-ti2v", (3, 6, 6), 2, 1)},
+    4: {f"{v}-30-u2r2": (f"tiny-{v}", (2, 6, 10), 2, 2) for v in ("t2v", "i2v", "ti2v")}
+    | {"t2v-9-u1r4": ("tiny-t2v", (1, 6, 6), 1, 4), "ti2v-18-u2r2": ("tiny-ti2v", (2, 6, 6), 2, 2),
+       "i2v-9-u2r2": ("tiny-i2v", (1, 6, 6), 2, 2)},
+}
+# expected errors on 4 ranks: (ulysses, ring) -> message
+ERRORS = {(4, 1): "ulysses_degree=4 must divide num_attention_heads=2",
+          (2, 1): "ulysses_degree * ring_degree = 2 * 1 = 2 must equal the process group's size 4"}
+
+
+def _inputs(cfg, grid, batch=2, seed=0):
+    """(hidden_states, timestep, text, image) for a latent grid (TI2V: per-token timesteps, first frame at 0)."""
+    g = torch.Generator().manual_seed(seed)
+    f, h, w = grid
+    x = torch.randn(batch, cfg.in_channels, f, h, w, generator=g)
+    t = torch.tensor([700.0, 350.0])
+    if cfg.expand_timesteps:
+        S, first = f * (h // 2) * (w // 2), (h // 2) * (w // 2)
+        t = torch.cat([torch.zeros(batch, first), t[:, None].expand(batch, S - first)], dim=1)
+    text = torch.randn(batch, 512, cfg.text_dim, generator=g)
+    img = torch.randn(batch, 257, cfg.image_dim, generator=g) if cfg.has_image else None
+    return x, t, text, img
+
+
+def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from wan_model.cli import random_model
+    from wan_model.config import WanConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    models, results = {}, {}
+    sent = {"ulysses": 0, "ring": 0, "gather": 0}  # bytes this rank sends, counted at the torch.distributed calls
+    a2a, p2p, gather = dist.all_to_all_single, dist.batch_isend_irecv, dist.all_gather
+
+    def all_to_all_single(out, inp, *a, group=None, **kw):
+        sent["ulysses"] += inp.nbytes * (dist.get_world_size(group) - 1) // dist.get_world_size(group)
+        return a2a(out, inp, *a, group=group, **kw)
+
+    def batch_isend_irecv(ops):
+        sent["ring"] += sum(op.tensor.nbytes for op in ops if op.op is dist.isend)
+        return p2p(ops)
+
+    def all_gather(parts, x, *a, **kw):
+        sent["gather"] += x.nbytes * (len(parts) - 1)
+        return gather(parts, x, *a, **kw)
+
+    dist.all_to_all_single, dist.batch_isend_irecv, dist.all_gather = all_to_all_single, batch_isend_irecv, all_gather
+
+    def record(name, value):
+        results[name] = value
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+    def model_of(variant):
+        if variant not in models:
+            models[variant] = random_model(WanConfig.from_preset(variant), seed=1).set_impl("auto").eval()
+        return models[variant]
+
+    if scenario == "raise":
+        model = model_of("tiny-t2v")
+        args = _inputs(model.config, (2, 6, 10))
+        model.enable_parallelism(ulysses_degree=2)
+        if rank == 1:
+            def fail(*a):
+                raise RuntimeError("injected failure on rank 1")
+            model.blocks[1].attn1.attend = fail
+        record("started", True)
+        with torch.no_grad():
+            model(*args)
+        record("finished", True)
+        return
+    for name, (variant, grid, u, r) in CASES[world].items():
+        model = model_of(variant)
+        args = _inputs(model.config, grid)
+        with torch.no_grad():
+            want = model(*args)
+            model.enable_parallelism(ulysses_degree=u, ring_degree=r)
+            sent.update(ulysses=0, ring=0, gather=0)
+            got = model(*args)
+            model.disable_parallelism()
+            again = model(*args)
+        record(name, {"err": (got - want).abs().max().item(), "shape": list(got.shape) == list(want.shape),
+                      "disabled_equal": torch.equal(again, want), "disabled": model._parallel is None,
+                      "sent": dict(sent)})
+    if world == 4:
+        for (u, r), _ in ERRORS.items():
+            try:
+                model_of("tiny-t2v").enable_parallelism(ulysses_degree=u, ring_degree=r)
+                record(f"error-u{u}r{r}", "no error")
+            except ValueError as e:
+                record(f"error-u{u}r{r}", str(e))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, tmp_path, scenario: str = "cases"):
+    """Run `world` ranks; (per-rank results, return codes, stderr tails, seconds)."""
+    port, t0 = _free_port(), time.monotonic()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    outs = [str(tmp_path / f"{scenario}-rank{r}.json") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), str(port), outs[r],
+                               scenario], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for r in range(world)]
+    errs, rcs = [], []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, PROCESS_TIMEOUT_S - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            _, err = p.communicate()
+            err = "TIMEOUT\n" + err
+        errs.append(err[-3000:])
+        rcs.append(p.returncode)
+    results = []
+    for o in outs:
+        results.append(json.load(open(o)) if os.path.exists(o) else {})
+    return results, rcs, errs, time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return {w: _spawn(w, tmp_path_factory.mktemp(f"world{w}")) for w in (2, 4)}
+
+
+@pytest.mark.parametrize("world,name", [(w, n) for w, cases in CASES.items() for n in cases])
+def test_parallel_output_equals_single_process(runs, world, name):
+    results, rcs, errs, _ = runs[world]
+    assert rcs == [0] * world, errs
+    for rank in range(world):
+        got = results[rank][name]
+        assert got["shape"] and got["disabled_equal"] and got["disabled"], (rank, got)
+        assert got["err"] <= TOL, (rank, name, got["err"])
+
+
+@pytest.mark.parametrize("degrees", list(ERRORS))
+def test_bad_degrees_are_clear_errors_on_every_rank(runs, degrees):
+    results, rcs, errs, _ = runs[4]
+    assert rcs == [0] * 4, errs
+    for rank in range(4):
+        assert ERRORS[degrees] in results[rank][f"error-u{degrees[0]}r{degrees[1]}"]
+
+
+@pytest.mark.parametrize("world,name", [(2, "ti2v-27-u1r2"), (2, "i2v-30-u2r1"), (4, "t2v-30-u2r2"),
+                                        (4, "t2v-9-u1r4")])
+def test_cost_model_counts_the_bytes_the_collectives_send(runs, world, name):
+    """wan_model.cost.parallel_comm (bf16 activations) = what the torch.distributed calls of the fp32 run sent / 2."""
+    from wan_model import cost
+    from wan_model.config import WanConfig
+
+    variant, grid, u, r = CASES[world][name]
+    want = cost.parallel_comm(cost.model_cost(WanConfig.from_preset(variant), latent=grid, batch=2), u, r)
+    for rank in range(world):
+        got = runs[world][0][rank][name]["sent"]
+        assert {k: v // 2 for k, v in got.items()} == {k: want[k] for k in got}, (rank, got, want)
+
+
+def test_heads_not_divisible_by_ulysses_is_a_clear_error_before_any_collective():
+    from wan_model.cli import random_model
+    from wan_model.config import WanConfig
+
+    model = random_model(WanConfig.from_preset("tiny-t2v"))
+    with pytest.raises(ValueError, match="ulysses_degree=3 must divide num_attention_heads=2"):
+        model.enable_parallelism(ulysses_degree=3)
+    with pytest.raises(RuntimeError, match="init_process_group first"):
+        model.enable_parallelism(ring_degree=2)
+
+
+def test_a_rank_that_raises_ends_every_process(tmp_path):
+    results, rcs, errs, seconds = _spawn(2, tmp_path, "raise")
+    assert "TIMEOUT" not in errs[0] + errs[1], errs
+    assert "injected failure on rank 1" in errs[1] and rcs[1] != 0
+    assert results[0].get("started") and not results[0].get("finished") and rcs[0] != 0, (rcs, errs[0])
+    assert "all_to_all_single" in errs[0]  # rank 0 was waiting in the Ulysses exchange and got the error there
+    assert seconds < 60  # imports (~5 s per process) + at most gloo's 30 s timeout; seen 7 s (peer closed)
+
+
+def test_cli_run_under_torchrun_equals_the_single_process_run(tmp_path):
+    """`torchrun --nproc-per-node 2 -m wan_model run ... --ulysses 2` (gloo): rank 0 writes the latents of the
+    single-process run. 15 tokens (padded to 16). Tolerance 1e-4: each fp32 forward is within the 1e-5 above,
+    and the CFG combination uncond + 5 (cond - uncond) scales the difference by up to 1 + 2 * 5."""
+    from safetensors.torch import load_file
+
+    from wan_model.cli import random_model
+    from wan_model.config import WanConfig
+
+    ckpt = tmp_path / "ckpt"
+    random_model(WanConfig.from_preset("tiny-t2v"), seed=0).save_pretrained(ckpt, format="diffusers")
+    run = ["-m", "wan_model", "run", "--checkpoint", str(ckpt), "--device", "cpu", "--dtype", "float32",
+           "--steps", "1", "--frames", "1", "--height", "48", "--width", "80"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    subprocess.run([sys.executable] + run + ["--output", str(one)], cwd=ROOT, env=env, check=True, timeout=120,
+                   capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        f"--master-port={_free_port()}"] + run + ["--output", str(two), "--ulysses", "2"],
+                       cwd=ROOT, env=env, timeout=120, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("sequence parallelism: ulysses 2 x ring 1 ranks") == 1  # rank 0 alone prints
+    a, b = load_file(one)["latents"], load_file(two)["latents"]
+    assert a.shape == b.shape == (1, 16, 1, 6, 10)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def test_cli_run_parallel_flags_need_torchrun(tmp_path, capsys):
+    from wan_model.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--checkpoint", str(tmp_path), "--device", "cpu", "--ulysses", "2", "--ring", "2"])
+    err = capsys.readouterr().err
+    assert "argument --ulysses/--ring: 2 x 2 ranks need a launcher: torchrun --nproc-per-node 4" in err
+
+
+def test_cli_cost_prints_the_communication(capsys):
+    from wan_model import cost
+    from wan_model.cli import main
+
+    assert main(["cost", "--ulysses", "4", "--ring", "2"]) == 0
+    out = capsys.readouterr().out
+    c = cost.model_cost("wan2.1-t2v-14b", 1280, 720, 81)
+    comm = cost.parallel_comm(c, 4, 2)
+    assert f"per rank and forward sends {comm['total'] / 1e9:.3f} GB" in out
+    h100 = cost.parallel_step(c, "H100", 4, 2)
+    assert f"speedup {h100['speedup']:.2f}x" in out and "(published 6.38x)" in out
+    # more ranks: less per rank to send through Ulysses, never more speed than ranks
+    assert cost.parallel_comm(c, 8, 1)["ulysses"] < cost.parallel_comm(c, 2, 1)["ulysses"]
+    assert 1 < h100["speedup"] <= 8 and 0 < h100["comm_s"]
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
