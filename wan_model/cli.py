@@ -6,26 +6,181 @@ run      the same sampling loop on a real checkpoint (any supported format)
 convert  converts a checkpoint between the diffusers / original / comfyui formats (--quantize nvfp4:
          streamed NVFP4 quantization)
 cost     analytic FLOPs / bytes / memory per op, layer and forward, roofline per GPU (wan_model/cost.py)
+
+Every argument is checked before any work starts: a bad one prints one line
+`python -m wan_model CMD: error: argument --X: why` and exits 2; an unreadable checkpoint (CheckpointError,
+ValueError) or a file error prints one line and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
+import sys
 import tempfile
 import time
 
 import torch
 
 import wan_kernels
-from wan_model.checkpoint import FORMATS, convert_checkpoint, load_model, WanExperts
+from wan_model.checkpoint import FORMATS, REGISTRY, convert_checkpoint, load_model, parse_size, WanExperts
 from wan_model.config import PRESETS, WanConfig
-from wan_model.model import WanModel
+from wan_model.model import WanModel, bind_ops
 from wan_model.sampling import flow_sigmas, sample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEMO_PRESETS = [n for n, c in PRESETS.items()
+                if n.startswith("tiny") and not (c.has_image or c.expand_timesteps or c.num_experts > 1)]
 
+
+# ---------------------------------------------------------------------------------------------
+# Argument types: checked at parse time, a bad value is `error: argument --X: why`
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `PROG: error: MESSAGE` (no usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends an option's help with '(default: X)', except where there is none (None, a store_true flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _int(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def positive_int(s: str) -> int:
+    v = _int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def video_frames(s: str) -> int:
+    """Frames of a video: 4k + 1 (the VAE's temporal stride is 4)."""
+    v = positive_int(s)
+    if (v - 1) % 4:
+        raise argparse.ArgumentTypeError(f"must be 4k + 1 (e.g. 81; the VAE's temporal stride is 4), got {v}")
+    return v
+
+
+def pixels(s: str) -> int:
+    """A video height/width in pixels: a multiple of 16 (VAE stride 8 x patch 2; 32 for TI2V-5B)."""
+    v = positive_int(s)
+    if v % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (VAE stride 8 x patch 2), got {v}")
+    return v
+
+
+def video_size(s: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' in pixels -> (width, height)."""
+    parts = s.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (e.g. 1280x720), got {s!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = finite_float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v:g}")
+    return v
+
+
+def seed(s: str) -> int:
+    v = _int(s)
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {v}")
+    return v
+
+
+def device(s: str) -> torch.device:
+    try:
+        d = torch.device(s)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {s!r}") from None
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N', got {s!r}")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{s!r}: CUDA is not available (torch.cuda.is_available() is False)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return d
+
+
+def existing_path(s: str) -> str:
+    if not os.path.exists(s):
+        raise argparse.ArgumentTypeError(f"{s}: no such file or directory")
+    return s
+
+
+def existing_file(s: str) -> str:
+    if not os.path.isfile(existing_path(s)):
+        raise argparse.ArgumentTypeError(f"{s}: not a regular file")
+    return s
+
+
+def output_path(s: str) -> str:
+    """A path to write to: its directory exists and is writable."""
+    parent = os.path.dirname(os.path.abspath(s))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{s}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{s}: directory {parent} is not writable")
+    return s
+
+
+def output_file(s: str) -> str:
+    if os.path.isdir(output_path(s)):
+        raise argparse.ArgumentTypeError(f"{s}: is a directory, expected a file path")
+    return s
+
+
+def shard_size(s: str) -> int:
+    try:
+        return parse_size(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _check_impl(args, dev: torch.device) -> None:
+    """The named backend runs every op of the model on `dev` (the routing's own check)."""
+    try:
+        bind_ops(args.impl, dev)
+    except wan_kernels.BackendUnavailableError as e:
+        args.error(f"argument --impl: {e}")
+
+
+def _refuse_existing(args, path: str, name: str) -> None:
+    if os.path.lexists(path) and not args.overwrite:
+        args.error(f"argument {name}: {path} exists; pass --overwrite to replace it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
 
 def _print_routes() -> None:
     table = wan_kernels.route_table()
@@ -76,18 +231,28 @@ def diffusers_euler(ref, latents, text, neg, num_steps, guidance, shift, image=N
     return x
 
 
+def _with_impl(model, impl: str):
+    """Load with "auto", then bind `impl` on the real device: the loader builds its model on "meta",
+    where a named backend does not resolve."""
+    if impl != "auto":
+        for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
+            m.set_impl(impl)
+    return model
+
+
 def cmd_demo(args) -> int:
     dtype = DTYPES[args.dtype]
     cfg = WanConfig.from_preset(args.preset)
-    if cfg.has_image or cfg.expand_timesteps or cfg.num_experts > 1:
-        print(f"demo runs text-to-video presets only; got {args.preset}")
-        return 2
+    for name, n, p in zip(("--frames", "--height", "--width"), (args.frames, args.height, args.width), cfg.patch_size):
+        if n % p:
+            args.error(f"argument {name}: latent size must be a multiple of the patch size {p}, got {n}")
+    _check_impl(args, torch.device("cpu"))
     _print_routes()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "wan-demo")
         t0 = time.perf_counter()
         random_model(cfg, args.seed).save_pretrained(path, format="diffusers")
-        model = WanModel.from_pretrained(path, dtype=dtype, impl=args.impl)
+        model = _with_impl(WanModel.from_pretrained(path, dtype=dtype, impl="auto"), args.impl)
         print(f"built + saved + loaded a random {args.preset} checkpoint (diffusers format, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {time.perf_counter() - t0:.2f} s")
     g = torch.Generator().manual_seed(args.seed)
@@ -101,8 +266,9 @@ def cmd_demo(args) -> int:
     _print_steps(res)
     try:
         from wan_model.integrations.diffusers import to_diffusers_model
-    except ImportError as e:
-        print(f"diffusers comparison skipped: {e}")
+    except ImportError as e:  # diffusers is the optional extra wan-kernels[diffusers]
+        print(f"skipped: the comparison with diffusers' WanTransformer3DModel on the same weights and steps "
+              f"(diffusers not importable: {e}; pip install 'wan-kernels[diffusers]')")
         return 0
     ref = to_diffusers_model(model)
     t0 = time.perf_counter()
@@ -114,59 +280,134 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _load_embeds(path: str | None, key: str, shape, dtype, gen):
-    if path is None:
-        return torch.randn(*shape, generator=gen).to(dtype)
+EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds")
+
+
+def _read_embeds(args) -> dict[str, torch.Tensor]:
+    """The tensors of --embeds (before the checkpoint loads): the text keys present, floating point."""
+    if args.embeds is None:
+        return {}
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    tensors = load_file(path)
+    try:
+        tensors = load_file(args.embeds)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        args.error(f"argument --embeds: cannot read {args.embeds} as safetensors: {e}")
+    missing = [k for k in EMBED_KEYS if k not in tensors]
+    if missing:
+        args.error(f"argument --embeds: {args.embeds} has no tensor {missing[0]!r} (has {sorted(tensors)})")
+    for k, t in tensors.items():
+        if k in EMBED_KEYS + ("image_embeds",) and not t.is_floating_point():
+            args.error(f"argument --embeds: {k} must be floating point, got {t.dtype}")
+    return tensors
+
+
+def _embeds(args, tensors, key: str, shape, dtype, gen) -> torch.Tensor:
+    """tensors[key] checked against `shape` [n, tokens, dim] (any token count), or random of `shape`."""
+    if args.embeds is None:
+        return torch.randn(*shape, generator=gen).to(dtype)
     if key not in tensors:
-        raise SystemExit(f"{path}: no tensor {key!r} (has {sorted(tensors)})")
-    return tensors[key].to(dtype)
+        args.error(f"argument --embeds: this checkpoint needs {key!r}; {args.embeds} has {sorted(tensors)}")
+    t = tensors[key]
+    if t.dim() != 3 or t.shape[0] != shape[0] or t.shape[2] != shape[2] or t.shape[1] == 0:
+        args.error(f"argument --embeds: {key} has shape {tuple(t.shape)}, expected [{shape[0]}, tokens, "
+                   f"{shape[2]}] (batch {args.batch}, the checkpoint's embedding width)")
+    return t.to(dtype)
+
+
+def _init_parallel(args) -> int:
+    """--ulysses/--ring: join the torchrun process group (NCCL on CUDA, one GPU per LOCAL_RANK; gloo on CPU).
+    Returns this rank (0 without parallelism)."""
+    world = args.ulysses * args.ring
+    if world == 1:
+        return 0
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:
+        args.error(f"argument --ulysses/--ring: {args.ulysses} x {args.ring} ranks need a launcher: "
+                   f"torchrun --nproc-per-node {world} -m wan_model run ...")
+    if int(os.environ["WORLD_SIZE"]) != world:
+        args.error(f"argument --ulysses/--ring: {args.ulysses} x {args.ring} = {world} ranks, but torchrun started "
+                   f"WORLD_SIZE={os.environ['WORLD_SIZE']}")
+    if args.device.type == "cuda":
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    return dist.get_rank()
 
 
 def cmd_run(args) -> int:
+    rank = _init_parallel(args)
+    if rank != 0:  # every rank computes the same full result; rank 0 alone prints and writes it
+        import contextlib
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _run(args, rank)
+    return _run(args, rank)
+
+
+def _run(args, rank: int) -> int:
     dtype = DTYPES[args.dtype]
+    if args.output:  # on every rank (same files): all of them stop, none waits in a collective
+        _refuse_existing(args, args.output, "--output")
+    _check_impl(args, args.device)
+    embeds = _read_embeds(args)
     _print_routes()
     t0 = time.perf_counter()
-    model = load_model(args.checkpoint, dtype=dtype, device=args.device, impl=args.impl)
+    model = _with_impl(load_model(args.checkpoint, dtype=dtype, device=args.device, impl="auto"), args.impl)
     first = model.high if isinstance(model, WanExperts) else model
     cfg = first.config
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s: dim {cfg.dim}, {cfg.num_layers} layers, "
           f"{'two experts' if isinstance(model, WanExperts) else 'one expert'}")
+    if args.ulysses * args.ring > 1:
+        for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
+            m.enable_parallelism(ulysses_degree=args.ulysses, ring_degree=args.ring)
+        print(f"sequence parallelism: ulysses {args.ulysses} x ring {args.ring} ranks")
+    down = 16 if cfg.in_channels == 48 else 8  # VAE: 4x temporal, 8x spatial (16x for TI2V's VAE)
+    for name, n, p in (("--height", args.height, cfg.patch_size[1]), ("--width", args.width, cfg.patch_size[2])):
+        if n % (down * p):
+            args.error(f"argument {name}: this checkpoint needs a multiple of {down * p} (VAE stride {down} x patch "
+                       f"{p}), got {n}")
     g = torch.Generator().manual_seed(args.seed)
-    f = (args.frames - 1) // 4 + 1  # VAE: 4x temporal, 8x spatial (16x for TI2V's VAE)
-    down = 16 if cfg.in_channels == 48 else 8
+    f = (args.frames - 1) // 4 + 1
     latents = torch.randn(args.batch, cfg.out_channels, f, args.height // down, args.width // down, generator=g)
-    text = _load_embeds(args.embeds, "prompt_embeds", (args.batch, 512, cfg.text_dim), dtype, g)
-    neg = _load_embeds(args.embeds, "negative_prompt_embeds", (args.batch, 512, cfg.text_dim), dtype, g)
+    if args.embeds is None:
+        print(f"no --embeds: using RANDOM prompt embeddings [{args.batch}, 512, {cfg.text_dim}] (the latents are "
+              "noise, not a video of any prompt; this measures speed)")
+    text = _embeds(args, embeds, "prompt_embeds", (args.batch, 512, cfg.text_dim), dtype, g)
+    neg = _embeds(args, embeds, "negative_prompt_embeds", (args.batch, 512, cfg.text_dim), dtype, g)
     cond = None
     if cfg.in_channels > cfg.out_channels:
         cond = torch.zeros(args.batch, cfg.in_channels - cfg.out_channels, *latents.shape[2:])
     img = None
     if cfg.has_image:
         n = 2 * args.batch if cfg.pos_embed_seq_len else args.batch
-        img = _load_embeds(args.embeds, "image_embeds", (n, 257, cfg.image_dim), dtype, g)
+        img = _embeds(args, embeds, "image_embeds", (n, 257, cfg.image_dim), dtype, g)
     res = sample(model, latents.to(args.device), text.to(args.device), neg.to(args.device), args.steps,
                  args.guidance, args.shift, image_embeds=None if img is None else img.to(args.device),
                  condition=None if cond is None else cond.to(args.device))
     _print_steps(res)
-    if args.output:
+    if args.output and rank == 0:
         from safetensors.torch import save_file
         save_file({"latents": res.latents.cpu().contiguous()}, args.output)
         print(f"latents written to {args.output}")
+    if args.ulysses * args.ring > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 
 def cmd_convert(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
+    if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
+        args.error(f"argument dst: {args.dst} is the source checkpoint; convert into another path")
     nvfp4_config = None
     if args.quantize == "nvfp4":
         from wan_model.quantize import DEFAULT_KEEP, NVFP4Config
         nvfp4_config = NVFP4Config(keep=tuple(args.keep) if args.keep is not None else DEFAULT_KEEP)
     elif args.keep is not None:
-        raise SystemExit("--keep needs --quantize nvfp4")
+        args.error("argument --keep: needs --quantize nvfp4")
     cfg = convert_checkpoint(args.src, args.dst, args.format, dtype=dtype, max_shard_size=args.max_shard_size,
-                             quantize=args.quantize, nvfp4_config=nvfp4_config, progress=not args.no_progress)
+                             quantize=args.quantize, nvfp4_config=nvfp4_config, progress=not args.no_progress,
+                             overwrite=args.overwrite)
     what = ", NVFP4 weights" if args.quantize else ""
     print(f"converted {args.src} -> {args.dst} ({args.format}{what}): dim {cfg.dim}, {cfg.num_layers} layers")
     print(json.dumps(cfg.to_diffusers_config(), sort_keys=True))
@@ -176,90 +417,126 @@ def cmd_convert(args) -> int:
 def cmd_cost(args) -> int:
     from wan_model import cost
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        args.error("argument --plot: needs matplotlib (in requirements.txt), which is not installed")
+    if args.target_presets is not None and not args.targets:
+        args.error("argument --target-presets: needs --targets")
     if args.targets:
         print(cost.format_targets(args.target_presets, args.frames))
         return 0
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    width, height = args.size
+    try:
+        cost.latent_shape(WanConfig.from_preset(args.preset), width, height, args.frames)
+    except ValueError as e:
+        args.error(f"argument --size: {e}")
     c = cost.model_cost(args.preset, width, height, args.frames, batch=args.batch, impl=args.impl,
                         weight_format=args.weights)
     print(cost.format_report(c, args.steps, not args.no_cfg))
+    if args.ulysses * args.ring > 1:
+        print(cost.format_parallel(c, args.ulysses, args.ring))
     if args.plot:
-        try:
-            cost.plot(c, args.plot, args.frames)
-        except RuntimeError as e:
-            print(f"error: {e}")
-            return 2
+        cost.plot(c, args.plot, args.frames)
         print(f"plot written to {args.plot}")
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_model", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m wan_model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="random tiny checkpoint -> load -> CFG steps on the wan ops vs diffusers")
-    d.add_argument("--preset", default="tiny-t2v", choices=[n for n in PRESETS if n.startswith("tiny")])
-    d.add_argument("--dtype", default="float32", choices=DTYPES)
-    d.add_argument("--impl", default="auto", choices=wan_kernels.IMPLS)
-    d.add_argument("--steps", type=int, default=4)
-    d.add_argument("--guidance", type=float, default=5.0)
-    d.add_argument("--shift", type=float, default=5.0)
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--frames", type=int, default=3, help="latent frames")
-    d.add_argument("--height", type=int, default=16, help="latent height")
-    d.add_argument("--width", type=int, default=24, help="latent width")
-    d.add_argument("--text-len", type=int, default=512)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(fn=cmd_demo)
+    fmt = _DefaultsFormatter
+    d = sub.add_parser("demo", formatter_class=fmt,
+                       help="random tiny checkpoint -> load -> CFG steps on the wan ops vs diffusers (if installed)",
+                       description="Sizes are in LATENT units (no VAE runs): a latent frame is 4 video frames, "
+                                   "a latent pixel 8x8 video pixels.")
+    d.add_argument("--preset", default="tiny-t2v", choices=DEMO_PRESETS, help="model config")
+    d.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and activation dtype")
+    d.add_argument("--impl", default="auto", choices=wan_kernels.IMPLS, help="backend of every wan op")
+    d.add_argument("--steps", type=positive_int, default=4, help="Euler denoising steps")
+    d.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale")
+    d.add_argument("--shift", type=positive_float, default=5.0, help="flow-matching sigma shift")
+    d.add_argument("--batch", type=positive_int, default=1, help="samples per step (CFG doubles the forward batch)")
+    d.add_argument("--frames", type=positive_int, default=3, help="latent frames")
+    d.add_argument("--height", type=positive_int, default=16, help="latent height, a multiple of the patch (2)")
+    d.add_argument("--width", type=positive_int, default=24, help="latent width, a multiple of the patch (2)")
+    d.add_argument("--text-len", type=positive_int, default=512, help="text tokens of the random prompt embeddings")
+    d.add_argument("--seed", type=seed, default=0, help="seed of the weights, latents and embeddings")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(fn=cmd_demo, error=d.error, prog=d.prog)
 
-    r = sub.add_parser("run", help="sample latents with a real checkpoint (no text encoder/VAE: embeddings "
-                                   "from --embeds or random)")
-    r.add_argument("--checkpoint", required=True, help="diffusers dir, pipeline dir, original or ComfyUI file")
-    r.add_argument("--embeds", help="safetensors with prompt_embeds / negative_prompt_embeds [/ image_embeds]")
-    r.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    r.add_argument("--impl", default="auto", choices=wan_kernels.IMPLS)
-    r.add_argument("--frames", type=int, default=81)
-    r.add_argument("--height", type=int, default=480)
-    r.add_argument("--width", type=int, default=832)
-    r.add_argument("--steps", type=int, default=40)
-    r.add_argument("--guidance", type=float, default=5.0)
-    r.add_argument("--shift", type=float, default=5.0)
-    r.add_argument("--batch", type=int, default=1)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--output", help="write the final latents to this safetensors file")
-    r.set_defaults(fn=cmd_run)
+    r = sub.add_parser("run", formatter_class=fmt,
+                       help="sample latents with a real checkpoint (no text encoder/VAE: embeddings from --embeds "
+                            "or random)",
+                       description="Sizes are in VIDEO units (pixels, frames); the latents are 4x fewer frames and "
+                                   "8x (TI2V-5B: 16x) smaller. Without --embeds the prompt embeddings are random.")
+    r.add_argument("--checkpoint", required=True, type=existing_path,
+                   help="diffusers dir, pipeline dir, original or ComfyUI file")
+    r.add_argument("--embeds", type=existing_file,
+                   help="safetensors with prompt_embeds / negative_prompt_embeds [/ image_embeds]; "
+                        "without it they are random (the output is noise, not a video of a prompt)")
+    r.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weight and activation dtype")
+    r.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda if available, else cpu")
+    r.add_argument("--impl", default="auto", choices=wan_kernels.IMPLS, help="backend of every wan op")
+    r.add_argument("--frames", type=video_frames, default=81, help="video frames, 4k + 1")
+    r.add_argument("--height", type=pixels, default=480, help="video height in pixels, a multiple of 16")
+    r.add_argument("--width", type=pixels, default=832, help="video width in pixels, a multiple of 16")
+    r.add_argument("--steps", type=positive_int, default=40, help="Euler denoising steps")
+    r.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale")
+    r.add_argument("--shift", type=positive_float, default=5.0, help="flow-matching sigma shift")
+    r.add_argument("--batch", type=positive_int, default=1, help="videos per step (CFG doubles the forward batch)")
+    r.add_argument("--seed", type=seed, default=0, help="seed of the latents (and of random embeddings)")
+    r.add_argument("--output", type=output_file, help="write the final latents to this safetensors file")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    r.add_argument("--ulysses", type=positive_int, default=1,
+                   help="sequence parallelism: Ulysses degree (launch U x R ranks with torchrun --nproc-per-node)")
+    r.add_argument("--ring", type=positive_int, default=1, help="sequence parallelism: ring-attention degree")
+    r.set_defaults(fn=cmd_run, error=r.error, prog=r.prog)
 
     c = sub.add_parser("convert", help="convert a checkpoint between formats")
-    c.add_argument("src")
-    c.add_argument("dst", help="a directory for --format diffusers, else a .safetensors file")
-    c.add_argument("--format", required=True, choices=FORMATS)
+    c.add_argument("src", type=existing_path)
+    c.add_argument("dst", type=output_path, help="a directory for --format " + "/".join(
+        n for n in FORMATS if REGISTRY[n].directory) + ", else a .safetensors file")
+    c.add_argument("--format", required=True, choices=FORMATS,
+                   help="the formats written (wan_model.formats.REGISTRY); every one of them and lightx2v is read")
     c.add_argument("--dtype", choices=DTYPES, help="cast (fp32 modules stay fp32); default: keep")
-    c.add_argument("--max-shard-size", default="5GB")
+    c.add_argument("--max-shard-size", type=shard_size, default="5GB", help="bytes, or e.g. 5GB, 200MB")
     c.add_argument("--quantize", choices=["nvfp4"], help="quantize the weights on the fly (streamed, one tensor at "
-                                                         "a time; see wan_model/quantize.py)")
+                                                         "a time; see wan_model/checkpoint.py convert_nvfp4)")
     c.add_argument("--keep", action="append", metavar="PATTERN",
                    help="with --quantize: fnmatch pattern of diffusers layer names kept in bf16 (repeatable; "
                         "default: the time/text/image embedders and proj_out)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing destination (only a checkpoint's own files are replaced)")
     c.add_argument("--no-progress", action="store_true")
-    c.set_defaults(fn=cmd_convert)
+    c.set_defaults(fn=cmd_convert, error=c.error, prog=c.prog)
 
     k = sub.add_parser("cost", help="analytic cost model: FLOPs, bytes, memory, roofline per GPU")
     k.add_argument("--preset", default="wan2.1-t2v-14b", choices=list(PRESETS))
-    k.add_argument("--size", default="1280x720", help="WIDTHxHEIGHT in pixels")
-    k.add_argument("--frames", type=int, default=81)
-    k.add_argument("--steps", type=int, default=40)
-    k.add_argument("--batch", type=int, default=1, help="batch of one forward (the table); CFG doubles it "
-                                                        "in the end-to-end line")
+    k.add_argument("--size", type=video_size, default="1280x720", help="WIDTHxHEIGHT in pixels")
+    k.add_argument("--frames", type=video_frames, default=81)
+    k.add_argument("--steps", type=positive_int, default=40)
+    k.add_argument("--batch", type=positive_int, default=1, help="batch of one forward (the table); CFG doubles it "
+                                                                 "in the end-to-end line")
     k.add_argument("--no-cfg", action="store_true", help="end to end without classifier-free guidance")
     k.add_argument("--impl", default="fused", choices=("fused", "ref"))
     k.add_argument("--weights", default="bf16", choices=("bf16", "fp8", "nvfp4"))
-    k.add_argument("--plot", help="PNG path: time share per op per GPU + FLOPs vs resolution (needs matplotlib)")
+    k.add_argument("--plot", type=output_file,
+                   help="PNG path: time share per op per GPU + FLOPs vs resolution (needs matplotlib)")
     k.add_argument("--targets", action="store_true", help="lower bounds on H100/B200 vs the design targets")
-    k.add_argument("--target-presets", nargs="*", help="presets of the --targets table (default: all real ones)")
-    k.set_defaults(fn=cmd_cost)
+    k.add_argument("--target-presets", nargs="*", choices=list(PRESETS),
+                   help="presets of the --targets table (default: all real ones)")
+    k.add_argument("--ulysses", type=positive_int, default=1,
+                   help="also print sequence-parallel communication and predicted scaling (Ulysses degree)")
+    k.add_argument("--ring", type=positive_int, default=1, help="ring-attention degree (with --ulysses)")
+    k.set_defaults(fn=cmd_cost, error=k.error, prog=k.prog)
+    return p
 
-    args = p.parse_args(argv)
-    return args.fn(args)
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, wan_kernels.BackendUnavailableError, OSError) as e:  # CheckpointError is a ValueError
+        print(f"{args.prog}: error: {e}", file=sys.stderr)
+        return 1
