@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 JOBS ?= 2
 
-.PHONY: all venv build demo info readiness test test-cpp test-py clean
+.PHONY: all venv build demo info readiness test test-cpp test-py compat clean
 
 all: build
 
@@ -50,7 +50,28 @@ test-py: build
 	$(VPY) -m wan_kernels.readiness
 	$(VPY) -m pytest -q
 
-test: test-cpp test-py
+test: test-cpp test-py compat
+
+# The GPU machines run torch 2.11 + triton 3.6: a second venv with exactly those (from the registry) builds _C
+# (CPU + sm_90a) from a copy of the tracked tree, runs the self-check, the C++ CPU kernel tests and readiness for
+# sm_90. (Triton 3.6's CPU interpreter cannot run the attention / NVFP4 GEMM kernels, so their interpreter tests
+# run in the main venv only; the compiled kernels are what readiness checks here.)
+COMPAT_VENV := .venv-compat
+COMPAT_SRC := build/compat-src
+COMPAT_PINS := torch==2.11.0 triton==3.6.0
+COMPAT_TESTS := tests/test_references.py tests/test_attention_cpu.py tests/test_nvfp4.py tests/test_errors.py \
+	tests/test_qk_norm_rope.py tests/test_modulate.py
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --quiet $(COMPAT_PINS) numpy safetensors tqdm ninja pybind11 "setuptools>=64" \
+	  wheel pytest hypothesis
+	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC) && git ls-files -z --cached --others --exclude-standard \
+	  | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C $(COMPAT_SRC)
+	cd $(COMPAT_SRC) && WAN_CUDA_ARCHS=9.0a WAN_BUILD_JOBS=$(JOBS) ../../$(COMPAT_VENV)/bin/python setup.py --quiet \
+	  build_ext --inplace
+	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels
+	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
+	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels.readiness --archs 90
 
 clean:
-	rm -rf build wan_kernels/_C*.so *.egg-info
+	rm -rf build wan_kernels/_C*.so *.egg-info $(COMPAT_VENV)
