@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
 import pytest
 import torch
 
@@ -61,3 +64,17 @@ def fp32_models():
         model = random_model(WanConfig.from_preset(name), seed=i).eval()
         out[name] = (model, to_diffusers_model(model))
     return out
+
+
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fail (instead of hanging the suite) when the block runs longer than `seconds` (SIGALRM)."""
+    def fire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

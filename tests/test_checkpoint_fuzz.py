@@ -5,15 +5,14 @@ raises CheckpointError, within a bounded time: never another exception, a hang o
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import struct
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import within as _within
 from wan_model import checkpoint as ckpt
 from wan_model.checkpoint import CheckpointError, load_model
 from wan_model.cli import random_model
@@ -27,18 +26,6 @@ CASE_SECONDS = 20  # hard bound of one case (a hang fails the test instead of bl
 FUZZ = settings(max_examples=300, deadline=5000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-
-@contextlib.contextmanager
-def _within(seconds: float):
-    def fire(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _only_checkpoint_errors(*reads):

@@ -4,11 +4,9 @@ diffusers' own loader and converter, error paths, atomic saving, two-expert dirs
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import re
-import signal
 import threading
 import time
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import VARIANTS, diffusers_from_pretrained, make_inputs
+from conftest import VARIANTS, diffusers_from_pretrained, make_inputs, within as _within
 from wan_model import checkpoint as ckpt
 from wan_model import formats
 from wan_model.checkpoint import CheckpointError, WanExperts, load_model, native_to_diffusers
@@ -295,19 +293,6 @@ def test_convert_cli_keeps_tensors(saved_t2v, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 # readers refuse what would load wrong or hang (issue 11)
-
-@contextlib.contextmanager
-def _within(seconds: float):
-    """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
-    def fire(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _edit_json(path, **changes):
