@@ -16,7 +16,7 @@ import torch
 
 import wan_kernels
 from wan_kernels import _extension, _library, routing, samples
-from wan_kernels._spec import SPECS, OpSpec, register
+from wan_kernels._spec import SPECS, OpSpec, Sampler, register
 from wan_kernels.linear import NVFP4Linear, default_mode
 
 DEFAULT_BUILD = ("8.0", "9.0a", "10.0a")
@@ -86,7 +86,10 @@ def test_dispatcher_runs_the_backend_the_table_names(op, device_class, capabilit
 
     monkeypatch.setattr(routing, "backend_fn", spy)
     routing.clear_caches()
-    _cuda_key(spec, samples.op_inputs()[op])
+    args = samples.op_inputs()[op]
+    if op == "nvfp4_gemm":  # a call the CUTLASS kernel takes (bf16 output; fp32 goes on: test below)
+        args = (*args[:7], torch.bfloat16)
+    _cuda_key(spec, args)
     assert ran == [backend]
 
 
@@ -96,9 +99,29 @@ def test_auto_nvfp4_gemm_runs_cutlass_on_sm100(capability, monkeypatch):
     capability((10, 0))
     ran = []
     monkeypatch.setattr(routing, "backend_fn", lambda s, b: lambda *a: ran.append((s.name, b)) or s.ref(*a))
-    _cuda_key(SPECS["nvfp4_gemm"], samples.op_inputs()["nvfp4_gemm"])
+    args = samples.op_inputs()["nvfp4_gemm"]
+    _cuda_key(SPECS["nvfp4_gemm"], (*args[:7], torch.bfloat16))
     assert ran == [("nvfp4_gemm", "cuda")]
     assert wan_kernels.route_table()["nvfp4_gemm"]["sm100"] == "cuda"
+
+
+def test_auto_nvfp4_gemm_on_sm100_sends_calls_cutlass_refuses_to_triton(capability, monkeypatch):
+    """CUTLASS writes bf16/fp16 only and needs K % 32 == 0, N % 8 == 0: under auto, an fp32 output (an fp32
+    model's W4A4 linear) or such a shape runs the Triton kernel instead of raising in the launcher; a named
+    impl="cuda" still reaches the kernel (which refuses)."""
+    _default_build()
+    capability((10, 0))
+    ran = []
+    monkeypatch.setattr(routing, "backend_fn", lambda s, b: lambda *a: ran.append(b) or s.ref(*a))
+    a, a_s, a_gs, b, b_s, b_gs, bias, _ = samples.op_inputs()["nvfp4_gemm"]  # K = 64, N = 24
+    spec = SPECS["nvfp4_gemm"]
+    for out_dtype, want in ((torch.float32, "triton"), (torch.float16, "cuda"), (torch.bfloat16, "cuda")):
+        _cuda_key(spec, (a, a_s, a_gs, b, b_s, b_gs, bias, out_dtype))
+        assert ran.pop() == want, out_dtype
+    b20, b20_s, b20_gs = Sampler(seed=3).nvfp4(20, 64)  # N = 20: not a multiple of 8
+    _cuda_key(spec, (a, a_s, a_gs, b20, b20_s, b20_gs, None, torch.bfloat16))
+    assert ran.pop() == "triton"
+    assert not spec.cuda.accepts(a, a_s, a_gs, b, b_s, b_gs, bias, torch.float32)
 
 
 @pytest.mark.parametrize("cap, mode", [((10, 0), "w4a4"), ((9, 0), "w4a16"), ((10, 3), "w4a16"), ((12, 0), "w4a16"),

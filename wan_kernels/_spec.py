@@ -23,9 +23,12 @@ class CudaKernel:
     """A compiled CUDA kernel of `_C` behind an op. It sits on the internal op `op` (declared in
     csrc/registration.cpp with the op's schema under that name), never on the public op itself, so the Python
     router decides per device capability whether it can run. `targets`: the build targets (WAN_CUDA_ARCHS
-    entries, e.g. "10.0a") whose code holds it; None = every target of the build."""
+    entries, e.g. "10.0a") whose code holds it; None = every target of the build. `accepts(*args)`: the calls
+    the kernel takes (None: all); under impl="auto" the route runs the next backend for the others, a named
+    impl="cuda" lets the kernel refuse them."""
     op: str
     targets: tuple[str, ...] | None = None
+    accepts: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,8 +160,21 @@ def _make_route(spec: OpSpec, capability: tuple[int, int] | None) -> Route:
     if capability is None:
         backend = "cpu" if _extension.has_compiled_kernel(spec.name, "CPU") else "ref"
         return Route(backend, spec.packet.default)
-    backend = next((b for b in ("cuda", "triton") if _reason(spec, b, "cuda", capability) is None), "ref")
-    return Route(backend, checked(spec, backend_fn(spec, backend)))
+    candidates = [b for b in ("cuda", "triton", "ref") if b == "ref" or _reason(spec, b, "cuda", capability) is None]
+    backend = candidates[0]
+    fn = checked(spec, backend_fn(spec, backend))
+    if backend == "cuda" and spec.cuda.accepts is not None:  # calls the kernel refuses: the next backend
+        fn = _when(spec.cuda.accepts, fn, checked(spec, backend_fn(spec, candidates[1])))
+    return Route(backend, fn)
+
+
+def _when(accepts, fn, otherwise):
+    """`fn` for the calls `accepts`, else `otherwise` (`__wrapped__`: fn's backend function)."""
+    def run(*args):
+        return fn(*args) if accepts(*args) else otherwise(*args)
+
+    run.__name__, run.__wrapped__ = fn.__name__, fn.__wrapped__
+    return run
 
 
 def route(op: str, capability: tuple[int, int] | None) -> Route:

@@ -35,6 +35,12 @@ def nvfp4_gemm_flops(a_shape, a_scale_shape, a_gs_shape, b_shape, *args) -> int:
     return 2 * m * b_shape[0] * 2 * k_half
 
 
+def cutlass_accepts(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias, out_dtype) -> bool:
+    """The calls the CUTLASS sm100a launcher takes (csrc/nvfp4_gemm/nvfp4_gemm_launcher.cu): bf16/fp16 output,
+    K % 32 == 0 (32-element operand alignment) and N % 8 == 0 (16-byte output rows)."""
+    return out_dtype in (torch.bfloat16, torch.float16) and (2 * a.shape[1]) % 32 == 0 and b.shape[0] % 8 == 0
+
+
 def samples_nvfp4_gemm(s):
     return (*s.nvfp4(37, 64), *s.nvfp4(24, 64), s.randn(24, dtype=torch.float32), s.dtype)
 
@@ -44,7 +50,7 @@ SPEC = register(OpSpec(
     schema="nvfp4_gemm(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, "
            "Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
     check=check_nvfp4_gemm, ref=ref.nvfp4_gemm, samples=samples_nvfp4_gemm, fake=fake_nvfp4_gemm,
-    triton=triton_nvfp4.nvfp4_gemm, cuda=CudaKernel("nvfp4_gemm_sm100", targets=("10.0a",)),
+    triton=triton_nvfp4.nvfp4_gemm, cuda=CudaKernel("nvfp4_gemm_sm100", targets=("10.0a",), accepts=cutlass_accepts),
     flops=nvfp4_gemm_flops,
 ))
 
