@@ -132,22 +132,5 @@ def gated_residual(x, y, gate):
     return out.to(x.dtype)
 
 
-# AOT compile descriptions (tests/test_modulate.py and wan_kernels/readiness.py)
+# The Wan widths readiness compiles these kernels at (wan_kernels/readiness.py)
 AOT_C = (1536, 3072, 5120)  # Wan 1.3B / 5B / 14B widths
-
-
-def aot_jobs(dtype: str = "bf16"):
-    """[(name, kernel, signature, constexprs, num_warps, aligned)] for each Wan width."""
-    jobs = []
-    for C in AOT_C:
-        block, warps = launch_config(C)
-        jobs.append((f"layer_norm_modulate C={C} w{warps} {dtype}", layer_norm_modulate_kernel,
-                     {"x_ptr": f"*{dtype}", "scale_ptr": "*fp32", "shift_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                      "S": "i32", "C": "i32", "eps": "fp32", "ssb": "i32", "sss": "i32", "ssc": "i32", "shb": "i32",
-                      "shs": "i32", "shc": "i32", "BLOCK_C": "constexpr"}, {"BLOCK_C": block}, warps,
-                     ("x_ptr", "out_ptr", "C")))
-        jobs.append((f"gated_residual C={C} w{warps} {dtype}", gated_residual_kernel,
-                     {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "gate_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                      "S": "i32", "C": "i32", "sgb": "i32", "sgs": "i32", "sgc": "i32", "BLOCK_C": "constexpr"},
-                     {"BLOCK_C": block}, warps, ("x_ptr", "y_ptr", "out_ptr", "C")))
-    return jobs
