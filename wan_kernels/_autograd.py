@@ -1,10 +1,11 @@
 """Autograd of the `wan` ops: which inputs each op is differentiable in, and one backward per op.
 
-The backward recomputes the op's pure-torch reference (wan_kernels/ref) from the saved inputs under
-autograd and returns its vector-Jacobian product, so every backend's gradients are the reference's
-(computed at the inputs' precision: fp32 math, one rounding to the input dtype); the forward keeps its
-fast kernel. Backward kernels (issue 16) replace `_vjp` op by op. Memory: the inputs are saved, and the
-backward holds the reference's intermediates (attention: the [Sq, Sk] probabilities) for one op at a time.
+The backward is the op's `OpSpec.backward` (backward kernels, themselves ops) where it has one; else it
+recomputes the op's pure-torch reference (wan_kernels/ref) from the saved inputs under autograd and returns
+its vector-Jacobian product (`_vjp`), so that backend's gradients are the reference's (computed at the
+inputs' precision: fp32 math, one rounding to the input dtype); the forward keeps its fast kernel either
+way. Memory: the inputs are saved, and `_vjp` holds the reference's intermediates (attention: the [Sq, Sk]
+probabilities) for one op at a time.
 
 One rule on every path, the dispatcher's `torch.ops.wan.<op>` (`register`) and the named backends of
 wan_kernels/routing.py that do not go through it (`backend`):
@@ -24,6 +25,7 @@ from wan_kernels._spec import OpSpec
 # names, its qualified name; filled by `register`
 DIFFERENTIABLE: dict[str, tuple[str, ...]] = {}
 _REFS: dict = {}
+_BACKWARDS: dict = {}  # op -> OpSpec.backward (None: _vjp)
 _NAMES: dict[str, tuple[str, ...]] = {}
 _QUALNAMES: dict[str, str] = {}
 
@@ -76,6 +78,9 @@ def _vjp(op: str, inputs, grads, needs_input_grad) -> tuple:
 def _backward(op: str):
     def backward(ctx, *grads):
         inputs = [t if t is not None else c for t, c in zip(ctx.saved_tensors, ctx.constants)]
+        custom = _BACKWARDS.get(op)
+        if custom is not None:
+            return tuple(custom(inputs, grads, ctx.needs_input_grad))
         return _vjp(op, inputs, grads, ctx.needs_input_grad)
 
     return backward
@@ -121,5 +126,6 @@ def register(lib: torch.library.Library, spec: OpSpec) -> None:
     op = spec.name
     DIFFERENTIABLE[op], _REFS[op], _NAMES[op], _QUALNAMES[op] = spec.differentiable, spec.ref, spec.arg_names, \
         spec.qualname
+    _BACKWARDS[op] = spec.backward
     if spec.compose is None:
         torch.library.register_autograd(spec.qualname, _backward(op), setup_context=_setup_context(op), lib=lib)

@@ -41,6 +41,10 @@ class OpSpec:
     samples(Sampler) -> the positional arguments of one small deterministic call.
     fake(*args): shapes only (torch.compile, meta tensors); None for a composite.
     differentiable: the argument names gradients flow to (any other input requiring grad raises).
+    backward(inputs, grads, needs_input_grad) -> one gradient (or None) per input: the op's backward, built from
+        backward ops of its own (each an op with a fake, so torch.compile traces training steps); inputs are the
+        forward's arguments, grads one per output (None where the output gets no gradient). None = the
+        reference's vector-Jacobian product (wan_kernels/_autograd.py).
     triton: the Triton launcher (same signature), or None.
     cuda: the compiled CUDA kernel, or None.
     compose(part) -> callable: a composite op built from the ops named in `parts`; part(name) gives the callable
@@ -57,6 +61,7 @@ class OpSpec:
     samples: Callable
     fake: Callable | None = None
     differentiable: tuple[str, ...] = ()
+    backward: Callable | None = None
     triton: Callable | None = None
     cuda: CudaKernel | None = None
     compose: Callable | None = None
