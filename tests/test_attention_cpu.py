@@ -1,8 +1,10 @@
 """The C++ CPU kernel of wan::attention (impl="cpu", what impl="auto" runs on CPU) against an fp64 reference:
 error at most 2x that of F.scaled_dot_product_attention at the same precision (flash-attention's rule),
-plus the exact I2V semantics (two softmaxes summed) and layouts. bfloat16 inputs run the AVX512-BF16 kernel
-(csrc/attention/attention_cpu_bf16.cpp) on CPUs that have the instructions, as this project's machines do;
-the first test pins that down so the bf16 tests below do exercise it there."""
+plus the exact I2V semantics (two softmaxes summed) and layouts. bfloat16 inputs run the kernel the CPU gets
+(csrc/attention/attention_cpu_bf16.h: ATen's bf16 flash kernel on AMX CPUs for one key set, the AVX512-BF16
+kernel for the I2V sum there and for every call on AVX512-BF16 CPUs without AMX); a test pins the choice per
+CPU, and every bf16 check also runs the AVX512-BF16 kernel itself (`_C.attention_bf16_avx512`) where the CPU
+has the instructions, so both kernels are tested on every machine that can run them."""
 
 import os
 import subprocess
@@ -27,6 +29,24 @@ def _cpu_flags() -> set[str]:
 
 
 HAS_AVX512_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= _cpu_flags()
+HAS_AMX_BF16 = {"amx_tile", "amx_bf16"} <= _cpu_flags()
+
+
+def _runners(dtype) -> dict:
+    """name -> attention(q, k, v, ki, vi, scale): the dispatcher's C++ CPU kernel, and for bf16 on AVX512-BF16
+    CPUs the AVX512-BF16 kernel called directly (value dims it takes: multiples of 64)."""
+    runners = {"cpu": lambda q, k, v, ki=None, vi=None, scale=None: wan_kernels.attention(q, k, v, ki, vi, scale,
+                                                                                         impl="cpu")}
+    if dtype == torch.bfloat16 and HAS_AVX512_BF16 and EXTENSION.loaded:
+        from wan_kernels import _C
+
+        def avx512(q, k, v, ki=None, vi=None, scale=None):
+            if v.shape[-1] % 64:
+                return runners["cpu"](q, k, v, ki, vi, scale)
+            return _C.attention_bf16_avx512(q, k, v, ki, vi, q.shape[-1] ** -0.5 if scale is None else scale)
+
+        runners["avx512_bf16"] = avx512
+    return runners
 
 
 def _sdpa(q, k, v, scale=None):
@@ -46,13 +66,14 @@ def _inputs(b, sq, sk, si, h, d, dtype, seed):
 def _check_rule(q, k, v, ki, vi):
     exact = ref.attention(*(None if t is None else t.double() for t in (q, k, v, ki, vi)))
     sdpa = _sdpa(q, k, v) + (_sdpa(q, ki, vi) if ki is not None else 0)
-    ours = wan_kernels.attention(q, k, v, ki, vi, impl="cpu")
-    assert ours.dtype == q.dtype and ours.shape == exact.shape
-    err = (ours.double() - exact).abs().max().item()
     err_sdpa = (sdpa.double() - exact).abs().max().item()
     # 2x SDPA's error; the floor is one rounding of the output (fp32 math, one cast): half an ulp of |out|<~4
     floor = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[q.dtype]
-    assert err <= 2 * err_sdpa + floor, (err, err_sdpa)
+    for name, run in _runners(q.dtype).items():
+        ours = run(q, k, v, ki, vi)
+        assert ours.dtype == q.dtype and ours.shape == exact.shape, name
+        err = (ours.double() - exact).abs().max().item()
+        assert err <= 2 * err_sdpa + floor, (name, err, err_sdpa)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -121,14 +142,14 @@ def assert_nonfinite_like(got, want, tol):
 def test_nan_and_inf_propagate_as_in_reference(dtype, sk, case):
     """NaN and inf in any input (or the scale) give the reference's NaN / inf, with and without an image set.
     ATen's flash kernel returned zeros for a row of only NaN / -inf scores (fewer keys than its vector width:
-    sk 1 and 3); bf16 runs the AVX512-BF16 kernel here, fp16/fp32/fp64 ATen's kernel."""
+    sk 1 and 3); bf16 runs the CPU's bf16 kernel (ATen's bf16 flash kernel on AMX CPUs, whose zeroed rows get
+    the same fix) and the AVX512-BF16 kernel, fp16/fp32/fp64 ATen's kernel."""
     q, k, v, ki, vi, scale = nonfinite_inputs(case, sk, dtype)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    if "img" not in case:
-        assert_nonfinite_like(wan_kernels.attention(q, k, v, scale=scale, impl="cpu"),
-                              ref.attention(q, k, v, scale=scale), tol)
-    assert_nonfinite_like(wan_kernels.attention(q, k, v, ki, vi, scale=scale, impl="cpu"),
-                          ref.attention(q, k, v, ki, vi, scale=scale), tol)
+    for run in _runners(dtype).values():
+        if "img" not in case:
+            assert_nonfinite_like(run(q, k, v, scale=scale), ref.attention(q, k, v, scale=scale), tol)
+        assert_nonfinite_like(run(q, k, v, ki, vi, scale=scale), ref.attention(q, k, v, ki, vi, scale=scale), tol)
 
 
 @pytest.mark.parametrize("case", ["q_row_nan", "scale_nan", "k_neg_inf", "v_nan"])
@@ -140,12 +161,14 @@ def test_nan_propagates_on_the_math_path(case):
 
 
 def test_bf16_kernel_is_chosen_by_the_cpu():
-    """The AVX512-BF16 kernel runs exactly where the CPU has the instructions (Linux: /proc/cpuinfo)."""
+    """ATen's bf16 flash kernel where the CPU has AMX (and AVX512-BF16 for the I2V sum), the AVX512-BF16 kernel
+    where it has only those instructions, ATen's fp32 path elsewhere (Linux: /proc/cpuinfo)."""
     if not os.path.exists("/proc/cpuinfo"):
         pytest.skip("no /proc/cpuinfo to read the CPU flags from")
     assert EXTENSION.loaded, EXTENSION.error
     from wan_kernels import _C
-    assert _C.cpu_attention_bf16_kernel() == ("avx512_bf16" if HAS_AVX512_BF16 else "aten")
+    want = "aten_amx" if HAS_AMX_BF16 and HAS_AVX512_BF16 else "avx512_bf16" if HAS_AVX512_BF16 else "aten"
+    assert _C.cpu_attention_bf16_kernel() == want
 
 
 @settings(max_examples=60, deadline=None)
@@ -216,11 +239,13 @@ def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 g = torch.Generator().manual_seed(0)
 q, k, v, ki, vi = (torch.randn(2, n, 2, 128, generator=g).bfloat16() for n in (300, 77, 77, 257, 257))
-exact = ref.attention(*(t.double() for t in (q, k, v, ki, vi)))
-ours = wan_kernels.attention(q, k, v, ki, vi, impl="cpu")
-err = (ours.double() - exact).abs().max().item()
-err_sdpa = ((sdpa(q, k, v) + sdpa(q, ki, vi)).double() - exact).abs().max().item()
-print(_C.cpu_attention_bf16_kernel(), ours.dtype, err, err_sdpa)
+errors = []
+for sets in ((k, v), (k, v, ki, vi)):  # one key set (AMX: ATen's bf16 kernel), and the I2V sum
+    exact = ref.attention(q.double(), *(t.double() for t in sets))
+    ours = wan_kernels.attention(q, *sets, impl="cpu")
+    sdpa_out = sdpa(q, k, v) + (sdpa(q, ki, vi) if len(sets) == 4 else 0)
+    errors += [(ours.double() - exact).abs().max().item(), (sdpa_out.double() - exact).abs().max().item()]
+print(_C.cpu_attention_bf16_kernel(), ours.dtype, *errors)
 """
 
 
@@ -229,18 +254,27 @@ def _attention_in_subprocess(env_value: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "WAN_CPU_ATTENTION": env_value})
 
 
-def test_env_opts_out_of_the_bf16_kernel():
+@pytest.mark.parametrize("choice", ["aten", "avx512_bf16", "aten_amx"])
+def test_env_chooses_the_bf16_kernel(choice):
     """WAN_CPU_ATTENTION=aten keeps bf16 on ATen's fp32 flash kernel (on every CPU: the path of CPUs without
-    AVX512-BF16), which follows the same rule; a value other than auto/aten is an error that names the variable
-    and the value."""
-    done = _attention_in_subprocess("aten")
+    AVX512-BF16); avx512_bf16 / aten_amx force those kernels where the CPU runs them and are an error naming the
+    variable elsewhere. Each follows the same rule."""
+    runnable = {"aten": True, "avx512_bf16": HAS_AVX512_BF16, "aten_amx": HAS_AMX_BF16 and HAS_AVX512_BF16}[choice]
+    done = _attention_in_subprocess(choice)
+    if not runnable:
+        assert done.returncode != 0 and f"WAN_CPU_ATTENTION={choice}, but" in done.stderr
+        return
     assert done.returncode == 0, done.stderr
-    kernel, dtype, err, err_sdpa = done.stdout.split()
-    assert (kernel, dtype) == ("aten", "torch.bfloat16")
-    assert float(err) <= 2 * float(err_sdpa) + 1.6e-2, (err, err_sdpa)
+    kernel, dtype, *errors = done.stdout.split()
+    assert (kernel, dtype) == (choice, "torch.bfloat16")
+    for err, err_sdpa in zip(errors[::2], errors[1::2]):
+        assert float(err) <= 2 * float(err_sdpa) + 1.6e-2, (err, err_sdpa)
+
+
+def test_env_rejects_unknown_kernels():
     done = _attention_in_subprocess("fast")
     assert done.returncode != 0
-    assert "WAN_CPU_ATTENTION must be 'auto' or 'aten', got 'fast'" in done.stderr
+    assert "WAN_CPU_ATTENTION must be 'auto', 'aten', 'avx512_bf16' or 'aten_amx', got 'fast'" in done.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
               f"CUTLASS {info['cutlass_version'] or 'not found'}")
         from wan_kernels import _C
         print(f"C++ CPU attention for bfloat16: {_C.cpu_attention_bf16_kernel()} "
-              "(avx512_bf16 where the CPU has it; WAN_CPU_ATTENTION=aten opts out)")
+              "(aten_amx on AMX CPUs, avx512_bf16 on AVX512-BF16 ones, else aten; WAN_CPU_ATTENTION overrides)")
     else:
         print(f"wan_kernels._C: NOT BUILT, pure-torch fallback ({EXTENSION.error})")
     print(f"Triton interpreter: {'on' if routing.interpreter_enabled() else 'off'} (TRITON_INTERPRET)")

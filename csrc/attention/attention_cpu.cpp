@@ -8,9 +8,13 @@
 // which is the contract of every wan::attention backend. (Calling the flash kernel in bf16 would round
 // the I2V sum twice, as diffusers does.)
 //
-// bfloat16 inputs on a CPU with AVX512-BF16 go to attention_cpu_bf16.cpp instead, which runs both matrix
-// products at bf16 rate (ATen's flash kernel computes in fp32 there: 1.7-1.9x slower at the shapes above;
-// bench/bench_attention.py --cpu); WAN_CPU_ATTENTION=aten opts out.
+// bfloat16 inputs: by cpu_attention_bf16_kernel() (attention_cpu_bf16.h). On AMX CPUs a single key set runs
+// ATen's flash kernel on the bf16 tensors themselves (AMX tiles; fp32 accumulation and softmax, P rounded to
+// bf16 for P V, the output rounded once: the contract; 5.4x faster than the AVX512-BF16 kernel at 2 x 1280 x
+// 4 x 128 on a Sapphire Rapids-class CPU); the I2V sum of two sets runs the AVX512-BF16 kernel, whose fp32
+// sum is rounded once. Without AMX, AVX512-BF16 CPUs run that kernel for every call (ATen's flash kernel
+// computes bf16 in fp32 there: 1.7-1.9x slower; bench/bench_attention.py --cpu); WAN_CPU_ATTENTION=aten
+// keeps bf16 on ATen's fp32 path.
 //
 // NaN: ATen's flash kernel treats a query row whose running score max stays -inf as fully masked and returns
 // zeros (log-sum-exp 0) for it. A row of only NaN / -inf scores gets there (a NaN in q or scale=nan with
@@ -89,13 +93,31 @@ std::pair<torch::Tensor, torch::Tensor> softmax_attention(const torch::Tensor& q
   return {out, lse};
 }
 
+// Whether ATen's flash kernel takes these bf16 [B, S, H, D] tensors as they are: not where its math kernel
+// would compute the scores in bf16, and not with an infinite q or k (a +inf score: its bf16 kernel returns
+// finite rows where softmax gives NaN; an O(B S H D) check). The fp32 path takes the others.
+bool aten_bf16_flash(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     std::optional<double> scale) {
+  constexpr auto flash = static_cast<int64_t>(at::SDPBackend::flash_attention);
+  return at::_fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), {}, 0.0, false, scale) ==
+             flash &&
+         !q.isinf().any().item<bool>() && !k.isinf().any().item<bool>();
+}
+
 torch::Tensor attention_cpu(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                             const std::optional<torch::Tensor>& k_img, const std::optional<torch::Tensor>& v_img,
                             std::optional<double> scale) {
   check_attention_args(q, k, v, k_img, v_img);
-  if (q.scalar_type() == torch::kBFloat16 && cpu_attention_bf16_kernel() == "avx512_bf16" &&
-      attention_bf16_avx512_supports(q.size(3), v.size(3))) {
-    return attention_bf16_avx512(q, k, v, k_img, v_img, scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3)))));
+  if (q.scalar_type() == torch::kBFloat16) {
+    const auto& kernel = cpu_attention_bf16_kernel();
+    if (kernel == "aten_amx" && !k_img.has_value() && aten_bf16_flash(q, k, v, scale)) {
+      return softmax_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+          .first.transpose(1, 2).contiguous();
+    }
+    if (kernel != "aten" && attention_bf16_avx512_supports(q.size(3), v.size(3))) {
+      return attention_bf16_avx512(q, k, v, k_img, v_img,
+                                   scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3)))));
+    }
   }
   const auto ct = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;  // compute type
   auto heads_first = [&](const torch::Tensor& x) { return x.to(ct).transpose(1, 2); };      // [B, H, S, D] view
@@ -106,7 +128,8 @@ torch::Tensor attention_cpu(const torch::Tensor& q, const torch::Tensor& k, cons
 }
 
 // wan::attention_lse: one key set, (out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] in the compute type) from
-// the same ATen flash kernel, whose log-sum-exp it returns (bf16 inputs too: the AVX512-BF16 kernel keeps none).
+// the same ATen flash kernel, whose log-sum-exp it returns (bf16 inputs too, on fp32 copies: the AVX512-BF16
+// kernel keeps no LSE, and ATen's bf16 kernel's LSE is off by up to ~2.5e-5 where the fp32 one is within 1e-6).
 std::tuple<torch::Tensor, torch::Tensor> attention_lse_cpu(const torch::Tensor& q, const torch::Tensor& k,
                                                            const torch::Tensor& v, std::optional<double> scale) {
   check_attention_args(q, k, v, std::nullopt, std::nullopt);

@@ -1,6 +1,8 @@
 // bf16 flash attention on AVX512-BF16 CPUs: both matrix products run on vdpbf16ps (bf16 pairs multiplied
 // exactly, accumulated in fp32), the softmax in fp32 with a vectorised exp2. ATen's CPU flash kernel has no
-// bf16 matrix path on CPUs without AMX and runs at fp32 speed; here Q K^T and P V run at bf16 rate.
+// bf16 matrix path on CPUs without AMX and runs at fp32 speed; here Q K^T and P V run at bf16 rate. On AMX
+// CPUs ATen's bf16 kernel is faster for one key set; there this kernel serves the I2V calls (two sets summed
+// with one rounding, which ATen's bf16 kernel cannot give). Which kernel runs: cpu_attention_bf16_kernel().
 //
 // Work split: one task = (batch, head, block of 48 query rows); tasks run in parallel (at::parallel_for).
 // K and V of every head are repacked once per call into the operand layout of vdpbf16ps (pairs of
@@ -17,6 +19,7 @@
 #include "attention/attention_cpu_bf16.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -34,9 +37,16 @@ const std::string& cpu_attention_bf16_kernel() {
   static const std::string kernel = [] {
     const char* env = std::getenv("WAN_CPU_ATTENTION");
     const std::string choice = env == nullptr ? "auto" : env;
-    TORCH_CHECK(choice == "auto" || choice == "aten", "WAN_CPU_ATTENTION must be 'auto' or 'aten', got '", choice,
-                "'");
-    return std::string(choice == "auto" && cpu_has_avx512_bf16() ? "avx512_bf16" : "aten");
+    TORCH_CHECK(choice == "auto" || choice == "aten" || choice == "avx512_bf16" || choice == "aten_amx",
+                "WAN_CPU_ATTENTION must be 'auto', 'aten', 'avx512_bf16' or 'aten_amx', got '", choice, "'");
+    // ATen's flash kernel runs bf16 on AMX tiles (oneDNN brgemm) exactly where ATen can pack for it
+    const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+    TORCH_CHECK(choice != "avx512_bf16" || cpu_has_avx512_bf16(),
+                "WAN_CPU_ATTENTION=avx512_bf16, but this CPU has no AVX512-BF16 (or this build no such kernel)");
+    TORCH_CHECK(choice != "aten_amx" || (amx && cpu_has_avx512_bf16()),
+                "WAN_CPU_ATTENTION=aten_amx, but ATen cannot run bf16 on AMX here (or the CPU lacks AVX512-BF16)");
+    if (choice != "auto") return choice;
+    return std::string(amx && cpu_has_avx512_bf16() ? "aten_amx" : cpu_has_avx512_bf16() ? "avx512_bf16" : "aten");
   }();
   return kernel;
 }
@@ -317,7 +327,7 @@ torch::Tensor attention_bf16_avx512(const torch::Tensor& q, const torch::Tensor&
   return out;
 }
 
-#else  // not x86-64 GCC/Clang: the kernel does not exist, cpu_attention_bf16_kernel() says "aten"
+#else  // not x86-64 GCC/Clang: the kernel does not exist, cpu_attention_bf16_kernel() says "aten" (or "aten_amx")
 
 torch::Tensor attention_bf16_avx512(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                     const std::optional<torch::Tensor>&, const std::optional<torch::Tensor>&, double) {

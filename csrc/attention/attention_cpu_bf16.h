@@ -9,8 +9,14 @@
 
 namespace wan {
 
-// "avx512_bf16" when this CPU runs the bf16 kernel below and WAN_CPU_ATTENTION is not "aten", else "aten".
-// Read once: the environment variable and the CPU cannot change under a running process.
+// The C++ CPU kernel of wan::attention for bfloat16 inputs, by WAN_CPU_ATTENTION (default "auto"):
+//   "aten_amx"     ATen's bf16 flash kernel, which runs on AMX tiles, for one key set (attention without an
+//                  image set); the kernel below for two (I2V). auto's pick where ATen can pack
+//                  bf16 for AMX (at::native::cpublas::could_pack) and the CPU has AVX512-BF16.
+//   "avx512_bf16"  the kernel below for every call it takes; auto's pick on AVX512-BF16 CPUs without AMX.
+//   "aten"         ATen's flash kernel on fp32 copies (exact inputs, fp32 speed); auto's pick elsewhere.
+// Forcing a kernel the CPU cannot run is an error. Read once: the environment variable and the CPU cannot
+// change under a running process.
 const std::string& cpu_attention_bf16_kernel();
 
 // Whether the kernel handles these shapes (even head dim, value dim a multiple of 64).
