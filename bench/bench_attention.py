@@ -19,7 +19,14 @@ runs the shapes of bench/bench_model.py (batch 2, 1280 tokens, 4 heads x 128, bf
   wan-cpu         the C++ CPU kernel (impl="cpu": the AVX512-BF16 kernel where the CPU has it)
   sdpa            F.scaled_dot_product_attention in bf16 (ATen's CPU flash kernel; what diffusers runs)
 
-    python bench/bench_attention.py [--quick | --cpu] [--json out.json] [--csv out.csv]
+With --backward, every provider runs forward + backward (the gradients of q, k, v and k_img, v_img for a fixed
+random cotangent; correctness is checked on the gradients): wan (wan_kernels.attention, impl="auto": on a GPU the
+Triton forward saving the LSEs + the Triton backward; on CPU the reference forward/backward ops), sdpa (its own
+backward: FlashAttention-2 on a GPU, ATen's CPU flash backward on CPU; I2V two calls summed), ref-eager,
+ref-compile. FLOPs: 3.5x the forward's (FlashAttention's convention: the backward's 5 products vs the forward's
+2, the recomputed q k^T not counted). --backward --quick runs tiny shapes on CPU.
+
+    python bench/bench_attention.py [--quick | --cpu] [--backward] [--json out.json] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -77,6 +84,74 @@ def make_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: i
     return harness.Case(shape, flops, nbytes, providers)
 
 
+def make_backward_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: int, dtype,
+                       device) -> harness.Case:
+    """Forward + backward of every provider; each returns the gradients (q, k, v[, k_img, v_img])."""
+    import wan_kernels
+
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    q, k, v = r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
+    ki, vi = (r(B, Si, H, D), r(B, Si, H, D)) if Si else (None, None)
+    dout = r(B, Sq, H, D)
+    inputs = [t for t in (q, k, v, ki, vi) if t is not None]
+
+    def fwd_bwd(fn):
+        def run():
+            xs = [t.detach().requires_grad_() for t in inputs]
+            out = fn(*xs)
+            return torch.autograd.grad(out, xs, dout)
+        return run
+
+    def with_img(fn):
+        return lambda q, k, v, ki=None, vi=None: fn(q, k, v, ki, vi)
+
+    compiled = torch.compile(ref.attention)
+    providers = [harness.Provider("wan", fwd_bwd(with_img(wan_kernels.attention))),
+                 harness.Provider("sdpa", fwd_bwd(_sdpa if device == "cuda" else with_img(_sdpa_math_free)))]
+    if 4.0 * B * H * Sq * max(Sk, Si or 0) <= REF_MAX_BYTES:
+        providers += [harness.Provider("ref-eager", fwd_bwd(with_img(ref.attention))),
+                      harness.Provider("ref-compile", fwd_bwd(with_img(compiled)))]
+    keys = Sk + (Si or 0)
+    flops = 3.5 * 4.0 * B * H * Sq * keys * D
+    nbytes = float(dtype.itemsize) * B * H * D * (4 * Sq + 4 * keys)  # q, k, v, dout read; dq, dk, dv written
+    shape = f"{label} B{B} q{Sq} k{Sk}{f'+i{Si}' if Si else ''} H{H} d{D}"
+    return harness.Case(shape, flops, nbytes, providers)
+
+
+def _sdpa_math_free(q, k, v, k_img=None, v_img=None):
+    """SDPA with the backend it picks (CPU: ATen's flash kernel and its backward)."""
+    def one(k_, v_):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2)).transpose(1, 2)
+
+    return one(k, v) if k_img is None else one(k, v) + one(k_img, v_img)
+
+
+def backward_main(args) -> None:
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not args.quick:
+        print("bench_attention --backward: no GPU; run with --quick for the CPU run at small shapes.", file=sys.stderr)
+        sys.exit(2)
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu:
+        specs = [(f"self {res}", 1, n, n, None) for res, n in TOKENS.items()]
+        specs += [("cross-t2v 720p", 1, TOKENS["720p"], TEXT, None), ("cross-i2v 720p", 1, TOKENS["720p"], TEXT, IMAGE)]
+        H = HEADS
+    else:
+        specs = [("self", 1, 512, 512, None), ("cross-t2v", 1, 512, 128, None), ("cross-i2v", 1, 512, 128, 65)]
+        H = 4
+    rows, notes = [], [f"{torch.get_num_threads()} threads" if not on_gpu else "GPU"]
+    for label, B, Sq, Sk, Si in specs:
+        case = make_backward_case(label, B, Sq, Sk, Si, H, HEAD_DIM, torch.bfloat16, device)
+        has_ref = any(p.name == "ref-eager" for p in case.providers)
+        rows += harness.run([case], reference="ref-eager" if has_ref else "sdpa", baseline="sdpa")
+    harness.report(rows, args, "wan::attention forward + backward (bf16; gradients of q, k, v[, k_img, v_img])",
+                   notes + ["speedup column is vs sdpa (forward + backward)"])
+
+
 def wan_cases(device: str, quick: bool) -> list[tuple[harness.Case, bool]]:
     """(case, has_reference) for the Wan-14B shapes, or tiny shapes with the same structure under --quick."""
     dt = torch.bfloat16
@@ -129,7 +204,11 @@ def cpu_cases() -> list[harness.Case]:
 def main(argv=None) -> None:
     p = harness.arg_parser(__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="bench_model.py's shapes on the CPU kernels")
+    p.add_argument("--backward", action="store_true", help="forward + backward (training) instead of the forward")
     args = p.parse_args(argv)
+    if args.backward:
+        backward_main(args)
+        return
     if args.cpu:
         from wan_kernels import _C
 

@@ -9,7 +9,10 @@ and layout), `--profile` adds the top-20 aten ops. With a GPU, `--gpu` (default 
 times one CFG step (batch 2, context cached) of Wan 1.3B and 14B at 480p and 720p, 81 frames, random bf16
 weights, next to the analytic roofline of the same step (wan_model/cost.py) on that GPU.
 
-    python bench/bench_model.py [--steps 4] [--dtype bfloat16] [--profile] [--gpu | --no-gpu]
+`--train`: one training step (forward + backward to the input and every weight) instead, ours vs diffusers with the
+same weights, without and with gradient checkpointing: time and peak memory (see `train_step_bench`).
+
+    python bench/bench_model.py [--steps 4] [--dtype bfloat16] [--profile] [--gpu | --no-gpu] [--train]
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import os
 import statistics
 import sys
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.harness import env_header  # noqa: E402
+from bench.harness import env_header, quantiles  # noqa: E402
 from wan_model.cli import diffusers_euler, random_model  # noqa: E402
 from wan_model.config import WanConfig  # noqa: E402
 from wan_model.integrations.diffusers import to_diffusers_model  # noqa: E402
@@ -45,11 +50,16 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="print the top ops of one of our steps")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                    help="per-step latency of Wan 1.3B / 14B at 480p / 720p on the GPU")
+    p.add_argument("--train", action="store_true",
+                   help="one training step (fwd + bwd) instead: time and peak memory, with and without gradient "
+                        "checkpointing, ours vs diffusers (on the GPU with --gpu)")
     args = p.parse_args()
 
     dtype = DTYPES[args.dtype]
     f, h, w = (int(v) for v in args.grid.split("x"))
     cfg = WanConfig(num_attention_heads=args.dim // 128, ffn_dim=4 * args.dim, num_layers=args.layers)
+    if args.train:
+        return train_step_bench(cfg, dtype, (f, h, w), args.impl, args.repeats, "cuda" if args.gpu else "cpu")
     ours = random_model(cfg, seed=0).to_dtype(dtype).set_impl(args.impl).eval()
     ref = to_diffusers_model(ours)
     g = torch.Generator().manual_seed(0)
@@ -93,6 +103,98 @@ def main() -> int:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     if args.gpu:
         gpu_step_latency()
+    return 0
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created under the mode (CPU has no allocator statistics): every op
+    output's storage counts from its creation until it is freed (a weak reference per storage). Covers the
+    forward, autograd's backward (it runs under the caller's dispatch modes) and checkpoint's recomputation;
+    not the scratch a kernel allocates and frees inside one op (ours and diffusers' alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = weakref.WeakKeyDictionary()
+        self.current = self.peak = 0
+
+    def _freed(self, nbytes: int) -> None:
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                st = t.untyped_storage()
+                if st not in self.live:
+                    self.live[st] = n = st.nbytes()
+                    weakref.finalize(st, self._freed, n)
+                    self.current += n
+                    self.peak = max(self.peak, self.current)
+        return out
+
+
+def train_step_bench(cfg: WanConfig, dtype: torch.dtype, grid, impl: str, repeats: int, device: str) -> int:
+    """One training step, loss = <output, fixed cotangent>, backward to the inputs and every weight: our WanModel
+    vs diffusers' WanTransformer3DModel with the same weights, without and with gradient checkpointing (per block,
+    non-reentrant, on both). Gradients are compared before timing; runs interleave ours / diffusers per repeat.
+    Peak memory: CUDA `max_memory_allocated` above the step's start; CPU `LiveTensorBytes` (one extra run)."""
+    f, h, w = grid
+    ours = random_model(cfg, seed=0).to_dtype(dtype).to(device).set_impl(impl).train()
+    ref = to_diffusers_model(ours).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, f, h, w, generator=g).to(device, dtype)
+    text = torch.randn(1, 512, cfg.text_dim, generator=g).to(device, dtype)
+    t = torch.full((1,), 500.0, device=device)
+    cot = torch.randn(x.shape[0], cfg.out_channels, f, h, w, generator=g).to(device)
+    print(env_header())
+    print(f"# training step: Wan dim {cfg.dim}, {cfg.num_layers} layers, {f * (h // 2) * (w // 2)} tokens, text 512 x "
+          f"{cfg.text_dim}, batch 1, {str(dtype)[6:]}, impl={impl!r}, {device}, {torch.get_num_threads()} threads; "
+          f"{repeats} interleaved runs per row (median)")
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_()
+        out = model(xi, t, text, return_dict=False)[0]
+        (out.float() * cot).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return xi.grad
+
+    def peak(model) -> int:
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step(model)
+            return torch.cuda.max_memory_allocated() - base
+        with LiveTensorBytes() as mode:
+            step(model)
+        return mode.peak
+
+    print(f"{'checkpointing':<15}{'model':<11}{'ms / step':>11}{'p20':>9}{'p80':>9}{'peak MiB':>10}{'speedup':>9}"
+          f"{'memory vs diffusers':>21}")
+    for checkpointing in (False, True):
+        for m in (ours, ref):
+            (m.enable_gradient_checkpointing if checkpointing else m.disable_gradient_checkpointing)()
+        got, want = step(ours), step(ref)                           # warm-up + correctness of the input gradient
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        if not err <= (1e-4 if dtype == torch.float32 else 5e-2):
+            raise SystemExit(f"input gradients differ: relative error {err:.3e}")
+        times = {"ours": [], "diffusers": []}
+        for _ in range(repeats):
+            for name, m in (("ours", ours), ("diffusers", ref)):
+                t0 = time.perf_counter()
+                step(m)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        peaks = {"ours": peak(ours), "diffusers": peak(ref)}
+        q = {name: quantiles(ts) for name, ts in times.items()}
+        for name in ("ours", "diffusers"):
+            speed = q["diffusers"][0] / q[name][0]
+            print(f"{'on' if checkpointing else 'off':<15}{name:<11}{q[name][0]:>11.1f}{q[name][1]:>9.1f}"
+                  f"{q[name][2]:>9.1f}{peaks[name] / 2**20:>10.1f}{speed:>8.2f}x"
+                  f"{peaks[name] / peaks['diffusers']:>20.2f}x")
+        print(f"#   input-gradient relative error ours vs diffusers: {err:.2e}")
     return 0
 
 

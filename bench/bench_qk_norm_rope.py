@@ -6,8 +6,11 @@ pure-torch reference), diffusers (its unfused sequence: norm_q, norm_k, unflatte
 Also prints the analytic bytes moved by the fused path vs diffusers' sequence (issue 3: target <= 1/3).
 On CPU the token counts are divided by --cpu-token-divisor (default 16) to keep memory and time sane; the
 Triton interpreter is not a performance path, so wan-triton is reported skipped without a GPU.
+--backward times wan::qk_norm_rope_backward instead (grads for qkv and both norm weights): wan-triton / wan-cpu
+(the backward kernels), ref-vjp (the reference's vector-Jacobian product the op replaced, `_autograd._vjp`),
+ref-eager / ref-compile (the reference's closed-form backward), diffusers (autograd through its unfused sequence).
 
-    python bench/bench_qk_norm_rope.py [--quick] [--json out.json]
+    python bench/bench_qk_norm_rope.py [--quick] [--backward] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import wan_kernels  # noqa: E402
 from bench.harness import Case, Provider, arg_parser, report, run  # noqa: E402
-from wan_kernels import ref  # noqa: E402
+from wan_kernels import _autograd, ref  # noqa: E402
 
 MODELS = {"1.3B": 12, "5B": 24, "14B": 40}   # heads of 128
 TOKENS = {"480p": 32760, "720p": 75600}
@@ -73,8 +76,8 @@ def diffusers_sequence(qkv, wq, wk, cos_full, sin_full, heads, eps):
     return apply_rotary_emb(query, cos_full, sin_full), apply_rotary_emb(key, cos_full, sin_full), value
 
 
-def make_case(model: str, res: str, tokens: int, device: str, dtype=torch.bfloat16) -> Case:
-    H = MODELS[model]
+def make_inputs(H: int, tokens: int, device: str, dtype) -> tuple:
+    """qkv, wq, wk, cos, sin (ours) and cos_full, sin_full (diffusers' [1, S, 1, D] tables)."""
     C = H * HEAD_DIM
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(1, tokens, 3 * C, generator=g).to(device=device, dtype=dtype)
@@ -82,8 +85,14 @@ def make_case(model: str, res: str, tokens: int, device: str, dtype=torch.bfloat
     wk = (torch.rand(C, generator=g) + 0.5).to(device=device, dtype=dtype)
     ang = (torch.rand(tokens, HEAD_DIM // 2, generator=g) * 6.283).to(device)
     cos, sin = ang.cos(), ang.sin()
-    cos_full = cos.repeat_interleave(2, dim=-1)[None, :, None, :]   # diffusers' [1, S, 1, D] tables
-    sin_full = sin.repeat_interleave(2, dim=-1)[None, :, None, :]
+    return (qkv, wq, wk, cos, sin, cos.repeat_interleave(2, dim=-1)[None, :, None, :],
+            sin.repeat_interleave(2, dim=-1)[None, :, None, :])
+
+
+def make_case(model: str, res: str, tokens: int, device: str, dtype=torch.bfloat16) -> Case:
+    H = MODELS[model]
+    C = H * HEAD_DIM
+    qkv, wq, wk, cos, sin, cos_full, sin_full = make_inputs(H, tokens, device, dtype)
     args = (qkv, wq, wk, cos, sin, H, 1e-6)
     ref_compiled = torch.compile(ref.qk_norm_rope)
     on_cpu = device == "cpu"
@@ -96,6 +105,38 @@ def make_case(model: str, res: str, tokens: int, device: str, dtype=torch.bfloat
     if on_cpu:
         providers.insert(1, Provider("wan-cpu", lambda: wan_kernels.qk_norm_rope(*args, impl="cpu")))
     return Case(f"{model} {res} S={tokens} C={C}", flops=0.0, bytes=fused_bytes(tokens, C, HEAD_DIM),
+                providers=providers)
+
+
+def make_backward_case(model: str, res: str, tokens: int, device: str, dtype=torch.bfloat16) -> Case:
+    H = MODELS[model]
+    C = H * HEAD_DIM
+    qkv, wq, wk, cos, sin, cos_full, sin_full = make_inputs(H, tokens, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(1, tokens, H, HEAD_DIM, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+    args = (*grads, qkv, wq, wk, cos, sin, H, 1e-6)
+    ref_compiled = torch.compile(ref.qk_norm_rope_backward)
+
+    def diffusers_backward():
+        leaves = [t.detach().requires_grad_() for t in (qkv, wq, wk)]
+        return torch.autograd.grad(diffusers_sequence(*leaves, cos_full, sin_full, H, 1e-6), leaves, grads)
+
+    def ref_vjp():
+        with torch.no_grad():  # as autograd runs a backward
+            return _autograd._vjp("qk_norm_rope", (qkv, wq, wk, cos, sin, H, 1e-6), grads,
+                                  (True, True, True, False, False, False, False))[:3]
+
+    providers = [
+        Provider("wan-triton", lambda: wan_kernels.ops.qk_norm_rope_backward(*args, impl="triton"), gpu_only=True),
+        Provider("ref-vjp", ref_vjp),
+        Provider("ref-eager", lambda: ref.qk_norm_rope_backward(*args)),
+        Provider("ref-compile", lambda: ref_compiled(*args)),
+        Provider("diffusers", diffusers_backward),
+    ]
+    if device == "cpu":
+        providers.insert(1, Provider("wan-cpu", lambda: wan_kernels.ops.qk_norm_rope_backward(*args, impl="cpu")))
+    # one pass: read qkv and the three output gradients, write grad_qkv (the weight partials are negligible)
+    return Case(f"backward {model} {res} S={tokens} C={C}", flops=0.0, bytes=tokens * 3 * C * 2 * 3,
                 providers=providers)
 
 
@@ -116,16 +157,20 @@ def bytes_table() -> list[str]:
 def main() -> int:
     p = arg_parser(__doc__)
     p.add_argument("--cpu-token-divisor", type=int, default=16)
+    p.add_argument("--backward", action="store_true", help="time wan::qk_norm_rope_backward")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     div = 1 if device == "cuda" else args.cpu_token_divisor
     shapes = [("1.3B", "480p")] if args.quick else [(m, r) for m in MODELS for r in TOKENS]
-    cases = [make_case(m, r, TOKENS[r] // div, device) for m, r in shapes]
-    rows = run(cases, reference="ref-eager", baseline="ref-compile")
-    notes = bytes_table()
+    make = make_backward_case if args.backward else make_case
+    cases = [make(m, r, TOKENS[r] // div, device) for m, r in shapes]
+    # backward gate: diffusers rounds the normalised rows to bf16 before its weight-gradient sum over the tokens,
+    # so its grad_norm_*_weight (entries ~160 at 2,047 tokens) differ from ours by up to one bf16 ulp there (1.0)
+    rows = run(cases, reference="ref-eager", baseline="ref-compile", **({"atol": 1.0} if args.backward else {}))
+    notes = [] if args.backward else bytes_table()
     if div > 1:
         notes.append(f"CPU run: token counts divided by {div}; GB/s counts the fused path's bytes")
-    report(rows, args, "wan::qk_norm_rope, bf16, batch 1, head_dim 128", notes)
+    report(rows, args, f"wan::qk_norm_rope{'_backward' if args.backward else ''}, bf16, batch 1, head_dim 128", notes)
     return 0
 
 

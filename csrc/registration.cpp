@@ -22,6 +22,14 @@ TORCH_LIBRARY(wan, m) {
   m.def(
       "qkv_rope(Tensor x, Tensor w_qkv, Tensor? b_qkv, Tensor norm_q_weight, Tensor norm_k_weight, "
       "Tensor rope_cos, Tensor rope_sin, int num_heads, float eps) -> (Tensor q, Tensor k, Tensor v)");
+  m.def(
+      "qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor qkv, Tensor norm_q_weight, "
+      "Tensor norm_k_weight, Tensor rope_cos, Tensor rope_sin, int num_heads, float eps) -> "
+      "(Tensor grad_qkv, Tensor grad_norm_q_weight, Tensor grad_norm_k_weight)");
+  m.def(
+      "layer_norm_modulate_backward(Tensor grad_out, Tensor x, Tensor scale, Tensor shift, float eps) -> "
+      "(Tensor grad_x, Tensor grad_scale, Tensor grad_shift)");
+  m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor grad_y, Tensor grad_gate)");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? k_img, Tensor? v_img, float? scale) -> Tensor");
   m.def("attention_lse(Tensor q, Tensor k, Tensor v, float? scale) -> (Tensor out, Tensor lse)");
   m.def("nvfp4_quantize(Tensor x, Tensor global_scale) -> (Tensor packed, Tensor block_scale)");
@@ -32,6 +40,7 @@ TORCH_LIBRARY(wan, m) {
   m.def("layer_norm_modulate(Tensor x, Tensor scale, Tensor shift, float eps) -> Tensor");
   m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("nvfp4_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_global_scale, Tensor? bias) -> Tensor");
+  m.def("fp8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? input_scale, Tensor? bias) -> Tensor");
   // Internal ops carrying the CUDA kernels (OpSpec.cuda in wan_kernels/ops/<op>.py): the public op's schema
   // under another name, so that the Python router picks them per device capability (the code of each build
   // target runs on some capabilities only) instead of the dispatcher binding them to every CUDA device.
@@ -42,6 +51,9 @@ TORCH_LIBRARY(wan, m) {
   m.def(
       "nvfp4_gemm_sm100(Tensor a, Tensor a_scale, Tensor a_global_scale, Tensor b, Tensor b_scale, "
       "Tensor b_global_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // torch._scaled_mm (cuBLASLt FP8, sm_89+) behind wan::fp8_linear: its kernel is registered from Python
+  // (wan_kernels/routing.py TorchCudaKernel), as torch ships it.
+  m.def("fp8_linear_scaled_mm(Tensor x, Tensor w, Tensor w_scale, Tensor? input_scale, Tensor? bias) -> Tensor");
 }
 
 }  // namespace wan
@@ -58,5 +70,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return d;
   });
   m.def("cpu_attention_bf16_kernel", &wan::cpu_attention_bf16_kernel,
-        "C++ CPU kernel of wan::attention for bfloat16: 'avx512_bf16' or 'aten' (decided once per process)");
+        "C++ CPU kernel of wan::attention for bfloat16: 'aten_amx', 'avx512_bf16' or 'aten' (decided once per "
+        "process, WAN_CPU_ATTENTION)");
+  m.def("attention_bf16_avx512", &wan::attention_bf16_avx512,
+        "The AVX512-BF16 attention kernel itself (q, k, v, k_img, v_img, scale), whatever the kernel choice: for "
+        "its tests on CPUs where another kernel is chosen");
 }

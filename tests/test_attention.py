@@ -395,14 +395,6 @@ def test_lse_merge_of_two_key_blocks_equals_attention_over_all_keys(impl):
     torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)  # fp64 terms: a few ulps of O(1) values
 
 
-def test_attention_lse_is_not_differentiable_yet():
-    from wan_kernels.ops import attention_lse
-
-    q, k, v, _, _ = make_inputs(1, 4, 5, None, 1, 16, torch.float32)
-    with pytest.raises(RuntimeError, match="attention_lse is not differentiable, but q requires grad"):
-        attention_lse(q.requires_grad_(), k, v)
-
-
 def test_attention_lse_checks_arguments():
     from wan_kernels.ops import attention_lse
 

@@ -400,3 +400,108 @@ def test_from_pretrained_dtype_spellings(model, tmp_path):
     assert fp16.dtype == torch.float16
     with pytest.raises(ValueError, match="dtype=torch.float16 and torch_dtype=torch.bfloat16 disagree"):
         WanModel.from_pretrained(tmp_path / "t", dtype=torch.float16, torch_dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our WanModel as pipe.transformer under sequence parallelism: diffusers' enable_parallelism(config=...) on
+# 2 gloo processes (127.0.0.1); each rank runs the pipeline and the forward single-process first, then parallel.
+
+PARALLEL_TIMEOUT_S = 180  # both ranks: imports (~10 s each on 2 shared cores) + 3 pipelines + 3 forwards each
+
+
+def _parallel_worker(rank: int, port: int, out_path: str) -> None:
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    model = random_model(CFG, seed=3).eval()
+    pipe = _pipeline(model)
+    _, t, text = _inputs()
+    x = torch.randn(2, CFG.in_channels, 1, 6, 6, generator=torch.Generator().manual_seed(1))  # 9 tokens: odd
+
+    @torch.no_grad()
+    def forward():  # WanPipeline's call
+        return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text, attention_kwargs=None,
+                                return_dict=False)[0]
+
+    want_forward, want_pipeline = forward(), _generate(pipe)
+    results = {}
+    for u, r in ((2, 1), (1, 2)):
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=u, ring_degree=r))
+        sp = model._parallel
+        got_forward, got_pipeline = forward(), _generate(pipe)
+        pipe.transformer.disable_parallelism()
+        results[f"u{u}r{r}"] = {"degrees": [sp.U, sp.R], "forward": _err(got_forward, want_forward),
+                                "pipeline": _err(got_pipeline, want_pipeline)}
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def test_wan_model_pipeline_under_diffusers_enable_parallelism(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(port), str(outs[r])], cwd=root,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    t0, errs = time.monotonic(), []
+    for p in procs:
+        try:
+            errs.append(p.communicate(timeout=max(1.0, PARALLEL_TIMEOUT_S - (time.monotonic() - t0)))[1][-3000:])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            errs.append("TIMEOUT\n" + p.communicate()[1][-3000:])
+    assert [p.returncode for p in procs] == [0, 0], errs
+    for rank, out in enumerate(outs):
+        for layout, got in json.loads(out.read_text()).items():
+            print(f"rank {rank} {layout}: forward {got['forward']:.2e}, pipeline {got['pipeline']:.2e}")
+            assert got["degrees"] == [int(layout[1]), int(layout[3])], (rank, layout, got)
+            assert got["forward"] <= FP32_TOL and got["pipeline"] <= FP32_TOL, (rank, layout, got)
+
+
+def test_diffusers_parallel_config_maps_or_is_a_clear_error(model):
+    from diffusers import ContextParallelConfig, ParallelConfig, TensorParallelConfig
+
+    from wan_model.integrations.diffusers import parallel_degrees
+
+    assert parallel_degrees(ContextParallelConfig(ulysses_degree=2, ring_degree=3)) == (2, 3)
+    assert parallel_degrees(ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=4))) == (1, 4)
+    cases = [(dict(config=ContextParallelConfig(ulysses_degree=2), cp_plan={"": {}}), ValueError, "cp_plan is a plan"),
+             (dict(config=TensorParallelConfig(tp_degree=2)), ValueError, r"tensor parallelism \(TensorParallelConfig"),
+             (dict(config=ParallelConfig(tensor_parallel_config=TensorParallelConfig(tp_degree=2))), ValueError,
+              "tensor parallelism"),
+             (dict(config=ParallelConfig()), ValueError, "a ParallelConfig without a context_parallel_config"),
+             (dict(config={"ulysses_degree": 2}), TypeError, "must be a diffusers ContextParallelConfig or "
+                                                            "ParallelConfig, got dict"),
+             (dict(config=ContextParallelConfig(ulysses_degree=2, mesh=object())), ValueError,
+              r"ContextParallelConfig\(mesh=...\) is not supported; pass group="),
+             (dict(ring_degree=2, config=ContextParallelConfig(ulysses_degree=2)), ValueError,
+              "either as ulysses_degree/ring_degree or in config, not both")]
+    for kw, error, match in cases:
+        with pytest.raises(error, match=match):
+            model.enable_parallelism(**kw)
+        assert model._parallel is None
+    with pytest.raises(RuntimeError, match="init_process_group first"):  # mapped, then our own check
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _parallel_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

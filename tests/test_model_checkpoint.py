@@ -42,6 +42,16 @@ def _assert_same_weights(a, b):
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
 
+def _assert_same_fp8_model(a, b):
+    """Same state (fp8 bytes, scales, dense tensors), compared by bytes."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k].view(torch.uint8) if sa[k].dtype.itemsize == 1
+                                                          else sa[k], sb[k].view(torch.uint8)
+                                                          if sb[k].dtype.itemsize == 1 else sb[k]), k
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_formats_round_trip_and_match_diffusers(fp32_models, variant, tmp_path):
     model, ref = fp32_models[variant]
@@ -133,8 +143,14 @@ def test_comfyui_fp8_scaled_applied(tmp_path):
     save_file(scaled, fp8_path)
     save_file(deq, ref_path)
     m8 = WanModel.from_pretrained(fp8_path, dtype=torch.float32)
-    _assert_same_weights(m8, WanModel.from_pretrained(ref_path, dtype=torch.float32))
-    assert not torch.equal(m8.blocks[0].attn1.to_qkv.weight, model.blocks[0].attn1.to_qkv.weight)  # really fp8
+    dense = WanModel.from_pretrained(ref_path, dtype=torch.float32)
+    # the fp8 layers stay fp8 (FP8Linear, tests/test_fp8.py); their decoded weights are the dequantized file's
+    qkv = m8.blocks[0].attn1.to_qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(qkv.dense_weight(torch.float32), dense.blocks[0].attn1.to_qkv.weight)
+    assert not torch.equal(dense.blocks[0].attn1.to_qkv.weight, model.blocks[0].attn1.to_qkv.weight)  # really fp8
+    cfg = model.config
+    torch.testing.assert_close(_out(m8, cfg), _out(dense, cfg), rtol=0, atol=FP32_TOL)  # W8A16 = dense matmul
 
     # the newer comfy_quant side car: fp8 with a per-tensor weight_scale is applied; an nvfp4 marker on an fp8
     # layer (no weight_scale_2) is refused naming the layer
@@ -147,7 +163,7 @@ def test_comfyui_fp8_scaled_applied(tmp_path):
         spec = json.dumps({"format": "float8_e4m3fn"}).encode()
         quant[layer + ".comfy_quant"] = torch.tensor(list(spec), dtype=torch.uint8)
     save_file(quant, tmp_path / "quant.safetensors")
-    _assert_same_weights(WanModel.from_pretrained(tmp_path / "quant.safetensors", dtype=torch.float32), m8)
+    _assert_same_fp8_model(WanModel.from_pretrained(tmp_path / "quant.safetensors", dtype=torch.float32), m8)
     quant[k + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
     save_file(quant, tmp_path / "fp4.safetensors")
     with pytest.raises(CheckpointError, match=r"blocks\.0\.ffn\.0: ComfyUI nvfp4 layer .*weight_scale_2 missing"):

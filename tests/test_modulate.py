@@ -158,7 +158,8 @@ def test_triton_kernels_compile_without_spills(arch, tmp_path):
     from wan_kernels.triton import aot
 
     jobs = readiness.jobs_for(["modulate"], (arch,))
-    assert {j.launch.kernel.fn.__name__ for j in jobs} == {"_layer_norm_modulate_kernel", "_gated_residual_kernel"}
+    assert {j.launch.kernel.fn.__name__ for j in jobs} == {"_layer_norm_modulate_kernel", "_gated_residual_kernel",
+                                                          "_layer_norm_modulate_bwd_kernel", "_gated_residual_bwd_kernel"}
     for j in jobs:
         r = aot.compile_launch(j.launch, j.arch, workdir=tmp_path)
         print(j.config, r.summary())

@@ -10,6 +10,14 @@ The bytes each rank sends (counted at the torch.distributed calls) must equal wa
 Every subprocess has a wall-clock timeout, and gloo's own timeout is 30 s; one scenario makes rank 1 raise in
 its forward while rank 0 waits in a collective: both must exit, promptly, with the error reported. The CLI runs
 under torchrun (2 gloo ranks) and must write the single-process latents.
+
+Training (GRAD_CASES, in the same processes): every rank backpropagates the same loss <w, out> (fixed random w)
+through the parallel forward; the gradients of the inputs (latents, text, image) and of every parameter must equal
+the single-process ones on every rank, relative to each tensor's largest single-process gradient: <= 1e-5 (fp32;
+the split reorders the fp32 sums over tokens, the ring adds its blocks' dq, dk, dv in fp32). Also: a second
+backward accumulates exactly (the gradient hooks reduce each backward's share, not `.grad`), parameters replaced
+after `enable_parallelism` (as a LoRA load would) get their hooks, and disabling restores the single-process
+gradients bit for bit. A rank that raises in backward ends every process, as in forward.
 """
 
 from __future__ import annotations
@@ -38,6 +46,20 @@ CASES = {
     | {"t2v-9-u1r4": ("tiny-t2v", (1, 6, 6), 1, 4), "ti2v-18-u2r2": ("tiny-ti2v", (2, 6, 6), 2, 2),
        "i2v-9-u2r2": ("tiny-i2v", (1, 6, 6), 2, 2)},
 }
+# gradient cases: (variant, grid, ulysses, ring, gradient checkpointing); tokens 15 and 27 (odd), 30 and 9 on 4
+# ranks (not divisible); with checkpointing the blocks' collectives run again inside the backward
+GRAD_CASES = {
+    2: {"grad-t2v-15-u2r1": ("tiny-t2v", (1, 6, 10), 2, 1, False),
+        "grad-i2v-15-u1r2": ("tiny-i2v", (1, 6, 10), 1, 2, False),
+        "grad-ti2v-27-u1r2": ("tiny-ti2v", (3, 6, 6), 1, 2, False),
+        "grad-ti2v-27-u2r1": ("tiny-ti2v", (3, 6, 6), 2, 1, False),
+        "grad-i2v-15-u1r2-checkpointed": ("tiny-i2v", (1, 6, 10), 1, 2, True)},
+    4: {"grad-t2v-30-u2r2": ("tiny-t2v", (2, 6, 10), 2, 2, False),
+        "grad-i2v-9-u2r2": ("tiny-i2v", (1, 6, 6), 2, 2, False),
+        "grad-t2v-9-u1r4": ("tiny-t2v", (1, 6, 6), 1, 4, False),
+        "grad-ti2v-18-u2r2-checkpointed": ("tiny-ti2v", (2, 6, 6), 2, 2, True)},
+}
+GRAD_TOL = 1e-5
 # expected errors on 4 ranks: (ulysses, ring) -> message
 ERRORS = {(4, 1): "ulysses_degree=4 must divide num_attention_heads=2",
           (2, 1): "ulysses_degree * ring_degree = 2 * 1 = 2 must equal the process group's size 4"}
@@ -55,6 +77,48 @@ def _inputs(cfg, grid, batch=2, seed=0):
     text = torch.randn(batch, 512, cfg.text_dim, generator=g)
     img = torch.randn(batch, 257, cfg.image_dim, generator=g) if cfg.has_image else None
     return x, t, text, img
+
+
+def _grads(model, args):
+    """Gradients of <w, model(*args)> (w: a fixed random weight), of every parameter and input that gets one; the
+    model's and the inputs' `.grad` are left holding them."""
+    out = model(*args)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return got | {f"input{i}": a.grad.clone() for i, a in enumerate(args) if a is not None and a.requires_grad}
+
+
+def _grad_case(model, grid, u, r, checkpointed):
+    """{"err": max relative gradient error, "worst": its tensor, ...} of the parallel backward vs the single one."""
+    import copy
+
+    if checkpointed:
+        model.enable_gradient_checkpointing()
+
+    def fresh():
+        model.zero_grad(set_to_none=True)
+        return [a.requires_grad_() if a is not None and a.dtype.is_floating_point and a.ndim > 2 else a
+                for a in _inputs(model.config, grid)]
+
+    def rel(got, want):
+        return {n: ((got[n] - want[n]).abs().max() / want[n].abs().max()).item() for n in want}
+
+    want = _grads(model, fresh())
+    model.enable_parallelism(ulysses_degree=u, ring_degree=r)
+    args = fresh()
+    got = _grads(model, args)
+    twice = _grads(model, args)  # .grad accumulates: 2 x
+    errs = rel(got, want) | {f"twice {n}": e for n, e in rel(twice, {n: 2 * g for n, g in want.items()}).items()}
+    old = model.blocks[0].ffn["proj_out"]
+    model.blocks[0].ffn["proj_out"] = copy.deepcopy(old)  # new Parameter objects, as a LoRA layer brings
+    errs |= {f"replaced {n}": e for n, e in rel(_grads(model, fresh()), want).items()}
+    model.blocks[0].ffn["proj_out"] = old
+    model.disable_parallelism()
+    again = _grads(model, fresh())
+    model.disable_gradient_checkpointing()
+    worst = max(errs, key=errs.get)
+    return {"err": errs[worst], "worst": worst, "keys": sorted(got) == sorted(want),
+            "disabled_equal": all(torch.equal(again[n], want[n]) for n in want)}
 
 
 def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> None:
@@ -96,6 +160,19 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
             models[variant] = random_model(WanConfig.from_preset(variant), seed=1).set_impl("auto").eval()
         return models[variant]
 
+    if scenario == "raise_backward":
+        model = model_of("tiny-t2v")
+        args = [a.requires_grad_() if a is not None and a.ndim > 2 else a for a in _inputs(model.config, (2, 6, 10))]
+        model.enable_parallelism(ulysses_degree=2)
+        out = model(*args)
+        if rank == 1:
+            def fail(g):
+                raise RuntimeError("injected failure on rank 1 in backward")
+            out.register_hook(fail)
+        record("started", True)
+        out.sum().backward()
+        record("finished", True)
+        return
     if scenario == "raise":
         model = model_of("tiny-t2v")
         args = _inputs(model.config, (2, 6, 10))
@@ -122,6 +199,8 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
         record(name, {"err": (got - want).abs().max().item(), "shape": list(got.shape) == list(want.shape),
                       "disabled_equal": torch.equal(again, want), "disabled": model._parallel is None,
                       "sent": dict(sent)})
+    for name, (variant, grid, u, r, checkpointed) in GRAD_CASES[world].items():
+        record(name, _grad_case(model_of(variant), grid, u, r, checkpointed))
     if world == 4:
         for (u, r), _ in ERRORS.items():
             try:
@@ -179,6 +258,16 @@ def test_parallel_output_equals_single_process(runs, world, name):
         assert got["err"] <= TOL, (rank, name, got["err"])
 
 
+@pytest.mark.parametrize("world,name", [(w, n) for w, cases in GRAD_CASES.items() for n in cases])
+def test_parallel_gradients_equal_single_process(runs, world, name):
+    results, rcs, errs, _ = runs[world]
+    assert rcs == [0] * world, errs
+    for rank in range(world):
+        got = results[rank][name]
+        assert got["keys"] and got["disabled_equal"], (rank, got)
+        assert got["err"] <= GRAD_TOL, (rank, name, got)
+
+
 @pytest.mark.parametrize("degrees", list(ERRORS))
 def test_bad_degrees_are_clear_errors_on_every_rank(runs, degrees):
     results, rcs, errs, _ = runs[4]
@@ -219,6 +308,15 @@ def test_a_rank_that_raises_ends_every_process(tmp_path):
     assert results[0].get("started") and not results[0].get("finished") and rcs[0] != 0, (rcs, errs[0])
     assert "all_to_all_single" in errs[0]  # rank 0 was waiting in the Ulysses exchange and got the error there
     assert seconds < 60  # imports (~5 s per process) + at most gloo's 30 s timeout; seen 7 s (peer closed)
+
+
+def test_a_rank_that_raises_in_backward_ends_every_process(tmp_path):
+    results, rcs, errs, seconds = _spawn(2, tmp_path, "raise_backward")
+    assert "TIMEOUT" not in errs[0] + errs[1], errs
+    assert "injected failure on rank 1 in backward" in errs[1] and rcs[1] != 0
+    assert results[0].get("started") and not results[0].get("finished") and rcs[0] != 0, (rcs, errs[0])
+    assert "run_backward" in errs[0]  # rank 0 was waiting in a collective of its backward and got the error there
+    assert seconds < 60  # imports (~5 s per process) + at most gloo's 30 s timeout
 
 
 def test_cli_run_under_torchrun_equals_the_single_process_run(tmp_path):
@@ -271,6 +369,27 @@ def test_cli_cost_prints_the_communication(capsys):
     # more ranks: less per rank to send through Ulysses, never more speed than ranks
     assert cost.parallel_comm(c, 8, 1)["ulysses"] < cost.parallel_comm(c, 2, 1)["ulysses"]
     assert 1 < h100["speedup"] <= 8 and 0 < h100["comm_s"]
+
+
+def test_cli_cost_targets_take_the_parallel_flags(capsys):
+    """`cost --targets --ulysses U --ring R`: a column per target with the model bound on U R GPUs, '-' where U does
+    not divide the heads (1.3B: 12 heads)."""
+    from wan_model import cost
+    from wan_model.cli import main
+
+    assert main(["cost", "--targets", "--target-presets", "wan2.1-t2v-14b", "wan2.1-t2v-1.3b", "--ulysses", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "model ms x8: the model bound on 8 GPUs, ulysses 8 x ring 1" in out
+    row = next(line for line in out.splitlines() if line.startswith("wan2.1-t2v-14b") and " 720p " in line)
+    for (_, gpu, fmt, _, tm, _), cell in zip(cost.TARGETS, row.split(" | ")[1:]):
+        c = cost.model_cost("wan2.1-t2v-14b", 1280, 720, 81, impl="fused", weight_format=fmt)
+        bound = cost.lower_bounds(c, cost._peaks()[gpu])["model_s"]
+        tp = cost.parallel_step(c, gpu, 8, 1, forward_s=bound)["tp_s"] * 1e3
+        assert cell.split()[-1] == f"{tp:.4g}" + ("(ok)" if tp <= tm else "")
+        assert bound / 8 < tp / 1e3 < bound  # compute split 8 ways, plus the exposed communication
+    assert all(line.split()[-1] == "-" for line in out.splitlines() if line.startswith("wan2.1-t2v-1.3b"))
+    main(["cost", "--targets", "--target-presets", "wan2.1-t2v-14b"])
+    assert "model ms x" not in capsys.readouterr().out
 
 
 if __name__ == "__main__":

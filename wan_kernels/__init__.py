@@ -7,14 +7,16 @@ serve as CPU kernels). `python -m wan_kernels` prints what was built, the routin
 
 from wan_kernels import _library, ref
 from wan_kernels._extension import EXTENSION
-from wan_kernels.ops import (attention, attention_lse, gated_residual, layer_norm_modulate, nvfp4_dequantize,
-                             nvfp4_gemm, nvfp4_linear, nvfp4_linear_w4a4, nvfp4_quantize, qk_norm_rope, qkv_rope)
+from wan_kernels.ops import (attention, attention_backward, attention_delta, attention_forward, attention_lse,
+                             fp8_linear, gated_residual, layer_norm_modulate, nvfp4_dequantize, nvfp4_gemm, nvfp4_linear,
+                             nvfp4_linear_w4a4, nvfp4_quantize, qk_norm_rope, qkv_rope)
 from wan_kernels.routing import BACKENDS, IMPLS, BackendUnavailableError, resolve, route_table
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "EXTENSION", "IMPLS", "BackendUnavailableError", "attention", "attention_lse", "gated_residual",
+    "BACKENDS", "EXTENSION", "IMPLS", "BackendUnavailableError", "attention", "attention_backward", "attention_delta",
+    "attention_forward", "attention_lse", "fp8_linear", "gated_residual",
     "layer_norm_modulate", "nvfp4_dequantize", "nvfp4_gemm",
     "nvfp4_linear", "nvfp4_linear_w4a4", "nvfp4_quantize", "qk_norm_rope", "qkv_rope", "resolve", "route_table",
 ]

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from wan_kernels._spec import OpSpec
+from wan_kernels._spec import SPECS, OpSpec
 
 # op -> argument names it is differentiable in (OpSpec.differentiable), its reference, its schema's argument
 # names, its qualified name; filled by `register`
 DIFFERENTIABLE: dict[str, tuple[str, ...]] = {}
 _REFS: dict = {}
 _BACKWARDS: dict = {}  # op -> OpSpec.backward (None: _vjp)
+_SAVES_OUTPUTS: dict[str, bool] = {}  # op -> OpSpec.save_outputs (or forward_for_grad)
+_GRAD_FORWARDS: dict = {}  # op -> the spec of its forward_for_grad op
 _NAMES: dict[str, tuple[str, ...]] = {}
+_SCHEMAS: dict[str, str] = {}
 _QUALNAMES: dict[str, str] = {}
 
 
@@ -46,9 +49,12 @@ def _check_not_differentiable(op: str, args) -> None:
 
 
 def _setup_context(op: str):
+    saves_outputs = _SAVES_OUTPUTS[op]
+
     def setup_context(ctx, inputs, output):
         _check_not_differentiable(op, inputs)  # runs only when grad mode is on and an input requires grad
-        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs))
+        outputs = (output if isinstance(output, tuple) else (output,)) if saves_outputs else ()
+        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs), *outputs)
         ctx.constants = tuple(None if isinstance(a, torch.Tensor) else a for a in inputs)
 
     return setup_context
@@ -75,28 +81,60 @@ def _vjp(op: str, inputs, grads, needs_input_grad) -> tuple:
     return tuple(result)
 
 
-def _backward(op: str):
+def _backward(op: str, impl: str = "auto"):
     def backward(ctx, *grads):
-        inputs = [t if t is not None else c for t, c in zip(ctx.saved_tensors, ctx.constants)]
+        saved = ctx.saved_tensors
+        n = len(ctx.constants)
+        inputs = [t if t is not None else c for t, c in zip(saved[:n], ctx.constants)]
         custom = _BACKWARDS.get(op)
-        if custom is not None:
-            return tuple(custom(inputs, grads, ctx.needs_input_grad))
-        return _vjp(op, inputs, grads, ctx.needs_input_grad)
+        if custom is None:
+            return _vjp(op, inputs, grads, ctx.needs_input_grad)
+        if _SAVES_OUTPUTS[op]:
+            return tuple(custom(inputs, grads, ctx.needs_input_grad, outputs=saved[n:], impl=impl))
+        return tuple(custom(inputs, grads, ctx.needs_input_grad))
 
     return backward
 
 
-def _function(op: str, fn):
-    """An autograd.Function running `fn` (a backend of `op` outside the dispatcher) with op's backward."""
-    setup_context, backward = _setup_context(op), _backward(op)
+def _function(op: str, fn, forward_fn=None, impl: str = "auto"):
+    """An autograd.Function running `fn` with op's backward. `forward_fn` (the op's forward_for_grad, same
+    arguments, more outputs) runs in its place; the Function returns the op's own outputs and saves all."""
+    setup_context, backward = _setup_context(op), _backward(op, impl)
+    n_out = len(torch._C.parse_schema(_QUALNAMES[op] + _SCHEMAS[op][len(op):]).returns)
 
     def forward(ctx, *args):
-        out = fn(*args)
-        setup_context(ctx, args, out)
-        return out
+        if forward_fn is None:
+            out = fn(*args)
+            setup_context(ctx, args, out)
+            return out
+        res = forward_fn(*args)
+        setup_context(ctx, args, res)
+        return res[0] if n_out == 1 else tuple(res[:n_out])
 
     return type(f"wan_{op}", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def _autograd_kernel(spec: OpSpec):
+    """The Autograd dispatch-key kernel of an op with a forward_for_grad (built as torch.library.register_autograd
+    builds its kernel: an autograd.Function around a call below the Autograd key): under grad mode with an input
+    requiring grad, the forward_for_grad op runs in place of the op; else the op itself, redispatched."""
+    packet = spec.packet.default
+    grad_forward = _GRAD_FORWARDS[spec.name].packet.default
+
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return grad_forward(*args)
+
+    function = _function(spec.name, None, below_autograd)
+
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and _any_requires_grad(args):
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return packet.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
 
 
 def backend(spec: OpSpec, fn, *, own_autograd: bool):
@@ -105,7 +143,9 @@ def backend(spec: OpSpec, fn, *, own_autograd: bool):
     `register` installs; the reference; a composite of those), else it runs in an autograd.Function
     with the op's backward (the Triton launchers)."""
     op, check = spec.name, spec.check
-    function = None if own_autograd else _function(op, fn)
+    # not own_autograd: `fn` is a Triton launcher (routing), and so is the forward_for_grad run in its place
+    grad_forward = _GRAD_FORWARDS.get(op)
+    function = None if own_autograd else _function(op, fn, grad_forward and grad_forward.triton, "triton")
 
     def run(*args):
         check(*args)
@@ -126,6 +166,10 @@ def register(lib: torch.library.Library, spec: OpSpec) -> None:
     op = spec.name
     DIFFERENTIABLE[op], _REFS[op], _NAMES[op], _QUALNAMES[op] = spec.differentiable, spec.ref, spec.arg_names, \
         spec.qualname
-    _BACKWARDS[op] = spec.backward
-    if spec.compose is None:
+    _BACKWARDS[op], _SCHEMAS[op] = spec.backward, spec.schema
+    _SAVES_OUTPUTS[op] = spec.save_outputs or spec.forward_for_grad is not None
+    if spec.forward_for_grad is not None:
+        _GRAD_FORWARDS[op] = SPECS[spec.forward_for_grad]
+        lib.impl(spec.name, _autograd_kernel(spec), "Autograd", with_keyset=True)
+    elif spec.compose is None:
         torch.library.register_autograd(spec.qualname, _backward(op), setup_context=_setup_context(op), lib=lib)

@@ -50,6 +50,8 @@ def register_namespace(namespace: str) -> None:
                 lib.impl(s.name, checked(s, s.ref), "CPU")
             if s.internal_of is None:
                 lib.impl(s.name, routing.cuda_router(s), "CUDA")
+            elif isinstance(SPECS[s.internal_of].cuda, routing.TorchCudaKernel):  # a kernel torch ships
+                lib.impl(s.name, SPECS[s.internal_of].cuda.fn, "CUDA")
         _autograd.register(lib, s)
 
 
@@ -61,5 +63,5 @@ def unregister_namespace(namespace: str) -> None:
 
 # Schemas a loaded _C lacks (a stale build of an older checkout): declared here so the package imports;
 # tests/test_library.py fails while this is not empty.
-MISSING_FROM_EXTENSION = tuple(s.name for s in all_specs() if not _has_schema(s)) if EXTENSION.loaded else ()
+MISSING_FROM_EXTENSION = tuple(s.name for s in all_specs() if s.cpp and not _has_schema(s)) if EXTENSION.loaded else ()
 register_namespace("wan")

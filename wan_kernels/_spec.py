@@ -7,7 +7,7 @@ wrapper in wan_kernels/ops/<op>.py; its kernels are wan_kernels/ref/, wan_kernel
 
 Adding an op: write wan_kernels/ops/<op>.py with `SPEC = register(OpSpec(...))` and the wrapper, import it in
 wan_kernels/ops/__init__.py, and (if it has C++/CUDA kernels) declare the same schema in csrc/registration.cpp
-(tests/test_library.py pins the two equal). tests/test_routing.py registers a toy op from one spec.
+(tests/test_library.py pins the two equal; a Python-only op says cpp=False). tests/test_routing.py registers a toy op from one spec.
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ class OpSpec:
         backward ops of its own (each an op with a fake, so torch.compile traces training steps); inputs are the
         forward's arguments, grads one per output (None where the output gets no gradient). None = the
         reference's vector-Jacobian product (wan_kernels/_autograd.py).
+    save_outputs: the autograd also saves the forward's outputs and calls
+        backward(inputs, grads, needs_input_grad, outputs=..., impl=...): impl is "auto" on the dispatcher's path
+        (its backward ops route by device) and "triton" for the named Triton backend (its backward ops too).
+    forward_for_grad: an op of its own (same arguments, a spec of its own) returning this op's outputs followed by
+        what the backward needs (attention: the per-set log-sum-exp); when gradients are needed the op's Autograd
+        kernel runs it in place of the forward (one forward, nothing recomputed) and `outputs` holds all of its
+        results. Implies save_outputs.
     triton: the Triton launcher (same signature), or None.
     cuda: the compiled CUDA kernel, or None.
     compose(part) -> callable: a composite op built from the ops named in `parts`; part(name) gives the callable
@@ -53,6 +60,9 @@ class OpSpec:
     constant, weights: arguments independent of the batch (weights, tables) / model parameters among them
         (the cost model's `const` and `weight` bytes).
     internal_of: for the internal op carrying a CudaKernel, the public op it serves.
+    cpp: the schema is declared by `_C`'s TORCH_LIBRARY (csrc/registration.cpp: every op of the namespace with
+        C++/CUDA kernels or a schema there); False: a Python-only op (Triton and reference kernels), declared
+        by wan_kernels/_library.py.
     """
     name: str
     schema: str
@@ -62,6 +72,8 @@ class OpSpec:
     fake: Callable | None = None
     differentiable: tuple[str, ...] = ()
     backward: Callable | None = None
+    save_outputs: bool = False
+    forward_for_grad: str | None = None
     triton: Callable | None = None
     cuda: CudaKernel | None = None
     compose: Callable | None = None
@@ -71,6 +83,7 @@ class OpSpec:
     weights: tuple[str, ...] = ()
     namespace: str = "wan"
     internal_of: str | None = None
+    cpp: bool = True
 
     @property
     def qualname(self) -> str:

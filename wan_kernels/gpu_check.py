@@ -8,9 +8,11 @@ Made for the GPU machines we can borrow: bare (torch + triton + nvcc, no package
   3. big_gemm the Wan-14B 720p CFG `to_qkv` W4A16 GEMM at M = 151,200 (offsets past 2^31), slices checked
   4. model    tiny random models (T2V, I2V) and a 1.3B-shaped 2-layer model, impl="auto" vs "ref";
               torch.compile(fullgraph=True); CUDA graph capture + replay of a denoising step
-  5. bench_*  attention TFLOP/s at Wan-14B 480p/720p self-attention vs SDPA's flash and cuDNN backends, I2V
-              one launch vs two calls; qk_norm_rope / modulate / residual GB/s vs HBM peak; W4A16 GEMM vs bf16
-              cuBLAS, W4A4 CUTLASS (sm_100); one CFG step of 1.3B and 14B at 480p vs the cost model, peak memory
+  5. bench_*  attention TFLOP/s at Wan-14B 480p/720p self-attention: today's kernel ("wan"), the TMA / warp-
+              specialised path ("wan-ws", attention_ws, checked against "wan" first) vs SDPA's flash and cuDNN
+              backends, I2V one launch (both paths) vs two calls; qk_norm_rope / modulate / residual GB/s vs
+              HBM peak; W4A16 GEMM vs bf16 cuBLAS, W4A4 CUTLASS (sm_100); one CFG step of 1.3B and 14B at
+              480p vs the cost model, peak memory
 Every case is one row appended (and flushed) to OUTDIR/results.jsonl as it finishes; OUTDIR/summary.md is
 rewritten after each section; OUTDIR/env.json and OUTDIR/build.log complete the set (4 files). Each section has
 a time box: once spent, its remaining cases are recorded as "timeout" and the next section starts, so a run
@@ -382,11 +384,22 @@ def bench_attention_cases(check: Check) -> list[Case]:
             g = torch.Generator(device=check.device).manual_seed(0)
             return [torch.randn(1, S, H, D, device=check.device, dtype=torch.bfloat16, generator=g) for _ in "qkv"]
 
-        for provider in ("wan", "sdpa-flash", "sdpa-cudnn"):
+        for provider in ("wan", "wan-ws", "sdpa-flash", "sdpa-cudnn"):
             def run(provider=provider, make=make, S=S):
                 q, k, v = make()
                 if provider == "wan":
                     fn = lambda: wan_kernels.attention(q, k, v)  # noqa: E731
+                elif provider == "wan-ws":  # the TMA / warp-specialised path (sm_90, sm_100), called directly
+                    from wan_kernels.triton import attention_ws
+
+                    if not attention_ws.supports(q, k, v):
+                        return {"status": "skip", "reason": "attention_ws does not serve this device"}
+                    # correctness before timing: the same softmax as today's kernel, bf16 outputs (TOLERANCE)
+                    err = float((attention_ws.attention(q, k, v).float() - wan_kernels.attention(q, k, v).float())
+                                .abs().max())
+                    if err > TOLERANCE[torch.bfloat16][0]:
+                        return {"status": "fail", "max_err_vs_wan": err}
+                    fn = lambda: attention_ws.attention(q, k, v)  # noqa: E731
                 else:
                     backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
                     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -406,6 +419,16 @@ def bench_attention_cases(check: Check) -> list[Case]:
             q, k, v, ki, vi = r(S), r(512), r(512), r(257), r(257)
             if mode == "one launch":
                 fn = lambda: wan_kernels.attention(q, k, v, ki, vi)  # noqa: E731
+            elif mode == "one launch ws":
+                from wan_kernels.triton import attention_ws
+
+                if not attention_ws.supports(q, k, v, ki, vi):
+                    return {"status": "skip", "reason": "attention_ws does not serve this device"}
+                err = float((attention_ws.attention(q, k, v, ki, vi).float()
+                             - wan_kernels.attention(q, k, v, ki, vi).float()).abs().max())
+                if err > TOLERANCE[torch.bfloat16][0]:
+                    return {"status": "fail", "max_err_vs_wan": err}
+                fn = lambda: attention_ws.attention(q, k, v, ki, vi)  # noqa: E731
             else:
                 fn = lambda: wan_kernels.attention(q, k, v) + wan_kernels.attention(q, ki, vi)  # noqa: E731
             ms = _time_ms(check, fn)
@@ -413,7 +436,7 @@ def bench_attention_cases(check: Check) -> list[Case]:
         return run
 
     cases += [Case(f"I2V cross-attn 14B 480p {m}", i2v(m), f"q [1, 32760, 40, 128], 512 text + 257 image keys, {m}")
-              for m in ("one launch", "two calls")]
+              for m in ("one launch", "one launch ws", "two calls")]
     return cases
 
 

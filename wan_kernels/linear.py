@@ -1,4 +1,5 @@
-"""`NVFP4Linear`: a drop-in for `nn.Linear` whose weight is stored in NVFP4 (3.5x smaller than bf16).
+"""`NVFP4Linear` / `FP8Linear`: drop-ins for `nn.Linear` whose weight is stored in NVFP4 (3.5x smaller than bf16)
+or FP8 (2x; see `FP8Linear`).
 
 Buffers (= checkpoint keys, the ModelOpt/vLLM naming): `weight` uint8 [N, K/2] packed E2M1, `weight_scale`
 float8_e4m3fn [roundup(N,128), roundup(K/16,4)] swizzled block scales, `weight_scale_2` fp32 scalar global
@@ -18,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wan_kernels import fp8, ops, routing
 from wan_kernels import nvfp4 as fmt
-from wan_kernels import ops, routing
 
 MODES = ("auto", "w4a16", "w4a4")
 
@@ -91,9 +92,89 @@ class NVFP4Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return ops.nvfp4_dequantize(self.weight, self.weight_scale, self.weight_scale_2, dtype, impl="ref")
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight [N, K] in `dtype` (what a LoRA is fused into before re-quantizing)."""
+        return self.dequantized_weight(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.weight, self.weight_scale, self.weight_scale_2, self.bias, impl=self.impl)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"mode={self.mode}, impl={self.impl}")
+
+
+class FP8Linear(nn.Module):
+    """A drop-in for `nn.Linear` with an FP8 weight (wan_kernels/fp8.py), running `wan::fp8_linear`: W8A8 on
+    `torch._scaled_mm` on sm_89+ for the calls it takes, W8A16 elsewhere (the route table decides per call).
+
+    Buffers (= checkpoint keys, ComfyUI's names): `weight` float8_e4m3fn (or e5m2) [N, K], `weight_scale` fp32
+    decode scale [] (per tensor) or [N, 1] (per output row), `input_scale` fp32 [] static activation scale
+    (only with input_scale=True), `bias` in the activation dtype or None. Training: the weight is a frozen base,
+    the layer is differentiable in its input.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, per_channel: bool = False,
+                 fp8_dtype: torch.dtype | str = torch.float8_e4m3fn, input_scale: bool = False, impl: str = "auto",
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        device = torch.device(device or "cpu")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=fp8.dtype_of(fp8_dtype),
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones((out_features, 1) if per_channel else (),
+                                                        dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device) if input_scale
+                             else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.impl = impl
+
+    @property
+    def per_channel(self) -> bool:
+        return self.weight_scale.dim() == 2
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` cast every floating buffer, float8 included: the fp8 weight and the fp32
+        # scales keep their dtype and only follow the device.
+        kept = {name: getattr(self, name) for name in ("weight", "weight_scale", "input_scale")}
+        out = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if before is not None and after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return out
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, per_channel: bool = False,
+                    fp8_dtype: torch.dtype | str = torch.float8_e4m3fn, impl: str = "auto") -> "FP8Linear":
+        """Quantize an nn.Linear's weight (scale from its amax, per tensor or per output row)."""
+        w = linear.weight.detach()
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, per_channel=per_channel,
+                fp8_dtype=fp8_dtype, impl=impl, device=w.device, dtype=w.dtype)
+        q.set_dense_weight(w)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    @torch.no_grad()
+    def set_dense_weight(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Quantize `weight` [N, K] into this layer with a fresh scale from its amax (same granularity and fp8
+        dtype), or with `scale` ([] / [N, 1] fp32) when given (a fused group's shared scale)."""
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            raise ValueError(f"FP8Linear.set_dense_weight: weight must be {list(self.weight.shape)}, got "
+                             f"{list(weight.shape)}")
+        s = fp8.scale_of(weight, self.per_channel, self.weight.dtype) if scale is None else scale.float()
+        self.weight.copy_(fp8.quantize(weight, s.to(weight.device), self.weight.dtype))
+        self.weight_scale.copy_(s.reshape(self.weight_scale.shape))
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight [N, K] in `dtype` (weight * weight_scale, fp32 math)."""
+        return fp8.dequantize(self.weight, self.weight_scale, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.input_scale, self.bias, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{fp8.NAMES[self.weight.dtype]}, scale={'per_channel' if self.per_channel else 'per_tensor'}, "
+                f"impl={self.impl}")

@@ -13,13 +13,17 @@ CFG (75,600 tokens x 2), and `aot.compile_launch` lets Triton's binder derive th
 arguments (ints equal to 1 become constexprs, multiples of 16 and aligned pointers are tagged). Launches that
 specialise identically are compiled once. Enumerated:
   qk_norm_rope  `launch_config(H, D)` over the Wan head counts, the test shapes and one shape per head-tile
-                size, deduplicated; fp32 / fp16 / bf16
+                size, deduplicated; fp32 / fp16 / bf16; its backward at the Wan head counts and one chunked row,
+                fp32 / bf16
   attention     per arch, head_dim 64 / 128 x self / cross / i2v (`pick_config`), fp16, bf16, and bf16 with the
-                LSE output
-  nvfp4         W4A16 (fp16, bf16) and W4A4 (fp16) at M = 2 and M = 151,200 (to_qkv: N = 15,360, K = 5,120);
-                quantize / dequantize in fp32 and bf16
-  modulate      layer_norm_modulate / gated_residual at the Wan widths 1536 / 3072 / 5120, fp32 and bf16, with
-                the model's modulation layout
+                LSE output; the backward's dK/dV and dQ passes (fp16, bf16) and the I2V delta preprocess (bf16)
+  attention_ws  the Hopper/Blackwell path (TMA, warp specialisation, persistent), sm_90 / sm_100 only: head_dim
+                64 / 128 x self / i2v, fp16, bf16 (tests/test_attention_ws.py checks its TMA / setmaxnreg PTX)
+  nvfp4         W4A16 (fp16, bf16), its dgrad (dX = dY @ dequant(W), fp16, bf16) and W4A4 (fp16) at M = 2 and
+                M = 151,200 (to_qkv: N = 15,360, K = 5,120); quantize / dequantize in fp32 and bf16
+  modulate      layer_norm_modulate / gated_residual and their backwards at the Wan widths 1536 / 3072 / 5120,
+                fp32 and bf16, with the model's modulation layout (backward: broadcast bf16 at every width and
+                fp32 at 5120, per-token bf16 at 3072)
 Compiles run in a process pool (`--jobs`, default 2); Triton's own cache keeps repeated runs fast.
 `--maxnreg N` caps the registers of every compile (a forced-spill check of the report itself).
 """
@@ -38,7 +42,7 @@ import time
 
 import torch
 
-KERNELS = ("qk_norm_rope", "attention", "nvfp4", "modulate", "cuda")
+KERNELS = ("qk_norm_rope", "attention", "attention_ws", "nvfp4", "modulate", "cuda")
 ARCHS = (80, 86, 89, 90, 100, 120)
 # Largest shared memory per block (bytes, opt-in): A100 163 KB; sm_86 / sm_89 / sm_120 99 KB; H100 / B200 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
@@ -89,6 +93,18 @@ def _qk_norm_rope_jobs(archs):
                                      _meta(c, dtype=dtype), _meta(TOKENS, d // 2, dtype=torch.float32),
                                      _meta(TOKENS, d // 2, dtype=torch.float32), h, 1e-6, _cap(arch))[0]
                 jobs.append(Job("qk_norm_rope", label, arch, False, launch))
+        # backward: the Wan head counts (1.3B / 5B / 14B) and one chunked row, bf16 and fp32 (q and k launches)
+        for h, d in ((12, 128), (24, 128), (40, 128), (80, 128)):
+            cfg, c = tqk.launch_config(h, d), h * d
+            for dtype in (torch.float32, torch.bfloat16):
+                grads = [_meta(CFG_BATCH, TOKENS, h, d, dtype=dtype) for _ in range(3)]
+                launches = tqk.prepare_backward(*grads, _meta(CFG_BATCH, TOKENS, 3 * c, dtype=dtype),
+                                                _meta(c, dtype=dtype), _meta(c, dtype=dtype),
+                                                _meta(TOKENS, d // 2, dtype=torch.float32),
+                                                _meta(TOKENS, d // 2, dtype=torch.float32), h, 1e-6, _cap(arch))[0]
+                for part, launch in zip("qk", launches):
+                    jobs.append(Job("qk_norm_rope", f"backward {part} H={h} D={d} H_BLOCK={cfg.H_BLOCK} "
+                                    f"chunks={cfg.NUM_CHUNKS} w{cfg.num_warps} {str(dtype)[6:]}", arch, False, launch))
     return jobs
 
 
@@ -108,6 +124,52 @@ def _attention_jobs(archs):
                     cfg = ta.pick_config(_cap(arch), d, max(sk, si), bool(si))
                     label = f"{kind} hd{d} {cfg} {str(dtype)[6:]}{' lse' if lse else ''}"
                     jobs.append(Job("attention", label, arch, True, launch))
+    return jobs + _attention_backward_jobs(archs, cases)
+
+
+def _attention_backward_jobs(archs, cases):
+    """The backward's launches (wan_kernels/triton/attention_bwd.py): per arch and head_dim, the dK/dV and dQ
+    passes in fp16 and bf16 at the self-attention shape (their tiles do not depend on the kind) and the delta
+    preprocess with the image set (I2V cross-attention: 512 text, 257 image keys) in bf16."""
+    from wan_kernels.triton import attention_bwd as tb
+
+    jobs = []
+    for arch in archs:
+        for d, (h, s) in cases.items():
+            for dtype in (torch.float16, torch.bfloat16):
+                q, k, v, dout = (_meta(CFG_BATCH, s, h, d, dtype=dtype) for _ in range(4))
+                stat = _meta(CFG_BATCH, h, s, dtype=torch.float32)
+                launches = tb.prepare_backward(dout, q, k, v, stat, stat, None, _cap(arch))[0]
+                for which, launch in zip(("dkdv", "dq"), launches):
+                    cfg = tb.pick_config(_cap(arch), d, which)
+                    jobs.append(Job("attention", f"bwd {which} hd{d} {cfg} {str(dtype)[6:]}", arch, True, launch))
+            ki, vi = _meta(CFG_BATCH, 257, h, d), _meta(CFG_BATCH, 257, h, d)
+            q = _meta(CFG_BATCH, s, h, d)
+            launch = tb.prepare_delta(q, q, q, ki, vi, _meta(CFG_BATCH, h, s, dtype=torch.float32), None,
+                                      _cap(arch))[0]
+            jobs.append(Job("attention", f"bwd delta i2v hd{d} {tb.pick_config(_cap(arch), d, 'delta')} bfloat16",
+                            arch, True, launch))
+    return jobs
+
+
+def _attention_ws_jobs(archs):
+    """The Hopper/Blackwell attention path (wan_kernels/triton/attention_ws.py), on sm_90 and sm_100 only: head_dim
+    64 / 128 x self (Wan 14B 720p) / i2v (512 text + 257 image keys), fp16 and bf16."""
+    from wan_kernels.triton import attention_ws as tw
+
+    jobs = []
+    for arch in archs:
+        if tw.arch_class(_cap(arch)) is None:
+            continue
+        for d in (64, 128):
+            for kind, (sk, si) in {"self": (TOKENS, 0), "i2v": (512, 257)}.items():
+                for dtype in (torch.float16, torch.bfloat16):
+                    kv = [_meta(CFG_BATCH, n, 40, d, dtype=dtype) for n in (sk, sk, si, si) if n]
+                    img = kv[2:] if si else (None, None)
+                    q = _meta(CFG_BATCH, TOKENS, 40, d, dtype=dtype)
+                    launch = tw.prepare(q, kv[0], kv[1], *img, None, False, None, _cap(arch))[0]
+                    cfg = tw.pick_config(_cap(arch), d, max(sk, si), bool(si))
+                    jobs.append(Job("attention_ws", f"{kind} hd{d} {cfg} {str(dtype)[6:]}", arch, True, launch))
     return jobs
 
 
@@ -129,6 +191,10 @@ def _nvfp4_jobs(archs):
             launch = tnv.prepare_w4a4(a, sa, gs, w, ws, gs, _meta(n, dtype=torch.float16), torch.float16,
                                       _cap(arch))[0]
             jobs.append(Job("nvfp4", f"gemm w4a4 M={m} {_gemm_label(launch)} float16", arch, True, launch))
+            for dt in (torch.float16, torch.bfloat16):  # dX = dY [M, N] @ dequant(W): the backward of w4a16
+                launch = tnv.prepare_dgrad(_meta(m, n, dtype=dt), w, ws, gs, _cap(arch))[0]
+                jobs.append(Job("nvfp4", f"dgrad w4a16 M={m} {_gemm_label(launch)} {str(dt)[6:]}", arch, True,
+                                launch))
         for dt in (torch.float32, torch.bfloat16):
             m = CFG_BATCH * TOKENS
             launch = tnv.prepare_quantize(_meta(m, k, dtype=dt), gs, _cap(arch))[0]
@@ -157,10 +223,25 @@ def _modulate_jobs(archs):
                 jobs.append(Job("modulate", f"layer_norm_modulate C={c} w{warps} {str(dt)[6:]}", arch, False, launch))
                 launch = modulate.prepare_gated_residual(x, x, gate, _cap(arch))[0]
                 jobs.append(Job("modulate", f"gated_residual C={c} w{warps} {str(dt)[6:]}", arch, False, launch))
+                # backward, the model's layouts: broadcast modulation (bf16 at every width, fp32 at 5120), per-token
+                # (the 5B's, bf16 at 3072)
+                for per_token in (False, True):
+                    if (dt == torch.float32 and (per_token or c != 5120)) or (per_token and c != 3072):
+                        continue
+                    shift, scale, gate = _meta(CFG_BATCH, TOKENS if per_token else 1, 6, c,
+                                               dtype=torch.float32).unbind(2)[:3]
+                    kind = "per-token" if per_token else "broadcast"
+                    launch = modulate.prepare_layer_norm_modulate_backward(x, x, scale, shift, 1e-6, _cap(arch))[0]
+                    jobs.append(Job("modulate", f"layer_norm_modulate_backward {kind} C={c} w{warps} {str(dt)[6:]}",
+                                    arch, False, launch))
+                    launch = modulate.prepare_gated_residual_backward(x, x, gate, _cap(arch))[0]
+                    jobs.append(Job("modulate", f"gated_residual_backward {kind} C={c} w{warps} {str(dt)[6:]}",
+                                    arch, False, launch))
     return jobs
 
 
-BUILDERS = {"qk_norm_rope": _qk_norm_rope_jobs, "attention": _attention_jobs, "nvfp4": _nvfp4_jobs,
+BUILDERS = {"qk_norm_rope": _qk_norm_rope_jobs, "attention": _attention_jobs, "attention_ws": _attention_ws_jobs,
+            "nvfp4": _nvfp4_jobs,
             "modulate": _modulate_jobs}
 
 

@@ -2,7 +2,8 @@
 (op, capability) from the op specs (wan_kernels/_spec.py), used both to dispatch and to report.
 
 Backends:
-  "cuda"   CUDA/CUTLASS kernels of `wan_kernels._C`, on the op's internal op (`OpSpec.cuda`)
+  "cuda"   CUDA/CUTLASS kernels of `wan_kernels._C`, on the op's internal op (`OpSpec.cuda`); or a CUDA
+           kernel torch ships (`TorchCudaKernel`: cuBLASLt FP8 through torch._scaled_mm from sm_89 on)
   "cpu"    C++ CPU kernels of `wan_kernels._C` (CPU tensors)
   "triton" Triton kernels (CUDA tensors of compute capability >= 8.0, or CPU tensors under TRITON_INTERPRET=1)
   "ref"    the pure-torch references (any device)
@@ -17,11 +18,12 @@ kernels their TORCH_CHECKs) and the same autograd rule (wan_kernels/_autograd.py
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
 from wan_kernels import _autograd, _extension
-from wan_kernels._spec import SPECS, OpSpec, checked
+from wan_kernels._spec import SPECS, CudaKernel, OpSpec, checked
 from wan_kernels.triton._launch import interpreter_enabled
 
 BACKENDS = ("cuda", "cpu", "triton", "ref")
@@ -39,6 +41,15 @@ GPUS = {"sm80": "A100", "sm86": "RTX 3090, A40", "sm89": "RTX 4090, L40S", "sm90
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly named backend cannot run this op on this device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchCudaKernel(CudaKernel):
+    """An op's CUDA kernel that torch itself ships (e.g. cuBLASLt's FP8 GEMM behind `torch._scaled_mm`), not `_C`:
+    `fn` (the op's signature) runs on every CUDA device of capability >= `min_capability`, whatever `_C` was
+    built with. Like a `_C` kernel it sits on the internal op `op` (wan_kernels/_library.py registers `fn` there)."""
+    fn: Callable | None = None
+    min_capability: tuple[int, int] = (0, 0)
 
 
 def _parse_target(target: str) -> tuple[int, int, str, bool]:
@@ -69,6 +80,10 @@ def _cuda_reason(spec: OpSpec, capability: tuple[int, int] | None) -> str | None
     """None when the op's compiled CUDA kernel runs on a device of `capability` (None: any CUDA device)."""
     if spec.cuda is None:
         return f"{spec.qualname} has no CUDA kernel"
+    if isinstance(spec.cuda, TorchCudaKernel):
+        need = spec.cuda.min_capability
+        return None if capability is None or capability >= need else (
+            f"the CUDA kernel of {spec.qualname} needs compute capability >= {need}, device has {capability}")
     if not _extension.has_compiled_kernel(spec.cuda.op, "CUDA"):
         return (f"no CUDA kernel of {spec.namespace}::{spec.cuda.op} in this build of wan_kernels._C "
                 f"({_extension.EXTENSION.error or 'built without it'})")

@@ -6,9 +6,12 @@ Formats (wan_model.formats.REGISTRY; key names and NVFP4 conventions in wan_mode
   "original"   one .safetensors file with the names of Wan-Video's wan/modules/model.py
   "comfyui"    the original names, optionally prefixed `model.diffusion_model.`; fp8 "scaled" files
                carry side-car keys (`scaled_fp8` + `<layer>.scale_weight`, or `<layer>.comfy_quant` +
-               `<layer>.weight_scale`) that are applied here (per-tensor fp8 scales) or rejected
+               `<layer>.weight_scale`): their layers load as FP8Linear, the fp8 bytes kept (wan_model.layouts)
+  "comfyui-scaled-fp8"  as comfyui, FP8 layers written in the legacy `scaled_fp8` flavour
   "modelopt"   a diffusers directory of NVFP4 layers in NVIDIA ModelOpt's layout + hf_quant_config.json
   "lightx2v"   (read) one file, original names, NVFP4 layers in LightX2V's layout
+  GGUF         (read here, dequantized at load; written by wan_model.gguf.convert_gguf) one .gguf file,
+               original names, arch "wan" (city96's ComfyUI-GGUF files; diffusers' GGUF loader)
 The format is detected on load; a Wan2.2 two-expert pipeline directory (`transformer/` + `transformer_2/`)
 loads as a `WanExperts`.
 
@@ -31,6 +34,7 @@ import os
 
 import torch
 
+from wan_kernels import fp8
 from wan_model._atomic import atomic_save, check_destination
 from wan_model.config import WanConfig, block_indices, read_json
 from wan_model.formats import (DIFFUSERS_LAYOUT, FORMATS, INDEX_NAME, PIPELINE_LAYOUT, REGISTRY, WEIGHTS_NAME,
@@ -40,7 +44,8 @@ from wan_model.formats import (DIFFUSERS_LAYOUT, FORMATS, INDEX_NAME, PIPELINE_L
 from wan_model.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_keys, diffusers_to_native,
                                diffusers_to_original_key, native_to_diffusers, original_to_diffusers_key)
 from wan_model.model import WanModel, keeps_fp32
-from wan_model.quantize import NVFP4Config, checkpoint_layers, quantize_structure, quantized_groups
+from wan_model.quantize import (NEVER_QUANTIZED, FP8Config, NVFP4Config, checkpoint_layers, fp8_checkpoint_layers,
+                                fp8_structure, layer_groups, quantize_structure, quantized_groups)
 
 __all__ = ["COMFY_PREFIX", "DIFFUSERS_LAYOUT", "FORMATS", "INDEX_NAME", "REGISTRY", "WEIGHTS_NAME", "CheckpointError", "WanExperts",
            "check_state_dict", "config_from_state_dict", "convert_checkpoint", "convert_nvfp4", "detect_format",
@@ -91,15 +96,56 @@ def _diffusers_files(directory: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def _expected_model(cfg: WanConfig, nvfp4_layers: tuple[str, ...] = (), device="cpu", impl: str = "ref"):
-    """An empty WanModel on "meta" with the layers `nvfp4_layers` (diffusers names) as NVFP4 modules."""
+def _expected_model(cfg: WanConfig, nvfp4_layers: tuple[str, ...] = (), device="cpu", impl: str = "ref",
+                    fp8_native: dict[str, torch.Tensor] | None = None):
+    """An empty WanModel on "meta" with the layers `nvfp4_layers` (diffusers names) as NVFP4 modules;
+    `fp8_native`: the native state dict of a checkpoint with FP8 layers, whose modules become FP8Linear (per-row
+    where its scale is [N, 1], with the fp8 dtype stored)."""
     model = WanModel(cfg, impl=impl, device="meta")
     if nvfp4_layers:
         try:
             quantize_structure(model, NVFP4Config(layers=tuple(nvfp4_layers)), device)
         except ValueError as e:
             raise CheckpointError(f"NVFP4 checkpoint: {e}") from e
+    groups = dict(layer_groups(cfg)) if fp8_native else {}
+    natives = sorted(n for n in groups if fp8_native.get(n + ".weight", torch.empty(0)).dtype in fp8.DTYPES)
+    if natives:
+        per_row = {n for n in natives if fp8_native[n + ".weight_scale"].dim() == 2}
+        config = FP8Config(layers=tuple(sorted(m for n in natives for m in groups[n])),
+                           per_channel=per_row == set(natives), dtype=fp8.NAMES[fp8_native[natives[0] + ".weight"].dtype])
+        try:
+            fp8_structure(model, config, per_row)
+        except ValueError as e:
+            raise CheckpointError(f"FP8 checkpoint: {e}") from e
     return model
+
+
+def dequantize_fp8_layers(sd: dict[str, torch.Tensor], cfg: WanConfig, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The FP8 layers of diffusers-named `sd` that cannot stay FP8 (keep=False: all of them) dequantized to
+    fp32 (exact): those outside the quantizable Linear layers (the time embedder, which diffusers keeps in fp32;
+    a Conv3d) and the members of a fused group (to_qkv, cross_kv) that is not FP8 as a whole."""
+    layers = set(fp8_checkpoint_layers(sd))
+    if layers and keep:
+        whole = {m for _, members in layer_groups(cfg) if set(members) <= layers for m in members}
+        layers -= {m for m in whole if not m.startswith(NEVER_QUANTIZED)}
+    if not layers:
+        return sd
+    sd = dict(sd)
+    for layer in layers:
+        sd[layer + ".weight"] = fp8.dequantize(sd[layer + ".weight"], sd.pop(layer + ".weight_scale"))
+        sd.pop(layer + ".input_scale", None)
+    return sd
+
+
+def _check_fp8(sd: dict[str, torch.Tensor], fp8_layers, source: dict[str, str]) -> None:
+    """An FP8 layer is an fp8 [N, K] weight with an fp32 weight_scale [] or [N, 1] (CheckpointError naming the key)."""
+    for layer in fp8_layers:
+        w, s = sd[layer + ".weight"], sd[layer + ".weight_scale"]
+        key = source.get(layer + ".weight_scale", layer + ".weight_scale")
+        if w.dim() != 2 or s.dtype != torch.float32 or tuple(s.shape) not in ((), (w.shape[0], 1)):
+            raise CheckpointError(f"{key}: the scale of FP8 weight {source.get(layer + '.weight', layer + '.weight')} "
+                                  f"{tuple(w.shape)} must be float32 [] or [{w.shape[0] if w.dim() else 'N'}, 1], "
+                                  f"got shape {tuple(s.shape)} dtype {s.dtype}")
 
 
 def logical_shapes(sd: dict) -> dict:
@@ -120,10 +166,11 @@ def logical_shapes(sd: dict) -> dict:
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[str, str] | None = None,
-                     nvfp4_layers: tuple[str, ...] = ()) -> None:
+                     nvfp4_layers: tuple[str, ...] = (), fp8_layers: tuple[str, ...] = ()) -> None:
     """Raise CheckpointError listing missing/unexpected keys, or quoting wrong dtypes or shapes (diffusers
     names). `nvfp4_layers`: the diffusers layers stored as NVFP4 (weight, weight_scale, weight_scale_2,
-    optionally input_scale), in our layout.
+    optionally input_scale), `fp8_layers` those stored as fp8 (weight, weight_scale, optionally input_scale: read,
+    not used), in our layout.
     Tensors may be meta (only names, dtypes and shapes are read). The layer count and the key set are
     checked before anything of size `cfg` is built, so a config that disagrees fails at once."""
     source = source or {}
@@ -136,9 +183,10 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[s
     dense = diffusers_keys(cfg)
     packed = {f"{layer}.{s}": dt for layer in nvfp4_layers if f"{layer}.weight" in dense
               for s, dt in NVFP4_DTYPES.items()}
-    optional = {f"{layer}.input_scale" for layer in nvfp4_layers if f"{layer}.weight" in dense} & got
+    optional = {f"{layer}.input_scale" for layer in (*nvfp4_layers, *fp8_layers) if f"{layer}.weight" in dense} & got
     packed.update({k: torch.float32 for k in optional})
-    keys = dense | set(packed)
+    fp8_keys = {f"{layer}.weight_scale" for layer in fp8_layers if f"{layer}.weight" in dense}
+    keys = dense | set(packed) | fp8_keys
     missing = sorted(keys - got)
     unexpected = sorted(source.get(k, k) for k in got - keys)
     if missing or unexpected:
@@ -150,6 +198,11 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[s
         raise CheckpointError(f"checkpoint tensors have unsupported dtypes: {'; '.join(bad[:8])}"
                               f"{'; ...' if len(bad) > 8 else ''} ({len(bad)} tensors; weights are float, NVFP4 "
                               "layers uint8 + float8_e4m3fn + float32 scales)")
+    _check_fp8(sd, [k.removesuffix(".weight_scale") for k in fp8_keys], source)
+    unscaled = [source.get(k, k) for k in sorted(dense) if sd[k].dtype in fp8.DTYPES and k + "_scale" not in fp8_keys]
+    if unscaled:
+        raise CheckpointError(f"fp8 tensors without their scale (an FP8 layer is <layer>.weight + "
+                              f"<layer>.weight_scale): {unscaled[:8]}")
     shapes = {k: tuple(v.shape) for k, v in native_to_diffusers_meta(_expected_model(cfg, nvfp4_layers)).items()}
     shapes.update({k: () for k in optional})
     wrong = [f"{source.get(k, k)}: checkpoint {tuple(sd[k].shape)} vs model {shapes[k]}"
@@ -172,12 +225,13 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
     """
     cfg = config or config_from_state_dict(sd, "state dict")
     nvfp4_layers = checkpoint_layers(sd)
-    check_state_dict(sd, cfg, source, nvfp4_layers)
+    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd))
+    sd = dequantize_fp8_layers(sd, cfg)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS) and not k.endswith(".input_scale")}
     native = diffusers_to_native(sd, cfg)
     native = {k: v.to(device=device) if _is_nvfp4_buffer(k, v) else
               v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
-    model = _expected_model(cfg, nvfp4_layers, device, impl)
+    model = _expected_model(cfg, nvfp4_layers, device, impl, native)
     model.load_state_dict(native, strict=True, assign=True)
     model._apply(lambda t: t)  # re-bind the op backends on the real device
     return model
@@ -188,8 +242,8 @@ NVFP4_DTYPES = {"weight": torch.uint8, "weight_scale": torch.float8_e4m3fn, "wei
 
 
 def _is_nvfp4_buffer(key: str, t: torch.Tensor) -> bool:
-    """Packed weights (uint8) and scales keep their stored dtype whatever the load dtype."""
-    return key.endswith(SCALE_KEYS) or t.dtype == torch.uint8
+    """Packed weights (uint8), FP8 weights and scales keep their stored dtype whatever the load dtype."""
+    return key.endswith(SCALE_KEYS) or t.dtype == torch.uint8 or t.dtype in fp8.DTYPES
 
 
 @dataclasses.dataclass
@@ -253,10 +307,19 @@ def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: st
         if os.path.isdir(os.path.join(path, "transformer")):
             return load_diffusers_dir(os.path.join(path, "transformer"), dtype, device, impl, progress, **fields)
         return load_diffusers_dir(path, dtype, device, impl, progress)
-    sd = read_safetensors([path], progress)
-    sd, source, _ = to_diffusers_names(sd, nvfp4_hint_of_file(file_metadata([path])))
+    if _is_gguf(path):  # dequantized at load, one tensor at a time (wan_model.gguf)
+        from wan_model.gguf import read_gguf
+        sd, source, _ = to_diffusers_names(read_gguf(path, dtype))
+    else:
+        sd = read_safetensors([path], progress)
+        sd, source, _ = to_diffusers_names(sd, nvfp4_hint_of_file(file_metadata([path])))
     config = config or config_from_state_dict(sd, path)
     return model_from_state_dict(sd, config, dtype, device, impl, source)
+
+
+def _is_gguf(path: str) -> bool:
+    from wan_model.gguf import is_gguf
+    return is_gguf(path)
 
 
 def config_from_state_dict(sd: dict, where: str) -> WanConfig:
@@ -284,6 +347,9 @@ def source_files(src: str) -> tuple[list[str], WanConfig | None, str | None]:
         return files, _checked(WanConfig.from_diffusers_config, src), _dir_hint(src)
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such file or directory")
+    if _is_gguf(src):
+        raise CheckpointError(f"{src} is a GGUF file, which is not streamed: convert it to safetensors first "
+                              "(python -m wan_model convert SRC.gguf DST --format diffusers)")
     return [src], None, nvfp4_hint_of_file(file_metadata([src]))
 
 
@@ -359,24 +425,36 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
     """Convert one Wan transformer checkpoint (any supported format) to `format` at `dst`.
 
     Tensors keep their stored dtype unless `dtype` is given (then diffusers' fp32 modules stay fp32);
-    ComfyUI fp8 scaled weights come out dequantized (fp32, or `dtype`); NVFP4 layers keep their values
-    (converted between layouts exactly). Returns the config.
-    quantize="nvfp4": stream the conversion tensor by tensor and quantize on the fly (`convert_nvfp4`,
-    `nvfp4_config` picks the layers); memory stays bounded.
+    FP8 layers (ComfyUI fp8 files, ours) stay fp8 with their scales, converted between the flavours exactly
+    (wan_model.layouts), unless `dtype` is given: then they are dequantized (as are those that cannot stay fp8
+    in our model: the time embedder); NVFP4 layers keep their values (converted between layouts exactly).
+    Returns the config.
+    quantize="nvfp4" / "fp8": stream the conversion tensor by tensor and quantize on the fly (`convert_nvfp4`;
+    `nvfp4_config`, an NVFP4Config / FP8Config, picks the layers and the scales); memory stays bounded.
     `dst` follows `save_state_dict`'s policy (`overwrite` as there), checked before any tensor is read.
     """
     check_destination(dst, save_layout(format), overwrite)
     if quantize is not None:
-        if quantize != "nvfp4":
-            raise ValueError(f"unknown quantization {quantize!r}; expected 'nvfp4'")
-        return convert_nvfp4(src, dst, format, nvfp4_config, dtype, max_shard_size, progress, overwrite)
+        if quantize not in ("nvfp4", "fp8"):
+            raise ValueError(f"unknown quantization {quantize!r}; expected 'nvfp4' or 'fp8'")
+        config = nvfp4_config or (FP8Config() if quantize == "fp8" else NVFP4Config())
+        if isinstance(config, FP8Config) != (quantize == "fp8"):
+            raise ValueError(f"quantize={quantize!r} takes an {'FP8Config' if quantize == 'fp8' else 'NVFP4Config'}, "
+                             f"got {type(config).__name__}")
+        return convert_nvfp4(src, dst, format, config, dtype, max_shard_size, progress, overwrite)
     src = os.fspath(src)
-    files, cfg, hint = source_files(src)
-    sd, source, _ = to_diffusers_names(read_safetensors(files, progress), hint)
+    if os.path.isfile(src) and _is_gguf(src):  # dequantized (quantized types to fp32: exact; wan_model.gguf)
+        from wan_model.gguf import read_gguf
+        sd, source, _ = to_diffusers_names(read_gguf(src))
+        cfg = None
+    else:
+        files, cfg, hint = source_files(src)
+        sd, source, _ = to_diffusers_names(read_safetensors(files, progress), hint)
     cfg = cfg or config_from_state_dict(sd, src)
     nvfp4_layers = checkpoint_layers(sd)  # an NVFP4 checkpoint changes naming and layout only: values are kept
-    check_state_dict(sd, cfg, source, nvfp4_layers)
+    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd))
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
+    sd = dequantize_fp8_layers(sd, cfg, keep=dtype is None)  # FP8 layers: kept as they are, or dequantized
     if dtype is not None:
         sd = {k: v if _is_nvfp4_buffer(k, v) else v.to(torch.float32 if keeps_fp32(k) else dtype)
               for k, v in sd.items()}
@@ -385,19 +463,20 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
     return cfg
 
 
-def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | None = None,
+def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | FP8Config | None = None,
                   dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
                   progress: bool = True, overwrite: bool = False) -> WanConfig:
-    """Stream-convert a dense checkpoint (any supported format) to an NVFP4 checkpoint in `format` at `dst`.
+    """Stream-convert a dense checkpoint (any supported format) to an NVFP4 checkpoint in `format` at `dst`
+    (an FP8 one when `config` is an FP8Config).
 
-    Equal, bit for bit, to `WanModel.from_pretrained(src, dtype).quantize("nvfp4", config)` saved in
+    Equal, bit for bit, to `WanModel.from_pretrained(src, dtype).quantize("nvfp4" / "fp8", config)` saved in
     `format` (dtype None: the stored dtypes, i.e. quantize from the stored values; else tensors are cast
     first, diffusers' fp32 modules staying fp32). Returns the config.
 
     Reads one tensor at a time through safetensors `safe_open` (wan_model.formats.LazyCheckpoint), quantizes
     it and hands it to the one writer, which appends it to its shard: peak memory is a few tensors,
     whatever the checkpoint size. Fused groups (wan_model.quantize) share one global scale, computed in a
-    first pass over their members. Written atomically and non-destructively as `save_state_dict`
+    first pass over their members (FP8: per tensor; per channel needs none). Written atomically and non-destructively as `save_state_dict`
     (`overwrite` as there); `dst` is checked before anything is read.
     """
     import wan_kernels
@@ -409,11 +488,13 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | Non
     if f.directory:
         parse_size(max_shard_size)
     config = config or NVFP4Config()
+    is_fp8 = isinstance(config, FP8Config)
+    fp8_dtype = fp8.dtype_of(config.dtype) if is_fp8 else None
     files, cfg, hint = source_files(os.fspath(src))
     lazy = LazyCheckpoint(files, hint)
     try:
-        if lazy.nvfp4_layers:
-            raise CheckpointError(f"{src} is already NVFP4-quantized")
+        if lazy.nvfp4_layers or fp8_checkpoint_layers(lazy.meta()):
+            raise CheckpointError(f"{src} is already {'NVFP4' if lazy.nvfp4_layers else 'FP8'}-quantized")
         if cfg is None:
             try:
                 cfg = WanConfig.from_state_dict(lazy.meta())
@@ -429,7 +510,10 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | Non
         entries = {}  # the output tensors, diffusers-named, our layout
         for key, (_, _, stored, shape) in lazy.entries.items():
             layer = key.removesuffix(".weight")
-            if key.endswith(".weight") and layer in group_of:
+            if key.endswith(".weight") and layer in group_of and is_fp8:
+                entries.update({key: (fp8_dtype, shape),
+                                layer + ".weight_scale": (torch.float32, (shape[0], 1) if config.per_channel else ())})
+            elif key.endswith(".weight") and layer in group_of:
                 n, k = shape
                 entries.update({key: (torch.uint8, (n, k // 2)),
                                 layer + ".weight_scale": (torch.float8_e4m3fn, fmt.scale_shape(n, k)),
@@ -440,19 +524,35 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | Non
 
         # pass 1: the shared global scale of each fused group (max over members of amax / (6*448))
         group_scale: dict[tuple[str, ...], torch.Tensor] = {}
-        fused = [members for _, members in groups if len(members) > 1]
+        fused = [members for _, members in groups if len(members) > 1 and not (is_fp8 and config.per_channel)]
         total = (sum(lazy.nbytes(m + ".weight") for ms in fused for m in ms)
                  + sum(lazy.nbytes(k) for k in lazy.entries))
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="nvfp4 convert", disable=not progress)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{'fp8' if is_fp8 else 'nvfp4'} convert",
+                   disable=not progress)
         for members in fused:
             scales = []
             for m in members:
-                scales.append(fmt.global_scale(cast(m + ".weight", lazy.get(m + ".weight"))))
+                t = cast(m + ".weight", lazy.get(m + ".weight"))
+                scales.append(t.abs().float().amax() if is_fp8 else fmt.global_scale(t))
                 bar.update(lazy.nbytes(m + ".weight"))
-            group_scale[members] = torch.stack(scales).amax()
+            # FP8: scale_of the members' amaxes = scale_of the fused weight (amax / max), bit for bit
+            group_scale[members] = fp8.scale_of(torch.stack(scales)[None], False, fp8_dtype) if is_fp8 else \
+                torch.stack(scales).amax()
 
         # pass 2: read, quantize, hand to the writer (one unit at a time)
+        def fp8_layer(layer: str) -> dict[str, torch.Tensor]:
+            t = cast(layer + ".weight", lazy.get(layer + ".weight"))
+            s = group_scale.get(group_of[layer])
+            s = fp8.scale_of(t, config.per_channel, fp8_dtype) if s is None else s
+            return {"weight": fp8.quantize(t, s, fp8_dtype), "weight_scale": s}
+
         def tensors(unit) -> dict[str, torch.Tensor]:
+            layer, _, suffix = unit.key.rpartition(".")
+            if is_fp8 and unit.layer is None and layer in group_of and suffix in ("weight", "weight_scale"):
+                # formats with plain FP8 keys: weight and weight_scale are units of their own
+                return {"": fp8_layer(layer)[suffix]}
+            if is_fp8 and unit.layer is not None:
+                return fp8_layer(unit.layer)
             t = cast(unit.key, lazy.get(unit.key))
             if unit.layer is None:
                 return {"": t}
@@ -462,7 +562,7 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | Non
             return {"weight": packed, "weight_scale": scale, "weight_scale_2": gs.reshape(())}
 
         write_checkpoint(dst, f, cfg, units, tensors, max_shard_size, config.to_json(), overwrite,
-                         progress=lambda u: bar.update(lazy.nbytes(u.key)))
+                         progress=lambda u: bar.update(lazy.nbytes(u.key) if u.key in lazy.entries else 0))
         bar.close()
     finally:
         lazy.close()

@@ -4,7 +4,7 @@ demo     builds a small random Wan checkpoint (diffusers format) in a temp dir, 
          loader, runs a few CFG Euler steps on the `wan` ops and compares with diffusers on the same steps
 run      the same sampling loop on a real checkpoint (any supported format)
 convert  converts a checkpoint between the diffusers / original / comfyui formats (--quantize nvfp4:
-         streamed NVFP4 quantization)
+         streamed NVFP4 quantization) and to GGUF (--format gguf --gguf-type TYPE, streamed)
 cost     analytic FLOPs / bytes / memory per op, layer and forward, roofline per GPU (wan_model/cost.py)
 
 Every argument is checked before any work starts: a bad one prints one line
@@ -28,6 +28,7 @@ import torch
 import wan_kernels
 from wan_model.checkpoint import FORMATS, REGISTRY, convert_checkpoint, load_model, parse_size, WanExperts
 from wan_model.config import PRESETS, WanConfig
+from wan_model.gguf import GGUF_TYPES
 from wan_model.model import WanModel, bind_ops
 from wan_model.sampling import flow_sigmas, sample
 
@@ -141,6 +142,19 @@ def existing_file(s: str) -> str:
     if not os.path.isfile(existing_path(s)):
         raise argparse.ArgumentTypeError(f"{s}: not a regular file")
     return s
+
+
+def lora_spec(s: str) -> tuple[str, float]:
+    """PATH[:SCALE] -> (path, scale); the path exists (a .safetensors file or a diffusers LoRA dir)."""
+    path, _, tail = s.rpartition(":")
+    try:
+        scale = float(tail) if path else 1.0
+    except ValueError:
+        path, scale = s, 1.0
+    path = path or s
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"{s}: the scale after ':' must be finite, got {tail}")
+    return existing_path(path), scale
 
 
 def output_path(s: str) -> str:
@@ -358,6 +372,12 @@ def _run(args, rank: int) -> int:
     cfg = first.config
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s: dim {cfg.dim}, {cfg.num_layers} layers, "
           f"{'two experts' if isinstance(model, WanExperts) else 'one expert'}")
+    if args.lora and isinstance(model, WanExperts):
+        args.error("argument --lora: this checkpoint has two experts (Wan2.2 A14B), whose LoRAs come per expert; "
+                   "run loads LoRAs into one-expert checkpoints only")
+    for path, scale in args.lora or ():
+        model.load_lora(path, scale=scale)
+        print(f"LoRA {path} fused at scale {scale}")
     if args.ulysses * args.ring > 1:
         for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
             m.enable_parallelism(ulysses_degree=args.ulysses, ring_degree=args.ring)
@@ -399,17 +419,44 @@ def cmd_convert(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
         args.error(f"argument dst: {args.dst} is the source checkpoint; convert into another path")
+    if args.format == "gguf" or args.gguf_type is not None:
+        return _convert_gguf(args, dtype)
+    if args.dst.lower().endswith(".gguf"):
+        args.error(f"argument dst: {args.dst} is a .gguf path; a GGUF file is written with --format gguf "
+                   "--gguf-type TYPE")
     nvfp4_config = None
-    if args.quantize == "nvfp4":
-        from wan_model.quantize import DEFAULT_KEEP, NVFP4Config
-        nvfp4_config = NVFP4Config(keep=tuple(args.keep) if args.keep is not None else DEFAULT_KEEP)
+    if args.quantize is not None:
+        from wan_model.quantize import DEFAULT_KEEP, FP8Config, NVFP4Config
+        keep = tuple(args.keep) if args.keep is not None else DEFAULT_KEEP
+        nvfp4_config = NVFP4Config(keep=keep) if args.quantize == "nvfp4" else FP8Config(
+            keep=keep, per_channel=args.quantize == "fp8-per-channel")
     elif args.keep is not None:
-        args.error("argument --keep: needs --quantize nvfp4")
+        args.error("argument --keep: needs --quantize nvfp4 or fp8")
     cfg = convert_checkpoint(args.src, args.dst, args.format, dtype=dtype, max_shard_size=args.max_shard_size,
-                             quantize=args.quantize, nvfp4_config=nvfp4_config, progress=not args.no_progress,
+                             quantize=args.quantize and args.quantize.split("-")[0], nvfp4_config=nvfp4_config, progress=not args.no_progress,
                              overwrite=args.overwrite)
-    what = ", NVFP4 weights" if args.quantize else ""
+    what = f", {args.quantize.upper()} weights" if args.quantize else ""
     print(f"converted {args.src} -> {args.dst} ({args.format}{what}): dim {cfg.dim}, {cfg.num_layers} layers")
+    print(json.dumps(cfg.to_diffusers_config(), sort_keys=True))
+    return 0
+
+
+def _convert_gguf(args, dtype) -> int:
+    """convert --format gguf --gguf-type TYPE (wan_model.gguf.convert_gguf: streamed)."""
+    from wan_model.gguf import convert_gguf
+
+    if args.format != "gguf":
+        args.error(f"argument --gguf-type: needs --format gguf (got --format {args.format})")
+    if args.gguf_type is None:
+        args.error(f"argument --gguf-type: --format gguf needs the tensor type, one of {', '.join(GGUF_TYPES)}")
+    if not args.dst.lower().endswith(".gguf"):
+        args.error(f"argument dst: --format gguf writes one .gguf file, got {args.dst!r}")
+    for flag, value in (("--quantize", args.quantize), ("--keep", args.keep)):
+        if value is not None:
+            args.error(f"argument {flag}: not with --format gguf (--gguf-type chooses the quantization)")
+    cfg = convert_gguf(args.src, args.dst, args.gguf_type, dtype=dtype, progress=not args.no_progress,
+                       overwrite=args.overwrite)
+    print(f"converted {args.src} -> {args.dst} (gguf, {args.gguf_type}): dim {cfg.dim}, {cfg.num_layers} layers")
     print(json.dumps(cfg.to_diffusers_config(), sort_keys=True))
     return 0
 
@@ -422,7 +469,7 @@ def cmd_cost(args) -> int:
     if args.target_presets is not None and not args.targets:
         args.error("argument --target-presets: needs --targets")
     if args.targets:
-        print(cost.format_targets(args.target_presets, args.frames))
+        print(cost.format_targets(args.target_presets, args.frames, args.ulysses, args.ring))
         return 0
     width, height = args.size
     try:
@@ -471,6 +518,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "8x (TI2V-5B: 16x) smaller. Without --embeds the prompt embeddings are random.")
     r.add_argument("--checkpoint", required=True, type=existing_path,
                    help="diffusers dir, pipeline dir, original or ComfyUI file")
+    r.add_argument("--lora", type=lora_spec, action="append", metavar="PATH[:SCALE]",
+                   help="fuse a LoRA (diffusers, original/ComfyUI or kohya/musubi naming) into the weights at SCALE "
+                        "(default 1); repeatable: the LoRAs stack")
     r.add_argument("--embeds", type=existing_file,
                    help="safetensors with prompt_embeds / negative_prompt_embeds [/ image_embeds]; "
                         "without it they are random (the output is noise, not a video of a prompt)")
@@ -496,13 +546,18 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint between formats")
     c.add_argument("src", type=existing_path)
     c.add_argument("dst", type=output_path, help="a directory for --format " + "/".join(
-        n for n in FORMATS if REGISTRY[n].directory) + ", else a .safetensors file")
-    c.add_argument("--format", required=True, choices=FORMATS,
-                   help="the formats written (wan_model.formats.REGISTRY); every one of them and lightx2v is read")
+        n for n in FORMATS if REGISTRY[n].directory) + ", a .gguf file for gguf, else a .safetensors file")
+    c.add_argument("--format", required=True, choices=FORMATS + ("gguf",),
+                   help="the formats written (wan_model.formats.REGISTRY, and gguf: wan_model/gguf.py); every one "
+                        "of them and lightx2v is read")
+    c.add_argument("--gguf-type", choices=GGUF_TYPES,
+                   help="with --format gguf: the type of the linear weights (1-D, modulation, patch embedding and "
+                        "time embedding stay F32; see wan_model/gguf.py)")
     c.add_argument("--dtype", choices=DTYPES, help="cast (fp32 modules stay fp32); default: keep")
     c.add_argument("--max-shard-size", type=shard_size, default="5GB", help="bytes, or e.g. 5GB, 200MB")
-    c.add_argument("--quantize", choices=["nvfp4"], help="quantize the weights on the fly (streamed, one tensor at "
-                                                         "a time; see wan_model/checkpoint.py convert_nvfp4)")
+    c.add_argument("--quantize", choices=["nvfp4", "fp8", "fp8-per-channel"],
+                   help="quantize the weights on the fly (streamed, one tensor at a time; see wan_model/checkpoint.py "
+                        "convert_nvfp4); fp8: e4m3 with one scale per tensor (ComfyUI's), fp8-per-channel: per row")
     c.add_argument("--keep", action="append", metavar="PATTERN",
                    help="with --quantize: fnmatch pattern of diffusers layer names kept in bf16 (repeatable; "
                         "default: the time/text/image embedders and proj_out)")

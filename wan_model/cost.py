@@ -587,19 +587,27 @@ def format_report(c: ModelCost, steps: int, cfg_guidance: bool = True) -> str:
     return "\n".join(lines)
 
 
-def format_targets(presets: list[str] | None = None, frames: int = 81) -> str:
+def format_targets(presets: list[str] | None = None, frames: int = 81, ulysses: int = 1, ring: int = 1) -> str:
+    """The `cost --targets` table; with ulysses * ring = P > 1 (sequence parallelism) a column per target
+    gains the model lower bound on P GPUs: `parallel_step` with that bound as t_1 ('-': ulysses does not
+    divide the preset's heads)."""
     from wan_model.config import PRESETS
 
     peaks = _peaks()
     presets = presets or [n for n in PRESETS if not n.startswith("tiny")]
+    P = ulysses * ring
     lines = ["# Physical lower bounds at batch 1 (one expert), 81 frames, vs the design targets:",
              "#   " + "; ".join(f"{lbl} ({gpu}, {fmt}): block < {b:g} ms, model < {m:g} ms, memory < {g:g} GB"
                                for lbl, gpu, fmt, b, m, g in TARGETS),
              "# block/model = max(FLOPs at peak, weights + residual I/O at HBM bandwidth); memory = weights + "
              "activation peak estimate (fused kernels) + K/V cache. 'ok' = the target is attainable in principle."]
+    if P > 1:
+        lines.append(f"# model ms x{P}: the model bound on {P} GPUs, ulysses {ulysses} x ring {ring} (compute / {P} + "
+                     f"exposed communication at NVLink {', '.join(f'{t[1]} {LINK_GBPS[t[1]]:.0f}' for t in TARGETS)} GB/s)")
     head = f"{'preset':22s} {'res':5s} {'tokens':>7s} {'TFLOP/blk':>9s}"
     for lbl, gpu, fmt, *_ in TARGETS:
         head += f" | {gpu + ' ' + fmt + ' block ms':>20s} {'model ms':>10s} {'mem GB':>8s}"
+        head += f" {f'model ms x{P}':>13s}" if P > 1 else ""
     lines += [head, "-" * len(head)]
     for name in presets:
         cfg = PRESETS[name]
@@ -617,6 +625,10 @@ def format_targets(presets: list[str] | None = None, frames: int = 81) -> str:
                     return f"{v:.4g}{'(ok)' if v <= t else ''}"
                 row += (f" | {mark(lb['block_s'] * 1e3, tb):>20s} {mark(lb['model_s'] * 1e3, tm):>10s} "
                         f"{mark(lb['memory_bytes'] / 1e9, tg):>8s}")
+                if P > 1:
+                    tp = ("-" if cfg.num_attention_heads % ulysses else
+                          mark(parallel_step(c, gpu, ulysses, ring, forward_s=lb["model_s"])["tp_s"] * 1e3, tm))
+                    row += f" {tp:>13s}"
             lines.append(row)
     return "\n".join(lines)
 
@@ -664,7 +676,7 @@ def plot(c: ModelCost, path: str, frames: int = 81) -> None:
 # Link bandwidth per GPU and direction, GB/s: NVLink 4 through NVSwitch (H100 SXM and H20: 900 GB/s
 # bidirectional). H20's peaks (not in wan_kernels.hardware.PEAKS, which lists the GPUs our kernels target):
 # 148 TFLOP/s dense bf16, 4.0 TB/s HBM3 (NVIDIA H20 spec sheet).
-LINK_GBPS = {"H100": 450.0, "H20": 450.0}
+LINK_GBPS = {"H100": 450.0, "H20": 450.0, "B200": 900.0}  # B200: NVLink 5, 1.8 TB/s bidirectional
 PARALLEL_PEAKS = {"H20": {"bf16": 148.0, "fp4": 0.0, "gbps": 4000.0}}
 # Published Wan2.1 T2V-14B 720p, 50 steps (REFERENCE.md section 8): GPUs -> seconds
 PUBLISHED = {"H100": {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}, "H20": {1: 6935.5, 8: 980.5}}

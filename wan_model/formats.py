@@ -7,6 +7,7 @@ A `Format` is a container (a diffusers-style directory or one .safetensors file)
   diffusers  directory  diffusers            ours          diffusers' from_pretrained (dense)
   original   file       original             ours          diffusers' single-file converter (dense)
   comfyui    file       model.diffusion_...  comfyui       comfy-kitchen (ComfyUI's kernels, its layout)
+  comfyui-scaled-fp8     as comfyui, FP8 layers in ComfyUI's legacy `scaled_fp8` flavour (comfyui: `comfy_quant`)
   modelopt   directory  diffusers            modelopt      a spec-level reader of ModelOpt / vLLM's layout
   lightx2v   file       original             lightx2v      (read only)
 
@@ -40,7 +41,9 @@ from safetensors import SafetensorError, safe_open
 
 from wan_model._atomic import Layout, atomic_save
 from wan_model.config import WanConfig
-from wan_model.layouts import (COMFY_PREFIX, IGNORED_KEYS, MARKER_KEY, NVFP4_LAYOUTS, CheckpointError, NVFP4Layout,
+from wan_kernels import fp8 as fp8fmt
+from wan_model.layouts import (COMFY_PREFIX, FP8_SCALE_KEYS, IGNORED_KEYS, MARKER_KEY, NVFP4_LAYOUTS, SCALED_FP8_KEY,
+                               CheckpointError, NVFP4Layout, marker_tensor,
                                diffusers_to_original_key, nvfp4_file_plan, nvfp4_from_file, nvfp4_to_file,
                                original_to_diffusers_key, parse_marker)
 from wan_model.quantize import checkpoint_layers, layer_groups
@@ -62,6 +65,7 @@ class Format:
     nvfp4: NVFP4Layout
     writable: bool = True
     dense: bool = True           # whether an unquantized checkpoint is written in it
+    fp8: str | None = None       # ComfyUI fp8 flavour of its FP8 layers (layouts.FP8_FLAVOURS); None: ours
 
     def file_key(self, key: str) -> str:
         """The name of diffusers key `key` in this format."""
@@ -76,7 +80,8 @@ class Format:
 REGISTRY = {f.name: f for f in (
     Format("diffusers", True, "diffusers", "", NVFP4_LAYOUTS["ours"]),
     Format("original", False, "original", "", NVFP4_LAYOUTS["ours"]),
-    Format("comfyui", False, "original", COMFY_PREFIX, NVFP4_LAYOUTS["comfyui"]),
+    Format("comfyui", False, "original", COMFY_PREFIX, NVFP4_LAYOUTS["comfyui"], fp8="comfy_quant"),
+    Format("comfyui-scaled-fp8", False, "original", COMFY_PREFIX, NVFP4_LAYOUTS["comfyui"], fp8="scaled_fp8"),
     Format("modelopt", True, "diffusers", "", NVFP4_LAYOUTS["modelopt"], dense=False),
     Format("lightx2v", False, "original", "", NVFP4_LAYOUTS["lightx2v"], writable=False),
 )}
@@ -230,16 +235,35 @@ def _check_modelopt(q, where: str) -> None:
 
 
 def _apply_comfy_scales(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """Dequantize ComfyUI fp8 "scaled" weights (weight * per-tensor scale) and drop their side-car keys;
-    pop the NVFP4 markers. Returns (tensors, layers marked `{"format": "nvfp4"}`).
+    """ComfyUI fp8 layers -> our FP8 layout (wan_model.layouts, "FP8 layers"), KEEPING the fp8 bytes: the scale
+    becomes `<layer>.weight_scale` fp32 [] (or [N, 1]), a static activation scale `<layer>.input_scale`; the
+    side-car keys are dropped; pop the NVFP4 markers. Returns (tensors, layers marked `{"format": "nvfp4"}`).
 
-    fp8: `scaled_fp8` + `<layer>.scale_weight` (+ `scale_input`, unused when dequantizing), and
-    `<layer>.comfy_quant` {"format": "float8_e4m3fn"/"float8_e5m2"} + per-tensor `<layer>.weight_scale`.
-    Any other format is rejected with the layer and format named.
+    fp8: `<layer>.comfy_quant` {"format": "float8_e4m3fn"/"float8_e5m2"} + `<layer>.weight_scale` (+ input_scale),
+    or the legacy `scaled_fp8` + `<layer>.scale_weight` (+ `scale_input`, 1.0 = none, as ComfyUI reads it).
+    Any other format, an fp8 weight without its scale, or a scale of another shape is rejected naming the key.
     """
     sd = dict(sd)
-    sd.pop("scaled_fp8", None)
+    sd.pop(SCALED_FP8_KEY, None)
     nvfp4 = set()
+
+    def keep_fp8(layer: str, key: str, scale: torch.Tensor, input_scale: torch.Tensor | None) -> None:
+        w = sd.get(layer + ".weight")
+        if w is None:
+            raise CheckpointError(f"{key}: scale for a missing weight {layer}.weight")
+        if w.dtype not in fp8fmt.DTYPES:
+            raise CheckpointError(f"{key}: an fp8 scale for {layer}.weight of dtype {w.dtype} (expected "
+                                  f"float8_e4m3fn/float8_e5m2)")
+        per_row = w.dim() == 2 and tuple(scale.shape) == (w.shape[0], 1)
+        if scale.numel() != 1 and not per_row or not scale.dtype.is_floating_point:
+            raise CheckpointError(f"{key}: an fp8 weight scale is one float per tensor (or [N, 1] per row) for "
+                                  f"{layer}.weight {tuple(w.shape)}, got shape {tuple(scale.shape)} dtype {scale.dtype}")
+        sd[layer + ".weight_scale"] = scale.float().reshape(-1, 1) if per_row else scale.float().reshape(())
+        if input_scale is not None:
+            if input_scale.numel() != 1:
+                raise CheckpointError(f"{layer}: an fp8 input scale is one float, got shape {tuple(input_scale.shape)}")
+            sd[layer + ".input_scale"] = input_scale.float().reshape(())
+
     for key in [k for k in sd if k.endswith("." + MARKER_KEY)]:
         layer = key[: -len(MARKER_KEY) - 1]
         spec = parse_marker(sd.pop(key), key)
@@ -254,26 +278,21 @@ def _apply_comfy_scales(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
             nvfp4.add(layer)
             continue
         scale = sd.pop(layer + ".weight_scale", None)
-        if fmt not in ("float8_e4m3fn", "float8_e5m2") or scale is None or scale.numel() != 1:
+        if fmt not in fp8fmt.NAMES.values() or scale is None:
             raise CheckpointError(
-                f"{layer}: ComfyUI quantized weight format {spec} is not supported (fp8 with one per-tensor "
-                f"weight_scale, or nvfp4; got weight_scale {None if scale is None else tuple(scale.shape)}); "
-                "convert the file to bf16 first")
-        if layer + ".weight" not in sd:
-            raise CheckpointError(f"{key}: quantization spec for a missing weight {layer}.weight")
-        sd[layer + ".weight"] = sd[layer + ".weight"].float() * scale.float()
-        sd.pop(layer + ".input_scale", None)
-    for key in [k for k in sd if k.endswith(".scale_weight")]:
+                f"{layer}: ComfyUI quantized weight format {spec} is not supported (fp8 with a weight_scale, or "
+                f"nvfp4; got weight_scale {None if scale is None else tuple(scale.shape)}); convert the file to "
+                "bf16 first")
+        if layer + ".weight" in sd and sd[layer + ".weight"].dtype != fp8fmt.dtype_of(fmt):
+            raise CheckpointError(f"{key}: says {fmt}, but {layer}.weight is {sd[layer + '.weight'].dtype}")
+        keep_fp8(layer, key, scale, sd.pop(layer + ".input_scale", None))
+    for key in [k for k in sd if k.endswith("." + FP8_SCALE_KEYS["scaled_fp8"][0])]:
         layer = key[: -len(".scale_weight")]
-        scale = sd.pop(key)
-        if scale.numel() != 1:
-            raise CheckpointError(f"{key}: only per-tensor fp8 scales are supported, got shape {tuple(scale.shape)}")
-        if layer + ".weight" not in sd:
-            raise CheckpointError(f"{key}: scale for a missing weight {layer}.weight")
-        sd[layer + ".weight"] = sd[layer + ".weight"].float() * scale.float()
-        sd.pop(layer + ".scale_input", None)
-    fp8 = [k for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-           and not (k.endswith(".weight_scale") and k + "_2" in sd)]  # NVFP4 block scales are e4m3 too
+        scale_input = sd.pop(layer + ".scale_input", None)
+        keep_fp8(layer, key, sd.pop(key), None if scale_input is None or scale_input.float().eq(1).all() else scale_input)
+    fp8 = [k for k, v in sd.items() if v.dtype in fp8fmt.DTYPES
+           and not (k.endswith(".weight_scale") and k + "_2" in sd)  # NVFP4 block scales are e4m3 too
+           and not (k.endswith(".weight") and k + "_scale" in sd)]
     if fp8:
         raise CheckpointError(f"fp8 weights without a scale (not a supported ComfyUI scaled file): {fp8[:8]}")
     return sd, nvfp4
@@ -366,7 +385,7 @@ def to_diffusers_names(sd: dict[str, torch.Tensor], nvfp4_hint: str | None = Non
             sd, marked = _apply_comfy_scales(sd)
             marked = {original_to_diffusers_key(m) or m for m in marked}
         sd, source = _renamed(sd, lambda k: original_to_diffusers_key(k) or k)  # unknown keys: kept, unexpected
-        source = {d: unprefixed[k] for d, k in source.items()}
+        source = {d: unprefixed.get(k, k) for d, k in source.items()}  # .get: scale keys renamed by ComfyUI's fp8
     layout = nvfp4_layout_of(sd, marked, nvfp4_hint)
     if layout is not None:
         sd = decode_nvfp4(sd, layout, source)
@@ -511,13 +530,21 @@ def plan_units(format: Format, entries: dict[str, tuple[torch.dtype, tuple[int, 
     """The units of a checkpoint whose diffusers-named tensors (our NVFP4 layout) have `entries`
     {key: (dtype, shape)}, as `format` stores them."""
     nvfp4 = _layers_with(entries, "weight_scale_2")
-    consumed = {f"{layer}.{s}" for layer in nvfp4 for s in OURS_NVFP4[1:]}
+    fp8 = {layer for layer in _layers_with(entries, "weight_scale") - nvfp4
+           if entries[f"{layer}.weight"][0] in fp8fmt.DTYPES} if format.fp8 else set()
+    consumed = {f"{layer}.{s}" for layer in nvfp4 | fp8 for s in OURS_NVFP4[1:]}
     units = []
     for key in sorted(entries):
         if key in consumed:
             continue
         layer = key.removesuffix(".weight")
-        if key.endswith(".weight") and layer in nvfp4:
+        if key.endswith(".weight") and layer in fp8:
+            plan = fp8_file_plan(format.fp8, *entries[key], f"{layer}.input_scale" in entries,
+                                 sentinel=not any(u.layer in fp8 for u in units))
+            units.append(Unit(key, layer, [(format.prefix + SCALED_FP8_KEY if s == SCALED_FP8_KEY else
+                                            format.file_key(f"{layer}.{s}"), dt, shape) for s, dt, shape in plan],
+                              tuple(s for s, _, _ in plan)))
+        elif key.endswith(".weight") and layer in nvfp4:
             n, half_k = entries[key][1]
             plan = nvfp4_file_plan(format.nvfp4, n, 2 * half_k, f"{layer}.input_scale" in entries)
             units.append(Unit(key, layer, [(format.file_key(f"{layer}.{s}"), dt, shape) for s, dt, shape in plan],
@@ -532,8 +559,43 @@ def encode(format: Format, unit: Unit, layer_tensors: dict[str, torch.Tensor]) -
     NVFP4 layer, {"": tensor} of a dense one), in plan order."""
     if unit.layer is None:
         return [layer_tensors[""]]
-    file = nvfp4_to_file(format.nvfp4, layer_tensors)
+    if layer_tensors["weight"].dtype in fp8fmt.DTYPES:
+        file = fp8_to_file(format.fp8, layer_tensors, unit.layer)
+    else:
+        file = nvfp4_to_file(format.nvfp4, layer_tensors)
     return [file[s] for s in unit.suffixes]
+
+
+def fp8_file_plan(flavour: str, dtype: torch.dtype, shape: tuple[int, ...], input_scale: bool, sentinel: bool):
+    """[(key suffix, dtype, shape)] of an FP8 layer in a ComfyUI `flavour` (wan_model.layouts "FP8 layers");
+    `sentinel`: the first FP8 layer of a "scaled_fp8" file also carries the file's `scaled_fp8` sentinel."""
+    scale_key, input_key = FP8_SCALE_KEYS[flavour]
+    plan = [("weight", dtype, shape), (scale_key, torch.float32, ())]
+    if input_scale:
+        plan.append((input_key, torch.float32, ()))
+    if flavour == "comfy_quant":
+        plan.append((MARKER_KEY, torch.uint8, tuple(marker_tensor({"format": fp8fmt.NAMES[dtype]}).shape)))
+    elif sentinel:
+        plan.append((SCALED_FP8_KEY, dtype, (0,)))
+    return plan
+
+
+def fp8_to_file(flavour: str, layer: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Our FP8 tensors of layer `name` ({weight, weight_scale[, input_scale]}) -> the ComfyUI `flavour`'s
+    {suffix: tensor}. ComfyUI's fp8 layout (comfy-kitchen TensorCoreFP8Layout) holds ONE scale per tensor: a
+    per-row scale is written only when its rows are equal (a fused group's member), else refused."""
+    w, s = layer["weight"], layer["weight_scale"].float()
+    if s.numel() != 1 and not torch.all(s == s.reshape(-1)[0]):
+        raise ValueError(f"{name}: ComfyUI's fp8 layers hold one scale per tensor (comfy-kitchen's "
+                         f"TensorCoreFP8Layout), this layer has per-row scales {tuple(s.shape)}: quantize with "
+                         "FP8Config(per_channel=False), or save it in format 'diffusers' or 'original'")
+    scale_key, input_key = FP8_SCALE_KEYS[flavour]
+    out = {"weight": w, scale_key: s.reshape(-1)[0].reshape(())}
+    if "input_scale" in layer:
+        out[input_key] = layer["input_scale"].float().reshape(())
+    out[MARKER_KEY] = marker_tensor({"format": fp8fmt.NAMES[w.dtype]})
+    out[SCALED_FP8_KEY] = torch.empty(0, dtype=w.dtype)
+    return out
 
 
 def from_state_dict(sd: dict[str, torch.Tensor]) -> Callable[[Unit], dict[str, torch.Tensor]]:

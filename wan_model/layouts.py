@@ -160,8 +160,8 @@ def _with_nvfp4_scales(mapping: dict[str, str], keys) -> dict[str, str]:
 
 def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat along rows, also for float8 tensors (concatenated as their bytes)."""
-    if parts[0].dtype == torch.float8_e4m3fn:
-        return torch.cat([p.view(torch.uint8) for p in parts]).view(torch.float8_e4m3fn)
+    if parts[0].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.cat([p.view(torch.uint8) for p in parts]).view(parts[0].dtype)
     return torch.cat(parts)
 
 
@@ -184,6 +184,8 @@ def _fuse(sd, names: list[str], out: dict, native: str) -> None:
     if f"{names[0]}.weight_scale_2" in sd:
         out[f"{native}.weight_scale"] = _cat_rows([sd[f"{n}.weight_scale"] for n in names])
         out[f"{native}.weight_scale_2"] = _shared_scale([sd[f"{n}.weight_scale_2"] for n in names], names)
+    elif f"{names[0]}.weight_scale" in sd:  # FP8
+        out[f"{native}.weight_scale"] = fp8_fused_scale(sd, names)
 
 
 def _unfuse(sd, names: list[str], out: dict, native: str, rows: int) -> None:
@@ -191,7 +193,8 @@ def _unfuse(sd, names: list[str], out: dict, native: str, rows: int) -> None:
     for suffix in ("weight", "bias", "weight_scale"):
         if f"{native}.{suffix}" in sd:
             t = sd[f"{native}.{suffix}"]
-            parts = t.view(torch.uint8).split(rows) if t.dtype == torch.float8_e4m3fn else t.split(rows)
+            parts = (t.view(torch.uint8).split(rows) if t.dtype == torch.float8_e4m3fn else
+                     [t.clone() for _ in names] if t.dim() == 0 else t.split(rows))  # 0-dim: a shared FP8 scale
             for n, part in zip(names, parts):
                 out[f"{n}.{suffix}"] = part.view(t.dtype)
     if f"{native}.weight_scale_2" in sd:
@@ -374,3 +377,32 @@ def nvfp4_from_file(layout: NVFP4Layout, layer: dict[str, torch.Tensor], where: 
                               _scale(i, layout.convention, "decode"))
     return out
 
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 layers (wan_kernels/fp8.py)
+#
+# In memory (ours, diffusers names): `<layer>.weight` float8_e4m3fn/e5m2 [N, K], `<layer>.weight_scale` fp32
+# DECODE scale (w = weight * scale) [] per tensor or [N, 1] per output row, no `weight_scale_2` (that is NVFP4).
+# ComfyUI files (checked against ComfyUI's comfy/ops.py `mixed_precision_ops` and comfy/utils.py
+# `convert_old_quants`): the same direction, one scale per tensor, in one of two flavours:
+#   "comfy_quant"  `<layer>.comfy_quant` uint8 JSON {"format": "float8_e4m3fn"|"float8_e5m2"} + `<layer>.weight_scale`
+#                  (+ optional `<layer>.input_scale`): what ComfyUI reads natively today.
+#   "scaled_fp8"   the legacy files: a `scaled_fp8` sentinel tensor whose dtype names the fp8 format (an fp32
+#                  sentinel means e4m3; 2 elements asks for full-precision matmuls) + `<layer>.scale_weight`
+#                  (+ `<layer>.scale_input`, 1.0 meaning none); ComfyUI converts them to the first on load.
+FP8_FLAVOURS = ("comfy_quant", "scaled_fp8")
+SCALED_FP8_KEY = "scaled_fp8"
+FP8_SCALE_KEYS = {"comfy_quant": ("weight_scale", "input_scale"), "scaled_fp8": ("scale_weight", "scale_input")}
+
+
+def fp8_fused_scale(sd, names: list[str]) -> torch.Tensor:
+    """The scale of one native module fusing FP8 layers `names` (row order): their per-tensor scale when all
+    are per tensor and equal (what quantize("fp8") makes), else a per-row [N, 1] scale holding each member's
+    scale on its rows: exact, the fp8 bytes are kept (e.g. a ComfyUI file's own scale for each of q, k, v)."""
+    scales = [sd[f"{n}.weight_scale"] for n in names]
+    if all(s.device.type == "meta" for s in scales):  # shapes only (check_state_dict): per row in general
+        return torch.empty(sum(sd[f"{n}.weight"].shape[0] for n in names), 1, device="meta")
+    if all(s.numel() == 1 for s in scales) and all(torch.equal(s.reshape(()), scales[0].reshape(())) for s in scales):
+        return scales[0].float().reshape(())
+    return torch.cat([s.float().reshape(-1, 1).expand(sd[f"{n}.weight"].shape[0], 1) for n, s in zip(names, scales)])

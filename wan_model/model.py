@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from wan_model.integrations.versions import check_installed
 
@@ -330,12 +331,32 @@ class WanModel(nn.Module):
         from wan_model.quantize import quantize_model
         return quantize_model(self, method, config)
 
-    def enable_parallelism(self, ulysses_degree: int = 1, ring_degree: int = 1, group=None) -> "WanModel":
+    def load_lora(self, lora, scale: float = 1.0, adapter_name: str | None = None) -> "WanModel":
+        """Fuse a LoRA into the weights (and return self): `lora` a .safetensors path (diffusers/PEFT,
+        original-Wan/ComfyUI or kohya/musubi naming; a dir: its pytorch_lora_weights.safetensors) or a state
+        dict; W += scale * alpha / rank * up @ down, into the fused QKV, the stacked cross-attention K/V and
+        NVFP4/FP8 weights (requantized) too. Adapters stack; keys naming nothing of this model are an error.
+        `adapter_name` defaults to the file's stem. See wan_model/lora.py (rules for quantize after load)."""
+        from wan_model.lora import load
+        load(self, lora, scale, adapter_name)
+        return self
+
+    def unload_lora(self, adapter_name: str | None = None) -> "WanModel":
+        """Remove the adapter `adapter_name` (default: all) and return self: the weights are then bit for bit
+        those of the model with only the other adapters loaded (none: the original tensors)."""
+        from wan_model.lora import unload
+        unload(self, adapter_name)
+        return self
+
+    def enable_parallelism(self, ulysses_degree: int = 1, ring_degree: int = 1, group=None, *, config=None,
+                           cp_plan=None) -> "WanModel":
         """Sequence parallelism over `group` (default: the world) of size ulysses_degree * ring_degree, after
         `torch.distributed.init_process_group`, on every rank (it creates sub-groups); every rank then passes
-        the same full inputs and gets the same full output (wan_model/parallel.py). diffusers' names."""
+        the same full inputs and gets the same full output, and gradients are the single-process ones
+        (wan_model/parallel.py). diffusers' names; diffusers' own call `enable_parallelism(config=
+        ContextParallelConfig(ulysses_degree=U, ring_degree=R))` is accepted too."""
         from wan_model.parallel import enable
-        enable(self, ulysses_degree, ring_degree, group)
+        enable(self, ulysses_degree, ring_degree, group, config=config, cp_plan=cp_plan)
         return self
 
     def disable_parallelism(self) -> "WanModel":
@@ -343,6 +364,24 @@ class WanModel(nn.Module):
         from wan_model.parallel import disable
         disable(self)
         return self
+
+    # Training: diffusers' names. Off by default; `forward` checkpoints each block only with grad mode on.
+    gradient_checkpointing: bool = False
+    _gradient_checkpointing_func = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        """Recompute each block's activations in backward instead of keeping them (per block; the cross-attention
+        K/V of `prepare_context` are kept). `gradient_checkpointing_func(block, *args)`: default
+        `torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)`, as in diffusers."""
+        self._gradient_checkpointing_func = gradient_checkpointing_func or _checkpoint_block
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
 
     def to_dtype(self, dtype: torch.dtype) -> "WanModel":
         """Cast to `dtype`, keeping diffusers' fp32 modules (FP32_MODULES) in fp32."""
@@ -461,9 +500,11 @@ class WanModel(nn.Module):
         temb, temb_proj = self.condition_embedder.time(timestep, context.dtype)  # [B, 1|S, C], [B, 1|S, 6, C]
         sp = getattr(self, "_parallel", None)
         if sp is not None:  # this rank's tokens [B, n, C] (wan_model/parallel.py)
-            x, temb_proj, rope_cos, rope_sin = sp.split(x, temb_proj, rope_cos, rope_sin)
+            x, temb_proj, rope_cos, rope_sin, context = sp.split(x, temb_proj, rope_cos, rope_sin, context)
+        ckpt = self._gradient_checkpointing_func if self.gradient_checkpointing and torch.is_grad_enabled() else None
         for i, block in enumerate(self.blocks):
-            x = block(x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
+            args = (x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
+            x = block(*args) if ckpt is None else ckpt(block, *args)
         if sp is not None:
             x = sp.gather(x)                                                     # [B, S, C] on every rank
 
@@ -472,6 +513,10 @@ class WanModel(nn.Module):
         x = self.proj_out(x)                                                     # [B, S, pt*ph*pw*C_out]
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+
+def _checkpoint_block(block: nn.Module, *args):
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
 
 
 @torch.compiler.assume_constant_result

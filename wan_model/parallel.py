@@ -19,16 +19,84 @@ gets the same full output. Inside the forward:
   * gather: after the last block, `all_gather` of [B, n, C] on the whole group, padding rows dropped; the head
     runs on every rank on the full sequence.
 Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes;
-ring (R - 1) x the local K/V block. Inference only (the collectives are not differentiated).
+ring (R - 1) x the local K/V block.
+
+Training (backward through the collectives). Every rank passes the same full inputs and computes the same loss
+from the full output; then every rank's gradients (of the inputs and of every parameter) are the single-process
+ones:
+  * the gather's backward slices the rank's rows out of the (replicated) output gradient;
+  * a replicated tensor entering the token-split region (the patch-embedded x, temb_proj, the cross-attention
+    K/V of the context) is the identity forward and all-reduces (sums) its gradient over the group backward:
+    each rank's rows contribute their share;
+  * the parameters of the blocks see only the rank's tokens: a gradient hook on each (registered by
+    `enable_parallelism`, and at every forward with grad mode on for parameters added since, e.g. LoRA
+    layers; removed by `disable_parallelism`) all-reduces the gradient each backward brings before it is
+    accumulated into `.grad` (so gradient accumulation over several backwards stays exact);
+  * Ulysses' all_to_all is its own adjoint (the backward sends the gradients back the same way);
+  * ring: the backward sends the K/V blocks round the ring again, each with its dK/dV accumulator (fp32);
+    each rank adds its queries' share, `wan::attention_backward` with the GLOBAL (merged) lse and
+    delta = rowsum(dout * out_merged), and after the last block one more hop returns each accumulator to
+    the block's owner (R hops of dK/dV, R - 1 of K/V).
+The collectives of one backward run in the same order on every rank (the same graph); the hooks' all-reduces
+are blocking, one per parameter (no bucketing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+class _SumGrad(torch.autograd.Function):
+    """A replicated tensor entering the token-split region: identity forward, gradient summed over `group`."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _Gather(torch.autograd.Function):
+    """[B, n, C] of every rank -> [B, S, C] on every rank; backward: this rank's rows of the (replicated) gradient."""
+
+    @staticmethod
+    def forward(ctx, x, sp):
+        ctx.rows = (sp.n * sp.size - sp.S, sp.rank * sp.n, sp.n)  # padding, first row, rows of this rank
+        parts = [torch.empty_like(x) for _ in range(sp.size)]
+        dist.all_gather(parts, x.contiguous(), group=sp.group)
+        return torch.cat(parts, dim=1)[:, :sp.S]
+
+    @staticmethod
+    def backward(ctx, g):
+        pad, lo, n = ctx.rows
+        return F.pad(g, (0, 0, 0, pad)).narrow(1, lo, n).contiguous(), None
+
+
+class _AllToAll(torch.autograd.Function):
+    """`all_to_all_single` of equal chunks along dim 0 over `group`; its own adjoint (the backward sends the
+    gradient chunks back the same way)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return _AllToAll.forward(ctx, g, ctx.group), None
 
 
 def local_attention(q, k, v, ops):
@@ -68,34 +136,65 @@ class SequenceParallel:
                 g = dist.new_group([ranks[r * U + u] for r in range(R)])
                 if u == self.ulysses_rank:
                     self.ring_group = g
-        # attention_lse has no CUDA kernel of _C: impl="cuda" runs its auto route (Triton on GPUs)
+        # attention_lse has no CUDA kernel of _C: impl="cuda" runs its auto route (Triton on GPUs);
+        # attention_backward has no C++ kernel at all: impl="cpu" too
         self.lse_impl = "auto" if impl == "cuda" else impl
+        self.bwd_impl = "auto" if impl in ("cuda", "cpu") else impl
         self.S = self.n = None
+        self.blocks, self._hooks = None, {}  # the model's blocks; parameter -> its gradient hook
+
+    def hook_parameters(self) -> None:
+        """Sum the gradients of the blocks' parameters over the group (see the module docstring): a hook on
+        each trainable parameter that has none yet."""
+        for p in self.blocks.parameters():
+            if p.requires_grad and p not in self._hooks:
+                self._hooks[p] = p.register_hook(self._sum)
+
+    def _sum(self, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=self.group)
+        return g
+
+    def unhook_parameters(self) -> None:
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks = {}
 
     @property
     def size(self) -> int:
         return self.U * self.R
 
     # ------------------------------------------------------------------------------------------
-    def split(self, x, temb_proj, rope_cos, rope_sin):
+    def split(self, x, temb_proj, rope_cos, rope_sin, context):
         """This rank's rows: x [B, S, C] -> [B, n, C]; temb_proj [B, 1|S, 6, C] -> [B, 1|n, 6, C];
-        rope_cos/sin [S, D/2] -> [n, D/2] (the rows at the rank's global positions; zero rows as padding)."""
+        rope_cos/sin [S, D/2] -> [n, D/2] (the rows at the rank's global positions; zero rows as padding).
+        context (a WanContext) is replicated; with grad mode on, x, temb_proj and the context's K/V sum
+        their gradients over the group backward, and new block parameters get their hooks."""
         S = self.S = x.shape[1]
         n = self.n = math.ceil(S / self.size)
         lo, pad = self.rank * n, n * self.size - S
+        if torch.is_grad_enabled():
+            self.hook_parameters()
+
+            def enter(t):
+                return _SumGrad.apply(t, self.group) if t is not None and t.requires_grad else t
+
+            x, temb_proj = enter(x), enter(temb_proj)
+            context = dataclasses.replace(context, k=[enter(t) for t in context.k], v=[enter(t) for t in context.v],
+                                          k_img=context.k_img and [enter(t) for t in context.k_img],
+                                          v_img=context.v_img and [enter(t) for t in context.v_img])
 
         def rows(t, dim):
             return F.pad(t.movedim(dim, 0), (0, 0) * (t.dim() - 1) + (0, pad)).narrow(0, lo, n).movedim(0, dim)
 
         if temb_proj.shape[1] == S:
             temb_proj = rows(temb_proj, 1)
-        return rows(x, 1).contiguous(), temb_proj, rows(rope_cos, 0).contiguous(), rows(rope_sin, 0).contiguous()
+        return (rows(x, 1).contiguous(), temb_proj, rows(rope_cos, 0).contiguous(), rows(rope_sin, 0).contiguous(),
+                context)
 
     def gather(self, x):
         """[B, n, C] of every rank -> [B, S, C] (padding rows dropped), on every rank."""
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=1)[:, :self.S]
+        return _Gather.apply(x, self)
 
     # ------------------------------------------------------------------------------------------
     def attention(self, q, k, v, ops):
@@ -112,36 +211,54 @@ class SequenceParallel:
     def _to_heads(self, qkv):
         """[3, B, n, H, D] (all heads of n tokens) -> 3 x [B, U n, H / U, D] (the Ulysses group's tokens)."""
         _, B, n, H, D = qkv.shape
-        x = qkv.reshape(3, B, n, self.U, H // self.U, D).permute(3, 0, 1, 2, 4, 5).contiguous()  # [U, 3, B, n, h, D]
-        y = torch.empty_like(x)
-        dist.all_to_all_single(y, x, group=self.ulysses_group)             # y[u]: rank u's tokens, my heads
+        x = qkv.reshape(3, B, n, self.U, H // self.U, D).permute(3, 0, 1, 2, 4, 5)  # [U, 3, B, n, h, D]
+        y = _AllToAll.apply(x, self.ulysses_group)                         # y[u]: rank u's tokens, my heads
         return y.permute(1, 2, 0, 3, 4, 5).reshape(3, B, self.U * n, H // self.U, D).unbind(0)
 
     def _to_tokens(self, out):
         """[B, U n, H / U, Dv] -> [B, n, H, Dv] (this rank's tokens, all heads)."""
         B, Un, h, Dv = out.shape
         n = Un // self.U
-        x = out.reshape(B, self.U, n, h, Dv).transpose(0, 1).contiguous()   # [U, B, n, h, Dv]
-        y = torch.empty_like(x)
-        dist.all_to_all_single(y, x, group=self.ulysses_group)             # y[u]: my tokens, rank u's heads
+        x = out.reshape(B, self.U, n, h, Dv).transpose(0, 1)               # [U, B, n, h, Dv]
+        y = _AllToAll.apply(x, self.ulysses_group)                         # y[u]: my tokens, rank u's heads
         return y.permute(1, 2, 0, 3, 4).reshape(B, n, self.U * h, Dv)
 
     def _ring(self, q, k, v):
         """q [B, Sb, h, D] against the K/V blocks of every ring rank (block j: global tokens [j Sb, (j+1) Sb))."""
+        return _Ring.apply(q, k, v, self)
+
+    @staticmethod
+    def _valid(S: int, j: int, Sb: int) -> int:
+        """Keys of ring block j (Sb tokens) of a sequence of S that are not padding."""
+        return min(max(S - j * Sb, 0), Sb)
+
+    def _hop(self, send: list, recv: list) -> list:
+        """Start sending `send` to the next ring rank and receiving `recv` from the previous one; the requests."""
+        R, r = self.R, self.ring_rank
+        return dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, t, group=self.ring_group, group_peer=(r + 1) % R) for t in send]
+            + [dist.P2POp(dist.irecv, t, group=self.ring_group, group_peer=(r - 1) % R) for t in recv])
+
+
+class _Ring(torch.autograd.Function):
+    """Ring attention over the ring group (SequenceParallel._ring). Forward: each K/V block visits every rank
+    (R - 1 hops), partial results merged by their log-sum-exps in fp32. Backward: the blocks travel again,
+    each with its fp32 dK/dV accumulator; block j's share is `wan::attention_backward` with the merged lse and
+    delta = rowsum(dout * out); one last hop hands each accumulator to its block's owner."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sp):
         from wan_kernels.routing import bind
 
-        attention_lse = bind("attention_lse", self.lse_impl, q.device)
-        R, r, Sb = self.R, self.ring_rank, k.shape[1]
+        attention_lse = bind("attention_lse", sp.lse_impl, q.device)
+        R, r, Sb = sp.R, sp.ring_rank, k.shape[1]
         kv = torch.stack((k, v)).contiguous()
         out = lse = None
         for step in range(R):
             if step < R - 1:  # pass the block on while this one is computed
                 nxt = torch.empty_like(kv)
-                reqs = dist.batch_isend_irecv([
-                    dist.P2POp(dist.isend, kv, group=self.ring_group, group_peer=(r + 1) % R),
-                    dist.P2POp(dist.irecv, nxt, group=self.ring_group, group_peer=(r - 1) % R)])
-            j = (r - step) % R
-            valid = min(max(self.S - j * Sb, 0), Sb)                           # keys of block j that are not padding
+                reqs = sp._hop([kv], [nxt])
+            valid = sp._valid(sp.S, (r - step) % R, Sb)
             if valid:
                 o_b, lse_b = attention_lse(q, kv[0, :, :valid], kv[1, :, :valid], None)
                 o_b = o_b.to(lse_b.dtype)
@@ -155,19 +272,65 @@ class SequenceParallel:
                 for req in reqs:
                     req.wait()
                 kv = nxt
+        ctx.sp, ctx.S = sp, sp.S
+        ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
 
+    @staticmethod
+    def backward(ctx, dout):
+        from wan_kernels.routing import bind
 
-def enable(model, ulysses_degree: int = 1, ring_degree: int = 1, group=None) -> None:
-    """`WanModel.enable_parallelism`: see the module docstring."""
+        sp = ctx.sp
+        q, k, v, out, lse = ctx.saved_tensors                            # out: merged, fp32; lse [B, h, Sb]
+        attention_backward = bind("attention_backward", sp.bwd_impl, q.device)
+        R, r, Sb = sp.R, sp.ring_rank, k.shape[1]
+        dout = dout.to(q.dtype).contiguous()
+        delta = (dout.to(out.dtype) * out).sum(-1).transpose(1, 2).contiguous()   # [B, h, Sb]
+        kv = torch.stack((k, v)).contiguous()
+        dkv = torch.zeros(kv.shape, dtype=lse.dtype, device=kv.device)  # block j's dK, dV so far
+        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
+        for step in range(R):
+            valid = sp._valid(ctx.S, (r - step) % R, Sb)
+            if valid:
+                dq_b, dk_b, dv_b = attention_backward(dout, q, kv[0, :, :valid], kv[1, :, :valid], lse, delta, None)
+                dq += dq_b
+                dkv[0, :, :valid] += dk_b
+                dkv[1, :, :valid] += dv_b
+            # pass block and accumulator on; after the last block only the accumulator, to the block's owner
+            send, recv = ([kv, dkv], [torch.empty_like(kv), torch.empty_like(dkv)]) if step < R - 1 else \
+                ([dkv], [torch.empty_like(dkv)])
+            for req in sp._hop(send, recv):
+                req.wait()
+            kv, dkv = (recv[0], recv[1]) if step < R - 1 else (kv, recv[0])
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+
+
+def enable(model, ulysses_degree: int = 1, ring_degree: int = 1, group=None, *, config=None, cp_plan=None) -> None:
+    """`WanModel.enable_parallelism`: see the module docstring. `config` (and `cp_plan`): diffusers' spelling,
+    a `ContextParallelConfig` (or a `ParallelConfig` holding one) giving the degrees instead
+    (wan_model/integrations/diffusers.py: `parallel_degrees`)."""
+    if config is not None or cp_plan is not None:
+        from wan_model.integrations.diffusers import parallel_degrees
+
+        if (ulysses_degree, ring_degree) != (1, 1):
+            raise ValueError(f"enable_parallelism: pass the degrees either as ulysses_degree/ring_degree or in "
+                             f"config, not both (got ulysses_degree={ulysses_degree!r}, "
+                             f"ring_degree={ring_degree!r} and config={config!r})")
+        ulysses_degree, ring_degree = parallel_degrees(config, cp_plan)
     sp = SequenceParallel(model.config.num_attention_heads, model.impl, ulysses_degree, ring_degree, group)
+    disable(model)
+    sp.blocks = model.blocks
+    sp.hook_parameters()
     model._parallel = sp
     for block in model.blocks:
         block.attn1.attend = sp.attention
 
 
 def disable(model) -> None:
-    """`WanModel.disable_parallelism`: back to single-process attention (the sub-groups stay alive)."""
+    """`WanModel.disable_parallelism`: back to single-process attention and gradients (the sub-groups stay
+    alive)."""
+    if getattr(model, "_parallel", None) is not None:
+        model._parallel.unhook_parameters()
     model._parallel = None
     for block in model.blocks:
         block.attn1.attend = local_attention

@@ -1,4 +1,8 @@
-"""NVFP4 weight quantization of a WanModel, and the streaming NVFP4 checkpoint converter.
+"""NVFP4 and FP8 weight quantization of a WanModel, and the streaming NVFP4 checkpoint converter.
+
+FP8 (`FP8Config`, `quantize("fp8")`): the same keep rules and groups; a quantized layer becomes a
+`wan_kernels.linear.FP8Linear` (W8A8 on sm_89+, W8A16 elsewhere), scales per tensor (a fused group shares one)
+or per output row.
 
 What is quantized (`NVFP4Config`): every Linear of the model except the layers matched by `keep`
 (fnmatch patterns over diffusers layer names, default `DEFAULT_KEEP`: the time/text/image embedders
@@ -33,13 +37,14 @@ import functools
 import torch
 from torch import nn
 
+from wan_kernels import fp8
 from wan_kernels import nvfp4 as fmt
-from wan_kernels.linear import NVFP4Linear, default_mode
+from wan_kernels.linear import FP8Linear, NVFP4Linear, default_mode
 from wan_model.config import WanConfig
 from wan_model.layouts import native_direct, stacked_kv
 from wan_model.model import StackedKV, WanModel, qkv_module_then_norm_rope, split_kv
 
-METHODS = ("nvfp4",)
+METHODS = ("nvfp4", "fp8")
 DEFAULT_KEEP = ("patch_embedding", "condition_embedder.time_embedder.*", "condition_embedder.text_embedder.*",
                 "condition_embedder.image_embedder.*", "proj_out")
 NEVER_QUANTIZED = ("condition_embedder.time_embedder.",)
@@ -79,6 +84,39 @@ class NVFP4Config:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class FP8Config:
+    """Which Linear layers become FP8 (`FP8Linear`) and how; the keep rules and fused groups of NVFP4Config.
+
+    keep, layers: as NVFP4Config.
+    per_channel: one scale per output row ([N, 1]) instead of one per tensor ([]). Per tensor, a fused group
+                 (to_qkv, cross_kv, cross_kv_img) is ONE fp8 tensor with ONE scale: max over its members of
+                 amax / 448. Per channel needs no sharing (rows are independent).
+    dtype:       "float8_e4m3fn" (default) or "float8_e5m2".
+    impl:        backend of fp8_linear; None = the model's impl ("cpu" maps to "auto").
+    """
+
+    keep: tuple[str, ...] = DEFAULT_KEEP
+    layers: tuple[str, ...] | None = None
+    per_channel: bool = False
+    dtype: str = "float8_e4m3fn"
+    impl: str | None = None
+
+    def __post_init__(self):
+        fp8.dtype_of(self.dtype)
+
+    is_quantized = NVFP4Config.is_quantized
+
+    def to_json(self) -> dict:
+        """The `quantization_config` written to config.json."""
+        return {
+            "quant_method": "fp8", "producer": "wan-kernels", "fmt": self.dtype,
+            "weight_scale": "float32 DECODE scale: w = weight * weight_scale, " + (
+                "[N, 1] per output row" if self.per_channel else "[] per tensor (fused groups share it)"),
+            "per_channel": self.per_channel, "keep": list(self.keep) if self.layers is None else None,
+        }
+
+
 def nvfp4_impl(model_impl: str) -> str:
     """Backend of the NVFP4 ops for a model impl (nvfp4_linear has no C++ CPU kernel: "cpu" -> "auto")."""
     return "auto" if model_impl == "cpu" else model_impl
@@ -109,7 +147,7 @@ def quantized_groups(cfg: WanConfig, config: NVFP4Config) -> list[tuple[str, tup
         known = {m for _, members in groups for m in members}
         unknown = sorted(set(config.layers) - known)
         if unknown:
-            raise ValueError(f"NVFP4Config.layers names layers that are not quantizable Linear layers of this "
+            raise ValueError(f"{type(config).__name__}.layers names layers that are not quantizable Linear layers of this "
                              f"model: {unknown[:8]} (the time embedder and patch embedding never are)")
     out = []
     for native, members in groups:
@@ -118,10 +156,10 @@ def quantized_groups(cfg: WanConfig, config: NVFP4Config) -> list[tuple[str, tup
             out.append((native, members))
         elif any(q):
             kept = [m for m, x in zip(members, q) if not x]
-            raise ValueError(f"layers {list(members)[:4]}... run as ONE GEMM ({native}) with one NVFP4 global "
-                             f"scale: quantize all or none of them; kept {kept[:4]}, "
+            raise ValueError(f"layers {list(members)[:4]}... run as ONE GEMM ({native}) with one "
+                             f"per-tensor scale: quantize all or none of them; kept {kept[:4]}, "
                              f"quantized {[m for m, x in zip(members, q) if x][:4]}")
-    if cfg.dim % 128 and any(len(m) > 1 for _, m in out):
+    if isinstance(config, NVFP4Config) and cfg.dim % 128 and any(len(m) > 1 for _, m in out):
         raise ValueError(f"fused NVFP4 groups need dim % 128 == 0 (scale swizzle row tile), got dim {cfg.dim}")
     return out
 
@@ -152,10 +190,33 @@ class NVFP4StackedKV(NVFP4Linear):
         return split_kv(super().forward(ctx), self.norm_k, num_heads, eps)
 
 
+class FP8StackedKV(FP8Linear):
+    """`StackedKV` with an FP8 weight: one fp8_linear [L*2C, C_in] for the K/V of all layers. Buffers as
+    FP8Linear (one scale for all layers, or one per row) plus the parameter norm_k [L, C]."""
+
+    def __init__(self, num_layers: int, dim: int, in_dim: int, **kw):
+        super().__init__(in_dim, num_layers * 2 * dim, bias=True, **kw)
+        self.norm_k = nn.Parameter(torch.ones(num_layers, dim, device=self.weight.device))
+
+    @classmethod
+    def from_stacked(cls, kv: StackedKV, **kw) -> "FP8StackedKV":
+        L, C = kv.norm_k.shape
+        q = cls(L, C, kv.weight.shape[1], device=kv.weight.device, dtype=kv.weight.dtype, **kw)
+        q.set_dense_weight(kv.weight.detach())
+        with torch.no_grad():
+            q.bias.copy_(kv.bias.detach())
+        q.norm_k = nn.Parameter(kv.norm_k.detach().clone())  # keeps its dtype
+        return q
+
+    def forward(self, ctx: torch.Tensor, num_heads: int, eps: float):
+        """ctx [B, Lc, C_in] -> lists over layers of k, v: [B, Lc, H, D] (one fp8_linear)."""
+        return split_kv(super().forward(ctx), self.norm_k, num_heads, eps)
+
+
 def set_nvfp4_impl(model: WanModel, impl: str) -> None:
-    """Point every NVFP4 module of `model` at backend `impl` (mapped by `nvfp4_impl`)."""
+    """Point every NVFP4 / FP8 module of `model` at backend `impl` (mapped by `nvfp4_impl`)."""
     for m in model.modules():
-        if isinstance(m, NVFP4Linear):
+        if isinstance(m, (NVFP4Linear, FP8Linear)):
             m.impl = nvfp4_impl(impl)
 
 
@@ -166,7 +227,7 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _finish(model: WanModel, config: NVFP4Config) -> WanModel:
     for block in model.blocks:  # decided here, once: NVFP4 QKV GEMM, then the fused RMSNorm + RoPE op
-        if isinstance(block.attn1.to_qkv, NVFP4Linear):
+        if isinstance(block.attn1.to_qkv, (NVFP4Linear, FP8Linear)):
             block.attn1.project_qkv = qkv_module_then_norm_rope
     model._quantization = config
     return model
@@ -179,6 +240,8 @@ def quantize_model(model: WanModel, method: str = "nvfp4", config: NVFP4Config |
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
     if model.quantization is not None:
         raise ValueError("this model is already quantized")
+    if method == "fp8":
+        return _quantize_fp8(model, config or FP8Config())
     config = config or NVFP4Config()
     impl = config.impl or nvfp4_impl(model.impl)
     for native, _ in quantized_groups(model.config, config):
@@ -187,6 +250,48 @@ def quantize_model(model: WanModel, method: str = "nvfp4", config: NVFP4Config |
                else NVFP4Linear.from_linear(old, mode=config.mode, impl=impl))
         _set_module(model, native, new)
     return _finish(model, config)
+
+
+def _fp8_kw(config: FP8Config, model: WanModel) -> dict:
+    return {"per_channel": config.per_channel, "fp8_dtype": config.dtype, "impl": config.impl or nvfp4_impl(model.impl)}
+
+
+def _quantize_fp8(model: WanModel, config: FP8Config) -> WanModel:
+    """quantize_model for "fp8": a fused group is one native module, so its per-tensor scale is already the
+    max over its members."""
+    if not isinstance(config, FP8Config):
+        raise ValueError(f"quantize('fp8') takes an FP8Config, got {type(config).__name__}")
+    kw = _fp8_kw(config, model)
+    for native, _ in quantized_groups(model.config, config):
+        old = model.get_submodule(native)
+        new = (FP8StackedKV.from_stacked(old, **kw) if isinstance(old, StackedKV) else FP8Linear.from_linear(old, **kw))
+        _set_module(model, native, new)
+    return _finish(model, config)
+
+
+def fp8_structure(model: WanModel, config: FP8Config, per_channel: set[str] = frozenset(),
+                  input_scale: set[str] = frozenset()) -> WanModel:
+    """Replace the modules `config` quantizes by EMPTY FP8 modules (model on "meta", to be filled by
+    load_state_dict(assign=True)); `per_channel` / `input_scale`: native modules whose checkpoint holds a
+    per-row scale / a static input scale."""
+    kw = _fp8_kw(config, model)
+    for native, _ in quantized_groups(model.config, config):
+        old = model.get_submodule(native)
+        kw.update(per_channel=native in per_channel, input_scale=native in input_scale)
+        if isinstance(old, StackedKV):
+            L, C = old.norm_k.shape
+            new = FP8StackedKV(L, C, old.weight.shape[1], device=old.weight.device, **kw)
+        else:
+            new = FP8Linear(old.in_features, old.out_features, old.bias is not None, device=old.weight.device, **kw)
+        _set_module(model, native, new)
+    return _finish(model, config)
+
+
+def fp8_checkpoint_layers(sd) -> tuple[str, ...]:
+    """Diffusers layer names stored as FP8 in a (diffusers-named) state dict: an fp8 `.weight` with a
+    `.weight_scale` and no `.weight_scale_2` (that is NVFP4)."""
+    return tuple(sorted(k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight")
+                        and v.dtype in fp8.DTYPES and k + "_scale" in sd and k + "_scale_2" not in sd))
 
 
 def quantize_structure(model: WanModel, config: NVFP4Config, device) -> WanModel:

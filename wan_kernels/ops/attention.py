@@ -1,11 +1,12 @@
 """wan::attention: non-causal attention in [B, S, H, D] layout with an optional image key/value set (Wan I2V).
-Kernels: wan_kernels/ref/attention.py, wan_kernels/triton/attention.py, csrc/attention/ (C++ CPU)."""
+Kernels: wan_kernels/ref/attention.py, wan_kernels/triton/attention.py, csrc/attention/ (C++ CPU).
+Backward: wan_kernels/ops/attention_backward.py (its forward saves each set's log-sum-exp)."""
 
 from __future__ import annotations
 
 import torch
 
-from wan_kernels import ref, routing
+from wan_kernels import _autograd, ref, routing
 from wan_kernels._checks import FLOAT_DTYPES, same_device, shape_of
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.triton import attention as triton_attention
@@ -59,11 +60,30 @@ def samples_attention(s):
             None)
 
 
+def backward_attention(inputs, grads, needs_input_grad, *, outputs, impl):
+    """FlashAttention-2's backward from wan::attention_forward's saved (out, lse [S, B, H, Sq]): the deltas of both
+    sets (wan::attention_delta), then wan::attention_backward per set with the same dout; dq = dq_text + dq_img.
+    Under grad mode (double backward): the reference's vector-Jacobian product, which is differentiable."""
+    if torch.is_grad_enabled():
+        return _autograd._vjp("attention", inputs, grads, needs_input_grad)
+    q, k, v, k_img, v_img, scale = inputs
+    out, lse = outputs
+    dout = grads[0]
+    delta = routing.resolve("attention_delta", impl, q.device)(dout, out, q, k_img, v_img,
+                                                               None if k_img is None else lse[1], scale)
+    backward = routing.resolve("attention_backward", impl, q.device)
+    dq, dk, dv = backward(dout, q, k, v, lse[0], delta[0], scale)
+    if k_img is None:
+        return dq, dk, dv, None, None, None
+    dq_img, dk_img, dv_img = backward(dout, q, k_img, v_img, lse[1], delta[1], scale)
+    return dq + dq_img, dk, dv, dk_img, dv_img, None
+
+
 SPEC = register(OpSpec(
     name="attention",
     schema="attention(Tensor q, Tensor k, Tensor v, Tensor? k_img, Tensor? v_img, float? scale) -> Tensor",
     check=check_attention, ref=ref.attention, samples=samples_attention, fake=fake_attention,
-    differentiable=("q", "k", "v", "k_img", "v_img"),
+    differentiable=("q", "k", "v", "k_img", "v_img"), backward=backward_attention, forward_for_grad="attention_forward",
     triton=triton_attention.attention, flops=attention_flops,
 ))
 

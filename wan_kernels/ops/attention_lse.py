@@ -1,13 +1,13 @@
 """wan::attention_lse: wan::attention over one key/value set that also returns the log-sum-exp of the scores, the
 quantity by which ring attention (wan_model/parallel.py) merges the results of key blocks exactly.
 Kernels: wan_kernels/ref/attention.py, wan_kernels/triton/attention.py, csrc/attention/attention_cpu.cpp (C++ CPU).
-Not differentiable yet (an input requiring grad raises at forward time)."""
+Differentiable in q, k, v with gradients for both outputs (wan_kernels/ops/attention_backward.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from wan_kernels import ref, routing
+from wan_kernels import _autograd, ref, routing
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.attention import check_attention
 from wan_kernels.triton import attention as triton_attention
@@ -34,11 +34,27 @@ def samples_attention_lse(s):
     return s.randn(B, S, H, D), s.randn(B, 7, H, D), s.randn(B, 7, H, D), None
 
 
+def backward_attention_lse(inputs, grads, needs_input_grad, *, outputs, impl):
+    """Gradients of both outputs from the saved (out, lse): wan::attention_backward with delta =
+    rowsum(dout * out) - dlse (d lse / d scores = the softmax itself). Double backward: the reference's VJP."""
+    if torch.is_grad_enabled():
+        return _autograd._vjp("attention_lse", inputs, grads, needs_input_grad)
+    q, k, v, scale = inputs
+    out, lse = outputs
+    dout, dlse = grads
+    if dout is None:
+        dout = torch.zeros_like(out)
+    delta = routing.resolve("attention_delta", impl, q.device)(dout, out, q, None, None, None, scale)[0]
+    if dlse is not None:
+        delta = delta - dlse
+    return (*routing.resolve("attention_backward", impl, q.device)(dout, q, k, v, lse, delta, scale), None)
+
+
 SPEC = register(OpSpec(
     name="attention_lse",
     schema="attention_lse(Tensor q, Tensor k, Tensor v, float? scale) -> (Tensor out, Tensor lse)",
     check=check_attention_lse, ref=ref.attention_lse, samples=samples_attention_lse, fake=fake_attention_lse,
-    triton=triton_attention.attention_lse, flops=attention_lse_flops,
+    differentiable=("q", "k", "v"), backward=backward_attention_lse, save_outputs=True, triton=triton_attention.attention_lse, flops=attention_lse_flops,
 ))
 
 

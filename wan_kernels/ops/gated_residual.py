@@ -26,11 +26,20 @@ def samples_gated_residual(s):
     return s.randn(B, S, C), s.randn(B, S, C), s.randn(B, 1, C, dtype=torch.float32)
 
 
+def backward_gated_residual(inputs, grads, needs_input_grad):
+    """OpSpec.backward: x's gradient is the output's, y's and gate's from wan::gated_residual_backward."""
+    x, y, gate = inputs
+    dy, dgate = torch.ops.wan.gated_residual_backward(grads[0], y, gate) if any(needs_input_grad[1:]) else (None,) * 2
+    return (grads[0] if needs_input_grad[0] else None, dy if needs_input_grad[1] else None,
+            dgate if needs_input_grad[2] else None)
+
+
 SPEC = register(OpSpec(
     name="gated_residual",
     schema="gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor",
     check=check_gated_residual, ref=ref.gated_residual, samples=samples_gated_residual, fake=fake_like_x,
-    differentiable=("x", "y", "gate"), triton=triton_modulate.gated_residual,
+    differentiable=("x", "y", "gate"),
+    backward=backward_gated_residual, triton=triton_modulate.gated_residual,
 ))
 
 

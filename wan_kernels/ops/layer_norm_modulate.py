@@ -27,11 +27,19 @@ def samples_layer_norm_modulate(s):
     return s.randn(B, S, C), s.randn(B, 1, C, dtype=torch.float32), s.randn(B, S, C, dtype=torch.float32), 1e-6
 
 
+def backward_layer_norm_modulate(inputs, grads, needs_input_grad):
+    """OpSpec.backward: wan::layer_norm_modulate_backward."""
+    x, scale, shift, eps = inputs
+    got = torch.ops.wan.layer_norm_modulate_backward(grads[0], x, scale, shift, eps)
+    return tuple(g if need else None for g, need in zip(got, needs_input_grad)) + (None,)
+
+
 SPEC = register(OpSpec(
     name="layer_norm_modulate",
     schema="layer_norm_modulate(Tensor x, Tensor scale, Tensor shift, float eps) -> Tensor",
     check=check_layer_norm_modulate, ref=ref.layer_norm_modulate, samples=samples_layer_norm_modulate,
-    fake=fake_like_x, differentiable=("x", "scale", "shift"), triton=triton_modulate.layer_norm_modulate,
+    fake=fake_like_x, differentiable=("x", "scale", "shift"),
+    backward=backward_layer_norm_modulate, triton=triton_modulate.layer_norm_modulate,
 ))
 
 

@@ -1,7 +1,10 @@
-"""wan::nvfp4_linear (W4A16) and the W4A4 composition nvfp4_linear_w4a4 (nvfp4_quantize + nvfp4_gemm).
-Kernels: wan_kernels/ref/nvfp4.py, wan_kernels/triton/nvfp4.py (nvfp4_linear_w4a16)."""
+"""wan::nvfp4_linear (W4A16), its backward in x wan::nvfp4_linear_backward (dX = dY @ dequant(W); the NVFP4 weight
+is a frozen base) and the W4A4 composition nvfp4_linear_w4a4 (nvfp4_quantize + nvfp4_gemm).
+Kernels: wan_kernels/ref/nvfp4.py, wan_kernels/triton/nvfp4.py (nvfp4_linear_w4a16, nvfp4_linear_backward)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,14 +40,77 @@ def samples_nvfp4_linear(s):
     return s.randn(2, 5, 64), wp, ws, gw, s.randn(24)
 
 
+# ---------------------------------------------------------------------------------------------
+# wan::nvfp4_linear_backward: dX = dY @ dequant(W) (the weight is a frozen base: no weight gradient)
+
+def check_nvfp4_linear_backward(grad_out, w, w_scale, w_global_scale) -> None:
+    op = "nvfp4_linear_backward"
+    n, _ = check_packed(op, "w", w, "w_scale", w_scale)
+    if grad_out.dim() < 1 or grad_out.shape[-1] != n:
+        raise ValueError(f"{op}: grad_out must be [..., {n}] for w of shape {shape_of(w)} (N = w.shape[0]), "
+                         f"got shape {shape_of(grad_out)}")
+    if grad_out.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: grad_out must be float32/float16/bfloat16, got {grad_out.dtype}")
+    check_global_scale(op, "w_global_scale", w_global_scale, grad_out)
+    same_device(op, grad_out, w=w)
+
+
+def ref_nvfp4_linear_backward(grad_out, w, w_scale, w_global_scale):
+    """grad_out [..., N] @ dequantize(w [N, K/2]) -> dx [..., K] in grad_out's dtype (fp32 math; fp64 for fp64)."""
+    dt = torch.promote_types(grad_out.dtype, torch.float32)
+    return (grad_out.to(dt) @ ref.nvfp4_dequantize(w, w_scale, w_global_scale, dt)).to(grad_out.dtype)
+
+
+def fake_nvfp4_linear_backward(grad_out, w, w_scale, w_global_scale):
+    return grad_out.new_empty((*grad_out.shape[:-1], 2 * w.shape[1]))
+
+
+def samples_nvfp4_linear_backward(s):
+    wp, ws, gw = s.nvfp4(24, 64)
+    return s.randn(2, 5, 24), wp, ws, gw
+
+
+BACKWARD_SPEC = register(OpSpec(
+    name="nvfp4_linear_backward",
+    schema="nvfp4_linear_backward(Tensor grad_out, Tensor w, Tensor w_scale, Tensor w_global_scale) -> Tensor",
+    check=check_nvfp4_linear_backward, ref=ref_nvfp4_linear_backward, samples=samples_nvfp4_linear_backward,
+    fake=fake_nvfp4_linear_backward,
+    differentiable=("grad_out",),  # linear in grad_out: double backward is nvfp4_linear's forward (the reference VJP)
+    triton=triton_nvfp4.nvfp4_linear_backward,
+    flops=lambda g, w, *_: 2 * math.prod(g[:-1]) * w[0] * 2 * w[1],  # 2 M N K
+    constant=("w", "w_scale", "w_global_scale"), weights=("w", "w_scale", "w_global_scale"), cpp=False,
+))
+
+
+def backward_nvfp4_linear(inputs, grads, needs_input_grad):
+    """OpSpec.backward of nvfp4_linear: dx by wan::nvfp4_linear_backward (the Triton dgrad kernel on GPUs),
+    dbias = dY summed over the rows (fp32, rounded to the bias dtype); none for the NVFP4 weight."""
+    x, w, w_scale, w_global_scale, bias = inputs
+    (dy,) = grads
+    dx = torch.ops.wan.nvfp4_linear_backward(dy, w, w_scale, w_global_scale) if needs_input_grad[0] else None
+    dbias = None
+    if bias is not None and needs_input_grad[4]:
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+    return dx, None, None, None, dbias
+
+
 SPEC = register(OpSpec(
     name="nvfp4_linear",
     schema="nvfp4_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_global_scale, Tensor? bias) -> Tensor",
     check=check_nvfp4_linear, ref=ref.nvfp4_linear, samples=samples_nvfp4_linear, fake=fake_nvfp4_linear,
     differentiable=("x", "bias"),  # the NVFP4 weight is a frozen base (QLoRA-style training)
+    backward=backward_nvfp4_linear,
     triton=triton_nvfp4.nvfp4_linear_w4a16,
     constant=("w", "w_scale", "w_global_scale", "bias"), weights=("w", "w_scale", "w_global_scale", "bias"),
 ))
+
+
+def nvfp4_linear_backward(grad_out: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                          w_global_scale: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """dX of the W4A16 linear: grad_out [..., N] @ dequantize(w [N, K/2]) -> [..., K] in grad_out's dtype (the
+    weight's gradient is not computed: a frozen NVFP4 base). On GPUs the Triton dgrad kernel decodes weight tiles
+    in the main loop and reduces over N; on CPU the reference (dequantize, matmul)."""
+    return routing.resolve("nvfp4_linear_backward", impl, grad_out.device)(grad_out, w, w_scale, w_global_scale)
 
 
 def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,

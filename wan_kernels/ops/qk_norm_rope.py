@@ -34,12 +34,21 @@ def samples_qk_norm_rope(s):
     return (s.randn(B, S, 3 * C), s.randn(C) + 1, s.randn(C) + 1, *s.rope(S, D), H, 1e-6)
 
 
+def backward_qk_norm_rope(inputs, grads, needs_input_grad):
+    """OpSpec.backward: wan::qk_norm_rope_backward (an output without a gradient counts as zeros)."""
+    qkv, wq, wk, cos, sin, num_heads, eps = inputs
+    like = fake_qk_norm_rope(qkv, wq, wk, cos, sin, num_heads, eps)[0]
+    grads = [torch.zeros_like(like) if g is None else g for g in grads]
+    dqkv, dwq, dwk = torch.ops.wan.qk_norm_rope_backward(*grads, qkv, wq, wk, cos, sin, num_heads, eps)
+    return tuple(g if need else None for g, need in zip((dqkv, dwq, dwk), needs_input_grad)) + (None,) * 4
+
+
 SPEC = register(OpSpec(
     name="qk_norm_rope",
     schema="qk_norm_rope(Tensor qkv, Tensor norm_q_weight, Tensor norm_k_weight, Tensor rope_cos, Tensor rope_sin, "
            "int num_heads, float eps) -> (Tensor q, Tensor k, Tensor v)",
     check=check_qk_norm_rope, ref=ref.qk_norm_rope, samples=samples_qk_norm_rope, fake=fake_qk_norm_rope,
-    differentiable=("qkv", "norm_q_weight", "norm_k_weight"),
+    differentiable=("qkv", "norm_q_weight", "norm_k_weight"), backward=backward_qk_norm_rope,
     triton=triton_qk_norm_rope.qk_norm_rope,
     flops=lambda *shapes: 0,  # RMSNorm + RoPE: no matrix product (registered so a count says so explicitly)
     constant=("norm_q_weight", "norm_k_weight", "rope_cos", "rope_sin"), weights=("norm_q_weight", "norm_k_weight"),

@@ -31,3 +31,38 @@ def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """(x.float() + y.float() * gate), rounded once to x's dtype. x, y: [B, S, C]; gate: fp32 [B, 1|S, C]."""
     return (x.to(_compute_dtype(x.dtype)) + y * gate).to(x.dtype)  # y * gate promotes y to fp32 exactly
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """t [B, S, C] summed over the dims where `shape` broadcasts (size 1): the gradient of a [B|1, S|1, C] operand."""
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def layer_norm_modulate_backward(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                                 eps: float):
+    """Gradients of layer_norm_modulate: grad_out [B, S, C] -> grad_x [B, S, C] in x's dtype, grad_scale and
+    grad_shift fp32 in scale's / shift's shapes (summed over the token / batch axes they broadcast along).
+    With n = LayerNorm(x), gn = grad_out * (1 + scale):
+        grad_x = rstd * (gn - mean(gn) - n * mean(gn * n)),  grad_scale = sum grad_out * n,  grad_shift = sum grad_out.
+    Huge rows are scaled by the same power of two as in `_layer_norm` (rstd of x = 2^k * rstd of x * 2^k)."""
+    dt = _compute_dtype(x.dtype)
+    xf, g = x.to(dt), grad_out.to(dt)
+    amax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
+    p = torch.exp2((40 - torch.frexp(amax).exponent).clamp(max=0))                        # [..., 1], 1 but for huge rows
+    xs = xf * p
+    d = xs - xs.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((d * d).mean(-1, keepdim=True) + eps)
+    n = d * rstd
+    gn = g * (1 + scale)
+    dx = (rstd * p) * (gn - gn.mean(-1, keepdim=True) - n * (gn * n).mean(-1, keepdim=True))
+    return (dx.to(x.dtype), _sum_to(g * n, scale.shape).to(scale.dtype),
+            _sum_to(g, shift.shape).to(shift.dtype, copy=True))  # a copy: never grad_out itself
+
+
+def gated_residual_backward(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor):
+    """Gradients of gated_residual for y and gate (x's is grad_out itself): grad_out [B, S, C] ->
+    grad_y = grad_out * gate in y's dtype, grad_gate = sum grad_out * y, fp32 in gate's shape (summed where it
+    broadcasts)."""
+    g = grad_out.to(_compute_dtype(grad_out.dtype))
+    return (g * gate).to(y.dtype), _sum_to(g * y, gate.shape).to(gate.dtype)

@@ -33,3 +33,27 @@ def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: 
     k = rope_interleaved(k, rope_cos, rope_sin)
     v = v.unflatten(-1, (num_heads, -1))
     return q.to(qkv.dtype), k.to(qkv.dtype), v.contiguous()
+
+
+def qk_norm_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, qkv: torch.Tensor,
+                          norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor, rope_cos: torch.Tensor,
+                          rope_sin: torch.Tensor, num_heads: int, eps: float):
+    """Gradients of qk_norm_rope. grad_q/k/v: [B, S, H, D] -> grad_qkv [B, S, 3C] in qkv's dtype, grad_norm_q_weight
+    and grad_norm_k_weight [C] in the weights' dtypes (summed over all B * S rows). fp32 math, one rounding.
+    Per row x (q or k) with r = rsqrt(mean(x^2) + eps), n = x * r, y = n * w, out = RoPE(y):
+        gy = RoPE^T(g) (the rotation by -angle), dw = sum_rows gy * n, gn = gy * w, dx = r * (gn - n * mean(gn * n));
+    v's gradient passes through. rstd is recomputed from qkv (the forward saves nothing but its inputs)."""
+    C = qkv.shape[2] // 3
+    dt = _compute_dtype(qkv.dtype)
+
+    def one(g, x, w):
+        gy = rope_interleaved(g.to(dt), rope_cos, -rope_sin).flatten(-2)  # [B, S, C]
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        n = x * r
+        gn = gy * w.to(dt)
+        return r * (gn - n * (gn * n).mean(-1, keepdim=True)), (gy * n).sum((0, 1)).to(w.dtype)
+
+    q, k, _ = qkv.to(dt).split(C, dim=-1)
+    dq, dwq = one(grad_q, q, norm_q_weight)
+    dk, dwk = one(grad_k, k, norm_k_weight)
+    return torch.cat((dq, dk, grad_v.to(dt).flatten(-2)), dim=-1).to(qkv.dtype), dwq, dwk

@@ -295,6 +295,17 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img:
     return _run(q, k, v, k_img, v_img, scale, True, config)
 
 
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                      v_img: torch.Tensor | None = None, scale: float | None = None):
+    """Launcher of wan::attention_forward: (out [B, Sq, H, Dv] in q's dtype, lse [S, B, H, Sq] float32), S = 1
+    or 2 (with the image set): the same launch as `attention`, writing each set's log-sum-exp."""
+    out_dtype = q.dtype
+    launch, out, lse = prepare(q, k, v, k_img, v_img, scale, True, None, target(q, "attention"))
+    if launch is not None:
+        run(launch)
+    return out.to(out_dtype), lse
+
+
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
     """Launcher of wan::attention_lse: (out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] float32), one key set."""
     out, lse, _ = _run(q, k, v, None, None, scale, True, None)

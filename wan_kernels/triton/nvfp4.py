@@ -388,3 +388,94 @@ def nvfp4_linear_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
     if launch is not None:
         run(launch)
     return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# dgrad of the W4A16 linear: dX = dY @ dequant(W), the weight decoded in the main loop
+
+
+@_jit
+def _nvfp4_dgrad_kernel(dy_ptr, w_ptr, w_scale_ptr, gs_ptr, dx_ptr, M, N, K, stride_dm, stride_dn, ks_padded,
+                        DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    """dX [M, K] = (dY [M, N] @ (e2m1 * block scale)(W) [N, K]) * global_scale, fp32 accumulate.
+
+    Each program owns a [BLOCK_M, BLOCK_K] tile of dX and reduces over N in BLOCK_N steps: the [BLOCK_N, BLOCK_K]
+    tile of W (rows n0.., packed bytes k0/2.., its swizzled block scales) is decoded exactly to the dot dtype by
+    `_decode_tile`, the forward's decoder, and multiplies the dY tile untransposed (W is [N, K/2] K-major: the
+    decoded tile is already [N, K]). Grouped launch order: GROUP_M row tiles share each weight column tile in L2."""
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_k = (K + BLOCK_K - 1) // BLOCK_K
+    group = pid // (GROUP_M * num_k)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_k)) % size_m
+    pid_k = (pid % (GROUP_M * num_k)) // size_m
+
+    # M * N and M * K pass 2^31 at Wan's sizes (151,200 x 15,360): row bases 64-bit, offsets in a tile 32-bit
+    m0 = pid_m * BLOCK_M
+    k0 = pid_k * BLOCK_K
+    r = tl.arange(0, BLOCK_M)
+    rows = m0 + r
+    cols = k0 + tl.arange(0, BLOCK_K)
+    dy_ptr += m0.to(tl.int64) * stride_dm
+    acc = tl.full((BLOCK_M, BLOCK_K), 0.0, tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(dy_ptr + r[:, None] * stride_dm + ns[None, :] * stride_dn,
+                     mask=(rows[:, None] < M) & (ns[None, :] < N), other=0.0).to(DOT_DTYPE)
+        n_base = pid * 0 + n0  # a tensor in the interpreter too (its loop variable is an int; _decode_tile casts it)
+        w = _decode_tile(w_ptr, w_scale_ptr, n_base, k0 // 2, N, K, ks_padded, BLOCK_N, BLOCK_K).to(DOT_DTYPE)
+        acc += tl.dot(dy, w)
+    acc = acc * tl.load(gs_ptr)
+    dx_ptr += m0.to(tl.int64) * K
+    tl.store(dx_ptr + r[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+# dgrad tiles: BLOCK_K is the output's column tile, BLOCK_N the reduction step (the decoded W tile is
+# [BLOCK_N, BLOCK_K], the forward's [BLOCK_N, BLOCK_K] transposed in role). Chosen by the AOT compiles of
+# wan_kernels.readiness at Wan's shapes (zero spills on sm_80/86/89/90/100/120).
+_DGRAD_SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+_DGRAD_LARGE = {"mma.sync": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+                "wgmma": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+                "tcgen05": dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)}
+
+
+def dgrad_config(m: int, capability: tuple[int, int] | None) -> dict:
+    """Tile config of the dgrad kernel by M and the target's tensor-core class (None: the interpreter)."""
+    if capability is None:
+        return dict(_INTERPRETER)
+    if m <= 64:
+        return dict(_DGRAD_SMALL)
+    return dict(_DGRAD_LARGE[mma_class(capability)])
+
+
+def prepare_dgrad(grad_out, w, w_scale, w_global_scale, capability):
+    """(Launch or None when there is nothing to launch, dx [M, K]) of `nvfp4_linear_backward` on grad_out viewed as
+    [M, N] (fp16/bf16, any strides); dx is in grad_out's dtype (zeros when N = 0)."""
+    if grad_out.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"nvfp4_linear_backward (triton): grad_out must be float16/bfloat16, got {grad_out.dtype}")
+    N, K = w.shape[0], w.shape[1] * 2
+    dy = grad_out.reshape(-1, N)
+    M = dy.shape[0]
+    if M == 0 or K == 0 or N == 0:
+        return None, torch.zeros((M, K), dtype=grad_out.dtype, device=grad_out.device)
+    dx = torch.empty((M, K), dtype=grad_out.dtype, device=grad_out.device)
+    cfg = dgrad_config(M, capability)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    args = (dy, w.contiguous(), _bytes(w_scale), w_global_scale.reshape(1).float(), dx, M, N, K, dy.stride(0),
+            dy.stride(1), w_scale.shape[1])
+    return _launch(_nvfp4_dgrad_kernel, grid, args, dict(DOT_DTYPE=_TL_DTYPES[grad_out.dtype], **cfg),
+                   grad_out.device), dx
+
+
+def nvfp4_linear_backward(grad_out: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                          w_global_scale: torch.Tensor) -> torch.Tensor:
+    """Triton launcher of wan::nvfp4_linear_backward: grad_out [..., N] (fp16/bf16) @ dequant(w [N, K/2]) *
+    w_global_scale -> dx [..., K] in grad_out's dtype."""
+    launch, dx = prepare_dgrad(grad_out, w, w_scale, w_global_scale, target(grad_out, "nvfp4_linear_backward"))
+    if launch is not None:
+        run(launch)
+    return dx.reshape(*grad_out.shape[:-1], w.shape[1] * 2)

@@ -226,3 +226,152 @@ def aot_signature(dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -
             "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "S": "i32", "stride_qkv_b": "i32",
             "stride_qkv_s": "i32", "stride_rope_s": "i32", "eps": "fp32", "H": "constexpr", "D": "constexpr",
             "H_BLOCK": "constexpr", "NUM_CHUNKS": "constexpr"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (wan::qk_norm_rope_backward). For one part (q or k) of a row, with x its C channels, g the gradient of
+# its output, r = rsqrt(mean(x^2) + eps), n = x * r:
+#     gy = RoPE^T(g):  gy[2i] = g[2i] * cos_i + g[2i+1] * sin_i,  gy[2i+1] = g[2i+1] * cos_i - g[2i] * sin_i
+#     dx = r * (gy * w - n * mean(gy * w * n)),   dw += gy * n   (summed over rows)
+# rstd is recomputed from qkv rather than saved: the backward reads the row x anyway (dx needs it), so the
+# recomputation is one more reduction over registers, no memory traffic, and the forward's outputs and
+# schema stay as they are. The weight gradient is deterministic: each program owns a contiguous block of
+# ROWS rows and writes its fp32 partial sum [C] to its own row of a [P, C] buffer; the launcher sums the P
+# rows (one torch sum, no atomics). One launch per part (q, then k: the same kernel on views of qkv); v's
+# gradient is a strided copy. Offsets are 64-bit (151,200 rows x 3 * 5120 channels > 2^31 at Wan 14B).
+# Single-tile path: the row's [H_BLOCK, D] tile of x and g in registers (w re-read per row from L1/L2, keeping
+# the register set to x, g, the accumulator and temporaries). Chunked path (H_BLOCK * D > MAX_TILE): pass 1
+# over chunks reduces sum(x^2) and sum(gy * w * x); pass 2 writes dx and adds gy * n into the program's
+# partial row in memory (read-modify-write by the owning program only).
+
+# Programs per launch of the backward (each a block of rows): enough to fill a GPU several times over; the
+# partial buffer is [MAX_PROGRAMS, C] fp32 (21 MB at C = 5120).
+MAX_PROGRAMS = 1024
+
+
+def _norm_rope_bwd_kernel(
+    g_ptr, x_ptr, w_ptr, cos_ptr, sin_ptr, dx_ptr, dw_ptr,
+    N, S, ROWS, stride_x_b, stride_x_s, stride_dx, stride_rope_s, eps,
+    H: tl.constexpr, D: tl.constexpr, H_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+):
+    HALF: tl.constexpr = D // 2
+    C: tl.constexpr = H * D
+    pid = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, H_BLOCK)
+    d = tl.arange(0, D)
+    offs = h[:, None] * D + d[None, :]
+    i = tl.arange(0, HALF)
+    out_ty = dx_ptr.dtype.element_ty
+    start = pid * ROWS
+    end = tl.minimum(start + ROWS, N)
+    if NUM_CHUNKS == 1:
+        mask = tl.broadcast_to((h < H)[:, None], [H_BLOCK, D])
+        acc = tl.full([H_BLOCK, D], 0.0, tl.float32)
+        for t in range(start, end):
+            b = t // S
+            s = t % S
+            x = tl.load(x_ptr + b * stride_x_b + s * stride_x_s + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + t * C + offs, mask=mask, other=0.0).to(tl.float32)
+            cos = tl.load(cos_ptr + s * stride_rope_s + i)[None, :]
+            sin = tl.load(sin_ptr + s * stride_rope_s + i)[None, :]
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+            r = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.reduce(tl.reduce(x * x, 1, _ADD), 0, _ADD), C * 1.0) + eps))
+            g0, g1 = tl.split(tl.reshape(g, [H_BLOCK, HALF, 2]))
+            gy = tl.reshape(tl.join(g0 * cos + g1 * sin, g1 * cos - g0 * sin), [H_BLOCK, D])
+            n = x * r
+            acc += gy * n
+            gn = gy * w
+            dot = tl.math.div_rn(tl.reduce(tl.reduce(gn * n, 1, _ADD), 0, _ADD), C * 1.0)
+            tl.store(dx_ptr + t * stride_dx + offs, (r * (gn - n * dot)).to(out_ty), mask=mask)
+        tl.store(dw_ptr + pid * C + offs, acc, mask=mask)
+    else:
+        for t in range(start, end):
+            b = t // S
+            s = t % S
+            row = x_ptr + b * stride_x_b + s * stride_x_s
+            cos = tl.load(cos_ptr + s * stride_rope_s + i)[None, :]
+            sin = tl.load(sin_ptr + s * stride_rope_s + i)[None, :]
+            acc_ss = tl.full([H_BLOCK, D], 0.0, tl.float32)
+            acc_dot = tl.full([H_BLOCK, D], 0.0, tl.float32)
+            for c in range(NUM_CHUNKS):
+                co = c * H_BLOCK * D + offs
+                mask = tl.broadcast_to(((c * H_BLOCK + h) < H)[:, None], [H_BLOCK, D])
+                x = tl.load(row + co, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + t * C + co, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + co, mask=mask, other=0.0)
+                g0, g1 = tl.split(tl.reshape(g, [H_BLOCK, HALF, 2]))
+                gy = tl.reshape(tl.join(g0 * cos + g1 * sin, g1 * cos - g0 * sin), [H_BLOCK, D])
+                acc_ss += x * x
+                acc_dot += gy * w * x
+            r = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.reduce(tl.reduce(acc_ss, 1, _ADD), 0, _ADD), C * 1.0) + eps))
+            dot = tl.math.div_rn(tl.reduce(tl.reduce(acc_dot, 1, _ADD), 0, _ADD) * r, C * 1.0)  # mean(gy * w * n)
+            for c in range(NUM_CHUNKS):
+                co = c * H_BLOCK * D + offs
+                mask = tl.broadcast_to(((c * H_BLOCK + h) < H)[:, None], [H_BLOCK, D])
+                x = tl.load(row + co, mask=mask, other=0.0).to(tl.float32)
+                g = tl.load(g_ptr + t * C + co, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + co, mask=mask, other=0.0)
+                g0, g1 = tl.split(tl.reshape(g, [H_BLOCK, HALF, 2]))
+                gy = tl.reshape(tl.join(g0 * cos + g1 * sin, g1 * cos - g0 * sin), [H_BLOCK, D])
+                n = x * r
+                gn = gy * w
+                tl.store(dx_ptr + t * stride_dx + co, (r * (gn - n * dot)).to(out_ty), mask=mask)
+                part = dw_ptr + pid * C + co
+                tl.store(part, tl.load(part, mask=mask, other=0.0) + gy * n, mask=mask)
+
+
+norm_rope_bwd_kernel = JITFunction(_norm_rope_bwd_kernel)
+
+
+def backward_rows(n: int) -> int:
+    """Rows per program of the backward: at most MAX_PROGRAMS programs."""
+    return max(1, triton.cdiv(n, MAX_PROGRAMS))
+
+
+def prepare_backward(grad_q, grad_k, grad_v, qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps,
+                     capability):
+    """(launches: [q part, k part] or [] when empty, grad_qkv, partial_q, partial_k): the launches
+    `qk_norm_rope_backward` runs for `capability` (None = interpreter). grad_qkv: [B, S, 3C] (fp32 on the
+    interpreter for bf16, see `prepare`), its v part not written by the launches; partial_*: fp32 [P, C]."""
+    B, S, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    N = B * S
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    cos = rope_cos if rope_cos.stride(-1) == 1 else rope_cos.contiguous()
+    sin = rope_sin if rope_sin.stride(-1) == 1 else rope_sin.contiguous()
+    if cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    soft_bf16 = capability is None and qkv.dtype == torch.bfloat16
+    dqkv = torch.empty((B, S, C3), dtype=torch.float32 if soft_bf16 else qkv.dtype, device=qkv.device)
+    rows = backward_rows(N)
+    programs = triton.cdiv(N, rows)
+    cfg = launch_config(num_heads, D)
+    zeros = cfg.NUM_CHUNKS > 1  # the chunked path accumulates into its partial row in memory
+    parts = [(torch.zeros if zeros else torch.empty)((programs, C), dtype=torch.float32, device=qkv.device)
+             for _ in range(2)]
+    if N == 0:
+        return [], dqkv, *parts
+    launches = []
+    for j, (g, w, part) in enumerate(((grad_q, norm_q_weight, parts[0]), (grad_k, norm_k_weight, parts[1]))):
+        x = qkv[:, :, j * C:(j + 1) * C]
+        launches.append(Launch(norm_rope_bwd_kernel, (programs,),
+                               (g.contiguous(), x, w.to(torch.float32).contiguous(), cos, sin,
+                                dqkv[:, :, j * C:(j + 1) * C], part, N, S, rows, x.stride(0), x.stride(1), C3,
+                                cos.stride(0), float(eps)),
+                               dict(cfg.constexprs(), num_warps=cfg.num_warps, **EXACT), qkv.device))
+    return launches, dqkv, *parts
+
+
+def qk_norm_rope_backward(grad_q, grad_k, grad_v, qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin,
+                          num_heads: int, eps: float = 1e-6):
+    """Launcher of wan::qk_norm_rope_backward (arguments checked by the caller's wrapper).
+    Returns grad_qkv [B, S, 3C] in qkv's dtype, grad_norm_q_weight / grad_norm_k_weight [C] in the weights' dtypes."""
+    launches, dqkv, pq, pk = prepare_backward(grad_q, grad_k, grad_v, qkv, norm_q_weight, norm_k_weight, rope_cos,
+                                              rope_sin, num_heads, eps, target(qkv, "qk_norm_rope_backward"))
+    for launch in launches:
+        run(launch)
+    C = qkv.shape[2] // 3
+    dqkv[:, :, 2 * C:].copy_(grad_v.flatten(-2))
+    return dqkv.to(qkv.dtype), pq.sum(0).to(norm_q_weight.dtype), pk.sum(0).to(norm_k_weight.dtype)

@@ -17,6 +17,10 @@ does to a transformer keeps working after the patch, in any order:
 - diffusers' cache hooks (FirstBlockCache, MagCache, ...) and group offloading wrap blocks and modules,
   which the patch leaves alone.
 Numerics match the unpatched model up to rounding (one rounding instead of several).
+
+Our own `WanModel` as a pipeline's transformer needs no patch, also under sequence parallelism: diffusers'
+`transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))` maps to
+`WanModel.enable_parallelism(U, R)` (`parallel_degrees`), and every rank of the pipeline gets the full output.
 """
 
 from __future__ import annotations
@@ -148,6 +152,37 @@ class WanKernelsAttnProcessor:
             out = self.attention(q, k, v.unflatten(2, (H, -1)), k_img, v_img, None)
         out = attn.to_out[0](out.flatten(2))
         return attn.to_out[1](out)
+
+
+def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
+    """(ulysses_degree, ring_degree) of diffusers' `enable_parallelism(config=..., cp_plan=...)` arguments, for
+    `WanModel.enable_parallelism` (wan_model/parallel.py). config: a `ContextParallelConfig` or a
+    `ParallelConfig` holding one. Its ulysses_anything/ring_anything (any sequence length: ours pads),
+    convert_to_fp32 (ours merges in fp32) and rotate_method (ours passes blocks with batch_isend_irecv) need
+    nothing; tensor parallelism, a custom `mesh` and a `cp_plan` are clear errors."""
+    from diffusers import ContextParallelConfig, ParallelConfig, TensorParallelConfig
+
+    what = "WanModel.enable_parallelism"
+    if cp_plan is not None:
+        raise ValueError(f"{what}: cp_plan is a plan of diffusers' context-parallel hooks for its own models; a "
+                         "WanModel splits its tokens itself (wan_model/parallel.py): pass config only")
+    if isinstance(config, ParallelConfig):
+        if config.tensor_parallel_config is not None:
+            config = config.tensor_parallel_config
+        elif config.context_parallel_config is None:
+            raise ValueError(f"{what}: config is a ParallelConfig without a context_parallel_config")
+        else:
+            config = config.context_parallel_config
+    if isinstance(config, TensorParallelConfig):
+        raise ValueError(f"{what}: tensor parallelism (TensorParallelConfig) is not supported; a WanModel splits "
+                         "the sequence: pass ContextParallelConfig(ulysses_degree=..., ring_degree=...)")
+    if not isinstance(config, ContextParallelConfig):
+        raise TypeError(f"{what}: config must be a diffusers ContextParallelConfig or ParallelConfig, "
+                        f"got {type(config).__name__}")
+    if config.mesh is not None:
+        raise ValueError(f"{what}: ContextParallelConfig(mesh=...) is not supported; pass group= (a process "
+                         "group of size ulysses_degree * ring_degree) to WanModel.enable_parallelism instead")
+    return config.ulysses_degree, config.ring_degree
 
 
 def _transformers(obj) -> list:

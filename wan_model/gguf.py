@@ -1,0 +1,283 @@
+"""GGUF checkpoints of the Wan transformer, as city96's ComfyUI-GGUF and diffusers' GGUF loader read them.
+
+One `.gguf` file (the `gguf` package, PyPI, does the encoding: `GGUFWriter`, `gguf.quants`), arch "wan"
+(`general.architecture`), ORIGINAL Wan key names without a prefix (what ComfyUI-GGUF's tools/convert.py
+writes after stripping `model.diffusion_model.`; diffusers' single-file converter renames them). Tensor types
+per key (`tensor_types`), following ComfyUI-GGUF's convert.py + its llama.cpp quantize patch:
+
+  F32    every tensor that is not 2-D (biases, norms, `.modulation` [1, 6, C], `img_emb.emb_pos` [1, S, C],
+         the 5-D patch-embedding Conv3d weight), tensors of <= 1024 elements, and the modules diffusers keeps in
+         fp32 (`time_embedding.*`: wan_model.model.keeps_fp32)
+  TYPE   (--gguf-type) the other 2-D (Linear) weights; for Q8_0/Q5_0/Q4_0 only those inside `blocks.N`
+         whose row length is a multiple of the 32-element block
+  kept   Q types: the linears outside the blocks (text/time projection, head, img_emb: the llama.cpp patch
+         leaves them unquantized) in their stored precision: BF16, F16 or F32
+
+The 5-D patch embedding is stored as one plain F32 tensor of its 5 dims (what ComfyUI-GGUF's fix_5d_tensors.py
+adds back; its loader views F32/F16 data in the reversed GGUF dims, diffusers' takes the numpy shape): no
+`comfy.gguf.orig_shape` reshaping is involved (ComfyUI-GGUF uses that for SD1/SDXL only).
+
+Reading (`read_gguf`) dequantizes every tensor (`gguf.quants.dequantize`) one at a time, cast at once to the
+load dtype. Writing (`convert_gguf`) streams: tensor infos from the source's headers, then one tensor at a
+time read, quantized by row chunks and appended; atomic and non-destructive (wan_model._atomic).
+
+The `gguf` package is imported only when a GGUF file is read or written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from wan_model._atomic import atomic_save, check_destination
+from wan_model.checkpoint import check_state_dict, config_from_state_dict, source_files
+from wan_model.config import WanConfig
+from wan_model.formats import LazyCheckpoint, progress_bar, to_diffusers_names
+from wan_model.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_to_original_key,
+                               original_to_diffusers_key)
+from wan_model.model import keeps_fp32
+
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0")  # what --gguf-type writes
+QUANTIZED = ("Q8_0", "Q5_0", "Q4_0")
+ARCH = "wan"
+MAGIC = b"GGUF"
+SMALL = 1024            # tensors of at most this many elements stay F32 (ComfyUI-GGUF's QUANTIZATION_THRESHOLD)
+CHUNK_ELEMENTS = 1 << 22  # rows quantized together: 16 MiB of fp32 (and the quantizer's temporaries) at a time
+_STORED = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+               "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(f"GGUF files need the `gguf` package (pip install gguf): {e}") from e
+    return gguf
+
+
+def is_gguf(path) -> bool:
+    """Whether `path` is a GGUF file: a `.gguf` name, or a regular file starting with the GGUF magic."""
+    path = os.fspath(path)
+    if path.lower().endswith(".gguf"):
+        return True
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def check_gguf_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF tensor type {gguf_type!r}; expected one of {', '.join(GGUF_TYPES)}")
+    return gguf_type
+
+
+# ---------------------------------------------------------------------------------------------
+# Which type each tensor gets
+
+def tensor_type(key: str, dtype: torch.dtype, shape: tuple[int, ...], gguf_type: str) -> str:
+    """The GGUF type of diffusers-named tensor `key` (stored `dtype`, `shape`) in a `gguf_type` file (module
+    docstring)."""
+    if len(shape) != 2 or math.prod(shape) <= SMALL or keeps_fp32(key):
+        return "F32"
+    if gguf_type not in QUANTIZED:
+        return gguf_type
+    if key.startswith("blocks.") and shape[-1] % 32 == 0:
+        return gguf_type
+    return _STORED.get(dtype, "F32")
+
+
+def tensor_types(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], gguf_type: str) -> dict[str, str]:
+    """{diffusers key: GGUF type} of a checkpoint whose tensors have `entries` {key: (dtype, shape)}."""
+    check_gguf_type(gguf_type)
+    return {k: tensor_type(k, dt, shape, gguf_type) for k, (dt, shape) in entries.items()}
+
+
+def _qtype(name: str):
+    return _gguf().GGMLQuantizationType[name]
+
+
+def _nbytes(shape: tuple[int, ...], name: str) -> int:
+    block, size = _gguf().GGML_QUANT_SIZES[_qtype(name)]
+    return math.prod(shape) // block * size
+
+
+def encode(t: torch.Tensor, name: str) -> np.ndarray:
+    """Tensor `t` as the data of a GGUF tensor of type `name` (gguf.quants.quantize), quantized by chunks of
+    rows (rows are independent blocks): at most CHUNK_ELEMENTS fp32 values and their temporaries at once."""
+    gguf = _gguf()
+    qtype = _qtype(name)
+    if t.dim() < 2 or name == "F32":
+        return gguf.quants.quantize(t.detach().float().contiguous().numpy(), qtype)
+    rows = t.reshape(-1, t.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    with np.errstate(over="ignore"):  # F16 overflow: convert_gguf names the tensor
+        parts = [gguf.quants.quantize(rows[i:i + step].float().contiguous().numpy(), qtype)
+                 for i in range(0, rows.shape[0], step)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+def _reader(path: str):
+    gguf = _gguf()
+    if not os.path.isfile(path):
+        what = "not a regular file" if os.path.lexists(path) else "no such file"
+        raise CheckpointError(f"cannot read GGUF file {path}: {what}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, GGUF files with {MAGIC!r})")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise CheckpointError(f"cannot read GGUF file {path} ({os.path.getsize(path)} bytes): {e}; the file is "
+                              "truncated or corrupt") from e
+    field = reader.get_field("general.architecture")
+    arch = None if field is None else field.contents()
+    if arch is not None and arch != ARCH:
+        raise CheckpointError(f"{path}: GGUF general.architecture is {arch!r}, not {ARCH!r} (a Wan transformer)")
+    return reader
+
+
+def _diffusers_name(key: str) -> str:
+    return original_to_diffusers_key(key.removeprefix(COMFY_PREFIX)) or key
+
+
+def _dequantize(tensor, path: str) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor of its logical shape: F32/F16/BF16 as those dtypes (exact), quantized
+    types dequantized to fp32 (exact: a Q value is an integer times an fp16 scale)."""
+    gguf = _gguf()
+    q = gguf.GGMLQuantizationType
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    try:
+        if tensor.tensor_type in (q.F32, q.F16):
+            return torch.from_numpy(np.array(tensor.data)).reshape(shape)
+        if tensor.tensor_type == q.BF16:
+            return torch.from_numpy(np.array(tensor.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
+        return torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type)).reshape(shape)
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be read: "
+                              f"{e}") from e
+
+
+def read_gguf(path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a Wan GGUF file under their names in the file (original / ComfyUI), dequantized one at a
+    time and cast at once to `dtype` (the modules diffusers keeps in fp32 to fp32); `dtype` None: F32/F16/BF16
+    tensors keep their dtype, quantized ones are fp32. CheckpointError for a non-GGUF, corrupt or non-Wan file."""
+    path = os.fspath(path)
+    reader = _reader(path)
+    out = {}
+    for tensor in reader.tensors:
+        t = _dequantize(tensor, path)
+        if dtype is not None:
+            t = t.to(torch.float32 if keeps_fp32(_diffusers_name(tensor.name)) else dtype)
+        out[tensor.name] = t
+    return out
+
+
+def gguf_types(path) -> dict[str, str]:
+    """{tensor name in the file: GGUF type name} of a GGUF file."""
+    return {t.name: t.tensor_type.name for t in _reader(os.fspath(path)).tensors}
+
+
+class GGUFSource:
+    """Diffusers-named, read-on-demand view of a Wan GGUF file (the interface of formats.LazyCheckpoint that
+    `convert_gguf` uses): entries {key: (path, name in the file, dtype, shape)}, `get(key)` dequantizes one."""
+
+    nvfp4_layers: tuple[str, ...] = ()
+
+    def __init__(self, path: str):
+        self._path = path
+        self._tensors = {t.name: t for t in _reader(path).tensors}
+        gguf = _gguf()
+        kept = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
+        meta = {n: torch.empty(tuple(int(d) for d in reversed(t.shape)), dtype=kept.get(t.tensor_type, torch.float32),
+                               device="meta") for n, t in self._tensors.items()}
+        sd, source, self.format = to_diffusers_names(meta)
+        self.entries = {d: (path, source[d], t.dtype, tuple(t.shape)) for d, t in sd.items()
+                        if d in source and not any(s in d for s in IGNORED_KEYS)}
+        self.source = {d: e[1] for d, e in self.entries.items()}
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        return {d: torch.empty(e[3], dtype=e[2], device="meta") for d, e in self.entries.items()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return _dequantize(self._tensors[self.entries[key][1]], self._path)
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (streamed)
+
+def convert_gguf(src, dst, gguf_type: str, dtype: torch.dtype | None = None, progress: bool | None = None,
+                 overwrite: bool = False) -> WanConfig:
+    """Stream-convert a dense Wan checkpoint (any supported format, or a GGUF file) to the GGUF file `dst`
+    with its linear weights in `gguf_type` (F32, F16, BF16, Q8_0, Q5_0, Q4_0; `tensor_types` says which tensor
+    gets which type). `dtype`: cast the source tensors first (the fp32 modules stay fp32); None keeps them.
+    Returns the config.
+
+    Tensor infos are written from the source's headers, then each tensor is read, quantized by row chunks
+    (`encode`) and appended, one at a time: peak memory is about one tensor. `dst` must end in `.gguf`; it is
+    checked before anything is read and written atomically and non-destructively (an existing file is
+    refused unless `overwrite`; a failure or kill leaves no partial file; wan_model._atomic)."""
+    gguf = _gguf()
+    check_gguf_type(gguf_type)
+    if not os.fspath(dst).lower().endswith(".gguf"):
+        raise ValueError(f"a GGUF checkpoint is one .gguf file; got destination {os.fspath(dst)!r}")
+    check_destination(dst, None, overwrite)
+    src = os.fspath(src)
+    if is_gguf(src):
+        lazy, cfg = GGUFSource(src), None
+    else:
+        files, cfg, hint = source_files(src)
+        lazy = LazyCheckpoint(files, hint)
+    try:
+        if lazy.nvfp4_layers:
+            raise CheckpointError(f"{src} is NVFP4-quantized: GGUF is written from dense checkpoints")
+        cfg = cfg or config_from_state_dict(lazy.meta(), src)
+        check_state_dict(lazy.meta(), cfg, lazy.source)
+
+        def target(key: str, stored: torch.dtype) -> torch.dtype:
+            return stored if dtype is None else torch.float32 if keeps_fp32(key) else dtype
+
+        stored = {k: (target(k, e[2]), e[3]) for k, e in lazy.entries.items()}
+        types = tensor_types(stored, gguf_type)
+        names = {}
+        for k in lazy.entries:
+            names[k] = diffusers_to_original_key(k)
+            if names[k] is None:
+                raise CheckpointError(f"{src}: tensor {lazy.source.get(k, k)!r} has no original-Wan name")
+        order = sorted(lazy.entries, key=names.get)
+        with atomic_save(dst, None, overwrite) as tmp:
+            w = gguf.GGUFWriter(tmp, ARCH)
+            try:
+                w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[gguf_type]])
+                for k in order:
+                    shape = stored[k][1]
+                    w.add_tensor_info(names[k], shape, np.float32, _nbytes(shape, types[k]), raw_dtype=_qtype(types[k]))
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                with progress_bar(sum(_nbytes(stored[k][1], types[k]) for k in order), "gguf convert", progress) as bar:
+                    for k in order:
+                        t = lazy.get(k).to(stored[k][0])
+                        data = encode(t, types[k])
+                        if types[k] == "F16" and np.isinf(data).any() and t.isfinite().all():
+                            raise CheckpointError(f"{lazy.source.get(k, k)}: values beyond F16's range (max |x| "
+                                                  f"{t.abs().max().item():.4g} > 65504); use --gguf-type BF16")
+                        w.write_tensor_data(data)
+                        bar.update(data.nbytes)
+            finally:
+                w.close()
+    finally:
+        lazy.close()
+    return cfg
