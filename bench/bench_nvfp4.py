@@ -7,13 +7,14 @@
    dequantized weight, also the correctness reference) on GPU; cutlass-w4a4 (NVFP4 x NVFP4, activations
    quantized beforehand; reference: the W4A4 reference math) on sm100 only. Without a GPU these rows are
    listed as skipped and a small CPU shape of the reference path runs.
-3. Streaming `convert --format F --quantize nvfp4` of a SYNTHETIC checkpoint with the real key names and
+3. Streaming `convert --format F --quantize Q` of a SYNTHETIC checkpoint with the real key names and
    shapes of wan2.1-t2v-1.3b (random bf16, ~2.8 GB, written to a temp dir), for each format F of
-   --convert-formats: wall time, peak RSS of the converting subprocess (resource.getrusage(
-   RUSAGE_CHILDREN).ru_maxrss), output size / bf16 size. Targets (issues 5, 13): peak RSS < 1.5 GiB,
-   size <= 0.29x.
+   --convert-formats and method Q of --convert-quantize (nvfp4, fp8, fp8-per-channel): wall time, peak RSS
+   of the converting subprocess (resource.getrusage(RUSAGE_CHILDREN).ru_maxrss), output size / bf16 size.
+   Targets (issues 5, 13): peak RSS < 1.5 GiB for every method, size <= 0.29x for nvfp4.
 
-    python bench/bench_nvfp4.py [--quick] [--skip-convert] [--convert-formats F ...] [--json out.json]
+    python bench/bench_nvfp4.py [--quick] [--skip-convert] [--convert-formats F ...] [--convert-quantize Q ...]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -203,8 +204,9 @@ def analytic_size_ratio(preset: str, keep) -> float:
     return out / dense
 
 
-def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",)) -> list[str]:
-    """Stream-convert one synthetic bf16 checkpoint to NVFP4 in each of `formats`; peak RSS per format (each
+def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",), methods=("nvfp4",)) -> list[str]:
+    """Stream-convert one synthetic bf16 checkpoint with each of `methods` in each of `formats`; peak RSS per
+    conversion (each
     conversion is its own subprocess: RUSAGE_CHILDREN is the max over waited children, so the formats run
     in rising order of that max, and a later one that stays below it is reported as "<= max")."""
     from wan_model.formats import REGISTRY
@@ -221,10 +223,10 @@ def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",)) -> li
         base = [sys.executable, "-c", "import wan_model.checkpoint"]
         subprocess.run(base, check=True)
         import_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        for name in formats:
+        for name, method in ((n, m) for m in methods for n in formats):
             directory = REGISTRY[name].directory
             dst = os.path.join(tmp, name if directory else name + ".safetensors")
-            cmd = [sys.executable, "-m", "wan_model", "convert", src, dst, "--format", name, "--quantize", "nvfp4",
+            cmd = [sys.executable, "-m", "wan_model", "convert", src, dst, "--format", name, "--quantize", method,
                    "--no-progress"]
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
             t0 = time.perf_counter()
@@ -234,11 +236,11 @@ def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",)) -> li
             rss = f"{peak / 2**30:.2f} GiB" if peak > before else f"<= {peak / 2**30:.2f} GiB"
             out = _dir_bytes(dst) if directory else os.path.getsize(dst)
             ratio = out / _dir_bytes(src)
-            lines.append(f"convert --format {name} --quantize nvfp4: {wall:.1f} s ({dense / wall / 1e9:.2f} GB/s of "
-                         f"bf16 input), peak RSS {rss} (target < 1.5 GiB; `import wan_model.checkpoint` alone: "
+            size = (f" (target <= 0.29) -> {'PASS' if ratio <= 0.29 else 'FAIL'}" if method == "nvfp4" else "")
+            lines.append(f"convert --format {name} --quantize {method}: {wall:.1f} s ({dense / wall / 1e9:.2f} GB/s "
+                         f"of bf16 input), peak RSS {rss} (target < 1.5 GiB; `import wan_model.checkpoint` alone: "
                          f"{import_rss / 2**30:.2f} GiB) -> {'PASS' if peak < 1.5 * 2**30 else 'FAIL'}; output "
-                         f"{out / 1e9:.3f} GB = {ratio:.4f}x of bf16 (target <= 0.29) -> "
-                         f"{'PASS' if ratio <= 0.29 else 'FAIL'}")
+                         f"{out / 1e9:.3f} GB = {ratio:.4f}x of bf16{size}")
             if directory:
                 import shutil
                 shutil.rmtree(dst)
@@ -256,6 +258,8 @@ def main() -> int:
     p.add_argument("--convert-formats", nargs="+", default=["diffusers"], metavar="FORMAT",
                    help="formats of the streaming conversion (wan_model.formats.FORMATS; e.g. diffusers comfyui "
                         "modelopt original)")
+    p.add_argument("--convert-quantize", nargs="+", default=["nvfp4"], choices=("nvfp4", "fp8", "fp8-per-channel"),
+                   metavar="METHOD", help="quantization methods of the streaming conversion")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = run(quantize_cases(device, args.quick), reference="ref-eager", baseline="ref-compile")
@@ -268,7 +272,7 @@ def main() -> int:
     w4a4, notes = gemm_w4a4_cases(device)
     rows += run(w4a4, reference="ref-eager", baseline="ref-eager")
     if not args.skip_convert:
-        notes += convert_bench(formats=tuple(args.convert_formats))
+        notes += convert_bench(formats=tuple(args.convert_formats), methods=tuple(args.convert_quantize))
     report(rows, args, "NVFP4: quantize (GB/s), GEMM (TFLOP/s), streaming checkpoint conversion", notes)
     return 0
 

@@ -255,6 +255,9 @@ def prepare_layer_norm_modulate_backward(grad_out, x, scale, shift, eps, capabil
     if B * S == 0:
         return None, dx, dsc.zero_(), dsh.zero_()
     block, warps = launch_config(C)
+    # two fp32 row accumulators besides the row: at 16 warps (128 registers a thread) triton 3.6 spills at
+    # C = 5120 fp32; 8 warps leave 255
+    warps = min(warps, 8)
     return Launch(layer_norm_modulate_bwd_kernel, (B, P), (g, x, scale, dx, dsc, dsh, S, C, rows, P, float(eps),
                                                            *_strides(scale)),
                   dict(SCALE_PER_TOKEN=sc_tok, SHIFT_PER_TOKEN=sh_tok, BLOCK_C=block, num_warps=warps, **EXACT),
