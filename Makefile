@@ -52,15 +52,17 @@ test-py: build
 
 test: test-cpp test-py compat
 
-# The GPU machines run torch 2.11 + triton 3.6: a second venv with exactly those (from the registry) builds _C
-# (CPU + sm_90a) from a copy of the tracked tree, runs the self-check, the C++ CPU kernel tests and readiness for
-# sm_90. (Triton 3.6's CPU interpreter cannot run the attention / NVFP4 GEMM kernels, so their interpreter tests
-# run in the main venv only; the compiled kernels are what readiness checks here.)
+# The GPU machines run torch 2.11 + triton 3.6 (and so does anyone on torch 2.11): a second venv with exactly those
+# (from the registry) builds _C (CPU + sm_90a) from a copy of the tracked tree, runs the self-check, the C++ CPU
+# kernel tests, the dispatcher and GPU-check tests, the attention_ws AOT design checks and readiness for every arch
+# (Triton 3.6's ptxas choices differ: configs spill-free under 3.8 spilled under 3.6). (Triton 3.6's CPU interpreter
+# cannot run the attention / NVFP4 GEMM kernels, so their interpreter tests run in the main venv only; the compiled
+# kernels are what readiness checks here.)
 COMPAT_VENV := .venv-compat
 COMPAT_SRC := build/compat-src
 COMPAT_PINS := torch==2.11.0 triton==3.6.0
 COMPAT_TESTS := tests/test_references.py tests/test_attention_cpu.py tests/test_nvfp4.py tests/test_errors.py \
-	tests/test_qk_norm_rope.py tests/test_modulate.py
+	tests/test_qk_norm_rope.py tests/test_modulate.py tests/test_routing.py tests/test_gpu_check.py
 compat:
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install --quiet $(COMPAT_PINS) numpy safetensors tqdm ninja pybind11 "setuptools>=64" \
@@ -71,7 +73,8 @@ compat:
 	  build_ext --inplace
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
-	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels.readiness --archs 90
+	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_attention_ws.py -k aot
+	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels.readiness
 
 clean:
 	rm -rf build wan_kernels/_C*.so *.egg-info $(COMPAT_VENV)

@@ -6,6 +6,9 @@ Shapes (REFERENCE §2/§6): 40 heads x head_dim 128, bf16;
 Providers:
   wan-triton      the Triton kernel (one launch, also for I2V)                                  GPU only
   wan-triton-2x   I2V only: two Triton launches (text, image) summed, what one launch replaces  GPU only
+  wan-ws          the Hopper/Blackwell path (wan_kernels/triton/attention_ws.py: TMA, warp-        sm_90/sm_100
+                  specialised KV loop, persistent grid; I2V in one launch), called directly: listed only
+                  where it serves the device (`attention_ws.supports`), else it would silently be wan-triton
   sdpa            F.scaled_dot_product_attention with the flash backend (I2V: two calls summed)  GPU only
   ref-eager       wan_kernels.ref.attention (the spec; correctness reference)
   ref-compile     torch.compile(wan_kernels.ref.attention) (the speedup baseline)
@@ -41,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import harness  # noqa: E402
 from wan_kernels import ref  # noqa: E402
+from wan_kernels.triton import attention_ws  # noqa: E402
 from wan_kernels.triton.attention import attention as triton_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 40, 128
@@ -75,6 +79,8 @@ def make_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: i
     if Si:
         providers.append(harness.Provider(
             "wan-triton-2x", lambda: triton_attention(q, k, v) + triton_attention(q, ki, vi), gpu_only=True))
+    if q.is_cuda and attention_ws.supports(q, k, v, ki, vi):
+        providers.append(harness.Provider("wan-ws", lambda: attention_ws.attention(q, k, v, ki, vi), gpu_only=True))
     providers.append(harness.Provider("sdpa", lambda: _sdpa(q, k, v, ki, vi), gpu_only=True))
     if 4.0 * B * H * Sq * max(Sk, Si or 0) <= REF_MAX_BYTES:
         compiled = torch.compile(ref.attention)

@@ -109,20 +109,25 @@ def test_persistent_grid_and_config_pick():
 # AOT: what the design claims is in the compiled code
 
 def _aot_cases():
+    """Every table entry in fp16 and bf16, and the GPU check's sweep alternatives (bf16, what it times)."""
     cases = []
     for (arch, d, kind), cfg in aw.CONFIGS.items():
         for dtype in (torch.float16, torch.bfloat16):
             cases.append(pytest.param(arch, d, kind, cfg, dtype, id=f"sm{arch}-hd{d}-{kind}-{cfg}-{str(dtype)[6:]}"))
+    for arch, cfgs in aw.SWEEP.items():
+        for cfg in cfgs:
+            cases.append(pytest.param(arch, 128, "self", cfg, torch.bfloat16, id=f"sm{arch}-hd128-self-sweep-{cfg}"))
     return cases
 
 
-def _launch(arch, d, kind, dtype, write_lse=False):
-    """The launcher's own prepare on meta tensors of Wan-14B 720p CFG shapes (as readiness)."""
+def _launch(arch, d, kind, dtype, write_lse=False, config=None):
+    """The launcher's own prepare on meta tensors of Wan-14B 720p CFG shapes (as readiness); `config` None = the
+    table's pick."""
     s, h = 75600, 40
     sk, si = {"self": (s, 0), "cross": (512, 0), "i2v": (512, 257)}[kind]
     m = lambda n: torch.empty(2, n, h, d, dtype=dtype, device="meta")  # noqa: E731
     img = (m(si), m(si)) if si else (None, None)
-    return aw.prepare(m(s), m(sk), m(sk), *img, None, write_lse, None, (arch // 10, arch % 10))[0]
+    return aw.prepare(m(s), m(sk), m(sk), *img, None, write_lse, config, (arch // 10, arch % 10))[0]
 
 
 def design_instructions(ptx: str) -> dict:
@@ -131,8 +136,10 @@ def design_instructions(ptx: str) -> dict:
 
 
 @pytest.mark.parametrize("arch,head_dim,kind,config,dtype", _aot_cases())
-def test_config_compiles_with_the_design(arch, head_dim, kind, config, dtype, tmp_path):
-    r = aot.compile_launch(_launch(arch, head_dim, kind, dtype), arch, workdir=tmp_path)
+def test_aot_config_compiles_with_the_design(arch, head_dim, kind, config, dtype, tmp_path):
+    table = aw.CONFIGS[(arch, head_dim, kind)] == config  # then compile the launcher's own pick
+    r = aot.compile_launch(_launch(arch, head_dim, kind, dtype, config=None if table else config), arch,
+                           workdir=tmp_path)
     n = design_instructions(r.ptx)
     RESULTS.append((f"{kind} hd{head_dim} {config} {str(dtype)[6:]}", r, n))
     assert not r.spills, r.summary()
@@ -143,13 +150,13 @@ def test_config_compiles_with_the_design(arch, head_dim, kind, config, dtype, tm
         assert n["setmaxnreg"] > 0, f"warp-specialised config without setmaxnreg: {r.summary()}"
 
 
-def test_lse_variant_keeps_the_design():
+def test_aot_lse_variant_keeps_the_design():
     r = aot.compile_launch(_launch(90, 128, "self", torch.bfloat16, write_lse=True), 90)
     n = design_instructions(r.ptx)
     assert not r.spills and n["tma"] > 0 and n["setmaxnreg"] > 0 and "wgmma" in r.mma_families, r.summary()
 
 
-def test_instruction_check_catches_the_plain_path():
+def test_aot_check_catches_the_plain_path():
     """Today's kernel (no TMA, no warp specialisation) at the same shape fails the checks above."""
     q = torch.empty(2, 75600, 40, 128, dtype=torch.bfloat16, device="meta")
     r = aot.compile_launch(ta.prepare(q, q, q, None, None, None, False, None, (9, 0))[0], 90)

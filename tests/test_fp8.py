@@ -151,7 +151,8 @@ def test_dispatcher_runs_w8a8_from_sm89(cap, w8a8, capability, monkeypatch):
     assert routing.auto_backend("fp8_linear", cap) == ("cuda" if w8a8 else "ref")
     ran = []
     real = routing.backend_fn
-    monkeypatch.setattr(routing, "backend_fn", lambda s, b: (lambda *a: ran.append(b) or real(s, "ref")(*a)))
+    monkeypatch.setattr(routing, "backend_fn",
+                        lambda s, b, cap=None: (lambda *a: ran.append(b) or real(s, "ref")(*a)))
     routing.clear_caches()
     for args, takes in _calls():
         _cuda_key(args)

@@ -71,6 +71,82 @@ def test_spent_time_box_records_timeouts_and_moves_on(tmp_path, capsys):
     assert [(r["section"], r["status"]) for r in _rows(tmp_path)] == [("boxed", "timeout")] * 3 + [("next", "ok")]
 
 
+def test_a_summary_case_runs_past_the_time_box(tmp_path, capsys):
+    check = gpu_check.Check(tmp_path, "cpu", dry_run=False)
+    cases = [gpu_check.Case("slow", lambda: {}, "", needs_cuda=False),
+             gpu_check.Case("verdict", lambda: {"n": len(check.rows)}, "", needs_cuda=False, always=True)]
+    check.run_section(gpu_check.Section("boxed", -1.0, lambda c: cases))
+    assert [(r["case"], r["status"]) for r in _rows(tmp_path)] == [("slow", "timeout"), ("verdict", "ok")]
+
+
+def _bench_rows(ms: dict[str, float], status="ok"):
+    """Rows as bench_attention_cases records them: case name -> ms (tflops of the 14B self-attention cases)."""
+    rows = []
+    for case, t in ms.items():
+        row = {"section": "bench_attention", "case": case, "status": status, "ms": t}
+        if case.startswith("self-attn 14B"):
+            S = gpu_check.ATTENTION_SHAPES[case.split()[2]]
+            row["tflops"] = gpu_check._attention_flops(1, S, S, 40, 128) / t / 1e9
+        rows.append(row)
+    return rows
+
+
+def _timings(wan: float, ws: float) -> dict[str, float]:
+    """wan / wan-ws ms at every 14B self-attention length (scaled by length^2), the other shapes, two sweep tiles."""
+    ms = {}
+    for res, S in gpu_check.ATTENTION_SHAPES.items():
+        f = (S / 75600) ** 2
+        ms[f"self-attn 14B {res} wan"], ms[f"self-attn 14B {res} wan-ws"] = wan * f, ws * f
+    for shape in ("self-attn 1.3B 480p", "T2V cross-attn 14B 720p"):
+        ms[f"{shape} wan"], ms[f"{shape} wan-ws"] = 10.0, 9.0
+    ms |= {"I2V cross-attn 14B 480p wan": 2.0, "I2V cross-attn 14B 480p wan-ws": 1.6,
+           "I2V cross-attn 14B 480p two calls": 3.2,
+           "self-attn 14B 720p wan-ws 128x64w4s2wsc1": ws * 0.9, "self-attn 14B 720p wan-ws 64x128w4s2wsc1": ws * 1.25}
+    return ms
+
+
+def test_ws_verdict_routes_only_when_never_slower():
+    """The route decision of issue 17 from the bench rows: attention_ws must be at least as fast as today's kernel
+    at every shape, none missing; the TFLOP/s target is the arch's; sweep tiles are reported against the table's."""
+    # 720p self-attention: 4 * 75600^2 * 40 * 128 = 1.17e14 FLOP; 180 ms = 650 TFLOP/s, 250 ms = 468
+    fast = gpu_check.ws_verdict(_bench_rows(_timings(wan=250.0, ws=180.0)), (9, 0))
+    assert fast["route"] and fast["missing"] == [] and fast["target_tflops"] == 620.0
+    assert set(fast["speedup_vs_wan"]) == {f"self-attn 14B {r}" for r in gpu_check.ATTENTION_SHAPES} | {
+        "self-attn 1.3B 480p", "T2V cross-attn 14B 720p", "I2V cross-attn 14B 480p"}
+    assert fast["speedup_vs_wan"]["self-attn 14B 720p"] == pytest.approx(250 / 180, abs=1e-3)
+    assert fast["i2v_one_launch_vs_two_calls"] == 2.0 and fast["meets_target"]
+    assert fast["sweep_vs_table"] == {"128x64w4s2wsc1": pytest.approx(1 / 0.9, abs=1e-3), "64x128w4s2wsc1": 0.8}
+    assert gpu_check.ws_verdict(_bench_rows(_timings(250.0, 180.0)), (10, 0))["target_tflops"] == 1500.0
+    assert not gpu_check.ws_verdict(_bench_rows(_timings(250.0, 180.0)), (10, 0))["meets_target"]
+    # slower at one shape (the short T2V key set, where a persistent grid's overhead shows): not routed
+    ms = _timings(250.0, 180.0)
+    ms["T2V cross-attn 14B 720p wan-ws"] = 10.5
+    slow = gpu_check.ws_verdict(_bench_rows(ms), (9, 0))
+    assert not slow["route"] and slow["speedup_vs_wan"]["T2V cross-attn 14B 720p"] < 1
+    # a shape whose wan-ws row failed or timed out: not routed, and named
+    rows = _bench_rows(_timings(250.0, 180.0))
+    next(r for r in rows if r["case"] == "self-attn 14B 720p wan-ws")["status"] = "timeout"
+    partial = gpu_check.ws_verdict(rows, (9, 0))
+    assert not partial["route"] and partial["missing"] == ["self-attn 14B 720p"]
+    # no wan-ws row at all (an A100): a skip, not a verdict
+    assert gpu_check.ws_verdict(_bench_rows({"self-attn 14B 720p wan": 250.0}), (8, 0))["status"] == "skip"
+
+
+def test_bench_attention_cases_pair_every_wan_shape_with_wan_ws(tmp_path):
+    """Every shape timed with today's kernel is timed with attention_ws too (else the verdict could not be
+    true), the sweep covers attention_ws.SWEEP, and the verdict runs last, past the time box."""
+    from wan_kernels.triton import attention_ws
+
+    check = gpu_check.Check(tmp_path, "cpu", dry_run=True)
+    cases = gpu_check.bench_attention_cases(check)
+    names = [c.name for c in cases]
+    wan = [n.removesuffix(" wan") for n in names if n.endswith(" wan")]
+    assert len(wan) == len(gpu_check.ATTENTION_SHAPES) + 3 and all(f"{sh} wan-ws" in names for sh in wan)
+    assert {n.split(" wan-ws ")[1] for n in names if " wan-ws " in n} == \
+        {str(c) for cs in attention_ws.SWEEP.values() for c in cs}
+    assert names[-1] == "attention_ws route verdict" and cases[-1].always
+
+
 def test_a_raising_case_is_an_error_row_not_a_crash(tmp_path, capsys):
     check = gpu_check.Check(tmp_path, "cpu", dry_run=False)
 

@@ -74,10 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     classes = list(routing.DEVICE_CLASSES)
     width = max(len(c) for c in classes) + 2
     print("\nrouting (backend used by impl='auto'):")
-    print(f"  {'op':19s}" + "".join(f"{c:>{width}s}" for c in classes))
+    op_width = max(len(op) for op in table)
+    print(f"  {'op':{op_width}s}" + "".join(f"{c:>{width}s}" for c in classes))
     for op, row in table.items():
-        print(f"  {op:19s}" + "".join(f"{row[c]:>{width}s}" for c in classes))
+        print(f"  {op:{op_width}s}" + "".join(f"{row[c]:>{width}s}" for c in classes))
     print("  " + "; ".join(f"{c}: {gpus}" for c, gpus in routing.GPUS.items()))
+    from wan_kernels.triton import attention_ws
+    kernels = {c: routing.triton_kernel("attention", cap) for c, cap in routing.DEVICE_CLASSES.items()}
+    print("  Triton kernel of attention / attention_forward / attention_lse: "
+          + ", ".join(f"{c} {k.split('.')[-2]}" for c, k in kernels.items() if k)
+          + f" (attention_ws routed on arch classes {sorted(attention_ws.ROUTED_ARCH_CLASSES) or 'none'}: "
+          "enabled once the GPU check measures it)")
     if args.no_check:
         return 0
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -137,15 +137,17 @@ def _autograd_kernel(spec: OpSpec):
     return kernel
 
 
-def backend(spec: OpSpec, fn, *, own_autograd: bool):
+def backend(spec: OpSpec, fn, *, own_autograd: bool, capability: tuple[int, int] | None = None):
     """`fn`, a backend of the op (same signature), as routing hands it out: the op's argument checks, then
     the rule above. own_autograd: `fn` is differentiable by itself (the dispatcher op, whose autograd
     `register` installs; the reference; a composite of those), else it runs in an autograd.Function
-    with the op's backward (the Triton launchers)."""
+    with the op's backward (the Triton launchers; `capability`: the device class they were picked for, which
+    picks the forward_for_grad's launcher too)."""
     op, check = spec.name, spec.check
     # not own_autograd: `fn` is a Triton launcher (routing), and so is the forward_for_grad run in its place
     grad_forward = _GRAD_FORWARDS.get(op)
-    function = None if own_autograd else _function(op, fn, grad_forward and grad_forward.triton, "triton")
+    function = None if own_autograd else _function(op, fn, grad_forward and grad_forward.triton_launcher(capability),
+                                                   "triton")
 
     def run(*args):
         check(*args)

@@ -53,6 +53,9 @@ class OpSpec:
         kernel runs it in place of the forward (one forward, nothing recomputed) and `outputs` holds all of its
         results. Implies save_outputs.
     triton: the Triton launcher (same signature), or None.
+    triton_for(capability) -> the Triton launcher for a CUDA device class where it differs by arch (attention:
+        the TMA / warp-specialised kernel on the arch classes `attention_ws.ROUTED_ARCH_CLASSES` names); None =
+        `triton` on every device. Routing reads it through `triton_launcher` (auto and the named backend alike).
     cuda: the compiled CUDA kernel, or None.
     compose(part) -> callable: a composite op built from the ops named in `parts`; part(name) gives the callable
         of a part (its dispatcher op, or its named backend). Composites have no kernels of their own.
@@ -75,6 +78,7 @@ class OpSpec:
     save_outputs: bool = False
     forward_for_grad: str | None = None
     triton: Callable | None = None
+    triton_for: Callable | None = None
     cuda: CudaKernel | None = None
     compose: Callable | None = None
     parts: tuple[str, ...] = ()
@@ -84,6 +88,12 @@ class OpSpec:
     namespace: str = "wan"
     internal_of: str | None = None
     cpp: bool = True
+
+    def triton_launcher(self, capability: tuple[int, int] | None = None) -> Callable | None:
+        """The Triton launcher for a device class (capability; None = CPU under the interpreter)."""
+        if self.triton_for is not None and capability is not None:
+            return self.triton_for(capability)
+        return self.triton
 
     @property
     def qualname(self) -> str:

@@ -8,9 +8,10 @@ Made for the GPU machines we can borrow: bare (torch + triton + nvcc, no package
   3. big_gemm the Wan-14B 720p CFG `to_qkv` W4A16 GEMM at M = 151,200 (offsets past 2^31), slices checked
   4. model    tiny random models (T2V, I2V) and a 1.3B-shaped 2-layer model, impl="auto" vs "ref";
               torch.compile(fullgraph=True); CUDA graph capture + replay of a denoising step
-  5. bench_*  attention TFLOP/s at Wan-14B 480p/720p self-attention: today's kernel ("wan"), the TMA / warp-
-              specialised path ("wan-ws", attention_ws, checked against "wan" first) vs SDPA's flash and cuDNN
-              backends, I2V one launch (both paths) vs two calls; qk_norm_rope / modulate / residual GB/s vs
+  5. bench_*  attention TFLOP/s at Wan-14B self-attention over 17k / 33k / 76k tokens: today's kernel ("wan"),
+              the TMA / warp-specialised path ("wan-ws", attention_ws, checked against "wan" first) vs SDPA's
+              flash and cuDNN backends, I2V one launch (both paths) vs two calls, then the verdict on routing
+              attention_ws (`ws_verdict`: never slower than "wan"); qk_norm_rope / modulate / residual GB/s vs
               HBM peak; W4A16 GEMM vs bf16 cuBLAS, W4A4 CUTLASS (sm_100); one CFG step of 1.3B and 14B at
               480p vs the cost model, peak memory
 Every case is one row appended (and flushed) to OUTDIR/results.jsonl as it finishes; OUTDIR/summary.md is
@@ -51,6 +52,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 # Tokens per sample of Wan at 81 frames (patched latent grids 21 x 30 x 52 and 21 x 45 x 80).
 TOKENS = {"480p": 32760, "720p": 75600}
+# Self-attention benchmark lengths: 480p at 41 frames (11 x 30 x 52), then 81 frames at 480p and 720p (issue 17
+# asks for 16k-76k tokens).
+ATTENTION_SHAPES = {"480p-41f": 17160, **TOKENS}
 SIZES = {"480p": (832, 480), "720p": (1280, 720)}
 
 
@@ -60,6 +64,7 @@ class Case:
     run: Callable[[], dict]      # returns the row's fields; {"status": "fail", ...} on a wrong result
     plan: str                    # what it does, for --dry-run and the summary
     needs_cuda: bool = True
+    always: bool = False         # runs even once the section's time box is spent (cheap summaries of its rows)
 
 
 @dataclasses.dataclass
@@ -107,7 +112,7 @@ class Check:
             if case.needs_cuda and not self.on_cuda:
                 self.record(section.name, case.name, status="skip", reason="needs a CUDA device")
                 continue
-            if time.monotonic() - start > section.budget_s:
+            if time.monotonic() - start > section.budget_s and not case.always:
                 self.record(section.name, case.name, status="timeout", budget_s=section.budget_s)
                 continue
             t0 = time.monotonic()
@@ -373,71 +378,110 @@ def _attention_flops(b, sq, sk, h, d):
 
 
 def bench_attention_cases(check: Check) -> list[Case]:
+    """bf16 head_dim 128 attention: today's kernel ("wan", wan_kernels/triton/attention.py, called directly so
+    that the comparison stays one whatever the route), attention_ws ("wan-ws", checked against "wan" before it is
+    timed) and SDPA's flash / cuDNN backends, at every Wan shape class; attention_ws's SWEEP tiles at 720p; then
+    the route verdict (`ws_verdict`). Case names: "<shape> <provider>[ <config>]"."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    H, D = 40, 128
-    cases = []
-    for res in ("480p", "720p"):
-        S = TOKENS[res]
+    from wan_kernels.triton import attention as fa2
+    from wan_kernels.triton import attention_ws
 
-        def make(S=S):
-            g = torch.Generator(device=check.device).manual_seed(0)
-            return [torch.randn(1, S, H, D, device=check.device, dtype=torch.bfloat16, generator=g) for _ in "qkv"]
+    D = 128
 
-        for provider in ("wan", "wan-ws", "sdpa-flash", "sdpa-cudnn"):
-            def run(provider=provider, make=make, S=S):
-                q, k, v = make()
-                if provider == "wan":
-                    fn = lambda: wan_kernels.attention(q, k, v)  # noqa: E731
-                elif provider == "wan-ws":  # the TMA / warp-specialised path (sm_90, sm_100), called directly
-                    from wan_kernels.triton import attention_ws
-
-                    if not attention_ws.supports(q, k, v):
-                        return {"status": "skip", "reason": "attention_ws does not serve this device"}
-                    # correctness before timing: the same softmax as today's kernel, bf16 outputs (TOLERANCE)
-                    err = float((attention_ws.attention(q, k, v).float() - wan_kernels.attention(q, k, v).float())
-                                .abs().max())
-                    if err > TOLERANCE[torch.bfloat16][0]:
-                        return {"status": "fail", "max_err_vs_wan": err}
-                    fn = lambda: attention_ws.attention(q, k, v)  # noqa: E731
-                else:
-                    backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
-                    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-
-                    def fn():
-                        with sdpa_kernel(backend):
-                            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
-                ms = _time_ms(check, fn, reps=3)
-                return {"ms": ms, "tflops": _attention_flops(1, S, S, H, D) / ms / 1e9}
-            cases.append(Case(f"self-attn 14B {res} {provider}", run, f"[1, {S}, {H}, {D}] bf16 {provider}"))
-
-    def i2v(mode: str):
+    def timed(Sq: int, Sk: int, Si: int, H: int, provider: str, config=None, sweep_arch=None):
         def run():
-            S = TOKENS["480p"]
             g = torch.Generator(device=check.device).manual_seed(0)
             r = lambda n: torch.randn(1, n, H, D, device=check.device, dtype=torch.bfloat16, generator=g)  # noqa: E731
-            q, k, v, ki, vi = r(S), r(512), r(512), r(257), r(257)
-            if mode == "one launch":
-                fn = lambda: wan_kernels.attention(q, k, v, ki, vi)  # noqa: E731
-            elif mode == "one launch ws":
-                from wan_kernels.triton import attention_ws
-
+            q, k, v = r(Sq), r(Sk), r(Sk)
+            ki, vi = (r(Si), r(Si)) if Si else (None, None)
+            if provider == "wan":
+                fn = lambda: fa2.attention(q, k, v, ki, vi)  # noqa: E731
+            elif provider == "two calls":  # what the one I2V launch replaces
+                fn = lambda: fa2.attention(q, k, v) + fa2.attention(q, ki, vi)  # noqa: E731
+            elif provider == "wan-ws":
+                cap = torch.cuda.get_device_capability(check.device)
                 if not attention_ws.supports(q, k, v, ki, vi):
                     return {"status": "skip", "reason": "attention_ws does not serve this device"}
-                err = float((attention_ws.attention(q, k, v, ki, vi).float()
-                             - wan_kernels.attention(q, k, v, ki, vi).float()).abs().max())
+                if sweep_arch is not None and attention_ws.arch_class(cap) != sweep_arch:
+                    return {"status": "skip", "reason": f"a tile of the sm_{sweep_arch} sweep"}
+                # correctness before timing: the same softmax as today's kernel, bf16 outputs (TOLERANCE)
+                err = float((attention_ws.attention(q, k, v, ki, vi, config=config).float()
+                             - fa2.attention(q, k, v, ki, vi).float()).abs().max())
                 if err > TOLERANCE[torch.bfloat16][0]:
                     return {"status": "fail", "max_err_vs_wan": err}
-                fn = lambda: attention_ws.attention(q, k, v, ki, vi)  # noqa: E731
+                fn = lambda: attention_ws.attention(q, k, v, ki, vi, config=config)  # noqa: E731
             else:
-                fn = lambda: wan_kernels.attention(q, k, v) + wan_kernels.attention(q, ki, vi)  # noqa: E731
-            ms = _time_ms(check, fn)
-            return {"ms": ms, "tflops": _attention_flops(1, S, 512 + 257, H, D) / ms / 1e9}
+                backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+                def fn():
+                    with sdpa_kernel(backend):
+                        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+            ms = _time_ms(check, fn, reps=3)
+            return {"ms": ms, "tflops": _attention_flops(1, Sq, Sk + Si, H, D) / ms / 1e9}
         return run
 
-    cases += [Case(f"I2V cross-attn 14B 480p {m}", i2v(m), f"q [1, 32760, 40, 128], 512 text + 257 image keys, {m}")
-              for m in ("one launch", "one launch ws", "two calls")]
+    cases = []
+    for res, S in ATTENTION_SHAPES.items():
+        for provider in ("wan", "wan-ws", "sdpa-flash", "sdpa-cudnn"):
+            cases.append(Case(f"self-attn 14B {res} {provider}", timed(S, S, 0, 40, provider),
+                              f"[1, {S}, 40, {D}] bf16 {provider}"))
+    for provider in ("wan", "wan-ws"):
+        cases.append(Case(f"self-attn 1.3B 480p {provider}", timed(TOKENS["480p"], TOKENS["480p"], 0, 12, provider),
+                          f"[1, {TOKENS['480p']}, 12, {D}] bf16 {provider}"))
+        cases.append(Case(f"T2V cross-attn 14B 720p {provider}", timed(TOKENS["720p"], 512, 0, 40, provider),
+                          f"q [1, {TOKENS['720p']}, 40, {D}], 512 text keys, {provider}"))
+    for provider in ("wan", "wan-ws", "two calls"):
+        cases.append(Case(f"I2V cross-attn 14B 480p {provider}", timed(TOKENS["480p"], 512, 257, 40, provider),
+                          f"q [1, {TOKENS['480p']}, 40, {D}], 512 text + 257 image keys, {provider}"))
+    for arch, configs in attention_ws.SWEEP.items():
+        for cfg in configs:
+            cases.append(Case(f"self-attn 14B 720p wan-ws {cfg}",
+                              timed(TOKENS["720p"], TOKENS["720p"], 0, 40, "wan-ws", cfg, arch),
+                              f"attention_ws tile {cfg} (sm_{arch} sweep) vs the table's"))
+    cases.append(Case("attention_ws route verdict",
+                      lambda: ws_verdict(check.rows, torch.cuda.get_device_capability(check.device)),
+                      "wan-ws vs wan at every shape above: route it (attention_ws.ROUTED_ARCH_CLASSES)?",
+                      always=True))
     return cases
+
+
+# Issue 17's targets for the TMA / warp-specialised path, bf16 head_dim 128 self-attention at 16k-76k tokens:
+# FA3 class on H100/H200 (>= 95% of FlashAttention-3's ~650 TFLOP/s), FA4 class on B200.
+WS_TARGET_TFLOPS = {90: 620.0, 100: 1500.0}
+
+
+def ws_verdict(rows: list[dict], capability: tuple[int, int]) -> dict:
+    """Whether the measurements of this run justify routing attention_ws on this arch (`route`): at least as
+    fast as today's kernel at every shape its bench rows cover ("<shape> wan" vs "<shape> wan-ws"), none failed
+    or missing. Also reported: I2V one launch vs two calls, the 14B self-attention TFLOP/s against the issue's
+    target, and the SWEEP tiles relative to the table's (> 1: faster: a candidate for CONFIGS). Reads the rows the
+    cases above recorded (a pure function: tests/test_gpu_check.py runs it on made-up rows)."""
+    from wan_kernels.triton.attention_ws import arch_class
+
+    bench = {r["case"]: r for r in rows if r.get("section") == "bench_attention"}
+    ms = {c: r["ms"] for c, r in bench.items() if r.get("status") == "ok" and "ms" in r}
+    shapes = [c.removesuffix(" wan") for c in bench if c.endswith(" wan")]
+    speedup = {sh: ms[f"{sh} wan"] / ms[f"{sh} wan-ws"] for sh in shapes if f"{sh} wan" in ms and f"{sh} wan-ws" in ms}
+    if not speedup:
+        return {"status": "skip", "reason": "no wan-ws timings (not an sm_90 / sm_100 device, or they failed)"}
+    missing = sorted(sh for sh in shapes if sh not in speedup)
+    tflops = {c.split()[2]: bench[c]["tflops"] for c in ms
+              if c.startswith("self-attn 14B ") and c.endswith(" wan-ws")}
+    i2v = "I2V cross-attn 14B 480p"
+    two_calls = ms.get(f"{i2v} two calls")
+    table = ms.get("self-attn 14B 720p wan-ws")
+    sweep = {c.split(" wan-ws ")[1]: round(table / t, 3) for c, t in ms.items()
+             if c.startswith("self-attn 14B 720p wan-ws ") and table}
+    target = WS_TARGET_TFLOPS.get(arch_class(tuple(capability)))
+    return {"speedup_vs_wan": {k: round(v, 3) for k, v in speedup.items()}, "missing": missing,
+            "route": not missing and min(speedup.values()) >= 1.0,
+            "i2v_one_launch_vs_two_calls": round(two_calls / ms[f"{i2v} wan-ws"], 3)
+            if two_calls and f"{i2v} wan-ws" in ms else None,
+            "ws_tflops": {k: round(v, 1) for k, v in tflops.items()}, "target_tflops": target,
+            "meets_target": bool(target and tflops and min(tflops.values()) >= target),
+            "sweep_vs_table": sweep}
 
 
 def bench_memory_cases(check: Check) -> list[Case]:
@@ -542,7 +586,7 @@ SECTIONS = [
     Section("ops", 90, ops_cases),
     Section("big_gemm", 60, big_gemm_cases),
     Section("model", 90, model_cases),
-    Section("bench_attention", 75, bench_attention_cases),
+    Section("bench_attention", 100, bench_attention_cases),
     Section("bench_memory", 30, bench_memory_cases),
     Section("bench_gemm", 45, bench_gemm_cases),
     Section("model_step", 75, model_step_cases),

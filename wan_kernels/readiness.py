@@ -222,6 +222,7 @@ def _modulate_jobs(archs):
                 warps = launch.kwargs["num_warps"]
                 jobs.append(Job("modulate", f"layer_norm_modulate C={c} w{warps} {str(dt)[6:]}", arch, False, launch))
                 launch = modulate.prepare_gated_residual(x, x, gate, _cap(arch))[0]
+                warps = launch.kwargs["num_warps"]
                 jobs.append(Job("modulate", f"gated_residual C={c} w{warps} {str(dt)[6:]}", arch, False, launch))
                 # backward, the model's layouts: broadcast modulation (bf16 at every width, fp32 at 5120), per-token
                 # (the 5B's, bf16 at 3072)
@@ -231,11 +232,14 @@ def _modulate_jobs(archs):
                     shift, scale, gate = _meta(CFG_BATCH, TOKENS if per_token else 1, 6, c,
                                                dtype=torch.float32).unbind(2)[:3]
                     kind = "per-token" if per_token else "broadcast"
+                    # labels from each launch's own warps (the backward's may differ from the forward's)
                     launch = modulate.prepare_layer_norm_modulate_backward(x, x, scale, shift, 1e-6, _cap(arch))[0]
-                    jobs.append(Job("modulate", f"layer_norm_modulate_backward {kind} C={c} w{warps} {str(dt)[6:]}",
+                    w = launch.kwargs["num_warps"]
+                    jobs.append(Job("modulate", f"layer_norm_modulate_backward {kind} C={c} w{w} {str(dt)[6:]}",
                                     arch, False, launch))
                     launch = modulate.prepare_gated_residual_backward(x, x, gate, _cap(arch))[0]
-                    jobs.append(Job("modulate", f"gated_residual_backward {kind} C={c} w{warps} {str(dt)[6:]}",
+                    w = launch.kwargs["num_warps"]
+                    jobs.append(Job("modulate", f"gated_residual_backward {kind} C={c} w{w} {str(dt)[6:]}",
                                     arch, False, launch))
     return jobs
 

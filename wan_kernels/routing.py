@@ -158,15 +158,15 @@ def clear_caches() -> None:
     _RESOLVED.clear()
 
 
-def backend_fn(spec: OpSpec, backend: str):
+def backend_fn(spec: OpSpec, backend: str, capability: tuple[int, int] | None = None):
     """The raw callable of a (non-composite) op's backend, without the Python checks: "cuda" the internal op
     carrying the compiled kernel, "cpu" the dispatcher op (its CPU key is the C++ kernel), "triton" the
-    launcher, "ref" the reference."""
+    launcher for the device class `capability` (`OpSpec.triton_launcher`), "ref" the reference."""
     if backend == "cuda":
         return getattr(getattr(torch.ops, spec.namespace), spec.cuda.op).default
     if backend == "cpu":
         return spec.packet.default
-    return spec.triton if backend == "triton" else spec.ref
+    return spec.triton_launcher(capability) if backend == "triton" else spec.ref
 
 
 def _make_route(spec: OpSpec, capability: tuple[int, int] | None) -> Route:
@@ -177,9 +177,9 @@ def _make_route(spec: OpSpec, capability: tuple[int, int] | None) -> Route:
         return Route(backend, spec.packet.default)
     candidates = [b for b in ("cuda", "triton", "ref") if b == "ref" or _reason(spec, b, "cuda", capability) is None]
     backend = candidates[0]
-    fn = checked(spec, backend_fn(spec, backend))
+    fn = checked(spec, backend_fn(spec, backend, capability))
     if backend == "cuda" and spec.cuda.accepts is not None:  # calls the kernel refuses: the next backend
-        fn = _when(spec.cuda.accepts, fn, checked(spec, backend_fn(spec, candidates[1])))
+        fn = _when(spec.cuda.accepts, fn, checked(spec, backend_fn(spec, candidates[1], capability)))
     return Route(backend, fn)
 
 
@@ -230,6 +230,16 @@ def route_table() -> dict[str, dict[str, str]]:
     return {op: {name: auto_backend(op, cap) for name, cap in DEVICE_CLASSES.items()} for op in public_ops()}
 
 
+def triton_kernel(op: str, capability: tuple[int, int] | None) -> str | None:
+    """The module-qualified name of the Triton launcher the route of `op` runs on a device class (e.g.
+    "wan_kernels.triton.attention.attention"), None where the route is not Triton's."""
+    r = route(op, capability)
+    if r.backend != "triton" or capability is None:
+        return None
+    fn = SPECS[op].triton_launcher(capability)
+    return f"{fn.__module__}.{fn.__name__}"
+
+
 def public_ops(namespace: str = "wan") -> tuple[str, ...]:
     return tuple(op for op, s in SPECS.items() if s.namespace == namespace)
 
@@ -246,7 +256,9 @@ def _named(spec: OpSpec, impl: str, device: torch.device):
     if spec.compose is not None:
         return _autograd.backend(spec, spec.compose(lambda part: resolve(part, impl, device)), own_autograd=True)
     # the dispatcher ops ("cpu", "cuda") differentiate through the autograd _library registers
-    return _autograd.backend(spec, backend_fn(spec, impl), own_autograd=impl != "triton")
+    capability = _device_capability(device) if device.type == "cuda" else None
+    return _autograd.backend(spec, backend_fn(spec, impl, capability), own_autograd=impl != "triton",
+                             capability=capability)
 
 
 def _resolve(op: str, impl: str, device: torch.device | str, lean: bool):

@@ -10,6 +10,7 @@ from wan_kernels import _autograd, ref, routing
 from wan_kernels._checks import FLOAT_DTYPES, same_device, shape_of
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.triton import attention as triton_attention
+from wan_kernels.triton import attention_ws
 
 
 def check_attention(q, k, v, k_img=None, v_img=None, scale=None) -> None:
@@ -84,7 +85,7 @@ SPEC = register(OpSpec(
     schema="attention(Tensor q, Tensor k, Tensor v, Tensor? k_img, Tensor? v_img, float? scale) -> Tensor",
     check=check_attention, ref=ref.attention, samples=samples_attention, fake=fake_attention,
     differentiable=("q", "k", "v", "k_img", "v_img"), backward=backward_attention, forward_for_grad="attention_forward",
-    triton=triton_attention.attention, flops=attention_flops,
+    triton=triton_attention.attention, triton_for=attention_ws.triton_for("attention"), flops=attention_flops,
 ))
 
 

@@ -13,6 +13,7 @@ from wan_kernels._checks import same_device, shape_of
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.attention import attention_flops, check_attention
 from wan_kernels.triton import attention as triton_attention
+from wan_kernels.triton import attention_ws
 from wan_kernels.triton import attention_bwd as triton_attention_bwd
 
 
@@ -37,7 +38,8 @@ FORWARD_SPEC = register(OpSpec(
     schema="attention_forward(Tensor q, Tensor k, Tensor v, Tensor? k_img, Tensor? v_img, float? scale) "
            "-> (Tensor out, Tensor lse)",
     check=check_attention_forward, ref=ref.attention_forward, samples=samples_attention_forward,
-    fake=fake_attention_forward, triton=triton_attention.attention_forward, flops=attention_flops, cpp=False,
+    fake=fake_attention_forward, triton=triton_attention.attention_forward,
+    triton_for=attention_ws.triton_for("attention_forward"), flops=attention_flops, cpp=False,
 ))
 
 

@@ -11,6 +11,7 @@ from wan_kernels import _autograd, ref, routing
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.attention import check_attention
 from wan_kernels.triton import attention as triton_attention
+from wan_kernels.triton import attention_ws
 
 
 def check_attention_lse(q, k, v, scale=None) -> None:
@@ -54,7 +55,9 @@ SPEC = register(OpSpec(
     name="attention_lse",
     schema="attention_lse(Tensor q, Tensor k, Tensor v, float? scale) -> (Tensor out, Tensor lse)",
     check=check_attention_lse, ref=ref.attention_lse, samples=samples_attention_lse, fake=fake_attention_lse,
-    differentiable=("q", "k", "v"), backward=backward_attention_lse, save_outputs=True, triton=triton_attention.attention_lse, flops=attention_lse_flops,
+    differentiable=("q", "k", "v"), backward=backward_attention_lse, save_outputs=True,
+    triton=triton_attention.attention_lse, triton_for=attention_ws.triton_for("attention_lse"),
+    flops=attention_lse_flops,
 ))
 
 

@@ -243,7 +243,9 @@ _C = Config
 # row also within the 99 KB of sm_86/89/120 and spill-free on each of them, with its own ptxas). dkdv: BLOCK_N keys
 # resident, BLOCK_M queries per step; dq: BLOCK_M queries resident, BLOCK_N keys per step. Registers seen:
 # sm_80-class 132-250, delta 160-171 (hd64 at 4 warps: 64 x 64 spilled 80 B on sm_120, 32 x 64 does not), sm_90 141-219
-# (hd128 dkdv: 64 x 64 at 4 warps spilled 72 B, 64 x 128 at 8 warps 64 B), sm_100 114-198.
+# (hd128 dkdv: 64 x 64 at 4 warps spilled 72 B, 64 x 128 at 8 warps 64 B), sm_100 94-198 (hd128 dq: 128 x 64 spilled
+# 8 B under Triton 3.6, torch 2.11's; 128 x 32 is spill-free under 3.6 and 3.8). Every entry is checked under both
+# Triton versions (readiness in the main venv and in `make compat`).
 CONFIGS: dict[tuple[int, int, str], Config] = {
     # delta at 4 warps spilled 8-56 B on sm_120 (the I2V image loop): 8 warps on the sm_80 row
     **{(a, d, "delta"): _C(64, 64, 8 if a == 80 else 4, 2) for a in (80, 90, 100) for d in (64, 128)},
@@ -252,7 +254,7 @@ CONFIGS: dict[tuple[int, int, str], Config] = {
     (90, 64, "dkdv"): _C(64, 128, 8, 2), (90, 64, "dq"): _C(128, 64, 8, 2),
     (90, 128, "dkdv"): _C(64, 64, 8, 2), (90, 128, "dq"): _C(128, 64, 8, 2),
     (100, 64, "dkdv"): _C(64, 128, 8, 2), (100, 64, "dq"): _C(128, 64, 8, 2),
-    (100, 128, "dkdv"): _C(64, 128, 8, 2), (100, 128, "dq"): _C(128, 64, 8, 2),
+    (100, 128, "dkdv"): _C(64, 128, 8, 2), (100, 128, "dq"): _C(128, 32, 8, 2),
 }
 # Interpreter (CPU): any valid tile; bigger tiles mean fewer interpreted steps.
 INTERPRETER_CONFIG = Config(64, 64, 4, 1)

@@ -152,7 +152,9 @@ _C = Config
 # 168 REG, 230,920 B shared at hd128; sm_100 128x128 w8 96 REG, 199,400 B. sm_100 128x128 w4 spilled 336 B.
 # I2V: Triton 3.8's Hopper warp specialisation aborts on two KV loops in one kernel (WSDataPartition "Unexpected
 # op"), so sm_90 I2V runs the TMA + persistent kernel without it; sm_100 I2V warp-specialised needs BLOCK_N 32
-# at hd128 (64 spilled 104-520 B).
+# at hd128 (64 spilled 104-520 B) and a 128-register cap: without it Triton 3.6 (torch 2.11's) left ptxas at 96
+# and spilled 56 B (3.8: 0 B either way); with it both give 128 REG, 0 spills. Every entry is checked under both
+# Triton versions (`make compat` runs the AOT tests too).
 CONFIGS: dict[tuple[int, int, str], Config] = {
     (90, 64, "self"): _C(128, 128, 4, 2), (90, 64, "cross"): _C(128, 128, 4, 2),
     (90, 64, "i2v"): _C(128, 64, 8, 2, warp_specialize=False),
@@ -161,13 +163,45 @@ CONFIGS: dict[tuple[int, int, str], Config] = {
     (100, 64, "self"): _C(128, 128, 8, 2), (100, 64, "cross"): _C(128, 128, 8, 2),
     (100, 64, "i2v"): _C(128, 64, 8, 2, warp_specialize=False),
     (100, 128, "self"): _C(128, 128, 8, 2), (100, 128, "cross"): _C(128, 128, 8, 2),
-    (100, 128, "i2v"): _C(128, 32, 8, 2),
+    (100, 128, "i2v"): _C(128, 32, 8, 2, maxnreg=128),
+}
+# Alternatives to the table's hd128 self-attention entry (the shape that is ~72% of a 14B forward) that the GPU
+# check times beside it, so that its first run also says which tile to keep. Each compiles spill-free with the
+# design's instructions (TMA, the arch's MMA, setmaxnreg) under Triton 3.6 and 3.8, within shared memory
+# (tests/test_attention_ws.py). Ruled out by AOT: sm_90 128x128 at 3 stages (329 KB shared), 8 warps (Triton
+# drops the warp specialisation: no setmaxnreg), 2 CTAs per SM (230 KB shared each cannot co-reside); sm_100
+# 128x128 at 3 stages (265 KB), 4 warps (336 B spilled).
+SWEEP: dict[int, tuple[Config, ...]] = {
+    90: (_C(128, 64, 4, 2), _C(128, 64, 4, 3), _C(64, 128, 4, 2)),
+    100: (_C(128, 64, 8, 2), _C(128, 64, 8, 3)),
 }
 # Interpreter (CPU): any valid tile; the persistent loop runs with 3 programs so the stride is exercised.
 INTERPRETER_CONFIG = Config(32, 32, 4, 1)
 INTERPRETER_PROGRAMS = 3  # fewer programs than tiles: each walks several
 # SM counts for readiness (meta tensors have no device): H100/H200 SXM 132, B200 148.
 SM_COUNT = {90: 132, 100: 148}
+
+
+# The arch classes where the route of wan::attention / attention_forward / attention_lse (impl="auto" and the
+# named impl="triton") runs this path instead of today's kernel. Empty until the GPU check
+# (`python -m wan_kernels.gpu_check`, rows "wan-ws" vs "wan") has measured it at least as fast at every Wan shape on
+# that arch: it has never executed on a GPU. Enabling an arch is adding it here (90 and / or 100); the routing
+# tests check that the dispatcher then runs it there and nowhere else.
+ROUTED_ARCH_CLASSES: frozenset[int] = frozenset()
+
+
+def routed(capability: tuple[int, int] | None) -> bool:
+    """Whether the route of a device class runs this path (`ROUTED_ARCH_CLASSES`)."""
+    return capability is not None and arch_class(capability) in ROUTED_ARCH_CLASSES
+
+
+def triton_for(launcher: str):
+    """`OpSpec.triton_for` of the attention ops: capability -> this module's `launcher` where `routed`, else
+    today's kernel's (attention.py) of the same name. Looked up at call time (tests swap either)."""
+    def pick(capability: tuple[int, int]):
+        return globals()[launcher] if routed(capability) else getattr(fa2, launcher)
+
+    return pick
 
 
 def arch_class(capability: tuple[int, int]) -> int | None:
@@ -282,11 +316,12 @@ def _run(q, k, v, k_img, v_img, scale, write_lse: bool, config: Config | None):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
-              v_img: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+              v_img: torch.Tensor | None = None, scale: float | None = None, *,
+              config: Config | None = None) -> torch.Tensor:
     """Launcher of wan::attention, same contract as attention.attention: q [B, Sq, H, D]; k, v [B, Sk, H, D];
     optional k_img, v_img [B, Si, H, D]; any strides. Returns [B, Sq, H, D] contiguous in q's dtype. Calls
-    `supports` refuses run today's kernel."""
-    return _run(q, k, v, k_img, v_img, scale, False, None)[0]
+    `supports` refuses run today's kernel. `config` overrides the table (the GPU check's SWEEP, tests)."""
+    return _run(q, k, v, k_img, v_img, scale, False, config)[0]
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
