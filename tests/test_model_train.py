@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from wan_kernels import nvfp4, ref
-from wan_kernels.ops.nvfp4_linear import nvfp4_linear_backward, ref_nvfp4_linear_backward
+from wan_kernels.ops.nvfp4_linear import nvfp4_linear_backward
+from wan_kernels.ref import nvfp4_linear_backward as ref_nvfp4_linear_backward
 from wan_model.cli import random_model
 from wan_model.config import WanConfig
 from wan_model.integrations.diffusers import to_diffusers_model

@@ -201,7 +201,8 @@ def test_exact_kernels_have_no_contraction_or_approximation(name, tmp_path):
 
 
 def test_interpreter_at_import_still_compiles_for_cuda_tensors():
-    """TRITON_INTERPRET=1 before import: CPU launches get the interpreted kernel, CUDA launches the compiled one."""
+    """TRITON_INTERPRET=1 before import: CPU launches get the interpreted kernel, and run; CUDA launches the
+    compiled one. (fp32 attention of unit-normal inputs: the interpreter's fp32 vs the reference's, ~1e-7.)"""
     code = """
 import torch
 from triton.runtime.jit import JITFunction
@@ -218,6 +219,16 @@ for prep in (lambda dev: tnv.prepare_quantize(x.to(dev) if dev == 'cpu' else tor
     assert isinstance(_launch.kernel_for(cuda), JITFunction), type(_launch.kernel_for(cuda))
     assert isinstance(_launch.kernel_for(l), InterpretedFunction)
 assert isinstance(tnv._nvfp4_gemm_kernel, JITFunction) and isinstance(tnv._decode_tile, JITFunction)
+# and the interpreted kernels run: attention's kernels call triton.language's own jit helpers (reduce combiners),
+# which are interpreted functions now; a JITFunction's hash walks them and raised (the interpreted-twin cache
+# was keyed by the kernel object)
+import wan_kernels
+from wan_kernels.triton import attention_ws
+g = torch.Generator().manual_seed(0)
+q, k, ki = (torch.randn(1, n, 2, 32, generator=g) for n in (40, 33, 9))
+for fn in (lambda: wan_kernels.attention(q, k, k, ki, ki, impl='triton'), lambda: attention_ws.attention(q, k, k, ki, ki)):
+    err = float((fn() - wan_kernels.attention(q, k, k, ki, ki, impl='ref')).abs().max())
+    assert err < 1e-5, err
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1")

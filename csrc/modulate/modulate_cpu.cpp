@@ -21,7 +21,7 @@
 
 #include "common/cpu_features.h"
 #include "common/dispatch.h"
-#include "modulate/ordered_sum.h"
+#include "common/ordered_sum.h"
 
 namespace wan {
 namespace {

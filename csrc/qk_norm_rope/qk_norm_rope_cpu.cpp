@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "common/dispatch.h"
-#include "modulate/ordered_sum.h"
+#include "common/ordered_sum.h"
 #include "qk_norm_rope/qk_norm_rope.h"
 #include "qk_norm_rope/qk_norm_rope_checks.h"
 

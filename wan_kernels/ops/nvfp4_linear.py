@@ -55,12 +55,6 @@ def check_nvfp4_linear_backward(grad_out, w, w_scale, w_global_scale) -> None:
     same_device(op, grad_out, w=w)
 
 
-def ref_nvfp4_linear_backward(grad_out, w, w_scale, w_global_scale):
-    """grad_out [..., N] @ dequantize(w [N, K/2]) -> dx [..., K] in grad_out's dtype (fp32 math; fp64 for fp64)."""
-    dt = torch.promote_types(grad_out.dtype, torch.float32)
-    return (grad_out.to(dt) @ ref.nvfp4_dequantize(w, w_scale, w_global_scale, dt)).to(grad_out.dtype)
-
-
 def fake_nvfp4_linear_backward(grad_out, w, w_scale, w_global_scale):
     return grad_out.new_empty((*grad_out.shape[:-1], 2 * w.shape[1]))
 
@@ -73,7 +67,7 @@ def samples_nvfp4_linear_backward(s):
 BACKWARD_SPEC = register(OpSpec(
     name="nvfp4_linear_backward",
     schema="nvfp4_linear_backward(Tensor grad_out, Tensor w, Tensor w_scale, Tensor w_global_scale) -> Tensor",
-    check=check_nvfp4_linear_backward, ref=ref_nvfp4_linear_backward, samples=samples_nvfp4_linear_backward,
+    check=check_nvfp4_linear_backward, ref=ref.nvfp4_linear_backward, samples=samples_nvfp4_linear_backward,
     fake=fake_nvfp4_linear_backward,
     differentiable=("grad_out",),  # linear in grad_out: double backward is nvfp4_linear's forward (the reference VJP)
     triton=triton_nvfp4.nvfp4_linear_backward,

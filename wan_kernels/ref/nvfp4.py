@@ -88,3 +88,11 @@ def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_glob
     if bias is not None:
         out = out + bias.to(dt)
     return out.to(x.dtype)
+
+
+def nvfp4_linear_backward(grad_out: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                          w_global_scale: torch.Tensor) -> torch.Tensor:
+    """nvfp4_linear's input gradient (the weight is a frozen base): grad_out [..., N] @ dequantize(w [N, K/2])
+    -> dx [..., K] in grad_out's dtype (fp32 math; fp64 for fp64)."""
+    dt = torch.promote_types(grad_out.dtype, torch.float32)
+    return (grad_out.to(dt) @ nvfp4_dequantize(w, w_scale, w_global_scale, dt)).to(grad_out.dtype)

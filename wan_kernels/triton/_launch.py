@@ -71,17 +71,21 @@ class Launch:
     interpreted: Callable[[JITFunction], InterpretedFunction] | None = None  # builds the interpreter flavour
 
 
-_INTERPRETED: dict = {}
+# Keyed by id(): a JITFunction hashes by its cache key, which walks the functions it calls, and raises when
+# TRITON_INTERPRET=1 was set at import (helpers decorated with @triton.jit are interpreted functions then). The
+# kernels are module-level objects that live as long as the process.
+_INTERPRETED: dict[int, InterpretedFunction] = {}
 
 
 def kernel_for(launch: Launch):
     """The function object `run` calls: the compiled kernel for CUDA devices, the interpreted one otherwise."""
     if launch.device.type == "cuda":
         return launch.kernel
-    if launch.kernel not in _INTERPRETED:
+    key = id(launch.kernel)
+    if key not in _INTERPRETED:
         make = launch.interpreted or (lambda k: InterpretedFunction(k.fn))
-        _INTERPRETED[launch.kernel] = make(launch.kernel)
-    return _INTERPRETED[launch.kernel]
+        _INTERPRETED[key] = make(launch.kernel)
+    return _INTERPRETED[key]
 
 
 def run(launch: Launch) -> None:

@@ -50,7 +50,7 @@ from triton.runtime.jit import JITFunction
 from wan_kernels.triton import attention as fa2
 from wan_kernels.triton._launch import Launch, mma_class, run, target
 
-LOG2E = 1.4426950408889634
+LOG2E = fa2.LOG2E
 _ADD = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 
