@@ -4,6 +4,7 @@ lists its cases; --device cpu: the CPU-meaningful sections really run), so it ca
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -79,9 +80,40 @@ def test_a_summary_case_runs_past_the_time_box(tmp_path, capsys):
     assert [(r["case"], r["status"]) for r in _rows(tmp_path)] == [("slow", "timeout"), ("verdict", "ok")]
 
 
-def _bench_rows(ms: dict[str, float], status="ok"):
-    """Rows as bench_attention_cases records them: case name -> ms (tflops of the 14B self-attention cases)."""
-    rows = []
+def test_the_run_deadline_stops_every_section(tmp_path, capsys):
+    """--deadline-s: past the run's deadline no case starts in any section (its own time box left or not),
+    except the summary rows."""
+    check = gpu_check.Check(tmp_path, "cpu", dry_run=False, deadline=time.time() - 1)
+    cases = [gpu_check.Case("a", lambda: {}, "", needs_cuda=False),
+             gpu_check.Case("verdict", lambda: {}, "", needs_cuda=False, always=True)]
+    check.run_section(gpu_check.Section("roomy", 600.0, lambda c: cases))
+    rows = _rows(tmp_path)
+    assert [(r["case"], r["status"]) for r in rows] == [("a", "timeout"), ("verdict", "ok")]
+    assert "deadline" in rows[0]["reason"]
+    assert gpu_check.main([str(tmp_path), "--device", "cpu", "--sections", "ops", "--deadline-s", "1e-9"]) == 0
+    assert {r["status"] for r in _rows(tmp_path) if r["section"] == "ops"} == {"timeout"}
+
+
+def test_the_run_after_the_build_keeps_the_deadline(tmp_path, monkeypatch, capsys):
+    """On a GPU, main() builds _C and re-executes itself: the new process gets the same absolute deadline, so
+    the build's minutes count against --deadline-s."""
+    execs = []
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "build", lambda outdir, timeout: {"status": "ok"})
+    monkeypatch.setattr(gpu_check.os, "execv", lambda exe, argv: execs.append(argv) or (_ for _ in ()).throw(
+        SystemExit(0)))
+    with pytest.raises(SystemExit):
+        gpu_check.main([str(tmp_path), "--sections", "ops", "--deadline-s", "300"])
+    (argv,) = execs
+    at = float(argv[argv.index("--deadline-at") + 1])
+    assert 0 < at - time.time() <= 300 and "--skip-build" in argv and "--resume" in argv
+
+
+def _bench_rows(ms: dict[str, float], status="ok", accuracy="ok"):
+    """Rows as bench_attention_cases records them: case name -> ms (tflops of the 14B self-attention cases),
+    after two attention_accuracy rows of wan-ws with status `accuracy`."""
+    rows = [{"section": "attention_accuracy", "case": f"wan-ws B1 q300 {d}", "status": accuracy}
+            for d in ("bf16", "fp16")]
     for case, t in ms.items():
         row = {"section": "bench_attention", "case": case, "status": status, "ms": t}
         if case.startswith("self-attn 14B"):
@@ -118,6 +150,11 @@ def test_ws_verdict_routes_only_when_never_slower():
     assert fast["sweep_vs_table"] == {"128x64w4s2wsc1": pytest.approx(1 / 0.9, abs=1e-3), "64x128w4s2wsc1": 0.8}
     assert gpu_check.ws_verdict(_bench_rows(_timings(250.0, 180.0)), (10, 0))["target_tflops"] == 1500.0
     assert not gpu_check.ws_verdict(_bench_rows(_timings(250.0, 180.0)), (10, 0))["meets_target"]
+    # fast but one accuracy case failed (or none ran): not routed
+    for rows in (_bench_rows(_timings(250.0, 180.0), accuracy="fail"),
+                 [r for r in _bench_rows(_timings(250.0, 180.0)) if r["section"] == "bench_attention"]):
+        wrong = gpu_check.ws_verdict(rows, (9, 0))
+        assert not wrong["accurate"] and not wrong["route"]
     # slower at one shape (the short T2V key set, where a persistent grid's overhead shows): not routed
     ms = _timings(250.0, 180.0)
     ms["T2V cross-attn 14B 720p wan-ws"] = 10.5
@@ -168,3 +205,28 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         gpu_check.main([str(tmp_path), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys):
+    """The accuracy rule of the GPU check, run here: on CPU tensors under the interpreter both kernels pass at a
+    small shape with tails and the image set, and a kernel that drops the last key tile fails it."""
+    import test_attention
+    from wan_kernels.triton import attention as fa2
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gpu_check, "ACCURACY_SHAPES", [(1, 37, 45, 19, 2, 32, False), (1, 20, 20, 0, 1, 32, True)])
+    check = gpu_check.Check(tmp_path, "cpu", dry_run=False)
+    for case in gpu_check.attention_accuracy_cases(check):
+        row = case.run()
+        assert row["status"] == "ok", (case.name, row)
+        if "packed" not in case.name and " wan-ws " in case.name:
+            assert row["ok_lse"] and row["ok_lse_img"], row
+    # the floor agrees with the tests' own (which broadcasts [Sq, Sk, D]: fine at this size)
+    inputs = test_attention.make_inputs(1, 37, 45, 19, 2, 32, torch.float16, seed=1)
+    assert gpu_check._fp32_floor(*inputs) == pytest.approx(test_attention.fp32_rounding_floor(*inputs), rel=1e-12)
+    # negative control: the key tail dropped (Sk 45 -> 32) is far outside the rule
+    real = fa2.attention_with_lse
+    monkeypatch.setattr(fa2, "attention_with_lse", lambda q, k, v, ki=None, vi=None: real(q, k[:, :32], v[:, :32],
+                                                                                        ki, vi))
+    bad = next(c for c in gpu_check.attention_accuracy_cases(check) if c.name.startswith("wan B1 q37"))
+    assert bad.run()["status"] == "fail"

@@ -5,19 +5,25 @@ Made for the GPU machines we can borrow: bare (torch + triton + nvcc, no package
               script re-executes itself so that the fresh extension is the one imported)
   2. ops      every public op x backend (auto, cuda, triton, ref) x dtype (fp32, fp16, bf16) on the GPU
               against the reference on the same inputs (the bf16 paths the CPU interpreter never runs)
+     attention_accuracy  today's attention kernel and attention_ws (not yet routed) vs the fp64 reference with
+              the 2x-SDPA rule of the tests, tails, I2V, packed views, LSE: the sharp check before any timing
   3. big_gemm the Wan-14B 720p CFG `to_qkv` W4A16 GEMM at M = 151,200 (offsets past 2^31), slices checked
   4. model    tiny random models (T2V, I2V) and a 1.3B-shaped 2-layer model, impl="auto" vs "ref";
               torch.compile(fullgraph=True); CUDA graph capture + replay of a denoising step
   5. bench_*  attention TFLOP/s at Wan-14B self-attention over 17k / 33k / 76k tokens: today's kernel ("wan"),
               the TMA / warp-specialised path ("wan-ws", attention_ws, checked against "wan" first) vs SDPA's
-              flash and cuDNN backends, I2V one launch (both paths) vs two calls, then the verdict on routing
-              attention_ws (`ws_verdict`: never slower than "wan"); qk_norm_rope / modulate / residual GB/s vs
+              flash and cuDNN backends, also 1.3B self, T2V cross and I2V (one launch, both paths, vs two
+              calls), attention_ws's SWEEP tiles; then the verdict on routing attention_ws (`ws_verdict`:
+              accurate and never slower than "wan"); qk_norm_rope / modulate / residual GB/s vs
               HBM peak; W4A16 GEMM vs bf16 cuBLAS, W4A4 CUTLASS (sm_100); one CFG step of 1.3B and 14B at
               480p vs the cost model, peak memory
+Sections run in SECTIONS' order: build, ops, attention_accuracy, bench_attention (issue 17's open question
+first), big_gemm, model, bench_memory, bench_gemm, model_step.
 Every case is one row appended (and flushed) to OUTDIR/results.jsonl as it finishes; OUTDIR/summary.md is
 rewritten after each section; OUTDIR/env.json and OUTDIR/build.log complete the set (4 files). Each section has
-a time box: once spent, its remaining cases are recorded as "timeout" and the next section starts, so a run
-cut short still returns everything measured so far.
+a time box: once spent, its remaining cases are recorded as "timeout" and the next section starts; the whole
+run has one too (`--deadline-s`, build included, default DEADLINE_S), so a run cut short still returns
+everything measured so far and a command limit a minute above the deadline never kills it mid-case.
 
 `--dry-run` (any machine) walks every section and records what each case would do, running nothing;
 `--device cpu` runs the sections that make sense on CPU tensors at their toy sizes (the test suite uses both,
@@ -77,8 +83,9 @@ class Section:
 class Check:
     """Run state: device, output files, time boxes."""
 
-    def __init__(self, outdir: Path, device: str, dry_run: bool):
+    def __init__(self, outdir: Path, device: str, dry_run: bool, deadline: float | None = None):
         self.outdir, self.dry_run = outdir, dry_run
+        self.deadline = deadline     # time.time() past which no case starts (the run's whole budget), None: none
         self.device = torch.device(device)
         self.on_cuda = self.device.type == "cuda"
         present = not self.on_cuda or torch.cuda.is_available()
@@ -114,6 +121,9 @@ class Check:
                 continue
             if time.monotonic() - start > section.budget_s and not case.always:
                 self.record(section.name, case.name, status="timeout", budget_s=section.budget_s)
+                continue
+            if self.deadline is not None and time.time() > self.deadline and not case.always:
+                self.record(section.name, case.name, status="timeout", reason="the run's --deadline-s is spent")
                 continue
             t0 = time.monotonic()
             try:
@@ -271,6 +281,96 @@ def ops_cases(check: Check) -> list[Case]:
                 cases.append(Case(f"{op} {impl} {dname}", run, f"wan::{op} impl={impl} {dname} vs ref",
                                   needs_cuda=False))
     return cases
+
+
+# (B, Sq, Sk, Si, H, D, packed): query and key tails (no length a multiple of 64 or 128), Wan's I2V cross shape
+# (512 text + 257 image keys), a long key loop (33 tiles of 128), head_dim 64, and q / k / v as strided views of
+# one [B, S, 3, H, D] tensor (the model's layout). Small enough for an fp64 reference on the GPU.
+ACCURACY_SHAPES = [(1, 300, 512, 257, 2, 128, False), (2, 1000, 1100, 0, 2, 128, False),
+                   (1, 4097, 4097, 0, 4, 128, False), (1, 129, 77, 0, 3, 64, False), (2, 777, 777, 0, 2, 128, True)]
+
+
+def attention_accuracy_cases(check: Check) -> list[Case]:
+    """Today's attention kernel ("wan") and attention_ws ("wan-ws") on the GPU against the fp64 reference with
+    the rule of tests/test_attention.py: max error <= 2 x that of SDPA at the inputs' precision (I2V: two SDPA
+    calls summed) + one fp32 rounding of the scores (`_fp32_floor`). The sharp check before any timing: the
+    benchmarks' big shapes only compare the two kernels with each other. attention_ws's fp32 log-sum-exp too
+    (its rule: 2 x today's kernel's error vs fp64 + 1e-6, both fp32 statistics of the same scores)."""
+    from wan_kernels import ref
+    from wan_kernels.triton import attention as fa2
+    from wan_kernels.triton import attention_ws
+
+    def run_case(shape, provider, dtype):
+        def run():
+            B, Sq, Sk, Si, H, D, packed = shape
+            g = torch.Generator(device=check.device).manual_seed(Sq + Sk)
+            r = lambda *sh: torch.randn(*sh, device=check.device, generator=g).to(dtype)  # noqa: E731
+            if packed:
+                q, k, v = r(B, Sq, 3, H, D).unbind(2)
+            else:
+                q, k, v = r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
+            ki, vi = (r(B, Si, H, D), r(B, Si, H, D)) if Si else (None, None)
+            inputs = (q, k, v, ki, vi)
+            if provider == "wan-ws" and not attention_ws.supports(*inputs):
+                return {"status": "skip", "reason": "attention_ws does not serve this device"}
+            want = ref.attention(*(None if t is None else t.double() for t in inputs))
+            launcher = attention_ws if provider == "wan-ws" else fa2
+            got, lse, lse_img = launcher.attention_with_lse(*inputs)
+            err = float((got.double() - want).abs().max())
+            err_sdpa = float((_sdpa(*inputs).double() - want).abs().max())
+            floor = _fp32_floor(*inputs)
+            row = {"max_err": err, "sdpa_err": err_sdpa, "floor": floor, "ok_out": err <= 2 * err_sdpa + floor}
+            if provider == "wan-ws":
+                _, lse_fa2, lse_img_fa2 = fa2.attention_with_lse(*inputs)
+                s = 1.0 / D ** 0.5
+                for name, kk, mine, today in (("lse", k, lse, lse_fa2), ("lse_img", ki, lse_img, lse_img_fa2)):
+                    if kk is None:
+                        continue
+                    exact = torch.logsumexp(s * torch.einsum("bqhd,bkhd->bhqk", q.double(), kk.double()), -1)
+                    e, e_today = (float((t.double() - exact).abs().max()) for t in (mine, today))
+                    row[f"{name}_err"], row[f"{name}_err_today"] = e, e_today
+                    row[f"ok_{name}"] = e <= 2 * e_today + 1e-6
+            row["status"] = "ok" if all(v for k_, v in row.items() if k_.startswith("ok_")) else "fail"
+            return row
+        return run
+
+    cases = []
+    for shape in ACCURACY_SHAPES:
+        B, Sq, Sk, Si, H, D, packed = shape
+        label = f"B{B} q{Sq} k{Sk}{f'+i{Si}' if Si else ''} H{H} d{D}{' packed' if packed else ''}"
+        for provider in ("wan", "wan-ws"):
+            for name in ("bf16", "fp16"):
+                cases.append(Case(f"{provider} {label} {name}", run_case(shape, provider, DTYPES[name]),
+                                  f"{provider} vs fp64 (2x SDPA rule)"))
+    return cases
+
+
+def _sdpa(q, k, v, k_img=None, v_img=None):
+    """SDPA at the inputs' precision per key/value set, summed in that dtype ([B, S, H, D] layout)."""
+    def one(k_, v_):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2)).transpose(1, 2)
+    out = one(k, v)
+    return out if k_img is None else out + one(k_img, v_img)
+
+
+def _fp32_floor(q, k, v, k_img=None, v_img=None) -> float:
+    """Output error of one fp32 rounding of every score and of the accumulator, to first order (as
+    tests/test_attention.py's `fp32_rounding_floor`): per row and set 2^-24 (max|x| max|v - out| + max|v|).
+    (tests/test_gpu_check.py checks the two agree.)"""
+    s = 1.0 / q.shape[-1] ** 0.5
+    total = 0.0
+    for kk, vv in ((k, v), (k_img, v_img)):
+        if kk is None:
+            continue
+        x = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk.double()) * s
+        vh = vv.double().transpose(1, 2)
+        out = torch.softmax(x, -1) @ vh
+        # max_j,d |v_jd - out_d| without the [Sq, Sk, D] broadcast: the extremes of v per d bound it
+        vmax, vmin = vh.amax(2, keepdim=True), vh.amin(2, keepdim=True)             # [B, H, 1, Dv]
+        spread = torch.maximum(vmax - out, out - vmin).amax(-1)                       # [B, H, Sq]
+        total = total + 2.0**-24 * (x.abs().amax(-1) * spread + vh.abs().amax((-1, -2))[..., None])
+    return float(total.max())
 
 
 def big_gemm_cases(check: Check) -> list[Case]:
@@ -453,11 +553,12 @@ WS_TARGET_TFLOPS = {90: 620.0, 100: 1500.0}
 
 
 def ws_verdict(rows: list[dict], capability: tuple[int, int]) -> dict:
-    """Whether the measurements of this run justify routing attention_ws on this arch (`route`): at least as
-    fast as today's kernel at every shape its bench rows cover ("<shape> wan" vs "<shape> wan-ws"), none failed
-    or missing. Also reported: I2V one launch vs two calls, the 14B self-attention TFLOP/s against the issue's
-    target, and the SWEEP tiles relative to the table's (> 1: faster: a candidate for CONFIGS). Reads the rows the
-    cases above recorded (a pure function: tests/test_gpu_check.py runs it on made-up rows)."""
+    """Whether the measurements of this run justify routing attention_ws on this arch (`route`): every
+    attention_accuracy row of it passed (`accurate`), and it is at least as fast as today's kernel at every shape
+    its bench rows cover ("<shape> wan" vs "<shape> wan-ws"), none failed or missing. Also reported: I2V one
+    launch vs two calls, the 14B self-attention TFLOP/s against the issue's target, and the SWEEP tiles relative
+    to the table's (> 1: faster, a candidate for CONFIGS). Reads the rows the cases recorded (a pure function:
+    tests/test_gpu_check.py runs it on made-up rows)."""
     from wan_kernels.triton.attention_ws import arch_class
 
     bench = {r["case"]: r for r in rows if r.get("section") == "bench_attention"}
@@ -475,8 +576,10 @@ def ws_verdict(rows: list[dict], capability: tuple[int, int]) -> dict:
     sweep = {c.split(" wan-ws ")[1]: round(table / t, 3) for c, t in ms.items()
              if c.startswith("self-attn 14B 720p wan-ws ") and table}
     target = WS_TARGET_TFLOPS.get(arch_class(tuple(capability)))
+    accuracy = [r for r in rows if r.get("section") == "attention_accuracy" and r["case"].startswith("wan-ws ")]
+    accurate = bool(accuracy) and all(r.get("status") == "ok" for r in accuracy)
     return {"speedup_vs_wan": {k: round(v, 3) for k, v in speedup.items()}, "missing": missing,
-            "route": not missing and min(speedup.values()) >= 1.0,
+            "accurate": accurate, "route": accurate and not missing and min(speedup.values()) >= 1.0,
             "i2v_one_launch_vs_two_calls": round(two_calls / ms[f"{i2v} wan-ws"], 3)
             if two_calls and f"{i2v} wan-ws" in ms else None,
             "ws_tflops": {k: round(v, 1) for k, v in tflops.items()}, "target_tflops": target,
@@ -584,14 +687,20 @@ def model_step_cases(check: Check) -> list[Case]:
 
 SECTIONS = [
     Section("ops", 90, ops_cases),
+    # issue 17's evidence (the one open GPU question) before the slower whole-model sections
+    Section("attention_accuracy", 60, attention_accuracy_cases),
+    Section("bench_attention", 100, bench_attention_cases),
     Section("big_gemm", 60, big_gemm_cases),
     Section("model", 90, model_cases),
-    Section("bench_attention", 100, bench_attention_cases),
     Section("bench_memory", 30, bench_memory_cases),
     Section("bench_gemm", 45, bench_gemm_cases),
     Section("model_step", 75, model_step_cases),
 ]
 BUILD_TIMEOUT_S = 240
+# One device command may run 600 s and a session has 900 s of device time in all, the machine's start (a minute
+# or more) included: with a command limit of ~540 s the default ends the run inside it and leaves a few minutes
+# of the session for a shorter rerun (--sections).
+DEADLINE_S = 480.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -603,8 +712,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-build", action="store_true", help="use the _C already built")
     p.add_argument("--sections", default=",".join(s.name for s in SECTIONS),
                    help="comma-separated subset of: " + ", ".join(s.name for s in SECTIONS))
+    p.add_argument("--deadline-s", type=float, default=DEADLINE_S,
+                   help=f"the whole run's budget in seconds, the build included (default {DEADLINE_S:.0f}): no case "
+                        "starts after it (recorded as timeout), so a command limit of a little more never cuts the "
+                        "run off mid-case; 0: none")
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the re-executed run after a build
+    p.add_argument("--deadline-at", type=float, help=argparse.SUPPRESS)     # its absolute deadline (time.time())
     args = p.parse_args(argv)
+    deadline = args.deadline_at if args.deadline_at is not None else \
+        (time.time() + args.deadline_s if args.deadline_s > 0 else None)
     names = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(names) - {s.name for s in SECTIONS})
     if unknown:
@@ -622,8 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[build] _C: {result}", flush=True)
         # the package (and its _C, or the pure-torch fallback) is already imported: run the rest afresh
         os.execv(sys.executable, [sys.executable, "-m", "wan_kernels.gpu_check", str(args.outdir), "--skip-build",
-                                  "--resume", "--sections", ",".join(names)])
-    check = Check(args.outdir, "cpu" if args.device == "cpu" else "cuda", args.dry_run)
+                                  "--resume", "--sections", ",".join(names)]
+                 + (["--deadline-at", repr(deadline)] if deadline is not None else []))
+    check = Check(args.outdir, "cpu" if args.device == "cpu" else "cuda", args.dry_run, deadline)
     env = env_fields(check)
     (args.outdir / "env.json").write_text(json.dumps(env, indent=1, default=str))
     print(f"device: {env['device']}; _C: {env['extension']}", flush=True)
