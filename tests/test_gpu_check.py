@@ -230,3 +230,11 @@ def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys
                                                                                         ki, vi))
     bad = next(c for c in gpu_check.attention_accuracy_cases(check) if c.name.startswith("wan B1 q37"))
     assert bad.run()["status"] == "fail"
+    # and an attention_ws LSE off by what a lost key tile costs (out untouched) fails its own rule
+    from wan_kernels.triton import attention_ws
+    real_ws = attention_ws.attention_with_lse
+    monkeypatch.setattr(attention_ws, "attention_with_lse",
+                        lambda *a: (lambda o, lse, li: (o, lse + 3e-2, li))(*real_ws(*a)))
+    monkeypatch.setattr(fa2, "attention_with_lse", real)
+    row = next(c for c in gpu_check.attention_accuracy_cases(check) if c.name.startswith("wan-ws B1 q37")).run()
+    assert row["ok_out"] and not row["ok_lse"] and row["ok_lse_img"] and row["status"] == "fail"

@@ -295,7 +295,7 @@ def attention_accuracy_cases(check: Check) -> list[Case]:
     the rule of tests/test_attention.py: max error <= 2 x that of SDPA at the inputs' precision (I2V: two SDPA
     calls summed) + one fp32 rounding of the scores (`_fp32_floor`). The sharp check before any timing: the
     benchmarks' big shapes only compare the two kernels with each other. attention_ws's fp32 log-sum-exp too
-    (its rule: 2 x today's kernel's error vs fp64 + 1e-6, both fp32 statistics of the same scores)."""
+    (its rule: 2 x today's kernel's error vs fp64 + 16 fp32 ulps, both fp32 statistics of the same scores)."""
     from wan_kernels import ref
     from wan_kernels.triton import attention as fa2
     from wan_kernels.triton import attention_ws
@@ -329,7 +329,9 @@ def attention_accuracy_cases(check: Check) -> list[Case]:
                     exact = torch.logsumexp(s * torch.einsum("bqhd,bkhd->bhqk", q.double(), kk.double()), -1)
                     e, e_today = (float((t.double() - exact).abs().max()) for t in (mine, today))
                     row[f"{name}_err"], row[f"{name}_err_today"] = e, e_today
-                    row[f"ok_{name}"] = e <= 2 * e_today + 1e-6
+                    # + 16 fp32 ulps of the largest |lse|: the two kernels sum the same fp32 terms in different
+                    # orders (tiles of 128 vs 64 keys); a lost key tile costs >= log(1 + 1/33) ~ 3e-2 here
+                    row[f"ok_{name}"] = e <= 2 * e_today + 16 * 2.0**-23 * float(exact.abs().max())
             row["status"] = "ok" if all(v for k_, v in row.items() if k_.startswith("ok_")) else "fail"
             return row
         return run
