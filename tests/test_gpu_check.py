@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import triton
 
 from wan_kernels import gpu_check, routing
 
@@ -207,6 +208,9 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7),
+                    reason="Triton 3.6's interpreter cannot run the attention kernels (README, Supported versions); "
+                           "the main venv runs this")
 def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys):
     """The accuracy rule of the GPU check, run here: on CPU tensors under the interpreter both kernels pass at a
     small shape with tails and the image set, and a kernel that drops the last key tile fails it."""
