@@ -206,9 +206,8 @@ def analytic_size_ratio(preset: str, keep) -> float:
 
 def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",), methods=("nvfp4",)) -> list[str]:
     """Stream-convert one synthetic bf16 checkpoint with each of `methods` in each of `formats`; peak RSS per
-    conversion (each
-    conversion is its own subprocess: RUSAGE_CHILDREN is the max over waited children, so the formats run
-    in rising order of that max, and a later one that stays below it is reported as "<= max")."""
+    conversion (each conversion is its own subprocess: RUSAGE_CHILDREN is the max over waited children, so the
+    conversions run in rising order of that max, and a later one that stays below it is reported as "<= max")."""
     from wan_model.formats import REGISTRY
     from wan_model.quantize import DEFAULT_KEEP
 

@@ -7,7 +7,8 @@ Accuracy rule (flash-attention's, issue 4): max |ours - ref64| <= 2 * max |sdpa 
 `wan_kernels.ref.attention` in fp64 on the same (rounded) inputs and sdpa is torch's
 F.scaled_dot_product_attention run in the kernel's dtype (I2V: two SDPA calls summed in that dtype, which
 is what plain torch does for Wan). FLOOR: the output error of ONE fp32 rounding of every score x = s q.k and
-of the output accumulator (both are fp32 in every implementation; `fp32_rounding_floor`: <= 2^-24 *
+of the output accumulator (both are fp32 in every implementation; `fp32_rounding_floor`, shared with the GPU
+check in wan_kernels/gpu_check.py as `sdpa_per_set` is: <= 2^-24 *
 (max|x| * max|v - out| + max|v|) per row), so that SDPA being lucky on a small tensor does not fail us. It
 matters in fp32 only (~1e-7 .. 2e-6 at unit-variance inputs, vs fp16 errors of ~1e-4 .. 1e-3): there the max
 error over a few hundred outputs is decided by the rounding order of the fp32 q.k dots and p.v sums (numpy's
@@ -32,6 +33,8 @@ from hypothesis import strategies as st
 
 import wan_kernels
 from wan_kernels import ref
+from wan_kernels.gpu_check import fp32_rounding_floor
+from wan_kernels.gpu_check import sdpa_per_set as sdpa
 from wan_kernels.triton import KERNELS
 from wan_kernels.triton import attention as ta
 
@@ -61,32 +64,6 @@ def make_inputs(B, Sq, Sk, Si, H, D, dtype, seed=0, Dv=None, magnitude=1.0):
 def ref64(q, k, v, ki=None, vi=None, scale=None):
     d = [None if t is None else t.double() for t in (q, k, v, ki, vi)]
     return ref.attention(*d, scale=scale)
-
-
-def sdpa(q, k, v, ki=None, vi=None, scale=None):
-    """Plain torch at the inputs' precision: SDPA per key/value set, summed in that dtype."""
-    def one(k_, v_):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
-                                              scale=scale).transpose(1, 2)
-    out = one(k, v)
-    return out if ki is None else out + one(ki, vi)
-
-
-def fp32_rounding_floor(q, k, v, ki=None, vi=None, scale=None) -> float:
-    """Output error of ONE fp32 rounding of every score x = s * q.k and of the output accumulator, to first
-    order: d out / d x_j = p_j (v_j - out), so per query row and key/value set
-    |d out| <= 2^-24 * (max_j |x_j| * max_j |v_j - out| + max_j |v_j|). Largest over rows, sets summed."""
-    s = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
-    total = 0.0
-    for kk, vv in ((k, v), (ki, vi)):
-        if kk is None:
-            continue
-        x = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk.double()) * s
-        vh = vv.double().transpose(1, 2)                                      # [B, H, Sk, Dv]
-        out = torch.softmax(x, -1) @ vh                                       # [B, H, Sq, Dv]
-        spread = (vh[:, :, None] - out[:, :, :, None]).abs().amax((-1, -2))   # [B, H, Sq]
-        total = total + 2.0**-24 * (x.abs().amax(-1) * spread + vh.abs().amax((-1, -2))[..., None])
-    return float(total.max()) if total.numel() else 0.0
 
 
 def assert_flash_rule(got, inputs, scale=None, what=""):

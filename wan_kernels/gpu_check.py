@@ -293,7 +293,7 @@ ACCURACY_SHAPES = [(1, 300, 512, 257, 2, 128, False), (2, 1000, 1100, 0, 2, 128,
 def attention_accuracy_cases(check: Check) -> list[Case]:
     """Today's attention kernel ("wan") and attention_ws ("wan-ws") on the GPU against the fp64 reference with
     the rule of tests/test_attention.py: max error <= 2 x that of SDPA at the inputs' precision (I2V: two SDPA
-    calls summed) + one fp32 rounding of the scores (`_fp32_floor`). The sharp check before any timing: the
+    calls summed) + one fp32 rounding of the scores (`fp32_rounding_floor`). The sharp check before any timing: the
     benchmarks' big shapes only compare the two kernels with each other. attention_ws's fp32 log-sum-exp too
     (its rule: 2 x today's kernel's error vs fp64 + 16 fp32 ulps, both fp32 statistics of the same scores)."""
     from wan_kernels import ref
@@ -317,8 +317,8 @@ def attention_accuracy_cases(check: Check) -> list[Case]:
             launcher = attention_ws if provider == "wan-ws" else fa2
             got, lse, lse_img = launcher.attention_with_lse(*inputs)
             err = float((got.double() - want).abs().max())
-            err_sdpa = float((_sdpa(*inputs).double() - want).abs().max())
-            floor = _fp32_floor(*inputs)
+            err_sdpa = float((sdpa_per_set(*inputs).double() - want).abs().max())
+            floor = fp32_rounding_floor(*inputs)
             row = {"max_err": err, "sdpa_err": err_sdpa, "floor": floor, "ok_out": err <= 2 * err_sdpa + floor}
             if provider == "wan-ws":
                 _, lse_fa2, lse_img_fa2 = fa2.attention_with_lse(*inputs)
@@ -347,32 +347,35 @@ def attention_accuracy_cases(check: Check) -> list[Case]:
     return cases
 
 
-def _sdpa(q, k, v, k_img=None, v_img=None):
-    """SDPA at the inputs' precision per key/value set, summed in that dtype ([B, S, H, D] layout)."""
+def sdpa_per_set(q, k, v, k_img=None, v_img=None, scale=None):
+    """SDPA at the inputs' precision per key/value set, summed in that dtype ([B, S, H, D] layout): what plain
+    torch does for Wan, the baseline of the 2x-SDPA rule (here and in tests/test_attention.py)."""
     def one(k_, v_):
         return torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2)).transpose(1, 2)
+            q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), scale=scale).transpose(1, 2)
     out = one(k, v)
     return out if k_img is None else out + one(k_img, v_img)
 
 
-def _fp32_floor(q, k, v, k_img=None, v_img=None) -> float:
-    """Output error of one fp32 rounding of every score and of the accumulator, to first order (as
-    tests/test_attention.py's `fp32_rounding_floor`): per row and set 2^-24 (max|x| max|v - out| + max|v|).
-    (tests/test_gpu_check.py checks the two agree.)"""
-    s = 1.0 / q.shape[-1] ** 0.5
+def fp32_rounding_floor(q, k, v, k_img=None, v_img=None, scale=None) -> float:
+    """The rule's floor: output error of ONE fp32 rounding of every score x = s * q.k and of the output
+    accumulator, to first order: d out / d x_j = p_j (v_j - out), so per query row and key/value set
+    |d out| <= 2^-24 * (max_j |x_j| * max_j |v_j - out| + max_j |v_j|). Largest over rows, sets summed.
+    (tests/test_attention.py explains why the rule needs it.)"""
+    s = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
     total = 0.0
     for kk, vv in ((k, v), (k_img, v_img)):
         if kk is None:
             continue
         x = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk.double()) * s
-        vh = vv.double().transpose(1, 2)
-        out = torch.softmax(x, -1) @ vh
-        # max_j,d |v_jd - out_d| without the [Sq, Sk, D] broadcast: the extremes of v per d bound it
+        vh = vv.double().transpose(1, 2)                                              # [B, H, Sk, Dv]
+        out = torch.softmax(x, -1) @ vh                                               # [B, H, Sq, Dv]
+        # max_j,d |v_jd - out_d| without the [Sq, Sk, Dv] broadcast: the extremes of v per d give it (exactly:
+        # rounding is monotone)
         vmax, vmin = vh.amax(2, keepdim=True), vh.amin(2, keepdim=True)             # [B, H, 1, Dv]
         spread = torch.maximum(vmax - out, out - vmin).amax(-1)                       # [B, H, Sq]
         total = total + 2.0**-24 * (x.abs().amax(-1) * spread + vh.abs().amax((-1, -2))[..., None])
-    return float(total.max())
+    return float(total.max()) if torch.is_tensor(total) and total.numel() else 0.0
 
 
 def big_gemm_cases(check: Check) -> list[Case]:

@@ -236,7 +236,7 @@ def triton_kernel(op: str, capability: tuple[int, int] | None) -> str | None:
     r = route(op, capability)
     if r.backend != "triton" or capability is None:
         return None
-    fn = SPECS[op].triton_launcher(capability)
+    fn = r.fn.__wrapped__  # the launcher the route holds (what the dispatcher runs), behind the checks
     return f"{fn.__module__}.{fn.__name__}"
 
 
