@@ -4,7 +4,9 @@ lists its cases; --device cpu: the CPU-meaningful sections really run), so it ca
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +32,9 @@ def test_dry_run_lists_every_section_and_op(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "## bench_attention" in summary and "self-attn 14B 720p sdpa-cudnn" in summary
     assert json.loads((tmp_path / "env.json").read_text())["routes"]
+    # it ran nothing, and says so where a pass would be read
+    assert summary.splitlines()[2].startswith("verdict: DRY RUN (exit 0): nothing ran")
+    assert "gpu_check: DRY RUN: nothing ran" in capsys.readouterr().out
 
 
 def test_cpu_run_checks_ops_and_model(tmp_path, capsys):
@@ -91,7 +96,9 @@ def test_the_run_deadline_stops_every_section(tmp_path, capsys):
     rows = _rows(tmp_path)
     assert [(r["case"], r["status"]) for r in rows] == [("a", "timeout"), ("verdict", "ok")]
     assert "deadline" in rows[0]["reason"]
-    assert gpu_check.main([str(tmp_path), "--device", "cpu", "--sections", "ops", "--deadline-s", "1e-9"]) == 0
+    # a run whose every case timed out is no pass (it was exit 0, "0 failed or errored"): INCOMPLETE, exit 3
+    assert gpu_check.main([str(tmp_path), "--device", "cpu", "--sections", "ops", "--deadline-s", "1e-9",
+                           "--overwrite"]) == 3
     assert {r["status"] for r in _rows(tmp_path) if r["section"] == "ops"} == {"timeout"}
 
 
@@ -108,6 +115,136 @@ def test_the_run_after_the_build_keeps_the_deadline(tmp_path, monkeypatch, capsy
     (argv,) = execs
     at = float(argv[argv.index("--deadline-at") + 1])
     assert 0 < at - time.time() <= 300 and "--skip-build" in argv and "--resume" in argv
+
+
+def _row(status, section="ops", case="c"):
+    return {"section": section, "case": case, "status": status}
+
+
+def test_verdict_rule():
+    """The verdict of the module docstring: a pass needs at least one case run, none failed and none left unrun
+    for want of time; skips with a reason are allowed; a failed build fails, a timed-out one leaves it incomplete;
+    a dry run or an unfinished run is never a pass."""
+    v = gpu_check.verdict
+    assert v([_row("ok"), _row("skip")])[:2] == ("PASS", 0)
+    assert v([_row("ok"), _row("timeout")])[:2] == ("INCOMPLETE", 3)
+    assert v([_row("timeout")] * 108)[:2] == ("INCOMPLETE", 3) and "108 selected case(s) did not run" in \
+        v([_row("timeout")] * 108)[2]
+    assert v([_row("skip")] * 5)[:2] == ("NOTHING RAN", 3)
+    assert v([])[:2] == ("NOTHING RAN", 3)
+    assert v([_row("ok"), _row("fail"), _row("timeout")])[:2] == ("FAIL", 1)
+    assert v([_row("ok"), _row("error", "ops", "(setup)")])[:2] == ("FAIL", 1)
+    assert v([_row("timeout", "build", "_C"), _row("ok")])[:2] == ("INCOMPLETE", 3)
+    assert v([_row("error", "build", "_C"), _row("ok")])[:2] == ("FAIL", 1)
+    assert v([_row("ok", "build", "_C"), _row("skip")])[:2] == ("NOTHING RAN", 3)  # a build alone checks nothing
+    assert v([_row("dry-run")] * 3, dry_run=True)[:2] == ("DRY RUN", 0)
+    assert v([_row("dry-run"), _row("error", "ops", "(setup)")], dry_run=True)[:2] == ("FAIL", 1)
+    assert v([_row("ok")], finished=False)[:2] == ("INCOMPLETE", 3)
+
+
+def test_a_run_that_ran_nothing_is_not_a_pass(tmp_path, capsys):
+    """Every case past the deadline (a build that ate the budget on a borrowed GPU): exit 3 and INCOMPLETE at the
+    top of summary.md (was exit 0 and "0 failed or errored"); every selected case skipped: NOTHING RAN."""
+    out = tmp_path / "late"
+    assert gpu_check.main([str(out), "--device", "cpu", "--sections", "ops", "--deadline-s", "0.001"]) == 3
+    summary = (out / "summary.md").read_text().splitlines()
+    assert summary[2].startswith("verdict: INCOMPLETE (exit 3): ") and "did not run" in summary[2], summary[2]
+    assert "gpu_check: INCOMPLETE" in capsys.readouterr().out
+    out = tmp_path / "skipped"
+    assert gpu_check.main([str(out), "--device", "cpu", "--sections", "big_gemm"]) == 3
+    assert {r["status"] for r in _rows(out)} == {"skip"}
+    assert (out / "summary.md").read_text().splitlines()[2].startswith("verdict: NOTHING RAN (exit 3)")
+
+
+def _toy_sections(monkeypatch, status="ok"):
+    monkeypatch.setattr(gpu_check, "SECTIONS", [gpu_check.Section(
+        "toy", 60.0, lambda c: [gpu_check.Case("one", lambda: {"status": status}, "", needs_cuda=False)])])
+
+
+@pytest.mark.parametrize("build, code", [("timeout", 3), ("error", 1), ("ok", 0)])
+def test_a_build_that_failed_or_timed_out_is_not_a_pass(tmp_path, monkeypatch, capsys, build, code):
+    """The build row (written before the re-exec) decides with the rest: a build that timed out leaves the run
+    incomplete, one that failed fails it, although every case after it passed (a timeout was exit 0)."""
+    _toy_sections(monkeypatch)
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "build", lambda outdir, timeout: {"status": build})
+    execs = []
+    monkeypatch.setattr(gpu_check.os, "execv", lambda exe, argv: execs.append(argv) or (_ for _ in ()).throw(
+        SystemExit(0)))
+    with pytest.raises(SystemExit):
+        gpu_check.main([str(tmp_path), "--sections", "toy"])
+    (argv,) = execs
+    assert "--resume" in argv and "--overwrite" not in argv
+    # the re-executed run (here on CPU tensors): resumes into the same OUTDIR, no --overwrite needed
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([str(tmp_path), "--device", "cpu", "--skip-build", "--resume", "--sections", "toy"]) == code
+    assert [(r["section"], r["status"]) for r in _rows(tmp_path)] == [("build", build), ("toy", "ok")]
+
+
+def test_cuda_without_the_extension_is_not_a_pass(tmp_path, monkeypatch, capsys):
+    """On CUDA, a _C that does not load (build failed, skipped, wrong torch) would turn every CUDA backend into a
+    skip: it is an error row instead."""
+    import dataclasses
+
+    import wan_kernels
+
+    _toy_sections(monkeypatch)
+    monkeypatch.setattr(wan_kernels, "EXTENSION", dataclasses.replace(wan_kernels.EXTENSION, loaded=False,
+                                                                      error="undefined symbol"))
+    for name, fn in (("is_available", lambda: True), ("synchronize", lambda *a: None),
+                     ("empty_cache", lambda: None)):
+        monkeypatch.setattr(gpu_check.torch.cuda, name, fn)
+    monkeypatch.setattr(gpu_check, "_device_name", lambda device: "fake GPU")
+    monkeypatch.setattr(gpu_check, "env_fields", lambda check: {"device": "fake GPU", "extension": "missing"})
+    assert gpu_check.main([str(tmp_path), "--skip-build", "--sections", "toy"]) == 1
+    rows = _rows(tmp_path)
+    assert ("build", "_C import", "error") in {(r["section"], r["case"], r["status"]) for r in rows}
+    assert "undefined symbol" in rows[0]["error"]
+
+
+def test_outdir_errors_are_one_line_usage_errors(tmp_path, capsys):
+    """OUTDIR a file, under a file, or unwritable: argparse-style one-line errors naming OUTDIR (were tracebacks)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    # unwritable: a read-only directory (root ignores modes: a sysfs directory refuses it new files)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    unwritable = Path("/sys/kernel") if os.geteuid() == 0 else locked
+    try:
+        for outdir, message in ((a_file, "exists and is not a directory"), (a_file / "sub", "cannot create"),
+                                (unwritable, "cannot write")):
+            with pytest.raises(SystemExit) as e:
+                gpu_check.main([str(outdir), "--dry-run"])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and "error: argument OUTDIR: " in err and message in err, err
+            assert str(outdir) in err and "Traceback" not in err and len(err.strip().splitlines()[-1]) < 300
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_previous_run_is_not_overwritten_silently(tmp_path, capsys):
+    """A directory with a previous run's results.jsonl is refused (exit 2) unless --overwrite, which replaces all
+    of the previous run's files."""
+    assert gpu_check.main([str(tmp_path), "--dry-run", "--sections", "model_step"]) == 0
+    before = (tmp_path / "results.jsonl").read_text()
+    (tmp_path / "build.log").write_text("an old build")
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main([str(tmp_path), "--dry-run", "--sections", "big_gemm"])
+    assert e.value.code == 2 and "holds a previous run's results.jsonl" in capsys.readouterr().err
+    assert (tmp_path / "results.jsonl").read_text() == before
+    assert gpu_check.main([str(tmp_path), "--dry-run", "--sections", "big_gemm", "--overwrite"]) == 0
+    assert {r["section"] for r in _rows(tmp_path)} == {"big_gemm"}
+    assert not (tmp_path / "build.log").exists()
+
+
+def test_ops_plan_covers_nvfp4_linear_triton_bf16(tmp_path, capsys):
+    """The bf16 compiled W4A16 GEMM (which the CPU interpreter can only emulate with fp32 dots) is a case of the
+    GPU check's ops section."""
+    gpu_check.main([str(tmp_path), "--dry-run", "--sections", "ops"])
+    rows = {r["case"]: r for r in _rows(tmp_path)}
+    assert rows["nvfp4_linear triton bf16"]["plan"] == "wan::nvfp4_linear impl=triton bf16 vs ref"
+    assert {f"nvfp4_linear {i} bf16" for i in ("auto", "cuda", "triton")} <= set(rows)
 
 
 def _bench_rows(ms: dict[str, float], status="ok", accuracy="ok"):
@@ -199,6 +336,8 @@ def test_a_raising_case_is_an_error_row_not_a_crash(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--sections", "ops,nope"], "unknown section"),
     (["--device", "cuda"], "no CUDA device"),
+    (["--sections", "", "--device", "cpu"], "argument --sections: no section selected"),  # ran nothing, exit 0
+    (["--sections", ",", "--dry-run"], "argument --sections: no section selected"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     if "cuda" in argv and torch.cuda.is_available():

@@ -133,6 +133,28 @@ def test_errors_name_argument_and_shape():
         wan_kernels.gated_residual(x, torch.randn(2, 4, 64), torch.randn(2, 1, 64), impl="cpu")
 
 
+@pytest.mark.parametrize("impl", ["ref", "cpu", "triton", "auto"])
+@pytest.mark.parametrize("B,S,C", [(2, 3, 0), (2, 0, 64), (0, 3, 64)])
+def test_empty_inputs_give_empty_outputs_on_every_backend(impl, B, S, C, monkeypatch):
+    """C = 0 raised in the reference (no inf norm of an empty row) and Triton (an empty arange) while the C++
+    kernel and torch's layer_norm return an empty tensor: every backend of the forward and backward ops now
+    returns the empty result of the right shapes, dtypes and (zero) modulation gradients, as for B or S = 0."""
+    from wan_kernels import ops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(B, S, C).bfloat16()
+    scale, shift = torch.randn(B, 1, C), torch.randn(1, S, C)
+    out = wan_kernels.layer_norm_modulate(x, scale, shift, 1e-6, impl=impl)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    out = wan_kernels.gated_residual(x, x, scale, impl=impl)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    dx, dscale, dshift = ops.layer_norm_modulate_backward(x, x, scale, shift, 1e-6, impl=impl)
+    assert (dx.shape, dx.dtype, dscale.shape, dshift.shape) == (x.shape, x.dtype, scale.shape, shift.shape)
+    assert not dscale.any() and not dshift.any()
+    dy, dgate = ops.gated_residual_backward(x, x, scale, impl=impl)
+    assert (dy.shape, dy.dtype, dgate.shape) == (x.shape, x.dtype, scale.shape) and not dgate.any()
+
+
 @pytest.fixture
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

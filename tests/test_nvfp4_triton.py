@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import triton.language as tl
 from hypothesis import given, settings, strategies as st
 
 import wan_kernels
@@ -81,18 +82,64 @@ def test_w4a4_emulation_equals_reference(m, n, k):
     assert ((got16.float() - want16.float()).abs() <= want16.float().abs() * 2**-10 + 2**-24).all()
 
 
+# Half an ulp of the output relative to its value: fp16 has 11 significant bits, bf16 8.
+HALF_ULP = {torch.float16: 2**-11, torch.bfloat16: 2**-8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 40, 96), (33, 65, 208)])
-def test_w4a16_equals_dequantize_then_matmul(m, n, k):
+def test_w4a16_equals_dequantize_then_matmul(m, n, k, dtype):
+    """bf16 too: the interpreter's bf16 dot is garbage (~1e8 off, REFERENCE §1), so the interpreted launch dots
+    the same exact values in fp32 (`tnv.dot_dtype`); this checks the kernel the GPU runs in bf16."""
     a, _, _, b, gb, qb, bias = _operands(m, n, k, seed=1)
-    x = a.half()
-    got = tnv.nvfp4_linear_w4a16(x, *qb, gb, bias.half())
-    want = x.double() @ ref.nvfp4_dequantize(*qb, gb, torch.float64).T + bias.half().double()
-    # The decoded weight tile is exact in fp16 (e2m1 x e4m3 has <= 5 significant bits), the dot accumulates
-    # in fp32 and the result is rounded once to fp16: |err| <= half an fp16 ulp of the result (2^-11
+    x = a.to(dtype)
+    got = tnv.nvfp4_linear_w4a16(x, *qb, gb, bias.to(dtype))
+    want = x.double() @ ref.nvfp4_dequantize(*qb, gb, torch.float64).T + bias.to(dtype).double()
+    # The decoded weight tile is exact in fp16/bf16 (e2m1 x e4m3 has <= 5 significant bits), the dot accumulates
+    # in fp32 and the result is rounded once to x's dtype: |err| <= half an ulp of the result (HALF_ULP
     # relative) + the fp32 accumulation error (a few 2^-24 of sum |x||w|), + the gs multiply (1 fp32 ulp).
     scale = x.double().abs() @ ref.nvfp4_dequantize(*qb, gb, torch.float64).abs().T
     err = (got.double() - want).abs()
-    assert (err <= want.abs() * 2**-11 + 8 * 2**-24 * scale + 2**-24).all(), err.max()
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert (err <= want.abs() * HALF_ULP[dtype] + 8 * 2**-24 * scale + 2**-24).all(), err.max()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 130, 96)])
+def test_dgrad_bf16_equals_matmul_with_dequantized_weight(m, n, k):
+    """The dgrad kernel (wan::nvfp4_linear_backward) in bf16 under the interpreter, by the forward's rule."""
+    _, _, _, b, gb, qb, _ = _operands(m, n, k, seed=4)
+    dy = torch.randn(2, m, n, generator=torch.Generator().manual_seed(5)).bfloat16()
+    got = tnv.nvfp4_linear_backward(dy, *qb, gb)
+    w64 = ref.nvfp4_dequantize(*qb, gb, torch.float64)
+    want, scale = dy.double() @ w64, dy.double().abs() @ w64.abs()
+    assert got.dtype == torch.bfloat16 and got.shape == (2, m, k)
+    err = (got.double() - want).abs()
+    assert (err <= want.abs() * HALF_ULP[torch.bfloat16] + 8 * 2**-24 * scale + 2**-24).all(), err.max()
+
+
+def test_interpreted_bf16_launch_is_the_compiled_kernel():
+    """The interpreted bf16 launch differs from the compiled one (the launches readiness compiles on meta tensors)
+    only in the dot / output dtype and the tile: same kernel function, same arguments; fp16 and compiled bf16
+    dot in their own dtype."""
+    from wan_kernels.triton._launch import kernel_for
+
+    x = torch.randn(70, 96).bfloat16()
+    _, _, _, b, gb, (wp, ws), bias = _operands(70, 40, 96)
+    interp, out = tnv.prepare_w4a16(x, wp, ws, gb, bias.bfloat16(), None)
+    assert interp.kwargs["DOT_DTYPE"] == tl.float32 and out.dtype == torch.float32
+    assert interp.kernel is tnv._nvfp4_gemm_kernel
+    assert kernel_for(interp).fn.__code__ is tnv._nvfp4_gemm_kernel.fn.__code__  # the interpreter runs its source
+    assert tnv.prepare_w4a16(x.half(), wp, ws, gb, None, None)[0].kwargs["DOT_DTYPE"] == tl.float16
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+    for cap in ((8, 0), (9, 0), (10, 0)):
+        comp, cout = tnv.prepare_w4a16(meta(x), meta(wp), meta(ws), meta(gb), meta(bias.bfloat16()), cap)
+        assert comp.kernel is interp.kernel and comp.kwargs["DOT_DTYPE"] == tl.bfloat16 and cout.dtype == torch.bfloat16
+        tile = set(tnv.gemm_config(70, cap, False))
+        assert {k: v for k, v in comp.kwargs.items() if k not in tile | {"DOT_DTYPE"}} == \
+            {k: v for k, v in interp.kwargs.items() if k not in tile | {"DOT_DTYPE"}}
+        assert len(comp.args) == len(interp.args) and comp.args[7:] == interp.args[7:]
+        dgrad = tnv.prepare_dgrad(meta(torch.empty(70, 40).bfloat16()), meta(wp), meta(ws), meta(gb), cap)[0]
+        assert dgrad.kwargs["DOT_DTYPE"] == tl.bfloat16
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:

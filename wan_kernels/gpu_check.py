@@ -28,6 +28,21 @@ everything measured so far and a command limit a minute above the deadline never
 `--dry-run` (any machine) walks every section and records what each case would do, running nothing;
 `--device cpu` runs the sections that make sense on CPU tensors at their toy sizes (the test suite uses both,
 so the script cannot rot without a GPU).
+
+Verdict (`verdict`: the first line of summary.md after the title, the last line printed, the exit status):
+  FAIL        (exit 1) a case failed or errored: a wrong result, an exception, a section that could not list its
+              cases, a build that failed, or (on CUDA) a `_C` that does not load after the build
+  INCOMPLETE  (exit 3) none failed, but a selected case did not run for want of time: its section's time box or
+              `--deadline-s` was spent ("timeout"), or the build timed out; also a summary written before the
+              run finished (a run cut off keeps that verdict)
+  NOTHING RAN (exit 3) none failed or timed out, but no case ran (every selected case skipped)
+  PASS        (exit 0) every selected case ran ("ok") or was skipped for a stated reason, none failed, none
+              left unrun, at least one ran
+  DRY RUN     (exit 0 unless a section cannot list its cases) `--dry-run`: the plan only, never a pass
+A skip is allowed, listed with its reason: the case cannot apply to this device (a CUDA case under
+`--device cpu`, a backend or feature the arch lacks: routing's `unavailable_reason`), so it is no missing
+evidence; a timeout is. An empty `--sections` is a usage error (exit 2), as are an OUTDIR that cannot be
+created or written and one that holds a previous run's results.jsonl (unless `--overwrite`).
 """
 
 from __future__ import annotations
@@ -93,6 +108,7 @@ class Check:
         path = outdir / "results.jsonl"
         self.rows: list[dict] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
         self._results = open(path, "a")
+        self.finished = False        # set by main once every selected section ran: until then no verdict is final
 
     def record(self, section: str, case: str, **fields) -> dict:
         row = {"section": section, "case": case, **fields}
@@ -141,7 +157,9 @@ class Check:
         self.write_summary()
 
     def write_summary(self) -> None:
-        lines = ["# wan-kernels GPU check", "", f"device: {self.device_name}", ""]
+        word, code, why = verdict(self.rows, self.dry_run, self.finished)
+        lines = ["# wan-kernels GPU check", "", f"verdict: {word} (exit {code}): {why}", "", f"rule: {RULE}", "",
+                 f"device: {self.device_name}", ""]
         counts: dict[str, int] = {}
         for r in self.rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -156,6 +174,37 @@ class Check:
         tmp = self.outdir / ".summary.md.tmp"
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.outdir / "summary.md")
+
+
+RULE = ("PASS = every selected case ran or was skipped for its stated reason, none failed, at least one ran; "
+        "a failed build (or, on CUDA, a _C that does not load) is a FAIL; a timeout (section time box, --deadline-s, "
+        "the build) makes the run INCOMPLETE; a dry run is never a pass")
+
+
+def verdict(rows: list[dict], dry_run: bool = False, finished: bool = True) -> tuple[str, int, str]:
+    """(verdict, exit status, why) of a run from its rows, by the rule of the module docstring (a pure function:
+    tests/test_gpu_check.py runs it on made-up rows). Build rows count: a failed build is a failure, a build
+    that timed out leaves the run incomplete."""
+    def names(rs):
+        return ", ".join(f"{r['section']}/{r['case']}" for r in rs[:3]) + (f", ... ({len(rs)} in all)"
+                                                                          if len(rs) > 3 else "")
+    failed = [r for r in rows if r.get("status") in ("fail", "error")]
+    unrun = [r for r in rows if r.get("status") == "timeout"]
+    ran = [r for r in rows if r.get("status") == "ok" and r.get("section") != "build"]
+    skipped = sum(r.get("status") == "skip" for r in rows)
+    if failed:
+        return "FAIL", 1, f"{len(failed)} case(s) failed or errored: {names(failed)}" + (
+            f"; {len(unrun)} did not run (timeout)" if unrun else "")
+    if dry_run:
+        return "DRY RUN", 0, f"nothing ran: {len(rows)} cases planned (not a pass)"
+    if not finished:
+        return "INCOMPLETE", 3, "the run has not finished (a summary of the sections so far, or a run cut off)"
+    if unrun:
+        return "INCOMPLETE", 3, f"{len(unrun)} selected case(s) did not run (timeout: section time box, " \
+                                f"--deadline-s or the build): {names(unrun)}"
+    if not ran:
+        return "NOTHING RAN", 3, f"no case ran ({skipped} skipped, none ok)"
+    return "PASS", 0, f"{len(ran)} case(s) ran ok, {skipped} skipped with their reasons (listed below)"
 
 
 def _fmt(v) -> str:
@@ -711,7 +760,9 @@ DEADLINE_S = 480.0
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m wan_kernels.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("outdir", type=Path, help="directory for results.jsonl, summary.md, env.json, build.log")
+    p.add_argument("outdir", type=Path, metavar="OUTDIR",
+                   help="directory for results.jsonl, summary.md, env.json, build.log")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of a previous run in OUTDIR")
     p.add_argument("--dry-run", action="store_true", help="record what every section would do; run nothing")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--skip-build", action="store_true", help="use the _C already built")
@@ -726,15 +777,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     deadline = args.deadline_at if args.deadline_at is not None else \
         (time.time() + args.deadline_s if args.deadline_s > 0 else None)
-    names = [s for s in args.sections.split(",") if s]
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(names) - {s.name for s in SECTIONS})
     if unknown:
         p.error(f"argument --sections: unknown section(s) {unknown}")
+    if not names:
+        p.error(f"argument --sections: no section selected in {args.sections!r} (choose from: "
+                + ", ".join(s.name for s in SECTIONS) + ")")
     if args.device == "cuda" and not args.dry_run and not torch.cuda.is_available():
         p.error("argument --device: cuda requested but torch sees no CUDA device (use --device cpu or --dry-run)")
-    args.outdir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        (args.outdir / "results.jsonl").write_text("")
+        _prepare_outdir(p, args.outdir, args.overwrite)
 
     if args.device == "cuda" and not args.dry_run and not args.skip_build:
         result = build(args.outdir, BUILD_TIMEOUT_S)
@@ -749,14 +802,41 @@ def main(argv: list[str] | None = None) -> int:
     env = env_fields(check)
     (args.outdir / "env.json").write_text(json.dumps(env, indent=1, default=str))
     print(f"device: {env['device']}; _C: {env['extension']}", flush=True)
+    if check.on_cuda and not args.dry_run and not wan_kernels.EXTENSION.loaded:
+        # the CUDA backends would all be skipped as unavailable: a run that checks none of them is no pass
+        check.record("build", "_C import", status="error", error=f"_C not loaded: {wan_kernels.EXTENSION.error}")
     for section in SECTIONS:
         if section.name in names:
             check.run_section(section)
+    check.finished = True
     check.write_summary()
-    failed = [r for r in check.rows if r["status"] in ("fail", "error")]
-    print(f"gpu_check: {len(check.rows)} cases, {len(failed)} failed or errored; summary in "
-          f"{args.outdir / 'summary.md'}")
-    return 1 if failed else 0
+    word, code, why = verdict(check.rows, args.dry_run)
+    print(f"gpu_check: {word}: {why}; {len(check.rows)} rows; summary in {args.outdir / 'summary.md'}")
+    return code
+
+
+OUTPUTS = ("results.jsonl", "summary.md", "env.json", "build.log")
+
+
+def _prepare_outdir(p: argparse.ArgumentParser, outdir: Path, overwrite: bool) -> None:
+    """OUTDIR created and writable with an empty results.jsonl, or a one-line usage error (exit 2): a path that is
+    a file or lies under one, an unwritable directory, a previous run's results without --overwrite."""
+    if outdir.exists() and not outdir.is_dir():
+        p.error(f"argument OUTDIR: {outdir} exists and is not a directory")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"argument OUTDIR: cannot create directory {outdir}: {e.strerror or e}")
+    results = outdir / "results.jsonl"
+    if results.exists() and not overwrite:
+        p.error(f"argument OUTDIR: {outdir} holds a previous run's results.jsonl (pass --overwrite to replace it, "
+                "or choose another directory)")
+    try:
+        for name in OUTPUTS[1:] if overwrite else ():  # the replaced run's other files would describe another run
+            (outdir / name).unlink(missing_ok=True)
+        results.write_text("")
+    except OSError as e:
+        p.error(f"argument OUTDIR: cannot write to {outdir}: {e.strerror or e}")
 
 
 if __name__ == "__main__":

@@ -46,5 +46,6 @@ SPEC = register(OpSpec(
 def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6, *,
                         impl: str = "auto") -> torch.Tensor:
     """adaLN: (LayerNorm_fp32(x) * (1 + scale) + shift) rounded once to x's dtype.
-    x: [B, S, C]; scale, shift: fp32 [B, 1|S, C] (any strides)."""
+    x: [B, S, C]; scale, shift: fp32 [B, 1|S, C] (any strides). An empty x (B, S or C = 0; torch's layer_norm
+    over zero channels too) gives an empty output on every backend."""
     return routing.resolve("layer_norm_modulate", impl, x.device)(x, scale, shift, eps)

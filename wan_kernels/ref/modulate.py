@@ -8,17 +8,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32 math; fp64 stays fp64
 
 
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    """[..., 1]: the power of two 2^k <= 1 that brings a row's max |x| below 2^40 (1 for every ordinary row, for
+    rows holding inf/NaN, whose frexp exponent is 0, and for rows of no channels, which have no inf norm)."""
+    if x.shape[-1] == 0:  # C = 0: an empty output, as torch's layer_norm and the kernels give
+        return x.new_ones(*x.shape[:-1], 1)
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)               # [..., 1]
+    return torch.exp2((40 - torch.frexp(amax).exponent).clamp(max=0))                     # 2^(int32 <= 0)
+
+
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim without affine, also for rows whose squared deviations overflow fp32
     (max |x| beyond ~1e17 at Wan's widths; torch's fp32 layer_norm then returns wrong finite values or NaN).
     A row with max |x| >= 2^40 is scaled by an exact power of two 2^k that brings its max into [2^39, 2^40):
     LayerNorm(x, eps) = LayerNorm(x * 2^k, eps * 4^k), and eps * 4^k vs eps is invisible next to such a
     row's variance. Every other row is multiplied by 2^0 = 1 (bit-identical to plain layer_norm), and rows
-    holding inf/NaN stay NaN (frexp gives them exponent 0), as in torch. Branch-free, so meta/fake tensors
-    and traces see the same ops (wan_model/cost.py counts them)."""
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)               # [..., 1]
-    k = (40 - torch.frexp(amax).exponent).clamp(max=0)                                    # int32, <= 0
-    return F.layer_norm(x * torch.exp2(k), (x.shape[-1],), None, None, eps)
+    holding inf/NaN stay NaN (frexp gives them exponent 0), as in torch. Branch-free in the data (the only
+    branch is on C = 0), so meta/fake tensors and traces see the same ops (wan_model/cost.py counts them)."""
+    return F.layer_norm(x * _row_scale(x), (x.shape[-1],), None, None, eps)
 
 
 def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,8 +55,7 @@ def layer_norm_modulate_backward(grad_out: torch.Tensor, x: torch.Tensor, scale:
     Huge rows are scaled by the same power of two as in `_layer_norm` (rstd of x = 2^k * rstd of x * 2^k)."""
     dt = _compute_dtype(x.dtype)
     xf, g = x.to(dt), grad_out.to(dt)
-    amax = torch.linalg.vector_norm(xf, float("inf"), dim=-1, keepdim=True)
-    p = torch.exp2((40 - torch.frexp(amax).exponent).clamp(max=0))                        # [..., 1], 1 but for huge rows
+    p = _row_scale(xf)                                                         # [..., 1], 1 but for huge rows
     xs = xf * p
     d = xs - xs.mean(-1, keepdim=True)
     rstd = torch.rsqrt((d * d).mean(-1, keepdim=True) + eps)

@@ -96,7 +96,7 @@ def prepare_layer_norm_modulate(x, scale, shift, eps, capability) -> tuple[Launc
     x = x.contiguous()
     B, S, C = x.shape
     out = _out_for(x, capability)
-    if B * S == 0:
+    if x.numel() == 0:  # no tokens or no channels (C = 0: an empty output, as torch's layer_norm gives)
         return None, out
     block, warps = launch_config(C)
     return Launch(layer_norm_modulate_kernel, (B * S,), (x, scale, shift, out, S, C, float(eps), *_strides(scale),
@@ -109,7 +109,7 @@ def prepare_gated_residual(x, y, gate, capability) -> tuple[Launch | None, torch
     x, y = x.contiguous(), y.contiguous()
     B, S, C = x.shape
     out = _out_for(x, capability)
-    if B * S == 0:
+    if x.numel() == 0:  # no tokens or no channels
         return None, out
     block, warps = launch_config(C)
     return Launch(gated_residual_kernel, (B * S,), (x, y, gate, out, S, C, *_strides(gate)),
@@ -252,7 +252,7 @@ def prepare_layer_norm_modulate_backward(grad_out, x, scale, shift, eps, capabil
     dx = _out_for(x, capability)
     dsc, sc_tok = _grad_buffer(scale, B, S, P)
     dsh, sh_tok = _grad_buffer(shift, B, S, P)
-    if B * S == 0:
+    if x.numel() == 0:  # no tokens or no channels
         return None, dx, dsc.zero_(), dsh.zero_()
     block, warps = launch_config(C)
     # two fp32 row accumulators besides the row: at 16 warps (128 registers a thread) triton 3.6 spills at
@@ -271,7 +271,7 @@ def prepare_gated_residual_backward(grad_out, y, gate, capability):
     rows, P = backward_blocks(B, S)
     dy = _out_for(y, capability)
     dgate, tok = _grad_buffer(gate, B, S, P)
-    if B * S == 0:
+    if y.numel() == 0:  # no tokens or no channels
         return None, dy, dgate.zero_()
     block, warps = launch_config(C)
     return Launch(gated_residual_bwd_kernel, (B, P), (g, y, gate, dy, dgate, S, C, rows, P, *_strides(gate)),

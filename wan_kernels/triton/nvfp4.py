@@ -17,6 +17,10 @@ GEMMs (`_nvfp4_gemm_kernel`), one kernel for both modes:
     to the fp32 accumulator), for testing sm100 numerics without sm100.
 Trade-off: on compute-bound DiT shapes the W4A16 path saves memory (weights 3.5x smaller than bf16),
 not time; the decode adds ALU work per tile that a GEMM at the tensor-core roofline cannot hide fully.
+bf16 under the interpreter (`dot_dtype`): the Triton interpreter's bf16 dot works on raw bit patterns (REFERENCE
+§1, §10: ~1e8 off), so there, and only there, the W4A16 and dgrad kernels dot in fp32 and store fp32, which torch
+rounds to bf16. Same kernel, same exact operand values, fp32 accumulation as on the GPU: the CPU tests check
+the bf16 paths the GPU compiles (tests/test_nvfp4_triton.py).
 """
 
 from __future__ import annotations
@@ -368,16 +372,28 @@ def nvfp4_gemm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias, out
     return out
 
 
+def dot_dtype(dtype: torch.dtype, capability) -> torch.dtype:
+    """The operand dtype of a W4A16 / dgrad kernel's tl.dot and of the buffer it stores: the activations' dtype,
+    but fp32 for bf16 under the interpreter (capability None), whose bf16 dot is garbage (REFERENCE §1, §10).
+    Exact either way: a bf16 activation (8 significant bits) and a decoded weight (<= 5) are exact in fp32, their
+    product too, and the GPU's bf16 MMA accumulates in fp32 as well; only the summation order can differ. The
+    fp32 output is rounded to bf16 by torch (round to nearest even, as the GPU's cvt.rn; the interpreter's own
+    fp32 -> bf16 cast truncates). Compiled launches keep bf16 (what readiness compiles and GPUs run)."""
+    return torch.float32 if capability is None and dtype == torch.bfloat16 else dtype
+
+
 def _check_w4a16(x: torch.Tensor) -> None:
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"nvfp4_linear (W4A16): x must be float16/bfloat16, got {x.dtype}")
 
 
 def prepare_w4a16(x, w, w_scale, w_global_scale, bias, capability):
-    """`prepare_gemm` of `nvfp4_linear_w4a16` on x viewed as [M, K]; out is [M, N]."""
+    """`prepare_gemm` of `nvfp4_linear_w4a16` on x viewed as [M, K]; out is [M, N] in `dot_dtype` (x's dtype, fp32
+    for bf16 under the interpreter)."""
     _check_w4a16(x)
+    dot = dot_dtype(x.dtype, capability)
     return prepare_gemm(x.reshape(-1, x.shape[-1]), None, w, w_scale, w_global_scale.reshape(1).float(), bias,
-                        x.dtype, False, x.dtype, capability)
+                        dot, False, dot, capability)
 
 
 def nvfp4_linear_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
@@ -388,7 +404,7 @@ def nvfp4_linear_w4a16(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
     launch, out = prepare_w4a16(x, w, w_scale, w_global_scale, bias, target(x, "nvfp4"))
     if launch is not None:
         run(launch)
-    return out.reshape(*x.shape[:-1], w.shape[0])
+    return out.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,21 +471,22 @@ def dgrad_config(m: int, capability: tuple[int, int] | None) -> dict:
 
 def prepare_dgrad(grad_out, w, w_scale, w_global_scale, capability):
     """(Launch or None when there is nothing to launch, dx [M, K]) of `nvfp4_linear_backward` on grad_out viewed as
-    [M, N] (fp16/bf16, any strides); dx is in grad_out's dtype (zeros when N = 0)."""
+    [M, N] (fp16/bf16, any strides); dx is in `dot_dtype` (grad_out's dtype, fp32 for bf16 under the interpreter;
+    zeros when N = 0)."""
     if grad_out.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"nvfp4_linear_backward (triton): grad_out must be float16/bfloat16, got {grad_out.dtype}")
     N, K = w.shape[0], w.shape[1] * 2
     dy = grad_out.reshape(-1, N)
     M = dy.shape[0]
+    dot = dot_dtype(grad_out.dtype, capability)
     if M == 0 or K == 0 or N == 0:
-        return None, torch.zeros((M, K), dtype=grad_out.dtype, device=grad_out.device)
-    dx = torch.empty((M, K), dtype=grad_out.dtype, device=grad_out.device)
+        return None, torch.zeros((M, K), dtype=dot, device=grad_out.device)
+    dx = torch.empty((M, K), dtype=dot, device=grad_out.device)
     cfg = dgrad_config(M, capability)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     args = (dy, w.contiguous(), _bytes(w_scale), w_global_scale.reshape(1).float(), dx, M, N, K, dy.stride(0),
             dy.stride(1), w_scale.shape[1])
-    return _launch(_nvfp4_dgrad_kernel, grid, args, dict(DOT_DTYPE=_TL_DTYPES[grad_out.dtype], **cfg),
-                   grad_out.device), dx
+    return _launch(_nvfp4_dgrad_kernel, grid, args, dict(DOT_DTYPE=_TL_DTYPES[dot], **cfg), grad_out.device), dx
 
 
 def nvfp4_linear_backward(grad_out: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -479,4 +496,4 @@ def nvfp4_linear_backward(grad_out: torch.Tensor, w: torch.Tensor, w_scale: torc
     launch, dx = prepare_dgrad(grad_out, w, w_scale, w_global_scale, target(grad_out, "nvfp4_linear_backward"))
     if launch is not None:
         run(launch)
-    return dx.reshape(*grad_out.shape[:-1], w.shape[1] * 2)
+    return dx.to(grad_out.dtype).reshape(*grad_out.shape[:-1], w.shape[1] * 2)
