@@ -9,6 +9,8 @@ diffusers folds alpha / rank into the factors before the product, we scale the p
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from conftest import make_inputs
 from wan_model.cli import random_model
 from wan_model.config import WanConfig
 from wan_model.layouts import CheckpointError, diffusers_to_original_key, native_to_diffusers
-from wan_model.lora import adapters
+from wan_model.lora import DIFFUSERS_WEIGHT_NAME, METADATA_KEY, adapters
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -417,3 +419,211 @@ def test_cli_run_lora(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--checkpoint", str(tmp_path / "base"), "--lora", f"{file}:inf", *small])
     assert "the scale after ':' must be finite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: refused with one line naming the file / key / value, the model unchanged (issue 27)
+
+def _pair_sd(A=None, B=None, layer="blocks.0.attn1.to_q"):
+    """A diffusers-named LoRA of one layer [256 x 256] (rank RANK unless A / B say otherwise)."""
+    return {f"transformer.{layer}.lora_A.weight": torch.full((RANK, I2V.dim), 0.01) if A is None else A,
+            f"transformer.{layer}.lora_B.weight": torch.full((I2V.dim, RANK), 0.01) if B is None else B}
+
+
+def _with(t, index, value):
+    t = t.clone()
+    t.view(-1)[index] = value
+    return t
+
+
+def _orig_sd(alpha, rank=RANK):
+    stem = "diffusion_model.blocks.1.ffn.2"
+    return {f"{stem}.lora_down.weight": torch.full((rank, I2V.ffn_dim), 0.01),
+            f"{stem}.lora_up.weight": torch.full((I2V.dim, rank), 0.01), f"{stem}.alpha": alpha}
+
+
+BAD_LORAS = {  # name: (state dict, what the message must say)
+    "nan in lora_A": (_pair_sd(A=_with(torch.zeros(RANK, I2V.dim), 5, float("nan"))),
+                      r"to_q.lora_A.weight holds nan at flat index 5"),
+    "inf in lora_B": (_pair_sd(B=_with(torch.zeros(I2V.dim, RANK), 3, float("-inf"))),
+                      r"to_q.lora_B.weight holds -inf at flat index 3"),
+    "nan alpha": (_orig_sd(torch.tensor(float("nan"))), r"ffn.2.alpha holds nan"),
+    "inf alpha": (_orig_sd(torch.tensor(float("inf"))), r"ffn.2.alpha holds inf"),
+    "empty alpha": (_orig_sd(torch.tensor([])), r"ffn.2.alpha must hold one value \(alpha\), got shape \[0\]"),
+    "bf16 inf": (_pair_sd(A=_with(torch.zeros(RANK, I2V.dim), 0, float("inf")).bfloat16()),
+                 r"to_q.lora_A.weight holds inf"),
+    "int8": (_pair_sd(A=torch.ones(RANK, I2V.dim, dtype=torch.int8)), r"to_q.lora_A.weight is torch.int8; LoRA "
+                                                                       r"tensors must be floating"),
+    "bool": (_pair_sd(B=torch.ones(I2V.dim, RANK, dtype=torch.bool)), r"to_q.lora_B.weight is torch.bool"),
+    "complex": (_pair_sd(A=torch.ones(RANK, I2V.dim, dtype=torch.complex64)), r"lora_A.weight is torch.complex64"),
+    "bool alpha": (_orig_sd(torch.tensor(True)), r"ffn.2.alpha is torch.bool"),
+    "rank 0": (_pair_sd(A=torch.zeros(0, I2V.dim), B=torch.zeros(I2V.dim, 0)),
+               r"to_q.lora_A.weight has rank 0 \(shape \[0, 256\]\); a LoRA needs rank >= 1"),
+    "rank 0 + alpha": (_orig_sd(torch.tensor(4.0), rank=0), r"ffn.2.lora_down.weight has rank 0"),
+    "no tensors": ({}, r"holds no tensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LORAS))
+def test_bad_lora_values_refused(base, case):
+    """NaN / inf in the factors or alpha, an empty alpha, non-float tensors, rank 0, no tensors: before,
+    NaN weights, ZeroDivisionError / IndexError tracebacks or a no-op adapter."""
+    sd, message = BAD_LORAS[case]
+    m = copy.deepcopy(base)
+    snap = _snapshot(m)
+    with pytest.raises(CheckpointError, match=r"^LoRA <dict>: .*" + message) as e:
+        m.load_lora(sd)
+    assert "\n" not in str(e.value)
+    assert _same(m, snap) and adapters(m) == []
+
+
+def test_bad_lora_file_named(base, tmp_path):
+    """The refusal names the file; an empty file and a NaN metadata alpha are refused too."""
+    m = copy.deepcopy(base)
+    snap = _snapshot(m)
+    file = _save(_orig_sd(torch.tensor(float("nan"))), tmp_path)
+    with pytest.raises(CheckpointError, match=rf"^LoRA {file}: diffusion_model.blocks.1.ffn.2.alpha holds nan"):
+        m.load_lora(file)
+    empty = _save({}, tmp_path, "empty.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^LoRA {empty}: holds no tensors"):
+        m.load_lora(empty)
+    meta = {METADATA_KEY: json.dumps({"transformer.lora_alpha": float("nan"), "transformer.r": RANK})}
+    save_file(_pair_sd(), str(tmp_path / "meta.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"meta.safetensors: metadata transformer.lora_alpha of layer "
+                                              r"blocks.0.attn1.to_q must be a finite number, got nan"):
+        m.load_lora(str(tmp_path / "meta.safetensors"))
+    assert _same(m, snap) and adapters(m) == []
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), -1e39, "abc"])
+def test_bad_scale_refused(base, scale):
+    """load_lora's scale: nan / inf, or finite in fp64 but not in fp32 (`--lora F:-1e39`), gave NaN weights."""
+    m = copy.deepcopy(base)
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match=r"load_lora: scale must be (finite in float32|a number)"
+                                         r".*, got " + re.escape(repr(scale))):
+        m.load_lora(_pair_sd(), scale=scale)
+    assert _same(m, snap) and adapters(m) == []
+
+
+def test_delta_and_fused_weight_must_be_finite_in_the_models_dtype(base):
+    """An fp16 model: a delta of 1.6e5 (finite in fp32) is inf in fp16; two deltas of 4e4 each are finite,
+    their sum in the fused weight is not. Both refused, the model as it was (before: inf / NaN weights)."""
+    m = copy.deepcopy(base).to_dtype(torch.float16)
+    snap = _snapshot(m)
+    big = _pair_sd(A=torch.full((RANK, I2V.dim), 200.0), B=torch.full((I2V.dim, RANK), 200.0))
+    with pytest.raises(CheckpointError, match=r"^LoRA <dict> \(adapter 'default_0'\): transformer.blocks.0.attn1."
+                                              r"to_q.lora_B.weight: scale 1 x alpha/rank 1 x delta of blocks.0.attn1"
+                                              r".to_q.weight is inf \(from 1.6e\+05\) at flat index 0 \(65536 of "
+                                              r"65536 values not finite in torch.float16\)"):
+        m.load_lora(big)
+    assert _same(m, snap) and adapters(m) == []
+    half = _pair_sd(A=torch.full((RANK, I2V.dim), 100.0), B=torch.full((I2V.dim, RANK), 100.0))
+    m.load_lora(half, adapter_name="a")
+    assert all(torch.isfinite(v).all() for v in m.state_dict().values() if v.is_floating_point())
+    snap = _snapshot(m)
+    with pytest.raises(CheckpointError, match=r"^LoRA: the fused blocks.0.attn1.to_qkv.weight rows \[0, 256\) "
+                                              r"\(torch.float16\) would hold inf .* fused from <dict> \(adapter 'a', "
+                                              r"scale 1\), <dict> \(adapter 'b', scale 1\)"):
+        m.load_lora(half, adapter_name="b")
+    assert _same(m, snap) and adapters(m) == [("a", 1.0)]
+    with pytest.raises(CheckpointError, match=r"scale 1e\+38 x alpha/rank 1 x delta .* is inf"):  # fp32 overflow
+        copy.deepcopy(base).load_lora(half, scale=1e38)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unreadable files: one line naming the file
+
+def test_unreadable_lora_file(base, tmp_path, monkeypatch):
+    """A file that exists but cannot be read (before: "no LoRA file at" / a safetensors message over lines)."""
+    import os
+
+    file = _save(_pair_sd(), tmp_path, "locked.safetensors")
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # a directory on the way without search permission (as non-root)
+        if os.fspath(path) == file:
+            raise PermissionError(13, "Permission denied", path)
+        return real_stat(path, *args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "stat", stat)
+        with pytest.raises(CheckpointError, match=rf"^{file}: cannot read the LoRA file: Permission denied$"):
+            base.load_lora(file)
+    (tmp_path / "dir" / DIFFUSERS_WEIGHT_NAME).mkdir(parents=True)  # a diffusers dir whose "file" is a dir
+    with pytest.raises(CheckpointError, match=r"dir/pytorch_lora_weights.safetensors: cannot read the LoRA file: "
+                                              r"Is a directory$"):
+        base.load_lora(str(tmp_path / "dir"))
+    header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    (tmp_path / "cut.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors LoRA file") as e:
+        base.load_lora(str(tmp_path / "cut.safetensors"))  # a header promising more bytes than the file has
+    assert "\n" not in str(e.value)
+    meta = {METADATA_KEY: "{not json"}
+    save_file(_pair_sd(), str(tmp_path / "meta.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"meta.safetensors: metadata lora_adapter_metadata is not JSON"):
+        base.load_lora(str(tmp_path / "meta.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training after load_lora: the update is kept by unload / a further load
+
+def test_unload_after_training_keeps_the_update(base, tmp_path):
+    """Fuse a LoRA into q (rows 0:256 of the fused QKV), take an optimizer step on the whole QKV, unload:
+    every row keeps the step (before: the q rows went back to their pre-LoRA values, k / v kept it). Same
+    for a second load_lora after the step. Tolerance: a few fp32 ulps (|w| ~ 0.5), the fused delta was
+    rounded once into the weight."""
+    factors = _factors(base, ["blocks.0.attn1.to_q"], b_scale=0.3)
+    a, b = factors["blocks.0.attn1.to_q"]
+    delta = SCALE * ALPHA / RANK * (b @ a)
+    file = _write("original", factors, tmp_path)
+    m = copy.deepcopy(base).load_lora(file, scale=SCALE)
+    w = m.get_submodule("blocks.0.attn1.to_qkv").weight
+    orig = base.get_submodule("blocks.0.attn1.to_qkv").weight.detach().clone()
+    assert _err(w[:256], orig[:256] + delta) <= WEIGHT_TOL
+    opt = torch.optim.SGD([w], lr=0.1)
+    w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(9))
+    opt.step()
+    trained = w.detach().clone()
+    expected = trained.clone()
+    expected[:256] -= delta
+    m.load_lora(file, scale=SCALE, adapter_name="again")  # stacking after the step keeps it too
+    assert _err(w[:256], trained[:256] + delta) <= 2 * WEIGHT_TOL
+    assert torch.equal(w[256:], trained[256:])
+    m.unload_lora("again")
+    m.unload_lora()
+    print(f"after unload: q rows vs trained - delta {_err(w[:256], expected[:256]):.2e}, "
+          f"vs the pre-LoRA q rows {_err(w[:256], orig[:256]):.3f}")
+    assert _err(w[:256], expected[:256]) <= 2 * WEIGHT_TOL
+    assert torch.equal(w[256:], trained[256:])
+    assert adapters(m) == []
+
+
+@pytest.mark.parametrize("which", ["nvfp4", "fp8"])
+def test_unload_after_edit_of_quantized_weight_keeps_it(base, tmp_path, which):
+    """A quantized layer changed after the fuse (requantized with an update): unload subtracts the LoRA from
+    its current weight, requantized (error at most 2x that of quantizing the exact result once), instead of
+    restoring the pre-LoRA buffers (before)."""
+    from wan_model.lora import _requantize
+
+    factors = _factors(base, ["blocks.0.attn1.to_q"], b_scale=0.3)
+    a, b = factors["blocks.0.attn1.to_q"]
+    file = _write("original", factors, tmp_path)
+    q = _quantized(copy.deepcopy(base), which)
+    lin = q.get_submodule("blocks.0.attn1.to_qkv")
+    before = lin.dense_weight()
+    q.load_lora(file, scale=SCALE)
+    update = 0.5 * torch.randn(before.shape, generator=torch.Generator().manual_seed(10))
+    _requantize(lin, lin.dense_weight() + update)
+    exact = lin.dense_weight()
+    exact[:256] -= SCALE * ALPHA / RANK * (b @ a)
+    once = copy.deepcopy(lin)
+    _requantize(once, exact)
+    q.unload_lora()
+    got = lin.dense_weight()
+    print(f"{which}: unloaded vs exact {(got - exact).norm():.3f}, quantized once "
+          f"{(once.dense_weight() - exact).norm():.3f}, "
+          f"vs the pre-LoRA weight {(got - before).norm():.3f}")
+    assert (got - exact).norm() <= 2 * (once.dense_weight() - exact).norm()
+    assert (got - before).norm() > 5 * (got - exact).norm()  # the update is kept
+    assert adapters(q) == []

@@ -36,11 +36,18 @@ Rules. Adapters stack (load_lora twice: both apply; `unload_lora(name)` removes 
 model with the others loaded; `unload_lora()` removes all). A model quantized after load_lora holds the
 adapters inside its quantized weights: they cannot be taken out (unload_lora / load_lora then raise, naming
 the layer; quantize first, then load). Casting or moving the model after load_lora is allowed: unload then
-restores the originals cast / moved likewise.
+restores the originals cast / moved likewise. Weights changed after load_lora (training, edits) keep the
+change: unload / a further load subtract the fused deltas from the current weights instead (see `apply`).
+
+Checks (before any weight changes; a refusal is one line naming the file or "<dict>", the key and the value):
+LoRA tensors floating (an alpha may be an integer scalar), finite, rank >= 1, alpha one finite value, at least
+one tensor; load_lora's scale finite in fp32; every scaled delta and every fused weight finite in the dtype the
+model holds that weight in (a quantized one: its dense fp32 weight before and after requantization).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -71,6 +78,7 @@ class Term:
     down: torch.Tensor | None
     full: torch.Tensor | None
     factor: float
+    key: str = ""  # the LoRA key it comes from (lora_B / lora_up, diff, diff_b), for messages
 
     def delta(self, shape, device) -> torch.Tensor:
         if self.full is not None:
@@ -84,6 +92,7 @@ class Adapter:
     name: str
     scale: float
     terms: dict[str, list[Term]]  # diffusers parameter key -> terms (factor excludes `scale`)
+    source: str = "<dict>"        # the file it was read from, for messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,26 +119,41 @@ class LoraState:
 # ---------------------------------------------------------------------------------------------
 # Reading a LoRA file into terms per diffusers parameter
 
-def read(lora) -> tuple[dict[str, torch.Tensor], dict | None, str | None]:
-    """(tensors, diffusers metadata or None, default adapter name) of a path (a .safetensors file, or a dir
-    holding diffusers' pytorch_lora_weights.safetensors) or a state dict."""
+def read(lora) -> tuple[dict[str, torch.Tensor], dict | None, str | None, str]:
+    """(tensors, diffusers metadata or None, default adapter name, source: the file's path or "<dict>") of a path
+    (a .safetensors file, or a dir holding diffusers' pytorch_lora_weights.safetensors) or a state dict."""
     if isinstance(lora, dict):
-        return dict(lora), None, None
+        return dict(lora), None, None, "<dict>"
     from safetensors import safe_open
 
     path = os.fspath(lora)
     if os.path.isdir(path):
         path = os.path.join(path, DIFFUSERS_WEIGHT_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_lora: no LoRA file at {path}")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_lora: no LoRA file at {path}") from None
+    except OSError as e:  # e.g. a directory on the way that may not be searched
+        raise CheckpointError(f"{path}: cannot read the LoRA file: {e.strerror or e}") from None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:  # no read permission, a directory, ...
+        raise CheckpointError(f"{path}: cannot read the LoRA file: {e.strerror or e}") from None
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             sd = {k: f.get_tensor(k) for k in f.keys()}
             raw = (f.metadata() or {}).get(METADATA_KEY)
     except Exception as e:  # safetensors raises its own error types for a damaged / foreign file
-        raise CheckpointError(f"{path}: not a readable safetensors LoRA file: {e}") from e
-    meta = json.loads(raw) if raw else None
-    return sd, meta, os.path.splitext(os.path.basename(path))[0]
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: not a readable safetensors LoRA file: {why}") from e
+    try:
+        meta = json.loads(raw) if raw else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata {METADATA_KEY} is not JSON ({e}): {raw[:80]!r}") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata {METADATA_KEY} is a JSON {type(meta).__name__}, not an object")
+    return sd, meta, os.path.splitext(os.path.basename(path))[0], path
 
 
 def _kohya_names(cfg: WanConfig) -> dict[str, str]:
@@ -168,70 +192,117 @@ def _diffusers_layer(name: str, naming: str, known: set[str], kohya: dict[str, s
     return None
 
 
-def _metadata_alpha(meta: dict | None, layer: str, rank: int) -> tuple[float, bool] | None:
+def _metadata_alpha(meta: dict | None, layer: str, rank: int, source: str) -> tuple[float, bool] | None:
     """(alpha, use_rslora) of a diffusers-named layer from diffusers' LoRA metadata (PEFT LoraConfig fields,
     prefixed "transformer."; alpha_pattern keys match a layer name or its dotted suffix, as PEFT's do)."""
     if not meta:
         return None
     cfg = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
-    alpha = cfg.get("lora_alpha")
-    for pattern, a in (cfg.get("alpha_pattern") or {}).items():
+    alpha, field = cfg.get("lora_alpha"), "transformer.lora_alpha"
+    patterns = cfg.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"LoRA {source}: metadata transformer.alpha_pattern must be an object, got {patterns!r}")
+    for pattern, a in patterns.items():
         if layer == pattern or layer.endswith("." + pattern):
-            alpha = a
-    return (float(rank if alpha is None else alpha), bool(cfg.get("use_rslora", False)))
+            alpha, field = a, f"transformer.alpha_pattern[{pattern!r}]"
+    if alpha is None:
+        alpha = rank
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"LoRA {source}: metadata {field} of layer {layer} must be a finite number, got "
+                              f"{alpha!r}")
+    return float(alpha), bool(cfg.get("use_rslora", False))
 
 
-def parse(sd: dict[str, torch.Tensor], cfg: WanConfig, meta: dict | None = None) -> dict[str, list[Term]]:
+def _check_values(source: str, key: str, t, role: str) -> None:
+    """A LoRA tensor is a floating tensor of finite values (alpha: an integer or floating scalar)."""
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"LoRA {source}: {key} is a {type(t).__name__}, not a tensor")
+    ok = t.dtype.is_floating_point or role == "alpha" and not t.dtype.is_complex and t.dtype != torch.bool
+    if not ok:
+        raise CheckpointError(f"LoRA {source}: {key} is {t.dtype}; LoRA tensors must be floating "
+                              f"({'or integer ' if role == 'alpha' else ''}values)")
+    if role == "alpha" and t.numel() != 1:
+        raise CheckpointError(f"LoRA {source}: {key} must hold one value (alpha), got shape {list(t.shape)}")
+    bad = _nonfinite(t.float(), torch.float32)
+    if bad:
+        raise CheckpointError(f"LoRA {source}: {key} holds {bad}")
+
+
+def _nonfinite(x: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """None when `x` is finite in `dtype`, else a description of its first bad value."""
+    y = x.to(dtype)
+    fin = torch.isfinite(y)
+    if bool(fin.all()):
+        return None
+    i = int((~fin).reshape(-1).nonzero()[0])
+    v, was = y.reshape(-1)[i].item(), x.reshape(-1)[i].item()
+    return (f"{v}" + (f" (from {was:.4g})" if v != was and was == was else "") +
+            f" at flat index {i} ({int((~fin).sum())} of {y.numel()} values not finite in {dtype})")
+
+
+def parse(sd: dict[str, torch.Tensor], cfg: WanConfig, meta: dict | None = None,
+          source: str = "<dict>") -> dict[str, list[Term]]:
     """LoRA tensors (any of the three namings) -> terms per diffusers parameter key of `cfg`'s model.
-    CheckpointError listing every key it cannot place, and naming layers with half a low-rank pair."""
+    CheckpointError (naming `source`, the file) listing every key it cannot place, naming layers with half a
+    low-rank pair, and naming a key whose tensor is not floating, holds a non-finite value or has rank 0 /
+    an alpha that is not one finite value."""
+    if not sd:
+        raise CheckpointError(f"LoRA {source}: holds no tensors (an adapter that changes nothing is refused)")
     known, kohya = diffusers_keys(cfg), _kohya_names(cfg)
-    layers: dict[str, dict[str, torch.Tensor]] = {}
+    layers: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unknown = []
     for key, t in sd.items():
-        split = _split(key)
+        split = isinstance(key, str) and _split(key)
         layer = split and _diffusers_layer(split[1], split[0], known, kohya)
         if not layer:
-            unknown.append(key)
+            unknown.append(str(key))
             continue
         role = split[2]
         if role in layers.setdefault(layer, {}):
-            raise CheckpointError(f"LoRA: two keys give the {role} of layer {layer} (second: {key})")
-        layers[layer][role] = t
-        layers[layer].setdefault("_keys", []).append(key)
+            raise CheckpointError(f"LoRA {source}: two keys give the {role} of layer {layer} (second: {key})")
+        layers[layer][role] = (key, t)
     if unknown:
         raise CheckpointError(
-            f"LoRA: {len(unknown)} key(s) name no layer of this model (layers / roles it does not have, e.g. a LoRA "
-            f"for another Wan variant or size) and cannot be applied: {sorted(unknown)[:12]}"
+            f"LoRA {source}: {len(unknown)} key(s) name no layer of this model (layers / roles it does not have, "
+            f"e.g. a LoRA for another Wan variant or size) and cannot be applied: {sorted(unknown)[:12]}"
             + (" ..." if len(unknown) > 12 else "") + f"; roles understood: {sorted(ROLES)}")
+    for parts in layers.values():
+        for role, (key, t) in parts.items():
+            _check_values(source, key, t, role)
     terms: dict[str, list[Term]] = {}
     for layer, parts in layers.items():
-        keys = parts.pop("_keys")
+        keys = [k for k, _ in parts.values()]
         if ("up" in parts) != ("down" in parts):
-            raise CheckpointError(f"LoRA layer {layer}: {keys} hold only one of the up / down matrices")
+            raise CheckpointError(f"LoRA {source}: layer {layer}: {keys} hold only one of the up / down matrices")
         weight = layer if layer in known else f"{layer}.weight"
         if "up" in parts:
-            up, down = parts["up"], parts["down"]
+            (up_key, up), (down_key, down) = parts["up"], parts["down"]
+            if up.dim() < 2 or down.dim() < 2 or math.prod(up.shape[1:]) != down.shape[0]:
+                raise CheckpointError(f"LoRA {source}: layer {layer}: up {tuple(up.shape)} @ down "
+                                      f"{tuple(down.shape)} is not a rank-r product ([N, r] @ [r, K])")
             r = down.shape[0]
-            if up.dim() < 2 or down.dim() < 2 or up.shape[1] != r:
-                raise CheckpointError(f"LoRA layer {layer}: up {tuple(up.shape)} @ down {tuple(down.shape)} is not a "
-                                      "rank-r product ([N, r] @ [r, K])")
+            if r < 1:
+                raise CheckpointError(f"LoRA {source}: {down_key} has rank 0 (shape {list(down.shape)}); a LoRA "
+                                      "needs rank >= 1")
             if "alpha" in parts:
-                alpha, rs = float(parts["alpha"].float().reshape(-1)[0]), False
+                alpha, rs = float(parts["alpha"][1].double().reshape(-1)[0]), False
             else:
-                alpha, rs = _metadata_alpha(meta, layer, r) or (float(r), False)
+                alpha, rs = _metadata_alpha(meta, layer, r, source) or (float(r), False)
             factor = alpha / (math.sqrt(r) if rs else r)
-            terms.setdefault(weight, []).append(Term(up, down, None, factor))
+            terms.setdefault(weight, []).append(Term(up, down, None, factor, up_key))
             if "up_bias" in parts:
-                terms.setdefault(f"{layer}.bias", []).append(Term(None, None, parts["up_bias"], factor))
+                key, bias = parts["up_bias"]
+                terms.setdefault(f"{layer}.bias", []).append(Term(None, None, bias, factor, key))
         elif "alpha" in parts or "up_bias" in parts:
-            raise CheckpointError(f"LoRA layer {layer}: {keys} without its lora_down / lora_up pair")
+            raise CheckpointError(f"LoRA {source}: layer {layer}: {keys} without its lora_down / lora_up pair")
         if "diff" in parts:
-            terms.setdefault(weight, []).append(Term(None, None, parts["diff"], 1.0))
+            terms.setdefault(weight, []).append(Term(None, None, parts["diff"][1], 1.0, parts["diff"][0]))
         if "diff_b" in parts:
-            terms.setdefault(f"{layer}.bias", []).append(Term(None, None, parts["diff_b"], 1.0))
+            terms.setdefault(f"{layer}.bias", []).append(Term(None, None, parts["diff_b"][1], 1.0,
+                                                              parts["diff_b"][0]))
     missing = sorted(k for k in terms if k not in known)
     if missing:
-        raise CheckpointError(f"LoRA: deltas for parameters this model does not have: {missing[:12]}")
+        raise CheckpointError(f"LoRA {source}: deltas for parameters this model does not have: {missing[:12]}")
     return terms
 
 
@@ -302,56 +373,139 @@ def _buffers(m) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Fusing
 
-@torch.no_grad()
-def apply(model, state: LoraState) -> None:
-    """Recompute every range / quantized module that any adapter touches or touched (see the module docstring)."""
-    where = targets(model)
-    by_range: dict[tuple[str, str, int, int], list[tuple[Target, float, list[Term]]]] = {}
-    for a in state.adapters:
+def _ranges(adapters, where) -> dict[tuple[str, str, int, int], list[tuple[str, Target, "Adapter", list[Term]]]]:
+    """(module, attr, row, rows) -> [(diffusers key, target, adapter, terms)] of every delta of `adapters`."""
+    out: dict = {}
+    for a in adapters:
         for key, terms in a.terms.items():
             t = where[key]
-            by_range.setdefault((t.module, t.attr, t.row, t.rows), []).append((t, a.scale, terms))
-    quantized: dict[str, list] = {}
-    dense: dict[tuple, list] = {}
-    for rng in [*state.dense, *by_range]:
-        dense.setdefault(rng, by_range.get(rng, []))
-    for rng in list(dense):
-        t = Target(*rng, ())
-        if rng not in state.dense and _quantized(model, t) is not None:
-            quantized.setdefault(rng[0], []).extend(dense.pop(rng))
-    for path in state.quantized:
-        quantized.setdefault(path, [])
+            out.setdefault((t.module, t.attr, t.row, t.rows), []).append((key, t, a, terms))
+    return out
+
+
+def _add(acc: torch.Tensor, items, offset: int, sign: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """acc[rows of each item - offset] += sign * scale * delta (fp32, in place; returns acc). With `dtype`:
+    CheckpointError naming the adapter, its file and key when a scaled delta is not finite in `dtype` (the
+    dtype of the weight it is fused into)."""
+    for key, t, a, terms in items:
+        for term in terms:
+            d = term.delta(t.shape, acc.device) * a.scale
+            bad = dtype is not None and _nonfinite(d, dtype)
+            if bad:
+                raise CheckpointError(f"LoRA {a.source} (adapter {a.name!r}): {term.key or key}: scale {a.scale:g} "
+                                      f"x alpha/rank {term.factor:g} x delta of {key} is {bad}")
+            view = _rows_of(acc, t.row - offset, t.rows)
+            view += sign * d.reshape(view.shape) if sign != 1 else d.reshape(view.shape)
+    return acc
+
+
+def _fused(base: torch.Tensor, items, row: int, cur: torch.Tensor, check: bool = False) -> torch.Tensor:
+    """round(base + deltas) as written into the range `cur` (rounded to base's dtype, then cast to cur's: a
+    model cast after the fuse holds the same values)."""
+    acc = _add(base.to(cur.device, torch.float32, copy=True), items, row, dtype=cur.dtype if check else None)
+    return acc.to(base.dtype).to(cur.dtype)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def _requantized(m, orig: dict[str, torch.Tensor], items, check: str | None = None):
+    """A copy of quantized module `m` holding requantize(dequantize(orig) + deltas) (`orig` without deltas);
+    with `check` (a name for messages): CheckpointError when a delta or the fused dense weight is not finite."""
+    tmp = copy.deepcopy(m)
+    for n, b in orig.items():
+        getattr(tmp, n).copy_(b)
+    if items:
+        w = _add(tmp.dense_weight(torch.float32), items, 0, dtype=torch.float32 if check else None)   # [N, K]
+        _check_fused(check, w, torch.float32, items)
+        _requantize(tmp, w)
+        _check_fused(check, tmp.dense_weight(torch.float32), torch.float32, items)
+    return tmp
+
+
+def _check_fused(what: str | None, w: torch.Tensor, dtype: torch.dtype, items) -> None:
+    bad = what and _nonfinite(w, dtype)
+    if bad:
+        by = ", ".join(dict.fromkeys(f"{a.source} (adapter {a.name!r}, scale {a.scale:g})" for _, _, a, _ in items))
+        raise CheckpointError(f"LoRA: the fused {what} would hold {bad}; fused from {by}")
+
+
+@torch.no_grad()
+def apply(model, state: LoraState, adapters: list[Adapter]) -> None:
+    """Make `adapters` the fused set (the module docstring's rules): every range / quantized module that any of
+    them touches or `state.adapters` touched becomes round(original + their deltas). Everything is checked
+    before any weight changes (a refusal leaves the model as it was): each scaled delta and each fused weight
+    must be finite in the dtype the model holds the weight in.
+
+    A range whose current value is not what the last fuse wrote (the model was trained or edited since) is
+    rebased first: its original becomes current - the fused adapters' deltas, so unloading subtracts them
+    from the current weights and keeps the update, in every row of a fused tensor alike (diffusers'
+    unfuse_lora subtracts the same way). Refusing instead would leave no way to take an adapter out of a
+    fine-tuned model; restoring the saved original would silently drop the update in the adapter's rows
+    only. A range the user did not change still comes back bit for bit."""
+    where = targets(model)
     _check_unchanged(model, state)
-    for rng, items in dense.items():
+    old, new = _ranges(state.adapters, where), _ranges(adapters, where)
+    quantized: dict[str, tuple[list, list]] = {p: ([], []) for p in state.quantized}
+    dense: list = []
+    for rng in dict.fromkeys([*state.dense, *old, *new]):
+        if rng not in state.dense and _quantized(model, Target(*rng, ())) is not None:
+            q = quantized.setdefault(rng[0], ([], []))
+            q[0].extend(old.get(rng, []))
+            q[1].extend(new.get(rng, []))
+        else:
+            dense.append(rng)
+    # check (nothing written): the original each range / module is fused from, rebased when changed
+    bases: dict[tuple, torch.Tensor] = {}
+    for rng in dense:
         module, attr, row, rows = rng
-        cur = _tensor(model, module, attr)
-        if rng not in state.dense:
-            state.dense[rng] = _rows_of(cur, row, rows).detach().to("cpu", copy=True)
-        base = state.dense[rng].to(cur.device)
-        region = _rows_of(cur, row, rows)
-        if not items:
-            region.copy_(base)
-            continue
-        acc = base.to(torch.float32, copy=True)                                  # never the saved original itself
-        for t, scale, terms in items:
-            for term in terms:
-                acc += term.delta(t.shape, cur.device).reshape(acc.shape) * scale
-        region.copy_(acc)
-    for path, items in quantized.items():
+        cur = _rows_of(_tensor(model, module, attr), row, rows)
+        base, name = state.dense.get(rng), f"{module}.{attr}" + (f" rows [{row}, {row + rows})" if cur.dim() else "")
+        rebased = False
+        if base is None:
+            base = cur.detach().to("cpu", copy=True)
+        elif not torch.equal(_raw(_fused(base, old.get(rng, []), row, cur)), _raw(cur)):
+            base = _add(cur.to(torch.float32, copy=True), old.get(rng, []), row, sign=-1).cpu()
+            _check_fused(f"{name} less the loaded adapters' deltas", base, cur.dtype, old.get(rng, []))
+            rebased = True
+        if new.get(rng):
+            _check_fused(f"{name} ({cur.dtype})", _fused(base, new[rng], row, cur, check=True), cur.dtype, new[rng])
+        if new.get(rng) or rebased or rng in state.dense:
+            bases[rng] = base
+    originals: dict[str, dict[str, torch.Tensor]] = {}
+    for path, (olds, news) in quantized.items():
         m = model.get_submodule(path)
-        if path not in state.quantized:
-            state.quantized[path] = (m, {n: b.detach().to("cpu", copy=True) for n, b in _buffers(m).items()})
-        for n, b in state.quantized[path][1].items():
+        orig = state.quantized[path][1] if path in state.quantized else \
+            {n: b.detach().to("cpu", copy=True) for n, b in _buffers(m).items()}
+        if path in state.quantized:
+            expected = _buffers(_requantized(m, orig, olds))
+            if not all(torch.equal(_raw(b), _raw(getattr(m, n))) for n, b in expected.items()):
+                w = _add(m.dense_weight(torch.float32), olds, 0, sign=-1)
+                _check_fused(f"{path}.weight less the loaded adapters' deltas", w, torch.float32, olds)
+                tmp = copy.deepcopy(m)
+                _requantize(tmp, w)
+                orig = {n: b.detach().to("cpu", copy=True) for n, b in _buffers(tmp).items()}
+        if news:
+            _requantized(m, orig, news, check=f"{path}.weight (dequantized, fp32)")
+        originals[path] = orig
+    # write
+    for rng, base in bases.items():
+        module, attr, row, rows = rng
+        region = _rows_of(_tensor(model, module, attr), row, rows)
+        region.copy_(_fused(base, new[rng], row, region) if new.get(rng) else base)
+    for path, orig in originals.items():
+        m = model.get_submodule(path)
+        for n, b in orig.items():
             getattr(m, n).copy_(b)
-        if items:
-            w = m.dense_weight(torch.float32)                                     # [N, K]
-            for t, scale, terms in items:
-                for term in terms:
-                    w[t.row:t.row + t.rows] += term.delta(t.shape, w.device).reshape(t.rows, -1) * scale
-            _requantize(m, w)
+        news = quantized[path][1]
+        if news:
+            _requantize(m, _add(m.dense_weight(torch.float32), news, 0))
+        state.quantized[path] = (m, orig)
     # ranges / modules no adapter touches any more are their originals again: their copies go
-    state.dense = {k: v for k, v in state.dense.items() if dense.get(k)}
-    state.quantized = {k: v for k, v in state.quantized.items() if quantized.get(k)}
+    state.dense = {k: v for k, v in bases.items() if new.get(k)}
+    state.quantized = {k: v for k, v in state.quantized.items() if quantized[k][1]}
+    state.adapters = list(adapters)
 
 
 def _rows_of(t: torch.Tensor, row: int, rows: int) -> torch.Tensor:
@@ -375,9 +529,17 @@ def _check_unchanged(model, state: LoraState) -> None:
 
 
 def load(model, lora, scale: float = 1.0, adapter_name: str | None = None) -> str:
-    """`WanModel.load_lora`: parse, check, fuse; returns the adapter's name."""
-    sd, meta, stem = read(lora)
-    terms = parse(sd, model.config, meta)
+    """`WanModel.load_lora`: parse, check, fuse; returns the adapter's name. Refusals (CheckpointError /
+    ValueError naming the file, the key and the bad value) leave the model unchanged."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"load_lora: scale must be a number, got {scale!r}") from None
+    if not math.isfinite(scale) or not math.isfinite(torch.tensor(scale, dtype=torch.float32).item()):
+        raise ValueError(f"load_lora: scale must be finite in float32 (the dtype deltas are computed in), got "
+                         f"{scale!r}")
+    sd, meta, stem, source = read(lora)
+    terms = parse(sd, model.config, meta, source)
     where = targets(model)
     for key, ts in terms.items():
         shape = where[key].shape
@@ -389,25 +551,22 @@ def load(model, lora, scale: float = 1.0, adapter_name: str | None = None) -> st
                 ok = got == [shape[0], math.prod(shape[1:])]
                 got = f"up {list(term.up.shape)} @ down {list(term.down.shape)}"
             if not ok:
-                raise CheckpointError(f"LoRA delta for {key}: the model's parameter is {list(shape)}, the LoRA "
-                                      f"gives {got}")
+                raise CheckpointError(f"LoRA {source}: delta for {key}: the model's parameter is {list(shape)}, "
+                                      f"the LoRA gives {got}")
     state = getattr(model, "_lora", None) or LoraState()
     names = [a.name for a in state.adapters]
     name = adapter_name or (stem if stem and stem not in names else f"default_{len(names)}")
     if name in names:
         raise ValueError(f"load_lora: an adapter named {name!r} is loaded already (loaded: {names})")
-    state.adapters.append(Adapter(name, float(scale), terms))
-    try:
-        apply(model, state)
-    except Exception:
-        state.adapters.pop()
-        raise
+    apply(model, state, [*state.adapters, Adapter(name, scale, terms, source)])
     model._lora = state
     return name
 
 
 def unload(model, adapter_name: str | None = None) -> None:
-    """`WanModel.unload_lora`: remove one adapter (or all), restoring the originals it alone touched."""
+    """`WanModel.unload_lora`: remove one adapter (or all). Ranges the adapters alone touched get their
+    originals back bit for bit; ranges changed since the fuse (training) keep the change: the removed deltas
+    are subtracted from the current weights (see `apply`)."""
     state = getattr(model, "_lora", None)
     if state is None:
         if adapter_name is not None:
@@ -416,14 +575,8 @@ def unload(model, adapter_name: str | None = None) -> None:
     names = [a.name for a in state.adapters]
     if adapter_name is not None and adapter_name not in names:
         raise ValueError(f"unload_lora: no adapter {adapter_name!r} is loaded (loaded: {names})")
-    kept = [a for a in state.adapters if adapter_name is not None and a.name != adapter_name]
-    removed, state.adapters = state.adapters, kept
-    try:
-        apply(model, state)
-    except Exception:
-        state.adapters = removed
-        raise
-    if not kept:
+    apply(model, state, [a for a in state.adapters if adapter_name is not None and a.name != adapter_name])
+    if not state.adapters:
         model._lora = None
 
 
