@@ -18,6 +18,13 @@ def _replace(args, i, value):
     return tuple(args)
 
 
+def _block_scale(byte: int, shape=(128, 4)) -> torch.Tensor:
+    """Swizzled e4m3 block scales of 1.0 with one byte set to `byte` at [1, 2]."""
+    t = torch.full(shape, 0x38, dtype=torch.uint8)
+    t[1, 2] = byte
+    return t.view(torch.float8_e4m3fn)
+
+
 CASES = [
     # op, argument index, bad value, pattern the message must contain
     ("qk_norm_rope", 0, torch.randn(2, 17, 100), r"qkv must be \[B, S, 3\*C\].*\(?2, 17, 100\)?"),
@@ -59,6 +66,14 @@ CASES = [
     ("layer_norm_modulate", 1, torch.ones(2, 1, 128, dtype=torch.int64), r"scale must be float32 .*int64"),
     ("layer_norm_modulate", 2, torch.ones(2, 17, 128, dtype=torch.bool), r"shift must be float32 .*bool"),
     ("gated_residual", 2, torch.ones(2, 1, 128, dtype=torch.complex64), r"gate must be float32 .*complex64"),
+    # scale values (CPU tensors: read without a device sync)
+    ("nvfp4_quantize", 1, torch.tensor(float("nan")), r"nvfp4_quantize: global_scale must be finite and > 0.*got nan"),
+    ("nvfp4_dequantize", 2, torch.tensor(-1.0), r"global_scale must be finite and > 0.*got -1\.0"),
+    ("nvfp4_gemm", 2, torch.tensor(0.0), r"a_global_scale must be finite and > 0.*got 0\.0"),
+    ("nvfp4_linear", 3, torch.tensor(float("inf")), r"w_global_scale must be finite and > 0.*got inf"),
+    ("nvfp4_dequantize", 1, _block_scale(0x7F), r"block_scale holds NaN e4m3 byte 0x7F at \[1, 2\]"),
+    ("nvfp4_gemm", 4, _block_scale(0xFF), r"b_scale holds NaN e4m3 byte 0xFF at \[1, 2\]"),
+    ("nvfp4_linear", 2, _block_scale(0xB8), r"w_scale holds negative e4m3 byte 0xB8 at \[1, 2\]"),
 ]
 
 

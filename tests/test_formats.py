@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -346,3 +347,67 @@ def test_cli_convert_quantize_every_format(dense, tmp_path, name, capsys):
     other = tmp_path / ("x.safetensors" if directory else "x")
     assert cli_main(["convert", str(out), str(other), "--format", "comfyui" if directory else "modelopt"]) == 0
     _same_state(WanModel.from_pretrained(other, dtype=torch.bfloat16), WanModel.from_pretrained(out, dtype=torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------
+# scale values, checked on load in every layout
+
+def _saved_file(model, tmp_path, name):
+    """(what to load, the safetensors file holding the layers) of `model` saved in format `name`."""
+    src = tmp_path / (name if REGISTRY[name].directory else f"{name}.safetensors")
+    if name == "lightx2v":
+        _lightx2v_file(model, src)
+    else:
+        model.save_pretrained(src, format=name)
+    return src, (src / "diffusion_pytorch_model.safetensors" if REGISTRY[name].directory else src)
+
+
+def _rewrite(file, **tensors):
+    with safe_open(file, "pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    sd.update(tensors)
+    save_file(sd, file, metadata=meta)
+
+
+@pytest.mark.parametrize("name", ["diffusers", "original", "comfyui", "modelopt", "lightx2v"])
+@pytest.mark.parametrize("layer", ["blocks.0.attn1.to_q", "blocks.1.ffn.net.0.proj"])  # fused into QKV / unfused
+def test_bad_nvfp4_scales_refused_on_load(quantized, tmp_path, name, layer):
+    """A per-tensor scale (weight_scale_2; LightX2V's encode-convention weight_global_scale, a reciprocal) of 0,
+    < 0, NaN or inf, or block scales holding an e4m3 NaN code (0x7F, 0xFF), used to load and zero, sign-flip or
+    NaN the layer: CheckpointError naming the file, the key and the value, for a layer fused into the QKV GEMM
+    and an unfused one alike."""
+    src, file = _saved_file(quantized, tmp_path, name)
+    fmt_ = REGISTRY[name]
+    base = fmt_.file_key(layer + ".weight").removesuffix(".weight")
+    gkey = f"{base}.{fmt_.nvfp4.global_key}"
+    with safe_open(file, "pt") as f:
+        block, good = f.get_tensor(base + ".weight_scale"), f.get_tensor(gkey)
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        _rewrite(file, **{gkey: torch.tensor(bad)})
+        with pytest.raises(CheckpointError, match=re.escape(f"{file}: {gkey}: a scale must be finite and > 0, "
+                                                            f"got {bad}")):
+            WanModel.from_pretrained(src, dtype=torch.float32, impl="ref")
+    _rewrite(file, **{gkey: good})
+    for byte in (0x7F, 0xFF):
+        bad = block.clone()
+        bad.view(torch.uint8)[1, 2] = byte
+        _rewrite(file, **{base + ".weight_scale": bad})
+        with pytest.raises(CheckpointError, match=re.escape(f"{file}: {base}.weight_scale: NVFP4 block scales are "
+                                                            f"non-negative e4m3, got NaN byte 0x{byte:02X} at [1, 2]")):
+            WanModel.from_pretrained(src, dtype=torch.float32, impl="ref")
+
+
+@pytest.mark.parametrize("name", ["diffusers", "comfyui", "lightx2v"])
+def test_zero_global_scale_of_all_zero_layer_loads(quantized, tmp_path, name):
+    """An all-zero weight's per-tensor scale is amax / 2688 = 0: accepted where every code is +-0 (it dequantizes
+    to 0 either way), whatever the block scale bytes of its all-zero blocks (0x00, 0x08 or 0x38 by producer)."""
+    layer = "blocks.1.ffn.net.0.proj"
+    src, file = _saved_file(quantized, tmp_path, name)
+    fmt_ = REGISTRY[name]
+    base = fmt_.file_key(layer + ".weight").removesuffix(".weight")
+    with safe_open(file, "pt") as f:
+        w, s = f.get_tensor(base + ".weight"), f.get_tensor(base + ".weight_scale")
+    _rewrite(file, **{base + ".weight": torch.full_like(w, 0x88), f"{base}.{fmt_.nvfp4.global_key}": torch.tensor(0.0),
+                      base + ".weight_scale": torch.full_like(s.view(torch.uint8), 0x38).view(s.dtype)})
+    got = WanModel.from_pretrained(src, dtype=torch.float32, impl="ref")
+    assert got.blocks[1].ffn["proj_in"].dequantized_weight().eq(0).all()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -471,3 +472,78 @@ def test_streaming_convert_equals_in_memory(dense, fmt, flag, tmp_path):
     from wan_model.checkpoint import convert_checkpoint
     with pytest.raises(CheckpointError, match="is already FP8-quantized|ComfyUI fp8-scaled file is not supported"):
         convert_checkpoint(out, tmp_path / "again.safetensors", fmt, quantize="fp8", progress=False)
+
+
+BAD_SCALES = [0.0, -0.5, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("bad", BAD_SCALES)
+def test_op_refuses_bad_scale_values(bad):
+    """A w_scale / input_scale of 0, < 0, NaN or inf would zero, sign-flip or poison the layer: ValueError naming
+    the argument and the value, at the dispatcher op and the wrapper, per tensor and per row (CPU tensors)."""
+    x, w, s, _, b = samples.op_inputs()["fp8_linear"]
+    per_row = s.clone()
+    per_row[5, 0] = bad
+    cases = [((x, w, torch.tensor(bad), None, b), rf"w_scale must be finite and > 0, got {bad}"),
+             ((x, w, per_row, None, b), rf"w_scale must be finite and > 0, got {bad} at \[5, 0\]"),
+             ((x, w, s, torch.tensor(bad), b), rf"input_scale must be finite and > 0, got {bad}")]
+    for args, message in cases:
+        for op in (torch.ops.wan.fp8_linear, fp8_linear_wrapper):
+            with pytest.raises(ValueError, match="fp8_linear: " + message):
+                op(*args)
+    with pytest.raises(ValueError, match=rf"fp8_linear: w_scale must be finite and > 0, got {bad}"):
+        fp8_linear_wrapper(x, w, bad, None, b)  # a Python float, refused before it becomes a tensor
+
+
+def fp8_linear_wrapper(*args):
+    from wan_kernels import fp8_linear
+    return fp8_linear(*args, impl="ref")
+
+
+def test_op_takes_python_float_scales():
+    x, w, s, _, b = samples.op_inputs()["fp8_linear"]
+    s = s.amax()  # one per-tensor scale
+    want = fp8_linear_wrapper(x, w, s, torch.tensor(0.02), b)
+    assert torch.equal(fp8_linear_wrapper(x, w, s.item(), 0.02, b), want)
+
+
+@pytest.mark.parametrize("fmt, per_channel", [("original", False), ("diffusers", True), ("comfyui", False),
+                                              ("comfyui-scaled-fp8", False)])
+@pytest.mark.parametrize("bad", BAD_SCALES)
+def test_checkpoint_scale_values_refused(quantized, fmt, per_channel, bad, tmp_path):
+    """Every fp8 scale flavour (ours per tensor / per row, ComfyUI comfy_quant `weight_scale` and `input_scale`,
+    legacy scaled_fp8 `scale_weight`) of 0, < 0, NaN or inf is refused on load: CheckpointError naming the file,
+    the key and the value (it used to load and zero, sign-flip or NaN the layer)."""
+    src = tmp_path / ("src" if fmt == "diffusers" else "src.safetensors")
+    quantized[per_channel].save_pretrained(src, format=fmt)
+    path = src / "diffusion_pytorch_model.safetensors" if fmt == "diffusers" else src
+    sd = load_file(path)
+    prefix = COMFY_PREFIX if fmt.startswith("comfyui") else ""
+    layer = prefix + ("blocks.0.ffn.net.0.proj" if fmt == "diffusers" else "blocks.0.ffn.0")
+    key = layer + (".scale_weight" if fmt == "comfyui-scaled-fp8" else ".weight_scale")
+    scale = sd[key].clone()
+    scale.view(-1)[min(7, scale.numel() - 1)] = bad
+    keys = [(key, scale)]
+    if fmt == "comfyui":  # a static activation scale too
+        keys.append((layer + ".input_scale", torch.tensor(bad)))
+    for k, v in keys:
+        save_file(dict(sd, **{k: v}), path)
+        where = f"{path}: {k}: a scale must be finite and > 0, got {bad}" + (" at [7, 0]" if per_channel else "")
+        with pytest.raises(CheckpointError, match=re.escape(where)):
+            WanModel.from_pretrained(src)
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan")])
+def test_streaming_convert_refuses_bad_scale_values(quantized, bad, tmp_path):
+    """The streaming converter (LazyCheckpoint: `convert --quantize`) reads the same scale values as a load and
+    refuses them alike, before anything is written (it used to requantize the garbage layer)."""
+    from wan_model.checkpoint import convert_nvfp4
+
+    src = tmp_path / "src.safetensors"
+    quantized[False].save_pretrained(src, format="original")
+    sd = load_file(src)
+    key = "blocks.0.ffn.0.weight_scale"
+    save_file(dict(sd, **{key: torch.tensor(bad)}), src)
+    with pytest.raises(CheckpointError, match=re.escape(f"{src}: {key}: a scale must be finite and > 0, got {bad}")):
+        convert_nvfp4(src, tmp_path / "dst", config=NVFP4Config(), progress=False)
+    assert not (tmp_path / "dst").exists()

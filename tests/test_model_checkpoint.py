@@ -4,6 +4,7 @@ diffusers' own loader and converter, error paths, atomic saving, two-expert dirs
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -522,3 +523,47 @@ def test_comfy_quant_spec_errors(saved_t2v):
         save_file(dict(sd, **change), tmp / "bad.safetensors")
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp / "bad.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# casts that would write inf (issue 27)
+
+@pytest.mark.parametrize("quantize", [None, "nvfp4"])
+def test_convert_float16_refuses_values_beyond_its_range(saved_t2v, tmp_path, capsys, quantize):
+    """`convert --dtype float16` of a weight beyond fp16's range wrote inf (or, quantizing, a layer saturated
+    from inf): CheckpointError naming the file, the key, its max |value| and the dtype, and the destination is
+    left as it was (absent, or unchanged with overwrite). A source already non-finite is its own error."""
+    _, src = saved_t2v
+    sd = load_file(src / "orig.safetensors")
+    key = "blocks.1.ffn.2.weight"
+    big = dict(sd, **{key: sd[key].float().clone()})
+    big[key][3, 4] = -7.0e4
+    save_file(big, tmp_path / "big.safetensors")
+    message = re.escape(f"{tmp_path / 'big.safetensors'}: {key}: values beyond float16's range (max |x| 7e+04 > "
+                        "65504) would be written as inf; use --dtype bfloat16")
+    convert = functools.partial(ckpt.convert_checkpoint, tmp_path / "big.safetensors", format="diffusers",
+                                dtype=torch.float16, quantize=quantize, progress=False)
+    with pytest.raises(CheckpointError, match=message):
+        convert(dst=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    ckpt.convert_checkpoint(src / "dir", tmp_path / "old", "diffusers", progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    with pytest.raises(CheckpointError, match=message):
+        convert(dst=tmp_path / "old", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    big[key][3, 4] = float("inf")
+    save_file(big, tmp_path / "inf.safetensors")
+    if quantize is None:  # the CLI: one error line, exit 1; bfloat16 holds 7e4
+        args = ["convert", str(tmp_path / "big.safetensors"), str(tmp_path / "cli.safetensors"), "--format",
+                "original", "--dtype", "float16"]
+        assert cli_main(args) == 1
+        err = capsys.readouterr().err  # a progress bar, and one error line
+        assert re.search(": error: " + message + "\n", err) and err.count("error:") == 1
+        assert not (tmp_path / "cli.safetensors").exists()
+        ckpt.convert_checkpoint(tmp_path / "big.safetensors", tmp_path / "bf", "diffusers", dtype=torch.bfloat16,
+                                progress=False)
+    for dtype in (torch.float16, torch.bfloat16)[: 2 if quantize is None else 1]:  # already inf: any cast refused
+        with pytest.raises(CheckpointError, match=re.escape(f"{key}: the source already holds non-finite values")):
+            ckpt.convert_checkpoint(tmp_path / "inf.safetensors", tmp_path / "x", "diffusers", dtype=dtype,
+                                    quantize=quantize, progress=False)
+        assert not (tmp_path / "x").exists()

@@ -229,3 +229,116 @@ def test_gemm_reference_is_dequantize_then_matmul():
     # and close to the unquantized product (NVFP4 ~ 20 dB per operand)
     rel = float((out - (a @ b.T + bias)).norm() / (a @ b.T).norm())
     assert rel < 0.2, rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale values at the op boundary
+
+def _operands(m=37, n=24, k=64):
+    g = torch.Generator().manual_seed(31)
+    a, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    ga, gb = nvfp4.global_scale(a), nvfp4.global_scale(b)
+    (pa, sa), (pb, sb) = ref.nvfp4_quantize(a, ga), ref.nvfp4_quantize(b, gb)
+    return a, (pa, sa, ga), (pb, sb, gb)
+
+
+def _calls(a, qa, qb, impl):
+    """{(op, name of its global scale / block scale argument): call(global scale, block scale)} over every
+    NVFP4 op, `qb` the weight operand."""
+    (pa, sa, ga), (pb, sb, gb) = qa, qb
+    x = torch.randn(2, 3, a.shape[1])
+    dy = torch.randn(2, 3, pb.shape[0])
+    return {
+        ("nvfp4_quantize", "global_scale", None): lambda g, s: wan_kernels.nvfp4_quantize(a, g, impl=impl),
+        ("nvfp4_dequantize", "global_scale", "block_scale"):
+            lambda g, s: wan_kernels.nvfp4_dequantize(pb, s, g, torch.float32, impl=impl),
+        ("nvfp4_gemm", "b_global_scale", "b_scale"):
+            lambda g, s: wan_kernels.nvfp4_gemm(pa, sa, ga, pb, s, g, None, torch.float32, impl=impl),
+        ("nvfp4_gemm", "a_global_scale", "a_scale"):
+            lambda g, s: wan_kernels.nvfp4_gemm(pb, s, g, pa, sa, ga, None, torch.float32, impl=impl),
+        ("nvfp4_linear", "w_global_scale", "w_scale"):
+            lambda g, s: wan_kernels.nvfp4_linear(x, pb, s, g, impl=impl),
+        ("nvfp4_linear_backward", "w_global_scale", "w_scale"):
+            lambda g, s: wan_kernels.ops.nvfp4_linear_backward(dy, pb, s, g, impl=impl),
+        ("nvfp4_linear_w4a4", "w_global_scale", "w_scale"):
+            lambda g, s: wan_kernels.nvfp4_linear_w4a4(x, pb, s, g, impl=impl),
+    }
+
+
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+def test_python_float_global_scale_is_the_tensor(impl):
+    """A Python float global scale (nvfp4_quantize(x, 0.01) raised AttributeError) runs as the float32 0-dim
+    tensor, in every NVFP4 op."""
+    a, qa, qb = _operands()
+    for (op, _, _), call in _calls(a, qa, qb, impl).items():
+        g = qb[2] if op != "nvfp4_quantize" else torch.tensor(0.01)
+        want, got = call(g, qb[1]), call(g.item(), qb[1])
+        for w, o in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+            assert torch.equal(_bytes(w) if w.dtype.itemsize == 1 else w, _bytes(o) if o.dtype.itemsize == 1 else o), op
+
+
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_bad_global_scale_refused(impl, bad, as_tensor):
+    """A global scale of 0 (of a non-zero operand), < 0, NaN or inf: ValueError naming the argument and the value,
+    as a Python float or a CPU tensor (they zeroed, sign-flipped or NaN'd the result silently)."""
+    a, qa, qb = _operands()
+    for (op, name, _), call in _calls(a, qa, qb, impl).items():
+        g = torch.tensor(bad) if as_tensor else bad
+        with pytest.raises(ValueError, match=rf"{op}: {name} must be finite and > 0.*got {bad}"):
+            call(g, qb[1])
+
+
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+def test_zero_global_scale_of_all_zero_operand_accepted(impl):
+    """0 is the global scale of an all-zero tensor (nvfp4.global_scale): accepted where the operand it scales is
+    all zero (codes +-0), and everything stays 0. A Python float 0 is always refused (a literal 0 is a mistake)."""
+    z = torch.zeros(24, 64)
+    z[3, 5] = -0.0
+    zero = nvfp4.global_scale(z)
+    assert zero.item() == 0
+    packed, scale = wan_kernels.nvfp4_quantize(z, zero, impl=impl)
+    assert (packed & 0x77).eq(0).all()
+    assert wan_kernels.nvfp4_dequantize(packed, scale, zero, torch.float32, impl=impl).eq(0).all()
+    x = torch.randn(3, 64)
+    assert wan_kernels.nvfp4_linear(x, packed, scale, zero, impl=impl).eq(0).all()
+    assert wan_kernels.nvfp4_linear_w4a4(torch.zeros(3, 64), packed, scale, zero, impl=impl).eq(0).all()
+    with pytest.raises(ValueError, match=r"nvfp4_quantize: global_scale must be finite and > 0, got 0.0"):
+        wan_kernels.nvfp4_quantize(z, 0.0, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+@pytest.mark.parametrize("byte", [0x7F, 0xFF, 0xB8])
+def test_nan_or_negative_block_scale_refused(impl, byte):
+    """e4m3 block scales holding a NaN code (0x7F, 0xFF) or a negative value (0xB8 = -1.0): ValueError naming the
+    argument, the byte and its position; zero (0x00, and -0.0 = 0x80) is an all-zero block's scale, accepted."""
+    a, qa, qb = _operands()
+    for (op, _, name), call in _calls(a, qa, qb, impl).items():
+        if name is None:
+            continue
+        s = qb[1].clone()
+        s.view(torch.uint8)[2, 1] = byte
+        kind = "NaN" if byte in (0x7F, 0xFF) else "negative"
+        with pytest.raises(ValueError, match=rf"{op}: {name} holds {kind} e4m3 byte 0x{byte:02X} at \[2, 1\]"):
+            call(qb[2], s)
+        for zero in (0x00, 0x80):
+            s.view(torch.uint8)[2, 1] = zero
+            call(qb[2], s)
+
+
+def test_scale_values_read_only_where_free():
+    """Scale values are read only where that costs no device sync and breaks no trace (wan_kernels._checks
+    `readable`): fake tensors (what torch.compile traces with) carry no values and pass the checks; the same
+    call with real CPU tensors is refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a, _, (pb, sb, _) = _operands()
+    x, nan = torch.randn(3, a.shape[1]), torch.tensor(float("nan"))
+    bad = sb.clone()
+    bad.view(torch.uint8)[0, 0] = 0x7F
+    with FakeTensorMode() as mode:
+        out = wan_kernels.nvfp4_linear(*(mode.from_tensor(t) for t in (x, pb, bad, nan)), impl="ref")
+    assert out.shape == (3, pb.shape[0])
+    with pytest.raises(ValueError, match="w_scale holds NaN"):
+        wan_kernels.nvfp4_linear(x, pb, bad, nan, impl="ref")

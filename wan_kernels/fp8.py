@@ -7,7 +7,8 @@ first) or float8_e5m2 (max 57344, read where a file has it). One fp32 scale per 
 Quantizing is comfy-kitchen's eager `quantize_per_tensor_fp8`, done in fp32: q = clamp(w * (1 / scale), +-max)
 cast to fp8 (round to nearest even); the reciprocal is taken once, as there, so fp32 weights give the same
 bytes. An all-zero tensor (or row) gets scale 1 instead of 0 (comfy-kitchen would divide by zero): its codes
-are 0 either way. Dequantizing: w = fp8.float() * scale.
+are 0 either way. Dequantizing: w = fp8.float() * scale. A scale is finite and > 0, checked on load
+(wan_model.formats.check_scales) and at the op boundary where that costs no device sync (wan_kernels._checks).
 
 Activations (W8A8): one dynamic per-tensor scale amax(x) / 448 computed on the device (no host sync), or
 a static `input_scale`; activations are always e4m3.

@@ -8,6 +8,9 @@ Layout (REFERENCE.md §5, CUTLASS sm100 `SfKMajorAtom`):
       offset(m, k) = ((m // 128) * (Ks' // 4) + k // 4) * 512 + (m % 32) * 16 + ((m % 128) // 32) * 4 + k % 4
   * `global_scale` float32 scalar, DECODE convention: value = e2m1 * block_scale * global_scale,
     global_scale = amax / (6 * 448). (vLLM/FlashInfer pass the reciprocal, "encode" convention.)
+Valid scales: a global scale is finite and > 0, or 0 for an all-zero tensor (whose codes are all +-0); block
+scales are never NaN (0x7F, 0xFF) or negative. Checked on load (wan_model.formats.check_scales) and at the op
+boundary where that costs no device sync (wan_kernels._checks).
 """
 
 import torch
@@ -41,6 +44,20 @@ def global_scale(x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros((), dtype=torch.float32)
     amax = torch.stack([torch.nan_to_num(c.float(), nan=0.0).abs().amax() for c in x.split(AMAX_CHUNK)]).amax()
     return (amax / (E2M1_MAX * E4M3_MAX)).to(torch.float32)
+
+
+E4M3_NAN = (0x7F, 0xFF)  # the NaN codes of float8_e4m3fn (it has no inf)
+
+
+def bad_block_scale_bytes(b: torch.Tensor) -> torch.Tensor:
+    """Mask of the invalid bytes of e4m3 block scales (as uint8): the NaN codes 0x7F / 0xFF and negative values
+    (sign bit set; -0.0 = 0x80 excepted, it decodes to 0 like 0x00). Zero is valid: an all-zero block's scale."""
+    return (b == 0x7F) | (b > 0x80)
+
+
+def codes_all_zero(packed: torch.Tensor) -> bool:
+    """Whether every E2M1 code of `packed` is +-0 (what dequantizes to 0 whatever the scales)."""
+    return not (packed.view(torch.uint8) & 0x77).any()
 
 
 def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:

@@ -419,6 +419,23 @@ def save_model(model: WanModel, path, format: str = "diffusers", max_shard_size:
             json.dump({"_class_name": "WanPipeline", "boundary_ratio": model.boundary_ratio}, fh, indent=2)
 
 
+def cast_checked(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """`t.to(dtype)` for a conversion, refusing (CheckpointError naming `where`, the file and key) a result the
+    cast made non-finite: values beyond `dtype`'s range (fp16: |x| > 65504; bf16 only past 3.39e38) would be
+    written as inf. A source that is already non-finite is its own error (no cast makes it right). Called before
+    anything is written, so a refused conversion leaves the destination as it was."""
+    out = t.to(dtype)
+    if out.dtype == t.dtype or not out.dtype.is_floating_point or torch.isfinite(out).all():
+        return out
+    name = str(dtype).removeprefix("torch.")
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"{where}: the source already holds non-finite values (inf/nan); refusing to "
+                              f"convert it to {name}")
+    raise CheckpointError(f"{where}: values beyond {name}'s range (max |x| {t.abs().max().item():.4g} > "
+                          f"{torch.finfo(dtype).max:.6g}) would be written as inf; use --dtype "
+                          f"{'bfloat16' if dtype == torch.float16 else 'float32'}")
+
+
 def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
                        max_shard_size: int | str = "5GB", quantize: str | None = None, nvfp4_config=None,
                        progress: bool = True, overwrite: bool = False) -> WanConfig:
@@ -456,7 +473,8 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
     sd = dequantize_fp8_layers(sd, cfg, keep=dtype is None)  # FP8 layers: kept as they are, or dequantized
     if dtype is not None:
-        sd = {k: v if _is_nvfp4_buffer(k, v) else v.to(torch.float32 if keeps_fp32(k) else dtype)
+        sd = {k: v if _is_nvfp4_buffer(k, v) else cast_checked(v, torch.float32 if keeps_fp32(k) else dtype,
+                                                                f"{src}: {source.get(k, k)}")
               for k, v in sd.items()}
     quantization = NVFP4Config(layers=nvfp4_layers).to_json() if nvfp4_layers else None
     save_state_dict(sd, cfg, dst, format, max_shard_size, quantization, overwrite, progress)
@@ -505,7 +523,8 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | FP8
         group_of = {m: members for _, members in groups for m in members}
 
         def cast(key: str, t: torch.Tensor) -> torch.Tensor:
-            return t if dtype is None else t.to(torch.float32 if keeps_fp32(key) else dtype)
+            return t if dtype is None else cast_checked(t, torch.float32 if keeps_fp32(key) else dtype,
+                                                        f"{src}: {lazy.source.get(key, key)}")
 
         entries = {}  # the output tensors, diffusers-named, our layout
         for key, (_, _, stored, shape) in lazy.entries.items():

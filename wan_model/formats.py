@@ -42,6 +42,8 @@ from safetensors import SafetensorError, safe_open
 from wan_model._atomic import Layout, atomic_save
 from wan_model.config import WanConfig
 from wan_kernels import fp8 as fp8fmt
+from wan_kernels._checks import first_bad
+from wan_kernels.nvfp4 import E4M3_NAN, bad_block_scale_bytes, codes_all_zero
 from wan_model.layouts import (COMFY_PREFIX, FP8_SCALE_KEYS, IGNORED_KEYS, MARKER_KEY, NVFP4_LAYOUTS, SCALED_FP8_KEY,
                                CheckpointError, NVFP4Layout, marker_tensor,
                                diffusers_to_original_key, nvfp4_file_plan, nvfp4_from_file, nvfp4_to_file,
@@ -167,9 +169,11 @@ def progress_bar(total: int, desc: str, progress: bool | None):
 
 
 def read_safetensors(paths: list[str], progress: bool | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of the files (checked: a truncated/corrupt or non-regular file, or a key stored in two
-    files, raises CheckpointError), with a progress bar over the bytes read (see `progress_bar`)."""
+    """All tensors of the files (checked: a truncated/corrupt or non-regular file, a key stored in two files, or
+    a scale value `check_scales` refuses raises CheckpointError), with a progress bar over the bytes read (see
+    `progress_bar`)."""
     out: dict[str, torch.Tensor] = {}
+    path_of: dict[str, str] = {}
     total = sum(os.stat(p).st_size for p in paths if os.path.isfile(p))
     with progress_bar(total, "loading", progress) as bar:
         for path, k, f in tensors_of(paths):
@@ -178,7 +182,50 @@ def read_safetensors(paths: list[str], progress: bool | None = None) -> dict[str
             except (SafetensorError, RuntimeError, ValueError, TypeError) as e:
                 raise CheckpointError(f"cannot read tensor {k!r} from {path}: {e}") from e
             bar.update(out[k].numel() * out[k].element_size())
+            path_of[k] = path
+    check_scales(out, path_of)
     return out
+
+
+# the per-tensor / per-row scale keys of every layout (wan_model.layouts): fp8 (ours, both ComfyUI flavours) and
+# NVFP4 (decode or, LightX2V, encode convention); the NVFP4 global keys may be 0 for an all-zero layer
+GLOBAL_SCALE_KEYS = frozenset(layout.global_key for layout in NVFP4_LAYOUTS.values())
+SCALE_KEYS = GLOBAL_SCALE_KEYS | {layout.input_key for layout in NVFP4_LAYOUTS.values()} | {
+    k for keys in FP8_SCALE_KEYS.values() for k in keys}
+
+
+def check_scales(sd: dict[str, torch.Tensor], path_of: dict[str, str]) -> None:
+    """The scale VALUES of a checkpoint as stored (file key names, any format), checked once, on load, before
+    anything is renamed or fused: every per-tensor / per-row scale (`SCALE_KEYS`) finite and > 0 (0 zeroes a
+    layer, a negative one flips its sign, NaN / inf poison it; LightX2V's encode-convention 2688 / amax alike),
+    except an NVFP4 global scale of 0 for a layer whose codes are all zero (amax / 2688 of an all-zero weight,
+    which dequantizes to 0 either way); e4m3 block scales (`<layer>.weight_scale` float8_e4m3fn) free of the NaN
+    codes 0x7F / 0xFF and of negative values (0 is an all-zero block's scale). CheckpointError naming the file,
+    the key and the bad value. Wrong dtypes and shapes are left to the format readers, which name them."""
+    for key, t in sd.items():
+        layer, _, suffix = key.rpartition(".")
+        if suffix not in SCALE_KEYS or t.device.type == "meta":
+            continue
+        where = f"{path_of.get(key, 'state dict')}: {key}"
+        if t.dtype == torch.float8_e4m3fn and suffix == "weight_scale":
+            bad = bad_block_scale_bytes(t.view(torch.uint8))
+            if bad.any():
+                idx = bad.nonzero()[0].tolist()
+                v = t.view(torch.uint8)[tuple(idx)].item()
+                raise CheckpointError(f"{where}: NVFP4 block scales are non-negative e4m3, got "
+                                      f"{'NaN' if v in E4M3_NAN else 'negative'} byte 0x{v:02X} at {idx}")
+            continue
+        if not t.dtype.is_floating_point or t.dtype in fp8fmt.DTYPES:
+            continue
+        f = t.float()
+        bad = ~(torch.isfinite(f) & (f > 0))
+        if not bad.any():
+            continue
+        w = sd.get(layer + ".weight")
+        if (suffix in GLOBAL_SCALE_KEYS and f.numel() == 1 and f.item() == 0 and w is not None
+                and w.dtype == torch.uint8 and codes_all_zero(w)):
+            continue
+        raise CheckpointError(f"{where}: a scale must be finite and > 0, got {first_bad(f, bad)}")
 
 
 def file_metadata(paths: list[str]) -> dict[str, str]:
@@ -424,6 +471,11 @@ class LazyCheckpoint:
             for k in [k for k in meta if k.endswith("." + MARKER_KEY)]:
                 with open_safetensors(path_of[k]) as f:
                     meta[k] = f.get_tensor(k)
+        scales = {}  # the (small) per-tensor / per-row scales, read now: their values are checked as on load
+        for k in [k for k in meta if k.rpartition(".")[2] in SCALE_KEYS]:
+            with open_safetensors(path_of[k]) as f:
+                scales[k] = f.get_tensor(k)
+        check_scales(scales, path_of)
         sd, source, self.format = to_diffusers_names(meta, nvfp4_hint)
         self.nvfp4_layers = checkpoint_layers(sd)
         self.entries: dict[str, tuple[str, str, torch.dtype, tuple[int, ...]]] = {  # dkey -> (path, key, ...)

@@ -10,7 +10,7 @@ import torch
 
 from wan_kernels import fp8 as fmt
 from wan_kernels import routing
-from wan_kernels._checks import FLOAT_DTYPES, check_bias, same_device, shape_of
+from wan_kernels._checks import FLOAT_DTYPES, as_scale, check_bias, check_scale_values, same_device, shape_of
 from wan_kernels._spec import OpSpec, register
 
 
@@ -32,6 +32,8 @@ def check_fp8_linear(x, w, w_scale, input_scale, bias) -> None:
                          f"dtype {input_scale.dtype}")
     check_bias(op, bias, n)
     same_device(op, x, w=w, w_scale=w_scale, input_scale=input_scale, bias=bias)
+    check_scale_values(op, "w_scale", w_scale)
+    check_scale_values(op, "input_scale", input_scale)
 
 
 def fake_fp8_linear(x, w, w_scale, input_scale, bias):
@@ -70,13 +72,17 @@ SPEC = register(OpSpec(
 ))
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, input_scale: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, *, impl: str = "auto") -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | float,
+               input_scale: torch.Tensor | float | None = None, bias: torch.Tensor | None = None, *,
+               impl: str = "auto") -> torch.Tensor:
     """x [..., K] @ (w * w_scale)^T + bias -> [..., N] in x's dtype.
 
-    w: float8_e4m3fn / float8_e5m2 [N, K]; w_scale: fp32 decode scale [] (per tensor) or [N, 1] (per output row);
-    input_scale: optional static fp32 activation scale (W8A8 only; default amax(x) / 448 per call); bias [N].
+    w: float8_e4m3fn / float8_e5m2 [N, K]; w_scale: fp32 decode scale [] (per tensor) or [N, 1] (per output row),
+    or a Python float; input_scale: optional static fp32 activation scale (W8A8 only; default amax(x) / 448 per
+    call); bias [N]. Scales are finite and > 0 (checked where it costs no device sync: wan_kernels._checks).
     impl="auto": W8A8 (`torch._scaled_mm`, FP8 tensor cores) on CUDA devices of capability >= 8.9 for the calls
     it takes, else W8A16 (the weight dequantized, then a matmul). Differentiable in x.
     """
+    w_scale, input_scale = (as_scale("fp8_linear", n, s, x) for n, s in (("w_scale", w_scale),
+                                                                          ("input_scale", input_scale)))
     return routing.resolve("fp8_linear", impl, x.device)(x, w, w_scale, input_scale, bias)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from wan_kernels import ref, routing
-from wan_kernels._checks import check_global_scale, check_out_dtype, check_packed
+from wan_kernels._checks import as_scale, check_global_scale, check_out_dtype, check_packed
 from wan_kernels._spec import CudaKernel, OpSpec, register
 from wan_kernels.triton import nvfp4 as triton_nvfp4
 
@@ -14,7 +14,7 @@ from wan_kernels.triton import nvfp4 as triton_nvfp4
 def check_nvfp4_dequantize(packed, block_scale, global_scale, dtype) -> None:
     op = "nvfp4_dequantize"
     check_packed(op, "packed", packed, "block_scale", block_scale)
-    check_global_scale(op, "global_scale", global_scale, packed)
+    check_global_scale(op, "global_scale", global_scale, packed, scaled=packed)
     check_out_dtype(op, "dtype", dtype)
 
 
@@ -34,7 +34,9 @@ SPEC = register(OpSpec(
 ))
 
 
-def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+def nvfp4_dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor | float,
                      dtype: torch.dtype = torch.bfloat16, *, impl: str = "auto") -> torch.Tensor:
-    """Inverse of `nvfp4_quantize`: [M, K] = (e2m1 * block_scale) * global_scale in `dtype`."""
+    """Inverse of `nvfp4_quantize`: [M, K] = (e2m1 * block_scale) * global_scale in `dtype` (global_scale: a
+    float32 1-element tensor or a Python float, as `nvfp4_quantize`)."""
+    global_scale = as_scale("nvfp4_dequantize", "global_scale", global_scale, packed)
     return routing.resolve("nvfp4_dequantize", impl, packed.device)(packed, block_scale, global_scale, dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from wan_kernels import ref, routing
-from wan_kernels._checks import (check_bias, check_global_scale, check_out_dtype, check_packed, same_device,
+from wan_kernels._checks import (as_scale, check_bias, check_global_scale, check_out_dtype, check_packed, same_device,
                                  shape_of)
 from wan_kernels._spec import CudaKernel, OpSpec, register
 from wan_kernels.triton import nvfp4 as triton_nvfp4
@@ -18,8 +18,8 @@ def check_nvfp4_gemm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bia
     n, kb = check_packed(op, "b", b, "b_scale", b_scale)
     if ka != kb:
         raise ValueError(f"{op}: a {shape_of(a)} and b {shape_of(b)} disagree on K ({ka} vs {kb}); b is [N, K/2]")
-    check_global_scale(op, "a_global_scale", a_global_scale, a)
-    check_global_scale(op, "b_global_scale", b_global_scale, a)
+    check_global_scale(op, "a_global_scale", a_global_scale, a, scaled=a)
+    check_global_scale(op, "b_global_scale", b_global_scale, a, scaled=b)
     check_bias(op, bias, n)
     same_device(op, a, b=b, bias=bias)
     check_out_dtype(op, "out_dtype", out_dtype)
@@ -55,13 +55,16 @@ SPEC = register(OpSpec(
 ))
 
 
-def nvfp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_global_scale: torch.Tensor, b: torch.Tensor,
-               b_scale: torch.Tensor, b_global_scale: torch.Tensor, bias: torch.Tensor | None = None,
+def nvfp4_gemm(a: torch.Tensor, a_scale: torch.Tensor, a_global_scale: torch.Tensor | float, b: torch.Tensor,
+               b_scale: torch.Tensor, b_global_scale: torch.Tensor | float, bias: torch.Tensor | None = None,
                out_dtype: torch.dtype = torch.bfloat16, *, impl: str = "auto") -> torch.Tensor:
     """W4A4 block-scaled GEMM: out [M, N] = (a_gs * b_gs) * (A_q @ B_q^T) + bias.
 
     a: packed [M, K/2], b: packed [N, K/2] (both K-major, as CUTLASS sm100 wants), scales swizzled,
-    global scales in the DECODE convention (alpha = a_global_scale * b_global_scale).
+    global scales in the DECODE convention (alpha = a_global_scale * b_global_scale): float32 1-element tensors
+    or Python floats, as `nvfp4_quantize`.
     """
+    a_global_scale = as_scale("nvfp4_gemm", "a_global_scale", a_global_scale, a)
+    b_global_scale = as_scale("nvfp4_gemm", "b_global_scale", b_global_scale, a)
     return routing.resolve("nvfp4_gemm", impl, a.device)(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias,
                                                          out_dtype)

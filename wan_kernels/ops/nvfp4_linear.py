@@ -10,8 +10,8 @@ import torch
 
 from wan_kernels import nvfp4 as fmt
 from wan_kernels import ref, routing
-from wan_kernels._checks import (FLOAT_DTYPES, check_bias, check_global_scale, check_packed, same_device,
-                                 shape_of)
+from wan_kernels._checks import (FLOAT_DTYPES, as_scale, check_bias, check_block_scale_values, check_global_scale,
+                                 check_packed, same_device, shape_of)
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.nvfp4_gemm import nvfp4_gemm
 from wan_kernels.ops.nvfp4_quantize import nvfp4_quantize
@@ -26,7 +26,7 @@ def check_nvfp4_linear(x, w, w_scale, w_global_scale, bias) -> None:
                          f"got shape {shape_of(x)}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: x must be float32/float16/bfloat16, got {x.dtype}")
-    check_global_scale(op, "w_global_scale", w_global_scale, x)
+    check_global_scale(op, "w_global_scale", w_global_scale, x, scaled=w)
     check_bias(op, bias, n)
     same_device(op, x, w=w, bias=bias)
 
@@ -51,7 +51,7 @@ def check_nvfp4_linear_backward(grad_out, w, w_scale, w_global_scale) -> None:
                          f"got shape {shape_of(grad_out)}")
     if grad_out.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{op}: grad_out must be float32/float16/bfloat16, got {grad_out.dtype}")
-    check_global_scale(op, "w_global_scale", w_global_scale, grad_out)
+    check_global_scale(op, "w_global_scale", w_global_scale, grad_out, scaled=w)
     same_device(op, grad_out, w=w)
 
 
@@ -100,25 +100,29 @@ SPEC = register(OpSpec(
 
 
 def nvfp4_linear_backward(grad_out: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                          w_global_scale: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+                          w_global_scale: torch.Tensor | float, *, impl: str = "auto") -> torch.Tensor:
     """dX of the W4A16 linear: grad_out [..., N] @ dequantize(w [N, K/2]) -> [..., K] in grad_out's dtype (the
     weight's gradient is not computed: a frozen NVFP4 base). On GPUs the Triton dgrad kernel decodes weight tiles
-    in the main loop and reduces over N; on CPU the reference (dequantize, matmul)."""
+    in the main loop and reduces over N; on CPU the reference (dequantize, matmul). w_global_scale: as
+    `nvfp4_linear`'s."""
+    w_global_scale = as_scale("nvfp4_linear_backward", "w_global_scale", w_global_scale, grad_out)
     return routing.resolve("nvfp4_linear_backward", impl, grad_out.device)(grad_out, w, w_scale, w_global_scale)
 
 
-def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
+def nvfp4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor | float,
                  bias: torch.Tensor | None = None, *, impl: str = "auto") -> torch.Tensor:
     """W4A16 linear with NVFP4 weights: x [..., K] @ dequantize(w)^T + bias -> [..., N] in x's dtype.
 
     w: packed [N, K/2], w_scale: swizzled [roundup(N,128), roundup(K/16,4)] e4m3, w_global_scale: fp32 scalar
-    (DECODE convention). On Ampere/Hopper the Triton kernel decodes weight tiles in the GEMM main loop.
+    (DECODE convention; or a Python float, as `nvfp4_quantize`). On Ampere/Hopper the Triton kernel decodes
+    weight tiles in the GEMM main loop.
     """
+    w_global_scale = as_scale("nvfp4_linear", "w_global_scale", w_global_scale, x)
     return routing.resolve("nvfp4_linear", impl, x.device)(x, w, w_scale, w_global_scale, bias)
 
 
-def nvfp4_linear_w4a4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor,
-                      bias: torch.Tensor | None = None, x_global_scale: torch.Tensor | None = None, *,
+def nvfp4_linear_w4a4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_global_scale: torch.Tensor | float,
+                      bias: torch.Tensor | None = None, x_global_scale: torch.Tensor | float | None = None, *,
                       impl: str = "auto") -> torch.Tensor:
     """W4A4 linear (Blackwell's FP4 tensor cores): quantize x to NVFP4 (global scale `x_global_scale`, or
     amax(x) / (6*448) computed on the device), then `nvfp4_gemm` (impl="auto": the CUTLASS kernel where the route
@@ -129,8 +133,12 @@ def nvfp4_linear_w4a4(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"nvfp4_linear_w4a4 is not differentiable, but {name} requires grad: train through "
                                f"nvfp4_linear (W4A16; NVFP4Linear(mode='w4a16')), or call it under torch.no_grad()")
+    w_global_scale = as_scale("nvfp4_linear_w4a4", "w_global_scale", w_global_scale, x)
+    check_global_scale("nvfp4_linear_w4a4", "w_global_scale", w_global_scale, x, scaled=w)
+    check_block_scale_values("nvfp4_linear_w4a4", "w_scale", w_scale)
     x2 = x.reshape(-1, x.shape[-1])
-    gs = fmt.global_scale(x2) if x_global_scale is None else x_global_scale
+    gs = fmt.global_scale(x2) if x_global_scale is None else as_scale("nvfp4_linear_w4a4", "x_global_scale",
+                                                                       x_global_scale, x)
     xq, xs = nvfp4_quantize(x2, gs, impl=impl)
     out = nvfp4_gemm(xq, xs, gs, w, w_scale, w_global_scale, bias, x.dtype, impl=impl)
     return out.reshape(*x.shape[:-1], w.shape[0])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from wan_kernels import nvfp4, ref, routing
-from wan_kernels._checks import FLOAT_DTYPES, check_global_scale, shape_of
+from wan_kernels._checks import FLOAT_DTYPES, as_scale, check_global_scale, shape_of
 from wan_kernels._spec import CudaKernel, OpSpec, register
 from wan_kernels.triton import nvfp4 as triton_nvfp4
 
@@ -20,7 +20,7 @@ def check_nvfp4_quantize(x, global_scale) -> None:
         raise ValueError(f"{op}: x must be float32/float16/bfloat16, got {x.dtype}")
     if x.shape[1] % nvfp4.BLOCK:
         raise ValueError(f"{op}: K (x.shape[1]) must be a multiple of 16, got shape {shape_of(x)}")
-    check_global_scale(op, "global_scale", global_scale, x)
+    check_global_scale(op, "global_scale", global_scale, x, scaled=x)
 
 
 def fake_nvfp4_quantize(x, global_scale):
@@ -42,9 +42,11 @@ SPEC = register(OpSpec(
 ))
 
 
-def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor, *,
+def nvfp4_quantize(x: torch.Tensor, global_scale: torch.Tensor | float, *,
                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4-quantize x: [M, K] (K % 16 == 0) with a DECODE-convention global scale (amax / (6*448);
-    see `wan_kernels.nvfp4.global_scale`). Returns packed uint8 [M, K/2] (low nibble = even element) and
+    see `wan_kernels.nvfp4.global_scale`): a float32 1-element tensor or a Python float, finite and > 0 (0 only
+    for an all-zero x). Returns packed uint8 [M, K/2] (low nibble = even element) and
     block_scale float8_e4m3fn [roundup(M,128), roundup(K/16,4)] in the 128x4 swizzled layout."""
+    global_scale = as_scale("nvfp4_quantize", "global_scale", global_scale, x)
     return routing.resolve("nvfp4_quantize", impl, x.device)(x, global_scale)
