@@ -4,14 +4,17 @@ our model; SNR per type vs dense; bit-exact round trips; streaming, atomic savin
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import struct
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_inputs
+from conftest import make_inputs, within
 from wan_model import gguf as wgguf
 from wan_model.checkpoint import CheckpointError, convert_checkpoint
 from wan_model.cli import main as cli_main, random_model
@@ -366,3 +369,192 @@ def test_reads_a_file_written_by_the_gguf_package_as_city96_does(tmp_path):
 
     # diffusers' fp16 products (see test_diffusers_gguf_loader_matches_our_model) keep it ~66 dB from exact
     assert _snr(_out(run, model.config), _out(ours, model.config)) >= 60.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt files: tensor regions against the data section, non-finite values; write errors; non-regular sources
+
+@pytest.fixture(scope="module")
+def t2v_q8(tmp_path_factory):
+    """The bytes of a tiny T2V Q8_0 file (F32 and Q8_0 tensors) and its tensor infos in file order:
+    [(name, type name, byte position of the GGML type field, of the data offset field, of the data)], found
+    by the gguf package's reader."""
+    tmp = tmp_path_factory.mktemp("gguf-t2v")
+    path = _convert(_orig(tmp, random_model(WanConfig.from_preset("tiny-t2v"), seed=3)), tmp / "q8.gguf", "Q8_0")
+    infos = []
+    for t in gguf.GGUFReader(str(path)).tensors:
+        pos = t.field.offset + sum(int(p.nbytes) for p in t.field.parts[:4])  # name length, name, n_dims, dims
+        infos.append((t.name, t.tensor_type.name, pos, pos + 4, t.data_offset))
+    return path.read_bytes(), infos
+
+
+def _patched(data: bytes, pos: int, fmt: str, *values) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, pos, *values)
+    return bytes(out)
+
+
+def _refused(path, *names: str) -> str:
+    """Loading `path` raises a one-line CheckpointError naming the file and `names`; the message."""
+    with pytest.raises(CheckpointError) as e:
+        WanModel.from_pretrained(path, dtype=torch.float32, impl="ref")
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and all(repr(n) in msg for n in names), msg
+    return msg
+
+
+def test_tensor_regions_must_tile_the_data_section(t2v_q8, tmp_path, capsys):
+    """Issue 27: a data offset moved by a byte, or a type field saying Q2_K / IQ2_XXS / F16 over Q8_0 bytes,
+    loaded (all-NaN latents). GGUF tensors lie back to back, each padded to the alignment (ggml's reader
+    requires it): anything else is refused naming the file, the tensor and the offset or size."""
+    data, infos = t2v_q8
+    first, last = infos[0], infos[-1]
+    q8 = next(i for i in infos[:-1] if i[1] == "Q8_0")
+    after_q8 = infos[infos.index(q8) + 1]
+    path = tmp_path / "bad.gguf"
+
+    path.write_bytes(_patched(data, first[3], "<Q", 1))
+    msg = _refused(path, first[0])
+    assert "at data offset 1: not a multiple of the alignment 32" in msg
+    assert cli_main(["run", "--checkpoint", str(path), "--frames", "1", "--height", "16", "--width", "16", "--steps",
+                     "1", "--dtype", "float32", "--impl", "ref"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a multiple of the alignment 32" in err, err
+
+    for name, size in (("Q2_K", None), ("IQ2_XXS", None), ("F16", 64)):  # the same Q8_0 bytes, another type
+        path.write_bytes(_patched(data, q8[2], "<I", int(gguf.GGMLQuantizationType[name])))
+        msg = _refused(path, q8[0])
+        assert f"({name}, dims" in msg, msg
+        if size:  # the region grows: the next tensor no longer follows it
+            assert repr(after_q8[0]) in msg and "GGUF tensors follow one another" in msg, msg
+    path.write_bytes(_patched(data, last[2], "<I", int(gguf.GGMLQuantizationType.F16)))  # the last one shrinks
+    assert "its tensors fill" in _refused(path, last[0])
+    path.write_bytes(_patched(data, infos[1][3], "<Q", 0))  # overlapping the first
+    assert "at data offset 0" in _refused(path, infos[1][0], first[0])
+    path.write_bytes(_patched(data, last[3], "<Q", 2**40))  # far beyond the file
+    assert f"at data offset {2**40}" in _refused(path, last[0])
+    path.write_bytes(data[:last[4] + 1])  # the last tensor cut
+    assert "the file has" in _refused(path, last[0])
+
+
+def test_non_finite_values_are_refused(t2v_q8, i2v, tmp_path):
+    """Issue 27: NaN/inf from garbage bytes (an F16 NaN, a Q8_0 block's fp16 scale inf or NaN, an F32 NaN)
+    are refused at load naming the tensor, not loaded as weights."""
+    data, infos = t2v_q8
+    path = tmp_path / "bad.gguf"
+    q8 = next(i for i in infos if i[1] == "Q8_0")
+    for scale in (0x7C00, 0x7E00):  # +inf, NaN: the fp16 scale opening the first block
+        path.write_bytes(_patched(data, q8[4], "<H", scale))
+        assert "non-finite values" in _refused(path, q8[0])
+    f32 = next(i for i in infos if i[1] == "F32")
+    path.write_bytes(_patched(data, f32[4] + 4, "<f", float("inf")))
+    assert "1 non-finite values" in _refused(path, f32[0])
+    _, src, _ = i2v
+    f16 = _convert(src, tmp_path / "f16.gguf", "F16")
+    t = next(t for t in gguf.GGUFReader(str(f16)).tensors if t.tensor_type.name == "F16")
+    path.write_bytes(_patched(f16.read_bytes(), t.data_offset + 6, "<H", 0x7E01))
+    assert "1 non-finite values" in _refused(path, t.name)
+    with pytest.raises(CheckpointError, match=re.escape(t.name)):
+        wgguf.convert_gguf(path, tmp_path / "again.gguf", "Q8_0")
+    assert not (tmp_path / "again.gguf").exists()
+
+
+def test_alignment_from_the_header(tmp_path):
+    """general.alignment (a uint32 power of two; default 32) places the data section and every tensor: a
+    file written with 64 loads; a value that is no power of two, or not a uint32, is refused."""
+    model = random_model(WanConfig.from_preset("tiny-t2v"), seed=4)
+    ref = load_file(_orig(tmp_path, model))
+    path = tmp_path / "a64.gguf"
+    w = gguf.GGUFWriter(str(path), "wan")
+    w.add_custom_alignment(64)
+    for k, t in ref.items():
+        w.add_tensor(k, t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = wgguf.read_gguf(path)
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    data = path.read_bytes()
+    pos = data.index(b"general.alignment") + len(b"general.alignment")
+    assert struct.unpack_from("<II", data, pos) == (4, 64)  # GGUF uint32, 64
+    for vtype, value in ((4, 0), (4, 48), (4, 32), (5, 64)):
+        bad = tmp_path / f"a{vtype}-{value}.gguf"
+        bad.write_bytes(_patched(data, pos, "<II", vtype, value))
+        with pytest.raises(CheckpointError, match=re.escape(str(bad))) as e:
+            wgguf.read_gguf(bad)
+        # 32: a valid value, but the tensors laid at 64 no longer tile the data section
+        assert ("general.alignment is" in str(e.value)) == (value != 32), e.value
+
+
+@pytest.mark.parametrize("method, error", [
+    ("write_tensor_data", OSError("131072 requested and 40640 written")),  # numpy's tofile on a full disk
+    ("write_ti_data_to_file", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+    ("close", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),  # the last flush
+])
+def test_full_disk_names_the_destination_and_leaves_nothing(i2v, monkeypatch, tmp_path, capsys, method, error):
+    """Issue 27: a full disk mid-write said "131072 requested and 40640 written" and nothing else. The error
+    names the destination; a new path stays absent, an existing file unchanged."""
+    _, src, _ = i2v
+    out = tmp_path / "out"
+    out.mkdir()
+    old = _convert(src, out / "old.gguf", "Q8_0")
+    good = old.read_bytes()
+    real, calls = getattr(gguf.GGUFWriter, method), []
+
+    def full(self, *args):
+        calls.append(method)
+        if method == "close":
+            real(self)
+        elif len(calls) == 3 or method != "write_tensor_data":
+            self.fout[0].write(b"\0" * 1000)  # part of it got written
+            raise error
+        else:
+            return real(self, *args)
+        raise error
+
+    monkeypatch.setattr(gguf.GGUFWriter, method, full)
+    new = out / "new.gguf"
+    assert cli_main(["convert", str(src), str(new), "--format", "gguf", "--gguf-type", "Q4_0", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write GGUF file {new}: {error.strerror or error}" in err, err
+    calls.clear()
+    with pytest.raises(OSError, match=re.escape(f"cannot write GGUF file {old}")) as e:
+        wgguf.convert_gguf(src, old, "Q4_0", overwrite=True)
+    assert e.value.errno == error.errno
+    assert os.listdir(out) == ["old.gguf"] and old.read_bytes() == good
+
+
+def test_non_regular_gguf_source_is_refused(i2v, tmp_path, capsys):
+    """Issue 27: `convert FIFO.gguf ...` said "convert it to safetensors first". Every command reading a
+    .gguf path that is not a regular file says so in one line (and never opens it: a pipe would block)."""
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    for fmt in (["--format", "diffusers"], ["--format", "original", "--quantize", "nvfp4"],
+                ["--format", "gguf", "--gguf-type", "Q8_0"]):
+        dst = tmp_path / ("d.gguf" if "gguf" in fmt else "d.safetensors" if "original" in fmt else "d")
+        with within(20):
+            assert cli_main(["convert", str(fifo), str(dst), *fmt, "--no-progress"]) == 1, fmt
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{fifo}: not a regular file (a named pipe)" in err, err
+        assert not dst.exists()
+    with within(20), pytest.raises(CheckpointError, match=re.escape(f"{fifo}: not a regular file (a named pipe)")):
+        WanModel.from_pretrained(fifo)
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(CheckpointError, match=re.escape(f"dir.gguf: not a regular file (a directory)")):
+        wgguf.convert_gguf(tmp_path / "dir.gguf", tmp_path / "d.gguf", "Q8_0")
+
+
+def test_float16_cast_beyond_range_is_refused(tmp_path, capsys):
+    """`convert --format gguf --dtype float16` of a weight beyond fp16's range: one line naming the source key
+    and the value (the cast made it inf, which a Q8_0 block then carried as an inf scale), nothing written."""
+    model = random_model(WanConfig.from_preset("tiny-t2v"), seed=3)
+    with torch.no_grad():
+        model.blocks[0].ffn["proj_out"].weight[0, 0] = 7e4
+    src = _orig(tmp_path, model)
+    dst = tmp_path / "m.gguf"
+    assert cli_main(["convert", str(src), str(dst), "--format", "gguf", "--gguf-type", "Q8_0", "--dtype", "float16",
+                     "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{src}: blocks.0.ffn.2.weight: values beyond float16's range (max |x| 7e+04 > 65504)" in err, err
+    assert not dst.exists()

@@ -17,23 +17,30 @@ The 5-D patch embedding is stored as one plain F32 tensor of its 5 dims (what Co
 adds back; its loader views F32/F16 data in the reversed GGUF dims, diffusers' takes the numpy shape): no
 `comfy.gguf.orig_shape` reshaping is involved (ComfyUI-GGUF uses that for SD1/SDXL only).
 
-Reading (`read_gguf`) dequantizes every tensor (`gguf.quants.dequantize`) one at a time, cast at once to the
-load dtype. Writing (`convert_gguf`) streams: tensor infos from the source's headers, then one tensor at a
-time read, quantized by row chunks and appended; atomic and non-destructive (wan_model._atomic).
+Reading (`read_gguf`) parses the header itself (`_parse`: every count, length, offset and size checked against
+the file, the tensors tiling the data section as ggml's reader requires), then dequantizes every tensor
+(`gguf.quants.dequantize`) one at a time, refusing NaN/inf values, cast at once to the load dtype. Writing
+(`convert_gguf`) streams: tensor infos from the source's headers, then one tensor at a time read, quantized by
+row chunks and appended; atomic and non-destructive (wan_model._atomic); a write error names the destination.
 
 The `gguf` package is imported only when a GGUF file is read or written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import os
+import stat
+import struct
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from wan_model._atomic import atomic_save, check_destination
-from wan_model.checkpoint import check_state_dict, config_from_state_dict, source_files
+from wan_model.checkpoint import cast_checked, check_state_dict, config_from_state_dict, source_files
 from wan_model.config import WanConfig
 from wan_model.formats import LazyCheckpoint, progress_bar, to_diffusers_names
 from wan_model.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_to_original_key,
@@ -44,6 +51,11 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0")  # what --gguf-type 
 QUANTIZED = ("Q8_0", "Q5_0", "Q4_0")
 ARCH = "wan"
 MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what ggml reads (version 1's 32-bit counts are long gone)
+DEFAULT_ALIGNMENT = 32  # of the data section and each tensor in it, unless general.alignment says otherwise
+MAX_DIMS = 5            # ggml's 4, and the 5-D patch embedding (module docstring)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_UINT32, _STRING, _ARRAY = 4, 8, 9  # GGUF metadata value types (_SCALARS: the struct format of the others)
 SMALL = 1024            # tensors of at most this many elements stay F32 (ComfyUI-GGUF's QUANTIZATION_THRESHOLD)
 CHUNK_ELEMENTS = 1 << 22  # rows quantized together: 16 MiB of fp32 (and the quantizer's temporaries) at a time
 _STORED = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -60,9 +72,13 @@ def _gguf():
 
 
 def is_gguf(path) -> bool:
-    """Whether `path` is a GGUF file: a `.gguf` name, or a regular file starting with the GGUF magic."""
+    """Whether `path` is a GGUF file: a `.gguf` name, or a regular file starting with the GGUF magic.
+    CheckpointError for an existing `.gguf` path that is not a regular file (a named pipe, a device, a
+    directory): no reader of either format can read it."""
     path = os.fspath(path)
     if path.lower().endswith(".gguf"):
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise CheckpointError(f"cannot read GGUF file {path}: {_not_regular(path)}")
         return True
     if not os.path.isfile(path):
         return False
@@ -124,25 +140,169 @@ def encode(t: torch.Tensor, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-def _reader(path: str):
+class _Tensor(NamedTuple):
+    """One tensor of a GGUF file: its name, type (gguf.GGMLQuantizationType), dims in GGUF order (innermost
+    first) and its bytes (uint8 [nbytes], a read-only view of the mapped file)."""
+
+    name: str
+    tensor_type: object
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+class _Header:
+    """Bounds-checked little-endian reads of a GGUF header: every length and count is checked against the
+    bytes left before anything is read or looped over (a corrupt count fails at once, it never loops)."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def fail(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {why}; the GGUF file is truncated or corrupt")
+
+    def take(self, n: int, what: str) -> int:
+        if n > len(self.buf) - self.pos:
+            raise self.fail(f"{what} at byte {self.pos} needs {n} bytes, the file has {len(self.buf)}")
+        self.pos += n
+        return self.pos - n
+
+    def unpack(self, fmt: str, what: str):
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def text(self, what: str) -> str:
+        n = self.unpack("<Q", f"the length of {what}")
+        start = self.take(n, what)
+        try:
+            return bytes(self.buf[start:self.pos]).decode()
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} at byte {start} is not UTF-8 ({e.reason})") from e
+
+    def value(self, vtype: int, key: str):
+        """The value of metadata `key` (type `vtype`): scalars and strings; arrays are skipped (None)."""
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype], f"metadata {key!r}")
+        if vtype == _STRING:
+            return self.text(f"metadata {key!r}")
+        if vtype != _ARRAY:
+            raise self.fail(f"metadata {key!r} has GGUF value type {vtype}, not one of 0..12")
+        itype = self.unpack("<I", f"the item type of metadata array {key!r}")
+        count = self.unpack("<Q", f"the length of metadata array {key!r}")
+        if itype in _SCALARS:
+            self.take(count * struct.calcsize(_SCALARS[itype]), f"metadata array {key!r} of {count} items")
+        elif itype == _STRING:
+            if count * 8 > len(self.buf) - self.pos:
+                raise self.fail(f"metadata array {key!r} of {count} strings at byte {self.pos} is longer than the "
+                                f"file ({len(self.buf)} bytes)")
+            for i in range(count):
+                self.text(f"item {i} of metadata array {key!r}")
+        else:  # ggml reads no arrays of arrays either
+            raise self.fail(f"metadata array {key!r} has item type {itype}, not a scalar or string type")
+        return None
+
+
+def _parse(buf, path: str) -> tuple[dict, list[_Tensor]]:
+    """({metadata key: (value type, value)}, tensors) of the GGUF file `path` mapped as `buf`, refusing what
+    ggml's reader (gguf.cpp) refuses: another version, duplicate keys or tensor names, general.alignment not
+    a uint32 power of two, more than MAX_DIMS dims, an unknown type, a row length that is not a multiple of the
+    type's block, and tensor regions that do not tile the data section. GGUF tensors lie back to back in the
+    order of their infos, each padded to the alignment (ggml's and gguf-py's writers, ggml's reader checks
+    `offset == previous end padded`), from the first aligned byte after the infos to the end of the file."""
     gguf = _gguf()
+    h = _Header(buf, path)
+    h.take(4, "the magic")
+    version = h.unpack("<I", "the GGUF version")
+    if version not in GGUF_VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        raise CheckpointError(f"{path}: GGUF version {version}" + (" (a big-endian file?)" if swapped in GGUF_VERSIONS
+                                                                  else "") + ", this reader reads little-endian "
+                              f"versions {' and '.join(map(str, GGUF_VERSIONS))}")
+    n_tensors = h.unpack("<Q", "the tensor count")
+    n_fields = h.unpack("<Q", "the metadata count")
+    fields = {}
+    for i in range(n_fields):
+        key = h.text(f"metadata key {i}")
+        if key in fields:
+            raise h.fail(f"metadata key {key!r} appears twice")
+        vtype = h.unpack("<I", f"the type of metadata {key!r}")
+        fields[key] = (vtype, h.value(vtype, key))
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in fields:
+        vtype, alignment = fields["general.alignment"]
+        if vtype != _UINT32 or alignment <= 0 or alignment & (alignment - 1):
+            raise h.fail(f"general.alignment is {alignment!r} (GGUF value type {vtype}), not a uint32 power of two")
+    infos, names = [], set()
+    for i in range(n_tensors):
+        name = h.text(f"the name of tensor {i}")
+        if name in names:
+            raise h.fail(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = h.unpack("<I", f"the dim count of tensor {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise h.fail(f"tensor {name!r} has {n_dims} dims, not 1 to {MAX_DIMS}")
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, h.take(8 * n_dims, f"the dims of tensor {name!r}"))
+        raw = h.unpack("<I", f"the type of tensor {name!r}")
+        offset = h.unpack("<Q", f"the data offset of tensor {name!r}")
+        try:
+            qtype = gguf.GGMLQuantizationType(raw)
+        except ValueError:
+            raise h.fail(f"tensor {name!r} has unknown GGML type {raw}") from None
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        if min(dims) < 1 or dims[0] % block:
+            raise h.fail(f"tensor {name!r} ({qtype.name}) has dims {list(dims)}: "
+                         + (f"a row of {dims[0]} is not a multiple of its {block}-element block" if min(dims) else
+                            "an empty dim"))
+        infos.append((name, qtype, dims, offset, math.prod(dims) // block * size))
+    start = _align(h.pos, alignment)  # the data section
+    tensors, end, prev = [], 0, None
+    for name, qtype, dims, offset, nbytes in infos:
+        where = f"tensor {name!r} ({qtype.name}, dims {list(dims)}, {nbytes} bytes) at data offset {offset}"
+        if offset % alignment:
+            raise h.fail(f"{where}: not a multiple of the alignment {alignment}")
+        if offset != end:
+            raise h.fail(f"{where}: the previous tensor " + (f"{prev[0]!r} ({prev[1].name}, dims {list(prev[2])}, "
+                                                               f"{prev[4]} bytes) ends at {end} padded" if prev else
+                                                               "is none, the first tensor starts at 0")
+                         + " (GGUF tensors follow one another, each padded to the alignment)")
+        if start + offset + nbytes > len(buf):
+            raise h.fail(f"{where}: ends at byte {start + offset + nbytes}, the file has {len(buf)}")
+        tensors.append(_Tensor(name, qtype, dims, np.frombuffer(buf, np.uint8, nbytes, start + offset)))
+        end, prev = _align(offset + nbytes, alignment), (name, qtype, dims, offset, nbytes)
+    if tensors and len(buf) > start + end:
+        raise h.fail(f"the data section (from byte {start}) has {len(buf) - start} bytes, its tensors fill {end} "
+                     f"(the last, {prev[0]!r}: {prev[1].name}, dims {list(prev[2])}, {prev[4]} bytes at {prev[3]})")
+    return fields, tensors
+
+
+def _align(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _reader(path: str) -> list[_Tensor]:
+    """The tensors of the Wan GGUF file `path` (checked: `_parse`, general.architecture "wan" or absent)."""
     if not os.path.isfile(path):
-        what = "not a regular file" if os.path.lexists(path) else "no such file"
+        what = _not_regular(path) if os.path.lexists(path) else "no such file"
         raise CheckpointError(f"cannot read GGUF file {path}: {what}")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != MAGIC:
-        raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, GGUF files with {MAGIC!r})")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise CheckpointError(f"cannot read GGUF file {path} ({os.path.getsize(path)} bytes): {e}; the file is "
-                              "truncated or corrupt") from e
-    field = reader.get_field("general.architecture")
-    arch = None if field is None else field.contents()
+        if magic != MAGIC:
+            raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, GGUF files with {MAGIC!r})")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    fields, tensors = _parse(buf, path)
+    vtype, arch = fields.get("general.architecture", (_STRING, None))
+    if vtype != _STRING:
+        raise CheckpointError(f"{path}: GGUF general.architecture has value type {vtype}, not a string")
     if arch is not None and arch != ARCH:
         raise CheckpointError(f"{path}: GGUF general.architecture is {arch!r}, not {ARCH!r} (a Wan transformer)")
-    return reader
+    return tensors
+
+
+def _not_regular(path: str) -> str:
+    """What the existing non-regular file `path` is, for the error saying so."""
+    mode = os.stat(path).st_mode if os.path.exists(path) else 0
+    kind = next((k for test, k in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"),
+                                   (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                                   (stat.S_ISSOCK, "a socket")) if test(mode)), "a dangling link")
+    return f"not a regular file ({kind})"
 
 
 def _diffusers_name(key: str) -> str:
@@ -151,19 +311,28 @@ def _diffusers_name(key: str) -> str:
 
 def _dequantize(tensor, path: str) -> torch.Tensor:
     """One GGUF tensor as a torch tensor of its logical shape: F32/F16/BF16 as those dtypes (exact), quantized
-    types dequantized to fp32 (exact: a Q value is an integer times an fp16 scale)."""
+    types dequantized to fp32 (exact: a Q value is an integer times an fp16 scale). CheckpointError naming the
+    tensor when a value is NaN or inf (garbage bytes: no trained weight is). The check is a sum (a NaN or inf
+    value makes it NaN or inf; only then are values tested one by one): a few percent of the dequantization."""
     gguf = _gguf()
     q = gguf.GGMLQuantizationType
     shape = tuple(int(d) for d in reversed(tensor.shape))
     try:
         if tensor.tensor_type in (q.F32, q.F16):
-            return torch.from_numpy(np.array(tensor.data)).reshape(shape)
-        if tensor.tensor_type == q.BF16:
-            return torch.from_numpy(np.array(tensor.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
-        return torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type)).reshape(shape)
+            t = torch.from_numpy(np.array(tensor.data).view(np.float32 if tensor.tensor_type == q.F32 else np.float16))
+        elif tensor.tensor_type == q.BF16:
+            t = torch.from_numpy(np.array(tensor.data).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+        t = t.reshape(shape)
     except (NotImplementedError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: tensor {tensor.name!r} of type {tensor.tensor_type.name} cannot be read: "
                               f"{e}") from e
+    bad = 0 if t.sum(dtype=torch.float32).isfinite() else (~t.isfinite()).sum().item()
+    if bad:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}, shape {list(shape)}) has "
+                              f"{bad} non-finite values (NaN/inf); the GGUF file is corrupt")
+    return t
 
 
 def read_gguf(path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -171,9 +340,8 @@ def read_gguf(path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]
     time and cast at once to `dtype` (the modules diffusers keeps in fp32 to fp32); `dtype` None: F32/F16/BF16
     tensors keep their dtype, quantized ones are fp32. CheckpointError for a non-GGUF, corrupt or non-Wan file."""
     path = os.fspath(path)
-    reader = _reader(path)
     out = {}
-    for tensor in reader.tensors:
+    for tensor in _reader(path):
         t = _dequantize(tensor, path)
         if dtype is not None:
             t = t.to(torch.float32 if keeps_fp32(_diffusers_name(tensor.name)) else dtype)
@@ -183,7 +351,7 @@ def read_gguf(path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]
 
 def gguf_types(path) -> dict[str, str]:
     """{tensor name in the file: GGUF type name} of a GGUF file."""
-    return {t.name: t.tensor_type.name for t in _reader(os.fspath(path)).tensors}
+    return {t.name: t.tensor_type.name for t in _reader(os.fspath(path))}
 
 
 class GGUFSource:
@@ -194,7 +362,7 @@ class GGUFSource:
 
     def __init__(self, path: str):
         self._path = path
-        self._tensors = {t.name: t for t in _reader(path).tensors}
+        self._tensors = {t.name: t for t in _reader(path)}
         gguf = _gguf()
         kept = {gguf.GGMLQuantizationType.F16: torch.float16, gguf.GGMLQuantizationType.BF16: torch.bfloat16}
         meta = {n: torch.empty(tuple(int(d) for d in reversed(t.shape)), dtype=kept.get(t.tensor_type, torch.float32),
@@ -216,6 +384,17 @@ class GGUFSource:
 
 # ---------------------------------------------------------------------------------------------
 # Writing (streamed)
+
+@contextlib.contextmanager
+def _writing(dst):
+    """Name the destination in a write error (a full disk: numpy's "131072 requested and 40640 written", or
+    ENOSPC from the file object), which is raised from the staged file: atomic_save then removes it."""
+    try:
+        yield
+    except OSError as e:
+        msg = f"cannot write GGUF file {os.fspath(dst)}: {e.strerror or e}"
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
+
 
 def convert_gguf(src, dst, gguf_type: str, dtype: torch.dtype | None = None, progress: bool | None = None,
                  overwrite: bool = False) -> WanConfig:
@@ -264,20 +443,23 @@ def convert_gguf(src, dst, gguf_type: str, dtype: torch.dtype | None = None, pro
                 for k in order:
                     shape = stored[k][1]
                     w.add_tensor_info(names[k], shape, np.float32, _nbytes(shape, types[k]), raw_dtype=_qtype(types[k]))
-                w.write_header_to_file()
-                w.write_kv_data_to_file()
-                w.write_ti_data_to_file()
+                with _writing(dst):
+                    w.write_header_to_file()
+                    w.write_kv_data_to_file()
+                    w.write_ti_data_to_file()
                 with progress_bar(sum(_nbytes(stored[k][1], types[k]) for k in order), "gguf convert", progress) as bar:
                     for k in order:
-                        t = lazy.get(k).to(stored[k][0])
+                        t = cast_checked(lazy.get(k), stored[k][0], f"{src}: {lazy.source.get(k, k)}")
                         data = encode(t, types[k])
                         if types[k] == "F16" and np.isinf(data).any() and t.isfinite().all():
                             raise CheckpointError(f"{lazy.source.get(k, k)}: values beyond F16's range (max |x| "
                                                   f"{t.abs().max().item():.4g} > 65504); use --gguf-type BF16")
-                        w.write_tensor_data(data)
+                        with _writing(dst):
+                            w.write_tensor_data(data)
                         bar.update(data.nbytes)
             finally:
-                w.close()
+                with _writing(dst):
+                    w.close()
     finally:
         lazy.close()
     return cfg
