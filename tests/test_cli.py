@@ -87,12 +87,20 @@ RUN_ERRORS = [
     (["--embeds", "{tmp}"], "--embeds", "not a regular file"),
     (["--output", "{missing}/latents.safetensors"], "--output", "does not exist"),
     (["--output", "{tmp}"], "--output", "is a directory"),
+    # issue 27: a bad LoRA scale names the scale ("F:abc" was "no such file"); nan/inf/out of fp32 refused
+    (["--lora", "{lora}:abc"], "--lora", "the scale after ':' is not a number, got 'abc'"),
+    (["--lora", "{lora}:nan"], "--lora", "must be finite in fp32"),
+    (["--lora", "{lora}:inf"], "--lora", "must be finite in fp32"),
+    (["--lora", "{lora}:-1e39"], "--lora", "must be finite in fp32"),
+    (["--lora", "{missing}:0.5"], "--lora", "no such file"),
+    (["--ulysses", "2", "--dist-timeout", "0"], "--dist-timeout", "positive"),
 ]
 
 
 @pytest.mark.parametrize("extra, argument, why", RUN_ERRORS, ids=[" ".join(c[0]) for c in RUN_ERRORS])
 def test_run_usage_errors(extra, argument, why, tmp_path, capsys, no_work):
-    extra = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in extra]
+    (tmp_path / "lora.safetensors").write_bytes(b"")
+    extra = [a.format(missing=tmp_path / "missing", tmp=tmp_path, lora=tmp_path / "lora.safetensors") for a in extra]
     line = _usage_error(capsys, ["run", "--checkpoint", str(tmp_path)] + extra, argument)
     assert why in line, line
 
@@ -139,7 +147,11 @@ CONVERT_ERRORS = [
     (["{tmp}", "{missing}/out"], "dst", "does not exist"),
     (["{tmp}", "{tmp}"], "dst", "is the source checkpoint"),
     (["{tmp}", "{tmp}/out", "--max-shard-size", "0"], "--max-shard-size", "at least 1 byte"),
-    (["{tmp}", "{tmp}/out", "--max-shard-size", "-5"], "--max-shard-size", "cannot parse"),
+    (["{tmp}", "{tmp}/out", "--max-shard-size", "-5"], "--max-shard-size", "must be positive, got '-5'"),
+    # issue 27: "-5GB" was taken for an option ("expected one argument")
+    (["{tmp}", "{tmp}/out", "--max-shard-size", "-5GB"], "--max-shard-size", "must be positive, got '-5GB'"),
+    (["{tmp}", "{tmp}/out", "--max-shard-size=-5GB"], "--max-shard-size", "must be positive, got '-5GB'"),
+    (["{tmp}", "{tmp}/out", "--max-shard-size", "-.5MB"], "--max-shard-size", "must be positive, got '-.5MB'"),
     (["{tmp}", "{tmp}/out", "--max-shard-size", "lots"], "--max-shard-size", "cannot parse"),
     (["{tmp}", "{tmp}/out", "--format", "pickle"], "--format", "invalid choice"),
     (["{tmp}", "{tmp}/out", "--dtype", "fp8"], "--dtype", "invalid choice"),
@@ -341,3 +353,66 @@ def test_module_entry_point_no_traceback(argv, code, argument, tmp_path):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and argument in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert r.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 27: --keep, --output, a launcher without degrees
+
+def test_convert_keep_typo_is_an_error_naming_the_pattern(t2v_dir, tmp_path, capsys):
+    """A --keep pattern matching no layer was accepted (and replaced the default keep list)."""
+    out = tmp_path / "q"
+    line = _usage_error(capsys, ["convert", str(t2v_dir), str(out), "--format", "diffusers", "--quantize", "fp8",
+                                 "--keep", "blocks.0.fnn.*"], "--keep")
+    assert "'blocks.0.fnn.*' matches no layer" in line, line
+    assert not out.exists()
+
+
+def test_convert_keep_adds_to_the_default_keep_list(t2v_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["convert", str(t2v_dir), str(out), "--format", "diffusers", "--quantize", "fp8",
+                 "--keep", "blocks.0.ffn.*", "--no-progress"]) == 0
+    sd = load_file(out / ckpt.WEIGHTS_NAME)
+    fp8 = {k.removesuffix(".weight") for k, v in sd.items() if v.dtype == torch.float8_e4m3fn}
+    assert "blocks.1.ffn.net.0.proj" in fp8 and "blocks.0.attn1.to_q" in fp8
+    kept = ["blocks.0.ffn.net.0.proj", "blocks.0.ffn.net.2", "proj_out", "condition_embedder.text_embedder.linear_1",
+            "condition_embedder.text_embedder.linear_2"]
+    assert not fp8 & set(kept), sorted(fp8 & set(kept))
+
+
+def test_run_output_is_written_atomically(t2v_dir, tmp_path, capsys, monkeypatch):
+    """--output --overwrite: a write that dies midway (as under a kill) leaves the old file whole, no debris."""
+    import safetensors.torch
+
+    out = tmp_path / "latents.safetensors"
+    out.write_bytes(b"old latents")
+
+    def dies(tensors, path, *a, **kw):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        main(["run", "--checkpoint", str(t2v_dir), "--device", "cpu", "--output", str(out), "--overwrite"] + SMALL_RUN)
+    assert out.read_bytes() == b"old latents"
+    assert sorted(os.listdir(tmp_path)) == ["latents.safetensors"]
+
+
+def test_run_under_a_launcher_without_degrees_is_refused(t2v_dir, tmp_path, capsys, monkeypatch, no_work):
+    """torchrun --nproc-per-node 2 without --ulysses/--ring: every rank ran the whole job and wrote --output."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    line = _usage_error(capsys, ["run", "--checkpoint", str(t2v_dir), "--output", str(tmp_path / "x.safetensors")],
+                        "--ulysses/--ring")
+    assert "WORLD_SIZE=2" in line and "= 1" in line, line
+
+
+def test_run_refuses_frames_the_checkpoint_patch_would_crop(tmp_path, capsys, monkeypatch):
+    """A checkpoint whose temporal patch is 2: 5 video frames = 2 latent frames pass, 9 (3 latent) are refused
+    before sampling (the patch embedding would drop the third)."""
+    monkeypatch.setattr(cli, "sample", _no_work)
+    path = tmp_path / "pt2"
+    random_model(WanConfig.from_preset("tiny-t2v").replace(patch_size=(2, 2, 2)), seed=0).save_pretrained(path)
+    line = _usage_error(capsys, ["run", "--checkpoint", str(path), "--device", "cpu", "--frames", "9", "--height",
+                                 "16", "--width", "16"], "--frames")
+    assert "3 latent frames" in line and "patch 2" in line, line

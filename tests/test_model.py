@@ -290,3 +290,75 @@ def test_demo_runs(capsys):
     assert "routing" in out and "qkv_rope" in out and "ms/step" in out
     diff = float(out.split("max |ours - diffusers| over the final latents: ")[1].split()[0])
     assert diff <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks (issue 27): one ValueError naming the argument, at the entry, before any compute
+
+@pytest.fixture(scope="module")
+def bf16_models(fp32_models):
+    return {v: copy.deepcopy(fp32_models[v][0]).to_dtype(torch.bfloat16).set_impl("auto")
+            for v in ("tiny-t2v", "tiny-i2v", "tiny-ti2v")}
+
+
+def _bad_input_cases(bf16_models):
+    """(model, args, message regex): fp32 inputs of a bf16 model (diffusers 0.42.1 raises torch's own dtype
+    error there, naming no argument; its pipelines cast to the model dtype first), wrong shapes."""
+    t2v, i2v = bf16_models["tiny-t2v"], bf16_models["tiny-i2v"]
+    x, t, text, _ = make_inputs(t2v.config, torch.bfloat16)
+    xi, ti, texti, img = make_inputs(i2v.config, torch.bfloat16)
+    cases = [
+        (t2v, (x.float(), t, text), r"hidden_states \(2, 16, 2, 6, 10\) is torch.float32, expected the model "
+                                    r"dtype torch.bfloat16"),
+        (t2v, (x, t, text.float()), r"encoder_hidden_states \(2, 512, 64\) is torch.float32, expected the model "
+                                    r"dtype torch.bfloat16"),
+        (i2v, (xi, ti, texti, img.float()), r"encoder_hidden_states_image \(2, 257, \d+\) is torch.float32"),
+        (i2v, (xi, ti, texti, img[:1]), r"encoder_hidden_states_image has shape \(1, 257, \d+\), expected \[2, L_img"),
+        (t2v, (x[:, :4], t, text), r"hidden_states has shape \(2, 4, 2, 6, 10\), expected \[B, 16, F, H, W\]"),
+        (t2v, (x, t, text[..., :8]), r"encoder_hidden_states has shape \(2, 512, 8\), expected \[B, L_txt, 64\]"),
+        (t2v, (x, t, text[:1]), r"text context has batch 1, hidden_states \(2, 16, 2, 6, 10\) batch 2"),
+        (t2v, (x, torch.tensor([1.0, 2.0, 3.0]), text), r"timestep has shape \(3,\).*\[B\] or per token"),
+        (t2v, (x, torch.tensor(500.0), text), r"timestep has shape \(\)"),
+        (t2v, (x, 500.0, text), r"timestep has shape \(\) and dtype float"),
+    ]
+    m = bf16_models["tiny-ti2v"]
+    xt, tt, textt, _ = make_inputs(m.config, torch.bfloat16)
+    return cases + [(m, (xt, tt[:, 1:], textt), r"timestep has shape \(2, \d+\).*\[2, %d\]" % tt.shape[1])]
+
+
+def test_forward_refuses_bad_inputs_naming_the_argument(bf16_models):
+    for model, args, match in _bad_input_cases(bf16_models):
+        with torch.no_grad(), pytest.raises(ValueError, match=match):
+            model(*args)
+
+
+def test_prepare_context_refuses_a_wrong_text_dtype(bf16_models):
+    _, _, text, _ = make_inputs(bf16_models["tiny-t2v"].config)
+    with pytest.raises(ValueError, match=r"encoder_hidden_states \(2, 512, 64\) is torch.float32"):
+        bf16_models["tiny-t2v"].prepare_context(text)
+
+
+@pytest.mark.parametrize("dim", [2, 3, 4])
+def test_forward_refuses_sizes_the_patch_would_crop(bf16_models, dim):
+    """diffusers' Conv3d patch embedding drops the remainder (an output smaller than the input); ours refuses."""
+    model = bf16_models["tiny-t2v"]
+    model.config = model.config.replace(patch_size=(2, 2, 2)) if dim == 2 else model.config
+    try:
+        x, t, text, _ = make_inputs(model.config, torch.bfloat16)
+        x = x.narrow(dim, 0, x.shape[dim] - 1)
+        with torch.no_grad(), pytest.raises(ValueError, match=r"hidden_states has shape \(2, 16, (1, 6, 10|2, 5, 10|"
+                                                               r"2, 6, 9)\).*multiples of the patch size"):
+            model(x, t, text)
+    finally:
+        model.config = model.config.replace(patch_size=(1, 2, 2))
+
+
+def test_forward_accepts_what_diffusers_accepts(bf16_models):
+    """Integer and bf16 timesteps, a timestep of batch 1 broadcast over the batch (diffusers' broadcast)."""
+    model = bf16_models["tiny-t2v"]
+    x, t, text, _ = make_inputs(model.config, torch.bfloat16)
+    with torch.no_grad():
+        want = model(x, t[:1].expand(2), text)
+        assert torch.equal(model(x, t[:1], text), want)
+        assert torch.equal(model(x, t.long(), text), model(x, t, text))
+        model(x, t.bfloat16(), text)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -344,6 +345,112 @@ def test_cli_run_under_torchrun_equals_the_single_process_run(tmp_path):
     a, b = load_file(one)["latents"], load_file(two)["latents"]
     assert a.shape == b.shape == (1, 16, 1, 6, 10)
     torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (/proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running, sleeping or stopped: not gone and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _rank_of(pid: int) -> int:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return int(env[b"RANK"])
+
+
+def _torchrun_sampling(tmp_path, timeout_s: float):
+    """Start `torchrun --nproc-per-node 2 -m wan_model run --ulysses 2 --dist-timeout timeout_s` on a tiny
+    checkpoint with steps enough for minutes, and wait (at most 120 s) until rank 0 has enabled the parallelism,
+    i.e. both workers joined the process group. Returns (torchrun Popen, {rank: worker pid}, stdout, stderr path)."""
+    from wan_model.cli import random_model
+    from wan_model.config import WanConfig
+
+    ckpt = tmp_path / "ckpt"
+    random_model(WanConfig.from_preset("tiny-t2v"), seed=0).save_pretrained(ckpt, format="diffusers")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as o, open(err, "w") as e:
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              f"--master-port={_free_port()}", "-m", "wan_model", "run", "--checkpoint", str(ckpt),
+                              "--device", "cpu", "--dtype", "float32", "--steps", "1000000", "--frames", "1",
+                              "--height", "48", "--width", "80", "--ulysses", "2", "--dist-timeout", str(timeout_s)],
+                             cwd=ROOT, env=env, stdout=o, stderr=e)
+    deadline = time.monotonic() + 120
+    while "sequence parallelism: ulysses 2" not in out.read_text() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = {_rank_of(c): c for c in _children(p.pid)} if p.poll() is None else {}
+    return p, workers, out, err
+
+
+def _end(p, workers) -> None:
+    """SIGKILL what is left of a _torchrun_sampling run (a stopped process dies of SIGKILL too)."""
+    for pid in workers.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if p.poll() is None:
+        p.kill()
+    p.wait(timeout=30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cli_run_a_stopped_rank_fails_the_others_within_the_timeout(tmp_path):
+    """Issue 27: a SIGSTOPped (not killed) rank hung the job for gloo's default 30 min (the Ulysses sub-group did
+    not inherit the world's timeout either). With --dist-timeout 10, rank 0 fails in its next collective within
+    the timeout with one line naming it, and exits (torchrun then ends the stopped worker: SIGTERM, SIGKILL 30 s
+    later; not waited for here)."""
+    p, workers, out, err = _torchrun_sampling(tmp_path, 10)
+    try:
+        assert sorted(workers) == [0, 1], (p.poll(), err.read_text()[-3000:])
+        os.kill(workers[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        marker = "python -m wan_model run: error: rank 0:"
+        while marker not in err.read_text() and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        seconds = time.monotonic() - t0
+        while _alive(workers[0]) and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        log = err.read_text()
+        line = next((x for x in log.splitlines() if marker in x), None)
+        assert line and "Timed out" in line and "--dist-timeout 10 s" in line, log[-3000:]
+        assert seconds < 10 + 15, seconds  # the timeout, and slack for 2 shared cores; was 30 min
+        assert not _alive(workers[0]) and _alive(workers[1])  # rank 0 exited; rank 1 is still stopped
+    finally:
+        _end(p, workers)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_cli_run_workers_die_with_their_launcher(tmp_path):
+    """Issue 27: SIGKILL of torchrun left its workers computing (each in a session of its own)."""
+    p, workers, out, err = _torchrun_sampling(tmp_path, 60)
+    try:
+        assert sorted(workers) == [0, 1], (p.poll(), err.read_text()[-3000:])
+        p.kill()
+        p.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(map(_alive, workers.values())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers.values())), {r: _alive(pid) for r, pid in workers.items()}
+    finally:
+        _end(p, workers)
 
 
 def test_cli_run_parallel_flags_need_torchrun(tmp_path, capsys):

@@ -7,6 +7,9 @@ convert  converts a checkpoint between the diffusers / original / comfyui format
          streamed NVFP4 quantization) and to GGUF (--format gguf --gguf-type TYPE, streamed)
 cost     analytic FLOPs / bytes / memory per op, layer and forward, roofline per GPU (wan_model/cost.py)
 
+run --ulysses U --ring R under torchrun: collectives time out after --dist-timeout seconds (default 300), and each
+worker dies with its launcher. Only rank 0 writes --output, atomically (wan_model/_atomic.py).
+
 Every argument is checked before any work starts: a bad one prints one line
 `python -m wan_model CMD: error: argument --X: why` and exits 2; an unreadable checkpoint (CheckpointError,
 ValueError) or a file error prints one line and exits 1.
@@ -15,10 +18,13 @@ ValueError) or a file error prints one line and exits 1.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import json
 import math
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
@@ -26,12 +32,14 @@ import time
 import torch
 
 import wan_kernels
+from wan_model._atomic import atomic_save
 from wan_model.checkpoint import FORMATS, REGISTRY, convert_checkpoint, load_model, parse_size, WanExperts
 from wan_model.config import PRESETS, WanConfig
 from wan_model.gguf import GGUF_TYPES
 from wan_model.model import WanModel, bind_ops
 from wan_model.sampling import flow_sigmas, sample
 
+DIST_TIMEOUT_S = 300.0  # run --dist-timeout: torch.distributed's own default is 30 min (gloo) or 10 min (NCCL)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_PRESETS = [n for n, c in PRESETS.items()
                 if n.startswith("tiny") and not (c.has_image or c.expand_timesteps or c.num_experts > 1)]
@@ -41,7 +49,15 @@ DEMO_PRESETS = [n for n, c in PRESETS.items()
 # Argument types: checked at parse time, a bad value is `error: argument --X: why`
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, `PROG: error: MESSAGE` (no usage block), exit 2."""
+    """An ArgumentParser whose errors are one line, `PROG: error: MESSAGE` (no usage block), exit 2.
+
+    A token starting with '-' and a digit or '.' is a value, not an option (no option of ours looks like that):
+    `--max-shard-size -5GB` reaches the argument's check ("must be positive") instead of argparse's "expected one
+    argument" (whose own negative-number rule knows only plain numbers like -5 or -.5)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -145,15 +161,20 @@ def existing_file(s: str) -> str:
 
 
 def lora_spec(s: str) -> tuple[str, float]:
-    """PATH[:SCALE] -> (path, scale); the path exists (a .safetensors file or a diffusers LoRA dir)."""
+    """PATH[:SCALE] -> (path, scale); the path exists (a .safetensors file or a diffusers LoRA dir). An
+    existing path with a ':' in its name is taken whole (scale 1); otherwise the text after the last ':' is
+    the scale: a finite number within fp32's range (the weights it scales are at most fp32)."""
     path, _, tail = s.rpartition(":")
+    if not path or os.path.exists(s):
+        return existing_path(s), 1.0
     try:
-        scale = float(tail) if path else 1.0
+        scale = float(tail)
     except ValueError:
-        path, scale = s, 1.0
-    path = path or s
-    if not math.isfinite(scale):
-        raise argparse.ArgumentTypeError(f"{s}: the scale after ':' must be finite, got {tail}")
+        raise argparse.ArgumentTypeError(f"{s}: the scale after ':' is not a number, got {tail!r} "
+                                         "(PATH[:SCALE])") from None
+    if not math.isfinite(scale) or abs(scale) > torch.finfo(torch.float32).max:
+        raise argparse.ArgumentTypeError(f"{s}: the scale after ':' must be finite in fp32 "
+                                         f"(|scale| <= {torch.finfo(torch.float32).max:.4g}), got {tail}")
     return existing_path(path), scale
 
 
@@ -174,6 +195,8 @@ def output_file(s: str) -> str:
 
 
 def shard_size(s: str) -> int:
+    if s.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {s!r} (bytes, or e.g. 5GB, 200MB)")
     try:
         return parse_size(s)
     except ValueError as e:
@@ -329,12 +352,34 @@ def _embeds(args, tensors, key: str, shape, dtype, gen) -> torch.Tensor:
     return t.to(dtype)
 
 
+def _die_with_launcher() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent (torchrun's agent, which starts each worker in
+    a session of its own, from its main thread: the signal follows the thread that forked) dies, so a killed
+    launcher leaves no worker computing (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
+    if os.getppid() != parent:  # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _init_parallel(args) -> int:
-    """--ulysses/--ring: join the torchrun process group (NCCL on CUDA, one GPU per LOCAL_RANK; gloo on CPU).
+    """--ulysses/--ring: join the torchrun process group (NCCL on CUDA, one GPU per LOCAL_RANK; gloo on CPU)
+    with a timeout of --dist-timeout seconds on every collective, this process dying with its launcher.
     Returns this rank (0 without parallelism)."""
     world = args.ulysses * args.ring
     if world == 1:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # every rank would compute the same run and write --output
+            args.error(f"argument --ulysses/--ring: the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} "
+                       f"ranks, but --ulysses {args.ulysses} x --ring {args.ring} = 1: pass degrees whose product "
+                       "is the number of ranks, or run one process")
         return 0
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if "WORLD_SIZE" not in os.environ:
@@ -346,17 +391,32 @@ def _init_parallel(args) -> int:
     if args.device.type == "cuda":
         args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo")
+    _die_with_launcher()
+    dist.init_process_group("nccl" if args.device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=args.dist_timeout))
     return dist.get_rank()
 
 
+def _collective_error(e: RuntimeError) -> bool:
+    """A failure of torch.distributed (gloo raises plain RuntimeErrors naming its sources)."""
+    return isinstance(e, torch.distributed.DistError) or any(s in str(e) for s in ("gloo", "NCCL", "Timed out"))
+
+
 def cmd_run(args) -> int:
-    rank = _init_parallel(args)
-    if rank != 0:  # every rank computes the same full result; rank 0 alone prints and writes it
-        import contextlib
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            return _run(args, rank)
-    return _run(args, rank)
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        rank = _init_parallel(args)
+        if rank != 0:  # every rank computes the same full result; rank 0 alone prints and writes it
+            import contextlib
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                return _run(args, rank)
+        return _run(args, rank)
+    except RuntimeError as e:  # a timeout, or a peer that died: one line, exit 1
+        if args.ulysses * args.ring == 1 or not _collective_error(e):
+            raise
+        why = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).strip().split("\n")[0].split()))  # no source path
+        raise ConnectionError(f"rank {rank}: torch.distributed failed: {why} (--dist-timeout "
+                              f"{args.dist_timeout:g} s: another rank stopped, hung or died)") from None
 
 
 def _run(args, rank: int) -> int:
@@ -372,6 +432,15 @@ def _run(args, rank: int) -> int:
     cfg = first.config
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s: dim {cfg.dim}, {cfg.num_layers} layers, "
           f"{'two experts' if isinstance(model, WanExperts) else 'one expert'}")
+    down = 16 if cfg.in_channels == 48 else 8  # VAE: 4x temporal, 8x spatial (16x for TI2V's VAE)
+    for name, n, p in (("--height", args.height, cfg.patch_size[1]), ("--width", args.width, cfg.patch_size[2])):
+        if n % (down * p):
+            args.error(f"argument {name}: this checkpoint needs a multiple of {down * p} (VAE stride {down} x patch "
+                       f"{p}), got {n}")
+    f = (args.frames - 1) // 4 + 1
+    if f % cfg.patch_size[0]:
+        args.error(f"argument --frames: {args.frames} video frames are {f} latent frames, not a multiple of this "
+                   f"checkpoint's temporal patch {cfg.patch_size[0]}")
     if args.lora and isinstance(model, WanExperts):
         args.error("argument --lora: this checkpoint has two experts (Wan2.2 A14B), whose LoRAs come per expert; "
                    "run loads LoRAs into one-expert checkpoints only")
@@ -382,13 +451,7 @@ def _run(args, rank: int) -> int:
         for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
             m.enable_parallelism(ulysses_degree=args.ulysses, ring_degree=args.ring)
         print(f"sequence parallelism: ulysses {args.ulysses} x ring {args.ring} ranks")
-    down = 16 if cfg.in_channels == 48 else 8  # VAE: 4x temporal, 8x spatial (16x for TI2V's VAE)
-    for name, n, p in (("--height", args.height, cfg.patch_size[1]), ("--width", args.width, cfg.patch_size[2])):
-        if n % (down * p):
-            args.error(f"argument {name}: this checkpoint needs a multiple of {down * p} (VAE stride {down} x patch "
-                       f"{p}), got {n}")
     g = torch.Generator().manual_seed(args.seed)
-    f = (args.frames - 1) // 4 + 1
     latents = torch.randn(args.batch, cfg.out_channels, f, args.height // down, args.width // down, generator=g)
     if args.embeds is None:
         print(f"no --embeds: using RANDOM prompt embeddings [{args.batch}, 512, {cfg.text_dim}] (the latents are "
@@ -406,9 +469,10 @@ def _run(args, rank: int) -> int:
                  args.guidance, args.shift, image_embeds=None if img is None else img.to(args.device),
                  condition=None if cond is None else cond.to(args.device))
     _print_steps(res)
-    if args.output and rank == 0:
+    if args.output and rank == 0:  # atomically: a kill leaves the old file (--overwrite) or none, never a part
         from safetensors.torch import save_file
-        save_file({"latents": res.latents.cpu().contiguous()}, args.output)
+        with atomic_save(args.output, None, args.overwrite) as tmp:
+            save_file({"latents": res.latents.cpu().contiguous()}, tmp)
         print(f"latents written to {args.output}")
     if args.ulysses * args.ring > 1:
         torch.distributed.destroy_process_group()
@@ -427,7 +491,8 @@ def cmd_convert(args) -> int:
     nvfp4_config = None
     if args.quantize is not None:
         from wan_model.quantize import DEFAULT_KEEP, FP8Config, NVFP4Config
-        keep = tuple(args.keep) if args.keep is not None else DEFAULT_KEEP
+        _check_keep(args)
+        keep = DEFAULT_KEEP + tuple(p for p in args.keep or () if p not in DEFAULT_KEEP)
         nvfp4_config = NVFP4Config(keep=keep) if args.quantize == "nvfp4" else FP8Config(
             keep=keep, per_channel=args.quantize == "fp8-per-channel")
     elif args.keep is not None:
@@ -439,6 +504,29 @@ def cmd_convert(args) -> int:
     print(f"converted {args.src} -> {args.dst} ({args.format}{what}): dim {cfg.dim}, {cfg.num_layers} layers")
     print(json.dumps(cfg.to_diffusers_config(), sort_keys=True))
     return 0
+
+
+def _check_keep(args) -> None:
+    """Every --keep pattern matches a layer of the source checkpoint (diffusers names, read from its config or
+    its safetensors headers): a typo would keep nothing and quantize what it meant to keep."""
+    from wan_model.checkpoint import config_from_state_dict, source_files
+    from wan_model.formats import LazyCheckpoint
+    from wan_model.layouts import diffusers_keys
+
+    if not args.keep:
+        return
+    files, cfg, hint = source_files(args.src)
+    if cfg is None:
+        lazy = LazyCheckpoint(files, hint)
+        try:
+            cfg = config_from_state_dict(lazy.meta(), args.src)
+        finally:
+            lazy.close()
+    layers = sorted({k.removesuffix(".weight") for k in diffusers_keys(cfg) if k.endswith(".weight")})
+    for pattern in args.keep:
+        if not fnmatch.filter(layers, pattern):
+            args.error(f"argument --keep: {pattern!r} matches no layer of {args.src} (fnmatch over diffusers layer "
+                       f"names, e.g. 'blocks.0.ffn.*', 'proj_out', 'condition_embedder.*')")
 
 
 def _convert_gguf(args, dtype) -> int:
@@ -541,6 +629,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ulysses", type=positive_int, default=1,
                    help="sequence parallelism: Ulysses degree (launch U x R ranks with torchrun --nproc-per-node)")
     r.add_argument("--ring", type=positive_int, default=1, help="sequence parallelism: ring-attention degree")
+    r.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
+                   help="with --ulysses/--ring: a collective (or the start-up rendezvous) waiting longer than this "
+                        "for another rank fails the run (gloo: one line; NCCL: torch's watchdog ends the process); "
+                        "it must exceed the difference between the ranks' checkpoint loading times. Workers also "
+                        "die with their launcher (Linux)")
     r.set_defaults(fn=cmd_run, error=r.error, prog=r.prog)
 
     c = sub.add_parser("convert", help="convert a checkpoint between formats")
@@ -559,8 +652,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="quantize the weights on the fly (streamed, one tensor at a time; see wan_model/checkpoint.py "
                         "convert_nvfp4); fp8: e4m3 with one scale per tensor (ComfyUI's), fp8-per-channel: per row")
     c.add_argument("--keep", action="append", metavar="PATTERN",
-                   help="with --quantize: fnmatch pattern of diffusers layer names kept in bf16 (repeatable; "
-                        "default: the time/text/image embedders and proj_out)")
+                   help="with --quantize: fnmatch pattern of diffusers layer names kept unquantized (repeatable), "
+                        "ADDED to the default keep list (the time/text/image embedders and proj_out, which are "
+                        "always kept); a pattern matching no layer of SRC is an error")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing destination (only a checkpoint's own files are replaced)")
     c.add_argument("--no-progress", action="store_true")

@@ -343,7 +343,8 @@ class WanModel(nn.Module):
 
     def unload_lora(self, adapter_name: str | None = None) -> "WanModel":
         """Remove the adapter `adapter_name` (default: all) and return self: the weights are then bit for bit
-        those of the model with only the other adapters loaded (none: the original tensors)."""
+        those of the model with only the other adapters loaded (none: the original tensors); weights changed since
+        the fuse (e.g. by training) keep the change: the removed deltas are subtracted from them."""
         from wan_model.lora import unload
         unload(self, adapter_name)
         return self
@@ -444,12 +445,22 @@ class WanModel(nn.Module):
         last frame interleaved per sample, as diffusers' pipeline passes them).
         """
         cfg = self.config
+        _check_tokens("encoder_hidden_states", encoder_hidden_states, "B, L_txt", cfg.text_dim, self.dtype)
         if cfg.has_image and encoder_hidden_states_image is None:
             raise ValueError("this is an I2V/FLF2V model (config.image_dim set): encoder_hidden_states_image "
                              "is required")
         if not cfg.has_image and encoder_hidden_states_image is not None:
             raise ValueError("encoder_hidden_states_image given but this model has no image embedder "
                              f"(shape {tuple(encoder_hidden_states_image.shape)})")
+        if cfg.has_image:
+            B, img = encoder_hidden_states.shape[0], encoder_hidden_states_image
+            n = (2 * B, f"2 x {B}, {cfg.pos_embed_seq_len // 2}") if cfg.pos_embed_seq_len else (B, f"{B}, L_img")
+            _check_tokens("encoder_hidden_states_image", img, n[1], cfg.image_dim, self.dtype)
+            if img.shape[0] != n[0] or cfg.pos_embed_seq_len and 2 * img.shape[1] != cfg.pos_embed_seq_len:
+                raise ValueError(f"encoder_hidden_states_image has shape {tuple(img.shape)}, expected [{n[1]}, "
+                                 f"{cfg.image_dim}] (the batch of encoder_hidden_states "
+                                 f"{tuple(encoder_hidden_states.shape)}"
+                                 f"{', FLF2V: first and last frame per sample' if cfg.pos_embed_seq_len else ''})")
         txt = self.condition_embedder.text(encoder_hidden_states)                 # [B, L_txt, C]
         k, v = self.cross_kv(txt, cfg.num_attention_heads, cfg.eps)
         k_img = v_img = None
@@ -478,6 +489,10 @@ class WanModel(nn.Module):
         without adapters it changes nothing. Any other key is an error.
         Returns [B, C_out, F, H, W] in the model dtype; with return_dict=False the tuple `(out,)`, with True a
         `WanOutput` (`.sample`), as diffusers returns them (WanPipeline calls with return_dict=False).
+        The inputs are checked once, here (shapes and dtypes only): hidden_states and the encoder inputs in the
+        model dtype (`model.dtype`; diffusers raises torch's own dtype error there, its pipelines cast first),
+        F, H, W multiples of the patch size (diffusers crops the remainder silently; we refuse), timestep [B]
+        or [B, S] (batch 1 broadcasts, as in diffusers); a mismatch is a ValueError naming the argument.
         """
         if attention_kwargs and set(attention_kwargs) - {"scale"}:
             raise ValueError(f"WanModel.forward: attention_kwargs {sorted(set(attention_kwargs) - {'scale'})} "
@@ -487,14 +502,45 @@ class WanModel(nn.Module):
             return out
         return WanOutput(out) if return_dict else (out,)
 
+    def _check_latents(self, hidden_states, timestep) -> tuple[int, int, int]:
+        """The patched grid (f, h, w) of hidden_states [B, C_in, F, H, W], after checking it and the timestep
+        (metadata only): a ValueError names the argument, its shape / dtype and what was expected. A size not
+        divisible by the patch is refused (diffusers' patch-embedding Conv3d crops it silently); a dtype other
+        than the model's too (diffusers raises torch's own error; its pipelines cast to the model dtype)."""
+        cfg, x = self.config, hidden_states
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"hidden_states has shape {tuple(getattr(x, 'shape', ()))}, expected "
+                             f"[B, {cfg.in_channels}, F, H, W] (in_channels {cfg.in_channels})")
+        if x.dtype != self.dtype:
+            raise ValueError(f"hidden_states {tuple(x.shape)} is {x.dtype}, expected the model dtype {self.dtype} "
+                             "(cast it: hidden_states.to(model.dtype), as diffusers' pipelines do)")
+        B, _, nf, nh, nw = x.shape
+        if nf % cfg.patch_size[0] or nh % cfg.patch_size[1] or nw % cfg.patch_size[2]:
+            raise ValueError(f"hidden_states has shape {tuple(x.shape)}: F, H, W must be multiples of the patch size "
+                             f"{cfg.patch_size} (the remainder would be cropped)")
+        f, h, w = nf // cfg.patch_size[0], nh // cfg.patch_size[1], nw // cfg.patch_size[2]
+        t = timestep
+        if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2) or t.shape[0] not in (1, B) or \
+                t.dim() == 2 and t.shape[1] != f * h * w or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"timestep has shape {tuple(getattr(t, 'shape', ()))} and dtype "
+                             f"{getattr(t, 'dtype', type(t).__name__)}, expected a real tensor [B] or per token "
+                             f"[B, S] = [{B}, {f * h * w}] (B of hidden_states {tuple(x.shape)}, or 1)")
+        return f, h, w
+
     def _denoise(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context):
         cfg = self.config
-        B, _, nf, nh, nw = hidden_states.shape
+        f, h, w = self._check_latents(hidden_states, timestep)
+        B = hidden_states.shape[0]
         pt, ph, pw = cfg.patch_size
-        f, h, w = nf // pt, nh // ph, nw // pw
         rope_cos, rope_sin = self.rope((f, h, w))                                # [S, D/2] fp32
         if context is None:
+            if encoder_hidden_states is None:
+                raise ValueError("forward needs encoder_hidden_states [B, L_txt, text_dim] or context= "
+                                 "(from prepare_context)")
             context = self.prepare_context(encoder_hidden_states, encoder_hidden_states_image)
+        if context.batch_size != B:
+            raise ValueError(f"the text context has batch {context.batch_size}, hidden_states "
+                             f"{tuple(hidden_states.shape)} batch {B}: they must be equal")
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, S, C]
         temb, temb_proj = self.condition_embedder.time(timestep, context.dtype)  # [B, 1|S, C], [B, 1|S, 6, C]
@@ -513,6 +559,15 @@ class WanModel(nn.Module):
         x = self.proj_out(x)                                                     # [B, S, pt*ph*pw*C_out]
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+
+def _check_tokens(name: str, t, lead: str, dim: int, dtype: torch.dtype) -> None:
+    """t: [lead..., dim] tokens in `dtype` (at least one token), else a ValueError naming `name`."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[2] != dim or t.shape[1] == 0:
+        raise ValueError(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, expected [{lead}, {dim}]")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} {tuple(t.shape)} is {t.dtype}, expected the model dtype {dtype} "
+                         f"(cast it: {name}.to(model.dtype), as diffusers' pipelines do)")
 
 
 def _checkpoint_block(block: nn.Module, *args):

@@ -18,6 +18,8 @@ gets the same full output. Inside the forward:
     The inverse all-to-all gives [B, n, H, Dv].
   * gather: after the last block, `all_gather` of [B, n, C] on the whole group, padding rows dropped; the head
     runs on every rank on the full sequence.
+The sub-groups get the timeout of the group they split (`group_timeout`; torch's new_group would give them
+its 30 min default), so a stopped or dead rank fails the others' collectives after the caller's timeout.
 Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes;
 ring (R - 1) x the local K/V block.
 
@@ -99,6 +101,16 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.forward(ctx, g, ctx.group), None
 
 
+def group_timeout(group=None):
+    """The timeout of a process group's collectives (`init_process_group(timeout=...)` for the world), or None
+    where the backend does not tell (torch's private `options._timeout`; None: new_group's default)."""
+    pg = group or dist.group.WORLD
+    try:
+        return pg._get_backend(torch.device("cuda" if dist.get_backend(pg) == "nccl" else "cpu")).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
 def local_attention(q, k, v, ops):
     """The single-process self-attention of WanBlock: q, k, v [B, S, H, D] -> [B, S, H, Dv]."""
     return ops.attention(q, k, v, None, None, None)
@@ -125,15 +137,17 @@ class SequenceParallel:
         self.U, self.R, self.group, self.rank = U, R, group, dist.get_rank(group)
         self.ulysses_rank, self.ring_rank = self.rank % U, self.rank // U
         self.ulysses_group = self.ring_group = None
-        # every rank creates every sub-group, in the same order (torch.distributed.new_group's rule)
+        # every rank creates every sub-group, in the same order (torch.distributed.new_group's rule), with the
+        # timeout of `group` (new_group's default is torch's 30 min, whatever the parent's)
+        timeout = group_timeout(group)
         if U > 1:
             for r in range(R):
-                g = dist.new_group([ranks[r * U + u] for u in range(U)])
+                g = dist.new_group([ranks[r * U + u] for u in range(U)], timeout=timeout)
                 if r == self.ring_rank:
                     self.ulysses_group = g
         if R > 1:
             for u in range(U):
-                g = dist.new_group([ranks[r * U + u] for r in range(R)])
+                g = dist.new_group([ranks[r * U + u] for r in range(R)], timeout=timeout)
                 if u == self.ulysses_rank:
                     self.ring_group = g
         # attention_lse has no CUDA kernel of _C: impl="cuda" runs its auto route (Triton on GPUs);
