@@ -1,0 +1,271 @@
+"""8-bit attention (SageAttention2-class): the Triton kernel under the interpreter vs its stage-by-stage reference
+(wan_kernels/ref/attention_int8.py), and its accuracy vs fp64 attention and vs the peer sageattention 1.0.6 on the
+same inputs (Wan-like generator and comfy-kitchen's two recipes, tests/_int8_inputs.py).
+
+Kernel == reference: the quantized operands are bit-exact (same torch ops); the outputs agree to fp32 summation
+order once the reference uses the interpreter's exp2 (numpy's float32 exp2, which differs from torch's in ~20% of
+values by an ulp: an ulp can flip an e4m3 rounding of p, a 1/16 change of that weight, so the comparison passes
+the exp2 in; everything else, e4m3 rounding included, is the reference's own code).
+Accuracy rule (issue 23): worst-head NRMSE vs fp64 no worse than sageattention 1.0.6's (SageAttention 1 in Triton,
+per-block int8 Q/K, fp16 P.V; image set: called twice and summed): pv="fp16" <= 1.05x, pv="fp8" <= 1.3x, and
+cos >= 0.999; the cases that miss a bar are strict xfails with their measured cause (`MISSED`).
+Interpreter cost: ~1-3 s per call at 2 heads x 300 queries x ~600 keys x hd 128.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from _int8_inputs import comfy_bias, comfy_channel, stats_per_head, wan_like
+from wan_kernels import ref
+from wan_kernels.ref import attention_int8 as R
+from wan_kernels.triton import attention_int8 as T
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def np_exp2(x: torch.Tensor) -> torch.Tensor:
+    """The interpreter's tl.math.exp2 (numpy, float32)."""
+    return torch.from_numpy(np.exp2(x.numpy()))
+
+
+def ref64(q, k, v, ki=None, vi=None, scale=None):
+    return ref.attention_forward(*[None if t is None else t.double() for t in (q, k, v, ki, vi)], scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# e4m3 software encoder (the interpreted kernel's cast)
+
+def _sweep() -> torch.Tensor:
+    """Every fp32 with exponent 2^-27 .. 2^10 and any top 12 mantissa bits (all e4m3 ties and carries), low 11 bits
+    in {0, 1, 0x400, 0x7FF}, both signs; plus zeros, infinities, the saturation edge and huge values."""
+    e = torch.arange(100, 138, dtype=torch.int64)[:, None, None]
+    mhi = torch.arange(4096, dtype=torch.int64)[None, :, None] << 11
+    mlo = torch.tensor([0, 1, 0x400, 0x7FF], dtype=torch.int64)[None, None, :]
+    bits = ((e << 23) | mhi | mlo).reshape(-1)
+    bits = torch.cat([bits, bits | (1 << 31)]).to(torch.int64)
+    x = torch.from_numpy(bits.numpy().astype(np.uint32).view(np.float32))
+    extra = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 448.0, 463.99, 464.0, 464.01, 480.0, 1e30, -1e30,
+                          2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11, 2.0 ** -6 - 2.0 ** -10])
+    return torch.cat([x, extra, -extra])
+
+
+def test_e4m3_encoder_matches_torch_on_a_dense_sweep():
+    x = _sweep()
+    got = T.e4m3_encode(x)
+    want = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert x.numel() > 1_200_000
+    bad = (got.view(torch.uint8) != want.view(torch.uint8)).nonzero().reshape(-1)
+    assert bad.numel() == 0, [(x[i].item(), got[i].item(), want[i].item()) for i in bad[:5]]
+    nan = T.e4m3_encode(torch.tensor([float("nan")]))
+    assert torch.isnan(nan.float()).all()
+
+
+def test_e4m3_encoder_fixes_the_interpreters_cast():
+    """The interpreter's .to(tl.float8e4nv) rounds 7.91 to 4.0 (REFERENCE §10): the encoder gives torch's 8.0."""
+    x = torch.tensor([7.91, 127.47, -7.91, 0.3])
+    assert T.e4m3_encode(x).float().tolist() == x.to(torch.float8_e4m3fn).float().tolist() == [8.0, 128.0, -8.0,
+                                                                                              0.3125]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel == reference, stage by stage
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_quantized_operands_bit_exact(pv):
+    q, k, v, ki, vi = wan_like(2, 77, 133, 2, 64, Si=41, seed=5, dtype=torch.bfloat16)
+    s = 0.3
+    qz = T.quantize(q, k, v, ki, vi, s, pv)
+    q8, qs = R.quantize_int8(q, R.Q_GROUP)
+    assert qz.q.dtype == torch.int8 and torch.equal(qz.q, q8)
+    assert torch.equal(qz.q_scale, qs * (s * R.LOG2E)) and qz.q_scale.shape == (2, 2, 77)  # per row
+    for (k8, ks, km, v8, vs, vm), kt, vt in zip(qz.sets, (k, ki), (v, vi)):
+        ksm, mean = R.smooth_k(kt)
+        rk8, rks = R.quantize_int8(ksm, R.K_GROUP)
+        rv8, rvs, rvm = R.quantize_v_fp8(vt) if pv == "fp8" else R.quantize_v_fp16(vt)
+        assert torch.equal(k8, rk8) and torch.equal(ks, rks) and torch.equal(km, mean)
+        assert v8.dtype == rv8.dtype and torch.equal(v8.view(torch.uint8 if pv == "fp8" else torch.int16),
+                                                     rv8.view(torch.uint8 if pv == "fp8" else torch.int16))
+        assert torch.equal(vs, rvs) and torch.equal(vm, rvm)
+
+
+def test_int8_rounding_is_half_away_from_zero():
+    x = torch.tensor([127.0, 63.5, -63.5, 0.5, -0.5, 0.49999997, 1.5, 2.5, -2.5]).reshape(1, 9, 1, 1)
+    x8, scale = R.quantize_int8(x, 16)
+    assert scale.item() == 1.0
+    assert x8.reshape(-1).tolist() == [127, 64, -64, 1, -1, 0, 2, 3, -3]
+    assert torch.equal(T.quantize_int8(x, 16)[0], x8)
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+@pytest.mark.parametrize("shape", [(1, 150, 333, 0, 2, 128), (1, 100, 200, 57, 2, 64)], ids=["hd128", "hd64-i2v"])
+def test_kernel_equals_reference_emulation(pv, shape):
+    B, Sq, Sk, Si, H, D = shape
+    x = wan_like(B, Sq, Sk, H, D, Si=Si, seed=7, dtype=torch.float32)
+    out, lse = T.attention_int8_lse(*x, pv=pv)
+    want, want_lse = R.attention_int8_lse(*x, pv=pv, block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2)
+    # fp32 summation order of the P.V dots and row sums (numpy vs torch): a few ulps of max|v|.
+    bound = 64 * 2.0 ** -24 * max(t.abs().max().item() for t in x[2::2] if t is not None)
+    assert (out - want).abs().max().item() <= bound
+    assert lse.shape == want_lse.shape == (2 if Si else 1, B, H, Sq)
+    assert (lse - want_lse).abs().max().item() <= 16 * 2.0 ** -24 * (1 + want_lse.abs().max().item())
+
+
+def test_kernel_equals_reference_at_coarser_groups(monkeypatch):
+    """The scale indexing (row // group, key // group) with groups that do not divide the lengths or the tiles."""
+    monkeypatch.setattr(T, "Q_GROUP", 32)
+    monkeypatch.setattr(T, "K_GROUP", 24)
+    x = wan_like(1, 90, 150, 2, 64, Si=40, seed=11, dtype=torch.float32)
+    out, lse = T.attention_int8_lse(*x, pv="fp16")
+    want, want_lse = R.attention_int8_lse(*x, pv="fp16", q_group=32, k_group=24,
+                                          block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2)
+    assert (out - want).abs().max().item() <= 64 * 2.0 ** -24 * max(x[2].abs().max().item(), x[4].abs().max().item())
+    assert (lse - want_lse).abs().max().item() <= 16 * 2.0 ** -24 * (1 + want_lse.abs().max().item())
+    assert not torch.equal(out, R.attention_int8(*x, pv="fp16", exp2=np_exp2))  # the groups did change the result
+
+
+def test_per_token_scales_beat_sageattentions_blocks():
+    """The granularity decision (kernel header): per-token Q and K scales vs SageAttention's 128-row / 64-key
+    blocks, mean worst-head NRMSE over seeds (one seed's reading is noise: the header)."""
+    errs = {(128, 64): [], (1, 1): []}
+    for seed in range(3):
+        x = wan_like(1, 130, 200, 2, 128, seed=seed)
+        want = ref64(*x)[0]
+        for (qg, kg), e in errs.items():
+            e.append(stats_per_head(R.attention_int8(*x, pv="fp16", q_group=qg, k_group=kg), want)[0])
+    assert (R.Q_GROUP, R.K_GROUP) == (T.Q_GROUP, T.K_GROUP) == (1, 1)
+    assert sum(errs[1, 1]) < 0.8 * sum(errs[128, 64]), errs
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy vs fp64 and vs sageattention 1.0.6
+
+SAGE_SCRIPT = """
+import sys, torch
+from sageattention.attn_qk_int8_per_block import forward
+from sageattention.quant_per_block import per_block_int8
+cases = torch.load(sys.argv[1])
+out = {}
+for name, (q, k, v, ki, vi) in cases.items():
+    o = 0
+    for kt, vt in ((k, v),) if ki is None else ((k, v), (ki, vi)):
+        q8, qs, k8, ks = per_block_int8(q, kt - kt.mean(1, keepdim=True), tensor_layout="NHD")
+        o = o + forward(q8, k8, vt.half(), qs, ks, tensor_layout="NHD", output_dtype=q.dtype).float()
+    out[name] = o
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def sage_outputs(tmp_path_factory):
+    """sageattention 1.0.6's pipeline (sageattn minus its CUDA assert; k smoothed into a copy; image set: two calls
+    summed) on every case, in a subprocess with TRITON_INTERPRET=1 set before triton is imported (its kernels call
+    tl.max, a @jit function of triton.language that runs interpreted only when the interpreter was on at import)."""
+    d = tmp_path_factory.mktemp("sage")
+    torch.save({name: make() for name, make in CASES.items()}, d / "in.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", SAGE_SCRIPT, str(d / "in.pt"), str(d / "out.pt")], env=env, check=True,
+                   timeout=300)
+    return torch.load(d / "out.pt")
+
+
+# Key lengths are multiples of 64: sageattention 1.0.6's kernel does not mask the keys of a last partial tile (they
+# load as 0 and get score 0, not -inf, so they add to the softmax denominator: at 333 keys its output shrinks by
+# ~8.5%, NRMSE 0.086 with cos 0.9999 on comfy-bias vs 0.013 at 320 or 384). Comparing there would make the bar
+# the peer's bug; our ragged tails are covered by the kernel == reference tests above. Query lengths stay ragged.
+CASES = {
+    "wan-hd128-self": lambda: wan_like(1, 300, 384, 2, 128, seed=0),
+    "wan-hd128-i2v": lambda: wan_like(1, 150, 512, 2, 128, Si=256, seed=2),
+    "wan-hd64-i2v": lambda: wan_like(1, 200, 512, 2, 64, Si=256, seed=1),
+    "comfy-bias": lambda: comfy_bias(1, 300, 384, 2, 128, seed=3),
+    "comfy-channel": lambda: comfy_channel(1, 300, 384, 2, 64, seed=4),
+}
+RATIO = {"fp16": 1.05, "fp8": 1.3}
+# Bars missed, cause understood (issue 23; the bars stand, strict: a pass is reported as a failure to revisit).
+_PEAKED = ("this draw's scores span ~89 nats with sink keys |k| ~124: int8 Q.K misses cos 0.999 even with per-token Q "
+           "and K scales (ours: 0.9986, NRMSE 0.053; sageattention's 128/64 blocks: 0.9951, 0.099)")
+_E4M3_V = ("e4m3 P and V on zero-mean Gaussian V: 3 mantissa bits cost ~3.6-4.2% NRMSE whatever the Q/K scales, vs "
+           "sageattention's fp16 P.V at 0.013 / 0.021 (our fp16 P.V: 0.009 / 0.013)")
+MISSED = {("wan-hd128-self", "fp16"): _PEAKED, ("wan-hd128-self", "fp8"): _PEAKED,
+          ("comfy-bias", "fp8"): _E4M3_V, ("comfy-channel", "fp8"): _E4M3_V}
+
+
+def _accuracy_cases():
+    return [pytest.param(case, pv, id=f"{case}-{pv}", marks=[pytest.mark.xfail(strict=True, reason=MISSED[case, pv])]
+                         if (case, pv) in MISSED else []) for case in CASES for pv in ("fp16", "fp8")]
+
+
+@pytest.mark.parametrize("case,pv", _accuracy_cases())
+def test_accuracy_vs_fp64_and_sageattention(case, pv, sage_outputs):
+    x = CASES[case]()
+    clones = [None if t is None else t.clone() for t in x]
+    want = ref64(*x)[0]
+    err_sage, cos_sage = stats_per_head(sage_outputs[case], want)
+    out = T.attention_int8(*x, pv=pv)
+    err, cos = stats_per_head(out, want)
+    report = f"{case} NRMSE/cos sage {err_sage:.4f}/{cos_sage:.6f} {pv} {err:.4f}/{cos:.6f}"
+    print(report)
+    assert out.dtype == x[0].dtype and out.shape == want.shape
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(x, clones))
+    assert err <= RATIO[pv] * err_sage, report
+    assert cos >= 0.999, report
+
+
+def test_lse_is_that_of_the_unsmoothed_scores():
+    x = comfy_bias(1, 64, 200, 2, 64, seed=9, dtype=torch.float32)
+    x = x[:3] + (x[1][:, :40] * 0.5, x[2][:, :40])                          # keys with a shared bias of RMS 40 / 20
+    _, lse = T.attention_int8_lse(*x)
+    want = ref64(*x)[1]
+    assert (lse.double() - want).abs().max().item() < 0.05  # int8 score error (seen 0.016); the shift is ~100
+    smoothed = lse - torch.stack([torch.einsum("bshd,bhd->bhs", x[0], kt.mean(1)) / 8 for kt in (x[1], x[3])])
+    assert (smoothed.double() - want).abs().max().item() > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract
+
+def test_inputs_untouched_noncontiguous_bf16_and_large_v():
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(1, 70, 3, 2, 64, generator=g).to(torch.bfloat16)
+    q, k, v = qkv.unbind(2)                                                  # packed views: strides of 3 * H * D
+    v = v * 1000
+    before = [t.clone() for t in (q, k, v)]
+    out = T.attention_int8(q, k, v, pv="fp16")
+    assert out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), before))
+    want = ref64(q, k, v)[0]
+    assert stats_per_head(out, want)[0] < 0.05
+
+
+def test_fp16_v_beyond_fp16_range_is_scaled():
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 40, 1, 64, generator=g), torch.randn(1, 50, 1, 64, generator=g)
+    v = torch.randn(1, 50, 1, 64, generator=g) * 1e6
+    out = T.attention_int8(q, k, v, pv="fp16")
+    assert torch.isfinite(out).all() and stats_per_head(out, ref64(q, k, v)[0])[0] < 0.05
+
+
+def test_empty_and_bad_pv():
+    q = torch.zeros(1, 0, 2, 64)
+    k = torch.randn(1, 5, 2, 64)
+    assert T.attention_int8(q, k, k).shape == (1, 0, 2, 64)
+    with pytest.raises(ValueError, match="pv must be 'fp8' or 'fp16', got 'int4'"):
+        T.attention_int8(k, k, k, pv="int4")
+    with pytest.raises(ValueError, match="pv must be"):
+        R.attention_int8(k, k, k, pv="e5m2")
+
+
+def test_default_pv_by_arch():
+    assert [T.default_pv(c) for c in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), None)] == \
+        ["fp16", "fp16", "fp8", "fp8", "fp8", "fp8", "fp8"]
+    assert math.isclose(T.LOG2_448, math.log2(448))

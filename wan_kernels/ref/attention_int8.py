@@ -1,0 +1,155 @@
+"""Reference of 8-bit attention (SageAttention2-class, arXiv 2411.10958): the exact emulation, stage by stage, of
+what `wan_kernels/triton/attention_int8.py` computes, in fp32 on CPU, [B, S, H, D] layout like `ref.attention`.
+
+Stages (each a function the tests compare with the kernel's):
+1. `smooth_k`: k - mean_n(k) per (batch, head), per key set (softmax is invariant to it; the LSE gets q.mean back).
+2. `quantize_int8`: q and the smoothed k to INT8, symmetric amax/127, round half away from zero, one fp32 scale
+   per `group` consecutive tokens of one (batch, head) (Q: `q_group` rows, K: `k_group` keys). The softmax
+   scale and log2(e) are folded into Q's scale.
+3. `quantize_v_fp8` / `quantize_v_fp16`: V per channel over all tokens of one (batch, head): e4m3 of v - mean_n(v)
+   with scale amax/448 (the mean is added to the output), or fp16 with a power-of-two scale that is 1 unless
+   amax > 32768.
+4. `attend`: per key tile of `block_n` keys (the kernel's BLOCK_N, which decides where P is rounded):
+       s = (q_i8 . k_i8) * q_scale * k_scale                   (int32 dot, exact in fp32: |dot| <= 127^2 D < 2^24)
+       m' = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
+       fp8:  p8 = e4m3(448 p);  l = l alpha + rowsum p8;  acc = acc alpha + (p8 v8)   (fresh per tile: two-level)
+       fp16: p16 = fp16(p);     l = l alpha + rowsum p16; acc = acc alpha + (p16 v16)
+   out = acc / l * v_scale + v_mean;  lse = (m + log2(l / 448 or 1)) ln 2 + s_qk q.mean(k) (natural log, unsmoothed).
+   The row max of a tile's p maps to 448 only in the tile holding the running max; others are rescaled by
+   alpha in the fp32 accumulator, so the e4m3 range is never exceeded. l sums the ROUNDED weights, so the
+   output is a convex combination of the (quantized) v rows: a constant v comes back exactly.
+5. Image set (Wan I2V): a second, independent softmax (own smoothing, own K and V scales), summed in fp32,
+   rounded once to q's dtype.
+
+e4m3 rounding is torch's `.to(torch.float8_e4m3fn)` after clamping to +-448: round to nearest even with
+saturation, as the GPU's cvt.rn.satfinite.e4m3x2.f32. `exp2` is a parameter: the GPU uses ex2.approx, the Triton
+interpreter numpy's exp2; the tests pass the interpreter's to check every other stage to fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+E4M3_MAX = 448.0
+FP16_V_MAX = 32768.0  # V above this (per channel) is scaled down by a power of two for the fp16 P.V path
+Q_GROUP, K_GROUP, BLOCK_N = 1, 1, 64  # per-token Q and K scales: see the kernel's header
+
+
+def to_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> float8_e4m3fn, RNE with saturation to +-448 (cvt.rn.satfinite)."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, exactly (trunc(x + 0.5 sign x) rounds 0.49999997 up in fp32)."""
+    t = torch.trunc(x)
+    return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+
+
+def smooth_k(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k [B, S, H, D] -> (k - mean [B, S, H, D] fp32, mean [B, H, D] fp32); mean over the S tokens."""
+    mean = k.float().mean(dim=1)
+    return k.float() - mean[:, None], mean
+
+
+def quantize_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, S, H, D] -> (int8 [B, S, H, D], scale [B, H, ceil(S / group)] fp32): x ~ x_i8 * scale, one scale per
+    `group` consecutive tokens of a (batch, head), scale = amax / 127 (0 for an all-zero group)."""
+    B, S, H, D = x.shape
+    G = -(-S // group)
+    xt = x.float().transpose(1, 2)                                                       # [B, H, S, D]
+    padded = torch.nn.functional.pad(xt, (0, 0, 0, G * group - S))
+    scale = padded.reshape(B, H, G, group * D).abs().amax(-1) / 127.0                    # [B, H, G]
+    div = torch.where(scale > 0, scale, torch.ones_like(scale)).repeat_interleave(group, -1)[..., :S]
+    xi = round_half_away(xt / div[..., None]).clamp(-127, 127).to(torch.int8)
+    return xi.transpose(1, 2).contiguous(), scale
+
+
+def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v [B, S, H, Dv] -> (e4m3 [B, S, H, Dv], scale [B, H, Dv], mean [B, H, Dv] fp32): v smoothed by its mean over
+    tokens (Sage2's smooth_v: the softmax weights sum to 1, so the mean is added back exactly), then per channel,
+    scale = amax / 448."""
+    mean = v.float().mean(dim=1)
+    vs = v.float() - mean[:, None]
+    scale = vs.abs().amax(dim=1) / E4M3_MAX
+    div = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return to_e4m3(vs / div[:, None]).contiguous(), scale, mean
+
+
+def quantize_v_fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v [B, S, H, Dv] -> (fp16 [B, S, H, Dv], scale [B, H, Dv], mean [B, H, Dv] = 0): per channel, a power of
+    two, 1 unless amax > 32768 (so that |v16| <= 32768 and P.V, accumulated in fp32, cannot overflow; fp16 v is
+    exact: no smoothing)."""
+    amax = v.float().abs().amax(dim=1)
+    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0))))
+    return (v.float() / scale[:, None]).to(torch.float16).contiguous(), scale, torch.zeros_like(scale)
+
+
+def attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv: str, q_group: int, k_group: int, block_n: int,
+           exp2: Callable = torch.exp2):
+    """One key set's softmax(s) v from quantized operands (stage 4). q_i8 [B, Sq, H, D], q_scale [B, H, Gq]
+    (softmax scale and log2 e folded in), k_i8 [B, Sk, H, D], k_scale [B, H, Gk], vq [B, Sk, H, Dv] e4m3/fp16,
+    v_scale, v_mean [B, H, Dv]. Returns (out [B, H, Sq, Dv] fp32, m [B, H, Sq] (log2 domain), l [B, H, Sq])."""
+    B, Sq, H, _ = q_i8.shape
+    Sk, Dv = k_i8.shape[1], vq.shape[-1]
+    qf = q_i8.float().transpose(1, 2)                                                    # [B, H, Sq, D]
+    kf, vf = k_i8.float().transpose(1, 2), vq.float().transpose(1, 2)                    # [B, H, Sk, D]
+    qs = q_scale.repeat_interleave(q_group, -1)[..., :Sq, None]                          # [B, H, Sq, 1]
+    ks = k_scale.repeat_interleave(k_group, -1)[..., :Sk]                                # [B, H, Sk]
+    m = torch.full((B, H, Sq), float("-inf"))
+    l = torch.zeros(B, H, Sq)
+    acc = torch.zeros(B, H, Sq, Dv)
+    for n0 in range(0, Sk, block_n):
+        n1 = min(n0 + block_n, Sk)
+        s = torch.matmul(qf, kf[:, :, n0:n1].transpose(-1, -2)) * qs * ks[:, :, None, n0:n1]
+        m_new = torch.maximum(m, s.amax(-1))
+        p = exp2(s - m_new[..., None])
+        alpha = exp2(m - m_new)
+        p = to_e4m3(p * E4M3_MAX).float() if pv == "fp8" else p.to(torch.float16).float()
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.matmul(p, vf[:, :, n0:n1])
+        m = m_new
+    return acc / l[..., None] * v_scale[:, :, None, :] + v_mean[:, :, None, :], m, l
+
+
+def _check(pv: str) -> None:
+    if pv not in ("fp8", "fp16"):
+        raise ValueError(f"attention_int8: pv must be 'fp8' or 'fp16', got {pv!r}")
+
+
+def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                       v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "fp8",
+                       q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
+                       exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Sq, H, Dv] in q's dtype, lse [S, B, H, Sq] fp32), S = 1 or 2 (with the image set): 8-bit
+    softmax(q k^T s) v [+ softmax(q k_img^T s) v_img], s = scale or 1/sqrt(D), and each set's natural-log
+    log-sum-exp of its (unsmoothed) scores. The inputs are never written."""
+    _check(pv)
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q_i8, q_scale = quantize_int8(q, q_group)
+    q_scale = q_scale * (s * LOG2E)
+    out, lses = 0, []
+    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
+        ks, mean = smooth_k(kt)
+        k_i8, k_scale = quantize_int8(ks, k_group)
+        vq, v_scale, v_mean = quantize_v_fp8(vt) if pv == "fp8" else quantize_v_fp16(vt)
+        o, m, l = attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv, q_group, k_group, block_n, exp2)
+        out = out + o
+        shift = torch.einsum("bshd,bhd->bhs", q.float(), mean) * s                           # q . mean(k) * s
+        lses.append((m + torch.log2(l) - (math.log2(E4M3_MAX) if pv == "fp8" else 0.0)) * LN2 + shift)
+    return out.transpose(1, 2).to(q.dtype).contiguous(), torch.stack(lses)
+
+
+def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                   v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "fp8",
+                   q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
+                   exp2: Callable = torch.exp2) -> torch.Tensor:
+    """8-bit attention: q [B, Sq, H, D], k/v [B, Sk, H, D/Dv], optional k_img/v_img [B, Si, H, D/Dv] ->
+    [B, Sq, H, Dv] in q's dtype. pv: "fp8" (P and V in e4m3) or "fp16". q_group / k_group: tokens per Q / K
+    scale; block_n: keys per online-softmax step (where P is rounded: the kernel's BLOCK_N)."""
+    return attention_int8_lse(q, k, v, k_img, v_img, scale, pv, q_group, k_group, block_n, exp2)[0]

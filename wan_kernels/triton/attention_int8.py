@@ -1,0 +1,444 @@
+"""Triton kernel of 8-bit attention (SageAttention2-class: Zhang et al. 2024, "SageAttention2", arXiv 2411.10958):
+INT8 Q.K^T, FP8 (e4m3) or FP16 P.V, in [B, S, H, D] layout, with Wan's optional second (image) key/value set in
+the same launch. The exact emulation, stage by stage, is `wan_kernels/ref/attention_int8.py`.
+
+Formula, per (batch, head), per key/value set j (text k, v; in I2V mode also k_img, v_img), key tiles of BLOCK_N:
+    k~   = k - mean_n(k)                                  (smoothing: softmax-invariant, removes the shared bias)
+    q_i8 = rha(q / sq),  sq = amax/127 per Q_GROUP rows;  k_i8 = rha(k~ / sk),  sk = amax/127 per K_GROUP keys
+    s    = int32(q_i8 k_i8^T) * (sq * scale * log2 e) * sk   (exact int dot; scale and log2 e folded into sq)
+    m'   = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
+    fp8:  v8 = e4m3((v - vm) / sv), vm = mean_n(v), sv = amax/448 per channel over all tokens;  p8 = e4m3(448 p)
+          acc = acc * alpha + dot(p8, v8)   (each tile's dot starts from 0 and is added in fp32: two-level)
+    fp16: v16 = fp16(v / sv), sv = 1 unless amax > 32768 (a power of two);  acc = dot(fp16(p), v16, acc * alpha)
+    l    = l * alpha + rowsum(rounded p);  out += acc / l * sv + vm  (vm = 0 for fp16)
+    lse_j = (m + log2(l / 448 or 1)) ln 2 + s q.mean(k)
+(rha: round half away from zero, as SageAttention). The sets keep independent (m, l, acc) and their outputs are
+summed in fp32 and rounded once to q's dtype (REFERENCE §4). Smoothing makes the LSE that of the smoothed scores:
+the launcher adds s q.mean(k) (fp32, torch) back, so the LSE is that of the real scores.
+
+Granularity: one scale per Q row and per key (Q_GROUP = K_GROUP = 1), finer than SageAttention (Triton: 128 Q rows,
+64 keys; CUDA "per thread": 4-row Q groups, 16-key K groups), whose scale must be uniform over an MMA fragment.
+Here the scale vectors are loaded per row / per key and indexed row // group anyway (any BLOCK_M / BLOCK_N works,
+and results do not change with the arch's config except where P is rounded: BLOCK_N), so per-token scales cost
+no instruction in the loop: the same BLOCK_N-vector load per tile (4 bytes per key next to D bytes of int8 k)
+and a [B, H, S] fp32 tensor (4/D of the int8 tensor's bytes). Measured on the reference (bit-equal to the
+kernel), fp16 P.V, mean worst-head NRMSE over 6 seeds of tests/_int8_inputs.py: Wan-like hd128 self 0.0300
+(128/64, Sage) -> 0.0210 (Q per row) -> 0.0160 (Q and K per token); comfy channel recipe 0.0204 -> 0.0192 ->
+0.0123. An earlier single-seed reading (Q groups of 32 worse than 128: 0.0255 vs 0.0219, seed 0) was noise: the
+statistic is the worse of 2 heads on a heavy-tailed input whose error is dominated by K's rounding; over 8 seeds
+32 beats 128 (0.0262 vs 0.0291, in 6 of 8) and Q's own rounding error falls monotonically (2.5% -> 2.1% -> 1.1%
+relative for 128 / 32 / 1 rows). No index bug: the kernel equals the reference at groups 32 / 16 (test).
+V per channel over all tokens (Sage2): the scale multiplies the output columns once. fp8 V is smoothed (Sage2's
+smooth_v): e4m3 keeps 3 mantissa bits relative to the channel's amax, so a channel with a large offset and a small
+spread lost most of it; since the weights sum to 1 the mean comes back exactly in the epilogue (Wan-like inputs:
+worst-head NRMSE 0.064 -> 0.021 on one seed).
+
+Precision trade-offs:
+* FP8 P.V (3 mantissa bits) costs ~3-5% NRMSE on zero-mean random V (REFERENCE §10), less on real activations;
+  pv="fp16" is the accurate variant (sm_80/86 have no fp8 MMA: `default_pv`).
+* Two-level accumulation: the fp8 MMA on sm_89/90 keeps ~22 significant bits in its accumulator; each key tile's
+  dot starts fresh (BLOCK_N <= 128 keys, what Sage2 promotes at) and is added to the fp32 total by the CUDA cores.
+  Triton's default `max_num_imprecise_acc` on sm_90 (no promotion inside one dot) is therefore what we want:
+  the dot's K dimension IS the key tile, so passing max_num_imprecise_acc = BLOCK_N would change nothing.
+* l sums the rounded weights (p8 / p16), so out is a convex combination of the quantized v rows.
+* K/V/Q quantization runs as torch ops in the launcher (one pass each; a fused Triton quantizer is future work).
+  Inputs are never written (the smoothed k is a new tensor; SageAttention's `sageattn` writes it into the caller's).
+* The fp32 -> e4m3 cast: compiled, `.to(tl.float8e4nv)` is cvt.rn.satfinite (after clamping to +-448). The Triton
+  interpreter's cast is wrong where rounding carries into the next power of two (REFERENCE §10), so the
+  interpreted twin encodes e4m3 in software (`_e4m3_encode`, bit-exact with torch's cast: tested on a dense sweep);
+  the launcher picks it with the constexpr SOFT_E4M3.
+
+Masking and offsets: query rows >= Sq load zeros and are not stored; keys >= S_j load zeros and get score -inf
+(the select runs only in a set's last, partial tile). Base offsets and scale indices are int64. head_dim and Dv
+are padded to powers of two >= 32 (int8 dot K-width) with masked loads.
+
+Tiles (`CONFIGS`, per arch class x head_dim x kind, as the bf16 kernel), checked ahead of time for sm_80/86/89/
+90/100/120 x pv x LSE (tests/test_attention_int8_aot.py, Triton 3.8): int8 Q.K^T gets mma.sync m16n8k32 s8 on
+sm_80/86/89/120, wgmma s8 on sm_90 and tcgen05 kind::i8 on sm_100; P.V e4m3 mma.sync / wgmma / kind::f8f6f4 or
+f16. BLOCK_M 128 with 8 warps, except hd128 I2V: the first set's output stays live (fp32, 64 registers per thread
+at 128 x 128) beside the second set's accumulator, and 128x32 spilled on sm_90 (fp8), sm_100 and sm_120 (56-192
+bytes); 64x64 with 8 warps does not (REG 206-236). sm_80/86 have no fp8 MMA (Triton refuses the e4m3 type
+there): `default_pv` picks fp16 and an explicit pv="fp8" is refused in `prepare`.
+
+The kernel runs on CUDA tensors, or on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from wan_kernels.triton._launch import Launch, mma_class, run, target
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+LOG2_448 = math.log2(448.0)
+E4M3_MAX = 448.0
+FP16_V_MAX = 32768.0
+Q_GROUP, K_GROUP = 1, 1  # per-token scales (header: Granularity)
+CROSS_MAX_KV = 1024
+_LN2 = tl.constexpr(LN2)          # the kernel reads module globals only as constexprs (a float global fails to compile)
+_LOG2_448 = tl.constexpr(LOG2_448)
+_ADD = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+_jit = JITFunction
+
+
+@_jit
+def _e4m3_encode(x):
+    """fp32 -> uint8 e4m3 code: RNE with saturation to +-448 (cvt.rn.satfinite), NaN -> 0x7F | sign."""
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = ((bits >> 24) & 0x80).to(tl.int32)
+    a = tl.abs(x)
+    e = ((bits >> 23) & 0xFF).to(tl.int32) - 127
+    # subnormal range (|x| < 2^-6): multiples of 2^-9; |x| * 512 is exact, round half to even by hand
+    v = a * 512.0
+    f = tl.floor(v)
+    r = v - f
+    fi = f.to(tl.int32)
+    sub = fi + ((r > 0.5) | ((r == 0.5) & ((fi & 1) == 1))).to(tl.int32)
+    # normal range: keep 3 mantissa bits, RNE on the 20 dropped bits (a carry bumps the exponent)
+    mant = bits & 0x7FFFFF
+    m = (mant >> 20).to(tl.int32)
+    rem = mant & 0xFFFFF
+    m = m + ((rem > 0x80000) | ((rem == 0x80000) & ((m & 1) == 1))).to(tl.int32)
+    norm = tl.minimum(((tl.maximum(e, -6) + 7) << 3) + m, 0x7E)
+    code = tl.where(e < -6, sub, norm)
+    code = tl.where(a >= 448.0, 0x7E, code)
+    code = tl.where(a == a, code, 0x7F)
+    return (code | sign).to(tl.uint8)
+
+
+@_jit
+def _to_e4m3(x, SOFT_E4M3: tl.constexpr):
+    """fp32 -> tl.float8e4nv, RNE, saturating at +-448."""
+    if SOFT_E4M3:
+        return _e4m3_encode(x).to(tl.float8e4nv, bitcast=True)
+    return tl.minimum(tl.maximum(x, -448.0), 448.0).to(tl.float8e4nv)
+
+
+@_jit
+def _attention_int8_kernel(
+    q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, ki_ptr, kis_ptr, vi_ptr, vis_ptr, vim_ptr, o_ptr, lse_ptr,
+    Sq, Sk, Si, H, Gq, Gk, Gi,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_kib, stride_kis, stride_kih,
+    stride_vib, stride_vis, stride_vih,
+    stride_ob, stride_os, stride_oh,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
+    HAS_IMG: tl.constexpr, WRITE_LSE: tl.constexpr, PV_FP8: tl.constexpr, SOFT_E4M3: tl.constexpr,
+):
+    NUM_SETS: tl.constexpr = 2 if HAS_IMG else 1
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Sq - start_m
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    q_base = q_ptr + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0)                    # [BLOCK_M, BLOCK_D] int8
+    qs = tl.load(qs_ptr + bh * Gq + (start_m + offs_m) // Q_GROUP, mask=row_ok, other=0.0)
+
+    for j in tl.static_range(NUM_SETS):
+        if j == 0:
+            kv_len = Sk
+            n_groups = Gk
+            k_base = k_ptr + b * stride_kb + h * stride_kh
+            v_base = v_ptr + b * stride_vb + h * stride_vh
+            ks_base = ks_ptr + bh * Gk
+            vs_base = vs_ptr + bh * DV
+            vm_base = vm_ptr + bh * DV
+            s_k = stride_ks
+            s_v = stride_vs
+        else:
+            kv_len = Si
+            n_groups = Gi
+            k_base = ki_ptr + b * stride_kib + h * stride_kih
+            v_base = vi_ptr + b * stride_vib + h * stride_vih
+            ks_base = kis_ptr + bh * Gi
+            vs_base = vis_ptr + bh * DV
+            vm_base = vim_ptr + bh * DV
+            s_k = stride_kis
+            s_v = stride_vis
+        k_offs = offs_n[None, :] * s_k + offs_d[:, None]                          # [BLOCK_D, BLOCK_N]: k^T tile
+        v_offs = offs_n[:, None] * s_v + offs_dv[None, :]                         # [BLOCK_N, BLOCK_DV]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
+        for start_n in range(0, kv_len, BLOCK_N):
+            n_ok = offs_n < kv_len - start_n
+            kt = tl.load(k_base + k_offs, mask=d_ok[:, None] & n_ok[None, :], other=0)
+            ks = tl.load(ks_base + (start_n + offs_n) // K_GROUP, mask=n_ok, other=0.0)
+            s = tl.dot(q, kt).to(tl.float32) * qs[:, None] * ks[None, :]        # int32 -> fp32, log2 domain
+            if start_n + BLOCK_N > kv_len:                                        # last, partial tile only
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            vt = tl.load(v_base + v_offs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+            if PV_FP8:
+                p8 = _to_e4m3(p * 448.0, SOFT_E4M3)
+                l_i = l_i * alpha + tl.reduce(p8.to(tl.float32), 1, _ADD)
+                acc = acc * alpha[:, None] + tl.dot(p8, vt)                       # fresh fp8 dot: two-level
+            else:
+                p16 = p.to(tl.float16)
+                l_i = l_i * alpha + tl.reduce(p16.to(tl.float32), 1, _ADD)
+                acc = tl.dot(p16, vt, acc * alpha[:, None])
+            m_i = m_new
+            k_base += BLOCK_N * s_k
+            v_base += BLOCK_N * s_v
+        vs = tl.load(vs_base + offs_dv, mask=dv_ok, other=0.0)
+        vm = tl.load(vm_base + offs_dv, mask=dv_ok, other=0.0)
+        if j == 0:
+            out = acc / l_i[:, None] * vs[None, :] + vm[None, :]
+        else:
+            out += acc / l_i[:, None] * vs[None, :] + vm[None, :]
+        if WRITE_LSE:
+            lse = m_i + tl.math.log2(l_i)
+            if PV_FP8:
+                lse = lse - _LOG2_448
+            lse_base = lse_ptr + ((j * tl.num_programs(1) + bh) * Sq + start_m)
+            tl.store(lse_base + offs_m, lse * _LN2, mask=row_ok)
+
+    o_base = o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
+    tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
+
+
+attention_int8_kernel = _attention_int8_kernel
+
+
+def _interpreted(kernel: JITFunction) -> InterpretedFunction:
+    """The kernel for the Triton interpreter: it cannot call JITFunction helpers, so the kernel and this module's
+    helpers are re-created as plain functions over one namespace (as wan_kernels/triton/nvfp4.py)."""
+    ns = dict(globals())
+
+    def plain(f):
+        g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+        g.__annotations__ = dict(f.__annotations__)
+        return g
+
+    for name, value in globals().items():
+        if isinstance(value, JITFunction) and value.fn.__module__ == __name__:
+            ns[name] = plain(value.fn)
+    return InterpretedFunction(plain(kernel.fn))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization (torch ops; the same stages as wan_kernels/ref/attention_int8.py)
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    t = torch.trunc(x)
+    return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+
+
+def quantize_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, S, H, D] (fp32) -> (int8 [B, S, H, D], scale [B, H, ceil(S / group)] fp32), amax/127 per group
+    of tokens, round half away from zero."""
+    B, S, H, D = x.shape
+    G = -(-S // group)
+    xt = x.float().transpose(1, 2)
+    padded = torch.nn.functional.pad(xt, (0, 0, 0, G * group - S))
+    scale = padded.reshape(B, H, G, group * D).abs().amax(-1) / 127.0
+    div = torch.where(scale > 0, scale, torch.ones_like(scale)).repeat_interleave(group, -1)[..., :S]
+    xi = _round_half_away(xt / div[..., None]).clamp(-127, 127).to(torch.int8)
+    return xi.transpose(1, 2).contiguous(), scale
+
+
+def quantize_k(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 k - mean, its scales [B, H, Gk], mean [B, H, D] fp32): smoothing, then per K_GROUP keys."""
+    mean = k.float().mean(dim=1)
+    k_i8, scale = quantize_int8(k.float() - mean[:, None], K_GROUP)
+    return k_i8, scale, mean
+
+
+def quantize_v(v: torch.Tensor, pv: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 or fp16 [B, S, H, Dv], per-channel scale and mean [B, H, Dv] fp32). fp8: v - mean over tokens
+    (Sage2's smooth_v), amax/448; fp16: no smoothing (mean 0), a power of two >= 1."""
+    if pv == "fp8":
+        mean = v.float().mean(dim=1)
+        vs = v.float() - mean[:, None]
+        scale = vs.abs().amax(dim=1) / E4M3_MAX
+        div = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return (vs / div[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous(), scale, mean
+    amax = v.float().abs().amax(dim=1)
+    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0))))
+    return (v.float() / scale[:, None]).to(torch.float16).contiguous(), scale, torch.zeros_like(scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """The kernel's operands: q [B, Sq, H, D] int8 + q_scale [B, H, Gq] (softmax scale * log2 e folded in), and per
+    key set (text, image) k int8 + k_scale [B, H, Gk] + k_mean [B, H, D], v e4m3/fp16 + v_scale + v_mean [B, H, Dv]."""
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    sets: tuple[tuple[torch.Tensor, ...], ...]
+
+
+def quantize(q, k, v, k_img, v_img, scale: float, pv: str) -> Quantized:
+    """Quantize every operand of one call (new tensors; the inputs are never written)."""
+    q_i8, q_scale = quantize_int8(q, Q_GROUP)
+    sets = []
+    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
+        sets.append((*quantize_k(kt), *quantize_v(vt, pv)))
+    return Quantized(q_i8, q_scale * (scale * LOG2E), tuple(sets))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """BLOCK_M queries x BLOCK_N keys per step, warps, pipeline stages."""
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.BLOCK_M}x{self.BLOCK_N}w{self.num_warps}s{self.num_stages}"
+
+
+ARCH_CLASSES = (80, 90, 100)
+KINDS = ("self", "cross", "i2v")
+_C = Config
+# (arch class, BLOCK_D, kind) -> Config, AOT-checked for sm_80/86/89/90/100/120 x pv x LSE
+# (tests/test_attention_int8_aot.py: no spills, int8 + e4m3/f16 MMA, shared memory within the arch's limit).
+CONFIGS: dict[tuple[int, int, str], Config] = {
+    (80, 64, "self"): _C(128, 64, 8, 3), (80, 64, "cross"): _C(128, 64, 8, 3), (80, 64, "i2v"): _C(128, 64, 8, 3),
+    (80, 128, "self"): _C(128, 64, 8, 3), (80, 128, "cross"): _C(128, 64, 8, 3), (80, 128, "i2v"): _C(64, 64, 8, 3),
+    (90, 64, "self"): _C(128, 128, 8, 3), (90, 64, "cross"): _C(128, 64, 8, 3), (90, 64, "i2v"): _C(128, 64, 8, 3),
+    (90, 128, "self"): _C(128, 64, 8, 3), (90, 128, "cross"): _C(128, 64, 8, 3), (90, 128, "i2v"): _C(64, 64, 8, 3),
+    (100, 64, "self"): _C(128, 128, 8, 3), (100, 64, "cross"): _C(128, 64, 8, 3), (100, 64, "i2v"): _C(128, 64, 8, 3),
+    (100, 128, "self"): _C(128, 64, 8, 3), (100, 128, "cross"): _C(128, 64, 8, 3),
+    (100, 128, "i2v"): _C(64, 64, 8, 3),
+}
+INTERPRETER_CONFIG = Config(64, 64, 4, 1)
+
+
+def arch_class(capability: tuple[int, int]) -> int:
+    return {"tcgen05": 100, "wgmma": 90, "mma.sync": 80}[mma_class(capability)]
+
+
+def default_pv(capability: tuple[int, int] | None) -> str:
+    """"fp8" where the GPU has fp8 MMA (sm_89 and later) and under the interpreter, else "fp16" (sm_80/86)."""
+    return "fp8" if capability is None or tuple(capability) >= (8, 9) else "fp16"
+
+
+def block_dim(d: int) -> int:
+    """Padded (power of two, >= 32: the int8 / fp8 dot's K width) head dimension."""
+    return max(32, triton.next_power_of_2(d))
+
+
+def pick_config(capability, head_dim: int, kv_len: int, has_img: bool) -> Config:
+    if capability is None:
+        return INTERPRETER_CONFIG
+    kind = "i2v" if has_img else ("cross" if kv_len <= CROSS_MAX_KV else "self")
+    bd = block_dim(head_dim)
+    cfg = CONFIGS[(arch_class(capability), min(max(bd, 64), 128), kind)]
+    if bd > 128:
+        cfg = dataclasses.replace(cfg, BLOCK_N=max(32, cfg.BLOCK_N * 128 // bd), num_stages=2)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, config: Config | None, capability):
+    """(Launch or None when empty, out, lse [S, B, H, Sq] (smoothed: see `attention_int8_lse`), Quantized)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention_int8 (triton): q must be float16/bfloat16/float32, got {q.dtype}")
+    pv = default_pv(capability) if pv is None else pv
+    if pv not in ("fp8", "fp16"):
+        raise ValueError(f"attention_int8 (triton): pv must be 'fp8' or 'fp16', got {pv!r}")
+    if pv == "fp8" and default_pv(capability) != "fp8":
+        raise ValueError(f"attention_int8 (triton): pv='fp8' needs fp8 tensor cores (sm_89 or later), got "
+                         f"sm_{capability[0]}{capability[1]}; use pv='fp16'")
+    has_img = k_img is not None
+    B, Sq, H, D = q.shape
+    Sk, DV = k.shape[1], v.shape[3]
+    Si = k_img.shape[1] if has_img else 0
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qz = quantize(q, k, v, k_img, v_img, s, pv)
+    k8, ks, _, v8, vs, vm = qz.sets[0]
+    ki8, kis, _, vi8, vis, vim = qz.sets[-1]  # the text set again without images: never read (HAS_IMG=False)
+    out = torch.empty((B, Sq, H, DV), dtype=q.dtype, device=q.device)
+    lse = torch.empty((len(qz.sets), B, H, Sq) if write_lse else (1,), dtype=torch.float32, device=q.device)
+    if B * Sq * H == 0:
+        return None, out, lse, qz
+    if config is None:
+        config = pick_config(capability, D, max(Sk, Si), has_img)
+    grid = (triton.cdiv(Sq, config.BLOCK_M), B * H)
+    args = (qz.q, qz.q_scale, k8, ks, v8, vs, vm, ki8, kis, vi8, vis, vim, out, lse,
+            Sq, Sk, Si, H, qz.q_scale.shape[-1], ks.shape[-1], kis.shape[-1],
+            qz.q.stride(0), qz.q.stride(1), qz.q.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+            v8.stride(0), v8.stride(1), v8.stride(2), ki8.stride(0), ki8.stride(1), ki8.stride(2),
+            vi8.stride(0), vi8.stride(1), vi8.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    kwargs = dict(D=D, DV=DV, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(DV), BLOCK_M=config.BLOCK_M,
+                  BLOCK_N=config.BLOCK_N, Q_GROUP=Q_GROUP, K_GROUP=K_GROUP, HAS_IMG=has_img, WRITE_LSE=write_lse,
+                  PV_FP8=pv == "fp8", SOFT_E4M3=capability is None,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(attention_int8_kernel, grid, args, kwargs, q.device, _interpreted), out, lse, qz
+
+
+def _run(q, k, v, k_img, v_img, scale, pv, write_lse: bool, config: Config | None):
+    launch, out, lse, qz = prepare(q, k, v, k_img, v_img, scale, pv, write_lse, config, target(q, "attention_int8"))
+    if launch is not None:
+        run(launch)
+    if write_lse:
+        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        shift = torch.stack([torch.einsum("bshd,bhd->bhs", q.float(), st[2]) * s for st in qz.sets])
+        lse = lse + shift
+    return out, lse
+
+
+def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                   v_img: torch.Tensor | None = None, scale: float | None = None, pv: str | None = None, *,
+                   config: Config | None = None) -> torch.Tensor:
+    """8-bit softmax(q k^T s) v [+ softmax(q k_img^T s) v_img]: q [B, Sq, H, D], k/v [B, Sk, H, D/Dv], optional
+    k_img/v_img [B, Si, H, D/Dv], fp16/bf16/fp32, last dimension contiguous -> [B, Sq, H, Dv] in q's dtype.
+    pv: "fp8" | "fp16" | None (`default_pv` of the device). `config` overrides the heuristic (tests)."""
+    return _run(q, k, v, k_img, v_img, scale, pv, False, config)[0]
+
+
+def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                       v_img: torch.Tensor | None = None, scale: float | None = None, pv: str | None = None, *,
+                       config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_int8` and each set's natural-log log-sum-exp of the (unsmoothed) scores: lse [S, B, H, Sq] fp32,
+    S = 1 or 2 (with the image set); the smoothed LSE plus s q.mean(k) (softmax invariance)."""
+    return _run(q, k, v, k_img, v_img, scale, pv, True, config)
+
+
+@_jit
+def _e4m3_encode_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(out_ptr + offs, _e4m3_encode(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+
+
+def e4m3_encode(x: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:
+    """The software e4m3 encoder of the interpreted kernel on a flat fp32 tensor -> float8_e4m3fn (tests)."""
+    x = x.float().contiguous().reshape(-1)
+    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    if x.numel():
+        run(Launch(_e4m3_encode_kernel, (triton.cdiv(x.numel(), block),), (x, out, x.numel()), dict(BLOCK=block),
+                   x.device, _interpreted))
+    return out.view(torch.float8_e4m3fn)
