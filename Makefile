@@ -43,11 +43,11 @@ test-cpp: $(DEPS)
 
 # GPU readiness without a GPU: every Triton config compiled for sm_80/90/100, no spills, tensor cores used.
 readiness: build
-	$(VPY) -m wan_kernels.readiness
+	$(VPY) -m tools.readiness
 
 test-py: build
 	$(VPY) -m wan_kernels
-	$(VPY) -m wan_kernels.readiness
+	$(VPY) -m tools.readiness
 	$(VPY) -m pytest -q
 
 test: test-cpp test-py compat
@@ -74,7 +74,7 @@ compat:
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_attention_ws.py -k aot
-	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels.readiness
+	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m tools.readiness
 
 clean:
 	rm -rf build wan_kernels/_C*.so *.egg-info $(COMPAT_VENV)

@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import env_header, quantiles  # noqa: E402
 from wan_model.cli import diffusers_euler, random_model  # noqa: E402
-from wan_model.config import WanConfig  # noqa: E402
-from wan_model.integrations.diffusers import to_diffusers_model  # noqa: E402
-from wan_model.sampling import sample  # noqa: E402
+from wan_model.core.config import WanConfig  # noqa: E402
+from wan_model.compat.diffusers import to_diffusers_model  # noqa: E402
+from wan_model.core.sampling import sample  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

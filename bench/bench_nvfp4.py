@@ -144,10 +144,10 @@ def write_synthetic_checkpoint(directory: str, preset: str = "wan2.1-t2v-1.3b", 
     and shards of `shard_bytes`), written tensor by tensor. Returns the bytes of the weights."""
     import json
 
-    from wan_model.checkpoint import INDEX_NAME, native_to_diffusers
-    from wan_model.config import WanConfig
+    from wan_model.io.checkpoint import INDEX_NAME, native_to_diffusers
+    from wan_model.core.config import WanConfig
     from wan_model.model import WanModel
-    from wan_model.formats import SafetensorsStreamWriter
+    from wan_model.io.formats import SafetensorsStreamWriter
 
     cfg = WanConfig.from_preset(preset)
     meta = native_to_diffusers(dict(WanModel(cfg, impl="ref", device="meta").state_dict()), cfg)
@@ -185,10 +185,10 @@ def _dir_bytes(path: str) -> int:
 
 def analytic_size_ratio(preset: str, keep) -> float:
     """NVFP4 bytes / bf16 bytes of the weights for a keep list (0.5625 bytes per quantized weight)."""
-    from wan_model.checkpoint import native_to_diffusers
-    from wan_model.config import WanConfig
+    from wan_model.io.checkpoint import native_to_diffusers
+    from wan_model.core.config import WanConfig
     from wan_model.model import WanModel
-    from wan_model.quantize import NVFP4Config, quantized_groups
+    from wan_model.compat.quantize import NVFP4Config, quantized_groups
 
     cfg = WanConfig.from_preset(preset)
     meta = native_to_diffusers(dict(WanModel(cfg, impl="ref", device="meta").state_dict()), cfg)
@@ -208,8 +208,8 @@ def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",), metho
     """Stream-convert one synthetic bf16 checkpoint with each of `methods` in each of `formats`; peak RSS per
     conversion (each conversion is its own subprocess: RUSAGE_CHILDREN is the max over waited children, so the
     conversions run in rising order of that max, and a later one that stays below it is reported as "<= max")."""
-    from wan_model.formats import REGISTRY
-    from wan_model.quantize import DEFAULT_KEEP
+    from wan_model.io.formats import REGISTRY
+    from wan_model.compat.quantize import DEFAULT_KEEP
 
     lines = []
     with tempfile.TemporaryDirectory(prefix="wan-nvfp4-bench-") as tmp:
@@ -219,7 +219,7 @@ def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",), metho
         dense = write_synthetic_checkpoint(src, preset)
         lines.append(f"synthetic {preset} checkpoint: {dense / 1e9:.2f} GB bf16 weights "
                      f"({_dir_bytes(src) / 1e9:.2f} GB on disk) written in {time.perf_counter() - t0:.1f} s")
-        base = [sys.executable, "-c", "import wan_model.checkpoint"]
+        base = [sys.executable, "-c", "import wan_model.io.checkpoint"]
         subprocess.run(base, check=True)
         import_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         for name, method in ((n, m) for m in methods for n in formats):
@@ -237,7 +237,7 @@ def convert_bench(preset: str = "wan2.1-t2v-1.3b", formats=("diffusers",), metho
             ratio = out / _dir_bytes(src)
             size = (f" (target <= 0.29) -> {'PASS' if ratio <= 0.29 else 'FAIL'}" if method == "nvfp4" else "")
             lines.append(f"convert --format {name} --quantize {method}: {wall:.1f} s ({dense / wall / 1e9:.2f} GB/s "
-                         f"of bf16 input), peak RSS {rss} (target < 1.5 GiB; `import wan_model.checkpoint` alone: "
+                         f"of bf16 input), peak RSS {rss} (target < 1.5 GiB; `import wan_model.io.checkpoint` alone: "
                          f"{import_rss / 2**30:.2f} GiB) -> {'PASS' if peak < 1.5 * 2**30 else 'FAIL'}; output "
                          f"{out / 1e9:.3f} GB = {ratio:.4f}x of bf16{size}")
             if directory:
@@ -255,7 +255,7 @@ def main() -> int:
     p = arg_parser(__doc__)
     p.add_argument("--skip-convert", action="store_true", help="skip the streaming-conversion benchmark")
     p.add_argument("--convert-formats", nargs="+", default=["diffusers"], metavar="FORMAT",
-                   help="formats of the streaming conversion (wan_model.formats.FORMATS; e.g. diffusers comfyui "
+                   help="formats of the streaming conversion (wan_model.io.formats.FORMATS; e.g. diffusers comfyui "
                         "modelopt original)")
     p.add_argument("--convert-quantize", nargs="+", default=["nvfp4"], choices=("nvfp4", "fp8", "fp8-per-channel"),
                    metavar="METHOD", help="quantization methods of the streaming conversion")

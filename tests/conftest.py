@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wan_model.cli import random_model
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 
 VARIANTS = ("tiny-t2v", "tiny-i2v", "tiny-flf2v", "tiny-ti2v")
 GRID = (2, 6, 10)  # latent frames, height, width: non-square, patched grid 2 x 3 x 5 = 30 tokens
@@ -57,7 +57,7 @@ def diffusers_from_pretrained(path, dtype=torch.float32):
 @pytest.fixture(scope="session")
 def fp32_models():
     """{variant: (our fp32 WanModel with random weights, diffusers model with the same weights)}."""
-    from wan_model.integrations.diffusers import to_diffusers_model
+    from wan_model.compat.diffusers import to_diffusers_model
 
     out = {}
     for i, name in enumerate(VARIANTS):

@@ -8,7 +8,7 @@ Accuracy rule (flash-attention's, issue 4): max |ours - ref64| <= 2 * max |sdpa 
 F.scaled_dot_product_attention run in the kernel's dtype (I2V: two SDPA calls summed in that dtype, which
 is what plain torch does for Wan). FLOOR: the output error of ONE fp32 rounding of every score x = s q.k and
 of the output accumulator (both are fp32 in every implementation; `fp32_rounding_floor`, shared with the GPU
-check in wan_kernels/gpu_check.py as `sdpa_per_set` is: <= 2^-24 *
+check in tools/gpu_check.py as `sdpa_per_set` is: <= 2^-24 *
 (max|x| * max|v - out| + max|v|) per row), so that SDPA being lucky on a small tensor does not fail us. It
 matters in fp32 only (~1e-7 .. 2e-6 at unit-variance inputs, vs fp16 errors of ~1e-4 .. 1e-3): there the max
 error over a few hundred outputs is decided by the rounding order of the fp32 q.k dots and p.v sums (numpy's
@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 
 import wan_kernels
 from wan_kernels import ref
-from wan_kernels.gpu_check import fp32_rounding_floor
-from wan_kernels.gpu_check import sdpa_per_set as sdpa
+from tools.gpu_check import fp32_rounding_floor
+from tools.gpu_check import sdpa_per_set as sdpa
 from wan_kernels.triton import KERNELS
 from wan_kernels.triton import attention as ta
 

@@ -1,6 +1,6 @@
 """GPU readiness of the Triton attention kernel without a GPU: every config the heuristic can pick
 (`wan_kernels.triton.attention.CONFIGS`: arch class x head_dim 64/128 x kind self/cross/i2v) compiles ahead
-of time (wan_kernels/triton/aot.py) for its arch, with
+of time (tools/aot.py) for its arch, with
 
 * the arch's tensor-core instructions in the PTX: mma.sync (sm_80), wgmma (sm_90), tcgen05 (sm_100);
 * zero spills (cuobjdump STACK/LOCAL 0 and no STL/LDL in the SASS);
@@ -15,7 +15,7 @@ Cost: ~4-7 s per compile on these 2 cores.
 import pytest
 import torch
 
-from wan_kernels.triton import aot
+from tools import aot
 from wan_kernels.triton import attention as ta
 
 MMA = {80: "mma.sync", 90: "wgmma", 100: "tcgen05"}

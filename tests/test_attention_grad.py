@@ -307,7 +307,7 @@ def test_compiled_training_step_traces_the_backward_ops():
 # GPU readiness of the backward launches (no GPU: AOT compiles)
 
 def test_readiness_lists_every_backward_pass_per_arch():
-    from wan_kernels import readiness
+    from tools import readiness
 
     jobs = readiness.jobs_for(["attention"], readiness.ARCHS)
     for arch in readiness.ARCHS:
@@ -321,8 +321,8 @@ def test_readiness_lists_every_backward_pass_per_arch():
 @pytest.mark.parametrize("arch", (90,))
 def test_backward_offsets_do_not_wrap_at_wan_sizes_and_do_not_spill(arch, tmp_path):
     """Wan-14B 720p with CFG (151,200 rows x 40 heads x 128): every backward launch, 64-bit where it must be,
-    zero spills, the arch's tensor cores (the full table: python -m wan_kernels.readiness in make test)."""
-    from wan_kernels.triton import aot
+    zero spills, the arch's tensor cores (the full table: python -m tools.readiness in make test)."""
+    from tools import aot
 
     m = lambda *s, dtype=torch.bfloat16: torch.empty(s, dtype=dtype, device="meta")  # noqa: E731
     q, stat, ki = m(2, 75600, 40, 128), m(2, 40, 75600, dtype=torch.float32), m(2, 257, 40, 128)

@@ -1,6 +1,6 @@
 """GPU readiness of the 8-bit attention kernel (wan_kernels/triton/attention_int8.py) without a GPU: every config
 its launcher picks (arch x head_dim 64/128 x kind self/cross/i2v x pv fp16/fp8 x LSE) compiles ahead of time
-(wan_kernels/triton/aot.py) from the launcher's own `prepare` on meta tensors of Wan's shapes (hd64: 12 heads x
+(tools/aot.py) from the launcher's own `prepare` on meta tensors of Wan's shapes (hd64: 12 heads x
 1,560 tokens, hd128: Wan 14B's 40 heads x 75,600; text 512, image 257 keys), for sm_80/86/89/90/100/120, with
 
 * the int8 MMA for Q.K^T in the PTX: `mma.sync ... s8` (sm_80/86/89/120), `wgmma ... s8` (sm_90),
@@ -20,7 +20,7 @@ import re
 import pytest
 import torch
 
-from wan_kernels.triton import aot
+from tools import aot
 from wan_kernels.triton import attention_int8 as T
 from wan_kernels.triton._launch import mma_class
 

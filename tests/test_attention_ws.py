@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from test_attention import assert_flash_rule, make_inputs
-from wan_kernels.triton import aot
+from tools import aot
 from wan_kernels.triton import attention as ta
 from wan_kernels.triton import attention_ws as aw
 

@@ -13,11 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import within as _within
-from wan_model import checkpoint as ckpt
-from wan_model.checkpoint import CheckpointError, load_model
+from wan_model.io import checkpoint as ckpt
+from wan_model.io.checkpoint import CheckpointError, load_model
 from wan_model.cli import random_model
-from wan_model.config import WanConfig
-from wan_model.formats import LazyCheckpoint
+from wan_model.core.config import WanConfig
+from wan_model.io.formats import LazyCheckpoint
 
 CFG = WanConfig(num_attention_heads=1, ffn_dim=128, num_layers=2, text_dim=16, freq_dim=16)
 ST_DTYPES = ["BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64", "I64", "F64",

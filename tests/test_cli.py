@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wan_model import checkpoint as ckpt
+from wan_model.io import checkpoint as ckpt
 from wan_model import cli, cost
-from wan_model.checkpoint import parse_size
+from wan_model.io.checkpoint import parse_size
 from wan_model.cli import main, random_model
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from wan_model.cli import random_model
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
-from wan_model.integrations.diffusers import WanKernelsAttnProcessor, to_diffusers_model, use_wan_kernels  # noqa: E402
+from wan_model.compat.diffusers import WanKernelsAttnProcessor, to_diffusers_model, use_wan_kernels  # noqa: E402
 
 FP32_TOL = 1e-5
 CFG = WanConfig.from_preset("tiny-t2v")
@@ -478,7 +478,7 @@ def test_wan_model_pipeline_under_diffusers_enable_parallelism(tmp_path):
 def test_diffusers_parallel_config_maps_or_is_a_clear_error(model):
     from diffusers import ContextParallelConfig, ParallelConfig, TensorParallelConfig
 
-    from wan_model.integrations.diffusers import parallel_degrees
+    from wan_model.compat.diffusers import parallel_degrees
 
     assert parallel_degrees(ContextParallelConfig(ulysses_degree=2, ring_degree=3)) == (2, 3)
     assert parallel_degrees(ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=4))) == (1, 4)

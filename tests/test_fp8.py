@@ -18,10 +18,11 @@ from wan_kernels import fp8, routing, samples
 from wan_kernels._spec import SPECS
 from wan_kernels.linear import FP8Linear
 from wan_model.cli import random_model
-from wan_model.config import WanConfig
-from wan_model.layouts import COMFY_PREFIX, CheckpointError, diffusers_to_original_key, native_to_diffusers
-from wan_model.model import WanModel, qkv_module_then_norm_rope
-from wan_model.quantize import DEFAULT_KEEP, FP8Config, FP8StackedKV, NVFP4Config, layer_groups
+from wan_model.core.config import WanConfig
+from wan_model.compat.layouts import COMFY_PREFIX, CheckpointError, diffusers_to_original_key, native_to_diffusers
+from wan_model.core.model import qkv_module_then_norm_rope
+from wan_model.model import WanModel
+from wan_model.compat.quantize import DEFAULT_KEEP, FP8Config, FP8StackedKV, NVFP4Config, layer_groups
 
 ck = pytest.importorskip("comfy_kitchen")  # a test dependency (requirements.txt); runs on CPU
 from comfy_kitchen.tensor import QuantizedTensor, TensorCoreFP8Layout  # noqa: E402
@@ -363,7 +364,7 @@ def _comfy_kitchen_file(model: WanModel, path) -> WanModel:
     for k, v in sd.items():
         out.setdefault(COMFY_PREFIX + diffusers_to_original_key(k), v.contiguous())
     save_file(out, path)
-    from wan_model.checkpoint import model_from_state_dict
+    from wan_model.io.checkpoint import model_from_state_dict
     return model_from_state_dict(ref, model.config, torch.float32, impl=model.impl)
 
 
@@ -469,7 +470,7 @@ def test_streaming_convert_equals_in_memory(dense, fmt, flag, tmp_path):
     assert set(a) == set(b) and any(v.dtype == E4M3 for v in a.values())
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(_bits(a[k]), _bits(b[k])), k
-    from wan_model.checkpoint import convert_checkpoint
+    from wan_model.io.convert import convert_checkpoint
     with pytest.raises(CheckpointError, match="is already FP8-quantized|ComfyUI fp8-scaled file is not supported"):
         convert_checkpoint(out, tmp_path / "again.safetensors", fmt, quantize="fp8", progress=False)
 
@@ -537,7 +538,7 @@ def test_checkpoint_scale_values_refused(quantized, fmt, per_channel, bad, tmp_p
 def test_streaming_convert_refuses_bad_scale_values(quantized, bad, tmp_path):
     """The streaming converter (LazyCheckpoint: `convert --quantize`) reads the same scale values as a load and
     refuses them alike, before anything is written (it used to requantize the garbage layer)."""
-    from wan_model.checkpoint import convert_nvfp4
+    from wan_model.io.convert import convert_nvfp4
 
     src = tmp_path / "src.safetensors"
     quantized[False].save_pretrained(src, format="original")

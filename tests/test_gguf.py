@@ -1,4 +1,4 @@
-"""GGUF (wan_model/gguf.py): files we write, checked by their consumers: the gguf package's own GGUFReader (types,
+"""GGUF (wan_model/io/gguf.py): files we write, checked by their consumers: the gguf package's own GGUFReader (types,
 arch, shapes, data) and diffusers' GGUF loader (`from_single_file` + GGUFQuantizationConfig); reading GGUF into
 our model; SNR per type vs dense; bit-exact round trips; streaming, atomic saving and the error paths."""
 
@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_inputs, within
-from wan_model import gguf as wgguf
-from wan_model.checkpoint import CheckpointError, convert_checkpoint
+from wan_model.io import convert as wconvert, gguf as wgguf
+from wan_model.io.checkpoint import CheckpointError
+from wan_model.io.convert import convert_checkpoint, convert_gguf
 from wan_model.cli import main as cli_main, random_model
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
 gguf = pytest.importorskip("gguf")
@@ -132,7 +133,7 @@ def _diffusers_gguf(path, config_dir):
 def test_diffusers_gguf_loader_matches_our_model(variant, gguf_type, tmp_path):
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-    from wan_model.checkpoint import model_from_state_dict, native_to_diffusers
+    from wan_model.io.checkpoint import model_from_state_dict, native_to_diffusers
 
     model = random_model(WanConfig.from_preset(variant), seed=7).eval()
     cfg = model.config
@@ -226,7 +227,7 @@ def test_chunked_quantization_equals_whole_tensor(monkeypatch):
 
 def test_streaming_reads_one_tensor_at_a_time(i2v, monkeypatch, tmp_path):
     """Each source tensor is read once, after the previous one was written (never the model at once)."""
-    from wan_model import formats
+    from wan_model.io import formats
 
     _, src, _ = i2v
     events, real_get, real_encode = [], formats.LazyCheckpoint.get, wgguf.encode
@@ -240,7 +241,7 @@ def test_streaming_reads_one_tensor_at_a_time(i2v, monkeypatch, tmp_path):
         return real_encode(t, name)
 
     monkeypatch.setattr(formats.LazyCheckpoint, "get", get)
-    monkeypatch.setattr(wgguf, "encode", encode)
+    monkeypatch.setattr(wconvert, "encode", encode)
     _convert(src, tmp_path / "m.gguf", "Q8_0")
     kinds = [e[0] for e in events]
     assert kinds == ["read", "write"] * len(load_file(src))
@@ -253,9 +254,9 @@ def test_destination_policy_and_failed_writes(i2v, monkeypatch, tmp_path):
     dst.parent.mkdir()
     dst.write_bytes(b"a user's file")
     with pytest.raises(FileExistsError, match="already exists"):
-        wgguf.convert_gguf(src, dst, "Q8_0")
+        convert_gguf(src, dst, "Q8_0")
     assert dst.read_bytes() == b"a user's file"
-    wgguf.convert_gguf(src, dst, "Q8_0", overwrite=True)
+    convert_gguf(src, dst, "Q8_0", overwrite=True)
     good = dst.read_bytes()
     assert good[:4] == b"GGUF"
 
@@ -268,13 +269,13 @@ def test_destination_policy_and_failed_writes(i2v, monkeypatch, tmp_path):
         return real(t, name)
 
     real = wgguf.encode
-    monkeypatch.setattr(wgguf, "encode", failing)
+    monkeypatch.setattr(wconvert, "encode", failing)
     with pytest.raises(OSError, match="disk full"):  # over an existing file: it stays as it was
-        wgguf.convert_gguf(src, dst, "Q4_0", overwrite=True)
+        convert_gguf(src, dst, "Q4_0", overwrite=True)
     assert dst.read_bytes() == good
     calls.clear()
     with pytest.raises(OSError, match="disk full"):  # to a new path: nothing is left, no staging directory
-        wgguf.convert_gguf(src, tmp_path / "out" / "new.gguf", "Q4_0")
+        convert_gguf(src, tmp_path / "out" / "new.gguf", "Q4_0")
     assert os.listdir(tmp_path / "out") == ["m.gguf"]
 
 
@@ -300,16 +301,16 @@ def test_cli_errors(i2v, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.safetensors").exists()
     with pytest.raises(ValueError, match="unknown GGUF tensor type 'Q4_K'"):
-        wgguf.convert_gguf(src, tmp_path / "m.gguf", "Q4_K")
+        convert_gguf(src, tmp_path / "m.gguf", "Q4_K")
     with pytest.raises(ValueError, match="one .gguf file; got destination"):
-        wgguf.convert_gguf(src, tmp_path / "m.bin", "Q8_0")
+        convert_gguf(src, tmp_path / "m.bin", "Q8_0")
     big = random_model(WanConfig.from_preset("tiny-t2v"), seed=2)
     with torch.no_grad():
         big.blocks[1].ffn.proj_in.weight[3, 5] = 7e4
     with pytest.raises(CheckpointError, match=r"blocks\.1\.ffn\.0\.weight: values beyond F16's range"):
-        wgguf.convert_gguf(_orig(tmp_path, big, "big.safetensors"), tmp_path / "big.gguf", "F16")
+        convert_gguf(_orig(tmp_path, big, "big.safetensors"), tmp_path / "big.gguf", "F16")
     assert not (tmp_path / "big.gguf").exists()
-    wgguf.convert_gguf(tmp_path / "big.safetensors", tmp_path / "big.gguf", "BF16")
+    convert_gguf(tmp_path / "big.safetensors", tmp_path / "big.gguf", "BF16")
 
 
 def test_unreadable_gguf_files(i2v, tmp_path):
@@ -455,7 +456,7 @@ def test_non_finite_values_are_refused(t2v_q8, i2v, tmp_path):
     path.write_bytes(_patched(f16.read_bytes(), t.data_offset + 6, "<H", 0x7E01))
     assert "1 non-finite values" in _refused(path, t.name)
     with pytest.raises(CheckpointError, match=re.escape(t.name)):
-        wgguf.convert_gguf(path, tmp_path / "again.gguf", "Q8_0")
+        convert_gguf(path, tmp_path / "again.gguf", "Q8_0")
     assert not (tmp_path / "again.gguf").exists()
 
 
@@ -520,7 +521,7 @@ def test_full_disk_names_the_destination_and_leaves_nothing(i2v, monkeypatch, tm
     assert err.count("\n") == 1 and f"cannot write GGUF file {new}: {error.strerror or error}" in err, err
     calls.clear()
     with pytest.raises(OSError, match=re.escape(f"cannot write GGUF file {old}")) as e:
-        wgguf.convert_gguf(src, old, "Q4_0", overwrite=True)
+        convert_gguf(src, old, "Q4_0", overwrite=True)
     assert e.value.errno == error.errno
     assert os.listdir(out) == ["old.gguf"] and old.read_bytes() == good
 
@@ -542,7 +543,7 @@ def test_non_regular_gguf_source_is_refused(i2v, tmp_path, capsys):
         WanModel.from_pretrained(fifo)
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(CheckpointError, match=re.escape(f"dir.gguf: not a regular file (a directory)")):
-        wgguf.convert_gguf(tmp_path / "dir.gguf", tmp_path / "d.gguf", "Q8_0")
+        convert_gguf(tmp_path / "dir.gguf", tmp_path / "d.gguf", "Q8_0")
 
 
 def test_float16_cast_beyond_range_is_refused(tmp_path, capsys):

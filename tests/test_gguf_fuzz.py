@@ -1,4 +1,4 @@
-"""Fuzz of the GGUF reader (wan_model/gguf.py, issue 27), in the style of tests/test_checkpoint_fuzz.py: a real
+"""Fuzz of the GGUF reader (wan_model/io/gguf.py, issue 27), in the style of tests/test_checkpoint_fuzz.py: a real
 tiny Wan GGUF file (F32, BF16 and Q8_0 tensors) with raw byte flips (header and data), truncations, appended
 bytes, overwritten header numbers (version, counts, string lengths, value types, dims, GGML types, data
 offsets), an added general.alignment or metadata array, and re-laid-out files with renamed, retyped,
@@ -16,10 +16,11 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import within
-from wan_model import checkpoint as ckpt, gguf as wgguf
-from wan_model.checkpoint import CheckpointError, load_model
+from wan_model.io import checkpoint as ckpt, gguf as wgguf
+from wan_model.io.convert import convert_gguf
+from wan_model.io.checkpoint import CheckpointError, load_model
 from wan_model.cli import random_model
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
 gguf = pytest.importorskip("gguf")
@@ -80,7 +81,7 @@ def tiny(tmp_path_factory):
     model.save_pretrained(root / "f32.safetensors", format="original")
     WanModel.from_pretrained(root / "f32.safetensors", dtype=torch.bfloat16).save_pretrained(
         root / "bf16.safetensors", format="original")
-    wgguf.convert_gguf(root / "bf16.safetensors", root / "orig.gguf", "Q8_0", progress=False)
+    convert_gguf(root / "bf16.safetensors", root / "orig.gguf", "Q8_0", progress=False)
     data = (root / "orig.gguf").read_bytes()
     reader = gguf.GGUFReader(str(root / "orig.gguf"))
     numbers, kvs = [(4, 4), (8, 8), (16, 8)], []  # version, tensor count, metadata count

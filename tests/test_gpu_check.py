@@ -1,4 +1,4 @@
-"""`python -m wan_kernels.gpu_check`: the one GPU command, exercised here without a GPU (dry run: every section
+"""`python -m tools.gpu_check`: the one GPU command, exercised here without a GPU (dry run: every section
 lists its cases; --device cpu: the CPU-meaningful sections really run), so it cannot rot between GPU loans."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 import torch
 import triton
 
-from wan_kernels import gpu_check, routing
+from tools import gpu_check
+from wan_kernels import routing
 
 
 def _rows(outdir):

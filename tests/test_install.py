@@ -12,8 +12,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from wan_model.cli import _parser, main, random_model
-from wan_model.config import WanConfig
-from wan_model.integrations import versions
+from wan_model.core.config import WanConfig
+from wan_kernels import _versions as versions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def test_diffusers_older_than_supported_is_a_clear_import_error():
     """diffusers 0.33 (no WanAttention processors) fails at import with the range, not deep in a forward."""
     r = _python("import sys, types\n"
                 "fake = types.ModuleType('diffusers'); fake.__version__ = '0.33.1'; sys.modules['diffusers'] = fake\n"
-                "import wan_model.integrations.diffusers")
+                "import wan_model.compat.diffusers")
     assert r.returncode != 0
     assert ("ImportError: wan-kernels needs diffusers >= 0.35 (tested up to 0.42.1); found diffusers 0.33.1"
             in r.stderr), r.stderr

@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 
 from conftest import make_inputs
 from wan_model.cli import random_model
-from wan_model.config import WanConfig
-from wan_model.layouts import CheckpointError, diffusers_to_original_key, native_to_diffusers
-from wan_model.lora import DIFFUSERS_WEIGHT_NAME, METADATA_KEY, adapters
+from wan_model.core.config import WanConfig
+from wan_model.compat.layouts import CheckpointError, diffusers_to_original_key, native_to_diffusers
+from wan_model.compat.lora import DIFFUSERS_WEIGHT_NAME, METADATA_KEY, adapters
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
-from wan_model.integrations.diffusers import to_diffusers_model  # noqa: E402
+from wan_model.compat.diffusers import to_diffusers_model  # noqa: E402
 
 OUT_TOL, WEIGHT_TOL = 1e-5, 1e-6
 I2V = WanConfig.from_preset("tiny-i2v")
@@ -279,7 +279,7 @@ QUANT = {"nvfp4": ("nvfp4", None), "fp8": ("fp8", None), "fp8-per-channel": ("fp
 
 
 def _quantized(model, which: str):
-    from wan_model.quantize import FP8Config
+    from wan_model.compat.quantize import FP8Config
 
     method, option = QUANT[which]
     return model.quantize(method, FP8Config(per_channel=True) if option == "per_channel" else None)
@@ -604,7 +604,7 @@ def test_unload_after_edit_of_quantized_weight_keeps_it(base, tmp_path, which):
     """A quantized layer changed after the fuse (requantized with an update): unload subtracts the LoRA from
     its current weight, requantized (error at most 2x that of quantizing the exact result once), instead of
     restoring the pre-LoRA buffers (before)."""
-    from wan_model.lora import _requantize
+    from wan_model.compat.lora import _requantize
 
     factors = _factors(base, ["blocks.0.attn1.to_q"], b_scale=0.3)
     a, b = factors["blocks.0.attn1.to_q"]

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from wan_model.cli import random_model
-from wan_model.config import WanConfig
-from wan_model.layouts import CheckpointError, diffusers_to_original_key
-from wan_model.lora import adapters, targets
+from wan_model.core.config import WanConfig
+from wan_model.compat.layouts import CheckpointError, diffusers_to_original_key
+from wan_model.compat.lora import adapters, targets
 
 LAYERS = ("blocks.0.attn1.to_q", "blocks.1.attn1.to_v", "blocks.0.attn2.to_k", "blocks.1.attn1.to_out.0",
           "blocks.0.ffn.net.0.proj", "blocks.1.ffn.net.2", "proj_out")

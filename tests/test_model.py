@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from conftest import BATCH, VARIANTS, diffusers_bf16_like, make_inputs
 from wan_model.cli import diffusers_euler, main as cli_main, random_model
-from wan_model.config import PRESETS, WanConfig
-from wan_model.checkpoint import WanExperts, diffusers_keys, native_to_diffusers
+from wan_model.core.config import PRESETS, WanConfig
+from wan_model.io.checkpoint import WanExperts, diffusers_keys, native_to_diffusers
 from wan_model.model import WanModel
-from wan_model.rope import rope_tables
-from wan_model.sampling import flow_sigmas, sample
+from wan_model.core.rope import rope_tables
+from wan_model.core.sampling import flow_sigmas, sample
 
 FP32_TOL = 1e-5      # issue 6 acceptance: max abs diff vs diffusers in fp32
 BF16_RATIO = 1.5     # our bf16 error <= 1.5x diffusers-bf16's own error vs the fp32 run
@@ -69,7 +69,7 @@ def test_config_round_trips(name):
     sd = native_to_diffusers(dict(meta.state_dict()), cfg)
     assert set(sd) == diffusers_keys(cfg)
     assert WanConfig.from_state_dict(sd, **pipeline) == cfg
-    from wan_model.checkpoint import diffusers_to_original_key
+    from wan_model.io.checkpoint import diffusers_to_original_key
     assert WanConfig.from_state_dict({diffusers_to_original_key(k): v for k, v in sd.items()}, **pipeline) == cfg
 
 
@@ -130,7 +130,7 @@ def test_fp32_matches_diffusers(fp32_models, variant, impl):
 def test_bf16_error_within_diffusers_bf16_error(fp32_models, variant):
     model32, _ = fp32_models[variant]
     model = copy.deepcopy(model32).to_dtype(torch.bfloat16).set_impl("auto")
-    from wan_model.integrations.diffusers import to_diffusers_model
+    from wan_model.compat.diffusers import to_diffusers_model
     ref_bf16 = to_diffusers_model(model)
     # the fp32 reference runs the same (bf16-rounded) weights in fp32, so the errors below are compute only
     ref32 = to_diffusers_model(copy.deepcopy(model).to_dtype(torch.float32))

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import VARIANTS, diffusers_from_pretrained, make_inputs, within as _within
-from wan_model import checkpoint as ckpt
-from wan_model import formats
-from wan_model.checkpoint import CheckpointError, WanExperts, load_model, native_to_diffusers
+from wan_model.io import checkpoint as ckpt, convert
+from wan_model.io import formats
+from wan_model.io.checkpoint import CheckpointError, WanExperts, load_model, native_to_diffusers
 from wan_model.cli import main as cli_main, random_model
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
 FP32_TOL = 1e-5
@@ -283,7 +283,7 @@ def test_two_expert_dir_loads_as_pair(tmp_path):
     cfg = WanConfig.from_preset("tiny-t2v-a14b")
     pair = WanExperts(random_model(cfg, seed=1), random_model(cfg, seed=2), 0.875)
     pair_path = tmp_path / "pipe"
-    from wan_model.checkpoint import save_model
+    from wan_model.io.checkpoint import save_model
     save_model(pair, pair_path)
     assert (pair_path / "transformer" / "config.json").exists() and (pair_path / "transformer_2").is_dir()
     loaded = load_model(pair_path, dtype=torch.float32)
@@ -333,7 +333,7 @@ def test_non_float_weights_refused(saved_t2v):
     bad["head.head.bias"] = bad["head.head.bias"].to(torch.uint16)
     save_file(bad, tmp / "u16.safetensors")
     with pytest.raises(CheckpointError, match=r"'head\.head\.bias' of .*u16\.safetensors has dtype U16"):
-        ckpt.convert_checkpoint(tmp / "u16.safetensors", tmp / "q", "diffusers", quantize="nvfp4", progress=False)
+        convert.convert_checkpoint(tmp / "u16.safetensors", tmp / "q", "diffusers", quantize="nvfp4", progress=False)
     assert not (tmp / "q").exists()
 
 
@@ -378,7 +378,7 @@ def test_key_in_two_places_refused(saved_t2v, tmp_path):
 def test_duplicate_json_keys_refused(tmp_path):
     cfg = WanConfig.from_preset("tiny-t2v-a14b")
     pipe = tmp_path / "pipe"
-    from wan_model.checkpoint import save_model
+    from wan_model.io.checkpoint import save_model
     save_model(WanExperts(random_model(cfg, seed=1), random_model(cfg, seed=2), 0.875), pipe)
     d = tmp_path / "sharded"
     random_model(cfg, seed=1).save_pretrained(d, max_shard_size="200KB")
@@ -541,15 +541,15 @@ def test_convert_float16_refuses_values_beyond_its_range(saved_t2v, tmp_path, ca
     save_file(big, tmp_path / "big.safetensors")
     message = re.escape(f"{tmp_path / 'big.safetensors'}: {key}: values beyond float16's range (max |x| 7e+04 > "
                         "65504) would be written as inf; use --dtype bfloat16")
-    convert = functools.partial(ckpt.convert_checkpoint, tmp_path / "big.safetensors", format="diffusers",
+    run = functools.partial(convert.convert_checkpoint, tmp_path / "big.safetensors", format="diffusers",
                                 dtype=torch.float16, quantize=quantize, progress=False)
     with pytest.raises(CheckpointError, match=message):
-        convert(dst=tmp_path / "new")
+        run(dst=tmp_path / "new")
     assert not (tmp_path / "new").exists()
-    ckpt.convert_checkpoint(src / "dir", tmp_path / "old", "diffusers", progress=False)
+    convert.convert_checkpoint(src / "dir", tmp_path / "old", "diffusers", progress=False)
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
     with pytest.raises(CheckpointError, match=message):
-        convert(dst=tmp_path / "old", overwrite=True)
+        run(dst=tmp_path / "old", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
     big[key][3, 4] = float("inf")
     save_file(big, tmp_path / "inf.safetensors")
@@ -560,10 +560,10 @@ def test_convert_float16_refuses_values_beyond_its_range(saved_t2v, tmp_path, ca
         err = capsys.readouterr().err  # a progress bar, and one error line
         assert re.search(": error: " + message + "\n", err) and err.count("error:") == 1
         assert not (tmp_path / "cli.safetensors").exists()
-        ckpt.convert_checkpoint(tmp_path / "big.safetensors", tmp_path / "bf", "diffusers", dtype=torch.bfloat16,
+        convert.convert_checkpoint(tmp_path / "big.safetensors", tmp_path / "bf", "diffusers", dtype=torch.bfloat16,
                                 progress=False)
     for dtype in (torch.float16, torch.bfloat16)[: 2 if quantize is None else 1]:  # already inf: any cast refused
         with pytest.raises(CheckpointError, match=re.escape(f"{key}: the source already holds non-finite values")):
-            ckpt.convert_checkpoint(tmp_path / "inf.safetensors", tmp_path / "x", "diffusers", dtype=dtype,
+            convert.convert_checkpoint(tmp_path / "inf.safetensors", tmp_path / "x", "diffusers", dtype=dtype,
                                     quantize=quantize, progress=False)
         assert not (tmp_path / "x").exists()

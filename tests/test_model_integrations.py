@@ -1,4 +1,4 @@
-"""wan_model.integrations.diffusers: a patched diffusers WanTransformer3DModel matches the unpatched one."""
+"""wan_model.compat.diffusers: a patched diffusers WanTransformer3DModel matches the unpatched one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_inputs
-from wan_model.integrations.diffusers import WanKernelsAttnProcessor, use_wan_kernels
+from wan_model.compat.diffusers import WanKernelsAttnProcessor, use_wan_kernels
 
 FP32_TOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""NVFP4-quantized WanModel (wan_model/quantize.py): structure and keep-list, W4A16 == dense model with
+"""NVFP4-quantized WanModel (wan_model/compat/quantize.py): structure and keep-list, W4A16 == dense model with
 dequantized weights, SNR vs the bf16 model, checkpoint round trips, streaming convert == in-memory
 quantize, torch.compile."""
 
@@ -14,14 +14,15 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_inputs
 from wan_kernels.linear import NVFP4Linear
-from wan_model import checkpoint as ckpt
-from wan_model.checkpoint import CheckpointError
+from wan_model.io import checkpoint as ckpt
+from wan_model.io.checkpoint import CheckpointError
 from wan_model.cli import main as cli_main, random_model
-from wan_model.config import WanConfig
-from wan_model.model import StackedKV, WanModel, qkv_fused_dense, qkv_module_then_norm_rope
-from wan_model.checkpoint import convert_nvfp4
-from wan_model.formats import SafetensorsStreamWriter
-from wan_model.quantize import DEFAULT_KEEP, NVFP4Config, NVFP4StackedKV, layer_groups
+from wan_model.core.config import WanConfig
+from wan_model.core.model import StackedKV, qkv_fused_dense, qkv_module_then_norm_rope
+from wan_model.model import WanModel
+from wan_model.io.convert import convert_nvfp4
+from wan_model.io.formats import SafetensorsStreamWriter
+from wan_model.compat.quantize import DEFAULT_KEEP, NVFP4Config, NVFP4StackedKV, layer_groups
 
 
 def _snr_db(ref: torch.Tensor, x: torch.Tensor) -> float:

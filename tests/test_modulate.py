@@ -176,8 +176,8 @@ def test_triton_kernels_match_reference(interpreter, dtype, B, S, C, per_token):
 def test_triton_kernels_compile_without_spills(arch, tmp_path):
     """The launches the runtime makes (readiness' jobs: the launcher's own prepare at the Wan widths, Triton's
     specialisation) compile without spills or excess shared memory."""
-    from wan_kernels import readiness
-    from wan_kernels.triton import aot
+    from tools import readiness
+    from tools import aot
 
     jobs = readiness.jobs_for(["modulate"], (arch,))
     assert {j.launch.kernel.fn.__name__ for j in jobs} == {"_layer_norm_modulate_kernel", "_gated_residual_kernel",

@@ -181,8 +181,8 @@ def test_errors_name_the_argument():
 def test_triton_backward_compiles_without_spills(arch, tmp_path):
     """The backward launches readiness compiles (the launcher's own prepare_backward at Wan 14B, 151,200 rows:
     64-bit offsets), the single-tile and the chunked path in bf16, without spills or excess shared memory."""
-    from wan_kernels import readiness
-    from wan_kernels.triton import aot
+    from tools import readiness
+    from tools import aot
 
     jobs = [j for j in readiness.jobs_for(["qk_norm_rope"], (arch,)) if j.config.startswith("backward")
             and j.config.endswith("bfloat16") and ("H=40 " in j.config or "chunks=2" in j.config)]

@@ -5,8 +5,8 @@ quantize/dequantize kernels compile spill-free everywhere. Run with -s to see th
 
 import pytest
 
-from wan_kernels import readiness
-from wan_kernels.triton import aot
+from tools import readiness
+from tools import aot
 
 CASES = readiness.jobs_for(["nvfp4"], aot.ARCHS)
 

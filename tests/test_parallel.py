@@ -1,4 +1,4 @@
-"""Sequence parallelism (wan_model/parallel.py) on CPU processes: gloo on 127.0.0.1, 2 and 4 ranks.
+"""Sequence parallelism (wan_model/core/parallel.py) on CPU processes: gloo on 127.0.0.1, 2 and 4 ranks.
 
 Each world size is spawned once (this file run as a script, one subprocess per rank) and runs every case of it:
 each rank computes the single-process output of a tiny fp32 model (same seed, same weights on every rank), then
@@ -128,7 +128,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
     import torch.distributed as dist
 
     from wan_model.cli import random_model
-    from wan_model.config import WanConfig
+    from wan_model.core.config import WanConfig
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -282,7 +282,7 @@ def test_bad_degrees_are_clear_errors_on_every_rank(runs, degrees):
 def test_cost_model_counts_the_bytes_the_collectives_send(runs, world, name):
     """wan_model.cost.parallel_comm (bf16 activations) = what the torch.distributed calls of the fp32 run sent / 2."""
     from wan_model import cost
-    from wan_model.config import WanConfig
+    from wan_model.core.config import WanConfig
 
     variant, grid, u, r = CASES[world][name]
     want = cost.parallel_comm(cost.model_cost(WanConfig.from_preset(variant), latent=grid, batch=2), u, r)
@@ -293,7 +293,7 @@ def test_cost_model_counts_the_bytes_the_collectives_send(runs, world, name):
 
 def test_heads_not_divisible_by_ulysses_is_a_clear_error_before_any_collective():
     from wan_model.cli import random_model
-    from wan_model.config import WanConfig
+    from wan_model.core.config import WanConfig
 
     model = random_model(WanConfig.from_preset("tiny-t2v"))
     with pytest.raises(ValueError, match="ulysses_degree=3 must divide num_attention_heads=2"):
@@ -327,7 +327,7 @@ def test_cli_run_under_torchrun_equals_the_single_process_run(tmp_path):
     from safetensors.torch import load_file
 
     from wan_model.cli import random_model
-    from wan_model.config import WanConfig
+    from wan_model.core.config import WanConfig
 
     ckpt = tmp_path / "ckpt"
     random_model(WanConfig.from_preset("tiny-t2v"), seed=0).save_pretrained(ckpt, format="diffusers")
@@ -381,7 +381,7 @@ def _torchrun_sampling(tmp_path, timeout_s: float):
     checkpoint with steps enough for minutes, and wait (at most 120 s) until rank 0 has enabled the parallelism,
     i.e. both workers joined the process group. Returns (torchrun Popen, {rank: worker pid}, stdout, stderr path)."""
     from wan_model.cli import random_model
-    from wan_model.config import WanConfig
+    from wan_model.core.config import WanConfig
 
     ckpt = tmp_path / "ckpt"
     random_model(WanConfig.from_preset("tiny-t2v"), seed=0).save_pretrained(ckpt, format="diffusers")

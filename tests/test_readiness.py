@@ -1,4 +1,4 @@
-"""`python -m wan_kernels.readiness`: the GPU-readiness report runs on CPU, passes on the shipped configs and
+"""`python -m tools.readiness`: the GPU-readiness report runs on CPU, passes on the shipped configs and
 fails (exit 1) on a spill or a GEMM-like kernel without tensor cores. The full report (every launch, six archs)
 is what CI runs; here a subset keeps it to ~20 s (Triton caches compiles, so reruns are faster)."""
 
@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from wan_kernels import readiness
+from tools import readiness
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wan_kernels.readiness", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.readiness", *args], capture_output=True, text=True,
                           timeout=600)
 
 

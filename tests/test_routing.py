@@ -205,7 +205,7 @@ def test_cpu_dispatcher_runs_the_cpu_route(op):
 
 
 def test_model_hot_path_binds_the_bare_dispatcher_ops():
-    from wan_model.model import bind_ops
+    from wan_model.core.model import bind_ops
 
     ops = bind_ops("auto", "cpu")
     assert ops.gated_residual is torch.ops.wan.gated_residual.default

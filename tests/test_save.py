@@ -1,4 +1,4 @@
-"""Saving never destroys a user's files (wan_model._atomic): refusals, overwrite=True keeping other files,
+"""Saving never destroys a user's files (wan_model.io._atomic): refusals, overwrite=True keeping other files,
 re-saves of our own checkpoints, modes under the umask, stale staging dirs, failed saves, SIGKILLed saves."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import time
 import pytest
 import torch
 
-from wan_model import _atomic
-from wan_model import checkpoint as ckpt
-from wan_model import formats
-from wan_model.checkpoint import WanExperts, convert_checkpoint, load_model, native_to_diffusers
+from wan_model.io import _atomic
+from wan_model.io import checkpoint as ckpt
+from wan_model.io import formats
+from wan_model.io.checkpoint import WanExperts, load_model, native_to_diffusers
+from wan_model.io.convert import convert_checkpoint
 from wan_model.cli import main as cli_main, random_model
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 
 CFG = WanConfig.from_preset("tiny-t2v")  # 2.1M params, 8.4 MB in fp32
 MANY, FEW = "700KB", "2MB"  # shard sizes: 15 and 5 shards
@@ -268,7 +269,7 @@ def test_stale_staging_removed_lookalikes_kept(models, ref, tmp_path):
 
 @pytest.fixture
 def save_file(monkeypatch):
-    """save_file(fail_at, on_call): patch the one writer's write_safetensors (wan_model.formats) to raise
+    """save_file(fail_at, on_call): patch the one writer's write_safetensors (wan_model.io.formats) to raise
     OSError on its `fail_at`-th call (earlier calls write normally) and to run `on_call()` on each call."""
     real = formats.write_safetensors
 
@@ -354,7 +355,7 @@ def test_files_added_during_the_save_are_kept(models, ref, tmp_path, save_file, 
 
 
 def test_without_renameat2(models, ref, tmp_path, monkeypatch):
-    """Where the libc or filesystem lacks renameat2 a re-save merges (case 3 of wan_model._atomic)."""
+    """Where the libc or filesystem lacks renameat2 a re-save merges (case 3 of wan_model.io._atomic)."""
     monkeypatch.setattr(_atomic, "_renameat2", lambda: None)
     dst = tmp_path / "ckpt"
     models[1].save_pretrained(dst, max_shard_size=MANY)
@@ -434,8 +435,9 @@ def test_sigkill_leaves_old_or_new(models, ref, tmp_path, dest):
 def test_progress_bars_of_load_and_convert(tmp_path, monkeypatch, capsys):
     """Loading and plain `convert` show tqdm bars over the bytes read / written: forced by progress=True,
     off with False, and by default (None) only from formats.PROGRESS_MIN_BYTES on (never for tiny files)."""
-    from wan_model import formats
-    from wan_model.checkpoint import convert_checkpoint, load_model
+    from wan_model.io import formats
+    from wan_model.io.checkpoint import load_model
+    from wan_model.io.convert import convert_checkpoint
 
     src = tmp_path / "src"
     random_model(WanConfig.from_preset("tiny-t2v")).save_pretrained(src)

@@ -1,6 +1,6 @@
 """GPU readiness without a GPU: Triton kernels compile ahead of time for sm_80 / sm_90 / sm_100 without spills.
 
-`wan_kernels/triton/aot.py` compiles with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
+`tools/aot.py` compiles with `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
 and reads the cubin with the cuobjdump bundled with Triton. Its detectors are proven here first: a tiny tl.dot
 GEMM must use mma.sync on sm_80, wgmma on sm_90 and tcgen05 on sm_100, and the same GEMM squeezed to 32
 registers must be reported as spilling. Then every launch config the qk_norm_rope heuristic picks for the Wan
@@ -12,7 +12,7 @@ import pytest
 import torch
 import triton.language as tl
 
-from wan_kernels.triton import aot
+from tools import aot
 from wan_kernels.triton import qk_norm_rope as tqk
 
 ARCHS = (80, 90, 100)  # one per tensor-core class; readiness covers sm_86 / sm_89 / sm_120 too

@@ -26,7 +26,8 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 from wan_kernels.nvfp4 import round_up
-from wan_kernels.triton import _launch, aot
+from tools import aot
+from wan_kernels.triton import _launch
 from wan_kernels.triton import attention as ta
 from wan_kernels.triton import modulate as tm
 from wan_kernels.triton import nvfp4 as tnv
@@ -166,7 +167,7 @@ def _runtime_specialization(launch, arch):
 def test_readiness_compiles_the_runtime_specialization(arch):
     """The W4A16 launch readiness compiles (meta tensors, Wan's to_qkv at M = 151,200) specialises as the runtime
     does for a contiguous activation: stride_ak == 1 is a constexpr, the tile is the arch's."""
-    from wan_kernels import readiness
+    from tools import readiness
 
     jobs = [j for j in readiness.jobs_for(["nvfp4"], (arch,)) if j.config.startswith("gemm w4a16 M=151200")]
     assert jobs

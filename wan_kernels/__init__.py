@@ -5,12 +5,17 @@ op; the compiled extension `_C` adds its C++/CUDA kernels when it is built, else
 serve as CPU kernels). `python -m wan_kernels` prints what was built, the routing table and a self-check.
 """
 
-from wan_kernels import _library, ref
-from wan_kernels._extension import EXTENSION
-from wan_kernels.ops import (attention, attention_backward, attention_delta, attention_forward, attention_lse,
+from wan_kernels._versions import check_installed
+
+check_installed("torch", "triton")  # first: an unsupported torch / triton is one clear ImportError
+
+from wan_kernels import _library, ref  # noqa: E402
+from wan_kernels._extension import EXTENSION  # noqa: E402
+from wan_kernels.ops import (attention, attention_backward, attention_delta, attention_forward,  # noqa: E402
+                             attention_lse,
                              fp8_linear, gated_residual, layer_norm_modulate, nvfp4_dequantize, nvfp4_gemm, nvfp4_linear,
                              nvfp4_linear_w4a4, nvfp4_quantize, qk_norm_rope, qkv_rope)
-from wan_kernels.routing import BACKENDS, IMPLS, BackendUnavailableError, resolve, route_table
+from wan_kernels.routing import BACKENDS, IMPLS, BackendUnavailableError, resolve, route_table  # noqa: E402
 
 __version__ = "0.1.0"
 

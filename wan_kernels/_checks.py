@@ -5,7 +5,7 @@ Every message names the argument and quotes its shape or dtype.
 Scale VALUES (`check_scale_values`, `check_global_scale`, `check_block_scale_values`) are read only where that is
 free: Python floats always, tensors when `readable` (a CPU tensor outside tracing). Reading a CUDA tensor's values
 forces a device sync and breaks CUDA graph capture and torch.compile; those tensors are checked where they are read
-from disk, once (wan_model.formats.check_scales), not per call.
+from disk, once (wan_model.io.formats.check_scales), not per call.
 """
 
 import math

@@ -8,7 +8,7 @@ Quantizing is comfy-kitchen's eager `quantize_per_tensor_fp8`, done in fp32: q =
 cast to fp8 (round to nearest even); the reciprocal is taken once, as there, so fp32 weights give the same
 bytes. An all-zero tensor (or row) gets scale 1 instead of 0 (comfy-kitchen would divide by zero): its codes
 are 0 either way. Dequantizing: w = fp8.float() * scale. A scale is finite and > 0, checked on load
-(wan_model.formats.check_scales) and at the op boundary where that costs no device sync (wan_kernels._checks).
+(wan_model.io.formats.check_scales) and at the op boundary where that costs no device sync (wan_kernels._checks).
 
 Activations (W8A8): one dynamic per-tensor scale amax(x) / 448 computed on the device (no host sync), or
 a static `input_scale`; activations are always e4m3.

@@ -9,7 +9,7 @@ Layout (REFERENCE.md §5, CUTLASS sm100 `SfKMajorAtom`):
   * `global_scale` float32 scalar, DECODE convention: value = e2m1 * block_scale * global_scale,
     global_scale = amax / (6 * 448). (vLLM/FlashInfer pass the reciprocal, "encode" convention.)
 Valid scales: a global scale is finite and > 0, or 0 for an all-zero tensor (whose codes are all +-0); block
-scales are never NaN (0x7F, 0xFF) or negative. Checked on load (wan_model.formats.check_scales) and at the op
+scales are never NaN (0x7F, 0xFF) or negative. Checked on load (wan_model.io.formats.check_scales) and at the op
 boundary where that costs no device sync (wan_kernels._checks).
 """
 

@@ -1,5 +1,5 @@
 """Small deterministic inputs for every op, from the specs (`OpSpec.samples`): the self-check of
-`python -m wan_kernels`, the GPU check (`python -m wan_kernels.gpu_check`) and the library tests build their
+`python -m wan_kernels`, the GPU check (`python -m tools.gpu_check`) and the library tests build their
 calls from here.
 
 `op_inputs(dtype)` gives, per op, the positional arguments of one call: activations in `dtype`; the operands

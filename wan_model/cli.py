@@ -8,7 +8,7 @@ convert  converts a checkpoint between the diffusers / original / comfyui format
 cost     analytic FLOPs / bytes / memory per op, layer and forward, roofline per GPU (wan_model/cost.py)
 
 run --ulysses U --ring R under torchrun: collectives time out after --dist-timeout seconds (default 300), and each
-worker dies with its launcher. Only rank 0 writes --output, atomically (wan_model/_atomic.py).
+worker dies with its launcher. Only rank 0 writes --output, atomically (wan_model/io/_atomic.py).
 
 Every argument is checked before any work starts: a bad one prints one line
 `python -m wan_model CMD: error: argument --X: why` and exits 2; an unreadable checkpoint (CheckpointError,
@@ -32,12 +32,14 @@ import time
 import torch
 
 import wan_kernels
-from wan_model._atomic import atomic_save
-from wan_model.checkpoint import FORMATS, REGISTRY, convert_checkpoint, load_model, parse_size, WanExperts
-from wan_model.config import PRESETS, WanConfig
-from wan_model.gguf import GGUF_TYPES
-from wan_model.model import WanModel, bind_ops
-from wan_model.sampling import flow_sigmas, sample
+from wan_model.io._atomic import atomic_save
+from wan_model.io.checkpoint import FORMATS, REGISTRY, WanExperts, parse_size
+from wan_model.io.convert import convert_checkpoint
+from wan_model.core.config import PRESETS, WanConfig
+from wan_model.io.gguf import GGUF_TYPES
+from wan_model.core.model import bind_ops
+from wan_model.model import WanModel, load_model
+from wan_model.core.sampling import flow_sigmas, sample
 
 DIST_TIMEOUT_S = 300.0  # run --dist-timeout: torch.distributed's own default is 30 min (gloo) or 10 min (NCCL)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -302,7 +304,7 @@ def cmd_demo(args) -> int:
     res = sample(model, latents, text, neg, args.steps, args.guidance, args.shift, progress=not args.no_progress)
     _print_steps(res)
     try:
-        from wan_model.integrations.diffusers import to_diffusers_model
+        from wan_model.compat.diffusers import to_diffusers_model
     except ImportError as e:  # diffusers is the optional extra wan-kernels[diffusers]
         print(f"skipped: the comparison with diffusers' WanTransformer3DModel on the same weights and steps "
               f"(diffusers not importable: {e}; pip install 'wan-kernels[diffusers]')")
@@ -490,7 +492,7 @@ def cmd_convert(args) -> int:
                    "--gguf-type TYPE")
     nvfp4_config = None
     if args.quantize is not None:
-        from wan_model.quantize import DEFAULT_KEEP, FP8Config, NVFP4Config
+        from wan_model.compat.quantize import DEFAULT_KEEP, FP8Config, NVFP4Config
         _check_keep(args)
         keep = DEFAULT_KEEP + tuple(p for p in args.keep or () if p not in DEFAULT_KEEP)
         nvfp4_config = NVFP4Config(keep=keep) if args.quantize == "nvfp4" else FP8Config(
@@ -509,9 +511,9 @@ def cmd_convert(args) -> int:
 def _check_keep(args) -> None:
     """Every --keep pattern matches a layer of the source checkpoint (diffusers names, read from its config or
     its safetensors headers): a typo would keep nothing and quantize what it meant to keep."""
-    from wan_model.checkpoint import config_from_state_dict, source_files
-    from wan_model.formats import LazyCheckpoint
-    from wan_model.layouts import diffusers_keys
+    from wan_model.io.checkpoint import config_from_state_dict, source_files
+    from wan_model.io.formats import LazyCheckpoint
+    from wan_model.compat.layouts import diffusers_keys
 
     if not args.keep:
         return
@@ -530,8 +532,8 @@ def _check_keep(args) -> None:
 
 
 def _convert_gguf(args, dtype) -> int:
-    """convert --format gguf --gguf-type TYPE (wan_model.gguf.convert_gguf: streamed)."""
-    from wan_model.gguf import convert_gguf
+    """convert --format gguf --gguf-type TYPE (wan_model.io.convert.convert_gguf: streamed)."""
+    from wan_model.io.convert import convert_gguf
 
     if args.format != "gguf":
         args.error(f"argument --gguf-type: needs --format gguf (got --format {args.format})")
@@ -641,15 +643,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("dst", type=output_path, help="a directory for --format " + "/".join(
         n for n in FORMATS if REGISTRY[n].directory) + ", a .gguf file for gguf, else a .safetensors file")
     c.add_argument("--format", required=True, choices=FORMATS + ("gguf",),
-                   help="the formats written (wan_model.formats.REGISTRY, and gguf: wan_model/gguf.py); every one "
+                   help="the formats written (wan_model.io.formats.REGISTRY, and gguf: wan_model/io/gguf.py); every one "
                         "of them and lightx2v is read")
     c.add_argument("--gguf-type", choices=GGUF_TYPES,
                    help="with --format gguf: the type of the linear weights (1-D, modulation, patch embedding and "
-                        "time embedding stay F32; see wan_model/gguf.py)")
+                        "time embedding stay F32; see wan_model/io/gguf.py)")
     c.add_argument("--dtype", choices=DTYPES, help="cast (fp32 modules stay fp32); default: keep")
     c.add_argument("--max-shard-size", type=shard_size, default="5GB", help="bytes, or e.g. 5GB, 200MB")
     c.add_argument("--quantize", choices=["nvfp4", "fp8", "fp8-per-channel"],
-                   help="quantize the weights on the fly (streamed, one tensor at a time; see wan_model/checkpoint.py "
+                   help="quantize the weights on the fly (streamed, one tensor at a time; see wan_model/io/checkpoint.py "
                         "convert_nvfp4); fp8: e4m3 with one scale per tensor (ComfyUI's), fp8-per-channel: per row")
     c.add_argument("--keep", action="append", metavar="PATTERN",
                    help="with --quantize: fnmatch pattern of diffusers layer names kept unquantized (repeatable), "

@@ -8,7 +8,7 @@ Counting rules (what the tests hold the model to, tests/test_cost.py):
   in `wan_kernels/flops.py`, imported here lazily by `flop_counter()`).
 * Bytes are kernel-level HBM traffic with no cache reuse: every kernel reads its inputs and writes its
   outputs once (views are free; a broadcast operand counts its distinct elements). One "kernel" is
-    - impl="ref":   one aten op of the eager reference path, mirrored op by op from `wan_model/model.py`
+    - impl="ref":   one aten op of the eager reference path, mirrored op by op from `wan_model/core/model.py`
                     and `wan_kernels/ref/*.py` (fp32 casts, materialised [B, H, S, Sk] attention scores, ...);
     - impl="fused": the `wan` kernels (qk_norm_rope in one pass, flash attention: q, k, v read once, out
                     written once); every other op is the same torch op as in the ref path.
@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from wan_model.config import TEXT_TOKENS, WanConfig
+from wan_model.core.config import TEXT_TOKENS, WanConfig
 
 FORMATS = ("bf16", "fp8", "nvfp4")
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
@@ -202,7 +202,7 @@ class ModelCost:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel lists, mirrored from wan_model/model.py (WanBlock.forward) and wan_kernels/ref/*.py
+# Kernel lists, mirrored from wan_model/core/model.py (WanBlock.forward) and wan_kernels/ref/*.py
 
 def _act(*shape: int):
     """A bf16 activation (or bf16 weight) of `shape` on the meta device."""
@@ -462,10 +462,11 @@ def parameter_bytes(cfg: WanConfig, fmt: str = "bf16") -> int:
     block linears and cross-attention K/V weights in `fmt`. Exact: enumerated from a meta-device WanModel."""
     import torch
 
-    from wan_model.model import WanModel, keeps_fp32
+    from wan_model.compat.spellings import keeps_fp32
+    from wan_model.core.model import WanTransformer
 
     with torch.device("meta"):
-        model = WanModel(cfg.replace(num_layers=1), impl="ref", device="meta")
+        model = WanTransformer(cfg.replace(num_layers=1), impl="ref", device="meta")
     blocks, other = 0, 0
     for name, p in model.named_parameters():
         if name.endswith(_QUANTIZED) or name in ("cross_kv.weight", "cross_kv_img.weight"):
@@ -488,7 +489,7 @@ def parameter_bytes(cfg: WanConfig, fmt: str = "bf16") -> int:
 
 def generation_cost(cost_b1: ModelCost, steps: int, cfg_guidance: bool = True) -> dict[str, float]:
     """FLOPs and bytes of a whole generation: `steps` forwards of batch 1 (2 with CFG, batched as
-    wan_model.sampling does), the text/image context embedded and projected once (K/V cached).
+    wan_model.core.sampling does), the text/image context embedded and projected once (K/V cached).
     Memory footprints do not scale with steps: `memory` is the per-step peak."""
     b = 2 if cfg_guidance else 1
     c = cost_b1 if b == cost_b1.shape.batch else _rebatch(cost_b1, b)
@@ -591,7 +592,7 @@ def format_targets(presets: list[str] | None = None, frames: int = 81, ulysses: 
     """The `cost --targets` table; with ulysses * ring = P > 1 (sequence parallelism) a column per target
     gains the model lower bound on P GPUs: `parallel_step` with that bound as t_1 ('-': ulysses does not
     divide the preset's heads)."""
-    from wan_model.config import PRESETS
+    from wan_model.core.config import PRESETS
 
     peaks = _peaks()
     presets = presets or [n for n in PRESETS if not n.startswith("tiny")]
@@ -671,7 +672,7 @@ def plot(c: ModelCost, path: str, frames: int = 81) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sequence parallelism (wan_model/parallel.py): communication per rank and predicted scaling
+# Sequence parallelism (wan_model/core/parallel.py): communication per rank and predicted scaling
 
 # Link bandwidth per GPU and direction, GB/s: NVLink 4 through NVSwitch (H100 SXM and H20: 900 GB/s
 # bidirectional). H20's peaks (not in wan_kernels.hardware.PEAKS, which lists the GPUs our kernels target):
@@ -683,7 +684,7 @@ PUBLISHED = {"H100": {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}, "H20": {1: 6935.
 
 
 def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1) -> dict[str, int]:
-    """Bytes ONE rank sends in one forward of `c` under wan_model/parallel.py with (ulysses, ring) degrees
+    """Bytes ONE rank sends in one forward of `c` under wan_model/core/parallel.py with (ulysses, ring) degrees
     (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (bf16 activations).
       ulysses: per layer, q, k, v before and the attention output after: 4 b n C, of which (U - 1) / U leaves;
       ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops;

@@ -1,334 +1,56 @@
-"""WanModel: the Wan2.1/2.2 DiT built from the `wan` ops (REFERENCE.md section 4 is the spec).
-
-Numerics follow diffusers' `WanTransformer3DModel` (>= 0.35): fp32 LayerNorm/modulation math, bf16
-activations between ops when the weights are bf16, the modules diffusers keeps in fp32 kept in fp32
-(`FP32_MODULES`). Differences by design: the self-attention QKV projection is one GEMM over the fused
-[3C, C] weight followed by `wan_kernels.qkv_rope` (RMSNorm + RoPE, one rounding instead of two),
-and the I2V text and image attention outputs are summed in fp32 by `wan_kernels.attention`.
-
-`quantize("nvfp4")` (wan_model/quantize.py) turns the Linear layers of the blocks into NVFP4Linear; the
-self-attention then runs the NVFP4 QKV GEMM followed by `wan_kernels.qk_norm_rope`.
-
-Cross-attention K/V depend only on the text/image context: `prepare_context` computes them for all
-layers with one GEMM per context (the layers' K/V weights are stored stacked) and `forward(...,
-context=ctx)` reuses them at every denoising step.
+"""WanModel: the public Wan transformer. The pure model (`wan_model.core.model.WanTransformer`: config, RoPE,
+blocks, forward on the `wan` ops) plus what users reach it through, each from the layer that owns it:
+  checkpoints   `from_pretrained` / `save_pretrained` (wan_model.io.checkpoint: every format on disk)
+  LoRA          `load_lora` / `unload_lora` (wan_model.compat.lora: the three namings, fused into the weights)
+  quantization  `quantize("nvfp4" | "fp8", config)` (wan_model.compat.quantize)
+  diffusers     `torch_dtype` / `subfolder`, `forward(..., return_dict, attention_kwargs)`, `cache_context`,
+                `enable_parallelism(config=ContextParallelConfig(...))`, the fp32 modules diffusers keeps
+                (wan_model.compat.spellings, wan_model.compat.diffusers)
+Loaders build this class (`load_model(..., cls=WanModel)`), so everything loaded has the whole API.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-import os
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torch.utils.checkpoint
 
-from wan_model.integrations.versions import check_installed
-
-check_installed("torch", "triton")  # before wan_kernels: an unsupported torch is one clear ImportError
-
-import wan_kernels  # noqa: E402
-from wan_model.config import WanConfig
-from wan_model.parallel import local_attention
-from wan_model.rope import rope_tables
-
-# Parameter-name components diffusers keeps in fp32 under from_pretrained(torch_dtype=bf16)
-# (WanTransformer3DModel._keep_in_fp32_modules; matched against the dot-separated name parts).
-FP32_MODULES = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
-
-
-def keeps_fp32(name: str) -> bool:
-    """True when diffusers keeps parameter `name` in fp32 whatever the load dtype."""
-    return any(part in FP32_MODULES for part in name.split("."))
-
-
-@dataclasses.dataclass
-class WanContext:
-    """Cross-attention keys/values of every layer for one text (+ image) context.
-
-    k[i], v[i]: [B, L_txt, H, D]; k_img[i], v_img[i]: [B, L_img, H, D] (I2V/FLF2V) or None.
-    dtype: dtype of the text input (diffusers casts temb to it).
-    """
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    k_img: list[torch.Tensor] | None
-    v_img: list[torch.Tensor] | None
-    dtype: torch.dtype
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    def layer(self, i: int):
-        """(k, v, k_img, v_img) of layer i."""
-        if self.k_img is None:
-            return self.k[i], self.v[i], None, None
-        return self.k[i], self.v[i], self.k_img[i], self.v_img[i]
-
-
-@dataclasses.dataclass
-class WanOutput:
-    """`forward(..., return_dict=True)`: the fields of diffusers' `Transformer2DModelOutput` (`.sample`, or `[0]`).
-
-    sample: [B, C_out, F, H, W].
-    """
-
-    sample: torch.Tensor
-
-    def __getitem__(self, i):
-        return getattr(self, i) if isinstance(i, str) else (self.sample,)[i]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ops:
-    """The `wan` op callables bound once for an impl and device (no backend choice in forward)."""
-
-    qkv_rope: object
-    qk_norm_rope: object
-    attention: object
-    layer_norm_modulate: object
-    gated_residual: object
-
-
-def bind_ops(impl: str, device: torch.device | str) -> _Ops:
-    """Bind the backends of the ops the model calls, for `impl` on `device` (`wan_kernels.routing.bind`: under
-    impl="auto" the bare dispatcher ops, no Python wrapper per call)."""
-    from wan_kernels.routing import bind
-
-    return _Ops(**{f.name: bind(f.name, impl, device) for f in dataclasses.fields(_Ops)})
-
-
-def _layer_norm32(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm in fp32 (diffusers' FP32LayerNorm); returns fp32."""
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
-    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)
-
-
-class TimeTextImageEmbedding(nn.Module):
-    """Timestep sinusoid + MLP, text projection and (I2V) CLIP image projection."""
-
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        C = cfg.dim
-        self.freq_dim = cfg.freq_dim
-        self.time_embedder = nn.ModuleDict({"linear_1": nn.Linear(cfg.freq_dim, C), "linear_2": nn.Linear(C, C)})
-        self.time_proj = nn.Linear(C, 6 * C)
-        self.text_embedder = nn.ModuleDict({"linear_1": nn.Linear(cfg.text_dim, C), "linear_2": nn.Linear(C, C)})
-        self.image_embedder = ImageEmbedding(cfg) if cfg.has_image else None
-
-    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
-        """t: [N] -> [N, freq_dim] fp32, [cos | sin], freq_i = exp(-ln(1e4) * i / half)."""
-        half = self.freq_dim // 2
-        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        arg = t[:, None].float() * torch.exp(exponent)[None, :]                 # [N, half]
-        return torch.cat((torch.cos(arg), torch.sin(arg)), dim=-1)
-
-    def time_mlp(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """t: [N] -> temb [N, C] in `dtype`, temb_proj [N, 6, C]."""
-        lin1, lin2 = self.time_embedder["linear_1"], self.time_embedder["linear_2"]
-        e = self.sinusoid(t).to(lin1.weight.dtype)
-        temb = lin2(F.silu(lin1(e))).to(dtype)                                   # [N, C]
-        proj = self.time_proj(F.silu(temb))                                      # [N, 6C]
-        return temb, proj.unflatten(-1, (6, -1))
-
-    def time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """timestep [B] or per token [B, S] -> temb [B, 1|S, C], temb_proj [B, 1|S, 6, C].
-
-        Per-token timesteps hold only a few distinct values: the MLP runs on the unique ones and the
-        result is gathered (under torch.compile, which cannot trace the data-dependent unique, it runs
-        per token; the values agree).
-        """
-        if timestep.ndim == 1:
-            temb, proj = self.time_mlp(timestep, dtype)
-            return temb[:, None], proj[:, None]
-        if torch.compiler.is_compiling():
-            temb, proj = self.time_mlp(timestep.flatten(), dtype)
-            return temb.unflatten(0, timestep.shape), proj.unflatten(0, timestep.shape)
-        uniq, inverse = torch.unique(timestep, return_inverse=True)              # [U], [B, S]
-        temb, proj = self.time_mlp(uniq, dtype)
-        return temb[inverse], proj[inverse]
-
-    def text(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, L, text_dim] -> [B, L, C] (Linear, GELU-tanh, Linear)."""
-        lin1, lin2 = self.text_embedder["linear_1"], self.text_embedder["linear_2"]
-        return lin2(F.gelu(lin1(x), approximate="tanh"))
-
-
-class ImageEmbedding(nn.Module):
-    """CLIP image tokens -> model width: (+pos_embed) LN32 -> Linear -> GELU -> Linear -> LN32."""
-
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        d_in, C = cfg.image_dim, cfg.dim
-        self.norm1 = nn.LayerNorm(d_in, eps=1e-5)
-        self.ff = nn.ModuleDict({"proj_in": nn.Linear(d_in, d_in), "proj_out": nn.Linear(d_in, C)})
-        self.norm2 = nn.LayerNorm(C, eps=1e-5)
-        self.pos_embed = (nn.Parameter(torch.zeros(1, cfg.pos_embed_seq_len, d_in))
-                          if cfg.pos_embed_seq_len is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pos_embed is not None:  # FLF2V: [2B, 257, d] (first, last frame) -> [B, 514, d]
-            x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + self.pos_embed
-        dtype = x.dtype
-        x = _layer_norm32(x, self.norm1.weight, self.norm1.bias, 1e-5).to(dtype)
-        x = self.ff["proj_out"](F.gelu(self.ff["proj_in"](x)))
-        return _layer_norm32(x, self.norm2.weight, self.norm2.bias, 1e-5).to(x.dtype)
-
-
-def qkv_fused_dense(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
-    """Dense [3C, C] weight: one `qkv_rope` op (GEMM + RMSNorm + RoPE). Returns q, k, v [B, S, H, D]."""
-    return ops.qkv_rope(n, a.to_qkv.weight, a.to_qkv.bias, a.norm_q, a.norm_k, rope_cos, rope_sin, num_heads, eps)
-
-
-def qkv_module_then_norm_rope(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
-    """Any projection module (e.g. NVFP4Linear): qkv = to_qkv(n) [B, S, 3C], then `qk_norm_rope`."""
-    return ops.qk_norm_rope(a.to_qkv(n), a.norm_q, a.norm_k, rope_cos, rope_sin, num_heads, eps)
-
-
-class SelfAttention(nn.Module):
-    """`project_qkv` is chosen at construction (dense: `qkv_fused_dense`) and rebound by
-    `WanModel.quantize` (`qkv_module_then_norm_rope`): forward never branches on the weight type.
-    `attend` likewise: `local_attention`, rebound by `WanModel.enable_parallelism` (wan_model/parallel.py)."""
-
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        C = cfg.dim
-        self.to_qkv = nn.Linear(C, 3 * C)            # rows: to_q | to_k | to_v
-        self.norm_q = nn.Parameter(torch.ones(C))
-        self.norm_k = nn.Parameter(torch.ones(C))
-        self.to_out = nn.Linear(C, C)
-        self.project_qkv = qkv_fused_dense            # a plain function (deepcopy/compile friendly)
-        self.attend = local_attention                 # (q, k, v, ops) -> [B, S, H, Dv]
-
-
-class CrossAttention(nn.Module):
-    """Query side of the cross-attention (its K/V live stacked in WanModel.cross_kv)."""
-
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        C = cfg.dim
-        self.to_q = nn.Linear(C, C)
-        self.norm_q = nn.Parameter(torch.ones(C))
-        self.to_out = nn.Linear(C, C)
-
-
-class StackedKV(nn.Module):
-    """K/V projections of all layers' cross-attention for one context, stacked for one GEMM.
-
-    weight: [L*2*C, C_in] (layer-major, then k|v), bias: [L*2*C], norm_k: [L, C] (RMSNorm of k).
-    """
-
-    def __init__(self, num_layers: int, dim: int, in_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_layers * 2 * dim, in_dim))
-        self.bias = nn.Parameter(torch.zeros(num_layers * 2 * dim))
-        self.norm_k = nn.Parameter(torch.ones(num_layers, dim))
-        nn.init.normal_(self.weight, std=in_dim ** -0.5)
-
-    def forward(self, ctx: torch.Tensor, num_heads: int, eps: float):
-        """ctx [B, Lc, C_in] -> lists over layers of k, v: [B, Lc, H, D]."""
-        return split_kv(F.linear(ctx, self.weight, self.bias), self.norm_k, num_heads, eps)  # one GEMM
-
-
-def split_kv(kv: torch.Tensor, norm_k: torch.Tensor, num_heads: int, eps: float):
-    """Output of the stacked K/V GEMM [B, Lc, L*2*C] -> lists over layers of k (RMSNorm'd), v: [B, Lc, H, D]."""
-    L, C = norm_k.shape
-    kv = kv.unflatten(-1, (L, 2, C))                                         # [B, Lc, L, 2, C]
-    ks, vs = [], []
-    for i in range(L):
-        k = F.rms_norm(kv[:, :, i, 0], (C,), norm_k[i], eps)                 # diffusers' RMSNorm rounding
-        ks.append(k.unflatten(-1, (num_heads, -1)).contiguous())
-        vs.append(kv[:, :, i, 1].unflatten(-1, (num_heads, -1)).contiguous())
-    return ks, vs
-
-
-class WanBlock(nn.Module):
-    """Self-attention (fused QKV + qk_norm_rope + attention), cross-attention, FFN, adaLN modulation."""
-
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        C = cfg.dim
-        self.num_heads, self.eps = cfg.num_attention_heads, cfg.eps
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, C) / C ** 0.5)
-        self.attn1 = SelfAttention(cfg)
-        self.norm2 = nn.LayerNorm(C, eps=cfg.eps)     # affine, cross-attention pre-norm
-        self.attn2 = CrossAttention(cfg)
-        self.ffn = nn.ModuleDict({"proj_in": nn.Linear(C, cfg.ffn_dim), "proj_out": nn.Linear(cfg.ffn_dim, C)})
-
-    def forward(self, x, temb_proj, rope_cos, rope_sin, kv, ops: _Ops):
-        # x: [B, S, C]; temb_proj: [B, 1|S, 6, C]; kv: (k, v, k_img, v_img) of this layer
-        C, eps = x.shape[-1], self.eps
-        mods = self.scale_shift_table.unsqueeze(0) + temb_proj.float()          # [B, 1|S, 6, C] fp32
-        shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(dim=2)       # [B, 1|S, C] each
-
-        # 1. self-attention
-        a = self.attn1
-        n = ops.layer_norm_modulate(x, scale, shift, eps)                       # LN * (1 + scale) + shift
-        q, k, v = a.project_qkv(a, n, rope_cos, rope_sin, self.num_heads, eps, ops)  # [B, S, H, D] each
-        o = a.to_out(a.attend(q, k, v, ops).flatten(2))                         # [B, S, C]
-        x = ops.gated_residual(x, o, gate)                                      # x + o * gate, in fp32
-
-        # 2. cross-attention (K/V precomputed per context)
-        c = self.attn2
-        n = _layer_norm32(x, self.norm2.weight, self.norm2.bias, eps).to(x.dtype)
-        q = F.rms_norm(c.to_q(n), (C,), c.norm_q, eps).unflatten(-1, (self.num_heads, -1))
-        k_txt, v_txt, k_img, v_img = kv
-        x = x + c.to_out(ops.attention(q, k_txt, v_txt, k_img, v_img, None).flatten(2))
-
-        # 3. feed-forward
-        n = ops.layer_norm_modulate(x, c_scale, c_shift, eps)
-        f = self.ffn["proj_out"](F.gelu(self.ffn["proj_in"](n), approximate="tanh"))
-        return ops.gated_residual(x, f, c_gate)
-
-
-class WanModel(nn.Module):
-    """The Wan transformer on `wan` ops.  `impl` ("auto"|"cuda"|"cpu"|"triton"|"ref") picks the backend
-    of every op once, at construction (and again when the model moves device)."""
-
-    def __init__(self, config: WanConfig, impl: str = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
-        super().__init__()
-        self.config = cfg = config
-        self.impl = impl
-        C, L = cfg.dim, cfg.num_layers
-        with torch.device(device or "cpu"):
-            self.patch_embedding = nn.Conv3d(cfg.in_channels, C, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-            self.condition_embedder = TimeTextImageEmbedding(cfg)
-            self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(L))
-            self.cross_kv = StackedKV(L, C, C)
-            self.cross_kv_img = StackedKV(L, C, C) if cfg.has_image else None
-            self.scale_shift_table = nn.Parameter(torch.randn(1, 2, C) / C ** 0.5)
-            self.proj_out = nn.Linear(C, cfg.out_channels * math.prod(cfg.patch_size))
-        if dtype is not None:
-            self.to_dtype(dtype)
-        self._ops = bind_ops(impl, self.device)
-        self._parallel = None
-
-    # ------------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.patch_embedding.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype (of the patch embedding: a Conv3d, never quantized, never kept fp32)."""
-        return self.patch_embedding.weight.dtype
-
-    @property
-    def quantization(self):
-        """The `NVFP4Config` this model was quantized with (None: dense)."""
-        return getattr(self, "_quantization", None)
+from wan_model.compat import spellings
+from wan_model.compat.quantize import quantize_model, set_nvfp4_impl
+from wan_model.core.model import WanContext, WanExperts, WanTransformer
+from wan_model.io import checkpoint
+
+__all__ = ["WanContext", "WanExperts", "WanModel", "load_model"]
+
+
+class WanModel(WanTransformer):
+    """The Wan transformer on `wan` ops (`wan_model.core.model.WanTransformer`) with checkpoints, LoRA,
+    quantization and diffusers' spellings. `impl` ("auto"|"cuda"|"cpu"|"triton"|"ref") picks the backend of every
+    op once, at construction (and again when the model moves device)."""
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", impl: str = "auto", *,
+                        torch_dtype: torch.dtype | None = None, subfolder: str | None = None, **kw):
+        """Load a diffusers dir, an original-Wan or ComfyUI safetensors file, a GGUF file (see
+        wan_model.io.checkpoint). A Wan2.2 two-expert dir returns a `WanExperts` pair.
+
+        `torch_dtype` and `subfolder` are diffusers' spellings: `torch_dtype` is `dtype` (default bfloat16; the
+        modules diffusers keeps in fp32 stay fp32), `subfolder` is joined to `path` (e.g. "transformer" of a
+        pipeline dir)."""
+        path, dtype = spellings.pretrained_args(path, dtype, torch_dtype, subfolder)
+        return checkpoint.load_model(path, dtype=dtype, device=device, impl=impl, cls=cls, **kw)
+
+    def save_pretrained(self, path, format: str = "diffusers", max_shard_size: int | str = "5GB",
+                        overwrite: bool = False) -> None:
+        """Save atomically as a diffusers dir, an original-Wan file or a ComfyUI file. Never touches other
+        files: an existing file, or a directory holding more than a checkpoint of ours, is refused unless
+        `overwrite` (then only the checkpoint's files are replaced; wan_model.io.checkpoint.save_state_dict)."""
+        checkpoint.save_model(self, path, format=format, max_shard_size=max_shard_size, overwrite=overwrite)
 
     def quantize(self, method: str = "nvfp4", config=None) -> "WanModel":
         """Quantize the weights in place (and return self). method "nvfp4": the Linear layers selected by
-        `config` (a `wan_model.quantize.NVFP4Config`; default: every Linear in the blocks, incl. the
-        stacked cross-attention K/V) become `NVFP4Linear`; see wan_model/quantize.py."""
-        from wan_model.quantize import quantize_model
+        `config` (a `wan_model.compat.quantize.NVFP4Config`; default: every Linear in the blocks, incl. the
+        stacked cross-attention K/V) become `NVFP4Linear`; "fp8" (FP8Config): `FP8Linear`."""
         return quantize_model(self, method, config)
 
     def load_lora(self, lora, scale: float = 1.0, adapter_name: str | None = None) -> "WanModel":
@@ -336,8 +58,9 @@ class WanModel(nn.Module):
         original-Wan/ComfyUI or kohya/musubi naming; a dir: its pytorch_lora_weights.safetensors) or a state
         dict; W += scale * alpha / rank * up @ down, into the fused QKV, the stacked cross-attention K/V and
         NVFP4/FP8 weights (requantized) too. Adapters stack; keys naming nothing of this model are an error.
-        `adapter_name` defaults to the file's stem. See wan_model/lora.py (rules for quantize after load)."""
-        from wan_model.lora import load
+        `adapter_name` defaults to the file's stem. See wan_model/compat/lora.py (rules for quantize after
+        load)."""
+        from wan_model.compat.lora import load
         load(self, lora, scale, adapter_name)
         return self
 
@@ -345,129 +68,34 @@ class WanModel(nn.Module):
         """Remove the adapter `adapter_name` (default: all) and return self: the weights are then bit for bit
         those of the model with only the other adapters loaded (none: the original tensors); weights changed since
         the fuse (e.g. by training) keep the change: the removed deltas are subtracted from them."""
-        from wan_model.lora import unload
+        from wan_model.compat.lora import unload
         unload(self, adapter_name)
         return self
 
     def enable_parallelism(self, ulysses_degree: int = 1, ring_degree: int = 1, group=None, *, config=None,
                            cp_plan=None) -> "WanModel":
-        """Sequence parallelism over `group` (default: the world) of size ulysses_degree * ring_degree, after
-        `torch.distributed.init_process_group`, on every rank (it creates sub-groups); every rank then passes
-        the same full inputs and gets the same full output, and gradients are the single-process ones
-        (wan_model/parallel.py). diffusers' names; diffusers' own call `enable_parallelism(config=
-        ContextParallelConfig(ulysses_degree=U, ring_degree=R))` is accepted too."""
-        from wan_model.parallel import enable
-        enable(self, ulysses_degree, ring_degree, group, config=config, cp_plan=cp_plan)
-        return self
+        """`WanTransformer.enable_parallelism` (wan_model/core/parallel.py); diffusers' own call
+        `enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))` is accepted too."""
+        if config is not None or cp_plan is not None:
+            from wan_model.compat.diffusers import parallel_degrees
 
-    def disable_parallelism(self) -> "WanModel":
-        """Undo `enable_parallelism`: single-process forward again."""
-        from wan_model.parallel import disable
-        disable(self)
-        return self
+            if (ulysses_degree, ring_degree) != (1, 1):
+                raise ValueError(f"enable_parallelism: pass the degrees either as ulysses_degree/ring_degree or in "
+                                 f"config, not both (got ulysses_degree={ulysses_degree!r}, "
+                                 f"ring_degree={ring_degree!r} and config={config!r})")
+            ulysses_degree, ring_degree = parallel_degrees(config, cp_plan)
+        return super().enable_parallelism(ulysses_degree, ring_degree, group)
 
-    # Training: diffusers' names. Off by default; `forward` checkpoints each block only with grad mode on.
-    gradient_checkpointing: bool = False
-    _gradient_checkpointing_func = None
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.gradient_checkpointing
-
-    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
-        """Recompute each block's activations in backward instead of keeping them (per block; the cross-attention
-        K/V of `prepare_context` are kept). `gradient_checkpointing_func(block, *args)`: default
-        `torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)`, as in diffusers."""
-        self._gradient_checkpointing_func = gradient_checkpointing_func or _checkpoint_block
-        self.gradient_checkpointing = True
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.gradient_checkpointing = False
-
-    def to_dtype(self, dtype: torch.dtype) -> "WanModel":
-        """Cast to `dtype`, keeping diffusers' fp32 modules (FP32_MODULES) in fp32."""
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.data = p.data.to(torch.float32 if keeps_fp32(name) else dtype)
-        return self
+    def to_dtype(self, dtype: torch.dtype, keep_fp32=spellings.keeps_fp32) -> "WanModel":
+        """Cast to `dtype`, keeping diffusers' fp32 modules (`spellings.FP32_MODULES`) in fp32."""
+        return super().to_dtype(dtype, keep_fp32)
 
     def set_impl(self, impl: str) -> "WanModel":
-        """Switch every op of the model to backend `impl` (resolved once, here)."""
-        self._ops = bind_ops(impl, self.device)
-        self.impl = impl
+        """Switch every op of the model (quantized layers included) to backend `impl` (resolved once, here)."""
+        super().set_impl(impl)
         if self.quantization is not None:
-            from wan_model.quantize import set_nvfp4_impl
             set_nvfp4_impl(self, self.quantization.impl or impl)
         return self
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if hasattr(self, "_ops"):
-            self._ops = bind_ops(self.impl, self.device)  # re-resolve the backends on the new device
-        return out
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", impl: str = "auto", *,
-                        torch_dtype: torch.dtype | None = None, subfolder: str | None = None, **kw):
-        """Load a diffusers dir, an original-Wan or ComfyUI safetensors file (see wan_model.checkpoint).
-        A Wan2.2 two-expert dir returns a `WanExperts` pair.
-
-        `torch_dtype` and `subfolder` are diffusers' spellings: `torch_dtype` is `dtype` (default bfloat16; the
-        modules diffusers keeps in fp32 stay fp32), `subfolder` is joined to `path` (e.g. "transformer" of a
-        pipeline dir)."""
-        from wan_model.checkpoint import load_model
-
-        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-            raise ValueError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
-        if subfolder:
-            path = os.path.join(os.fspath(path), subfolder)
-        return load_model(path, dtype=dtype or torch_dtype or torch.bfloat16, device=device, impl=impl, **kw)
-
-    def save_pretrained(self, path, format: str = "diffusers", max_shard_size: int | str = "5GB",
-                        overwrite: bool = False) -> None:
-        """Save atomically as a diffusers dir, an original-Wan file or a ComfyUI file. Never touches other
-        files: an existing file, or a directory holding more than a checkpoint of ours, is refused unless
-        `overwrite` (then only the checkpoint's files are replaced; wan_model.checkpoint.save_state_dict)."""
-        from wan_model.checkpoint import save_model
-        save_model(self, path, format=format, max_shard_size=max_shard_size, overwrite=overwrite)
-
-    # ------------------------------------------------------------------------------------------
-    def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """rope_cos, rope_sin [S, D/2] fp32 for a patched latent grid (cached per grid)."""
-        return _rope_constant(self.config.attention_head_dim, grid, self.config.rope_max_seq_len, self.device)
-
-    def prepare_context(self, encoder_hidden_states: torch.Tensor,
-                        encoder_hidden_states_image: torch.Tensor | None = None) -> WanContext:
-        """Text (+ image) cross-attention K/V of all layers, one GEMM per context.
-
-        encoder_hidden_states: [B, L_txt, text_dim] (512 tokens for I2V, as diffusers assumes);
-        encoder_hidden_states_image: [B, 257, image_dim] (I2V) or [2B, 257, image_dim] (FLF2V: first and
-        last frame interleaved per sample, as diffusers' pipeline passes them).
-        """
-        cfg = self.config
-        _check_tokens("encoder_hidden_states", encoder_hidden_states, "B, L_txt", cfg.text_dim, self.dtype)
-        if cfg.has_image and encoder_hidden_states_image is None:
-            raise ValueError("this is an I2V/FLF2V model (config.image_dim set): encoder_hidden_states_image "
-                             "is required")
-        if not cfg.has_image and encoder_hidden_states_image is not None:
-            raise ValueError("encoder_hidden_states_image given but this model has no image embedder "
-                             f"(shape {tuple(encoder_hidden_states_image.shape)})")
-        if cfg.has_image:
-            B, img = encoder_hidden_states.shape[0], encoder_hidden_states_image
-            n = (2 * B, f"2 x {B}, {cfg.pos_embed_seq_len // 2}") if cfg.pos_embed_seq_len else (B, f"{B}, L_img")
-            _check_tokens("encoder_hidden_states_image", img, n[1], cfg.image_dim, self.dtype)
-            if img.shape[0] != n[0] or cfg.pos_embed_seq_len and 2 * img.shape[1] != cfg.pos_embed_seq_len:
-                raise ValueError(f"encoder_hidden_states_image has shape {tuple(img.shape)}, expected [{n[1]}, "
-                                 f"{cfg.image_dim}] (the batch of encoder_hidden_states "
-                                 f"{tuple(encoder_hidden_states.shape)}"
-                                 f"{', FLF2V: first and last frame per sample' if cfg.pos_embed_seq_len else ''})")
-        txt = self.condition_embedder.text(encoder_hidden_states)                 # [B, L_txt, C]
-        k, v = self.cross_kv(txt, cfg.num_attention_heads, cfg.eps)
-        k_img = v_img = None
-        if cfg.has_image:
-            img = self.condition_embedder.image_embedder(encoder_hidden_states_image)  # [B, L_img, C]
-            k_img, v_img = self.cross_kv_img(img, cfg.num_attention_heads, cfg.eps)
-        return WanContext(k, v, k_img, v_img, encoder_hidden_states.dtype)
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs):
@@ -479,101 +107,18 @@ class WanModel(nn.Module):
                 encoder_hidden_states: torch.Tensor | None = None,
                 encoder_hidden_states_image: torch.Tensor | None = None,
                 return_dict: bool | None = None, attention_kwargs: dict | None = None, *,
-                context: WanContext | None = None):
-        """Denoiser output, like diffusers' WanTransformer3DModel.forward(...).sample (same argument order).
-
-        hidden_states: [B, C_in, F, H, W]; timestep: [B] or per token [B, S] (TI2V);
-        encoder_hidden_states: [B, L_txt, text_dim]; encoder_hidden_states_image: see prepare_context;
-        context: from prepare_context (then the two encoder inputs are not needed).
+                context=None):
+        """`WanTransformer.forward` with diffusers' arguments (same order as WanTransformer3DModel.forward).
         attention_kwargs: diffusers' LoRA {"scale": s}; a WanModel holds no adapters, so as in diffusers
         without adapters it changes nothing. Any other key is an error.
         Returns [B, C_out, F, H, W] in the model dtype; with return_dict=False the tuple `(out,)`, with True a
-        `WanOutput` (`.sample`), as diffusers returns them (WanPipeline calls with return_dict=False).
-        The inputs are checked once, here (shapes and dtypes only): hidden_states and the encoder inputs in the
-        model dtype (`model.dtype`; diffusers raises torch's own dtype error there, its pipelines cast first),
-        F, H, W multiples of the patch size (diffusers crops the remainder silently; we refuse), timestep [B]
-        or [B, S] (batch 1 broadcasts, as in diffusers); a mismatch is a ValueError naming the argument.
-        """
-        if attention_kwargs and set(attention_kwargs) - {"scale"}:
-            raise ValueError(f"WanModel.forward: attention_kwargs {sorted(set(attention_kwargs) - {'scale'})} "
-                             "are not supported (only diffusers' LoRA 'scale', which has nothing to scale here)")
-        out = self._denoise(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context)
-        if return_dict is None:
-            return out
-        return WanOutput(out) if return_dict else (out,)
-
-    def _check_latents(self, hidden_states, timestep) -> tuple[int, int, int]:
-        """The patched grid (f, h, w) of hidden_states [B, C_in, F, H, W], after checking it and the timestep
-        (metadata only): a ValueError names the argument, its shape / dtype and what was expected. A size not
-        divisible by the patch is refused (diffusers' patch-embedding Conv3d crops it silently); a dtype other
-        than the model's too (diffusers raises torch's own error; its pipelines cast to the model dtype)."""
-        cfg, x = self.config, hidden_states
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"hidden_states has shape {tuple(getattr(x, 'shape', ()))}, expected "
-                             f"[B, {cfg.in_channels}, F, H, W] (in_channels {cfg.in_channels})")
-        if x.dtype != self.dtype:
-            raise ValueError(f"hidden_states {tuple(x.shape)} is {x.dtype}, expected the model dtype {self.dtype} "
-                             "(cast it: hidden_states.to(model.dtype), as diffusers' pipelines do)")
-        B, _, nf, nh, nw = x.shape
-        if nf % cfg.patch_size[0] or nh % cfg.patch_size[1] or nw % cfg.patch_size[2]:
-            raise ValueError(f"hidden_states has shape {tuple(x.shape)}: F, H, W must be multiples of the patch size "
-                             f"{cfg.patch_size} (the remainder would be cropped)")
-        f, h, w = nf // cfg.patch_size[0], nh // cfg.patch_size[1], nw // cfg.patch_size[2]
-        t = timestep
-        if not isinstance(t, torch.Tensor) or t.dim() not in (1, 2) or t.shape[0] not in (1, B) or \
-                t.dim() == 2 and t.shape[1] != f * h * w or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"timestep has shape {tuple(getattr(t, 'shape', ()))} and dtype "
-                             f"{getattr(t, 'dtype', type(t).__name__)}, expected a real tensor [B] or per token "
-                             f"[B, S] = [{B}, {f * h * w}] (B of hidden_states {tuple(x.shape)}, or 1)")
-        return f, h, w
-
-    def _denoise(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context):
-        cfg = self.config
-        f, h, w = self._check_latents(hidden_states, timestep)
-        B = hidden_states.shape[0]
-        pt, ph, pw = cfg.patch_size
-        rope_cos, rope_sin = self.rope((f, h, w))                                # [S, D/2] fp32
-        if context is None:
-            if encoder_hidden_states is None:
-                raise ValueError("forward needs encoder_hidden_states [B, L_txt, text_dim] or context= "
-                                 "(from prepare_context)")
-            context = self.prepare_context(encoder_hidden_states, encoder_hidden_states_image)
-        if context.batch_size != B:
-            raise ValueError(f"the text context has batch {context.batch_size}, hidden_states "
-                             f"{tuple(hidden_states.shape)} batch {B}: they must be equal")
-
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, S, C]
-        temb, temb_proj = self.condition_embedder.time(timestep, context.dtype)  # [B, 1|S, C], [B, 1|S, 6, C]
-        sp = getattr(self, "_parallel", None)
-        if sp is not None:  # this rank's tokens [B, n, C] (wan_model/parallel.py)
-            x, temb_proj, rope_cos, rope_sin, context = sp.split(x, temb_proj, rope_cos, rope_sin, context)
-        ckpt = self._gradient_checkpointing_func if self.gradient_checkpointing and torch.is_grad_enabled() else None
-        for i, block in enumerate(self.blocks):
-            args = (x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
-            x = block(*args) if ckpt is None else ckpt(block, *args)
-        if sp is not None:
-            x = sp.gather(x)                                                     # [B, S, C] on every rank
-
-        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)  # [B, 1|S, C]
-        x = self._ops.layer_norm_modulate(x, scale, shift, cfg.eps)
-        x = self.proj_out(x)                                                     # [B, S, pt*ph*pw*C_out]
-        x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(B, -1, f * pt, h * ph, w * pw)
+        `WanOutput` (`.sample`), as diffusers returns them (WanPipeline calls with return_dict=False)."""
+        spellings.check_attention_kwargs(attention_kwargs)
+        out = super().forward(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                              context=context)
+        return spellings.pack_output(out, return_dict)
 
 
-def _check_tokens(name: str, t, lead: str, dim: int, dtype: torch.dtype) -> None:
-    """t: [lead..., dim] tokens in `dtype` (at least one token), else a ValueError naming `name`."""
-    if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[2] != dim or t.shape[1] == 0:
-        raise ValueError(f"{name} has shape {tuple(getattr(t, 'shape', ()))}, expected [{lead}, {dim}]")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} {tuple(t.shape)} is {t.dtype}, expected the model dtype {dtype} "
-                         f"(cast it: {name}.to(model.dtype), as diffusers' pipelines do)")
-
-
-def _checkpoint_block(block: nn.Module, *args):
-    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-
-
-@torch.compiler.assume_constant_result
-def _rope_constant(head_dim, grid, max_len, device):
-    return rope_tables(head_dim, grid, max_len, device=device)
+def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto", **kw):
+    """`wan_model.io.checkpoint.load_model` building `WanModel`s (a `WanModel`, or a `WanExperts` of two)."""
+    return checkpoint.load_model(path, dtype=dtype, device=device, impl=impl, cls=WanModel, **kw)

@@ -1,6 +1,6 @@
 """wan::attention_backward: the gradients of one key/value set of softmax attention from the set's saved row
 statistics (FlashAttention-2's backward), the backward of wan::attention, wan::attention_lse and, per key block,
-of ring attention (wan_model/parallel.py). wan::attention_forward: wan::attention that also returns each set's
+of ring attention (wan_model/core/parallel.py). wan::attention_forward: wan::attention that also returns each set's
 log-sum-exp, the forward the autograd of wan::attention runs when gradients are needed (wan_kernels/_autograd.py).
 Kernels: wan_kernels/ref/attention.py, wan_kernels/triton/attention_bwd.py, wan_kernels/triton/attention.py."""
 

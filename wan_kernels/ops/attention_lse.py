@@ -1,5 +1,5 @@
 """wan::attention_lse: wan::attention over one key/value set that also returns the log-sum-exp of the scores, the
-quantity by which ring attention (wan_model/parallel.py) merges the results of key blocks exactly.
+quantity by which ring attention (wan_model/core/parallel.py) merges the results of key blocks exactly.
 Kernels: wan_kernels/ref/attention.py, wan_kernels/triton/attention.py, csrc/attention/attention_cpu.cpp (C++ CPU).
 Differentiable in q, k, v with gradients for both outputs (wan_kernels/ops/attention_backward.py)."""
 

@@ -4,7 +4,7 @@ device), interpreted on CPU tensors, and compiled ahead of time by readiness fro
 Every launcher is split in two: `prepare_*(..., capability)` checks nothing new, allocates the outputs, picks the
 config for `capability` ((major, minor) of the target GPU; None = the Triton interpreter) and returns a `Launch`
 (kernel, grid, positional args, constexprs + compile options); `run(launch)` launches it. A real call takes
-`capability` from the tensor's device (`target`); `wan_kernels.readiness` / `aot.compile_launch` take the same
+`capability` from the tensor's device (`target`); `tools.readiness` / `aot.compile_launch` take the same
 `Launch` built on meta tensors of Wan's shapes and let Triton's own binder derive the specialisation (ints equal
 to 1 become constexprs, multiples of 16 and 16-byte aligned pointers get `tt.divisibility`), so what readiness
 compiles is what the runtime compiles.

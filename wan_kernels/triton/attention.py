@@ -318,7 +318,7 @@ def attention_with_config(q, k, v, k_img=None, v_img=None, scale=None, *, config
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compilation (tests/test_attention_aot.py, wan_kernels/triton/aot.py): the signature a GPU
+# Ahead-of-time compilation (tests/test_attention_aot.py, tools/aot.py): the signature a GPU
 # launch specialises to for contiguous [B, S, H, D] inputs (16-byte aligned pointers, strides % 16 == 0).
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

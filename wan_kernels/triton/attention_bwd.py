@@ -27,7 +27,7 @@ fp32 inputs use ieee dots (tests); bf16 under the CPU interpreter is upcast to f
 interpreter's bf16 arithmetic is wrong, REFERENCE §1), each result rounded to bf16 once, as on the GPU.
 
 Tiles per (arch class, padded head_dim) come from `CONFIGS`, chosen by AOT register/spill/shared-memory
-inspection (wan_kernels/readiness.py prints them), not by GPU timing.
+inspection (tools/readiness.py prints them), not by GPU timing.
 """
 
 from __future__ import annotations

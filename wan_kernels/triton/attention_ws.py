@@ -31,7 +31,7 @@ is fed to the tensor cores (FlashAttention-3's ideas, Shah et al. 2024, expresse
 
 Trade-offs: the tile table (`CONFIGS`) comes from AOT register / spill / shared-memory inspection
 (tests/test_attention_ws.py prints it), not GPU timing: there is no GPU here, the speed is measured by
-`python -m wan_kernels.gpu_check`. fp32 inputs run only under the interpreter (tests); on a GPU `supports`
+`python -m tools.gpu_check`. fp32 inputs run only under the interpreter (tests); on a GPU `supports`
 takes fp16/bf16 with head_dim == value dim in {64, 128} (Wan: 128). The interpreter runs this same function
 (descriptors and `tl.range` are interpreted; warp specialisation is a compile-time transform and has no
 meaning there), so the CPU tests check the tiling, the descriptors' bounds, the scheduler and the tails.
@@ -184,7 +184,7 @@ SM_COUNT = {90: 132, 100: 148}
 
 # The arch classes where the route of wan::attention / attention_forward / attention_lse (impl="auto" and the
 # named impl="triton") runs this path instead of today's kernel. Empty until the GPU check
-# (`python -m wan_kernels.gpu_check`, rows "wan-ws" vs "wan") has measured it at least as fast at every Wan shape on
+# (`python -m tools.gpu_check`, rows "wan-ws" vs "wan") has measured it at least as fast at every Wan shape on
 # that arch: it has never executed on a GPU. Enabling an arch is adding it here (90 and / or 100); the routing
 # tests check that the dispatcher then runs it there and nowhere else.
 ROUTED_ARCH_CLASSES: frozenset[int] = frozenset()

@@ -294,5 +294,5 @@ def gated_residual_backward(grad_out, y, gate):
     return dy.to(y.dtype), sum_to(dgate, gate.shape)
 
 
-# The Wan widths readiness compiles these kernels at (wan_kernels/readiness.py)
+# The Wan widths readiness compiles these kernels at (tools/readiness.py)
 AOT_C = (1536, 3072, 5120)  # Wan 1.3B / 5B / 14B widths

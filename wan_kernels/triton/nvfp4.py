@@ -308,7 +308,7 @@ def _nvfp4_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, alpha_ptr, bias_p
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-# Tiles by tensor-core class, chosen by runtime-faithful AOT compiles (wan_kernels.readiness; stride_ak == 1 is a
+# Tiles by tensor-core class, chosen by runtime-faithful AOT compiles (tools.readiness; stride_ak == 1 is a
 # constexpr there, as at run time). Measured spills that ruled out the alternatives: 128x64x64 with 4 warps
 # (W4A16) 128 B on sm_80, 232 B on sm_86/89, 200 B on sm_120; 128x128x64 w8 8 B on sm_100 (W4A16); the W4A4 mode
 # decodes two tiles per step and keeps 64x64 on mma.sync.
@@ -322,7 +322,7 @@ _INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, 
 def gemm_config(m: int, capability: tuple[int, int] | None, a_fp4: bool) -> dict:
     """Tile config of the NVFP4 GEMM by M and the target's tensor-core class (`_launch.mma_class`: sm_86/89/120
     run the mma.sync configs of sm_80). Every config this can return compiles with zero spills on sm_80, sm_86,
-    sm_89, sm_90, sm_100 and sm_120 as the runtime specialises it (wan_kernels.readiness,
+    sm_89, sm_90, sm_100 and sm_120 as the runtime specialises it (tools.readiness,
     tests/test_nvfp4_triton_aot.py)."""
     if capability is None:                      # interpreter: small tiles keep numpy fast
         return dict(_INTERPRETER)
@@ -453,7 +453,7 @@ def _nvfp4_dgrad_kernel(dy_ptr, w_ptr, w_scale_ptr, gs_ptr, dx_ptr, M, N, K, str
 
 # dgrad tiles: BLOCK_K is the output's column tile, BLOCK_N the reduction step (the decoded W tile is
 # [BLOCK_N, BLOCK_K], the forward's [BLOCK_N, BLOCK_K] transposed in role). Chosen by the AOT compiles of
-# wan_kernels.readiness at Wan's shapes (zero spills on sm_80/86/89/90/100/120).
+# tools.readiness at Wan's shapes (zero spills on sm_80/86/89/90/100/120).
 _DGRAD_SMALL = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 _DGRAD_LARGE = {"mma.sync": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
                 "wgmma": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),

@@ -212,7 +212,7 @@ def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: 
     return q, k, v
 
 
-# Ahead-of-time compilation (tests/test_triton_aot.py, wan_kernels/triton/aot.py): the signature a launch on a
+# Ahead-of-time compilation (tests/test_triton_aot.py, tools/aot.py): the signature a launch on a
 # GPU specialises to for contiguous [B, S, 3C] input (pointers 16-byte aligned, row stride 3C % 16 == 0).
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 AOT_ALIGNED = ("qkv_ptr", "wq_ptr", "wk_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr", "stride_qkv_b",

@@ -319,18 +319,9 @@ class _Ring(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
 
 
-def enable(model, ulysses_degree: int = 1, ring_degree: int = 1, group=None, *, config=None, cp_plan=None) -> None:
-    """`WanModel.enable_parallelism`: see the module docstring. `config` (and `cp_plan`): diffusers' spelling,
-    a `ContextParallelConfig` (or a `ParallelConfig` holding one) giving the degrees instead
-    (wan_model/integrations/diffusers.py: `parallel_degrees`)."""
-    if config is not None or cp_plan is not None:
-        from wan_model.integrations.diffusers import parallel_degrees
-
-        if (ulysses_degree, ring_degree) != (1, 1):
-            raise ValueError(f"enable_parallelism: pass the degrees either as ulysses_degree/ring_degree or in "
-                             f"config, not both (got ulysses_degree={ulysses_degree!r}, "
-                             f"ring_degree={ring_degree!r} and config={config!r})")
-        ulysses_degree, ring_degree = parallel_degrees(config, cp_plan)
+def enable(model, ulysses_degree: int = 1, ring_degree: int = 1, group=None) -> None:
+    """`WanTransformer.enable_parallelism`: see the module docstring (plain degrees; diffusers' `config=` spelling
+    is translated by `wan_model.WanModel.enable_parallelism`, wan_model/compat/diffusers.py `parallel_degrees`)."""
     sp = SequenceParallel(model.config.num_attention_heads, model.impl, ulysses_degree, ring_degree, group)
     disable(model)
     sp.blocks = model.blocks
@@ -341,7 +332,7 @@ def enable(model, ulysses_degree: int = 1, ring_degree: int = 1, group=None, *, 
 
 
 def disable(model) -> None:
-    """`WanModel.disable_parallelism`: back to single-process attention and gradients (the sub-groups stay
+    """`WanTransformer.disable_parallelism`: back to single-process attention and gradients (the sub-groups stay
     alive)."""
     if getattr(model, "_parallel", None) is not None:
         model._parallel.unhook_parameters()

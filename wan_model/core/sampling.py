@@ -15,8 +15,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from wan_model.checkpoint import WanExperts
-from wan_model.model import WanModel
+from wan_model.core.model import WanExperts, WanTransformer
 
 
 def flow_sigmas(num_steps: int, shift: float = 5.0) -> torch.Tensor:
@@ -33,7 +32,7 @@ class SampleResult:
     experts: list[str]                  # "high"/"low"/"single" per step
 
 
-def _timestep(model: WanModel, t: float, x: torch.Tensor) -> torch.Tensor:
+def _timestep(model: WanTransformer, t: float, x: torch.Tensor) -> torch.Tensor:
     """[B] or, for per-token-timestep models (TI2V), [B, S] filled with t."""
     B = x.shape[0]
     if model.config.expand_timesteps:
@@ -44,7 +43,7 @@ def _timestep(model: WanModel, t: float, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: WanModel | WanExperts, latents: torch.Tensor, prompt_embeds: torch.Tensor,
+def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_embeds: torch.Tensor,
            negative_prompt_embeds: torch.Tensor | None = None, num_steps: int = 4, guidance_scale: float = 5.0,
            shift: float = 5.0, image_embeds: torch.Tensor | None = None, condition: torch.Tensor | None = None,
            progress: bool = True) -> SampleResult:

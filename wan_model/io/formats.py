@@ -1,7 +1,7 @@
 """Checkpoint file formats: the registry, reading (detection, renaming, NVFP4 decoding) and ONE writer.
 
 A `Format` is a container (a diffusers-style directory or one .safetensors file), a key naming
-(wan_model.layouts) and an NVFP4 tensor layout (`wan_model.layouts.NVFP4_LAYOUTS`):
+(wan_model.compat.layouts) and an NVFP4 tensor layout (`wan_model.compat.layouts.NVFP4_LAYOUTS`):
 
   name       container  naming               NVFP4 layout  read by (checked in tests/test_formats.py)
   diffusers  directory  diffusers            ours          diffusers' from_pretrained (dense)
@@ -23,7 +23,7 @@ conversion alike. A save is a list of `Unit`s (a dense tensor, or an NVFP4 layer
 planned from shapes; shards are cut between units (`max_shard_size`), each shard's safetensors header
 is written first and then each unit's tensors as `produce(unit)` makes them, so only one unit is in
 memory. Directory formats add config.json, the shard index and their side files; the whole save is
-atomic and non-destructive (wan_model._atomic).
+atomic and non-destructive (wan_model.io._atomic).
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ from typing import Callable, Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from wan_model._atomic import Layout, atomic_save
-from wan_model.config import WanConfig
+from wan_model.io._atomic import Layout, atomic_save
+from wan_model.core.config import WanConfig
 from wan_kernels import fp8 as fp8fmt
 from wan_kernels._checks import first_bad
 from wan_kernels.nvfp4 import E4M3_NAN, bad_block_scale_bytes, codes_all_zero
-from wan_model.layouts import (COMFY_PREFIX, FP8_SCALE_KEYS, IGNORED_KEYS, MARKER_KEY, NVFP4_LAYOUTS, SCALED_FP8_KEY,
+from wan_model.compat.layouts import (COMFY_PREFIX, FP8_SCALE_KEYS, IGNORED_KEYS, MARKER_KEY, NVFP4_LAYOUTS, SCALED_FP8_KEY,
                                CheckpointError, NVFP4Layout, marker_tensor,
                                diffusers_to_original_key, nvfp4_file_plan, nvfp4_from_file, nvfp4_to_file,
                                original_to_diffusers_key, parse_marker)
-from wan_model.quantize import checkpoint_layers, layer_groups
+from wan_model.compat.quantize import checkpoint_layers, layer_groups
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -89,7 +89,7 @@ REGISTRY = {f.name: f for f in (
 )}
 FORMATS = tuple(n for n, f in REGISTRY.items() if f.writable)  # the formats we write (CLI `convert --format`)
 
-# the entries a save may replace without overwrite=True, and the only ones it replaces (wan_model._atomic)
+# the entries a save may replace without overwrite=True, and the only ones it replaces (wan_model.io._atomic)
 DIFFUSERS_LAYOUT = Layout(
     files=r"config\.json|hf_quant_config\.json|"
           r"diffusion_pytorch_model(\.safetensors(\.index\.json)?|-\d{5}-of-\d{5}\.safetensors)",
@@ -187,7 +187,7 @@ def read_safetensors(paths: list[str], progress: bool | None = None) -> dict[str
     return out
 
 
-# the per-tensor / per-row scale keys of every layout (wan_model.layouts): fp8 (ours, both ComfyUI flavours) and
+# the per-tensor / per-row scale keys of every layout (wan_model.compat.layouts): fp8 (ours, both ComfyUI flavours) and
 # NVFP4 (decode or, LightX2V, encode convention); the NVFP4 global keys may be 0 for an all-zero layer
 GLOBAL_SCALE_KEYS = frozenset(layout.global_key for layout in NVFP4_LAYOUTS.values())
 SCALE_KEYS = GLOBAL_SCALE_KEYS | {layout.input_key for layout in NVFP4_LAYOUTS.values()} | {
@@ -251,7 +251,7 @@ def nvfp4_hint_of_file(metadata: dict[str, str]) -> str | None:
 def nvfp4_hint_of_dir(directory: str, config: dict) -> str | None:
     """The NVFP4 layout a directory declares: hf_quant_config.json or a ModelOpt quantization_config in
     config.json -> "modelopt" (checked: NVFP4, group 16); our quantization_config -> "ours"."""
-    from wan_model.config import read_json
+    from wan_model.core.config import read_json
 
     found = {}
     qc = config.get("quantization_config")
@@ -282,7 +282,7 @@ def _check_modelopt(q, where: str) -> None:
 
 
 def _apply_comfy_scales(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """ComfyUI fp8 layers -> our FP8 layout (wan_model.layouts, "FP8 layers"), KEEPING the fp8 bytes: the scale
+    """ComfyUI fp8 layers -> our FP8 layout (wan_model.compat.layouts, "FP8 layers"), KEEPING the fp8 bytes: the scale
     becomes `<layer>.weight_scale` fp32 [] (or [N, 1]), a static activation scale `<layer>.input_scale`; the
     side-car keys are dropped; pop the NVFP4 markers. Returns (tensors, layers marked `{"format": "nvfp4"}`).
 
@@ -407,7 +407,7 @@ def nvfp4_layout_of(keys, marked: set[str], hint: str | None) -> NVFP4Layout | N
 
 
 def decode_nvfp4(sd: dict[str, torch.Tensor], layout: NVFP4Layout, source: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The NVFP4 layers of `layout` in diffusers-named `sd` -> our layout (wan_model.layouts); the other
+    """The NVFP4 layers of `layout` in diffusers-named `sd` -> our layout (wan_model.compat.layouts); the other
     tensors unchanged. Meta tensors give meta results."""
     out = dict(sd)
     for layer in sorted(_layers_with(sd, layout.global_key)):
@@ -619,7 +619,7 @@ def encode(format: Format, unit: Unit, layer_tensors: dict[str, torch.Tensor]) -
 
 
 def fp8_file_plan(flavour: str, dtype: torch.dtype, shape: tuple[int, ...], input_scale: bool, sentinel: bool):
-    """[(key suffix, dtype, shape)] of an FP8 layer in a ComfyUI `flavour` (wan_model.layouts "FP8 layers");
+    """[(key suffix, dtype, shape)] of an FP8 layer in a ComfyUI `flavour` (wan_model.compat.layouts "FP8 layers");
     `sentinel`: the first FP8 layer of a "scaled_fp8" file also carries the file's `scaled_fp8` sentinel."""
     scale_key, input_key = FP8_SCALE_KEYS[flavour]
     plan = [("weight", dtype, shape), (scale_key, torch.float32, ())]
@@ -748,7 +748,7 @@ def write_checkpoint(dst, format: Format, cfg: WanConfig, units: list[Unit],
                      tensors: Callable[[Unit], dict[str, torch.Tensor]], max_shard_size: int | str = "5GB",
                      quantization: dict | None = None, overwrite: bool = False,
                      progress: Callable[[Unit], None] | None = None) -> None:
-    """`write_into` a staging area moved to `dst` atomically and non-destructively (wan_model._atomic;
+    """`write_into` a staging area moved to `dst` atomically and non-destructively (wan_model.io._atomic;
     `overwrite` as there)."""
     with atomic_save(dst, DIFFUSERS_LAYOUT if format.directory else None, overwrite) as tmp:
         write_into(tmp, format, cfg, units, tensors, max_shard_size, quantization, progress)

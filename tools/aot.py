@@ -16,7 +16,7 @@ target=GPUTarget("cuda", arch, 32))` (no GPU or driver needed) and returns an `A
 `fn` may be a `JITFunction`, an `InterpretedFunction` (the kernel was decorated under TRITON_INTERPRET=1:
 its Python function is recompiled here) or a plain Python function in Triton's language.
 
-    from wan_kernels.triton import aot
+    from tools import aot
     r = aot.compile_aot(kernel, {"x_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024},
                         arch=90, num_warps=4, aligned=("x_ptr",))
     print(r.summary())

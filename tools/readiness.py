@@ -1,6 +1,6 @@
-"""GPU-readiness report without a GPU: `python -m wan_kernels.readiness [--kernels ...] [--archs ...]`.
+"""GPU-readiness report without a GPU: `python -m tools.readiness [--kernels ...] [--archs ...]`.
 
-Compiles ahead of time (wan_kernels/triton/aot.py) every launch the Triton launchers can make, for sm_80, sm_86,
+Compiles ahead of time (tools/aot.py) every launch the Triton launchers can make, for sm_80, sm_86,
 sm_89, sm_90, sm_100 and sm_120, and prints per kernel / launch / arch: the tensor-core instruction family in the
 PTX, registers, spill bytes (cuobjdump STACK + LOCAL, STL/LDL count) and shared memory. Then lists the CUDA objects
 built into `wan_kernels._C` per arch (cuobjdump --list-elf / --dump-resource-usage, the copy bundled with Triton).
@@ -251,7 +251,7 @@ BUILDERS = {"qk_norm_rope": _qk_norm_rope_jobs, "attention": _attention_jobs, "a
 
 def jobs_for(kernels, archs) -> list[Job]:
     """Every launch of `kernels` on `archs`, launches that Triton specialises identically listed once."""
-    from wan_kernels.triton import aot
+    from tools import aot
 
     out, seen = [], set()
     for k in kernels:
@@ -294,7 +294,7 @@ _POOL_STATE: dict = {}  # jobs / options / workdir, inherited by forked workers
 
 
 def _compile(i: int) -> Row | str:
-    from wan_kernels.triton import aot
+    from tools import aot
 
     j = _POOL_STATE["jobs"][i]
     try:
@@ -337,7 +337,7 @@ def _demangle(name: str) -> str:
 def cuda_objects(archs) -> tuple[list[str], list[str]]:
     """(report lines, failures) for the CUDA objects in wan_kernels._C, per arch."""
     from wan_kernels import EXTENSION
-    from wan_kernels.triton.aot import tool
+    from tools.aot import tool
 
     if not EXTENSION.loaded:
         return ["_C: not built (" + str(EXTENSION.error) + ")"], []
@@ -374,7 +374,7 @@ def cuda_objects(archs) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_kernels.readiness", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.readiness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {KERNELS}")
     p.add_argument("--archs", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities")

@@ -24,8 +24,8 @@ is quantized whole or not at all (a keep pattern that catches part of one is an 
 checkpoint whose group members have different `weight_scale_2` (e.g. a ModelOpt export of the
 cross-attention K/V) is refused: re-quantizing would be lossy.
 
-The streaming converter of checkpoints is `wan_model.checkpoint.convert_nvfp4`; the file layouts of
-NVFP4 checkpoints are in wan_model.layouts.
+The streaming converter of checkpoints is `wan_model.io.checkpoint.convert_nvfp4`; the file layouts of
+NVFP4 checkpoints are in wan_model.compat.layouts.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from torch import nn
 from wan_kernels import fp8
 from wan_kernels import nvfp4 as fmt
 from wan_kernels.linear import FP8Linear, NVFP4Linear, default_mode
-from wan_model.config import WanConfig
-from wan_model.layouts import native_direct, stacked_kv
-from wan_model.model import StackedKV, WanModel, qkv_module_then_norm_rope, split_kv
+from wan_model.core.config import WanConfig
+from wan_model.compat.layouts import native_direct, stacked_kv
+from wan_model.core.model import StackedKV, WanTransformer, qkv_module_then_norm_rope, split_kv
 
 METHODS = ("nvfp4", "fp8")
 DEFAULT_KEEP = ("patch_embedding", "condition_embedder.time_embedder.*", "condition_embedder.text_embedder.*",
@@ -128,7 +128,7 @@ def nvfp4_impl(model_impl: str) -> str:
 @functools.lru_cache(maxsize=16)
 def layer_groups(cfg: WanConfig) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """(native module path, diffusers layer names in row order) of every quantizable Linear of `cfg`."""
-    meta = WanModel(cfg, impl="ref", device="meta")
+    meta = WanTransformer(cfg, impl="ref", device="meta")
     groups = []
     for d, n in native_direct(cfg).items():
         if d.endswith(".weight") and n.endswith(".weight") and isinstance(meta.get_submodule(n[:-7]), nn.Linear):
@@ -213,7 +213,7 @@ class FP8StackedKV(FP8Linear):
         return split_kv(super().forward(ctx), self.norm_k, num_heads, eps)
 
 
-def set_nvfp4_impl(model: WanModel, impl: str) -> None:
+def set_nvfp4_impl(model: WanTransformer, impl: str) -> None:
     """Point every NVFP4 / FP8 module of `model` at backend `impl` (mapped by `nvfp4_impl`)."""
     for m in model.modules():
         if isinstance(m, (NVFP4Linear, FP8Linear)):
@@ -225,7 +225,7 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def _finish(model: WanModel, config: NVFP4Config) -> WanModel:
+def _finish(model: WanTransformer, config: NVFP4Config) -> WanTransformer:
     for block in model.blocks:  # decided here, once: NVFP4 QKV GEMM, then the fused RMSNorm + RoPE op
         if isinstance(block.attn1.to_qkv, (NVFP4Linear, FP8Linear)):
             block.attn1.project_qkv = qkv_module_then_norm_rope
@@ -234,7 +234,7 @@ def _finish(model: WanModel, config: NVFP4Config) -> WanModel:
 
 
 @torch.no_grad()
-def quantize_model(model: WanModel, method: str = "nvfp4", config: NVFP4Config | None = None) -> WanModel:
+def quantize_model(model: WanTransformer, method: str = "nvfp4", config: NVFP4Config | None = None) -> WanTransformer:
     """Quantize `model` in place (see the module docstring); returns it."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
@@ -252,11 +252,11 @@ def quantize_model(model: WanModel, method: str = "nvfp4", config: NVFP4Config |
     return _finish(model, config)
 
 
-def _fp8_kw(config: FP8Config, model: WanModel) -> dict:
+def _fp8_kw(config: FP8Config, model: WanTransformer) -> dict:
     return {"per_channel": config.per_channel, "fp8_dtype": config.dtype, "impl": config.impl or nvfp4_impl(model.impl)}
 
 
-def _quantize_fp8(model: WanModel, config: FP8Config) -> WanModel:
+def _quantize_fp8(model: WanTransformer, config: FP8Config) -> WanTransformer:
     """quantize_model for "fp8": a fused group is one native module, so its per-tensor scale is already the
     max over its members."""
     if not isinstance(config, FP8Config):
@@ -269,8 +269,8 @@ def _quantize_fp8(model: WanModel, config: FP8Config) -> WanModel:
     return _finish(model, config)
 
 
-def fp8_structure(model: WanModel, config: FP8Config, per_channel: set[str] = frozenset(),
-                  input_scale: set[str] = frozenset()) -> WanModel:
+def fp8_structure(model: WanTransformer, config: FP8Config, per_channel: set[str] = frozenset(),
+                  input_scale: set[str] = frozenset()) -> WanTransformer:
     """Replace the modules `config` quantizes by EMPTY FP8 modules (model on "meta", to be filled by
     load_state_dict(assign=True)); `per_channel` / `input_scale`: native modules whose checkpoint holds a
     per-row scale / a static input scale."""
@@ -294,7 +294,7 @@ def fp8_checkpoint_layers(sd) -> tuple[str, ...]:
                         and v.dtype in fp8.DTYPES and k + "_scale" in sd and k + "_scale_2" not in sd))
 
 
-def quantize_structure(model: WanModel, config: NVFP4Config, device) -> WanModel:
+def quantize_structure(model: WanTransformer, config: NVFP4Config, device) -> WanTransformer:
     """Replace the modules `config` quantizes by EMPTY NVFP4 modules (model on "meta", to be filled by
     load_state_dict(assign=True)); the NVFP4Linear mode is chosen for `device`, where it will run."""
     impl = config.impl or nvfp4_impl(model.impl)

@@ -5,7 +5,7 @@ Key names. Three namings of one transformer:
   original   names of Wan-Video's wan/modules/model.py (`blocks.N.self_attn.q`, ...); ComfyUI files use
              them too, optionally prefixed `model.diffusion_model.` (COMFY_PREFIX)
   native     our WanModel's state dict: the self-attention Q/K/V of a layer fused into one [3C, C]
-             tensor, the cross-attention K/V of all layers stacked into one (see wan_model.model)
+             tensor, the cross-attention K/V of all layers stacked into one (see wan_model.core.model)
 `diffusers_to_original_key` / `original_to_diffusers_key` rename one key; `diffusers_to_native` /
 `native_to_diffusers` convert a whole state dict (fusing / splitting, NVFP4 layers included).
 
@@ -16,7 +16,7 @@ scalar in the DECODE convention (amax / 2688), optional `input_scale` (decode). 
 in four ways, each a field: the nibble of element 2i, the block-scale layout (swizzled or linear
 [N, K/16]), the names and convention of the per-tensor scales (decode = amax / 2688; encode =
 2688 / amax = 1 / decode: `decode_to_encode`, `encode_to_decode`), and a per-layer marker. Readers
-and writers (wan_model.formats) apply these fields and nothing else.
+and writers (wan_model.io.formats) apply these fields and nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import re
 import torch
 
 from wan_kernels import nvfp4 as fmt
-from wan_model.config import WanConfig
+from wan_model.core.config import WanConfig
 
 COMFY_PREFIX = "model.diffusion_model."
 # diffusers ignores these keys on load (WanTransformer3DModel._keys_to_ignore_on_load_unexpected)

@@ -1,54 +1,55 @@
 """Wan transformer checkpoints: load, save and convert (safetensors only, never pickle).
 
-Formats (wan_model.formats.REGISTRY; key names and NVFP4 conventions in wan_model.layouts):
+Formats (wan_model.io.formats.REGISTRY; key names and NVFP4 conventions in wan_model.compat.layouts):
   "diffusers"  a directory with config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors
                (+ .index.json when sharded), names of diffusers' WanTransformer3DModel
   "original"   one .safetensors file with the names of Wan-Video's wan/modules/model.py
   "comfyui"    the original names, optionally prefixed `model.diffusion_model.`; fp8 "scaled" files
                carry side-car keys (`scaled_fp8` + `<layer>.scale_weight`, or `<layer>.comfy_quant` +
-               `<layer>.weight_scale`): their layers load as FP8Linear, the fp8 bytes kept (wan_model.layouts)
+               `<layer>.weight_scale`): their layers load as FP8Linear, the fp8 bytes kept (wan_model.compat.layouts)
   "comfyui-scaled-fp8"  as comfyui, FP8 layers written in the legacy `scaled_fp8` flavour
   "modelopt"   a diffusers directory of NVFP4 layers in NVIDIA ModelOpt's layout + hf_quant_config.json
   "lightx2v"   (read) one file, original names, NVFP4 layers in LightX2V's layout
-  GGUF         (read here, dequantized at load; written by wan_model.gguf.convert_gguf) one .gguf file,
+  GGUF         (read here, dequantized at load; written by wan_model.io.gguf.convert_gguf) one .gguf file,
                original names, arch "wan" (city96's ComfyUI-GGUF files; diffusers' GGUF loader)
 The format is detected on load; a Wan2.2 two-expert pipeline directory (`transformer/` + `transformer_2/`)
 loads as a `WanExperts`.
 
 Inside the model the self-attention Q/K/V weights are one fused [3C, C] tensor and the cross-attention
-K/V weights of all layers one stacked tensor (see wan_model.model); conversion happens in
-wan_model.layouts.
+K/V weights of all layers one stacked tensor (see wan_model.core.model); conversion happens in
+wan_model.compat.layouts.
 
-NVFP4 checkpoints (wan_model.quantize) hold, for each quantized layer, `<layer>.weight` (uint8 packed
+NVFP4 checkpoints (wan_model.compat.quantize) hold, for each quantized layer, `<layer>.weight` (uint8 packed
 E2M1), `<layer>.weight_scale` (float8_e4m3fn) and a per-tensor scale, in the layout of their format
-(wan_model.layouts.NVFP4_LAYOUTS), converted to ours at the file boundary; the layers with a per-tensor
+(wan_model.compat.layouts.NVFP4_LAYOUTS), converted to ours at the file boundary; the layers with a per-tensor
 scale are loaded into NVFP4Linear modules. A `<layer>.input_scale` (static activation scale) is carried
 by conversions and not used by the model (its W4A4 path computes the activation scale per call).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import torch
 
 from wan_kernels import fp8
-from wan_model._atomic import atomic_save, check_destination
-from wan_model.config import WanConfig, block_indices, read_json
-from wan_model.formats import (DIFFUSERS_LAYOUT, FORMATS, INDEX_NAME, PIPELINE_LAYOUT, REGISTRY, WEIGHTS_NAME,
-                               LazyCheckpoint, detect_format, file_metadata, from_state_dict, nvfp4_hint_of_dir,
+from wan_model.io._atomic import atomic_save, check_destination
+from wan_model.core.config import WanConfig, block_indices, read_json
+from wan_model.io.formats import (DIFFUSERS_LAYOUT, FORMATS, INDEX_NAME, PIPELINE_LAYOUT, REGISTRY, WEIGHTS_NAME,
+                               detect_format, file_metadata, from_state_dict, nvfp4_hint_of_dir,
                                nvfp4_hint_of_file, parse_size, plan_units, progress_bar, read_safetensors,
                                save_layout, to_diffusers_names, writable_format, write_checkpoint, write_into)
-from wan_model.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_keys, diffusers_to_native,
+from wan_model.compat.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_keys, diffusers_to_native,
                                diffusers_to_original_key, native_to_diffusers, original_to_diffusers_key)
-from wan_model.model import WanModel, keeps_fp32
-from wan_model.quantize import (NEVER_QUANTIZED, FP8Config, NVFP4Config, checkpoint_layers, fp8_checkpoint_layers,
-                                fp8_structure, layer_groups, quantize_structure, quantized_groups)
+from wan_model.compat.spellings import keeps_fp32
+from wan_model.core.model import WanExperts, WanTransformer
+from wan_model.io.gguf import is_gguf, read_gguf
+from wan_model.compat.quantize import (NEVER_QUANTIZED, FP8Config, NVFP4Config, checkpoint_layers, fp8_checkpoint_layers,
+                                fp8_structure, layer_groups, quantize_structure)
 
 __all__ = ["COMFY_PREFIX", "DIFFUSERS_LAYOUT", "FORMATS", "INDEX_NAME", "REGISTRY", "WEIGHTS_NAME", "CheckpointError", "WanExperts",
-           "check_state_dict", "config_from_state_dict", "convert_checkpoint", "convert_nvfp4", "detect_format",
+           "check_state_dict", "config_from_state_dict", "detect_format",
            "diffusers_keys", "diffusers_to_native", "diffusers_to_original_key", "load_model", "native_to_diffusers",
            "original_to_diffusers_key", "parse_size", "save_layout", "save_model", "save_state_dict", "source_files"]
 
@@ -97,11 +98,11 @@ def _diffusers_files(directory: str) -> list[str]:
 # Loading
 
 def _expected_model(cfg: WanConfig, nvfp4_layers: tuple[str, ...] = (), device="cpu", impl: str = "ref",
-                    fp8_native: dict[str, torch.Tensor] | None = None):
-    """An empty WanModel on "meta" with the layers `nvfp4_layers` (diffusers names) as NVFP4 modules;
+                    fp8_native: dict[str, torch.Tensor] | None = None, cls=WanTransformer):
+    """An empty `cls` (a WanTransformer) on "meta" with the layers `nvfp4_layers` (diffusers names) as NVFP4 modules;
     `fp8_native`: the native state dict of a checkpoint with FP8 layers, whose modules become FP8Linear (per-row
     where its scale is [N, 1], with the fp8 dtype stored)."""
-    model = WanModel(cfg, impl=impl, device="meta")
+    model = cls(cfg, impl=impl, device="meta")
     if nvfp4_layers:
         try:
             quantize_structure(model, NVFP4Config(layers=tuple(nvfp4_layers)), device)
@@ -151,7 +152,7 @@ def _check_fp8(sd: dict[str, torch.Tensor], fp8_layers, source: dict[str, str]) 
 def logical_shapes(sd: dict) -> dict:
     """Meta tensors of the dense shapes of a diffusers-named state dict (an NVFP4 `<layer>.weight` [N, K/2]
     counts as [N, K]; its scales are dropped): what `WanConfig.from_state_dict` reads."""
-    from wan_model.config import _shape
+    from wan_model.core.config import _shape
     out = {}
     for k, v in sd.items():
         if k.endswith(SCALE_KEYS):
@@ -211,14 +212,15 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[s
         raise CheckpointError("checkpoint tensors have wrong shapes: " + "; ".join(wrong))
 
 
-def native_to_diffusers_meta(model: WanModel) -> dict[str, torch.Tensor]:
+def native_to_diffusers_meta(model: WanTransformer) -> dict[str, torch.Tensor]:
     return native_to_diffusers(dict(model.state_dict()), model.config)
 
 
 def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None = None,
                           dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto",
-                          source: dict[str, str] | None = None) -> WanModel:
-    """Build a WanModel from diffusers-named tensors (shapes and keys checked).
+                          source: dict[str, str] | None = None, cls=WanTransformer) -> WanTransformer:
+    """Build a `cls` (WanTransformer or the public wan_model.WanModel) from diffusers-named tensors (shapes and
+    keys checked).
 
     Parameters diffusers keeps in fp32 (time_embedder, scale_shift_table, norm1/2/3) are fp32, the rest
     `dtype`, exactly as WanTransformer3DModel.from_pretrained(torch_dtype=dtype) holds them.
@@ -231,7 +233,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
     native = diffusers_to_native(sd, cfg)
     native = {k: v.to(device=device) if _is_nvfp4_buffer(k, v) else
               v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
-    model = _expected_model(cfg, nvfp4_layers, device, impl, native)
+    model = _expected_model(cfg, nvfp4_layers, device, impl, native, cls)
     model.load_state_dict(native, strict=True, assign=True)
     model._apply(lambda t: t)  # re-bind the op backends on the real device
     return model
@@ -246,18 +248,6 @@ def _is_nvfp4_buffer(key: str, t: torch.Tensor) -> bool:
     return key.endswith(SCALE_KEYS) or t.dtype == torch.uint8 or t.dtype in fp8.DTYPES
 
 
-@dataclasses.dataclass
-class WanExperts:
-    """Wan2.2 A14B: high-noise expert `high` (t >= boundary_ratio * 1000), then low-noise `low`."""
-
-    high: WanModel
-    low: WanModel
-    boundary_ratio: float
-
-    def expert(self, t: float) -> WanModel:
-        return self.high if t >= self.boundary_ratio * 1000 else self.low
-
-
 def _pipeline_fields(root: str) -> dict:
     """boundary_ratio and expand_timesteps of a pipeline's model_index.json (checked as WanConfig fields)."""
     path = os.path.join(root, "model_index.json")
@@ -270,23 +260,25 @@ def _pipeline_fields(root: str) -> dict:
 
 
 def load_diffusers_dir(directory: str, dtype=torch.bfloat16, device="cpu", impl="auto", progress=None,
-                       **fields) -> WanModel:
+                       cls=WanTransformer, **fields) -> WanTransformer:
     cfg = _checked(WanConfig.from_diffusers_config, directory).replace(**fields)
     sd = read_safetensors(_diffusers_files(directory), progress)
     sd, source, _ = to_diffusers_names(sd, _dir_hint(directory))
-    return model_from_state_dict(sd, cfg, dtype, device, impl, source)
+    return model_from_state_dict(sd, cfg, dtype, device, impl, source, cls)
 
 
 def _dir_hint(directory: str) -> str | None:
-    """The NVFP4 layout a diffusers-style directory declares (wan_model.formats.nvfp4_hint_of_dir)."""
+    """The NVFP4 layout a diffusers-style directory declares (wan_model.io.formats.nvfp4_hint_of_dir)."""
     return nvfp4_hint_of_dir(directory, _checked(read_json, os.path.join(directory, "config.json")))
 
 
 def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto",
-               config: WanConfig | None = None, boundary_ratio: float | None = None, progress: bool | None = None):
-    """Load a Wan transformer from any supported layout (see the module docstring).
+               config: WanConfig | None = None, boundary_ratio: float | None = None, progress: bool | None = None,
+               cls=WanTransformer):
+    """Load a Wan transformer from any supported layout (see the module docstring) as a `cls` (the public
+    wan_model.WanModel passes itself).
 
-    Returns a WanModel, or a WanExperts for a two-expert (Wan2.2 A14B) pipeline directory. `progress`: a
+    Returns a `cls`, or a WanExperts for a two-expert (Wan2.2 A14B) pipeline directory. `progress`: a
     progress bar over the bytes read (None: shown for checkpoints of 1 GB and more).
     """
     path = os.fspath(path)
@@ -296,8 +288,8 @@ def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: st
         pipeline = _pipeline_fields(path)
         fields = {"expand_timesteps": pipeline["expand_timesteps"]} if "expand_timesteps" in pipeline else {}
         if os.path.isdir(os.path.join(path, "transformer_2")):
-            high = load_diffusers_dir(os.path.join(path, "transformer"), dtype, device, impl, progress, **fields)
-            low = load_diffusers_dir(os.path.join(path, "transformer_2"), dtype, device, impl, progress, **fields)
+            high = load_diffusers_dir(os.path.join(path, "transformer"), dtype, device, impl, progress, cls, **fields)
+            low = load_diffusers_dir(os.path.join(path, "transformer_2"), dtype, device, impl, progress, cls, **fields)
             ratio = boundary_ratio if boundary_ratio is not None else pipeline.get("boundary_ratio")
             if ratio is None:  # Wan2.2 defaults (REFERENCE.md section 2)
                 ratio = 0.9 if high.config.in_channels == 36 else 0.875
@@ -305,21 +297,15 @@ def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: st
                 m.config = m.config.replace(boundary_ratio=ratio, num_experts=2)
             return WanExperts(high, low, ratio)
         if os.path.isdir(os.path.join(path, "transformer")):
-            return load_diffusers_dir(os.path.join(path, "transformer"), dtype, device, impl, progress, **fields)
-        return load_diffusers_dir(path, dtype, device, impl, progress)
-    if _is_gguf(path):  # dequantized at load, one tensor at a time (wan_model.gguf)
-        from wan_model.gguf import read_gguf
+            return load_diffusers_dir(os.path.join(path, "transformer"), dtype, device, impl, progress, cls, **fields)
+        return load_diffusers_dir(path, dtype, device, impl, progress, cls)
+    if is_gguf(path):  # dequantized at load, one tensor at a time (wan_model.io.gguf)
         sd, source, _ = to_diffusers_names(read_gguf(path, dtype))
     else:
         sd = read_safetensors([path], progress)
         sd, source, _ = to_diffusers_names(sd, nvfp4_hint_of_file(file_metadata([path])))
     config = config or config_from_state_dict(sd, path)
-    return model_from_state_dict(sd, config, dtype, device, impl, source)
-
-
-def _is_gguf(path: str) -> bool:
-    from wan_model.gguf import is_gguf
-    return is_gguf(path)
+    return model_from_state_dict(sd, config, dtype, device, impl, source, cls)
 
 
 def config_from_state_dict(sd: dict, where: str) -> WanConfig:
@@ -336,7 +322,7 @@ def config_from_state_dict(sd: dict, where: str) -> WanConfig:
 
 def source_files(src: str) -> tuple[list[str], WanConfig | None, str | None]:
     """The safetensors files of a checkpoint to convert, its config when it is a diffusers-style directory,
-    and the NVFP4 layout it declares (wan_model.formats)."""
+    and the NVFP4 layout it declares (wan_model.io.formats)."""
     if os.path.isdir(src):
         if os.path.isdir(os.path.join(src, "transformer_2")):
             raise CheckpointError(f"{src} is a two-expert pipeline: convert {src}/transformer and "
@@ -347,7 +333,7 @@ def source_files(src: str) -> tuple[list[str], WanConfig | None, str | None]:
         return files, _checked(WanConfig.from_diffusers_config, src), _dir_hint(src)
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such file or directory")
-    if _is_gguf(src):
+    if is_gguf(src):
         raise CheckpointError(f"{src} is a GGUF file, which is not streamed: convert it to safetensors first "
                               "(python -m wan_model convert SRC.gguf DST --format diffusers)")
     return [src], None, nvfp4_hint_of_file(file_metadata([src]))
@@ -355,7 +341,7 @@ def source_files(src: str) -> tuple[list[str], WanConfig | None, str | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving (atomic and non-destructive, one writer: wan_model.formats)
+# Saving (atomic and non-destructive, one writer: wan_model.io.formats)
 
 def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
@@ -373,7 +359,7 @@ def save_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, path, format: s
     (diffusers, modelopt) or one safetensors file (original names; ComfyUI: prefixed
     `model.diffusion_model.`). `quantization`: the quantization_config of an NVFP4 model.
 
-    Atomic and non-destructive (wan_model._atomic states the guarantee): an existing file is refused
+    Atomic and non-destructive (wan_model.io._atomic states the guarantee): an existing file is refused
     unless `overwrite`; an existing directory is replaced when empty or holding nothing but a checkpoint
     of ours (config.json + diffusion_pytorch_model*.safetensors [+ index, hf_quant_config.json]), else
     refused unless `overwrite`, which replaces those files only and keeps every other one. A kill
@@ -391,12 +377,12 @@ def save_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, path, format: s
                          progress=lambda u: bar.update(u.nbytes))
 
 
-def _model_state(model: WanModel) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _model_state(model: WanTransformer) -> tuple[dict[str, torch.Tensor], dict | None]:
     sd = native_to_diffusers(dict(model.state_dict()), model.config)
     return sd, model.quantization.to_json() if model.quantization is not None else None
 
 
-def save_model(model: WanModel, path, format: str = "diffusers", max_shard_size: int | str = "5GB",
+def save_model(model: WanTransformer, path, format: str = "diffusers", max_shard_size: int | str = "5GB",
                overwrite: bool = False) -> None:
     """Save a WanModel (or a WanExperts pair as transformer/ + transformer_2/ + model_index.json of a
     pipeline dir), atomic and non-destructive as `save_state_dict`, `overwrite` as there."""
@@ -417,172 +403,3 @@ def save_model(model: WanModel, path, format: str = "diffusers", max_shard_size:
             write_into(os.path.join(tmp, sub), f, m.config, units, from_state_dict(sd), max_shard_size, quantization)
         with open(os.path.join(tmp, "model_index.json"), "w") as fh:
             json.dump({"_class_name": "WanPipeline", "boundary_ratio": model.boundary_ratio}, fh, indent=2)
-
-
-def cast_checked(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
-    """`t.to(dtype)` for a conversion, refusing (CheckpointError naming `where`, the file and key) a result the
-    cast made non-finite: values beyond `dtype`'s range (fp16: |x| > 65504; bf16 only past 3.39e38) would be
-    written as inf. A source that is already non-finite is its own error (no cast makes it right). Called before
-    anything is written, so a refused conversion leaves the destination as it was."""
-    out = t.to(dtype)
-    if out.dtype == t.dtype or not out.dtype.is_floating_point or torch.isfinite(out).all():
-        return out
-    name = str(dtype).removeprefix("torch.")
-    if not torch.isfinite(t).all():
-        raise CheckpointError(f"{where}: the source already holds non-finite values (inf/nan); refusing to "
-                              f"convert it to {name}")
-    raise CheckpointError(f"{where}: values beyond {name}'s range (max |x| {t.abs().max().item():.4g} > "
-                          f"{torch.finfo(dtype).max:.6g}) would be written as inf; use --dtype "
-                          f"{'bfloat16' if dtype == torch.float16 else 'float32'}")
-
-
-def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
-                       max_shard_size: int | str = "5GB", quantize: str | None = None, nvfp4_config=None,
-                       progress: bool = True, overwrite: bool = False) -> WanConfig:
-    """Convert one Wan transformer checkpoint (any supported format) to `format` at `dst`.
-
-    Tensors keep their stored dtype unless `dtype` is given (then diffusers' fp32 modules stay fp32);
-    FP8 layers (ComfyUI fp8 files, ours) stay fp8 with their scales, converted between the flavours exactly
-    (wan_model.layouts), unless `dtype` is given: then they are dequantized (as are those that cannot stay fp8
-    in our model: the time embedder); NVFP4 layers keep their values (converted between layouts exactly).
-    Returns the config.
-    quantize="nvfp4" / "fp8": stream the conversion tensor by tensor and quantize on the fly (`convert_nvfp4`;
-    `nvfp4_config`, an NVFP4Config / FP8Config, picks the layers and the scales); memory stays bounded.
-    `dst` follows `save_state_dict`'s policy (`overwrite` as there), checked before any tensor is read.
-    """
-    check_destination(dst, save_layout(format), overwrite)
-    if quantize is not None:
-        if quantize not in ("nvfp4", "fp8"):
-            raise ValueError(f"unknown quantization {quantize!r}; expected 'nvfp4' or 'fp8'")
-        config = nvfp4_config or (FP8Config() if quantize == "fp8" else NVFP4Config())
-        if isinstance(config, FP8Config) != (quantize == "fp8"):
-            raise ValueError(f"quantize={quantize!r} takes an {'FP8Config' if quantize == 'fp8' else 'NVFP4Config'}, "
-                             f"got {type(config).__name__}")
-        return convert_nvfp4(src, dst, format, config, dtype, max_shard_size, progress, overwrite)
-    src = os.fspath(src)
-    if os.path.isfile(src) and _is_gguf(src):  # dequantized (quantized types to fp32: exact; wan_model.gguf)
-        from wan_model.gguf import read_gguf
-        sd, source, _ = to_diffusers_names(read_gguf(src))
-        cfg = None
-    else:
-        files, cfg, hint = source_files(src)
-        sd, source, _ = to_diffusers_names(read_safetensors(files, progress), hint)
-    cfg = cfg or config_from_state_dict(sd, src)
-    nvfp4_layers = checkpoint_layers(sd)  # an NVFP4 checkpoint changes naming and layout only: values are kept
-    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd))
-    sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
-    sd = dequantize_fp8_layers(sd, cfg, keep=dtype is None)  # FP8 layers: kept as they are, or dequantized
-    if dtype is not None:
-        sd = {k: v if _is_nvfp4_buffer(k, v) else cast_checked(v, torch.float32 if keeps_fp32(k) else dtype,
-                                                                f"{src}: {source.get(k, k)}")
-              for k, v in sd.items()}
-    quantization = NVFP4Config(layers=nvfp4_layers).to_json() if nvfp4_layers else None
-    save_state_dict(sd, cfg, dst, format, max_shard_size, quantization, overwrite, progress)
-    return cfg
-
-
-def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | FP8Config | None = None,
-                  dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
-                  progress: bool = True, overwrite: bool = False) -> WanConfig:
-    """Stream-convert a dense checkpoint (any supported format) to an NVFP4 checkpoint in `format` at `dst`
-    (an FP8 one when `config` is an FP8Config).
-
-    Equal, bit for bit, to `WanModel.from_pretrained(src, dtype).quantize("nvfp4" / "fp8", config)` saved in
-    `format` (dtype None: the stored dtypes, i.e. quantize from the stored values; else tensors are cast
-    first, diffusers' fp32 modules staying fp32). Returns the config.
-
-    Reads one tensor at a time through safetensors `safe_open` (wan_model.formats.LazyCheckpoint), quantizes
-    it and hands it to the one writer, which appends it to its shard: peak memory is a few tensors,
-    whatever the checkpoint size. Fused groups (wan_model.quantize) share one global scale, computed in a
-    first pass over their members (FP8: per tensor; per channel needs none). Written atomically and non-destructively as `save_state_dict`
-    (`overwrite` as there); `dst` is checked before anything is read.
-    """
-    import wan_kernels
-    from tqdm import tqdm
-    from wan_kernels import nvfp4 as fmt
-
-    f = writable_format(format)
-    check_destination(dst, save_layout(format), overwrite)
-    if f.directory:
-        parse_size(max_shard_size)
-    config = config or NVFP4Config()
-    is_fp8 = isinstance(config, FP8Config)
-    fp8_dtype = fp8.dtype_of(config.dtype) if is_fp8 else None
-    files, cfg, hint = source_files(os.fspath(src))
-    lazy = LazyCheckpoint(files, hint)
-    try:
-        if lazy.nvfp4_layers or fp8_checkpoint_layers(lazy.meta()):
-            raise CheckpointError(f"{src} is already {'NVFP4' if lazy.nvfp4_layers else 'FP8'}-quantized")
-        if cfg is None:
-            try:
-                cfg = WanConfig.from_state_dict(lazy.meta())
-            except KeyError as e:
-                raise CheckpointError(f"{src}: cannot derive the config, key {e} is missing") from e
-        check_state_dict(lazy.meta(), cfg, lazy.source)
-        groups = quantized_groups(cfg, config)
-        group_of = {m: members for _, members in groups for m in members}
-
-        def cast(key: str, t: torch.Tensor) -> torch.Tensor:
-            return t if dtype is None else cast_checked(t, torch.float32 if keeps_fp32(key) else dtype,
-                                                        f"{src}: {lazy.source.get(key, key)}")
-
-        entries = {}  # the output tensors, diffusers-named, our layout
-        for key, (_, _, stored, shape) in lazy.entries.items():
-            layer = key.removesuffix(".weight")
-            if key.endswith(".weight") and layer in group_of and is_fp8:
-                entries.update({key: (fp8_dtype, shape),
-                                layer + ".weight_scale": (torch.float32, (shape[0], 1) if config.per_channel else ())})
-            elif key.endswith(".weight") and layer in group_of:
-                n, k = shape
-                entries.update({key: (torch.uint8, (n, k // 2)),
-                                layer + ".weight_scale": (torch.float8_e4m3fn, fmt.scale_shape(n, k)),
-                                layer + ".weight_scale_2": (torch.float32, ())})
-            else:
-                entries[key] = (stored if dtype is None else (torch.float32 if keeps_fp32(key) else dtype), shape)
-        units = plan_units(f, entries)
-
-        # pass 1: the shared global scale of each fused group (max over members of amax / (6*448))
-        group_scale: dict[tuple[str, ...], torch.Tensor] = {}
-        fused = [members for _, members in groups if len(members) > 1 and not (is_fp8 and config.per_channel)]
-        total = (sum(lazy.nbytes(m + ".weight") for ms in fused for m in ms)
-                 + sum(lazy.nbytes(k) for k in lazy.entries))
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{'fp8' if is_fp8 else 'nvfp4'} convert",
-                   disable=not progress)
-        for members in fused:
-            scales = []
-            for m in members:
-                t = cast(m + ".weight", lazy.get(m + ".weight"))
-                scales.append(t.abs().float().amax() if is_fp8 else fmt.global_scale(t))
-                bar.update(lazy.nbytes(m + ".weight"))
-            # FP8: scale_of the members' amaxes = scale_of the fused weight (amax / max), bit for bit
-            group_scale[members] = fp8.scale_of(torch.stack(scales)[None], False, fp8_dtype) if is_fp8 else \
-                torch.stack(scales).amax()
-
-        # pass 2: read, quantize, hand to the writer (one unit at a time)
-        def fp8_layer(layer: str) -> dict[str, torch.Tensor]:
-            t = cast(layer + ".weight", lazy.get(layer + ".weight"))
-            s = group_scale.get(group_of[layer])
-            s = fp8.scale_of(t, config.per_channel, fp8_dtype) if s is None else s
-            return {"weight": fp8.quantize(t, s, fp8_dtype), "weight_scale": s}
-
-        def tensors(unit) -> dict[str, torch.Tensor]:
-            layer, _, suffix = unit.key.rpartition(".")
-            if is_fp8 and unit.layer is None and layer in group_of and suffix in ("weight", "weight_scale"):
-                # formats with plain FP8 keys: weight and weight_scale are units of their own
-                return {"": fp8_layer(layer)[suffix]}
-            if is_fp8 and unit.layer is not None:
-                return fp8_layer(unit.layer)
-            t = cast(unit.key, lazy.get(unit.key))
-            if unit.layer is None:
-                return {"": t}
-            members = group_of[unit.layer]
-            gs = group_scale[members] if len(members) > 1 else fmt.global_scale(t)
-            packed, scale = wan_kernels.nvfp4_quantize(t.float().contiguous(), gs)
-            return {"weight": packed, "weight_scale": scale, "weight_scale_2": gs.reshape(())}
-
-        write_checkpoint(dst, f, cfg, units, tensors, max_shard_size, config.to_json(), overwrite,
-                         progress=lambda u: bar.update(lazy.nbytes(u.key) if u.key in lazy.entries else 0))
-        bar.close()
-    finally:
-        lazy.close()
-    return cfg

@@ -1,4 +1,4 @@
-"""`python -m wan_kernels.gpu_check OUTDIR`: the whole GPU truth of this package from one command.
+"""`python -m tools.gpu_check OUTDIR`: the whole GPU truth of this package from one command.
 
 Made for the GPU machines we can borrow: bare (torch + triton + nvcc, no package registry), minutes long.
   1. build    `_C` in place for the local arch only (a child `setup.py build_ext --inplace`, then this
@@ -462,7 +462,7 @@ def _tiny_inputs(cfg, device, dtype, grid=(2, 6, 10), batch=2, seed=0):
 
 def model_cases(check: Check) -> list[Case]:
     from wan_model.cli import random_model
-    from wan_model.config import WanConfig
+    from wan_model.core.config import WanConfig
 
     def compare(preset: str, dtype, layers: int | None = None, grid=(2, 6, 10)):
         def run():
@@ -703,7 +703,7 @@ def bench_gemm_cases(check: Check) -> list[Case]:
 def model_step_cases(check: Check) -> list[Case]:
     """One CFG step (batch 2) at 480p / 81 frames: measured vs the cost model's roofline; peak memory."""
     from wan_model import cost
-    from wan_model.config import WanConfig
+    from wan_model.core.config import WanConfig
     from wan_model.model import WanModel
 
     def step(preset: str):
@@ -758,7 +758,7 @@ DEADLINE_S = 480.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_kernels.gpu_check", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outdir", type=Path, metavar="OUTDIR",
                    help="directory for results.jsonl, summary.md, env.json, build.log")
@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"section": "build", "case": "_C", **result}) + "\n")
         print(f"[build] _C: {result}", flush=True)
         # the package (and its _C, or the pure-torch fallback) is already imported: run the rest afresh
-        os.execv(sys.executable, [sys.executable, "-m", "wan_kernels.gpu_check", str(args.outdir), "--skip-build",
+        os.execv(sys.executable, [sys.executable, "-m", "tools.gpu_check", str(args.outdir), "--skip-build",
                                   "--resume", "--sections", ",".join(names)]
                  + (["--deadline-at", repr(deadline)] if deadline is not None else []))
     check = Check(args.outdir, "cpu" if args.device == "cpu" else "cuda", args.dry_run, deadline)

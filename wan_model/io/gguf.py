@@ -7,7 +7,7 @@ per key (`tensor_types`), following ComfyUI-GGUF's convert.py + its llama.cpp qu
 
   F32    every tensor that is not 2-D (biases, norms, `.modulation` [1, 6, C], `img_emb.emb_pos` [1, S, C],
          the 5-D patch-embedding Conv3d weight), tensors of <= 1024 elements, and the modules diffusers keeps in
-         fp32 (`time_embedding.*`: wan_model.model.keeps_fp32)
+         fp32 (`time_embedding.*`: wan_model.compat.spellings.keeps_fp32)
   TYPE   (--gguf-type) the other 2-D (Linear) weights; for Q8_0/Q5_0/Q4_0 only those inside `blocks.N`
          whose row length is a multiple of the 32-element block
   kept   Q types: the linears outside the blocks (text/time projection, head, img_emb: the llama.cpp patch
@@ -21,14 +21,13 @@ Reading (`read_gguf`) parses the header itself (`_parse`: every count, length, o
 the file, the tensors tiling the data section as ggml's reader requires), then dequantizes every tensor
 (`gguf.quants.dequantize`) one at a time, refusing NaN/inf values, cast at once to the load dtype. Writing
 (`convert_gguf`) streams: tensor infos from the source's headers, then one tensor at a time read, quantized by
-row chunks and appended; atomic and non-destructive (wan_model._atomic); a write error names the destination.
+row chunks and appended; atomic and non-destructive (wan_model.io._atomic); a write error names the destination.
 
 The `gguf` package is imported only when a GGUF file is read or written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import os
@@ -39,13 +38,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from wan_model._atomic import atomic_save, check_destination
-from wan_model.checkpoint import cast_checked, check_state_dict, config_from_state_dict, source_files
-from wan_model.config import WanConfig
-from wan_model.formats import LazyCheckpoint, progress_bar, to_diffusers_names
-from wan_model.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_to_original_key,
-                               original_to_diffusers_key)
-from wan_model.model import keeps_fp32
+from wan_model.compat.layouts import COMFY_PREFIX, IGNORED_KEYS, CheckpointError, original_to_diffusers_key
+from wan_model.compat.spellings import keeps_fp32
+from wan_model.io.formats import to_diffusers_names
 
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_0")  # what --gguf-type writes
 QUANTIZED = ("Q8_0", "Q5_0", "Q4_0")
@@ -380,86 +375,3 @@ class GGUFSource:
 
     def close(self) -> None:
         self._tensors.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing (streamed)
-
-@contextlib.contextmanager
-def _writing(dst):
-    """Name the destination in a write error (a full disk: numpy's "131072 requested and 40640 written", or
-    ENOSPC from the file object), which is raised from the staged file: atomic_save then removes it."""
-    try:
-        yield
-    except OSError as e:
-        msg = f"cannot write GGUF file {os.fspath(dst)}: {e.strerror or e}"
-        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
-
-
-def convert_gguf(src, dst, gguf_type: str, dtype: torch.dtype | None = None, progress: bool | None = None,
-                 overwrite: bool = False) -> WanConfig:
-    """Stream-convert a dense Wan checkpoint (any supported format, or a GGUF file) to the GGUF file `dst`
-    with its linear weights in `gguf_type` (F32, F16, BF16, Q8_0, Q5_0, Q4_0; `tensor_types` says which tensor
-    gets which type). `dtype`: cast the source tensors first (the fp32 modules stay fp32); None keeps them.
-    Returns the config.
-
-    Tensor infos are written from the source's headers, then each tensor is read, quantized by row chunks
-    (`encode`) and appended, one at a time: peak memory is about one tensor. `dst` must end in `.gguf`; it is
-    checked before anything is read and written atomically and non-destructively (an existing file is
-    refused unless `overwrite`; a failure or kill leaves no partial file; wan_model._atomic)."""
-    gguf = _gguf()
-    check_gguf_type(gguf_type)
-    if not os.fspath(dst).lower().endswith(".gguf"):
-        raise ValueError(f"a GGUF checkpoint is one .gguf file; got destination {os.fspath(dst)!r}")
-    check_destination(dst, None, overwrite)
-    src = os.fspath(src)
-    if is_gguf(src):
-        lazy, cfg = GGUFSource(src), None
-    else:
-        files, cfg, hint = source_files(src)
-        lazy = LazyCheckpoint(files, hint)
-    try:
-        if lazy.nvfp4_layers:
-            raise CheckpointError(f"{src} is NVFP4-quantized: GGUF is written from dense checkpoints")
-        cfg = cfg or config_from_state_dict(lazy.meta(), src)
-        check_state_dict(lazy.meta(), cfg, lazy.source)
-
-        def target(key: str, stored: torch.dtype) -> torch.dtype:
-            return stored if dtype is None else torch.float32 if keeps_fp32(key) else dtype
-
-        stored = {k: (target(k, e[2]), e[3]) for k, e in lazy.entries.items()}
-        types = tensor_types(stored, gguf_type)
-        names = {}
-        for k in lazy.entries:
-            names[k] = diffusers_to_original_key(k)
-            if names[k] is None:
-                raise CheckpointError(f"{src}: tensor {lazy.source.get(k, k)!r} has no original-Wan name")
-        order = sorted(lazy.entries, key=names.get)
-        with atomic_save(dst, None, overwrite) as tmp:
-            w = gguf.GGUFWriter(tmp, ARCH)
-            try:
-                w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-                w.add_file_type(gguf.LlamaFileType[_FILE_TYPES[gguf_type]])
-                for k in order:
-                    shape = stored[k][1]
-                    w.add_tensor_info(names[k], shape, np.float32, _nbytes(shape, types[k]), raw_dtype=_qtype(types[k]))
-                with _writing(dst):
-                    w.write_header_to_file()
-                    w.write_kv_data_to_file()
-                    w.write_ti_data_to_file()
-                with progress_bar(sum(_nbytes(stored[k][1], types[k]) for k in order), "gguf convert", progress) as bar:
-                    for k in order:
-                        t = cast_checked(lazy.get(k), stored[k][0], f"{src}: {lazy.source.get(k, k)}")
-                        data = encode(t, types[k])
-                        if types[k] == "F16" and np.isinf(data).any() and t.isfinite().all():
-                            raise CheckpointError(f"{lazy.source.get(k, k)}: values beyond F16's range (max |x| "
-                                                  f"{t.abs().max().item():.4g} > 65504); use --gguf-type BF16")
-                        with _writing(dst):
-                            w.write_tensor_data(data)
-                        bar.update(data.nbytes)
-            finally:
-                with _writing(dst):
-                    w.close()
-    finally:
-        lazy.close()
-    return cfg

@@ -55,8 +55,8 @@ import os
 
 import torch
 
-from wan_model.config import WanConfig
-from wan_model.layouts import (CheckpointError, diffusers_keys, diffusers_to_original_key, native_direct,
+from wan_model.core.config import WanConfig
+from wan_model.compat.layouts import (CheckpointError, diffusers_keys, diffusers_to_original_key, native_direct,
                                original_to_diffusers_key, stacked_kv)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes in a dir
@@ -311,7 +311,7 @@ def parse(sd: dict[str, torch.Tensor], cfg: WanConfig, meta: dict | None = None,
 
 def targets(model) -> dict[str, Target]:
     """diffusers parameter key -> Target, from the layouts' key maps and the quantizer's fused groups."""
-    from wan_model.quantize import layer_groups
+    from wan_model.compat.quantize import layer_groups
 
     cfg = model.config
     out = {}

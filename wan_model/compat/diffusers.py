@@ -1,6 +1,6 @@
 """Make an existing diffusers `WanTransformer3DModel` (or a pipeline holding one) run on the `wan` ops.
 
-    from wan_model.integrations.diffusers import use_wan_kernels
+    from wan_model.compat.diffusers import use_wan_kernels
     use_wan_kernels(pipe)            # pipe.transformer (and pipe.transformer_2) now use the kernels
 
 Only the attention processors change (no module, weight or hook is added or replaced), so what diffusers
@@ -31,7 +31,7 @@ import diffusers  # noqa: F401  (its __version__ is checked below)
 import torch
 import torch.nn as nn
 
-from wan_model.integrations.versions import check_installed
+from wan_kernels._versions import check_installed
 
 check_installed("diffusers", "torch")
 
@@ -156,7 +156,7 @@ class WanKernelsAttnProcessor:
 
 def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
     """(ulysses_degree, ring_degree) of diffusers' `enable_parallelism(config=..., cp_plan=...)` arguments, for
-    `WanModel.enable_parallelism` (wan_model/parallel.py). config: a `ContextParallelConfig` or a
+    `WanModel.enable_parallelism` (wan_model/core/parallel.py). config: a `ContextParallelConfig` or a
     `ParallelConfig` holding one. Its ulysses_anything/ring_anything (any sequence length: ours pads),
     convert_to_fp32 (ours merges in fp32) and rotate_method (ours passes blocks with batch_isend_irecv) need
     nothing; tensor parallelism, a custom `mesh` and a `cp_plan` are clear errors."""
@@ -165,7 +165,7 @@ def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
     what = "WanModel.enable_parallelism"
     if cp_plan is not None:
         raise ValueError(f"{what}: cp_plan is a plan of diffusers' context-parallel hooks for its own models; a "
-                         "WanModel splits its tokens itself (wan_model/parallel.py): pass config only")
+                         "WanModel splits its tokens itself (wan_model/core/parallel.py): pass config only")
     if isinstance(config, ParallelConfig):
         if config.tensor_parallel_config is not None:
             config = config.tensor_parallel_config
@@ -186,13 +186,13 @@ def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
 
 
 def _transformers(obj) -> list:
-    from wan_model.model import WanModel
+    from wan_model.core.model import WanTransformer
 
     if isinstance(obj, WanTransformer3DModel):
         return [obj]
     held = [getattr(obj, n, None) for n in ("transformer", "transformer_2")]
     found = [t for t in held if isinstance(t, WanTransformer3DModel)]
-    if not found and not any(isinstance(t, WanModel) for t in held):
+    if not found and not any(isinstance(t, WanTransformer) for t in held):
         raise TypeError(f"use_wan_kernels: expected a WanTransformer3DModel or a pipeline holding one, "
                         f"got {type(obj).__name__}")
     return found
@@ -215,7 +215,7 @@ def use_wan_kernels(model_or_pipeline, impl: str = "auto"):
 def to_diffusers_model(model):
     """A diffusers `WanTransformer3DModel` holding the same weights as our `WanModel` (same dtypes:
     the parameters diffusers keeps in fp32 are fp32 in both), in eval mode on the same device."""
-    from wan_model.checkpoint import native_to_diffusers
+    from wan_model.compat.layouts import native_to_diffusers
 
     cfg = {k: v for k, v in model.config.to_diffusers_config().items() if not k.startswith("_")}
     with torch.device("meta"):

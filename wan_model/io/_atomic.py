@@ -1,5 +1,5 @@
 """Atomic, non-destructive saving: the staging and renaming behind every checkpoint save (the one writer,
-wan_model.formats: in-memory saves and the streaming convert_nvfp4 alike).
+wan_model.io.formats: in-memory saves and the streaming convert_nvfp4 alike).
 
     with atomic_save(path, layout, overwrite) as tmp:   # layout None: `path` is one file
         write the checkpoint at tmp (a fresh empty directory, or the file to create)

@@ -1,1 +1,0 @@
-"""Integrations of the `wan` kernels into other frameworks (imported lazily: optional dependencies)."""
