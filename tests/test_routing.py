@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -336,3 +337,72 @@ def test_attention_ws_route_is_off_as_shipped():
 
     assert ws.ROUTED_ARCH_CLASSES == frozenset()
     assert routing.triton_kernel("attention", (9, 0)) == "wan_kernels.triton.attention.attention"
+
+
+# ---------------------------------------------------------------------------------------------
+# The call path: a handful of Python frames from the wrapper to the kernel, the arguments checked once
+
+CALL_PATH_OPS = ("attention", "qk_norm_rope", "nvfp4_linear", "gated_residual", "nvfp4_quantize")
+MAX_FRAMES = 5  # wrapper, resolve, [the op's Autograd kernel], CUDA router, checks in front of the kernel
+
+
+def _call_path(op: str, args, kernels=()) -> tuple[int, int, list[str]]:
+    """(frames, checks, names) of one call of `wan_kernels.<op>(*args)`: the Python frames of the package it
+    enters outside the op's check and the kernel (wan_kernels/ref/, wan_kernels/triton/, the code objects in
+    `kernels`), and how often the op's check runs."""
+    pkg = os.path.dirname(wan_kernels.__file__)
+    check = SPECS[op].check.__code__
+    frames, names, below = [], [], []
+    checks = 0
+
+    def profile(frame, event, arg):
+        nonlocal checks
+        code = frame.f_code
+        if event == "return" and below and below[-1] is frame:
+            below.pop()
+        if event != "call" or below or not code.co_filename.startswith(pkg):
+            return
+        if code is check:
+            checks += 1
+        if code is check or code in kernels or code.co_filename.startswith((f"{pkg}/ref/", f"{pkg}/triton/")):
+            below.append(frame)
+        elif not any(f is frame for f in frames):  # a generator resumed is the same frame
+            frames.append(frame)
+            names.append(code.co_name)
+
+    call = getattr(wan_kernels, op)
+    call(*args)  # routes resolved, caches filled
+    sys.setprofile(profile)
+    try:
+        call(*args)
+    finally:
+        sys.setprofile(None)
+    return len(frames), checks, names
+
+
+@pytest.mark.parametrize("op", CALL_PATH_OPS)
+def test_cpu_call_path_is_short_and_checks_once(op):
+    frames, checks, names = _call_path(op, samples.op_inputs()[op])
+    assert checks == 1, names
+    assert frames <= MAX_FRAMES, names
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (10, 0)], ids=["sm80", "sm100"])
+@pytest.mark.parametrize("op", CALL_PATH_OPS)
+def test_cuda_call_path_is_short_and_checks_once(op, cap, capability, monkeypatch):
+    """The CUDA route, simulated: every tensor reports device cuda:0 (so the wrapper resolves for CUDA and the
+    checks read no values, as on a GPU), the dispatcher is sent to the CUDA key, and each backend's kernel is a
+    stand-in returning the reference's output."""
+    args = samples.op_inputs()[op]
+    out = SPECS[op].ref(*args)
+
+    def stand_in(s, b, cap=None):
+        return lambda *a: out
+
+    monkeypatch.setattr(routing, "backend_fn", stand_in)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    capability(cap)
+    with torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.CUDA):
+        frames, checks, names = _call_path(op, args, kernels={stand_in(None, None).__code__})
+    assert checks == 1, names
+    assert frames <= MAX_FRAMES, names

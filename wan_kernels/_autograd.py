@@ -33,9 +33,6 @@ _SCHEMAS: dict[str, str] = {}
 _QUALNAMES: dict[str, str] = {}
 
 
-def _any_requires_grad(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
 
 def _check_not_differentiable(op: str, args) -> None:
     """RuntimeError when an input outside DIFFERENTIABLE[op] requires grad (callers: grad mode is on)."""
@@ -129,7 +126,7 @@ def _autograd_kernel(spec: OpSpec):
     function = _function(spec.name, None, below_autograd)
 
     def kernel(keyset, *args):
-        if torch.is_grad_enabled() and _any_requires_grad(args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return function.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return packet.redispatch(keyset & torch._C._after_autograd_keyset, *args)
@@ -151,10 +148,13 @@ def backend(spec: OpSpec, fn, *, own_autograd: bool, capability: tuple[int, int]
 
     def run(*args):
         check(*args)
-        if torch.is_grad_enabled() and _any_requires_grad(args):
-            _check_not_differentiable(op, args)
-            if function is not None:
-                return function.apply(*args)
+        if torch.is_grad_enabled():  # a plain loop: torch.compile traces it (not torch._C._any_requires_grad)
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    _check_not_differentiable(op, args)
+                    if function is not None:
+                        return function.apply(*args)
+                    break
         return fn(*args)
 
     run.__name__ = f"{op}_{getattr(fn, '__name__', 'impl')}"
