@@ -13,6 +13,7 @@ wan_kernels/ops/__init__.py, and (if it has C++/CUDA kernels) declare the same s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -99,9 +100,22 @@ class OpSpec:
     def qualname(self) -> str:
         return f"{self.namespace}::{self.name}"
 
+    @functools.cached_property
+    def _parsed(self):
+        return torch._C.parse_schema(self.qualname + self.schema[len(self.name):])
+
     @property
     def arg_names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in torch._C.parse_schema(self.qualname + self.schema[len(self.name):]).arguments)
+        return tuple(a.name for a in self._parsed.arguments)
+
+    @property
+    def n_returns(self) -> int:
+        return len(self._parsed.returns)
+
+    @property
+    def saves_outputs(self) -> bool:
+        """The autograd saves the forward's outputs (save_outputs, or a forward_for_grad's extra outputs)."""
+        return self.save_outputs or self.forward_for_grad is not None
 
     @property
     def packet(self):
