@@ -406,3 +406,90 @@ def test_cuda_call_path_is_short_and_checks_once(op, cap, capability, monkeypatc
         frames, checks, names = _call_path(op, args, kernels={stand_in(None, None).__code__})
     assert checks == 1, names
     assert frames <= MAX_FRAMES, names
+
+
+# The same toy op added as the README's "Adding an op" says: its spec file and its reference file, nothing else
+# edited. A copy of the package gets the two files; a fresh interpreter imports it.
+
+TOY_OP = '''"""wan::toy_scale: x * w over the last dimension (a test's toy op)."""
+import torch
+
+from wan_kernels import ref, routing
+from wan_kernels._spec import OpSpec, register
+
+__all__ = ["toy_scale"]
+
+
+def check_toy_scale(x, w):
+    if w.shape != x.shape[-1:]:
+        raise ValueError(f"toy_scale: w must be [{x.shape[-1]}], got shape {tuple(w.shape)}")
+
+
+SPEC = register(OpSpec(
+    name="toy_scale", schema="toy_scale(Tensor x, Tensor w) -> Tensor", check=check_toy_scale, ref=ref.toy_scale,
+    fake=lambda x, w: torch.empty_like(x), differentiable=("x", "w"), samples=lambda s: (s.randn(3, 16), s.randn(16)),
+    flops=lambda x, w: 0, cpp=False,
+))
+
+
+def toy_scale(x, w, *, impl="auto"):
+    return routing.resolve("toy_scale", impl, x.device)(x, w)
+'''
+
+TOY_REF = '''__all__ = ["toy_scale"]
+
+
+def toy_scale(x, w):
+    return (x.float() * w.float()).to(x.dtype)
+'''
+
+TOY_CHECKS = '''
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import wan_kernels
+from wan_kernels import routing, samples
+from wan_kernels._spec import SPECS
+
+x, w = samples.op_inputs()["toy_scale"]
+assert "toy_scale" in wan_kernels.__all__ and "toy_scale" in wan_kernels.ref.__all__
+torch.testing.assert_close(wan_kernels.toy_scale(x, w), x * w, rtol=0, atol=0)
+torch.testing.assert_close(torch.ops.wan.toy_scale(x, w), x * w, rtol=0, atol=0)
+torch.library.opcheck(torch.ops.wan.toy_scale.default, (x.clone().requires_grad_(), w))
+with FakeTensorMode() as mode:
+    assert torch.ops.wan.toy_scale(mode.from_tensor(x), mode.from_tensor(w)).shape == x.shape
+try:
+    wan_kernels.toy_scale(x, w[:3])
+    raise AssertionError("no ValueError")
+except ValueError as e:
+    assert "toy_scale: w must be [16], got shape (3,)" in str(e)
+assert routing.route_table()["toy_scale"] == {c: "ref" for c in routing.DEVICE_CLASSES}
+print("toy checks passed")
+'''
+
+
+def test_toy_op_added_as_files(tmp_path):
+    import shutil
+    import subprocess
+
+    src = os.path.dirname(wan_kernels.__file__)
+    pkg = tmp_path / "wan_kernels"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for so in os.listdir(src):
+        if so.endswith(".so"):
+            os.symlink(os.path.join(src, so), pkg / so)
+    (pkg / "ops" / "toy_scale.py").write_text(TOY_OP)
+    (pkg / "ref" / "toy_scale.py").write_text(TOY_REF)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+    def run(*argv):
+        r = subprocess.run([sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    assert "toy checks passed" in run("-c", TOY_CHECKS)  # registered, checked, fake-able, opcheck, routed
+    out = run("-m", "wan_kernels")  # listed in the route table and self-checked
+    assert re.search(r"^  toy_scale +ref +ref", out, re.M), out
+    assert re.search(r"^  cpu  toy_scale +auto .* ok$", out, re.M), out
+    assert "self-check: passed" in out

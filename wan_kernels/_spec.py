@@ -5,9 +5,11 @@ Registration (wan_kernels/_library.py), routing (wan_kernels/routing.py), the au
 fused-kernel numbers are all derived from the `OpSpec`s in `SPECS`. Each op's spec sits next to its typed
 wrapper in wan_kernels/ops/<op>.py; its kernels are wan_kernels/ref/, wan_kernels/triton/ and csrc/.
 
-Adding an op: write wan_kernels/ops/<op>.py with `SPEC = register(OpSpec(...))` and the wrapper, import it in
-wan_kernels/ops/__init__.py, and (if it has C++/CUDA kernels) declare the same schema in csrc/registration.cpp
-(tests/test_library.py pins the two equal; a Python-only op says cpp=False). tests/test_routing.py registers a toy op from one spec.
+Adding an op: write wan_kernels/ops/<op>.py with `SPEC = register(OpSpec(...))`, the wrapper and `__all__`
+(wan_kernels/ops/__init__.py imports every module there), its kernels (wan_kernels/ref/<op>.py with `__all__`,
+wan_kernels/triton/<op>.py; C++/CUDA: csrc/<op>/ and the same schema in csrc/registration.cpp, which
+tests/test_library.py pins equal; a Python-only op says cpp=False), its test and its bench (README.md, "Adding an
+op"). tests/test_routing.py registers a toy op from one spec, and adds one as files to a copy of the package.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from wan_kernels._spec import OpSpec, register
 from wan_kernels.triton import attention as triton_attention
 from wan_kernels.triton import attention_ws
 
+__all__ = ["attention"]
+
 
 def check_attention(q, k, v, k_img=None, v_img=None, scale=None) -> None:
     op = "attention"

@@ -16,6 +16,8 @@ from wan_kernels.triton import attention as triton_attention
 from wan_kernels.triton import attention_ws
 from wan_kernels.triton import attention_bwd as triton_attention_bwd
 
+__all__ = ["attention_backward", "attention_delta", "attention_forward"]
+
 
 def check_attention_forward(q, k, v, k_img=None, v_img=None, scale=None) -> None:
     check_attention(q, k, v, k_img, v_img, scale)

@@ -13,6 +13,8 @@ from wan_kernels.ops.attention import attention_set_flops, check_attention
 from wan_kernels.triton import attention as triton_attention
 from wan_kernels.triton import attention_ws
 
+__all__ = ["attention_lse"]
+
 
 def check_attention_lse(q, k, v, scale=None) -> None:
     check_attention(q, k, v, None, None, scale)
