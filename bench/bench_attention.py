@@ -15,7 +15,7 @@ Providers:
 The references materialise the [B, H, Sq, Sk] fp32 score matrix (self-attention at 480p: 171 GB), so they
 run only where that fits in REF_MAX_BYTES; elsewhere SDPA is the correctness reference and the baseline (the
 table's "vs ref-compile" column then reads "vs sdpa", said in a note).
-FLOPs: 4 * B * H * Sq * Sk * D (QK^T and PV), + 4 * B * H * Sq * Si * D for the image set. Bytes: q, k, v
+FLOPs and bytes: the op spec's (`SPECS["attention"].cost`): 4 * B * H * Sq * (Sk + Si) * D (QK^T and PV); q, k, v
 (and k_img, v_img) read once and the output written once (the flash-attention minimum).
 On CPU, --quick runs tiny shapes with the ref providers (the GPU providers are reported skipped), and --cpu
 runs the shapes of bench/bench_model.py (batch 2, 1280 tokens, 4 heads x 128, bf16) with the CPU providers:
@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import harness  # noqa: E402
 from wan_kernels import ref  # noqa: E402
+from wan_kernels._spec import SPECS  # noqa: E402
 from wan_kernels.triton import attention_ws  # noqa: E402
 from wan_kernels.triton.attention import attention as triton_attention  # noqa: E402
 
@@ -72,9 +73,8 @@ def make_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: i
 
     q, k, v = r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, D)
     ki, vi = (r(B, Si, H, D), r(B, Si, H, D)) if Si else (None, None)
-    keys = Sk + (Si or 0)
-    flops = 4.0 * B * H * Sq * keys * D
-    nbytes = float(dtype.itemsize) * B * H * D * (2 * Sq + 2 * keys)
+    cost = SPECS["attention"].cost(q, k, v, ki, vi, None)  # one fused kernel: q, k, v read once, out written once
+    flops, nbytes = float(cost["flops"]), float(cost["read"] + cost["write"])
     providers = [harness.Provider("wan-triton", lambda: triton_attention(q, k, v, ki, vi), gpu_only=True)]
     if Si:
         providers.append(harness.Provider(
@@ -122,7 +122,7 @@ def make_backward_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: 
         providers += [harness.Provider("ref-eager", fwd_bwd(with_img(ref.attention))),
                       harness.Provider("ref-compile", fwd_bwd(with_img(compiled)))]
     keys = Sk + (Si or 0)
-    flops = 3.5 * 4.0 * B * H * Sq * keys * D
+    flops = 3.5 * SPECS["attention"].cost(q, k, v, ki, vi, None)["flops"]
     nbytes = float(dtype.itemsize) * B * H * D * (4 * Sq + 4 * keys)  # q, k, v, dout read; dq, dk, dv written
     shape = f"{label} B{B} q{Sq} k{Sk}{f'+i{Si}' if Si else ''} H{H} d{D}"
     return harness.Case(shape, flops, nbytes, providers)

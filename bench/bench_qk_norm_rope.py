@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import wan_kernels  # noqa: E402
 from bench.harness import Case, Provider, arg_parser, report, run  # noqa: E402
 from wan_kernels import _autograd, ref  # noqa: E402
+from wan_kernels._spec import SPECS  # noqa: E402
 
 MODELS = {"1.3B": 12, "5B": 24, "14B": 40}   # heads of 128
 TOKENS = {"480p": 32760, "720p": 75600}
@@ -33,8 +34,15 @@ HEAD_DIM = 128
 
 def fused_bytes(tokens: int, C: int, D: int, elem: int = 2) -> int:
     """One pass: read the [S, 3C] qkv row and write q, k, v (v as a contiguous copy), plus the two norm
-    weights and the fp32 cos/sin tables [S, D/2]."""
-    return tokens * 3 * C * elem + tokens * 3 * C * elem + 2 * C * elem + 2 * tokens * (D // 2) * 4
+    weights and the fp32 cos/sin tables [S, D/2]: the op spec's count (`OpSpec.cost`, on meta tensors)."""
+    act = {2: torch.bfloat16, 4: torch.float32}[elem]
+
+    def meta(*shape, dtype=act):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    table = meta(tokens, D // 2, dtype=torch.float32)
+    cost = SPECS["qk_norm_rope"].cost(meta(1, tokens, 3 * C), meta(C), meta(C), table, table, C // D, 1e-6)
+    return cost["read"] + cost["write"]
 
 
 def diffusers_bytes(tokens: int, C: int, D: int, elem: int = 2) -> dict[str, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -336,3 +337,159 @@ def test_attention_ws_route_is_off_as_shipped():
 
     assert ws.ROUTED_ARCH_CLASSES == frozenset()
     assert routing.triton_kernel("attention", (9, 0)) == "wan_kernels.triton.attention.attention"
+
+
+# ---------------------------------------------------------------------------------------------
+# The call path: a handful of Python frames from the wrapper to the kernel, the arguments checked once
+
+CALL_PATH_OPS = ("attention", "qk_norm_rope", "nvfp4_linear", "gated_residual", "nvfp4_quantize")
+MAX_FRAMES = 5  # wrapper, resolve, [the op's Autograd kernel], CUDA router, checks in front of the kernel
+
+
+def _call_path(op: str, args, kernels=()) -> tuple[int, int, list[str]]:
+    """(frames, checks, names) of one call of `wan_kernels.<op>(*args)`: the Python frames of the package it
+    enters outside the op's check and the kernel (wan_kernels/ref/, wan_kernels/triton/, the code objects in
+    `kernels`), and how often the op's check runs."""
+    pkg = os.path.dirname(wan_kernels.__file__)
+    check = SPECS[op].check.__code__
+    frames, names, below = [], [], []
+    checks = 0
+
+    def profile(frame, event, arg):
+        nonlocal checks
+        code = frame.f_code
+        if event == "return" and below and below[-1] is frame:
+            below.pop()
+        if event != "call" or below or not code.co_filename.startswith(pkg):
+            return
+        if code is check:
+            checks += 1
+        if code is check or code in kernels or code.co_filename.startswith((f"{pkg}/ref/", f"{pkg}/triton/")):
+            below.append(frame)
+        elif not any(f is frame for f in frames):  # a generator resumed is the same frame
+            frames.append(frame)
+            names.append(code.co_name)
+
+    call = getattr(wan_kernels, op)
+    call(*args)  # routes resolved, caches filled
+    sys.setprofile(profile)
+    try:
+        call(*args)
+    finally:
+        sys.setprofile(None)
+    return len(frames), checks, names
+
+
+@pytest.mark.parametrize("op", CALL_PATH_OPS)
+def test_cpu_call_path_is_short_and_checks_once(op):
+    frames, checks, names = _call_path(op, samples.op_inputs()[op])
+    assert checks == 1, names
+    assert frames <= MAX_FRAMES, names
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (10, 0)], ids=["sm80", "sm100"])
+@pytest.mark.parametrize("op", CALL_PATH_OPS)
+def test_cuda_call_path_is_short_and_checks_once(op, cap, capability, monkeypatch):
+    """The CUDA route, simulated: every tensor reports device cuda:0 (so the wrapper resolves for CUDA and the
+    checks read no values, as on a GPU), the dispatcher is sent to the CUDA key, and each backend's kernel is a
+    stand-in returning the reference's output."""
+    args = samples.op_inputs()[op]
+    out = SPECS[op].ref(*args)
+
+    def stand_in(s, b, cap=None):
+        return lambda *a: out
+
+    monkeypatch.setattr(routing, "backend_fn", stand_in)
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    capability(cap)
+    with torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.CUDA):
+        frames, checks, names = _call_path(op, args, kernels={stand_in(None, None).__code__})
+    assert checks == 1, names
+    assert frames <= MAX_FRAMES, names
+
+
+# The same toy op added as the README's "Adding an op" says: its spec file and its reference file, nothing else
+# edited. A copy of the package gets the two files; a fresh interpreter imports it.
+
+TOY_OP = '''"""wan::toy_scale: x * w over the last dimension (a test's toy op)."""
+import torch
+
+from wan_kernels import ref, routing
+from wan_kernels._spec import OpSpec, register
+
+__all__ = ["toy_scale"]
+
+
+def check_toy_scale(x, w):
+    if w.shape != x.shape[-1:]:
+        raise ValueError(f"toy_scale: w must be [{x.shape[-1]}], got shape {tuple(w.shape)}")
+
+
+SPEC = register(OpSpec(
+    name="toy_scale", schema="toy_scale(Tensor x, Tensor w) -> Tensor", check=check_toy_scale, ref=ref.toy_scale,
+    fake=lambda x, w: torch.empty_like(x), differentiable=("x", "w"), samples=lambda s: (s.randn(3, 16), s.randn(16)),
+    flops=lambda x, w: 0, cpp=False,
+))
+
+
+def toy_scale(x, w, *, impl="auto"):
+    return routing.resolve("toy_scale", impl, x.device)(x, w)
+'''
+
+TOY_REF = '''__all__ = ["toy_scale"]
+
+
+def toy_scale(x, w):
+    return (x.float() * w.float()).to(x.dtype)
+'''
+
+TOY_CHECKS = '''
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import wan_kernels
+from wan_kernels import routing, samples
+from wan_kernels._spec import SPECS
+
+x, w = samples.op_inputs()["toy_scale"]
+assert "toy_scale" in wan_kernels.__all__ and "toy_scale" in wan_kernels.ref.__all__
+torch.testing.assert_close(wan_kernels.toy_scale(x, w), x * w, rtol=0, atol=0)
+torch.testing.assert_close(torch.ops.wan.toy_scale(x, w), x * w, rtol=0, atol=0)
+torch.library.opcheck(torch.ops.wan.toy_scale.default, (x.clone().requires_grad_(), w))
+with FakeTensorMode() as mode:
+    assert torch.ops.wan.toy_scale(mode.from_tensor(x), mode.from_tensor(w)).shape == x.shape
+try:
+    wan_kernels.toy_scale(x, w[:3])
+    raise AssertionError("no ValueError")
+except ValueError as e:
+    assert "toy_scale: w must be [16], got shape (3,)" in str(e)
+assert routing.route_table()["toy_scale"] == {c: "ref" for c in routing.DEVICE_CLASSES}
+print("toy checks passed")
+'''
+
+
+def test_toy_op_added_as_files(tmp_path):
+    import shutil
+    import subprocess
+
+    src = os.path.dirname(wan_kernels.__file__)
+    pkg = tmp_path / "wan_kernels"
+    shutil.copytree(src, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for so in os.listdir(src):
+        if so.endswith(".so"):
+            os.symlink(os.path.join(src, so), pkg / so)
+    (pkg / "ops" / "toy_scale.py").write_text(TOY_OP)
+    (pkg / "ref" / "toy_scale.py").write_text(TOY_REF)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+    def run(*argv):
+        r = subprocess.run([sys.executable, *argv], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    assert "toy checks passed" in run("-c", TOY_CHECKS)  # registered, checked, fake-able, opcheck, routed
+    out = run("-m", "wan_kernels")  # listed in the route table and self-checked
+    assert re.search(r"^  toy_scale +ref +ref", out, re.M), out
+    assert re.search(r"^  cpu  toy_scale +auto .* ok$", out, re.M), out
+    assert "self-check: passed" in out

@@ -17,39 +17,49 @@ wan_kernels/routing.py that do not go through it (`backend`):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from wan_kernels._spec import SPECS, OpSpec
 
-# op -> argument names it is differentiable in (OpSpec.differentiable), its reference, its schema's argument
-# names, its qualified name; filled by `register`
-DIFFERENTIABLE: dict[str, tuple[str, ...]] = {}
-_REFS: dict = {}
-_BACKWARDS: dict = {}  # op -> OpSpec.backward (None: _vjp)
-_SAVES_OUTPUTS: dict[str, bool] = {}  # op -> OpSpec.save_outputs (or forward_for_grad)
-_GRAD_FORWARDS: dict = {}  # op -> the spec of its forward_for_grad op
-_NAMES: dict[str, tuple[str, ...]] = {}
-_SCHEMAS: dict[str, str] = {}
-_QUALNAMES: dict[str, str] = {}
+OPS: dict[str, OpSpec] = {}  # op (public or internal) -> its spec: everything the rule reads; filled by `register`
 
 
-def _any_requires_grad(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+class _Field(Mapping):
+    """op -> one field of its spec, read from OPS (DIFFERENTIABLE, _NAMES: views, not copies)."""
+
+    def __init__(self, field: str):
+        self._field = field
+
+    def __getitem__(self, op: str):
+        return getattr(OPS[op], self._field)
+
+    def __iter__(self):
+        return iter(OPS)
+
+    def __len__(self) -> int:
+        return len(OPS)
+
+
+DIFFERENTIABLE = _Field("differentiable")  # op -> the argument names it is differentiable in
+_NAMES = _Field("arg_names")  # op -> its schema's argument names
 
 
 def _check_not_differentiable(op: str, args) -> None:
     """RuntimeError when an input outside DIFFERENTIABLE[op] requires grad (callers: grad mode is on)."""
-    diff = DIFFERENTIABLE[op]
-    for name, a in zip(_NAMES[op], args):
+    spec = OPS[op]
+    diff = spec.differentiable
+    for name, a in zip(spec.arg_names, args):
         if isinstance(a, torch.Tensor) and a.requires_grad and name not in diff:
-            what = (f"{_QUALNAMES[op]} is not differentiable" if not diff else
-                    f"{_QUALNAMES[op]} is differentiable only in {', '.join(diff)}")
+            what = (f"{spec.qualname} is not differentiable" if not diff else
+                    f"{spec.qualname} is differentiable only in {', '.join(diff)}")
             raise RuntimeError(f"{what}, but {name} requires grad: pass {name}.detach() or call it under "
                                f"torch.no_grad()")
 
 
 def _setup_context(op: str):
-    saves_outputs = _SAVES_OUTPUTS[op]
+    saves_outputs = OPS[op].saves_outputs
 
     def setup_context(ctx, inputs, output):
         _check_not_differentiable(op, inputs)  # runs only when grad mode is on and an input requires grad
@@ -70,7 +80,7 @@ def _vjp(op: str, inputs, grads, needs_input_grad) -> tuple:
         if not create_graph:
             for i in wanted:
                 leaves[i] = inputs[i].detach().requires_grad_()
-        out = _REFS[op](*leaves)
+        out = OPS[op].ref(*leaves)
     outs = out if isinstance(out, tuple) else (out,)
     pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
     got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
@@ -86,10 +96,11 @@ def _backward(op: str, impl: str = "auto"):
         saved = ctx.saved_tensors
         n = len(ctx.constants)
         inputs = [t if t is not None else c for t, c in zip(saved[:n], ctx.constants)]
-        custom = _BACKWARDS.get(op)
+        spec = OPS[op]
+        custom = spec.backward
         if custom is None:
             return _vjp(op, inputs, grads, ctx.needs_input_grad)
-        if _SAVES_OUTPUTS[op]:
+        if spec.saves_outputs:
             return tuple(custom(inputs, grads, ctx.needs_input_grad, outputs=saved[n:], impl=impl))
         return tuple(custom(inputs, grads, ctx.needs_input_grad))
 
@@ -100,7 +111,7 @@ def _function(op: str, fn, forward_fn=None, impl: str = "auto"):
     """An autograd.Function running `fn` with op's backward. `forward_fn` (the op's forward_for_grad, same
     arguments, more outputs) runs in its place; the Function returns the op's own outputs and saves all."""
     setup_context, backward = _setup_context(op), _backward(op, impl)
-    n_out = len(torch._C.parse_schema(_QUALNAMES[op] + _SCHEMAS[op][len(op):]).returns)
+    n_out = OPS[op].n_returns
 
     def forward(ctx, *args):
         if forward_fn is None:
@@ -120,7 +131,7 @@ def _autograd_kernel(spec: OpSpec):
     builds its kernel: an autograd.Function around a call below the Autograd key): under grad mode with an input
     requiring grad, the forward_for_grad op runs in place of the op; else the op itself, redispatched."""
     packet = spec.packet.default
-    grad_forward = _GRAD_FORWARDS[spec.name].packet.default
+    grad_forward = SPECS[spec.forward_for_grad].packet.default
 
     def below_autograd(*args):
         with torch._C._AutoDispatchBelowAutograd():
@@ -129,7 +140,7 @@ def _autograd_kernel(spec: OpSpec):
     function = _function(spec.name, None, below_autograd)
 
     def kernel(keyset, *args):
-        if torch.is_grad_enabled() and _any_requires_grad(args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return function.apply(*args)
         with torch._C._AutoDispatchBelowAutograd():
             return packet.redispatch(keyset & torch._C._after_autograd_keyset, *args)
@@ -145,16 +156,19 @@ def backend(spec: OpSpec, fn, *, own_autograd: bool, capability: tuple[int, int]
     picks the forward_for_grad's launcher too)."""
     op, check = spec.name, spec.check
     # not own_autograd: `fn` is a Triton launcher (routing), and so is the forward_for_grad run in its place
-    grad_forward = _GRAD_FORWARDS.get(op)
+    grad_forward = spec.forward_for_grad and SPECS[spec.forward_for_grad]
     function = None if own_autograd else _function(op, fn, grad_forward and grad_forward.triton_launcher(capability),
                                                    "triton")
 
     def run(*args):
         check(*args)
-        if torch.is_grad_enabled() and _any_requires_grad(args):
-            _check_not_differentiable(op, args)
-            if function is not None:
-                return function.apply(*args)
+        if torch.is_grad_enabled():  # a plain loop: torch.compile traces it (not torch._C._any_requires_grad)
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    _check_not_differentiable(op, args)
+                    if function is not None:
+                        return function.apply(*args)
+                    break
         return fn(*args)
 
     run.__name__ = f"{op}_{getattr(fn, '__name__', 'impl')}"
@@ -165,13 +179,9 @@ def backend(spec: OpSpec, fn, *, own_autograd: bool, capability: tuple[int, int]
 def register(lib: torch.library.Library, spec: OpSpec) -> None:
     """Record the op's rule and register its autograd with the dispatcher (composites differentiate
     through their parts)."""
-    op = spec.name
-    DIFFERENTIABLE[op], _REFS[op], _NAMES[op], _QUALNAMES[op] = spec.differentiable, spec.ref, spec.arg_names, \
-        spec.qualname
-    _BACKWARDS[op], _SCHEMAS[op] = spec.backward, spec.schema
-    _SAVES_OUTPUTS[op] = spec.save_outputs or spec.forward_for_grad is not None
+    OPS[spec.name] = spec
     if spec.forward_for_grad is not None:
-        _GRAD_FORWARDS[op] = SPECS[spec.forward_for_grad]
         lib.impl(spec.name, _autograd_kernel(spec), "Autograd", with_keyset=True)
     elif spec.compose is None:
-        torch.library.register_autograd(spec.qualname, _backward(op), setup_context=_setup_context(op), lib=lib)
+        torch.library.register_autograd(spec.qualname, _backward(spec.name), setup_context=_setup_context(spec.name),
+                                        lib=lib)

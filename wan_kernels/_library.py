@@ -56,9 +56,11 @@ def register_namespace(namespace: str) -> None:
 
 
 def unregister_namespace(namespace: str) -> None:
-    """Drop a namespace's registrations (tests registering a toy op)."""
+    """Drop a namespace's registrations and autograd rules (tests registering a toy op)."""
     for lib in reversed(_LIBS.pop(namespace, [])):
         lib._destroy()
+    for op in [op for op, s in _autograd.OPS.items() if s.namespace == namespace]:
+        del _autograd.OPS[op]
 
 
 # Schemas a loaded _C lacks (a stale build of an older checkout): declared here so the package imports;

@@ -5,14 +5,17 @@ Registration (wan_kernels/_library.py), routing (wan_kernels/routing.py), the au
 fused-kernel numbers are all derived from the `OpSpec`s in `SPECS`. Each op's spec sits next to its typed
 wrapper in wan_kernels/ops/<op>.py; its kernels are wan_kernels/ref/, wan_kernels/triton/ and csrc/.
 
-Adding an op: write wan_kernels/ops/<op>.py with `SPEC = register(OpSpec(...))` and the wrapper, import it in
-wan_kernels/ops/__init__.py, and (if it has C++/CUDA kernels) declare the same schema in csrc/registration.cpp
-(tests/test_library.py pins the two equal; a Python-only op says cpp=False). tests/test_routing.py registers a toy op from one spec.
+Adding an op: write wan_kernels/ops/<op>.py with `SPEC = register(OpSpec(...))`, the wrapper and `__all__`
+(wan_kernels/ops/__init__.py imports every module there), its kernels (wan_kernels/ref/<op>.py with `__all__`,
+wan_kernels/triton/<op>.py; C++/CUDA: csrc/<op>/ and the same schema in csrc/registration.cpp, which
+tests/test_library.py pins equal; a Python-only op says cpp=False), its test and its bench (README.md, "Adding an
+op"). tests/test_routing.py registers a toy op from one spec, and adds one as files to a copy of the package.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -99,9 +102,22 @@ class OpSpec:
     def qualname(self) -> str:
         return f"{self.namespace}::{self.name}"
 
+    @functools.cached_property
+    def _parsed(self):
+        return torch._C.parse_schema(self.qualname + self.schema[len(self.name):])
+
     @property
     def arg_names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in torch._C.parse_schema(self.qualname + self.schema[len(self.name):]).arguments)
+        return tuple(a.name for a in self._parsed.arguments)
+
+    @property
+    def n_returns(self) -> int:
+        return len(self._parsed.returns)
+
+    @property
+    def saves_outputs(self) -> bool:
+        """The autograd saves the forward's outputs (save_outputs, or a forward_for_grad's extra outputs)."""
+        return self.save_outputs or self.forward_for_grad is not None
 
     @property
     def packet(self):

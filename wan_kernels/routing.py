@@ -214,12 +214,20 @@ def _device_capability(device: torch.device) -> tuple[int, int]:
 
 
 def cuda_router(spec: OpSpec):
-    """The CUDA-key kernel of a public op: runs the route of the tensors' device capability."""
+    """The CUDA-key kernel of a public op: runs the route of the tensors' device capability (one frame: the
+    caches are read inline, `route` and `_device_capability` fill them on a device's first call)."""
     op = spec.name
 
     def run(*args):
-        device = next(a for a in args if isinstance(a, torch.Tensor)).device
-        return route(op, _device_capability(device)).fn(*args)
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                device = a.device
+                break
+        cap = _CAPABILITY.get(device.index)
+        r = _ROUTES.get((op, cap)) if cap is not None else None
+        if r is None:
+            r = route(op, _device_capability(device))
+        return r.fn(*args)
 
     run.__name__ = f"{op}_cuda_router"
     return run
@@ -261,6 +269,15 @@ def _named(spec: OpSpec, impl: str, device: torch.device):
                              capability=capability)
 
 
+def _checks_inside(spec: OpSpec, device: torch.device) -> bool:
+    """Whether every kernel the dispatcher op runs on `device` runs the op's Python checks itself: the CUDA
+    router's routes, the fake (meta), the checked reference as CPU kernel. A C++ CPU kernel (TORCH_CHECK) and
+    devices without a kernel of ours need them in front of the dispatcher op."""
+    if device.type in ("cuda", "meta"):
+        return True
+    return device.type == "cpu" and not _extension.has_compiled_kernel(spec.name, "CPU")
+
+
 def _resolve(op: str, impl: str, device: torch.device | str, lean: bool):
     spec = SPECS.get(op)
     if spec is None:
@@ -275,8 +292,10 @@ def _resolve(op: str, impl: str, device: torch.device | str, lean: bool):
     if fn is None:
         if impl != "auto":
             fn = _named(spec, impl, device)
-        elif lean:
+        elif lean or (spec.compose is None and _checks_inside(spec, device)):
             fn = spec.packet.default
+        elif spec.compose is not None:  # what the dispatcher decomposes it into, behind the composite's own rule
+            fn = _autograd.backend(spec, spec.compose(lambda part: SPECS[part].packet.default), own_autograd=True)
         else:
             fn = _autograd.backend(spec, spec.packet.default, own_autograd=True)
         _RESOLVED[key] = fn
@@ -284,9 +303,12 @@ def _resolve(op: str, impl: str, device: torch.device | str, lean: bool):
 
 
 def resolve(op: str, impl: str, device: torch.device | str):
-    """The callable that runs `op` with backend `impl` on `device` (same signature as the op), with the op's
-    Python argument checks in front (ValueError naming the argument)."""
-    return _resolve(op, impl, device, lean=False)
+    """The callable that runs `op` with backend `impl` on `device` (same signature as the op), its Python
+    argument checks run once per call (ValueError naming the argument): in front of the backend, or, for
+    impl="auto" where the dispatcher's kernel checks (`_checks_inside`), by that kernel. The wrappers' hot path:
+    one dict lookup (a `torch.device` with its index, as `tensor.device` gives, hits the cache)."""
+    fn = _RESOLVED.get((op, impl, device, False))
+    return fn if fn is not None else _resolve(op, impl, device, lean=False)
 
 
 def bind(op: str, impl: str, device: torch.device | str):

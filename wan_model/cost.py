@@ -225,6 +225,15 @@ def _fused(op: str, *args, name: str | None = None) -> Kernel:
     return Kernel(name or op, **SPECS[op].cost(*args))
 
 
+def _spec_flops(op: str, *shapes) -> int:
+    """FLOPs of a `wan` op at argument shapes, from the op's spec (`OpSpec.flops`): the formula the fused kernel,
+    the flop counter and the benchmarks count."""
+    import wan_kernels  # noqa: F401  (registers the specs)
+    from wan_kernels._spec import SPECS
+
+    return SPECS[op].flops(*shapes)
+
+
 def _norm_mod(n: int, r: int, c: int, impl: str) -> list[Kernel]:
     """wan::layer_norm_modulate: (LN_fp32(x) * (1 + scale) + shift).to(bf16); scale/shift have r rows
     ([B, 1|S, C]). ref = wan_kernels/ref/modulate.py op by op; fused = one pass (read x, scale, shift)."""
@@ -311,7 +320,8 @@ def attention_kernels(batch: int, heads: int, sq: int, kv_sets: list[int], d: in
     [B, H, S, D] -> [B*H, S, D] reshapes of transposed views copy q, k^T and v); fused = flash attention."""
     c = heads * d
     nq = batch * sq * c
-    flops = [2 * batch * heads * sq * sk * 2 * d for sk in kv_sets]
+    flops = [_spec_flops("attention", (batch, sq, heads, d), (batch, sk, heads, d), (batch, sk, heads, d))
+             for sk in kv_sets]
     if impl == "fused":
         kv = [_act(batch, sk, heads, d) for sk in kv_sets for _ in "kv"] + [None, None]
         return [_fused("attention", _act(batch, sq, heads, d), *kv[:4], None, name="flash_attention")]

@@ -12,6 +12,8 @@ from wan_kernels._spec import OpSpec, register
 from wan_kernels.triton import attention as triton_attention
 from wan_kernels.triton import attention_ws
 
+__all__ = ["attention"]
+
 
 def check_attention(q, k, v, k_img=None, v_img=None, scale=None) -> None:
     op = "attention"
@@ -46,13 +48,17 @@ def fake_attention(q, k, v, k_img, v_img, scale):
     return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
-def attention_flops(q_shape, k_shape, v_shape, k_img_shape=None, v_img_shape=None, *args) -> int:
-    """4 * B * H * Sq * Sk * D for q k^T and p v (D = Dv), plus the same over the image keys Si."""
+def attention_set_flops(q_shape, k_shape, v_shape) -> int:
+    """q k^T and p v over one key/value set: 2 * B * H * Sq * Sk * (D + Dv) (4 * B * H * Sq * Sk * D for Dv = D).
+    The one attention FLOP formula: every attention op's `flops`, the cost model and the benchmarks use it."""
     B, Sq, H, D = q_shape
-    flops = 2 * B * H * Sq * k_shape[1] * (D + v_shape[-1])
-    if k_img_shape is not None:
-        flops += 2 * B * H * Sq * k_img_shape[1] * (D + v_img_shape[-1])
-    return flops
+    return 2 * B * H * Sq * k_shape[1] * (D + v_shape[-1])
+
+
+def attention_flops(q_shape, k_shape, v_shape, k_img_shape=None, v_img_shape=None, *args) -> int:
+    """The text set plus the image set Si."""
+    flops = attention_set_flops(q_shape, k_shape, v_shape)
+    return flops if k_img_shape is None else flops + attention_set_flops(q_shape, k_img_shape, v_img_shape)
 
 
 def samples_attention(s):

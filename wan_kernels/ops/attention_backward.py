@@ -11,10 +11,12 @@ import torch
 from wan_kernels import ref, routing
 from wan_kernels._checks import same_device, shape_of
 from wan_kernels._spec import OpSpec, register
-from wan_kernels.ops.attention import attention_flops, check_attention
+from wan_kernels.ops.attention import attention_flops, attention_set_flops, check_attention
 from wan_kernels.triton import attention as triton_attention
 from wan_kernels.triton import attention_ws
 from wan_kernels.triton import attention_bwd as triton_attention_bwd
+
+__all__ = ["attention_backward", "attention_delta", "attention_forward"]
 
 
 def check_attention_forward(q, k, v, k_img=None, v_img=None, scale=None) -> None:
@@ -118,10 +120,7 @@ def fake_attention_delta(dout, out, q, k_img, v_img, lse_img, scale):
 
 def attention_delta_flops(dout_shape, out_shape, q_shape, k_img_shape=None, v_img_shape=None, *args) -> int:
     """4 * B * H * Sq * Si * D over the image keys (q k_img^T and dout v_img^T); the row sums are not matmuls."""
-    if k_img_shape is None:
-        return 0
-    B, Sq, H, D = q_shape
-    return 2 * B * H * Sq * k_img_shape[1] * (D + v_img_shape[-1])
+    return 0 if k_img_shape is None else attention_set_flops(q_shape, k_img_shape, v_img_shape)
 
 
 def samples_attention_delta(s):

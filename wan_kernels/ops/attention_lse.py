@@ -9,9 +9,11 @@ import torch
 
 from wan_kernels import _autograd, ref, routing
 from wan_kernels._spec import OpSpec, register
-from wan_kernels.ops.attention import check_attention
+from wan_kernels.ops.attention import attention_set_flops, check_attention
 from wan_kernels.triton import attention as triton_attention
 from wan_kernels.triton import attention_ws
+
+__all__ = ["attention_lse"]
 
 
 def check_attention_lse(q, k, v, scale=None) -> None:
@@ -25,9 +27,7 @@ def fake_attention_lse(q, k, v, scale):
 
 
 def attention_lse_flops(q_shape, k_shape, v_shape, *args) -> int:
-    """4 * B * H * Sq * Sk * D for q k^T and p v (D = Dv)."""
-    B, Sq, H, D = q_shape
-    return 2 * B * H * Sq * k_shape[1] * (D + v_shape[-1])
+    return attention_set_flops(q_shape, k_shape, v_shape)
 
 
 def samples_attention_lse(s):

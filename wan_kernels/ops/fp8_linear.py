@@ -13,6 +13,8 @@ from wan_kernels import routing
 from wan_kernels._checks import FLOAT_DTYPES, as_scale, check_bias, check_scale_values, same_device, shape_of
 from wan_kernels._spec import OpSpec, register
 
+__all__ = ["fp8_linear"]
+
 
 def check_fp8_linear(x, w, w_scale, input_scale, bias) -> None:
     op = "fp8_linear"

@@ -11,6 +11,8 @@ from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.layer_norm_modulate import fake_like_x
 from wan_kernels.triton import modulate as triton_modulate
 
+__all__ = ["gated_residual"]
+
 
 def check_gated_residual(x, y, gate) -> None:
     op = "gated_residual"

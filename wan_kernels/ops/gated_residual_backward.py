@@ -12,6 +12,8 @@ from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.gated_residual import samples_gated_residual
 from wan_kernels.triton import modulate as triton_modulate
 
+__all__ = ["gated_residual_backward"]
+
 
 def check_gated_residual_backward(grad_out, y, gate) -> None:
     op = "gated_residual_backward"

@@ -10,6 +10,8 @@ from wan_kernels._checks import check_bsc, check_modulation
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.triton import modulate as triton_modulate
 
+__all__ = ["layer_norm_modulate"]
+
 
 def check_layer_norm_modulate(x, scale, shift, eps=None) -> None:
     op = "layer_norm_modulate"

@@ -12,6 +12,8 @@ from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.layer_norm_modulate import check_layer_norm_modulate, samples_layer_norm_modulate
 from wan_kernels.triton import modulate as triton_modulate
 
+__all__ = ["layer_norm_modulate_backward"]
+
 
 def check_grad_out(op: str, grad_out, x) -> None:
     check_bsc(op, "grad_out", grad_out)

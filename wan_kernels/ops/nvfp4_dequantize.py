@@ -10,6 +10,8 @@ from wan_kernels._checks import as_scale, check_global_scale, check_out_dtype, c
 from wan_kernels._spec import CudaKernel, OpSpec, register
 from wan_kernels.triton import nvfp4 as triton_nvfp4
 
+__all__ = ["nvfp4_dequantize"]
+
 
 def check_nvfp4_dequantize(packed, block_scale, global_scale, dtype) -> None:
     op = "nvfp4_dequantize"

@@ -11,6 +11,8 @@ from wan_kernels._checks import (as_scale, check_bias, check_global_scale, check
 from wan_kernels._spec import CudaKernel, OpSpec, register
 from wan_kernels.triton import nvfp4 as triton_nvfp4
 
+__all__ = ["nvfp4_gemm"]
+
 
 def check_nvfp4_gemm(a, a_scale, a_global_scale, b, b_scale, b_global_scale, bias, out_dtype) -> None:
     op = "nvfp4_gemm"

@@ -17,6 +17,8 @@ from wan_kernels.ops.nvfp4_gemm import nvfp4_gemm
 from wan_kernels.ops.nvfp4_quantize import nvfp4_quantize
 from wan_kernels.triton import nvfp4 as triton_nvfp4
 
+__all__ = ["nvfp4_linear", "nvfp4_linear_backward", "nvfp4_linear_w4a4"]
+
 
 def check_nvfp4_linear(x, w, w_scale, w_global_scale, bias) -> None:
     op = "nvfp4_linear"

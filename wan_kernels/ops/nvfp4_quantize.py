@@ -11,6 +11,8 @@ from wan_kernels._checks import FLOAT_DTYPES, as_scale, check_global_scale, shap
 from wan_kernels._spec import CudaKernel, OpSpec, register
 from wan_kernels.triton import nvfp4 as triton_nvfp4
 
+__all__ = ["nvfp4_quantize"]
+
 
 def check_nvfp4_quantize(x, global_scale) -> None:
     op = "nvfp4_quantize"

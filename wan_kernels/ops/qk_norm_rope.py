@@ -10,6 +10,8 @@ from wan_kernels._checks import check_float, check_norm_rope, same_device, shape
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.triton import qk_norm_rope as triton_qk_norm_rope
 
+__all__ = ["qk_norm_rope"]
+
 
 def check_qk_norm_rope(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps=None) -> None:
     op = "qk_norm_rope"

@@ -12,6 +12,8 @@ from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.qk_norm_rope import check_qk_norm_rope, samples_qk_norm_rope
 from wan_kernels.triton import qk_norm_rope as triton_qk_norm_rope
 
+__all__ = ["qk_norm_rope_backward"]
+
 
 def check_qk_norm_rope_backward(grad_q, grad_k, grad_v, qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin,
                                 num_heads, eps=None) -> None:

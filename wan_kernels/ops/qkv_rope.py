@@ -11,6 +11,8 @@ from wan_kernels._checks import check_float, check_norm_rope, same_device, shape
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.qk_norm_rope import samples_qk_norm_rope
 
+__all__ = ["qkv_rope"]
+
 
 def check_qkv_rope(x, w_qkv, b_qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps=None) -> None:
     op = "qkv_rope"

@@ -8,6 +8,8 @@ import math
 
 import torch
 
+__all__ = ["attention", "attention_backward", "attention_delta", "attention_forward", "attention_lse"]
+
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     # q: [B, H, Sq, D], k/v: [B, H, Sk, D]

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+__all__ = ["gated_residual", "gated_residual_backward", "layer_norm_modulate", "layer_norm_modulate_backward"]
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32 math; fp64 stays fp64

@@ -12,6 +12,8 @@ import torch
 
 from wan_kernels.nvfp4 import BLOCK, E2M1_VALUES, E4M3_MAX, swizzle_scales, unswizzle_scales
 
+__all__ = ["nvfp4_dequantize", "nvfp4_gemm", "nvfp4_linear", "nvfp4_linear_backward", "nvfp4_quantize"]
+
 # Thresholds of round-to-nearest-even onto the E2M1 grid: (bound, inclusive) - a magnitude above the
 # bound (or equal to it when inclusive) moves up one code. Ties go to the even code.
 _E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))

@@ -2,6 +2,8 @@
 
 import torch
 
+__all__ = ["qk_norm_rope", "qk_norm_rope_backward"]
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from wan_kernels.ref.qk_norm_rope import qk_norm_rope
 
+__all__ = ["qkv_rope"]
+
 
 def qkv_rope(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None, norm_q_weight: torch.Tensor,
              norm_k_weight: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, num_heads: int,
