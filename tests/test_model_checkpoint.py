@@ -567,3 +567,37 @@ def test_convert_float16_refuses_values_beyond_its_range(saved_t2v, tmp_path, ca
             convert.convert_checkpoint(tmp_path / "inf.safetensors", tmp_path / "x", "diffusers", dtype=dtype,
                                     quantize=quantize, progress=False)
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("quantize", [None, "nvfp4", "fp8"])
+def test_a_load_reads_config_json_once_and_builds_one_meta_model(quantize, tmp_path, monkeypatch):
+    """One from_pretrained of a diffusers directory: config.json read once (the config and the declared NVFP4
+    layout come from the same read) and one model built on "meta" (the shape check and the load share it; the
+    layer groups come from the layouts). A fresh config, so nothing is cached from earlier tests."""
+    import wan_model.core.model as core_model
+    from wan_model.core import config as config_mod
+
+    cfg = WanConfig.from_preset("tiny-t2v").replace(num_layers=3, ffn_dim=320)
+    model = random_model(cfg, seed=5)
+    if quantize:
+        model.quantize(quantize)
+    model.save_pretrained(tmp_path / "dir")
+    reads, metas = [], []
+    real_read, real_init = config_mod.read_json, core_model.WanTransformer.__init__
+
+    def read_json(path):
+        reads.append(os.path.basename(os.fspath(path)))
+        return real_read(path)
+
+    def init(self, *args, **kw):
+        metas.append(str(kw.get("device")))
+        real_init(self, *args, **kw)
+
+    monkeypatch.setattr(ckpt, "read_json", read_json)
+    monkeypatch.setattr(config_mod, "read_json", read_json)
+    monkeypatch.setattr(core_model.WanTransformer, "__init__", init)
+    loaded = WanModel.from_pretrained(tmp_path / "dir", dtype=torch.float32)
+    assert reads.count("config.json") == 1, reads
+    assert metas == ["meta"], metas
+    if quantize is None:
+        _assert_same_weights(loaded, model)

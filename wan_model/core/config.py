@@ -115,10 +115,9 @@ class WanConfig:
         return PRESETS[name]
 
     @classmethod
-    def from_diffusers_config(cls, config: dict | str | os.PathLike) -> "WanConfig":
-        """From a diffusers transformer config dict, a config.json path, or a model directory.
-        Every field is checked (ValueError naming the file and the field)."""
-        where = "config"
+    def from_diffusers_config(cls, config: dict | str | os.PathLike, where: str = "config") -> "WanConfig":
+        """From a diffusers transformer config dict (read from the file `where`, for messages), a config.json path,
+        or a model directory. Every field is checked (ValueError naming the file and the field)."""
         if not isinstance(config, dict):
             where = os.fspath(config)
             if os.path.isdir(where):

@@ -28,6 +28,7 @@ by conversions and not used by the model (its W4A4 path computes the activation 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -108,7 +109,13 @@ def _expected_model(cfg: WanConfig, nvfp4_layers: tuple[str, ...] = (), device="
             quantize_structure(model, NVFP4Config(layers=tuple(nvfp4_layers)), device)
         except ValueError as e:
             raise CheckpointError(f"NVFP4 checkpoint: {e}") from e
-    groups = dict(layer_groups(cfg)) if fp8_native else {}
+    return _fp8_modules(model, fp8_native) if fp8_native else model
+
+
+def _fp8_modules(model: WanTransformer, fp8_native: dict[str, torch.Tensor]) -> WanTransformer:
+    """`model` with the layers that `fp8_native` (a native state dict) stores in fp8 made FP8Linear modules (per-row
+    where its scale is [N, 1], with the fp8 dtype stored)."""
+    groups = dict(layer_groups(model.config))
     natives = sorted(n for n in groups if fp8_native.get(n + ".weight", torch.empty(0)).dtype in fp8.DTYPES)
     if natives:
         per_row = {n for n in natives if fp8_native[n + ".weight_scale"].dim() == 2}
@@ -167,13 +174,15 @@ def logical_shapes(sd: dict) -> dict:
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[str, str] | None = None,
-                     nvfp4_layers: tuple[str, ...] = (), fp8_layers: tuple[str, ...] = ()) -> None:
+                     nvfp4_layers: tuple[str, ...] = (), fp8_layers: tuple[str, ...] = (), expected=None) -> None:
     """Raise CheckpointError listing missing/unexpected keys, or quoting wrong dtypes or shapes (diffusers
     names). `nvfp4_layers`: the diffusers layers stored as NVFP4 (weight, weight_scale, weight_scale_2,
     optionally input_scale), `fp8_layers` those stored as fp8 (weight, weight_scale, optionally input_scale: read,
     not used), in our layout.
     Tensors may be meta (only names, dtypes and shapes are read). The layer count and the key set are
-    checked before anything of size `cfg` is built, so a config that disagrees fails at once."""
+    checked before anything of size `cfg` is built, so a config that disagrees fails at once. `expected()`: the
+    (meta) model with the `nvfp4_layers` structure to take the shapes from, built only once those checks passed
+    (None: `_expected_model`)."""
     source = source or {}
     got = {k for k in sd if not any(s in k for s in IGNORED_KEYS)}
     blocks = block_indices(got)
@@ -204,7 +213,8 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[s
     if unscaled:
         raise CheckpointError(f"fp8 tensors without their scale (an FP8 layer is <layer>.weight + "
                               f"<layer>.weight_scale): {unscaled[:8]}")
-    shapes = {k: tuple(v.shape) for k, v in native_to_diffusers_meta(_expected_model(cfg, nvfp4_layers)).items()}
+    model = expected() if expected is not None else _expected_model(cfg, nvfp4_layers)
+    shapes = {k: tuple(v.shape) for k, v in native_to_diffusers_meta(model).items()}
     shapes.update({k: () for k in optional})
     wrong = [f"{source.get(k, k)}: checkpoint {tuple(sd[k].shape)} vs model {shapes[k]}"
              for k in sorted(shapes) if tuple(sd[k].shape) != shapes[k]]
@@ -227,13 +237,15 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
     """
     cfg = config or config_from_state_dict(sd, "state dict")
     nvfp4_layers = checkpoint_layers(sd)
-    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd))
+    expected = functools.cache(lambda: _expected_model(cfg, nvfp4_layers, device, impl, cls=cls))
+    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd), expected)
+    model = expected()  # the one meta model of a load: the shape check's
     sd = dequantize_fp8_layers(sd, cfg)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS) and not k.endswith(".input_scale")}
     native = diffusers_to_native(sd, cfg)
     native = {k: v.to(device=device) if _is_nvfp4_buffer(k, v) else
               v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
-    model = _expected_model(cfg, nvfp4_layers, device, impl, native, cls)
+    _fp8_modules(model, native)
     model.load_state_dict(native, strict=True, assign=True)
     model._apply(lambda t: t)  # re-bind the op backends on the real device
     return model
@@ -261,15 +273,19 @@ def _pipeline_fields(root: str) -> dict:
 
 def load_diffusers_dir(directory: str, dtype=torch.bfloat16, device="cpu", impl="auto", progress=None,
                        cls=WanTransformer, **fields) -> WanTransformer:
-    cfg = _checked(WanConfig.from_diffusers_config, directory).replace(**fields)
+    cfg, hint = dir_config(directory)
     sd = read_safetensors(_diffusers_files(directory), progress)
-    sd, source, _ = to_diffusers_names(sd, _dir_hint(directory))
-    return model_from_state_dict(sd, cfg, dtype, device, impl, source, cls)
+    sd, source, _ = to_diffusers_names(sd, hint)
+    return model_from_state_dict(sd, cfg.replace(**fields), dtype, device, impl, source, cls)
 
 
-def _dir_hint(directory: str) -> str | None:
-    """The NVFP4 layout a diffusers-style directory declares (wan_model.io.formats.nvfp4_hint_of_dir)."""
-    return nvfp4_hint_of_dir(directory, _checked(read_json, os.path.join(directory, "config.json")))
+def dir_config(directory: str) -> tuple[WanConfig, str | None]:
+    """(config, the NVFP4 layout a diffusers-style directory declares: wan_model.io.formats.nvfp4_hint_of_dir),
+    from ONE read of its config.json."""
+    path = os.path.join(directory, "config.json")
+    config = _checked(read_json, path)
+    cfg = _checked(lambda where: WanConfig.from_diffusers_config(config, where), path)
+    return cfg, nvfp4_hint_of_dir(directory, config)
 
 
 def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto",
@@ -330,7 +346,7 @@ def source_files(src: str) -> tuple[list[str], WanConfig | None, str | None]:
         if os.path.isdir(os.path.join(src, "transformer")):
             src = os.path.join(src, "transformer")
         files = _diffusers_files(src)
-        return files, _checked(WanConfig.from_diffusers_config, src), _dir_hint(src)
+        return (files, *dir_config(src))
     if not os.path.exists(src):
         raise CheckpointError(f"{src}: no such file or directory")
     if is_gguf(src):
