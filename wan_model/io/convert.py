@@ -14,7 +14,7 @@ import torch
 
 from wan_model.compat.layouts import IGNORED_KEYS, CheckpointError, diffusers_to_original_key
 from wan_model import quant
-from wan_model.compat.quantize import NVFP4Config, checkpoint_layers, fp8_checkpoint_layers, quantized_groups
+from wan_model.compat.quantize import NVFP4Config, quantized_groups
 from wan_model.compat.spellings import keeps_fp32
 from wan_model.core.config import WanConfig
 from wan_model.io._atomic import atomic_save, check_destination
@@ -73,8 +73,9 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
         files, cfg, hint = source_files(src)
         sd, source, _ = to_diffusers_names(read_safetensors(files, progress), hint)
     cfg = cfg or config_from_state_dict(sd, src)
-    nvfp4_layers = checkpoint_layers(sd)  # an NVFP4 checkpoint changes naming and layout only: values are kept
-    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd))
+    found = quant.detect(sd)
+    nvfp4_layers = found.get("nvfp4", ())  # an NVFP4 checkpoint changes naming and layout only: values are kept
+    check_state_dict(sd, cfg, source, found)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
     sd = dequantize_fp8_layers(sd, cfg, keep=dtype is None)  # FP8 layers: kept as they are, or dequantized
     if dtype is not None:

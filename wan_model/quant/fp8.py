@@ -18,6 +18,7 @@ from torch import nn
 
 from wan_kernels import fp8
 from wan_kernels.linear import FP8Linear
+from wan_model.compat.layouts import CheckpointError
 from wan_model.core.model import StackedKV, split_kv
 from wan_model.quant.method import QuantConfig, Method, register
 
@@ -108,6 +109,37 @@ class FP8(Method):
         """An fp8 `.weight` with a `.weight_scale` and no `.weight_scale_2` (that is NVFP4)."""
         return tuple(sorted(k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight")
                             and v.dtype in fp8.DTYPES and k + "_scale" in sd and k + "_scale_2" not in sd))
+
+    def checkpoint_config(self, groups, layers, native):
+        """Per-row where the checkpoint's scale is [N, 1], with the fp8 dtype stored (from the native tensors:
+        the layers that could not stay FP8 are dequantized by then)."""
+        if not native:
+            return None
+        natives = sorted(n for n in groups if native.get(n + ".weight", torch.empty(0)).dtype in fp8.DTYPES)
+        if not natives:
+            return None
+        per_row = {n for n in natives if native[n + ".weight_scale"].dim() == 2}
+        config = FP8Config(layers=tuple(sorted(m for n in natives for m in groups[n])),
+                           per_channel=per_row == set(natives), dtype=fp8.NAMES[native[natives[0] + ".weight"].dtype])
+        return config, {n: {"per_channel": n in per_row, "input_scale": False} for n in natives}
+
+    def checkpoint_keys(self, layers):
+        return {f"{layer}.weight_scale": None for layer in layers}
+
+    def check_checkpoint(self, sd, layers, source, dense):
+        """An FP8 layer is an fp8 [N, K] weight with an fp32 weight_scale [] or [N, 1]; no fp8 tensor without it."""
+        for layer in layers:
+            w, s = sd[layer + ".weight"], sd[layer + ".weight_scale"]
+            key = source.get(layer + ".weight_scale", layer + ".weight_scale")
+            if w.dim() != 2 or s.dtype != torch.float32 or tuple(s.shape) not in ((), (w.shape[0], 1)):
+                raise CheckpointError(f"{key}: the scale of FP8 weight {source.get(layer + '.weight', layer + '.weight')} "
+                                      f"{tuple(w.shape)} must be float32 [] or [{w.shape[0] if w.dim() else 'N'}, 1], "
+                                      f"got shape {tuple(s.shape)} dtype {s.dtype}")
+        scaled = {f"{layer}.weight" for layer in layers}
+        unscaled = [source.get(k, k) for k in sorted(dense) if sd[k].dtype in fp8.DTYPES and k not in scaled]
+        if unscaled:
+            raise CheckpointError(f"fp8 tensors without their scale (an FP8 layer is <layer>.weight + "
+                                  f"<layer>.weight_scale): {unscaled[:8]}")
 
     def config_of(self, module):
         return FP8Config(per_channel=module.per_channel, dtype=fp8.NAMES[module.weight.dtype])

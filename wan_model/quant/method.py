@@ -100,6 +100,20 @@ class Method:
         """The diffusers layers a diffusers-named state dict (tensors may be meta) stores in this method."""
         raise NotImplementedError
 
+    def checkpoint_config(self, groups: dict[str, tuple[str, ...]], layers: tuple[str, ...],
+                          native: dict[str, torch.Tensor] | None) -> tuple[QuantConfig, dict] | None:
+        """The config (and per-native-module `module` options) of a checkpoint storing `layers` (diffusers names)
+        in this method; `groups`: native module -> its diffusers layers; `native`: the checkpoint's native state
+        dict once read (None when only its shapes are checked). None: build no module of this method."""
+        return (self.config(layers=tuple(layers)), {}) if layers else None
+
+    def checkpoint_keys(self, layers) -> dict[str, torch.dtype | None]:
+        """The keys `layers` add to a dense checkpoint (or replace), with their dtype (None: any float dtype)."""
+        return {f"{layer}.{s}": dtype for layer in layers for s, (dtype, _) in self.stored(self.config(), (0, 0)).items()}
+
+    def check_checkpoint(self, sd, layers, source: dict[str, str], dense: set[str]) -> None:
+        """Raise CheckpointError (wan_model.compat.layouts) for what `checkpoint_keys` cannot say."""
+
     def config_of(self, module: nn.Module) -> QuantConfig:
         """A config that quantizes like `module` does (its granularity, its dtypes)."""
         return self.config()

@@ -70,6 +70,9 @@ class NVFP4StackedKV(NVFP4Linear):
         return split_kv(super().forward(ctx), self.norm_k, num_heads, eps)
 
 
+DTYPES = {"weight": torch.uint8, "weight_scale": torch.float8_e4m3fn, "weight_scale_2": torch.float32}
+
+
 class NVFP4(Method):
     name = "nvfp4"
     config = NVFP4Config
@@ -110,6 +113,9 @@ class NVFP4(Method):
     def dequantize(self, tensors, dtype=torch.float32):
         return ops.nvfp4_dequantize(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype,
                                     impl="ref")
+
+    def checkpoint_keys(self, layers):
+        return {f"{layer}.{s}": dt for layer in layers for s, dt in DTYPES.items()}
 
     def checkpoint_layers(self, sd):
         """Those with a weight_scale_2 (keys are enough)."""
