@@ -5,6 +5,7 @@ Layers, bottom to top (a module may import its own layer and the ones below):
   0  wan_kernels            the ops and their kernels
   1  wan_model.core         the pure model: config, rope, model, parallel, sampling
   2  wan_model.compat       key maps / layouts, diffusers' spellings, quantization, LoRA, the diffusers drop-in
+     wan_model.quant        the quantization methods (one module each behind one interface)
   3  wan_model.io           files: the atomic writer, formats, GGUF, checkpoints, conversions
   4  wan_model (the rest)   the public WanModel, the cost model, the CLI
   5  tools, bench           the GPU check, readiness, AOT helpers; benchmarks
@@ -21,8 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("wan_kernels", "wan_model", "tools", "bench")
-LAYERS = [("wan_kernels", 0), ("wan_model.core", 1), ("wan_model.compat", 2), ("wan_model.io", 3), ("wan_model", 4),
-          ("tools", 5), ("bench", 5)]
+LAYERS = [("wan_kernels", 0), ("wan_model.core", 1), ("wan_model.compat", 2), ("wan_model.quant", 2), ("wan_model.io", 3),
+          ("wan_model", 4), ("tools", 5), ("bench", 5)]
 
 
 def modules() -> dict[str, Path]:

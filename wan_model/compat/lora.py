@@ -55,6 +55,7 @@ import os
 
 import torch
 
+from wan_model import quant
 from wan_model.core.config import WanConfig
 from wan_model.compat.layouts import (CheckpointError, diffusers_keys, diffusers_to_original_key, native_direct,
                                original_to_diffusers_key, stacked_kv)
@@ -352,16 +353,16 @@ def _quantized(model, t: Target):
     w = getattr(m, "weight", None)
     if t.attr != "weight" or w is None or (w.dtype.is_floating_point and w.element_size() > 1):
         return None
-    if not hasattr(m, "dense_weight") or not (hasattr(m, "set_dense_weight") or hasattr(m, "load_weight")):
+    if quant.method_of_module(m) is None or not hasattr(m, "dense_weight"):
         raise CheckpointError(f"LoRA on {t.module}: its weight is {w.dtype} in a {type(m).__name__}, which has no "
                               "dense_weight / set_dense_weight to dequantize and requantize it")
     return m
 
 
 def _requantize(m, w: torch.Tensor) -> None:
-    """Quantize the dense [N, K] fp32 `w` into module `m` with fresh scales from its amax (FP8Linear:
-    set_dense_weight; NVFP4Linear: load_weight)."""
-    (m.set_dense_weight if hasattr(m, "set_dense_weight") else m.load_weight)(w)
+    """Quantize the dense [N, K] fp32 `w` into module `m` with fresh scales from its amax: the re-quantize hook
+    of its method (wan_model.quant), i.e. the method's one quantizer."""
+    quant.method_of_module(m).requantize(m, w)
 
 
 def _buffers(m) -> dict[str, torch.Tensor]:

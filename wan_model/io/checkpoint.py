@@ -28,7 +28,6 @@ by conversions and not used by the model (its W4A4 path computes the activation 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -46,8 +45,8 @@ from wan_model.compat.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointErro
 from wan_model.compat.spellings import keeps_fp32
 from wan_model.core.model import WanExperts, WanTransformer
 from wan_model.io.gguf import is_gguf, read_gguf
-from wan_model.compat.quantize import (NEVER_QUANTIZED, FP8Config, NVFP4Config, checkpoint_layers, fp8_checkpoint_layers,
-                                fp8_structure, layer_groups, quantize_structure)
+from wan_model import quant
+from wan_model.compat.quantize import NEVER_QUANTIZED, layer_groups, quantize_structure
 
 __all__ = ["COMFY_PREFIX", "DIFFUSERS_LAYOUT", "FORMATS", "INDEX_NAME", "REGISTRY", "WEIGHTS_NAME", "CheckpointError", "WanExperts",
            "check_state_dict", "config_from_state_dict", "detect_format",
@@ -98,41 +97,42 @@ def _diffusers_files(directory: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def _expected_model(cfg: WanConfig, nvfp4_layers: tuple[str, ...] = (), device="cpu", impl: str = "ref",
-                    fp8_native: dict[str, torch.Tensor] | None = None, cls=WanTransformer):
-    """An empty `cls` (a WanTransformer) on "meta" with the layers `nvfp4_layers` (diffusers names) as NVFP4 modules;
-    `fp8_native`: the native state dict of a checkpoint with FP8 layers, whose modules become FP8Linear (per-row
-    where its scale is [N, 1], with the fp8 dtype stored)."""
+def _expected_model(cfg: WanConfig, quantized: dict[str, tuple[str, ...]] | None = None, device="cpu",
+                    impl: str = "ref", native: dict[str, torch.Tensor] | None = None, cls=WanTransformer):
+    """An empty `cls` (a WanTransformer) on "meta" whose layers `quantized` ({method: diffusers layers},
+    `wan_model.quant.detect`) are empty modules of their method, as the method's `checkpoint_config` decides
+    (FP8: from `native`, the checkpoint's native state dict: per-row where its scale is [N, 1])."""
     model = cls(cfg, impl=impl, device="meta")
-    if nvfp4_layers:
-        try:
-            quantize_structure(model, NVFP4Config(layers=tuple(nvfp4_layers)), device)
-        except ValueError as e:
-            raise CheckpointError(f"NVFP4 checkpoint: {e}") from e
-    return _fp8_modules(model, fp8_native) if fp8_native else model
-
-
-def _fp8_modules(model: WanTransformer, fp8_native: dict[str, torch.Tensor]) -> WanTransformer:
-    """`model` with the layers that `fp8_native` (a native state dict) stores in fp8 made FP8Linear modules (per-row
-    where its scale is [N, 1], with the fp8 dtype stored)."""
-    groups = dict(layer_groups(model.config))
-    natives = sorted(n for n in groups if fp8_native.get(n + ".weight", torch.empty(0)).dtype in fp8.DTYPES)
-    if natives:
-        per_row = {n for n in natives if fp8_native[n + ".weight_scale"].dim() == 2}
-        config = FP8Config(layers=tuple(sorted(m for n in natives for m in groups[n])),
-                           per_channel=per_row == set(natives), dtype=fp8.NAMES[fp8_native[natives[0] + ".weight"].dtype])
-        try:
-            fp8_structure(model, config, per_row)
-        except ValueError as e:
-            raise CheckpointError(f"FP8 checkpoint: {e}") from e
+    _quantized_modules(model, quantized, device, native)
     return model
+
+
+def _quantized_modules(model: WanTransformer, quantized: dict[str, tuple[str, ...]] | None, device,
+                       native: dict[str, torch.Tensor] | None = None, skip=frozenset()) -> set[str]:
+    """Make the layers `quantized` of `model` empty modules of their method (methods in `skip` done already; one
+    whose `checkpoint_config` needs `native` and has none is left); returns the methods applied."""
+    groups = dict(layer_groups(model.config))
+    applied = set()
+    for name, layers in (quantized or {}).items():
+        if name in skip:
+            continue
+        found = quant.get(name).checkpoint_config(groups, layers, native)
+        if found is None:
+            continue
+        try:
+            quantize_structure(model, found[0], device, found[1])
+        except ValueError as e:
+            raise CheckpointError(f"{name.upper()} checkpoint: {e}") from e
+        applied.add(name)
+    return applied
 
 
 def dequantize_fp8_layers(sd: dict[str, torch.Tensor], cfg: WanConfig, keep: bool = True) -> dict[str, torch.Tensor]:
     """The FP8 layers of diffusers-named `sd` that cannot stay FP8 (keep=False: all of them) dequantized to
     fp32 (exact): those outside the quantizable Linear layers (the time embedder, which diffusers keeps in fp32;
     a Conv3d) and the members of a fused group (to_qkv, cross_kv) that is not FP8 as a whole."""
-    layers = set(fp8_checkpoint_layers(sd))
+    method = quant.get("fp8")
+    layers = set(method.checkpoint_layers(sd))
     if layers and keep:
         whole = {m for _, members in layer_groups(cfg) if set(members) <= layers for m in members}
         layers -= {m for m in whole if not m.startswith(NEVER_QUANTIZED)}
@@ -140,20 +140,10 @@ def dequantize_fp8_layers(sd: dict[str, torch.Tensor], cfg: WanConfig, keep: boo
         return sd
     sd = dict(sd)
     for layer in layers:
-        sd[layer + ".weight"] = fp8.dequantize(sd[layer + ".weight"], sd.pop(layer + ".weight_scale"))
+        sd[layer + ".weight"] = method.dequantize({"weight": sd[layer + ".weight"],
+                                                   "weight_scale": sd.pop(layer + ".weight_scale")})
         sd.pop(layer + ".input_scale", None)
     return sd
-
-
-def _check_fp8(sd: dict[str, torch.Tensor], fp8_layers, source: dict[str, str]) -> None:
-    """An FP8 layer is an fp8 [N, K] weight with an fp32 weight_scale [] or [N, 1] (CheckpointError naming the key)."""
-    for layer in fp8_layers:
-        w, s = sd[layer + ".weight"], sd[layer + ".weight_scale"]
-        key = source.get(layer + ".weight_scale", layer + ".weight_scale")
-        if w.dim() != 2 or s.dtype != torch.float32 or tuple(s.shape) not in ((), (w.shape[0], 1)):
-            raise CheckpointError(f"{key}: the scale of FP8 weight {source.get(layer + '.weight', layer + '.weight')} "
-                                  f"{tuple(w.shape)} must be float32 [] or [{w.shape[0] if w.dim() else 'N'}, 1], "
-                                  f"got shape {tuple(s.shape)} dtype {s.dtype}")
 
 
 def logical_shapes(sd: dict) -> dict:
@@ -174,14 +164,14 @@ def logical_shapes(sd: dict) -> dict:
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[str, str] | None = None,
-                     nvfp4_layers: tuple[str, ...] = (), fp8_layers: tuple[str, ...] = (), expected=None) -> None:
+                     quantized: dict[str, tuple[str, ...]] | None = None, expected=None) -> None:
     """Raise CheckpointError listing missing/unexpected keys, or quoting wrong dtypes or shapes (diffusers
-    names). `nvfp4_layers`: the diffusers layers stored as NVFP4 (weight, weight_scale, weight_scale_2,
-    optionally input_scale), `fp8_layers` those stored as fp8 (weight, weight_scale, optionally input_scale: read,
-    not used), in our layout.
+    names). `quantized`: {method: the diffusers layers stored in it} (`wan_model.quant.detect`), in our layout,
+    each with the keys of its method (NVFP4: weight, weight_scale, weight_scale_2; FP8: weight, weight_scale),
+    optionally input_scale (read, not used by FP8).
     Tensors may be meta (only names, dtypes and shapes are read). The layer count and the key set are
     checked before anything of size `cfg` is built, so a config that disagrees fails at once. `expected()`: the
-    (meta) model with the `nvfp4_layers` structure to take the shapes from, built only once those checks passed
+    (meta) model with the `quantized` structure to take the shapes from, built only once those checks passed
     (None: `_expected_model`)."""
     source = source or {}
     got = {k for k in sd if not any(s in k for s in IGNORED_KEYS)}
@@ -191,12 +181,13 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[s
                               f"the checkpoint {len(blocks)} blocks (indices {sorted(blocks)[:3]}..."
                               f"{max(blocks, default=None)})")
     dense = diffusers_keys(cfg)
-    packed = {f"{layer}.{s}": dt for layer in nvfp4_layers if f"{layer}.weight" in dense
-              for s, dt in NVFP4_DTYPES.items()}
-    optional = {f"{layer}.input_scale" for layer in (*nvfp4_layers, *fp8_layers) if f"{layer}.weight" in dense} & got
+    quantized = {name: [layer for layer in layers if f"{layer}.weight" in dense]
+                 for name, layers in (quantized or {}).items()}
+    extra = {k: dt for name, layers in quantized.items() for k, dt in quant.get(name).checkpoint_keys(layers).items()}
+    packed = {k: dt for k, dt in extra.items() if dt is not None}
+    optional = {f"{layer}.input_scale" for layers in quantized.values() for layer in layers} & got
     packed.update({k: torch.float32 for k in optional})
-    fp8_keys = {f"{layer}.weight_scale" for layer in fp8_layers if f"{layer}.weight" in dense}
-    keys = dense | set(packed) | fp8_keys
+    keys = dense | set(extra) | optional
     missing = sorted(keys - got)
     unexpected = sorted(source.get(k, k) for k in got - keys)
     if missing or unexpected:
@@ -208,12 +199,9 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[s
         raise CheckpointError(f"checkpoint tensors have unsupported dtypes: {'; '.join(bad[:8])}"
                               f"{'; ...' if len(bad) > 8 else ''} ({len(bad)} tensors; weights are float, NVFP4 "
                               "layers uint8 + float8_e4m3fn + float32 scales)")
-    _check_fp8(sd, [k.removesuffix(".weight_scale") for k in fp8_keys], source)
-    unscaled = [source.get(k, k) for k in sorted(dense) if sd[k].dtype in fp8.DTYPES and k + "_scale" not in fp8_keys]
-    if unscaled:
-        raise CheckpointError(f"fp8 tensors without their scale (an FP8 layer is <layer>.weight + "
-                              f"<layer>.weight_scale): {unscaled[:8]}")
-    model = expected() if expected is not None else _expected_model(cfg, nvfp4_layers)
+    for name, method in quant.METHODS.items():
+        method.check_checkpoint(sd, quantized.get(name, []), source, dense)
+    model = expected() if expected is not None else _expected_model(cfg, quantized)
     shapes = {k: tuple(v.shape) for k, v in native_to_diffusers_meta(model).items()}
     shapes.update({k: () for k in optional})
     wrong = [f"{source.get(k, k)}: checkpoint {tuple(sd[k].shape)} vs model {shapes[k]}"
@@ -236,28 +224,34 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
     `dtype`, exactly as WanTransformer3DModel.from_pretrained(torch_dtype=dtype) holds them.
     """
     cfg = config or config_from_state_dict(sd, "state dict")
-    nvfp4_layers = checkpoint_layers(sd)
-    expected = functools.cache(lambda: _expected_model(cfg, nvfp4_layers, device, impl, cls=cls))
-    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd), expected)
-    model = expected()  # the one meta model of a load: the shape check's
+    found = quant.detect(sd)
+    built = []  # the one meta model of a load: the shape check's, built once the cheap checks passed
+
+    def expected():
+        if not built:
+            m = cls(cfg, impl=impl, device="meta")
+            built.append((m, _quantized_modules(m, found, device)))
+        return built[0][0]
+    check_state_dict(sd, cfg, source, found, expected)
+    model, applied = expected(), built[0][1]
     sd = dequantize_fp8_layers(sd, cfg)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS) and not k.endswith(".input_scale")}
     native = diffusers_to_native(sd, cfg)
     native = {k: v.to(device=device) if _is_nvfp4_buffer(k, v) else
               v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
-    _fp8_modules(model, native)
+    _quantized_modules(model, found, device, native, skip=applied)  # the methods that read the tensors (FP8)
     model.load_state_dict(native, strict=True, assign=True)
     model._apply(lambda t: t)  # re-bind the op backends on the real device
     return model
 
 
 SCALE_KEYS = (".weight_scale", ".weight_scale_2", ".input_scale")
-NVFP4_DTYPES = {"weight": torch.uint8, "weight_scale": torch.float8_e4m3fn, "weight_scale_2": torch.float32}
 
 
 def _is_nvfp4_buffer(key: str, t: torch.Tensor) -> bool:
-    """Packed weights (uint8), FP8 weights and scales keep their stored dtype whatever the load dtype."""
-    return key.endswith(SCALE_KEYS) or t.dtype == torch.uint8 or t.dtype in fp8.DTYPES
+    """Quantized weights (NVFP4 uint8, FP8, any integer) and scales keep their stored dtype whatever the load
+    dtype."""
+    return key.endswith(SCALE_KEYS) or not t.dtype.is_floating_point or t.dtype in fp8.DTYPES
 
 
 def _pipeline_fields(root: str) -> dict:

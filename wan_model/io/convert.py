@@ -12,9 +12,9 @@ import os
 import numpy as np
 import torch
 
-from wan_kernels import fp8
 from wan_model.compat.layouts import IGNORED_KEYS, CheckpointError, diffusers_to_original_key
-from wan_model.compat.quantize import FP8Config, NVFP4Config, checkpoint_layers, fp8_checkpoint_layers, quantized_groups
+from wan_model import quant
+from wan_model.compat.quantize import NVFP4Config, quantized_groups
 from wan_model.compat.spellings import keeps_fp32
 from wan_model.core.config import WanConfig
 from wan_model.io._atomic import atomic_save, check_destination
@@ -58,12 +58,12 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
     """
     check_destination(dst, save_layout(format), overwrite)
     if quantize is not None:
-        if quantize not in ("nvfp4", "fp8"):
-            raise ValueError(f"unknown quantization {quantize!r}; expected 'nvfp4' or 'fp8'")
-        config = nvfp4_config or (FP8Config() if quantize == "fp8" else NVFP4Config())
-        if isinstance(config, FP8Config) != (quantize == "fp8"):
-            raise ValueError(f"quantize={quantize!r} takes an {'FP8Config' if quantize == 'fp8' else 'NVFP4Config'}, "
-                             f"got {type(config).__name__}")
+        if quantize not in quant.METHODS:
+            raise ValueError(f"unknown quantization {quantize!r}; expected {' or '.join(map(repr, quant.METHODS))}")
+        method = quant.get(quantize)
+        config = nvfp4_config or method.config()
+        if not isinstance(config, method.config):
+            raise ValueError(f"quantize={quantize!r} takes an {method.config.__name__}, got {type(config).__name__}")
         return convert_nvfp4(src, dst, format, config, dtype, max_shard_size, progress, overwrite)
     src = os.fspath(src)
     if os.path.isfile(src) and is_gguf(src):  # dequantized (quantized types to fp32: exact; wan_model.io.gguf)
@@ -73,8 +73,9 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
         files, cfg, hint = source_files(src)
         sd, source, _ = to_diffusers_names(read_safetensors(files, progress), hint)
     cfg = cfg or config_from_state_dict(sd, src)
-    nvfp4_layers = checkpoint_layers(sd)  # an NVFP4 checkpoint changes naming and layout only: values are kept
-    check_state_dict(sd, cfg, source, nvfp4_layers, fp8_checkpoint_layers(sd))
+    found = quant.detect(sd)
+    nvfp4_layers = found.get("nvfp4", ())  # an NVFP4 checkpoint changes naming and layout only: values are kept
+    check_state_dict(sd, cfg, source, found)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
     sd = dequantize_fp8_layers(sd, cfg, keep=dtype is None)  # FP8 layers: kept as they are, or dequantized
     if dtype is not None:
@@ -86,38 +87,37 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
     return cfg
 
 
-def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | FP8Config | None = None,
+def convert_nvfp4(src, dst, format: str = "diffusers", config: quant.QuantConfig | None = None,
                   dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
                   progress: bool = True, overwrite: bool = False) -> WanConfig:
     """Stream-convert a dense checkpoint (any supported format) to an NVFP4 checkpoint in `format` at `dst`
-    (an FP8 one when `config` is an FP8Config).
+    (an FP8 one when `config` is an FP8Config: any registered method's config, wan_model.quant).
 
     Equal, bit for bit, to `WanModel.from_pretrained(src, dtype).quantize("nvfp4" / "fp8", config)` saved in
     `format` (dtype None: the stored dtypes, i.e. quantize from the stored values; else tensors are cast
     first, diffusers' fp32 modules staying fp32). Returns the config.
 
     Reads one tensor at a time through safetensors `safe_open` (wan_model.io.formats.LazyCheckpoint), quantizes
-    it and hands it to the one writer, which appends it to its shard: peak memory is a few tensors,
+    it with the method's one quantizer (`quantize_weight`, which the in-memory `quantize` calls too) and hands it
+    to the one writer, which appends it to its shard: peak memory is a few tensors,
     whatever the checkpoint size. Fused groups (wan_model.compat.quantize) share one global scale, computed in a
     first pass over their members (FP8: per tensor; per channel needs none). Written atomically and non-destructively as `save_state_dict`
     (`overwrite` as there); `dst` is checked before anything is read.
     """
-    import wan_kernels
     from tqdm import tqdm
-    from wan_kernels import nvfp4 as fmt
 
     f = writable_format(format)
     check_destination(dst, save_layout(format), overwrite)
     if f.directory:
         parse_size(max_shard_size)
     config = config or NVFP4Config()
-    is_fp8 = isinstance(config, FP8Config)
-    fp8_dtype = fp8.dtype_of(config.dtype) if is_fp8 else None
+    method = quant.method_of(config)
     files, cfg, hint = source_files(os.fspath(src))
     lazy = LazyCheckpoint(files, hint)
     try:
-        if lazy.nvfp4_layers or fp8_checkpoint_layers(lazy.meta()):
-            raise CheckpointError(f"{src} is already {'NVFP4' if lazy.nvfp4_layers else 'FP8'}-quantized")
+        found = quant.detect(lazy.meta())
+        if found:
+            raise CheckpointError(f"{src} is already {next(iter(found)).upper()}-quantized")
         if cfg is None:
             try:
                 cfg = WanConfig.from_state_dict(lazy.meta())
@@ -134,56 +134,40 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: NVFP4Config | FP8
         entries = {}  # the output tensors, diffusers-named, our layout
         for key, (_, _, stored, shape) in lazy.entries.items():
             layer = key.removesuffix(".weight")
-            if key.endswith(".weight") and layer in group_of and is_fp8:
-                entries.update({key: (fp8_dtype, shape),
-                                layer + ".weight_scale": (torch.float32, (shape[0], 1) if config.per_channel else ())})
-            elif key.endswith(".weight") and layer in group_of:
-                n, k = shape
-                entries.update({key: (torch.uint8, (n, k // 2)),
-                                layer + ".weight_scale": (torch.float8_e4m3fn, fmt.scale_shape(n, k)),
-                                layer + ".weight_scale_2": (torch.float32, ())})
+            if key.endswith(".weight") and layer in group_of:
+                entries.update({f"{layer}.{s}": v for s, v in method.stored(config, shape).items()})
             else:
                 entries[key] = (stored if dtype is None else (torch.float32 if keeps_fp32(key) else dtype), shape)
         units = plan_units(f, entries)
 
-        # pass 1: the shared global scale of each fused group (max over members of amax / (6*448))
+        # pass 1: the shared scale of each fused group (NVFP4: max over members of amax / (6*448))
         group_scale: dict[tuple[str, ...], torch.Tensor] = {}
-        fused = [members for _, members in groups if len(members) > 1 and not (is_fp8 and config.per_channel)]
+        fused = [members for _, members in groups if len(members) > 1 and method.shares_scale(config)]
         total = (sum(lazy.nbytes(m + ".weight") for ms in fused for m in ms)
                  + sum(lazy.nbytes(k) for k in lazy.entries))
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{'fp8' if is_fp8 else 'nvfp4'} convert",
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"{method.name} convert",
                    disable=not progress)
-        for members in fused:
-            scales = []
+        def members_read(members):
             for m in members:
-                t = cast(m + ".weight", lazy.get(m + ".weight"))
-                scales.append(t.abs().float().amax() if is_fp8 else fmt.global_scale(t))
+                yield cast(m + ".weight", lazy.get(m + ".weight"))
                 bar.update(lazy.nbytes(m + ".weight"))
-            # FP8: scale_of the members' amaxes = scale_of the fused weight (amax / max), bit for bit
-            group_scale[members] = fp8.scale_of(torch.stack(scales)[None], False, fp8_dtype) if is_fp8 else \
-                torch.stack(scales).amax()
+
+        for members in fused:
+            group_scale[members] = method.group_scale(config, members_read(members))
 
         # pass 2: read, quantize, hand to the writer (one unit at a time)
-        def fp8_layer(layer: str) -> dict[str, torch.Tensor]:
+        def quantized(layer: str) -> dict[str, torch.Tensor]:
             t = cast(layer + ".weight", lazy.get(layer + ".weight"))
-            s = group_scale.get(group_of[layer])
-            s = fp8.scale_of(t, config.per_channel, fp8_dtype) if s is None else s
-            return {"weight": fp8.quantize(t, s, fp8_dtype), "weight_scale": s}
+            return method.quantize_weight(t, config, group_scale.get(group_of[layer]))
 
         def tensors(unit) -> dict[str, torch.Tensor]:
             layer, _, suffix = unit.key.rpartition(".")
-            if is_fp8 and unit.layer is None and layer in group_of and suffix in ("weight", "weight_scale"):
-                # formats with plain FP8 keys: weight and weight_scale are units of their own
-                return {"": fp8_layer(layer)[suffix]}
-            if is_fp8 and unit.layer is not None:
-                return fp8_layer(unit.layer)
-            t = cast(unit.key, lazy.get(unit.key))
-            if unit.layer is None:
-                return {"": t}
-            members = group_of[unit.layer]
-            gs = group_scale[members] if len(members) > 1 else fmt.global_scale(t)
-            packed, scale = wan_kernels.nvfp4_quantize(t.float().contiguous(), gs)
-            return {"weight": packed, "weight_scale": scale, "weight_scale_2": gs.reshape(())}
+            if unit.layer is None and layer in group_of and suffix in method.suffixes:
+                # formats with plain keys for a layer (FP8): each of its tensors is a unit of its own
+                return {"": quantized(layer)[suffix]}
+            if unit.layer is not None:
+                return quantized(unit.layer)
+            return {"": cast(unit.key, lazy.get(unit.key))}
 
         write_checkpoint(dst, f, cfg, units, tensors, max_shard_size, config.to_json(), overwrite,
                          progress=lambda u: bar.update(lazy.nbytes(u.key) if u.key in lazy.entries else 0))
