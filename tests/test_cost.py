@@ -108,7 +108,7 @@ def test_wan_op_flop_formulas():
 _LINES = [("mods = ", "modulation"), ("ops.layer_norm_modulate(x, scale, shift", "self_norm"), ("ops.qkv_rope(", "qkv"),
           ("project_qkv(", "qkv"), ("a.to_out(a.attend(", "self_attn"), ("ops.gated_residual(x, o, gate)", "self_residual"),
           ("self.norm2.weight", "cross_norm"), ("F.rms_norm(c.to_q(n)", "cross_q"),
-          ("c.to_out(ops.attention(", "cross_attn"), ("ops.layer_norm_modulate(x, c_scale", "ffn_norm"),
+          ("c.to_out(c.attend(", "cross_attn"), ("ops.layer_norm_modulate(x, c_scale", "ffn_norm"),
           ('self.ffn["proj_out"]', "ffn"), ("ops.gated_residual(x, f, c_gate)", "ffn_residual")]
 _GEMM = ("aten.addmm.default", "aten.mm.default")
 _FREE = ("aten._unsafe_view.default", "aten.empty.memory_format")

@@ -11,7 +11,8 @@ One rule on every path, the dispatcher's `torch.ops.wan.<op>` (`register`) and t
 wan_kernels/routing.py that do not go through it (`backend`):
   * grad mode on and an input in DIFFERENTIABLE[op] requires grad: the outputs carry this backward;
   * grad mode on and any other tensor input requires grad (NVFP4 codes and scales, global scales, rope
-    tables; every input of nvfp4_quantize/dequantize/gemm): RuntimeError at forward time naming the
+    tables; every input of nvfp4_quantize/dequantize/gemm; every input of an inference-only op, whose
+    message names the op to train with: `OpSpec.training_op`): RuntimeError at forward time naming the
     argument, never a silent None gradient.
 """
 
@@ -52,6 +53,10 @@ def _check_not_differentiable(op: str, args) -> None:
     diff = spec.differentiable
     for name, a in zip(spec.arg_names, args):
         if isinstance(a, torch.Tensor) and a.requires_grad and name not in diff:
+            if spec.training_op is not None:
+                raise RuntimeError(f"{spec.qualname} is inference only (no gradients), but {name} requires grad: "
+                                   f"train with wan_kernels.{spec.training_op} ({spec.namespace}::"
+                                   f"{spec.training_op}, bf16), or call it under torch.no_grad()")
             what = (f"{spec.qualname} is not differentiable" if not diff else
                     f"{spec.qualname} is differentiable only in {', '.join(diff)}")
             raise RuntimeError(f"{what}, but {name} requires grad: pass {name}.detach() or call it under "

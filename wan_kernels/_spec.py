@@ -44,6 +44,8 @@ class OpSpec:
     samples(Sampler) -> the positional arguments of one small deterministic call.
     fake(*args): shapes only (torch.compile, meta tensors); None for a composite.
     differentiable: the argument names gradients flow to (any other input requiring grad raises).
+    training_op: for an inference-only op (no differentiable inputs), the op to train with instead: an input
+        requiring grad raises one line naming it (wan::attention_int8 -> attention).
     backward(inputs, grads, needs_input_grad) -> one gradient (or None) per input: the op's backward, built from
         backward ops of its own (each an op with a fake, so torch.compile traces training steps); inputs are the
         forward's arguments, grads one per output (None where the output gets no gradient). None = the
@@ -77,6 +79,7 @@ class OpSpec:
     samples: Callable
     fake: Callable | None = None
     differentiable: tuple[str, ...] = ()
+    training_op: str | None = None
     backward: Callable | None = None
     save_outputs: bool = False
     forward_for_grad: str | None = None

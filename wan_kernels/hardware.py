@@ -26,3 +26,14 @@ def gpu_peak(name: str | None = None) -> tuple[str, dict] | None:
         if key.replace(" ", "").lower() in name.replace(" ", "").lower():
             return key, peak
     return None
+
+
+# The first compute capability with FP8 (e4m3) tensor-core MMAs (Ada, sm_89; Hopper, Blackwell after it).
+FP8_MMA_CAPABILITY = (8, 9)
+
+
+def default_pv(capability: tuple[int, int] | None) -> str:
+    """The P.V precision `pv="auto"` of wan::attention_int8 means on a device class: "fp8" (e4m3 P and V) where
+    the GPU has FP8 MMAs (sm_89 and later), "fp16" below (sm_80/86). None (CPU: the reference, the Triton
+    interpreter) is "fp8": the CPU emulates what the fp8 GPUs run, the accuracy most users get."""
+    return "fp8" if capability is None or tuple(capability) >= FP8_MMA_CAPABILITY else "fp16"

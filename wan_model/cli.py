@@ -206,9 +206,10 @@ def shard_size(s: str) -> int:
 
 
 def _check_impl(args, dev: torch.device) -> None:
-    """The named backend runs every op of the model on `dev` (the routing's own check)."""
+    """The named backend runs every op of the model on `dev` (the routing's own check; with --attention int8,
+    wan::attention_int8 too)."""
     try:
-        bind_ops(args.impl, dev)
+        bind_ops(args.impl, dev, int8=args.attention == "int8")
     except wan_kernels.BackendUnavailableError as e:
         args.error(f"argument --impl: {e}")
 
@@ -229,6 +230,24 @@ def _print_routes() -> None:
     print("  " + "op".ljust(w) + "".join(c.ljust(20) for c in classes))
     for op, row in table.items():
         print("  " + op.ljust(w) + "".join(row[c].ljust(20) for c in classes))
+
+
+def _describe_attention(model, kind: str) -> str:
+    a = model.attention
+    return f"{kind}: roles {'/'.join(a.roles)}, dense layers {list(a.dense_layers)} and the first and last steps, " \
+        f"pv {a.pv}"
+
+
+def _set_attention(args, models) -> None:
+    """--attention int8: every expert runs wan::attention_int8 (configured at load, never branched on)."""
+    if args.attention != "int8":
+        return
+    if getattr(args, "ulysses", 1) * getattr(args, "ring", 1) > 1:
+        args.error("argument --attention: int8 self-attention under sequence parallelism (--ulysses/--ring) is not "
+                   "implemented yet; run --attention bf16 there")
+    for m in models:
+        m.set_attention("int8")
+    print(f"attention: {_describe_attention(models[0], 'int8')}")
 
 
 def _print_steps(res) -> None:
@@ -303,6 +322,15 @@ def cmd_demo(args) -> int:
           f"dtype {args.dtype}, impl={args.impl!r}")
     res = sample(model, latents, text, neg, args.steps, args.guidance, args.shift, progress=not args.no_progress)
     _print_steps(res)
+    if args.attention == "int8":
+        model.set_attention("int8")
+        res8 = sample(model, latents, text, neg, args.steps, args.guidance, args.shift, progress=not args.no_progress)
+        model.set_attention("bf16")
+        _print_steps(res8)
+        d = res8.latents - res.latents
+        print(f"int8 attention ({_describe_attention(model, 'int8')}) vs bf16, same weights and steps: "
+              f"max |int8 - bf16| over the final latents {d.abs().max().item():.3e}, relative RMS "
+              f"{(d.norm() / res.latents.norm()).item():.3e} (latent max {res.latents.abs().max().item():.2f})")
     try:
         from wan_model.compat.diffusers import to_diffusers_model
     except ImportError as e:  # diffusers is the optional extra wan-kernels[diffusers]
@@ -449,6 +477,7 @@ def _run(args, rank: int) -> int:
     for path, scale in args.lora or ():
         model.load_lora(path, scale=scale)
         print(f"LoRA {path} fused at scale {scale}")
+    _set_attention(args, (model.high, model.low) if isinstance(model, WanExperts) else (model,))
     if args.ulysses * args.ring > 1:
         for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
             m.enable_parallelism(ulysses_degree=args.ulysses, ring_degree=args.ring)
@@ -589,6 +618,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="tiny-t2v", choices=DEMO_PRESETS, help="model config")
     d.add_argument("--dtype", default="float32", choices=DTYPES, help="weight and activation dtype")
     d.add_argument("--impl", default="auto", choices=wan_kernels.IMPLS, help="backend of every wan op")
+    d.add_argument("--attention", default="bf16", choices=("bf16", "int8"),
+                   help="int8: sample again with 8-bit attention and print its latent difference from bf16")
     d.add_argument("--steps", type=positive_int, default=4, help="Euler denoising steps")
     d.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale")
     d.add_argument("--shift", type=positive_float, default=5.0, help="flow-matching sigma shift")
@@ -618,6 +649,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda if available, else cpu")
     r.add_argument("--impl", default="auto", choices=wan_kernels.IMPLS, help="backend of every wan op")
+    r.add_argument("--attention", default="bf16", choices=("bf16", "int8"),
+                   help="bf16: wan::attention; int8: wan::attention_int8 (SageAttention2-class, opt-in) except "
+                        "layer 0 and the first and last steps")
     r.add_argument("--frames", type=video_frames, default=81, help="video frames, 4k + 1")
     r.add_argument("--height", type=pixels, default=480, help="video height in pixels, a multiple of 16")
     r.add_argument("--width", type=pixels, default=832, help="video width in pixels, a multiple of 16")

@@ -15,8 +15,8 @@ from wan_kernels.triton import attention_ws
 __all__ = ["attention"]
 
 
-def check_attention(q, k, v, k_img=None, v_img=None, scale=None) -> None:
-    op = "attention"
+def check_attention(q, k, v, k_img=None, v_img=None, scale=None, *, op: str = "attention") -> None:
+    """The [B, S, H, D] contract of every attention op (`op`: the name the messages quote)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{op}: {name} must be [B, S, H, D], got shape {shape_of(t)}")

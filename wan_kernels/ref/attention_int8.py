@@ -33,9 +33,9 @@ from typing import Callable
 
 import torch
 
-# Not an op yet (issue 23: it becomes wan::attention_int8 with its OpSpec once the structure issue has landed), so
-# wan_kernels.ref exports nothing of it; tests import this module directly.
-__all__: list[str] = []
+from wan_kernels.hardware import default_pv
+
+__all__ = ["attention_int8", "attention_int8_lse"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -121,19 +121,24 @@ def attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv: str, q_group: 
     return acc / l[..., None] * v_scale[:, :, None, :] + v_mean[:, :, None, :], m, l
 
 
-def _check(pv: str) -> None:
+def resolve_pv(pv: str, device: torch.device) -> str:
+    """"auto" -> the device's P.V precision (`wan_kernels.hardware.default_pv`: "fp8" on CPU and sm_89+, "fp16" on
+    sm_80/86), so that impl="ref" emulates what the device's kernel runs; "fp8" / "fp16" stay."""
+    if pv == "auto":
+        return default_pv(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
     if pv not in ("fp8", "fp16"):
-        raise ValueError(f"attention_int8: pv must be 'fp8' or 'fp16', got {pv!r}")
+        raise ValueError(f"attention_int8: pv must be 'fp8', 'fp16' or 'auto', got {pv!r}")
+    return pv
 
 
-def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
-                       v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "fp8",
-                       q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
-                       exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                        v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "auto",
+                        q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
+                        exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Sq, H, Dv] in q's dtype, lse [S, B, H, Sq] fp32), S = 1 or 2 (with the image set): 8-bit
     softmax(q k^T s) v [+ softmax(q k_img^T s) v_img], s = scale or 1/sqrt(D), and each set's natural-log
     log-sum-exp of its (unsmoothed) scores. The inputs are never written."""
-    _check(pv)
+    pv = resolve_pv(pv, q.device)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q_i8, q_scale = quantize_int8(q, q_group)
     q_scale = q_scale * (s * LOG2E)
@@ -150,10 +155,19 @@ def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img:
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
-                   v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "fp8",
+                   v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "auto",
                    q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
                    exp2: Callable = torch.exp2) -> torch.Tensor:
-    """8-bit attention: q [B, Sq, H, D], k/v [B, Sk, H, D/Dv], optional k_img/v_img [B, Si, H, D/Dv] ->
-    [B, Sq, H, Dv] in q's dtype. pv: "fp8" (P and V in e4m3) or "fp16". q_group / k_group: tokens per Q / K
-    scale; block_n: keys per online-softmax step (where P is rounded: the kernel's BLOCK_N)."""
-    return attention_int8_lse(q, k, v, k_img, v_img, scale, pv, q_group, k_group, block_n, exp2)[0]
+    """wan::attention_int8: q [B, Sq, H, D], k/v [B, Sk, H, D/Dv], optional k_img/v_img [B, Si, H, D/Dv] ->
+    [B, Sq, H, Dv] in q's dtype. pv: "fp8" (P and V in e4m3), "fp16" or "auto" (`resolve_pv`). q_group / k_group:
+    tokens per Q / K scale; block_n: keys per online-softmax step (where P is rounded: the kernel's BLOCK_N)."""
+    return attention_int8_sets(q, k, v, k_img, v_img, scale, pv, q_group, k_group, block_n, exp2)[0]
+
+
+def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                       pv: str = "auto", q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
+                       exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
+    """wan::attention_int8_lse: one key set, (out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] fp32): the natural-log
+    log-sum-exp of the unsmoothed scores s q k^T (smoothing corrected), as wan::attention_lse for ring attention."""
+    out, lse = attention_int8_sets(q, k, v, None, None, scale, pv, q_group, k_group, block_n, exp2)
+    return out, lse[0]

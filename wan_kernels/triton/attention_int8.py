@@ -75,6 +75,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from wan_kernels.hardware import default_pv
 from wan_kernels.triton._launch import Launch, mma_class, run, target
 
 LOG2E = 1.4426950408889634
@@ -338,11 +339,6 @@ def arch_class(capability: tuple[int, int]) -> int:
     return {"tcgen05": 100, "wgmma": 90, "mma.sync": 80}[mma_class(capability)]
 
 
-def default_pv(capability: tuple[int, int] | None) -> str:
-    """"fp8" where the GPU has fp8 MMA (sm_89 and later) and under the interpreter, else "fp16" (sm_80/86)."""
-    return "fp8" if capability is None or tuple(capability) >= (8, 9) else "fp16"
-
-
 def block_dim(d: int) -> int:
     """Padded (power of two, >= 32: the int8 / fp8 dot's K width) head dimension."""
     return max(32, triton.next_power_of_2(d))
@@ -366,9 +362,9 @@ def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, confi
     """(Launch or None when empty, out, lse [S, B, H, Sq] (smoothed: see `attention_int8_lse`), Quantized)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention_int8 (triton): q must be float16/bfloat16/float32, got {q.dtype}")
-    pv = default_pv(capability) if pv is None else pv
+    pv = default_pv(capability) if pv in (None, "auto") else pv
     if pv not in ("fp8", "fp16"):
-        raise ValueError(f"attention_int8 (triton): pv must be 'fp8' or 'fp16', got {pv!r}")
+        raise ValueError(f"attention_int8 (triton): pv must be 'fp8', 'fp16' or 'auto', got {pv!r}")
     if pv == "fp8" and default_pv(capability) != "fp8":
         raise ValueError(f"attention_int8 (triton): pv='fp8' needs fp8 tensor cores (sm_89 or later), got "
                          f"sm_{capability[0]}{capability[1]}; use pv='fp16'")
@@ -415,16 +411,25 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: tor
                    config: Config | None = None) -> torch.Tensor:
     """8-bit softmax(q k^T s) v [+ softmax(q k_img^T s) v_img]: q [B, Sq, H, D], k/v [B, Sk, H, D/Dv], optional
     k_img/v_img [B, Si, H, D/Dv], fp16/bf16/fp32, last dimension contiguous -> [B, Sq, H, Dv] in q's dtype.
-    pv: "fp8" | "fp16" | None (`default_pv` of the device). `config` overrides the heuristic (tests)."""
+    pv: "fp8" | "fp16" | "auto" or None (`wan_kernels.hardware.default_pv` of the device). `config` overrides
+    the heuristic (tests)."""
     return _run(q, k, v, k_img, v_img, scale, pv, False, config)[0]
 
 
-def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
-                       v_img: torch.Tensor | None = None, scale: float | None = None, pv: str | None = None, *,
-                       config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
+                        v_img: torch.Tensor | None = None, scale: float | None = None, pv: str | None = None, *,
+                        config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_int8` and each set's natural-log log-sum-exp of the (unsmoothed) scores: lse [S, B, H, Sq] fp32,
     S = 1 or 2 (with the image set); the smoothed LSE plus s q.mean(k) (softmax invariance)."""
     return _run(q, k, v, k_img, v_img, scale, pv, True, config)
+
+
+def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                       pv: str | None = None, *, config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """wan::attention_int8_lse: one key set, (out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] fp32, natural log
+    of the unsmoothed scores), the merge quantity of ring attention (wan::attention_lse's contract)."""
+    out, lse = _run(q, k, v, None, None, scale, pv, True, config)
+    return out, lse[0]
 
 
 @_jit

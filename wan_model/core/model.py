@@ -20,6 +20,7 @@ context=ctx)` reuses them at every denoising step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -66,14 +67,68 @@ class _Ops:
     attention: object
     layer_norm_modulate: object
     gated_residual: object
+    attention_int8: object = None  # bound only for a model that runs 8-bit attention (`set_attention`)
 
 
-def bind_ops(impl: str, device: torch.device | str) -> _Ops:
+def bind_ops(impl: str, device: torch.device | str, int8: bool = False) -> _Ops:
     """Bind the backends of the ops the model calls, for `impl` on `device` (`wan_kernels.routing.bind`: under
-    impl="auto" the bare dispatcher ops, no Python wrapper per call)."""
+    impl="auto" the bare dispatcher ops, no Python wrapper per call); `int8`: wan::attention_int8 too (a named
+    backend that cannot run it, e.g. impl="cpu", raises BackendUnavailableError here)."""
     from wan_kernels.routing import bind
 
-    return _Ops(**{f.name: bind(f.name, impl, device) for f in dataclasses.fields(_Ops)})
+    return _Ops(**{f.name: bind(f.name, impl, device) for f in dataclasses.fields(_Ops)
+                   if int8 or f.name != "attention_int8"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention per role (self / text cross / image cross), chosen at configuration time (`set_attention`): each
+# block holds plain functions `attn1.attend(q, k, v, ops)` and `attn2.attend(q, k, v, k_img, v_img, ops)`.
+
+ATTENTIONS = ("bf16", "int8")   # wan::attention (the op's input dtype, bf16 in practice) / wan::attention_int8
+ROLES = ("self", "text", "image")
+
+
+def cross_attention(q, k, v, k_img, v_img, ops):
+    """Text (+ image) cross-attention on wan::attention: the two sets summed in fp32, rounded once."""
+    return ops.attention(q, k, v, k_img, v_img, None)
+
+
+def self_attention_int8(q, k, v, ops, pv: str = "auto"):
+    return ops.attention_int8(q, k, v, None, None, None, pv)
+
+
+def cross_attention_int8(q, k, v, k_img, v_img, ops, pv: str = "auto"):
+    return ops.attention_int8(q, k, v, k_img, v_img, None, pv)
+
+
+def cross_attention_split(q, k, v, k_img, v_img, ops, text=cross_attention, image=cross_attention):
+    """Text and image sets at different precisions: one call each (`text`, `image`), summed in fp32, rounded once
+    (as one call of either op sums them)."""
+    o = text(q, k, v, None, None, ops)
+    if k_img is None:
+        return o
+    return (o.float() + image(q, k_img, v_img, None, None, ops).float()).to(q.dtype)
+
+
+def attention_fns(int8_roles, pv: str = "auto"):
+    """(self attend, cross attend) of one block whose roles in `int8_roles` run wan::attention_int8."""
+    self_fn = functools.partial(self_attention_int8, pv=pv) if "self" in int8_roles else local_attention
+    int8_cross = functools.partial(cross_attention_int8, pv=pv)
+    text, image = "text" in int8_roles, "image" in int8_roles
+    if text == image:  # one call for both sets
+        return self_fn, int8_cross if text else cross_attention
+    return self_fn, functools.partial(cross_attention_split, text=int8_cross if text else cross_attention,
+                                      image=int8_cross if image else cross_attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """The model's attention (`WanTransformer.set_attention`): kind "bf16" | "int8", the roles running int8,
+    the layers kept dense (wan::attention) at every step, the P.V precision of the int8 op."""
+    kind: str = "bf16"
+    roles: tuple[str, ...] = ROLES
+    dense_layers: tuple[int, ...] = (0,)
+    pv: str = "auto"
 
 
 def _layer_norm32(x: torch.Tensor, weight=None, bias=None, eps: float = 1e-6) -> torch.Tensor:
@@ -181,7 +236,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Query side of the cross-attention (its K/V live stacked in WanTransformer.cross_kv)."""
+    """Query side of the cross-attention (its K/V live stacked in WanTransformer.cross_kv). `attend`:
+    `cross_attention`, rebound per role by `WanTransformer.set_attention`."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -189,6 +245,7 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(C, C)
         self.norm_q = nn.Parameter(torch.ones(C))
         self.to_out = nn.Linear(C, C)
+        self.attend = cross_attention                 # (q, k, v, k_img, v_img, ops) -> [B, Sq, H, Dv]
 
 
 class StackedKV(nn.Module):
@@ -252,7 +309,7 @@ class WanBlock(nn.Module):
         n = _layer_norm32(x, self.norm2.weight, self.norm2.bias, eps).to(x.dtype)
         q = F.rms_norm(c.to_q(n), (C,), c.norm_q, eps).unflatten(-1, (self.num_heads, -1))
         k_txt, v_txt, k_img, v_img = kv
-        x = x + c.to_out(ops.attention(q, k_txt, v_txt, k_img, v_img, None).flatten(2))
+        x = x + c.to_out(c.attend(q, k_txt, v_txt, k_img, v_img, ops).flatten(2))
 
         # 3. feed-forward
         n = ops.layer_norm_modulate(x, c_scale, c_shift, eps)
@@ -280,6 +337,7 @@ class WanTransformer(nn.Module):
             self.proj_out = nn.Linear(C, cfg.out_channels * math.prod(cfg.patch_size))
         if dtype is not None:
             self.to_dtype(dtype)
+        self._attention = AttentionConfig()
         self._ops = bind_ops(impl, self.device)
         self._parallel = None
 
@@ -339,15 +397,66 @@ class WanTransformer(nn.Module):
 
     def set_impl(self, impl: str) -> "WanTransformer":
         """Switch every op of the model to backend `impl` (resolved once, here)."""
-        self._ops = bind_ops(impl, self.device)
+        self._ops = bind_ops(impl, self.device, self.attention.kind == "int8")
         self.impl = impl
         return self
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        if hasattr(self, "_ops"):
-            self._ops = bind_ops(self.impl, self.device)  # re-resolve the backends on the new device
+        if hasattr(self, "_ops"):  # re-resolve the backends on the new device
+            self._ops = bind_ops(self.impl, self.device, self.attention.kind == "int8")
         return out
+
+    @property
+    def attention(self) -> AttentionConfig:
+        return getattr(self, "_attention", AttentionConfig())
+
+    def set_attention(self, attention: str = "bf16", *, roles=ROLES, dense_layers=(0,),
+                      pv: str = "auto") -> "WanTransformer":
+        """Pick the attention op per role once, here: "bf16" (wan::attention everywhere, the default) or "int8"
+        (wan::attention_int8, SageAttention2-class, inference only) for the roles in `roles` ("self", "text",
+        "image": self-attention, text and image cross-attention) of every layer except `dense_layers` (negative
+        indices count from the end; default: layer 0, as Wan users run it). `pv`: the int8 op's P.V precision
+        ("auto": fp16 on sm_80/86, fp8 elsewhere). Two sets of per-block functions are bound: this configuration
+        and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
+        forward never branches on it. int8 self-attention under sequence parallelism is refused (its ring / Ulysses
+        path runs wan::attention)."""
+        if attention not in ATTENTIONS:
+            raise ValueError(f"set_attention: attention must be one of {ATTENTIONS}, got {attention!r}")
+        roles, L = tuple(roles), len(self.blocks)
+        if not set(roles) <= set(ROLES):
+            raise ValueError(f"set_attention: roles must be among {ROLES}, got {roles}")
+        if pv not in ("auto", "fp8", "fp16"):
+            raise ValueError(f"set_attention: pv must be 'auto', 'fp8' or 'fp16', got {pv!r}")
+        bad = [i for i in dense_layers if not isinstance(i, int) or not -L <= i < L]
+        if bad:
+            raise ValueError(f"set_attention: dense_layers must be layer indices in [-{L}, {L}), got {bad}")
+        int8 = attention == "int8"
+        if int8 and "self" in roles and getattr(self, "_parallel", None) is not None:
+            raise NotImplementedError("set_attention: int8 self-attention under sequence parallelism is not "
+                                      "implemented (its ring / Ulysses attention runs wan::attention); pass "
+                                      "roles=('text', 'image') or disable_parallelism() first")
+        self._ops = bind_ops(self.impl, self.device, int8)
+        self._attention = AttentionConfig(attention, roles, tuple(sorted({i % L for i in dense_layers})), pv)
+        dense = attention_fns(())
+        self._attention_sets = {
+            True: [dense] * L,
+            False: [attention_fns(roles if int8 and i not in self._attention.dense_layers else (), pv)
+                    for i in range(L)]}
+        return self.dense_attention(False)
+
+    def dense_attention(self, dense: bool) -> "WanTransformer":
+        """Bind the dense set (True: wan::attention in every role and layer) or the configured one (False): the
+        sampler's per-step switch. Self-attention stays the parallel one while sequence parallelism is on."""
+        sets = getattr(self, "_attention_sets", None)
+        if sets is None:
+            return self
+        parallel = getattr(self, "_parallel", None) is not None
+        for block, (self_fn, cross_fn) in zip(self.blocks, sets[bool(dense)]):
+            if not parallel:
+                block.attn1.attend = self_fn
+            block.attn2.attend = cross_fn
+        return self
 
     # ------------------------------------------------------------------------------------------
     def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -322,6 +322,11 @@ class _Ring(torch.autograd.Function):
 def enable(model, ulysses_degree: int = 1, ring_degree: int = 1, group=None) -> None:
     """`WanTransformer.enable_parallelism`: see the module docstring (plain degrees; diffusers' `config=` spelling
     is translated by `wan_model.WanModel.enable_parallelism`, wan_model/compat/diffusers.py `parallel_degrees`)."""
+    att = getattr(model, "attention", None)
+    if att is not None and att.kind == "int8" and "self" in att.roles:
+        raise NotImplementedError("enable_parallelism: the model runs int8 self-attention, which sequence "
+                                  "parallelism does not implement yet (its ring / Ulysses attention runs "
+                                  "wan::attention): set_attention('int8', roles=('text', 'image')) or 'bf16' first")
     sp = SequenceParallel(model.config.num_attention_heads, model.impl, ulysses_degree, ring_degree, group)
     disable(model)
     sp.blocks = model.blocks

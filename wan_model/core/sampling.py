@@ -46,12 +46,15 @@ def _timestep(model: WanTransformer, t: float, x: torch.Tensor) -> torch.Tensor:
 def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_embeds: torch.Tensor,
            negative_prompt_embeds: torch.Tensor | None = None, num_steps: int = 4, guidance_scale: float = 5.0,
            shift: float = 5.0, image_embeds: torch.Tensor | None = None, condition: torch.Tensor | None = None,
-           progress: bool = True) -> SampleResult:
+           progress: bool = True, dense_steps=None) -> SampleResult:
     """Denoise `latents` [B, C, F, H, W] (pure noise at sigma=1) in `num_steps` Euler steps.
 
     prompt_embeds / negative_prompt_embeds: [B, L, text_dim]; guidance is skipped when the negative
     prompt is None or guidance_scale == 1. image_embeds: CLIP tokens for Wan2.1 I2V/FLF2V;
     condition: [B, C_in - C, F, H, W] channels concatenated to the latents at every step (I2V).
+    dense_steps: the step indices run with dense attention (`WanTransformer.dense_attention`: wan::attention in
+    every role) when the model was set to 8-bit attention; default the first and the last step, as Wan users do.
+    The configured attention is bound again afterwards. No effect on a bf16 model (both sets are the same).
     """
     experts = {"high": model.high, "low": model.low} if isinstance(model, WanExperts) else {"single": model}
     cfg_on = negative_prompt_embeds is not None and guidance_scale != 1.0
@@ -63,6 +66,17 @@ def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_emb
     contexts = {name: m.prepare_context(text.to(m.dtype), None if img is None else img.to(m.dtype))
                 for name, m in experts.items()}
 
+    dense = {0, num_steps - 1} if dense_steps is None else {i % num_steps for i in dense_steps}
+    try:
+        return _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, condition, cfg_on,
+                      progress, dense)
+    finally:
+        for m in experts.values():
+            m.dense_attention(False)
+
+
+def _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, condition, cfg_on, progress,
+           dense) -> SampleResult:
     sigmas = flow_sigmas(num_steps, shift)
     x = latents.float()
     times, used = [], []
@@ -71,6 +85,7 @@ def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_emb
         t = float(sigmas[i] * 1000)
         name = "single" if "single" in experts else ("high" if model.expert(t) is model.high else "low")
         m = experts[name]
+        m.dense_attention(i in dense)                                        # rebinds the pre-bound set
         inp = x if condition is None else torch.cat([x, condition.float()], dim=1)
         inp = inp.to(m.dtype)
         if cfg_on:
