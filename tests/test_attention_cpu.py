@@ -254,6 +254,7 @@ def _attention_in_subprocess(env_value: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "WAN_CPU_ATTENTION": env_value})
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("choice", ["aten", "avx512_bf16", "aten_amx"])
 def test_env_chooses_the_bf16_kernel(choice):
     """WAN_CPU_ATTENTION=aten keeps bf16 on ATen's fp32 flash kernel (on every CPU: the path of CPUs without
@@ -271,6 +272,7 @@ def test_env_chooses_the_bf16_kernel(choice):
         assert float(err) <= 2 * float(err_sdpa) + 1.6e-2, (err, err_sdpa)
 
 
+@pytest.mark.subprocess
 def test_env_rejects_unknown_kernels():
     done = _attention_in_subprocess("fast")
     assert done.returncode != 0

@@ -27,11 +27,7 @@ from wan_kernels.ref import attention_int8 as R
 from wan_kernels.triton import attention_int8 as T
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def np_exp2(x: torch.Tensor) -> torch.Tensor:
@@ -205,6 +201,7 @@ def _accuracy_cases():
                          if (case, pv) in MISSED else []) for case in CASES for pv in ("fp16", "fp8")]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case,pv", _accuracy_cases())
 def test_accuracy_vs_fp64_and_sageattention(case, pv, sage_outputs):
     x = CASES[case]()

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import within as _within
+from _helpers import within as _within
 from wan_model.io import checkpoint as ckpt
 from wan_model.io.checkpoint import CheckpointError, load_model
-from wan_model.cli import random_model
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 from wan_model.io.formats import LazyCheckpoint
 

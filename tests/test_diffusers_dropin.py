@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from wan_model.cli import random_model
+from wan_model.testing import FP32_TOL, random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
@@ -21,7 +21,6 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 from wan_model.compat.diffusers import WanKernelsAttnProcessor, to_diffusers_model, use_wan_kernels  # noqa: E402
 
-FP32_TOL = 1e-5
 CFG = WanConfig.from_preset("tiny-t2v")
 PROMPT, NEGATIVE = "a cat walks on the grass", "blurry low quality"
 WORDS = ["[PAD]", "[UNK]", "</s>"] + sorted(set((PROMPT + " " + NEGATIVE).split()))
@@ -443,6 +442,7 @@ def _parallel_worker(rank: int, port: int, out_path: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.subprocess
 def test_wan_model_pipeline_under_diffusers_enable_parallelism(tmp_path):
     import json
     import os

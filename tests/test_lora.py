@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_inputs
-from wan_model.cli import random_model
+
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.layouts import CheckpointError, diffusers_to_original_key, native_to_diffusers
 from wan_model.compat.lora import DIFFUSERS_WEIGHT_NAME, METADATA_KEY, adapters

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from wan_model.cli import random_model
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.layouts import CheckpointError, diffusers_to_original_key
 from wan_model.compat.lora import adapters, targets

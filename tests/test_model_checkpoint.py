@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import VARIANTS, diffusers_from_pretrained, make_inputs, within as _within
+from _helpers import VARIANTS, diffusers_from_pretrained, within as _within
 from wan_model.io import checkpoint as ckpt, convert
 from wan_model.io import formats
 from wan_model.io.checkpoint import CheckpointError, WanExperts, load_model, native_to_diffusers
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import FP32_TOL, make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
-FP32_TOL = 1e-5
 
 
 def _out(model, cfg, dtype=torch.float32):

@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_inputs
+
 from wan_kernels.linear import NVFP4Linear
 from wan_model.io import checkpoint as ckpt
 from wan_model.io.checkpoint import CheckpointError
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.core.model import StackedKV, qkv_fused_dense, qkv_module_then_norm_rope
 from wan_model.model import WanModel

@@ -18,12 +18,12 @@ import torch
 from wan_kernels import nvfp4, ref
 from wan_kernels.ops.nvfp4_linear import nvfp4_linear_backward
 from wan_kernels.ref import nvfp4_linear_backward as ref_nvfp4_linear_backward
-from wan_model.cli import random_model
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.diffusers import to_diffusers_model
 from wan_model.compat.layouts import native_to_diffusers
 
-from conftest import diffusers_bf16_like, make_inputs
+from _helpers import diffusers_bf16_like
 
 INPUTS = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_image")
 

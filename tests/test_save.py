@@ -17,7 +17,8 @@ from wan_model.io import checkpoint as ckpt
 from wan_model.io import formats
 from wan_model.io.checkpoint import WanExperts, load_model, native_to_diffusers
 from wan_model.io.convert import convert_checkpoint
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 
 CFG = WanConfig.from_preset("tiny-t2v")  # 2.1M params, 8.4 MB in fp32
