@@ -83,6 +83,7 @@ DTYPE_MAGNITUDES = [(torch.float16, 0.1), (torch.float16, 1.0), (torch.float16, 
                     (torch.float32, 1.0)]
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(B=st.integers(1, 2), Sq=st.integers(1, 70), Sk=st.integers(1, 300), Si=st.one_of(st.none(), st.integers(1, 80)),
        H=st.integers(1, 3), D=st.sampled_from([64, 128]), dtype_magnitude=st.sampled_from(DTYPE_MAGNITUDES),

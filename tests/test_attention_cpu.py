@@ -83,6 +83,7 @@ def test_matches_fp64_within_sdpa_rule(dtype, b, sq, sk, si, h, d):
     _check_rule(*_inputs(b, sq, sk, si, h, d, dtype, seed=sq + sk))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 2), sq=st.integers(1, 200), sk=st.integers(1, 300), si=st.sampled_from([0, 1, 77, 257]),
        h=st.integers(1, 4), d=st.sampled_from([64, 128]), seed=st.integers(0, 2**16))

@@ -4,7 +4,7 @@ of wan::attention (q, k, v, k_img, v_img) and wan::attention_lse (both outputs) 
 reference's autograd; the ring-attention contract of the per-block backward; the one-forward design; opcheck;
 torch.compile of a training step; the backward's launches in the readiness report and their 64-bit offsets.
 
-Tolerance (tests/test_grad.py's rule, flash-attention's): a backend's gradient error against the fp64 reference's
+Tolerance (tests/test_autograd.py's rule, flash-attention's): a backend's gradient error against the fp64 reference's
 autograd is at most 2x the error of the reference's own autograd at the inputs' precision (fp32 math, one
 rounding to the input dtype) plus one rounding of the gradient's dtype (fp32 1e-6, fp16 2^-11, bf16 2^-8),
 relative to the largest gradient entry of the call (so that a gradient which is zero in exact arithmetic, one

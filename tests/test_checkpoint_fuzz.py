@@ -176,6 +176,7 @@ def edited_tensors(draw, header: dict, body: bytes) -> bytes:
     return _join(json.dumps(out), b"".join(blob))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.data())
 def test_fuzz_safetensors_file(tiny, data):
@@ -217,6 +218,7 @@ def mutated_json(draw, text: str) -> bytes:
     return json.dumps(doc).encode()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.data())
 def test_fuzz_diffusers_json_files(tiny, data):

@@ -118,6 +118,7 @@ def _qkv_only(sd):
     return {k: v for k, v in sd.items() if ".attn1.to_q." in k or ".attn1.to_k." in k or ".attn1.to_v." in k}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["patch-then-load", "load-then-patch"])
 def test_lora_on_self_attention_qkv_takes_effect(stock, order):
     base = _generate(stock)
@@ -137,6 +138,7 @@ def test_lora_on_self_attention_qkv_takes_effect(stock, order):
     assert _err(out, expected) <= FP32_TOL
 
 
+@pytest.mark.slow
 def test_lora_adapters_scale_fuse_unfuse_unload(stock):
     """Each diffusers LoRA operation, in a user's order, on stock and patched transformers side by side."""
     ref, pipe = copy.deepcopy(stock), copy.deepcopy(stock)
@@ -260,6 +262,7 @@ def _block_calls(transformer) -> list:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["FirstBlockCache", "MagCache"])
 def test_cache_hooks_apply(stock, cache):
     from diffusers import FirstBlockCacheConfig, MagCacheConfig

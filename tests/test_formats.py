@@ -160,6 +160,7 @@ def _comfy_kitchen_file(model: WanModel, path):
     return model_from_state_dict(ref, model.config, torch.float32, impl="ref")
 
 
+@pytest.mark.slow
 def test_comfy_kitchen_quantized_file_loads(dense, tmp_path):
     path = tmp_path / "ck.safetensors"
     ref = _comfy_kitchen_file(dense, path)

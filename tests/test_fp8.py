@@ -264,6 +264,7 @@ def test_quantize_structure_and_shared_scales(dense):
         FP8Config(dtype="float8_e4m3fnuz")
 
 
+@pytest.mark.slow
 def test_snr_vs_dense_and_equal_to_dequantized(dense):
     want = _run(dense)
     for per_channel in (False, True):

@@ -128,6 +128,7 @@ def _diffusers_gguf(path, config_dir):
         quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, gguf_type", [("tiny-t2v", "Q8_0"), ("tiny-i2v", "Q4_0"), ("tiny-t2v", "Q5_0"),
                                                ("tiny-i2v", "BF16"), ("tiny-t2v", "F16")])
 def test_diffusers_gguf_loader_matches_our_model(variant, gguf_type, tmp_path):
@@ -169,6 +170,7 @@ def test_diffusers_gguf_loader_matches_our_model(variant, gguf_type, tmp_path):
     assert snr >= SNR_FLOOR[gguf_type], (gguf_type, snr)
 
 
+@pytest.mark.slow
 def test_snr_per_type_and_bit_exact_round_trips(i2v, tmp_path):
     model, src, _ = i2v
     cfg = model.config

@@ -40,6 +40,7 @@ def test_dry_run_lists_every_section_and_op(tmp_path, capsys):
     assert "gpu_check: DRY RUN: nothing ran" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cpu_run_checks_ops_and_model(tmp_path, capsys):
     assert gpu_check.main([str(tmp_path), "--device", "cpu", "--sections", "ops,model"]) == 0
     rows = _rows(tmp_path)
@@ -55,6 +56,7 @@ def test_cpu_run_checks_ops_and_model(tmp_path, capsys):
     assert model["tiny-i2v CUDA graph replay"]["status"] == "skip"
 
 
+@pytest.mark.slow
 def test_a_wrong_backend_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
     real = gpu_check.routing.resolve
 

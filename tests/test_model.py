@@ -72,6 +72,7 @@ def test_diffusers_config_keys_accepted_by_diffusers():
 # ---------------------------------------------------------------------------------------------
 # RoPE
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(f=st.integers(1, 9), h=st.integers(1, 33), w=st.integers(1, 33))
 def test_rope_bit_exact_vs_diffusers(f, h, w):
@@ -114,6 +115,7 @@ def test_fp32_matches_diffusers(fp32_models, variant, impl):
     assert err <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_error_within_diffusers_bf16_error(fp32_models, variant):
     model32, _ = fp32_models[variant]

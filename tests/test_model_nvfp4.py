@@ -198,6 +198,7 @@ def _assert_same_state(a: WanModel, b: WanModel):
     _assert_same_tensors(a.state_dict(), b.state_dict())
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_exact(models, tmp_path):
     model = copy.deepcopy(models["tiny-i2v"]).to_dtype(torch.bfloat16).set_impl("auto").quantize("nvfp4")
     cfg = model.config
@@ -245,6 +246,7 @@ def test_mismatched_group_scales_refused(models, tmp_path):
         WanModel.from_pretrained(tmp_path / "q")
 
 
+@pytest.mark.slow
 def test_streaming_convert_equals_in_memory_quantize(bf16_ckpt, tmp_path, capsys):
     expected = WanModel.from_pretrained(bf16_ckpt, dtype=torch.bfloat16).quantize("nvfp4")
     # CLI, sharded diffusers output (shards bounded by --max-shard-size)
@@ -305,6 +307,7 @@ def test_layer_groups_cover_every_linear(models):
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 
+@pytest.mark.slow
 def test_compile_fullgraph_quantized(models):
     model = copy.deepcopy(models["tiny-t2v"]).set_impl("auto").quantize("nvfp4")
     inputs = make_inputs(model.config)

@@ -3,7 +3,7 @@ wan::gated_residual_backward): every backend that runs here (C++ CPU, Triton und
 against the fp64 reference's autograd; modulation operands broadcast ([B, 1, C], [1, 1, C], [1, S, C]) and per
 token ([B, S, C]), strided as the model passes them (unbound views of its [B, 1|S, 6, C] modulation tensor).
 
-Tolerance (tests/test_grad.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
+Tolerance (tests/test_autograd.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
 at most 2x the error of the reference's own autograd at the same precision, plus one rounding of the gradient's
 dtype relative to its largest entry (fp32 1e-6, fp16 2^-11, bf16 2^-8; the scale/shift/gate gradients are fp32):
 the kernels compute in fp32 and round once, summing the token axis in row blocks instead of torch's order.

@@ -97,6 +97,7 @@ def test_triton_small(B, S, D, dtype):
 
 
 # S=769 costs ~5-10 s per case in the interpreter: one case per dtype, head_dim alternating.
+@pytest.mark.slow
 @pytest.mark.parametrize("B,S,D,dtype", [(1, 769, 64, torch.float16), (1, 769, 128, torch.float32),
                                          (1, 769, 128, torch.bfloat16)], ids=str)
 def test_triton_long_sequence(B, S, D, dtype):

@@ -1,7 +1,7 @@
 """Backward of wan::qk_norm_rope (wan::qk_norm_rope_backward) and of the composite wan::qkv_rope: every backend
 that runs here (C++ CPU, Triton under the interpreter, the reference) against the fp64 reference's autograd.
 
-Tolerance (tests/test_grad.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
+Tolerance (tests/test_autograd.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
 at most 2x the error of the reference's own autograd at the same precision, plus one rounding of the gradient's
 dtype relative to its largest entry (fp32 1e-6, fp16 2^-11, bf16 2^-8): the kernels compute in fp32 and round
 once, but sum in another order (row blocks for the weight gradients), which costs no more than the reference's

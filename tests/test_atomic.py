@@ -395,6 +395,7 @@ def _killed_save(sd, dst, shard: str, overwrite: bool, delay: float | None) -> b
     return os.WIFSIGNALED(status)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("dest", ["ours", "user files"])
 def test_sigkill_leaves_old_or_new(models, ref, tmp_path, dest):
     """Kills spread over a save's run time; after each, `dst` holds exactly the old or the new checkpoint

@@ -53,6 +53,7 @@ def _assert_same_fp8_model(a, b):
                                                           if sb[k].dtype.itemsize == 1 else sb[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_formats_round_trip_and_match_diffusers(fp32_models, variant, tmp_path):
     model, ref = fp32_models[variant]
@@ -528,6 +529,7 @@ def test_comfy_quant_spec_errors(saved_t2v):
 # ---------------------------------------------------------------------------------------------
 # casts that would write inf (issue 27)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "nvfp4"])
 def test_convert_float16_refuses_values_beyond_its_range(saved_t2v, tmp_path, capsys, quantize):
     """`convert --dtype float16` of a weight beyond fp16's range wrote inf (or, quantizing, a layer saturated
