@@ -6,7 +6,7 @@ VPY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 JOBS ?= 2
 
-.PHONY: all venv build demo info readiness test test-cpp test-py compat clean
+.PHONY: all venv build demo info readiness test test-cpp test-py test-fast compat clean
 
 all: build
 
@@ -51,6 +51,11 @@ test-py: build
 	$(VPY) -m pytest -q
 
 test: test-cpp test-py compat
+
+# The Python tests a developer runs while editing (seconds, not minutes): no slow, AOT-compiling or subprocess
+# tests (pyproject.toml's markers); `make test` stays the full set.
+test-fast: build
+	$(VPY) -m pytest -q -m "not slow and not aot and not subprocess"
 
 # The GPU machines run torch 2.11 + triton 3.6 (and so does anyone on torch 2.11): a second venv with exactly those
 # (from the registry) builds _C (CPU + sm_90a) from a copy of the tracked tree, runs the self-check, the C++ CPU

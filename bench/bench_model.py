@@ -30,9 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import env_header, quantiles  # noqa: E402
-from wan_model.cli import diffusers_euler, random_model  # noqa: E402
+from wan_model.testing import diffusers_euler, random_model  # noqa: E402
 from wan_model.core.config import WanConfig  # noqa: E402
-from wan_model.compat.diffusers import to_diffusers_model  # noqa: E402
 from wan_model.core.sampling import sample  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -60,6 +59,8 @@ def main() -> int:
     cfg = WanConfig(num_attention_heads=args.dim // 128, ffn_dim=4 * args.dim, num_layers=args.layers)
     if args.train:
         return train_step_bench(cfg, dtype, (f, h, w), args.impl, args.repeats, "cuda" if args.gpu else "cpu")
+    from wan_model.compat.diffusers import to_diffusers_model  # needs diffusers
+
     ours = random_model(cfg, seed=0).to_dtype(dtype).set_impl(args.impl).eval()
     ref = to_diffusers_model(ours)
     g = torch.Generator().manual_seed(0)
@@ -138,6 +139,8 @@ def train_step_bench(cfg: WanConfig, dtype: torch.dtype, grid, impl: str, repeat
     vs diffusers' WanTransformer3DModel with the same weights, without and with gradient checkpointing (per block,
     non-reentrant, on both). Gradients are compared before timing; runs interleave ours / diffusers per repeat.
     Peak memory: CUDA `max_memory_allocated` above the step's start; CPU `LiveTensorBytes` (one extra run)."""
+    from wan_model.compat.diffusers import to_diffusers_model  # needs diffusers
+
     f, h, w = grid
     ours = random_model(cfg, seed=0).to_dtype(dtype).to(device).set_impl(impl).train()
     ref = to_diffusers_model(ours).train()
@@ -219,6 +222,31 @@ def breakdown(events) -> str:
     return "\n".join(lines)
 
 
+def gpu_random_model(cfg: WanConfig, device="cuda"):
+    """Our WanModel of `cfg` in bf16 on `device`, impl="auto", eval: built on meta and materialized there without a
+    default init (a 14B model), then random weights of unit-variance outputs, as random_model does."""
+    from wan_model.model import WanModel
+
+    with torch.device("meta"):
+        model = WanModel(cfg, impl="auto", device="meta").to_dtype(torch.bfloat16)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for pname, prm in model.named_parameters():
+            prm.normal_(1.0 if "norm" in pname else 0.0, 0.02 if prm.ndim < 2 else prm.shape[-1] ** -0.5)
+    return model.eval()
+
+
+def gpu_step_inputs(cfg: WanConfig, latent, device="cuda", batch: int = 2):
+    """(x, t, text) of one CFG step: bf16 latents of size `latent` (frames, height, width) and 512
+    text tokens, batch 2 (cond + uncond), t = 500."""
+    f, lh, lw = latent
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, cfg.in_channels, f, lh, lw, device=device, generator=g, dtype=torch.bfloat16)
+    text = torch.randn(batch, 512, cfg.text_dim, device=device, generator=g, dtype=torch.bfloat16)
+    t = torch.full((batch,), 500.0, device=device)
+    return x, t, text
+
+
 def gpu_step_latency(presets=("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"), sizes=((832, 480), (1280, 720))) -> None:
     """One CFG step (batch 2, cross-attention K/V cached) per preset and size, bf16 random weights, CUDA events
     (triton.testing.do_bench: median of a few reps). Printed next to the roofline of the step on this GPU."""
@@ -226,7 +254,6 @@ def gpu_step_latency(presets=("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"), sizes=((832,
 
     from bench.harness import gpu_peak
     from wan_model import cost
-    from wan_model.model import WanModel
 
     peak = gpu_peak()
     print(f"# GPU per-step latency (CFG batch 2, bf16, 81 frames, impl='auto'); roofline from wan_model/cost.py "
@@ -234,20 +261,10 @@ def gpu_step_latency(presets=("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"), sizes=((832,
     print(f"{'preset':<18}{'size':>10}{'tokens':>8}{'ms / step':>11}{'roofline ms':>13}{'% of roofline':>15}")
     for name in presets:
         cfg = WanConfig.from_preset(name)
-        with torch.device("meta"):
-            model = WanModel(cfg, impl="auto", device="meta").to_dtype(torch.bfloat16)
-        model = model.to_empty(device="cuda")
-        with torch.no_grad():
-            for pname, prm in model.named_parameters():   # unit-variance outputs, as random_model does
-                prm.normal_(1.0 if "norm" in pname else 0.0, 0.02 if prm.ndim < 2 else prm.shape[-1] ** -0.5)
-        model.eval()
+        model = gpu_random_model(cfg)
         for w, h in sizes:
             c = cost.model_cost(cfg, w, h, 81, batch=2)
-            f, lh, lw = c.shape.latent
-            g = torch.Generator(device="cuda").manual_seed(0)
-            x = torch.randn(2, cfg.in_channels, f, lh, lw, device="cuda", generator=g, dtype=torch.bfloat16)
-            text = torch.randn(2, 512, cfg.text_dim, device="cuda", generator=g, dtype=torch.bfloat16)
-            t = torch.full((2,), 500.0, device="cuda")
+            x, t, text = gpu_step_inputs(cfg, c.shape.latent)
             with torch.no_grad():
                 ctx = model.prepare_context(text)
                 ms = triton.testing.do_bench(lambda: model(x, t, context=ctx), warmup=1, rep=1, return_mode="median")

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.harness import env_header  # noqa: E402
-from wan_model.cli import random_model  # noqa: E402
+from wan_model.testing import random_model  # noqa: E402
 from wan_model.core.config import WanConfig  # noqa: E402
 
 CONFIG = dict(num_attention_heads=4, ffn_dim=1536, num_layers=4, text_dim=64, freq_dim=64)

@@ -7,8 +7,8 @@ Accuracy rule (flash-attention's, issue 4): max |ours - ref64| <= 2 * max |sdpa 
 `wan_kernels.ref.attention` in fp64 on the same (rounded) inputs and sdpa is torch's
 F.scaled_dot_product_attention run in the kernel's dtype (I2V: two SDPA calls summed in that dtype, which
 is what plain torch does for Wan). FLOOR: the output error of ONE fp32 rounding of every score x = s q.k and
-of the output accumulator (both are fp32 in every implementation; `fp32_rounding_floor`, shared with the GPU
-check in tools/gpu_check.py as `sdpa_per_set` is: <= 2^-24 *
+of the output accumulator (both are fp32 in every implementation; `fp32_rounding_floor` in wan_kernels/testing.py,
+shared with the GPU check in tools/gpu_check.py as `sdpa_per_set` and `assert_flash_rule` are: <= 2^-24 *
 (max|x| * max|v - out| + max|v|) per row), so that SDPA being lucky on a small tensor does not fail us. It
 matters in fp32 only (~1e-7 .. 2e-6 at unit-variance inputs, vs fp16 errors of ~1e-4 .. 1e-3): there the max
 error over a few hundred outputs is decided by the rounding order of the fp32 q.k dots and p.v sums (numpy's
@@ -33,48 +33,16 @@ from hypothesis import strategies as st
 
 import wan_kernels
 from wan_kernels import ref
-from tools.gpu_check import fp32_rounding_floor
-from tools.gpu_check import sdpa_per_set as sdpa
 from wan_kernels.triton import KERNELS
+from wan_kernels.testing import assert_flash_rule
 from wan_kernels.triton import attention as ta
+
+from _inputs import attention_inputs
 
 DTYPES = [torch.float16, torch.float32]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-def make_inputs(B, Sq, Sk, Si, H, D, dtype, seed=0, Dv=None, magnitude=1.0):
-    """q, k, v, k_img, v_img (None, None without an image set) in `dtype`."""
-    g = torch.Generator().manual_seed(seed)
-    Dv = Dv or D
-
-    def r(*shape):
-        return (torch.randn(*shape, generator=g) * magnitude).to(dtype)
-
-    q, k, v = r(B, Sq, H, D), r(B, Sk, H, D), r(B, Sk, H, Dv)
-    ki, vi = (r(B, Si, H, D), r(B, Si, H, Dv)) if Si else (None, None)
-    return q, k, v, ki, vi
-
-
-def ref64(q, k, v, ki=None, vi=None, scale=None):
-    d = [None if t is None else t.double() for t in (q, k, v, ki, vi)]
-    return ref.attention(*d, scale=scale)
-
-
-def assert_flash_rule(got, inputs, scale=None, what=""):
-    q = inputs[0]
-    want = ref64(*inputs, scale=scale)
-    assert got.dtype == q.dtype and got.shape == want.shape and got.is_contiguous(), (what, got.dtype, got.shape)
-    err = (got.double() - want).abs().max().item()
-    err_sdpa = (sdpa(*inputs, scale=scale).double() - want).abs().max().item()
-    floor = fp32_rounding_floor(*inputs, scale=scale)
-    assert err <= 2 * err_sdpa + floor, f"{what}: error {err:.3g} > 2 x SDPA's {err_sdpa:.3g} + {floor:.3g}"
-    return err, err_sdpa
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +68,7 @@ CASES = [  # B, Sq, Sk, Si, H, D
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Sq,Sk,Si,H,D", CASES)
 def test_matches_fp64_within_2x_sdpa(B, Sq, Sk, Si, H, D, dtype):
-    inputs = make_inputs(B, Sq, Sk, Si, H, D, dtype, seed=Sq + Sk)
+    inputs = attention_inputs(B, Sq, Sk, Si, H, D, dtype, seed=Sq + Sk)
     assert_flash_rule(ta.attention(*inputs), inputs, what=f"B={B} Sq={Sq} Sk={Sk} Si={Si} H={H} D={D} {dtype}")
 
 
@@ -115,6 +83,7 @@ DTYPE_MAGNITUDES = [(torch.float16, 0.1), (torch.float16, 1.0), (torch.float16, 
                     (torch.float32, 1.0)]
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(B=st.integers(1, 2), Sq=st.integers(1, 70), Sk=st.integers(1, 300), Si=st.one_of(st.none(), st.integers(1, 80)),
        H=st.integers(1, 3), D=st.sampled_from([64, 128]), dtype_magnitude=st.sampled_from(DTYPE_MAGNITUDES),
@@ -124,7 +93,7 @@ def test_hypothesis_shapes_and_tiles(B, Sq, Sk, Si, H, D, dtype_magnitude, confi
     """Random shapes (tails on q and kv for every tile) and magnitudes (large scores: the online softmax must
     rescale, not overflow) against the same rule."""
     dtype, magnitude = dtype_magnitude
-    inputs = make_inputs(B, Sq, Sk, Si, H, D, dtype, seed=seed, magnitude=magnitude)
+    inputs = attention_inputs(B, Sq, Sk, Si, H, D, dtype, seed=seed, magnitude=magnitude)
     got = ta.attention_with_config(*inputs, config=config)
     assert_flash_rule(got, inputs, what=f"B={B} Sq={Sq} Sk={Sk} Si={Si} H={H} D={D} {dtype} {config} x{magnitude}")
 
@@ -138,14 +107,14 @@ def _gpu_configs():
 def test_every_gpu_config_is_correct(config, D):
     """Each tile shape the GPU heuristic can pick, run by the interpreter with tails on both q and kv."""
     Sq, Sk, Si = config.BLOCK_M + 3, 2 * config.BLOCK_N + 5, config.BLOCK_N - 1
-    inputs = make_inputs(1, Sq, Sk, Si, 1, D, torch.float16, seed=config.BLOCK_M + config.BLOCK_N + D)
+    inputs = attention_inputs(1, Sq, Sk, Si, 1, D, torch.float16, seed=config.BLOCK_M + config.BLOCK_N + D)
     assert_flash_rule(ta.attention_with_config(*inputs, config=config), inputs, what=f"{config} D={D}")
 
 
 @pytest.mark.parametrize("D,Dv", [(40, 40), (64, 32), (128, 64), (8, 16)])
 def test_head_dims_padded_and_value_dim(D, Dv):
     """Head dims that are not powers of two (or < 16) are padded with masked loads; Dv may differ from D."""
-    inputs = make_inputs(2, 19, 33, 9, 2, D, torch.float32, seed=D, Dv=Dv)
+    inputs = attention_inputs(2, 19, 33, 9, 2, D, torch.float32, seed=D, Dv=Dv)
     got = ta.attention(*inputs)
     assert got.shape == (2, 19, 2, Dv)
     assert_flash_rule(got, inputs, what=f"D={D} Dv={Dv}")
@@ -153,7 +122,7 @@ def test_head_dims_padded_and_value_dim(D, Dv):
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 0.0, -0.3])  # 0: uniform softmax; < 0: the max is still a max
 def test_explicit_scale(scale):
-    inputs = make_inputs(1, 20, 40, 10, 2, 64, torch.float32, seed=3)
+    inputs = attention_inputs(1, 20, 40, 10, 2, 64, torch.float32, seed=3)
     assert_flash_rule(ta.attention(*inputs, scale=scale), inputs, scale=scale, what=f"scale={scale}")
 
 
@@ -162,7 +131,7 @@ def test_explicit_scale(scale):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_i2v_is_sum_of_two_separate_attentions(dtype):
-    q, k, v, ki, vi = make_inputs(2, 40, 77, 33, 2, 64, dtype, seed=5)
+    q, k, v, ki, vi = attention_inputs(2, 40, 77, 33, 2, 64, dtype, seed=5)
     both = ta.attention(q, k, v, ki, vi)
     two = ta.attention(q, k, v).double() + ta.attention(q, ki, vi).double()
     # fp32: the same fp32 states, summed before (one launch) or after (two launches) the final rounding:
@@ -177,7 +146,7 @@ def test_i2v_is_sum_of_two_separate_attentions(dtype):
 @pytest.mark.parametrize("Si", [None, 45])
 def test_lse_matches_logsumexp_of_reference_scores(Si, dtype):
     B, Sq, Sk, H, D, scale = 2, 33, 70, 3, 64, 0.2
-    q, k, v, ki, vi = make_inputs(B, Sq, Sk, Si, H, D, dtype, seed=6, magnitude=2.0)
+    q, k, v, ki, vi = attention_inputs(B, Sq, Sk, Si, H, D, dtype, seed=6, magnitude=2.0)
     out, lse, lse_img = ta.attention_with_lse(q, k, v, ki, vi, scale)
 
     def want_lse(kk):
@@ -251,7 +220,7 @@ def test_pick_config_table():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wrapper_impl_triton(dtype):
-    inputs = make_inputs(2, 17, 77, 25, 2, 128, dtype, seed=9)
+    inputs = attention_inputs(2, 17, 77, 25, 2, 128, dtype, seed=9)
     assert_flash_rule(wan_kernels.attention(*inputs, impl="triton"), inputs, what="impl=triton")
     q, k, v, _, _ = inputs
     assert_flash_rule(wan_kernels.attention(q, k, v, scale=0.3, impl="triton"), (q, k, v), scale=0.3)
@@ -260,7 +229,7 @@ def test_wrapper_impl_triton(dtype):
 def test_bf16_on_cpu_is_upcast():
     """bf16 under the interpreter: the launcher computes in fp32 and rounds the output to bf16 once, so it
     meets the rule against SDPA in bf16 (and the result is not the interpreter's bit-pattern garbage)."""
-    inputs = make_inputs(1, 20, 77, 30, 2, 64, torch.bfloat16, seed=10)
+    inputs = attention_inputs(1, 20, 77, 30, 2, 64, torch.bfloat16, seed=10)
     got = ta.attention(*inputs)
     assert got.dtype == torch.bfloat16
     assert_flash_rule(got, inputs, what="bf16")
@@ -274,7 +243,7 @@ def test_nan_and_inf_propagate_as_in_reference(case, Sk, dtype):
     """A NaN or inf in q / k / v / the image set / the scale gives the reference's NaN and inf positions (a
     NaN score must not be dropped by the row max, a row of -inf scores is NaN as in softmax), the finite
     outputs still within the rule."""
-    q, k, v, ki, vi = make_inputs(1, 5, Sk, 3, 2, 64, torch.float32, seed=Sk)
+    q, k, v, ki, vi = attention_inputs(1, 5, Sk, 3, 2, 64, torch.float32, seed=Sk)
     scale = float("nan") if case == "scale_nan" else None
     t, index, value = {"q_nan": (q, (0, 2, 1, 5), "nan"), "k_nan": (k, (0, Sk - 1, 0, 3), "nan"),
                        "v_nan": (v, (0, 0, 1, 7), "nan"), "k_img_nan": (ki, (0, 1, 1, 0), "nan"),
@@ -296,7 +265,7 @@ def test_nan_and_inf_propagate_as_in_reference(case, Sk, dtype):
 
 
 def test_wrapper_checks_arguments():
-    q, k, v, _, _ = make_inputs(1, 4, 5, None, 2, 64, torch.float16)
+    q, k, v, _, _ = attention_inputs(1, 4, 5, None, 2, 64, torch.float16)
     with pytest.raises(ValueError, match=r"k_img and v_img must be given together"):
         wan_kernels.attention(q, k, v, k, None, impl="triton")
     with pytest.raises(ValueError, match=r"k must be \[1, Sk, 2, 64\].*\(1, 5, 3, 64\)"):
@@ -304,20 +273,20 @@ def test_wrapper_checks_arguments():
 
 
 def test_float64_is_refused():
-    q, k, v, _, _ = make_inputs(1, 4, 5, None, 1, 64, torch.float64)
+    q, k, v, _, _ = attention_inputs(1, 4, 5, None, 1, 64, torch.float64)
     with pytest.raises(ValueError, match="float16/bfloat16/float32, got torch.float64"):
         ta.attention(q, k, v)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v, _, _ = make_inputs(1, 4, 5, None, 1, 64, torch.float16)
+    q, k, v, _, _ = attention_inputs(1, 4, 5, None, 1, 64, torch.float16)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ta.attention(q, k, v)
 
 
 def test_empty_query():
-    q, k, v, ki, vi = make_inputs(2, 0, 5, 3, 2, 64, torch.float16)
+    q, k, v, ki, vi = attention_inputs(2, 0, 5, 3, 2, 64, torch.float16)
     out, lse, lse_img = ta.attention_with_lse(q, k, v, ki, vi)
     assert out.shape == (2, 0, 2, 64) and lse.shape == lse_img.shape == (2, 2, 0)
 
@@ -343,7 +312,7 @@ def test_attention_lse_matches_logsumexp_of_fp64_scores(impl, dtype):
     from wan_kernels.ops import attention_lse
 
     B, Sq, Sk, H, D, scale = 2, 33, 70, 3, 64, 0.2
-    q, k, v, _, _ = make_inputs(B, Sq, Sk, None, H, D, dtype, seed=7, magnitude=2.0)
+    q, k, v, _, _ = attention_inputs(B, Sq, Sk, None, H, D, dtype, seed=7, magnitude=2.0)
     out, lse = attention_lse(q, k, v, scale, impl=impl)
     assert lse.shape == (B, H, Sq) and lse.dtype == torch.float32 and out.dtype == dtype
     # fp32 scores of the rounded inputs, |scores| <= ~30: the LSE is good to ~1e-5 absolute (as above)
@@ -360,7 +329,7 @@ def test_lse_merge_of_two_key_blocks_equals_attention_over_all_keys(impl):
     from wan_kernels.ops import attention_lse
 
     B, Sq, Sk, H, D, scale = 2, 19, 70, 2, 32, 0.3
-    q, k, v, _, _ = make_inputs(B, Sq, Sk, None, H, D, torch.float64, seed=8, magnitude=2.0)
+    q, k, v, _, _ = attention_inputs(B, Sq, Sk, None, H, D, torch.float64, seed=8, magnitude=2.0)
     out, lse = attention_lse(q, k[:, :37], v[:, :37], scale, impl=impl)
     out_b, lse_b = attention_lse(q, k[:, 37:], v[:, 37:], scale, impl=impl)
     assert lse.dtype == torch.float64
@@ -375,7 +344,7 @@ def test_lse_merge_of_two_key_blocks_equals_attention_over_all_keys(impl):
 def test_attention_lse_checks_arguments():
     from wan_kernels.ops import attention_lse
 
-    q, k, v, _, _ = make_inputs(1, 4, 5, None, 2, 16, torch.float32)
+    q, k, v, _, _ = attention_inputs(1, 4, 5, None, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"k must be \[1, Sk, 2, 16\]"):
         attention_lse(q, k[:, :, :1], v, impl="ref")
     with pytest.raises(ValueError, match="k has no keys"):

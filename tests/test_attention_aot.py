@@ -18,6 +18,8 @@ import torch
 from tools import aot
 from wan_kernels.triton import attention as ta
 
+pytestmark = pytest.mark.aot
+
 MMA = {80: "mma.sync", 90: "wgmma", 100: "tcgen05"}
 # Largest dynamic shared memory per block (bytes, opt-in): A100 163 KB (sm_86/89/120: 99 KB), H100/B200 227 KB.
 SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}

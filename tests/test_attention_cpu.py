@@ -83,6 +83,7 @@ def test_matches_fp64_within_sdpa_rule(dtype, b, sq, sk, si, h, d):
     _check_rule(*_inputs(b, sq, sk, si, h, d, dtype, seed=sq + sk))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 2), sq=st.integers(1, 200), sk=st.integers(1, 300), si=st.sampled_from([0, 1, 77, 257]),
        h=st.integers(1, 4), d=st.sampled_from([64, 128]), seed=st.integers(0, 2**16))
@@ -254,6 +255,7 @@ def _attention_in_subprocess(env_value: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "WAN_CPU_ATTENTION": env_value})
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("choice", ["aten", "avx512_bf16", "aten_amx"])
 def test_env_chooses_the_bf16_kernel(choice):
     """WAN_CPU_ATTENTION=aten keeps bf16 on ATen's fp32 flash kernel (on every CPU: the path of CPUs without
@@ -271,6 +273,7 @@ def test_env_chooses_the_bf16_kernel(choice):
         assert float(err) <= 2 * float(err_sdpa) + 1.6e-2, (err, err_sdpa)
 
 
+@pytest.mark.subprocess
 def test_env_rejects_unknown_kernels():
     done = _attention_in_subprocess("fast")
     assert done.returncode != 0

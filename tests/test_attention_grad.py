@@ -4,7 +4,7 @@ of wan::attention (q, k, v, k_img, v_img) and wan::attention_lse (both outputs) 
 reference's autograd; the ring-attention contract of the per-block backward; the one-forward design; opcheck;
 torch.compile of a training step; the backward's launches in the readiness report and their 64-bit offsets.
 
-Tolerance (tests/test_grad.py's rule, flash-attention's): a backend's gradient error against the fp64 reference's
+Tolerance (tests/test_autograd.py's rule, flash-attention's): a backend's gradient error against the fp64 reference's
 autograd is at most 2x the error of the reference's own autograd at the inputs' precision (fp32 math, one
 rounding to the input dtype) plus one rounding of the gradient's dtype (fp32 1e-6, fp16 2^-11, bf16 2^-8),
 relative to the largest gradient entry of the call (so that a gradient which is zero in exact arithmetic, one
@@ -21,16 +21,12 @@ from hypothesis import strategies as st
 
 import wan_kernels
 from wan_kernels import ref, routing
+from wan_kernels.testing import TOLERANCE, rel_err
 from wan_kernels.triton import attention_bwd as tb
 
-ROUNDING = {torch.float32: 1e-6, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def rnd(g, *shape, dtype=torch.float32, scale=1.0):
@@ -44,10 +40,6 @@ def inputs(B, Sq, Sk, Si, H, D, dtype, seed=0):
     q, k, v = rnd(g, B, Sq, H, D, dtype=dtype, scale=1.5), rnd(g, B, Sk, H, D, dtype=dtype), rnd(g, B, Sk, H, D, dtype=dtype)
     ki, vi = (rnd(g, B, Si, H, D, dtype=dtype), rnd(g, B, Si, H, D, dtype=dtype)) if Si else (None, None)
     return q, k, v, ki, vi, rnd(g, B, Sq, H, D, dtype=dtype)
-
-
-def rel_err(got, want, floor: float = 1e-30) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
 def leaves(ts, dtype=None):
@@ -77,7 +69,7 @@ def assert_flash_rule(got, ts, fn, cots, dtype, what=""):
             assert g is None, (what, i)
             continue
         assert g.shape == w.shape and g.dtype == ts[i].dtype, (what, i, g.shape, g.dtype)
-        bound = 2 * rel_err(s, w, floor) + ROUNDING[dtype]
+        bound = 2 * rel_err(s, w, floor) + TOLERANCE[dtype].rounding
         assert rel_err(g, w, floor) <= bound, (what, i, rel_err(g, w, floor), bound)
 
 
@@ -318,6 +310,7 @@ def test_readiness_lists_every_backward_pass_per_arch():
                            for j in jobs), (arch, d, which)
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("arch", (90,))
 def test_backward_offsets_do_not_wrap_at_wan_sizes_and_do_not_spill(arch, tmp_path):
     """Wan-14B 720p with CFG (151,200 rows x 40 heads x 128): every backward launch, 64-bit where it must be,

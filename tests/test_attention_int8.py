@@ -33,11 +33,7 @@ from wan_kernels.triton import attention_int8 as T
 R = importlib.import_module("wan_kernels.ref.attention_int8")  # the module: the package attribute is the op
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def np_exp2(x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +207,7 @@ def _accuracy_cases():
                          if (case, pv) in MISSED else []) for case in CASES for pv in ("fp16", "fp8")]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case,pv", _accuracy_cases())
 def test_accuracy_vs_fp64_and_sageattention(case, pv, sage_outputs):
     x = CASES[case]()

@@ -24,6 +24,8 @@ from tools import aot
 from wan_kernels.triton import attention_int8 as T
 from wan_kernels.triton._launch import mma_class
 
+pytestmark = pytest.mark.aot
+
 ARCHS = (80, 86, 89, 90, 100, 120)
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 SHAPES = {64: (12, 1560), 128: (40, 75600)}  # head_dim -> (heads, tokens)

@@ -17,20 +17,24 @@ import re
 import pytest
 import torch
 
-from test_attention import assert_flash_rule, make_inputs
 from tools import aot
+from wan_kernels.testing import assert_flash_rule
 from wan_kernels.triton import attention as ta
 from wan_kernels.triton import attention_ws as aw
+
+from _inputs import attention_inputs
 
 DTYPES = [torch.float16, torch.float32]
 RESULTS: list[tuple[str, aot.AotResult, dict]] = []
 
 
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+def aot_table():
+    """The AOT table of the module's compiles, printed at its end (pytest -s)."""
+    yield
     print("\n\nattention_ws AOT table: config | arch | REG | STACK | SHARED | TMA copies | setmaxnreg | MMA")
     for label, r, n in RESULTS:
         print(f"{label:44s} sm_{r.arch:<3d} REG {r.registers:3d}  STACK {r.stack_bytes:4d}  SHARED {r.shared_bytes:6d}"
@@ -46,14 +50,14 @@ SHAPES = [(2, 37, 45, 0, 3, 32), (1, 70, 33, 17, 2, 64), (1, 1, 1, 0, 1, 16), (2
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Sq,Sk,Si,H,D", SHAPES)
 def test_matches_fp64_within_2x_sdpa(B, Sq, Sk, Si, H, D, dtype):
-    inputs = make_inputs(B, Sq, Sk, Si, H, D, dtype, seed=Sq + Sk)
+    inputs = attention_inputs(B, Sq, Sk, Si, H, D, dtype, seed=Sq + Sk)
     assert aw.supports(*inputs)
     assert_flash_rule(aw.attention(*inputs), inputs, what=f"ws B={B} Sq={Sq} Sk={Sk} Si={Si} H={H} D={D} {dtype}")
 
 
 @pytest.mark.parametrize("Si", [0, 19])
 def test_lse_per_set(Si):
-    q, k, v, ki, vi = make_inputs(2, 41, 50, Si, 2, 32, torch.float32, seed=3)
+    q, k, v, ki, vi = attention_inputs(2, 41, 50, Si, 2, 32, torch.float32, seed=3)
     out, lse, lse_img = aw.attention_with_lse(q, k, v, ki, vi, scale=0.3)
     s = 0.3 * torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double())
     # fp32 LSE of fp32 scores: a few fp32 ulps of |lse| ~ 5 (seen 5e-7)
@@ -79,14 +83,14 @@ def test_strided_views_of_a_packed_tensor():
 
 
 def test_bf16_on_cpu_rounds_once():
-    q, k, v, ki, vi = make_inputs(1, 33, 40, 9, 2, 32, torch.bfloat16, seed=5)
+    q, k, v, ki, vi = attention_inputs(1, 33, 40, 9, 2, 32, torch.bfloat16, seed=5)
     got = aw.attention(q, k, v, ki, vi)
     want = aw.attention(*(t.float() for t in (q, k, v, ki, vi))).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_refused_calls_run_todays_kernel():
-    q, k, v, _, _ = make_inputs(1, 20, 24, 0, 2, 32, torch.float16, seed=7)
+    q, k, v, _, _ = attention_inputs(1, 20, 24, 0, 2, 32, torch.float16, seed=7)
     odd = torch.randn(1, 24, 2, 33).to(torch.float16)[..., :32]  # S stride 66 halves = 132 B: not 16-B aligned
     assert not aw.supports(q, odd, v)
     assert torch.equal(aw.attention(q, odd, v), ta.attention(q, odd, v))
@@ -135,6 +139,7 @@ def design_instructions(ptx: str) -> dict:
             "setmaxnreg": len(re.findall(r"\bsetmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\b", ptx))}
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("arch,head_dim,kind,config,dtype", _aot_cases())
 def test_aot_config_compiles_with_the_design(arch, head_dim, kind, config, dtype, tmp_path):
     table = aw.CONFIGS[(arch, head_dim, kind)] == config  # then compile the launcher's own pick
@@ -150,12 +155,14 @@ def test_aot_config_compiles_with_the_design(arch, head_dim, kind, config, dtype
         assert n["setmaxnreg"] > 0, f"warp-specialised config without setmaxnreg: {r.summary()}"
 
 
+@pytest.mark.aot
 def test_aot_lse_variant_keeps_the_design():
     r = aot.compile_launch(_launch(90, 128, "self", torch.bfloat16, write_lse=True), 90)
     n = design_instructions(r.ptx)
     assert not r.spills and n["tma"] > 0 and n["setmaxnreg"] > 0 and "wgmma" in r.mma_families, r.summary()
 
 
+@pytest.mark.aot
 def test_aot_check_catches_the_plain_path():
     """Today's kernel (no TMA, no warp specialisation) at the same shape fails the checks above."""
     q = torch.empty(2, 75600, 40, 128, dtype=torch.bfloat16, device="meta")

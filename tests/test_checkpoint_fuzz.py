@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import within as _within
+from _helpers import within as _within
 from wan_model.io import checkpoint as ckpt
 from wan_model.io.checkpoint import CheckpointError, load_model
-from wan_model.cli import random_model
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 from wan_model.io.formats import LazyCheckpoint
 
@@ -176,6 +176,7 @@ def edited_tensors(draw, header: dict, body: bytes) -> bytes:
     return _join(json.dumps(out), b"".join(blob))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.data())
 def test_fuzz_safetensors_file(tiny, data):
@@ -217,6 +218,7 @@ def mutated_json(draw, text: str) -> bytes:
     return json.dumps(doc).encode()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.data())
 def test_fuzz_diffusers_json_files(tiny, data):

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from wan_model.io import checkpoint as ckpt
 from wan_model import cli, cost
 from wan_model.io.checkpoint import parse_size
-from wan_model.cli import main, random_model
+from wan_model.cli import main
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
@@ -340,6 +341,7 @@ def test_convert_into_a_user_directory_needs_overwrite(t2v_dir, tmp_path, capsys
 # ---------------------------------------------------------------------------------------------
 # End to end: no traceback from `python -m wan_model`
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("argv, code, argument", [
     (["run", "--checkpoint", "{tmp}/missing", "--steps", "0"], 2, "argument --checkpoint"),
     (["convert", "{tmp}/bad.safetensors", "{tmp}/out", "--format", "diffusers"], 1, "bad.safetensors"),

@@ -23,9 +23,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import GRID, make_inputs
+
 from wan_model import cost
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import GRID, make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.spellings import keeps_fp32
 from wan_model.core.model import WanBlock, bind_ops
@@ -342,6 +343,7 @@ def test_cli_cost_plot(tmp_path, capsys):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.subprocess
 def test_cli_cost_runs_outside_the_repository(tmp_path):
     """The cost model is part of the package: it runs from any directory, with `bench` not importable."""
     import subprocess

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from wan_model.cli import random_model
+from wan_model.testing import FP32_TOL, random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
@@ -21,7 +21,6 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 from wan_model.compat.diffusers import WanKernelsAttnProcessor, to_diffusers_model, use_wan_kernels  # noqa: E402
 
-FP32_TOL = 1e-5
 CFG = WanConfig.from_preset("tiny-t2v")
 PROMPT, NEGATIVE = "a cat walks on the grass", "blurry low quality"
 WORDS = ["[PAD]", "[UNK]", "</s>"] + sorted(set((PROMPT + " " + NEGATIVE).split()))
@@ -119,6 +118,7 @@ def _qkv_only(sd):
     return {k: v for k, v in sd.items() if ".attn1.to_q." in k or ".attn1.to_k." in k or ".attn1.to_v." in k}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["patch-then-load", "load-then-patch"])
 def test_lora_on_self_attention_qkv_takes_effect(stock, order):
     base = _generate(stock)
@@ -138,6 +138,7 @@ def test_lora_on_self_attention_qkv_takes_effect(stock, order):
     assert _err(out, expected) <= FP32_TOL
 
 
+@pytest.mark.slow
 def test_lora_adapters_scale_fuse_unfuse_unload(stock):
     """Each diffusers LoRA operation, in a user's order, on stock and patched transformers side by side."""
     ref, pipe = copy.deepcopy(stock), copy.deepcopy(stock)
@@ -261,6 +262,7 @@ def _block_calls(transformer) -> list:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", ["FirstBlockCache", "MagCache"])
 def test_cache_hooks_apply(stock, cache):
     from diffusers import FirstBlockCacheConfig, MagCacheConfig
@@ -443,6 +445,7 @@ def _parallel_worker(rank: int, port: int, out_path: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.subprocess
 def test_wan_model_pipeline_under_diffusers_enable_parallelism(tmp_path):
     import json
     import os

@@ -16,12 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_inputs
+
 from wan_kernels import nvfp4 as fmt
 from wan_kernels.linear import NVFP4Linear
 from wan_model.compat import layouts
 from wan_model.io.checkpoint import COMFY_PREFIX, CheckpointError, model_from_state_dict, native_to_diffusers
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.io.formats import FORMATS, HF_QUANT_CONFIG, REGISTRY
 from wan_model.compat.layouts import decode_to_encode, diffusers_to_original_key, encode_to_decode
@@ -159,6 +160,7 @@ def _comfy_kitchen_file(model: WanModel, path):
     return model_from_state_dict(ref, model.config, torch.float32, impl="ref")
 
 
+@pytest.mark.slow
 def test_comfy_kitchen_quantized_file_loads(dense, tmp_path):
     path = tmp_path / "ck.safetensors"
     ref = _comfy_kitchen_file(dense, path)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_inputs
+
 from wan_kernels import fp8, routing, samples
 from wan_kernels._spec import SPECS
 from wan_kernels.linear import FP8Linear
-from wan_model.cli import random_model
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.layouts import COMFY_PREFIX, CheckpointError, diffusers_to_original_key, native_to_diffusers
 from wan_model.core.model import qkv_module_then_norm_rope
@@ -264,6 +264,7 @@ def test_quantize_structure_and_shared_scales(dense):
         FP8Config(dtype="float8_e4m3fnuz")
 
 
+@pytest.mark.slow
 def test_snr_vs_dense_and_equal_to_dequantized(dense):
     want = _run(dense)
     for per_channel in (False, True):

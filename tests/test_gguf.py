@@ -14,17 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_inputs, within
+from _helpers import within
 from wan_model.io import convert as wconvert, gguf as wgguf
 from wan_model.io.checkpoint import CheckpointError
 from wan_model.io.convert import convert_checkpoint, convert_gguf
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import FP32_TOL, make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
 gguf = pytest.importorskip("gguf")
 
-FP32_TOL = 1e-5  # same weights, our kernels vs diffusers' modules in fp32 (tests/test_diffusers_dropin.py)
 # Output SNR floors (dB) of the tiny models (2 layers, unit-variance random weights), 6 dB below what the formats
 # imply. Weights of a block format with absmax scaling over 32 Gaussian values (L levels per side) have an SNR of
 # about 10 log10(12 L^2 / 4.4): Q8_0 (L = 127) 46, Q5_0 (16) 28, Q4_0 (8) 22 dB; rounding to 11 (F16) / 8 (BF16)
@@ -128,6 +128,7 @@ def _diffusers_gguf(path, config_dir):
         quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, gguf_type", [("tiny-t2v", "Q8_0"), ("tiny-i2v", "Q4_0"), ("tiny-t2v", "Q5_0"),
                                                ("tiny-i2v", "BF16"), ("tiny-t2v", "F16")])
 def test_diffusers_gguf_loader_matches_our_model(variant, gguf_type, tmp_path):
@@ -169,6 +170,7 @@ def test_diffusers_gguf_loader_matches_our_model(variant, gguf_type, tmp_path):
     assert snr >= SNR_FLOOR[gguf_type], (gguf_type, snr)
 
 
+@pytest.mark.slow
 def test_snr_per_type_and_bit_exact_round_trips(i2v, tmp_path):
     model, src, _ = i2v
     cfg = model.config

@@ -15,11 +15,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import within
+from _helpers import within
 from wan_model.io import checkpoint as ckpt, gguf as wgguf
 from wan_model.io.convert import convert_gguf
 from wan_model.io.checkpoint import CheckpointError, load_model
-from wan_model.cli import random_model
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 

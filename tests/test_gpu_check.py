@@ -15,6 +15,8 @@ import triton
 from tools import gpu_check
 from wan_kernels import routing
 
+from _inputs import attention_inputs
+
 
 def _rows(outdir):
     return [json.loads(line) for line in (outdir / "results.jsonl").read_text().splitlines()]
@@ -38,6 +40,7 @@ def test_dry_run_lists_every_section_and_op(tmp_path, capsys):
     assert "gpu_check: DRY RUN: nothing ran" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cpu_run_checks_ops_and_model(tmp_path, capsys):
     assert gpu_check.main([str(tmp_path), "--device", "cpu", "--sections", "ops,model"]) == 0
     rows = _rows(tmp_path)
@@ -53,6 +56,7 @@ def test_cpu_run_checks_ops_and_model(tmp_path, capsys):
     assert model["tiny-i2v CUDA graph replay"]["status"] == "skip"
 
 
+@pytest.mark.slow
 def test_a_wrong_backend_is_reported_and_fails_the_run(tmp_path, monkeypatch, capsys):
     real = gpu_check.routing.resolve
 
@@ -354,7 +358,7 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
 def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys):
     """The accuracy rule of the GPU check, run here: on CPU tensors under the interpreter both kernels pass at a
     small shape with tails and the image set, and a kernel that drops the last key tile fails it."""
-    import test_attention
+    from wan_kernels.testing import fp32_rounding_floor
     from wan_kernels.triton import attention as fa2
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -366,7 +370,7 @@ def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys
         if "packed" not in case.name and " wan-ws " in case.name:
             assert row["ok_lse"] and row["ok_lse_img"], row
     # the floor's spread from the extremes of v equals max_j,d |v_jd - out_d| over the [Sq, Sk, D] broadcast
-    inputs = test_attention.make_inputs(1, 37, 45, 19, 2, 32, torch.float16, seed=1)
+    inputs = attention_inputs(1, 37, 45, 19, 2, 32, torch.float16, seed=1)
     q, k, v, ki, vi = inputs
     broadcast = 0.0
     for kk, vv in ((k, v), (ki, vi)):
@@ -375,7 +379,7 @@ def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys
         out = torch.softmax(x, -1) @ vh
         spread = (vh[:, :, None] - out[:, :, :, None]).abs().amax((-1, -2))
         broadcast = broadcast + 2.0**-24 * (x.abs().amax(-1) * spread + vh.abs().amax((-1, -2))[..., None])
-    assert gpu_check.fp32_rounding_floor(*inputs) == pytest.approx(float(broadcast.max()), rel=1e-12)
+    assert fp32_rounding_floor(*inputs) == pytest.approx(float(broadcast.max()), rel=1e-12)
     # negative control: the key tail dropped (Sk 45 -> 32) is far outside the rule
     real = fa2.attention_with_lse
     monkeypatch.setattr(fa2, "attention_with_lse", lambda q, k, v, ki=None, vi=None: real(q, k[:, :32], v[:, :32],

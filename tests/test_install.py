@@ -11,7 +11,8 @@ import tomllib
 import pytest
 from packaging.requirements import Requirement
 
-from wan_model.cli import _parser, main, random_model
+from wan_model.cli import _parser, main
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 from wan_kernels import _versions as versions
 
@@ -22,6 +23,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_diffusers_older_than_supported_is_a_clear_import_error():
     """diffusers 0.33 (no WanAttention processors) fails at import with the range, not deep in a forward."""
     r = _python("import sys, types\n"
@@ -68,6 +70,7 @@ def test_pyproject_has_ranges_not_pins():
         assert spec.contains(lo) and spec.contains(hi) and not spec.contains(below[name]), (name, spec)
 
 
+@pytest.mark.subprocess
 def test_demo_runs_without_diffusers():
     r = _python("import sys; sys.modules['diffusers'] = None\n"
                 "from wan_model.cli import main\n"

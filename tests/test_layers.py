@@ -121,6 +121,7 @@ def test_the_checker_sees_cycles_and_upward_imports():
     assert "wan_model.compat.lora" in GRAPH["wan_model.model"]  # imports inside functions are seen
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("module, allowed", [
     ("wan_model.core.model", ("wan_model.core",)),
     ("wan_kernels", ()),

@@ -40,6 +40,7 @@ def test_extension_built_with_cuda_for_default_archs():
     assert not _extension.has_compiled_kernel("nvfp4_quantize", "CUDA")
 
 
+@pytest.mark.subprocess
 def test_cuda_objects_per_arch_have_no_spills():
     """The built _C carries SASS for every default arch and no CUDA kernel uses local memory (STACK 0),
     read with the cuobjdump that ships in the Triton wheel (no GPU needed)."""
@@ -199,6 +200,7 @@ def test_route_table_covers_every_op_and_target():
             "sm103": "triton", "sm120": "triton"}
 
 
+@pytest.mark.subprocess
 def test_cli_prints_routing_and_passes_self_check():
     out = subprocess.run([sys.executable, "-m", "wan_kernels"], capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
@@ -230,6 +232,7 @@ except wan_kernels.BackendUnavailableError as e:
 """
 
 
+@pytest.mark.subprocess
 def test_import_without_extension_uses_references():
     out = subprocess.run([sys.executable, "-c", _NO_EXT], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_inputs
-from wan_model.cli import random_model
+
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.layouts import CheckpointError, diffusers_to_original_key, native_to_diffusers
 from wan_model.compat.lora import DIFFUSERS_WEIGHT_NAME, METADATA_KEY, adapters
@@ -137,6 +137,7 @@ def _same(model, snap) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The three namings vs diffusers
 
+@pytest.mark.slow
 def test_three_namings_match_diffusers_fuse(base, tmp_path):
     """Every block Linear (self-attention q/k/v = our fused QKV, cross-attention k/v and I2V k_img/v_img = our
     stacked K/V, o, FFN), alpha 8 on rank 4: each file fused by diffusers and by us gives the same model."""
@@ -161,6 +162,7 @@ def test_three_namings_match_diffusers_fuse(base, tmp_path):
         assert all(torch.equal(fused[naming][k], v) for k, v in fused["diffusers"].items())
 
 
+@pytest.mark.slow
 def test_original_naming_diff_b_and_outer_layers_match_diffusers(base, tmp_path):
     """`.diff_b` bias deltas (diffusers: PEFT lora_bias) on the fused QKV, the stacked K/V and the FFN; LoRAs on
     time_projection, the head, the time/text embedders and the image embedder; some layers without alpha."""
@@ -285,6 +287,7 @@ def _quantized(model, which: str):
     return model.quantize(method, FP8Config(per_channel=True) if option == "per_channel" else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", sorted(QUANT))
 def test_quantized_weights_requantized(base, tmp_path, which):
     """LoRA on a quantized model (quantize, then load): every fused weight (QKV, stacked K/V incl. image, o, FFN) is
@@ -394,6 +397,7 @@ def test_shape_and_pair_errors(base, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # python -m wan_model run --lora PATH[:SCALE]
 
+@pytest.mark.slow
 def test_cli_run_lora(tmp_path, capsys):
     """run --lora fuses the file at the scale: the same latents as the checkpoint saved with it fused."""
     from safetensors.torch import load_file

@@ -10,12 +10,13 @@ import functools
 import os
 import tempfile
 
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from wan_model.cli import random_model
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.layouts import CheckpointError, diffusers_to_original_key
 from wan_model.compat.lora import adapters, targets
@@ -86,6 +87,7 @@ def _raw(t):
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lora=loras(), dtype=st.sampled_from((torch.float32, torch.float16)), as_file=st.booleans())
 def test_load_lora_fuzz(lora, dtype, as_file):

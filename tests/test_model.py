@@ -10,28 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import BATCH, VARIANTS, diffusers_bf16_like, make_inputs
-from wan_model.cli import diffusers_euler, main as cli_main, random_model
+from _helpers import VARIANTS, diffusers_bf16_like, run_diffusers, run_ours
+from wan_model.cli import main as cli_main
+from wan_model.testing import BATCH, FP32_TOL, diffusers_euler, make_inputs, random_model
 from wan_model.core.config import PRESETS, WanConfig
 from wan_model.io.checkpoint import WanExperts, diffusers_keys, native_to_diffusers
 from wan_model.model import WanModel
 from wan_model.core.rope import rope_tables
 from wan_model.core.sampling import flow_sigmas, sample
 
-FP32_TOL = 1e-5      # issue 6 acceptance: max abs diff vs diffusers in fp32
 BF16_RATIO = 1.5     # our bf16 error <= 1.5x diffusers-bf16's own error vs the fp32 run
-
-
-def _run(model, inputs, **kw):
-    x, t, text, img = inputs
-    with torch.no_grad():
-        return model(x, t, text, img, **kw)
-
-
-def _run_ref(ref, inputs):
-    x, t, text, img = inputs
-    with torch.no_grad():
-        return ref(x, t, text, img, return_dict=False)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +72,7 @@ def test_diffusers_config_keys_accepted_by_diffusers():
 # ---------------------------------------------------------------------------------------------
 # RoPE
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(f=st.integers(1, 9), h=st.integers(1, 33), w=st.integers(1, 33))
 def test_rope_bit_exact_vs_diffusers(f, h, w):
@@ -119,13 +108,14 @@ def test_fp32_matches_diffusers(fp32_models, variant, impl):
     inputs = make_inputs(model.config)
     if variant == "tiny-i2v":
         assert inputs[3].shape[1] == 257
-    out, expected = _run(model, inputs), _run_ref(ref, inputs)
+    out, expected = run_ours(model, inputs), run_diffusers(ref, inputs)
     assert out.shape == expected.shape == (BATCH, model.config.out_channels, *inputs[0].shape[2:])
     err = (out - expected).abs().max().item()
     print(f"{variant} impl={impl} fp32 max|ours - diffusers| = {err:.3e}")
     assert err <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_error_within_diffusers_bf16_error(fp32_models, variant):
     model32, _ = fp32_models[variant]
@@ -141,9 +131,9 @@ def test_bf16_error_within_diffusers_bf16_error(fp32_models, variant):
         assert ours_sd[k].dtype == v.dtype and torch.equal(ours_sd[k], v), k
     x, t, text, img = make_inputs(model.config, torch.bfloat16)
     inputs32 = (x.float(), t, text.float(), None if img is None else img.float())
-    truth = _run_ref(ref32, inputs32)
-    err_ref = (_run_ref(ref_bf16, (x, t, text, img)).float() - truth).abs().max().item()
-    err_ours = (_run(model, (x, t, text, img)).float() - truth).abs().max().item()
+    truth = run_diffusers(ref32, inputs32)
+    err_ref = (run_diffusers(ref_bf16, (x, t, text, img)).float() - truth).abs().max().item()
+    err_ours = (run_ours(model, (x, t, text, img)).float() - truth).abs().max().item()
     print(f"{variant} bf16: diffusers err {err_ref:.3e}, ours {err_ours:.3e}, ratio {err_ours / err_ref:.2f}")
     assert err_ref > 0
     assert err_ours <= BF16_RATIO * err_ref
@@ -234,7 +224,7 @@ def test_compile_fullgraph_matches_eager(fp32_models, variant):
     inputs = make_inputs(model.config)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    eager, out = _run(model, inputs), _run(compiled, inputs)
+    eager, out = run_ours(model, inputs), run_ours(compiled, inputs)
     # Inductor fuses and reorders the fp32 reductions (LayerNorm, RMSNorm, softmax), so the two agree to
     # accumulated fp32 rounding, not bit for bit: seen up to 1.3e-5 on outputs of magnitude ~6, i.e.
     # ~2e-6 relative to the output scale. Bound: 1e-5 of the output scale.

@@ -8,10 +8,9 @@ import types
 import pytest
 import torch
 
-from conftest import make_inputs
+from wan_model.testing import FP32_TOL, make_inputs
 from wan_model.compat.diffusers import WanKernelsAttnProcessor, use_wan_kernels
 
-FP32_TOL = 1e-5
 
 
 def _run(ref, inputs):

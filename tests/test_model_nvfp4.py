@@ -12,11 +12,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import make_inputs
+
 from wan_kernels.linear import NVFP4Linear
 from wan_model.io import checkpoint as ckpt
 from wan_model.io.checkpoint import CheckpointError
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.core.model import StackedKV, qkv_fused_dense, qkv_module_then_norm_rope
 from wan_model.model import WanModel
@@ -197,6 +198,7 @@ def _assert_same_state(a: WanModel, b: WanModel):
     _assert_same_tensors(a.state_dict(), b.state_dict())
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_exact(models, tmp_path):
     model = copy.deepcopy(models["tiny-i2v"]).to_dtype(torch.bfloat16).set_impl("auto").quantize("nvfp4")
     cfg = model.config
@@ -244,6 +246,7 @@ def test_mismatched_group_scales_refused(models, tmp_path):
         WanModel.from_pretrained(tmp_path / "q")
 
 
+@pytest.mark.slow
 def test_streaming_convert_equals_in_memory_quantize(bf16_ckpt, tmp_path, capsys):
     expected = WanModel.from_pretrained(bf16_ckpt, dtype=torch.bfloat16).quantize("nvfp4")
     # CLI, sharded diffusers output (shards bounded by --max-shard-size)
@@ -304,6 +307,7 @@ def test_layer_groups_cover_every_linear(models):
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 
+@pytest.mark.slow
 def test_compile_fullgraph_quantized(models):
     model = copy.deepcopy(models["tiny-t2v"]).set_impl("auto").quantize("nvfp4")
     inputs = make_inputs(model.config)

@@ -18,12 +18,12 @@ import torch
 from wan_kernels import nvfp4, ref
 from wan_kernels.ops.nvfp4_linear import nvfp4_linear_backward
 from wan_kernels.ref import nvfp4_linear_backward as ref_nvfp4_linear_backward
-from wan_model.cli import random_model
+from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.compat.diffusers import to_diffusers_model
 from wan_model.compat.layouts import native_to_diffusers
 
-from conftest import diffusers_bf16_like, make_inputs
+from _helpers import diffusers_bf16_like
 
 INPUTS = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_image")
 
@@ -64,6 +64,7 @@ def cotangent(cfg: WanConfig, inputs, seed: int = 7) -> torch.Tensor:
     return torch.randn((x.shape[0], cfg.out_channels, *x.shape[2:]), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", (False, True), ids=("plain", "checkpointed"))
 @pytest.mark.parametrize("variant", ("tiny-t2v", "tiny-i2v"))
 def test_gradients_equal_diffusers_fp32(pairs, variant, checkpointing):
@@ -81,6 +82,7 @@ def test_gradients_equal_diffusers_fp32(pairs, variant, checkpointing):
     assert not bad, bad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,checkpointing", (("tiny-t2v", False), ("tiny-i2v", True)))
 def test_bf16_gradient_error_within_diffusers_bf16(pairs, variant, checkpointing):
     ours32, ref32 = pairs[variant]
@@ -110,6 +112,7 @@ def test_train_mode_has_the_same_forward(pairs):
     assert torch.equal(trained, evaluated)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_each_block(pairs, monkeypatch):
     ours, _ = pairs["tiny-t2v"]
     ours.disable_gradient_checkpointing()
@@ -197,6 +200,7 @@ def test_gradient_checkpointing_keeps_nothing_of_the_blocks(pairs):
     assert checkpointed == plain - plain_blocks + cfg.num_layers * block_inputs, (checkpointed, plain, plain_blocks)
 
 
+@pytest.mark.slow
 def test_prepared_context_carries_gradients(pairs):
     ours, _ = pairs["tiny-i2v"]
     x, t, text, img = make_inputs(ours.config)
@@ -217,6 +221,7 @@ def test_prepared_context_carries_gradients(pairs):
         assert ours.cross_kv.weight.grad is None and ours.blocks[0].attn2.to_q.weight.grad is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ("nvfp4", "fp8"))
 def test_quantized_frozen_base_passes_gradients(pairs, method):
     # NVFP4 / fp8 base weights are buffers (no gradient); dX flows through nvfp4_linear's / fp8_linear's backward

@@ -5,16 +5,12 @@ path (issue 6: max abs diff <= 1e-5 in fp32)."""
 import pytest
 import torch
 
-from conftest import make_inputs
+from wan_model.testing import FP32_TOL, make_inputs
+from _helpers import run_diffusers, run_ours
 from wan_kernels.triton import KERNELS
-from test_model import FP32_TOL, _run, _run_ref
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v"])
@@ -24,7 +20,7 @@ def test_triton_model_matches_diffusers_fp32(fp32_models, variant):
     try:
         assert model._ops.attention.__wrapped__ is KERNELS["attention"]  # the Triton launcher, not the ref
         inputs = make_inputs(model.config, batch=1)
-        err = (_run(model, inputs) - _run_ref(ref, inputs)).abs().max().item()
+        err = (run_ours(model, inputs) - run_diffusers(ref, inputs)).abs().max().item()
     finally:
         model.set_impl("auto")  # the session fixture is shared with other modules
     print(f"{variant} impl=triton (interpreter) fp32 max|ours - diffusers| = {err:.3e}")

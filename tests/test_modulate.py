@@ -172,6 +172,7 @@ def test_triton_kernels_match_reference(interpreter, dtype, B, S, C, per_token):
     assert torch.equal(wan_kernels.gated_residual(x, y, gate, impl="triton"), ref.gated_residual(x, y, gate))
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("arch", [80, 90, 100])
 def test_triton_kernels_compile_without_spills(arch, tmp_path):
     """The launches the runtime makes (readiness' jobs: the launcher's own prepare at the Wan widths, Triton's

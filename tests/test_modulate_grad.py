@@ -3,7 +3,7 @@ wan::gated_residual_backward): every backend that runs here (C++ CPU, Triton und
 against the fp64 reference's autograd; modulation operands broadcast ([B, 1, C], [1, 1, C], [1, S, C]) and per
 token ([B, S, C]), strided as the model passes them (unbound views of its [B, 1|S, 6, C] modulation tensor).
 
-Tolerance (tests/test_grad.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
+Tolerance (tests/test_autograd.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
 at most 2x the error of the reference's own autograd at the same precision, plus one rounding of the gradient's
 dtype relative to its largest entry (fp32 1e-6, fp16 2^-11, bf16 2^-8; the scale/shift/gate gradients are fp32):
 the kernels compute in fp32 and round once, summing the token axis in row blocks instead of torch's order.
@@ -14,22 +14,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from wan_kernels import _autograd, ops, ref
+from wan_kernels.testing import TOLERANCE, rel_err
 from wan_kernels.triton import modulate as tmod
 
 IMPLS = ("cpu", "triton", "ref")
-ROUNDING = {torch.float32: 1e-6, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-def rel_err(got, want) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def modulation(shape, g, *, layout="model"):
@@ -54,7 +46,7 @@ def check(fn_got, ref_fwd, args, diff, cot, dtype):
     want, same = out
     for i, g, w, s in zip(diff, got, want, same):
         assert g.shape == args[i].shape and g.dtype == args[i].dtype, i
-        assert rel_err(g, w) <= 2 * rel_err(s, w) + ROUNDING[g.dtype], (i, rel_err(g, w), rel_err(s, w))
+        assert rel_err(g, w) <= 2 * rel_err(s, w) + TOLERANCE[g.dtype].rounding, (i, rel_err(g, w), rel_err(s, w))
 
 
 def ln_case(B, S, C, dtype, scale_shape, shift_shape, seed=0, layout="model", huge=False):

@@ -11,16 +11,14 @@ import wan_kernels
 from wan_kernels import nvfp4, ref
 from wan_kernels.ref.nvfp4 import e2m1_decode, e2m1_encode
 
+from _helpers import assert_same_quant
+from _inputs import nvfp4_adversarial
+
 CPU_QUANT_IMPLS = ["ref", "cpu", "auto"]
 
 
 def _bytes(t):
     return t.view(torch.uint8)
-
-
-def _assert_same_quant(a, b):
-    assert torch.equal(a[0], b[0]), "packed codes differ"
-    assert torch.equal(_bytes(a[1]), _bytes(b[1])), "block scales differ"
 
 
 def _unpack(packed):
@@ -98,20 +96,6 @@ def test_e4m3_scale_encoding_matches_torch_cast():
 # Backends bit-exact against the reference
 
 
-def _adversarial(gs: float) -> torch.Tensor:
-    """Rows that hit every E2M1 midpoint exactly, saturation, subnormal block scales and zero blocks."""
-    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
-    rows = []
-    for s in (1.0, 0.5, 2**-7, 3 * 2**-9, 448.0):  # block scales incl. E4M3 subnormals
-        # amax 6*s*gs fixes the block scale at s, so x / (s * gs) hits the midpoints exactly
-        block = torch.cat([mids, -mids]) * s * gs
-        rows.append(block)
-    rows.append(torch.zeros(16))                       # all-zero block
-    rows.append(torch.full((16,), 1e6 * gs))           # beyond 6 * 448 * gs: saturates
-    rows.append(torch.linspace(-1, 1, 16) * 1e-4 * gs)  # scale below E4M3's range: codes 0
-    return torch.stack(rows).reshape(-1, 32)
-
-
 @pytest.mark.parametrize("impl", CPU_QUANT_IMPLS[1:])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k", [(1, 16), (130, 64), (257, 80), (128, 512), (300, 1040)])
@@ -119,16 +103,16 @@ def test_quantize_random_bit_exact(impl, dtype, m, k):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) *
          torch.logspace(-3, 3, k)).to(dtype)
     gs = nvfp4.global_scale(x)
-    _assert_same_quant(wan_kernels.nvfp4_quantize(x, gs, impl=impl), ref.nvfp4_quantize(x, gs))
+    assert_same_quant(wan_kernels.nvfp4_quantize(x, gs, impl=impl), ref.nvfp4_quantize(x, gs))
 
 
 @pytest.mark.parametrize("impl", CPU_QUANT_IMPLS[1:])
 @pytest.mark.parametrize("gs", [1.0, 2**-9, 1 / 448, 3.7e-3])
 def test_quantize_adversarial_bit_exact(impl, gs):
-    x = _adversarial(gs)
+    x = nvfp4_adversarial(gs)
     got = wan_kernels.nvfp4_quantize(x, torch.tensor(gs), impl=impl)
     want = ref.nvfp4_quantize(x, torch.tensor(gs))
-    _assert_same_quant(got, want)
+    assert_same_quant(got, want)
     if math.log2(gs).is_integer():
         # With a power-of-two global scale every product above is exact, so the midpoints are exact
         # ties, and each goes to its even neighbour (other gs round amax/6/gs off the tie).
@@ -170,7 +154,7 @@ def test_nan_inf_policy(impl):
     x[1, 20] = float("-inf")
     gs = torch.tensor(1 / 448)
     packed, scale = wan_kernels.nvfp4_quantize(x, gs, impl=impl)
-    _assert_same_quant((packed, scale), ref.nvfp4_quantize(x, gs))
+    assert_same_quant((packed, scale), ref.nvfp4_quantize(x, gs))
     codes = _unpack(packed)
     assert codes[0, 3] == 0                      # NaN -> 0, ignored by the block amax
     assert codes[1, 5] == 7 and codes[1, 20] == 15  # +-Inf saturate to +-6
@@ -187,7 +171,7 @@ def test_quantize_hypothesis_bit_exact(m, kb, log_scale, seed, dtype):
     x = (torch.randn(m, kb * 16, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale).to(dtype)
     gs = nvfp4.global_scale(x)
     want = ref.nvfp4_quantize(x, gs)
-    _assert_same_quant(wan_kernels.nvfp4_quantize(x, gs, impl="cpu"), want)
+    assert_same_quant(wan_kernels.nvfp4_quantize(x, gs, impl="cpu"), want)
     for dt in (torch.float32, torch.bfloat16):
         assert torch.equal(wan_kernels.nvfp4_dequantize(*want, gs, dt, impl="cpu"),
                            ref.nvfp4_dequantize(*want, gs, dt))

@@ -7,6 +7,7 @@ from torch import nn
 import wan_kernels
 from wan_kernels import nvfp4, ref
 from wan_kernels.linear import NVFP4Linear
+from wan_kernels.testing import TOLERANCE
 
 
 def _weights(n=40, k=96, seed=0):
@@ -31,10 +32,6 @@ def test_auto_on_cpu_is_the_reference():
     assert torch.equal(wan_kernels.nvfp4_linear(x, wp, ws, gw, bias), wan_kernels.nvfp4_linear(x, wp, ws, gw, bias, impl="ref"))
 
 
-# One ulp relative to the value: fp16 has 11 significant bits, bf16 8.
-ULP = {torch.float16: 2**-10, torch.bfloat16: 2**-7}
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_w4a16_matches_reference(monkeypatch, dtype):
     """bf16 was ~1e8 off under the interpreter (its bf16 tl.dot works on bit patterns, REFERENCE §1); the
@@ -46,7 +43,7 @@ def test_triton_w4a16_matches_reference(monkeypatch, dtype):
     want = wan_kernels.nvfp4_linear(x, wp, ws, gw, bias.to(dtype), impl="ref")
     assert got.dtype == want.dtype == dtype and got.shape == want.shape == (2, 9, 40)
     # both round (nearly) the same fp32 value to x's dtype once: within one ulp
-    assert ((got.float() - want.float()).abs() <= want.float().abs() * ULP[dtype] + 2**-24).all()
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * TOLERANCE[dtype].ulp + 2**-24).all()
 
 
 @pytest.mark.parametrize("impl", ["ref", "auto"])

@@ -11,16 +11,14 @@ from hypothesis import given, settings, strategies as st
 
 import wan_kernels
 from wan_kernels import nvfp4, ref
+from wan_kernels.testing import TOLERANCE
 from wan_kernels.triton import nvfp4 as tnv
 
-from test_nvfp4 import _adversarial, _assert_same_quant
+from _helpers import assert_same_quant
+from _inputs import nvfp4_adversarial
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -30,15 +28,15 @@ def test_quantize_random_bit_exact(dtype, m, k):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)) * torch.logspace(-3, 3, k)).to(dtype)
     gs = nvfp4.global_scale(x)
     got = wan_kernels.nvfp4_quantize(x, gs, impl="triton")
-    _assert_same_quant(got, ref.nvfp4_quantize(x, gs))
+    assert_same_quant(got, ref.nvfp4_quantize(x, gs))
     back = wan_kernels.nvfp4_dequantize(*got, gs, torch.float32, impl="triton")
     assert torch.equal(back, ref.nvfp4_dequantize(*got, gs, torch.float32))
 
 
 @pytest.mark.parametrize("gs", [1.0, 2**-9, 1 / 448, 3.7e-3])
 def test_quantize_adversarial_bit_exact(gs):
-    x = _adversarial(gs)
-    _assert_same_quant(tnv.nvfp4_quantize(x, torch.tensor(gs)), ref.nvfp4_quantize(x, torch.tensor(gs)))
+    x = nvfp4_adversarial(gs)
+    assert_same_quant(tnv.nvfp4_quantize(x, torch.tensor(gs)), ref.nvfp4_quantize(x, torch.tensor(gs)))
 
 
 def test_quantize_zero_nan_inf_and_strided():
@@ -46,10 +44,10 @@ def test_quantize_zero_nan_inf_and_strided():
     x[0, 3], x[1, 5], x[1, 20] = float("nan"), float("inf"), float("-inf")
     x[2:4] = 0
     for gs in (nvfp4.global_scale(x[2:4]), torch.tensor(1 / 448)):  # all-zero tensor scale 0; finite scale
-        _assert_same_quant(tnv.nvfp4_quantize(x, gs), ref.nvfp4_quantize(x, gs))
+        assert_same_quant(tnv.nvfp4_quantize(x, gs), ref.nvfp4_quantize(x, gs))
     xt = torch.randn(64, 40, generator=torch.Generator().manual_seed(4)).T  # non-contiguous [40, 64]
     gs = nvfp4.global_scale(xt)
-    _assert_same_quant(tnv.nvfp4_quantize(xt, gs), ref.nvfp4_quantize(xt.contiguous(), gs))
+    assert_same_quant(tnv.nvfp4_quantize(xt, gs), ref.nvfp4_quantize(xt.contiguous(), gs))
 
 
 @settings(max_examples=8, deadline=None)
@@ -57,7 +55,7 @@ def test_quantize_zero_nan_inf_and_strided():
 def test_quantize_hypothesis_bit_exact(m, kb, log_scale, seed):
     x = torch.randn(m, kb * 16, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale
     gs = nvfp4.global_scale(x)
-    _assert_same_quant(tnv.nvfp4_quantize(x, gs), ref.nvfp4_quantize(x, gs))
+    assert_same_quant(tnv.nvfp4_quantize(x, gs), ref.nvfp4_quantize(x, gs))
 
 
 def _operands(m, n, k, seed=0):
@@ -82,10 +80,6 @@ def test_w4a4_emulation_equals_reference(m, n, k):
     assert ((got16.float() - want16.float()).abs() <= want16.float().abs() * 2**-10 + 2**-24).all()
 
 
-# Half an ulp of the output relative to its value: fp16 has 11 significant bits, bf16 8.
-HALF_ULP = {torch.float16: 2**-11, torch.bfloat16: 2**-8}
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 40, 96), (33, 65, 208)])
 def test_w4a16_equals_dequantize_then_matmul(m, n, k, dtype):
@@ -96,12 +90,13 @@ def test_w4a16_equals_dequantize_then_matmul(m, n, k, dtype):
     got = tnv.nvfp4_linear_w4a16(x, *qb, gb, bias.to(dtype))
     want = x.double() @ ref.nvfp4_dequantize(*qb, gb, torch.float64).T + bias.to(dtype).double()
     # The decoded weight tile is exact in fp16/bf16 (e2m1 x e4m3 has <= 5 significant bits), the dot accumulates
-    # in fp32 and the result is rounded once to x's dtype: |err| <= half an ulp of the result (HALF_ULP
-    # relative) + the fp32 accumulation error (a few 2^-24 of sum |x||w|), + the gs multiply (1 fp32 ulp).
+    # in fp32 and the result is rounded once to x's dtype: |err| <= half an ulp of the result
+    # (TOLERANCE[dtype].half_ulp relative) + the fp32 accumulation error (a few 2^-24 of sum |x||w|), + the gs
+    # multiply (1 fp32 ulp).
     scale = x.double().abs() @ ref.nvfp4_dequantize(*qb, gb, torch.float64).abs().T
     err = (got.double() - want).abs()
     assert got.dtype == dtype and got.shape == (m, n)
-    assert (err <= want.abs() * HALF_ULP[dtype] + 8 * 2**-24 * scale + 2**-24).all(), err.max()
+    assert (err <= want.abs() * TOLERANCE[dtype].half_ulp + 8 * 2**-24 * scale + 2**-24).all(), err.max()
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 130, 96)])
@@ -114,7 +109,7 @@ def test_dgrad_bf16_equals_matmul_with_dequantized_weight(m, n, k):
     want, scale = dy.double() @ w64, dy.double().abs() @ w64.abs()
     assert got.dtype == torch.bfloat16 and got.shape == (2, m, k)
     err = (got.double() - want).abs()
-    assert (err <= want.abs() * HALF_ULP[torch.bfloat16] + 8 * 2**-24 * scale + 2**-24).all(), err.max()
+    assert (err <= want.abs() * TOLERANCE[torch.bfloat16].half_ulp + 8 * 2**-24 * scale + 2**-24).all(), err.max()
 
 
 def test_interpreted_bf16_launch_is_the_compiled_kernel():

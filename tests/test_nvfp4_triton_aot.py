@@ -8,6 +8,8 @@ import pytest
 from tools import readiness
 from tools import aot
 
+pytestmark = pytest.mark.aot
+
 CASES = readiness.jobs_for(["nvfp4"], aot.ARCHS)
 
 

@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
 
     import torch.distributed as dist
 
-    from wan_model.cli import random_model
+    from wan_model.testing import random_model
     from wan_model.core.config import WanConfig
 
     torch.set_num_threads(1)
@@ -249,6 +249,7 @@ def runs(tmp_path_factory):
     return {w: _spawn(w, tmp_path_factory.mktemp(f"world{w}")) for w in (2, 4)}
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("world,name", [(w, n) for w, cases in CASES.items() for n in cases])
 def test_parallel_output_equals_single_process(runs, world, name):
     results, rcs, errs, _ = runs[world]
@@ -259,6 +260,7 @@ def test_parallel_output_equals_single_process(runs, world, name):
         assert got["err"] <= TOL, (rank, name, got["err"])
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("world,name", [(w, n) for w, cases in GRAD_CASES.items() for n in cases])
 def test_parallel_gradients_equal_single_process(runs, world, name):
     results, rcs, errs, _ = runs[world]
@@ -269,6 +271,7 @@ def test_parallel_gradients_equal_single_process(runs, world, name):
         assert got["err"] <= GRAD_TOL, (rank, name, got)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("degrees", list(ERRORS))
 def test_bad_degrees_are_clear_errors_on_every_rank(runs, degrees):
     results, rcs, errs, _ = runs[4]
@@ -277,6 +280,7 @@ def test_bad_degrees_are_clear_errors_on_every_rank(runs, degrees):
         assert ERRORS[degrees] in results[rank][f"error-u{degrees[0]}r{degrees[1]}"]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("world,name", [(2, "ti2v-27-u1r2"), (2, "i2v-30-u2r1"), (4, "t2v-30-u2r2"),
                                         (4, "t2v-9-u1r4")])
 def test_cost_model_counts_the_bytes_the_collectives_send(runs, world, name):
@@ -292,7 +296,7 @@ def test_cost_model_counts_the_bytes_the_collectives_send(runs, world, name):
 
 
 def test_heads_not_divisible_by_ulysses_is_a_clear_error_before_any_collective():
-    from wan_model.cli import random_model
+    from wan_model.testing import random_model
     from wan_model.core.config import WanConfig
 
     model = random_model(WanConfig.from_preset("tiny-t2v"))
@@ -302,6 +306,7 @@ def test_heads_not_divisible_by_ulysses_is_a_clear_error_before_any_collective()
         model.enable_parallelism(ring_degree=2)
 
 
+@pytest.mark.subprocess
 def test_a_rank_that_raises_ends_every_process(tmp_path):
     results, rcs, errs, seconds = _spawn(2, tmp_path, "raise")
     assert "TIMEOUT" not in errs[0] + errs[1], errs
@@ -311,6 +316,7 @@ def test_a_rank_that_raises_ends_every_process(tmp_path):
     assert seconds < 60  # imports (~5 s per process) + at most gloo's 30 s timeout; seen 7 s (peer closed)
 
 
+@pytest.mark.subprocess
 def test_a_rank_that_raises_in_backward_ends_every_process(tmp_path):
     results, rcs, errs, seconds = _spawn(2, tmp_path, "raise_backward")
     assert "TIMEOUT" not in errs[0] + errs[1], errs
@@ -320,13 +326,14 @@ def test_a_rank_that_raises_in_backward_ends_every_process(tmp_path):
     assert seconds < 60  # imports (~5 s per process) + at most gloo's 30 s timeout
 
 
+@pytest.mark.subprocess
 def test_cli_run_under_torchrun_equals_the_single_process_run(tmp_path):
     """`torchrun --nproc-per-node 2 -m wan_model run ... --ulysses 2` (gloo): rank 0 writes the latents of the
     single-process run. 15 tokens (padded to 16). Tolerance 1e-4: each fp32 forward is within the 1e-5 above,
     and the CFG combination uncond + 5 (cond - uncond) scales the difference by up to 1 + 2 * 5."""
     from safetensors.torch import load_file
 
-    from wan_model.cli import random_model
+    from wan_model.testing import random_model
     from wan_model.core.config import WanConfig
 
     ckpt = tmp_path / "ckpt"
@@ -380,7 +387,7 @@ def _torchrun_sampling(tmp_path, timeout_s: float):
     """Start `torchrun --nproc-per-node 2 -m wan_model run --ulysses 2 --dist-timeout timeout_s` on a tiny
     checkpoint with steps enough for minutes, and wait (at most 120 s) until rank 0 has enabled the parallelism,
     i.e. both workers joined the process group. Returns (torchrun Popen, {rank: worker pid}, stdout, stderr path)."""
-    from wan_model.cli import random_model
+    from wan_model.testing import random_model
     from wan_model.core.config import WanConfig
 
     ckpt = tmp_path / "ckpt"
@@ -411,6 +418,7 @@ def _end(p, workers) -> None:
     p.wait(timeout=30)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_cli_run_a_stopped_rank_fails_the_others_within_the_timeout(tmp_path):
     """Issue 27: a SIGSTOPped (not killed) rank hung the job for gloo's default 30 min (the Ulysses sub-group did
@@ -437,6 +445,7 @@ def test_cli_run_a_stopped_rank_fails_the_others_within_the_timeout(tmp_path):
         _end(p, workers)
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 def test_cli_run_workers_die_with_their_launcher(tmp_path):
     """Issue 27: SIGKILL of torchrun left its workers computing (each in a session of its own)."""

@@ -26,19 +26,15 @@ from hypothesis import strategies as st
 
 import wan_kernels
 from wan_kernels import ref
+from wan_kernels.testing import FP32_ATOL
 from wan_kernels.triton import KERNELS
 from wan_kernels.triton import qk_norm_rope as tqk
 
-FP32_ATOL = 1e-5
 MAX_ULP = 1
 MIN_IDENTICAL = 0.99
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def make_inputs(B, S, H, D, dtype, seed=0, weight_dtype=None):
@@ -101,6 +97,7 @@ def test_triton_small(B, S, D, dtype):
 
 
 # S=769 costs ~5-10 s per case in the interpreter: one case per dtype, head_dim alternating.
+@pytest.mark.slow
 @pytest.mark.parametrize("B,S,D,dtype", [(1, 769, 64, torch.float16), (1, 769, 128, torch.float32),
                                          (1, 769, 128, torch.bfloat16)], ids=str)
 def test_triton_long_sequence(B, S, D, dtype):

@@ -18,6 +18,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.subprocess
+@pytest.mark.aot
 def test_subset_passes_and_reports_every_column():
     r = _run("--kernels", "attention,nvfp4,cuda", "--archs", "90,100", "--quick", "--jobs", "2")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -29,6 +31,8 @@ def test_subset_passes_and_reports_every_column():
     assert "_C:" in out and "0 problem(s)" in out
 
 
+@pytest.mark.subprocess
+@pytest.mark.aot
 def test_forced_spill_fails():
     """Negative control: every register capped at 32 -> the NVFP4 GEMM spills, the report must exit 1."""
     r = _run("--kernels", "nvfp4", "--archs", "80", "--quick", "--maxnreg", "32")
@@ -75,6 +79,7 @@ def test_enumerates_every_arch_and_heuristic_config():
         {j.config for j in qk}
 
 
+@pytest.mark.subprocess
 def test_bad_arguments():
     r = _run("--kernels", "nope")
     assert r.returncode == 2 and "unknown kernels" in r.stderr

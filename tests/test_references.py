@@ -14,9 +14,9 @@ from hypothesis import given, settings, strategies as st
 
 import wan_kernels
 from wan_kernels import ref
+from wan_kernels.testing import FP32_ATOL
 from wan_kernels.ref.qk_norm_rope import rms_norm, rope_interleaved
 
-FP32_ATOL = 1e-5
 
 
 def _sdpa(q, k, v, scale=None):

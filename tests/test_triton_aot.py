@@ -15,6 +15,8 @@ import triton.language as tl
 from tools import aot
 from wan_kernels.triton import qk_norm_rope as tqk
 
+pytestmark = pytest.mark.aot
+
 ARCHS = (80, 90, 100)  # one per tensor-core class; readiness covers sm_86 / sm_89 / sm_120 too
 EXPECTED_MMA = {80: "mma.sync", 90: "wgmma", 100: "tcgen05"}
 

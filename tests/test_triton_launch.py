@@ -73,6 +73,7 @@ def _rows_times_n(x_ptr, out_ptr, M, N, BLOCK: tl.constexpr):
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], x, mask=mask)
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("arch", [80, 90])
 def test_offsets_do_not_wrap_at_wan_sizes(arch, tmp_path):
     for name, launch in _big_launches((arch // 10, arch % 10)):
@@ -82,6 +83,7 @@ def test_offsets_do_not_wrap_at_wan_sizes(arch, tmp_path):
         assert check.overflowing == [], (name, check.overflowing[:4])
 
 
+@pytest.mark.aot
 def test_offset_analysis_flags_a_32_bit_row_product(tmp_path):
     m, n = BATCH * TOKENS, 3 * C
     x = _m(m, n)
@@ -163,6 +165,7 @@ def _runtime_specialization(launch, arch):
     return captured
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("arch", [80, 90, 120])
 def test_readiness_compiles_the_runtime_specialization(arch):
     """The W4A16 launch readiness compiles (meta tensors, Wan's to_qkv at M = 151,200) specialises as the runtime
@@ -189,6 +192,7 @@ def test_configs_follow_the_tensor_core_class():
     assert ta.arch_class((12, 0)) == ta.arch_class((8, 9)) == 80 and ta.arch_class((10, 3)) == 100
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("name", ["gated_residual", "layer_norm_modulate", "qk_norm_rope", "quantize"])
 def test_exact_kernels_have_no_contraction_or_approximation(name, tmp_path):
     """Bit-exactness with the interpreter / C++ kernels: no fma.rn.f32 contraction, no div.full / div.approx /
@@ -201,6 +205,7 @@ def test_exact_kernels_have_no_contraction_or_approximation(name, tmp_path):
         assert "div.rn.f32" in ptx
 
 
+@pytest.mark.subprocess
 def test_interpreter_at_import_still_compiles_for_cuda_tensors():
     """TRITON_INTERPRET=1 before import: CPU launches get the interpreted kernel, and run; CUDA launches the
     compiled one. (fp32 attention of unit-normal inputs: the interpreter's fp32 vs the reference's, ~1e-7.)"""

@@ -64,13 +64,12 @@ import torch
 import wan_kernels
 from wan_kernels import routing, samples
 from wan_kernels.hardware import gpu_peak
+from wan_kernels.testing import TOLERANCE, fp32_rounding_floor, sdpa_per_set
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# |backend - ref| <= ATOL + RTOL * |ref|, both computed from the same inputs: the kernels compute in fp32 and
-# round once, so the bound is about one ulp of the output dtype (x2 for reductions / accumulation order);
-# fp32 allows TF32-free fp32 accumulation-order differences. NVFP4 codes and scales are compared as bytes.
-TOLERANCE = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+# |backend - ref| <= atol + rtol * |ref| (wan_kernels/testing.py's TOLERANCE), both computed from the same inputs.
+# NVFP4 codes and scales are compared as bytes.
 # Tokens per sample of Wan at 81 frames (patched latent grids 21 x 30 x 52 and 21 x 45 x 80).
 TOKENS = {"480p": 32760, "720p": 75600}
 # Self-attention benchmark lengths: 480p at 41 frames (11 x 30 x 52), then 81 frames at 480p and 720p (issue 17
@@ -256,7 +255,7 @@ def _error(got, want) -> tuple[float, bool]:
     if got.dtype in (torch.uint8, torch.float8_e4m3fn):
         bad = float((got.view(torch.uint8) != want.view(torch.uint8)).sum())
         return bad, bad == 0
-    atol, rtol = TOLERANCE[got.dtype]
+    atol, rtol = TOLERANCE[got.dtype].atol, TOLERANCE[got.dtype].rtol
     g, w = got.float(), want.float()
     both_nan = g.isnan() & w.isnan()
     err = (g - w).abs().masked_fill(both_nan, 0)
@@ -396,37 +395,6 @@ def attention_accuracy_cases(check: Check) -> list[Case]:
     return cases
 
 
-def sdpa_per_set(q, k, v, k_img=None, v_img=None, scale=None):
-    """SDPA at the inputs' precision per key/value set, summed in that dtype ([B, S, H, D] layout): what plain
-    torch does for Wan, the baseline of the 2x-SDPA rule (here and in tests/test_attention.py)."""
-    def one(k_, v_):
-        return torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), scale=scale).transpose(1, 2)
-    out = one(k, v)
-    return out if k_img is None else out + one(k_img, v_img)
-
-
-def fp32_rounding_floor(q, k, v, k_img=None, v_img=None, scale=None) -> float:
-    """The rule's floor: output error of ONE fp32 rounding of every score x = s * q.k and of the output
-    accumulator, to first order: d out / d x_j = p_j (v_j - out), so per query row and key/value set
-    |d out| <= 2^-24 * (max_j |x_j| * max_j |v_j - out| + max_j |v_j|). Largest over rows, sets summed.
-    (tests/test_attention.py explains why the rule needs it.)"""
-    s = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
-    total = 0.0
-    for kk, vv in ((k, v), (k_img, v_img)):
-        if kk is None:
-            continue
-        x = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk.double()) * s
-        vh = vv.double().transpose(1, 2)                                              # [B, H, Sk, Dv]
-        out = torch.softmax(x, -1) @ vh                                               # [B, H, Sq, Dv]
-        # max_j,d |v_jd - out_d| without the [Sq, Sk, Dv] broadcast: the extremes of v per d give it (exactly:
-        # rounding is monotone)
-        vmax, vmin = vh.amax(2, keepdim=True), vh.amin(2, keepdim=True)             # [B, H, 1, Dv]
-        spread = torch.maximum(vmax - out, out - vmin).amax(-1)                       # [B, H, Sq]
-        total = total + 2.0**-24 * (x.abs().amax(-1) * spread + vh.abs().amax((-1, -2))[..., None])
-    return float(total.max()) if torch.is_tensor(total) and total.numel() else 0.0
-
-
 def big_gemm_cases(check: Check) -> list[Case]:
     """The 14B 720p CFG fused to_qkv W4A16 GEMM: M = 2 x 75,600 rows, N = 3 x 5120, K = 5120; the output's
     flat offsets reach 2.32e9 > 2^31. First, middle and last 64 rows checked against the reference."""
@@ -451,18 +419,9 @@ def big_gemm_cases(check: Check) -> list[Case]:
     return [Case("to_qkv W4A16 M=151200", run, f"nvfp4_linear [{M}, {K}] x [{N}, {K}] bf16, 3 slices vs ref")]
 
 
-def _tiny_inputs(cfg, device, dtype, grid=(2, 6, 10), batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, cfg.in_channels, *grid, generator=g).to(device, dtype)
-    t = torch.tensor([700.0, 350.0][:batch], device=device)
-    text = torch.randn(batch, 512, cfg.text_dim, generator=g).to(device, dtype)
-    img = torch.randn(batch, 257, cfg.image_dim, generator=g).to(device, dtype) if cfg.has_image else None
-    return x, t, text, img
-
-
 def model_cases(check: Check) -> list[Case]:
-    from wan_model.cli import random_model
     from wan_model.core.config import WanConfig
+    from wan_model.testing import make_inputs, random_model
 
     def compare(preset: str, dtype, layers: int | None = None, grid=(2, 6, 10)):
         def run():
@@ -471,7 +430,7 @@ def model_cases(check: Check) -> list[Case]:
                 cfg = cfg.replace(num_layers=layers)
             model = random_model(cfg).to(check.device)
             model.to_dtype(dtype)
-            x, t, text, img = _tiny_inputs(cfg, check.device, dtype, grid)
+            x, t, text, img = make_inputs(cfg, dtype, grid=grid, device=check.device)
             with torch.no_grad():
                 want = model.set_impl("ref")(x, t, text, img).float()
                 got = model.set_impl("auto")(x, t, text, img).float()
@@ -487,7 +446,7 @@ def model_cases(check: Check) -> list[Case]:
     def compiled():
         cfg = WanConfig.from_preset("tiny-t2v")
         model = random_model(cfg).to(check.device).set_impl("auto")
-        x, t, text, _ = _tiny_inputs(cfg, check.device, torch.float32)
+        x, t, text, _ = make_inputs(cfg, torch.float32, device=check.device)
         with torch.no_grad():
             want = model(x, t, text)
             got = torch.compile(model, fullgraph=True)(x, t, text)
@@ -498,7 +457,7 @@ def model_cases(check: Check) -> list[Case]:
         cfg = WanConfig.from_preset("tiny-i2v")
         model = random_model(cfg).to(check.device).set_impl("auto")
         model.to_dtype(torch.bfloat16)
-        x, t, text, img = _tiny_inputs(cfg, check.device, torch.bfloat16)
+        x, t, text, img = make_inputs(cfg, torch.bfloat16, device=check.device)
         with torch.no_grad():
             ctx = model.prepare_context(text, img)
             s = torch.cuda.Stream()
@@ -562,7 +521,7 @@ def bench_attention_cases(check: Check) -> list[Case]:
                 # correctness before timing: the same softmax as today's kernel, bf16 outputs (TOLERANCE)
                 err = float((attention_ws.attention(q, k, v, ki, vi, config=config).float()
                              - fa2.attention(q, k, v, ki, vi).float()).abs().max())
-                if err > TOLERANCE[torch.bfloat16][0]:
+                if err > TOLERANCE[torch.bfloat16].atol:
                     return {"status": "fail", "max_err_vs_wan": err}
                 fn = lambda: attention_ws.attention(q, k, v, ki, vi, config=config)  # noqa: E731
             else:
@@ -701,25 +660,19 @@ def bench_gemm_cases(check: Check) -> list[Case]:
 
 
 def model_step_cases(check: Check) -> list[Case]:
-    """One CFG step (batch 2) at 480p / 81 frames: measured vs the cost model's roofline; peak memory."""
+    """One CFG step (batch 2) at 480p / 81 frames: measured vs the cost model's roofline; peak memory. The model and
+    its inputs are bench/bench_model.py's (`gpu_random_model`, `gpu_step_inputs`)."""
+    from bench.bench_model import gpu_random_model, gpu_step_inputs
     from wan_model import cost
     from wan_model.core.config import WanConfig
-    from wan_model.model import WanModel
 
     def step(preset: str):
         def run():
             cfg = WanConfig.from_preset(preset)
+            c = cost.model_cost(cfg, *SIZES["480p"], 81, batch=2)
             torch.cuda.reset_peak_memory_stats()
-            with torch.device(check.device):
-                torch.set_default_dtype(torch.bfloat16)
-                try:
-                    model = WanModel(cfg, impl="auto", device=check.device).eval()
-                finally:
-                    torch.set_default_dtype(torch.float32)
-            model.to_dtype(torch.bfloat16)
-            x = torch.randn(2, cfg.in_channels, 21, 60, 104, device=check.device, dtype=torch.bfloat16)
-            t = torch.tensor([500.0, 500.0], device=check.device)
-            text = torch.randn(2, 512, cfg.text_dim, device=check.device, dtype=torch.bfloat16)
+            model = gpu_random_model(cfg, check.device)
+            x, t, text = gpu_step_inputs(cfg, c.shape.latent, check.device)
             with torch.no_grad():
                 ctx = model.prepare_context(text)
                 model(x, t, context=ctx)
@@ -729,7 +682,6 @@ def model_step_cases(check: Check) -> list[Case]:
                 _sync(check)
                 ms = (time.perf_counter() - t0) * 1e3
             peak = gpu_peak()
-            c = cost.model_cost(cfg, *SIZES["480p"], 81, batch=2)
             roof = c.roofline(peak[1], include_context=False) * 1e3 if peak else None
             return {"ms": ms, "roofline_ms": roof, "pct_of_roofline": 100 * roof / ms if roof else None,
                     "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}

@@ -39,7 +39,8 @@ from wan_model.core.config import PRESETS, WanConfig
 from wan_model.io.gguf import GGUF_TYPES
 from wan_model.core.model import bind_ops
 from wan_model.model import WanModel, load_model
-from wan_model.core.sampling import flow_sigmas, sample
+from wan_model.core.sampling import sample
+from wan_model.testing import diffusers_euler, random_model
 
 DIST_TIMEOUT_S = 300.0  # run --dist-timeout: torch.distributed's own default is 30 min (gloo) or 10 min (NCCL)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -254,39 +255,6 @@ def _print_steps(res) -> None:
     for i, (dt, ex) in enumerate(zip(res.step_times, res.experts)):
         print(f"  step {i}: {dt * 1e3:8.1f} ms  ({ex})")
     print(f"  mean {sum(res.step_times) / len(res.step_times) * 1e3:.1f} ms/step")
-
-
-def random_model(cfg: WanConfig, seed: int = 0) -> WanModel:
-    """A WanModel with random weights of a trained-like scale (fp32)."""
-    torch.manual_seed(seed)
-    model = WanModel(cfg, impl="ref")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            elif "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif "scale_shift_table" in name or "pos_embed" in name:
-                p.normal_(0.0, 0.5)
-            else:  # weights: unit-variance outputs
-                p.normal_(0.0, p[0].numel() ** -0.5)
-    return model
-
-
-@torch.no_grad()
-def diffusers_euler(ref, latents, text, neg, num_steps, guidance, shift, image=None):
-    """The same Euler CFG loop with a diffusers WanTransformer3DModel, cond and uncond as two forwards
-    (what diffusers' WanPipeline does)."""
-    sigmas = flow_sigmas(num_steps, shift)
-    x = latents.float()
-    dtype = ref.proj_out.weight.dtype
-    for i in range(num_steps):
-        t = torch.full((x.shape[0],), float(sigmas[i] * 1000))
-        v_c = ref(x.to(dtype), t, text.to(dtype), image, return_dict=False)[0].float()
-        v_u = ref(x.to(dtype), t, neg.to(dtype), image, return_dict=False)[0].float()
-        v = v_u + guidance * (v_c - v_u)
-        x = x + float(sigmas[i + 1] - sigmas[i]) * v
-    return x
 
 
 def _with_impl(model, impl: str):

@@ -1,7 +1,7 @@
 """Backward of wan::qk_norm_rope (wan::qk_norm_rope_backward) and of the composite wan::qkv_rope: every backend
 that runs here (C++ CPU, Triton under the interpreter, the reference) against the fp64 reference's autograd.
 
-Tolerance (tests/test_grad.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
+Tolerance (tests/test_autograd.py's rule, flash-attention's): a backend's error against the fp64 autograd gradient is
 at most 2x the error of the reference's own autograd at the same precision, plus one rounding of the gradient's
 dtype relative to its largest entry (fp32 1e-6, fp16 2^-11, bf16 2^-8): the kernels compute in fp32 and round
 once, but sum in another order (row blocks for the weight gradients), which costs no more than the reference's
@@ -13,21 +13,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from wan_kernels import _autograd, ops, ref
+from wan_kernels.testing import TOLERANCE, rel_err
 from wan_kernels.triton import qk_norm_rope as tqk
 
 IMPLS = ("cpu", "triton", "ref")
-ROUNDING = {torch.float32: 1e-6, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-
-
-def rel_err(got, want) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def make(B, S, H, D, dtype, seed=0, *, strided=False):
@@ -60,7 +52,7 @@ def assert_matches(got, args, grads, dtype):
     want, same = reference_grads(grads, args, dtype)
     for name, a, g, w, s in zip(("grad_qkv", "grad_norm_q_weight", "grad_norm_k_weight"), args, got, want, same):
         assert g.shape == a.shape and g.dtype == a.dtype, name
-        assert rel_err(g, w) <= 2 * rel_err(s, w) + ROUNDING[dtype], (name, rel_err(g, w), rel_err(s, w))
+        assert rel_err(g, w) <= 2 * rel_err(s, w) + TOLERANCE[dtype].rounding, (name, rel_err(g, w), rel_err(s, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -151,7 +143,7 @@ def test_qkv_rope_gradients(impl):
     got = run(lambda *a: ops.qkv_rope(*a, impl=impl), torch.float32)
     want, same = run(ref.qkv_rope, torch.float64), run(ref.qkv_rope, torch.float32)
     for gt, w_, s in zip(got, want, same):
-        assert rel_err(gt, w_) <= 2 * rel_err(s, w_) + ROUNDING[torch.float32]
+        assert rel_err(gt, w_) <= 2 * rel_err(s, w_) + TOLERANCE[torch.float32].rounding
 
 
 @pytest.mark.parametrize("op", ("qk_norm_rope", "qk_norm_rope_backward"))
@@ -177,6 +169,7 @@ def test_errors_name_the_argument():
         torch.ops.wan.qk_norm_rope_backward(grads[0], bad, grads[2], *args)  # the C++ kernel's TORCH_CHECK
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("arch", [80, 90, 100])
 def test_triton_backward_compiles_without_spills(arch, tmp_path):
     """The backward launches readiness compiles (the launcher's own prepare_backward at Wan 14B, 151,200 rows:

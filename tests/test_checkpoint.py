@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import VARIANTS, diffusers_from_pretrained, make_inputs, within as _within
+from _helpers import VARIANTS, diffusers_from_pretrained, within as _within
 from wan_model.io import checkpoint as ckpt, convert
 from wan_model.io import formats
 from wan_model.io.checkpoint import CheckpointError, WanExperts, load_model, native_to_diffusers
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import FP32_TOL, make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
-FP32_TOL = 1e-5
 
 
 def _out(model, cfg, dtype=torch.float32):
@@ -53,6 +53,7 @@ def _assert_same_fp8_model(a, b):
                                                           if sb[k].dtype.itemsize == 1 else sb[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_formats_round_trip_and_match_diffusers(fp32_models, variant, tmp_path):
     model, ref = fp32_models[variant]
@@ -528,6 +529,7 @@ def test_comfy_quant_spec_errors(saved_t2v):
 # ---------------------------------------------------------------------------------------------
 # casts that would write inf (issue 27)
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "nvfp4"])
 def test_convert_float16_refuses_values_beyond_its_range(saved_t2v, tmp_path, capsys, quantize):
     """`convert --dtype float16` of a weight beyond fp16's range wrote inf (or, quantizing, a layer saturated

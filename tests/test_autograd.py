@@ -15,6 +15,7 @@ import wan_kernels
 from wan_kernels import _autograd, nvfp4, ref
 from wan_kernels._spec import all_specs
 from wan_kernels.linear import NVFP4Linear
+from wan_kernels.testing import TOLERANCE, rel_err
 
 from _inputs import op_inputs
 
@@ -22,15 +23,10 @@ DIFF_OPS = ("qk_norm_rope", "qkv_rope", "attention", "attention-no-image", "laye
             "nvfp4_linear")
 IMPLS = ("op", "auto", "cpu", "ref", "triton")
 DTYPES = (torch.float32, torch.bfloat16)
-ROUNDING = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8}
 NO_CPP_CPU_KERNEL = ("nvfp4_linear",)  # impl="cpu" raises BackendUnavailableError (tests/test_library.py)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 def make_inputs(case: str, dtype: torch.dtype, seed: int = 0, *, small: bool = False) -> tuple[str, tuple]:
@@ -86,10 +82,6 @@ def as_fp64(args):
                  for a in args)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-
-
 PARAMS = [pytest.param(case, impl, dtype, id=f"{case}-{impl}-{str(dtype)[6:]}")
           for case in DIFF_OPS for impl in IMPLS for dtype in DTYPES
           if not (impl == "cpu" and case in NO_CPP_CPU_KERNEL)
@@ -107,7 +99,7 @@ def test_gradients_match_reference(case, impl, dtype):
     for a, g, w, s in zip([a for a in args if isinstance(a, torch.Tensor) and a.requires_grad], got, want,
                           same_precision):
         assert g is not None and g.shape == a.shape and g.dtype == a.dtype
-        assert rel_err(g, w) <= 2 * rel_err(s, w) + ROUNDING[dtype], (rel_err(g, w), rel_err(s, w))
+        assert rel_err(g, w) <= 2 * rel_err(s, w) + TOLERANCE[dtype].rounding, (rel_err(g, w), rel_err(s, w))
 
 
 @pytest.mark.parametrize("case", DIFF_OPS)
@@ -182,7 +174,7 @@ def test_nvfp4_linear_module_gradients():
     got = input_grad(q, x)
     want = input_grad(lambda x: ref.nvfp4_linear(x, *buffers, q.bias.double()), x.double())
     same_precision = input_grad(lambda x: ref.nvfp4_linear(x, *buffers, q.bias), x)
-    assert rel_err(got, want) <= 2 * rel_err(same_precision, want) + ROUNDING[torch.bfloat16]
+    assert rel_err(got, want) <= 2 * rel_err(same_precision, want) + TOLERANCE[torch.bfloat16].rounding
     w4a4 = NVFP4Linear.from_linear(lin, mode="w4a4")
     with pytest.raises(RuntimeError, match="nvfp4_linear_w4a4 is not differentiable, but x requires grad"):
         w4a4(x)

@@ -17,7 +17,8 @@ from wan_model.io import checkpoint as ckpt
 from wan_model.io import formats
 from wan_model.io.checkpoint import WanExperts, load_model, native_to_diffusers
 from wan_model.io.convert import convert_checkpoint
-from wan_model.cli import main as cli_main, random_model
+from wan_model.cli import main as cli_main
+from wan_model.testing import random_model
 from wan_model.core.config import WanConfig
 
 CFG = WanConfig.from_preset("tiny-t2v")  # 2.1M params, 8.4 MB in fp32
@@ -394,6 +395,7 @@ def _killed_save(sd, dst, shard: str, overwrite: bool, delay: float | None) -> b
     return os.WIFSIGNALED(status)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("dest", ["ours", "user files"])
 def test_sigkill_leaves_old_or_new(models, ref, tmp_path, dest):
     """Kills spread over a save's run time; after each, `dst` holds exactly the old or the new checkpoint
