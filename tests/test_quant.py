@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import make_inputs
+from wan_model.testing import make_inputs
 from wan_model import WanModel, quant
 from wan_model.cli import random_model
 from wan_model.core.config import WanConfig
