@@ -76,15 +76,14 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from wan_kernels.hardware import default_pv
-from wan_kernels.triton._launch import Launch, mma_class, run, target
+from wan_kernels.triton._launch import Launch, run, target
+from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, LOG2E, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 LOG2_448 = math.log2(448.0)
 E4M3_MAX = 448.0
 FP16_V_MAX = 32768.0
 Q_GROUP, K_GROUP = 1, 1  # per-token scales (header: Granularity)
-CROSS_MAX_KV = 1024
 _LN2 = tl.constexpr(LN2)          # the kernel reads module globals only as constexprs (a float global fails to compile)
 _LOG2_448 = tl.constexpr(LOG2_448)
 _ADD = tl.standard._sum_combine
@@ -306,20 +305,7 @@ def quantize(q, k, v, k_img, v_img, scale: float, pv: str) -> Quantized:
 # ---------------------------------------------------------------------------------------------
 # Launch configurations
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """BLOCK_M queries x BLOCK_N keys per step, warps, pipeline stages."""
-    BLOCK_M: int
-    BLOCK_N: int
-    num_warps: int
-    num_stages: int
-
-    def __str__(self) -> str:
-        return f"{self.BLOCK_M}x{self.BLOCK_N}w{self.num_warps}s{self.num_stages}"
-
-
-ARCH_CLASSES = (80, 90, 100)
-KINDS = ("self", "cross", "i2v")
+# The tile table has the bf16 kernel's shape (its Config, ARCH_CLASSES, KINDS, arch_class, kind_of).
 _C = Config
 # (arch class, BLOCK_D, kind) -> Config, AOT-checked for sm_80/86/89/90/100/120 x pv x LSE
 # (tests/test_attention_int8_aot.py: no spills, int8 + e4m3/f16 MMA, shared memory within the arch's limit).
@@ -335,10 +321,6 @@ CONFIGS: dict[tuple[int, int, str], Config] = {
 INTERPRETER_CONFIG = Config(64, 64, 4, 1)
 
 
-def arch_class(capability: tuple[int, int]) -> int:
-    return {"tcgen05": 100, "wgmma": 90, "mma.sync": 80}[mma_class(capability)]
-
-
 def block_dim(d: int) -> int:
     """Padded (power of two, >= 32: the int8 / fp8 dot's K width) head dimension."""
     return max(32, triton.next_power_of_2(d))
@@ -347,7 +329,7 @@ def block_dim(d: int) -> int:
 def pick_config(capability, head_dim: int, kv_len: int, has_img: bool) -> Config:
     if capability is None:
         return INTERPRETER_CONFIG
-    kind = "i2v" if has_img else ("cross" if kv_len <= CROSS_MAX_KV else "self")
+    kind = kind_of(kv_len, has_img)
     bd = block_dim(head_dim)
     cfg = CONFIGS[(arch_class(capability), min(max(bd, 64), 128), kind)]
     if bd > 128:
