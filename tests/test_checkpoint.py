@@ -578,6 +578,7 @@ def test_a_load_reads_config_json_once_and_builds_one_meta_model(quantize, tmp_p
     layer groups come from the layouts). A fresh config, so nothing is cached from earlier tests."""
     import wan_model.core.model as core_model
     from wan_model.core import config as config_mod
+    from wan_model.io import source as source_mod
 
     cfg = WanConfig.from_preset("tiny-t2v").replace(num_layers=3, ffn_dim=320)
     model = random_model(cfg, seed=5)
@@ -595,7 +596,7 @@ def test_a_load_reads_config_json_once_and_builds_one_meta_model(quantize, tmp_p
         metas.append(str(kw.get("device")))
         real_init(self, *args, **kw)
 
-    monkeypatch.setattr(ckpt, "read_json", read_json)
+    monkeypatch.setattr(source_mod, "read_json", read_json)
     monkeypatch.setattr(config_mod, "read_json", read_json)
     monkeypatch.setattr(core_model.WanTransformer, "__init__", init)
     loaded = WanModel.from_pretrained(tmp_path / "dir", dtype=torch.float32)

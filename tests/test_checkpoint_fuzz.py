@@ -229,7 +229,7 @@ def test_fuzz_diffusers_json_files(tiny, data):
     name = data.draw(st.sampled_from(sorted(texts)))
     (pipe / name).write_bytes(data.draw(mutated_json(texts[name])))
     _only_checkpoint_errors(lambda: load_model(pipe, dtype=torch.float32, impl="ref"),
-                            lambda: ckpt.source_files(str(pipe / "transformer")))
+                            lambda: ckpt.open_source(str(pipe / "transformer")))
 
 
 def test_fuzz_fixture_loads(tiny):

@@ -516,19 +516,12 @@ def cmd_convert(args) -> int:
 def _check_keep(args) -> None:
     """Every --keep pattern matches a layer of the source checkpoint (diffusers names, read from its config or
     its safetensors headers): a typo would keep nothing and quantize what it meant to keep."""
-    from wan_model.io.checkpoint import config_from_state_dict, source_files
-    from wan_model.io.formats import LazyCheckpoint
+    from wan_model.io.source import open_source
     from wan_model.compat.layouts import diffusers_keys
 
     if not args.keep:
         return
-    files, cfg, hint = source_files(args.src)
-    if cfg is None:
-        lazy = LazyCheckpoint(files, hint)
-        try:
-            cfg = config_from_state_dict(lazy.meta(), args.src)
-        finally:
-            lazy.close()
+    cfg = open_source(args.src).config()
     layers = sorted({k.removesuffix(".weight") for k in diffusers_keys(cfg) if k.endswith(".weight")})
     for pattern in args.keep:
         if not fnmatch.filter(layers, pattern):

@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from wan_model.compat import spellings
-from wan_model.compat.quantize import quantize_model, set_nvfp4_impl
+from wan_model.compat.quantize import quantize_model, set_quantized_impl
 from wan_model.core.model import WanContext, WanExperts, WanTransformer
 from wan_model.io import checkpoint
 
@@ -94,7 +94,7 @@ class WanModel(WanTransformer):
         """Switch every op of the model (quantized layers included) to backend `impl` (resolved once, here)."""
         super().set_impl(impl)
         if self.quantization is not None:
-            set_nvfp4_impl(self, self.quantization.impl or impl)
+            set_quantized_impl(self, self.quantization.impl or impl)
         return self
 
     @contextlib.contextmanager

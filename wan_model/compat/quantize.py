@@ -43,12 +43,13 @@ from wan_model.quant import DEFAULT_KEEP, FP8Config, FP8StackedKV, NVFP4Config, 
 
 NEVER_QUANTIZED = ("condition_embedder.time_embedder.",)
 __all__ = ["DEFAULT_KEEP", "NEVER_QUANTIZED", "FP8Config", "FP8StackedKV", "NVFP4Config", "NVFP4StackedKV",
-           "layer_groups", "quantized_groups", "quantize_model", "quantize_structure", "fp8_structure",
-           "checkpoint_layers", "fp8_checkpoint_layers", "nvfp4_impl", "set_nvfp4_impl"]
+           "layer_groups", "quantized_groups", "quantize_model", "quantize_structure", "quantized_impl",
+           "set_quantized_impl"]
 
 
-def nvfp4_impl(model_impl: str) -> str:
-    """Backend of the NVFP4 ops for a model impl (nvfp4_linear has no C++ CPU kernel: "cpu" -> "auto")."""
+def quantized_impl(model_impl: str) -> str:
+    """Backend of the quantized Linear ops for a model impl (nvfp4_linear has no C++ CPU kernel: "cpu" ->
+    "auto")."""
     return "auto" if model_impl == "cpu" else model_impl
 
 
@@ -101,11 +102,11 @@ def quantized_groups(cfg: WanConfig, config: QuantConfig) -> list[tuple[str, tup
     return out
 
 
-def set_nvfp4_impl(model: WanTransformer, impl: str) -> None:
-    """Point every NVFP4 / FP8 module of `model` at backend `impl` (mapped by `nvfp4_impl`)."""
+def set_quantized_impl(model: WanTransformer, impl: str) -> None:
+    """Point every quantized module of `model` at backend `impl` (mapped by `quantized_impl`)."""
     for m in model.modules():
         if quant.method_of_module(m) is not None:
-            m.impl = nvfp4_impl(impl)
+            m.impl = quantized_impl(impl)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -132,7 +133,7 @@ def quantize_model(model: WanTransformer, method: str = "nvfp4", config: QuantCo
     config = config or m.config()
     if not isinstance(config, m.config):
         raise ValueError(f"quantize({method!r}) takes an {m.config.__name__}, got {type(config).__name__}")
-    impl = config.impl or nvfp4_impl(model.impl)
+    impl = config.impl or quantized_impl(model.impl)
     for native, _ in quantized_groups(model.config, config):
         _set_module(model, native, m.quantized_from(model.get_submodule(native), config, impl))
     return _finish(model, config)
@@ -144,29 +145,9 @@ def quantize_structure(model: WanTransformer, config: QuantConfig, device,
     load_state_dict(assign=True)), configured to run on `device` (an NVFP4Linear's "auto" mode resolved there);
     `options`: per native module, the method's per-module fields (FP8: per_channel, input_scale)."""
     m = quant.method_of(config)
-    impl = config.impl or nvfp4_impl(model.impl)
+    impl = config.impl or quantized_impl(model.impl)
     run = m.for_device(config, device)
     for native, _ in quantized_groups(model.config, config):
         old = model.get_submodule(native)
         _set_module(model, native, m.module(old, run, impl, old.weight.device, **(options or {}).get(native, {})))
     return _finish(model, config)
-
-
-def fp8_structure(model: WanTransformer, config: FP8Config, per_channel: set[str] = frozenset(),
-                  input_scale: set[str] = frozenset()) -> WanTransformer:
-    """`quantize_structure` of an FP8 checkpoint: `per_channel` / `input_scale`: native modules whose checkpoint
-    holds a per-row scale / a static input scale."""
-    options = {native: {"per_channel": native in per_channel, "input_scale": native in input_scale}
-               for native, _ in quantized_groups(model.config, config)}
-    return quantize_structure(model, config, "cpu", options)
-
-
-def checkpoint_layers(sd) -> tuple[str, ...]:
-    """Diffusers layer names stored as NVFP4 in a (diffusers-named) state dict: those with weight_scale_2."""
-    return quant.get("nvfp4").checkpoint_layers(sd)
-
-
-def fp8_checkpoint_layers(sd) -> tuple[str, ...]:
-    """Diffusers layer names stored as FP8 in a (diffusers-named) state dict: an fp8 `.weight` with a
-    `.weight_scale` and no `.weight_scale_2` (that is NVFP4)."""
-    return quant.get("fp8").checkpoint_layers(sd)

@@ -30,68 +30,28 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 import torch
 
 from wan_kernels import fp8
 from wan_model.io._atomic import atomic_save, check_destination
-from wan_model.core.config import WanConfig, block_indices, read_json
+from wan_model.core.config import WanConfig, block_indices
 from wan_model.io.formats import (DIFFUSERS_LAYOUT, FORMATS, INDEX_NAME, PIPELINE_LAYOUT, REGISTRY, WEIGHTS_NAME,
-                               detect_format, file_metadata, from_state_dict, nvfp4_hint_of_dir,
-                               nvfp4_hint_of_file, parse_size, plan_units, progress_bar, read_safetensors,
-                               save_layout, to_diffusers_names, writable_format, write_checkpoint, write_into)
+                               detect_format, from_state_dict, parse_size, plan_units, progress_bar, save_layout,
+                               writable_format, write_checkpoint, write_into)
 from wan_model.compat.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_keys, diffusers_to_native,
                                diffusers_to_original_key, native_to_diffusers, original_to_diffusers_key)
 from wan_model.compat.spellings import keeps_fp32
 from wan_model.core.model import WanExperts, WanTransformer
-from wan_model.io.gguf import is_gguf, read_gguf
+from wan_model.io.source import Source, config_from_state_dict, open_source, pipeline_fields
 from wan_model import quant
-from wan_model.compat.quantize import NEVER_QUANTIZED, layer_groups, quantize_structure
+from wan_model.compat.quantize import layer_groups, quantize_structure
 
 __all__ = ["COMFY_PREFIX", "DIFFUSERS_LAYOUT", "FORMATS", "INDEX_NAME", "REGISTRY", "WEIGHTS_NAME", "CheckpointError", "WanExperts",
            "check_state_dict", "config_from_state_dict", "detect_format",
            "diffusers_keys", "diffusers_to_native", "diffusers_to_original_key", "load_model", "native_to_diffusers",
-           "original_to_diffusers_key", "parse_size", "save_layout", "save_model", "save_state_dict", "source_files"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-def _checked(read, path: str, *args):
-    """read(path, *args) with its ValueError (a malformed config.json, index or model_index.json) raised as a
-    CheckpointError naming the file."""
-    try:
-        return read(path, *args)
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        msg = str(e)
-        raise CheckpointError(msg if path in msg else f"{path}: {msg}") from e
-
-
-def _diffusers_files(directory: str) -> list[str]:
-    index = os.path.join(directory, INDEX_NAME)
-    if os.path.lexists(index):
-        weight_map = _checked(read_json, index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object (tensor name -> shard file), "
-                                  f"got {type(weight_map).__name__}")
-        for key, name in weight_map.items():  # shard names are plain file names in the directory
-            if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
-                raise CheckpointError(f"{index}: weight_map entry {key!r}: {name!r} is not a file name in "
-                                      f"{directory} (paths, absolute or with '..', are refused)")
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
-        if missing:
-            raise CheckpointError(f"{index} names shards that are missing in {directory}: {missing}")
-        return [os.path.join(directory, f) for f in files]
-    single = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.exists(single):
-        return [single]
-    found = sorted(os.listdir(directory))
-    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME} (found {found}); "
-                          "only safetensors checkpoints are loaded")
-
+           "original_to_diffusers_key", "parse_size", "open_source", "save_layout", "save_model", "save_state_dict"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,40 +87,22 @@ def _quantized_modules(model: WanTransformer, quantized: dict[str, tuple[str, ..
     return applied
 
 
-def dequantize_fp8_layers(sd: dict[str, torch.Tensor], cfg: WanConfig, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The FP8 layers of diffusers-named `sd` that cannot stay FP8 (keep=False: all of them) dequantized to
-    fp32 (exact): those outside the quantizable Linear layers (the time embedder, which diffusers keeps in fp32;
-    a Conv3d) and the members of a fused group (to_qkv, cross_kv) that is not FP8 as a whole."""
-    method = quant.get("fp8")
-    layers = set(method.checkpoint_layers(sd))
-    if layers and keep:
-        whole = {m for _, members in layer_groups(cfg) if set(members) <= layers for m in members}
-        layers -= {m for m in whole if not m.startswith(NEVER_QUANTIZED)}
-    if not layers:
-        return sd
-    sd = dict(sd)
-    for layer in layers:
-        sd[layer + ".weight"] = method.dequantize({"weight": sd[layer + ".weight"],
-                                                   "weight_scale": sd.pop(layer + ".weight_scale")})
-        sd.pop(layer + ".input_scale", None)
-    return sd
-
-
-def logical_shapes(sd: dict) -> dict:
-    """Meta tensors of the dense shapes of a diffusers-named state dict (an NVFP4 `<layer>.weight` [N, K/2]
-    counts as [N, K]; its scales are dropped): what `WanConfig.from_state_dict` reads."""
-    from wan_model.core.config import _shape
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(SCALE_KEYS):
+def dequantize_layers(sd: dict[str, torch.Tensor], cfg: WanConfig, keep: bool = True) -> dict[str, torch.Tensor]:
+    """diffusers-named `sd` with the quantized layers its methods turn dense dequantized to fp32 (exact): those
+    that cannot stay quantized in our model (keep=True), or every one a method does not keep through a cast
+    conversion (keep=False); each method decides (`Method.dense_on_load`)."""
+    groups = layer_groups(cfg)
+    for name, layers in quant.detect(sd).items():
+        method = quant.get(name)
+        dense = method.dense_on_load(set(layers), groups, keep)
+        if not dense:
             continue
-        shape = _shape(v)
-        if k.endswith(".weight") and k + "_scale_2" in sd:
-            if len(shape) != 2:
-                raise CheckpointError(f"{k}: an NVFP4 weight (it has {k}_scale_2) is [N, K/2], got shape {shape}")
-            shape = (shape[0], 2 * shape[1])
-        out[k] = torch.empty(shape, device="meta")
-    return out
+        sd = dict(sd)
+        for layer in sorted(dense):
+            sd[layer + ".weight"] = method.dequantize({s: sd[f"{layer}.{s}"] for s in method.suffixes})
+            for s in (*method.suffixes[1:], "input_scale"):
+                sd.pop(f"{layer}.{s}", None)
+    return sd
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, source: dict[str, str] | None = None,
@@ -234,10 +176,10 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
         return built[0][0]
     check_state_dict(sd, cfg, source, found, expected)
     model, applied = expected(), built[0][1]
-    sd = dequantize_fp8_layers(sd, cfg)
+    sd = dequantize_layers(sd, cfg)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS) and not k.endswith(".input_scale")}
     native = diffusers_to_native(sd, cfg)
-    native = {k: v.to(device=device) if _is_nvfp4_buffer(k, v) else
+    native = {k: v.to(device=device) if _keeps_stored_dtype(k, v) else
               v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
     _quantized_modules(model, found, device, native, skip=applied)  # the methods that read the tensors (FP8)
     model.load_state_dict(native, strict=True, assign=True)
@@ -248,105 +190,48 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
 SCALE_KEYS = (".weight_scale", ".weight_scale_2", ".input_scale")
 
 
-def _is_nvfp4_buffer(key: str, t: torch.Tensor) -> bool:
+def _keeps_stored_dtype(key: str, t: torch.Tensor) -> bool:
     """Quantized weights (NVFP4 uint8, FP8, any integer) and scales keep their stored dtype whatever the load
     dtype."""
     return key.endswith(SCALE_KEYS) or not t.dtype.is_floating_point or t.dtype in fp8.DTYPES
 
 
-def _pipeline_fields(root: str) -> dict:
-    """boundary_ratio and expand_timesteps of a pipeline's model_index.json (checked as WanConfig fields)."""
-    path = os.path.join(root, "model_index.json")
-    if not os.path.lexists(path):
-        return {}
-    index = _checked(read_json, path)
-    fields = {k: index[k] for k in ("boundary_ratio", "expand_timesteps") if index.get(k) is not None}
-    _checked(lambda p: WanConfig(**fields), path)
-    return fields
-
-
-def load_diffusers_dir(directory: str, dtype=torch.bfloat16, device="cpu", impl="auto", progress=None,
-                       cls=WanTransformer, **fields) -> WanTransformer:
-    cfg, hint = dir_config(directory)
-    sd = read_safetensors(_diffusers_files(directory), progress)
-    sd, source, _ = to_diffusers_names(sd, hint)
-    return model_from_state_dict(sd, cfg.replace(**fields), dtype, device, impl, source, cls)
-
-
-def dir_config(directory: str) -> tuple[WanConfig, str | None]:
-    """(config, the NVFP4 layout a diffusers-style directory declares: wan_model.io.formats.nvfp4_hint_of_dir),
-    from ONE read of its config.json."""
-    path = os.path.join(directory, "config.json")
-    config = _checked(read_json, path)
-    cfg = _checked(lambda where: WanConfig.from_diffusers_config(config, where), path)
-    return cfg, nvfp4_hint_of_dir(directory, config)
+def _load(src: Source, dtype, device, impl, progress, cls, config: WanConfig | None = None, **fields):
+    """The model of one opened source: its tensors read (GGUF: dequantized to `dtype`), the config it declares
+    (a directory; `fields` replaced) or `config` or the one its shapes imply."""
+    sd, source = src.read(progress, dtype)
+    if src.declared is not None:
+        cfg = src.declared.replace(**fields)
+    else:
+        cfg = config or src.config(sd)
+    return model_from_state_dict(sd, cfg, dtype, device, impl, source, cls)
 
 
 def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto",
                config: WanConfig | None = None, boundary_ratio: float | None = None, progress: bool | None = None,
                cls=WanTransformer):
-    """Load a Wan transformer from any supported layout (see the module docstring) as a `cls` (the public
-    wan_model.WanModel passes itself).
+    """Load a Wan transformer from any supported layout (see the module docstring; also a state dict in any of
+    its namings) as a `cls` (the public wan_model.WanModel passes itself).
 
     Returns a `cls`, or a WanExperts for a two-expert (Wan2.2 A14B) pipeline directory. `progress`: a
-    progress bar over the bytes read (None: shown for checkpoints of 1 GB and more).
+    progress bar over the bytes read (None: shown for checkpoints of 1 GB and more). `config`: the config of a
+    single-file or state-dict checkpoint (default: derived from its shapes); a directory declares its own.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or directory")
-    if os.path.isdir(path):
-        pipeline = _pipeline_fields(path)
-        fields = {"expand_timesteps": pipeline["expand_timesteps"]} if "expand_timesteps" in pipeline else {}
-        if os.path.isdir(os.path.join(path, "transformer_2")):
-            high = load_diffusers_dir(os.path.join(path, "transformer"), dtype, device, impl, progress, cls, **fields)
-            low = load_diffusers_dir(os.path.join(path, "transformer_2"), dtype, device, impl, progress, cls, **fields)
+    if not isinstance(path, Mapping):
+        path = os.fspath(path)
+        if os.path.isdir(path) and os.path.isdir(os.path.join(path, "transformer_2")):
+            pipeline = pipeline_fields(path)
+            fields = {"expand_timesteps": pipeline["expand_timesteps"]} if "expand_timesteps" in pipeline else {}
+            high, low = (_load(open_source(os.path.join(path, sub)), dtype, device, impl, progress, cls, **fields)
+                         for sub in ("transformer", "transformer_2"))
             ratio = boundary_ratio if boundary_ratio is not None else pipeline.get("boundary_ratio")
             if ratio is None:  # Wan2.2 defaults (REFERENCE.md section 2)
                 ratio = 0.9 if high.config.in_channels == 36 else 0.875
             for m in (high, low):
                 m.config = m.config.replace(boundary_ratio=ratio, num_experts=2)
             return WanExperts(high, low, ratio)
-        if os.path.isdir(os.path.join(path, "transformer")):
-            return load_diffusers_dir(os.path.join(path, "transformer"), dtype, device, impl, progress, cls, **fields)
-        return load_diffusers_dir(path, dtype, device, impl, progress, cls)
-    if is_gguf(path):  # dequantized at load, one tensor at a time (wan_model.io.gguf)
-        sd, source, _ = to_diffusers_names(read_gguf(path, dtype))
-    else:
-        sd = read_safetensors([path], progress)
-        sd, source, _ = to_diffusers_names(sd, nvfp4_hint_of_file(file_metadata([path])))
-    config = config or config_from_state_dict(sd, path)
-    return model_from_state_dict(sd, config, dtype, device, impl, source, cls)
-
-
-def config_from_state_dict(sd: dict, where: str) -> WanConfig:
-    """The config derived from weight shapes, or a CheckpointError naming the missing or malformed key."""
-    try:
-        return WanConfig.from_state_dict(logical_shapes(sd))
-    except KeyError as e:
-        raise CheckpointError(f"{where}: cannot derive the config, key {e} is missing") from e
-    except CheckpointError:
-        raise
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from e
-
-
-def source_files(src: str) -> tuple[list[str], WanConfig | None, str | None]:
-    """The safetensors files of a checkpoint to convert, its config when it is a diffusers-style directory,
-    and the NVFP4 layout it declares (wan_model.io.formats)."""
-    if os.path.isdir(src):
-        if os.path.isdir(os.path.join(src, "transformer_2")):
-            raise CheckpointError(f"{src} is a two-expert pipeline: convert {src}/transformer and "
-                                  f"{src}/transformer_2 one at a time")
-        if os.path.isdir(os.path.join(src, "transformer")):
-            src = os.path.join(src, "transformer")
-        files = _diffusers_files(src)
-        return (files, *dir_config(src))
-    if not os.path.exists(src):
-        raise CheckpointError(f"{src}: no such file or directory")
-    if is_gguf(src):
-        raise CheckpointError(f"{src} is a GGUF file, which is not streamed: convert it to safetensors first "
-                              "(python -m wan_model convert SRC.gguf DST --format diffusers)")
-    return [src], None, nvfp4_hint_of_file(file_metadata([src]))
+    src = open_source(path)
+    return _load(src, dtype, device, impl, progress, cls, config, **src.fields)
 
 
 
@@ -380,6 +265,14 @@ def save_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, path, format: s
     if f.directory:
         parse_size(max_shard_size)
     check_destination(path, save_layout(format), overwrite)
+    write_state_dict(sd, cfg, path, format, max_shard_size, quantization, overwrite, progress)
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], cfg: WanConfig, path, format: str = "diffusers",
+                     max_shard_size: int | str = "5GB", quantization: dict | None = None,
+                     overwrite: bool = False, progress: bool | None = None) -> None:
+    """`save_state_dict` for a caller that checked `path` and the arguments already (the writer still checks
+    the destination again when it commits: wan_model.io._atomic)."""
     sd = _cpu(sd)
     f, units = _units(sd, format)
     with progress_bar(sum(u.nbytes for u in units), "writing", progress) as bar:

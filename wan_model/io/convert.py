@@ -14,16 +14,15 @@ import torch
 
 from wan_model.compat.layouts import IGNORED_KEYS, CheckpointError, diffusers_to_original_key
 from wan_model import quant
-from wan_model.compat.quantize import NVFP4Config, quantized_groups
+from wan_model.compat.quantize import quantized_groups
 from wan_model.compat.spellings import keeps_fp32
 from wan_model.core.config import WanConfig
 from wan_model.io._atomic import atomic_save, check_destination
-from wan_model.io.checkpoint import (_is_nvfp4_buffer, check_state_dict, config_from_state_dict,
-                                     dequantize_fp8_layers, save_state_dict, source_files)
-from wan_model.io.formats import (LazyCheckpoint, parse_size, plan_units, progress_bar,
-                                  read_safetensors, save_layout, to_diffusers_names, writable_format, write_checkpoint)
-from wan_model.io.gguf import (_FILE_TYPES, ARCH, GGUFSource, _gguf, _nbytes, _qtype, check_gguf_type, encode,
-                               is_gguf, read_gguf, tensor_types)
+from wan_model.io.checkpoint import _keeps_stored_dtype, check_state_dict, dequantize_layers, write_state_dict
+from wan_model.io.formats import (parse_size, plan_units, progress_bar, save_layout, writable_format,
+                                  write_checkpoint)
+from wan_model.io.gguf import _FILE_TYPES, ARCH, _gguf, _nbytes, _qtype, check_gguf_type, encode, tensor_types
+from wan_model.io.source import open_source
 
 def cast_checked(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
     """`t.to(dtype)` for a conversion, refusing (CheckpointError naming `where`, the file and key) a result the
@@ -56,8 +55,7 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
     `nvfp4_config`, an NVFP4Config / FP8Config, picks the layers and the scales); memory stays bounded.
     `dst` follows `save_state_dict`'s policy (`overwrite` as there), checked before any tensor is read.
     """
-    check_destination(dst, save_layout(format), overwrite)
-    if quantize is not None:
+    if quantize is not None:  # streamed: convert_nvfp4 checks the destination
         if quantize not in quant.METHODS:
             raise ValueError(f"unknown quantization {quantize!r}; expected {' or '.join(map(repr, quant.METHODS))}")
         method = quant.get(quantize)
@@ -65,25 +63,29 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
         if not isinstance(config, method.config):
             raise ValueError(f"quantize={quantize!r} takes an {method.config.__name__}, got {type(config).__name__}")
         return convert_nvfp4(src, dst, format, config, dtype, max_shard_size, progress, overwrite)
+    f = writable_format(format)
+    if f.directory:
+        parse_size(max_shard_size)
+    check_destination(dst, save_layout(format), overwrite)
+    opened = open_source(src)
     src = os.fspath(src)
-    if os.path.isfile(src) and is_gguf(src):  # dequantized (quantized types to fp32: exact; wan_model.io.gguf)
-        sd, source, _ = to_diffusers_names(read_gguf(src))
-        cfg = None
-    else:
-        files, cfg, hint = source_files(src)
-        sd, source, _ = to_diffusers_names(read_safetensors(files, progress), hint)
-    cfg = cfg or config_from_state_dict(sd, src)
+    sd, source = opened.read(progress)  # GGUF: dequantized (quantized types to fp32: exact; wan_model.io.gguf)
+    cfg = opened.config(sd)
     found = quant.detect(sd)
-    nvfp4_layers = found.get("nvfp4", ())  # an NVFP4 checkpoint changes naming and layout only: values are kept
     check_state_dict(sd, cfg, source, found)
     sd = {k: v for k, v in sd.items() if not any(s in k for s in IGNORED_KEYS)}
-    sd = dequantize_fp8_layers(sd, cfg, keep=dtype is None)  # FP8 layers: kept as they are, or dequantized
+    sd = dequantize_layers(sd, cfg, keep=dtype is None)  # quantized layers: kept as they are, or dequantized
     if dtype is not None:
-        sd = {k: v if _is_nvfp4_buffer(k, v) else cast_checked(v, torch.float32 if keeps_fp32(k) else dtype,
+        sd = {k: v if _keeps_stored_dtype(k, v) else cast_checked(v, torch.float32 if keeps_fp32(k) else dtype,
                                                                 f"{src}: {source.get(k, k)}")
               for k, v in sd.items()}
-    quantization = NVFP4Config(layers=nvfp4_layers).to_json() if nvfp4_layers else None
-    save_state_dict(sd, cfg, dst, format, max_shard_size, quantization, overwrite, progress)
+    kept = quant.detect(sd)  # a kept method changes naming and layout only: its values are kept exactly
+    declared = [c for name, layers in kept.items() if (c := quant.get(name).conversion_config(layers)) is not None]
+    if len(declared) > 1:
+        raise CheckpointError(f"{src} holds layers of several quantization methods ({', '.join(kept)}): a "
+                              "checkpoint declares one quantization_config")
+    quantization = declared[0] if declared else None
+    write_state_dict(sd, cfg, dst, format, max_shard_size, quantization, overwrite, progress)
     return cfg
 
 
@@ -110,19 +112,16 @@ def convert_nvfp4(src, dst, format: str = "diffusers", config: quant.QuantConfig
     check_destination(dst, save_layout(format), overwrite)
     if f.directory:
         parse_size(max_shard_size)
-    config = config or NVFP4Config()
+    config = config or quant.get("nvfp4").config()
     method = quant.method_of(config)
-    files, cfg, hint = source_files(os.fspath(src))
-    lazy = LazyCheckpoint(files, hint)
+    opened = open_source(src)
+    src = os.fspath(src)
+    lazy = opened.streamed()
     try:
         found = quant.detect(lazy.meta())
         if found:
             raise CheckpointError(f"{src} is already {next(iter(found)).upper()}-quantized")
-        if cfg is None:
-            try:
-                cfg = WanConfig.from_state_dict(lazy.meta())
-            except KeyError as e:
-                raise CheckpointError(f"{src}: cannot derive the config, key {e} is missing") from e
+        cfg = opened.config(lazy.meta())
         check_state_dict(lazy.meta(), cfg, lazy.source)
         groups = quantized_groups(cfg, config)
         group_of = {m: members for _, members in groups for m in members}
@@ -207,16 +206,15 @@ def convert_gguf(src, dst, gguf_type: str, dtype: torch.dtype | None = None, pro
     if not os.fspath(dst).lower().endswith(".gguf"):
         raise ValueError(f"a GGUF checkpoint is one .gguf file; got destination {os.fspath(dst)!r}")
     check_destination(dst, None, overwrite)
+    opened = open_source(src)
     src = os.fspath(src)
-    if is_gguf(src):
-        lazy, cfg = GGUFSource(src), None
-    else:
-        files, cfg, hint = source_files(src)
-        lazy = LazyCheckpoint(files, hint)
+    lazy = opened.lazy()
     try:
-        if lazy.nvfp4_layers:
-            raise CheckpointError(f"{src} is NVFP4-quantized: GGUF is written from dense checkpoints")
-        cfg = cfg or config_from_state_dict(lazy.meta(), src)
+        found = quant.detect(lazy.meta())
+        if found:
+            raise CheckpointError(f"{src} is {next(iter(found)).upper()}-quantized: GGUF is written from dense "
+                                  "checkpoints")
+        cfg = opened.config(lazy.meta())
         check_state_dict(lazy.meta(), cfg, lazy.source)
 
         def target(key: str, stored: torch.dtype) -> torch.dtype:

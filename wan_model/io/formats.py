@@ -48,7 +48,7 @@ from wan_model.compat.layouts import (COMFY_PREFIX, FP8_SCALE_KEYS, IGNORED_KEYS
                                CheckpointError, NVFP4Layout, marker_tensor,
                                diffusers_to_original_key, nvfp4_file_plan, nvfp4_from_file, nvfp4_to_file,
                                original_to_diffusers_key, parse_marker)
-from wan_model.compat.quantize import checkpoint_layers, layer_groups
+from wan_model.compat.quantize import layer_groups
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -128,13 +128,17 @@ def open_safetensors(path: str):
                               "corrupt or not safetensors (pickle .bin/.pt/.ckpt files are not loaded)") from e
 
 
+def _named_safetensors(path: str) -> str:
+    if not path.endswith(".safetensors"):
+        raise CheckpointError(f"{path}: only .safetensors checkpoints are loaded (never pickle)")
+    return path
+
+
 def tensors_of(paths: list[str]):
     """(path, key, open file) of every tensor of the files; a key stored in two files raises CheckpointError."""
     seen: dict[str, str] = {}
     for path in paths:
-        if not path.endswith(".safetensors"):
-            raise CheckpointError(f"{path}: only .safetensors checkpoints are loaded (never pickle)")
-        with open_safetensors(path) as f:
+        with open_safetensors(_named_safetensors(path)) as f:
             for k in f.keys():
                 if k in seen:
                     raise CheckpointError(f"tensor {k!r} is stored twice, in {seen[k]} and in {path}")
@@ -232,7 +236,7 @@ def file_metadata(paths: list[str]) -> dict[str, str]:
     """The safetensors `__metadata__` of the files, merged (CheckpointError as `open_safetensors`)."""
     out: dict[str, str] = {}
     for path in paths:
-        with open_safetensors(path) as f:
+        with open_safetensors(_named_safetensors(path)) as f:
             out.update(f.metadata() or {})
     return out
 
@@ -442,8 +446,7 @@ def to_diffusers_names(sd: dict[str, torch.Tensor], nvfp4_hint: str | None = Non
 class LazyCheckpoint:
     """Diffusers-named, read-on-demand view of a DENSE checkpoint's safetensors files: names, shapes and
     dtypes from the headers; `get(key)` reads one tensor. The mapping of a file is re-opened after
-    `reopen_bytes` so that its touched pages leave the RSS. `nvfp4_layers`: the NVFP4 layers found (a
-    quantized source is not streamed)."""
+    `reopen_bytes` so that its touched pages leave the RSS."""
 
     _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
                "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -477,7 +480,6 @@ class LazyCheckpoint:
                 scales[k] = f.get_tensor(k)
         check_scales(scales, path_of)
         sd, source, self.format = to_diffusers_names(meta, nvfp4_hint)
-        self.nvfp4_layers = checkpoint_layers(sd)
         self.entries: dict[str, tuple[str, str, torch.dtype, tuple[int, ...]]] = {  # dkey -> (path, key, ...)
             d: (path_of[source[d]], source[d], t.dtype, tuple(t.shape)) for d, t in sd.items()
             if d in source and not any(s in d for s in IGNORED_KEYS)}

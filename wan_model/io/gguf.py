@@ -353,8 +353,6 @@ class GGUFSource:
     """Diffusers-named, read-on-demand view of a Wan GGUF file (the interface of formats.LazyCheckpoint that
     `convert_gguf` uses): entries {key: (path, name in the file, dtype, shape)}, `get(key)` dequantizes one."""
 
-    nvfp4_layers: tuple[str, ...] = ()
-
     def __init__(self, path: str):
         self._path = path
         self._tensors = {t.name: t for t in _reader(path)}

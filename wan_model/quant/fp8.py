@@ -126,6 +126,19 @@ class FP8(Method):
     def checkpoint_keys(self, layers):
         return {f"{layer}.weight_scale": None for layer in layers}
 
+    def dense_on_load(self, layers, groups, keep):
+        """All of them for a cast conversion; on load those outside the quantizable Linears (the time embedder,
+        which diffusers keeps in fp32; a Conv3d) and the members of a fused group (to_qkv, cross_kv) that is not
+        FP8 as a whole (ComfyUI files quantize per layer; our modules hold one fp8 tensor per group)."""
+        if not keep:
+            return set(layers)
+        return set(layers) - {m for _, members in groups if set(members) <= layers for m in members}
+
+    def conversion_config(self, layers):
+        """None: FP8 layers are recognized from their tensors, and a conversion keeps each file's own flavour of
+        them (a saved model declares its FP8Config)."""
+        return None
+
     def check_checkpoint(self, sd, layers, source, dense):
         """An FP8 layer is an fp8 [N, K] weight with an fp32 weight_scale [] or [N, 1]; no fp8 tensor without it."""
         for layer in layers:

@@ -9,6 +9,7 @@ A method is one module (wan_model/quant/<name>.py) holding one `Method` subclass
   dequantize      the layer's tensors -> dense [N, K]
   checkpoint_layers  detection: the diffusers layers a (diffusers-named) state dict stores in this method
   requantize      the LoRA hook: a dense weight back into a module of this method (fresh scales)
+  dense_on_load, conversion_config   what a load or a conversion of a checkpoint in this method keeps
 Callers go through `get(name)`, `method_of(config)`, `method_of_module(module)` and `detect(state_dict)`; none of
 them names a method.
 """
@@ -113,6 +114,18 @@ class Method:
 
     def check_checkpoint(self, sd, layers, source: dict[str, str], dense: set[str]) -> None:
         """Raise CheckpointError (wan_model.compat.layouts) for what `checkpoint_keys` cannot say."""
+
+    def dense_on_load(self, layers: set[str], groups: Iterable[tuple[str, tuple[str, ...]]],
+                      keep: bool) -> set[str]:
+        """Which of a checkpoint's `layers` stored in this method are dequantized (exactly) when it is loaded
+        (keep=True) or converted with a cast to a dense dtype (keep=False); `groups`: (native module, diffusers
+        layers) of the quantizable Linears (wan_model.compat.quantize.layer_groups). Default: none (the values
+        are kept in this method either way)."""
+        return set()
+
+    def conversion_config(self, layers: tuple[str, ...]) -> dict | None:
+        """The quantization_config a conversion that keeps `layers` in this method writes (None: none)."""
+        return self.config(layers=tuple(layers)).to_json()
 
     def config_of(self, module: nn.Module) -> QuantConfig:
         """A config that quantizes like `module` does (its granularity, its dtypes)."""
