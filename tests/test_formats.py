@@ -1,4 +1,4 @@
-"""NVFP4 checkpoint formats (wan_model.io.formats / wan_model.compat.layouts), each checked against its consumer:
+"""NVFP4 checkpoint formats (wan_model.io.formats / wan_model.quant.nvfp4's file layouts), each checked against its consumer:
 ComfyUI's layout with comfy-kitchen itself (its QuantizedTensor / eager CPU quantizer, as ComfyUI's
 MixedPrecisionOps loader builds them), ModelOpt's and LightX2V's with independent spec-level readers and
 writers written here from the published layouts (REFERENCE.md section 7). Plus: one model saved in every
@@ -19,13 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from wan_kernels import nvfp4 as fmt
 from wan_kernels.linear import NVFP4Linear
-from wan_model.compat import layouts
+from wan_model.quant import nvfp4 as layouts
 from wan_model.io.checkpoint import COMFY_PREFIX, CheckpointError, model_from_state_dict, native_to_diffusers
 from wan_model.cli import main as cli_main
 from wan_model.testing import make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.io.formats import FORMATS, HF_QUANT_CONFIG, REGISTRY
-from wan_model.compat.layouts import decode_to_encode, diffusers_to_original_key, encode_to_decode
+from wan_model.compat.layouts import diffusers_to_original_key
+from wan_model.quant.nvfp4 import decode_to_encode, encode_to_decode
 from wan_model.model import WanModel
 from wan_model.compat.quantize import layer_groups
 

@@ -1,4 +1,4 @@
-"""The layouts of Wan checkpoints, as data: key names and NVFP4 tensor conventions (REFERENCE.md sections 3, 5, 7).
+"""The layouts of Wan checkpoints, as data: key names and how quantized layers fuse (REFERENCE.md sections 3, 5, 7).
 
 Key names. Three namings of one transformer:
   diffusers  names of diffusers' WanTransformer3DModel (`blocks.N.attn1.to_q`, ...)
@@ -7,27 +7,20 @@ Key names. Three namings of one transformer:
   native     our WanModel's state dict: the self-attention Q/K/V of a layer fused into one [3C, C]
              tensor, the cross-attention K/V of all layers stacked into one (see wan_model.core.model)
 `diffusers_to_original_key` / `original_to_diffusers_key` rename one key; `diffusers_to_native` /
-`native_to_diffusers` convert a whole state dict (fusing / splitting, NVFP4 layers included).
+`native_to_diffusers` convert a whole state dict (fusing / splitting, NVFP4 and FP8 layers included).
 
-NVFP4 conventions (`NVFP4Layout`, one row per file layout in `NVFP4_LAYOUTS`). Every NVFP4 layer is, in
-memory, OURS: `weight` uint8 [N, K/2] with element 2i in the LOW nibble (the CUTLASS operand),
-`weight_scale` float8_e4m3fn 128x4-swizzled [roundup(N,128), roundup(K/16,4)], `weight_scale_2` fp32
-scalar in the DECODE convention (amax / 2688), optional `input_scale` (decode). A file layout differs
-in four ways, each a field: the nibble of element 2i, the block-scale layout (swizzled or linear
-[N, K/16]), the names and convention of the per-tensor scales (decode = amax / 2688; encode =
-2688 / amax = 1 / decode: `decode_to_encode`, `encode_to_decode`), and a per-layer marker. Readers
-and writers (wan_model.io.formats) apply these fields and nothing else.
+The file layouts of quantized layers (NVFP4: ours, ComfyUI, ModelOpt, LightX2V; FP8: ours and ComfyUI's two
+flavours) belong to their methods: wan_model/quant/nvfp4.py and wan_model/quant/fp8.py. ComfyUI's per-layer
+marker (`<layer>.comfy_quant`), which both use, is here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
 import torch
 
-from wan_kernels import nvfp4 as fmt
 from wan_model.core.config import WanConfig
 
 COMFY_PREFIX = "model.diffusion_model."
@@ -231,66 +224,10 @@ def native_to_diffusers(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------
-# NVFP4 tensor conventions of the file layouts
-
-NVFP4_KEYS = ("weight", "weight_scale", "weight_scale_2")  # ours, per layer; + optional "input_scale"
-
-
-@dataclasses.dataclass(frozen=True)
-class NVFP4Layout:
-    """How one file layout stores an NVFP4 layer (REFERENCE.md section 7).
-
-    even_nibble:  "low" or "high": the nibble of a packed byte holding element 2i
-    block_scale:  "swizzled" (128x4, padded to [roundup(N,128), roundup(K/16,4)]) or "linear" [N, K/16]
-    global_key:   name of the weight's per-tensor scale; `convention` "decode" (amax / 2688) or "encode"
-    input_key:    name of the activation's per-tensor scale (same convention; optional in a file)
-    dropped:      keys derived from the others, read and ignored (LightX2V's alpha = 1/(in_gs * w_gs))
-    marker:       the JSON of a `<layer>.comfy_quant` uint8 tensor per NVFP4 layer (ComfyUI), or None
-    writable:     whether we write it
-    """
-
-    name: str
-    even_nibble: str
-    block_scale: str
-    global_key: str = "weight_scale_2"
-    convention: str = "decode"
-    input_key: str = "input_scale"
-    dropped: tuple[str, ...] = ()
-    marker: dict | None = None
-    writable: bool = True
-
-    def keys(self) -> tuple[str, ...]:
-        """Every per-layer key suffix of this layout (the marker included)."""
-        return ("weight", "weight_scale", self.global_key, self.input_key, *self.dropped) + (
-            (MARKER_KEY,) if self.marker else ())
-
+# ComfyUI's per-layer marker (its quantized layers' `<layer>.comfy_quant`; the NVFP4 and FP8 file layouts of the
+# methods, wan_model/quant/nvfp4.py and fp8.py, write and read it)
 
 MARKER_KEY = "comfy_quant"
-NVFP4_LAYOUTS = {
-    "ours": NVFP4Layout("ours", even_nibble="low", block_scale="swizzled"),
-    "comfyui": NVFP4Layout("comfyui", even_nibble="high", block_scale="swizzled", marker={"format": "nvfp4"}),
-    "modelopt": NVFP4Layout("modelopt", even_nibble="low", block_scale="linear"),
-    "lightx2v": NVFP4Layout("lightx2v", even_nibble="low", block_scale="swizzled", global_key="weight_global_scale",
-                            convention="encode", input_key="input_global_scale", dropped=("alpha",), writable=False),
-}
-
-
-def decode_to_encode(scale: torch.Tensor) -> torch.Tensor:
-    """Per-tensor scale, decode convention (amax / 2688, value = e2m1 * block * scale) -> encode (2688 / amax,
-    what vLLM / FlashInfer / LightX2V kernels take). fp32; a zero scale (all-zero tensor) maps to zero."""
-    s = scale.float()
-    return torch.where(s == 0, s, 1.0 / s)
-
-
-def encode_to_decode(scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of `decode_to_encode`: encode (2688 / amax) -> decode (amax / 2688)."""
-    s = scale.float()
-    return torch.where(s == 0, s, 1.0 / s)
-
-
-def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 packed E2M1 with element 2i in one nibble -> in the other (its own inverse)."""
-    return (packed << 4) | (packed >> 4)
 
 
 def marker_tensor(spec: dict) -> torch.Tensor:
@@ -305,95 +242,6 @@ def parse_marker(t: torch.Tensor, key: str):
     except (ValueError, RecursionError, RuntimeError) as e:
         raise CheckpointError(f"{key}: cannot parse the ComfyUI quantization spec: {e}") from e
     return spec
-
-
-def nvfp4_file_plan(layout: NVFP4Layout, n: int, k: int, input_scale: bool = False):
-    """[(key suffix, dtype, shape)] of an [n, k] NVFP4 layer as `layout` stores it."""
-    ks = k // fmt.BLOCK
-    plan = [("weight", torch.uint8, (n, k // 2)),
-            ("weight_scale", torch.float8_e4m3fn, fmt.scale_shape(n, k) if layout.block_scale == "swizzled" else (n, ks)),
-            (layout.global_key, torch.float32, ())]
-    if input_scale:
-        plan.append((layout.input_key, torch.float32, ()))
-    if layout.marker:
-        plan.append((MARKER_KEY, torch.uint8, tuple(marker_tensor(layout.marker).shape)))
-    return plan
-
-
-def _scale(t: torch.Tensor, convention: str, to: str) -> torch.Tensor:
-    if convention == to:
-        return t.float().reshape(())
-    return (decode_to_encode if to == "encode" else encode_to_decode)(t).reshape(())
-
-
-def nvfp4_to_file(layout: NVFP4Layout, layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our NVFP4 tensors of one layer ({weight, weight_scale, weight_scale_2[, input_scale]}) -> `layout`'s
-    {suffix: tensor}, in `nvfp4_file_plan` order."""
-    w, s = layer["weight"], layer["weight_scale"]
-    n, k = w.shape[0], w.shape[1] * 2
-    out = {"weight": swap_nibbles(w) if layout.even_nibble == "high" else w,
-           "weight_scale": (s if layout.block_scale == "swizzled" else
-                            fmt.unswizzle_scales(s.view(torch.uint8), n, k // fmt.BLOCK).contiguous().view(s.dtype)),
-           layout.global_key: _scale(layer["weight_scale_2"], "decode", layout.convention)}
-    if "input_scale" in layer:
-        out[layout.input_key] = _scale(layer["input_scale"], "decode", layout.convention)
-    if layout.marker:
-        out[MARKER_KEY] = marker_tensor(layout.marker)
-    return out
-
-
-def nvfp4_from_file(layout: NVFP4Layout, layer: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Inverse of `nvfp4_to_file`: `layout`'s tensors of one layer -> ours (shapes and dtypes checked,
-    CheckpointError naming `where`, the layer). Meta tensors give meta results of our shapes."""
-    missing = [s for s in ("weight", "weight_scale", layout.global_key) if s not in layer]
-    if missing:
-        raise CheckpointError(f"{where}: NVFP4 layer ({layout.name} layout) lacks {missing}")
-    w, s, g = layer["weight"], layer["weight_scale"], layer[layout.global_key]
-    if w.dtype != torch.uint8 or s.dtype != torch.float8_e4m3fn or not g.dtype.is_floating_point:
-        # passed on as they are: the state-dict check names the key and the dtype it expected
-        return {"weight": w, "weight_scale": s, "weight_scale_2": g,
-                **({"input_scale": layer[layout.input_key]} if layout.input_key in layer else {})}
-    if w.dim() != 2:
-        raise CheckpointError(f"{where}.weight: an NVFP4 weight is uint8 [N, K/2], got shape {tuple(w.shape)}")
-    n, k = w.shape[0], w.shape[1] * 2
-    want = fmt.scale_shape(n, k) if layout.block_scale == "swizzled" else (n, k // fmt.BLOCK)
-    if tuple(s.shape) != tuple(want):
-        raise CheckpointError(f"{where}.weight_scale: the {layout.name} layout stores float8_e4m3fn {list(want)} "
-                              f"({layout.block_scale}) for weight {tuple(w.shape)}, got {tuple(s.shape)}")
-    if g.numel() != 1:
-        raise CheckpointError(f"{where}.{layout.global_key}: a per-tensor scale, got shape {tuple(g.shape)}")
-    meta = w.device.type == "meta"
-    out = {"weight": swap_nibbles(w) if layout.even_nibble == "high" and not meta else w,
-           "weight_scale": (s if layout.block_scale == "swizzled" else
-                            torch.empty(fmt.scale_shape(n, k), dtype=s.dtype, device="meta") if meta else
-                            fmt.swizzle_scales(s.view(torch.uint8)).view(torch.float8_e4m3fn)),
-           "weight_scale_2": (torch.empty((), dtype=torch.float32, device="meta") if meta else
-                              _scale(g, layout.convention, "decode"))}
-    if layout.input_key in layer:
-        i = layer[layout.input_key]
-        if i.numel() != 1:
-            raise CheckpointError(f"{where}.{layout.input_key}: a per-tensor scale, got shape {tuple(i.shape)}")
-        out["input_scale"] = (torch.empty((), dtype=torch.float32, device="meta") if meta else
-                              _scale(i, layout.convention, "decode"))
-    return out
-
-
-
-# ---------------------------------------------------------------------------------------------
-# FP8 layers (wan_kernels/fp8.py)
-#
-# In memory (ours, diffusers names): `<layer>.weight` float8_e4m3fn/e5m2 [N, K], `<layer>.weight_scale` fp32
-# DECODE scale (w = weight * scale) [] per tensor or [N, 1] per output row, no `weight_scale_2` (that is NVFP4).
-# ComfyUI files (checked against ComfyUI's comfy/ops.py `mixed_precision_ops` and comfy/utils.py
-# `convert_old_quants`): the same direction, one scale per tensor, in one of two flavours:
-#   "comfy_quant"  `<layer>.comfy_quant` uint8 JSON {"format": "float8_e4m3fn"|"float8_e5m2"} + `<layer>.weight_scale`
-#                  (+ optional `<layer>.input_scale`): what ComfyUI reads natively today.
-#   "scaled_fp8"   the legacy files: a `scaled_fp8` sentinel tensor whose dtype names the fp8 format (an fp32
-#                  sentinel means e4m3; 2 elements asks for full-precision matmuls) + `<layer>.scale_weight`
-#                  (+ `<layer>.scale_input`, 1.0 meaning none); ComfyUI converts them to the first on load.
-FP8_FLAVOURS = ("comfy_quant", "scaled_fp8")
-SCALED_FP8_KEY = "scaled_fp8"
-FP8_SCALE_KEYS = {"comfy_quant": ("weight_scale", "input_scale"), "scaled_fp8": ("scale_weight", "scale_input")}
 
 
 def fp8_fused_scale(sd, names: list[str]) -> torch.Tensor:

@@ -25,7 +25,7 @@ checkpoint whose group members have different `weight_scale_2` (e.g. a ModelOpt 
 cross-attention K/V) is refused: re-quantizing would be lossy.
 
 The streaming converter of checkpoints is `wan_model.io.checkpoint.convert_nvfp4`; the file layouts of
-NVFP4 checkpoints are in wan_model.compat.layouts.
+NVFP4 checkpoints are in wan_model.quant.nvfp4.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Wan transformer checkpoints: load, save and convert (safetensors only, never pickle).
 
-Formats (wan_model.io.formats.REGISTRY; key names and NVFP4 conventions in wan_model.compat.layouts):
+Formats (wan_model.io.formats.REGISTRY; key names in wan_model.compat.layouts, the quantized layers' file
+layouts in wan_model.quant.nvfp4 / fp8):
   "diffusers"  a directory with config.json + diffusion_pytorch_model[-0000k-of-0000n].safetensors
                (+ .index.json when sharded), names of diffusers' WanTransformer3DModel
   "original"   one .safetensors file with the names of Wan-Video's wan/modules/model.py
   "comfyui"    the original names, optionally prefixed `model.diffusion_model.`; fp8 "scaled" files
                carry side-car keys (`scaled_fp8` + `<layer>.scale_weight`, or `<layer>.comfy_quant` +
-               `<layer>.weight_scale`): their layers load as FP8Linear, the fp8 bytes kept (wan_model.compat.layouts)
+               `<layer>.weight_scale`): their layers load as FP8Linear, the fp8 bytes kept (wan_model.quant.fp8)
   "comfyui-scaled-fp8"  as comfyui, FP8 layers written in the legacy `scaled_fp8` flavour
   "modelopt"   a diffusers directory of NVFP4 layers in NVIDIA ModelOpt's layout + hf_quant_config.json
   "lightx2v"   (read) one file, original names, NVFP4 layers in LightX2V's layout
@@ -21,7 +22,7 @@ wan_model.compat.layouts.
 
 NVFP4 checkpoints (wan_model.compat.quantize) hold, for each quantized layer, `<layer>.weight` (uint8 packed
 E2M1), `<layer>.weight_scale` (float8_e4m3fn) and a per-tensor scale, in the layout of their format
-(wan_model.compat.layouts.NVFP4_LAYOUTS), converted to ours at the file boundary; the layers with a per-tensor
+(wan_model.quant.nvfp4.NVFP4_LAYOUTS), converted to ours at the file boundary; the layers with a per-tensor
 scale are loaded into NVFP4Linear modules. A `<layer>.input_scale` (static activation scale) is carried
 by conversions and not used by the model (its W4A4 path computes the activation scale per call).
 """

@@ -48,7 +48,7 @@ def convert_checkpoint(src, dst, format: str, dtype: torch.dtype | None = None,
 
     Tensors keep their stored dtype unless `dtype` is given (then diffusers' fp32 modules stay fp32);
     FP8 layers (ComfyUI fp8 files, ours) stay fp8 with their scales, converted between the flavours exactly
-    (wan_model.compat.layouts), unless `dtype` is given: then they are dequantized (as are those that cannot stay fp8
+    (wan_model.quant.fp8), unless `dtype` is given: then they are dequantized (as are those that cannot stay fp8
     in our model: the time embedder); NVFP4 layers keep their values (converted between layouts exactly).
     Returns the config.
     quantize="nvfp4" / "fp8": stream the conversion tensor by tensor and quantize on the fly (`convert_nvfp4`;

@@ -1,7 +1,7 @@
 """Checkpoint file formats: the registry, reading (detection, renaming, NVFP4 decoding) and ONE writer.
 
 A `Format` is a container (a diffusers-style directory or one .safetensors file), a key naming
-(wan_model.compat.layouts) and an NVFP4 tensor layout (`wan_model.compat.layouts.NVFP4_LAYOUTS`):
+(wan_model.compat.layouts) and an NVFP4 tensor layout (`wan_model.quant.nvfp4.NVFP4_LAYOUTS`):
 
   name       container  naming               NVFP4 layout  read by (checked in tests/test_formats.py)
   diffusers  directory  diffusers            ours          diffusers' from_pretrained (dense)
@@ -44,11 +44,11 @@ from wan_model.core.config import WanConfig
 from wan_kernels import fp8 as fp8fmt
 from wan_kernels._checks import first_bad
 from wan_kernels.nvfp4 import E4M3_NAN, bad_block_scale_bytes, codes_all_zero
-from wan_model.compat.layouts import (COMFY_PREFIX, FP8_SCALE_KEYS, IGNORED_KEYS, MARKER_KEY, NVFP4_LAYOUTS, SCALED_FP8_KEY,
-                               CheckpointError, NVFP4Layout, marker_tensor,
-                               diffusers_to_original_key, nvfp4_file_plan, nvfp4_from_file, nvfp4_to_file,
-                               original_to_diffusers_key, parse_marker)
+from wan_model.compat.layouts import (COMFY_PREFIX, IGNORED_KEYS, MARKER_KEY, CheckpointError, diffusers_to_original_key,
+                                      original_to_diffusers_key, parse_marker)
 from wan_model.compat.quantize import layer_groups
+from wan_model.quant.fp8 import FP8_SCALE_KEYS, SCALED_FP8_KEY, fp8_file_plan, fp8_to_file
+from wan_model.quant.nvfp4 import NVFP4_LAYOUTS, NVFP4Layout, nvfp4_file_plan, nvfp4_from_file, nvfp4_to_file
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -67,7 +67,7 @@ class Format:
     nvfp4: NVFP4Layout
     writable: bool = True
     dense: bool = True           # whether an unquantized checkpoint is written in it
-    fp8: str | None = None       # ComfyUI fp8 flavour of its FP8 layers (layouts.FP8_FLAVOURS); None: ours
+    fp8: str | None = None       # ComfyUI fp8 flavour of its FP8 layers (wan_model.quant.fp8.FP8_FLAVOURS); None: ours
 
     def file_key(self, key: str) -> str:
         """The name of diffusers key `key` in this format."""
@@ -191,7 +191,7 @@ def read_safetensors(paths: list[str], progress: bool | None = None) -> dict[str
     return out
 
 
-# the per-tensor / per-row scale keys of every layout (wan_model.compat.layouts): fp8 (ours, both ComfyUI flavours) and
+# the per-tensor / per-row scale keys of every layout (wan_model.quant.nvfp4 / fp8): fp8 (ours, both ComfyUI flavours) and
 # NVFP4 (decode or, LightX2V, encode convention); the NVFP4 global keys may be 0 for an all-zero layer
 GLOBAL_SCALE_KEYS = frozenset(layout.global_key for layout in NVFP4_LAYOUTS.values())
 SCALE_KEYS = GLOBAL_SCALE_KEYS | {layout.input_key for layout in NVFP4_LAYOUTS.values()} | {
@@ -286,7 +286,7 @@ def _check_modelopt(q, where: str) -> None:
 
 
 def _apply_comfy_scales(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """ComfyUI fp8 layers -> our FP8 layout (wan_model.compat.layouts, "FP8 layers"), KEEPING the fp8 bytes: the scale
+    """ComfyUI fp8 layers -> our FP8 layout (wan_model.quant.fp8, "FP8 layers"), KEEPING the fp8 bytes: the scale
     becomes `<layer>.weight_scale` fp32 [] (or [N, 1]), a static activation scale `<layer>.input_scale`; the
     side-car keys are dropped; pop the NVFP4 markers. Returns (tensors, layers marked `{"format": "nvfp4"}`).
 
@@ -411,7 +411,7 @@ def nvfp4_layout_of(keys, marked: set[str], hint: str | None) -> NVFP4Layout | N
 
 
 def decode_nvfp4(sd: dict[str, torch.Tensor], layout: NVFP4Layout, source: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The NVFP4 layers of `layout` in diffusers-named `sd` -> our layout (wan_model.compat.layouts); the other
+    """The NVFP4 layers of `layout` in diffusers-named `sd` -> our layout (wan_model.quant.nvfp4); the other
     tensors unchanged. Meta tensors give meta results."""
     out = dict(sd)
     for layer in sorted(_layers_with(sd, layout.global_key)):
@@ -618,38 +618,6 @@ def encode(format: Format, unit: Unit, layer_tensors: dict[str, torch.Tensor]) -
     else:
         file = nvfp4_to_file(format.nvfp4, layer_tensors)
     return [file[s] for s in unit.suffixes]
-
-
-def fp8_file_plan(flavour: str, dtype: torch.dtype, shape: tuple[int, ...], input_scale: bool, sentinel: bool):
-    """[(key suffix, dtype, shape)] of an FP8 layer in a ComfyUI `flavour` (wan_model.compat.layouts "FP8 layers");
-    `sentinel`: the first FP8 layer of a "scaled_fp8" file also carries the file's `scaled_fp8` sentinel."""
-    scale_key, input_key = FP8_SCALE_KEYS[flavour]
-    plan = [("weight", dtype, shape), (scale_key, torch.float32, ())]
-    if input_scale:
-        plan.append((input_key, torch.float32, ()))
-    if flavour == "comfy_quant":
-        plan.append((MARKER_KEY, torch.uint8, tuple(marker_tensor({"format": fp8fmt.NAMES[dtype]}).shape)))
-    elif sentinel:
-        plan.append((SCALED_FP8_KEY, dtype, (0,)))
-    return plan
-
-
-def fp8_to_file(flavour: str, layer: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
-    """Our FP8 tensors of layer `name` ({weight, weight_scale[, input_scale]}) -> the ComfyUI `flavour`'s
-    {suffix: tensor}. ComfyUI's fp8 layout (comfy-kitchen TensorCoreFP8Layout) holds ONE scale per tensor: a
-    per-row scale is written only when its rows are equal (a fused group's member), else refused."""
-    w, s = layer["weight"], layer["weight_scale"].float()
-    if s.numel() != 1 and not torch.all(s == s.reshape(-1)[0]):
-        raise ValueError(f"{name}: ComfyUI's fp8 layers hold one scale per tensor (comfy-kitchen's "
-                         f"TensorCoreFP8Layout), this layer has per-row scales {tuple(s.shape)}: quantize with "
-                         "FP8Config(per_channel=False), or save it in format 'diffusers' or 'original'")
-    scale_key, input_key = FP8_SCALE_KEYS[flavour]
-    out = {"weight": w, scale_key: s.reshape(-1)[0].reshape(())}
-    if "input_scale" in layer:
-        out[input_key] = layer["input_scale"].float().reshape(())
-    out[MARKER_KEY] = marker_tensor({"format": fp8fmt.NAMES[w.dtype]})
-    out[SCALED_FP8_KEY] = torch.empty(0, dtype=w.dtype)
-    return out
 
 
 def from_state_dict(sd: dict[str, torch.Tensor]) -> Callable[[Unit], dict[str, torch.Tensor]]:

@@ -4,8 +4,7 @@ A quantized layer becomes a `wan_kernels.linear.FP8Linear` (W8A8 on sm_89+, W8A1
 cross-attention K/V of all layers an `FP8StackedKV`. Our layout (ComfyUI's key names): `weight` fp8 [N, K],
 `weight_scale` fp32 [] (per tensor) or [N, 1] (per output row), DECODE convention (w = weight * weight_scale),
 optional `input_scale` fp32 [] (a static activation scale). Per tensor, a fused group (one GEMM) shares one scale:
-the max over its members of amax / 448. The file flavours (ComfyUI `scaled_fp8`, `comfy_quant`) are
-wan_model.compat.layouts'.
+the max over its members of amax / 448. The file flavours (ComfyUI `scaled_fp8`, `comfy_quant`) are below.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from torch import nn
 
 from wan_kernels import fp8
 from wan_kernels.linear import FP8Linear
-from wan_model.compat.layouts import CheckpointError
+from wan_model.compat.layouts import MARKER_KEY, CheckpointError, marker_tensor
 from wan_model.core.model import StackedKV, split_kv
 from wan_model.quant.method import QuantConfig, Method, register
 
@@ -159,3 +158,52 @@ class FP8(Method):
 
 
 METHOD = register(FP8())
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 layers (wan_kernels/fp8.py)
+#
+# In memory (ours, diffusers names): `<layer>.weight` float8_e4m3fn/e5m2 [N, K], `<layer>.weight_scale` fp32
+# DECODE scale (w = weight * scale) [] per tensor or [N, 1] per output row, no `weight_scale_2` (that is NVFP4).
+# ComfyUI files (checked against ComfyUI's comfy/ops.py `mixed_precision_ops` and comfy/utils.py
+# `convert_old_quants`): the same direction, one scale per tensor, in one of two flavours:
+#   "comfy_quant"  `<layer>.comfy_quant` uint8 JSON {"format": "float8_e4m3fn"|"float8_e5m2"} + `<layer>.weight_scale`
+#                  (+ optional `<layer>.input_scale`): what ComfyUI reads natively today.
+#   "scaled_fp8"   the legacy files: a `scaled_fp8` sentinel tensor whose dtype names the fp8 format (an fp32
+#                  sentinel means e4m3; 2 elements asks for full-precision matmuls) + `<layer>.scale_weight`
+#                  (+ `<layer>.scale_input`, 1.0 meaning none); ComfyUI converts them to the first on load.
+FP8_FLAVOURS = ("comfy_quant", "scaled_fp8")
+SCALED_FP8_KEY = "scaled_fp8"
+FP8_SCALE_KEYS = {"comfy_quant": ("weight_scale", "input_scale"), "scaled_fp8": ("scale_weight", "scale_input")}
+
+
+def fp8_file_plan(flavour: str, dtype: torch.dtype, shape: tuple[int, ...], input_scale: bool, sentinel: bool):
+    """[(key suffix, dtype, shape)] of an FP8 layer in a ComfyUI `flavour` (above);
+    `sentinel`: the first FP8 layer of a "scaled_fp8" file also carries the file's `scaled_fp8` sentinel."""
+    scale_key, input_key = FP8_SCALE_KEYS[flavour]
+    plan = [("weight", dtype, shape), (scale_key, torch.float32, ())]
+    if input_scale:
+        plan.append((input_key, torch.float32, ()))
+    if flavour == "comfy_quant":
+        plan.append((MARKER_KEY, torch.uint8, tuple(marker_tensor({"format": fp8.NAMES[dtype]}).shape)))
+    elif sentinel:
+        plan.append((SCALED_FP8_KEY, dtype, (0,)))
+    return plan
+
+
+def fp8_to_file(flavour: str, layer: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Our FP8 tensors of layer `name` ({weight, weight_scale[, input_scale]}) -> the ComfyUI `flavour`'s
+    {suffix: tensor}. ComfyUI's fp8 layout (comfy-kitchen TensorCoreFP8Layout) holds ONE scale per tensor: a
+    per-row scale is written only when its rows are equal (a fused group's member), else refused."""
+    w, s = layer["weight"], layer["weight_scale"].float()
+    if s.numel() != 1 and not torch.all(s == s.reshape(-1)[0]):
+        raise ValueError(f"{name}: ComfyUI's fp8 layers hold one scale per tensor (comfy-kitchen's "
+                         f"TensorCoreFP8Layout), this layer has per-row scales {tuple(s.shape)}: quantize with "
+                         "FP8Config(per_channel=False), or save it in format 'diffusers' or 'original'")
+    scale_key, input_key = FP8_SCALE_KEYS[flavour]
+    out = {"weight": w, scale_key: s.reshape(-1)[0].reshape(())}
+    if "input_scale" in layer:
+        out[input_key] = layer["input_scale"].float().reshape(())
+    out[MARKER_KEY] = marker_tensor({"format": fp8.NAMES[w.dtype]})
+    out[SCALED_FP8_KEY] = torch.empty(0, dtype=w.dtype)
+    return out

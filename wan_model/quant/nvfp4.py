@@ -4,8 +4,14 @@ A quantized layer becomes a `wan_kernels.linear.NVFP4Linear` (W4A4 on sm100 with
 stacked cross-attention K/V of all layers an `NVFP4StackedKV`. Our layout (= the checkpoint keys of a layer):
 `weight` uint8 [N, K/2] (element 2i in the low nibble), `weight_scale` float8_e4m3fn 128x4-swizzled
 [roundup(N,128), roundup(K/16,4)], `weight_scale_2` fp32 [] in the DECODE convention (amax / (6 * 448)). A fused
-group (one GEMM) shares one global scale: the max over its members. The file layouts of other tools are
-wan_model.compat.layouts.NVFP4_LAYOUTS.
+group (one GEMM) shares one global scale: the max over its members.
+
+File layouts (`NVFP4Layout`, one row per layout in `NVFP4_LAYOUTS`: ours, ComfyUI, ModelOpt, LightX2V). A layout
+differs from ours in four ways, each a field: the nibble of element 2i, the block-scale layout (swizzled or
+linear [N, K/16]), the names and convention of the per-tensor scales (decode = amax / 2688; encode = 2688 / amax
+= 1 / decode: `decode_to_encode`, `encode_to_decode`), and a per-layer marker (ComfyUI's `comfy_quant`). The
+readers and writers (wan_model.io.formats) apply these fields through `nvfp4_file_plan`, `nvfp4_to_file` and
+`nvfp4_from_file`, and nothing else.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import nn
 from wan_kernels import nvfp4 as fmt
 from wan_kernels import ops
 from wan_kernels.linear import NVFP4Linear, default_mode
+from wan_model.compat.layouts import MARKER_KEY, CheckpointError, marker_tensor
 from wan_model.core.model import StackedKV, split_kv
 from wan_model.quant.method import QuantConfig, Method, register
 
@@ -123,3 +130,133 @@ class NVFP4(Method):
 
 
 METHOD = register(NVFP4())
+
+
+# ---------------------------------------------------------------------------------------------
+# File layouts of NVFP4 layers (REFERENCE.md section 7)
+
+@dataclasses.dataclass(frozen=True)
+class NVFP4Layout:
+    """How one file layout stores an NVFP4 layer (REFERENCE.md section 7).
+
+    even_nibble:  "low" or "high": the nibble of a packed byte holding element 2i
+    block_scale:  "swizzled" (128x4, padded to [roundup(N,128), roundup(K/16,4)]) or "linear" [N, K/16]
+    global_key:   name of the weight's per-tensor scale; `convention` "decode" (amax / 2688) or "encode"
+    input_key:    name of the activation's per-tensor scale (same convention; optional in a file)
+    dropped:      keys derived from the others, read and ignored (LightX2V's alpha = 1/(in_gs * w_gs))
+    marker:       the JSON of a `<layer>.comfy_quant` uint8 tensor per NVFP4 layer (ComfyUI), or None
+    writable:     whether we write it
+    """
+
+    name: str
+    even_nibble: str
+    block_scale: str
+    global_key: str = "weight_scale_2"
+    convention: str = "decode"
+    input_key: str = "input_scale"
+    dropped: tuple[str, ...] = ()
+    marker: dict | None = None
+    writable: bool = True
+
+    def keys(self) -> tuple[str, ...]:
+        """Every per-layer key suffix of this layout (the marker included)."""
+        return ("weight", "weight_scale", self.global_key, self.input_key, *self.dropped) + (
+            (MARKER_KEY,) if self.marker else ())
+
+
+NVFP4_LAYOUTS = {
+    "ours": NVFP4Layout("ours", even_nibble="low", block_scale="swizzled"),
+    "comfyui": NVFP4Layout("comfyui", even_nibble="high", block_scale="swizzled", marker={"format": "nvfp4"}),
+    "modelopt": NVFP4Layout("modelopt", even_nibble="low", block_scale="linear"),
+    "lightx2v": NVFP4Layout("lightx2v", even_nibble="low", block_scale="swizzled", global_key="weight_global_scale",
+                            convention="encode", input_key="input_global_scale", dropped=("alpha",), writable=False),
+}
+
+
+def decode_to_encode(scale: torch.Tensor) -> torch.Tensor:
+    """Per-tensor scale, decode convention (amax / 2688, value = e2m1 * block * scale) -> encode (2688 / amax,
+    what vLLM / FlashInfer / LightX2V kernels take). fp32; a zero scale (all-zero tensor) maps to zero."""
+    s = scale.float()
+    return torch.where(s == 0, s, 1.0 / s)
+
+
+def encode_to_decode(scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `decode_to_encode`: encode (2688 / amax) -> decode (amax / 2688)."""
+    s = scale.float()
+    return torch.where(s == 0, s, 1.0 / s)
+
+
+def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 packed E2M1 with element 2i in one nibble -> in the other (its own inverse)."""
+    return (packed << 4) | (packed >> 4)
+
+
+def nvfp4_file_plan(layout: NVFP4Layout, n: int, k: int, input_scale: bool = False):
+    """[(key suffix, dtype, shape)] of an [n, k] NVFP4 layer as `layout` stores it."""
+    ks = k // fmt.BLOCK
+    plan = [("weight", torch.uint8, (n, k // 2)),
+            ("weight_scale", torch.float8_e4m3fn, fmt.scale_shape(n, k) if layout.block_scale == "swizzled" else (n, ks)),
+            (layout.global_key, torch.float32, ())]
+    if input_scale:
+        plan.append((layout.input_key, torch.float32, ()))
+    if layout.marker:
+        plan.append((MARKER_KEY, torch.uint8, tuple(marker_tensor(layout.marker).shape)))
+    return plan
+
+
+def _scale(t: torch.Tensor, convention: str, to: str) -> torch.Tensor:
+    if convention == to:
+        return t.float().reshape(())
+    return (decode_to_encode if to == "encode" else encode_to_decode)(t).reshape(())
+
+
+def nvfp4_to_file(layout: NVFP4Layout, layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our NVFP4 tensors of one layer ({weight, weight_scale, weight_scale_2[, input_scale]}) -> `layout`'s
+    {suffix: tensor}, in `nvfp4_file_plan` order."""
+    w, s = layer["weight"], layer["weight_scale"]
+    n, k = w.shape[0], w.shape[1] * 2
+    out = {"weight": swap_nibbles(w) if layout.even_nibble == "high" else w,
+           "weight_scale": (s if layout.block_scale == "swizzled" else
+                            fmt.unswizzle_scales(s.view(torch.uint8), n, k // fmt.BLOCK).contiguous().view(s.dtype)),
+           layout.global_key: _scale(layer["weight_scale_2"], "decode", layout.convention)}
+    if "input_scale" in layer:
+        out[layout.input_key] = _scale(layer["input_scale"], "decode", layout.convention)
+    if layout.marker:
+        out[MARKER_KEY] = marker_tensor(layout.marker)
+    return out
+
+
+def nvfp4_from_file(layout: NVFP4Layout, layer: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Inverse of `nvfp4_to_file`: `layout`'s tensors of one layer -> ours (shapes and dtypes checked,
+    CheckpointError naming `where`, the layer). Meta tensors give meta results of our shapes."""
+    missing = [s for s in ("weight", "weight_scale", layout.global_key) if s not in layer]
+    if missing:
+        raise CheckpointError(f"{where}: NVFP4 layer ({layout.name} layout) lacks {missing}")
+    w, s, g = layer["weight"], layer["weight_scale"], layer[layout.global_key]
+    if w.dtype != torch.uint8 or s.dtype != torch.float8_e4m3fn or not g.dtype.is_floating_point:
+        # passed on as they are: the state-dict check names the key and the dtype it expected
+        return {"weight": w, "weight_scale": s, "weight_scale_2": g,
+                **({"input_scale": layer[layout.input_key]} if layout.input_key in layer else {})}
+    if w.dim() != 2:
+        raise CheckpointError(f"{where}.weight: an NVFP4 weight is uint8 [N, K/2], got shape {tuple(w.shape)}")
+    n, k = w.shape[0], w.shape[1] * 2
+    want = fmt.scale_shape(n, k) if layout.block_scale == "swizzled" else (n, k // fmt.BLOCK)
+    if tuple(s.shape) != tuple(want):
+        raise CheckpointError(f"{where}.weight_scale: the {layout.name} layout stores float8_e4m3fn {list(want)} "
+                              f"({layout.block_scale}) for weight {tuple(w.shape)}, got {tuple(s.shape)}")
+    if g.numel() != 1:
+        raise CheckpointError(f"{where}.{layout.global_key}: a per-tensor scale, got shape {tuple(g.shape)}")
+    meta = w.device.type == "meta"
+    out = {"weight": swap_nibbles(w) if layout.even_nibble == "high" and not meta else w,
+           "weight_scale": (s if layout.block_scale == "swizzled" else
+                            torch.empty(fmt.scale_shape(n, k), dtype=s.dtype, device="meta") if meta else
+                            fmt.swizzle_scales(s.view(torch.uint8)).view(torch.float8_e4m3fn)),
+           "weight_scale_2": (torch.empty((), dtype=torch.float32, device="meta") if meta else
+                              _scale(g, layout.convention, "decode"))}
+    if layout.input_key in layer:
+        i = layer[layout.input_key]
+        if i.numel() != 1:
+            raise CheckpointError(f"{where}.{layout.input_key}: a per-tensor scale, got shape {tuple(i.shape)}")
+        out["input_scale"] = (torch.empty((), dtype=torch.float32, device="meta") if meta else
+                              _scale(i, layout.convention, "decode"))
+    return out
