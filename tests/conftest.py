@@ -32,3 +32,17 @@ def triton_interpreter():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    """Simulate a CUDA device of a capability: `capability(cap)` points torch.cuda at it and forgets every
+    route (the dispatch tests of tests/test_routing.py, test_fp8.py, test_attention_int8.py)."""
+    from wan_kernels import routing
+
+    def set_capability(cap):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+        routing.clear_caches()
+
+    yield set_capability
+    routing.clear_caches()

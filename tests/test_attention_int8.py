@@ -319,17 +319,6 @@ def test_backends_agree_on_the_samples(op, impl):
             assert (a - b).abs().max().item() <= 1e-6
 
 
-@pytest.fixture
-def capability(monkeypatch):
-    """Simulate a CUDA device of a capability (as tests/test_routing.py)."""
-    def set_capability(cap):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
-        routing.clear_caches()
-
-    yield set_capability
-    routing.clear_caches()
-
-
 ROUTES = {"cpu": "ref", "sm80": "triton", "sm86": "triton", "sm89": "triton", "sm90": "triton", "sm100": "triton",
           "sm103": "triton", "sm120": "triton"}
 

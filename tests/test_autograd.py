@@ -53,8 +53,8 @@ def make_inputs(case: str, dtype: torch.dtype, seed: int = 0, *, small: bool = F
         "gated_residual": (r(B, S, C), r(B, S, C), r(B, 1, C, dt=torch.float32)),
         "nvfp4_linear": (r(B, 3, 32), wp, ws, nvfp4.global_scale(w), r(8)),
     }[case]
-    names = _autograd._NAMES[op]
-    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and n in _autograd.DIFFERENTIABLE[op] else a
+    names = _autograd.OPS[op].arg_names
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and n in _autograd.OPS[op].differentiable else a
                  for n, a in zip(names, args))
     return op, args
 
@@ -139,9 +139,9 @@ ND_PARAMS = [pytest.param(op, name, impl, id=f"{op}-{name}-{impl}") for op, name
 def test_not_differentiable_input_raises_at_forward(op, name, impl):
     w4a16_triton = (op, impl) == ("nvfp4_linear", "triton")  # takes 16-bit x only
     args = op_inputs(torch.bfloat16 if w4a16_triton else torch.float32)[op]
-    i = _autograd._NAMES[op].index(name)
+    i = _autograd.OPS[op].arg_names.index(name)
     args = args[:i] + (args[i].clone().requires_grad_(),) + args[i + 1:]
-    what = "is not differentiable" if not _autograd.DIFFERENTIABLE[op] else "is differentiable only in"
+    what = "is not differentiable" if not _autograd.OPS[op].differentiable else "is differentiable only in"
     with pytest.raises(RuntimeError, match=f"wan::{op} {what}.*but {name} requires grad"):
         run(op, impl, args)
     with torch.no_grad():  # no gradient asked for: runs
@@ -156,9 +156,9 @@ def test_direct_dispatcher_call_raises_for_composite_parts():
 
 
 def test_autograd_table_covers_every_op():
-    assert set(_autograd.DIFFERENTIABLE) == {s.name for s in all_specs()}
-    for op, names in _autograd.DIFFERENTIABLE.items():
-        assert set(names) <= set(_autograd._NAMES[op]), op
+    assert set(_autograd.OPS) == {s.name for s in all_specs()}
+    for op, spec in _autograd.OPS.items():
+        assert set(spec.differentiable) <= set(spec.arg_names), op
 
 
 def test_nvfp4_linear_module_gradients():

@@ -111,17 +111,6 @@ def test_w8a8_numerics(per_channel, static):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
 
 
-@pytest.fixture
-def capability(monkeypatch):
-    """Simulate a CUDA device of a capability (as tests/test_routing.py does)."""
-    def set_capability(cap):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
-        routing.clear_caches()
-
-    yield set_capability
-    routing.clear_caches()
-
-
 def _cuda_key(args):
     return torch.ops.wan.fp8_linear.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
 

@@ -176,9 +176,9 @@ def test_opcheck_autograd(op):
     gcot, gargs = gr_case(2, 3, 16, torch.float32, (2, 1, 16), seed=7)
     full = {"layer_norm_modulate": args, "gated_residual": gargs, "layer_norm_modulate_backward": (cot, *args),
             "gated_residual_backward": (gcot, *gargs[1:])}[op]
-    diff = _autograd.DIFFERENTIABLE[op]
+    diff = _autograd.OPS[op].differentiable
     full = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and n in diff else a
-                 for n, a in zip(_autograd._NAMES[op], full))
+                 for n, a in zip(_autograd.OPS[op].arg_names, full))
     torch.library.opcheck(getattr(torch.ops.wan, op).default, full,
                           test_utils=("test_autograd_registration", "test_aot_dispatch_dynamic"))
 

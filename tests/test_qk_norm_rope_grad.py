@@ -150,9 +150,9 @@ def test_qkv_rope_gradients(impl):
 def test_opcheck_autograd(op):
     grads, args = make(2, 3, 2, 8, torch.float32, seed=9)
     full = (*grads, *args) if op.endswith("backward") else args
-    diff = _autograd.DIFFERENTIABLE[op]
+    diff = _autograd.OPS[op].differentiable
     full = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) and n in diff else a
-                 for n, a in zip(_autograd._NAMES[op], full))
+                 for n, a in zip(_autograd.OPS[op].arg_names, full))
     torch.library.opcheck(getattr(torch.ops.wan, op).default, full,
                           test_utils=("test_autograd_registration", "test_aot_dispatch_dynamic"))
 

@@ -30,17 +30,6 @@ GPU_CLASSES = {c: cap for c, cap in routing.DEVICE_CLASSES.items() if cap is not
 RUNS = {"8.0": {(8, 0), (8, 6), (8, 7), (8, 9)}, "9.0a": {(9, 0)}, "10.0a": {(10, 0)}}
 
 
-@pytest.fixture
-def capability(monkeypatch):
-    """Simulate a CUDA device of a capability: set(cap) points torch.cuda at it and forgets every route."""
-    def set_capability(cap):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
-        routing.clear_caches()
-
-    yield set_capability
-    routing.clear_caches()
-
-
 def _known_build():
     """The dispatcher test below derives its expectations from RUNS: any build made of those targets (the
     default one, `make compat`'s 9.0a only) qualifies."""

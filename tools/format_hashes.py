@@ -16,7 +16,8 @@ def write_all(out: str) -> None:
     import torch
 
     from wan_model import WanConfig
-    from wan_model.cli import main as cli, random_model
+    from wan_model.cli import main as cli
+    from wan_model.testing import random_model
 
     torch.manual_seed(0)
     for preset in ("tiny-t2v", "tiny-i2v"):

@@ -9,7 +9,7 @@ probabilities) for one op at a time.
 
 One rule on every path, the dispatcher's `torch.ops.wan.<op>` (`register`) and the named backends of
 wan_kernels/routing.py that do not go through it (`backend`):
-  * grad mode on and an input in DIFFERENTIABLE[op] requires grad: the outputs carry this backward;
+  * grad mode on and an input in OPS[op].differentiable requires grad: the outputs carry this backward;
   * grad mode on and any other tensor input requires grad (NVFP4 codes and scales, global scales, rope
     tables; every input of nvfp4_quantize/dequantize/gemm; every input of an inference-only op, whose
     message names the op to train with: `OpSpec.training_op`): RuntimeError at forward time naming the
@@ -18,7 +18,6 @@ wan_kernels/routing.py that do not go through it (`backend`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import torch
 
@@ -27,28 +26,8 @@ from wan_kernels._spec import SPECS, OpSpec
 OPS: dict[str, OpSpec] = {}  # op (public or internal) -> its spec: everything the rule reads; filled by `register`
 
 
-class _Field(Mapping):
-    """op -> one field of its spec, read from OPS (DIFFERENTIABLE, _NAMES: views, not copies)."""
-
-    def __init__(self, field: str):
-        self._field = field
-
-    def __getitem__(self, op: str):
-        return getattr(OPS[op], self._field)
-
-    def __iter__(self):
-        return iter(OPS)
-
-    def __len__(self) -> int:
-        return len(OPS)
-
-
-DIFFERENTIABLE = _Field("differentiable")  # op -> the argument names it is differentiable in
-_NAMES = _Field("arg_names")  # op -> its schema's argument names
-
-
 def _check_not_differentiable(op: str, args) -> None:
-    """RuntimeError when an input outside DIFFERENTIABLE[op] requires grad (callers: grad mode is on)."""
+    """RuntimeError when an input outside OPS[op].differentiable requires grad (callers: grad mode is on)."""
     spec = OPS[op]
     diff = spec.differentiable
     for name, a in zip(spec.arg_names, args):

@@ -45,7 +45,7 @@ Precision trade-offs:
   Inputs are never written (the smoothed k is a new tensor; SageAttention's `sageattn` writes it into the caller's).
 * The fp32 -> e4m3 cast: compiled, `.to(tl.float8e4nv)` is cvt.rn.satfinite (after clamping to +-448). The Triton
   interpreter's cast is wrong where rounding carries into the next power of two (REFERENCE §10), so the
-  interpreted twin encodes e4m3 in software (`_e4m3_encode`, bit-exact with torch's cast: tested on a dense sweep);
+  interpreted twin encodes e4m3 in software (`triton/nvfp4.py`'s `e4m3_code`, bit-exact with torch's cast: tested on a dense sweep);
   the launcher picks it with the constexpr SOFT_E4M3.
 
 Masking and offsets: query rows >= Sq load zeros and are not stored; keys >= S_j load zeros and get score -inf
@@ -77,6 +77,7 @@ from triton.runtime.jit import JITFunction
 
 from wan_kernels.hardware import default_pv
 from wan_kernels.triton._launch import Launch, run, target
+from wan_kernels.triton.nvfp4 import e4m3_code
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, LOG2E, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
@@ -92,35 +93,10 @@ _jit = JITFunction
 
 
 @_jit
-def _e4m3_encode(x):
-    """fp32 -> uint8 e4m3 code: RNE with saturation to +-448 (cvt.rn.satfinite), NaN -> 0x7F | sign."""
-    bits = x.to(tl.uint32, bitcast=True)
-    sign = ((bits >> 24) & 0x80).to(tl.int32)
-    a = tl.abs(x)
-    e = ((bits >> 23) & 0xFF).to(tl.int32) - 127
-    # subnormal range (|x| < 2^-6): multiples of 2^-9; |x| * 512 is exact, round half to even by hand
-    v = a * 512.0
-    f = tl.floor(v)
-    r = v - f
-    fi = f.to(tl.int32)
-    sub = fi + ((r > 0.5) | ((r == 0.5) & ((fi & 1) == 1))).to(tl.int32)
-    # normal range: keep 3 mantissa bits, RNE on the 20 dropped bits (a carry bumps the exponent)
-    mant = bits & 0x7FFFFF
-    m = (mant >> 20).to(tl.int32)
-    rem = mant & 0xFFFFF
-    m = m + ((rem > 0x80000) | ((rem == 0x80000) & ((m & 1) == 1))).to(tl.int32)
-    norm = tl.minimum(((tl.maximum(e, -6) + 7) << 3) + m, 0x7E)
-    code = tl.where(e < -6, sub, norm)
-    code = tl.where(a >= 448.0, 0x7E, code)
-    code = tl.where(a == a, code, 0x7F)
-    return (code | sign).to(tl.uint8)
-
-
-@_jit
 def _to_e4m3(x, SOFT_E4M3: tl.constexpr):
     """fp32 -> tl.float8e4nv, RNE, saturating at +-448."""
     if SOFT_E4M3:
-        return _e4m3_encode(x).to(tl.float8e4nv, bitcast=True)
+        return e4m3_code(x).to(tl.float8e4nv, bitcast=True)
     return tl.minimum(tl.maximum(x, -448.0), 448.0).to(tl.float8e4nv)
 
 
@@ -160,7 +136,6 @@ def _attention_int8_kernel(
     for j in tl.static_range(NUM_SETS):
         if j == 0:
             kv_len = Sk
-            n_groups = Gk
             k_base = k_ptr + b * stride_kb + h * stride_kh
             v_base = v_ptr + b * stride_vb + h * stride_vh
             ks_base = ks_ptr + bh * Gk
@@ -170,7 +145,6 @@ def _attention_int8_kernel(
             s_v = stride_vs
         else:
             kv_len = Si
-            n_groups = Gi
             k_base = ki_ptr + b * stride_kib + h * stride_kih
             v_base = vi_ptr + b * stride_vib + h * stride_vih
             ks_base = kis_ptr + bh * Gi
@@ -227,8 +201,9 @@ attention_int8_kernel = _attention_int8_kernel
 
 
 def _interpreted(kernel: JITFunction) -> InterpretedFunction:
-    """The kernel for the Triton interpreter: it cannot call JITFunction helpers, so the kernel and this module's
-    helpers are re-created as plain functions over one namespace (as wan_kernels/triton/nvfp4.py)."""
+    """The kernel for the Triton interpreter: it cannot call JITFunction helpers, so the kernel and the helpers it
+    sees (this module's and the imported e4m3 encoder) are re-created as plain functions over one namespace (as
+    wan_kernels/triton/nvfp4.py)."""
     ns = dict(globals())
 
     def plain(f):
@@ -237,7 +212,7 @@ def _interpreted(kernel: JITFunction) -> InterpretedFunction:
         return g
 
     for name, value in globals().items():
-        if isinstance(value, JITFunction) and value.fn.__module__ == __name__:
+        if isinstance(value, JITFunction) and value.fn.__module__.startswith("wan_kernels."):  # not Triton's own
             ns[name] = plain(value.fn)
     return InterpretedFunction(plain(kernel.fn))
 
@@ -418,7 +393,7 @@ def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 def _e4m3_encode_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    tl.store(out_ptr + offs, _e4m3_encode(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+    tl.store(out_ptr + offs, e4m3_code(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
 
 
 def e4m3_encode(x: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:

@@ -46,12 +46,16 @@ _jit = JITFunction
 
 
 @_jit
-def _e4m3_encode_nonneg(x):
-    """fp32 in [0, 448] (NaN-free) -> uint8 E4M3 code, round to nearest even."""
+def e4m3_code(x):
+    """fp32 -> uint8 e4m3 code, bit-exact with torch's cast after clamping to +-448: round to nearest even,
+    saturating at +-448 (PTX cvt.rn.satfinite), NaN -> 0x7F | sign. Written out because the interpreter's
+    fp32 -> e4m3 cast is wrong on carries (REFERENCE section 10); the 8-bit attention kernel uses it too."""
     bits = x.to(tl.uint32, bitcast=True)
+    sign = ((bits >> 24) & 0x80).to(tl.int32)
+    a = tl.abs(x)
     e = ((bits >> 23) & 0xFF).to(tl.int32) - 127
-    # subnormal range (x < 2^-6): multiples of 2^-9; x * 512 is exact, round half to even by hand
-    v = x * 512.0
+    # subnormal range (|x| < 2^-6): multiples of 2^-9; |x| * 512 is exact, round half to even by hand
+    v = a * 512.0
     f = tl.floor(v)
     r = v - f
     fi = f.to(tl.int32)
@@ -61,11 +65,11 @@ def _e4m3_encode_nonneg(x):
     m = (mant >> 20).to(tl.int32)
     rem = mant & 0xFFFFF
     m = m + ((rem > 0x80000) | ((rem == 0x80000) & ((m & 1) == 1))).to(tl.int32)
-    norm = tl.minimum(((e + 7) << 3) + m, 0x7E)
+    norm = tl.minimum(((tl.maximum(e, -6) + 7) << 3) + m, 0x7E)
     code = tl.where(e < -6, sub, norm)
-    code = tl.where(x >= 448.0, 0x7E, code)
-    code = tl.where(x > 0.0, code, 0)
-    return code.to(tl.uint8)
+    code = tl.where(a >= 448.0, 0x7E, code)
+    code = tl.where(a == a, code, 0x7F)
+    return (code | sign).to(tl.uint8)
 
 
 @_jit
@@ -130,7 +134,7 @@ def _nvfp4_quantize_kernel(x_ptr, packed_ptr, scale_ptr, gs_ptr, M, K, stride_m,
     # runs in the interpreter whatever the import order of triton and TRITON_INTERPRET
     amax = tl.reduce(tl.where(xb == xb, tl.abs(xb), 0.0), 2, tl.standard._elementwise_max)
     s = tl.minimum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), tl.where(gs_ok, gs, 1.0)), 448.0)
-    scode = tl.where(gs_ok, _e4m3_encode_nonneg(s), 0).to(tl.uint8)
+    scode = tl.where(gs_ok, e4m3_code(s), 0).to(tl.uint8)
     denom = _e4m3_decode(scode) * gs                                            # [BM, NB]
     q = tl.math.div_rn(xb, tl.where(denom > 0.0, denom, 1.0)[:, :, None])
     codes = tl.where((denom > 0.0)[:, :, None], _e2m1_encode(q), 0).to(tl.uint8)
