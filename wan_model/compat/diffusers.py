@@ -1,7 +1,13 @@
-"""Make an existing diffusers `WanTransformer3DModel` (or a pipeline holding one) run on the `wan` ops.
+"""Make an existing diffusers Wan transformer (or a pipeline holding one or two) run on the `wan` ops.
 
     from wan_model.compat.diffusers import use_wan_kernels
     use_wan_kernels(pipe)            # pipe.transformer (and pipe.transformer_2) now use the kernels
+
+Every diffusers Wan transformer is accepted: `WanTransformer3DModel`, `WanVACETransformer3DModel` (its
+`vace_blocks` too), `WanAnimateTransformer3DModel` (its blocks and face adapter) and
+`WanAnimate2Transformer3DModel` (its cross-attention; its self-attention, a flex-attention `BlockMask` over
+generation + cached reference tokens, stays diffusers'), in any pipeline, classic (`WanPipeline`,
+`WanVACEPipeline`, ...) or modular (`Wan22ModularPipeline`, ...: `pipe.components`).
 
 Only the attention processors change (no module, weight or hook is added or replaced), so what diffusers
 does to a transformer keeps working after the patch, in any order:
@@ -12,8 +18,9 @@ does to a transformer keeps working after the patch, in any order:
   unloading take effect as in stock diffusers. The weights are never stored twice.
 - attention runs `wan_kernels.attention`, with the Wan2.1 I2V image keys/values as its second
   (independently softmaxed) set; `set_attention_backend(name)` and `enable_parallelism` hand attention back
-  to diffusers' own `WanAttnProcessor` (with that backend / parallel config), `reset_attention_backend()`
-  returns it to the kernels.
+  to diffusers' own processor of that module (`WanAttnProcessor`, Animate's copy of it in
+  transformer_wan_animate, ...) with that backend / parallel config, `reset_attention_backend()` returns it
+  to the kernels. `attention="int8"`: `wan_kernels.attention_int8` instead (8-bit, inference only).
 - diffusers' cache hooks (FirstBlockCache, MagCache, ...) and group offloading wrap blocks and modules,
   which the patch leaves alone.
 Numerics match the unpatched model up to rounding (one rounding instead of several).
@@ -36,11 +43,32 @@ from wan_kernels._versions import check_installed
 check_installed("diffusers", "torch")
 
 from diffusers import WanTransformer3DModel  # noqa: E402  (after the version check: older ones fail here)
+from diffusers.models.transformers import transformer_wan  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 import wan_kernels  # noqa: E402
 
 TEXT_TOKENS = 512  # diffusers hard-codes the text context length when splitting the I2V context
+ATTENTIONS = ("bf16", "int8")  # wan::attention (in the inputs' dtype) / wan::attention_int8 (8-bit, inference)
+
+
+def _variant(module: str):
+    """diffusers.models.transformers.<module>, or None where this diffusers has no such variant (0.35 has
+    neither VACE's nor Animate's module, Animate-2 came in 0.42)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"diffusers.models.transformers.{module}")
+    except ImportError:
+        return None
+
+
+_VACE, _ANIMATE, _ANIMATE2 = (_variant(m) for m in ("transformer_wan_vace", "transformer_wan_animate",
+                                                   "transformer_wan_animate_2"))
+# every diffusers Wan transformer class of this diffusers, the base one first
+TRANSFORMERS = tuple([WanTransformer3DModel] + [getattr(m, n) for m, n in (
+    (_VACE, "WanVACETransformer3DModel"), (_ANIMATE, "WanAnimateTransformer3DModel"),
+    (_ANIMATE2, "WanAnimate2Transformer3DModel")) if m is not None])
 
 
 def _dense(m: nn.Module, dtype: torch.dtype) -> bool:
@@ -60,8 +88,12 @@ class WanKernelsAttnProcessor:
     returns to the kernels. The ops are bound for a device once and again when the inputs move.
     """
 
-    def __init__(self, impl: str = "auto", device: torch.device | str = "cpu"):
-        self.impl = impl
+    stock = WanAttnProcessor  # diffusers' processor it hands attention back to (Animate's own copy: see below)
+
+    def __init__(self, impl: str = "auto", device: torch.device | str = "cpu", attention: str = "bf16"):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"use_wan_kernels: attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.impl, self.kind = impl, attention
         self._backend = self._parallel = None
         self.bind(device)
         self._rebind()
@@ -70,7 +102,11 @@ class WanKernelsAttnProcessor:
         self.device = torch.device(device)
         self.qkv_rope = wan_kernels.resolve("qkv_rope", self.impl, device)
         self.qk_norm_rope = wan_kernels.resolve("qk_norm_rope", self.impl, device)
-        self.attention = wan_kernels.resolve("attention", self.impl, device)
+        if self.kind == "int8":  # pv="auto": fp16 P.V on sm_80/86, fp8 elsewhere (the op's rule)
+            int8 = wan_kernels.resolve("attention_int8", self.impl, device)
+            self.attention = lambda q, k, v, k_img, v_img, scale: int8(q, k, v, k_img, v_img, scale, "auto")
+        else:
+            self.attention = wan_kernels.resolve("attention", self.impl, device)
 
     @property
     def _attention_backend(self):
@@ -97,7 +133,7 @@ class WanKernelsAttnProcessor:
         if self._backend is None and self._parallel is None:
             self._call = self._wan
             return
-        stock = WanAttnProcessor()
+        stock = self.stock()
         stock._attention_backend, stock._parallel_config = self._backend, self._parallel
         self._call = stock
 
@@ -154,6 +190,83 @@ class WanKernelsAttnProcessor:
         return attn.to_out[1](out)
 
 
+class WanKernelsAnimateAttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for the blocks of Wan-Animate, which hold transformer_wan_animate's own copy of
+    `WanAttention`: it hands back to that module's `WanAttnProcessor` (which dispatches through that module)."""
+
+    stock = getattr(_ANIMATE, "WanAttnProcessor", None)
+
+
+class WanKernelsFaceAttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for Wan-Animate's face adapter (`WanAnimateFaceBlockCrossAttention`): each latent
+    frame's tokens attend to that frame's N motion tokens. Projections and the per-head q/k RMSNorms run the live
+    modules (as diffusers does: adapters, fusing and hooks hold); the attention runs `wan_kernels.attention` with
+    the frames as its batch. Hands back to diffusers' `WanAnimateFaceBlockAttnProcessor`."""
+
+    stock = getattr(_ANIMATE, "WanAnimateFaceBlockAttnProcessor", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        return self._call(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+    def _wan(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if hidden_states.device != self.device:
+            self.bind(hidden_states.device)
+        x = attn.pre_norm_q(hidden_states)                               # [B, S, C]
+        m = attn.pre_norm_kv(encoder_hidden_states)                      # [B, T, N, C]: motion tokens per frame
+        B, T, N, _ = m.shape
+        q, k, v = _ANIMATE._get_qkv_projections(attn, x, m.flatten(1, 2))
+        H = attn.heads
+        q = attn.norm_q(q.unflatten(2, (H, -1))).unflatten(1, (T, -1)).flatten(0, 1)   # [B*T, S/T, H, D]
+        k = attn.norm_k(k.view(B, T, N, H, -1)).flatten(0, 1)                          # [B*T, N, H, D]
+        v = v.view(B, T, N, H, -1).flatten(0, 1)
+        out = self.attention(q, k, v, None, None, None)
+        out = attn.to_out(out.flatten(2).unflatten(0, (B, T)).flatten(1, 2))            # [B, S, C]
+        if attention_mask is not None:  # diffusers' face mask is multiplicative, on the output
+            out = out * attention_mask.flatten(start_dim=1)
+        return out
+
+
+class WanKernelsAnimate2CrossAttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for Wan-Animate-2's cross-attention (`WanAnimate2Attention`, is_cross_attention):
+    text and CLIP image tokens come as two arguments and are attended as wan::attention's two independently
+    softmaxed sets. Hands back to diffusers' `WanAnimate2CrossAttnProcessor`."""
+
+    stock = getattr(_ANIMATE2, "WanAnimate2CrossAttnProcessor", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_image=None):
+        return self._call(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_image)
+
+    def _wan(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_image=None):
+        if hidden_states.device != self.device:
+            self.bind(hidden_states.device)
+        H = attn.heads
+        q, k, v = _ANIMATE2._get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q = attn.norm_q(q).unflatten(2, (H, -1))
+        k = attn.norm_k(k).unflatten(2, (H, -1))
+        k_img = v_img = None
+        if encoder_hidden_states_image is not None:
+            k_img, v_img = _ANIMATE2._get_added_kv_projections(attn, encoder_hidden_states_image)
+            k_img, v_img = attn.norm_added_k(k_img).unflatten(2, (H, -1)), v_img.unflatten(2, (H, -1))
+        out = self.attention(q, k, v.unflatten(2, (H, -1)), k_img, v_img, None)
+        out = attn.to_out[0](out.flatten(2))
+        return attn.to_out[1](out)
+
+
+def _processor_class(attn: nn.Module):
+    """The kernels' processor class for one diffusers attention module, or None where it stays diffusers'
+    (Animate-2's self-attention: dense with float64 RoPE and a K/V cache on the reference pass, a flex
+    `BlockMask` over generation + cached reference tokens on the generation pass)."""
+    if type(attn) is transformer_wan.WanAttention:
+        return WanKernelsAttnProcessor
+    if _ANIMATE is not None and type(attn) is _ANIMATE.WanAttention:
+        return WanKernelsAnimateAttnProcessor
+    if _ANIMATE is not None and type(attn) is _ANIMATE.WanAnimateFaceBlockCrossAttention:
+        return WanKernelsFaceAttnProcessor
+    if _ANIMATE2 is not None and type(attn) is _ANIMATE2.WanAnimate2Attention and attn.is_cross_attention:
+        return WanKernelsAnimate2CrossAttnProcessor
+    return None
+
+
 def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
     """(ulysses_degree, ring_degree) of diffusers' `enable_parallelism(config=..., cp_plan=...)` arguments, for
     `WanModel.enable_parallelism` (wan_model/core/parallel.py). config: a `ContextParallelConfig` or a
@@ -186,29 +299,43 @@ def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
 
 
 def _transformers(obj) -> list:
+    """The diffusers Wan transformers `obj` is or holds: `transformer`, `transformer_2`, then any other entry of
+    `components` (classic and modular pipelines), each once."""
     from wan_model.core.model import WanTransformer
 
-    if isinstance(obj, WanTransformer3DModel):
+    if isinstance(obj, TRANSFORMERS):
         return [obj]
     held = [getattr(obj, n, None) for n in ("transformer", "transformer_2")]
-    found = [t for t in held if isinstance(t, WanTransformer3DModel)]
+    components = getattr(obj, "components", None)
+    if isinstance(components, dict):
+        held += list(components.values())
+    found = []
+    for t in held:
+        if isinstance(t, TRANSFORMERS) and not any(t is f for f in found):
+            found.append(t)
     if not found and not any(isinstance(t, WanTransformer) for t in held):
-        raise TypeError(f"use_wan_kernels: expected a WanTransformer3DModel or a pipeline holding one, "
+        raise TypeError(f"use_wan_kernels: expected a WanTransformer3DModel or a pipeline holding one (or another "
+                        f"diffusers Wan transformer: {', '.join(c.__name__ for c in TRANSFORMERS[1:])}), "
                         f"got {type(obj).__name__}")
     return found
 
 
-def use_wan_kernels(model_or_pipeline, impl: str = "auto"):
+def use_wan_kernels(model_or_pipeline, impl: str = "auto", attention: str = "bf16"):
     """Patch every Wan transformer of `model_or_pipeline` in place to run on the `wan` ops; returns it.
 
-    Every `WanAttention` gets a `WanKernelsAttnProcessor(impl)`; nothing else changes (see the module
-    docstring). A pipeline whose transformer is already our `WanModel` needs no patch and is left alone.
+    Every Wan attention module (`_processor_class`) gets a kernels processor (`impl`: the backend; `attention`:
+    "bf16" = wan::attention in the inputs' dtype, "int8" = wan::attention_int8, 8-bit, inference only); nothing
+    else changes (see the module docstring). A pipeline whose transformer is already our `WanModel` needs no
+    patch and is left alone.
     """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"use_wan_kernels: attention must be one of {ATTENTIONS}, got {attention!r}")
     for transformer in _transformers(model_or_pipeline):
         device = next(transformer.parameters()).device
-        for block in transformer.blocks:
-            for attn in (block.attn1, block.attn2):
-                attn.set_processor(WanKernelsAttnProcessor(impl, device))
+        for module in transformer.modules():
+            cls = _processor_class(module)
+            if cls is not None:
+                module.set_processor(cls(impl, device, attention))
     return model_or_pipeline
 
 
