@@ -163,6 +163,7 @@ def test_bf16_error_within_stock_bf16_error(models, name):
     assert err_ours <= BF16_RATIO * err_stock
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_compile_fullgraph(models, name):
     """torch.compile(fullgraph=True) of the patched model (aot_eager: fast on CPU). Animate-2's forward reads its
@@ -192,6 +193,21 @@ def test_peft_lora_on_qkv(models, name):
     effect = _err(expected, _forward(name, base))
     print(f"{name}: LoRA effect {effect:.3f}, patched vs stock {_err(_forward(name, patched), expected):.2e}")
     assert effect > 0.05  # the adapter changes the output
+    assert _err(_forward(name, patched), expected) <= FP32_TOL
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_layerwise_fp8_casting_and_group_offload(models, name):
+    """diffusers' fp8 layerwise casting (hooks on every Linear: the processors call the live modules) and
+    block-level group offloading (hooks on the blocks, vace_blocks and face adapters), patched = stock."""
+    cpu = torch.device("cpu")
+    ref, patched = copy.deepcopy(models[name]), use_wan_kernels(copy.deepcopy(models[name]))
+    for t in (ref, patched):
+        t.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        t.enable_group_offload(onload_device=cpu, offload_device=cpu, offload_type="block_level",
+                               num_blocks_per_group=1)
+    expected = _forward(name, ref)
+    assert _err(expected, _forward(name, models[name])) > 1e-3  # fp8 storage really rounds the weights
     assert _err(_forward(name, patched), expected) <= FP32_TOL
 
 

@@ -299,16 +299,21 @@ def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
 
 
 def _transformers(obj) -> list:
-    """The diffusers Wan transformers `obj` is or holds: `transformer`, `transformer_2`, then any other entry of
-    `components` (classic and modular pipelines), each once."""
+    """The diffusers Wan transformers `obj` is or holds: `transformer` and `transformer_2` (every Wan pipeline,
+    classic or modular, names them so), else those among its `components` (a dict in classic and modular
+    pipelines), each once."""
     from wan_model.core.model import WanTransformer
 
     if isinstance(obj, TRANSFORMERS):
         return [obj]
     held = [getattr(obj, n, None) for n in ("transformer", "transformer_2")]
-    components = getattr(obj, "components", None)
-    if isinstance(components, dict):
-        held += list(components.values())
+    if not any(isinstance(t, TRANSFORMERS) for t in held):
+        try:
+            components = getattr(obj, "components", None)
+        except ValueError:  # a classic pipeline whose modules disagree with its signature: none to search
+            components = None
+        if isinstance(components, dict):
+            held += list(components.values())
     found = []
     for t in held:
         if isinstance(t, TRANSFORMERS) and not any(t is f for f in found):
