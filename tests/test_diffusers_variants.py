@@ -1,7 +1,8 @@
 """The drop-in on every other diffusers Wan transformer, against diffusers itself: tiny random
 `WanVACETransformer3DModel`, `WanAnimateTransformer3DModel` and `WanAnimate2Transformer3DModel` (head_dim 128,
-2 heads, 2 layers), each patched vs the same model stock; a Wan2.2 VACE modular pipeline (two transformers, random
-UMT5, word-level tokenizer, random AutoencoderKLWan) end to end.
+2 heads, 2 layers), each patched vs the same model stock (Animate-2's generation pass vs diffusers' flex
+BlockMask too); a Wan2.2 VACE modular pipeline (two transformers, random UMT5, word-level tokenizer, random
+AutoencoderKLWan) end to end.
 
 Tolerances: fp32 FP32_TOL (1e-5 absolute, outputs of magnitude ~1.5; seen <= 1e-6); bf16: the patched model's
 error vs the fp32 run of the same bf16 weights is at most BF16_RATIO x stock bf16's own error (tests/test_model.py's
@@ -81,19 +82,23 @@ def _run_animate(model, dtype=torch.float32):
                  pose_hidden_states=r(2, 4, 1, 4, 4), face_pixel_values=r(2, 3, 4, 4, 4), return_dict=False)[0]
 
 
-def _run_animate2(model, dtype=torch.float32, generate: bool = False):
-    """The reference pass (kv_cache_mode="extract": dense self-attention, K/V cached); `generate`: then one
-    generation pass over 3 latent frames against the cached reference (flex BlockMask self-attention)."""
+def _run_animate2(model, dtype=torch.float32, generate=None):
+    """The reference pass (kv_cache_mode="extract": dense self-attention, K/V cached) over 2 latent frames of 2 x 2
+    tokens. `generate` = (latent frames, reference frames, origin_area): the reference pass over that many frames,
+    then one generation pass against the cached reference (flex BlockMask self-attention) in the buffer of a
+    5-frame video (origin_len 5: 2 latent frames + 1) of origin_area pixels (32 x 32: 2 x 2 tokens a frame)."""
     r = _randn(torch.Generator().manual_seed(0), dtype)
+    frames, ref_frames, area = generate or (None, 2, None)
     cache = WanAnimate2KVCache(LAYERS)
-    ref = model([r(4, 2, 4, 4)], torch.tensor([1.0]), [r(7, TEXT_DIM)], [r(4, 2, 4, 4)], cache, "extract", 8,
-                encoder_hidden_states_image=r(1, 4, 1280), offset_grid_sizes=torch.tensor([[2, 2, 2]]),
+    ref_grid = torch.tensor([[ref_frames, 2, 2]])
+    ref = model([r(4, ref_frames, 4, 4)], torch.tensor([1.0]), [r(7, TEXT_DIM)], [r(4, ref_frames, 4, 4)], cache,
+                "extract", 4 * ref_frames, encoder_hidden_states_image=r(1, 4, 1280), offset_grid_sizes=ref_grid,
                 return_dict=False)[0][0]
-    if not generate:
+    if generate is None:
         return ref
-    out = model([r(4, 3, 4, 4)], torch.tensor([600.0]), [r(7, TEXT_DIM)], [r(4, 3, 4, 4)], cache, "cached", 12,
-                encoder_hidden_states_image=r(1, 4, 1280), reference_grid_sizes=torch.tensor([[2, 2, 2]]),
-                origin_len=4, origin_area=[32, 32], return_dict=False)[0][0]
+    out = model([r(4, frames, 4, 4)], torch.tensor([600.0]), [r(7, TEXT_DIM)], [r(4, frames, 4, 4)], cache,
+                "cached", 4 * frames, encoder_hidden_states_image=r(1, 4, 1280), reference_grid_sizes=ref_grid,
+                origin_len=5, origin_area=area, return_dict=False)[0][0]
     return torch.cat([ref.flatten(), out.flatten()])
 
 
@@ -103,7 +108,7 @@ VARIANTS = {
     "animate": (_animate, _run_animate, {"WanKernelsAnimateAttnProcessor": 2 * LAYERS,
                                          "WanKernelsFaceAttnProcessor": LAYERS}, transformer_wan_animate),
     "animate2": (_animate2, _run_animate2, {"WanKernelsAnimate2CrossAttnProcessor": LAYERS,
-                                            "WanAnimate2AttnProcessor": LAYERS}, transformer_wan_animate_2),
+                                            "WanKernelsAnimate2AttnProcessor": LAYERS}, transformer_wan_animate_2),
 }
 
 
@@ -130,12 +135,14 @@ def _processors(model) -> dict[str, int]:
 
 
 def _spy_kernels(model) -> list:
-    """Count the kernels' attention calls of every patched processor."""
+    """Record the kernels' attention calls of every patched processor ("attention" / "attention_lse")."""
     calls = []
     for m in model.modules():
         p = getattr(m, "processor", None)
         if isinstance(p, dropin.WanKernelsAttnProcessor):
-            p.attention = (lambda fn: lambda *a: calls.append(1) or fn(*a))(p.attention)
+            for op in ("attention", "attention_lse"):
+                if hasattr(p, op):
+                    setattr(p, op, (lambda fn, op: lambda *a: calls.append(op) or fn(*a))(getattr(p, op), op))
     return calls
 
 
@@ -144,11 +151,11 @@ def test_patched_equals_stock_fp32(models, name):
     stock = models[name]
     expected = _forward(name, stock)
     patched = use_wan_kernels(copy.deepcopy(stock))
-    assert _processors(patched) == VARIANTS[name][2]  # every Wan attention patched; Animate-2 self-attention not
+    assert _processors(patched) == VARIANTS[name][2]  # every attention module patched
     calls = _spy_kernels(patched)
     out = _forward(name, patched)
     print(f"{name}: patched vs stock {_err(out, expected):.2e} (max |out| {expected.abs().max():.2f})")
-    assert len(calls) == sum(n for k, n in VARIANTS[name][2].items() if k.startswith("WanKernels"))
+    assert calls == ["attention"] * sum(VARIANTS[name][2].values())  # one call per attention module
     assert _err(out, expected) <= FP32_TOL
 
 
@@ -166,9 +173,10 @@ def test_bf16_error_within_stock_bf16_error(models, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_compile_fullgraph(models, name):
-    """torch.compile(fullgraph=True) of the patched model (aot_eager: fast on CPU). Animate-2's forward reads its
-    grid sizes back to Python (`.tolist()`, `.item()`: stock cannot be traced whole either), so there each patched
-    cross-attention is compiled with fullgraph and the model runs them."""
+    """torch.compile(fullgraph=True) of the patched model (aot_eager: fast on CPU). Animate-2's forward and its
+    self-attention's RoPE (diffusers' `rope_apply`) read grid sizes back to Python (`.tolist()`, `.item()`: stock
+    cannot be traced whole either), so there each patched cross-attention is compiled with fullgraph and the
+    model runs them."""
     stock = models[name]
     patched = use_wan_kernels(copy.deepcopy(stock))
     if name == "animate2":
@@ -233,7 +241,7 @@ def test_set_attention_backend_and_parallel_hand_back_to_the_modules_own_process
     n_stock = len(dispatched)
     dispatched.clear()
     ours_out = _forward(name, patched)
-    assert len(dispatched) == VARIANTS[name][2].get("WanAnimate2AttnProcessor", 0)  # only what stays diffusers'
+    assert not dispatched  # every attention on the kernels
 
     patched.set_attention_backend("native")
     assert all(type(p._call) is p.stock and p.stock.__module__ == module.__name__ for p in ours)
@@ -264,10 +272,28 @@ def test_int8_attention_close_to_stock(models):
     got = _forward("vace", patched)
     err = ((got - expected).norm() / expected.norm()).item()
     print(f"vace int8: {len(calls)} int8 calls, relative error {err:.4f}")
-    assert len(calls) == 2 * (LAYERS + 2)
+    assert calls == ["attention"] * 2 * (LAYERS + 2)
     assert 0 < err < OP_NRMSE * len(calls)
     with pytest.raises(ValueError, match=r"attention must be one of \('bf16', 'int8'\), got 'int4'"):
         use_wan_kernels(copy.deepcopy(stock), attention="int4")
+
+
+@pytest.mark.slow
+def test_int8_animate2_generation_pass_close_to_bf16_kernels(models):
+    """attention="int8" on Animate-2's generation pass: its two sets run wan::attention_int8_lse, merged as the
+    bf16 path's (compared with the patched fp32 model, which test_animate2_generation_pass holds = stock's flex)."""
+    geometry = (2, 1, [32, 48])  # empty slots in both sets
+    with torch.no_grad():
+        expected = _run_animate2(use_wan_kernels(copy.deepcopy(models["animate2"])), generate=geometry)
+        patched = use_wan_kernels(copy.deepcopy(models["animate2"]), attention="int8")
+        calls = _spy_kernels(patched)
+        got = _run_animate2(patched, generate=geometry)
+    err = ((got - expected).norm() / expected.norm()).item()
+    print(f"animate2 int8: {len(calls)} int8 calls, relative error {err:.4f}")
+    assert calls == ["attention"] * 2 * LAYERS + ["attention_lse", "attention_lse", "attention"] * LAYERS
+    assert all(p.kind == "int8" for m in patched.modules() if isinstance(p := getattr(m, "processor", None),
+                                                                         dropin.WanKernelsAttnProcessor))
+    assert 0 < err < OP_NRMSE * len(calls)
 
 
 def test_pipelines_holding_variants_and_errors(models):
@@ -292,16 +318,22 @@ def test_pipelines_holding_variants_and_errors(models):
 
 
 @pytest.mark.slow
-def test_animate2_generation_pass_flex_self_attention_stays_diffusers(models):
-    """The generation pass (kv_cache_mode="cached"): self-attention on diffusers' flex BlockMask (eager on CPU, ~10 s),
-    cross-attention on the kernels; both passes equal stock."""
+@pytest.mark.parametrize("frames, ref_frames, area", [(3, 2, [32, 32]), (2, 1, [32, 32]), (3, 1, [32, 48])],
+                         ids=["full", "short-segment", "wider-video"])
+def test_animate2_generation_pass(models, frames, ref_frames, area):
+    """The generation pass (kv_cache_mode="cached") vs diffusers' flex BlockMask (eager on CPU, ~5 s each): the full
+    buffer; a shorter segment (empty generation slots; frame 2 sees no reference frame with tokens); a wider video
+    (3 x 2 slots a frame, 2 x 2 used: empty slots inside every frame)."""
     stock = models["animate2"]
     patched = use_wan_kernels(copy.deepcopy(stock))
     calls = _spy_kernels(patched)
     with torch.no_grad():  # flex attention has no backward on CPU
-        expected, out = _run_animate2(stock, generate=True), _run_animate2(patched, generate=True)
-    print(f"animate2 reference + generation passes: patched vs stock {_err(out, expected):.2e}")
-    assert len(calls) == 2 * LAYERS
+        expected = _run_animate2(stock, generate=(frames, ref_frames, area))
+        out = _run_animate2(patched, generate=(frames, ref_frames, area))
+    print(f"animate2 reference + generation passes {frames, ref_frames, area}: patched vs stock "
+          f"{_err(out, expected):.2e} (max |out| {expected.abs().max():.2f})")
+    # per layer: reference pass self + cross; generation pass generation + reference sets (lse), cross
+    assert calls == ["attention"] * 2 * LAYERS + ["attention_lse", "attention_lse", "attention"] * LAYERS
     assert _err(out, expected) <= FP32_TOL
 
 

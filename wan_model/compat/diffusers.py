@@ -5,9 +5,11 @@
 
 Every diffusers Wan transformer is accepted: `WanTransformer3DModel`, `WanVACETransformer3DModel` (its
 `vace_blocks` too), `WanAnimateTransformer3DModel` (its blocks and face adapter) and
-`WanAnimate2Transformer3DModel` (its cross-attention; its self-attention, a flex-attention `BlockMask` over
-generation + cached reference tokens, stays diffusers'), in any pipeline, classic (`WanPipeline`,
-`WanVACEPipeline`, ...) or modular (`Wan22ModularPipeline`, ...: `pipe.components`).
+`WanAnimate2Transformer3DModel` (its cross-attention and both passes of its self-attention: the generation
+pass's flex `BlockMask` becomes two `attention_lse` calls merged), in any pipeline, classic (`WanPipeline`,
+`WanVACEPipeline`, ...) or modular (`Wan22ModularPipeline`, ...: `pipe.components`). The variants' own
+projections, norms and RoPE tables outside Wan's fused pattern (Animate's per-head face norms, Animate-2's
+float64 RoPE) run as diffusers' modules, then the kernels' attention.
 
 Only the attention processors change (no module, weight or hook is added or replaced), so what diffusers
 does to a transformer keeps working after the patch, in any order:
@@ -32,6 +34,7 @@ Our own `WanModel` as a pipeline's transformer needs no patch, also under sequen
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import diffusers  # noqa: F401  (its __version__ is checked below)
@@ -252,18 +255,116 @@ class WanKernelsAnimate2CrossAttnProcessor(WanKernelsAttnProcessor):
         return attn.to_out[1](out)
 
 
+def _merge(out, lse, out_b, lse_b):
+    """Two softmax attentions over disjoint key sets -> the one over their union (wan::attention_lse's formula):
+    out [B, S, H, D] fp32, lse [B, H, S] fp32 each."""
+    w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)              # [B, S, H, 1]
+    return out - w * (out - out_b), lse - nn.functional.logsigmoid(lse - lse_b)
+
+
+def _with_zero_keys(out, lse, n: int):
+    """`out`, `lse` of a key set joined by `n` all-zero keys with all-zero values (a packed buffer's empty slots,
+    which diffusers' mask leaves visible): each scores exactly 0, so they add n to the softmax's denominator."""
+    if n == 0:
+        return out, lse
+    return _merge(out, lse, torch.zeros_like(out), torch.full_like(lse, math.log(n)))
+
+
+class WanKernelsAnimate2AttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for Wan-Animate-2's self-attention (`WanAnimate2Attention`). Projections, q/k
+    RMSNorm, the K/V cache and RoPE (float64, reference offsets) run diffusers' own code; the attention runs on the
+    kernels:
+    - reference pass (kv_cache_mode="extract"): dense, `wan_kernels.attention`;
+    - generation pass ("cached"): diffusers packs [generation | reference] into a buffer sized for the full video
+      and attends through a flex `BlockMask`: each generation frame f sees every generation slot and the slots of
+      reference frame f - 1, empty slots (zero keys and values) included. The same softmax here: one
+      `wan_kernels.attention_lse` over the generation tokens, one over each frame's reference tokens (the frames
+      as the batch), the empty slots counted in closed form, merged by their log-sum-exps in fp32.
+    Hands back to diffusers' `WanAnimate2AttnProcessor` (which runs the generation pass on its flex backend)."""
+
+    stock = getattr(_ANIMATE2, "WanAnimate2AttnProcessor", None)
+
+    def bind(self, device) -> None:
+        super().bind(device)
+        if self.kind == "int8":
+            int8 = wan_kernels.resolve("attention_int8_lse", self.impl, device)
+            self.attention_lse = lambda q, k, v, scale: int8(q, k, v, scale, "auto")
+        else:  # attention_lse has no C++ CUDA kernel: impl="cuda" takes its auto route (Triton on GPUs)
+            self.attention_lse = wan_kernels.resolve("attention_lse", "auto" if self.impl == "cuda" else self.impl,
+                                                     device)
+
+    def __call__(self, attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, rope_stride=1,
+                 reference_rotary_emb=None, reference_grid_sizes=None, reference_rope_stride=1, attention_mask=None,
+                 origin_latent_frames=None, origin_latent_hw=None):
+        return self._call(attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, rope_stride,
+                          reference_rotary_emb, reference_grid_sizes, reference_rope_stride, attention_mask,
+                          origin_latent_frames, origin_latent_hw)
+
+    def _wan(self, attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, rope_stride=1,
+             reference_rotary_emb=None, reference_grid_sizes=None, reference_rope_stride=1, attention_mask=None,
+             origin_latent_frames=None, origin_latent_hw=None):
+        if kv_cache_mode not in ("extract", "cached"):
+            raise ValueError(f"`kv_cache_mode` must be either 'extract' or 'cached', got {kv_cache_mode}.")
+        if hidden_states.device != self.device:
+            self.bind(hidden_states.device)
+        H, rope = attn.heads, _ANIMATE2.rope_apply
+        q, k, v = _ANIMATE2._get_qkv_projections(attn, hidden_states, None)
+        q, k, v = (attn.norm_q(q).unflatten(2, (H, -1)), attn.norm_k(k).unflatten(2, (H, -1)),
+                   v.unflatten(2, (H, -1)))                                     # [B, S, H, D]
+        if kv_cache_mode == "extract":
+            kv_cache.store(k, v)
+        q = rope(q, grid_sizes, rotary_emb, rope_stride).type_as(v)
+        k = rope(k, grid_sizes, rotary_emb, rope_stride).type_as(v)
+        if kv_cache_mode == "extract":
+            out = self.attention(q, k, v, None, None, None)
+        else:
+            k_ref, v_ref = kv_cache.get()
+            k_ref = rope(k_ref, reference_grid_sizes, reference_rotary_emb, reference_rope_stride).type_as(v)
+            out = self._generation(q, k, v, k_ref, v_ref, grid_sizes, reference_grid_sizes, origin_latent_frames,
+                                   origin_latent_hw)
+        out = attn.to_out[0](out.flatten(2))
+        return attn.to_out[1](out)
+
+    def _generation(self, q, k, v, k_ref, v_ref, grid_sizes, reference_grid_sizes, frames_full, hw_full):
+        """diffusers' masked softmax of the generation pass: q, k, v [B, S, H, D] (S = F h w generation tokens),
+        k_ref, v_ref [B, S_ref, H, D] (F_ref h' w' reference tokens); the buffer holds frames_full + 1 generation
+        and frames_full reference frames of hw_full slots each."""
+        F, h, w = grid_sizes[0].tolist()
+        F_ref, h_ref, w_ref = reference_grid_sizes[0].tolist()
+        hw, hw_ref = h * w, h_ref * w_ref
+        B, S, H, D = q.shape
+        if S != F * hw or F > frames_full + 1 or hw > hw_full or hw_ref > hw_full:
+            raise ValueError(f"WanKernelsAnimate2AttnProcessor: {S} generation tokens of grid {(F, h, w)} do not "
+                             f"fit the {frames_full + 1} x {hw_full} buffer of the block mask")
+        out, lse = self.attention_lse(q, k, v, None)
+        out, lse = _with_zero_keys(out.float(), lse.float(), (frames_full + 1) * hw_full - S)
+        if F == 1:  # frame 0 attends no reference frame
+            return out.to(q.dtype)
+        n = min(F - 1, F_ref)  # generation frames 1..n see reference frames 0..n-1, with tokens; later ones only zeros
+        q_ref = q[:, hw:(n + 1) * hw].reshape(B * n, hw, H, D)
+        o_r, l_r = self.attention_lse(q_ref, k_ref[:, :n * hw_ref].reshape(B * n, hw_ref, H, D),
+                                      v_ref[:, :n * hw_ref].reshape(B * n, hw_ref, H, D), None)
+        o_r, l_r = _with_zero_keys(o_r.float(), l_r.float(), hw_full - hw_ref)
+        o_r = o_r.reshape(B, n * hw, H, D)
+        l_r = l_r.reshape(B, n, H, hw).transpose(1, 2).flatten(2)                     # [B, H, n hw]
+        if n < F - 1:  # reference frames beyond F_ref: hw_full empty slots each
+            rest = (F - 1 - n) * hw
+            o_r = torch.cat([o_r, o_r.new_zeros(B, rest, H, D)], dim=1)
+            l_r = torch.cat([l_r, l_r.new_full((B, H, rest), math.log(hw_full))], dim=2)
+        o_m, _ = _merge(out[:, hw:], lse[..., hw:], o_r, l_r)
+        return torch.cat([out[:, :hw], o_m], dim=1).to(q.dtype)
+
+
 def _processor_class(attn: nn.Module):
-    """The kernels' processor class for one diffusers attention module, or None where it stays diffusers'
-    (Animate-2's self-attention: dense with float64 RoPE and a K/V cache on the reference pass, a flex
-    `BlockMask` over generation + cached reference tokens on the generation pass)."""
+    """The kernels' processor class for one diffusers attention module, None for any other module."""
     if type(attn) is transformer_wan.WanAttention:
         return WanKernelsAttnProcessor
     if _ANIMATE is not None and type(attn) is _ANIMATE.WanAttention:
         return WanKernelsAnimateAttnProcessor
     if _ANIMATE is not None and type(attn) is _ANIMATE.WanAnimateFaceBlockCrossAttention:
         return WanKernelsFaceAttnProcessor
-    if _ANIMATE2 is not None and type(attn) is _ANIMATE2.WanAnimate2Attention and attn.is_cross_attention:
-        return WanKernelsAnimate2CrossAttnProcessor
+    if _ANIMATE2 is not None and type(attn) is _ANIMATE2.WanAnimate2Attention:
+        return WanKernelsAnimate2CrossAttnProcessor if attn.is_cross_attention else WanKernelsAnimate2AttnProcessor
     return None
 
 
