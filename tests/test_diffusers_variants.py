@@ -250,7 +250,7 @@ def test_set_attention_backend_and_parallel_hand_back_to_the_modules_own_process
     assert len(dispatched) == n_stock  # every attention dispatched by diffusers, through the module's own function
     patched.reset_attention_backend()
     dispatched.clear()
-    assert torch.equal(_forward(name, patched), ours_out)
+    assert torch.equal(_forward(name, patched), ours_out) and not dispatched  # back on the kernels
     config = object()
     with pytest.warns(UserWarning, match="context parallelism is enabled"):
         for p in ours:
@@ -260,7 +260,8 @@ def test_set_attention_backend_and_parallel_hand_back_to_the_modules_own_process
     assert config in dispatched
     for p in ours:
         p._parallel_config = None
-    assert torch.equal(_forward(name, patched), ours_out)
+    dispatched.clear()
+    assert torch.equal(_forward(name, patched), ours_out) and not dispatched
 
 
 def test_int8_attention_close_to_stock(models):
