@@ -1,7 +1,15 @@
-"""Make an existing diffusers `WanTransformer3DModel` (or a pipeline holding one) run on the `wan` ops.
+"""Make an existing diffusers Wan transformer (or a pipeline holding one or two) run on the `wan` ops.
 
     from wan_model.compat.diffusers import use_wan_kernels
     use_wan_kernels(pipe)            # pipe.transformer (and pipe.transformer_2) now use the kernels
+
+Every diffusers Wan transformer is accepted: `WanTransformer3DModel`, `WanVACETransformer3DModel` (its
+`vace_blocks` too), `WanAnimateTransformer3DModel` (its blocks and face adapter) and
+`WanAnimate2Transformer3DModel` (its cross-attention and both passes of its self-attention: the generation
+pass's flex `BlockMask` becomes two `attention_lse` calls merged), in any pipeline, classic (`WanPipeline`,
+`WanVACEPipeline`, ...) or modular (`Wan22ModularPipeline`, ...: `pipe.components`). The variants' own
+projections, norms and RoPE tables outside Wan's fused pattern (Animate's per-head face norms, Animate-2's
+float64 RoPE) run as diffusers' modules, then the kernels' attention.
 
 Only the attention processors change (no module, weight or hook is added or replaced), so what diffusers
 does to a transformer keeps working after the patch, in any order:
@@ -12,8 +20,9 @@ does to a transformer keeps working after the patch, in any order:
   unloading take effect as in stock diffusers. The weights are never stored twice.
 - attention runs `wan_kernels.attention`, with the Wan2.1 I2V image keys/values as its second
   (independently softmaxed) set; `set_attention_backend(name)` and `enable_parallelism` hand attention back
-  to diffusers' own `WanAttnProcessor` (with that backend / parallel config), `reset_attention_backend()`
-  returns it to the kernels.
+  to diffusers' own processor of that module (`WanAttnProcessor`, Animate's copy of it in
+  transformer_wan_animate, ...) with that backend / parallel config, `reset_attention_backend()` returns it
+  to the kernels. `attention="int8"`: `wan_kernels.attention_int8` instead (8-bit, inference only).
 - diffusers' cache hooks (FirstBlockCache, MagCache, ...) and group offloading wrap blocks and modules,
   which the patch leaves alone.
 Numerics match the unpatched model up to rounding (one rounding instead of several).
@@ -25,6 +34,7 @@ Our own `WanModel` as a pipeline's transformer needs no patch, also under sequen
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import diffusers  # noqa: F401  (its __version__ is checked below)
@@ -36,11 +46,32 @@ from wan_kernels._versions import check_installed
 check_installed("diffusers", "torch")
 
 from diffusers import WanTransformer3DModel  # noqa: E402  (after the version check: older ones fail here)
+from diffusers.models.transformers import transformer_wan  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 import wan_kernels  # noqa: E402
 
 TEXT_TOKENS = 512  # diffusers hard-codes the text context length when splitting the I2V context
+ATTENTIONS = ("bf16", "int8")  # wan::attention (in the inputs' dtype) / wan::attention_int8 (8-bit, inference)
+
+
+def _variant(module: str):
+    """diffusers.models.transformers.<module>, or None where this diffusers has no such variant (0.35 has
+    neither VACE's nor Animate's module, Animate-2 came in 0.42)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"diffusers.models.transformers.{module}")
+    except ImportError:
+        return None
+
+
+_VACE, _ANIMATE, _ANIMATE2 = (_variant(m) for m in ("transformer_wan_vace", "transformer_wan_animate",
+                                                   "transformer_wan_animate_2"))
+# every diffusers Wan transformer class of this diffusers, the base one first
+TRANSFORMERS = tuple([WanTransformer3DModel] + [getattr(m, n) for m, n in (
+    (_VACE, "WanVACETransformer3DModel"), (_ANIMATE, "WanAnimateTransformer3DModel"),
+    (_ANIMATE2, "WanAnimate2Transformer3DModel")) if m is not None])
 
 
 def _dense(m: nn.Module, dtype: torch.dtype) -> bool:
@@ -60,8 +91,12 @@ class WanKernelsAttnProcessor:
     returns to the kernels. The ops are bound for a device once and again when the inputs move.
     """
 
-    def __init__(self, impl: str = "auto", device: torch.device | str = "cpu"):
-        self.impl = impl
+    stock = WanAttnProcessor  # diffusers' processor it hands attention back to (Animate's own copy: see below)
+
+    def __init__(self, impl: str = "auto", device: torch.device | str = "cpu", attention: str = "bf16"):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"use_wan_kernels: attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.impl, self.kind = impl, attention
         self._backend = self._parallel = None
         self.bind(device)
         self._rebind()
@@ -70,7 +105,11 @@ class WanKernelsAttnProcessor:
         self.device = torch.device(device)
         self.qkv_rope = wan_kernels.resolve("qkv_rope", self.impl, device)
         self.qk_norm_rope = wan_kernels.resolve("qk_norm_rope", self.impl, device)
-        self.attention = wan_kernels.resolve("attention", self.impl, device)
+        if self.kind == "int8":  # pv="auto": fp16 P.V on sm_80/86, fp8 elsewhere (the op's rule)
+            int8 = wan_kernels.resolve("attention_int8", self.impl, device)
+            self.attention = lambda q, k, v, k_img, v_img, scale: int8(q, k, v, k_img, v_img, scale, "auto")
+        else:
+            self.attention = wan_kernels.resolve("attention", self.impl, device)
 
     @property
     def _attention_backend(self):
@@ -97,7 +136,7 @@ class WanKernelsAttnProcessor:
         if self._backend is None and self._parallel is None:
             self._call = self._wan
             return
-        stock = WanAttnProcessor()
+        stock = self.stock()
         stock._attention_backend, stock._parallel_config = self._backend, self._parallel
         self._call = stock
 
@@ -154,6 +193,181 @@ class WanKernelsAttnProcessor:
         return attn.to_out[1](out)
 
 
+class WanKernelsAnimateAttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for the blocks of Wan-Animate, which hold transformer_wan_animate's own copy of
+    `WanAttention`: it hands back to that module's `WanAttnProcessor` (which dispatches through that module)."""
+
+    stock = getattr(_ANIMATE, "WanAttnProcessor", None)
+
+
+class WanKernelsFaceAttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for Wan-Animate's face adapter (`WanAnimateFaceBlockCrossAttention`): each latent
+    frame's tokens attend to that frame's N motion tokens. Projections and the per-head q/k RMSNorms run the live
+    modules (as diffusers does: adapters, fusing and hooks hold); the attention runs `wan_kernels.attention` with
+    the frames as its batch. Hands back to diffusers' `WanAnimateFaceBlockAttnProcessor`."""
+
+    stock = getattr(_ANIMATE, "WanAnimateFaceBlockAttnProcessor", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        return self._call(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+    def _wan(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        if hidden_states.device != self.device:
+            self.bind(hidden_states.device)
+        x = attn.pre_norm_q(hidden_states)                               # [B, S, C]
+        m = attn.pre_norm_kv(encoder_hidden_states)                      # [B, T, N, C]: motion tokens per frame
+        B, T, N, _ = m.shape
+        q, k, v = _ANIMATE._get_qkv_projections(attn, x, m.flatten(1, 2))
+        H = attn.heads
+        q = attn.norm_q(q.unflatten(2, (H, -1))).unflatten(1, (T, -1)).flatten(0, 1)   # [B*T, S/T, H, D]
+        k = attn.norm_k(k.view(B, T, N, H, -1)).flatten(0, 1)                          # [B*T, N, H, D]
+        v = v.view(B, T, N, H, -1).flatten(0, 1)
+        out = self.attention(q, k, v, None, None, None)
+        out = attn.to_out(out.flatten(2).unflatten(0, (B, T)).flatten(1, 2))            # [B, S, C]
+        if attention_mask is not None:  # diffusers' face mask is multiplicative, on the output
+            out = out * attention_mask.flatten(start_dim=1)
+        return out
+
+
+class WanKernelsAnimate2CrossAttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for Wan-Animate-2's cross-attention (`WanAnimate2Attention`, is_cross_attention):
+    text and CLIP image tokens come as two arguments and are attended as wan::attention's two independently
+    softmaxed sets. Hands back to diffusers' `WanAnimate2CrossAttnProcessor`."""
+
+    stock = getattr(_ANIMATE2, "WanAnimate2CrossAttnProcessor", None)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_image=None):
+        return self._call(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_image)
+
+    def _wan(self, attn, hidden_states, encoder_hidden_states, encoder_hidden_states_image=None):
+        if hidden_states.device != self.device:
+            self.bind(hidden_states.device)
+        H = attn.heads
+        q, k, v = _ANIMATE2._get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q = attn.norm_q(q).unflatten(2, (H, -1))
+        k = attn.norm_k(k).unflatten(2, (H, -1))
+        k_img = v_img = None
+        if encoder_hidden_states_image is not None:
+            k_img, v_img = _ANIMATE2._get_added_kv_projections(attn, encoder_hidden_states_image)
+            k_img, v_img = attn.norm_added_k(k_img).unflatten(2, (H, -1)), v_img.unflatten(2, (H, -1))
+        out = self.attention(q, k, v.unflatten(2, (H, -1)), k_img, v_img, None)
+        out = attn.to_out[0](out.flatten(2))
+        return attn.to_out[1](out)
+
+
+def _merge(out, lse, out_b, lse_b):
+    """Two softmax attentions over disjoint key sets -> the one over their union (wan::attention_lse's formula):
+    out [B, S, H, D] fp32, lse [B, H, S] fp32 each."""
+    w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)              # [B, S, H, 1]
+    return out - w * (out - out_b), lse - nn.functional.logsigmoid(lse - lse_b)
+
+
+def _with_zero_keys(out, lse, n: int):
+    """`out`, `lse` of a key set joined by `n` all-zero keys with all-zero values (a packed buffer's empty slots,
+    which diffusers' mask leaves visible): each scores exactly 0, so they add n to the softmax's denominator."""
+    if n == 0:
+        return out, lse
+    return _merge(out, lse, torch.zeros_like(out), torch.full_like(lse, math.log(n)))
+
+
+class WanKernelsAnimate2AttnProcessor(WanKernelsAttnProcessor):
+    """`WanKernelsAttnProcessor` for Wan-Animate-2's self-attention (`WanAnimate2Attention`). Projections, q/k
+    RMSNorm, the K/V cache and RoPE (float64, reference offsets) run diffusers' own code; the attention runs on the
+    kernels:
+    - reference pass (kv_cache_mode="extract"): dense, `wan_kernels.attention`;
+    - generation pass ("cached"): diffusers packs [generation | reference] into a buffer sized for the full video
+      and attends through a flex `BlockMask`: each generation frame f sees every generation slot and the slots of
+      reference frame f - 1, empty slots (zero keys and values) included. The same softmax here: one
+      `wan_kernels.attention_lse` over the generation tokens, one over each frame's reference tokens (the frames
+      as the batch), the empty slots counted in closed form, merged by their log-sum-exps in fp32.
+    Hands back to diffusers' `WanAnimate2AttnProcessor` (which runs the generation pass on its flex backend)."""
+
+    stock = getattr(_ANIMATE2, "WanAnimate2AttnProcessor", None)
+
+    def bind(self, device) -> None:
+        super().bind(device)
+        if self.kind == "int8":
+            int8 = wan_kernels.resolve("attention_int8_lse", self.impl, device)
+            self.attention_lse = lambda q, k, v, scale: int8(q, k, v, scale, "auto")
+        else:  # attention_lse has no C++ CUDA kernel: impl="cuda" takes its auto route (Triton on GPUs)
+            self.attention_lse = wan_kernels.resolve("attention_lse", "auto" if self.impl == "cuda" else self.impl,
+                                                     device)
+
+    def __call__(self, attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, rope_stride=1,
+                 reference_rotary_emb=None, reference_grid_sizes=None, reference_rope_stride=1, attention_mask=None,
+                 origin_latent_frames=None, origin_latent_hw=None):
+        return self._call(attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, rope_stride,
+                          reference_rotary_emb, reference_grid_sizes, reference_rope_stride, attention_mask,
+                          origin_latent_frames, origin_latent_hw)
+
+    def _wan(self, attn, hidden_states, rotary_emb, grid_sizes, kv_cache, kv_cache_mode, rope_stride=1,
+             reference_rotary_emb=None, reference_grid_sizes=None, reference_rope_stride=1, attention_mask=None,
+             origin_latent_frames=None, origin_latent_hw=None):
+        if kv_cache_mode not in ("extract", "cached"):
+            raise ValueError(f"`kv_cache_mode` must be either 'extract' or 'cached', got {kv_cache_mode}.")
+        if hidden_states.device != self.device:
+            self.bind(hidden_states.device)
+        H, rope = attn.heads, _ANIMATE2.rope_apply
+        q, k, v = _ANIMATE2._get_qkv_projections(attn, hidden_states, None)
+        q, k, v = (attn.norm_q(q).unflatten(2, (H, -1)), attn.norm_k(k).unflatten(2, (H, -1)),
+                   v.unflatten(2, (H, -1)))                                     # [B, S, H, D]
+        if kv_cache_mode == "extract":
+            kv_cache.store(k, v)
+        q = rope(q, grid_sizes, rotary_emb, rope_stride).type_as(v)
+        k = rope(k, grid_sizes, rotary_emb, rope_stride).type_as(v)
+        if kv_cache_mode == "extract":
+            out = self.attention(q, k, v, None, None, None)
+        else:
+            k_ref, v_ref = kv_cache.get()
+            k_ref = rope(k_ref, reference_grid_sizes, reference_rotary_emb, reference_rope_stride).type_as(v)
+            out = self._generation(q, k, v, k_ref, v_ref, grid_sizes, reference_grid_sizes, origin_latent_frames,
+                                   origin_latent_hw)
+        out = attn.to_out[0](out.flatten(2))
+        return attn.to_out[1](out)
+
+    def _generation(self, q, k, v, k_ref, v_ref, grid_sizes, reference_grid_sizes, frames_full, hw_full):
+        """diffusers' masked softmax of the generation pass: q, k, v [B, S, H, D] (S = F h w generation tokens),
+        k_ref, v_ref [B, S_ref, H, D] (F_ref h' w' reference tokens); the buffer holds frames_full + 1 generation
+        and frames_full reference frames of hw_full slots each."""
+        F, h, w = grid_sizes[0].tolist()
+        F_ref, h_ref, w_ref = reference_grid_sizes[0].tolist()
+        hw, hw_ref = h * w, h_ref * w_ref
+        B, S, H, D = q.shape
+        if S != F * hw or F > frames_full + 1 or hw > hw_full or hw_ref > hw_full:
+            raise ValueError(f"WanKernelsAnimate2AttnProcessor: {S} generation tokens of grid {(F, h, w)} do not "
+                             f"fit the {frames_full + 1} x {hw_full} buffer of the block mask")
+        out, lse = self.attention_lse(q, k, v, None)
+        out, lse = _with_zero_keys(out.float(), lse.float(), (frames_full + 1) * hw_full - S)
+        if F == 1:  # frame 0 attends no reference frame
+            return out.to(q.dtype)
+        n = min(F - 1, F_ref)  # generation frames 1..n see reference frames 0..n-1, with tokens; later ones only zeros
+        q_ref = q[:, hw:(n + 1) * hw].reshape(B * n, hw, H, D)
+        o_r, l_r = self.attention_lse(q_ref, k_ref[:, :n * hw_ref].reshape(B * n, hw_ref, H, D),
+                                      v_ref[:, :n * hw_ref].reshape(B * n, hw_ref, H, D), None)
+        o_r, l_r = _with_zero_keys(o_r.float(), l_r.float(), hw_full - hw_ref)
+        o_r = o_r.reshape(B, n * hw, H, D)
+        l_r = l_r.reshape(B, n, H, hw).transpose(1, 2).flatten(2)                     # [B, H, n hw]
+        if n < F - 1:  # reference frames beyond F_ref: hw_full empty slots each
+            rest = (F - 1 - n) * hw
+            o_r = torch.cat([o_r, o_r.new_zeros(B, rest, H, D)], dim=1)
+            l_r = torch.cat([l_r, l_r.new_full((B, H, rest), math.log(hw_full))], dim=2)
+        o_m, _ = _merge(out[:, hw:], lse[..., hw:], o_r, l_r)
+        return torch.cat([out[:, :hw], o_m], dim=1).to(q.dtype)
+
+
+def _processor_class(attn: nn.Module):
+    """The kernels' processor class for one diffusers attention module, None for any other module."""
+    if type(attn) is transformer_wan.WanAttention:
+        return WanKernelsAttnProcessor
+    if _ANIMATE is not None and type(attn) is _ANIMATE.WanAttention:
+        return WanKernelsAnimateAttnProcessor
+    if _ANIMATE is not None and type(attn) is _ANIMATE.WanAnimateFaceBlockCrossAttention:
+        return WanKernelsFaceAttnProcessor
+    if _ANIMATE2 is not None and type(attn) is _ANIMATE2.WanAnimate2Attention:
+        return WanKernelsAnimate2CrossAttnProcessor if attn.is_cross_attention else WanKernelsAnimate2AttnProcessor
+    return None
+
+
 def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
     """(ulysses_degree, ring_degree) of diffusers' `enable_parallelism(config=..., cp_plan=...)` arguments, for
     `WanModel.enable_parallelism` (wan_model/core/parallel.py). config: a `ContextParallelConfig` or a
@@ -186,29 +400,48 @@ def parallel_degrees(config, cp_plan=None) -> tuple[int, int]:
 
 
 def _transformers(obj) -> list:
+    """The diffusers Wan transformers `obj` is or holds: `transformer` and `transformer_2` (every Wan pipeline,
+    classic or modular, names them so), else those among its `components` (a dict in classic and modular
+    pipelines), each once."""
     from wan_model.core.model import WanTransformer
 
-    if isinstance(obj, WanTransformer3DModel):
+    if isinstance(obj, TRANSFORMERS):
         return [obj]
     held = [getattr(obj, n, None) for n in ("transformer", "transformer_2")]
-    found = [t for t in held if isinstance(t, WanTransformer3DModel)]
+    if not any(isinstance(t, TRANSFORMERS) for t in held):
+        try:
+            components = getattr(obj, "components", None)
+        except ValueError:  # a classic pipeline whose modules disagree with its signature: none to search
+            components = None
+        if isinstance(components, dict):
+            held += list(components.values())
+    found = []
+    for t in held:
+        if isinstance(t, TRANSFORMERS) and not any(t is f for f in found):
+            found.append(t)
     if not found and not any(isinstance(t, WanTransformer) for t in held):
-        raise TypeError(f"use_wan_kernels: expected a WanTransformer3DModel or a pipeline holding one, "
+        raise TypeError(f"use_wan_kernels: expected a WanTransformer3DModel or a pipeline holding one (or another "
+                        f"diffusers Wan transformer: {', '.join(c.__name__ for c in TRANSFORMERS[1:])}), "
                         f"got {type(obj).__name__}")
     return found
 
 
-def use_wan_kernels(model_or_pipeline, impl: str = "auto"):
+def use_wan_kernels(model_or_pipeline, impl: str = "auto", attention: str = "bf16"):
     """Patch every Wan transformer of `model_or_pipeline` in place to run on the `wan` ops; returns it.
 
-    Every `WanAttention` gets a `WanKernelsAttnProcessor(impl)`; nothing else changes (see the module
-    docstring). A pipeline whose transformer is already our `WanModel` needs no patch and is left alone.
+    Every Wan attention module (`_processor_class`) gets a kernels processor (`impl`: the backend; `attention`:
+    "bf16" = wan::attention in the inputs' dtype, "int8" = wan::attention_int8, 8-bit, inference only); nothing
+    else changes (see the module docstring). A pipeline whose transformer is already our `WanModel` needs no
+    patch and is left alone.
     """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"use_wan_kernels: attention must be one of {ATTENTIONS}, got {attention!r}")
     for transformer in _transformers(model_or_pipeline):
         device = next(transformer.parameters()).device
-        for block in transformer.blocks:
-            for attn in (block.attn1, block.attn2):
-                attn.set_processor(WanKernelsAttnProcessor(impl, device))
+        for module in transformer.modules():
+            cls = _processor_class(module)
+            if cls is not None:
+                module.set_processor(cls(impl, device, attention))
     return model_or_pipeline
 
 
