@@ -39,7 +39,8 @@ from wan_model.core.config import WanConfig, block_indices, read_json
 from wan_model.io.formats import (DIFFUSERS_LAYOUT, FORMATS, INDEX_NAME, PIPELINE_LAYOUT, REGISTRY, WEIGHTS_NAME,
                                detect_format, file_metadata, from_state_dict, nvfp4_hint_of_dir,
                                nvfp4_hint_of_file, parse_size, plan_units, progress_bar, read_safetensors,
-                               save_layout, to_diffusers_names, writable_format, write_checkpoint, write_into)
+                               save_layout, to_diffusers_names, vace_layers_of_file, writable_format,
+                               write_checkpoint, write_into)
 from wan_model.compat.layouts import (COMFY_PREFIX, IGNORED_KEYS, CheckpointError, diffusers_keys, diffusers_to_native,
                                diffusers_to_original_key, native_to_diffusers, original_to_diffusers_key)
 from wan_model.compat.spellings import keeps_fp32
@@ -319,9 +320,15 @@ def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: st
 
 
 def config_from_state_dict(sd: dict, where: str) -> WanConfig:
-    """The config derived from weight shapes, or a CheckpointError naming the missing or malformed key."""
+    """The config derived from weight shapes, or a CheckpointError naming the missing or malformed key.
+    A VACE state dict read from the safetensors file `where` takes its vace_layers from the file's metadata when
+    the file has them (ours: wan_model.io.formats writes them), else they are derived (WanConfig.from_state_dict)."""
+    vace = {}
+    if "vace_patch_embedding.weight" in sd and str(where).endswith(".safetensors") and os.path.isfile(where):
+        layers = vace_layers_of_file(file_metadata([where]), where)
+        vace = {} if layers is None else {"vace_layers": layers}
     try:
-        return WanConfig.from_state_dict(logical_shapes(sd))
+        return WanConfig.from_state_dict(logical_shapes(sd), **vace)
     except KeyError as e:
         raise CheckpointError(f"{where}: cannot derive the config, key {e} is missing") from e
     except CheckpointError:
