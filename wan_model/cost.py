@@ -614,12 +614,13 @@ def format_report(c: ModelCost, steps: int, cfg_guidance: bool = True) -> str:
              f"{cfg.num_layers} layers | latent {s.latent} -> grid {s.grid} = {s.tokens} tokens, batch {s.batch}, "
              f"text {s.text_tokens}, image {s.image_tokens} | impl={c.impl}, weights {c.weight_format}"]
     gpus = ("H100", "B200")
-    head = (f"{'op':18s} {'x':>3s} {'GFLOP':>11s} {'GB read':>9s} {'GB write':>9s} {'weight MB':>10s} "
+    w = max(18, *(len(o.name) for o, _ in c.ops()))  # VACE op names are longer
+    head = (f"{'op':{w}s} {'x':>3s} {'GFLOP':>11s} {'GB read':>9s} {'GB write':>9s} {'weight MB':>10s} "
             f"{'act MB':>10s} {'FLOP/B':>7s}" + "".join(f" {g + ' ms':>10s} {'bound':>7s}" for g in gpus))
     lines += [head, "-" * len(head)]
     for o, n in c.ops():
         ai = o.flops / o.bytes if o.bytes else 0.0
-        row = (f"{o.name:18s} {n:3d} {o.flops / 1e9:11.1f} {o.read / 1e9:9.3f} {o.write / 1e9:9.3f} "
+        row = (f"{o.name:{w}s} {n:3d} {o.flops / 1e9:11.1f} {o.read / 1e9:9.3f} {o.write / 1e9:9.3f} "
                f"{o.weight_bytes / 1e6:10.2f} {o.activation_bytes / 1e6:10.1f} {ai:7.0f}")
         for g in gpus:
             t, b = o.roofline(peaks[g])
