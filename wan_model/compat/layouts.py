@@ -8,6 +8,9 @@ Key names. Three namings of one transformer:
              tensor, the cross-attention K/V of all layers stacked into one (see wan_model.core.model)
 `diffusers_to_original_key` / `original_to_diffusers_key` rename one key; `diffusers_to_native` /
 `native_to_diffusers` convert a whole state dict (fusing / splitting, NVFP4 layers included).
+VACE (diffusers' WanVACETransformer3DModel): `vace_patch_embedding` and `vace_blocks.N.` (a block's names, plus
+`proj_in` (block 0) / `proj_out` = original `before_proj` / `after_proj`); natively the VACE blocks' Q/K/V fused
+and their cross-attention K/V stacked apart (`vace_cross_kv`, `vace_cross_kv_img`).
 
 NVFP4 conventions (`NVFP4Layout`, one row per file layout in `NVFP4_LAYOUTS`). Every NVFP4 layer is, in
 memory, OURS: `weight` uint8 [N, K/2] with element 2i in the LOW nibble (the CUTLASS operand),
