@@ -150,6 +150,21 @@ def test_gradients_match_diffusers_fp32(pair, checkpointing):
 
 
 @pytest.mark.slow
+def test_compile_fullgraph_matches_eager(pair):
+    """The VACE forward traces whole (no graph break): the same bound as tests/test_model.py's compile test."""
+    model, _ = pair
+    model.set_impl("auto").eval()
+    x, t, text, _ = make_inputs(TINY)
+    vace = dict(control_hidden_states=make_control(TINY, x), control_hidden_states_scale=SCALE)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    eager, out = run_ours(model, (x, t, text, None), **vace), run_ours(compiled, (x, t, text, None), **vace)
+    err = (out - eager).abs().max().item()
+    print(f"VACE compiled vs eager: max diff {err:.3e}")
+    assert err <= 1e-5 * eager.abs().max().item()
+
+
+@pytest.mark.slow
 def test_sampling_with_control_matches_diffusers_loop(pair):
     """core.sampling.sample with the control (cond + uncond batched) = diffusers' two-forward CFG loop with the
     control in both forwards, as WanVACEPipeline runs it."""

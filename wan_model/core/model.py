@@ -587,11 +587,10 @@ class WanTransformer(nn.Module):
                              f"scale per VACE layer, vace_layers {list(cfg.vace_layers)})")
         return control, scale.unbind()
 
-    def _vace_hints(self, x, control, temb_proj, rope_cos, rope_sin, context, ckpt) -> dict[int, torch.Tensor]:
+    def _vace_hints(self, x, control, scales, temb_proj, rope_cos, rope_sin, context, ckpt) -> dict[int, torch.Tensor]:
         """{block index in vace_layers: hint * scale [B, S, C]} of the control latents (diffusers'
         WanVACETransformer3DModel): the control is patch-embedded, its tokens padded with zeros to the latents',
         and run through the VACE blocks (block 0 adds proj_in of it to the patched latents x)."""
-        control, scales = control
         L = self.config.num_layers
         c = self.vace_patch_embedding(control).flatten(2).transpose(1, 2)           # [B, S_c, C]
         c = torch.cat([c, c.new_zeros(c.shape[0], x.shape[1] - c.shape[1], c.shape[2])], dim=1)  # [B, S, C]
@@ -631,8 +630,9 @@ class WanTransformer(nn.Module):
                  control=None, control_scale=None):
         cfg = self.config
         f, h, w = self._check_latents(hidden_states, timestep)
+        vace = None  # VACE: (control latents, scales as 0-dim tensors)
         if cfg.has_vace or control is not None or control_scale is not None:
-            control = self._check_control(hidden_states, control, control_scale)
+            vace = self._check_control(hidden_states, control, control_scale)
         B = hidden_states.shape[0]
         pt, ph, pw = cfg.patch_size
         rope_cos, rope_sin = self.rope((f, h, w))                                # [S, D/2] fp32
@@ -651,7 +651,7 @@ class WanTransformer(nn.Module):
         if sp is not None:  # this rank's tokens [B, n, C] (wan_model/core/parallel.py)
             x, temb_proj, rope_cos, rope_sin, context = sp.split(x, temb_proj, rope_cos, rope_sin, context)
         ckpt = self._gradient_checkpointing_func if self.gradient_checkpointing and torch.is_grad_enabled() else None
-        hints = {} if control is None else self._vace_hints(x, control, temb_proj, rope_cos, rope_sin, context, ckpt)
+        hints = {} if vace is None else self._vace_hints(x, *vace, temb_proj, rope_cos, rope_sin, context, ckpt)
         for i, block in enumerate(self.blocks):
             args = (x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
             x = block(*args) if ckpt is None else ckpt(block, *args)
