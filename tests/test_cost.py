@@ -354,3 +354,58 @@ def test_cli_cost_runs_outside_the_repository(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "H200" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# VACE (issue 26): the control branch is counted
+
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+def test_vace_flops_match_flop_counter(impl):
+    """A VACE forward (control patch embedding, proj_in, the VACE blocks, their hints, their K/V GEMM) = the model
+    on the flop counter, exactly; the VACE rows are what the control branch adds."""
+    from wan_model.testing import make_control
+
+    cfg = WanConfig.from_preset("tiny-vace")
+    model = random_model(cfg, seed=0).eval().set_impl(impl)
+    x, t, text, _ = make_inputs(cfg)
+    counter = cost.flop_counter()
+    with torch.no_grad(), counter:
+        model(x, t, text, control_hidden_states=make_control(cfg, x))
+    c = cost.model_cost(cfg, latent=GRID, batch=x.shape[0], impl="fused" if impl == "auto" else "ref")
+    assert c.flops() == counter.get_total_flops()
+    base = cost.model_cost(cfg.replace(vace_layers=None, vace_in_channels=None), latent=GRID, batch=x.shape[0],
+                           impl=c.impl)
+    N, C = x.shape[0] * c.shape.tokens, cfg.dim
+    vace_rows = {o.name: o.flops * n for o, n in c.ops() if o.name.startswith("vace_")}
+    assert c.flops() - base.flops() == sum(vace_rows.values())
+    assert vace_rows["vace_hint"] == 2 * 2 * N * C * C                     # proj_out of each of the 2 VACE blocks
+    assert vace_rows["vace_qkv_gemm"] == 2 * 2 * N * 3 * C * C
+    assert c.num_vace_layers == 2 and c.kv_cache_bytes == base.kv_cache_bytes * (4 + 2) // 4
+
+
+def test_vace_weight_bytes():
+    """parameter_bytes of a VACE model = its parameters (tiny: a real bf16 model; the 14B preset: a meta model,
+    fp32 modules counted 4 bytes); the VACE branch stays bf16 in every weight format."""
+    from wan_model.core.model import WanTransformer
+
+    cfg = WanConfig.from_preset("tiny-vace")
+    model = random_model(cfg).to_dtype(torch.bfloat16)
+    assert cost.parameter_bytes(cfg) == sum(p.numel() * p.element_size() for p in model.parameters())
+    big = WanConfig.from_preset("wan2.1-vace-14b")
+    meta = WanTransformer(big, impl="ref", device="meta")
+    vace = sum(p.numel() * (4 if keeps_fp32(n) else 2) for n, p in meta.named_parameters() if n.startswith("vace_"))
+    assert cost.parameter_bytes(big) == sum(p.numel() * (4 if keeps_fp32(n) else 2) for n, p in meta.named_parameters())
+    base = WanConfig.from_preset("wan2.1-t2v-14b")
+    for fmt in cost.FORMATS:
+        assert cost.parameter_bytes(big, fmt) - cost.parameter_bytes(base, fmt) == vace
+    c = cost.model_cost(big, 1280, 720, 81)
+    assert c.weight_bytes == cost.parameter_bytes(big)
+
+
+def test_cli_cost_vace_rows(capsys):
+    assert cli_main(["cost", "--preset", "wan2.1-vace-14b", "--size", "832x480", "--frames", "81"]) == 0
+    out = capsys.readouterr().out
+    vace_ops = ["vace_patch_embed", "vace_proj_in", "vace_cross_kv_text", "vace_hint"]
+    for op in vace_ops + ["vace_" + o for o in BLOCK_OPS]:
+        assert f"\n{op} " in out, op
+    assert "vace_self_attention    8 " in out and "self_attention        40 " in out

@@ -45,7 +45,7 @@ from wan_model.testing import diffusers_euler, random_model
 DIST_TIMEOUT_S = 300.0  # run --dist-timeout: torch.distributed's own default is 30 min (gloo) or 10 min (NCCL)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO_PRESETS = [n for n, c in PRESETS.items()
-                if n.startswith("tiny") and not (c.has_image or c.expand_timesteps or c.num_experts > 1)]
+                if n.startswith("tiny") and not (c.has_image or c.expand_timesteps or c.num_experts > 1 or c.has_vace)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +358,48 @@ def _embeds(args, tensors, key: str, shape, dtype, gen) -> torch.Tensor:
     return t.to(dtype)
 
 
+def _read_control(args) -> torch.Tensor | None:
+    """The one tensor of --control (before the checkpoint loads): floating point, [B, C, F, H, W]."""
+    if args.control is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(args.control)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        args.error(f"argument --control: cannot read {args.control} as safetensors: {e}")
+    if len(tensors) != 1:
+        args.error(f"argument --control: {args.control} must hold one tensor (the control latents), has "
+                   f"{len(tensors)}: {sorted(tensors)[:8]}")
+    (key, t), = tensors.items()
+    if not t.is_floating_point() or t.dim() != 5:
+        args.error(f"argument --control: {args.control} tensor {key!r} has shape {tuple(t.shape)} and dtype "
+                   f"{t.dtype}, expected floating point [batch, channels, frames, height, width] latents")
+    return t
+
+
+def _check_control(args, control: torch.Tensor | None, cfg, latent_shape) -> torch.Tensor | None:
+    """--control against the checkpoint: a VACE checkpoint needs it, another refuses it; its shape must be
+    [batch (or 1), vace_in_channels, <= latent frames, latent height, latent width]."""
+    if not cfg.has_vace:
+        if control is not None:
+            args.error(f"argument --control: {args.checkpoint} is not a VACE checkpoint (it has no vace_blocks)")
+        return None
+    if control is None:
+        args.error(f"argument --control: {args.checkpoint} is a VACE checkpoint: pass its control latents "
+                   f"(a safetensors file of one [{args.batch}, {cfg.vace_in_channels}, F, H, W] tensor)")
+    if args.ulysses * args.ring > 1:
+        args.error("argument --ulysses/--ring: sequence parallelism of a VACE checkpoint is not implemented")
+    B, _, f, h, w = latent_shape
+    c = control
+    if c.shape[0] not in (1, B) or c.shape[1] != cfg.vace_in_channels or c.shape[3:] != (h, w) or \
+            not 0 < c.shape[2] <= f or c.shape[2] % cfg.patch_size[0]:
+        args.error(f"argument --control: {args.control} has shape {tuple(c.shape)}, expected [{B} (or 1), "
+                   f"{cfg.vace_in_channels}, F <= {f}, {h}, {w}] (batch, vace_in_channels of the checkpoint, the "
+                   "latent frames, height and width of --frames/--height/--width)")
+    return c.expand(B, *c.shape[1:])
+
+
 def _die_with_launcher() -> None:
     """Linux: have the kernel SIGKILL this process when its parent (torchrun's agent, which starts each worker in
     a session of its own, from its main thread: the signal follows the thread that forked) dies, so a killed
@@ -431,6 +473,7 @@ def _run(args, rank: int) -> int:
         _refuse_existing(args, args.output, "--output")
     _check_impl(args, args.device)
     embeds = _read_embeds(args)
+    control = _read_control(args)
     _print_routes()
     t0 = time.perf_counter()
     model = _with_impl(load_model(args.checkpoint, dtype=dtype, device=args.device, impl="auto"), args.impl)
@@ -447,6 +490,8 @@ def _run(args, rank: int) -> int:
     if f % cfg.patch_size[0]:
         args.error(f"argument --frames: {args.frames} video frames are {f} latent frames, not a multiple of this "
                    f"checkpoint's temporal patch {cfg.patch_size[0]}")
+    control = _check_control(args, control, cfg, (args.batch, cfg.out_channels, f, args.height // down,
+                                                  args.width // down))
     if args.lora and isinstance(model, WanExperts):
         args.error("argument --lora: this checkpoint has two experts (Wan2.2 A14B), whose LoRAs come per expert; "
                    "run loads LoRAs into one-expert checkpoints only")
@@ -472,9 +517,13 @@ def _run(args, rank: int) -> int:
     if cfg.has_image:
         n = 2 * args.batch if cfg.pos_embed_seq_len else args.batch
         img = _embeds(args, embeds, "image_embeds", (n, 257, cfg.image_dim), dtype, g)
+    vace = {}
+    if control is not None:
+        vace["control"] = control.to(args.device)
+        print(f"control {args.control}: {list(control.shape)} into the VACE layers {list(cfg.vace_layers)}")
     res = sample(model, latents.to(args.device), text.to(args.device), neg.to(args.device), args.steps,
                  args.guidance, args.shift, image_embeds=None if img is None else img.to(args.device),
-                 condition=None if cond is None else cond.to(args.device))
+                 condition=None if cond is None else cond.to(args.device), **vace)
     _print_steps(res)
     if args.output and rank == 0:  # atomically: a kill leaves the old file (--overwrite) or none, never a part
         from safetensors.torch import save_file
@@ -615,6 +664,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--embeds", type=existing_file,
                    help="safetensors with prompt_embeds / negative_prompt_embeds [/ image_embeds]; "
                         "without it they are random (the output is noise, not a video of a prompt)")
+    r.add_argument("--control", type=existing_file,
+                   help="VACE checkpoints: a safetensors file of one tensor, the control latents [batch (or 1), "
+                        "vace_in_channels, F, H, W] in latent units (WanVACEPipeline's conditioning latents: "
+                        "video + mask), given to both CFG halves")
     r.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weight and activation dtype")
     r.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda if available, else cpu")

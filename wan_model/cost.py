@@ -21,6 +21,11 @@ Counting rules (what the tests hold the model to, tests/test_cost.py):
   scale; embedders, norms and the head stay as stored (bf16 / fp32). nvfp4 GEMMs run at the fp4 tensor-core
   peak where a GPU has one (W4A4, Blackwell), else at the bf16 peak (W4A16 dequantising fallback); fp8 at the
   bf16 peak (the peak table has no fp8 column). Activations are bf16 in every format.
+* VACE models (config.vace_layers): the control branch is counted as it runs (wan_model/core/model.py): the
+  control patch embedding and VACE block 0's proj_in once ("embed"), ONE VACE block (a block's ops + its proj_out
+  hint and the scaled hint added to the stream) times len(vace_layers) (`ModelCost.vace`), the VACE blocks'
+  cross-attention K/V in the context; the control latents are taken as long as the latents. The VACE branch
+  stays bf16 in every weight format (quantization leaves it dense).
 * Roofline per kernel: max(FLOPs / peak, bytes / bandwidth) with `wan_kernels.hardware.PEAKS`; an op is
   compute-bound when its summed compute time exceeds its summed memory time.
 
@@ -145,16 +150,21 @@ class ModelCost:
     embed: tuple[OpCost, ...]        # patch + time embedding
     block: tuple[OpCost, ...]        # ONE transformer block (all num_layers blocks cost the same)
     head: tuple[OpCost, ...]
+    vace: tuple[OpCost, ...] = ()    # ONE VACE block (all num_vace_layers cost the same); () without VACE
 
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
 
+    @property
+    def num_vace_layers(self) -> int:
+        return len(self.config.vace_layers) if self.config.has_vace else 0
+
     def ops(self, include_context: bool = True) -> list[tuple[OpCost, int]]:
         """(op, multiplicity) over one forward."""
         rows = [(o, 1) for o in (self.context if include_context else ())]
         return rows + [(o, 1) for o in self.embed] + [(o, self.num_layers) for o in self.block] + \
-            [(o, 1) for o in self.head]
+            [(o, self.num_vace_layers) for o in self.vace] + [(o, 1) for o in self.head]
 
     def total(self, attr: str, include_context: bool = True) -> int:
         return sum(getattr(o, attr) * n for o, n in self.ops(include_context))
@@ -173,9 +183,10 @@ class ModelCost:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Cross-attention K/V of every layer for the batch's context (text + image), bf16."""
+        """Cross-attention K/V of every layer (and VACE block) for the batch's context (text + image), bf16."""
         s = self.shape
-        return self.num_layers * 2 * (s.text_tokens + s.image_tokens) * self.config.dim * A * s.batch
+        return (self.num_layers + self.num_vace_layers) * 2 * (s.text_tokens + s.image_tokens) * self.config.dim * \
+            A * s.batch
 
     @property
     def weight_bytes(self) -> int:
@@ -184,11 +195,13 @@ class ModelCost:
     @property
     def activation_peak_bytes(self) -> int:
         """Estimate of the activation high-water mark of a forward: the largest kernel working set, plus
-        the residual stream, the K/V cache and the RoPE tables (not validated against an allocator)."""
+        the residual stream (VACE: and the control stream and every hint, all computed before the blocks), the K/V
+        cache and the RoPE tables (not validated against an allocator)."""
         s, c = self.shape, self.config
         work = max(o.activation_bytes for o, _ in self.ops(include_context=False))
         rope = 2 * s.tokens * (c.attention_head_dim // 2) * F32
-        return work + s.batch * s.tokens * c.dim * A + self.kv_cache_bytes + rope
+        streams = 1 + (1 + self.num_vace_layers if c.has_vace else 0)
+        return work + streams * s.batch * s.tokens * c.dim * A + self.kv_cache_bytes + rope
 
     def memory_bytes(self) -> int:
         """Weights + activation peak (per-step figure: does not grow with steps)."""
@@ -374,10 +387,10 @@ def block_ops(cfg: WanConfig, shape: Shape, impl: str, fmt: str) -> tuple[OpCost
     return tuple(OpCost(name, "block", tuple(ks)) for name, ks in ops)
 
 
-def _stacked_kv(name: str, cfg: WanConfig, tokens: int, fmt: str) -> OpCost:
+def _stacked_kv(name: str, cfg: WanConfig, tokens: int, fmt: str, layers: int | None = None) -> OpCost:
     """One GEMM [B*Lc, C] x [L*2C, C]^T, then per layer RMSNorm of k (F.rms_norm) and contiguous k, v copies
-    (approximated: the norm as one fp32 pass)."""
-    C, L = cfg.dim, cfg.num_layers
+    (approximated: the norm as one fp32 pass). L: `layers` (default num_layers)."""
+    C, L = cfg.dim, layers or cfg.num_layers
     nc = tokens * C
     per_layer = [Kernel("norm_k", read=nc * A + C * A, write=nc * A, const=C * A, weight=C * A),
                  Kernel("k_v_contiguous", read=2 * nc * A, write=2 * nc * A)]
@@ -401,7 +414,38 @@ def context_ops(cfg: WanConfig, shape: Shape, fmt: str) -> tuple[OpCost, ...]:
                   Kernel("layer_norm", read=Li * C * A + 2 * C * F32, write=Li * C * A, const=2 * C * F32,
                          weight=2 * C * F32)])),
             _stacked_kv("cross_kv_image", cfg, Li, fmt)]
+    if cfg.has_vace:  # the VACE blocks' K/V: their own stacked GEMM per context (bf16: the branch stays dense)
+        n = len(cfg.vace_layers)
+        ops.append(_stacked_kv("vace_cross_kv_text", cfg, B * Lt, "bf16", n))
+        if cfg.has_image:
+            ops.append(_stacked_kv("vace_cross_kv_image", cfg, B * shape.image_tokens, "bf16", n))
     return tuple(ops)
+
+
+def vace_embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
+    """The VACE ops run once per forward: the control patch embedding (Conv3d, tokens, zero padding to the latents'
+    length: a copy) and VACE block 0's proj_in added to the patched latents."""
+    B, S, C = shape.batch, shape.tokens, cfg.dim
+    N, NC = B * S, B * S * C
+    p = math.prod(cfg.patch_size)
+    w = C * cfg.vace_in_channels * p * A + C * A
+    return (OpCost("vace_patch_embed", "embed", (
+        Kernel("conv3d", flops=2 * N * C * cfg.vace_in_channels * p, read=N * cfg.vace_in_channels * p * A + w,
+               write=NC * A, const=w, weight=w),
+        Kernel("to_tokens", read=NC * A, write=NC * A), Kernel("pad_tokens", read=NC * A, write=NC * A))),
+        OpCost("vace_proj_in", "embed", (_linear("proj_in", N, C, C, "bf16"),
+                                         Kernel("add_latents", read=2 * NC * A, write=NC * A))))
+
+
+def vace_block_ops(cfg: WanConfig, shape: Shape, impl: str) -> tuple[OpCost, ...]:
+    """ONE VACE block: a block's ops (bf16 weights: the branch stays dense) on the control stream, its proj_out hint,
+    the hint times its scale (a 0-dim tensor) and the add to the latent stream after block vace_layers[j]."""
+    N = shape.batch * shape.tokens
+    NC = N * cfg.dim
+    hint = OpCost("vace_hint", "vace", (_linear("proj_out", N, cfg.dim, cfg.dim, "bf16"),
+                                        Kernel("mul_scale", read=NC * A + A, write=NC * A, const=A),
+                                        Kernel("add_hint", read=2 * NC * A, write=NC * A)))
+    return tuple(OpCost("vace_" + o.name, "vace", o.kernels) for o in block_ops(cfg, shape, impl, "bf16")) + (hint,)
 
 
 def embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
@@ -458,8 +502,10 @@ def model_cost(cfg: WanConfig | str, width: int = 1280, height: int = 720, frame
     if timestep_rows is None:
         timestep_rows = 2 if cfg.expand_timesteps else batch
     shape = Shape(batch, tuple(lat), grid, text_tokens, image_tokens, timestep_rows)
-    return ModelCost(cfg, shape, impl, weight_format, context_ops(cfg, shape, weight_format),
-                     embed_ops(cfg, shape), block_ops(cfg, shape, impl, weight_format), head_ops(cfg, shape, impl))
+    embed = embed_ops(cfg, shape) + (vace_embed_ops(cfg, shape) if cfg.has_vace else ())
+    return ModelCost(cfg, shape, impl, weight_format, context_ops(cfg, shape, weight_format), embed,
+                     block_ops(cfg, shape, impl, weight_format), head_ops(cfg, shape, impl),
+                     vace_block_ops(cfg, shape, impl) if cfg.has_vace else ())
 
 
 # Block linears that a weight format applies to (plus the stacked cross-attention K/V weights).
@@ -469,16 +515,23 @@ _QUANTIZED = ("attn1.to_qkv.weight", "attn1.to_out.weight", "attn2.to_q.weight",
 
 def parameter_bytes(cfg: WanConfig, fmt: str = "bf16") -> int:
     """Bytes of all parameters of one transformer as loaded in bf16 (diffusers' fp32 modules kept fp32), the
-    block linears and cross-attention K/V weights in `fmt`. Exact: enumerated from a meta-device WanModel."""
+    block linears and cross-attention K/V weights in `fmt` (the VACE branch stays bf16). Exact: enumerated from a
+    meta-device WanModel."""
     import torch
 
     from wan_model.compat.spellings import keeps_fp32
     from wan_model.core.model import WanTransformer
 
-    with torch.device("meta"):
-        model = WanTransformer(cfg.replace(num_layers=1), impl="ref", device="meta")
+    n_vace = len(cfg.vace_layers) if cfg.has_vace else 0
+    with torch.device("meta"):  # one block (and one VACE block, the first: proj_in counted once)
+        model = WanTransformer(cfg.replace(num_layers=1, **({"vace_layers": (0,)} if n_vace else {})), impl="ref",
+                               device="meta")
     blocks, other = 0, 0
     for name, p in model.named_parameters():
+        if name.startswith("vace_"):
+            n = p.numel() * (4 if keeps_fp32(name) else 2)
+            other += n if name.startswith(("vace_patch_embedding.", "vace_blocks.0.proj_in.")) else n * n_vace
+            continue
         if name.endswith(_QUANTIZED) or name in ("cross_kv.weight", "cross_kv_img.weight"):
             n = weight_nbytes(p.shape[0], p.shape[1], fmt)
             if name.startswith("cross_kv"):
@@ -561,12 +614,13 @@ def format_report(c: ModelCost, steps: int, cfg_guidance: bool = True) -> str:
              f"{cfg.num_layers} layers | latent {s.latent} -> grid {s.grid} = {s.tokens} tokens, batch {s.batch}, "
              f"text {s.text_tokens}, image {s.image_tokens} | impl={c.impl}, weights {c.weight_format}"]
     gpus = ("H100", "B200")
-    head = (f"{'op':18s} {'x':>3s} {'GFLOP':>11s} {'GB read':>9s} {'GB write':>9s} {'weight MB':>10s} "
+    w = max(18, *(len(o.name) for o, _ in c.ops()))  # VACE op names are longer
+    head = (f"{'op':{w}s} {'x':>3s} {'GFLOP':>11s} {'GB read':>9s} {'GB write':>9s} {'weight MB':>10s} "
             f"{'act MB':>10s} {'FLOP/B':>7s}" + "".join(f" {g + ' ms':>10s} {'bound':>7s}" for g in gpus))
     lines += [head, "-" * len(head)]
     for o, n in c.ops():
         ai = o.flops / o.bytes if o.bytes else 0.0
-        row = (f"{o.name:18s} {n:3d} {o.flops / 1e9:11.1f} {o.read / 1e9:9.3f} {o.write / 1e9:9.3f} "
+        row = (f"{o.name:{w}s} {n:3d} {o.flops / 1e9:11.1f} {o.read / 1e9:9.3f} {o.write / 1e9:9.3f} "
                f"{o.weight_bytes / 1e6:10.2f} {o.activation_bytes / 1e6:10.1f} {ai:7.0f}")
         for g in gpus:
             t, b = o.roofline(peaks[g])
@@ -605,7 +659,8 @@ def format_targets(presets: list[str] | None = None, frames: int = 81, ulysses: 
     from wan_model.core.config import PRESETS
 
     peaks = _peaks()
-    presets = presets or [n for n in PRESETS if not n.startswith("tiny")]
+    # VACE presets only by name (--target-presets): the default table stays the base variants'
+    presets = presets or [n for n in PRESETS if not n.startswith("tiny") and not PRESETS[n].has_vace]
     P = ulysses * ring
     lines = ["# Physical lower bounds at batch 1 (one expert), 81 frames, vs the design targets:",
              "#   " + "; ".join(f"{lbl} ({gpu}, {fmt}): block < {b:g} ms, model < {m:g} ms, memory < {g:g} GB"

@@ -107,15 +107,18 @@ class WanModel(WanTransformer):
                 encoder_hidden_states: torch.Tensor | None = None,
                 encoder_hidden_states_image: torch.Tensor | None = None,
                 return_dict: bool | None = None, attention_kwargs: dict | None = None, *,
-                context=None):
+                context=None, control_hidden_states=None, control_hidden_states_scale=None):
         """`WanTransformer.forward` with diffusers' arguments (same order as WanTransformer3DModel.forward).
         attention_kwargs: diffusers' LoRA {"scale": s}; a WanModel holds no adapters, so as in diffusers
         without adapters it changes nothing. Any other key is an error.
         Returns [B, C_out, F, H, W] in the model dtype; with return_dict=False the tuple `(out,)`, with True a
-        `WanOutput` (`.sample`), as diffusers returns them (WanPipeline calls with return_dict=False)."""
+        `WanOutput` (`.sample`), as diffusers returns them (WanPipeline calls with return_dict=False).
+        VACE: control_hidden_states / control_hidden_states_scale as WanVACETransformer3DModel takes them (keywords,
+        as WanVACEPipeline passes them)."""
         spellings.check_attention_kwargs(attention_kwargs)
         out = super().forward(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                              context=context)
+                              context=context, control_hidden_states=control_hidden_states,
+                              control_hidden_states_scale=control_hidden_states_scale)
         return spellings.pack_output(out, return_dict)
 
 

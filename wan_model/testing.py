@@ -40,6 +40,15 @@ def make_inputs(cfg: WanConfig, dtype=torch.float32, seed: int = 0, batch: int =
     return x, t, text, img
 
 
+def make_control(cfg: WanConfig, latents: torch.Tensor, seed: int = 1, frames: int | None = None) -> torch.Tensor:
+    """VACE control latents [B, vace_in_channels, F_c, H, W] for `latents` [B, C, F, H, W] (F_c = `frames`, default
+    F), in the latents' dtype and device, drawn on CPU from a seeded generator."""
+    B, _, f, h, w = latents.shape
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(B, cfg.vace_in_channels, f if frames is None else frames, h, w, generator=g)
+    return c.to(dtype=latents.dtype, device=latents.device)
+
+
 def random_model(cfg: WanConfig, seed: int = 0) -> WanModel:
     """A WanModel with random weights of a trained-like scale (fp32)."""
     torch.manual_seed(seed)
@@ -58,16 +67,20 @@ def random_model(cfg: WanConfig, seed: int = 0) -> WanModel:
 
 
 @torch.no_grad()
-def diffusers_euler(ref, latents, text, neg, num_steps, guidance, shift, image=None):
+def diffusers_euler(ref, latents, text, neg, num_steps, guidance, shift, image=None, control=None,
+                    control_scale=None):
     """The same Euler CFG loop with a diffusers WanTransformer3DModel, cond and uncond as two forwards
-    (what diffusers' WanPipeline does)."""
+    (what diffusers' WanPipeline does). A WanVACETransformer3DModel gets `control` / `control_scale` in both
+    forwards, as WanVACEPipeline passes them."""
     sigmas = flow_sigmas(num_steps, shift)
     x = latents.float()
     dtype = ref.proj_out.weight.dtype
+    vace = {} if control is None else {"control_hidden_states": control.to(dtype), "control_hidden_states_scale":
+                                       None if control_scale is None else control_scale.to(dtype)}
     for i in range(num_steps):
         t = torch.full((x.shape[0],), float(sigmas[i] * 1000))
-        v_c = ref(x.to(dtype), t, text.to(dtype), image, return_dict=False)[0].float()
-        v_u = ref(x.to(dtype), t, neg.to(dtype), image, return_dict=False)[0].float()
+        v_c = ref(x.to(dtype), t, text.to(dtype), image, return_dict=False, **vace)[0].float()
+        v_u = ref(x.to(dtype), t, neg.to(dtype), image, return_dict=False, **vace)[0].float()
         v = v_u + guidance * (v_c - v_u)
         x = x + float(sigmas[i + 1] - sigmas[i]) * v
     return x

@@ -446,13 +446,18 @@ def use_wan_kernels(model_or_pipeline, impl: str = "auto", attention: str = "bf1
 
 
 def to_diffusers_model(model):
-    """A diffusers `WanTransformer3DModel` holding the same weights as our `WanModel` (same dtypes:
-    the parameters diffusers keeps in fp32 are fp32 in both), in eval mode on the same device."""
+    """A diffusers `WanTransformer3DModel` (VACE config: `WanVACETransformer3DModel`) holding the same weights as
+    our `WanModel` (same dtypes: the parameters diffusers keeps in fp32 are fp32 in both), in eval mode on the
+    same device."""
     from wan_model.compat.layouts import native_to_diffusers
 
     cfg = {k: v for k, v in model.config.to_diffusers_config().items() if not k.startswith("_")}
+    if model.config.has_vace:
+        from diffusers import WanVACETransformer3DModel as cls
+    else:
+        cls = WanTransformer3DModel
     with torch.device("meta"):
-        ref = WanTransformer3DModel(**cfg)
+        ref = cls(**cfg)
     sd = native_to_diffusers(dict(model.state_dict()), model.config)
     ref.load_state_dict(sd, strict=True, assign=True)
     rope = ref.rope  # non-persistent fp32 RoPE buffers: rebuild them for real

@@ -8,6 +8,9 @@ Key names. Three namings of one transformer:
              tensor, the cross-attention K/V of all layers stacked into one (see wan_model.core.model)
 `diffusers_to_original_key` / `original_to_diffusers_key` rename one key; `diffusers_to_native` /
 `native_to_diffusers` convert a whole state dict (fusing / splitting, NVFP4 and FP8 layers included).
+VACE (diffusers' WanVACETransformer3DModel): `vace_patch_embedding` and `vace_blocks.N.` (a block's names, plus
+`proj_in` (block 0) / `proj_out` = original `before_proj` / `after_proj`); natively the VACE blocks' Q/K/V fused
+and their cross-attention K/V stacked apart (`vace_cross_kv`, `vace_cross_kv_img`).
 
 The file layouts of quantized layers (NVFP4: ours, ComfyUI, ModelOpt, LightX2V; FP8: ours and ComfyUI's two
 flavours) belong to their methods: wan_model/quant/nvfp4.py and wan_model/quant/fp8.py. ComfyUI's per-layer
@@ -50,6 +53,7 @@ _TOP = {
     "scale_shift_table": "head.modulation",
     "proj_out": "head.head",
     "patch_embedding": "patch_embedding",
+    "vace_patch_embedding": "vace_patch_embedding",
 }
 # inside blocks.N (note the norm2/norm3 swap)
 _BLOCK = {
@@ -64,10 +68,16 @@ _BLOCK = {
     "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
 }
 _BLOCK_RE = re.compile(r"(blocks\.\d+\.)(.+)$")
+# inside vace_blocks.N (VACE): a block's names + the projections in and out of the control stream (diffusers'
+# single-file converter: before_proj -> proj_in, after_proj -> proj_out)
+_VACE_BLOCK = {**_BLOCK, "proj_in": "before_proj", "proj_out": "after_proj"}
+_VACE_RE = re.compile(r"(vace_blocks\.\d+\.)(.+)$")
 
 
-def _rename(key: str, top: dict, block: dict) -> str | None:
+def _rename(key: str, top: dict, block: dict, vace: dict | None = None) -> str | None:
     m = _BLOCK_RE.match(key)
+    if m is None and vace is not None and (v := _VACE_RE.match(key)):
+        m, block = v, vace
     prefix, rest, table = (m.group(1), m.group(2), block) if m else ("", key, top)
     for name in sorted(table, key=len, reverse=True):
         if rest == name or rest.startswith(name + "."):
@@ -77,12 +87,13 @@ def _rename(key: str, top: dict, block: dict) -> str | None:
 
 def diffusers_to_original_key(key: str) -> str | None:
     """Original-Wan name of a diffusers key (None when it has none)."""
-    return _rename(key, _TOP, _BLOCK)
+    return _rename(key, _TOP, _BLOCK, _VACE_BLOCK)
 
 
 def original_to_diffusers_key(key: str) -> str | None:
     """diffusers name of an original-Wan / ComfyUI (unprefixed) key (None when unknown)."""
-    return _rename(key, {v: k for k, v in _TOP.items()}, {v: k for k, v in _BLOCK.items()})
+    return _rename(key, {v: k for k, v in _TOP.items()}, {v: k for k, v in _BLOCK.items()},
+                   {v: k for k, v in _VACE_BLOCK.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,16 +119,33 @@ def native_direct(cfg: WanConfig) -> dict[str, str]:
         if cfg.pos_embed_seq_len is not None:
             m[ie + "pos_embed"] = ie + "pos_embed"
     for i in range(cfg.num_layers):
-        b = f"blocks.{i}."
-        m[b + "scale_shift_table"] = b + "scale_shift_table"
-        for d, n in (("attn1.to_out.0", "attn1.to_out"), ("attn2.to_q", "attn2.to_q"),
-                     ("attn2.to_out.0", "attn2.to_out"), ("norm2", "norm2"), ("ffn.net.0.proj", "ffn.proj_in"),
-                     ("ffn.net.2", "ffn.proj_out")):
-            for p in ("weight", "bias"):
-                m[f"{b}{d}.{p}"] = f"{b}{n}.{p}"
-        for a, nq in (("attn1", "norm_q"), ("attn1", "norm_k"), ("attn2", "norm_q")):
-            m[f"{b}{a}.{nq}.weight"] = f"{b}{a}.{nq}"
+        _block_direct(m, f"blocks.{i}.")
     return m
+
+
+def vace_direct(cfg: WanConfig) -> dict[str, str]:
+    """diffusers key -> native key of the VACE parameters renamed one to one ({} without VACE). Kept apart from
+    `native_direct`: quantization (wan_model.compat.quantize.layer_groups) reads that one, and the VACE branch
+    stays dense."""
+    m = {}
+    if cfg.has_vace:
+        for p in ("weight", "bias"):
+            m[f"vace_patch_embedding.{p}"] = f"vace_patch_embedding.{p}"
+        for j in range(len(cfg.vace_layers)):  # the control stream's projections (proj_in: VACE block 0 only)
+            _block_direct(m, f"vace_blocks.{j}.", (("proj_in", "proj_in"),) * (j == 0) + (("proj_out", "proj_out"),))
+    return m
+
+
+def _block_direct(m: dict[str, str], b: str, extra=()) -> None:
+    """The one-to-one parameters of the block at prefix `b` (+ `extra` (diffusers, native) modules) into `m`."""
+    m[b + "scale_shift_table"] = b + "scale_shift_table"
+    for d, n in (("attn1.to_out.0", "attn1.to_out"), ("attn2.to_q", "attn2.to_q"),
+                 ("attn2.to_out.0", "attn2.to_out"), ("norm2", "norm2"), ("ffn.net.0.proj", "ffn.proj_in"),
+                 ("ffn.net.2", "ffn.proj_out")) + tuple(extra):
+        for p in ("weight", "bias"):
+            m[f"{b}{d}.{p}"] = f"{b}{n}.{p}"
+    for a, nq in (("attn1", "norm_q"), ("attn1", "norm_k"), ("attn2", "norm_q")):
+        m[f"{b}{a}.{nq}.weight"] = f"{b}{a}.{nq}"
 
 
 def stacked_kv(cfg: WanConfig) -> list[tuple[str, str, str, str]]:
@@ -128,14 +156,24 @@ def stacked_kv(cfg: WanConfig) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def block_stacks(cfg: WanConfig) -> list[tuple[str, int, list[tuple[str, str, str, str]]]]:
+    """(block list prefix, its number of blocks, its `stacked_kv` sets) of the transformer blocks and, VACE, of the
+    VACE blocks (their K/V stacked apart, native `vace_cross_kv` / `vace_cross_kv_img`)."""
+    out = [("blocks", cfg.num_layers, stacked_kv(cfg))]
+    if cfg.has_vace:
+        out.append(("vace_blocks", len(cfg.vace_layers), [("vace_" + s[0], *s[1:]) for s in stacked_kv(cfg)]))
+    return out
+
+
 def diffusers_keys(cfg: WanConfig) -> set[str]:
-    """Every key of a diffusers WanTransformer3DModel state dict for `cfg`."""
-    keys = set(native_direct(cfg))
-    for i in range(cfg.num_layers):
-        b = f"blocks.{i}."
-        keys |= {f"{b}attn1.to_{x}.{p}" for x in "qkv" for p in ("weight", "bias")}
-        for _, km, vm, nm in stacked_kv(cfg):
-            keys |= {f"{b}{km}.weight", f"{b}{km}.bias", f"{b}{vm}.weight", f"{b}{vm}.bias", f"{b}{nm}.weight"}
+    """Every key of a diffusers WanTransformer3DModel (VACE: WanVACETransformer3DModel) state dict for `cfg`."""
+    keys = set(native_direct(cfg)) | set(vace_direct(cfg))
+    for prefix, n, sets in block_stacks(cfg):
+        for i in range(n):
+            b = f"{prefix}.{i}."
+            keys |= {f"{b}attn1.to_{x}.{p}" for x in "qkv" for p in ("weight", "bias")}
+            for _, km, vm, nm in sets:
+                keys |= {f"{b}{km}.weight", f"{b}{km}.bias", f"{b}{vm}.weight", f"{b}{vm}.bias", f"{b}{nm}.weight"}
     return keys
 
 
@@ -198,28 +236,30 @@ def _unfuse(sd, names: list[str], out: dict, native: str, rows: int) -> None:
 def diffusers_to_native(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
     """diffusers-named tensors -> our state dict (fuses QKV, stacks the cross-attn K/V of all layers).
     NVFP4 layers: packed weights and swizzled scales are row-concatenated, the shared scale checked."""
-    out = {n: sd[d] for d, n in _with_nvfp4_scales(native_direct(cfg), sd).items()}
-    for i in range(cfg.num_layers):
-        _fuse(sd, [f"blocks.{i}.attn1.to_{x}" for x in "qkv"], out, f"blocks.{i}.attn1.to_qkv")  # [3C, C]
-    for name, km, vm, nm in stacked_kv(cfg):
-        L = range(cfg.num_layers)
-        _fuse(sd, [f"blocks.{i}.{m}" for i in L for m in (km, vm)], out, name)                    # [L*2C, C]
-        out[f"{name}.norm_k"] = torch.stack([sd[f"blocks.{i}.{nm}.weight"] for i in L])                # [L, C]
+    out = {n: sd[d] for d, n in _with_nvfp4_scales({**native_direct(cfg), **vace_direct(cfg)}, sd).items()}
+    for prefix, n, sets in block_stacks(cfg):
+        for i in range(n):
+            _fuse(sd, [f"{prefix}.{i}.attn1.to_{x}" for x in "qkv"], out, f"{prefix}.{i}.attn1.to_qkv")  # [3C, C]
+        for name, km, vm, nm in sets:
+            L = range(n)
+            _fuse(sd, [f"{prefix}.{i}.{m}" for i in L for m in (km, vm)], out, name)                 # [L*2C, C]
+            out[f"{name}.norm_k"] = torch.stack([sd[f"{prefix}.{i}.{nm}.weight"] for i in L])           # [L, C]
     return out
 
 
 def native_to_diffusers(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> diffusers-named tensors (splits QKV and the stacked K/V; contiguous copies)."""
-    native_of = _with_nvfp4_scales({n: d for d, n in native_direct(cfg).items()}, sd)
+    native_of = _with_nvfp4_scales({n: d for d, n in {**native_direct(cfg), **vace_direct(cfg)}.items()}, sd)
     out = {d: sd[n] for n, d in native_of.items()}
     C = cfg.dim
-    for i in range(cfg.num_layers):
-        _unfuse(sd, [f"blocks.{i}.attn1.to_{x}" for x in "qkv"], out, f"blocks.{i}.attn1.to_qkv", C)
-    for name, km, vm, nm in stacked_kv(cfg):
-        L = range(cfg.num_layers)
-        _unfuse(sd, [f"blocks.{i}.{m}" for i in L for m in (km, vm)], out, name, C)
-        for i in L:
-            out[f"blocks.{i}.{nm}.weight"] = sd[f"{name}.norm_k"][i]
+    for prefix, n, sets in block_stacks(cfg):
+        for i in range(n):
+            _unfuse(sd, [f"{prefix}.{i}.attn1.to_{x}" for x in "qkv"], out, f"{prefix}.{i}.attn1.to_qkv", C)
+        for name, km, vm, nm in sets:
+            L = range(n)
+            _unfuse(sd, [f"{prefix}.{i}.{m}" for i in L for m in (km, vm)], out, name, C)
+            for i in L:
+                out[f"{prefix}.{i}.{nm}.weight"] = sd[f"{name}.norm_k"][i]
     return {k: v.contiguous() for k, v in out.items()}
 
 

@@ -23,8 +23,12 @@ MAX_ROPE_LEN = 1 << 16   # rope tables are [rope_max_seq_len, head_dim/2] per ax
 MAX_JSON_BYTES = 64 << 20  # config.json / shard index / model_index.json are kilobytes
 _INTS = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
          "ffn_dim", "num_layers", "rope_max_seq_len", "num_experts")
-_OPTIONAL_INTS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+_OPTIONAL_INTS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len", "vace_in_channels")
 _BLOCK_INDEX = re.compile(r"blocks\.(\d+)\.")
+_VACE_INDEX = re.compile(r"vace_blocks\.(\d+)\.")
+VACE_CLASS = "WanVACETransformer3DModel"
+# diffusers' WanVACETransformer3DModel defaults (its __init__), used when a VACE config.json omits them
+VACE_DEFAULTS = {"vace_layers": [0, 5, 10, 15, 20, 25, 30, 35], "vace_in_channels": 96}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,8 @@ class WanConfig:
     added_kv_proj_dim: int | None = None  # input width of the image K/V projections (= dim)
     rope_max_seq_len: int = 1024
     pos_embed_seq_len: int | None = None  # FLF2V: 2 * 257 image tokens
+    vace_layers: tuple[int, ...] | None = None  # VACE: the blocks after which a control hint is added
+    vace_in_channels: int | None = None   # VACE: channels of the control latents (Wan2.1-VACE: 96)
     # pipeline-level (not part of diffusers' transformer config)
     expand_timesteps: bool = False        # TI2V: timestep per token [B, S]
     boundary_ratio: float | None = None   # two-expert models: high-noise expert while t >= ratio * 1000
@@ -87,6 +93,27 @@ class WanConfig:
             raise ValueError(f"added_kv_proj_dim must equal dim={self.dim}, got {self.added_kv_proj_dim}")
         if self.pos_embed_seq_len is not None and self.image_dim is None:
             raise ValueError("pos_embed_seq_len (FLF2V) needs an image embedder (image_dim)")
+        if self.vace_layers is not None or self.vace_in_channels is not None:
+            self._check_vace()
+
+    def _check_vace(self) -> None:
+        """VACE fields: both or neither; vace_layers strictly increasing block indices starting at 0 (diffusers
+        requires layer 0 and indices below num_layers; it adds the i-th hint after the i-th listed block in
+        ascending order, so an unsorted or repeated list would not mean what it says: refused)."""
+        v = self.vace_layers
+        if v is None or self.vace_in_channels is None:
+            raise ValueError(f"vace_layers ({v!r}) and vace_in_channels ({self.vace_in_channels!r}) must be given "
+                             "together (VACE) or both be None")
+        if not isinstance(v, (tuple, list)) or not v or not all(_is_int(i) for i in v):
+            raise ValueError(f"vace_layers must be a non-empty list of block indices, got {v!r}")
+        v = tuple(int(i) for i in v)
+        if v[0] != 0 or any(b <= a for a, b in zip(v, v[1:])) or v[-1] >= self.num_layers:
+            raise ValueError(f"vace_layers must be strictly increasing block indices starting at 0 and below "
+                             f"num_layers={self.num_layers}, got {list(v)}")
+        if self.expand_timesteps:
+            raise ValueError("VACE (vace_layers) with expand_timesteps is not supported: diffusers' "
+                             "WanVACETransformer3DModel takes one timestep per sample")
+        object.__setattr__(self, "vace_layers", v)
 
     @property
     def dim(self) -> int:
@@ -96,6 +123,11 @@ class WanConfig:
     def has_image(self) -> bool:
         """Wan2.1 I2V/FLF2V: CLIP image tokens with their own cross-attention K/V."""
         return self.image_dim is not None
+
+    @property
+    def has_vace(self) -> bool:
+        """VACE: control latents through `vace_blocks`, their hints added after the blocks in `vace_layers`."""
+        return self.vace_layers is not None
 
     @property
     def rope_dims(self) -> tuple[int, int, int]:
@@ -124,10 +156,15 @@ class WanConfig:
                 where = os.path.join(where, "config.json")
             config = read_json(where)
         cls_name = config.get("_class_name", "WanTransformer3DModel")
-        if cls_name != "WanTransformer3DModel":
-            raise ValueError(f"{where}: config is for {cls_name!r}, expected 'WanTransformer3DModel'")
+        if cls_name not in ("WanTransformer3DModel", VACE_CLASS):
+            raise ValueError(f"{where}: config is for {cls_name!r}, expected 'WanTransformer3DModel' or "
+                             f"{VACE_CLASS!r}")
         names = {f.name for f in dataclasses.fields(cls)} - {"expand_timesteps", "boundary_ratio", "num_experts"}
+        if cls_name != VACE_CLASS:  # diffusers' WanTransformer3DModel ignores VACE keys
+            names -= set(VACE_DEFAULTS)
         kwargs = {k: v for k, v in config.items() if k in names}
+        if cls_name == VACE_CLASS:
+            kwargs = {**VACE_DEFAULTS, **kwargs}
         if kwargs.get("out_channels") is None:
             kwargs["out_channels"] = kwargs.get("in_channels", 16)
         try:
@@ -136,9 +173,10 @@ class WanConfig:
             raise ValueError(f"{where}: {e}") from e
 
     def to_diffusers_config(self) -> dict:
-        """The `WanTransformer3DModel` config dict (what diffusers writes to config.json)."""
-        skip = {"expand_timesteps", "boundary_ratio", "num_experts"}
-        out = {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.42.1"}
+        """The `WanTransformer3DModel` config dict (what diffusers writes to config.json); a VACE config:
+        `WanVACETransformer3DModel`'s, with vace_layers and vace_in_channels."""
+        skip = {"expand_timesteps", "boundary_ratio", "num_experts"} | (set() if self.has_vace else set(VACE_DEFAULTS))
+        out = {"_class_name": VACE_CLASS if self.has_vace else "WanTransformer3DModel", "_diffusers_version": "0.42.1"}
         for f in dataclasses.fields(self):
             if f.name not in skip:
                 v = getattr(self, f.name)
@@ -151,6 +189,10 @@ class WanConfig:
 
         Only shapes are read (meta tensors or safetensors slices are fine). Pipeline-level fields
         (expand_timesteps, boundary_ratio, num_experts) cannot be seen in weights: pass them.
+        VACE (`vace_blocks.N.` keys): vace_in_channels from `vace_patch_embedding.weight`; vace_layers cannot be
+        seen either: pass it, else N blocks over L layers are taken as evenly spaced, 0, s, 2s, ... with
+        s = ceil(L / N) (Wan2.1-VACE 1.3B: every 2nd of 30, 14B: every 5th of 40, and original Wan's default),
+        a ValueError when no such spacing gives N blocks.
         A missing key raises KeyError naming it; a tensor of the wrong rank, a zero or negative size or
         block indices other than 0..N-1 raise ValueError naming the key.
         """
@@ -182,11 +224,36 @@ class WanConfig:
             raise ValueError(f"model width {dim} (from the head modulation) is not a multiple of head_dim {HEAD_DIM}")
         image, pos = shape("image", 1, optional=True), shape("pos", 3, optional=True)
         image_dim = image[0] if image else None
+        vace = _vace_fields(sd, keys, num_blocks(keys), pipeline_fields.pop("vace_layers", None))
         return cls(num_attention_heads=dim // HEAD_DIM, attention_head_dim=HEAD_DIM, in_channels=patch_w[1],
                    out_channels=rows // _prod(patch), text_dim=shape("text", 2)[1], freq_dim=shape("time", 2)[1],
                    ffn_dim=shape("ffn", 2)[0], num_layers=num_blocks(keys), patch_size=patch, image_dim=image_dim,
                    added_kv_proj_dim=dim if image_dim is not None else None, pos_embed_seq_len=pos[1] if pos else None,
-                   **pipeline_fields)
+                   **vace, **pipeline_fields)
+
+
+def _vace_fields(sd: dict, keys: set, num_layers: int, vace_layers=None) -> dict:
+    """vace_layers / vace_in_channels of a state dict (see `WanConfig.from_state_dict`); {} without VACE keys."""
+    idx = {int(m.group(1)) for k in keys if (m := _VACE_INDEX.match(k))}
+    if not idx and "vace_patch_embedding.weight" not in keys:
+        return {}
+    if not idx or len(idx) != max(idx) + 1:
+        raise ValueError(f"VACE block indices of the state dict are not 0..N-1: {len(idx)} distinct, first "
+                         f"{sorted(idx)[:4]}")
+    s = _shape(sd["vace_patch_embedding.weight"])
+    if len(s) != 5 or min(s) < 1:
+        raise ValueError(f"cannot derive a Wan config: vace_patch_embedding.weight has shape {s}, expected 5 "
+                         "positive sizes")
+    if vace_layers is None:
+        step = -(-num_layers // len(idx))
+        vace_layers = tuple(range(0, num_layers, step))
+        if len(vace_layers) != len(idx):
+            raise ValueError(f"cannot derive vace_layers: {len(idx)} VACE blocks over {num_layers} layers are not "
+                             "evenly spaced from 0; pass the config (vace_layers) explicitly")
+    elif len(vace_layers) != len(idx):
+        raise ValueError(f"vace_layers {list(vace_layers)} lists {len(vace_layers)} layers, the state dict has "
+                         f"{len(idx)} VACE blocks")
+    return {"vace_layers": tuple(vace_layers), "vace_in_channels": s[1]}
 
 
 _ORIGINAL_KEYS = dict(modulation="head.modulation", patch="patch_embedding.weight", head="head.head.weight",
@@ -273,6 +340,10 @@ PRESETS: dict[str, WanConfig] = {
     "wan2.2-i2v-a14b": WanConfig(**_14B, in_channels=36, out_channels=16, boundary_ratio=0.9, num_experts=2),
     "wan2.2-ti2v-5b": WanConfig(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
                                 out_channels=48, expand_timesteps=True),
+    # Wan2.1-VACE (diffusers' scripts/convert_wan_to_diffusers.py): the T2V model + a VACE block every 2nd / 5th layer
+    "wan2.1-vace-1.3b": WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30,
+                                  vace_layers=tuple(range(0, 30, 2)), vace_in_channels=96),
+    "wan2.1-vace-14b": WanConfig(**_14B, vace_layers=tuple(range(0, 40, 5)), vace_in_channels=96),
     # tiny configs for tests and the demo: real head_dim 128, 2 heads, 2 layers
     "tiny-t2v": WanConfig(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64, freq_dim=64),
     "tiny-i2v": WanConfig(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64, freq_dim=64,
@@ -284,4 +355,6 @@ PRESETS: dict[str, WanConfig] = {
                            in_channels=48, out_channels=48, expand_timesteps=True),
     "tiny-t2v-a14b": WanConfig(num_attention_heads=2, ffn_dim=512, num_layers=2, text_dim=64, freq_dim=64,
                                boundary_ratio=0.875, num_experts=2),
+    "tiny-vace": WanConfig(num_attention_heads=2, ffn_dim=512, num_layers=4, text_dim=64, freq_dim=64,
+                           vace_layers=(0, 2), vace_in_channels=96),
 }

@@ -38,6 +38,7 @@ class WanContext:
     """Cross-attention keys/values of every layer for one text (+ image) context.
 
     k[i], v[i]: [B, L_txt, H, D]; k_img[i], v_img[i]: [B, L_img, H, D] (I2V/FLF2V) or None.
+    A VACE model's lists go on past its num_layers blocks: entry num_layers + j is VACE block j's.
     dtype: dtype of the text input (diffusers casts temb to it).
     """
 
@@ -317,6 +318,25 @@ class WanBlock(nn.Module):
         return ops.gated_residual(x, f, c_gate)
 
 
+class VaceBlock(WanBlock):
+    """A VACE block (diffusers' WanVACETransformerBlock, original Wan's VaceWanAttentionBlock): a Wan block run on
+    the control stream c, block 0 first adding `proj_in(c)` to the patched latents; `proj_out` of its output is
+    the hint that the model adds after block `vace_layers[j]`."""
+
+    def __init__(self, cfg: WanConfig, first: bool):
+        super().__init__(cfg)
+        C = cfg.dim
+        self.proj_in = nn.Linear(C, C) if first else None    # original: before_proj (block 0 only)
+        self.proj_out = nn.Linear(C, C)                       # original: after_proj
+
+    def forward(self, c, x, temb_proj, rope_cos, rope_sin, kv, ops: _Ops):
+        # c: control stream [B, S, C]; x: patched latents [B, S, C] (read by block 0 only)
+        if self.proj_in is not None:
+            c = self.proj_in(c) + x
+        c = super().forward(c, temb_proj, rope_cos, rope_sin, kv, ops)
+        return self.proj_out(c), c                                              # hint, control stream
+
+
 class WanTransformer(nn.Module):
     """The Wan transformer on `wan` ops.  `impl` ("auto"|"cuda"|"cpu"|"triton"|"ref") picks the backend
     of every op once, at construction (and again when the model moves device)."""
@@ -335,6 +355,13 @@ class WanTransformer(nn.Module):
             self.cross_kv_img = StackedKV(L, C, C) if cfg.has_image else None
             self.scale_shift_table = nn.Parameter(torch.randn(1, 2, C) / C ** 0.5)
             self.proj_out = nn.Linear(C, cfg.out_channels * math.prod(cfg.patch_size))
+            if cfg.has_vace:  # control latents -> hints added after the blocks in vace_layers
+                n = len(cfg.vace_layers)
+                self.vace_patch_embedding = nn.Conv3d(cfg.vace_in_channels, C, kernel_size=cfg.patch_size,
+                                                      stride=cfg.patch_size)
+                self.vace_blocks = nn.ModuleList(VaceBlock(cfg, first=j == 0) for j in range(n))
+                self.vace_cross_kv = StackedKV(n, C, C)
+                self.vace_cross_kv_img = StackedKV(n, C, C) if cfg.has_image else None
         if dtype is not None:
             self.to_dtype(dtype)
         self._attention = AttentionConfig()
@@ -360,7 +387,11 @@ class WanTransformer(nn.Module):
         """Sequence parallelism over `group` (default: the world) of size ulysses_degree * ring_degree, after
         `torch.distributed.init_process_group`, on every rank (it creates sub-groups); every rank then passes
         the same full inputs and gets the same full output, and gradients are the single-process ones
-        (wan_model/core/parallel.py; diffusers' names)."""
+        (wan_model/core/parallel.py; diffusers' names). Not with VACE (NotImplementedError)."""
+        if self.config.has_vace:
+            raise NotImplementedError("enable_parallelism: sequence parallelism of a VACE model is not implemented "
+                                      "(its control stream and hints are not split across ranks); run it on one "
+                                      "process")
         enable(self, ulysses_degree, ring_degree, group)
         return self
 
@@ -490,28 +521,85 @@ class WanTransformer(nn.Module):
                                  f"{', FLF2V: first and last frame per sample' if cfg.pos_embed_seq_len else ''})")
         txt = self.condition_embedder.text(encoder_hidden_states)                 # [B, L_txt, C]
         k, v = self.cross_kv(txt, cfg.num_attention_heads, cfg.eps)
+        if cfg.has_vace:  # the VACE blocks' K/V follow the blocks' (WanContext)
+            k, v = [a + b for a, b in zip((k, v), self.vace_cross_kv(txt, cfg.num_attention_heads, cfg.eps))]
         k_img = v_img = None
         if cfg.has_image:
             img = self.condition_embedder.image_embedder(encoder_hidden_states_image)  # [B, L_img, C]
             k_img, v_img = self.cross_kv_img(img, cfg.num_attention_heads, cfg.eps)
+            if cfg.has_vace:
+                k_img, v_img = [a + b for a, b in zip((k_img, v_img),
+                                                      self.vace_cross_kv_img(img, cfg.num_attention_heads, cfg.eps))]
         return WanContext(k, v, k_img, v_img, encoder_hidden_states.dtype)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor | None = None,
                 encoder_hidden_states_image: torch.Tensor | None = None, *,
-                context: WanContext | None = None) -> torch.Tensor:
+                context: WanContext | None = None, control_hidden_states: torch.Tensor | None = None,
+                control_hidden_states_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Denoiser output, like diffusers' WanTransformer3DModel.forward(...).sample (same argument order).
 
         hidden_states: [B, C_in, F, H, W]; timestep: [B] or per token [B, S] (TI2V);
         encoder_hidden_states: [B, L_txt, text_dim]; encoder_hidden_states_image: see prepare_context;
         context: from prepare_context (then the two encoder inputs are not needed).
+        VACE models (config.vace_layers), as diffusers' WanVACETransformer3DModel: control_hidden_states
+        [B, vace_in_channels, F_c, H, W] (required; F_c <= F: the missing frames' tokens are zeros, as diffusers
+        pads them) in the model dtype; control_hidden_states_scale [len(vace_layers)] (default ones): hint j,
+        times scale j, is added after block vace_layers[j].
         Returns [B, C_out, F, H, W] in the model dtype.
         The inputs are checked once, here (shapes and dtypes only): hidden_states and the encoder inputs in the
         model dtype (`model.dtype`; diffusers raises torch's own dtype error there, its pipelines cast first),
         F, H, W multiples of the patch size (diffusers crops the remainder silently; we refuse), timestep [B]
         or [B, S] (batch 1 broadcasts, as in diffusers); a mismatch is a ValueError naming the argument.
         """
-        return self._denoise(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context)
+        return self._denoise(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context,
+                             control_hidden_states, control_hidden_states_scale)
+
+    def _check_control(self, hidden_states, control, scale) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(control [B, vace_in_channels, F_c, H, W], the scales as 0-dim tensors) of a VACE forward, after checking
+        them against hidden_states (metadata only); a ValueError naming the argument and its shape otherwise."""
+        cfg, x = self.config, hidden_states
+        if not cfg.has_vace:
+            raise ValueError("control_hidden_states / control_hidden_states_scale given, but this model has no VACE "
+                             f"blocks (config.vace_layers is None); control shape "
+                             f"{tuple(getattr(control, 'shape', ()))}")
+        n, ci = len(cfg.vace_layers), cfg.vace_in_channels
+        if control is None:
+            raise ValueError(f"this is a VACE model (vace_layers {list(cfg.vace_layers)}): control_hidden_states "
+                             f"[B, {ci}, F, H, W] is required")
+        lat = tuple(getattr(x, "shape", ()))
+        if not isinstance(control, torch.Tensor) or control.dim() != 5 or len(lat) != 5 or \
+                control.shape[1] != ci or control.shape[0] != lat[0] or control.shape[3:] != lat[3:] or \
+                not 0 < control.shape[2] <= lat[2] or control.shape[2] % cfg.patch_size[0]:
+            raise ValueError(f"control_hidden_states has shape {tuple(getattr(control, 'shape', ()))}, expected "
+                             f"[B, {ci}, F_c, H, W] = [{lat[0] if lat else 'B'}, {ci}, <= "
+                             f"{lat[2] if len(lat) == 5 else 'F'}, {', '.join(map(str, lat[3:])) or 'H, W'}] "
+                             f"(vace_in_channels {ci}; batch, H, W of hidden_states {lat}, at most its frames)")
+        if control.dtype != self.dtype:
+            raise ValueError(f"control_hidden_states {tuple(control.shape)} is {control.dtype}, expected the model "
+                             f"dtype {self.dtype} (cast it: control_hidden_states.to(model.dtype))")
+        if scale is None:
+            scale = control.new_ones(n)                                          # diffusers' default
+        if not isinstance(scale, torch.Tensor) or scale.dim() != 1 or scale.shape[0] != n or \
+                not scale.is_floating_point():
+            raise ValueError(f"control_hidden_states_scale has shape {tuple(getattr(scale, 'shape', ()))} and dtype "
+                             f"{getattr(scale, 'dtype', type(scale).__name__)}, expected a float tensor [{n}] (one "
+                             f"scale per VACE layer, vace_layers {list(cfg.vace_layers)})")
+        return control, scale.unbind()
+
+    def _vace_hints(self, x, control, scales, temb_proj, rope_cos, rope_sin, context, ckpt) -> dict[int, torch.Tensor]:
+        """{block index in vace_layers: hint * scale [B, S, C]} of the control latents (diffusers'
+        WanVACETransformer3DModel): the control is patch-embedded, its tokens padded with zeros to the latents',
+        and run through the VACE blocks (block 0 adds proj_in of it to the patched latents x)."""
+        L = self.config.num_layers
+        c = self.vace_patch_embedding(control).flatten(2).transpose(1, 2)           # [B, S_c, C]
+        c = torch.cat([c, c.new_zeros(c.shape[0], x.shape[1] - c.shape[1], c.shape[2])], dim=1)  # [B, S, C]
+        hints = {}
+        for j, (block, layer, scale) in enumerate(zip(self.vace_blocks, self.config.vace_layers, scales)):
+            args = (c, x, temb_proj, rope_cos, rope_sin, context.layer(L + j), self._ops)
+            hint, c = block(*args) if ckpt is None else ckpt(block, *args)
+            hints[layer] = hint * scale
+        return hints
 
     def _check_latents(self, hidden_states, timestep) -> tuple[int, int, int]:
         """The patched grid (f, h, w) of hidden_states [B, C_in, F, H, W], after checking it and the timestep
@@ -538,9 +626,13 @@ class WanTransformer(nn.Module):
                              f"[B, S] = [{B}, {f * h * w}] (B of hidden_states {tuple(x.shape)}, or 1)")
         return f, h, w
 
-    def _denoise(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context):
+    def _denoise(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image, context,
+                 control=None, control_scale=None):
         cfg = self.config
         f, h, w = self._check_latents(hidden_states, timestep)
+        vace = None  # VACE: (control latents, scales as 0-dim tensors)
+        if cfg.has_vace or control is not None or control_scale is not None:
+            vace = self._check_control(hidden_states, control, control_scale)
         B = hidden_states.shape[0]
         pt, ph, pw = cfg.patch_size
         rope_cos, rope_sin = self.rope((f, h, w))                                # [S, D/2] fp32
@@ -559,9 +651,12 @@ class WanTransformer(nn.Module):
         if sp is not None:  # this rank's tokens [B, n, C] (wan_model/core/parallel.py)
             x, temb_proj, rope_cos, rope_sin, context = sp.split(x, temb_proj, rope_cos, rope_sin, context)
         ckpt = self._gradient_checkpointing_func if self.gradient_checkpointing and torch.is_grad_enabled() else None
+        hints = {} if vace is None else self._vace_hints(x, *vace, temb_proj, rope_cos, rope_sin, context, ckpt)
         for i, block in enumerate(self.blocks):
             args = (x, temb_proj, rope_cos, rope_sin, context.layer(i), self._ops)
             x = block(*args) if ckpt is None else ckpt(block, *args)
+            if i in hints:
+                x = x + hints[i]
         if sp is not None:
             x = sp.gather(x)                                                     # [B, S, C] on every rank
 

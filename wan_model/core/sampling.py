@@ -46,7 +46,8 @@ def _timestep(model: WanTransformer, t: float, x: torch.Tensor) -> torch.Tensor:
 def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_embeds: torch.Tensor,
            negative_prompt_embeds: torch.Tensor | None = None, num_steps: int = 4, guidance_scale: float = 5.0,
            shift: float = 5.0, image_embeds: torch.Tensor | None = None, condition: torch.Tensor | None = None,
-           progress: bool = True, dense_steps=None) -> SampleResult:
+           progress: bool = True, dense_steps=None, control: torch.Tensor | None = None,
+           control_scale: torch.Tensor | None = None) -> SampleResult:
     """Denoise `latents` [B, C, F, H, W] (pure noise at sigma=1) in `num_steps` Euler steps.
 
     prompt_embeds / negative_prompt_embeds: [B, L, text_dim]; guidance is skipped when the negative
@@ -55,6 +56,9 @@ def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_emb
     dense_steps: the step indices run with dense attention (`WanTransformer.dense_attention`: wan::attention in
     every role) when the model was set to 8-bit attention; default the first and the last step, as Wan users do.
     The configured attention is bound again afterwards. No effect on a bf16 model (both sets are the same).
+    control: VACE models, the control latents [B, vace_in_channels, F, H, W] (WanVACEPipeline's conditioning
+    latents), given to the cond and the uncond forward alike as that pipeline does, with control_scale
+    [len(vace_layers)] (default ones).
     """
     experts = {"high": model.high, "low": model.low} if isinstance(model, WanExperts) else {"single": model}
     cfg_on = negative_prompt_embeds is not None and guidance_scale != 1.0
@@ -66,17 +70,24 @@ def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_emb
     contexts = {name: m.prepare_context(text.to(m.dtype), None if img is None else img.to(m.dtype))
                 for name, m in experts.items()}
 
+    vace = {name: {} for name in experts}  # per expert: the VACE inputs of its forward (cond and uncond batched)
+    if control is not None:
+        for name, m in experts.items():
+            c = control.to(m.dtype)
+            vace[name] = {"control_hidden_states": torch.cat([c, c]) if cfg_on else c,
+                          "control_hidden_states_scale": None if control_scale is None else control_scale.to(m.dtype)}
+
     dense = {0, num_steps - 1} if dense_steps is None else {i % num_steps for i in dense_steps}
     try:
         return _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, condition, cfg_on,
-                      progress, dense)
+                      progress, dense, vace)
     finally:
         for m in experts.values():
             m.dense_attention(False)
 
 
 def _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, condition, cfg_on, progress,
-           dense) -> SampleResult:
+           dense, vace) -> SampleResult:
     sigmas = flow_sigmas(num_steps, shift)
     x = latents.float()
     times, used = [], []
@@ -90,7 +101,7 @@ def _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, 
         inp = inp.to(m.dtype)
         if cfg_on:
             inp = torch.cat([inp, inp])
-        v = m(inp, _timestep(m, t, inp), context=contexts[name]).float()
+        v = m(inp, _timestep(m, t, inp), context=contexts[name], **vace[name]).float()
         if cfg_on:
             v_c, v_u = v.chunk(2)
             v = v_u + guidance_scale * (v_c - v_u)

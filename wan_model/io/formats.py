@@ -53,6 +53,7 @@ from wan_model.quant.nvfp4 import NVFP4_LAYOUTS, NVFP4Layout, nvfp4_file_plan, n
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 HF_QUANT_CONFIG = "hf_quant_config.json"
+VACE_LAYERS_KEY = "vace_layers"  # safetensors metadata of a single-file VACE checkpoint (no config.json to hold them)
 REOPEN_BYTES = 0  # re-open per tensor: measured peak RSS 1.41 GiB (1.3B) vs 1.43 at 64 MiB, 1.69 at 256 MiB
 
 
@@ -250,6 +251,23 @@ def nvfp4_hint_of_file(metadata: dict[str, str]) -> str | None:
             raise CheckpointError(f"safetensors metadata nvfp4_layout={name!r} is unknown; known: {list(NVFP4_LAYOUTS)}")
         return name
     return "ours" if metadata.get("quantization") == "nvfp4" else None
+
+
+def vace_layers_of_file(metadata: dict[str, str], where: str) -> tuple[int, ...] | None:
+    """The vace_layers a single-file VACE checkpoint of ours names in its safetensors metadata (a JSON list; None
+    when absent: files of other tools, whose layers are derived from the weights); CheckpointError naming the file
+    when malformed."""
+    raw = metadata.get(VACE_LAYERS_KEY)
+    if raw is None:
+        return None
+    try:
+        layers = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: safetensors metadata {VACE_LAYERS_KEY}={raw[:80]!r} is not JSON: {e}") from e
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise CheckpointError(f"{where}: safetensors metadata {VACE_LAYERS_KEY} must be a list of ints, "
+                              f"got {raw[:80]!r}")
+    return tuple(layers)
 
 
 def nvfp4_hint_of_dir(directory: str, config: dict) -> str | None:
@@ -680,6 +698,8 @@ def write_into(tmp: str, format: Format, cfg: WanConfig, units: list[Unit],
     metadata = {"format": "pt"}
     if nvfp4:
         metadata.update(quantization="nvfp4", nvfp4_layout=format.nvfp4.name)
+    if cfg.has_vace and not format.directory:
+        metadata[VACE_LAYERS_KEY] = json.dumps(list(cfg.vace_layers))
     shards = _shards(units, parse_size(max_shard_size) if format.directory else math.inf)
 
     def stream(shard: list[Unit]):

@@ -21,7 +21,7 @@ import torch
 from wan_model.compat.layouts import CheckpointError
 from wan_model.core.config import WanConfig, _shape, read_json
 from wan_model.io.formats import (INDEX_NAME, WEIGHTS_NAME, LazyCheckpoint, file_metadata, nvfp4_hint_of_dir,
-                                  nvfp4_hint_of_file, read_safetensors, to_diffusers_names)
+                                  nvfp4_hint_of_file, read_safetensors, to_diffusers_names, vace_layers_of_file)
 from wan_model.io.gguf import GGUFSource, is_gguf, read_gguf
 
 __all__ = ["Source", "config_from_state_dict", "open_source"]
@@ -103,10 +103,11 @@ def logical_shapes(sd: Mapping) -> dict:
     return out
 
 
-def config_from_state_dict(sd: Mapping, where: str) -> WanConfig:
-    """The config derived from weight shapes, or a CheckpointError naming the missing or malformed key."""
+def config_from_state_dict(sd: Mapping, where: str, **fields) -> WanConfig:
+    """The config derived from weight shapes (`fields`: what the file says besides, e.g. its vace_layers), or a
+    CheckpointError naming the missing or malformed key."""
     try:
-        return WanConfig.from_state_dict(logical_shapes(sd))
+        return WanConfig.from_state_dict(logical_shapes(sd), **fields)
     except KeyError as e:
         raise CheckpointError(f"{where}: cannot derive the config, key {e} is missing") from e
     except CheckpointError:
@@ -118,12 +119,15 @@ def config_from_state_dict(sd: Mapping, where: str) -> WanConfig:
 class Source:
     """A Wan transformer checkpoint opened for reading (`open_source`). kind: "diffusers" (a directory),
     "safetensors" (one file), "gguf" or "dict"; `where`: the name errors use (the path, or "state dict");
-    `fields`: the model_index.json fields of the pipeline directory it was found in (expand_timesteps)."""
+    `fields`: the model_index.json fields of the pipeline directory it was found in (expand_timesteps);
+    `vace_layers`: what a single VACE file of ours names in its metadata (others: derived from the weights)."""
 
     def __init__(self, where: str, kind: str, files: list[str] = (), declared: WanConfig | None = None,
-                 hint: str | None = None, state: Mapping | None = None, fields: dict | None = None):
+                 hint: str | None = None, state: Mapping | None = None, fields: dict | None = None,
+                 vace_layers: tuple[int, ...] | None = None):
         self.where, self.kind, self.files = where, kind, list(files)
         self.declared, self.hint, self.fields = declared, hint, fields or {}
+        self.vace_layers = vace_layers
         self._state = state
 
     def read(self, progress: bool | None = None, dtype: torch.dtype | None = None
@@ -168,7 +172,9 @@ class Source:
             finally:
                 if lazy is not None:
                     lazy.close()
-        return config_from_state_dict(sd, self.where)
+        vace = {"vace_layers": self.vace_layers} if self.vace_layers is not None and \
+            "vace_patch_embedding.weight" in sd else {}
+        return config_from_state_dict(sd, self.where, **vace)
 
 
 def open_source(path) -> Source:
@@ -193,4 +199,6 @@ def open_source(path) -> Source:
             path = os.path.join(path, "transformer")
         cfg, hint = dir_config(path)
         return Source(path, "diffusers", diffusers_files(path), cfg, hint, fields=fields)
-    return Source(path, "safetensors", [path], hint=nvfp4_hint_of_file(file_metadata([path])))
+    metadata = file_metadata([path])
+    return Source(path, "safetensors", [path], hint=nvfp4_hint_of_file(metadata),
+                  vace_layers=vace_layers_of_file(metadata, path))
