@@ -631,3 +631,29 @@ def test_unload_after_edit_of_quantized_weight_keeps_it(base, tmp_path, which):
     assert (got - exact).norm() <= 2 * (once.dense_weight() - exact).norm()
     assert (got - before).norm() > 5 * (got - exact).norm()  # the update is kept
     assert adapters(q) == []
+
+
+def test_vace_blocks_lora_matches_diffusers(tmp_path):
+    """A LoRA over every Linear of a VACE model (its vace_blocks, their proj_in / proj_out and fused Q/K/V and
+    stacked K/V included), in diffusers naming written by diffusers itself: fused by us == loaded and fused by
+    WanVACEPipeline (PEFT) into WanVACETransformer3DModel. Before the VACE groups were targets, a vace_blocks
+    key raised a bare KeyError."""
+    from diffusers import WanVACEPipeline
+
+    cfg = WanConfig.from_preset("tiny-vace")
+    model = random_model(cfg, seed=6).eval()
+    ref = to_diffusers_model(copy.deepcopy(model)).eval()
+    layers = [n for n, m in ref.named_modules() if n.startswith(("blocks.", "vace_blocks."))
+              and isinstance(m, torch.nn.Linear)]
+    assert any(n.startswith("vace_blocks.0.proj_in") for n in layers)
+    file = _write("diffusers", _factors(model, layers, seed=4, b_scale=0.3), tmp_path)
+    pipe = WanVACEPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=ref)
+    pipe.load_lora_weights(file, adapter_name="v")
+    pipe.fuse_lora(components=["transformer"], lora_scale=SCALE)
+    pipe.unload_lora_weights()
+    ours = copy.deepcopy(model).load_lora(file, scale=SCALE)
+    err, moved = _weights_err(ours, ref), _weights_err(model, ref)
+    print(f"VACE LoRA: max |ours - diffusers| {err:.2e} (the LoRA moved weights by {moved:.2e})")
+    assert moved > 1e-3 and err <= 1e-6
+    ours.unload_lora()
+    assert _same(ours, _snapshot(model))

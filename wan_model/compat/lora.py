@@ -57,8 +57,8 @@ import torch
 
 from wan_model import quant
 from wan_model.core.config import WanConfig
-from wan_model.compat.layouts import (CheckpointError, diffusers_keys, diffusers_to_original_key, native_direct,
-                               original_to_diffusers_key, stacked_kv)
+from wan_model.compat.layouts import (CheckpointError, block_stacks, diffusers_keys, diffusers_to_original_key,
+                                      native_direct, original_to_diffusers_key, vace_direct)
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes in a dir
 METADATA_KEY = "lora_adapter_metadata"
@@ -311,27 +311,26 @@ def parse(sd: dict[str, torch.Tensor], cfg: WanConfig, meta: dict | None = None,
 # Where each diffusers parameter lives in our model
 
 def targets(model) -> dict[str, Target]:
-    """diffusers parameter key -> Target, from the layouts' key maps and the quantizer's fused groups."""
-    from wan_model.compat.quantize import layer_groups
-
+    """diffusers parameter key -> Target, from the layouts' key maps and fused groups (VACE blocks included)."""
     cfg = model.config
     out = {}
-    for d, n in native_direct(cfg).items():
+    for d, n in {**native_direct(cfg), **vace_direct(cfg)}.items():
         module, _, attr = n.rpartition(".")
         shape = _shape(model, module, attr)
         out[d] = Target(module, attr, 0, shape[0] if shape else 1, shape)
-    for native, members in layer_groups(cfg):
-        if len(members) == 1:
-            continue
-        for attr in ("weight", "bias"):
-            shape = _shape(model, native, attr)
-            rows = shape[0] // len(members)
-            for j, m in enumerate(members):
-                out[f"{m}.{attr}"] = Target(native, attr, j * rows, rows, (rows, *shape[1:]))
-    for name, _, _, nm in stacked_kv(cfg):
-        C = getattr(model, name).norm_k.shape[1]
-        for i in range(cfg.num_layers):
-            out[f"blocks.{i}.{nm}.weight"] = Target(name, "norm_k", i, 1, (C,))
+    for prefix, n, sets in block_stacks(cfg):
+        groups = [(f"{prefix}.{i}.attn1.to_qkv", [f"{prefix}.{i}.attn1.to_{x}" for x in "qkv"]) for i in range(n)]
+        groups += [(name, [f"{prefix}.{i}.{m}" for i in range(n) for m in (km, vm)]) for name, km, vm, _ in sets]
+        for native, members in groups:
+            for attr in ("weight", "bias"):
+                shape = _shape(model, native, attr)
+                rows = shape[0] // len(members)
+                for j, m in enumerate(members):
+                    out[f"{m}.{attr}"] = Target(native, attr, j * rows, rows, (rows, *shape[1:]))
+        for name, _, _, nm in sets:
+            C = getattr(model, name).norm_k.shape[1]
+            for i in range(n):
+                out[f"{prefix}.{i}.{nm}.weight"] = Target(name, "norm_k", i, 1, (C,))
     return out
 
 
