@@ -1,7 +1,7 @@
 """wan::attention_int8 and wan::attention_int8_lse (8-bit, SageAttention2-class): the Triton kernel under the
 interpreter vs its stage-by-stage reference (wan_kernels/ref/attention_int8.py), its accuracy vs fp64 attention and
 vs the peer sageattention 1.0.6 on the same inputs (Wan-like generator and comfy-kitchen's two recipes,
-tests/_int8_inputs.py), and the op: opcheck, compile, routing per device class (simulated capabilities), pv per
+wan_kernels/testing.py), and the op: opcheck, compile, routing per device class (simulated capabilities), pv per
 arch, the inference-only error, the LSE vs fp64 logsumexp, error messages, `python -m wan_kernels`.
 
 Kernel == reference: the quantized operands are bit-exact (same torch ops); the outputs agree to fp32 summation
@@ -25,9 +25,9 @@ import pytest
 import torch
 
 import wan_kernels
-from _int8_inputs import comfy_bias, comfy_channel, stats_per_head, wan_like
 from wan_kernels import ref, routing, samples
 from wan_kernels._spec import SPECS
+from wan_kernels.testing import comfy_bias, comfy_channel, stats_per_head, wan_like
 from wan_kernels.triton import attention_int8 as T
 
 R = importlib.import_module("wan_kernels.ref.attention_int8")  # the module: the package attribute is the op

@@ -13,6 +13,7 @@ import torch
 import triton
 
 from tools import gpu_check
+import wan_kernels
 from wan_kernels import routing
 
 from _inputs import attention_inputs
@@ -394,3 +395,41 @@ def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(fa2, "attention_with_lse", real)
     row = next(c for c in gpu_check.attention_accuracy_cases(check) if c.name.startswith("wan-ws B1 q37")).run()
     assert row["ok_out"] and not row["ok_lse"] and row["ok_lse_img"] and row["status"] == "fail"
+
+
+def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
+    """The 8-bit attention section, run here (CPU: the op's backend is its reference emulation, so the accuracy rows
+    compare it with itself and pass): every CPU-runnable row ok and the verdict not to route without timings. A
+    kernel that adds noise (as SageAttention's fp8 P.V did past 160k tokens) fails the accuracy and the long rows;
+    the verdict routes int8 only when accurate and >= 2x bf16 at every timed shape."""
+    monkeypatch.setattr(gpu_check, "INT8_ACCURACY", gpu_check.INT8_ACCURACY[1:2])
+    check = gpu_check.Check(tmp_path, "cpu", dry_run=False)
+    cases = gpu_check.attention_int8_cases(check)
+    assert [c.name for c in cases if c.needs_cuda] == [
+        *(f"self-attn 14B {r} {p}" for r in ("480p", "720p") for p in ("bf16", "int8-fp16", "int8-fp8")),
+        "14B CFG step 480p int8 vs bf16"]
+    check.run_section(gpu_check.Section("attention_int8", 600, gpu_check.attention_int8_cases))
+    rows = {r["case"]: r for r in check.rows}
+    assert all(rows[c.name]["status"] == "ok" for c in cases if not c.needs_cuda), rows
+    assert rows["int8 route verdict"]["route_int8_default"] is False
+
+    real = wan_kernels.attention_int8
+
+    def noisy(*args, impl="auto", **kw):
+        out = real(*args, impl=impl, **kw)
+        return out if impl == "ref" else out + out.float().std() * torch.randn_like(out.float()).to(out.dtype)
+
+    monkeypatch.setattr(wan_kernels, "attention_int8", noisy)
+    bad = {c.name: c.run() for c in gpu_check.attention_int8_cases(check) if not c.needs_cuda and not c.always}
+    assert all(r["status"] == "fail" for r in bad.values()), bad
+
+    ok = {"section": "attention_int8", "status": "ok"}
+    fake = [{**ok, "case": "accuracy x pv=fp8"}, {**ok, "case": "long 163840 tokens pv=fp8"},
+            {**ok, "case": "self-attn 14B 720p bf16", "ms": 10.0}, {**ok, "case": "self-attn 14B 720p int8-fp8", "ms": 4.0}]
+    check.rows = fake
+    verdict_case = next(c for c in gpu_check.attention_int8_cases(check) if c.always)
+    assert verdict_case.run()["route_int8_default"] is True
+    check.rows = fake[:3] + [{**fake[3], "ms": 6.0}]   # 1.67x: not enough
+    assert verdict_case.run()["route_int8_default"] is False
+    check.rows = [{**fake[0], "status": "fail"}] + fake[1:]
+    assert verdict_case.run()["route_int8_default"] is False

@@ -6,6 +6,10 @@ The rule (issue 4): a kernel's error against an fp64 reference on the same round
 plain torch makes at the inputs' precision (attention: SDPA, `sdpa_per_set`; gradients: the reference's autograd in
 the same dtype, `rel_err`), plus a floor so that torch being lucky on a small tensor does not fail us
 (attention: `fp32_rounding_floor`; gradients: `TOLERANCE[dtype].rounding`).
+
+The 8-bit attention's inputs and measure (issue 23; tests/test_attention_int8.py, the GPU check): a Wan-like
+generator (`wan_like`), comfy-kitchen's two int8-attention recipes (`comfy_bias`, `comfy_channel`) and the
+worst-head NRMSE / cosine (`stats_per_head`).
 """
 
 from __future__ import annotations
@@ -108,3 +112,77 @@ def assert_flash_rule(got, inputs, scale=None, what=""):
     floor = fp32_rounding_floor(*inputs, scale=scale)
     assert err <= 2 * err_sdpa + floor, f"{what}: error {err:.3g} > 2 x SDPA's {err_sdpa:.3g} + {floor:.3g}"
     return err, err_sdpa
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit attention: inputs and the worst-head measure
+
+def _rope(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of each head by pos * 10000^(-2i/D), positions shuffled (3-D grids)."""
+    B, S, H, D = x.shape
+    pos = torch.randperm(S, generator=g, device=x.device).float()[:, None]
+    ang = pos * torch.pow(10000.0, -torch.arange(0, D, 2, device=x.device).float() / D)[None]  # [S, D/2]
+    c, s = torch.cos(ang)[None, :, None], torch.sin(ang)[None, :, None]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * c - b * s, a * s + b * c), -1).reshape(B, S, H, D)
+
+
+def _rms_tokens(B, S, H, D, g, gain):
+    """Per-token RMSNorm over C = H * D of Gaussian activations, times heavy-tailed channel gains."""
+    x = torch.randn(B, S, H * D, generator=g, device=gain.device)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    return (x * gain).reshape(B, S, H, D)
+
+
+def wan_like(B, Sq, Sk, H, D, Si=0, seed=0, dtype=torch.float16, device="cpu"):
+    """q, k, v, k_img, v_img (None without an image set) shaped like Wan's attention inputs: RMS-normed tokens
+    with log-normal channel gains; keys get a bias shared by all tokens BEFORE a RoPE-like rotation (so smoothing
+    removes only part of it) and two sink-like tokens x6; v has per-channel offsets and two large channels
+    (|v| up to ~1e3). `device`: where they are drawn (the GPU check's long cases; CPU draws are the tests')."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    C = H * D
+    r = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    gq, gk = torch.exp(0.7 * r(C)), torch.exp(0.7 * r(C))
+    q = _rope(_rms_tokens(B, Sq, H, D, g, gq), g)
+
+    def keys(S):
+        k = _rms_tokens(B, S, H, D, g, gk) + 2.0 * r(C).reshape(H, D)
+        k = _rope(k, g)
+        k[:, torch.randint(0, S, (2,), generator=g, device=device)] *= 6.0
+        return k
+
+    def values(S):
+        v = r(B, S, H, D) * torch.exp(0.5 * r(H, D))
+        v = v + 3.0 * r(H, D)
+        v[..., :2] *= 250.0
+        return v
+
+    k, v = keys(Sk), values(Sk)
+    ki, vi = (keys(Si), values(Si)) if Si else (None, None)
+    return tuple(None if t is None else t.to(dtype) for t in (q, k, v, ki, vi))
+
+
+def comfy_bias(B, Sq, Sk, H, D, seed=0, dtype=torch.float16):
+    """comfy-kitchen's first recipe: Gaussian q, k, v; k plus a per-head vector of RMS 40 shared by all tokens."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, S, H, D, generator=g) for S in (Sq, Sk, Sk))
+    k = k + 40.0 * torch.randn(1, 1, H, D, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype), None, None
+
+
+def comfy_channel(B, Sq, Sk, H, D, seed=0, dtype=torch.float16):
+    """comfy-kitchen's second recipe: channel 0 of q and k x12, then each token RMS-normalised (per head)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, S, H, D, generator=g) for S in (Sq, Sk, Sk))
+    for t in (q, k):
+        t[..., 0] *= 12.0
+    q, k = (t / t.pow(2).mean(-1, keepdim=True).sqrt() for t in (q, k))
+    return q.to(dtype), k.to(dtype), v.to(dtype), None, None
+
+
+def stats_per_head(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(worst-head NRMSE = ||got - want|| / ||want||, worst-head cosine) over [B, S, H, D] outputs."""
+    d, w = got.double(), want.double()
+    err = (d - w).pow(2).sum((1, 3)).sqrt() / w.pow(2).sum((1, 3)).sqrt()                  # [B, H]
+    cos = (d * w).sum((1, 3)) / (d.pow(2).sum((1, 3)).sqrt() * w.pow(2).sum((1, 3)).sqrt())
+    return err.max().item(), cos.min().item()

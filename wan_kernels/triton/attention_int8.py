@@ -22,7 +22,7 @@ Here the scale vectors are loaded per row / per key and indexed row // group any
 and results do not change with the arch's config except where P is rounded: BLOCK_N), so per-token scales cost
 no instruction in the loop: the same BLOCK_N-vector load per tile (4 bytes per key next to D bytes of int8 k)
 and a [B, H, S] fp32 tensor (4/D of the int8 tensor's bytes). Measured on the reference (bit-equal to the
-kernel), fp16 P.V, mean worst-head NRMSE over 6 seeds of tests/_int8_inputs.py: Wan-like hd128 self 0.0300
+kernel), fp16 P.V, mean worst-head NRMSE over 6 seeds of wan_kernels/testing.py's generators: Wan-like hd128 self 0.0300
 (128/64, Sage) -> 0.0210 (Q per row) -> 0.0160 (Q and K per token); comfy channel recipe 0.0204 -> 0.0192 ->
 0.0123. An earlier single-seed reading (Q groups of 32 worse than 128: 0.0255 vs 0.0219, seed 0) was noise: the
 statistic is the worse of 2 heads on a heavy-tailed input whose error is dominated by K's rounding; over 8 seeds
