@@ -61,6 +61,17 @@ GRAD_CASES = {
         "grad-ti2v-18-u2r2-checkpointed": ("tiny-ti2v", (2, 6, 6), 2, 2, True)},
 }
 GRAD_TOL = 1e-5
+# 8-bit self-attention (set_attention("int8", dense_layers=()): every attention call of the 2 tiny layers int8):
+# name -> (variant, grid, ulysses, ring). Ulysses keeps whole heads on a rank, so it quantizes as one process does
+# (per token, per head, means over all tokens) up to the fp32 order of those sums, which can flip a rare int8
+# rounding: its output is within 1% of int8's own error of the single-process int8 output; the ring smooths and quantizes each K/V block on its own, so its output is
+# another 8-bit approximation: its relative error vs the fp32 model is bounded as the single-process one is
+# (tests/test_model_attention.py: OP_NRMSE per int8 call, summed over the calls).
+INT8_CASES = {
+    2: {"int8-t2v-30-u2r1": ("tiny-t2v", (2, 6, 10), 2, 1), "int8-i2v-15-u1r2": ("tiny-i2v", (1, 6, 10), 1, 2)},
+    4: {"int8-t2v-30-u2r2": ("tiny-t2v", (2, 6, 10), 2, 2), "int8-ti2v-9-u1r4": ("tiny-ti2v", (1, 6, 6), 1, 4)},
+}
+OP_NRMSE = 0.05
 # expected errors on 4 ranks: (ulysses, ring) -> message
 ERRORS = {(4, 1): "ulysses_degree=4 must divide num_attention_heads=2",
           (2, 1): "ulysses_degree * ring_degree = 2 * 1 = 2 must equal the process group's size 4"}
@@ -200,6 +211,29 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
         record(name, {"err": (got - want).abs().max().item(), "shape": list(got.shape) == list(want.shape),
                       "disabled_equal": torch.equal(again, want), "disabled": model._parallel is None,
                       "sent": dict(sent)})
+    for name, (variant, grid, u, r) in INT8_CASES[world].items():
+        model = model_of(variant)
+        args = _inputs(model.config, grid)
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        with torch.no_grad():
+            exact = model(*args)
+            model.set_attention("int8", dense_layers=())
+            single = model(*args)
+            model.enable_parallelism(ulysses_degree=u, ring_degree=r)
+            got = model(*args)
+        try:  # inference only: a parallel int8 forward with inputs requiring grad is refused
+            model(*[a.clone().requires_grad_() if a is not None and a.is_floating_point() and a.ndim > 2 else a
+                    for a in args])
+            refused = "no error"
+        except RuntimeError as e:
+            refused = str(e)
+        with torch.no_grad():
+            model.disable_parallelism()
+            again = model(*args)
+            model.set_attention("bf16")
+        record(name, {"err_single": rel(single, exact), "err_parallel": rel(got, exact), "vs_single": rel(got, single),
+                      "max_vs_single": (got - single).abs().max().item(), "disabled_equal": torch.equal(again, single),
+                      "refused": refused})
     for name, (variant, grid, u, r, checkpointed) in GRAD_CASES[world].items():
         record(name, _grad_case(model_of(variant), grid, u, r, checkpointed))
     if world == 4:
@@ -258,6 +292,24 @@ def test_parallel_output_equals_single_process(runs, world, name):
         got = results[rank][name]
         assert got["shape"] and got["disabled_equal"] and got["disabled"], (rank, got)
         assert got["err"] <= TOL, (rank, name, got["err"])
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("world,name", [(w, n) for w, cases in INT8_CASES.items() for n in cases])
+def test_parallel_int8_self_attention(runs, world, name):
+    """8-bit self-attention under Ulysses / ring: Ulysses equals the single-process int8 model; the ring's
+    per-block quantization stays within the int8 model bound; both really ran 8-bit (differ from fp32); the
+    parallel int8 forward refuses inputs that require grad; disabling gives the single-process int8 output."""
+    results, rcs, errs, _ = runs[world]
+    assert rcs == [0] * world, errs
+    _, _, u, r = INT8_CASES[world][name]
+    calls = 2 * 2   # 2 layers x (self, cross) int8 calls
+    for rank in range(world):
+        got = results[rank][name]
+        assert 0 < got["err_single"] < OP_NRMSE * calls and 0 < got["err_parallel"] < OP_NRMSE * calls, (rank, got)
+        if r == 1:
+            assert got["vs_single"] <= 0.01 * got["err_single"], (rank, got)
+        assert got["disabled_equal"] and "inference only" in got["refused"], (rank, got)
 
 
 @pytest.mark.subprocess

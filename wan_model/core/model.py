@@ -112,14 +112,16 @@ def cross_attention_split(q, k, v, k_img, v_img, ops, text=cross_attention, imag
 
 
 def attention_fns(int8_roles, pv: str = "auto"):
-    """(self attend, cross attend) of one block whose roles in `int8_roles` run wan::attention_int8."""
-    self_fn = functools.partial(self_attention_int8, pv=pv) if "self" in int8_roles else local_attention
+    """(self attend, cross attend, the self-attention's int8 P.V precision or None) of one block whose roles in
+    `int8_roles` run wan::attention_int8 (the third: what the sequence-parallel self-attention is bound with)."""
+    self_int8 = "self" in int8_roles
+    self_fn = functools.partial(self_attention_int8, pv=pv) if self_int8 else local_attention
     int8_cross = functools.partial(cross_attention_int8, pv=pv)
     text, image = "text" in int8_roles, "image" in int8_roles
     if text == image:  # one call for both sets
-        return self_fn, int8_cross if text else cross_attention
+        return self_fn, int8_cross if text else cross_attention, pv if self_int8 else None
     return self_fn, functools.partial(cross_attention_split, text=int8_cross if text else cross_attention,
-                                      image=int8_cross if image else cross_attention)
+                                      image=int8_cross if image else cross_attention), pv if self_int8 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,12 +395,12 @@ class WanTransformer(nn.Module):
                                       "(its control stream and hints are not split across ranks); run it on one "
                                       "process")
         enable(self, ulysses_degree, ring_degree, group)
-        return self
+        return self.dense_attention(getattr(self, "_dense", False))  # int8 self-attention stays int8
 
     def disable_parallelism(self) -> "WanTransformer":
         """Undo `enable_parallelism`: single-process forward again."""
         disable(self)
-        return self
+        return self.dense_attention(getattr(self, "_dense", False))
 
     # Training: diffusers' names. Off by default; `forward` checkpoints each block only with grad mode on.
     gradient_checkpointing: bool = False
@@ -450,8 +452,8 @@ class WanTransformer(nn.Module):
         indices count from the end; default: layer 0, as Wan users run it). `pv`: the int8 op's P.V precision
         ("auto": fp16 on sm_80/86, fp8 elsewhere). Two sets of per-block functions are bound: this configuration
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
-        forward never branches on it. int8 self-attention under sequence parallelism is refused (its ring / Ulysses
-        path runs wan::attention)."""
+        forward never branches on it. Under sequence parallelism int8 self-attention runs Ulysses / ring on
+        wan::attention_int8 / attention_int8_lse (wan_model/core/parallel.py)."""
         if attention not in ATTENTIONS:
             raise ValueError(f"set_attention: attention must be one of {ATTENTIONS}, got {attention!r}")
         roles, L = tuple(roles), len(self.blocks)
@@ -463,10 +465,6 @@ class WanTransformer(nn.Module):
         if bad:
             raise ValueError(f"set_attention: dense_layers must be layer indices in [-{L}, {L}), got {bad}")
         int8 = attention == "int8"
-        if int8 and "self" in roles and getattr(self, "_parallel", None) is not None:
-            raise NotImplementedError("set_attention: int8 self-attention under sequence parallelism is not "
-                                      "implemented (its ring / Ulysses attention runs wan::attention); pass "
-                                      "roles=('text', 'image') or disable_parallelism() first")
         self._ops = bind_ops(self.impl, self.device, int8)
         self._attention = AttentionConfig(attention, roles, tuple(sorted({i % L for i in dense_layers})), pv)
         dense = attention_fns(())
@@ -478,14 +476,18 @@ class WanTransformer(nn.Module):
 
     def dense_attention(self, dense: bool) -> "WanTransformer":
         """Bind the dense set (True: wan::attention in every role and layer) or the configured one (False): the
-        sampler's per-step switch. Self-attention stays the parallel one while sequence parallelism is on."""
+        sampler's per-step switch. Under sequence parallelism the self-attention is the parallel one, on the op the
+        set names."""
+        self._dense = bool(dense)
         sets = getattr(self, "_attention_sets", None)
         if sets is None:
             return self
-        parallel = getattr(self, "_parallel", None) is not None
-        for block, (self_fn, cross_fn) in zip(self.blocks, sets[bool(dense)]):
-            if not parallel:
+        sp = getattr(self, "_parallel", None)
+        for block, (self_fn, cross_fn, self_pv) in zip(self.blocks, sets[bool(dense)]):
+            if sp is None:
                 block.attn1.attend = self_fn
+            else:  # the sequence-parallel self-attention, 8-bit where this block's is
+                block.attn1.attend = functools.partial(sp.attention, pv=self_pv) if self_pv else sp.attention
             block.attn2.attend = cross_fn
         return self
 

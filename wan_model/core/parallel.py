@@ -18,6 +18,10 @@ gets the same full output. Inside the forward:
     The inverse all-to-all gives [B, n, H, Dv].
   * gather: after the last block, `all_gather` of [B, n, C] on the whole group, padding rows dropped; the head
     runs on every rank on the full sequence.
+  * 8-bit self-attention (`set_attention("int8")`, inference only): the same exchanges, Ulysses' local
+    attention on `wan::attention_int8` (each rank holds whole heads: quantized exactly as on one process), the
+    ring's blocks on `wan::attention_int8_lse` (each block's keys smoothed by their own mean; the LSE is
+    corrected for it, so the fp32 merge is the same).
 The sub-groups get the timeout of the group they split (`group_timeout`; torch's new_group would give them
 its 30 min default), so a stopped or dead rank fails the others' collectives after the caller's timeout.
 Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes;
@@ -211,15 +215,23 @@ class SequenceParallel:
         return _Gather.apply(x, self)
 
     # ------------------------------------------------------------------------------------------
-    def attention(self, q, k, v, ops):
-        """Self-attention of this rank's rows: q, k, v [B, n, H, D] -> [B, n, H, Dv] (all tokens attended)."""
+    def attention(self, q, k, v, ops, pv: str | None = None):
+        """Self-attention of this rank's rows: q, k, v [B, n, H, D] -> [B, n, H, Dv] (all tokens attended).
+        `pv`: None, wan::attention (ring: attention_lse); else wan::attention_int8 with that P.V precision (ring:
+        attention_int8_lse, whose LSE is smoothing-corrected, so the blocks merge as they do in bf16; inference
+        only: an input requiring grad is refused)."""
+        if pv is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError("wan::attention_int8 is inference only (no gradients), but the sequence-parallel "
+                               "self-attention's inputs require grad: train with set_attention('bf16'), or run "
+                               "under torch.no_grad()")
         if self.U > 1:
             q, k, v = self._to_heads(torch.stack((q, k, v)))                   # [B, U n, H / U, D] each
         if self.R > 1:
-            out = self._ring(q, k, v)
+            out = self._ring(q, k, v) if pv is None else self._ring_int8(q, k, v, pv)
         else:
             valid = min(self.S, k.shape[1])                                    # drop padding keys
-            out = ops.attention(q, k[:, :valid], v[:, :valid], None, None, None)
+            out = (ops.attention(q, k[:, :valid], v[:, :valid], None, None, None) if pv is None else
+                   ops.attention_int8(q, k[:, :valid], v[:, :valid], None, None, None, pv))
         return self._to_tokens(out) if self.U > 1 else out
 
     def _to_heads(self, qkv):
@@ -241,6 +253,15 @@ class SequenceParallel:
         """q [B, Sb, h, D] against the K/V blocks of every ring rank (block j: global tokens [j Sb, (j+1) Sb))."""
         return _Ring.apply(q, k, v, self)
 
+    def _ring_int8(self, q, k, v, pv: str):
+        """`_ring` on wan::attention_int8_lse (no autograd: inference only); each block's keys smoothed by their
+        own mean, which its smoothing-corrected LSE accounts for."""
+        from wan_kernels.routing import bind
+
+        int8_lse = bind("attention_int8_lse", self.lse_impl, q.device)
+        out, _ = _ring_merge(q, k, v, self, lambda q_, k_, v_: int8_lse(q_, k_, v_, None, pv))
+        return out.to(q.dtype)
+
     @staticmethod
     def _valid(S: int, j: int, Sb: int) -> int:
         """Keys of ring block j (Sb tokens) of a sequence of S that are not padding."""
@@ -254,6 +275,34 @@ class SequenceParallel:
             + [dist.P2POp(dist.irecv, t, group=self.ring_group, group_peer=(r - 1) % R) for t in recv])
 
 
+def _ring_merge(q, k, v, sp, attention_lse):
+    """The ring's forward: q [B, Sb, h, D] against every ring rank's K/V block, `attention_lse(q, k, v)` -> (out,
+    natural-log lse [B, h, Sb]) per block, merged in fp32; returns (out fp32, lse). Each block is passed on while
+    the current one is computed."""
+    R, r, Sb = sp.R, sp.ring_rank, k.shape[1]
+    kv = torch.stack((k, v)).contiguous()
+    out = lse = None
+    for step in range(R):
+        if step < R - 1:  # pass the block on while this one is computed
+            nxt = torch.empty_like(kv)
+            reqs = sp._hop([kv], [nxt])
+        valid = sp._valid(sp.S, (r - step) % R, Sb)
+        if valid:
+            o_b, lse_b = attention_lse(q, kv[0, :, :valid], kv[1, :, :valid])
+            o_b = o_b.to(lse_b.dtype)
+            if out is None:
+                out, lse = o_b, lse_b
+            else:
+                w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)  # [B, Sb, h, 1]
+                out = out - w * (out - o_b)
+                lse = lse - F.logsigmoid(lse - lse_b)
+        if step < R - 1:
+            for req in reqs:
+                req.wait()
+            kv = nxt
+    return out, lse
+
+
 class _Ring(torch.autograd.Function):
     """Ring attention over the ring group (SequenceParallel._ring). Forward: each K/V block visits every rank
     (R - 1 hops), partial results merged by their log-sum-exps in fp32. Backward: the blocks travel again,
@@ -265,27 +314,7 @@ class _Ring(torch.autograd.Function):
         from wan_kernels.routing import bind
 
         attention_lse = bind("attention_lse", sp.lse_impl, q.device)
-        R, r, Sb = sp.R, sp.ring_rank, k.shape[1]
-        kv = torch.stack((k, v)).contiguous()
-        out = lse = None
-        for step in range(R):
-            if step < R - 1:  # pass the block on while this one is computed
-                nxt = torch.empty_like(kv)
-                reqs = sp._hop([kv], [nxt])
-            valid = sp._valid(sp.S, (r - step) % R, Sb)
-            if valid:
-                o_b, lse_b = attention_lse(q, kv[0, :, :valid], kv[1, :, :valid], None)
-                o_b = o_b.to(lse_b.dtype)
-                if out is None:
-                    out, lse = o_b, lse_b
-                else:
-                    w = torch.sigmoid(lse_b - lse).transpose(1, 2).unsqueeze(-1)  # [B, Sb, h, 1]
-                    out = out - w * (out - o_b)
-                    lse = lse - F.logsigmoid(lse - lse_b)
-            if step < R - 1:
-                for req in reqs:
-                    req.wait()
-                kv = nxt
+        out, lse = _ring_merge(q, k, v, sp, lambda q_, k_, v_: attention_lse(q_, k_, v_, None))
         ctx.sp, ctx.S = sp, sp.S
         ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
@@ -321,12 +350,9 @@ class _Ring(torch.autograd.Function):
 
 def enable(model, ulysses_degree: int = 1, ring_degree: int = 1, group=None) -> None:
     """`WanTransformer.enable_parallelism`: see the module docstring (plain degrees; diffusers' `config=` spelling
-    is translated by `wan_model.WanModel.enable_parallelism`, wan_model/compat/diffusers.py `parallel_degrees`)."""
-    att = getattr(model, "attention", None)
-    if att is not None and att.kind == "int8" and "self" in att.roles:
-        raise NotImplementedError("enable_parallelism: the model runs int8 self-attention, which sequence "
-                                  "parallelism does not implement yet (its ring / Ulysses attention runs "
-                                  "wan::attention): set_attention('int8', roles=('text', 'image')) or 'bf16' first")
+    is translated by `wan_model.WanModel.enable_parallelism`, wan_model/compat/diffusers.py `parallel_degrees`).
+    Binds `sp.attention` (bf16) in every block; the model then rebinds the blocks its attention config runs in
+    8 bits (`WanTransformer.dense_attention`)."""
     sp = SequenceParallel(model.config.num_attention_heads, model.impl, ulysses_degree, ring_degree, group)
     disable(model)
     sp.blocks = model.blocks
