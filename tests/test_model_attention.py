@@ -121,13 +121,6 @@ def test_set_attention_errors_and_backends():
     assert model._ops.attention_int8 is not None
 
 
-def test_int8_self_attention_and_sequence_parallelism_refuse_each_other():
-    model, _ = _model()
-    model.set_attention("int8")
-    with pytest.raises(NotImplementedError, match="int8 self-attention"):
-        model.enable_parallelism(ulysses_degree=2)
-
-
 def test_inference_only_inside_the_model():
     model, x = _model()
     model.set_attention("int8", dense_layers=())
