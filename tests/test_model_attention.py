@@ -143,7 +143,9 @@ def test_cli_demo_prints_int8_vs_bf16(capsys):
         assert float(out.split("max |ours - diffusers| over the final latents: ")[1].split()[0]) <= 1e-4
 
 
-def test_cli_run_int8_refuses_sequence_parallelism(capsys):
+def test_cli_run_int8_configures_every_expert(capsys):
+    """run --attention int8 sets it on every expert, also with --ulysses/--ring (the parallel self-attention then
+    runs int8: tests/test_parallel.py)."""
     from types import SimpleNamespace
 
     from wan_model.cli import _set_attention
@@ -151,9 +153,9 @@ def test_cli_run_int8_refuses_sequence_parallelism(capsys):
     def error(msg):
         raise SystemExit(msg)
 
-    args = SimpleNamespace(attention="int8", ulysses=2, ring=1, error=error)
-    with pytest.raises(SystemExit, match="--attention: int8 self-attention under sequence parallelism"):
-        _set_attention(args, [_model()[0]])
+    models = [_model()[0], _model()[0]]
+    _set_attention(SimpleNamespace(attention="int8", ulysses=2, ring=1, error=error), models)
+    assert all(m.attention.kind == "int8" for m in models)
     model = _model()[0]
     _set_attention(SimpleNamespace(attention="int8", ulysses=1, ring=1, error=error), [model])
     assert model.attention.kind == "int8" and "attention: int8: roles self/text/image" in capsys.readouterr().out

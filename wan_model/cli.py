@@ -243,9 +243,6 @@ def _set_attention(args, models) -> None:
     """--attention int8: every expert runs wan::attention_int8 (configured at load, never branched on)."""
     if args.attention != "int8":
         return
-    if getattr(args, "ulysses", 1) * getattr(args, "ring", 1) > 1:
-        args.error("argument --attention: int8 self-attention under sequence parallelism (--ulysses/--ring) is not "
-                   "implemented yet; run --attention bf16 there")
     for m in models:
         m.set_attention("int8")
     print(f"attention: {_describe_attention(models[0], 'int8')}")
