@@ -345,3 +345,22 @@ def test_run_control_checked_against_the_checkpoint(vace_dir, tmp_path, capsys, 
     err = _usage_error(capsys, ["run", "--checkpoint", str(t2v), "--device", "cpu", "--control", str(path)] + SMALL,
                        "--control")
     assert "is not a VACE checkpoint" in err, err
+
+
+def test_gguf_round_trip(tmp_path):
+    """A VACE checkpoint converted to GGUF (F32: exact; Q8_0: the main blocks quantized, the VACE branch kept F32
+    as every non-`blocks.` tensor is) loads back with its vace_layers derived from the weights."""
+    from wan_model.io.convert import convert_gguf
+    from wan_model.model import WanModel
+
+    model = random_model(TINY, seed=2).eval()
+    model.save_pretrained(tmp_path / "v.safetensors", format="comfyui")
+    convert_gguf(tmp_path / "v.safetensors", tmp_path / "v.gguf", "F32", progress=False)
+    back = WanModel.from_pretrained(tmp_path / "v.gguf", dtype=torch.float32)
+    assert back.config == model.config
+    sa, sb = model.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    convert_gguf(tmp_path / "v.safetensors", tmp_path / "q.gguf", "Q8_0", progress=False)
+    q = WanModel.from_pretrained(tmp_path / "q.gguf", dtype=torch.float32).state_dict()
+    assert all(torch.equal(q[k], sa[k]) for k in sa if k.startswith("vace_"))
+    assert not torch.equal(q["blocks.0.ffn.proj_in.weight"], sa["blocks.0.ffn.proj_in.weight"])
