@@ -1,4 +1,5 @@
-"""The diffusers drop-in against diffusers' own mechanisms, on a tiny real WanPipeline (random T5, a word-level
+"""The diffusers drop-in (wan_model/compat/diffusers.py, WanTransformer3DModel): patched vs unpatched forwards of
+every variant, then against diffusers' own mechanisms on a tiny real WanPipeline (random T5, a word-level
 tokenizer, AutoencoderKLWan, random Wan weights): every check is patched vs stock diffusers doing the same thing.
 
 Tolerance: fp32, 1e-5 absolute on outputs of magnitude ~5. One forward differs from stock by ~1.5e-6 (one
@@ -9,11 +10,12 @@ per-forward difference d into up to (2g - 1) d per step, so the pipelines run wi
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
 
-from wan_model.testing import FP32_TOL, random_model
+from wan_model.testing import FP32_TOL, make_inputs, random_model
 from wan_model.core.config import WanConfig
 from wan_model.model import WanModel
 
@@ -508,3 +510,36 @@ if __name__ == "__main__":
     import sys
 
     _parallel_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Patched vs unpatched forwards (tests/conftest.py's fp32 pairs)
+
+def _run(ref, inputs):
+    x, t, text, img = inputs
+    with torch.no_grad():
+        return ref(x, t, text, img, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("impl", ["ref", "auto"])
+@pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v", "tiny-flf2v", "tiny-ti2v"])
+def test_patched_diffusers_matches_unpatched(fp32_models, variant, impl):
+    model, ref = fp32_models[variant]
+    inputs = make_inputs(model.config)
+    expected = _run(ref, inputs)
+    patched = use_wan_kernels(copy.deepcopy(ref), impl=impl)
+    assert all(isinstance(b.attn1.processor, WanKernelsAttnProcessor) and not hasattr(b.attn1, "to_qkv")
+               for b in patched.blocks)  # the processor fuses q|k|v per call: no second copy of the weights
+    err = (_run(patched, inputs) - expected).abs().max().item()
+    print(f"{variant} impl={impl}: patched vs unpatched diffusers {err:.3e}")
+    assert err <= FP32_TOL
+
+
+def test_patches_every_transformer_of_a_pipeline(fp32_models):
+    _, ref = fp32_models["tiny-t2v"]
+    pipe = types.SimpleNamespace(transformer=copy.deepcopy(ref), transformer_2=copy.deepcopy(ref), vae=None)
+    assert use_wan_kernels(pipe) is pipe
+    for t in (pipe.transformer, pipe.transformer_2):
+        assert all(isinstance(b.attn2.processor, WanKernelsAttnProcessor) for b in t.blocks)
+    with pytest.raises(TypeError, match="expected a WanTransformer3DModel or a pipeline"):
+        use_wan_kernels(types.SimpleNamespace(unet=None))

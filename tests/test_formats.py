@@ -171,7 +171,7 @@ def test_comfy_kitchen_quantized_file_loads(dense, tmp_path):
     torch.testing.assert_close(q.dequantized_weight(torch.float32), ref.blocks[1].ffn["proj_out"].weight,
                                rtol=2**-22, atol=0)  # the two dequantizers' rounding order, as above
     out, want = _run(got), _run(ref)
-    # same weights to 2 ulp, fp32 model; W4A16 vs dense GEMM order (test_model_nvfp4's bound): 1e-5
+    # same weights to 2 ulp, fp32 model; W4A16 vs dense GEMM order (test_quant_nvfp4's bound): 1e-5
     err = (out - want).abs().max().item()
     print(f"comfy-kitchen NVFP4 file in our model vs dense with comfy-kitchen's dequantized weights: {err:.2e}")
     assert err <= 1e-5
@@ -288,7 +288,7 @@ def test_every_format_same_values_and_snr(dense, quantized, tmp_path):
         print(f"  {name}: SNR vs dense {_snr_db(_run(dense), out):.2f} dB, identical to in-memory: "
               f"{torch.equal(out, want)}")
         assert torch.equal(out, want)
-    assert snr >= 18.0  # test_model_nvfp4.test_snr_vs_bf16_model's floor (random weights, 2 blocks)
+    assert snr >= 18.0  # test_quant_nvfp4.test_snr_vs_bf16_model's floor (random weights, 2 blocks)
 
 
 def test_dense_modelopt_refused(dense, tmp_path):
