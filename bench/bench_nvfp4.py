@@ -76,14 +76,32 @@ def _operands(m: int, n: int, k: int, device: str):
     return x, wq, ws, wgs
 
 
+def _cost(op: str, m: int, n: int, k: int) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of one call of `op` ("nvfp4_linear": bf16 x [m, k] by an NVFP4 [n, k] weight;
+    "nvfp4_gemm": both operands NVFP4) from its op spec on meta tensors: packed codes, the padded swizzled block
+    scales and the global scales read once, the bf16 output written once."""
+    from wan_kernels._spec import SPECS
+
+    meta = torch.device("meta")
+    w = (torch.empty(n, k // 2, dtype=torch.uint8, device=meta),
+         torch.empty(fmt.scale_shape(n, k), dtype=torch.float8_e4m3fn, device=meta), torch.empty((), device=meta))
+    if op == "nvfp4_linear":
+        args = (torch.empty(m, k, dtype=torch.bfloat16, device=meta), *w, None)
+    else:
+        a = (torch.empty(m, k // 2, dtype=torch.uint8, device=meta),
+             torch.empty(fmt.scale_shape(m, k), dtype=torch.float8_e4m3fn, device=meta), torch.empty((), device=meta))
+        args = (*a, *w, None, torch.bfloat16)
+    c = SPECS[op].cost(*args)
+    return float(c["flops"]), float(c["read"] + c["write"])
+
+
 def gemm_w4a16_cases(device: str) -> list[Case]:
     """triton-w4a16 and torch-bf16 (reference: dense bf16 matmul of the dequantized weight)."""
     cases = []
     for label, (n, k) in GEMMS.items():
         for res, m in TOKENS.items():
             shape = f"{label} M={m} ({res})"
-            flops = 2.0 * m * n * k
-            nbytes = m * k * 2 + n * k * 9 / 16 + m * n * 2
+            flops, nbytes = _cost("nvfp4_linear", m, n, k)
             if device != "cuda":  # GPU-only providers: the harness reports them skipped
                 noop = lambda: None  # noqa: E731
                 cases.append(Case(shape, flops, nbytes, [Provider("torch-bf16", noop, gpu_only=True),
@@ -110,7 +128,7 @@ def gemm_w4a4_cases(device: str) -> tuple[list[Case], list[str]]:
     for label, (n, k) in GEMMS.items():
         for res, m in TOKENS.items():
             shape = f"{label} M={m} ({res}) w4a4"
-            flops, nbytes = 2.0 * m * n * k, (m + n) * k * 9 / 16 + m * n * 2
+            flops, nbytes = _cost("nvfp4_gemm", m, n, k)
             if not sm100:
                 cases.append(Case(shape, flops, nbytes, [Provider("cutlass-w4a4", lambda: None, gpu_only=True)],
                                   peak_kind="fp4"))
@@ -131,7 +149,7 @@ def cpu_gemm_cases() -> list[Case]:
     m, n, k = 256, 1536, 1536
     x, wq, ws, wgs = _operands(m, n, k, "cpu")
     linear_compiled = torch.compile(ref.nvfp4_linear)
-    return [Case(f"W4A16 ref M={m} N={n} K={k} (CPU)", 2.0 * m * n * k, m * k * 2 + n * k * 9 / 16 + m * n * 2, [
+    return [Case(f"W4A16 ref M={m} N={n} K={k} (CPU)", *_cost("nvfp4_linear", m, n, k), [
         Provider("ref-eager", lambda: ref.nvfp4_linear(x, wq, ws, wgs, None)),
         Provider("ref-compile", lambda: linear_compiled(x, wq, ws, wgs, None))])]
 

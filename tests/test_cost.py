@@ -98,9 +98,11 @@ def test_wan_op_flop_formulas():
     with counter:
         torch.ops.wan.attention(q, k, k, ki, ki, None)
         torch.ops.wan.nvfp4_gemm(a, sa, one, b, sb, one, None, torch.float32)
+        torch.ops.wan.nvfp4_linear(torch.randn(2, 3, 32), b, sb, one, None)  # W4A16: bf16/fp32 x by NVFP4 w
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     assert counts["wan.attention"] == 4 * 2 * 3 * 5 * (7 + 4) * 16
     assert counts["wan.nvfp4_gemm"] == 2 * 4 * 8 * 32
+    assert counts["wan.nvfp4_linear"] == 2 * (2 * 3) * 8 * 32
 
 
 # ---------------------------------------------------------------------------------------------

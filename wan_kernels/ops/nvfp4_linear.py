@@ -98,6 +98,7 @@ SPEC = register(OpSpec(
     backward=backward_nvfp4_linear,
     triton=triton_nvfp4.nvfp4_linear_w4a16,
     constant=("w", "w_scale", "w_global_scale", "bias"), weights=("w", "w_scale", "w_global_scale", "bias"),
+    flops=lambda x, w, *_: 2 * math.prod(x[:-1]) * w[0] * 2 * w[1],  # 2 M N K, K = 2 * w.shape[1] (packed E2M1)
 ))
 
 
