@@ -96,9 +96,11 @@ def test_open_source_errors_name_the_path(files, tmp_path):
 
 def test_a_state_dict_in_any_naming_loads_as_its_file_does(files):
     root, model = files
-    for name in ("orig.safetensors", "comfy.safetensors"):
-        a = ckpt.load_model(load_file(root / name), dtype=torch.float32, impl="ref")
-        b = ckpt.load_model(root / name, dtype=torch.float32, impl="ref")
+    with pytest.raises(ValueError, match="subfolder='transformer' needs a path"):
+        WanModel.from_pretrained(load_file(root / "orig.safetensors"), subfolder="transformer")
+    for name in ("orig.safetensors", "comfy.safetensors", "dir/diffusion_pytorch_model.safetensors"):
+        a = WanModel.from_pretrained(load_file(root / name), dtype=torch.float32, impl="ref")
+        b = ckpt.load_model(root / name.split("/")[0], dtype=torch.float32, impl="ref")
         sa, sb = a.state_dict(), b.state_dict()
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa), name
 

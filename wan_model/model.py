@@ -31,8 +31,8 @@ class WanModel(WanTransformer):
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", impl: str = "auto", *,
                         torch_dtype: torch.dtype | None = None, subfolder: str | None = None, **kw):
-        """Load a diffusers dir, an original-Wan or ComfyUI safetensors file, a GGUF file (see
-        wan_model.io.checkpoint). A Wan2.2 two-expert dir returns a `WanExperts` pair.
+        """Load a diffusers dir, an original-Wan or ComfyUI safetensors file, a GGUF file, or a state dict in any of
+        those namings (see wan_model.io.checkpoint). A Wan2.2 two-expert dir returns a `WanExperts` pair.
 
         `torch_dtype` and `subfolder` are diffusers' spellings: `torch_dtype` is `dtype` (default bfloat16; the
         modules diffusers keeps in fp32 stay fp32), `subfolder` is joined to `path` (e.g. "transformer" of a

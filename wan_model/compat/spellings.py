@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -48,11 +49,15 @@ def pack_output(out: torch.Tensor, return_dict: bool | None):
 
 
 def pretrained_args(path, dtype: torch.dtype | None, torch_dtype: torch.dtype | None,
-                    subfolder: str | None) -> tuple[str, torch.dtype]:
+                    subfolder: str | None) -> tuple:
     """(path, dtype) of `from_pretrained(path, dtype, torch_dtype=, subfolder=)`: `torch_dtype` is `dtype`
     (default bfloat16), `subfolder` is joined to `path` (e.g. "transformer" of a pipeline dir)."""
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
         raise ValueError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
+    if isinstance(path, Mapping):  # a state dict in any naming (wan_model.io.source.open_source)
+        if subfolder:
+            raise ValueError(f"from_pretrained: subfolder={subfolder!r} needs a path, got a state dict")
+        return path, dtype or torch_dtype or torch.bfloat16
     path = os.fspath(path)
     if subfolder:
         path = os.path.join(path, subfolder)
