@@ -175,6 +175,20 @@ def test_reset_returns_to_stock(name):
     assert torch.equal(back, want) and not spy.calls
 
 
+@pytest.mark.slow  # ~3-5 s each: AOT tracing of the whole model
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_fullgraph(name):
+    """torch.compile(fullgraph=True) traces a model on "wan_int8" (the added enum member as a guard, the op through
+    its fake) and gives the eager result bit for bit (aot_eager: the same ops, no codegen)."""
+    build, run, _ = MODELS[name]
+    model = build()
+    model.set_attention_backend("wan_int8")
+    with torch.no_grad():
+        want = run(model)
+        got = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert torch.equal(got, want)
+
+
 def _qkv(B=2, S=9, Sk=7, H=2, Hk=2, D=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, S, H, D, generator=g), torch.randn(B, Sk, Hk, D, generator=g),

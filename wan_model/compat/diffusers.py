@@ -31,10 +31,10 @@ Our own `WanModel` as a pipeline's transformer needs no patch, also under sequen
 `transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))` maps to
 `WanModel.enable_parallelism(U, R)` (`parallel_degrees`), and every rank of the pipeline gets the full output.
 
-Any other diffusers transformer (Flux, LTX-Video, HunyuanVideo, ...) reaches the kernels through diffusers' own
-attention dispatch: importing this module registers the backends "wan" (`wan_kernels.attention`) and "wan_int8"
-(`wan_kernels.attention_int8`, 8-bit, inference only), so `transformer.set_attention_backend("wan_int8")` works
-(`register_attention_backends`: how, and what is refused).
+Any other diffusers transformer that attends without a mask (Flux, LTX-Video without a text mask, ...) reaches the
+kernels through diffusers' own attention dispatch: importing this module registers the backends "wan"
+(`wan_kernels.attention`) and "wan_int8" (`wan_kernels.attention_int8`, 8-bit, inference only), so
+`transformer.set_attention_backend("wan_int8")` works (`register_attention_backends`: how, and what is refused).
 """
 
 from __future__ import annotations
@@ -550,13 +550,14 @@ def _wan_int8_attention(query, key, value, attn_mask=None, dropout_p: float = 0.
 def register_attention_backends() -> tuple:
     """Register "wan" and "wan_int8" with diffusers' attention dispatcher (idempotent; this module runs it at
     import, as diffusers registers its own backends when attention_dispatch is imported), so that any diffusers
-    model whose processors dispatch (Flux, LTX-Video, HunyuanVideo, Wan, ...) runs on the kernels with
+    model whose processors dispatch (Flux, LTX-Video, Wan, ...) runs on the kernels with
     `model.set_attention_backend("wan_int8")` or `with attention_backend("wan_int8"):`. Returns the two
     `AttentionBackendName` members (`_backend_name`: how a name joins diffusers' closed enum).
 
     Arguments the kernels do not compute (attn_mask, is_causal, dropout_p > 0, return_lse, a parallel config) are a
     one-line ValueError naming the argument, as diffusers' flash and sage backends refuse attn_mask: no silent
-    fallback to another backend, so a model running is a model on the kernels. enable_gqa repeats the key heads.
+    fallback to another backend, so a model running is a model on the kernels (HunyuanVideo always passes a key
+    mask, LTX-Video's pipelines a text mask: both are refused). enable_gqa repeats the key heads.
     Neither backend is registered as context-parallel capable, so diffusers refuses `enable_parallelism` with them.
     Limits (diffusers', any backend): `set_attention_backend` also sets diffusers' process-wide active backend,
     which `reset_attention_backend` leaves (diffusers #14249); the DIFFUSERS_ATTN_BACKEND environment variable cannot
