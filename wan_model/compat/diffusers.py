@@ -30,6 +30,11 @@ Numerics match the unpatched model up to rounding (one rounding instead of sever
 Our own `WanModel` as a pipeline's transformer needs no patch, also under sequence parallelism: diffusers'
 `transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))` maps to
 `WanModel.enable_parallelism(U, R)` (`parallel_degrees`), and every rank of the pipeline gets the full output.
+
+Any other diffusers transformer that attends without a mask (Flux, LTX-Video without a text mask, ...) reaches the
+kernels through diffusers' own attention dispatch: importing this module registers the backends "wan"
+(`wan_kernels.attention`) and "wan_int8" (`wan_kernels.attention_int8`, 8-bit, inference only), so
+`transformer.set_attention_backend("wan_int8")` works (`register_attention_backends`: how, and what is refused).
 """
 
 from __future__ import annotations
@@ -464,3 +469,114 @@ def to_diffusers_model(model):
     ref.rope = type(rope)(model.config.attention_head_dim, model.config.patch_size,
                           model.config.rope_max_seq_len).to(model.device)
     return ref.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels as diffusers attention-dispatch backends, for any diffusers transformer
+
+from diffusers.models import attention_dispatch  # noqa: E402
+
+# backend name -> (wan op, what the messages call it); AttentionBackendName's value == the name
+BACKENDS = {"wan": ("attention", "wan::attention"), "wan_int8": ("attention_int8", "wan::attention_int8")}
+
+
+def _backend_name(value: str):
+    """diffusers' `AttentionBackendName` member with this value, added to the enum if it has none.
+
+    diffusers (checked: 0.42.1) has no API for a third-party backend: `set_attention_backend(name)` accepts only the
+    values of its closed `AttentionBackendName` enum. The member is built as `enum` builds the class's own (name,
+    value, sort order, the three lookup tables and the class attribute); no existing member, function or file of
+    diffusers changes."""
+    names = attention_dispatch.AttentionBackendName
+    member = names._value2member_map_.get(value)
+    if member is not None:
+        return member
+    member = str.__new__(names, value)
+    member._name_, member._value_, member.__objclass__ = value.upper(), value, names
+    member._sort_order_ = len(names._member_names_)
+    type.__setattr__(names, member._name_, member)  # EnumType.__setattr__ refuses only existing members' names
+    names._member_names_.append(member._name_)
+    names._member_map_[member._name_] = member
+    names._value2member_map_[value] = member
+    return member
+
+
+def _refuse(name: str, attn_mask, dropout_p, is_causal, return_lse, parallel_config) -> None:
+    """What the wan kernels do not compute, as diffusers' own backends refuse it (ValueError naming the argument,
+    as its flash / sage backends do for attn_mask): never a silent fallback."""
+    what = f"diffusers attention backend {name!r} ({BACKENDS[name][1]})"
+    if attn_mask is not None:
+        raise ValueError(f"{what}: attn_mask is not supported (every query attends to every key), got a mask of "
+                         f"shape {tuple(attn_mask.shape)}; use the 'native' backend for masked attention")
+    if is_causal:
+        raise ValueError(f"{what}: is_causal=True is not supported (non-causal attention only)")
+    if dropout_p:
+        raise ValueError(f"{what}: dropout_p={dropout_p} is not supported (no attention dropout)")
+    if return_lse:
+        raise ValueError(f"{what}: return_lse=True is not supported")
+    if parallel_config is not None:
+        raise ValueError(f"{what}: context parallelism (_parallel_config) is not supported")
+
+
+def _gqa(name: str, query, key, value, enable_gqa: bool):
+    """key, value with query's heads: with enable_gqa, each of Hk key heads serves Hq / Hk query heads in a row
+    (torch SDPA's grouping), repeated here; without it unequal heads are the op's shape error."""
+    Hq, Hk = query.shape[2], key.shape[2]
+    if not enable_gqa or Hq == Hk:
+        return key, value
+    if Hq % Hk:
+        raise ValueError(f"diffusers attention backend {name!r}: enable_gqa needs query heads ({Hq}) to be a "
+                         f"multiple of key heads ({Hk}), got query {tuple(query.shape)}, key {tuple(key.shape)}")
+    return key.repeat_interleave(Hq // Hk, dim=2), value.repeat_interleave(Hq // Hk, dim=2)
+
+
+def _wan_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                   scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+                   _parallel_config=None):
+    """Backend "wan": `wan_kernels.attention` (in the inputs' dtype; trainable). query [B, Sq, H, D], key/value
+    [B, Sk, H(k), D/Dv] (diffusers' layout, as ours) -> [B, Sq, H, Dv]."""
+    _refuse("wan", attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+    key, value = _gqa("wan", query, key, value, enable_gqa)
+    return wan_kernels.resolve(BACKENDS["wan"][0], "auto", query.device)(query, key, value, None, None, scale)
+
+
+def _wan_int8_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                        scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
+                        _parallel_config=None):
+    """Backend "wan_int8": `wan_kernels.attention_int8` (8-bit, pv="auto"; inference only: an input that requires
+    grad in grad mode is the op's RuntimeError naming `wan_kernels.attention`, the "wan" backend's op). Layout as
+    `_wan_attention`."""
+    _refuse("wan_int8", attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+    key, value = _gqa("wan_int8", query, key, value, enable_gqa)
+    return wan_kernels.resolve(BACKENDS["wan_int8"][0], "auto", query.device)(query, key, value, None, None, scale,
+                                                                              "auto")
+
+
+def register_attention_backends() -> tuple:
+    """Register "wan" and "wan_int8" with diffusers' attention dispatcher (idempotent; this module runs it at
+    import, as diffusers registers its own backends when attention_dispatch is imported), so that any diffusers
+    model whose processors dispatch (Flux, LTX-Video, Wan, ...) runs on the kernels with
+    `model.set_attention_backend("wan_int8")` or `with attention_backend("wan_int8"):`. Returns the two
+    `AttentionBackendName` members (`_backend_name`: how a name joins diffusers' closed enum).
+
+    Arguments the kernels do not compute (attn_mask, is_causal, dropout_p > 0, return_lse, a parallel config) are a
+    one-line ValueError naming the argument, as diffusers' flash and sage backends refuse attn_mask: no silent
+    fallback to another backend, so a model running is a model on the kernels (HunyuanVideo always passes a key
+    mask, LTX-Video's pipelines a text mask: both are refused). enable_gqa repeats the key heads.
+    Neither backend is registered as context-parallel capable, so diffusers refuses `enable_parallelism` with them.
+    Limits (diffusers', any backend): `set_attention_backend` also sets diffusers' process-wide active backend,
+    which `reset_attention_backend` leaves (diffusers #14249); the DIFFUSERS_ATTN_BACKEND environment variable cannot
+    name ours (diffusers reads it at its import, before the names exist)."""
+    registry = attention_dispatch._AttentionBackendRegistry
+    members = []
+    for name, fn in (("wan", _wan_attention), ("wan_int8", _wan_int8_attention)):
+        member = _backend_name(name)
+        if registry._backends.get(member) not in (None, fn):
+            warnings.warn(f"diffusers already has an attention backend {name!r}: left as it is", stacklevel=2)
+        else:
+            registry.register(member)(fn)
+        members.append(member)
+    return tuple(members)
+
+
+register_attention_backends()
