@@ -400,3 +400,74 @@ def test_modular_vace_pipeline_latents(monkeypatch):
     assert expected.shape == (1, 16, 2, 4, 4)
     assert set(ran) == {"transformer", "transformer_2"}
     assert _err(out, expected) <= FP32_TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# What the base drop-in keeps, for VACE too: GGUF weights, cache hooks
+
+def _vace_inputs(cfg):
+    from wan_model.testing import make_control, make_inputs
+
+    x, t, text, _ = make_inputs(cfg, seed=1)
+    return x, t, text, make_control(cfg, x)
+
+
+def test_vace_gguf_transformer(tmp_path):
+    """A VACE GGUF (written by our converter: city96's layout, Q8_0 blocks) loaded by diffusers'
+    WanVACETransformer3DModel.from_single_file with GGUFQuantizationConfig: patched == stock (the GGUF Linear
+    layers are not plain nn.Linear: the processor calls the live modules)."""
+    pytest.importorskip("gguf")
+    from diffusers import GGUFQuantizationConfig, WanVACETransformer3DModel
+
+    from wan_model.core.config import WanConfig
+    from wan_model.io.convert import convert_gguf
+    from wan_model.testing import random_model
+
+    cfg = WanConfig.from_preset("tiny-vace")
+    model = random_model(cfg, seed=4)
+    model.save_pretrained(tmp_path / "v.safetensors", format="comfyui")
+    model.save_pretrained(tmp_path / "config")  # from_single_file needs config= offline
+    convert_gguf(tmp_path / "v.safetensors", tmp_path / "v.gguf", "Q8_0", progress=False)
+
+    def load():
+        return WanVACETransformer3DModel.from_single_file(
+            str(tmp_path / "v.gguf"), config=str(tmp_path / "config"), torch_dtype=torch.float32,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32)).eval()
+
+    ref, patched = load(), use_wan_kernels(load())
+    assert ref.blocks[0].attn1.to_q.weight.dtype == torch.uint8  # the Q8_0 blocks are what runs
+    x, t, text, control = _vace_inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, t, text, control_hidden_states=control, return_dict=False)[0]
+        got = patched(x, t, text, control_hidden_states=control, return_dict=False)[0]
+    assert _processors(patched).get("WanKernelsAttnProcessor") == 2 * (cfg.num_layers + len(cfg.vace_layers))
+    assert _err(got, want) <= FP32_TOL
+
+
+@pytest.mark.slow
+def test_vace_first_block_cache():
+    """diffusers' FirstBlockCache on a VACE transformer: over a run of steps the patched model skips the same
+    blocks as stock and gives the same outputs."""
+    from diffusers import FirstBlockCacheConfig
+
+    ref = _vace(seed=3)
+    patched = use_wan_kernels(copy.deepcopy(ref))
+    outs, calls = {}, {}
+    for name, m in (("stock", ref), ("patched", patched)):
+        # 0.13: inside the range of this run's step-to-step change of the first block's residual (measured: 0.2
+        # skips every step after the first, 0.1 none), so the cache both runs and skips
+        m.enable_cache(FirstBlockCacheConfig(threshold=0.13))
+        calls[name] = []
+        m.blocks[-1].ffn.register_forward_hook(lambda *a, c=calls[name]: c.append(1))
+        outs[name] = []
+        g = torch.Generator().manual_seed(0)
+        x, text, control = torch.randn(2, 4, 2, 4, 4, generator=g), torch.randn(2, 16, TEXT_DIM, generator=g), \
+            torch.randn(2, 8, 2, 4, 4, generator=g)
+        for step in range(6):  # a denoising-like run: the latents drift a little, the timestep falls
+            with torch.no_grad(), m.cache_context("cond"):
+                out = m(x + 0.02 * step, torch.tensor([900.0 - 100 * step] * 2), text,
+                        control_hidden_states=control, return_dict=False)[0]
+            outs[name].append(out)
+    assert len(calls["patched"]) == len(calls["stock"])
+    assert 1 < len(calls["stock"]) < 6  # the cache both ran and skipped blocks
+    assert max(_err(a, b) for a, b in zip(outs["patched"], outs["stock"])) <= FP32_TOL
