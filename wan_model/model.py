@@ -18,6 +18,7 @@ import torch
 from wan_model.compat import spellings
 from wan_model.compat.quantize import quantize_model, set_nvfp4_impl
 from wan_model.core.model import WanContext, WanExperts, WanTransformer
+from wan_model.core.offload import on_host
 from wan_model.io import checkpoint
 
 __all__ = ["WanContext", "WanExperts", "WanModel", "load_model"]
@@ -51,7 +52,8 @@ class WanModel(WanTransformer):
         """Quantize the weights in place (and return self). method "nvfp4": the Linear layers selected by
         `config` (a `wan_model.compat.quantize.NVFP4Config`; default: every Linear in the blocks, incl. the
         stacked cross-attention K/V) become `NVFP4Linear`; "fp8" (FP8Config): `FP8Linear`."""
-        return quantize_model(self, method, config)
+        with on_host(self):  # with block offload on: the streamed blocks' host masters are quantized
+            return quantize_model(self, method, config)
 
     def load_lora(self, lora, scale: float = 1.0, adapter_name: str | None = None) -> "WanModel":
         """Fuse a LoRA into the weights (and return self): `lora` a .safetensors path (diffusers/PEFT,
@@ -61,7 +63,8 @@ class WanModel(WanTransformer):
         `adapter_name` defaults to the file's stem. See wan_model/compat/lora.py (rules for quantize after
         load)."""
         from wan_model.compat.lora import load
-        load(self, lora, scale, adapter_name)
+        with on_host(self):  # with block offload on: fused into the streamed blocks' host masters
+            load(self, lora, scale, adapter_name)
         return self
 
     def unload_lora(self, adapter_name: str | None = None) -> "WanModel":
@@ -69,7 +72,8 @@ class WanModel(WanTransformer):
         those of the model with only the other adapters loaded (none: the original tensors); weights changed since
         the fuse (e.g. by training) keep the change: the removed deltas are subtracted from them."""
         from wan_model.compat.lora import unload
-        unload(self, adapter_name)
+        with on_host(self):
+            unload(self, adapter_name)
         return self
 
     def enable_parallelism(self, ulysses_degree: int = 1, ring_degree: int = 1, group=None, *, config=None,
@@ -88,7 +92,8 @@ class WanModel(WanTransformer):
 
     def to_dtype(self, dtype: torch.dtype, keep_fp32=spellings.keeps_fp32) -> "WanModel":
         """Cast to `dtype`, keeping diffusers' fp32 modules (`spellings.FP32_MODULES`) in fp32."""
-        return super().to_dtype(dtype, keep_fp32)
+        with on_host(self):
+            return super().to_dtype(dtype, keep_fp32)
 
     def set_impl(self, impl: str) -> "WanModel":
         """Switch every op of the model (quantized layers included) to backend `impl` (resolved once, here)."""

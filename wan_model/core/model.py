@@ -571,6 +571,29 @@ class WanTransformer(nn.Module):
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
+    # ------------------------------------------------------------------------------------------
+    # Block offload (wan_model/core/offload.py): the blocks stream through a ring on the device, inference only.
+    def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
+                       prefetch: int = 1) -> "WanTransformer":
+        """Keep at most `blocks_on_device` (N) blocks' weights on the device at a time, plus `prefetch` blocks in
+        flight: the first N - 1 blocks stay, the others come from one master copy on the host through a ring of
+        1 + prefetch slots (host-to-device copies on a side stream on CUDA). Or `vram_budget` ("12GB", bytes): N
+        from the blocks' sizes (rule in wan_model/core/offload.py). Outputs are bit-identical to the model without
+        offload; state_dict / save / LoRA / quantize work on the master copies. Replaces an earlier setting."""
+        from wan_model.core.offload import BlockOffload
+
+        self.disable_offload()
+        self._offload = BlockOffload(self, blocks_on_device, vram_budget, prefetch)
+        return self
+
+    def disable_offload(self) -> "WanTransformer":
+        """Every block's weights back on the device, bit for bit (the original parameter objects); the ring freed."""
+        off = getattr(self, "_offload", None)
+        if off is not None:
+            self._offload = None
+            off.close()
+        return self
+
 
 def _check_tokens(name: str, t, lead: str, dim: int, dtype: torch.dtype) -> None:
     """t: [lead..., dim] tokens in `dtype` (at least one token), else a ValueError naming `name`."""

@@ -1,0 +1,307 @@
+"""Block offload (wan_model/core/offload.py, issue 25) on CPU, the device of these tests: the parameters of blocks
+not being run are meta placeholders and the streamed blocks run from a ring of slots, so every bar is checked from
+the modules' own tensors (hooks reading their storages), not from counters the offloader keeps.
+
+Outputs are compared bit for bit (`torch.equal`): offload changes where the weights are read from, not the math.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from wan_model.compat.layouts import native_to_diffusers
+from wan_model.core import offload
+from wan_model.core.config import WanConfig
+from wan_model.testing import make_inputs, random_model
+
+L = 5  # layers of the test models: enough for resident + streamed blocks and a ring that wraps
+
+
+def _cfg(name: str) -> WanConfig:
+    return dataclasses.replace(WanConfig.from_preset(name), num_layers=L)
+
+
+_MODELS: dict = {}
+
+
+def _model(name: str, dtype=torch.float32, quant: str | None = None):
+    """A fresh copy of a cached random model of `name` (L layers) in `dtype`, quantized by `quant`."""
+    key = (name, dtype, quant)
+    if key not in _MODELS:
+        m = random_model(_cfg(name), seed=3).eval()
+        if dtype != torch.float32:
+            m.to_dtype(dtype)
+        if quant is not None:
+            m.quantize(quant)
+        _MODELS[key] = m
+    return copy.deepcopy(_MODELS[key])
+
+
+def _run(model, dtype=torch.float32, seed=0):
+    x, t, txt, img = make_inputs(model.config, dtype, seed=seed)
+    with torch.no_grad():
+        return model(x, t, txt, img)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8) if t.numel() else t
+
+
+def _tensors(module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _same_sd(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and
+                                        torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+
+
+def _on_device(t: torch.Tensor, device) -> bool:
+    """Whether `t` holds storage on `device` (a meta placeholder holds none)."""
+    return t.device == torch.device(device) and t.untyped_storage().nbytes() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+@pytest.mark.parametrize("name,dtype,n,prefetch", [
+    *[(name, dtype, 2, 1) for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v") for dtype in (torch.float32, torch.bfloat16)],
+    ("tiny-t2v", torch.float32, 1, 1), ("tiny-t2v", torch.float32, 3, 0), ("tiny-i2v", torch.bfloat16, 2, 2),
+    ("tiny-t2v", torch.float32, 5, 1)])  # ring of 2 over 4 blocks (wraps), 3 over 3 (stays), all resident
+def test_outputs_bit_identical(name, dtype, n, prefetch):
+    model = _model(name, dtype)
+    ref = [_run(model, dtype, seed) for seed in (0, 1)]
+    model.enable_offload(blocks_on_device=n, prefetch=prefetch)
+    for _ in range(2):  # the second round starts from what the first one's last blocks prefetched
+        for seed, want in zip((0, 1), ref):
+            assert torch.equal(_run(model, dtype, seed), want)
+
+
+@pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
+def test_quantized_bit_identical_and_packed(quant):
+    model = _model("tiny-t2v", torch.bfloat16, quant)
+    ref = _run(model, torch.bfloat16)
+    held = sorted((str(v.dtype), tuple(v.shape)) for v in _tensors(model.blocks[3]).values())
+    assert any(d in ("torch.uint8", "torch.float8_e4m3fn") for d, _ in held)  # packed codes / e4m3 weights
+    model.enable_offload(blocks_on_device=2)
+    assert torch.equal(_run(model, torch.bfloat16), ref)
+    # the host masters (and so the ring) hold the packed tensors as they were, never a dense copy
+    assert sorted((str(e.master.dtype), tuple(e.master.shape)) for e in model._offload.entries[3]) == held
+    assert model._offload.slot_bytes < offload.block_bytes(_model("tiny-t2v", torch.bfloat16).blocks[3])
+
+
+@pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
+def test_quantize_with_offload_on(quant):
+    want = _model("tiny-t2v", torch.bfloat16, quant)
+    model = _model("tiny-t2v", torch.bfloat16).enable_offload(blocks_on_device=2)
+    model.quantize(quant)
+    assert _same_sd(model.state_dict(), want.state_dict())
+    assert torch.equal(_run(model, torch.bfloat16), _run(want, torch.bfloat16))
+    assert all(t.device.type == "meta" for t in _tensors(model.blocks[4]).values())  # still offloaded
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA, state_dict, save, load
+
+def _lora(model, seed=0) -> dict[str, torch.Tensor]:
+    """A rank-4 diffusers-named LoRA on some layers of a resident (0) and a streamed (3) block: self-attention q,
+    cross-attention q, the FFN (few layers: NVFP4 requantization runs the CPU reference)."""
+    sd = native_to_diffusers(dict(model.state_dict()), model.config)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if k[: -len(".weight")] in {f"blocks.{i}.{n}" for i in (0, 3) for n in ("attn1.to_q", "attn2.to_q", "ffn.net.2")}:
+            n, kk = v.shape if v.element_size() > 1 else (v.shape[0], v.shape[1] * 2)
+            layer = k[: -len(".weight")]
+            out[f"transformer.{layer}.lora_A.weight"] = torch.randn(4, kk, generator=g) * kk ** -0.5
+            out[f"transformer.{layer}.lora_B.weight"] = torch.randn(n, 4, generator=g) * 0.05
+    return out
+
+
+@pytest.mark.parametrize("quant", [None, "nvfp4"])
+def test_lora_before_and_after_enable(quant):
+    dtype = torch.bfloat16
+    plain = _model("tiny-t2v", dtype, quant)
+    lora = _lora(_model("tiny-t2v"))
+    want = _run(copy.deepcopy(plain).load_lora(lora, 0.8), dtype)
+
+    before = copy.deepcopy(plain).load_lora(lora, 0.8).enable_offload(blocks_on_device=2)
+    assert torch.equal(_run(before, dtype), want)
+    after = copy.deepcopy(plain).enable_offload(blocks_on_device=2)
+    _run(after, dtype)
+    after.load_lora(lora, 0.8)
+    assert torch.equal(_run(after, dtype), want)  # the ring was refilled from the fused masters
+    after.unload_lora()
+    before.unload_lora()
+    base = _run(plain, dtype)
+    assert not torch.equal(want, base)  # the LoRA changes the output
+    assert torch.equal(_run(after, dtype), base) and torch.equal(_run(before, dtype), base)
+    assert _same_sd(after.disable_offload().state_dict(), plain.state_dict())
+
+
+def test_state_dict_save_and_load(tmp_path):
+    plain = _model("tiny-i2v", torch.bfloat16)
+    model = copy.deepcopy(plain).enable_offload(blocks_on_device=2)
+    _run(model, torch.bfloat16)
+    assert _same_sd(model.state_dict(), plain.state_dict())
+    assert all(t.device.type == "meta" for t in _tensors(model.blocks[2]).values())  # placeholders again
+    plain.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    for f in sorted(os.listdir(tmp_path / "a")):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    # load_state_dict writes into the masters (copy, and assign=True replacing them)
+    other = random_model(_cfg("tiny-i2v"), seed=9).eval().to_dtype(torch.bfloat16)
+    for assign in (False, True):
+        m = copy.deepcopy(plain).enable_offload(blocks_on_device=1)
+        m.load_state_dict(copy.deepcopy(other.state_dict()), assign=assign)
+        assert torch.equal(_run(m, torch.bfloat16), _run(other, torch.bfloat16))
+
+
+def test_disable_restores_every_tensor_bit_exactly():
+    model = _model("tiny-i2v", torch.bfloat16, "fp8")
+    snap = {k: (v, v.detach().clone()) for k, v in _tensors(model).items()}
+    model.enable_offload(blocks_on_device=1, prefetch=2)
+    _run(model, torch.bfloat16)
+    model.state_dict()
+    model.load_lora(_lora(_model("tiny-i2v")), 0.5).unload_lora()
+    model.disable_offload()
+    now = _tensors(model)
+    assert now.keys() == snap.keys()
+    for k, (obj, val) in snap.items():
+        assert now[k].device == val.device and now[k].dtype == val.dtype and torch.equal(_bits(now[k]), _bits(val)), k
+        if isinstance(obj, torch.nn.Parameter):
+            assert now[k] is obj, k  # the original parameter objects come back
+    assert not model._forward_pre_hooks and all(not b._forward_pre_hooks and not b._forward_hooks
+                                                 for b in model.blocks)
+    assert torch.equal(_run(model, torch.bfloat16), _run(_model("tiny-i2v", torch.bfloat16, "fp8"), torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------------
+# what holds storage during a forward
+
+@pytest.mark.parametrize("n,prefetch", [(1, 1), (2, 1), (2, 2), (1, 0)])
+def test_at_most_n_plus_prefetch_blocks_hold_storage(n, prefetch):
+    model = _model("tiny-t2v", torch.bfloat16)
+    block_bytes = max(sum(t.numel() * t.element_size() for t in _tensors(b).values()) for b in model.blocks)
+    n_tensors = len(_tensors(model.blocks[0]))
+    want = _run(model, torch.bfloat16)
+    model.enable_offload(blocks_on_device=n, prefetch=prefetch)
+    storages: dict[int, object] = {}  # data_ptr -> storage, kept alive so a fresh allocation cannot reuse one
+    seen = []
+
+    def look(i):
+        def hook(block, *args):
+            holding = [j for j, b in enumerate(model.blocks)
+                       if any(_on_device(t, "cpu") for t in _tensors(b).values())]
+            seen.append((i, holding))
+            for b in model.blocks:
+                for t in _tensors(b).values():
+                    if _on_device(t, "cpu"):
+                        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+        return hook
+
+    for i, b in enumerate(model.blocks):  # pre-hooks after enable_offload's: they see the block bound
+        b.register_forward_pre_hook(look(i))
+        b.register_forward_hook(look(i), prepend=True)  # before enable_offload's post-hook unbinds it
+    for _ in range(3):
+        assert torch.equal(_run(model, torch.bfloat16), want)
+    assert len(seen) == 2 * 3 * L
+    for i, holding in seen:
+        assert i in holding and len(holding) <= n + prefetch, (i, holding)
+        assert set(holding) <= set(range(n - 1)) | {i}  # the streamed blocks not running hold none
+    # every device byte the blocks ever used over three forwards: the resident blocks' and the ring's
+    total = sum(s.nbytes() for s in storages.values())
+    assert total <= (n + prefetch) * (block_bytes + offload.ALIGN * n_tensors)
+    assert len({i for i, _ in seen}) == L
+
+
+def test_exception_mid_forward_leaves_model_usable():
+    model = _model("tiny-t2v")
+    want = _run(model)
+    model.enable_offload(blocks_on_device=1, prefetch=1)
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    model.blocks[3].attn2.attend = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(model)
+    for b in model.blocks:  # nothing left bound to the ring
+        assert not any(_on_device(t, "cpu") for t in _tensors(b).values())
+    del model.blocks[3].attn2.attend
+    model.blocks[3].attn2.attend = _model("tiny-t2v").blocks[3].attn2.attend
+    assert torch.equal(_run(model), want)
+    assert torch.equal(_run(model), want)
+
+
+def test_grad_mode_refused():
+    model = _model("tiny-t2v").enable_offload(blocks_on_device=2)
+    x, t, txt, _ = make_inputs(model.config)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(x, t, txt)
+    assert torch.equal(_run(model), _run(_model("tiny-t2v")))
+
+
+# ---------------------------------------------------------------------------------------------
+# budget
+
+def test_vram_budget_rule():
+    model = _model("tiny-t2v", torch.bfloat16)
+    fixed = offload.fixed_bytes(model)
+    slot = max(offload.block_bytes(b) for b in model.blocks)
+    assert fixed == sum(t.numel() * t.element_size() for k, t in _tensors(model).items() if not k.startswith("blocks."))
+    for k in (1, 2, 4):
+        assert offload.blocks_for_budget(model, fixed + (k + 1) * slot, prefetch=1) == k
+        assert offload.blocks_for_budget(model, fixed + (k + 2) * slot - 1, prefetch=1) == k
+    assert offload.blocks_for_budget(model, fixed + 100 * slot) == L
+    with pytest.raises(ValueError, match="smallest budget"):
+        offload.blocks_for_budget(model, fixed + 2 * slot - 1, prefetch=1)
+    model.enable_offload(vram_budget=fixed + 3 * slot, prefetch=1)
+    d = model._offload.describe()
+    assert d["blocks_on_device"] == 2 and d["resident"] == [0] and d["streamed"] == [1, 2, 3, 4] and d["slots"] == 2
+    assert offload.parse_budget("12GB") == 12 * 10 ** 9 and offload.parse_budget("1.5 GiB") == 3 * 2 ** 29
+    assert offload.parse_budget(" 800mb ") == 800 * 10 ** 6 and offload.parse_budget(4096) == 4096
+    for bad in ("12 parsecs", "", 0, -5, True, 1.5):
+        with pytest.raises(ValueError, match="vram_budget"):
+            offload.parse_budget(bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.enable_offload(blocks_on_device=2, vram_budget="1GB")
+    with pytest.raises(ValueError, match="prefetch"):
+        model.enable_offload(blocks_on_device=2, prefetch=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# host memory
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_rss_not_grown_beyond_ring_on_13b_shape():
+    """A 1.3B-shaped bf16 model (weights left uninitialized: torch.empty pages are only counted once written) run
+    with 2 blocks on the device: host memory grows by the ring, not by a second copy of the blocks (~2.6 GB)."""
+    cfg = WanConfig.from_preset("wan2.1-t2v-1.3b")
+    from wan_model.model import WanModel
+
+    model = WanModel(cfg, impl="auto", device="meta").to_dtype(torch.bfloat16).to_empty(device="cpu")
+    with torch.no_grad():
+        for b in model.blocks:  # finite weights are not needed, but NaN-free norms keep the run cheap and quiet
+            b.scale_shift_table.zero_()
+    model_bytes = sum(t.numel() * t.element_size() for t in _tensors(model).values())
+    x = torch.zeros(1, cfg.in_channels, 1, 2, 2, dtype=torch.bfloat16)
+    txt = torch.zeros(1, 4, cfg.text_dim, dtype=torch.bfloat16)
+    before = _rss()
+    model.enable_offload(blocks_on_device=2, prefetch=1)
+    ring = model._offload.slot_bytes * len(model._offload.slots)
+    with torch.no_grad():
+        model(x, torch.tensor([500.0]), txt)
+    grown = _rss() - before
+    assert model_bytes > 2.5e9 and ring < 0.1 * model_bytes
+    assert grown < ring + 64 * 2 ** 20, (grown, ring)

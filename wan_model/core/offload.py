@@ -1,0 +1,414 @@
+"""Block offload: run a `WanTransformer` whose blocks do not all fit on the device (issue 25; REFERENCE.md section 11,
+as musubi-tuner's H2D-only block swap does it). `model.enable_offload(blocks_on_device=N | vram_budget="12GB",
+prefetch=1)` / `model.disable_offload()`; WanExperts' idle expert is parked on the host by `park` / `unpark`.
+
+Design.
+  resident   the first R = N - 1 blocks and every tensor outside the blocks stay on the device as they are.
+  streamed   the other L - R blocks keep ONE master copy on the host: the tensors themselves when the device is the
+             host (no copy, host memory does not grow), else one pinned buffer per block. Quantized weights (NVFP4,
+             FP8) are their modules' packed buffers: packed on the host and in transit.
+  ring       1 + prefetch slots on the device, each one flat byte buffer holding one block's tensors at fixed
+             offsets (ALIGN-byte aligned): a block in a given slot always has the same addresses (a block is
+             preferably loaded into its home slot, its position among the streamed blocks modulo the ring size).
+  hooks      a forward pre-hook on each streamed block makes sure it and the next `prefetch` streamed blocks (cyclic:
+             the last blocks of a forward prefetch the first ones of the next) are in slots, then binds the block's
+             parameters and buffers to views of its slot; a forward post-hook, run even when the block raises,
+             binds them back to meta placeholders. The block loop in model.py knows nothing of it.
+  copies     host-to-device only, nothing is copied back (the masters are the truth). On CUDA they run on a side
+             stream: the copy into a slot waits for the event recorded when the slot's previous block finished,
+             the block waits for its copy's event. On other devices (CPU in the tests) they are synchronous.
+So at any moment at most R + 1 + prefetch = N + prefetch blocks hold device storage; the parameters of the blocks not
+being run are meta tensors (no storage). Offload is for inference: a forward of a streamed block with grad mode on
+and weights requiring grad is refused (the ring is overwritten before a backward could read it).
+
+What keeps working, on the masters. `state_dict` (and so `save_pretrained`) and `load_state_dict` see the master
+copies (per-block state-dict hooks bind them in while they run); `on_host(model)` binds every streamed block to its
+masters around LoRA load / unload, `quantize` and `to_dtype` (WanModel wraps them), then captures the blocks again
+(new or replaced tensors become the new masters) and empties the ring. The results are exactly those without offload
+where the host is the device; on a GPU these operations then run on the host's copies (the quantizers are
+bit-identical across backends; a LoRA's fp32 delta products are computed on the host).
+
+vram_budget -> N: the tensors outside the blocks are resident (`fixed` bytes), each block on the device takes one
+slot of the largest block's size (`slot` bytes, tensors ALIGN-aligned): N + prefetch = (budget - fixed) // slot,
+N capped at the number of blocks; below one block the budget is refused. Activations are not in the budget (the cost
+model, `python -m wan_model cost`, adds them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+
+import torch
+from torch import nn
+
+ALIGN = 512  # bytes: the CUDA caching allocator's alignment (and a multiple of the CPU allocator's 64)
+
+
+def parse_budget(budget: int | str) -> int:
+    """'12GB', '12.5 GB', '800MB', '24GiB' or an int of bytes -> bytes > 0 (GB = 1e9 as huggingface_hub and our
+    max_shard_size; GiB = 2^30)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise ValueError(f"vram_budget must be an int of bytes or a string like '12GB', got {budget!r}")
+    n = budget
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", budget.upper())
+        if not m:
+            raise ValueError(f"cannot parse vram_budget {budget!r}; use bytes or e.g. '12GB', '24GiB', '800MB'")
+        unit = m.group(2) or "B"
+        scale = 1024 ** "BKMGT".index(unit[0]) if "I" in unit else 1000 ** "BKMGT".index(unit[0])
+        n = int(float(m.group(1)) * scale)
+    if n < 1:
+        raise ValueError(f"vram_budget must be at least 1 byte, got {budget!r}")
+    return n
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _tensors(module: nn.Module):
+    """(owner module, name, is_param, tensor) of every parameter and buffer under `module` (shared ones once)."""
+    seen = set()
+    for m in module.modules():
+        for table, is_param in ((m._parameters, True), (m._buffers, False)):
+            for name, t in table.items():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    yield m, name, is_param, t
+
+
+def block_bytes(block: nn.Module) -> int:
+    """Bytes one ring slot needs for `block`: its tensors, each starting ALIGN-aligned."""
+    return sum(_aligned(t.numel() * t.element_size()) for _, _, _, t in _tensors(block))
+
+
+def fixed_bytes(model) -> int:
+    """Bytes of the model's tensors outside the blocks (always resident)."""
+    inside = {id(t) for b in model.blocks for _, _, _, t in _tensors(b)}
+    return sum(t.numel() * t.element_size() for _, _, _, t in _tensors(model) if id(t) not in inside)
+
+
+def blocks_for_budget(model, budget: int | str, prefetch: int = 1) -> int:
+    """N for `vram_budget` (the module docstring's rule): (budget - fixed) // slot - prefetch, at most L."""
+    b = parse_budget(budget)
+    fixed, slot, L = fixed_bytes(model), max(block_bytes(blk) for blk in model.blocks), len(model.blocks)
+    n = (b - fixed) // slot - prefetch
+    if n < 1:
+        raise ValueError(f"vram_budget {budget!r} ({b / 1e9:.3f} GB) holds {max(b - fixed, 0) / 1e9:.3f} GB after the "
+                         f"{fixed / 1e9:.3f} GB of tensors outside the blocks: less than 1 + prefetch ({prefetch}) "
+                         f"blocks of {slot / 1e9:.3f} GB; the smallest budget is {(fixed + (1 + prefetch) * slot) / 1e9:.3f} GB")
+    return min(n, L)
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    """One parameter or buffer of a streamed block."""
+
+    module: nn.Module
+    name: str
+    param: bool
+    offset: int                 # in a slot
+    master: torch.Tensor        # the host copy (contiguous)
+    host: torch.Tensor          # what `on_host` binds: the original object when the device is the host
+    shell: torch.Tensor | None  # the original nn.Parameter on another device (its data emptied), restored by disable
+    placeholder: torch.Tensor   # meta, bound while the block is not run
+
+    @property
+    def nbytes(self) -> int:
+        return self.master.numel() * self.master.element_size()
+
+    def bind(self, t: torch.Tensor) -> None:
+        (self.module._parameters if self.param else self.module._buffers)[self.name] = t
+
+    def bound(self) -> torch.Tensor:
+        return (self.module._parameters if self.param else self.module._buffers)[self.name]
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor, 1-D uint8."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _placeholder(t: torch.Tensor, param: bool) -> torch.Tensor:
+    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if param else meta
+
+
+class _Copier:
+    """Host-to-device copies: on a side stream with events on CUDA, synchronous elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def event(self, stream=None):
+        """An event recorded on `stream` (default: the current one), None off CUDA."""
+        if not self.cuda:
+            return None
+        e = torch.cuda.Event()
+        e.record(stream or torch.cuda.current_stream(self.device))
+        return e
+
+    def copy(self, pairs, after=None):
+        """dst.copy_(src) for (dst, src) in `pairs` (bytes), after event `after`; returns the done event."""
+        if not self.cuda:
+            for dst, src in pairs:
+                dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            return self.event(self.stream)
+
+    def wait(self, event) -> None:
+        """Make the current stream wait for `event`."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.stream.synchronize()
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+    buf: torch.Tensor
+    block: int | None = None
+    ready: object = None       # event: the copy of `block` into buf is done
+    free: object = None        # event: the last block run from buf is done
+    objs: dict = dataclasses.field(default_factory=dict)  # block -> the objects bound (views of buf)
+
+
+class BlockOffload:
+    """The offload state of one model (`model._offload`); see the module docstring."""
+
+    def __init__(self, model, blocks_on_device: int | None = None, vram_budget=None, prefetch: int = 1):
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"enable_offload: prefetch must be an int >= 0, got {prefetch!r}")
+        if (blocks_on_device is None) == (vram_budget is None):
+            raise ValueError("enable_offload: pass exactly one of blocks_on_device=N or vram_budget='12GB', got "
+                             f"blocks_on_device={blocks_on_device!r}, vram_budget={vram_budget!r}")
+        L = len(model.blocks)
+        if vram_budget is not None:
+            blocks_on_device = blocks_for_budget(model, vram_budget, prefetch)
+        if isinstance(blocks_on_device, bool) or not isinstance(blocks_on_device, int) or blocks_on_device < 1:
+            raise ValueError(f"enable_offload: blocks_on_device must be an int >= 1, got {blocks_on_device!r}")
+        self.model, self.prefetch = model, prefetch
+        self.blocks_on_device = min(blocks_on_device, L)
+        self.device = model.device
+        self.host_is_device = self.device.type == "cpu"
+        self.copier = _Copier(self.device)
+        resident = L if blocks_on_device >= L else blocks_on_device - 1
+        self.streamed = list(range(resident, L))               # in run order
+        self.pos = {b: k for k, b in enumerate(self.streamed)}
+        self.entries: dict[int, list[_Entry]] = {}
+        self.depth = 0                                         # on_host nesting
+        self.hooks = []
+        self.slots: list[_Slot] = []
+        self.slot_bytes = 0
+        for b in self.streamed:
+            self.entries[b] = self._capture(model.blocks[b], {})
+            self._unbind(b)
+        self._size_ring()
+        for b in self.streamed:
+            blk = model.blocks[b]
+            self.hooks += [blk.register_forward_pre_hook(self._pre_hook(b)),
+                           blk.register_forward_hook(self._post_hook(b), always_call=True),
+                           blk.register_state_dict_pre_hook(self._sd_pre_hook(b)),
+                           blk.register_state_dict_post_hook(self._sd_post_hook(b)),
+                           blk.register_load_state_dict_pre_hook(self._sd_pre_hook(b)),
+                           blk.register_load_state_dict_post_hook(self._load_post_hook(b))]
+        if self.streamed and self.streamed[0] > 0:  # the resident blocks run while the first streamed ones come in
+            self.hooks.append(model.blocks[0].register_forward_pre_hook(self._first_hook))
+
+    # -- capture / bind ------------------------------------------------------------------------
+    def _capture(self, block: nn.Module, old: dict[int, _Entry]) -> list[_Entry]:
+        """Entries of `block`'s tensors as bound now (on the device at enable, the host objects under on_host);
+        `old`: id(host object) -> entry of an earlier capture (its master / shell are kept)."""
+        items = list(_tensors(block))
+        flat = None
+        if not self.host_is_device:  # one pinned host buffer per block, the slot's layout
+            total = sum(_aligned(t.numel() * t.element_size()) for *_, t in items)
+            flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        out, off = [], 0
+        for m, name, is_param, t in items:
+            prev = old.get(id(t))
+            rg = t.requires_grad
+            if self.host_is_device:
+                master = t.detach() if t.is_contiguous() else t.detach().contiguous()
+                host, shell = t if t.is_contiguous() else (nn.Parameter(master, rg) if is_param else master), None
+            else:
+                n = t.numel() * t.element_size()
+                master = flat[off:off + n].view(t.dtype).view(t.shape)
+                _raw(master).copy_(_raw(t.detach().contiguous()))
+                host = nn.Parameter(master, requires_grad=rg) if is_param else master
+                shell = prev.shell if prev is not None else (t if is_param else None)
+                if shell is not None and shell.device != self.device:
+                    shell = None  # a tensor made on the host (e.g. by quantize under on_host): disable makes a new one
+                if shell is not None:
+                    shell.data = torch.empty(0, dtype=t.dtype, device=self.device)  # frees the device copy
+            out.append(_Entry(m, name, is_param, off, master, host, shell, _placeholder(t, is_param)))
+            off += _aligned(master.numel() * master.element_size())
+        return out
+
+    def _unbind(self, b: int) -> None:
+        for e in self.entries[b]:
+            e.bind(e.placeholder)
+
+    def _bind_host(self, b: int) -> None:
+        for e in self.entries[b]:
+            e.bind(e.host)
+
+    def _recapture(self, b: int) -> None:
+        """After the block's tensors were bound to the host and maybe changed: capture again, unbind."""
+        old = {id(e.host): e for e in self.entries[b]}
+        self.entries[b] = self._capture(self.model.blocks[b], old)
+        self._unbind(b)
+
+    # -- ring ----------------------------------------------------------------------------------
+    def _size_ring(self) -> None:
+        """(Re)allocate the ring when the slots are too small or missing; forget what they held."""
+        need = max((sum(_aligned(e.nbytes) for e in self.entries[b]) for b in self.streamed), default=0)
+        n = min(1 + self.prefetch, len(self.streamed))
+        self.copier.sync()
+        if need > self.slot_bytes or len(self.slots) != n:
+            self.slots = []  # the old buffers go before the new ones come
+            self.slots = [_Slot(torch.empty(need, dtype=torch.uint8, device=self.device)) for _ in range(n)]
+            self.slot_bytes = need
+        else:
+            for s in self.slots:
+                s.block, s.ready, s.objs = None, None, {}
+
+    def _want(self, b: int | None) -> list[int]:
+        """Block `b` and the next streamed blocks, cyclic, as many as there are slots (b None: the first ones)."""
+        k = 0 if b is None else self.pos[b]
+        S = self.streamed
+        return [S[(k + j) % len(S)] for j in range(len(self.slots))]
+
+    def _fetch(self, want: list[int]) -> dict[int, _Slot]:
+        """Make every block of `want` held by a slot (copies issued in order); returns block -> slot."""
+        held = {s.block: s for s in self.slots if s.block is not None}
+        for w in want:
+            if w in held:
+                continue
+            home = self.slots[self.pos[w] % len(self.slots)]
+            slot = next(s for s in (home, *self.slots) if s.block not in want)
+            held.pop(slot.block, None)
+            slot.block, slot.objs = None, {}  # a failed copy leaves the slot empty
+            pairs = [(slot.buf[e.offset:e.offset + e.nbytes], _raw(e.master)) for e in self.entries[w]]
+            slot.ready = self.copier.copy(pairs, after=slot.free)
+            slot.block = w
+            held[w] = slot
+        return held
+
+    def _first_hook(self, block, args):
+        if not self.depth:
+            self._fetch(self._want(None))
+
+    def _objs(self, slot: _Slot, b: int) -> list[torch.Tensor]:
+        """The objects bound while `b` runs from `slot` (made once per block and slot: fixed addresses)."""
+        if b not in slot.objs:
+            objs = []
+            for e in self.entries[b]:
+                m = e.master
+                v = slot.buf[e.offset:e.offset + e.nbytes].view(m.dtype).view(m.shape)
+                objs.append(nn.Parameter(v, requires_grad=False) if e.param else v)
+            slot.objs[b] = objs
+        return slot.objs[b]
+
+    def _pre_hook(self, b: int):
+        def hook(block, args):
+            if self.depth:
+                raise RuntimeError(f"block {b} runs while its weights are bound to the host (inside on_host)")
+            if torch.is_grad_enabled() and any(e.host.requires_grad for e in self.entries[b]):
+                raise RuntimeError("block offload is inference-only: run the model under torch.no_grad() or "
+                                   "torch.inference_mode() (or disable_offload() to train)")
+            slot = self._fetch(self._want(b))[b]
+            self.copier.wait(slot.ready)
+            for e, o in zip(self.entries[b], self._objs(slot, b)):
+                e.bind(o)
+        return hook
+
+    def _post_hook(self, b: int):
+        def hook(block, args, output):
+            for s in self.slots:
+                if s.block == b:
+                    s.free = self.copier.event()
+            self._unbind(b)
+        return hook
+
+    # -- the masters in place of the placeholders ------------------------------------------------
+    def _sd_pre_hook(self, b: int):
+        def hook(block, *args):
+            if not self.depth:
+                self.copier.sync()
+                self._bind_host(b)
+        return hook
+
+    def _sd_post_hook(self, b: int):
+        def hook(block, *args):
+            if not self.depth:
+                self._unbind(b)
+        return hook
+
+    def _load_post_hook(self, b: int):
+        def hook(block, incompatible):
+            if not self.depth:
+                self._recapture(b)
+                self._size_ring()
+        return hook
+
+    @contextlib.contextmanager
+    def on_host(self):
+        """Bind every streamed block to its host masters (operations run on them), capture again on exit."""
+        if self.depth == 0:
+            self.copier.sync()
+            for b in self.streamed:
+                self._bind_host(b)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                for b in self.streamed:
+                    self._recapture(b)
+                self._size_ring()
+
+    # -- end ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the hooks, put every streamed block's tensors back on the device, free the ring."""
+        self.copier.sync()
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        for b in self.streamed:
+            for e in self.entries[b]:
+                if self.host_is_device:
+                    e.bind(e.host)
+                elif e.shell is not None:
+                    e.shell.data = e.master.to(self.device)
+                    e.bind(e.shell)
+                else:
+                    t = e.master.to(self.device)
+                    e.bind(nn.Parameter(t, requires_grad=e.host.requires_grad) if e.param else t)
+        self.entries, self.slots, self.streamed = {}, [], []
+
+    def describe(self) -> dict:
+        """What is where: resident / streamed block indices, ring slots and their bytes, fixed bytes."""
+        return {"blocks_on_device": self.blocks_on_device, "prefetch": self.prefetch,
+                "resident": [i for i in range(len(self.model.blocks)) if i not in self.pos],
+                "streamed": list(self.streamed), "slots": len(self.slots), "slot_bytes": self.slot_bytes,
+                "fixed_bytes": fixed_bytes(self.model)}
+
+
+def on_host(model):
+    """A context in which the streamed blocks of `model` hold their host masters (a no-op without offload)."""
+    off = getattr(model, "_offload", None)
+    return off.on_host() if off is not None else contextlib.nullcontext()
