@@ -305,3 +305,66 @@ def test_rss_not_grown_beyond_ring_on_13b_shape():
     grown = _rss() - before
     assert model_bytes > 2.5e9 and ring < 0.1 * model_bytes
     assert grown < ring + 64 * 2 ** 20, (grown, ring)
+
+
+# ---------------------------------------------------------------------------------------------
+# two experts (Wan2.2 A14B)
+
+def _experts():
+    from wan_model.core.model import WanExperts
+
+    cfg = _cfg("tiny-t2v-a14b")
+    return WanExperts(random_model(cfg, seed=1).eval(), random_model(cfg, seed=2).eval(), cfg.boundary_ratio)
+
+
+def _sample(experts, steps=6):
+    from wan_model.core.sampling import sample
+
+    x, _, txt, _ = make_inputs(experts.high.config, batch=1)
+    neg = torch.flip(txt, dims=[1])
+    return sample(experts, x, txt, neg, num_steps=steps, guidance_scale=4.0, progress=False)
+
+
+@pytest.mark.parametrize("blocks_on_device", [None, 2])
+def test_two_experts_idle_on_host_swap_once_per_boundary(blocks_on_device):
+    ref = _sample(_experts())
+    assert ref.experts == ["high"] * 3 + ["low"] * 3  # boundary 0.875: t = 1000, 961, 909 | 833, ...
+    experts = _experts().enable_offload(blocks_on_device)
+    # the idle expert holds no device storage at all: every tensor a meta placeholder
+    assert all(t.device.type == "meta" for t in _tensors(experts.low).values())
+    assert all(_on_device(t, "cpu") for k, t in _tensors(experts.high).items() if not k.startswith("blocks.")
+               and k != "blocks")
+    seen = []
+
+    def look(name):
+        def hook(model, args):
+            seen.append((name, *(_on_device(m.patch_embedding.weight, "cpu") for m in (experts.high, experts.low))))
+        return hook
+
+    experts.high.register_forward_pre_hook(look("high"))
+    experts.low.register_forward_pre_hook(look("low"))
+    for _ in range(2):  # a second run starts with the low expert in: it goes out, the high one comes in, once
+        seen.clear()
+        res = _sample(experts)
+        assert torch.equal(res.latents, ref.latents) and res.experts == ref.experts
+        # (expert run, high in, low in): the low expert comes in during the last high step, the high one goes once
+        assert seen == [("high", True, False)] * 2 + [("high", True, True)] + [("low", False, True)] * 3, seen
+    assert all(t.device.type == "meta" for t in _tensors(experts.high).values())
+    experts.disable_offload()
+    plain = _experts()
+    for a, b in ((experts.high, plain.high), (experts.low, plain.low)):
+        assert _same_sd(a.state_dict(), b.state_dict())
+        assert all(_on_device(t, "cpu") for t in _tensors(a).values())
+
+
+def test_parked_expert_state_dict_and_lora():
+    """A parked expert's state_dict / LoRA work on its host masters, as for streamed blocks."""
+    experts = _experts().enable_offload()
+    plain = _experts()
+    assert _same_sd(experts.low.state_dict(), plain.low.state_dict())
+    assert all(t.device.type == "meta" for t in _tensors(experts.low).values())
+    lora = _lora(plain.low)
+    experts.low.load_lora(lora, 0.5)
+    plain.low.load_lora(lora, 0.5)
+    assert _same_sd(experts.low.state_dict(), plain.low.state_dict())
+    assert torch.equal(_sample(experts).latents, _sample(plain).latents)

@@ -621,5 +621,41 @@ class WanExperts:
     low: WanTransformer
     boundary_ratio: float
 
-    def expert(self, t: float) -> WanTransformer:
-        return self.high if t >= self.boundary_ratio * 1000 else self.low
+    def expert(self, t: float, t_next: float | None = None) -> WanTransformer:
+        """The expert of timestep `t`. With offload on (`enable_offload`), it is brought in if it is parked and the
+        other one parked; `t_next` (the sampler's next timestep): when it needs the other expert, that one starts
+        coming in now (on CUDA on the side stream, overlapping this step's forward): the swap happens once per
+        boundary."""
+        m = self.high if t >= self.boundary_ratio * 1000 else self.low
+        if getattr(self, "_offload", False):
+            other = self.low if m is self.high else self.high
+            m._offload.unpark()
+            if t_next is not None and (self.high if t_next >= self.boundary_ratio * 1000 else self.low) is other:
+                other._offload.unpark()   # the last step before the boundary: both in while it runs
+            else:
+                other._offload.park()
+        return m
+
+    def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
+                       prefetch: int = 1) -> "WanExperts":
+        """The idle expert lives on the host (every tensor: one host master, meta placeholders on the device; the
+        high-noise expert is the active one first); `expert(t, t_next)` swaps them (above). `blocks_on_device` /
+        `vram_budget` / `prefetch`: block offload of each expert too (`WanTransformer.enable_offload`; None: each
+        expert whole on the device while active)."""
+        self.disable_offload()
+        for m in (self.high, self.low):
+            if blocks_on_device is None and vram_budget is None:
+                m.enable_offload(len(m.blocks))
+            else:
+                m.enable_offload(blocks_on_device, vram_budget=vram_budget, prefetch=prefetch)
+        self.low._offload.park()
+        self._offload = True
+        return self
+
+    def disable_offload(self) -> "WanExperts":
+        """Both experts whole on the device again, bit for bit."""
+        if getattr(self, "_offload", False):
+            self._offload = False
+            self.high.disable_offload()
+            self.low.disable_offload()
+        return self

@@ -69,10 +69,13 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _tensors(module: nn.Module):
-    """(owner module, name, is_param, tensor) of every parameter and buffer under `module` (shared ones once)."""
+def _tensors(module: nn.Module, skip=frozenset()):
+    """(owner module, name, is_param, tensor) of every parameter and buffer under `module` (shared ones once), but
+    those of modules whose id is in `skip`."""
     seen = set()
     for m in module.modules():
+        if id(m) in skip:
+            continue
         for table, is_param in ((m._parameters, True), (m._buffers, False)):
             for name, t in table.items():
                 if t is not None and id(t) not in seen:
@@ -212,43 +215,54 @@ class BlockOffload:
         self.hooks = []
         self.slots: list[_Slot] = []
         self.slot_bytes = 0
+        self.fixed: list[_Entry] | None = None                 # while parked: every other tensor's entry
+        self.ready = None                                      # event: the copies of `unpark` are done
+        self._prepare_context = None
         for b in self.streamed:
-            self.entries[b] = self._capture(model.blocks[b], {})
+            self.entries[b] = self._capture(_tensors(model.blocks[b]), {})
             self._unbind(b)
         self._size_ring()
         for b in self.streamed:
             blk = model.blocks[b]
             self.hooks += [blk.register_forward_pre_hook(self._pre_hook(b)),
-                           blk.register_forward_hook(self._post_hook(b), always_call=True),
-                           blk.register_state_dict_pre_hook(self._sd_pre_hook(b)),
-                           blk.register_state_dict_post_hook(self._sd_post_hook(b)),
-                           blk.register_load_state_dict_pre_hook(self._sd_pre_hook(b)),
-                           blk.register_load_state_dict_post_hook(self._load_post_hook(b))]
+                           blk.register_forward_hook(self._post_hook(b), always_call=True)]
+        self.hooks += [model.register_forward_pre_hook(self._model_hook),
+                       model.register_state_dict_pre_hook(lambda *a: self._sd_pre_hook(*a)),
+                       model.register_state_dict_post_hook(lambda *a: self._sd_post_hook(*a)),
+                       model.register_load_state_dict_pre_hook(lambda *_: self._enter()),
+                       model.register_load_state_dict_post_hook(lambda *_: self._exit())]
         if self.streamed and self.streamed[0] > 0:  # the resident blocks run while the first streamed ones come in
             self.hooks.append(model.blocks[0].register_forward_pre_hook(self._first_hook))
 
     # -- capture / bind ------------------------------------------------------------------------
-    def _capture(self, block: nn.Module, old: dict[int, _Entry]) -> list[_Entry]:
-        """Entries of `block`'s tensors as bound now (on the device at enable, the host objects under on_host);
-        `old`: id(host object) -> entry of an earlier capture (its master / shell are kept)."""
-        items = list(_tensors(block))
+    def _capture(self, items, old: dict[int, _Entry]) -> list[_Entry]:
+        """Entries of the (module, name, is_param, tensor) `items` as bound now (on the device at enable / park,
+        the host objects under on_host); `old`: id(host object) -> entry of an earlier capture, kept as it is
+        (its master holds whatever was written into it)."""
+        items = list(items)
+        new = [t for *_, t in items if id(t) not in old]
         flat = None
-        if not self.host_is_device:  # one pinned host buffer per block, the slot's layout
-            total = sum(_aligned(t.numel() * t.element_size()) for *_, t in items)
+        if new and not self.host_is_device:  # one pinned host buffer for the new masters
+            total = sum(_aligned(t.numel() * t.element_size()) for t in new)
             flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        out, off = [], 0
+        out, off, foff = [], 0, 0
         for m, name, is_param, t in items:
             prev = old.get(id(t))
+            if prev is not None:
+                out.append(dataclasses.replace(prev, module=m, name=name, offset=off))
+                off += _aligned(prev.nbytes)
+                continue
             rg = t.requires_grad
             if self.host_is_device:
                 master = t.detach() if t.is_contiguous() else t.detach().contiguous()
                 host, shell = t if t.is_contiguous() else (nn.Parameter(master, rg) if is_param else master), None
             else:
                 n = t.numel() * t.element_size()
-                master = flat[off:off + n].view(t.dtype).view(t.shape)
+                master = flat[foff:foff + n].view(t.dtype).view(t.shape)
+                foff += _aligned(n)
                 _raw(master).copy_(_raw(t.detach().contiguous()))
                 host = nn.Parameter(master, requires_grad=rg) if is_param else master
-                shell = prev.shell if prev is not None else (t if is_param else None)
+                shell = t if is_param else None
                 if shell is not None and shell.device != self.device:
                     shell = None  # a tensor made on the host (e.g. by quantize under on_host): disable makes a new one
                 if shell is not None:
@@ -261,21 +275,31 @@ class BlockOffload:
         for e in self.entries[b]:
             e.bind(e.placeholder)
 
-    def _bind_host(self, b: int) -> None:
-        for e in self.entries[b]:
-            e.bind(e.host)
+    def _all(self) -> list[_Entry]:
+        """Every entry with a host master: the streamed blocks', and the others' while parked."""
+        return [e for b in self.streamed for e in self.entries[b]] + (self.fixed or [])
 
-    def _recapture(self, b: int) -> None:
-        """After the block's tensors were bound to the host and maybe changed: capture again, unbind."""
-        old = {id(e.host): e for e in self.entries[b]}
-        self.entries[b] = self._capture(self.model.blocks[b], old)
-        self._unbind(b)
+    def _fixed_items(self):
+        """The tensors outside the streamed blocks."""
+        skip = {id(m) for b in self.streamed for m in self.model.blocks[b].modules()}
+        return _tensors(self.model, skip)
+
+    def _recapture(self) -> None:
+        """After the masters were bound (and maybe changed or replaced): capture again, placeholders bound."""
+        for b in self.streamed:
+            self.entries[b] = self._capture(_tensors(self.model.blocks[b]), {id(e.host): e for e in self.entries[b]})
+            self._unbind(b)
+        if self.fixed is not None:
+            self.fixed = self._capture(self._fixed_items(), {id(e.host): e for e in self.fixed})
+            for e in self.fixed:
+                e.bind(e.placeholder)
 
     # -- ring ----------------------------------------------------------------------------------
     def _size_ring(self) -> None:
-        """(Re)allocate the ring when the slots are too small or missing; forget what they held."""
+        """(Re)allocate the ring when the slots are too small or missing (none while parked); forget what they
+        held."""
         need = max((sum(_aligned(e.nbytes) for e in self.entries[b]) for b in self.streamed), default=0)
-        n = min(1 + self.prefetch, len(self.streamed))
+        n = 0 if self.fixed is not None else min(1 + self.prefetch, len(self.streamed))
         self.copier.sync()
         if need > self.slot_bytes or len(self.slots) != n:
             self.slots = []  # the old buffers go before the new ones come
@@ -343,47 +367,116 @@ class BlockOffload:
             self._unbind(b)
         return hook
 
+    def _model_hook(self, model, args):
+        """Before a forward: a parked model comes in first; the copies of `unpark` are waited for."""
+        if self.fixed is not None:
+            self.unpark()
+        self.copier.wait(self.ready)
+        self.ready = None
+
     # -- the masters in place of the placeholders ------------------------------------------------
-    def _sd_pre_hook(self, b: int):
-        def hook(block, *args):
-            if not self.depth:
-                self.copier.sync()
-                self._bind_host(b)
-        return hook
+    def _sd_pre_hook(self, model, *args):
+        if not self.depth:  # read only: the masters are bound while state_dict reads them
+            self.copier.sync()
+            for e in self._all():
+                e.bind(e.host)
 
-    def _sd_post_hook(self, b: int):
-        def hook(block, *args):
-            if not self.depth:
-                self._unbind(b)
-        return hook
+    def _sd_post_hook(self, model, *args):
+        if not self.depth:
+            for e in self._all():
+                e.bind(e.placeholder)
 
-    def _load_post_hook(self, b: int):
-        def hook(block, incompatible):
-            if not self.depth:
-                self._recapture(b)
-                self._size_ring()
-        return hook
+    def _enter(self) -> None:
+        if self.depth == 0:
+            self.copier.sync()
+            for e in self._all():
+                e.bind(e.host)
+        self.depth += 1
+
+    def _exit(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self._recapture()
+            self._size_ring()
 
     @contextlib.contextmanager
     def on_host(self):
-        """Bind every streamed block to its host masters (operations run on them), capture again on exit."""
-        if self.depth == 0:
-            self.copier.sync()
-            for b in self.streamed:
-                self._bind_host(b)
-        self.depth += 1
+        """Bind every host master (the streamed blocks', every tensor's while parked) in place of its placeholder:
+        operations in the context run on them; on exit the tensors are captured again (a new or replaced tensor
+        becomes a master) and the ring forgets what it held."""
+        self._enter()
         try:
             yield
         finally:
-            self.depth -= 1
-            if self.depth == 0:
-                for b in self.streamed:
-                    self._recapture(b)
-                self._size_ring()
+            self._exit()
+
+    # -- parking: every tensor on the host (WanExperts' idle expert) --------------------------------
+    @property
+    def parked(self) -> bool:
+        return self.fixed is not None
+
+    def park(self) -> None:
+        """Every tensor of the model to the host: the streamed blocks are there already, the others get host
+        masters (their own tensors when the device is the host, else a copy: the only device-to-host copy) and
+        meta placeholders; the ring is freed."""
+        if self.fixed is not None:
+            return
+        self.copier.sync()
+        self.fixed = self._capture(self._fixed_items(), {})
+        for e in self.fixed:
+            e.bind(e.placeholder)
+        self._size_ring()
+        self._prepare_context = self.model.__dict__.get("prepare_context")
+        self.model.prepare_context = self._parked_prepare_context
+
+    def unpark(self) -> None:
+        """Bring the parked tensors back (on CUDA: copies on the side stream; the model's next forward waits for
+        them) and the ring; the host masters of the fixed tensors are dropped (the device copies are the truth)."""
+        if self.fixed is None:
+            return
+        pairs = self._bring(self.fixed)
+        self.ready = self.copier.copy(pairs)
+        self.fixed = None
+        del self.model.prepare_context
+        self._size_ring()
+
+    def _bring(self, entries: list[_Entry]) -> list:
+        """Bind device copies of `entries`' masters (the originals when the device is the host); returns the
+        (device bytes, host bytes) copies to run."""
+        pairs = []
+        for e in entries:
+            if self.host_is_device:
+                e.bind(e.host)
+                continue
+            t = torch.empty_like(e.master, device=self.device)
+            pairs.append((_raw(t), _raw(e.master)))
+            if e.shell is not None:
+                e.shell.data = t
+                e.bind(e.shell)
+            else:
+                e.bind(nn.Parameter(t, requires_grad=e.host.requires_grad) if e.param else t)
+        return pairs
+
+    def _parked_prepare_context(self, *args, **kwargs):
+        """prepare_context of a parked model: the text / image embedders and the stacked K/V come in for it (the
+        contexts are made on the device), then go again."""
+        mods = [self.model.condition_embedder, self.model.cross_kv, self.model.cross_kv_img]
+        ids = {id(m) for mod in mods if mod is not None for m in mod.modules()}
+        visit = [e for e in self.fixed if id(e.module) in ids]
+        self.copier.wait(self.copier.copy(self._bring(visit)))
+        try:
+            return type(self.model).prepare_context(self.model, *args, **kwargs)
+        finally:
+            for e in visit:
+                if e.shell is not None:
+                    e.shell.data = torch.empty(0, dtype=e.master.dtype, device=self.device)
+                e.bind(e.placeholder)
 
     # -- end ------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove the hooks, put every streamed block's tensors back on the device, free the ring."""
+        """Remove the hooks, put every tensor back on the device, free the ring."""
+        self.unpark()
+        self.copier.wait(self.ready)
         self.copier.sync()
         for h in self.hooks:
             h.remove()
