@@ -368,3 +368,42 @@ def test_parked_expert_state_dict_and_lora():
     plain.low.load_lora(lora, 0.5)
     assert _same_sd(experts.low.state_dict(), plain.low.state_dict())
     assert torch.equal(_sample(experts).latents, _sample(plain).latents)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+SMALL_RUN = ["--device", "cpu", "--dtype", "float32", "--steps", "2", "--frames", "1", "--height", "16",
+             "--width", "16"]
+
+
+def test_cli_run_offload(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from wan_model.cli import main
+
+    ckpt = tmp_path / "t2v"
+    random_model(_cfg("tiny-t2v"), seed=0).save_pretrained(ckpt)
+    base = ["run", "--checkpoint", str(ckpt)] + SMALL_RUN
+    assert main(base + ["--output", str(tmp_path / "plain.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(base + ["--blocks-on-device", "2", "--output", str(tmp_path / "n2.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "offload: 2 of 5 blocks on the device + 1 prefetched: 1 resident, 4 streamed from the host through 2 " \
+           "slots" in out
+    m = random_model(_cfg("tiny-t2v"), seed=0)
+    budget = offload.fixed_bytes(m) + 4 * offload.block_bytes(m.blocks[0])  # N + prefetch = 4
+    assert main(base + ["--vram-budget", str(budget), "--prefetch", "1",
+                        "--output", str(tmp_path / "budget.safetensors")]) == 0
+    assert "offload: 3 of 5 blocks on the device" in capsys.readouterr().out
+    plain = load_file(tmp_path / "plain.safetensors")["latents"]
+    for name in ("n2", "budget"):
+        assert torch.equal(load_file(tmp_path / f"{name}.safetensors")["latents"], plain)
+    # usage errors: one line naming the argument
+    for extra, arg in ((["--vram-budget", "10KB"], "--vram-budget"), (["--vram-budget", "lots"], "--vram-budget"),
+                       (["--blocks-on-device", "0"], "--blocks-on-device"), (["--prefetch", "1"], "--prefetch"),
+                       (["--blocks-on-device", "2", "--vram-budget", "1GB"], "--vram-budget")):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {arg}" in err and "Traceback" not in err, err

@@ -197,6 +197,23 @@ def output_file(s: str) -> str:
     return s
 
 
+def vram_budget(s: str) -> int:
+    """--vram-budget: bytes, or e.g. 12GB, 24GiB (wan_model.core.offload.parse_budget)."""
+    from wan_model.core.offload import parse_budget
+
+    try:
+        return parse_budget(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def nonnegative_int(s: str) -> int:
+    v = _int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
+
+
 def shard_size(s: str) -> int:
     if s.strip().startswith("-"):
         raise argparse.ArgumentTypeError(f"must be positive, got {s!r} (bytes, or e.g. 5GB, 200MB)")
@@ -454,6 +471,7 @@ def _run(args, rank: int) -> int:
         model.load_lora(path, scale=scale)
         print(f"LoRA {path} fused at scale {scale}")
     _set_attention(args, (model.high, model.low) if isinstance(model, WanExperts) else (model,))
+    _enable_offload(args, model)
     if args.ulysses * args.ring > 1:
         for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
             m.enable_parallelism(ulysses_degree=args.ulysses, ring_degree=args.ring)
@@ -484,6 +502,28 @@ def _run(args, rank: int) -> int:
     if args.ulysses * args.ring > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _enable_offload(args, model) -> None:
+    """--blocks-on-device N / --vram-budget SIZE (with --prefetch): block offload of every expert, and with two
+    experts the idle one parked on the host (wan_model/core/offload.py); one line says what is where."""
+    if args.blocks_on_device is None and args.vram_budget is None:
+        if args.prefetch is not None:
+            args.error("argument --prefetch: needs --blocks-on-device or --vram-budget")
+        return
+    prefetch = 1 if args.prefetch is None else args.prefetch
+    try:
+        model.enable_offload(args.blocks_on_device, vram_budget=args.vram_budget, prefetch=prefetch)
+    except ValueError as e:
+        args.error(f"argument {'--vram-budget' if args.vram_budget is not None else '--blocks-on-device'}: {e}")
+    first = model.high if isinstance(model, WanExperts) else model
+    d = first._offload.describe()
+    L = len(first.blocks)
+    print(f"offload: {d['blocks_on_device']} of {L} blocks on the device + {prefetch} prefetched: "
+          f"{len(d['resident'])} resident, {len(d['streamed'])} streamed from the host through "
+          f"{d['slots']} slots of {d['slot_bytes'] / 1e6:.1f} MB; "
+          f"{d['fixed_bytes'] / 1e6:.1f} MB outside the blocks"
+          + ("; the idle expert parked on the host" if isinstance(model, WanExperts) else ""))
 
 
 def cmd_convert(args) -> int:
@@ -637,6 +677,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--shift", type=positive_float, default=5.0, help="flow-matching sigma shift")
     r.add_argument("--batch", type=positive_int, default=1, help="videos per step (CFG doubles the forward batch)")
     r.add_argument("--seed", type=seed, default=0, help="seed of the latents (and of random embeddings)")
+    off = r.add_mutually_exclusive_group()
+    off.add_argument("--blocks-on-device", type=positive_int, metavar="N",
+                     help="block offload: at most N blocks' weights on the device (+ --prefetch in flight), the "
+                          "others streamed from one host copy (bit-identical output; wan_model/core/offload.py)")
+    off.add_argument("--vram-budget", type=vram_budget, metavar="SIZE",
+                     help="block offload: N from a weight budget, e.g. 12GB (the tensors outside the blocks + "
+                          "N + prefetch block slots; activations come on top)")
+    r.add_argument("--prefetch", type=nonnegative_int, metavar="K",
+                   help="with offload: blocks copied ahead while one runs (default 1)")
     r.add_argument("--output", type=output_file, help="write the final latents to this safetensors file")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     r.add_argument("--ulysses", type=positive_int, default=1,
