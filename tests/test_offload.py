@@ -61,6 +61,15 @@ def _same_sd(a: dict, b: dict) -> bool:
                                         torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
 
 
+@pytest.fixture(params=["host", "copy"])
+def mode(request, monkeypatch):
+    """host: the device is the host, the masters are the tensors themselves; copy: the path of a GPU (masters copied
+    into one host buffer per block, the original parameters emptied, copies into the ring), run on the CPU."""
+    if request.param == "copy":
+        monkeypatch.setattr(offload, "HOST_DEVICES", ())
+    return request.param
+
+
 def _on_device(t: torch.Tensor, device) -> bool:
     """Whether `t` holds storage on `device` (a meta placeholder holds none)."""
     return t.device == torch.device(device) and t.untyped_storage().nbytes() > 0
@@ -73,7 +82,7 @@ def _on_device(t: torch.Tensor, device) -> bool:
     *[(name, dtype, 2, 1) for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v") for dtype in (torch.float32, torch.bfloat16)],
     ("tiny-t2v", torch.float32, 1, 1), ("tiny-t2v", torch.float32, 3, 0), ("tiny-i2v", torch.bfloat16, 2, 2),
     ("tiny-t2v", torch.float32, 5, 1)])  # ring of 2 over 4 blocks (wraps), 3 over 3 (stays), all resident
-def test_outputs_bit_identical(name, dtype, n, prefetch):
+def test_outputs_bit_identical(name, dtype, n, prefetch, mode):
     model = _model(name, dtype)
     ref = [_run(model, dtype, seed) for seed in (0, 1)]
     model.enable_offload(blocks_on_device=n, prefetch=prefetch)
@@ -96,7 +105,7 @@ def test_quantized_bit_identical_and_packed(quant):
 
 
 @pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
-def test_quantize_with_offload_on(quant):
+def test_quantize_with_offload_on(quant, mode):
     want = _model("tiny-t2v", torch.bfloat16, quant)
     model = _model("tiny-t2v", torch.bfloat16).enable_offload(blocks_on_device=2)
     model.quantize(quant)
@@ -124,7 +133,7 @@ def _lora(model, seed=0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("quant", [None, "nvfp4"])
-def test_lora_before_and_after_enable(quant):
+def test_lora_before_and_after_enable(quant, mode):
     dtype = torch.bfloat16
     plain = _model("tiny-t2v", dtype, quant)
     lora = _lora(_model("tiny-t2v"))
@@ -144,7 +153,7 @@ def test_lora_before_and_after_enable(quant):
     assert _same_sd(after.disable_offload().state_dict(), plain.state_dict())
 
 
-def test_state_dict_save_and_load(tmp_path):
+def test_state_dict_save_and_load(tmp_path, mode):
     plain = _model("tiny-i2v", torch.bfloat16)
     model = copy.deepcopy(plain).enable_offload(blocks_on_device=2)
     _run(model, torch.bfloat16)
@@ -162,7 +171,7 @@ def test_state_dict_save_and_load(tmp_path):
         assert torch.equal(_run(m, torch.bfloat16), _run(other, torch.bfloat16))
 
 
-def test_disable_restores_every_tensor_bit_exactly():
+def test_disable_restores_every_tensor_bit_exactly(mode):
     model = _model("tiny-i2v", torch.bfloat16, "fp8")
     snap = {k: (v, v.detach().clone()) for k, v in _tensors(model).items()}
     model.enable_offload(blocks_on_device=1, prefetch=2)
@@ -185,7 +194,7 @@ def test_disable_restores_every_tensor_bit_exactly():
 # what holds storage during a forward
 
 @pytest.mark.parametrize("n,prefetch", [(1, 1), (2, 1), (2, 2), (1, 0)])
-def test_at_most_n_plus_prefetch_blocks_hold_storage(n, prefetch):
+def test_at_most_n_plus_prefetch_blocks_hold_storage(n, prefetch, mode):
     model = _model("tiny-t2v", torch.bfloat16)
     block_bytes = max(sum(t.numel() * t.element_size() for t in _tensors(b).values()) for b in model.blocks)
     n_tensors = len(_tensors(model.blocks[0]))
@@ -220,7 +229,7 @@ def test_at_most_n_plus_prefetch_blocks_hold_storage(n, prefetch):
     assert len({i for i, _ in seen}) == L
 
 
-def test_exception_mid_forward_leaves_model_usable():
+def test_exception_mid_forward_leaves_model_usable(mode):
     model = _model("tiny-t2v")
     want = _run(model)
     model.enable_offload(blocks_on_device=1, prefetch=1)
@@ -239,11 +248,14 @@ def test_exception_mid_forward_leaves_model_usable():
     assert torch.equal(_run(model), want)
 
 
-def test_grad_mode_refused():
+def test_grad_mode_and_moving_refused():
     model = _model("tiny-t2v").enable_offload(blocks_on_device=2)
     x, t, txt, _ = make_inputs(model.config)
     with pytest.raises(RuntimeError, match="inference-only"):
         model(x, t, txt)
+    for move in (lambda m: m.to("cpu"), lambda m: m.half()):
+        with pytest.raises(RuntimeError, match="disable_offload"):
+            move(model)
     assert torch.equal(_run(model), _run(_model("tiny-t2v")))
 
 
@@ -326,7 +338,7 @@ def _sample(experts, steps=6):
 
 
 @pytest.mark.parametrize("blocks_on_device", [None, 2])
-def test_two_experts_idle_on_host_swap_once_per_boundary(blocks_on_device):
+def test_two_experts_idle_on_host_swap_once_per_boundary(blocks_on_device, mode):
     ref = _sample(_experts())
     assert ref.experts == ["high"] * 3 + ["low"] * 3  # boundary 0.875: t = 1000, 961, 909 | 833, ...
     experts = _experts().enable_offload(blocks_on_device)
@@ -357,7 +369,7 @@ def test_two_experts_idle_on_host_swap_once_per_boundary(blocks_on_device):
         assert all(_on_device(t, "cpu") for t in _tensors(a).values())
 
 
-def test_parked_expert_state_dict_and_lora():
+def test_parked_expert_state_dict_and_lora(mode):
     """A parked expert's state_dict / LoRA work on its host masters, as for streamed blocks."""
     experts = _experts().enable_offload()
     plain = _experts()

@@ -95,6 +95,12 @@ class WanModel(WanTransformer):
         with on_host(self):
             return super().to_dtype(dtype, keep_fp32)
 
+    def _apply(self, fn, recurse=True):
+        if getattr(self, "_offload", None) is not None:  # fn would see meta placeholders, not the host masters
+            raise RuntimeError("this model has block offload on: call disable_offload() before moving or casting it "
+                               "(.to / .cuda / .half / to_empty), then enable_offload() again")
+        return super()._apply(fn, recurse)
+
     def set_impl(self, impl: str) -> "WanModel":
         """Switch every op of the model (quantized layers included) to backend `impl` (resolved once, here)."""
         super().set_impl(impl)

@@ -45,6 +45,8 @@ import torch
 from torch import nn
 
 ALIGN = 512  # bytes: the CUDA caching allocator's alignment (and a multiple of the CPU allocator's 64)
+HOST_DEVICES = ("cpu",)  # devices whose memory is the host's: the masters are the tensors themselves (the tests
+                         # empty it to run the copying path of a GPU, masters and all, on the CPU)
 
 
 def parse_budget(budget: int | str) -> int:
@@ -205,7 +207,7 @@ class BlockOffload:
         self.model, self.prefetch = model, prefetch
         self.blocks_on_device = min(blocks_on_device, L)
         self.device = model.device
-        self.host_is_device = self.device.type == "cpu"
+        self.host_is_device = self.device.type in HOST_DEVICES
         self.copier = _Copier(self.device)
         resident = L if blocks_on_device >= L else blocks_on_device - 1
         self.streamed = list(range(resident, L))               # in run order
