@@ -419,3 +419,107 @@ def test_cli_run_offload(tmp_path, capsys):
             main(base + extra)
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"argument {arg}" in err and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# the file tier: streamed blocks read from the memory-mapped checkpoint
+
+def _patch_file(path, key: str, value: torch.Tensor) -> None:
+    """Overwrite tensor `key` of safetensors file `path` in place (same dtype and shape)."""
+    import json
+
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        start, end = json.loads(f.read(n))[key]["data_offsets"]
+        data = value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        assert len(data) == end - start
+        f.seek(8 + n + start)
+        f.write(data)
+
+
+def test_file_tier_reads_each_block_from_the_file(tmp_path, mode):
+    from wan_model.model import WanModel
+
+    ckpt = tmp_path / "t2v"
+    random_model(_cfg("tiny-t2v"), seed=4).save_pretrained(ckpt)
+    dtype = torch.bfloat16
+    plain = WanModel.from_pretrained(ckpt, dtype=dtype)
+    ram = WanModel.from_pretrained(ckpt, dtype=dtype).enable_offload(2)
+    filed = WanModel.from_pretrained(ckpt, dtype=dtype).enable_offload(2, from_file=ckpt)
+    off = filed._offload
+    assert all(e.source is not None for b in off.streamed for e in off.entries[b])  # no host copy left
+    want = _run(plain, dtype)
+    assert torch.equal(_run(ram, dtype), want) and torch.equal(_run(filed, dtype), want)
+    assert _same_sd(filed.state_dict(), plain.state_dict())
+    # every forward reads the streamed blocks from the file: change one in the file, the next forward sees it
+    (file,) = [f for f in os.listdir(ckpt) if f.endswith(".safetensors")]
+    key = "blocks.3.ffn.net.2.weight"
+    from safetensors import safe_open
+    with safe_open(ckpt / file, "pt") as f:
+        w = f.get_tensor(key)
+    _patch_file(ckpt / file, key, w * 0.5)
+    changed = _run(WanModel.from_pretrained(ckpt, dtype=dtype), dtype)
+    assert not torch.equal(changed, want)
+    assert torch.equal(_run(filed, dtype), changed) and torch.equal(_run(ram, dtype), want)
+    # LoRA: the blocks it changes come to memory, the others stay in the file
+    lora = _lora(plain)
+    filed.load_lora(lora, 0.5)
+    assert all(e.source is not None for e in off.entries[2]) and any(e.source is None for e in off.entries[3])
+    filed.unload_lora()
+    filed.disable_offload()
+    assert torch.equal(_run(filed, dtype), changed)
+    with pytest.raises(ValueError, match="quantized"):
+        WanModel.from_pretrained(ckpt, dtype=dtype).quantize("fp8").enable_offload(2, from_file=ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cost model's offload plan (wan_model/cost.py)
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
+def test_cost_offload_plan(fmt):
+    from wan_kernels.hardware import PEAKS
+    from wan_model import cost
+
+    c = cost.model_cost(_cfg("tiny-t2v"), 64, 64, 5, weight_format=fmt)  # L = 5 layers
+    real = _model("tiny-t2v", torch.bfloat16, None if fmt == "bf16" else fmt).blocks[0]
+    block = sum(t.numel() * t.element_size() for t in _tensors(real).values())
+    L = c.num_layers
+    p = cost.offload_plan(c, "H100", 10 ** 12, prefetch=1, pcie_gbps=25.0)
+    assert p["block_bytes"] == block  # the bytes a real block of that format holds
+    assert p["fixed_bytes"] == c.weight_bytes - L * block and p["activation_bytes"] == c.activation_peak_bytes
+    assert p["transfer_s"] == block / 25e9 and p["compute_s"] == c.block_roofline(PEAKS["H100"])
+    assert p["blocks_on_device"] == L and p["streamed"] == 0 and p["step_s"] == c.roofline(PEAKS["H100"], False)
+    base = p["fixed_bytes"] + p["activation_bytes"]
+    for gbps, prefetch in ((1e6, 1), (25.0, 1), (1e6, 0)):  # hides; a tiny block's compute is shorter; no prefetch
+        q = cost.offload_plan(c, "H100", base + 2 * block + block // 2, prefetch=prefetch, pcie_gbps=gbps)
+        n = 2 - prefetch
+        assert q["blocks_on_device"] == n and q["streamed"] == L - n + 1
+        hides = prefetch >= 1 and q["transfer_s"] <= q["compute_s"]
+        assert q["hides"] == hides == (gbps == 1e6 and prefetch == 1)
+        exposed = q["transfer_s"] if prefetch == 0 else max(0.0, q["transfer_s"] - q["compute_s"])
+        assert q["step_s"] == q["resident_step_s"] + q["streamed"] * exposed
+        assert q["peak_bytes"] == base + (n + prefetch) * block <= q["budget_bytes"]
+        smallest = q["smallest_hiding_budget"]
+        assert smallest == base + ((1 + prefetch) * block if hides else L * block)
+        if hides:  # the smallest hiding budget runs, and a byte less does not
+            assert cost.offload_plan(c, "H100", smallest, prefetch, gbps)["blocks_on_device"] == 1
+            assert cost.offload_plan(c, "H100", smallest - 1, prefetch, gbps)["step_s"] is None
+    with pytest.raises(ValueError, match="unknown GPU"):
+        cost.offload_plan(c, "Z80", "12GB")
+
+
+def test_cli_cost_vram_budget(capsys):
+    from wan_model import cost
+    from wan_model.cli import main
+
+    argv = ["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--weights", "fp8", "--vram-budget", "12GB",
+            "--gpu", "RTX 5090", "--pcie-gbps", "25"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    c = cost.model_cost("wan2.1-t2v-14b", 832, 480, 81, batch=2, weight_format="fp8")
+    p = cost.offload_plan(c, "RTX 5090", "12GB", 1, 25.0)
+    assert cost.format_offload(p) in out and p["hides"] and p["step_s"] == p["resident_step_s"]
+    assert f"{p['blocks_on_device']} of 40 blocks on the device" in out
+    with pytest.raises(SystemExit):
+        main(["cost", "--gpu", "H100"])
+    assert "needs --vram-budget" in capsys.readouterr().err

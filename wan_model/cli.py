@@ -614,6 +614,13 @@ def cmd_cost(args) -> int:
     c = cost.model_cost(args.preset, width, height, args.frames, batch=args.batch, impl=args.impl,
                         weight_format=args.weights)
     print(cost.format_report(c, args.steps, not args.no_cfg))
+    if args.vram_budget is not None:  # the forwards of sampling: batch 2 with CFG
+        args.gpu, args.pcie_gbps = args.gpu or "H100", args.pcie_gbps or 25.0
+        fwd = c if args.no_cfg or args.batch == 2 else cost.model_cost(
+            args.preset, width, height, args.frames, batch=2, impl=args.impl, weight_format=args.weights)
+        print(cost.format_offload(cost.offload_plan(fwd, args.gpu, args.vram_budget, args.prefetch, args.pcie_gbps)))
+    elif args.gpu is not None or args.pcie_gbps is not None:
+        args.error("argument --gpu/--pcie-gbps: needs --vram-budget")
     if args.ulysses * args.ring > 1:
         print(cost.format_parallel(c, args.ulysses, args.ring))
     if args.plot:
@@ -722,6 +729,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_convert, error=c.error, prog=c.prog)
 
+    from wan_kernels.hardware import PEAKS
+
     k = sub.add_parser("cost", help="analytic cost model: FLOPs, bytes, memory, roofline per GPU")
     k.add_argument("--preset", default="wan2.1-t2v-14b", choices=list(PRESETS))
     k.add_argument("--size", type=video_size, default="1280x720", help="WIDTHxHEIGHT in pixels")
@@ -740,6 +749,14 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--ulysses", type=positive_int, default=1,
                    help="also print sequence-parallel communication and predicted scaling (Ulysses degree)")
     k.add_argument("--ring", type=positive_int, default=1, help="ring-attention degree (with --ulysses)")
+    k.add_argument("--vram-budget", type=vram_budget, metavar="SIZE",
+                   help="also print the block-offload plan for this budget (e.g. 12GB): per block transfer vs "
+                        "compute, whether prefetch hides it, step time, peak VRAM, the smallest hiding budget")
+    k.add_argument("--gpu", choices=list(PEAKS),
+                   help="with --vram-budget: the GPU of the plan (default H100)")
+    k.add_argument("--pcie-gbps", type=positive_float, metavar="GB/S",
+                   help="with --vram-budget: pinned host-to-device bandwidth (default 25, PCIe 4 x16)")
+    k.add_argument("--prefetch", type=nonnegative_int, default=1, help="with --vram-budget: blocks in flight")
     k.set_defaults(fn=cmd_cost, error=k.error, prog=k.prog)
     return p
 

@@ -574,16 +574,18 @@ class WanTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Block offload (wan_model/core/offload.py): the blocks stream through a ring on the device, inference only.
     def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
-                       prefetch: int = 1) -> "WanTransformer":
+                       prefetch: int = 1, sources: dict | None = None) -> "WanTransformer":
         """Keep at most `blocks_on_device` (N) blocks' weights on the device at a time, plus `prefetch` blocks in
         flight: the first N - 1 blocks stay, the others come from one master copy on the host through a ring of
         1 + prefetch slots (host-to-device copies on a side stream on CUDA). Or `vram_budget` ("12GB", bytes): N
         from the blocks' sizes (rule in wan_model/core/offload.py). Outputs are bit-identical to the model without
-        offload; state_dict / save / LoRA / quantize work on the master copies. Replaces an earlier setting."""
+        offload; state_dict / save / LoRA / quantize work on the master copies. Replaces an earlier setting.
+        `sources`: the file tier, {native key: [(row, rows, tensor over a memory-mapped file)]} of block tensors read
+        from the file at each copy instead of a host copy (WanModel.enable_offload(from_file=...) builds it)."""
         from wan_model.core.offload import BlockOffload
 
         self.disable_offload()
-        self._offload = BlockOffload(self, blocks_on_device, vram_budget, prefetch)
+        self._offload = BlockOffload(self, blocks_on_device, vram_budget, prefetch, sources)
         return self
 
     def disable_offload(self) -> "WanTransformer":

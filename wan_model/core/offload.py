@@ -116,10 +116,34 @@ class _Entry:
     name: str
     param: bool
     offset: int                 # in a slot
-    master: torch.Tensor        # the host copy (contiguous)
-    host: torch.Tensor          # what `on_host` binds: the original object when the device is the host
+    master: torch.Tensor        # the host copy (contiguous); meta when the tensor is read from a file (`source`)
+    host: torch.Tensor | None   # what `on_host` binds: the original object when the device is the host
     shell: torch.Tensor | None  # the original nn.Parameter on another device (its data emptied), restored by disable
     placeholder: torch.Tensor   # meta, bound while the block is not run
+    source: list | None = None  # file tier: [(row, rows, tensor over the memory-mapped file)], rows of the tensor
+
+    def read(self) -> torch.Tensor:
+        """The tensor on the host: the master, or read from the file (a new tensor)."""
+        if self.source is None:
+            return self.master
+        t = torch.empty(self.master.shape, dtype=self.master.dtype)
+        for row, rows, src in self.source:
+            (t[row:row + rows] if t.dim() else t).copy_(src.reshape((rows, *t.shape[1:]) if t.dim() else ()))
+        return t
+
+    def host_obj(self) -> torch.Tensor:
+        """What `on_host` / state_dict bind: the host object, or a tensor read from the file."""
+        if self.source is None:
+            return self.host
+        t = self.read()
+        return nn.Parameter(t, requires_grad=self.placeholder.requires_grad) if self.param else t
+
+    def pairs(self, dst: torch.Tensor) -> list:
+        """(destination, source) copies that fill `dst` (shape and dtype of the tensor) from the host."""
+        if self.source is None:
+            return [(_raw(dst), _raw(self.master))]
+        return [((dst[row:row + rows] if dst.dim() else dst), src.reshape((rows, *dst.shape[1:]) if dst.dim() else ()))
+                for row, rows, src in self.source]
 
     @property
     def nbytes(self) -> int:
@@ -193,7 +217,8 @@ class _Slot:
 class BlockOffload:
     """The offload state of one model (`model._offload`); see the module docstring."""
 
-    def __init__(self, model, blocks_on_device: int | None = None, vram_budget=None, prefetch: int = 1):
+    def __init__(self, model, blocks_on_device: int | None = None, vram_budget=None, prefetch: int = 1,
+                 sources: dict | None = None):
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"enable_offload: prefetch must be an int >= 0, got {prefetch!r}")
         if (blocks_on_device is None) == (vram_budget is None):
@@ -222,6 +247,8 @@ class BlockOffload:
         self._prepare_context = None
         for b in self.streamed:
             self.entries[b] = self._capture(_tensors(model.blocks[b]), {})
+            if sources is not None:
+                self._from_file(b, sources)
             self._unbind(b)
         self._size_ring()
         for b in self.streamed:
@@ -273,6 +300,21 @@ class BlockOffload:
             off += _aligned(master.numel() * master.element_size())
         return out
 
+    def _from_file(self, b: int, sources: dict) -> None:
+        """The file tier: block b's tensors named in `sources` ({native key: [(row, rows, mapped tensor)]}, the
+        block's tensors as stored) are read from the file at each copy; their host masters are dropped."""
+        names = {id(m): f"blocks.{b}.{n}." if n else f"blocks.{b}." for n, m in self.model.blocks[b].named_modules()}
+        for e in self.entries[b]:
+            src = sources.get(names[id(e.module)] + e.name)
+            if src is None:
+                continue
+            e.source, e.master = src, torch.empty(e.master.shape, dtype=e.master.dtype, device="meta")
+            if e.shell is None and e.param and isinstance(e.host, nn.Parameter):
+                e.shell = e.host
+            if e.shell is not None:
+                e.shell.data = torch.empty(0, dtype=e.master.dtype, device=self.device)
+            e.host = None
+
     def _unbind(self, b: int) -> None:
         for e in self.entries[b]:
             e.bind(e.placeholder)
@@ -287,9 +329,18 @@ class BlockOffload:
         return _tensors(self.model, skip)
 
     def _recapture(self) -> None:
-        """After the masters were bound (and maybe changed or replaced): capture again, placeholders bound."""
+        """After the masters were bound (and maybe changed or replaced): capture again, placeholders bound. A tensor
+        of the file tier stays in the file if it still equals it, else it becomes a master in memory."""
         for b in self.streamed:
-            self.entries[b] = self._capture(_tensors(self.model.blocks[b]), {id(e.host): e for e in self.entries[b]})
+            old = {}
+            for e in self.entries[b]:
+                cur = e.bound()
+                if e.source is None:
+                    old[id(e.host)] = e
+                elif cur is not e.placeholder and cur.shape == e.master.shape and cur.dtype == e.master.dtype and \
+                        torch.equal(_raw(cur.detach()), _raw(e.read())):
+                    old[id(cur)] = e
+            self.entries[b] = self._capture(_tensors(self.model.blocks[b]), old)
             self._unbind(b)
         if self.fixed is not None:
             self.fixed = self._capture(self._fixed_items(), {id(e.host): e for e in self.fixed})
@@ -327,7 +378,7 @@ class BlockOffload:
             slot = next(s for s in (home, *self.slots) if s.block not in want)
             held.pop(slot.block, None)
             slot.block, slot.objs = None, {}  # a failed copy leaves the slot empty
-            pairs = [(slot.buf[e.offset:e.offset + e.nbytes], _raw(e.master)) for e in self.entries[w]]
+            pairs = [p for e in self.entries[w] for p in e.pairs(self._view(slot, e))]
             slot.ready = self.copier.copy(pairs, after=slot.free)
             slot.block = w
             held[w] = slot
@@ -337,13 +388,16 @@ class BlockOffload:
         if not self.depth:
             self._fetch(self._want(None))
 
+    @staticmethod
+    def _view(slot: _Slot, e: _Entry) -> torch.Tensor:
+        return slot.buf[e.offset:e.offset + e.nbytes].view(e.master.dtype).view(e.master.shape)
+
     def _objs(self, slot: _Slot, b: int) -> list[torch.Tensor]:
         """The objects bound while `b` runs from `slot` (made once per block and slot: fixed addresses)."""
         if b not in slot.objs:
             objs = []
             for e in self.entries[b]:
-                m = e.master
-                v = slot.buf[e.offset:e.offset + e.nbytes].view(m.dtype).view(m.shape)
+                v = self._view(slot, e)
                 objs.append(nn.Parameter(v, requires_grad=False) if e.param else v)
             slot.objs[b] = objs
         return slot.objs[b]
@@ -352,7 +406,7 @@ class BlockOffload:
         def hook(block, args):
             if self.depth:
                 raise RuntimeError(f"block {b} runs while its weights are bound to the host (inside on_host)")
-            if torch.is_grad_enabled() and any(e.host.requires_grad for e in self.entries[b]):
+            if torch.is_grad_enabled() and any(e.placeholder.requires_grad for e in self.entries[b]):
                 raise RuntimeError("block offload is inference-only: run the model under torch.no_grad() or "
                                    "torch.inference_mode() (or disable_offload() to train)")
             slot = self._fetch(self._want(b))[b]
@@ -381,7 +435,7 @@ class BlockOffload:
         if not self.depth:  # read only: the masters are bound while state_dict reads them
             self.copier.sync()
             for e in self._all():
-                e.bind(e.host)
+                e.bind(e.host_obj())
 
     def _sd_post_hook(self, model, *args):
         if not self.depth:
@@ -392,7 +446,7 @@ class BlockOffload:
         if self.depth == 0:
             self.copier.sync()
             for e in self._all():
-                e.bind(e.host)
+                e.bind(e.host_obj())
         self.depth += 1
 
     def _exit(self) -> None:
@@ -485,14 +539,15 @@ class BlockOffload:
         self.hooks = []
         for b in self.streamed:
             for e in self.entries[b]:
-                if self.host_is_device:
+                if self.host_is_device and e.source is None:
                     e.bind(e.host)
-                elif e.shell is not None:
-                    e.shell.data = e.master.to(self.device)
+                    continue
+                t = e.read().to(self.device)
+                if e.shell is not None:
+                    e.shell.data = t
                     e.bind(e.shell)
                 else:
-                    t = e.master.to(self.device)
-                    e.bind(nn.Parameter(t, requires_grad=e.host.requires_grad) if e.param else t)
+                    e.bind(nn.Parameter(t, requires_grad=e.placeholder.requires_grad) if e.param else t)
         self.entries, self.slots, self.streamed = {}, [], []
 
     def describe(self) -> dict:
