@@ -523,3 +523,50 @@ def test_cli_cost_vram_budget(capsys):
     with pytest.raises(SystemExit):
         main(["cost", "--gpu", "H100"])
     assert "needs --vram-budget" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# a WanModel with offload on as the transformer of a diffusers WanPipeline
+
+def test_diffusers_pipeline_with_offloaded_wan_model():
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["[PAD]", "[UNK]", "</s>", "a", "cat", "blurry"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    cfg = _cfg("tiny-t2v")
+
+    def generate(transformer):
+        torch.manual_seed(0)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=cfg.text_dim, d_kv=32, d_ff=64,
+                                               num_layers=1, num_heads=2)).eval()
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True]).eval()
+        pipe = WanPipeline(tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
+                                                             unk_token="[UNK]", eos_token="</s>"),
+                           text_encoder=text_encoder, vae=vae, transformer=transformer,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a cat", negative_prompt="blurry", height=32, width=48, num_frames=5, num_inference_steps=2,
+                    guidance_scale=2.0, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    want = generate(_model("tiny-t2v"))
+    assert torch.equal(generate(_model("tiny-t2v").enable_offload(blocks_on_device=2)), want)
+
+
+def test_ring_slots_keep_fixed_addresses():
+    """4 streamed blocks through 2 slots: each block always runs from the same addresses (its home slot), so a
+    per-block CUDA graph could be replayed; 2 slots in all."""
+    model = _model("tiny-t2v", torch.bfloat16).enable_offload(blocks_on_device=2, prefetch=1)
+    seen: dict[int, set] = {}
+    for i, b in enumerate(model.blocks):
+        b.register_forward_pre_hook(lambda blk, args, i=i: seen.setdefault(i, set()).add(
+            tuple(t.data_ptr() for t in _tensors(blk).values())))
+    for _ in range(3):
+        _run(model, torch.bfloat16)
+    assert all(len(v) == 1 for v in seen.values()), seen
+    starts = {min(next(iter(seen[i]))) for i in range(1, L)}
+    assert len(starts) == 2  # blocks 1, 3 in one slot, 2, 4 in the other

@@ -643,7 +643,8 @@ class WanExperts:
         """The idle expert lives on the host (every tensor: one host master, meta placeholders on the device; the
         high-noise expert is the active one first); `expert(t, t_next)` swaps them (above). `blocks_on_device` /
         `vram_budget` / `prefetch`: block offload of each expert too (`WanTransformer.enable_offload`; None: each
-        expert whole on the device while active)."""
+        expert whole on the device while active). Each expert gets the budget; during the last step before the
+        boundary both are present."""
         self.disable_offload()
         for m in (self.high, self.low):
             if blocks_on_device is None and vram_budget is None:
