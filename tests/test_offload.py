@@ -470,6 +470,11 @@ def test_file_tier_reads_each_block_from_the_file(tmp_path, mode):
     assert torch.equal(_run(filed, dtype), changed)
     with pytest.raises(ValueError, match="quantized"):
         WanModel.from_pretrained(ckpt, dtype=dtype).quantize("fp8").enable_offload(2, from_file=ckpt)
+    other = random_model(_cfg("tiny-t2v"), seed=5).to_dtype(dtype)
+    with pytest.raises(ValueError, match="differs from the model's"):
+        other.enable_offload(2, from_file=ckpt)
+    assert torch.equal(_run(other.disable_offload(), dtype), _run(random_model(_cfg("tiny-t2v"), seed=5).to_dtype(
+        dtype), dtype))  # a refusal leaves the model as it was
 
 
 # ---------------------------------------------------------------------------------------------

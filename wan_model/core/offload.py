@@ -244,11 +244,9 @@ class BlockOffload:
         self.slot_bytes = 0
         self.fixed: list[_Entry] | None = None                 # while parked: every other tensor's entry
         self.ready = None                                      # event: the copies of `unpark` are done
-        self._prepare_context = None
-        for b in self.streamed:
-            self.entries[b] = self._capture(_tensors(model.blocks[b]), {})
-            if sources is not None:
-                self._from_file(b, sources)
+        files = {b: self._file_views(b, sources) for b in self.streamed} if sources is not None else {}
+        for b in self.streamed:  # (every check is done: nothing below refuses)
+            self.entries[b] = self._capture(_tensors(model.blocks[b]), {}, files.get(b))
             self._unbind(b)
         self._size_ring()
         for b in self.streamed:
@@ -264,12 +262,13 @@ class BlockOffload:
             self.hooks.append(model.blocks[0].register_forward_pre_hook(self._first_hook))
 
     # -- capture / bind ------------------------------------------------------------------------
-    def _capture(self, items, old: dict[int, _Entry]) -> list[_Entry]:
+    def _capture(self, items, old: dict[int, _Entry], files: dict | None = None) -> list[_Entry]:
         """Entries of the (module, name, is_param, tensor) `items` as bound now (on the device at enable / park,
         the host objects under on_host); `old`: id(host object) -> entry of an earlier capture, kept as it is
-        (its master holds whatever was written into it)."""
-        items = list(items)
-        new = [t for *_, t in items if id(t) not in old]
+        (its master holds whatever was written into it); `files`: id(tensor) -> its views of a memory-mapped
+        file (the file tier: no host copy is made, the tensor's own storage is freed)."""
+        items, files = list(items), files or {}
+        new = [t for *_, t in items if id(t) not in old and id(t) not in files]
         flat = None
         if new and not self.host_is_device:  # one pinned host buffer for the new masters
             total = sum(_aligned(t.numel() * t.element_size()) for t in new)
@@ -282,6 +281,14 @@ class BlockOffload:
                 off += _aligned(prev.nbytes)
                 continue
             rg = t.requires_grad
+            if id(t) in files:
+                meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                shell = t if is_param else None
+                if shell is not None:
+                    shell.data = torch.empty(0, dtype=t.dtype, device=self.device)
+                out.append(_Entry(m, name, is_param, off, meta, None, shell, _placeholder(t, is_param), files[id(t)]))
+                off += _aligned(meta.numel() * meta.element_size())
+                continue
             if self.host_is_device:
                 master = t.detach() if t.is_contiguous() else t.detach().contiguous()
                 host, shell = t if t.is_contiguous() else (nn.Parameter(master, rg) if is_param else master), None
@@ -300,20 +307,28 @@ class BlockOffload:
             off += _aligned(master.numel() * master.element_size())
         return out
 
-    def _from_file(self, b: int, sources: dict) -> None:
-        """The file tier: block b's tensors named in `sources` ({native key: [(row, rows, mapped tensor)]}, the
-        block's tensors as stored) are read from the file at each copy; their host masters are dropped."""
-        names = {id(m): f"blocks.{b}.{n}." if n else f"blocks.{b}." for n, m in self.model.blocks[b].named_modules()}
-        for e in self.entries[b]:
-            src = sources.get(names[id(e.module)] + e.name)
-            if src is None:
-                continue
-            e.source, e.master = src, torch.empty(e.master.shape, dtype=e.master.dtype, device="meta")
-            if e.shell is None and e.param and isinstance(e.host, nn.Parameter):
-                e.shell = e.host
-            if e.shell is not None:
-                e.shell.data = torch.empty(0, dtype=e.master.dtype, device=self.device)
-            e.host = None
+    def _file_views(self, b: int, sources: dict) -> dict[int, list]:
+        """id(tensor) -> its [(row, rows, mapped tensor)] for block b's tensors named in `sources` ({native key:
+        views}), after checking that the views cover the tensor exactly (ValueError naming the key)."""
+        out = {}
+        for path, m in self.model.blocks[b].named_modules():
+            for name, t in [*m._parameters.items(), *m._buffers.items()]:
+                key = f"blocks.{b}.{path + '.' if path else ''}{name}"
+                src = sources.get(key)
+                if src is None or t is None:
+                    continue
+                rows, inner = (t.shape[0], math.prod(t.shape[1:])) if t.dim() else (1, 1)
+                if sum(r for _, r, _ in src) != rows or any(v.numel() != r * inner for _, r, v in src):
+                    raise ValueError(f"enable_offload: the file's tensors for {key} "
+                                     f"{[tuple(v.shape) for _, _, v in src]} do not make its shape {tuple(t.shape)}")
+                out[id(t)] = (src, key, t)
+        if out:  # a cheap identity check: the block's smallest tensor as the file has it
+            src, key, t = min(out.values(), key=lambda v: v[2].numel())
+            probe = _Entry(None, "", False, 0, torch.empty(t.shape, dtype=t.dtype, device="meta"), None, None, t, src)
+            if not torch.equal(_raw(probe.read()), _raw(t.detach().contiguous().cpu())):
+                raise ValueError(f"enable_offload: {key} in the file differs from the model's: the file tier needs "
+                                 "the checkpoint this model was loaded from, unchanged")
+        return {i: v[0] for i, v in out.items()}
 
     def _unbind(self, b: int) -> None:
         for e in self.entries[b]:
@@ -482,7 +497,6 @@ class BlockOffload:
         for e in self.fixed:
             e.bind(e.placeholder)
         self._size_ring()
-        self._prepare_context = self.model.__dict__.get("prepare_context")
         self.model.prepare_context = self._parked_prepare_context
 
     def unpark(self) -> None:
