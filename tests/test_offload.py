@@ -575,3 +575,22 @@ def test_ring_slots_keep_fixed_addresses():
     assert all(len(v) == 1 for v in seen.values()), seen
     starts = {min(next(iter(seen[i]))) for i in range(1, L)}
     assert len(starts) == 2  # blocks 1, 3 in one slot, 2, 4 in the other
+
+
+def test_compiled_blocks_stay_compiled():
+    """Blocks compiled whole (fullgraph) keep running compiled: the swap happens in the hooks, outside the compiled
+    forward; after one recompile for the ring's parameters (requires_grad off), no block or slot recompiles
+    (dynamo's counting backend: tracing and guards, no code generation)."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = _model("tiny-t2v")
+    want = _run(model)
+    counter = torch._dynamo.testing.CompileCounter()
+    for b in model.blocks:
+        b.forward = torch.compile(b.forward, fullgraph=True, backend=counter)
+    assert torch.equal(_run(model), want) and counter.frame_count == 1
+    model.enable_offload(blocks_on_device=2)
+    for _ in range(3):
+        assert torch.equal(_run(model), want)
+    assert counter.frame_count == 2
