@@ -79,7 +79,8 @@ def _on_device(t: torch.Tensor, device) -> bool:
 # outputs
 
 @pytest.mark.parametrize("name,dtype,n,prefetch", [
-    *[(name, dtype, 2, 1) for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v") for dtype in (torch.float32, torch.bfloat16)],
+    *[(name, dtype, 2, 1) for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v")
+      for dtype in (torch.float32, torch.bfloat16)],
     ("tiny-t2v", torch.float32, 1, 1), ("tiny-t2v", torch.float32, 3, 0), ("tiny-i2v", torch.bfloat16, 2, 2),
     ("tiny-t2v", torch.float32, 5, 1)])  # ring of 2 over 4 blocks (wraps), 3 over 3 (stays), all resident
 def test_outputs_bit_identical(name, dtype, n, prefetch, mode):
@@ -124,7 +125,8 @@ def _lora(model, seed=0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in sd.items():
-        if k[: -len(".weight")] in {f"blocks.{i}.{n}" for i in (0, 3) for n in ("attn1.to_q", "attn2.to_q", "ffn.net.2")}:
+        if k[: -len(".weight")] in {f"blocks.{i}.{n}" for i in (0, 3)
+                                    for n in ("attn1.to_q", "attn2.to_q", "ffn.net.2")}:
             n, kk = v.shape if v.element_size() > 1 else (v.shape[0], v.shape[1] * 2)
             layer = k[: -len(".weight")]
             out[f"transformer.{layer}.lora_A.weight"] = torch.randn(4, kk, generator=g) * kk ** -0.5
@@ -594,3 +596,21 @@ def test_compiled_blocks_stay_compiled():
     for _ in range(3):
         assert torch.equal(_run(model), want)
     assert counter.frame_count == 2
+
+
+def test_cli_run_two_experts_offload(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from wan_model.cli import main
+    from wan_model.io.checkpoint import save_model
+
+    save_model(_experts(), tmp_path / "a14b")
+    base = ["run", "--checkpoint", str(tmp_path / "a14b"), *SMALL_RUN[:2], "--dtype", "float32", "--steps", "6",
+            "--frames", "1", "--height", "16", "--width", "16"]
+    assert main(base + ["--output", str(tmp_path / "plain.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "high" in out and "low" in out  # the run crosses the boundary
+    assert main(base + ["--blocks-on-device", "2", "--output", str(tmp_path / "off.safetensors")]) == 0
+    assert "the idle expert parked on the host" in capsys.readouterr().out
+    latents = {n: load_file(tmp_path / f"{n}.safetensors")["latents"] for n in ("plain", "off")}
+    assert torch.equal(latents["off"], latents["plain"])

@@ -800,11 +800,12 @@ def format_offload(p: dict) -> str:
     """The `cost --vram-budget` lines."""
     g = 1e9
     lines = [f"# block offload on {p['gpu']}, budget {p['budget_bytes'] / g:.2f} GB, prefetch {p['prefetch']}:",
-             f"per block: {p['block_bytes'] / g:.3f} GB of weights, transfer {p['transfer_s'] * 1e3:.2f} ms vs compute "
-             f"{p['compute_s'] * 1e3:.2f} ms: prefetch {'hides' if p['hides'] else 'does NOT hide'} the transfer",
+             f"per block: {p['block_bytes'] / g:.3f} GB of weights, transfer {p['transfer_s'] * 1e3:.2f} ms vs "
+             f"compute {p['compute_s'] * 1e3:.2f} ms: prefetch {'hides' if p['hides'] else 'does NOT hide'} the "
+             "transfer",
              f"outside the blocks {p['fixed_bytes'] / g:.2f} GB, activations ~{p['activation_bytes'] / g:.2f} GB"]
     if p["step_s"] is None:
-        lines.append(f"the budget holds less than 1 + prefetch blocks: nothing runs")
+        lines.append("the budget holds less than 1 + prefetch blocks: nothing runs")
     else:
         lines.append(f"{p['blocks_on_device']} of {p['layers']} blocks on the device, {p['streamed']} streamed per "
                      f"forward: step {p['step_s']:.3f} s (all resident {p['resident_step_s']:.3f} s), peak VRAM "

@@ -104,7 +104,8 @@ def blocks_for_budget(model, budget: int | str, prefetch: int = 1) -> int:
     if n < 1:
         raise ValueError(f"vram_budget {budget!r} ({b / 1e9:.3f} GB) holds {max(b - fixed, 0) / 1e9:.3f} GB after the "
                          f"{fixed / 1e9:.3f} GB of tensors outside the blocks: less than 1 + prefetch ({prefetch}) "
-                         f"blocks of {slot / 1e9:.3f} GB; the smallest budget is {(fixed + (1 + prefetch) * slot) / 1e9:.3f} GB")
+                         f"blocks of {slot / 1e9:.3f} GB; the smallest budget is "
+                         f"{(fixed + (1 + prefetch) * slot) / 1e9:.3f} GB")
     return min(n, L)
 
 
