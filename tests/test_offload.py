@@ -61,10 +61,11 @@ def _same_sd(a: dict, b: dict) -> bool:
                                         torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
 
 
-@pytest.fixture(params=["host", "copy"])
+@pytest.fixture(params=["host", pytest.param("copy", marks=pytest.mark.slow)])
 def mode(request, monkeypatch):
     """host: the device is the host, the masters are the tensors themselves; copy: the path of a GPU (masters copied
-    into one host buffer per block, the original parameters emptied, copies into the ring), run on the CPU."""
+    into one host buffer per block, the original parameters emptied, copies into the ring), run on the CPU (slow:
+    every case again)."""
     if request.param == "copy":
         monkeypatch.setattr(offload, "HOST_DEVICES", ())
     return request.param
@@ -134,7 +135,7 @@ def _lora(model, seed=0) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("quant", [None, "nvfp4"])
+@pytest.mark.parametrize("quant", [None, pytest.param("nvfp4", marks=pytest.mark.slow)])  # NVFP4: CPU requantizing
 def test_lora_before_and_after_enable(quant, mode):
     dtype = torch.bfloat16
     plain = _model("tiny-t2v", dtype, quant)
@@ -371,6 +372,7 @@ def test_two_experts_idle_on_host_swap_once_per_boundary(blocks_on_device, mode)
         assert all(_on_device(t, "cpu") for t in _tensors(a).values())
 
 
+@pytest.mark.slow
 def test_parked_expert_state_dict_and_lora(mode):
     """A parked expert's state_dict / LoRA work on its host masters, as for streamed blocks."""
     experts = _experts().enable_offload()
@@ -535,6 +537,7 @@ def test_cli_cost_vram_budget(capsys):
 # ---------------------------------------------------------------------------------------------
 # a WanModel with offload on as the transformer of a diffusers WanPipeline
 
+@pytest.mark.slow
 def test_diffusers_pipeline_with_offloaded_wan_model():
     pytest.importorskip("diffusers")
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
