@@ -450,7 +450,9 @@ def _run(args, rank: int) -> int:
     embeds = _read_embeds(args)
     _print_routes()
     t0 = time.perf_counter()
-    model = _with_impl(load_model(args.checkpoint, dtype=dtype, device=args.device, impl="auto"), args.impl)
+    offload = args.blocks_on_device is not None or args.vram_budget is not None  # loaded on the host, see below
+    model = load_model(args.checkpoint, dtype=dtype, device="cpu" if offload else args.device, impl="auto")
+    model = model if offload else _with_impl(model, args.impl)
     first = model.high if isinstance(model, WanExperts) else model
     cfg = first.config
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s: dim {cfg.dim}, {cfg.num_layers} layers, "
@@ -512,10 +514,17 @@ def _enable_offload(args, model) -> None:
             args.error("argument --prefetch: needs --blocks-on-device or --vram-budget")
         return
     prefetch = 1 if args.prefetch is None else args.prefetch
-    try:
-        model.enable_offload(args.blocks_on_device, vram_budget=args.vram_budget, prefetch=prefetch)
+    try:  # the model was loaded on the host: what runs goes to --device, the streamed blocks never whole
+        model.enable_offload(args.blocks_on_device, vram_budget=args.vram_budget, prefetch=prefetch,
+                             device=args.device)
     except ValueError as e:
         args.error(f"argument {'--vram-budget' if args.vram_budget is not None else '--blocks-on-device'}: {e}")
+    for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
+        if args.impl != "auto":  # bound on the device now; a parked expert binds it when it comes in
+            if m._offload.parked:
+                m.impl = args.impl
+            else:
+                m.set_impl(args.impl)
     first = model.high if isinstance(model, WanExperts) else model
     d = first._offload.describe()
     L = len(first.blocks)

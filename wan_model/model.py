@@ -96,15 +96,16 @@ class WanModel(WanTransformer):
             return super().to_dtype(dtype, keep_fp32)
 
     def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
-                       prefetch: int = 1, from_file=None) -> "WanModel":
+                       prefetch: int = 1, from_file=None, device=None, parked: bool = False) -> "WanModel":
         """`WanTransformer.enable_offload` (wan_model/core/offload.py). `from_file`: the low-host-RAM tier: the
         dense safetensors checkpoint this model was loaded from (a diffusers dir or one file, any of the key
         namings): the streamed blocks are read from its memory map at each copy (cast to the model's dtypes, the
         fused QKV from its q, k, v rows) and their host tensors are dropped. A model holding a LoRA or quantized
         weights differs from its file and is refused; LoRA / quantize / load_state_dict after enabling move the
-        blocks they change to host memory."""
+        blocks they change to host memory. `device`, `parked`: as WanTransformer.enable_offload."""
         sources = None if from_file is None else _file_sources(self, from_file)
-        return super().enable_offload(blocks_on_device, vram_budget=vram_budget, prefetch=prefetch, sources=sources)
+        return super().enable_offload(blocks_on_device, vram_budget=vram_budget, prefetch=prefetch, sources=sources,
+                                      device=device, parked=parked)
 
     def _apply(self, fn, recurse=True):
         if getattr(self, "_offload", None) is not None:  # fn would see meta placeholders, not the host masters

@@ -574,18 +574,22 @@ class WanTransformer(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Block offload (wan_model/core/offload.py): the blocks stream through a ring on the device, inference only.
     def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
-                       prefetch: int = 1, sources: dict | None = None) -> "WanTransformer":
+                       prefetch: int = 1, sources: dict | None = None, device=None,
+                       parked: bool = False) -> "WanTransformer":
         """Keep at most `blocks_on_device` (N) blocks' weights on the device at a time, plus `prefetch` blocks in
         flight: the first N - 1 blocks stay, the others come from one master copy on the host through a ring of
         1 + prefetch slots (host-to-device copies on a side stream on CUDA). Or `vram_budget` ("12GB", bytes): N
         from the blocks' sizes (rule in wan_model/core/offload.py). Outputs are bit-identical to the model without
         offload; state_dict / save / LoRA / quantize work on the master copies. Replaces an earlier setting.
         `sources`: the file tier, {native key: [(row, rows, tensor over a memory-mapped file)]} of block tensors read
-        from the file at each copy instead of a host copy (WanModel.enable_offload(from_file=...) builds it)."""
+        from the file at each copy instead of a host copy (WanModel.enable_offload(from_file=...) builds it).
+        `device`: the device to run on when the model is still on the host (load a model too big for the device on
+        the CPU, then enable_offload(..., device="cuda"): the streamed blocks never go to the device whole);
+        `parked`: start parked (WanExperts' idle expert: its tensors go to the host, not to the device)."""
         from wan_model.core.offload import BlockOffload
 
         self.disable_offload()
-        self._offload = BlockOffload(self, blocks_on_device, vram_budget, prefetch, sources)
+        self._offload = BlockOffload(self, blocks_on_device, vram_budget, prefetch, sources, device, parked)
         return self
 
     def disable_offload(self) -> "WanTransformer":
@@ -639,19 +643,17 @@ class WanExperts:
         return m
 
     def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
-                       prefetch: int = 1) -> "WanExperts":
+                       prefetch: int = 1, device=None) -> "WanExperts":
         """The idle expert lives on the host (every tensor: one host master, meta placeholders on the device; the
         high-noise expert is the active one first); `expert(t, t_next)` swaps them (above). `blocks_on_device` /
         `vram_budget` / `prefetch`: block offload of each expert too (`WanTransformer.enable_offload`; None: each
         expert whole on the device while active). Each expert gets the budget; during the last step before the
-        boundary both are present."""
+        boundary both are present. `device`: run on it, the pair loaded on the host (the idle expert never goes to
+        the device until its turn)."""
         self.disable_offload()
-        for m in (self.high, self.low):
-            if blocks_on_device is None and vram_budget is None:
-                m.enable_offload(len(m.blocks))
-            else:
-                m.enable_offload(blocks_on_device, vram_budget=vram_budget, prefetch=prefetch)
-        self.low._offload.park()
+        for m, parked in ((self.high, False), (self.low, True)):
+            n = len(m.blocks) if blocks_on_device is None and vram_budget is None else blocks_on_device
+            m.enable_offload(n, vram_budget=vram_budget, prefetch=prefetch, device=device, parked=parked)
         self._offload = True
         return self
 

@@ -219,7 +219,7 @@ class BlockOffload:
     """The offload state of one model (`model._offload`); see the module docstring."""
 
     def __init__(self, model, blocks_on_device: int | None = None, vram_budget=None, prefetch: int = 1,
-                 sources: dict | None = None):
+                 sources: dict | None = None, device=None, parked: bool = False):
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"enable_offload: prefetch must be an int >= 0, got {prefetch!r}")
         if (blocks_on_device is None) == (vram_budget is None):
@@ -232,7 +232,9 @@ class BlockOffload:
             raise ValueError(f"enable_offload: blocks_on_device must be an int >= 1, got {blocks_on_device!r}")
         self.model, self.prefetch = model, prefetch
         self.blocks_on_device = min(blocks_on_device, L)
-        self.device = model.device
+        self.device = torch.device(device) if device is not None else model.device
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.host_is_device = self.device.type in HOST_DEVICES
         self.copier = _Copier(self.device)
         resident = L if blocks_on_device >= L else blocks_on_device - 1
@@ -246,9 +248,25 @@ class BlockOffload:
         self.fixed: list[_Entry] | None = None                 # while parked: every other tensor's entry
         self.ready = None                                      # event: the copies of `unpark` are done
         files = {b: self._file_views(b, sources) for b in self.streamed} if sources is not None else {}
+        moving = model.device != self.device  # a model loaded on the host, offloaded to `device`
         for b in self.streamed:  # (every check is done: nothing below refuses)
             self.entries[b] = self._capture(_tensors(model.blocks[b]), {}, files.get(b))
             self._unbind(b)
+        if parked:
+            self.park()
+        elif moving:  # everything else goes to the device as a whole (each module's own .to)
+            for name, child in model.named_children():
+                if name != "blocks":
+                    child.to(self.device)
+            for b in range(len(model.blocks)):
+                if b not in self.pos:
+                    model.blocks[b].to(self.device)
+            for name, t in [*model._parameters.items(), *model._buffers.items()]:
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(self.device)
+                elif t is not None:
+                    model._buffers[name] = t.to(self.device)
+            self._rebind()
         self._size_ring()
         for b in self.streamed:
             blk = model.blocks[b]
@@ -330,6 +348,15 @@ class BlockOffload:
                 raise ValueError(f"enable_offload: {key} in the file differs from the model's: the file tier needs "
                                  "the checkpoint this model was loaded from, unchanged")
         return {i: v[0] for i, v in out.items()}
+
+    def _rebind(self) -> None:
+        """After tensors changed device: the model's ops and the quantized layers' modes for the device."""
+        for b in self.streamed:
+            for m in self.model.blocks[b].modules():
+                if hasattr(m, "_bind") and hasattr(m, "requested_mode"):  # NVFP4Linear: its mode per device
+                    m._bind(self.device)
+        if self.model.device == self.device:
+            self.model.set_impl(self.model.impl)
 
     def _unbind(self, b: int) -> None:
         for e in self.entries[b]:
@@ -507,8 +534,12 @@ class BlockOffload:
             return
         pairs = self._bring(self.fixed)
         self.ready = self.copier.copy(pairs)
+        moved = [e.module for e in self.fixed if hasattr(e.module, "_bind") and hasattr(e.module, "requested_mode")]
         self.fixed = None
         del self.model.prepare_context
+        for m in moved:
+            m._bind(self.device)
+        self._rebind()
         self._size_ring()
 
     def _bring(self, entries: list[_Entry]) -> list:
