@@ -400,6 +400,8 @@ class BlockOffload:
         if need > self.slot_bytes or len(self.slots) != n:
             self.slots = []  # the old buffers go before the new ones come
             self.slots = [_Slot(torch.empty(need, dtype=torch.uint8, device=self.device)) for _ in range(n)]
+            for s in self.slots:  # memory just allocated on the compute stream: its pending users go first
+                s.free = self.copier.event()
             self.slot_bytes = need
         else:
             for s in self.slots:
@@ -533,7 +535,7 @@ class BlockOffload:
         if self.fixed is None:
             return
         pairs = self._bring(self.fixed)
-        self.ready = self.copier.copy(pairs)
+        self.ready = self.copier.copy(pairs, after=self.copier.event())  # after the allocations' pending users
         moved = [e.module for e in self.fixed if hasattr(e.module, "_bind") and hasattr(e.module, "requested_mode")]
         self.fixed = None
         del self.model.prepare_context
@@ -565,7 +567,8 @@ class BlockOffload:
         mods = [self.model.condition_embedder, self.model.cross_kv, self.model.cross_kv_img]
         ids = {id(m) for mod in mods if mod is not None for m in mod.modules()}
         visit = [e for e in self.fixed if id(e.module) in ids]
-        self.copier.wait(self.copier.copy(self._bring(visit)))
+        pairs = self._bring(visit)
+        self.copier.wait(self.copier.copy(pairs, after=self.copier.event()))
         try:
             return type(self.model).prepare_context(self.model, *args, **kwargs)
         finally:
