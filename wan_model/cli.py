@@ -197,6 +197,23 @@ def output_file(s: str) -> str:
     return s
 
 
+def vram_budget(s: str) -> int:
+    """--vram-budget: bytes, or e.g. 12GB, 24GiB (wan_model.core.offload.parse_budget)."""
+    from wan_model.core.offload import parse_budget
+
+    try:
+        return parse_budget(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def nonnegative_int(s: str) -> int:
+    v = _int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
+
+
 def shard_size(s: str) -> int:
     if s.strip().startswith("-"):
         raise argparse.ArgumentTypeError(f"must be positive, got {s!r} (bytes, or e.g. 5GB, 200MB)")
@@ -473,7 +490,9 @@ def _run(args, rank: int) -> int:
     control = _read_control(args)
     _print_routes()
     t0 = time.perf_counter()
-    model = _with_impl(load_model(args.checkpoint, dtype=dtype, device=args.device, impl="auto"), args.impl)
+    offload = args.blocks_on_device is not None or args.vram_budget is not None  # loaded on the host, see below
+    model = load_model(args.checkpoint, dtype=dtype, device="cpu" if offload else args.device, impl="auto")
+    model = model if offload else _with_impl(model, args.impl)
     first = model.high if isinstance(model, WanExperts) else model
     cfg = first.config
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s: dim {cfg.dim}, {cfg.num_layers} layers, "
@@ -496,6 +515,7 @@ def _run(args, rank: int) -> int:
         model.load_lora(path, scale=scale)
         print(f"LoRA {path} fused at scale {scale}")
     _set_attention(args, (model.high, model.low) if isinstance(model, WanExperts) else (model,))
+    _enable_offload(args, model)
     if args.ulysses * args.ring > 1:
         for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
             m.enable_parallelism(ulysses_degree=args.ulysses, ring_degree=args.ring)
@@ -530,6 +550,35 @@ def _run(args, rank: int) -> int:
     if args.ulysses * args.ring > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _enable_offload(args, model) -> None:
+    """--blocks-on-device N / --vram-budget SIZE (with --prefetch): block offload of every expert, and with two
+    experts the idle one parked on the host (wan_model/core/offload.py); one line says what is where."""
+    if args.blocks_on_device is None and args.vram_budget is None:
+        if args.prefetch is not None:
+            args.error("argument --prefetch: needs --blocks-on-device or --vram-budget")
+        return
+    prefetch = 1 if args.prefetch is None else args.prefetch
+    try:  # the model was loaded on the host: what runs goes to --device, the streamed blocks never whole
+        model.enable_offload(args.blocks_on_device, vram_budget=args.vram_budget, prefetch=prefetch,
+                             device=args.device)
+    except ValueError as e:
+        args.error(f"argument {'--vram-budget' if args.vram_budget is not None else '--blocks-on-device'}: {e}")
+    for m in (model.high, model.low) if isinstance(model, WanExperts) else (model,):
+        if args.impl != "auto":  # bound on the device now; a parked expert binds it when it comes in
+            if m._offload.parked:
+                m.impl = args.impl
+            else:
+                m.set_impl(args.impl)
+    first = model.high if isinstance(model, WanExperts) else model
+    d = first._offload.describe()
+    L = len(first.blocks)
+    print(f"offload: {d['blocks_on_device']} of {L} blocks on the device + {prefetch} prefetched: "
+          f"{len(d['resident'])} resident, {len(d['streamed'])} streamed from the host through "
+          f"{d['slots']} slots of {d['slot_bytes'] / 1e6:.1f} MB; "
+          f"{d['fixed_bytes'] / 1e6:.1f} MB outside the blocks"
+          + ("; the idle expert parked on the host" if isinstance(model, WanExperts) else ""))
 
 
 def cmd_convert(args) -> int:
@@ -613,6 +662,13 @@ def cmd_cost(args) -> int:
     c = cost.model_cost(args.preset, width, height, args.frames, batch=args.batch, impl=args.impl,
                         weight_format=args.weights)
     print(cost.format_report(c, args.steps, not args.no_cfg))
+    if args.vram_budget is not None:  # the forwards of sampling: batch 2 with CFG
+        args.gpu, args.pcie_gbps = args.gpu or "H100", args.pcie_gbps or 25.0
+        fwd = c if args.no_cfg or args.batch == 2 else cost.model_cost(
+            args.preset, width, height, args.frames, batch=2, impl=args.impl, weight_format=args.weights)
+        print(cost.format_offload(cost.offload_plan(fwd, args.gpu, args.vram_budget, args.prefetch, args.pcie_gbps)))
+    elif args.gpu is not None or args.pcie_gbps is not None:
+        args.error("argument --gpu/--pcie-gbps: needs --vram-budget")
     if args.ulysses * args.ring > 1:
         print(cost.format_parallel(c, args.ulysses, args.ring))
     if args.plot:
@@ -680,6 +736,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--shift", type=positive_float, default=5.0, help="flow-matching sigma shift")
     r.add_argument("--batch", type=positive_int, default=1, help="videos per step (CFG doubles the forward batch)")
     r.add_argument("--seed", type=seed, default=0, help="seed of the latents (and of random embeddings)")
+    off = r.add_mutually_exclusive_group()
+    off.add_argument("--blocks-on-device", type=positive_int, metavar="N",
+                     help="block offload: at most N blocks' weights on the device (+ --prefetch in flight), the "
+                          "others streamed from one host copy (bit-identical output; wan_model/core/offload.py)")
+    off.add_argument("--vram-budget", type=vram_budget, metavar="SIZE",
+                     help="block offload: N from a weight budget, e.g. 12GB (the tensors outside the blocks + "
+                          "N + prefetch block slots; activations come on top)")
+    r.add_argument("--prefetch", type=nonnegative_int, metavar="K",
+                   help="with offload: blocks copied ahead while one runs (default 1)")
     r.add_argument("--output", type=output_file, help="write the final latents to this safetensors file")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     r.add_argument("--ulysses", type=positive_int, default=1,
@@ -716,6 +781,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(fn=cmd_convert, error=c.error, prog=c.prog)
 
+    from wan_kernels.hardware import PEAKS
+
     k = sub.add_parser("cost", help="analytic cost model: FLOPs, bytes, memory, roofline per GPU")
     k.add_argument("--preset", default="wan2.1-t2v-14b", choices=list(PRESETS))
     k.add_argument("--size", type=video_size, default="1280x720", help="WIDTHxHEIGHT in pixels")
@@ -734,6 +801,14 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--ulysses", type=positive_int, default=1,
                    help="also print sequence-parallel communication and predicted scaling (Ulysses degree)")
     k.add_argument("--ring", type=positive_int, default=1, help="ring-attention degree (with --ulysses)")
+    k.add_argument("--vram-budget", type=vram_budget, metavar="SIZE",
+                   help="also print the block-offload plan for this budget (e.g. 12GB): per block transfer vs "
+                        "compute, whether prefetch hides it, step time, peak VRAM, the smallest hiding budget")
+    k.add_argument("--gpu", choices=list(PEAKS),
+                   help="with --vram-budget: the GPU of the plan (default H100)")
+    k.add_argument("--pcie-gbps", type=positive_float, metavar="GB/S",
+                   help="with --vram-budget: pinned host-to-device bandwidth (default 25, PCIe 4 x16)")
+    k.add_argument("--prefetch", type=nonnegative_int, default=1, help="with --vram-budget: blocks in flight")
     k.set_defaults(fn=cmd_cost, error=k.error, prog=k.prog)
     return p
 

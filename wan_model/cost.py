@@ -804,3 +804,67 @@ def format_parallel(c: ModelCost, ulysses: int, ring: int) -> str:
             lines.append(f"        from the published 1-GPU time ({pub[1]} s / 50 steps / 2 forwards): "
                          f"speedup {m['speedup']:.2f}x" + (f" (published {pub[1] / seen:.2f}x)" if seen else ""))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block offload (wan_model/core/offload.py): does prefetch hide the host-to-device traffic?
+
+def offload_plan(c: ModelCost, gpu: str, vram_budget, prefetch: int = 1, pcie_gbps: float = 25.0) -> dict:
+    """Block offload of the model of `c` (one forward of its batch) on `gpu` under `vram_budget` (bytes or "12GB").
+
+    block_bytes: one block's weights in the weight format (the block kernels' parameter bytes, = the bytes of a
+    real block of that format); fixed_bytes: the other weights (always resident); activation_bytes: the
+    activation peak estimate. Blocks on the device: N + prefetch = (budget - fixed - activations) // block_bytes
+    (wan_model.core.offload's rule with the activations taken out too), N at most L; the last L - N + 1 blocks are
+    streamed (none when N = L). Per streamed block, transfer_s = block_bytes / pcie_gbps against compute_s (the
+    block's roofline time on `gpu`): with prefetch >= 1 the copy of the next block runs during this one, so it
+    hides when transfer_s <= compute_s, and a forward costs the all-resident time + streamed * max(0, transfer_s -
+    compute_s); with prefetch 0 every transfer is exposed. peak_bytes = fixed + (N + prefetch) * block +
+    activations. smallest_hiding_budget: the least budget whose plan hides every transfer (N = 1 when a block's
+    transfer hides behind its compute; else nothing short of every block resident)."""
+    from wan_model.core.offload import parse_budget
+
+    peaks = _peaks()
+    if gpu not in peaks:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(peaks)}")
+    if not pcie_gbps > 0:
+        raise ValueError(f"pcie_gbps must be > 0, got {pcie_gbps!r}")
+    budget, L = parse_budget(vram_budget), c.num_layers
+    block = sum(o.weight_bytes for o in c.block)
+    fixed, act = c.weight_bytes - L * block, c.activation_peak_bytes
+    peak = peaks[gpu]
+    transfer, compute = block / (pcie_gbps * 1e9), c.block_roofline(peak)
+    n = min((budget - fixed - act) // block - prefetch, L)
+    resident_s = c.roofline(peak, include_context=False)
+    plan = {"gpu": gpu, "budget_bytes": budget, "block_bytes": block, "fixed_bytes": fixed, "activation_bytes": act,
+            "transfer_s": transfer, "compute_s": compute, "hides": prefetch >= 1 and transfer <= compute,
+            "resident_step_s": resident_s, "prefetch": prefetch, "layers": L}
+    smallest = fixed + act + ((1 + prefetch) * block if plan["hides"] else L * block)
+    plan["smallest_hiding_budget"] = smallest
+    if n < 1:
+        plan.update(blocks_on_device=0, streamed=None, step_s=None, peak_bytes=None)
+        return plan
+    streamed = L - n + 1 if n < L else 0
+    exposed = transfer if prefetch == 0 else max(0.0, transfer - compute)
+    plan.update(blocks_on_device=n, streamed=streamed, step_s=resident_s + streamed * exposed,
+                peak_bytes=fixed + (min(n + prefetch, L) if streamed else L) * block + act)
+    return plan
+
+
+def format_offload(p: dict) -> str:
+    """The `cost --vram-budget` lines."""
+    g = 1e9
+    lines = [f"# block offload on {p['gpu']}, budget {p['budget_bytes'] / g:.2f} GB, prefetch {p['prefetch']}:",
+             f"per block: {p['block_bytes'] / g:.3f} GB of weights, transfer {p['transfer_s'] * 1e3:.2f} ms vs "
+             f"compute {p['compute_s'] * 1e3:.2f} ms: prefetch {'hides' if p['hides'] else 'does NOT hide'} the "
+             "transfer",
+             f"outside the blocks {p['fixed_bytes'] / g:.2f} GB, activations ~{p['activation_bytes'] / g:.2f} GB"]
+    if p["step_s"] is None:
+        lines.append("the budget holds less than 1 + prefetch blocks: nothing runs")
+    else:
+        lines.append(f"{p['blocks_on_device']} of {p['layers']} blocks on the device, {p['streamed']} streamed per "
+                     f"forward: step {p['step_s']:.3f} s (all resident {p['resident_step_s']:.3f} s), peak VRAM "
+                     f"~{p['peak_bytes'] / g:.2f} GB")
+    lines.append(f"smallest budget that hides the traffic: {p['smallest_hiding_budget'] / g:.2f} GB"
+                 + ("" if p["hides"] else " (every block resident: a block's transfer outlasts its compute)"))
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ import torch
 from wan_model.compat import spellings
 from wan_model.compat.quantize import quantize_model, set_quantized_impl
 from wan_model.core.model import WanContext, WanExperts, WanTransformer
+from wan_model.core.offload import on_host
 from wan_model.io import checkpoint
 
 __all__ = ["WanContext", "WanExperts", "WanModel", "load_model"]
@@ -51,7 +52,8 @@ class WanModel(WanTransformer):
         """Quantize the weights in place (and return self). method "nvfp4": the Linear layers selected by
         `config` (a `wan_model.compat.quantize.NVFP4Config`; default: every Linear in the blocks, incl. the
         stacked cross-attention K/V) become `NVFP4Linear`; "fp8" (FP8Config): `FP8Linear`."""
-        return quantize_model(self, method, config)
+        with on_host(self):  # with block offload on: the streamed blocks' host masters are quantized
+            return quantize_model(self, method, config)
 
     def load_lora(self, lora, scale: float = 1.0, adapter_name: str | None = None) -> "WanModel":
         """Fuse a LoRA into the weights (and return self): `lora` a .safetensors path (diffusers/PEFT,
@@ -61,7 +63,8 @@ class WanModel(WanTransformer):
         `adapter_name` defaults to the file's stem. See wan_model/compat/lora.py (rules for quantize after
         load)."""
         from wan_model.compat.lora import load
-        load(self, lora, scale, adapter_name)
+        with on_host(self):  # with block offload on: fused into the streamed blocks' host masters
+            load(self, lora, scale, adapter_name)
         return self
 
     def unload_lora(self, adapter_name: str | None = None) -> "WanModel":
@@ -69,7 +72,8 @@ class WanModel(WanTransformer):
         those of the model with only the other adapters loaded (none: the original tensors); weights changed since
         the fuse (e.g. by training) keep the change: the removed deltas are subtracted from them."""
         from wan_model.compat.lora import unload
-        unload(self, adapter_name)
+        with on_host(self):
+            unload(self, adapter_name)
         return self
 
     def enable_parallelism(self, ulysses_degree: int = 1, ring_degree: int = 1, group=None, *, config=None,
@@ -88,7 +92,26 @@ class WanModel(WanTransformer):
 
     def to_dtype(self, dtype: torch.dtype, keep_fp32=spellings.keeps_fp32) -> "WanModel":
         """Cast to `dtype`, keeping diffusers' fp32 modules (`spellings.FP32_MODULES`) in fp32."""
-        return super().to_dtype(dtype, keep_fp32)
+        with on_host(self):
+            return super().to_dtype(dtype, keep_fp32)
+
+    def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
+                       prefetch: int = 1, from_file=None, device=None, parked: bool = False) -> "WanModel":
+        """`WanTransformer.enable_offload` (wan_model/core/offload.py). `from_file`: the low-host-RAM tier: the
+        dense safetensors checkpoint this model was loaded from (a diffusers dir or one file, any of the key
+        namings): the streamed blocks are read from its memory map at each copy (cast to the model's dtypes, the
+        fused QKV from its q, k, v rows) and their host tensors are dropped. A model holding a LoRA or quantized
+        weights differs from its file and is refused; LoRA / quantize / load_state_dict after enabling move the
+        blocks they change to host memory. `device`, `parked`: as WanTransformer.enable_offload."""
+        sources = None if from_file is None else _file_sources(self, from_file)
+        return super().enable_offload(blocks_on_device, vram_budget=vram_budget, prefetch=prefetch, sources=sources,
+                                      device=device, parked=parked)
+
+    def _apply(self, fn, recurse=True):
+        if getattr(self, "_offload", None) is not None:  # fn would see meta placeholders, not the host masters
+            raise RuntimeError("this model has block offload on: call disable_offload() before moving or casting it "
+                               "(.to / .cuda / .half / to_empty), then enable_offload() again")
+        return super()._apply(fn, recurse)
 
     def set_impl(self, impl: str) -> "WanModel":
         """Switch every op of the model (quantized layers included) to backend `impl` (resolved once, here)."""
@@ -120,6 +143,57 @@ class WanModel(WanTransformer):
                               context=context, control_hidden_states=control_hidden_states,
                               control_hidden_states_scale=control_hidden_states_scale)
         return spellings.pack_output(out, return_dict)
+
+
+def _file_sources(model: WanModel, path) -> dict[str, list]:
+    """{native key of a block tensor: [(row, rows, tensor over the memory-mapped file)]} of a dense checkpoint."""
+    import json
+    import mmap
+    import os
+    import warnings
+
+    from wan_model.compat.layouts import native_direct
+    from wan_model.io.checkpoint import source_files
+    from wan_model.io.formats import LazyCheckpoint
+
+    if model.quantization is not None or getattr(model, "_lora", None) is not None:
+        raise ValueError("enable_offload(from_file=...): this model holds quantized weights or a LoRA, so its blocks "
+                         "differ from the file; offload it from host memory (from_file=None)")
+    files, _, hint = source_files(os.fspath(path))
+    lazy = LazyCheckpoint(files, hint)
+    if lazy.nvfp4_layers or any(e[2].itemsize == 1 for e in lazy.entries.values()):
+        raise ValueError(f"enable_offload(from_file={os.fspath(path)!r}): the file tier reads dense checkpoints; "
+                         "this one holds quantized (NVFP4 / fp8) weights")
+    maps = {}
+
+    def view(d: str) -> torch.Tensor:
+        file, key, dtype, shape = lazy.entries[d]
+        if file not in maps:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                maps[file] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), 8 + n, header)
+        mm, base, header = maps[file]
+        start, end = header[key]["data_offsets"]
+        with warnings.catch_warnings():  # read-only on purpose: nothing writes through these views
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=base + start)
+        return raw.view(dtype).view(shape)
+
+    out = {}
+    for d, n in native_direct(model.config).items():
+        if n.startswith("blocks.") and d in lazy.entries:
+            v = view(d)
+            out[n] = [(0, v.shape[0] if v.dim() else 1, v)]
+    for i in range(len(model.blocks)):
+        for p in ("weight", "bias"):
+            parts, row = [], 0
+            for x in "qkv":
+                v = view(f"blocks.{i}.attn1.to_{x}.{p}")
+                parts.append((row, v.shape[0], v))
+                row += v.shape[0]
+            out[f"blocks.{i}.attn1.to_qkv.{p}"] = parts
+    return out
 
 
 def load_model(path, dtype: torch.dtype = torch.bfloat16, device="cpu", impl: str = "auto", **kw):

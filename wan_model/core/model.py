@@ -668,6 +668,35 @@ class WanTransformer(nn.Module):
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
+    # ------------------------------------------------------------------------------------------
+    # Block offload (wan_model/core/offload.py): the blocks stream through a ring on the device, inference only.
+    def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
+                       prefetch: int = 1, sources: dict | None = None, device=None,
+                       parked: bool = False) -> "WanTransformer":
+        """Keep at most `blocks_on_device` (N) blocks' weights on the device at a time, plus `prefetch` blocks in
+        flight: the first N - 1 blocks stay, the others come from one master copy on the host through a ring of
+        1 + prefetch slots (host-to-device copies on a side stream on CUDA). Or `vram_budget` ("12GB", bytes): N
+        from the blocks' sizes (rule in wan_model/core/offload.py). Outputs are bit-identical to the model without
+        offload; state_dict / save / LoRA / quantize work on the master copies. Replaces an earlier setting.
+        `sources`: the file tier, {native key: [(row, rows, tensor over a memory-mapped file)]} of block tensors read
+        from the file at each copy instead of a host copy (WanModel.enable_offload(from_file=...) builds it).
+        `device`: the device to run on when the model is still on the host (load a model too big for the device on
+        the CPU, then enable_offload(..., device="cuda"): the streamed blocks never go to the device whole);
+        `parked`: start parked (WanExperts' idle expert: its tensors go to the host, not to the device)."""
+        from wan_model.core.offload import BlockOffload
+
+        self.disable_offload()
+        self._offload = BlockOffload(self, blocks_on_device, vram_budget, prefetch, sources, device, parked)
+        return self
+
+    def disable_offload(self) -> "WanTransformer":
+        """Every block's weights back on the device, bit for bit (the original parameter objects); the ring freed."""
+        off = getattr(self, "_offload", None)
+        if off is not None:
+            self._offload = None
+            off.close()
+        return self
+
 
 def _check_tokens(name: str, t, lead: str, dim: int, dtype: torch.dtype) -> None:
     """t: [lead..., dim] tokens in `dtype` (at least one token), else a ValueError naming `name`."""
@@ -695,5 +724,40 @@ class WanExperts:
     low: WanTransformer
     boundary_ratio: float
 
-    def expert(self, t: float) -> WanTransformer:
-        return self.high if t >= self.boundary_ratio * 1000 else self.low
+    def expert(self, t: float, t_next: float | None = None) -> WanTransformer:
+        """The expert of timestep `t`. With offload on (`enable_offload`), it is brought in if it is parked and the
+        other one parked; `t_next` (the sampler's next timestep): when it needs the other expert, that one starts
+        coming in now (on CUDA on the side stream, overlapping this step's forward): the swap happens once per
+        boundary."""
+        m = self.high if t >= self.boundary_ratio * 1000 else self.low
+        if getattr(self, "_offload", False):
+            other = self.low if m is self.high else self.high
+            m._offload.unpark()
+            if t_next is not None and (self.high if t_next >= self.boundary_ratio * 1000 else self.low) is other:
+                other._offload.unpark()   # the last step before the boundary: both in while it runs
+            else:
+                other._offload.park()
+        return m
+
+    def enable_offload(self, blocks_on_device: int | None = None, *, vram_budget: int | str | None = None,
+                       prefetch: int = 1, device=None) -> "WanExperts":
+        """The idle expert lives on the host (every tensor: one host master, meta placeholders on the device; the
+        high-noise expert is the active one first); `expert(t, t_next)` swaps them (above). `blocks_on_device` /
+        `vram_budget` / `prefetch`: block offload of each expert too (`WanTransformer.enable_offload`; None: each
+        expert whole on the device while active). Each expert gets the budget; during the last step before the
+        boundary both are present. `device`: run on it, the pair loaded on the host (the idle expert never goes to
+        the device until its turn)."""
+        self.disable_offload()
+        for m, parked in ((self.high, False), (self.low, True)):
+            n = len(m.blocks) if blocks_on_device is None and vram_budget is None else blocks_on_device
+            m.enable_offload(n, vram_budget=vram_budget, prefetch=prefetch, device=device, parked=parked)
+        self._offload = True
+        return self
+
+    def disable_offload(self) -> "WanExperts":
+        """Both experts whole on the device again, bit for bit."""
+        if getattr(self, "_offload", False):
+            self._offload = False
+            self.high.disable_offload()
+            self.low.disable_offload()
+        return self

@@ -94,7 +94,8 @@ def _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, 
     for i in tqdm(range(num_steps), desc="denoise", disable=not progress):
         t0 = time.perf_counter()
         t = float(sigmas[i] * 1000)
-        name = "single" if "single" in experts else ("high" if model.expert(t) is model.high else "low")
+        t_next = float(sigmas[i + 1] * 1000) if i + 1 < num_steps else None   # an offloaded pair prefetches
+        name = "single" if "single" in experts else ("high" if model.expert(t, t_next) is model.high else "low")
         m = experts[name]
         m.dense_attention(i in dense)                                        # rebinds the pre-bound set
         inp = x if condition is None else torch.cat([x, condition.float()], dim=1)
