@@ -152,16 +152,15 @@ def _file_sources(model: WanModel, path) -> dict[str, list]:
     import os
     import warnings
 
+    from wan_model import quant
     from wan_model.compat.layouts import native_direct
-    from wan_model.io.checkpoint import source_files
-    from wan_model.io.formats import LazyCheckpoint
+    from wan_model.io.source import open_source
 
     if model.quantization is not None or getattr(model, "_lora", None) is not None:
         raise ValueError("enable_offload(from_file=...): this model holds quantized weights or a LoRA, so its blocks "
                          "differ from the file; offload it from host memory (from_file=None)")
-    files, _, hint = source_files(os.fspath(path))
-    lazy = LazyCheckpoint(files, hint)
-    if lazy.nvfp4_layers or any(e[2].itemsize == 1 for e in lazy.entries.values()):
+    lazy = open_source(path).streamed()
+    if quant.detect(lazy.meta()) or any(e[2].itemsize == 1 for e in lazy.entries.values()):
         raise ValueError(f"enable_offload(from_file={os.fspath(path)!r}): the file tier reads dense checkpoints; "
                          "this one holds quantized (NVFP4 / fp8) weights")
     maps = {}
