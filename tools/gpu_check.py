@@ -813,6 +813,85 @@ def attention_int8_cases(check: Check) -> list[Case]:
     return cases
 
 
+# Block offload (issue 25): a 14B-shaped stack of OFFLOAD_LAYERS blocks at 480p, CFG batch 2, bf16.
+OFFLOAD_LAYERS = 8
+
+
+def offload_cases(check: Check) -> list[Case]:
+    """Pinned host-to-device bandwidth, then the 14B-shaped stack with all blocks resident, half of them and 2 on
+    the device (prefetch 1): output bit-identical to the resident run, peak `max_memory_allocated`, step time, and
+    the cost model's prediction of both (wan_model.cost.offload_plan at the measured bandwidth) beside them."""
+    from bench.bench_model import gpu_random_model, gpu_step_inputs
+    from wan_model import cost
+    from wan_model.core.config import WanConfig
+
+    dev, state = check.device, {}
+    cfg = WanConfig.from_preset("wan2.1-t2v-14b").replace(num_layers=OFFLOAD_LAYERS)
+
+    def bandwidth():
+        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty_like(host, device=dev)
+        dst.copy_(host, non_blocking=True)
+        _sync(check)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            dst.copy_(host, non_blocking=True)
+        end.record()
+        _sync(check)
+        state["gbps"] = 3 * host.numel() / (start.elapsed_time(end) * 1e6)
+        return {"pinned_h2d_gbps": state["gbps"]}
+
+    def run(blocks: int):
+        def case():
+            c = cost.model_cost(cfg, *SIZES["480p"], 81, batch=2)
+            if "model" not in state:
+                state["model"] = gpu_random_model(cfg, dev)
+                state["inputs"] = gpu_step_inputs(cfg, c.shape.latent, dev)
+            model, (x, t, text) = state["model"], state["inputs"]
+            with torch.no_grad():
+                ctx = model.prepare_context(text)
+                if blocks < OFFLOAD_LAYERS:
+                    model.enable_offload(blocks, prefetch=1)
+                try:
+                    model(x, t, context=ctx)                                   # warm: ring, compiles
+                    _sync(check)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    t0 = time.perf_counter()
+                    out = model(x, t, context=ctx)
+                    _sync(check)
+                    ms = (time.perf_counter() - t0) * 1e3
+                    peak = torch.cuda.max_memory_allocated(dev)
+                finally:
+                    model.disable_offload()
+            row = {"blocks_on_device": blocks, "ms": ms, "peak_gib": peak / 2**30}
+            if blocks == OFFLOAD_LAYERS:
+                state["resident"], state["resident_ms"] = out, ms
+            elif "resident" in state:  # (the resident run timed out: nothing to compare with)
+                row["bit_identical"] = bool(torch.equal(out, state["resident"]))
+                row["overhead_pct"] = 100 * (ms / state["resident_ms"] - 1)
+            found = gpu_peak()
+            if found is not None and "gbps" in state:
+                block = sum(o.weight_bytes for o in c.block)
+                fixed = c.weight_bytes - OFFLOAD_LAYERS * block
+                budget = fixed + c.activation_peak_bytes + (min(blocks + 1, OFFLOAD_LAYERS)) * block
+                plan = cost.offload_plan(c, found[0], budget, prefetch=1, pcie_gbps=state["gbps"])
+                row |= {"predicted_ms": plan["step_s"] * 1e3 if plan["step_s"] else None,
+                        "predicted_peak_gib": plan["peak_bytes"] / 2**30 if plan["peak_bytes"] else None,
+                        "predicted_hides": plan["hides"]}
+            if row.get("bit_identical") is False:
+                row["status"] = "fail"
+            return row
+        return case
+
+    cases = [Case("pinned H2D bandwidth", bandwidth, "1 GiB pinned -> device, 3 copies")]
+    for blocks, label in ((OFFLOAD_LAYERS, "all"), (OFFLOAD_LAYERS // 2, "half"), (2, "2 blocks")):
+        cases.append(Case(f"14B-shaped x{OFFLOAD_LAYERS} 480p CFG, {label} on device", run(blocks),
+                          f"{blocks} of {OFFLOAD_LAYERS} blocks resident, prefetch 1: peak, step, vs the cost model"))
+    cases.append(Case("offload cleanup", lambda: state.clear() or {}, "free the stack", always=True))
+    return cases
+
+
 SECTIONS = [
     Section("ops", 90, ops_cases),
     # issue 23 (8-bit attention, the most important open work) before the slower sections
@@ -825,6 +904,7 @@ SECTIONS = [
     Section("bench_memory", 30, bench_memory_cases),
     Section("bench_gemm", 45, bench_gemm_cases),
     Section("model_step", 75, model_step_cases),
+    Section("offload", 90, offload_cases),
 ]
 BUILD_TIMEOUT_S = 240
 # One device command may run 600 s and a session has 900 s of device time in all, the machine's start (a minute
