@@ -617,3 +617,18 @@ def test_cli_run_two_experts_offload(tmp_path, capsys):
     assert "the idle expert parked on the host" in capsys.readouterr().out
     latents = {n: load_file(tmp_path / f"{n}.safetensors")["latents"] for n in ("plain", "off")}
     assert torch.equal(latents["off"], latents["plain"])
+
+
+def test_cli_cost_takes_the_issues_spelling(capsys):
+    """The issue's command: `cost --gpu rtx4090 --vram-budget 12GB --pcie-gbps 25 --weights fp8` at 480p (GPU names
+    case- and space-insensitive; sizes as 480p / 720p); an unknown GPU is a usage error naming the choices."""
+    from wan_model.cli import main
+
+    assert main(["cost", "--gpu", "rtx4090", "--vram-budget", "12GB", "--pcie-gbps", "25", "--weights", "fp8",
+                 "--size", "480p"]) == 0
+    out = capsys.readouterr().out
+    assert "# block offload on RTX 4090, budget 12.00 GB, prefetch 1:" in out
+    assert "prefetch hides the transfer" in out and "smallest budget that hides the traffic" in out
+    with pytest.raises(SystemExit):
+        main(["cost", "--gpu", "rtx409", "--vram-budget", "12GB"])
+    assert "unknown GPU 'rtx409' (choose from H100" in capsys.readouterr().err

@@ -82,6 +82,17 @@ def _int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
 
 
+def gpu_name(text: str) -> str:
+    """A GPU of the peak table (wan_kernels.hardware.PEAKS), case and spaces ignored ("rtx4090" = "RTX 4090")."""
+    from wan_kernels.hardware import PEAKS
+
+    key = text.replace(" ", "").lower()
+    for name in PEAKS:
+        if name.replace(" ", "").lower() == key:
+            return name
+    raise argparse.ArgumentTypeError(f"unknown GPU {text!r} (choose from {', '.join(PEAKS)})")
+
+
 def positive_int(s: str) -> int:
     v = _int(s)
     if v < 1:
@@ -106,7 +117,10 @@ def pixels(s: str) -> int:
 
 
 def video_size(s: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' in pixels -> (width, height)."""
+    """'WIDTHxHEIGHT' in pixels, or Wan's '480p' (832x480) / '720p' (1280x720) -> (width, height)."""
+    named = {"480p": (832, 480), "720p": (1280, 720)}
+    if s.strip().lower() in named:
+        return named[s.strip().lower()]
     parts = s.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (e.g. 1280x720), got {s!r}")
@@ -785,7 +799,7 @@ def _parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("cost", help="analytic cost model: FLOPs, bytes, memory, roofline per GPU")
     k.add_argument("--preset", default="wan2.1-t2v-14b", choices=list(PRESETS))
-    k.add_argument("--size", type=video_size, default="1280x720", help="WIDTHxHEIGHT in pixels")
+    k.add_argument("--size", type=video_size, default="1280x720", help="WIDTHxHEIGHT in pixels, or 480p / 720p")
     k.add_argument("--frames", type=video_frames, default=81)
     k.add_argument("--steps", type=positive_int, default=40)
     k.add_argument("--batch", type=positive_int, default=1, help="batch of one forward (the table); CFG doubles it "
@@ -804,8 +818,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--vram-budget", type=vram_budget, metavar="SIZE",
                    help="also print the block-offload plan for this budget (e.g. 12GB): per block transfer vs "
                         "compute, whether prefetch hides it, step time, peak VRAM, the smallest hiding budget")
-    k.add_argument("--gpu", choices=list(PEAKS),
-                   help="with --vram-budget: the GPU of the plan (default H100)")
+    k.add_argument("--gpu", type=gpu_name, metavar="GPU",
+                   help=f"with --vram-budget: the GPU of the plan (default H100): {', '.join(PEAKS)} (case and "
+                        "spaces ignored: rtx4090)")
     k.add_argument("--pcie-gbps", type=positive_float, metavar="GB/S",
                    help="with --vram-budget: pinned host-to-device bandwidth (default 25, PCIe 4 x16)")
     k.add_argument("--prefetch", type=nonnegative_int, default=1, help="with --vram-budget: blocks in flight")
