@@ -466,14 +466,22 @@ def test_live_bytes_counts_storages_until_freed():
     assert mode.live == 0 and mode.peak == 320
 
 
-def _forward_live_bytes(cfg: WanConfig, c: cost.ModelCost, control: bool = False):
+def _forward_live_bytes(cfg: WanConfig, c: cost.ModelCost, control: bool = False, run_on: str = "cuda"):
     """(peak bytes of a forward with the context prepared, peak of prepare_context, the op at the forward's
-    peak): a meta WanTransformer (impl="auto": the fused path, bf16, diffusers' fp32 modules kept fp32) under
-    LiveBytes. The RoPE tables, cached on the device by a first forward, count as held (the cost model counts
-    them); parameters and the inputs do not."""
+    peak): a meta WanTransformer (impl="auto": the fused path, bf16, diffusers' fp32 modules kept fp32; quantized
+    to c.weight_format as configured for a `run_on` device) under LiveBytes. The RoPE tables, cached on the device
+    by a first forward, count as held (the cost model counts them); parameters and the inputs do not."""
+    from wan_model import quant
+    from wan_model.compat.quantize import quantize_structure
+
     with torch.device("meta"):
         model = WanTransformer(cfg, impl="auto", device="meta")
     model.to_dtype(torch.bfloat16, keeps_fp32)
+    if c.weight_format != "bf16":
+        quantize_structure(model, quant.get(c.weight_format).config(), run_on)
+        for kv in (model.cross_kv, model.cross_kv_img):  # the empty modules' fp32 norm_k: bf16, as a load assigns it
+            if kv is not None:
+                kv.norm_k.data = kv.norm_k.data.to(torch.bfloat16)
     B, m = c.shape.batch, dict(device="meta", dtype=torch.bfloat16)
     x = torch.empty(B, cfg.in_channels, *c.shape.latent, **m)
     inputs = [x, torch.empty(B, device="meta"), torch.empty(B, TEXT_TOKENS, cfg.text_dim, **m)]
@@ -515,6 +523,17 @@ def test_activation_peak_matches_live_bytes_on_meta(preset, res, batch):
     resident, points = cost.activation_live_points(c)
     assert op == _PEAK_OP[max(points, key=points.get)]
     assert prepare < measured
+
+
+@pytest.mark.parametrize("preset,res", [("wan2.1-t2v-1.3b", "720p"), ("wan2.1-i2v-14b-720p", "480p")])
+@pytest.mark.parametrize("fmt,run_on", [("fp8", "cuda"), ("nvfp4", "cpu")])
+def test_activation_peak_quantized_weights(preset, res, fmt, run_on):
+    """FP8 (W8A8 as configured for a GPU) and NVFP4 blocks (W4A16 as on the CPU): the same live set, the same peak
+    (what their GEMMs allocate while running is not at a peak point; a CUDA kernel's own workspace is not seen on
+    meta tensors)."""
+    cfg = WanConfig.from_preset(preset)
+    c = cost.model_cost(cfg, *cost.RESOLUTIONS[res], 81, batch=2, weight_format=fmt)
+    assert c.activation_peak_bytes == _forward_live_bytes(cfg, c, run_on=run_on)[0]
 
 
 @pytest.mark.parametrize("preset,latent,batch", [("wan2.1-vace-1.3b", (21, 60, 104), 2), ("tiny-vace", GRID, 2)])

@@ -198,8 +198,9 @@ class ModelCost:
         it allocates, the prepared context's cross-attention K/V (`kv_cache_bytes`: prepared once per generation,
         resident through every step) and the RoPE tables (cached on the device by the first forward).
 
-        impl="fused": the largest of `activation_live_points` (a forward's live set at its candidate peaks), exact
-        for T2V / I2V / FLF2V in bf16 (tests/test_cost.py holds it equal to the storage bytes live on meta tensors).
+        impl="fused": `activation_live_points` (a forward's live set at its candidate peaks), exact for T2V, I2V,
+        FLF2V and VACE forwards in every weight format (tests/test_cost.py holds it equal to the storage bytes live
+        in a forward on meta tensors; TI2V's per-token modulation: in one block).
         impl="ref" (an estimate, not validated): the largest kernel working set + the streams + K/V + RoPE."""
         if self.impl == "fused":
             resident, points = activation_live_points(self)
@@ -245,8 +246,9 @@ def activation_live_points(c: ModelCost) -> tuple[int, dict[str, int]]:
       ffn           M + 6X + 2 B S F   n, k, v, o, q, x, proj_in's output and its GELU ([B, S, F] bf16 each)
     Every block frees all but its output, so a forward of L blocks peaks in every block alike (the oracle runs
     a whole forward). Outside the blocks (patch embedding: 2X; head: 2X + the output) the live set is smaller
-    than any block point. Quantized weights: the same names, plus what a quantized GEMM allocates while it runs
-    (not counted here: no GEMM runs at these points)."""
+    than any block point. Quantized weights (fp8, nvfp4): the same names and points; what a quantized GEMM
+    allocates while it runs (its quantized input) comes and goes below them. Not seen: a CUDA kernel's own
+    workspace, the caching allocator's rounding (the GPU check compares with max_memory_allocated)."""
     cfg = c.config
     B, S, C, D, Fd = c.shape.batch, c.shape.tokens, cfg.dim, cfg.attention_head_dim, cfg.ffn_dim
     N = B * S
