@@ -226,29 +226,30 @@ class ModelCost:
 # Live activation bytes of a forward (impl="fused")
 
 def activation_live_points(c: ModelCost) -> tuple[int, dict[str, int]]:
-    """The live bytes of one forward of `c` with the `wan` ops (impl="fused", bf16 activations), the context prepared:
-    (resident, {point in a block: bytes live there on top of resident}); `ModelCost.activation_peak_bytes` is
-    resident + the largest point.
+    """The live bytes of one forward of `c` with the `wan` ops (impl="fused", bf16 activations), the context
+    prepared: (resident, {point in a block: bytes live there on top of resident});
+    `ModelCost.activation_peak_bytes` is resident + the largest point.
 
     Python frees a tensor when its last reference goes, so the live set follows the names WanBlock.forward binds
     (wan_model/core/model.py). Held through the blocks ("resident"): the K/V of every layer, the RoPE tables, the
     time embedding (temb [B, 1|S, C], temb_proj [B, 1|S, 6, C], bf16), the block's input x (the caller's `args`).
     VACE: the hints run first; the last VACE block runs with x, its control-stream input, the n - 1 scaled hints
     before it and the unscaled hint of the block before (still bound to the loop's `hint`) held: n + 2 streams
-    (the main blocks hold n + 1: x and the n hints), and the default scales (n bf16 values). X = B S C bf16 bytes
-    of one stream. Inside a block, with the fp32
-    modulation vectors M = [B, 1|S, 6, C]: the self-attention's n, q, k, v and o stay bound to the end of the
-    block (k, v, o are never rebound), so the live set only grows until the FFN:
+    (the main blocks hold n + 1: x and the n hints), and the default scales (n bf16 values).
+    Inside a block, with X = B S C bf16 bytes (one stream) and M the fp32 modulation vectors [B, 1|S, 6, C]:
+    the self-attention's q, k, v and o stay bound to the end of the block (k, v, o are never rebound; q is at the
+    cross-attention's q), each norm output n until the next, so the live set grows until the FFN:
       modulation    2M (temb_proj.float() + mods)
       qk_norm_rope  M + 7X    n, the QKV GEMM's [B, S, 3C] output, q, k, v
       cross_norm    M + 10X   n, q, k, v, o, x, x.float() and the fp32 LayerNorm output (+ its mean, rstd)
       cross_q       M + 13X   n, q, k, v, o, x, to_q's output and F.rms_norm's three fp32 [B, S, C] (+ rsqrt)
-      ffn           M + 6X + 2 B S F   n, k, v, o, q, x, proj_in's output and its GELU ([B, S, F] bf16 each)
+      ffn           M + 6X + 2 B S F   n, q, k, v, o, x, proj_in's output and its GELU ([B, S, F] bf16 each)
+    (1.3B, F = 5.8 C: the FFN is the peak; 14B, F = 2.7 C: cross_q.)
     Every block frees all but its output, so a forward of L blocks peaks in every block alike (the oracle runs
     a whole forward). Outside the blocks (patch embedding: 2X; head: 2X + the output) the live set is smaller
     than any block point. Quantized weights (fp8, nvfp4): the same names and points; what a quantized GEMM
-    allocates while it runs (its quantized input) comes and goes below them. Not seen: a CUDA kernel's own
-    workspace, the caching allocator's rounding (the GPU check compares with max_memory_allocated)."""
+    allocates while it runs (its quantized input) comes and goes below them. Not counted: a CUDA kernel's own
+    workspace and the caching allocator's rounding (what max_memory_allocated on a GPU adds)."""
     cfg = c.config
     B, S, C, D, Fd = c.shape.batch, c.shape.tokens, cfg.dim, cfg.attention_head_dim, cfg.ffn_dim
     N = B * S
@@ -864,8 +865,9 @@ def offload_plan(c: ModelCost, gpu: str, vram_budget, prefetch: int = 1, pcie_gb
 
     block_bytes: one block's weights in the weight format (the block kernels' parameter bytes, = the bytes of a
     real block of that format); fixed_bytes: the other weights (always resident); activation_bytes: the
-    activation peak (`ModelCost.activation_peak_bytes`: K/V and RoPE tables included). Blocks on the device: N + prefetch = (budget - fixed - activations) // block_bytes
-    (wan_model.core.offload's rule with the activations taken out too), N at most L; the last L - N + 1 blocks are
+    activation peak (`ModelCost.activation_peak_bytes`: K/V and RoPE tables included). Blocks on the device:
+    N + prefetch = (budget - fixed - activations) // block_bytes (wan_model.core.offload's rule with the
+    activations taken out too), N at most L; the last L - N + 1 blocks are
     streamed (none when N = L). Per streamed block, transfer_s = block_bytes / pcie_gbps against compute_s (the
     block's roofline time on `gpu`): with prefetch >= 1 the copy of the next block runs during this one, so it
     hides when transfer_s <= compute_s, and a forward costs the all-resident time + streamed * max(0, transfer_s -
