@@ -18,6 +18,7 @@ from __future__ import annotations
 import linecache
 import math
 import sys
+import weakref
 
 import pytest
 import torch
@@ -27,9 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from wan_model import cost
 from wan_model.cli import main as cli_main
 from wan_model.testing import GRID, make_inputs, random_model
-from wan_model.core.config import WanConfig
+from wan_model.core.config import TEXT_TOKENS, WanConfig
 from wan_model.compat.spellings import keeps_fp32
-from wan_model.core.model import WanBlock, bind_ops
+from wan_model.core.model import WanBlock, WanTransformer, bind_ops
 
 BLOCK_OPS = [o.name for o in cost.model_cost("tiny-t2v", latent=GRID).block]
 
@@ -411,3 +412,153 @@ def test_cli_cost_vace_rows(capsys):
     for op in vace_ops + ["vace_" + o for o in BLOCK_OPS]:
         assert f"\n{op} " in out, op
     assert "vace_self_attention    8 " in out and "self_attention        40 " in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation peak: the storage bytes a forward holds, on meta tensors (no torch.cuda)
+
+class LiveBytes(TorchDispatchMode):
+    """High-water mark of the bytes of the storages that ops create while the mode is on. A storage counts from
+    the op whose output it is until its last tensor goes (a weakref finalizer on the storage: Python frees it
+    then, and the CUDA caching allocator gets the block back); views and in-place ops create none. Storages that
+    exist before (`existing`: parameters, buffers, the caller's inputs) never count. On meta tensors nothing is
+    computed and nothing allocated, but storage sizes are exact. `peak_op`: the op at the high-water mark."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self.peak_op = None
+        self._existing = list(existing)               # kept alive: their storage ids stay theirs
+        self._ids = {id(t.untyped_storage()) for t in self._existing}
+
+    def _freed(self, key: int, n: int) -> None:
+        self.live -= n
+        self._ids.discard(key)
+
+    def reset_peak(self) -> None:
+        self.peak, self.peak_op = self.live, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(s := t.untyped_storage()) not in self._ids:
+                self._ids.add(id(s))
+                self.live += s.nbytes()
+                weakref.finalize(s, self._freed, id(s), s.nbytes())
+        if self.live > self.peak:
+            self.peak, self.peak_op = self.live, str(func)
+        return out
+
+
+def test_live_bytes_counts_storages_until_freed():
+    a = torch.empty(4, 8, device="meta")
+    with LiveBytes([a]) as mode:
+        b = a + 1                                   # fp32 [4, 8]: 128 bytes
+        v = b.t()                                   # a view: no new storage
+        c = (b * 2).to(torch.bfloat16)              # 128 for b * 2, 64 for c; then the temporary b * 2 is freed
+        assert (mode.live, mode.peak, mode.peak_op) == (192, 320, "aten._to_copy.default")
+        del b
+        assert mode.live == 192                     # the view v keeps b's storage
+        del v
+        assert mode.live == 64
+        c.add_(1)                                   # in place: nothing new
+        del c
+    assert mode.live == 0 and mode.peak == 320
+
+
+def _forward_live_bytes(cfg: WanConfig, c: cost.ModelCost, control: bool = False, run_on: str = "cuda"):
+    """(peak bytes of a forward with the context prepared, peak of prepare_context, the op at the forward's
+    peak): a meta WanTransformer (impl="auto": the fused path, bf16, diffusers' fp32 modules kept fp32; quantized
+    to c.weight_format as configured for a `run_on` device) under LiveBytes. The RoPE tables, cached on the device
+    by a first forward, count as held (the cost model counts them); parameters and the inputs do not."""
+    from wan_model import quant
+    from wan_model.compat.quantize import quantize_structure
+
+    with torch.device("meta"):
+        model = WanTransformer(cfg, impl="auto", device="meta")
+    model.to_dtype(torch.bfloat16, keeps_fp32)
+    if c.weight_format != "bf16":
+        quantize_structure(model, quant.get(c.weight_format).config(), run_on)
+        for kv in (model.cross_kv, model.cross_kv_img):  # the empty modules' fp32 norm_k: bf16, as a load assigns it
+            if kv is not None:
+                kv.norm_k.data = kv.norm_k.data.to(torch.bfloat16)
+    B, m = c.shape.batch, dict(device="meta", dtype=torch.bfloat16)
+    x = torch.empty(B, cfg.in_channels, *c.shape.latent, **m)
+    inputs = [x, torch.empty(B, device="meta"), torch.empty(B, TEXT_TOKENS, cfg.text_dim, **m)]
+    img = None
+    if cfg.has_image:
+        img = torch.empty(2 * B if cfg.pos_embed_seq_len else B, cost.IMAGE_TOKENS, cfg.image_dim, **m)
+        inputs.append(img)
+    kw = {}
+    if control:
+        kw["control_hidden_states"] = torch.empty(B, cfg.vace_in_channels, *c.shape.latent, **m)
+        inputs.append(kw["control_hidden_states"])
+    rope = model.rope(c.shape.grid)
+    mode = LiveBytes(list(model.parameters()) + list(model.buffers()) + inputs + list(rope))
+    with torch.no_grad(), mode:
+        context = model.prepare_context(inputs[2], img)
+        prepare = mode.peak
+        mode.reset_peak()
+        out = model(x, inputs[1], context=context, **kw)
+    held = sum(t.untyped_storage().nbytes() for t in rope)
+    assert out.shape == x.shape[:1] + (cfg.out_channels,) + x.shape[2:]
+    return mode.peak + held, prepare + held, mode.peak_op
+
+
+# the op at which each of the cost model's block points peaks
+_PEAK_OP = {"ffn": "aten.gelu.default", "cross_q": "aten.mul.Tensor", "qk_norm_rope": "wan.qk_norm_rope.default"}
+
+
+@pytest.mark.parametrize("preset", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b"])
+@pytest.mark.parametrize("res", ["480p", "720p"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_activation_peak_matches_live_bytes_on_meta(preset, res, batch):
+    """The fused path's activation peak = the storage bytes a whole forward (all layers, context prepared) holds
+    at its high-water mark, exactly, at the real Wan shapes; at the op the cost model names; above the peak of
+    prepare_context (a generation's peak is a forward's)."""
+    cfg = WanConfig.from_preset(preset)
+    c = cost.model_cost(cfg, *cost.RESOLUTIONS[res], 81, batch=batch)
+    measured, prepare, op = _forward_live_bytes(cfg, c)
+    assert c.activation_peak_bytes == measured
+    resident, points = cost.activation_live_points(c)
+    assert op == _PEAK_OP[max(points, key=points.get)]
+    assert prepare < measured
+
+
+@pytest.mark.parametrize("preset,res", [("wan2.1-t2v-1.3b", "720p"), ("wan2.1-i2v-14b-720p", "480p")])
+@pytest.mark.parametrize("fmt,run_on", [("fp8", "cuda"), ("nvfp4", "cpu")])
+def test_activation_peak_quantized_weights(preset, res, fmt, run_on):
+    """FP8 (W8A8 as configured for a GPU) and NVFP4 blocks (W4A16 as on the CPU): the same live set, the same peak
+    (what their GEMMs allocate while running is not at a peak point; a CUDA kernel's own workspace is not seen on
+    meta tensors)."""
+    cfg = WanConfig.from_preset(preset)
+    c = cost.model_cost(cfg, *cost.RESOLUTIONS[res], 81, batch=2, weight_format=fmt)
+    assert c.activation_peak_bytes == _forward_live_bytes(cfg, c, run_on=run_on)[0]
+
+
+@pytest.mark.parametrize("preset,latent,batch", [("wan2.1-vace-1.3b", (21, 60, 104), 2), ("tiny-vace", GRID, 2)])
+def test_activation_peak_vace(preset, latent, batch):
+    """VACE (control given, default scales): the peak is in the last VACE block, with n + 2 streams held."""
+    cfg = WanConfig.from_preset(preset)
+    c = cost.model_cost(cfg, latent=latent, batch=batch)
+    measured, _, _ = _forward_live_bytes(cfg, c, control=True)
+    assert c.activation_peak_bytes == measured
+
+
+@pytest.mark.parametrize("preset,size,batch", [("tiny-ti2v", None, 2), ("wan2.2-ti2v-5b", (1280, 704), 1),
+                                               ("tiny-i2v", None, 2), ("wan2.1-t2v-14b", (1280, 720), 2)])
+def test_block_live_points_match_live_bytes_on_meta(preset, size, batch):
+    """One WanBlock on meta (its input, the modulation rows, RoPE and K/V given): its high-water mark on top of what
+    it was given = the largest of the cost model's block points, exactly; also with per-token modulation (TI2V,
+    whose whole forward cannot run on meta: torch.unique of the timesteps is data-dependent)."""
+    cfg = WanConfig.from_preset(preset)
+    kw = dict(latent=GRID) if size is None else dict(width=size[0], height=size[1], frames=81)
+    c = cost.model_cost(cfg, batch=batch, **kw)
+    block, args = _meta_block(cfg, c.shape.tokens, batch)
+    flat = [t for t in torch.utils._pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    mode = LiveBytes(list(block.parameters()) + flat)
+    with torch.no_grad(), mode:
+        block(*args, bind_ops("auto", "meta"))
+    _, points = cost.activation_live_points(c)
+    assert max(points.values()) == mode.peak
+    assert mode.peak_op == _PEAK_OP[max(points, key=points.get)]

@@ -521,14 +521,22 @@ def test_cli_cost_vram_budget(capsys):
     from wan_model import cost
     from wan_model.cli import main
 
-    argv = ["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--weights", "fp8", "--vram-budget", "12GB",
-            "--gpu", "RTX 5090", "--pcie-gbps", "25"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
     c = cost.model_cost("wan2.1-t2v-14b", 832, 480, 81, batch=2, weight_format="fp8")
-    p = cost.offload_plan(c, "RTX 5090", "12GB", 1, 25.0)
-    assert cost.format_offload(p) in out and p["hides"] and p["step_s"] == p["resident_step_s"]
-    assert f"{p['blocks_on_device']} of 40 blocks on the device" in out
+    # 14B fp8 at 480p, CFG batch 2: a forward's live tensors peak at 10.25 GB (the activation peak, exact since it is
+    # held to the storage bytes of a forward on meta tensors, tests/test_cost.py; it was estimated at 2.76 GB when
+    # this test expected 12 GB to run), so with 2.62 GB of weights outside the blocks a 12 GB budget holds no block:
+    # the plan says so and names the smallest budget that hides the traffic; 16 GB runs and hides it
+    for budget, runs in (("12GB", False), ("16GB", True)):
+        argv = ["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--weights", "fp8", "--vram-budget", budget,
+                "--gpu", "RTX 5090", "--pcie-gbps", "25"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        p = cost.offload_plan(c, "RTX 5090", budget, 1, 25.0)
+        assert cost.format_offload(p) in out and p["hides"] and 12e9 < p["smallest_hiding_budget"] < 16e9
+        if runs:
+            assert p["step_s"] == p["resident_step_s"] and f"{p['blocks_on_device']} of 40 blocks on the device" in out
+        else:
+            assert p["step_s"] is None and "nothing runs" in out
     with pytest.raises(SystemExit):
         main(["cost", "--gpu", "H100"])
     assert "needs --vram-budget" in capsys.readouterr().err

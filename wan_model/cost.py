@@ -194,9 +194,17 @@ class ModelCost:
 
     @property
     def activation_peak_bytes(self) -> int:
-        """Estimate of the activation high-water mark of a forward: the largest kernel working set, plus
-        the residual stream (VACE: and the control stream and every hint, all computed before the blocks), the K/V
-        cache and the RoPE tables (not validated against an allocator)."""
+        """High-water mark of the bytes a forward holds beyond the parameters and the caller's inputs: the tensors
+        it allocates, the prepared context's cross-attention K/V (`kv_cache_bytes`: prepared once per generation,
+        resident through every step) and the RoPE tables (cached on the device by the first forward).
+
+        impl="fused": `activation_live_points` (a forward's live set at its candidate peaks), exact for T2V, I2V,
+        FLF2V and VACE forwards in every weight format (tests/test_cost.py holds it equal to the storage bytes live
+        in a forward on meta tensors; TI2V's per-token modulation: in one block).
+        impl="ref" (an estimate, not validated): the largest kernel working set + the streams + K/V + RoPE."""
+        if self.impl == "fused":
+            resident, points = activation_live_points(self)
+            return resident + max(points.values())
         s, c = self.shape, self.config
         work = max(o.activation_bytes for o, _ in self.ops(include_context=False))
         rope = 2 * s.tokens * (c.attention_head_dim // 2) * F32
@@ -212,6 +220,49 @@ class ModelCost:
 
     def block_roofline(self, peak: dict) -> float:
         return sum(o.roofline(peak)[0] for o in self.block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Live activation bytes of a forward (impl="fused")
+
+def activation_live_points(c: ModelCost) -> tuple[int, dict[str, int]]:
+    """The live bytes of one forward of `c` with the `wan` ops (impl="fused", bf16 activations), the context
+    prepared: (resident, {point in a block: bytes live there on top of resident});
+    `ModelCost.activation_peak_bytes` is resident + the largest point.
+
+    Python frees a tensor when its last reference goes, so the live set follows the names WanBlock.forward binds
+    (wan_model/core/model.py). Held through the blocks ("resident"): the K/V of every layer, the RoPE tables, the
+    time embedding (temb [B, 1|S, C], temb_proj [B, 1|S, 6, C], bf16), the block's input x (the caller's `args`).
+    VACE: the hints run first; the last VACE block runs with x, its control-stream input, the n - 1 scaled hints
+    before it and the unscaled hint of the block before (still bound to the loop's `hint`) held: n + 2 streams
+    (the main blocks hold n + 1: x and the n hints), and the default scales (n bf16 values).
+    Inside a block, with X = B S C bf16 bytes (one stream) and M the fp32 modulation vectors [B, 1|S, 6, C]:
+    the self-attention's q, k, v and o stay bound to the end of the block (k, v, o are never rebound; q is at the
+    cross-attention's q), each norm output n until the next, so the live set grows until the FFN:
+      modulation    2M (temb_proj.float() + mods)
+      qk_norm_rope  M + 7X    n, the QKV GEMM's [B, S, 3C] output, q, k, v
+      cross_norm    M + 10X   n, q, k, v, o, x, x.float() and the fp32 LayerNorm output (+ its mean, rstd)
+      cross_q       M + 13X   n, q, k, v, o, x, to_q's output and F.rms_norm's three fp32 [B, S, C] (+ rsqrt)
+      ffn           M + 6X + 2 B S F   n, q, k, v, o, x, proj_in's output and its GELU ([B, S, F] bf16 each)
+    (1.3B, F = 5.8 C: the FFN is the peak; 14B, F = 2.7 C: cross_q.)
+    Every block frees all but its output, so a forward of L blocks peaks in every block alike (the oracle runs
+    a whole forward). Outside the blocks (patch embedding: 2X; head: 2X + the output) the live set is smaller
+    than any block point. Quantized weights (fp8, nvfp4): the same names and points; what a quantized GEMM
+    allocates while it runs (its quantized input) comes and goes below them. Not counted: a CUDA kernel's own
+    workspace and the caching allocator's rounding (what max_memory_allocated on a GPU adds)."""
+    cfg = c.config
+    B, S, C, D, Fd = c.shape.batch, c.shape.tokens, cfg.dim, cfg.attention_head_dim, cfg.ffn_dim
+    N = B * S
+    X, R = N * C * A, B * (S if cfg.expand_timesteps else 1)
+    M = R * 6 * C * F32
+    n_vace = c.num_vace_layers
+    streams = 1 + (1 + n_vace if cfg.has_vace else 0)
+    resident = c.kv_cache_bytes + 2 * S * (D // 2) * F32 + R * 7 * C * A + streams * X + n_vace * A
+    return resident, {"modulation": 2 * M,
+                      "qk_norm_rope": M + 7 * X,
+                      "cross_norm": M + 10 * X + 2 * N * F32,
+                      "cross_q": M + 13 * X + N * F32,
+                      "ffn": M + 6 * X + 2 * N * Fd * A}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +622,7 @@ def _rebatch(c: ModelCost, batch: int) -> ModelCost:
 def lower_bounds(c: ModelCost, peak: dict) -> dict[str, float]:
     """Physical lower bounds on a GPU (seconds, bytes): compute = GEMM FLOPs at the format's GEMM peak +
     attention FLOPs at the bf16 peak; memory = weights read once + the residual stream in and out per block;
-    time = max(compute, memory). Memory footprint = weights + activation peak estimate (batch of `c`)."""
+    time = max(compute, memory). Memory footprint = weights + activation peak (batch of `c`)."""
     def bound(ops, n_blocks_io):
         compute = sum(k.flops / ((peak.get(k.peak) or peak["bf16"]) * 1e12) * n for o, n in ops for k in o.kernels)
         io = sum(o.weight_bytes * n for o, n in ops) + n_blocks_io * 2 * c.shape.batch * c.shape.tokens * \
@@ -814,8 +865,9 @@ def offload_plan(c: ModelCost, gpu: str, vram_budget, prefetch: int = 1, pcie_gb
 
     block_bytes: one block's weights in the weight format (the block kernels' parameter bytes, = the bytes of a
     real block of that format); fixed_bytes: the other weights (always resident); activation_bytes: the
-    activation peak estimate. Blocks on the device: N + prefetch = (budget - fixed - activations) // block_bytes
-    (wan_model.core.offload's rule with the activations taken out too), N at most L; the last L - N + 1 blocks are
+    activation peak (`ModelCost.activation_peak_bytes`: K/V and RoPE tables included). Blocks on the device:
+    N + prefetch = (budget - fixed - activations) // block_bytes (wan_model.core.offload's rule with the
+    activations taken out too), N at most L; the last L - N + 1 blocks are
     streamed (none when N = L). Per streamed block, transfer_s = block_bytes / pcie_gbps against compute_s (the
     block's roofline time on `gpu`): with prefetch >= 1 the copy of the next block runs during this one, so it
     hides when transfer_s <= compute_s, and a forward costs the all-resident time + streamed * max(0, transfer_s -
