@@ -110,10 +110,12 @@ def test_wan_op_flop_formulas():
 # Bytes: a byte-counting dispatch mode, attributed to ops by WanBlock.forward's source lines
 
 _LINES = [("mods = ", "modulation"), ("ops.layer_norm_modulate(x, scale, shift", "self_norm"), ("ops.qkv_rope(", "qkv"),
-          ("project_qkv(", "qkv"), ("a.to_out(a.attend(", "self_attn"), ("ops.gated_residual(x, o, gate)", "self_residual"),
+          ("project_qkv(", "qkv"), ("a.attend(q, k, v", "self_attn"), ("a.to_out(o.flatten", "self_attn"),
+          ("ops.gated_residual(x, o, gate)", "self_residual"),
           ("self.norm2.weight", "cross_norm"), ("F.rms_norm(c.to_q(n)", "cross_q"),
-          ("c.to_out(c.attend(", "cross_attn"), ("ops.layer_norm_modulate(x, c_scale", "ffn_norm"),
-          ('self.ffn["proj_out"]', "ffn"), ("ops.gated_residual(x, f, c_gate)", "ffn_residual")]
+          ("c.attend(q, k_txt", "cross_attn"), ("c.to_out(o.flatten", "cross_attn"),
+          ("ops.layer_norm_modulate(x, c_scale", "ffn_norm"),
+          ('self.ffn["proj_in"]', "ffn"), ('self.ffn["proj_out"]', "ffn"), ("ops.gated_residual(x, f, c_gate)", "ffn_residual")]
 _GEMM = ("aten.addmm.default", "aten.mm.default")
 _FREE = ("aten._unsafe_view.default", "aten.empty.memory_format")
 
@@ -506,7 +508,7 @@ def _forward_live_bytes(cfg: WanConfig, c: cost.ModelCost, control: bool = False
 
 
 # the op at which each of the cost model's block points peaks
-_PEAK_OP = {"ffn": "aten.gelu.default", "cross_q": "aten.mul.Tensor", "qk_norm_rope": "wan.qk_norm_rope.default"}
+_PEAK_OP = {"modulation": "aten.add.Tensor", "ffn": "aten.addmm.default", "cross_q": "aten.mul.Tensor", "qk_norm_rope": "wan.qk_norm_rope.default"}
 
 
 @pytest.mark.parametrize("preset", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b"])

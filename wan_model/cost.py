@@ -237,14 +237,15 @@ def activation_live_points(c: ModelCost) -> tuple[int, dict[str, int]]:
     before it and the unscaled hint of the block before (still bound to the loop's `hint`) held: n + 2 streams
     (the main blocks hold n + 1: x and the n hints), and the default scales (n bf16 values).
     Inside a block, with X = B S C bf16 bytes (one stream) and M the fp32 modulation vectors [B, 1|S, 6, C]:
-    the self-attention's q, k, v and o stay bound to the end of the block (k, v, o are never rebound; q is at the
-    cross-attention's q), each norm output n until the next, so the live set grows until the FFN:
+    WanBlock.forward drops each activation after its last use (`del`), so at each point only what is still needed
+    is live (besides mods, M):
       modulation    2M (temb_proj.float() + mods)
       qk_norm_rope  M + 7X    n, the QKV GEMM's [B, S, 3C] output, q, k, v
-      cross_norm    M + 10X   n, q, k, v, o, x, x.float() and the fp32 LayerNorm output (+ its mean, rstd)
-      cross_q       M + 13X   n, q, k, v, o, x, to_q's output and F.rms_norm's three fp32 [B, S, C] (+ rsqrt)
-      ffn           M + 6X + 2 B S F   n, q, k, v, o, x, proj_in's output and its GELU ([B, S, F] bf16 each)
-    (1.3B, F = 5.8 C: the FFN is the peak; 14B, F = 2.7 C: cross_q.)
+      cross_norm    M + 5X    x, x.float() and the fp32 LayerNorm output (+ its mean, rstd)
+      cross_q       M + 9X    x, n, to_q's output and F.rms_norm's three fp32 [B, S, C] (+ rsqrt)
+      ffn           M + 2X + 2 B S F   x, proj_out's output, proj_in's output and its GELU ([B, S, F] bf16 each)
+    (1.3B, F = 5.8 C: the FFN is the peak; 14B, F = 2.7 C: cross_q. Before the `del`s, q, k, v, o and each norm
+    output stayed bound to the end of the block: 14B 480p CFG peaked at 10.25 GB, now 7.57.)
     Every block frees all but its output, so a forward of L blocks peaks in every block alike (the oracle runs
     a whole forward). Outside the blocks (patch embedding: 2X; head: 2X + the output) the live set is smaller
     than any block point. Quantized weights (fp8, nvfp4): the same names and points; what a quantized GEMM
@@ -260,9 +261,9 @@ def activation_live_points(c: ModelCost) -> tuple[int, dict[str, int]]:
     resident = c.kv_cache_bytes + 2 * S * (D // 2) * F32 + R * 7 * C * A + streams * X + n_vace * A
     return resident, {"modulation": 2 * M,
                       "qk_norm_rope": M + 7 * X,
-                      "cross_norm": M + 10 * X + 2 * N * F32,
-                      "cross_q": M + 13 * X + N * F32,
-                      "ffn": M + 6 * X + 2 * N * Fd * A}
+                      "cross_norm": M + 5 * X + 2 * N * F32,
+                      "cross_q": M + 9 * X + N * F32,
+                      "ffn": M + 2 * X + 2 * N * Fd * A}
 
 
 # ---------------------------------------------------------------------------------------------

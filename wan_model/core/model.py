@@ -300,23 +300,36 @@ class WanBlock(nn.Module):
         mods = self.scale_shift_table.unsqueeze(0) + temb_proj.float()          # [B, 1|S, 6, C] fp32
         shift, scale, gate, c_shift, c_scale, c_gate = mods.unbind(dim=2)       # [B, 1|S, C] each
 
+        # Each activation is dropped after its last use (`del`): the live set, and so a forward's peak memory, is
+        # what wan_model/cost.py's activation_live_points counts (held to a meta-tensor accounting in
+        # tests/test_cost.py); autograd keeps what a backward needs by itself.
         # 1. self-attention
         a = self.attn1
         n = ops.layer_norm_modulate(x, scale, shift, eps)                       # LN * (1 + scale) + shift
         q, k, v = a.project_qkv(a, n, rope_cos, rope_sin, self.num_heads, eps, ops)  # [B, S, H, D] each
-        o = a.to_out(a.attend(q, k, v, ops).flatten(2))                         # [B, S, C]
+        del n
+        o = a.attend(q, k, v, ops)
+        del q, k, v
+        o = a.to_out(o.flatten(2))                                              # [B, S, C]
         x = ops.gated_residual(x, o, gate)                                      # x + o * gate, in fp32
+        del o
 
         # 2. cross-attention (K/V precomputed per context)
         c = self.attn2
         n = _layer_norm32(x, self.norm2.weight, self.norm2.bias, eps).to(x.dtype)
         q = F.rms_norm(c.to_q(n), (C,), c.norm_q, eps).unflatten(-1, (self.num_heads, -1))
+        del n
         k_txt, v_txt, k_img, v_img = kv
-        x = x + c.to_out(c.attend(q, k_txt, v_txt, k_img, v_img, ops).flatten(2))
+        o = c.attend(q, k_txt, v_txt, k_img, v_img, ops)
+        del q
+        x = x + c.to_out(o.flatten(2))
+        del o
 
         # 3. feed-forward
         n = ops.layer_norm_modulate(x, c_scale, c_shift, eps)
-        f = self.ffn["proj_out"](F.gelu(self.ffn["proj_in"](n), approximate="tanh"))
+        f = self.ffn["proj_in"](n)
+        del n
+        f = self.ffn["proj_out"](F.gelu(f, approximate="tanh"))
         return ops.gated_residual(x, f, c_gate)
 
 
