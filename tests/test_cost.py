@@ -564,3 +564,29 @@ def test_block_live_points_match_live_bytes_on_meta(preset, size, batch):
     _, points = cost.activation_live_points(c)
     assert max(points.values()) == mode.peak
     assert mode.peak_op == _PEAK_OP[max(points, key=points.get)]
+
+
+def test_int8_quantization_bytes_are_the_launchers():
+    """What 8-bit attention's Q/K/V quantization moves is counted from the launcher's own torch passes on meta: at
+    least the one read of q, k, v (bf16) and write of their int8 / e4m3 copies, linear in the tokens, and the same
+    for a cross-attention's query as for a self-attention's (the query is quantized whole). The figures the README
+    and `cost --int8` quote (today's passes: far over the issue's 10 % bar; cross-attention stays bf16)."""
+    S, H, D = 4096, 40, 128
+    one = S * H * D
+    self_b = cost.int8_quantization_bytes(1, S, [S], H, D)
+    assert self_b >= 3 * one * 2 + 3 * one  # the floor: read bf16 q, k, v, write 8-bit q, k, v
+    assert cost.int8_quantization_bytes(1, 2 * S, [2 * S], H, D) == pytest.approx(2 * self_b, rel=0.01)
+    q_only = cost.int8_quantization_bytes(1, S, [16], H, D)
+    assert q_only == pytest.approx(self_b / 3, rel=0.25)  # q is one of three [S, H, D] operands
+    c = cost.model_cost("wan2.1-t2v-14b", 832, 480, 81, batch=2)
+    share = cost.int8_quantization_share(c, cost._peaks()["H100"])
+    assert share["cross"]["share"] > 0.9 and 0.1 < share["self"]["share"] < share["cross"]["share"]
+
+
+def test_cli_cost_int8(capsys):
+    from wan_model.cli import main
+
+    assert main(["cost", "--size", "480p", "--batch", "2", "--int8", "--gpu", "b200"]) == 0
+    out = capsys.readouterr().out
+    assert "# 8-bit attention on B200 (pv fp8)" in out and "  self  attention: quantization moves" in out
+    assert "  cross attention: quantization moves" in out

@@ -62,7 +62,7 @@ def test_int8_model_runs_close_to_bf16(preset):
     model, x = _model(preset)
     with torch.no_grad():
         want = model(*x)
-        model.set_attention("int8", dense_layers=())
+        model.set_attention("int8", roles=M.ROLES, dense_layers=())
         calls = _spy(model)
         got = model(*x)
         model.set_attention("bf16")
@@ -75,7 +75,9 @@ def test_int8_model_runs_close_to_bf16(preset):
 
 def test_dense_layers_and_steps_use_the_bf16_op():
     model, (x, _, text, _) = _model()
-    model.set_attention("int8")  # default: layer 0 dense, first and last steps dense
+    model.set_attention("int8")
+    assert model.attention.roles == ("self",)  # default: self-attention only (M.INT8_ROLES: cross pays q's quantization)
+    model.set_attention("int8", roles=M.ROLES)  # layer 0 dense, first and last steps dense
     calls = _spy(model)
     sample(model, x, text, None, num_steps=3, progress=False)
     per_step = [calls[i:i + 4] for i in range(0, len(calls), 4)]
@@ -84,7 +86,7 @@ def test_dense_layers_and_steps_use_the_bf16_op():
     calls.clear()
     sample(model, x, text, None, num_steps=3, progress=False, dense_steps=())
     assert calls == ["bf16", "bf16", "int8", "int8"] * 3
-    model.set_attention("int8", dense_layers=(-1,))
+    model.set_attention("int8", roles=M.ROLES, dense_layers=(-1,))
     calls = _spy(model)
     with torch.no_grad():
         model.dense_attention(False)(x, torch.tensor([500.0]), text)
@@ -135,7 +137,7 @@ def test_cli_demo_prints_int8_vs_bf16(capsys):
                  "--text-len", "8", "--no-progress"]) == 0  # the comparison is the demo's default
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("int8 attention ("))
-    assert "roles self/text/image, dense layers [0] and the first and last steps, pv auto" in line
+    assert "roles self, dense layers [0] and the first and last steps, pv auto" in line
     rel = float(line.split("relative RMS ")[1].split()[0])
     assert 0 < rel < OP_NRMSE * 2  # one int8 step of three, layer 1 only (2 calls)
     # the bf16 run is still the one compared with diffusers (when installed)
@@ -158,4 +160,4 @@ def test_cli_run_int8_configures_every_expert(capsys):
     assert all(m.attention.kind == "int8" for m in models)
     model = _model()[0]
     _set_attention(SimpleNamespace(attention="int8", ulysses=1, ring=1, error=error), [model])
-    assert model.attention.kind == "int8" and "attention: int8: roles self/text/image" in capsys.readouterr().out
+    assert model.attention.kind == "int8" and "attention: int8: roles self, dense layers" in capsys.readouterr().out

@@ -676,13 +676,15 @@ def cmd_cost(args) -> int:
     c = cost.model_cost(args.preset, width, height, args.frames, batch=args.batch, impl=args.impl,
                         weight_format=args.weights)
     print(cost.format_report(c, args.steps, not args.no_cfg))
+    if args.int8:
+        print(cost.format_int8(c, args.gpu or "H100"))
     if args.vram_budget is not None:  # the forwards of sampling: batch 2 with CFG
         args.gpu, args.pcie_gbps = args.gpu or "H100", args.pcie_gbps or 25.0
         fwd = c if args.no_cfg or args.batch == 2 else cost.model_cost(
             args.preset, width, height, args.frames, batch=2, impl=args.impl, weight_format=args.weights)
         print(cost.format_offload(cost.offload_plan(fwd, args.gpu, args.vram_budget, args.prefetch, args.pcie_gbps)))
-    elif args.gpu is not None or args.pcie_gbps is not None:
-        args.error("argument --gpu/--pcie-gbps: needs --vram-budget")
+    elif args.pcie_gbps is not None or args.gpu is not None and not args.int8:
+        args.error("argument --gpu/--pcie-gbps: needs --vram-budget (--gpu: or --int8)")
     if args.ulysses * args.ring > 1:
         print(cost.format_parallel(c, args.ulysses, args.ring))
     if args.plot:
@@ -824,6 +826,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--pcie-gbps", type=positive_float, metavar="GB/S",
                    help="with --vram-budget: pinned host-to-device bandwidth (default 25, PCIe 4 x16)")
     k.add_argument("--prefetch", type=nonnegative_int, default=1, help="with --vram-budget: blocks in flight")
+    k.add_argument("--int8", action="store_true",
+                   help="also print what 8-bit attention's Q/K/V quantization moves per role vs its attention time "
+                        "(on --gpu, default H100)")
     k.set_defaults(fn=cmd_cost, error=k.error, prog=k.prog)
     return p
 

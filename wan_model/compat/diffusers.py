@@ -22,7 +22,8 @@ does to a transformer keeps working after the patch, in any order:
   (independently softmaxed) set; `set_attention_backend(name)` and `enable_parallelism` hand attention back
   to diffusers' own processor of that module (`WanAttnProcessor`, Animate's copy of it in
   transformer_wan_animate, ...) with that backend / parallel config, `reset_attention_backend()` returns it
-  to the kernels. `attention="int8"`: `wan_kernels.attention_int8` instead (8-bit, inference only).
+  to the kernels. `attention="int8"`: self-attention on `wan_kernels.attention_int8` (8-bit, inference only);
+  cross-attention stays on `wan_kernels.attention` (`WanKernelsAttnProcessor.cross_attention`: why).
 - diffusers' cache hooks (FirstBlockCache, MagCache, ...) and group offloading wrap blocks and modules,
   which the patch leaves alone.
 Numerics match the unpatched model up to rounding (one rounding instead of several).
@@ -110,11 +111,21 @@ class WanKernelsAttnProcessor:
         self.device = torch.device(device)
         self.qkv_rope = wan_kernels.resolve("qkv_rope", self.impl, device)
         self.qk_norm_rope = wan_kernels.resolve("qk_norm_rope", self.impl, device)
+        bf16 = wan_kernels.resolve("attention", self.impl, device)
         if self.kind == "int8":  # pv="auto": fp16 P.V on sm_80/86, fp8 elsewhere (the op's rule)
             int8 = wan_kernels.resolve("attention_int8", self.impl, device)
             self.attention = lambda q, k, v, k_img, v_img, scale: int8(q, k, v, k_img, v_img, scale, "auto")
+            self._cross = bf16
         else:
-            self.attention = wan_kernels.resolve("attention", self.impl, device)
+            self.attention = bf16
+
+    @property
+    def cross_attention(self):
+        """The op of attention over a few keys (text / image / face-motion cross-attention): wan::attention
+        whatever `attention` says. In 8 bits the whole query would be quantized for a few hundred keys: more
+        traffic than the bf16 kernel's one read of it (wan_model.cost.int8_quantization_share), so int8 is for
+        self-attention only (WanModel's default roles too)."""
+        return self.attention if self.kind == "bf16" else self._cross
 
     @property
     def _attention_backend(self):
@@ -193,7 +204,7 @@ class WanKernelsAttnProcessor:
                 k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
             q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (H, -1))
             k = attn.norm_k(k).unflatten(2, (H, -1))
-            out = self.attention(q, k, v.unflatten(2, (H, -1)), k_img, v_img, None)
+            out = self.cross_attention(q, k, v.unflatten(2, (H, -1)), k_img, v_img, None)
         out = attn.to_out[0](out.flatten(2))
         return attn.to_out[1](out)
 
@@ -227,7 +238,7 @@ class WanKernelsFaceAttnProcessor(WanKernelsAttnProcessor):
         q = attn.norm_q(q.unflatten(2, (H, -1))).unflatten(1, (T, -1)).flatten(0, 1)   # [B*T, S/T, H, D]
         k = attn.norm_k(k.view(B, T, N, H, -1)).flatten(0, 1)                          # [B*T, N, H, D]
         v = v.view(B, T, N, H, -1).flatten(0, 1)
-        out = self.attention(q, k, v, None, None, None)
+        out = self.cross_attention(q, k, v, None, None, None)
         out = attn.to_out(out.flatten(2).unflatten(0, (B, T)).flatten(1, 2))            # [B, S, C]
         if attention_mask is not None:  # diffusers' face mask is multiplicative, on the output
             out = out * attention_mask.flatten(start_dim=1)
@@ -255,7 +266,7 @@ class WanKernelsAnimate2CrossAttnProcessor(WanKernelsAttnProcessor):
         if encoder_hidden_states_image is not None:
             k_img, v_img = _ANIMATE2._get_added_kv_projections(attn, encoder_hidden_states_image)
             k_img, v_img = attn.norm_added_k(k_img).unflatten(2, (H, -1)), v_img.unflatten(2, (H, -1))
-        out = self.attention(q, k, v.unflatten(2, (H, -1)), k_img, v_img, None)
+        out = self.cross_attention(q, k, v.unflatten(2, (H, -1)), k_img, v_img, None)
         out = attn.to_out[0](out.flatten(2))
         return attn.to_out[1](out)
 

@@ -87,6 +87,10 @@ def bind_ops(impl: str, device: torch.device | str, int8: bool = False) -> _Ops:
 
 ATTENTIONS = ("bf16", "int8")   # wan::attention (the op's input dtype, bf16 in practice) / wan::attention_int8
 ROLES = ("self", "text", "image")
+# int8 by default for self-attention only: the query is quantized whole in every role, so a cross-attention call
+# (512 text + 257 image keys) pays a self-attention's quantization for ~2 % of its work, and its bf16 kernel is
+# memory-bound on that same query anyway (wan_model.cost.int8_quantization_share: 96-97 % of its 8-bit time).
+INT8_ROLES = ("self",)
 
 
 def cross_attention(q, k, v, k_img, v_img, ops):
@@ -457,11 +461,12 @@ class WanTransformer(nn.Module):
     def attention(self) -> AttentionConfig:
         return getattr(self, "_attention", AttentionConfig())
 
-    def set_attention(self, attention: str = "bf16", *, roles=ROLES, dense_layers=(0,),
+    def set_attention(self, attention: str = "bf16", *, roles=INT8_ROLES, dense_layers=(0,),
                       pv: str = "auto") -> "WanTransformer":
         """Pick the attention op per role once, here: "bf16" (wan::attention everywhere, the default) or "int8"
         (wan::attention_int8, SageAttention2-class, inference only) for the roles in `roles` ("self", "text",
-        "image": self-attention, text and image cross-attention) of every layer except `dense_layers` (negative
+        "image": self-attention, text and image cross-attention; default self only, `INT8_ROLES`) of every layer
+        except `dense_layers` (negative
         indices count from the end; default: layer 0, as Wan users run it). `pv`: the int8 op's P.V precision
         ("auto": fp16 on sm_80/86, fp8 elsewhere). Two sets of per-block functions are bound: this configuration
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
