@@ -433,3 +433,17 @@ def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
     assert verdict_case.run()["route_int8_default"] is False
     check.rows = [{**fake[0], "status": "fail"}] + fake[1:]
     assert verdict_case.run()["route_int8_default"] is False
+
+
+def test_offload_section_asks_the_plan_for_the_blocks_it_runs():
+    """The offload section puts its prediction beside each run: the budget it hands the cost model must give the
+    plan exactly the blocks the run keeps on the device (all of them: nothing streamed)."""
+    from wan_model import cost
+    from wan_model.core.config import WanConfig
+
+    cfg = WanConfig.from_preset("wan2.1-t2v-14b").replace(num_layers=gpu_check.OFFLOAD_LAYERS)
+    c = cost.model_cost(cfg, 832, 480, 81, batch=2)
+    for n in range(1, gpu_check.OFFLOAD_LAYERS + 1):
+        plan = cost.offload_plan(c, "H100", gpu_check.offload_budget(c, n), prefetch=1, pcie_gbps=50.0)
+        assert plan["blocks_on_device"] == n and plan["streamed"] == (0 if n == gpu_check.OFFLOAD_LAYERS
+                                                                          else gpu_check.OFFLOAD_LAYERS - n + 1)

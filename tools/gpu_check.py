@@ -817,6 +817,13 @@ def attention_int8_cases(check: Check) -> list[Case]:
 OFFLOAD_LAYERS = 8
 
 
+def offload_budget(c, blocks: int, prefetch: int = 1) -> int:
+    """The VRAM budget for which wan_model.cost.offload_plan puts `blocks` blocks of the model of `c` on the device
+    (its rule: N + prefetch = (budget - fixed - activations) // block)."""
+    block = sum(o.weight_bytes for o in c.block)
+    return c.weight_bytes - c.num_layers * block + c.activation_peak_bytes + (blocks + prefetch) * block
+
+
 def offload_cases(check: Check) -> list[Case]:
     """Pinned host-to-device bandwidth, then the 14B-shaped stack with all blocks resident, half of them and 2 on
     the device (prefetch 1): output bit-identical to the resident run, peak `max_memory_allocated`, step time, and
@@ -872,10 +879,7 @@ def offload_cases(check: Check) -> list[Case]:
                 row["overhead_pct"] = 100 * (ms / state["resident_ms"] - 1)
             found = gpu_peak()
             if found is not None and "gbps" in state:
-                block = sum(o.weight_bytes for o in c.block)
-                fixed = c.weight_bytes - OFFLOAD_LAYERS * block
-                budget = fixed + c.activation_peak_bytes + (min(blocks + 1, OFFLOAD_LAYERS)) * block
-                plan = cost.offload_plan(c, found[0], budget, prefetch=1, pcie_gbps=state["gbps"])
+                plan = cost.offload_plan(c, found[0], offload_budget(c, blocks), prefetch=1, pcie_gbps=state["gbps"])
                 row |= {"predicted_ms": plan["step_s"] * 1e3 if plan["step_s"] else None,
                         "predicted_peak_gib": plan["peak_bytes"] / 2**30 if plan["peak_bytes"] else None,
                         "predicted_hides": plan["hides"]}
