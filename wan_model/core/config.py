@@ -31,6 +31,25 @@ VACE_CLASS = "WanVACETransformer3DModel"
 VACE_DEFAULTS = {"vace_layers": [0, 5, 10, 15, 20, 25, 30, 35], "vace_in_channels": 96}
 
 
+
+def parse_bytes(value: int | str, name: str, example: str, binary: bool = False) -> int:
+    """An int of bytes or a string like '5GB' / '800MB' (decimal units, 1 GB = 1e9, as huggingface_hub; `binary`:
+    also 'GiB', 'MiB', ... = 2^30, 2^20) -> bytes > 0; a ValueError naming the argument `name` otherwise (`example`:
+    what its messages suggest). Read by max_shard_size (wan_model.io.formats.parse_size) and vram_budget
+    (wan_model.core.offload.parse_budget)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} must be an int of bytes or a string like {example.split(',')[0]}, got {value!r}")
+    n = value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]" + ("I?" if binary else "") + r"?B)?\s*", value.upper())
+        if not m:
+            raise ValueError(f"cannot parse {name} {value!r}; use bytes or e.g. {example}")
+        unit = m.group(2) or "B"
+        n = int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0]))
+    if n < 1:
+        raise ValueError(f"{name} must be at least 1 byte, got {value!r}")
+    return n
+
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
     """Hyper-parameters of one Wan transformer (one expert)."""

@@ -39,10 +39,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 
 import torch
 from torch import nn
+
+from wan_model.core.config import parse_bytes
 
 ALIGN = 512  # bytes: the CUDA caching allocator's alignment (and a multiple of the CPU allocator's 64)
 HOST_DEVICES = ("cpu",)  # devices whose memory is the host's: the masters are the tensors themselves (the tests
@@ -52,19 +53,7 @@ HOST_DEVICES = ("cpu",)  # devices whose memory is the host's: the masters are t
 def parse_budget(budget: int | str) -> int:
     """'12GB', '12.5 GB', '800MB', '24GiB' or an int of bytes -> bytes > 0 (GB = 1e9 as huggingface_hub and our
     max_shard_size; GiB = 2^30)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-        raise ValueError(f"vram_budget must be an int of bytes or a string like '12GB', got {budget!r}")
-    n = budget
-    if isinstance(budget, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", budget.upper())
-        if not m:
-            raise ValueError(f"cannot parse vram_budget {budget!r}; use bytes or e.g. '12GB', '24GiB', '800MB'")
-        unit = m.group(2) or "B"
-        scale = 1024 ** "BKMGT".index(unit[0]) if "I" in unit else 1000 ** "BKMGT".index(unit[0])
-        n = int(float(m.group(1)) * scale)
-    if n < 1:
-        raise ValueError(f"vram_budget must be at least 1 byte, got {budget!r}")
-    return n
+    return parse_bytes(budget, "vram_budget", "'12GB', '24GiB', '800MB'", binary=True)
 
 
 def _aligned(n: int) -> int:

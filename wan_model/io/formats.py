@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import struct
 from typing import Callable, Iterable
 
@@ -40,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from wan_model.io._atomic import Layout, atomic_save
-from wan_model.core.config import WanConfig
+from wan_model.core.config import WanConfig, parse_bytes
 from wan_kernels import fp8 as fp8fmt
 from wan_kernels._checks import first_bad
 from wan_kernels.nvfp4 import E4M3_NAN, bad_block_scale_bytes, codes_all_zero
@@ -650,17 +649,7 @@ def from_state_dict(sd: dict[str, torch.Tensor]) -> Callable[[Unit], dict[str, t
 def parse_size(size: int | str) -> int:
     """'5GB', '500MB', '10KB', '1000000' or an int of bytes -> bytes > 0 (decimal units, as
     diffusers/huggingface_hub)."""
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(f"max_shard_size must be an int of bytes or a string like '5GB', got {size!r}")
-    n = size
-    if isinstance(size, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", size.upper())
-        if not m:
-            raise ValueError(f"cannot parse max_shard_size {size!r}; use bytes or e.g. '5GB', '200MB'")
-        n = int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[m.group(2) or "B"])
-    if n < 1:
-        raise ValueError(f"max_shard_size must be at least 1 byte, got {size!r}")
-    return n
+    return parse_bytes(size, "max_shard_size", "'5GB', '200MB'")
 
 
 def _shards(units: list[Unit], max_bytes: float) -> list[list[Unit]]:
