@@ -54,13 +54,13 @@ TOKENS = {"480p": 32760, "720p": 75600}
 REF_MAX_BYTES = 8 * 2**30  # fp32 score matrix the reference may allocate (it also keeps its softmax)
 
 
-def _sdpa(q, k, v, k_img=None, v_img=None):
+def _sdpa(q, k, v, k_img=None, v_img=None, backend: str = "flash"):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def one(k_, v_):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2)).transpose(1, 2)
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    with sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]):
         out = one(k, v)
         return out if k_img is None else out + one(k_img, v_img)
 

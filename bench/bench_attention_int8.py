@@ -7,10 +7,15 @@ Providers:
   int8-fp8        wan_kernels.attention_int8(pv="fp8"); listed only on sm_89+ (FP8 MMA)              GPU only
   wan-triton      wan_kernels.attention, our bf16 Triton kernel                                       GPU only
   sdpa            F.scaled_dot_product_attention, flash backend (I2V: two calls summed)               GPU only
+  sdpa-cudnn      the same, cuDNN backend                                                             GPU only
+  sage            sageattention's `sageattn` (NHD, its own dispatch per arch), when importable: the peer
+                  users run (I2V: two calls summed; given its own copies of k, which it writes)      GPU only
+  int8-quantize   the quantizer alone (wan_kernels/triton/attention_int8_quant.py), as its own row: GB/s of
+                  the bytes `wan_model.cost.int8_quantization_bytes` counts; its share of int8-fp8     GPU only
   int8-ref-fp16   the int8 reference (the exact emulation, CPU backend), pv="fp16"
   int8-ref-fp8    the same, pv="fp8"
   ref-eager       wan_kernels.ref.attention (fp32 math), where its score matrix fits (REF_MAX_BYTES)
-Correctness gate, before any timing: every int8 provider's worst-head NRMSE vs fp32 attention (ref-eager where it
+Correctness gate, before any timing: every int8 provider's (sage's too) worst-head NRMSE vs fp32 attention (ref-eager where it
 fits, else SDPA) must be below NRMSE_GATE and its worst-head cosine above 0.999 (tests/test_attention_int8.py's
 practice; the outputs are not allclose to bf16 by design); the bf16 providers are checked with the harness's
 allclose against the same reference. FLOPs and bytes: the op spec's (`SPECS["attention_int8"].cost`, the one
@@ -66,9 +71,14 @@ def make_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: i
                                  gpu_only=True)
             providers.append(p)
             int8.append(p)
+        sage = _sage(q, k, v, ki, vi)
+        if sage is not None:
+            providers.append(sage)
+            int8.append(sage)
     providers += [harness.Provider("wan-triton", lambda: wan_kernels.attention(q, k, v, ki, vi, impl="triton"),
                                    gpu_only=True),
-                  harness.Provider("sdpa", lambda: _sdpa(q, k, v, ki, vi), gpu_only=True)]
+                  harness.Provider("sdpa", lambda: _sdpa(q, k, v, ki, vi), gpu_only=True),
+                  harness.Provider("sdpa-cudnn", lambda: _sdpa(q, k, v, ki, vi, backend="cudnn"), gpu_only=True)]
     fits = 4.0 * B * H * Sq * max(Sk, Si or 0) <= REF_MAX_BYTES
     if fits:
         for pv in ("fp16", "fp8"):
@@ -79,7 +89,33 @@ def make_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: i
         providers.append(harness.Provider("ref-eager", lambda: ref.attention(q, k, v, ki, vi)))
     shape = f"{label} B{B} q{Sq} k{Sk}{f'+i{Si}' if Si else ''} H{H} d{D}"
     case = harness.Case(shape, float(cost["flops"]), float(cost["read"] + cost["write"]), providers)
-    return case, int8, fits
+    quant = None
+    if on_gpu:
+        from wan_kernels.triton.attention_int8_quant import quantize
+        from wan_model.cost import int8_quantization_bytes
+
+        pv = default_pv(torch.cuda.get_device_capability())
+        nbytes = int8_quantization_bytes(B, Sq, [Sk] + ([Si] if Si else []), H, D, pv)
+        quant = harness.Case(f"{shape} quantize", 0.0, float(nbytes), [harness.Provider(
+            "int8-quantize", lambda: quantize(q, k, v, ki, vi, D ** -0.5, pv, False,
+                                              torch.cuda.get_device_capability()), gpu_only=True)])
+    return case, int8, fits, quant
+
+
+def _sage(q, k, v, ki, vi):
+    """sageattention's `sageattn` as a provider, or None when it is not installed (it writes the smoothed k into
+    its argument: it gets copies, made here, outside the timed call)."""
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        return None
+    sets = [(k.clone(), v)] + ([(ki.clone(), vi)] if ki is not None else [])
+
+    def run():
+        out = sageattn(q, *sets[0], tensor_layout="NHD")
+        return out if len(sets) == 1 else out + sageattn(q, *sets[1], tensor_layout="NHD")
+
+    return harness.Provider("sage", run, gpu_only=True)
 
 
 def gate(case: harness.Case, int8: list[harness.Provider], reference: str) -> list[str]:
@@ -113,12 +149,12 @@ def main(argv=None) -> None:
         print("bench_attention_int8: no GPU; the Wan shapes need one. Run with --quick for the CPU run (the "
               "correctness gate on tiny shapes, reference providers).", file=sys.stderr)
         sys.exit(2)
-    notes = [] if on_gpu else ["CPU: tiny shapes, reference providers only; int8-fp16 / int8-fp8 / wan-triton / "
-                               "sdpa (GPU providers) skipped"]
+    notes = [] if on_gpu else ["CPU: tiny shapes, reference providers only; int8-fp16 / int8-fp8 / sage / wan-triton "
+                               "/ sdpa / sdpa-cudnn / int8-quantize (GPU providers) skipped"]
     if on_gpu and default_pv(torch.cuda.get_device_capability()) != "fp8":
         notes.append("int8-fp8 not listed: this GPU has no FP8 MMA (sm_80/86)")
     rows = []
-    for case, int8, fits in wan_cases("cuda" if on_gpu else "cpu", args.quick):
+    for case, int8, fits, quant in wan_cases("cuda" if on_gpu else "cpu", args.quick):
         reference = "ref-eager" if fits else "sdpa"
         notes += gate(case, int8, reference)
         # the bf16 providers vs the reference (the harness's allclose); the int8 ones were gated above
@@ -129,6 +165,14 @@ def main(argv=None) -> None:
         for r in timed:
             r.speedup = base.ms / r.ms if base is not None and r.ms else None
         rows += timed + checked
+        if quant is not None:
+            q_rows = harness.run([quant], reference="none", baseline="none")
+            fp8 = next((r for r in timed if r.provider == f"int8-{default_pv(torch.cuda.get_device_capability())}"
+                        and r.ms), None)
+            if fp8 is not None and q_rows[0].ms:
+                notes.append(f"{case.shape}: the quantizer takes {q_rows[0].ms:.3f} ms of "
+                             f"{fp8.provider}'s {fp8.ms:.3f} ms ({100 * q_rows[0].ms / fp8.ms:.1f} %; bar 10 % at 480p)")
+            rows += q_rows
     harness.report(rows, args, "wan::attention_int8 (INT8 Q.K^T, fp16/fp8 P.V) vs bf16 (non-causal; I2V = two "
                    "softmaxes summed)", notes + [f"speedup column is vs {'sdpa' if on_gpu else 'ref-eager'}"])
 

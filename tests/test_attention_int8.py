@@ -29,6 +29,8 @@ from wan_kernels import ref, routing, samples
 from wan_kernels._spec import SPECS
 from wan_kernels.testing import comfy_bias, comfy_channel, stats_per_head, wan_like
 from wan_kernels.triton import attention_int8 as T
+from wan_kernels.triton import attention_int8_quant as Q
+from wan_kernels.triton._launch import run
 
 R = importlib.import_module("wan_kernels.ref.attention_int8")  # the module: the package attribute is the op
 
@@ -83,11 +85,31 @@ def test_e4m3_encoder_fixes_the_interpreters_cast():
 # ---------------------------------------------------------------------------------------------
 # Kernel == reference, stage by stage
 
+def test_token_means_agree_to_summation_order():
+    """Stage 1's statistic: the quantizer's chunked fp32 sums vs torch's mean, within the fp32 summation bound
+    (S ulps of max|x|: any order's error is below (S - 1) u sum|x| / S); everything after it is compared bit for
+    bit with the reference fed the quantizer's means (`kernel_means`)."""
+    for S in (1, 77, 1500):
+        x = wan_like(2, 5, S, 3, 64, seed=S, dtype=torch.bfloat16)[1]
+        got, want = Q.token_mean(x), R.token_mean(x)
+        assert got.shape == want.shape == (2, 3, 64) and got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= S * 2.0 ** -24 * x.float().abs().max().item()
+
+
+@pytest.fixture
+def kernel_means(monkeypatch):
+    """The reference with the quantizer's token means (stage 1 is compared on its own above)."""
+    monkeypatch.setattr(R, "token_mean", Q.token_mean)
+
+
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
-def test_quantized_operands_bit_exact(pv):
+def test_quantized_operands_bit_exact(pv, kernel_means):
     q, k, v, ki, vi = wan_like(2, 77, 133, 2, 64, Si=41, seed=5, dtype=torch.bfloat16)
+    v, vi = v * 1e5, vi * 1e5  # channels beyond fp16's range at pv="fp16" (power-of-two scales > 1)
     s = 0.3
-    qz = T.quantize(q, k, v, ki, vi, s, pv)
+    before = [t.clone() for t in (q, k, v, ki, vi)]
+    qz = Q.quantize(q, k, v, ki, vi, s, pv, lse=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v, ki, vi)))
     q8, qs = R.quantize_int8(q, R.Q_GROUP)
     assert qz.q.dtype == torch.int8 and torch.equal(qz.q, q8)
     assert torch.equal(qz.q_scale, qs * (s * R.LOG2E)) and qz.q_scale.shape == (2, 2, 77)  # per row
@@ -99,6 +121,13 @@ def test_quantized_operands_bit_exact(pv):
         assert v8.dtype == rv8.dtype and torch.equal(v8.view(torch.uint8 if pv == "fp8" else torch.int16),
                                                      rv8.view(torch.uint8 if pv == "fp8" else torch.int16))
         assert torch.equal(vs, rvs) and torch.equal(vm, rvm)
+        assert pv == "fp8" or vs.max().item() > 1  # the fp16 scales did leave 1
+    # the LSE's correction s q.mean(k) per set: fp32 dot products in another order
+    shift = torch.stack([torch.einsum("bshd,bhd->bhs", q.float(), st[2]) * s for st in qz.sets])
+    assert qz.shift.shape == (2, 2, 2, 77)
+    bound = 64 * 2.0 ** -24 * s * (q.float().abs() @ torch.ones(64)).max().item() * max(st[2].abs().max().item()
+                                                                                      for st in qz.sets)
+    assert (qz.shift - shift).abs().max().item() <= bound
 
 
 def test_int8_rounding_is_half_away_from_zero():
@@ -106,12 +135,53 @@ def test_int8_rounding_is_half_away_from_zero():
     x8, scale = R.quantize_int8(x, 16)
     assert scale.item() == 1.0
     assert x8.reshape(-1).tolist() == [127, 64, -64, 1, -1, 0, 2, 3, -3]
-    assert torch.equal(T.quantize_int8(x, 16)[0], x8)
+    # the quantizer's kernel: the same values as one row (per-token scale = 127 / 127 = 1)
+    qz = Q.quantize(x.reshape(1, 1, 1, 9), x.reshape(1, 1, 1, 9), x.reshape(1, 1, 1, 9), None, None, 1.0, "fp16")
+    assert qz.q.reshape(-1).tolist() == [127, 64, -64, 1, -1, 0, 2, 3, -3]
+    assert qz.q_scale.item() == pytest.approx(R.LOG2E)
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_quantizer_launches_move_each_argument_once(pv, monkeypatch):
+    """What the cost model counts (`launch_bytes`: each distinct tensor argument of a quantizer launch, whole) is
+    what the kernels touch: the interpreter's loads and stores, recorded by byte address, cover exactly the
+    arguments' bytes (nothing outside them, nothing of them left unread)."""
+    import triton.runtime.interpreter as I
+
+    q, k, v, ki, vi = wan_like(2, 70, 90, 2, 64, Si=33, seed=3, dtype=torch.bfloat16)
+    touched: set[int] = set()
+
+    def recorder(original, value_first: bool):
+        def record(self, ptrs, *args):
+            mask = args[1 if value_first else 0]
+            size = np.dtype(I._get_np_dtype(ptrs.get_element_ty())).itemsize
+            for a in ptrs.data[mask.data.astype(bool)].reshape(-1).tolist():
+                touched.update(range(a, a + size))
+            return original(self, ptrs, *args)
+        return record
+
+    for name in ("create_masked_load", "create_masked_store"):
+        monkeypatch.setattr(I.InterpreterBuilder, name, recorder(getattr(I.InterpreterBuilder, name),
+                                                                 name.endswith("store")))
+    kernels = []
+
+    def run_and_check(launch):
+        touched.clear()
+        run(launch)
+        named = set()
+        for t in {id(t): t for t in launch.args if isinstance(t, torch.Tensor)}.values():
+            named.update(range(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+        assert touched == named, launch.kernel.fn.__name__
+        assert Q.launch_bytes(launch) == len(named)
+        kernels.append(launch.kernel.fn.__name__)
+
+    Q.quantize(q, k, v, ki, vi, 0.125, pv, lse=True, launch=run_and_check)
+    assert sorted(set(kernels)) == ["_quantize_int8_kernel", "_quantize_v_kernel", "_token_stats_kernel"]
 
 
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("shape", [(1, 150, 333, 0, 2, 128), (1, 100, 200, 57, 2, 64)], ids=["hd128", "hd64-i2v"])
-def test_kernel_equals_reference_emulation(pv, shape):
+def test_kernel_equals_reference_emulation(pv, shape, kernel_means):
     B, Sq, Sk, Si, H, D = shape
     x = wan_like(B, Sq, Sk, H, D, Si=Si, seed=7, dtype=torch.float32)
     out, lse = T.attention_int8_sets(*x, pv=pv)
@@ -349,7 +419,7 @@ def _meta(*shape):
                                      ((10, 0), "fp8"), ((12, 0), "fp8"), (None, "fp8")])
 def test_auto_pv_per_arch_and_fp8_refused_below_sm89(cap, pv):
     q, k = _meta(1, 300, 2, 128), _meta(1, 512, 2, 128)
-    launch = T.prepare(q, k, k, None, None, None, "auto", False, None, cap)[0]
+    launch = T.prepare(q, k, k, None, None, None, "auto", False, None, cap, lambda quantizer_launch: None)[0]
     assert launch.kwargs["PV_FP8"] == (pv == "fp8")
     if pv == "fp16" and cap is not None:
         with pytest.raises(ValueError, match=r"pv='fp8' needs fp8 tensor cores \(sm_89 or later\)"):

@@ -1,34 +1,41 @@
-"""GPU readiness of the 8-bit attention kernel (wan_kernels/triton/attention_int8.py) without a GPU: every config
-its launcher picks (arch x head_dim 64/128 x kind self/cross/i2v x pv fp16/fp8 x LSE) compiles ahead of time
-(tools/aot.py) from the launcher's own `prepare` on meta tensors of Wan's shapes (hd64: 12 heads x
-1,560 tokens, hd128: Wan 14B's 40 heads x 75,600; text 512, image 257 keys), for sm_80/86/89/90/100/120, with
+"""GPU readiness of 8-bit attention (wan_kernels/triton/attention_int8.py and its quantizer,
+attention_int8_quant.py) without a GPU: every config its launcher picks (arch x head_dim 64/128 x kind
+self/cross/i2v x pv fp16/fp8 x LSE) compiles ahead of time (tools/aot.py) from the launcher's own `prepare` on meta
+tensors (hd64: 12 heads x 1,560 tokens; hd128: 40 heads (Wan 14B) x 262,144 tokens with CFG, a long video whose
+B*S*H*D passes 2^31 (Wan 14B 720p: 75,600); text 512, image 257 keys), for sm_80/86/89/90/100/120, with
 
 * the int8 MMA for Q.K^T in the PTX: `mma.sync ... s8` (sm_80/86/89/120), `wgmma ... s8` (sm_90),
-  `tcgen05.mma ... kind::i8` (sm_100: under Triton 3.8; REFERENCE §10: Triton 3.6 falls back to mma.sync);
-* the P.V MMA of the pv mode: e4m3 (`mma.sync`/`wgmma` `.e4m3`, tcgen05 `kind::f8f6f4`) or f16 (`kind::f16`);
+  `tcgen05.mma ... kind::i8` (sm_100 under Triton 3.8; under 3.6, `make compat`, it is mma.sync: REFERENCE §10);
+* the P.V MMA of the pv mode: e4m3 (`mma.sync`/`wgmma` `.e4m3`, tcgen05 `kind::f8f6f4`) or f16 (`kind::f16`),
+  and P rounded to e4m3 once (cvt.rn.satfinite.e4m3x2.f32, never through f16);
 * zero spills (cuobjdump STACK/LOCAL 0 and no STL/LDL in the SASS), registers <= 255;
-* shared memory within the arch's per-block limit (sm_86/89/120: 99 KB).
-
-sm_80/86 have no fp8 MMA: only fp16 is compiled there, and `prepare` refuses pv="fp8" (tested here on meta
-tensors). Launches that Triton specialises identically (self and cross share their tiles) compile once.
-The table (config, arch, REG, STACK, SHARED, MMA) prints at the end of the module (pytest -s).
-Cost: ~1-2 s per compile on these 2 cores, ~100 compiles.
+* shared memory within the arch's per-block limit (sm_86/89/120: 99 KB);
+* no 32-bit offset that wraps at those sizes (`aot.offset_overflows`: interval analysis of the PTX).
+The quantizer's kernels (statistics, int8 Q/K, fp8/fp16 V) compile the same way: no spills, IEEE division, no
+fma contraction (bit-exact with the reference), the same e4m3 cast, 64-bit offsets.
+Cost: ~1-2 s per compile on these 2 cores, ~170 compiles.
 """
 
 import re
 
 import pytest
 import torch
+import triton
 
 from tools import aot
 from wan_kernels.triton import attention_int8 as T
+from wan_kernels.triton import attention_int8_quant as Q
 from wan_kernels.triton._launch import mma_class
 
 pytestmark = pytest.mark.aot
 
 ARCHS = (80, 86, 89, 90, 100, 120)
+# Triton 3.6 (the GPU machines', `make compat`) has no tcgen05 kind::i8: its int8 dot on sm_100 is mma.sync
+# (REFERENCE §10; the P.V e4m3 / f16 dot still gets tcgen05). Checked as such, so a change either way shows.
+TRITON_36 = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
-SHAPES = {64: (12, 1560), 128: (40, 75600)}  # head_dim -> (heads, tokens)
+LONG = 262_144  # tokens: B*S*H*D = 2.7e9 > 2^31 at 2 x 40 heads x 128 (a long video; Wan 14B 720p: 75,600)
+SHAPES = {64: (12, 1560), 128: (40, LONG)}  # head_dim -> (heads, tokens)
 KV = {"self": None, "cross": (512, 0), "i2v": (512, 257)}
 _I8 = {"mma.sync": r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32",
        "wgmma": r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8",
@@ -51,12 +58,16 @@ def _cap(arch: int) -> tuple[int, int]:
     return arch // 10, arch % 10
 
 
+def _discard(launch):
+    """`prepare`'s quantizer launches on meta tensors (compiled by the quantizer's own cases below)."""
+
+
 def _launch(arch, d, kind, pv, lse):
     h, s = SHAPES[d]
     sk, si = KV[kind] or (s, 0)
     kv = [_meta(2, n, h, d) for n in (sk, sk, si, si) if n]
     img = kv[2:] if si else (None, None)
-    return T.prepare(_meta(2, s, h, d), kv[0], kv[1], *img, None, pv, lse, None, _cap(arch))[0], \
+    return T.prepare(_meta(2, s, h, d), kv[0], kv[1], *img, None, pv, lse, None, _cap(arch), _discard)[0], \
         T.pick_config(_cap(arch), d, max(sk, si), bool(si))
 
 
@@ -115,8 +126,72 @@ def test_config_compiles_without_spills(arch, head_dim, kind, pv, write_lse, kin
     r = aot.compile_launch(launch, arch, workdir=tmp_path)
     RESULTS.append(("+".join(kinds), f"{cfg} hd{head_dim} {pv}{' lse' if write_lse else ''}", r))
     cls = mma_class(_cap(arch))
-    assert re.search(_I8[cls], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))
+    i8 = "mma.sync" if cls == "tcgen05" and TRITON_36 else cls
+    assert re.search(_I8[i8], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))
     assert re.search(_PV[cls, pv], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))
     assert not r.spills, r.summary()
     assert r.shared_bytes <= SHARED_LIMIT[arch], r.summary()
     assert r.registers <= 255, r.summary()
+    if pv == "fp8":  # P to e4m3 rounded once (Triton's own cast goes through f16 toward zero on sm_89)
+        assert "cvt.rn.satfinite.e4m3x2.f32" in r.ptx and "cvt.rz.f16.f32" not in r.ptx
+    check = aot.offset_overflows(launch, r.ptx, arch)
+    assert check.checked > 0 and check.overflowing == [], check.overflowing[:4]
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantizer (wan_kernels/triton/attention_int8_quant.py): statistics, int8 Q/K, fp8/fp16 V
+
+def _quant_cases():
+    """Each quantizer kernel in each of its modes (EXTREMA, SMOOTH, SHIFTS, FP8) once per arch, from the launches of
+    head_dim 128 (every Wan model's) at 40 heads x LONG tokens with CFG, self and I2V, with and without LSE. The
+    launches' other specialisations (alignment of the lengths) change no instruction that matters here: the
+    kernels are memory-bound loops with no MMA; one compile per mode keeps this at ~44 compiles."""
+    cases, seen = [], set()
+    h, s = SHAPES[128]
+    for arch in ARCHS:
+        for pv in ("fp16", "fp8") if T.default_pv(_cap(arch)) == "fp8" else ("fp16",):
+            for img in (False, True):
+                for lse in (False, True):
+                    kv = [_meta(2, n, h, 128) for n in (512, 512, 257, 257)] if img else [_meta(2, s, h, 128)] * 2
+                    for launch in Q.quantize_launches(_meta(2, s, h, 128), kv[0], kv[1], *(kv[2:] or (None, None)),
+                                                      pv, lse, _cap(arch)):
+                        name = launch.kernel.fn.__name__
+                        modes = tuple(sorted((k, v) for k, v in launch.kwargs.items() if k in _MODES))
+                        if (arch, name, modes) not in seen:
+                            seen.add((arch, name, modes))
+                            label = f"sm{arch}-{name.strip('_')}-" + "-".join(f"{k}{int(v)}" for k, v in modes)
+                            cases.append(pytest.param(arch, launch, id=label))
+    return cases
+
+
+_MODES = ("EXTREMA", "SMOOTH", "SHIFTS", "FP8")
+
+
+QUANT_CASES = _quant_cases()
+
+
+def test_quantizer_launches_cover_its_kernels_and_modes():
+    names = {(c.values[1].kernel.fn.__name__, tuple(sorted((k, v) for k, v in c.values[1].kwargs.items()
+                                                            if k in ("EXTREMA", "SMOOTH", "SHIFTS", "FP8"))))
+             for c in QUANT_CASES}
+    assert names == {("_token_stats_kernel", (("EXTREMA", False),)), ("_token_stats_kernel", (("EXTREMA", True),)),
+                     ("_quantize_int8_kernel", (("SHIFTS", 0), ("SMOOTH", False))),
+                     ("_quantize_int8_kernel", (("SHIFTS", 0), ("SMOOTH", True))),
+                     ("_quantize_int8_kernel", (("SHIFTS", 1), ("SMOOTH", False))),
+                     ("_quantize_int8_kernel", (("SHIFTS", 2), ("SMOOTH", False))),
+                     ("_quantize_v_kernel", (("FP8", False),)), ("_quantize_v_kernel", (("FP8", True),))}
+
+
+@pytest.mark.parametrize("arch,launch", QUANT_CASES)
+def test_quantizer_compiles_without_spills_and_64bit_offsets(arch, launch, tmp_path):
+    """No spills, the e4m3 conversion compiled as cvt.rn.satfinite, IEEE division (div.rn) and no fma, and no
+    32-bit offset that wraps at the launch's sizes (tools/aot.py's interval analysis of the PTX)."""
+    r = aot.compile_launch(launch, arch, workdir=tmp_path)
+    assert not r.spills and r.registers <= 255, r.summary()
+    check = aot.offset_overflows(launch, r.ptx, arch)
+    assert check.checked > 0 and check.overflowing == [], check.overflowing[:4]
+    name = launch.kernel.fn.__name__
+    if name != "_token_stats_kernel":
+        assert "div.rn.f32" in r.ptx and "div.full.f32" not in r.ptx and "fma.rn.f32" not in r.ptx
+    if launch.kwargs.get("FP8"):
+        assert re.search(r"cvt\.rn\.satfinite\.e4m3x2\.f32", r.ptx)

@@ -406,7 +406,9 @@ def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
     check = gpu_check.Check(tmp_path, "cpu", dry_run=False)
     cases = gpu_check.attention_int8_cases(check)
     assert [c.name for c in cases if c.needs_cuda] == [
-        *(f"self-attn 14B {r} {p}" for r in ("480p", "720p") for p in ("bf16", "int8-fp16", "int8-fp8")),
+        *(name for r in ("480p", "720p") for name in (*(f"self-attn 14B {r} {p}" for p in ("bf16", "int8-fp16",
+                                                                                          "int8-fp8")),
+                                                      f"quantizer 14B {r}")),
         "14B CFG step 480p int8 vs bf16"]
     check.run_section(gpu_check.Section("attention_int8", 600, gpu_check.attention_int8_cases))
     rows = {r["case"]: r for r in check.rows}

@@ -710,7 +710,8 @@ def attention_int8_cases(check: Check) -> list[Case]:
     device has (fp8 from sm_89 on): NRMSE at most 1.05x that of the op's reference emulation on the same inputs (the
     emulation is what met the bars against sageattention on CPU, tests/test_attention_int8.py) + 1e-4, cosine as
     measured; (2) one self-attention of 163,840 Wan-like tokens (fp64 out of reach: vs our bf16 kernel, NRMSE <=
-    0.1: noise is ~1.4); (3) TOPS of int8 (quantization included) vs our bf16 kernel at 14B 480p / 720p; (4) a 14B
+    0.1: noise is ~1.4); (3) TOPS of int8 (quantization included) vs our bf16 kernel at 14B 480p / 720p, and the
+    quantizer alone (its GB/s and share of the int8 call, the cost model's 6 % / 2 % to confirm); (4) a 14B
     CFG step at 480p with int8 vs bf16 attention, and the latent difference; (5) the verdict row: route int8 as
     the default only if every accuracy row passed and int8 is >= 2x bf16 at every timed shape."""
     from wan_kernels import ref, testing
@@ -760,6 +761,24 @@ def attention_int8_cases(check: Check) -> list[Case]:
             return {"ms": ms, "tops": _attention_flops(1, S, S, H, 128) / ms / 1e9}
         return run
 
+    def quantizer(S, H):
+        def run():
+            from wan_kernels.triton.attention_int8_quant import quantize
+            from wan_model.cost import int8_quantization_bytes
+
+            g = torch.Generator(device=dev).manual_seed(0)
+            q, k, v = (torch.randn(1, S, H, 128, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+            pv = pvs[-1]
+            ms = _time_ms(check, lambda: quantize(q, k, v, None, None, 128 ** -0.5, pv, False,
+                                                  torch.cuda.get_device_capability(dev)), reps=3)
+            nbytes = int8_quantization_bytes(1, S, [S], H, 128, pv)
+            int8 = next((r for r in check.rows if r["case"] == f"self-attn 14B {res_of[S]} int8-{pv}"
+                         and r.get("status") == "ok"), None)
+            share = ms / int8["ms"] if int8 else None
+            return {"ms": ms, "gbps": nbytes / ms / 1e6, "pv": pv, "share_of_int8": share,
+                    "status": "ok" if share is None or share <= 0.10 else "over the 10 % bar"}
+        return run
+
     def step():
         from bench.bench_model import gpu_random_model, gpu_step_inputs
         from wan_model import cost
@@ -798,6 +817,7 @@ def attention_int8_cases(check: Check) -> list[Case]:
         fast = bool(speedups) and min(speedups.values()) >= INT8_SPEEDUP_TARGET
         return {"accurate": accurate, "speedups": speedups, "route_int8_default": accurate and fast}
 
+    res_of = {n: r for r, n in TOKENS.items()}
     cases = [Case(f"accuracy {n} pv={pv}", accuracy(n, *rest, pv), f"{n} vs fp64, worst head, vs the emulation",
                   needs_cuda=False)
              for n, *rest in INT8_ACCURACY for pv in pvs]
@@ -807,6 +827,8 @@ def attention_int8_cases(check: Check) -> list[Case]:
         for provider in ("bf16", *(f"int8-{pv}" for pv in pvs)):
             cases.append(Case(f"self-attn 14B {res} {provider}", speed(TOKENS[res], 40, provider),
                               f"[1, {TOKENS[res]}, 40, 128] {provider} (int8: quantization included)"))
+        cases.append(Case(f"quantizer 14B {res}", quantizer(TOKENS[res], 40),
+                          "the Q/K/V quantizer alone: GB/s of its counted bytes, share of the int8 call (bar 10 %)"))
     cases.append(Case("14B CFG step 480p int8 vs bf16", step, "wan2.1-t2v-14b, batch 2, set_attention int8 vs bf16"))
     cases.append(Case("int8 route verdict", verdict_row, "accurate everywhere and >= 2x bf16 at every shape?",
                       needs_cuda=False, always=True))

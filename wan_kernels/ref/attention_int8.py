@@ -55,9 +55,15 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
 
 
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D] -> its mean over the S tokens [B, H, D] fp32 (stage 1's and 3's statistic; a kernel sums in
+    another order: the tests bound the difference, then hand this function the kernel's means)."""
+    return x.float().mean(dim=1)
+
+
 def smooth_k(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k [B, S, H, D] -> (k - mean [B, S, H, D] fp32, mean [B, H, D] fp32); mean over the S tokens."""
-    mean = k.float().mean(dim=1)
+    mean = token_mean(k)
     return k.float() - mean[:, None], mean
 
 
@@ -78,7 +84,7 @@ def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """v [B, S, H, Dv] -> (e4m3 [B, S, H, Dv], scale [B, H, Dv], mean [B, H, Dv] fp32): v smoothed by its mean over
     tokens (Sage2's smooth_v: the softmax weights sum to 1, so the mean is added back exactly), then per channel,
     scale = amax / 448."""
-    mean = v.float().mean(dim=1)
+    mean = token_mean(v)
     vs = v.float() - mean[:, None]
     scale = vs.abs().amax(dim=1) / E4M3_MAX
     div = torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 from typing import Any, Callable
 
 import torch
@@ -69,6 +70,29 @@ class Launch:
     kwargs: dict[str, Any]
     device: torch.device
     interpreted: Callable[[JITFunction], InterpretedFunction] | None = None  # builds the interpreter flavour
+
+
+def interpreter_twin(namespace: dict) -> Callable[[JITFunction], InterpretedFunction]:
+    """`Launch.interpreted` for the kernels of a module whose globals are `namespace`: the interpreter cannot call
+    JITFunction helpers, so the kernel and every helper it sees (the module's own and those it imported from
+    wan_kernels, not Triton's) are re-created as plain functions over one namespace in which the helpers are plain
+    functions too."""
+
+    def twin(kernel: JITFunction) -> InterpretedFunction:
+        ns = dict(namespace)
+
+        def plain(f):
+            g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+            g.__annotations__ = dict(f.__annotations__)
+            g.__kwdefaults__ = f.__kwdefaults__
+            return g
+
+        for name, value in namespace.items():
+            if isinstance(value, JITFunction) and value.fn.__module__.startswith("wan_kernels."):
+                ns[name] = plain(value.fn)
+        return InterpretedFunction(plain(kernel.fn))
+
+    return twin
 
 
 # Keyed by id(): a JITFunction hashes by its cache key, which walks the functions it calls, and raises when

@@ -41,12 +41,16 @@ Precision trade-offs:
   Triton's default `max_num_imprecise_acc` on sm_90 (no promotion inside one dot) is therefore what we want:
   the dot's K dimension IS the key tile, so passing max_num_imprecise_acc = BLOCK_N would change nothing.
 * l sums the rounded weights (p8 / p16), so out is a convex combination of the quantized v rows.
-* K/V/Q quantization runs as torch ops in the launcher (one pass each; a fused Triton quantizer is future work).
-  Inputs are never written (the smoothed k is a new tensor; SageAttention's `sageattn` writes it into the caller's).
-* The fp32 -> e4m3 cast: compiled, `.to(tl.float8e4nv)` is cvt.rn.satfinite (after clamping to +-448). The Triton
-  interpreter's cast is wrong where rounding carries into the next power of two (REFERENCE §10), so the
-  interpreted twin encodes e4m3 in software (`triton/nvfp4.py`'s `e4m3_code`, bit-exact with torch's cast: tested on a dense sweep);
-  the launcher picks it with the constexpr SOFT_E4M3.
+* Q/K/V are quantized by the Triton quantizer (`attention_int8_quant.py`: a statistics pass over k and v, then
+  one quantizing pass per tensor, ~13 bytes moved per element of q at bf16). Inputs are never written (the
+  smoothed k exists only in registers; SageAttention's `sageattn` writes it into the caller's tensor). The LSE's
+  smoothing correction s q.mean(k) comes from the quantizer's Q pass (added to the kernel's LSE in torch: 8 bytes
+  per row; loading it in the kernel's epilogue spilled on sm_120).
+* The fp32 -> e4m3 cast (`attention_int8_quant.to_e4m3`): compiled, cvt.rn.satfinite.e4m3x2.f32 as inline PTX
+  (Triton's own cast rounds twice on sm_89: through f16 toward zero, then to e4m3). The Triton interpreter's cast
+  is wrong where rounding carries into the next power of two (REFERENCE §10), so the interpreted twin encodes
+  e4m3 in software (`triton/nvfp4.py`'s `e4m3_code`, bit-exact with torch's cast: tested on a dense sweep); the
+  launcher picks it with the constexpr SOFT_E4M3.
 
 Masking and offsets: query rows >= Sq load zeros and are not stored; keys >= S_j load zeros and get score -inf
 (the select runs only in a set's last, partial tile). Base offsets and scale indices are int64. head_dim and Dv
@@ -66,38 +70,29 @@ The kernel runs on CUDA tensors, or on CPU tensors through the Triton interprete
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
-import types
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from wan_kernels.hardware import default_pv
-from wan_kernels.triton._launch import Launch, run, target
+from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
+from wan_kernels.triton.attention_int8_quant import Quantized, quantize, to_e4m3
 from wan_kernels.triton.nvfp4 import e4m3_code
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, LOG2E, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
 LOG2_448 = math.log2(448.0)
-E4M3_MAX = 448.0
-FP16_V_MAX = 32768.0
 Q_GROUP, K_GROUP = 1, 1  # per-token scales (header: Granularity)
 _LN2 = tl.constexpr(LN2)          # the kernel reads module globals only as constexprs (a float global fails to compile)
 _LOG2_448 = tl.constexpr(LOG2_448)
 _ADD = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 _jit = JITFunction
-
-
-@_jit
-def _to_e4m3(x, SOFT_E4M3: tl.constexpr):
-    """fp32 -> tl.float8e4nv, RNE, saturating at +-448."""
-    if SOFT_E4M3:
-        return e4m3_code(x).to(tl.float8e4nv, bitcast=True)
-    return tl.minimum(tl.maximum(x, -448.0), 448.0).to(tl.float8e4nv)
 
 
 @_jit
@@ -169,7 +164,7 @@ def _attention_int8_kernel(
             alpha = tl.math.exp2(m_i - m_new)
             vt = tl.load(v_base + v_offs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
             if PV_FP8:
-                p8 = _to_e4m3(p * 448.0, SOFT_E4M3)
+                p8 = to_e4m3(p * 448.0, SOFT_E4M3)
                 l_i = l_i * alpha + tl.reduce(p8.to(tl.float32), 1, _ADD)
                 acc = acc * alpha[:, None] + tl.dot(p8, vt)                       # fresh fp8 dot: two-level
             else:
@@ -200,81 +195,7 @@ def _attention_int8_kernel(
 attention_int8_kernel = _attention_int8_kernel
 
 
-def _interpreted(kernel: JITFunction) -> InterpretedFunction:
-    """The kernel for the Triton interpreter: it cannot call JITFunction helpers, so the kernel and the helpers it
-    sees (this module's and the imported e4m3 encoder) are re-created as plain functions over one namespace (as
-    wan_kernels/triton/nvfp4.py)."""
-    ns = dict(globals())
-
-    def plain(f):
-        g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
-        g.__annotations__ = dict(f.__annotations__)
-        return g
-
-    for name, value in globals().items():
-        if isinstance(value, JITFunction) and value.fn.__module__.startswith("wan_kernels."):  # not Triton's own
-            ns[name] = plain(value.fn)
-    return InterpretedFunction(plain(kernel.fn))
-
-
-# ---------------------------------------------------------------------------------------------
-# Quantization (torch ops; the same stages as wan_kernels/ref/attention_int8.py)
-
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    t = torch.trunc(x)
-    return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
-
-
-def quantize_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, S, H, D] (fp32) -> (int8 [B, S, H, D], scale [B, H, ceil(S / group)] fp32), amax/127 per group
-    of tokens, round half away from zero."""
-    B, S, H, D = x.shape
-    G = -(-S // group)
-    xt = x.float().transpose(1, 2)
-    padded = torch.nn.functional.pad(xt, (0, 0, 0, G * group - S))
-    scale = padded.reshape(B, H, G, group * D).abs().amax(-1) / 127.0
-    div = torch.where(scale > 0, scale, torch.ones_like(scale)).repeat_interleave(group, -1)[..., :S]
-    xi = _round_half_away(xt / div[..., None]).clamp(-127, 127).to(torch.int8)
-    return xi.transpose(1, 2).contiguous(), scale
-
-
-def quantize_k(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(int8 k - mean, its scales [B, H, Gk], mean [B, H, D] fp32): smoothing, then per K_GROUP keys."""
-    mean = k.float().mean(dim=1)
-    k_i8, scale = quantize_int8(k.float() - mean[:, None], K_GROUP)
-    return k_i8, scale, mean
-
-
-def quantize_v(v: torch.Tensor, pv: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e4m3 or fp16 [B, S, H, Dv], per-channel scale and mean [B, H, Dv] fp32). fp8: v - mean over tokens
-    (Sage2's smooth_v), amax/448; fp16: no smoothing (mean 0), a power of two >= 1."""
-    if pv == "fp8":
-        mean = v.float().mean(dim=1)
-        vs = v.float() - mean[:, None]
-        scale = vs.abs().amax(dim=1) / E4M3_MAX
-        div = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return (vs / div[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous(), scale, mean
-    amax = v.float().abs().amax(dim=1)
-    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0))))
-    return (v.float() / scale[:, None]).to(torch.float16).contiguous(), scale, torch.zeros_like(scale)
-
-
-@dataclasses.dataclass(frozen=True)
-class Quantized:
-    """The kernel's operands: q [B, Sq, H, D] int8 + q_scale [B, H, Gq] (softmax scale * log2 e folded in), and per
-    key set (text, image) k int8 + k_scale [B, H, Gk] + k_mean [B, H, D], v e4m3/fp16 + v_scale + v_mean [B, H, Dv]."""
-    q: torch.Tensor
-    q_scale: torch.Tensor
-    sets: tuple[tuple[torch.Tensor, ...], ...]
-
-
-def quantize(q, k, v, k_img, v_img, scale: float, pv: str) -> Quantized:
-    """Quantize every operand of one call (new tensors; the inputs are never written)."""
-    q_i8, q_scale = quantize_int8(q, Q_GROUP)
-    sets = []
-    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
-        sets.append((*quantize_k(kt), *quantize_v(vt, pv)))
-    return Quantized(q_i8, q_scale * (scale * LOG2E), tuple(sets))
+_interpreted = interpreter_twin(globals())  # the kernel for the Triton interpreter (CPU tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,8 +236,25 @@ def pick_config(capability, head_dim: int, kv_len: int, has_img: bool) -> Config
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
-def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, config: Config | None, capability):
-    """(Launch or None when empty, out, lse [S, B, H, Sq] (smoothed: see `attention_int8_lse`), Quantized)."""
+def _quantize(q, k, v, k_img, v_img, s: float, pv: str, lse: bool, capability, launch) -> Quantized:
+    """The kernel's operands: the Triton quantizer (`attention_int8_quant`, per-token scales), or, for the coarser
+    Q_GROUP / K_GROUP of the granularity experiments (header; tests), the reference's stages in torch."""
+    if (Q_GROUP, K_GROUP) == (1, 1):
+        return quantize(q, k, v, k_img, v_img, s, pv, lse, capability, launch)
+    R = importlib.import_module("wan_kernels.ref.attention_int8")  # the module (the package attribute is the op)
+    q8, qs = R.quantize_int8(q, Q_GROUP)
+    sets = []
+    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
+        ksm, mean = R.smooth_k(kt)
+        sets.append((*R.quantize_int8(ksm, K_GROUP), mean, *(R.quantize_v_fp8 if pv == "fp8" else R.quantize_v_fp16)(vt)))
+    shift = torch.stack([torch.einsum("bshd,bhd->bhs", q.float(), st[2]) * s for st in sets]) if lse else None
+    return Quantized(q8, qs * (s * LOG2E), tuple(sets), shift)
+
+
+def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, config: Config | None, capability,
+            launch: Callable[[Launch], None] = run):
+    """(Launch or None when empty, out, lse [S, B, H, Sq], Quantized). The quantizer's kernels are handed to
+    `launch` as they come (`run`; readiness collects them on meta tensors)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention_int8 (triton): q must be float16/bfloat16/float32, got {q.dtype}")
     pv = default_pv(capability) if pv in (None, "auto") else pv
@@ -330,7 +268,7 @@ def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, confi
     Sk, DV = k.shape[1], v.shape[3]
     Si = k_img.shape[1] if has_img else 0
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    qz = quantize(q, k, v, k_img, v_img, s, pv)
+    qz = _quantize(q, k, v, k_img, v_img, s, pv, write_lse, capability, launch)
     k8, ks, _, v8, vs, vm = qz.sets[0]
     ki8, kis, _, vi8, vis, vim = qz.sets[-1]  # the text set again without images: never read (HAS_IMG=False)
     out = torch.empty((B, Sq, H, DV), dtype=q.dtype, device=q.device)
@@ -356,11 +294,7 @@ def _run(q, k, v, k_img, v_img, scale, pv, write_lse: bool, config: Config | Non
     launch, out, lse, qz = prepare(q, k, v, k_img, v_img, scale, pv, write_lse, config, target(q, "attention_int8"))
     if launch is not None:
         run(launch)
-    if write_lse:
-        s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        shift = torch.stack([torch.einsum("bshd,bhd->bhs", q.float(), st[2]) * s for st in qz.sets])
-        lse = lse + shift
-    return out, lse
+    return out, lse + qz.shift if write_lse else lse
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,

@@ -25,16 +25,14 @@ the bf16 paths the GPU compiles (tests/test_nvfp4_triton.py).
 
 from __future__ import annotations
 
-import types
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from wan_kernels.nvfp4 import BLOCK, round_up
-from wan_kernels.triton._launch import EXACT, Launch, mma_class, run, target
+from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, mma_class, run, target
 
 # Kernels and helpers are JITFunctions whatever TRITON_INTERPRET says at import (`@triton.jit` would make them
 # interpreted functions, and CUDA tensors would run through the interpreter); `_interpreted` builds the
@@ -170,23 +168,7 @@ def _nvfp4_dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, M, K, ks_pa
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
-def _interpreted(kernel: JITFunction) -> InterpretedFunction:
-    """The same kernel for the Triton interpreter (CPU tensors), whatever TRITON_INTERPRET was at import.
-
-    The interpreter cannot call JITFunction helpers, so the kernel and every helper of this module are
-    re-created as plain functions over one namespace in which the helpers are plain functions too."""
-    ns = dict(globals())
-
-    def plain(f):
-        g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
-        g.__annotations__ = dict(f.__annotations__)
-        g.__kwdefaults__ = f.__kwdefaults__
-        return g
-
-    for name, value in globals().items():
-        if isinstance(value, JITFunction) and value.fn.__module__ == __name__:
-            ns[name] = plain(value.fn)
-    return InterpretedFunction(plain(kernel.fn))
+_interpreted = interpreter_twin(globals())  # the kernels for the Triton interpreter (CPU tensors)
 
 
 _QUANT_BLOCK_M, _QUANT_BLOCK_K = 16, 128

@@ -1,0 +1,253 @@
+"""Triton quantizer of 8-bit attention's operands (wan::attention_int8): the stages 1-3 of
+`wan_kernels/ref/attention_int8.py`, in three kernels that each read their input once.
+
+    _token_stats_kernel   per (batch, head) and chunk of CHUNK tokens: the column sums (and, for V, maxima and
+                          minima) of x [B, S, H, D] in fp32 -> partials [B*H, chunks, D]; the launcher adds the
+                          partials in torch ([B, H, D]-sized work) into the K / V means and V's per-channel scales.
+    _quantize_int8_kernel one row per (token, head): x (- mean: K's smoothing) -> int8, symmetric amax/127 per row,
+                          round half away from zero; writes the scale times `fold` (Q: softmax scale * log2 e),
+                          and for Q with an LSE output each key set's s q.mean(k) (the smoothing's correction).
+    _quantize_v_kernel    V per channel: fp8 = e4m3((v - mean) / (amax/448)), fp16 = v / (a power of two).
+
+Bit-exact with the reference's stages given the same means: the kernels divide with IEEE `div_rn` (as torch does;
+plain `/` may compile to div.full.f32, 2 ulp) and contract nothing (EXACT: no fma), e4m3 is cvt.rn.satfinite after
+the clamp (`to_e4m3`). The means themselves are fp32 sums in another order than torch's `mean`
+(chunks of CHUNK tokens, then the chunks): they agree to summation error, which the tests bound, and the tests
+compare every later stage bit for bit with the reference fed the kernel's means.
+
+HBM traffic per call (bf16 inputs, fp8 P.V): q read once and written as int8 (3 bytes per element), k and v read
+twice (statistics, then quantization) and written once (5 bytes each), plus 4-byte per-row scales and the
+partials (1/CHUNK of a tensor's fp32 size per statistic): ~13 bytes per element of q, against ~40 for the torch
+passes it replaces. `wan_model.cost.int8_quantization_bytes` counts the launches this module makes.
+
+Offsets: the (batch, head) index, token indices and every scale / partial index are int64 (B*S*H*D passes 2^31
+at 160k tokens x 2 x 40 heads x 128 = 1.6e9 only within a factor of 1.3; S*B*H scale indices do not, but cost
+nothing to widen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
+from wan_kernels.triton.nvfp4 import e4m3_code
+
+__all__ = ["Quantized", "launch_bytes", "quantize", "quantize_launches", "to_e4m3", "token_mean"]
+
+LOG2E = 1.4426950408889634
+E4M3_MAX = 448.0
+FP16_V_MAX = 32768.0
+CHUNK, STATS_ROWS, QUANT_ROWS = 512, 64, 64  # tokens per statistics program (looped STATS_ROWS at a time); rows
+_jit = JITFunction                            # per quantization program
+# reductions through tl.reduce with these combiners (tl.sum / tl.max are @jit functions of triton.language, which
+# the interpreter runs only when TRITON_INTERPRET was set before triton was imported)
+_ADD, _MAX, _MIN = tl.standard._sum_combine, tl.standard._elementwise_max, tl.standard._elementwise_min
+
+
+@_jit
+def to_e4m3(x, SOFT_E4M3: tl.constexpr):
+    """fp32 -> tl.float8e4nv: round to nearest even, saturating to +-448 (infinities too; NaN stays NaN), as the
+    reference's clamp + torch cast. Compiled: cvt.rn.satfinite.e4m3x2.f32 as inline PTX (two values per
+    instruction; operand order as Triton's own sm_90 cast), because Triton 3.8's `.to(tl.float8e4nv)` for sm_89
+    goes through f16 with round toward zero (cvt.rz.f16.f32, then cvt.rn.satfinite.e4m3x2.f16x2): a double
+    rounding that is wrong next to an e4m3 tie. Interpreted: the software encoder (`e4m3_code`, REFERENCE §10)."""
+    if SOFT_E4M3:
+        return e4m3_code(x).to(tl.float8e4nv, bitcast=True)
+    return tl.inline_asm_elementwise("cvt.rn.satfinite.e4m3x2.f32 $0, $2, $1;", "=h,r,r", [x],
+                                     dtype=tl.float8e4nv, is_pure=True, pack=2)
+
+
+@_jit
+def _token_stats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, S, H, n_chunks, stride_b, stride_s, stride_h,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+                        EXTREMA: tl.constexpr):
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    base = x_ptr + b * stride_b + h * stride_h
+    acc = tl.full([BLOCK_D], 0.0, tl.float32)
+    hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    lo = tl.full([BLOCK_D], float("inf"), tl.float32)
+    for r in tl.static_range(0, CHUNK, ROWS):
+        rows = c.to(tl.int64) * CHUNK + r + tl.arange(0, ROWS)
+        ok = (rows < S)[:, None] & d_ok[None, :]
+        x = tl.load(base + rows[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += tl.reduce(x, 0, _ADD)
+        if EXTREMA:
+            hi = tl.maximum(hi, tl.reduce(tl.where(ok, x, float("-inf")), 0, _MAX))
+            lo = tl.minimum(lo, tl.reduce(tl.where(ok, x, float("inf")), 0, _MIN))
+    out = (bh * n_chunks + c) * D + offs_d
+    tl.store(sum_ptr + out, acc, mask=d_ok)
+    if EXTREMA:
+        tl.store(max_ptr + out, hi, mask=d_ok)
+        tl.store(min_ptr + out, lo, mask=d_ok)
+
+
+@_jit
+def _quantize_int8_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, m0_ptr, m1_ptr, shift_ptr, fold, shift_scale,
+                          S, H, stride_b, stride_s, stride_h,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, SMOOTH: tl.constexpr,
+                          SHIFTS: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < S
+    d_ok = offs_d < D
+    ok = row_ok[:, None] & d_ok[None, :]
+    x = tl.load(x_ptr + b * stride_b + h * stride_h + rows[:, None] * stride_s + offs_d[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = tl.where(ok, x - tl.load(mean_ptr + bh * D + offs_d, mask=d_ok, other=0.0)[None, :], 0.0)
+    scale = tl.math.div_rn(tl.reduce(tl.abs(x), 1, _MAX), 127.0)
+    y = tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)[:, None])
+    a = tl.abs(y)
+    r = tl.floor(a)
+    r = tl.minimum(r + tl.where(a - r >= 0.5, 1.0, 0.0), 127.0)                  # round half away from zero
+    q = tl.where(y < 0, -r, r).to(tl.int8)
+    o = ((b * S + rows) * H + h)[:, None] * D + offs_d[None, :]                  # contiguous [B, S, H, D]
+    tl.store(out_ptr + o, q, mask=ok)
+    tl.store(scale_ptr + bh * S + rows, scale * fold, mask=row_ok)
+    for j in tl.static_range(SHIFTS):                                            # s q.mean(k_j) per row
+        mean = tl.load((m0_ptr if j == 0 else m1_ptr) + bh * D + offs_d, mask=d_ok, other=0.0)
+        dot = tl.reduce(x * mean[None, :], 1, _ADD) * shift_scale
+        tl.store(shift_ptr + (j * tl.num_programs(1) + bh) * S + rows, dot, mask=row_ok)
+
+
+@_jit
+def _quantize_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, S, H, stride_b, stride_s, stride_h,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr,
+                       SOFT_E4M3: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    ok = (rows < S)[:, None] & d_ok[None, :]
+    x = tl.load(v_ptr + b * stride_b + h * stride_h + rows[:, None] * stride_s + offs_d[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + bh * D + offs_d, mask=d_ok, other=1.0)
+    o = ((b * S + rows) * H + h)[:, None] * D + offs_d[None, :]
+    if FP8:
+        mean = tl.load(mean_ptr + bh * D + offs_d, mask=d_ok, other=0.0)
+        y = tl.math.div_rn(x - mean[None, :], tl.where(scale > 0, scale, 1.0)[None, :])
+        tl.store(out_ptr + o, to_e4m3(y, SOFT_E4M3), mask=ok)
+    else:
+        tl.store(out_ptr + o, tl.math.div_rn(x, scale[None, :]).to(tl.float16), mask=ok)
+
+
+_interpreted = interpreter_twin(globals())
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """The attention kernel's operands: q [B, Sq, H, D] int8 + q_scale [B, H, Sq] (softmax scale * log2 e folded
+    in), per key set (text, image) (k int8 [B, S, H, D], k_scale [B, H, S], k_mean [B, H, D], v e4m3/fp16
+    [B, S, H, Dv], v_scale, v_mean [B, H, Dv]), and shift [sets, B, H, Sq] = s q.mean(k) when an LSE is wanted."""
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    sets: tuple[tuple[torch.Tensor, ...], ...]
+    shift: torch.Tensor | None = None
+
+
+def _grid_args(x: torch.Tensor, rows: int) -> tuple:
+    B, S, H, D = x.shape
+    return (triton.cdiv(S, rows), B * H), (S, H, x.stride(0), x.stride(1), x.stride(2)), \
+        dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+
+def _stats(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
+    """(mean [B, H, D], max, min or None) of x over its tokens, fp32, from the chunk partials."""
+    B, S, H, D = x.shape
+    n = triton.cdiv(S, CHUNK)
+    parts = [torch.empty((B * H, n, D), dtype=torch.float32, device=x.device) for _ in range(3 if extrema else 1)]
+    (_, bh), (S_, H_, *strides), kw = _grid_args(x, CHUNK)
+    if n and B * H:
+        launch(Launch(_token_stats_kernel, (n, bh), (x, *parts, *[parts[0]] * (3 - len(parts)), S_, H_, n, *strides),
+                      dict(kw, CHUNK=CHUNK, ROWS=STATS_ROWS, EXTREMA=extrema), x.device, _interpreted))
+    mean = (parts[0].sum(1) / S).reshape(B, H, D)
+    if not extrema:
+        return mean, None, None
+    return mean, parts[1].amax(1).reshape(B, H, D), parts[2].amin(1).reshape(B, H, D)
+
+
+def _int8(x, mean, fold: float, means: tuple, shift_scale: float, launch):
+    B, S, H, D = x.shape
+    out = torch.empty((B, S, H, D), dtype=torch.int8, device=x.device)
+    scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
+    shift = torch.empty((len(means), B, H, S), dtype=torch.float32, device=x.device) if means else None
+    grid, sizes, kw = _grid_args(x, QUANT_ROWS)
+    if out.numel():
+        m = list(means) + [scale] * (2 - len(means))  # unread placeholders (SHIFTS says how many are real)
+        launch(Launch(_quantize_int8_kernel, grid,
+                      (x, scale if mean is None else mean, out, scale, *m, scale if shift is None else shift, fold,
+                       shift_scale, *sizes),
+                      dict(kw, ROWS=QUANT_ROWS, SMOOTH=mean is not None, SHIFTS=len(means), **EXACT),
+                      x.device, _interpreted))
+    return out, scale, shift
+
+
+def _v(v, pv: str, capability, launch):
+    B, S, H, D = v.shape
+    mean, hi, lo = _stats(v, True, launch)
+    if pv == "fp8":
+        scale = torch.maximum(hi - mean, mean - lo) / E4M3_MAX      # = amax|v - mean| exactly (rounding is monotone)
+        out = torch.empty((B, S, H, D), dtype=torch.float8_e4m3fn, device=v.device)
+    else:
+        amax = torch.maximum(hi.abs(), lo.abs())
+        scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0))))
+        mean = torch.zeros_like(scale)
+        out = torch.empty((B, S, H, D), dtype=torch.float16, device=v.device)
+    grid, sizes, kw = _grid_args(v, QUANT_ROWS)
+    if out.numel():
+        launch(Launch(_quantize_v_kernel, grid, (v, mean if pv == "fp8" else scale, scale, out, *sizes),
+                      dict(kw, ROWS=QUANT_ROWS, FP8=pv == "fp8", SOFT_E4M3=capability is None, **EXACT),
+                      v.device, _interpreted))
+    return out, scale, mean
+
+
+def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, capability=None,
+             launch: Callable[[Launch], None] = run) -> Quantized:
+    """Quantize every operand of one wan::attention_int8 call (new tensors; the inputs are never written).
+    `capability` None = the interpreter's kernels (software e4m3); `launch` runs each kernel (`run`), or collects
+    it (readiness, the cost model: meta tensors)."""
+    sets = []
+    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
+        k_mean = _stats(kt, False, launch)[0]
+        k8, ks, _ = _int8(kt, k_mean, 1.0, (), 0.0, launch)
+        sets.append((k8, ks, k_mean, *_v(vt, pv, capability, launch)))
+    means = tuple(st[2] for st in sets) if lse else ()
+    q8, qs, shift = _int8(q, None, scale * LOG2E, means, scale, launch)
+    return Quantized(q8, qs, tuple(sets), shift)
+
+
+def quantize_launches(q, k, v, k_img, v_img, pv: str, lse: bool, capability) -> list[Launch]:
+    """The launches `quantize` makes for these (meta) tensors, in order, without running them."""
+    launches: list[Launch] = []
+    quantize(q, k, v, k_img, v_img, 1.0 / math.sqrt(q.shape[-1]), pv, lse, capability, launches.append)
+    return launches
+
+
+def launch_bytes(launch: Launch) -> int:
+    """HBM bytes of one quantizer launch: each distinct tensor argument once, whole (unread placeholders are
+    other arguments); tests/test_attention_int8.py holds this to the interpreter's recorded loads and stores."""
+    tensors = {id(t): t for t in launch.args if isinstance(t, torch.Tensor)}.values()
+    return sum(math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size() for t in tensors)
+
+
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D] -> its mean over the tokens [B, H, D] fp32, as the quantizer computes it (the statistics
+    kernel's chunk sums added in torch): what the tests hand the reference's stages (`ref.token_mean`)."""
+    return _stats(x, False, run)[0]
