@@ -33,6 +33,7 @@ def test_unknown_preset_lists_names():
         WanConfig.from_preset("wan3-t2v")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in PRESETS])
 def test_config_round_trips(name):
     cfg = PRESETS[name]

@@ -19,6 +19,7 @@ BF16_RATIO = 1.5     # our bf16 error <= 1.5x diffusers-bf16's own error vs the 
 # ---------------------------------------------------------------------------------------------
 # numerics vs diffusers
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp32_matches_diffusers(fp32_models, variant, impl):
@@ -136,6 +137,7 @@ def test_ti2v_unique_timesteps_equal_per_token(fp32_models):
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-ti2v"])
 def test_compile_fullgraph_matches_eager(fp32_models, variant):
     model, _ = fp32_models[variant]
@@ -213,6 +215,7 @@ def test_forward_refuses_sizes_the_patch_would_crop(bf16_models, dim):
         model.config = model.config.replace(patch_size=(1, 2, 2))
 
 
+@pytest.mark.slow
 def test_forward_accepts_what_diffusers_accepts(bf16_models):
     """Integer and bf16 timesteps, a timestep of batch 1 broadcast over the batch (diffusers' broadcast)."""
     model = bf16_models["tiny-t2v"]

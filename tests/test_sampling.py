@@ -3,6 +3,7 @@ two-expert switch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from wan_model.io.checkpoint import WanExperts
@@ -17,6 +18,7 @@ def test_flow_sigmas():
     assert s5[0] == 1 and s5[-1] == 0 and bool((s5[1:] < s5[:-1]).all())
 
 
+@pytest.mark.slow
 def test_sample_matches_diffusers_loop(fp32_models):
     model, ref = fp32_models["tiny-t2v"]
     model.set_impl("auto")
@@ -28,6 +30,7 @@ def test_sample_matches_diffusers_loop(fp32_models):
     assert (res.latents - expected).abs().max().item() <= 4 * FP32_TOL  # 3 steps, guidance 4 amplifies
 
 
+@pytest.mark.slow
 def test_two_expert_switching(fp32_models):
     high, _ = fp32_models["tiny-t2v"]
     low = random_model(high.config, seed=7).eval()
