@@ -205,6 +205,7 @@ def test_convert_into_cwd_refused(models, tmp_path, monkeypatch):
     _same_weights(work, models[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_modes_follow_umask(models, tmp_path, umask):
     mixed = tmp_path / "mixed"

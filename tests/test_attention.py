@@ -65,6 +65,7 @@ CASES = [  # B, Sq, Sk, Si, H, D
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Sq,Sk,Si,H,D", CASES)
 def test_matches_fp64_within_2x_sdpa(B, Sq, Sk, Si, H, D, dtype):
@@ -102,6 +103,7 @@ def _gpu_configs():
     return sorted(set(ta.CONFIGS.values()), key=str)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("config", _gpu_configs(), ids=str)
 def test_every_gpu_config_is_correct(config, D):
@@ -218,6 +220,7 @@ def test_pick_config_table():
 # ---------------------------------------------------------------------------------------------
 # Public wrapper, registration, error paths
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wrapper_impl_triton(dtype):
     inputs = attention_inputs(2, 17, 77, 25, 2, 128, dtype, seed=9)
@@ -235,6 +238,7 @@ def test_bf16_on_cpu_is_upcast():
     assert_flash_rule(got, inputs, what="bf16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Sk", [1, 3, 70])  # 70: two key tiles, the non-finite key in the partial one
 @pytest.mark.parametrize("case", ["q_nan", "scale_nan", "k_nan", "v_nan", "k_img_nan", "v_img_nan", "q_inf",

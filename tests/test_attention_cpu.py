@@ -76,6 +76,7 @@ def _check_rule(q, k, v, ki, vi):
         assert err <= 2 * err_sdpa + floor, (name, err, err_sdpa)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,sq,sk,si,h,d", [(1, 1, 1, 0, 1, 64), (2, 17, 77, 257, 2, 128), (1, 300, 512, 257, 4, 128),
                                             (2, 128, 257, 0, 3, 64), (1, 1100, 33, 5, 1, 64)])
@@ -137,6 +138,7 @@ def assert_nonfinite_like(got, want, tol):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("sk", [1, 3, 40])
 @pytest.mark.parametrize("case", NONFINITE_CASES)
@@ -172,6 +174,7 @@ def test_bf16_kernel_is_chosen_by_the_cpu():
     assert _C.cpu_attention_bf16_kernel() == want
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 2), sq=st.integers(1, 130), sk=st.integers(1, 700), si=st.sampled_from([0, 1, 40, 257]),
        h=st.integers(1, 3), d=st.sampled_from([64, 128]), seed=st.integers(0, 2**16))
@@ -206,6 +209,7 @@ def test_bf16_very_negative_logits():
     _check_rule(q, k, v, None, None)
 
 
+@pytest.mark.slow
 def test_bf16_long_key_set_goes_in_head_chunks():
     """70,000 keys: 36 MB of packed K/V per head, over the kernel's 64 MB packing budget, so the two heads are
     packed and computed one chunk at a time (a 720p video's self-attention has 75,600 keys)."""

@@ -105,6 +105,7 @@ BACKWARD_CASES = [  # (B, Sq, Sk, H, D): tails of the 64-row interpreter tile an
     (1, 1, 1, 1, 64), (2, 70, 67, 2, 64), (1, 33, 130, 1, 128), (1, 17, 9, 2, 24), (1, 65, 31, 1, 8)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ("op", "ref", "triton"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("shape", BACKWARD_CASES, ids=str)
@@ -118,6 +119,7 @@ def test_attention_backward_matches_fp64_autograd(impl, dtype, shape):
     assert_flash_rule(got, (q, k, v), lambda *a: ref.attention(*a, None, None, scale), (dout,), dtype, impl)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ("dkdv", "dq"))
 @pytest.mark.parametrize("d", (64, 128))
 def test_every_table_tile_is_exact_under_the_interpreter(which, d):
@@ -221,6 +223,7 @@ def test_attention_gradients_hypothesis(sq, sk, si, d, h, impl, dtype, seed):
                       f"{impl} {dtype} sq={sq} sk={sk} si={si} d={d}", delta)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ("op", "ref", "triton"))
 @pytest.mark.parametrize("cot", ("both", "lse-only", "out-only"))
 def test_attention_lse_gradients_of_both_outputs(impl, cot):
@@ -270,6 +273,7 @@ def test_one_forward_saving_lse_and_no_recompute_in_backward(img):
     assert plain.ops == ["attention"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ("attention", "attention_lse", "attention_forward", "attention_backward",
                                 "attention_delta"))
 def test_opcheck_autograd_and_aot_dispatch(op):
@@ -289,6 +293,7 @@ def test_opcheck_autograd_and_aot_dispatch(op):
                                       "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.slow
 def test_compiled_training_step_traces_the_backward_ops():
     """torch.compile(fullgraph=True) of forward + backward (aot_eager: AOTAutograd's joint graph) holds the
     backward ops, and gives the eager gradients."""

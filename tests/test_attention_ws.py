@@ -47,6 +47,7 @@ SHAPES = [(2, 37, 45, 0, 3, 32), (1, 70, 33, 17, 2, 64), (1, 1, 1, 0, 1, 16), (2
           (1, 130, 257, 0, 1, 64)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Sq,Sk,Si,H,D", SHAPES)
 def test_matches_fp64_within_2x_sdpa(B, Sq, Sk, Si, H, D, dtype):

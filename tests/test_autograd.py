@@ -88,6 +88,7 @@ PARAMS = [pytest.param(case, impl, dtype, id=f"{case}-{impl}-{str(dtype)[6:]}")
           and not (impl == "triton" and case == "nvfp4_linear" and dtype == torch.float32)]  # W4A16 Triton: 16-bit x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,impl,dtype", PARAMS)
 def test_gradients_match_reference(case, impl, dtype):
     op, args = make_inputs(case, dtype)
@@ -102,12 +103,14 @@ def test_gradients_match_reference(case, impl, dtype):
         assert rel_err(g, w) <= 2 * rel_err(s, w) + TOLERANCE[dtype].rounding, (rel_err(g, w), rel_err(s, w))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", DIFF_OPS)
 def test_reference_gradients_pass_gradcheck(case):
     op, args = make_inputs(case, torch.float32, small=True)
     assert torch.autograd.gradcheck(getattr(ref, op), as_fp64(args))
 
 
+@pytest.mark.slow
 def test_dispatcher_backward_passes_gradcheck_and_gradgradcheck_in_fp64():
     # attention takes fp64 on the C++ CPU kernel: the registered backward (and its own backward) at fp64
     _, args = make_inputs("attention", torch.float32, small=True)
@@ -135,6 +138,7 @@ ND_PARAMS = [pytest.param(op, name, impl, id=f"{op}-{name}-{impl}") for op, name
              and not (impl == "op" and op == "qkv_rope")]  # the dispatcher's composite: see the next test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,name,impl", ND_PARAMS)
 def test_not_differentiable_input_raises_at_forward(op, name, impl):
     w4a16_triton = (op, impl) == ("nvfp4_linear", "triton")  # takes 16-bit x only
@@ -182,6 +186,7 @@ def test_nvfp4_linear_module_gradients():
         w4a4(x)
 
 
+@pytest.mark.slow
 def test_compile_traces_a_training_step():
     _, args = make_inputs("attention", torch.float32)
 

@@ -106,6 +106,7 @@ def ref_wrap(ref):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_original_keys_convert_with_diffusers_converter(fp32_models, variant, tmp_path):
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
@@ -125,6 +126,7 @@ def test_original_keys_convert_with_diffusers_converter(fp32_models, variant, tm
             assert torch.equal(converted[k], v), k
 
 
+@pytest.mark.slow
 def test_comfyui_fp8_scaled_applied(tmp_path):
     model = random_model(WanConfig.from_preset("tiny-t2v"), seed=3)
     path = tmp_path / "plain.safetensors"
@@ -294,6 +296,7 @@ def test_two_expert_dir_loads_as_pair(tmp_path):
     assert loaded.expert(900.0) is loaded.high and loaded.expert(874.0) is loaded.low
 
 
+@pytest.mark.slow
 def test_convert_cli_keeps_tensors(saved_t2v, tmp_path, capsys):
     model, src = saved_t2v
     assert cli_main(["convert", str(src / "dir"), str(tmp_path / "c.safetensors"), "--format", "comfyui"]) == 0
@@ -571,6 +574,7 @@ def test_convert_float16_refuses_values_beyond_its_range(saved_t2v, tmp_path, ca
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "nvfp4", "fp8"])
 def test_a_load_reads_config_json_once_and_builds_one_meta_model(quantize, tmp_path, monkeypatch):
     """One from_pretrained of a diffusers directory: config.json read once (the config and the declared NVFP4

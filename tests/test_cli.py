@@ -284,6 +284,17 @@ def test_run_with_embeds(t2v_dir, tmp_path):
     assert main(["run", "--checkpoint", str(t2v_dir), "--device", "cpu", "--embeds", str(embeds)] + SMALL_RUN) == 0
 
 
+@pytest.mark.slow
+def test_demo_runs(capsys):
+    assert main(["demo", "--steps", "2", "--frames", "2", "--height", "8", "--width", "12",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "routing" in out and "qkv_rope" in out and "ms/step" in out
+    diff = float(out.split("max |ours - diffusers| over the final latents: ")[1].split()[0])
+    assert diff <= 1e-4
+
+
+@pytest.mark.slow
 def test_demo_named_impl(capsys):
     """--impl cpu (was "impl='cpu' on meta"): same result as diffusers."""
     assert main(["demo", "--impl", "cpu", "--steps", "1", "--frames", "1", "--height", "4", "--width", "4",

@@ -122,6 +122,7 @@ def test_backends_are_registered_with_diffusers():
         assert _AttentionBackendRegistry.get_active_backend() == (int8, dropin._wan_int8_attention)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_int8_backend_matches_stock(name):
     """set_attention_backend("wan_int8"): every attention call runs wan::attention_int8 (the spy), the output
@@ -140,6 +141,7 @@ def test_int8_backend_matches_stock(name):
     assert 0 < err < OP_NRMSE * n_calls and 0 < err64 < OP_NRMSE * n_calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_bf16_kernel_backend_matches_stock(name):
     """set_attention_backend("wan"): wan::attention (in fp32 here) on every call, within FP32_TOL of stock."""
@@ -156,6 +158,7 @@ def test_bf16_kernel_backend_matches_stock(name):
     assert err <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_reset_returns_to_stock(name):
     """reset_attention_backend() clears every processor's backend: with diffusers' process-wide default (which

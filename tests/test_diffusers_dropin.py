@@ -93,6 +93,7 @@ def _patched(transformer):
     return out
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end(stock):
     ref = _generate(stock)
     out = _generate(use_wan_kernels(copy.deepcopy(stock)))
@@ -193,6 +194,7 @@ def test_patch_adds_no_weights_and_saves_diffusers_keys(stock, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Layerwise casting, GGUF, offloading, cache hooks
 
+@pytest.mark.slow
 def test_layerwise_fp8_casting(stock):
     ref = copy.deepcopy(stock.transformer)
     patched = _patched(copy.deepcopy(stock.transformer))
@@ -227,6 +229,7 @@ def _write_gguf(model, tmp_path) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_gguf_transformer(model, stock, tmp_path):
     from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
 
@@ -245,6 +248,7 @@ def test_gguf_transformer(model, stock, tmp_path):
     assert _err(_forward(patched), expected) <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offload(stock, offload_type):
     cpu = torch.device("cpu")
@@ -310,6 +314,7 @@ def test_set_attention_backend_hands_attention_back(stock, monkeypatch):
     assert torch.equal(_forward(patched), ours) and not dispatched  # back on the kernels
 
 
+@pytest.mark.slow
 def test_parallel_config_hands_attention_back(stock, monkeypatch):
     """enable_parallelism sets each processor's `_parallel_config`: diffusers' processor then runs with it (a
     real context-parallel run needs a process group; the config is recorded and passed through instead)."""
@@ -338,6 +343,7 @@ def test_parallel_config_hands_attention_back(stock, monkeypatch):
     assert len(seen) == 2 * CFG.num_layers  # only the stock forward dispatched: the patched one is on the kernels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["model", "repeated_blocks"])
 def test_compile_fullgraph(stock, how):
     """torch.compile(fullgraph=True) traces the processor (its module checks become guards); aot_eager keeps
@@ -350,6 +356,7 @@ def test_compile_fullgraph(stock, how):
     assert _err(_forward(patched), _forward(stock.transformer)) <= FP32_TOL
 
 
+@pytest.mark.slow
 def test_fuse_qkv_projections_is_honoured(stock):
     """After diffusers' fuse_qkv_projections stock runs to_qkv / to_kv: so do we (a LoRA loaded on to_q
     afterwards is then ignored by both)."""
@@ -368,6 +375,7 @@ def test_fuse_qkv_projections_is_honoured(stock):
 # ---------------------------------------------------------------------------------------------
 # Our WanModel as pipe.transformer
 
+@pytest.mark.slow
 def test_wan_model_as_pipeline_transformer(model, stock, tmp_path):
     stock.transformer.save_pretrained(tmp_path / "transformer")
     ours = WanModel.from_pretrained(tmp_path, subfolder="transformer", torch_dtype=torch.float32)
@@ -382,6 +390,7 @@ def test_wan_model_as_pipeline_transformer(model, stock, tmp_path):
     assert use_wan_kernels(pipe) is pipe  # nothing to patch: left alone
 
 
+@pytest.mark.slow
 def test_wan_model_diffusers_call_signature(model, stock):
     x, t, text = _inputs()
     expected = _forward(stock.transformer)
@@ -521,6 +530,7 @@ def _run(ref, inputs):
         return ref(x, t, text, img, return_dict=False)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v", "tiny-flf2v", "tiny-ti2v"])
 def test_patched_diffusers_matches_unpatched(fp32_models, variant, impl):

@@ -146,6 +146,7 @@ def _spy_kernels(model) -> list:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_patched_equals_stock_fp32(models, name):
     stock = models[name]
@@ -159,6 +160,7 @@ def test_patched_equals_stock_fp32(models, name):
     assert _err(out, expected) <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_bf16_error_within_stock_bf16_error(models, name):
     stock = diffusers_bf16_like(copy.deepcopy(models[name]))
@@ -187,6 +189,7 @@ def test_compile_fullgraph(models, name):
     assert _err(_forward(name, patched), _forward(name, stock)) <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_peft_lora_on_qkv(models, name):
     """One PEFT LoRA (add_adapter, random A and B) on every to_q / to_k / to_v: patched after loading = stock."""
@@ -204,6 +207,7 @@ def test_peft_lora_on_qkv(models, name):
     assert _err(_forward(name, patched), expected) <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_layerwise_fp8_casting_and_group_offload(models, name):
     """diffusers' fp8 layerwise casting (hooks on every Linear: the processors call the live modules) and
@@ -219,6 +223,7 @@ def test_layerwise_fp8_casting_and_group_offload(models, name):
     assert _err(_forward(name, patched), expected) <= FP32_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VARIANTS)
 def test_set_attention_backend_and_parallel_hand_back_to_the_modules_own_processor(models, name, monkeypatch):
     """set_attention_backend / a parallel config hand attention to the stock processor of the attention module's
@@ -264,6 +269,7 @@ def test_set_attention_backend_and_parallel_hand_back_to_the_modules_own_process
     assert torch.equal(_forward(name, patched), ours_out) and not dispatched
 
 
+@pytest.mark.slow
 def test_int8_attention_close_to_stock(models):
     """attention="int8": every patched self-attention runs wan::attention_int8 (on CPU its reference emulation),
     cross-attention stays wan::attention (a few hundred keys: quantizing the whole query would cost more)."""
@@ -416,6 +422,7 @@ def _vace_inputs(cfg):
     return x, t, text, make_control(cfg, x)
 
 
+@pytest.mark.slow
 def test_vace_gguf_transformer(tmp_path):
     """A VACE GGUF (written by our converter: city96's layout, Q8_0 blocks) loaded by diffusers'
     WanVACETransformer3DModel.from_single_file with GGUFQuantizationConfig: patched == stock (the GGUF Linear

@@ -81,6 +81,7 @@ PARAMS = [pytest.param(*case, impl, id=f"{case[0]}-{i}-{impl}") for i, case in e
           if not (impl == "cpu" and case[0] in NO_CPP_CPU_KERNEL)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,index,bad,pattern,impl", PARAMS)
 def test_bad_input_message(op, index, bad, pattern, impl, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -115,6 +115,7 @@ def test_registry_drives_the_cli_choices(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # ComfyUI: comfy-kitchen is the consumer
 
+@pytest.mark.slow
 def test_comfyui_file_read_by_comfy_kitchen(quantized, tmp_path):
     path = tmp_path / "comfy.safetensors"
     quantized.save_pretrained(path, format="comfyui")
@@ -219,6 +220,7 @@ def _modelopt_reader(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     return q, out
 
 
+@pytest.mark.slow
 def test_modelopt_layout_spec_reader_and_round_trip(quantized, tmp_path):
     d = tmp_path / "modelopt"
     quantized.save_pretrained(d, format="modelopt", max_shard_size="300KB")
@@ -255,6 +257,7 @@ def _lightx2v_file(model: WanModel, path, input_gs: float = 0.5):
     save_file(out, path)
 
 
+@pytest.mark.slow
 def test_lightx2v_layout_read(quantized, tmp_path):
     path = tmp_path / "lightx2v.safetensors"
     _lightx2v_file(quantized, path)
@@ -275,6 +278,7 @@ def test_lightx2v_layout_read(quantized, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # every format: the same values
 
+@pytest.mark.slow
 def test_every_format_same_values_and_snr(dense, quantized, tmp_path):
     want = _run(quantized)
     snr = _snr_db(_run(dense), want)
@@ -325,6 +329,7 @@ def test_ambiguous_layouts_refused(quantized, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # CLI: streaming quantize into every format == in-memory quantize saved there
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["comfyui", "modelopt"])
 def test_cli_convert_quantize_every_format(dense, tmp_path, name, capsys):
     src = tmp_path / "bf16"
@@ -372,6 +377,7 @@ def _rewrite(file, **tensors):
     save_file(sd, file, metadata=meta)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["diffusers", "original", "comfyui", "modelopt", "lightx2v"])
 @pytest.mark.parametrize("layer", ["blocks.0.attn1.to_q", "blocks.1.ffn.net.0.proj"])  # fused into QKV / unfused
 def test_bad_nvfp4_scales_refused_on_load(quantized, tmp_path, name, layer):
@@ -400,6 +406,7 @@ def test_bad_nvfp4_scales_refused_on_load(quantized, tmp_path, name, layer):
             WanModel.from_pretrained(src, dtype=torch.float32, impl="ref")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["diffusers", "comfyui", "lightx2v"])
 def test_zero_global_scale_of_all_zero_layer_loads(quantized, tmp_path, name):
     """An all-zero weight's per-tensor scale is amax / 2688 = 0: accepted where every code is +-0 (it dequantizes

@@ -232,6 +232,7 @@ def _run(model, dtype=torch.float32):
         return model(x, t, text, img)
 
 
+@pytest.mark.slow
 def test_quantize_structure_and_shared_scales(dense):
     model = copy.deepcopy(dense).quantize("fp8")
     assert model.quantization == FP8Config() and model.quantization.keep == DEFAULT_KEEP
@@ -287,6 +288,7 @@ def quantized(dense):
     return {pc: copy.deepcopy(dense).quantize("fp8", FP8Config(per_channel=pc)) for pc in (False, True)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["diffusers", "original", "comfyui", "comfyui-scaled-fp8"])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_round_trip_bit_exact(quantized, fmt, per_channel, tmp_path):
@@ -304,6 +306,7 @@ def test_round_trip_bit_exact(quantized, fmt, per_channel, tmp_path):
     assert torch.equal(_run(got), _run(model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["comfyui", "comfyui-scaled-fp8"])
 def test_comfyui_file_read_by_comfy_kitchen(quantized, fmt, tmp_path):
     """What ComfyUI's loader does with our file (comfy/ops.py mixed_precision_ops: the marker's JSON, a single
@@ -358,6 +361,7 @@ def _comfy_kitchen_file(model: WanModel, path) -> WanModel:
     return model_from_state_dict(ref, model.config, torch.float32, impl=model.impl)
 
 
+@pytest.mark.slow
 def test_comfy_kitchen_quantized_file_loads_in_fp8(dense, tmp_path):
     path = tmp_path / "ck.safetensors"
     ref = _comfy_kitchen_file(dense, path)
@@ -380,6 +384,7 @@ def test_comfy_kitchen_quantized_file_loads_in_fp8(dense, tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(_bits(a[k]), _bits(b[k])), k
 
 
+@pytest.mark.slow
 def test_legacy_scaled_file_keeps_fp8(dense, tmp_path):
     """A legacy `scaled_fp8` file quantizing every 2-D weight (time embedder included, which diffusers keeps in
     fp32) with `scale_input` 1.0 (= none): the quantizable layers load as FP8Linear with the file's bytes, the
@@ -443,6 +448,7 @@ def test_checkpoint_errors(quantized, tmp_path):
             WanModel.from_pretrained(tmp_path / f"cbad{i}.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, flag", [("comfyui", "fp8"), ("original", "fp8-per-channel")])
 def test_streaming_convert_equals_in_memory(dense, fmt, flag, tmp_path):
     """`convert --quantize fp8` (one tensor at a time; fused groups' shared scale from a first pass over their
@@ -498,6 +504,7 @@ def test_op_takes_python_float_scales():
     assert torch.equal(fp8_linear_wrapper(x, w, s.item(), 0.02, b), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, per_channel", [("original", False), ("diffusers", True), ("comfyui", False),
                                               ("comfyui-scaled-fp8", False)])
 @pytest.mark.parametrize("bad", BAD_SCALES)

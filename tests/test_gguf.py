@@ -78,6 +78,7 @@ def _expected_type(name: str, shape: tuple[int, ...], gguf_type: str) -> str:
     return gguf_type if name.startswith("blocks.") else "F32"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gguf_type", wgguf.GGUF_TYPES)
 def test_gguf_reader_sees_wan_names_types_and_shapes(i2v, gguf_type, tmp_path):
     _, src, _ = i2v
@@ -205,6 +206,7 @@ def test_snr_per_type_and_bit_exact_round_trips(i2v, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_any_source_format_gives_the_same_file(i2v, tmp_path):
     """original file, diffusers dir, ComfyUI file and an F32 GGUF (dequantized, re-quantized) -> identical bytes."""
     model, src, _ = i2v
@@ -337,6 +339,7 @@ def test_unreadable_gguf_files(i2v, tmp_path):
         convert_checkpoint(good, tmp_path / "q", "diffusers", quantize="nvfp4", progress=False)
 
 
+@pytest.mark.slow
 def test_reads_a_file_written_by_the_gguf_package_as_city96_does(tmp_path):
     """A GGUF written with the gguf package directly (not our writer), as city96's convert.py + llama-quantize
     leave a bf16 Wan: blocks' linears Q8_0 / Q4_0, other 2-D BF16, 1-D / modulation / 5-D patch embedding F32.

@@ -196,6 +196,7 @@ def _only_named_errors(path):
             assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @FUZZ
 @given(st.data())

@@ -353,6 +353,7 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7),
                     reason="Triton 3.6's interpreter cannot run the attention kernels (README, Supported versions); "
                            "the main venv runs this")
@@ -397,6 +398,7 @@ def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys
     assert row["ok_out"] and not row["ok_lse"] and row["ok_lse_img"] and row["status"] == "fail"
 
 
+@pytest.mark.slow
 def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
     """The 8-bit attention section, run here (CPU: the op's backend is its reference emulation, so the accuracy rows
     compare it with itself and pass): every CPU-runnable row ok and the verdict not to route without timings. A

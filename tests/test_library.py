@@ -103,6 +103,7 @@ def _requiring_grad(op: str, args: tuple) -> tuple:
                  for n, a in zip(spec.arg_names, args))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
     args = _requiring_grad(op, op_inputs()[op])
@@ -120,6 +121,7 @@ def test_opcheck(op):
     assert all(torch.equal(b, a.view(torch.uint8)) for a, b in zip(fp8_inputs, before))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_fake_matches_real_shapes(op):
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -134,6 +136,7 @@ def test_fake_matches_real_shapes(op):
     assert [(t.shape, t.dtype) for t in real] == [(t.shape, t.dtype) for t in fake]
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_traces_every_op():
     inputs = op_inputs()
 
@@ -152,6 +155,7 @@ def test_compile_fullgraph_traces_every_op():
                            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
 
 
+@pytest.mark.slow
 def test_compile_inductor_with_wrappers():
     q, k, v, ki, vi, _ = op_inputs()["attention"]
     args = op_inputs()["qk_norm_rope"]

@@ -191,6 +191,7 @@ def test_original_naming_diff_b_and_outer_layers_match_diffusers(base, tmp_path)
     assert _weights_err(ours, ref) <= WEIGHT_TOL
 
 
+@pytest.mark.slow
 def test_full_diffs_on_norms_modulation_and_stacked_weights(base, tmp_path):
     """`.diff` / `.diff_b` of norms, k-norms (self: inside qkv_rope; cross: the stacked norm_k), modulation and a
     cross-attention V weight (inside the stacked K/V): ComfyUI's rule p += scale * diff. diffusers' converter drops
@@ -222,6 +223,7 @@ def test_full_diffs_on_norms_modulation_and_stacked_weights(base, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Stacking and unloading
 
+@pytest.mark.slow
 def test_two_adapters_stack_and_unload_bit_exactly(base, tmp_path):
     layers = _block_layers(to_diffusers_model(base))
     file_a = _write("original", _factors(base, layers, seed=4), tmp_path)
@@ -252,6 +254,7 @@ def test_adapter_names(base, tmp_path):
         m.load_lora(file, adapter_name="original")
 
 
+@pytest.mark.slow
 def test_bf16_model_rounds_once(base, tmp_path):
     """bf16 weights: round(original + delta a + delta b) in fp32, however many adapters; unload exact."""
     layers = ["blocks.0.attn1.to_v", "blocks.1.attn2.to_k"]
@@ -323,6 +326,7 @@ def test_quantized_weights_requantized(base, tmp_path, which):
     assert _same(q, snap)
 
 
+@pytest.mark.slow
 def test_quantize_after_load_keeps_lora_and_refuses_unload(base, tmp_path):
     """quantize() after load_lora quantizes the fused weights (the LoRA stays in); the adapters cannot be taken
     out of them any more: unload_lora / load_lora refuse, before changing anything."""
@@ -468,6 +472,7 @@ BAD_LORAS = {  # name: (state dict, what the message must say)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_LORAS))
 def test_bad_lora_values_refused(base, case):
     """NaN / inf in the factors or alpha, an empty alpha, non-float tensors, rank 0, no tensors: before,
@@ -499,6 +504,7 @@ def test_bad_lora_file_named(base, tmp_path):
     assert _same(m, snap) and adapters(m) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), -1e39, "abc"])
 def test_bad_scale_refused(base, scale):
     """load_lora's scale: nan / inf, or finite in fp64 but not in fp32 (`--lora F:-1e39`), gave NaN weights."""
@@ -510,6 +516,7 @@ def test_bad_scale_refused(base, scale):
     assert _same(m, snap) and adapters(m) == []
 
 
+@pytest.mark.slow
 def test_delta_and_fused_weight_must_be_finite_in_the_models_dtype(base):
     """An fp16 model: a delta of 1.6e5 (finite in fp32) is inf in fp16; two deltas of 4e4 each are finite,
     their sum in the fused weight is not. Both refused, the model as it was (before: inf / NaN weights)."""
@@ -572,6 +579,7 @@ def test_unreadable_lora_file(base, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Training after load_lora: the update is kept by unload / a further load
 
+@pytest.mark.slow
 def test_unload_after_training_keeps_the_update(base, tmp_path):
     """Fuse a LoRA into q (rows 0:256 of the fused QKV), take an optimizer step on the whole QKV, unload:
     every row keeps the step (before: the q rows went back to their pre-LoRA values, k / v kept it). Same
@@ -603,6 +611,7 @@ def test_unload_after_training_keeps_the_update(base, tmp_path):
     assert adapters(m) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["nvfp4", "fp8"])
 def test_unload_after_edit_of_quantized_weight_keeps_it(base, tmp_path, which):
     """A quantized layer changed after the fuse (requantized with an update): unload subtracts the LoRA from
@@ -633,6 +642,7 @@ def test_unload_after_edit_of_quantized_weight_keeps_it(base, tmp_path, which):
     assert adapters(q) == []
 
 
+@pytest.mark.slow
 def test_vace_blocks_lora_matches_diffusers(tmp_path):
     """A LoRA over every Linear of a VACE model (its vace_blocks, their proj_in / proj_out and fused Q/K/V and
     stacked K/V included), in diffusers naming written by diffusers itself: fused by us == loaded and fused by

@@ -1,5 +1,6 @@
-"""WanModel vs diffusers' WanTransformer3DModel (the numerical reference), RoPE, context cache, CFG
-batching, torch.compile, sampling and the demo."""
+"""WanModel (wan_model/model.py, wan_model/core/model.py) vs diffusers' WanTransformer3DModel (the numerical
+reference): fp32 and bf16 numerics, the context cache, CFG batching, per-token timesteps, torch.compile and the input
+checks. Config, RoPE, sampling and the demo: tests/test_config.py, test_rope.py, test_sampling.py, test_cli.py."""
 
 from __future__ import annotations
 
@@ -7,99 +8,18 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from _helpers import VARIANTS, diffusers_bf16_like, run_diffusers, run_ours
-from wan_model.cli import main as cli_main
-from wan_model.testing import BATCH, FP32_TOL, diffusers_euler, make_inputs, random_model
-from wan_model.core.config import PRESETS, WanConfig
-from wan_model.io.checkpoint import WanExperts, diffusers_keys, native_to_diffusers
-from wan_model.model import WanModel
-from wan_model.core.rope import rope_tables
-from wan_model.core.sampling import flow_sigmas, sample
+from wan_model.testing import BATCH, FP32_TOL, make_inputs
+from wan_model.io.checkpoint import native_to_diffusers
 
 BF16_RATIO = 1.5     # our bf16 error <= 1.5x diffusers-bf16's own error vs the fp32 run
 
 
 # ---------------------------------------------------------------------------------------------
-# config
-
-def test_presets_match_reference_table():
-    p = PRESETS
-    assert (p["wan2.1-t2v-1.3b"].dim, p["wan2.1-t2v-1.3b"].num_attention_heads, p["wan2.1-t2v-1.3b"].ffn_dim,
-            p["wan2.1-t2v-1.3b"].num_layers) == (1536, 12, 8960, 30)
-    for name in ("wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b",
-                 "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
-        assert (p[name].dim, p[name].ffn_dim, p[name].num_layers) == (5120, 13824, 40), name
-    assert p["wan2.1-i2v-14b-480p"].image_dim == 1280 and p["wan2.1-i2v-14b-480p"].added_kv_proj_dim == 5120
-    assert p["wan2.1-flf2v-14b"].pos_embed_seq_len == 514
-    assert p["wan2.2-i2v-a14b"].in_channels == 36 and not p["wan2.2-i2v-a14b"].has_image
-    assert (p["wan2.2-t2v-a14b"].boundary_ratio, p["wan2.2-i2v-a14b"].boundary_ratio) == (0.875, 0.9)
-    ti2v = p["wan2.2-ti2v-5b"]
-    assert (ti2v.dim, ti2v.ffn_dim, ti2v.num_layers, ti2v.in_channels, ti2v.expand_timesteps) == \
-        (3072, 14336, 30, 48, True)
-    assert all(c.attention_head_dim == 128 and c.rope_dims == (44, 42, 42) for c in p.values())
-
-
-def test_unknown_preset_lists_names():
-    with pytest.raises(ValueError, match="unknown Wan variant 'wan3-t2v'.*wan2.1-t2v-1.3b"):
-        WanConfig.from_preset("wan3-t2v")
-
-
-@pytest.mark.parametrize("name", [n for n in PRESETS])
-def test_config_round_trips(name):
-    cfg = PRESETS[name]
-    pipeline = dict(expand_timesteps=cfg.expand_timesteps, boundary_ratio=cfg.boundary_ratio,
-                    num_experts=cfg.num_experts)
-    assert WanConfig.from_diffusers_config(cfg.to_diffusers_config()).replace(**pipeline) == cfg
-    meta = WanModel(cfg, impl="ref", device="meta")
-    sd = native_to_diffusers(dict(meta.state_dict()), cfg)
-    assert set(sd) == diffusers_keys(cfg)
-    assert WanConfig.from_state_dict(sd, **pipeline) == cfg
-    from wan_model.io.checkpoint import diffusers_to_original_key
-    assert WanConfig.from_state_dict({diffusers_to_original_key(k): v for k, v in sd.items()}, **pipeline) == cfg
-
-
-def test_diffusers_config_keys_accepted_by_diffusers():
-    from diffusers import WanTransformer3DModel
-    for name in ("tiny-i2v", "tiny-flf2v"):
-        cfg = PRESETS[name].to_diffusers_config()
-        with torch.device("meta"):
-            WanTransformer3DModel.from_config(cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# RoPE
-
-@pytest.mark.slow
-@settings(max_examples=25, deadline=None)
-@given(f=st.integers(1, 9), h=st.integers(1, 33), w=st.integers(1, 33))
-def test_rope_bit_exact_vs_diffusers(f, h, w):
-    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
-    rope = WanRotaryPosEmbed(128, (1, 2, 2), 1024)
-    cos_ref, sin_ref = rope(torch.empty(1, 1, f, 2 * h, 2 * w))     # [1, S, 1, 128], pairs repeated
-    cos, sin = rope_tables(128, (f, h, w))
-    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (f * h * w, 64)
-    assert torch.equal(cos, cos_ref[0, :, 0, 0::2]) and torch.equal(cos, cos_ref[0, :, 0, 1::2])
-    assert torch.equal(sin, sin_ref[0, :, 0, 0::2]) and torch.equal(sin, sin_ref[0, :, 0, 1::2])
-
-
-def test_rope_layout_and_cache():
-    cos, sin = rope_tables(128, (3, 4, 5))
-    assert rope_tables(128, (3, 4, 5))[0] is cos  # cached per grid
-    # token (f, h, w) = (2, 1, 3) -> index 2*20 + 1*5 + 3; t-angles 0..21, h 22..42, w 43..63
-    i = 2 * 20 + 1 * 5 + 3
-    ang = torch.atan2(sin[i], cos[i])
-    assert torch.allclose(ang[0], torch.tensor(2.0)) and torch.allclose(ang[1], torch.tensor(2 * 10000 ** (-2 / 44)))
-    assert torch.allclose(ang[22], torch.tensor(1.0)) and torch.allclose(ang[43], torch.tensor(3.0))
-    with pytest.raises(ValueError, match="exceeds rope_max_seq_len"):
-        rope_tables(128, (2, 2000, 2))
-
-
-# ---------------------------------------------------------------------------------------------
 # numerics vs diffusers
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp32_matches_diffusers(fp32_models, variant, impl):
@@ -217,6 +137,7 @@ def test_ti2v_unique_timesteps_equal_per_token(fp32_models):
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-ti2v"])
 def test_compile_fullgraph_matches_eager(fp32_models, variant):
     model, _ = fp32_models[variant]
@@ -231,55 +152,6 @@ def test_compile_fullgraph_matches_eager(fp32_models, variant):
     err = (out - eager).abs().max().item()
     print(f"{variant} compiled vs eager: max diff {err:.3e}")
     assert err <= 1e-5 * eager.abs().max().item()
-
-
-# ---------------------------------------------------------------------------------------------
-# sampling and CLI
-
-def test_flow_sigmas():
-    s = flow_sigmas(4, shift=1.0)
-    assert torch.allclose(s, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
-    s5 = flow_sigmas(10, 5.0)
-    assert s5[0] == 1 and s5[-1] == 0 and bool((s5[1:] < s5[:-1]).all())
-
-
-def test_sample_matches_diffusers_loop(fp32_models):
-    model, ref = fp32_models["tiny-t2v"]
-    model.set_impl("auto")
-    x, _, text, _ = make_inputs(model.config)
-    neg = torch.randn_like(text)
-    res = sample(model, x, text, neg, num_steps=3, guidance_scale=4.0, shift=3.0, progress=False)
-    expected = diffusers_euler(ref, x, text, neg, 3, 4.0, 3.0)
-    assert len(res.step_times) == 3 and all(s > 0 for s in res.step_times)
-    assert (res.latents - expected).abs().max().item() <= 4 * FP32_TOL  # 3 steps, guidance 4 amplifies
-
-
-def test_two_expert_switching(fp32_models):
-    high, _ = fp32_models["tiny-t2v"]
-    low = random_model(high.config, seed=7).eval()
-    experts = WanExperts(high, low, boundary_ratio=0.875)
-    x, _, text, _ = make_inputs(high.config)
-    neg = torch.randn_like(text)
-    res = sample(experts, x, text, neg, num_steps=4, guidance_scale=3.0, shift=1.0, progress=False)
-    # t = 1000, 750, 500, 250: high while t >= 875
-    assert res.experts == ["high", "low", "low", "low"]
-    sigmas = flow_sigmas(4, 1.0)
-    xr = x.clone()
-    with torch.no_grad():
-        for i, m in enumerate((high, low, low, low)):
-            ts = torch.full((BATCH,), float(sigmas[i] * 1000))
-            v_c, v_u = m(xr, ts, text), m(xr, ts, neg)
-            xr = xr + float(sigmas[i + 1] - sigmas[i]) * (v_u + 3.0 * (v_c - v_u))
-    assert (res.latents - xr).abs().max().item() <= FP32_TOL
-
-
-def test_demo_runs(capsys):
-    assert cli_main(["demo", "--steps", "2", "--frames", "2", "--height", "8", "--width", "12",
-                     "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "routing" in out and "qkv_rope" in out and "ms/step" in out
-    diff = float(out.split("max |ours - diffusers| over the final latents: ")[1].split()[0])
-    assert diff <= 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +215,7 @@ def test_forward_refuses_sizes_the_patch_would_crop(bf16_models, dim):
         model.config = model.config.replace(patch_size=(1, 2, 2))
 
 
+@pytest.mark.slow
 def test_forward_accepts_what_diffusers_accepts(bf16_models):
     """Integer and bf16 timesteps, a timestep of batch 1 broadcast over the batch (diffusers' broadcast)."""
     model = bf16_models["tiny-t2v"]

@@ -57,6 +57,7 @@ def test_default_is_bf16_and_int8_is_opt_in():
     assert _parser().parse_args(["demo"]).attention == "int8"  # the demo compares int8 with bf16, the model is bf16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny-t2v", "tiny-i2v"])
 def test_int8_model_runs_close_to_bf16(preset):
     model, x = _model(preset)
@@ -73,6 +74,7 @@ def test_int8_model_runs_close_to_bf16(preset):
     assert torch.equal(again, want)  # back to bf16: bit-identical
 
 
+@pytest.mark.slow
 def test_dense_layers_and_steps_use_the_bf16_op():
     model, (x, _, text, _) = _model()
     model.set_attention("int8")
@@ -93,6 +95,7 @@ def test_dense_layers_and_steps_use_the_bf16_op():
     assert calls == ["int8", "int8", "bf16", "bf16"]
 
 
+@pytest.mark.slow
 def test_roles_text_int8_image_bf16_sums_two_calls():
     model, x = _model("tiny-i2v")
     with torch.no_grad():
@@ -130,6 +133,7 @@ def test_inference_only_inside_the_model():
         model(*x)
 
 
+@pytest.mark.slow
 def test_cli_demo_prints_int8_vs_bf16(capsys):
     from wan_model.cli import main
 

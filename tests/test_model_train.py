@@ -255,6 +255,7 @@ def _nvfp4_weight(n: int, k: int, seed: int = 0):
     return (*ref.nvfp4_quantize(w, gs), gs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m,n,k,strided", [(1, 8, 16, False), (70, 130, 96, True), (33, 65, 208, False)])
 def test_dgrad_kernel_interpreted_vs_fp64(monkeypatch, m, n, k, strided):
     # fp16 only: the Triton 3.8 interpreter's bf16 x bf16 tl.dot returns garbage (the forward W4A16 kernel's too);

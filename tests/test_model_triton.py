@@ -10,7 +10,8 @@ from _helpers import run_diffusers, run_ours
 from wan_kernels.triton import KERNELS
 
 
-pytestmark = pytest.mark.usefixtures("triton_interpreter")
+# slow: the one test runs whole tiny models in the Triton interpreter
+pytestmark = [pytest.mark.usefixtures("triton_interpreter"), pytest.mark.slow]
 
 
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v"])

@@ -54,6 +54,7 @@ def test_gated_residual_matches_reference(dtype, B, S, C, per_token):
     assert torch.equal(got, want)
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(B=st.integers(1, 2), S=st.integers(1, 40), C=st.sampled_from([16, 128, 1000, 5120]), per_token=st.booleans(),
        seed=st.integers(0, 2**16))
@@ -104,6 +105,7 @@ def _huge_rows(B, S, C, dtype, g):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("C", [64, 100, 1536])

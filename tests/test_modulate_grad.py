@@ -78,6 +78,7 @@ BROADCASTS = {"bcast": lambda B, S, C: (B, 1, C), "per_token": lambda B, S, C: (
               "batch_bcast": lambda B, S, C: (1, 1, C), "token_only": lambda B, S, C: (1, S, C)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("B,S,C", [(1, 1, 16), (2, 9, 40), (2, 3, 5120)])
@@ -169,6 +170,7 @@ def test_forward_autograd_uses_the_backward_op(op, impl, monkeypatch):
     check(got, getattr(ref, op), args, diff, cot, torch.bfloat16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ("layer_norm_modulate", "gated_residual", "layer_norm_modulate_backward",
                                 "gated_residual_backward"))
 def test_opcheck_autograd(op):

@@ -21,6 +21,7 @@ from _inputs import nvfp4_adversarial
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k", [(1, 16), (130, 64), (257, 80), (37, 1040)])
 def test_quantize_random_bit_exact(dtype, m, k):
@@ -65,6 +66,7 @@ def _operands(m, n, k, seed=0):
     return a, ga, ref.nvfp4_quantize(a, ga), b, gb, ref.nvfp4_quantize(b, gb), torch.randn(n, generator=g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 40, 96), (33, 65, 208)])
 def test_w4a4_emulation_equals_reference(m, n, k):
     a, ga, qa, b, gb, qb, bias = _operands(m, n, k)
@@ -80,6 +82,7 @@ def test_w4a4_emulation_equals_reference(m, n, k):
     assert ((got16.float() - want16.float()).abs() <= want16.float().abs() * 2**-10 + 2**-24).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 8, 16), (70, 40, 96), (33, 65, 208)])
 def test_w4a16_equals_dequantize_then_matmul(m, n, k, dtype):
@@ -149,6 +152,7 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
     return buf[::2]
 
 
+@pytest.mark.slow
 def test_strided_block_scales_and_bias():
     """Column-major block scales and packed operands and a stride-2 bias give the results of contiguous ones,
     bit for bit (the launchers indexed them as contiguous buffers: errors as large as the output)."""

@@ -79,6 +79,7 @@ def _on_device(t: torch.Tensor, device) -> bool:
 # ---------------------------------------------------------------------------------------------
 # outputs
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dtype,n,prefetch", [
     *[(name, dtype, 2, 1) for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v")
       for dtype in (torch.float32, torch.bfloat16)],
@@ -93,6 +94,7 @@ def test_outputs_bit_identical(name, dtype, n, prefetch, mode):
             assert torch.equal(_run(model, dtype, seed), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
 def test_quantized_bit_identical_and_packed(quant):
     model = _model("tiny-t2v", torch.bfloat16, quant)
@@ -106,6 +108,7 @@ def test_quantized_bit_identical_and_packed(quant):
     assert model._offload.slot_bytes < offload.block_bytes(_model("tiny-t2v", torch.bfloat16).blocks[3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["nvfp4", "fp8"])
 def test_quantize_with_offload_on(quant, mode):
     want = _model("tiny-t2v", torch.bfloat16, quant)
@@ -156,6 +159,7 @@ def test_lora_before_and_after_enable(quant, mode):
     assert _same_sd(after.disable_offload().state_dict(), plain.state_dict())
 
 
+@pytest.mark.slow
 def test_state_dict_save_and_load(tmp_path, mode):
     plain = _model("tiny-i2v", torch.bfloat16)
     model = copy.deepcopy(plain).enable_offload(blocks_on_device=2)
@@ -174,6 +178,7 @@ def test_state_dict_save_and_load(tmp_path, mode):
         assert torch.equal(_run(m, torch.bfloat16), _run(other, torch.bfloat16))
 
 
+@pytest.mark.slow
 def test_disable_restores_every_tensor_bit_exactly(mode):
     model = _model("tiny-i2v", torch.bfloat16, "fp8")
     snap = {k: (v, v.detach().clone()) for k, v in _tensors(model).items()}
@@ -196,6 +201,7 @@ def test_disable_restores_every_tensor_bit_exactly(mode):
 # ---------------------------------------------------------------------------------------------
 # what holds storage during a forward
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,prefetch", [(1, 1), (2, 1), (2, 2), (1, 0)])
 def test_at_most_n_plus_prefetch_blocks_hold_storage(n, prefetch, mode):
     model = _model("tiny-t2v", torch.bfloat16)
@@ -340,6 +346,7 @@ def _sample(experts, steps=6):
     return sample(experts, x, txt, neg, num_steps=steps, guidance_scale=4.0, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blocks_on_device", [None, 2])
 def test_two_experts_idle_on_host_swap_once_per_boundary(blocks_on_device, mode):
     ref = _sample(_experts())
@@ -393,6 +400,7 @@ SMALL_RUN = ["--device", "cpu", "--dtype", "float32", "--steps", "2", "--frames"
              "--width", "16"]
 
 
+@pytest.mark.slow
 def test_cli_run_offload(tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -441,6 +449,7 @@ def _patch_file(path, key: str, value: torch.Tensor) -> None:
         f.write(data)
 
 
+@pytest.mark.slow
 def test_file_tier_reads_each_block_from_the_file(tmp_path, mode):
     from wan_model.model import WanModel
 
@@ -576,6 +585,7 @@ def test_diffusers_pipeline_with_offloaded_wan_model():
     assert torch.equal(generate(_model("tiny-t2v").enable_offload(blocks_on_device=2)), want)
 
 
+@pytest.mark.slow
 def test_ring_slots_keep_fixed_addresses():
     """4 streamed blocks through 2 slots: each block always runs from the same addresses (its home slot), so a
     per-block CUDA graph could be replayed; 2 slots in all."""
@@ -591,6 +601,7 @@ def test_ring_slots_keep_fixed_addresses():
     assert len(starts) == 2  # blocks 1, 3 in one slot, 2, 4 in the other
 
 
+@pytest.mark.slow
 def test_compiled_blocks_stay_compiled():
     """Blocks compiled whole (fullgraph) keep running compiled: the swap happens in the hooks, outside the compiled
     forward; after one recompile for the ring's parameters (requires_grad off), no block or slot recompiles
@@ -610,6 +621,7 @@ def test_compiled_blocks_stay_compiled():
     assert counter.frame_count == 2
 
 
+@pytest.mark.slow
 def test_cli_run_two_experts_offload(tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -89,6 +89,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL = [(1, 1), (2, 17)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("B,S", SMALL)
@@ -105,6 +106,7 @@ def test_triton_long_sequence(B, S, D, dtype):
 
 
 # Wan-14B: 40 heads x 128 = 5120 channels reduced by one program (a 64-head tile, 24 heads masked off).
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,S", [(1, 1), (2, 17)])
 def test_triton_wan14b_heads(B, S, dtype):
@@ -153,6 +155,7 @@ def _strided_rope_tables(qkv, cos, sin):
     return qkv, cs[:, :half], cs[:, 2 * half:3 * half]  # row stride 4 * D/2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", [_slice_of_bigger, _transposed_batch, _last_dim_strided, _strided_rope_tables])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_triton_non_contiguous(transform, dtype):
@@ -257,6 +260,7 @@ def test_cpu_kernel_non_contiguous(transform):
     check_against_reference(_wrapper("cpu"), 2, 17, 2, 64, torch.float16, seed=9, transform=transform)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["triton", "cpu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

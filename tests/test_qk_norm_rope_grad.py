@@ -55,6 +55,7 @@ def assert_matches(got, args, grads, dtype):
         assert rel_err(g, w) <= 2 * rel_err(s, w) + TOLERANCE[dtype].rounding, (name, rel_err(g, w), rel_err(s, w))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("B,S,H,D", [(1, 1, 1, 2), (2, 5, 3, 16), (1, 3, 5, 64), (1, 2, 40, 128)])
@@ -146,6 +147,7 @@ def test_qkv_rope_gradients(impl):
         assert rel_err(gt, w_) <= 2 * rel_err(s, w_) + TOLERANCE[torch.float32].rounding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", ("qk_norm_rope", "qk_norm_rope_backward"))
 def test_opcheck_autograd(op):
     grads, args = make(2, 3, 2, 8, torch.float32, seed=9)

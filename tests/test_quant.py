@@ -108,6 +108,7 @@ def _same(a: dict, b: dict):
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(_bits(a[k]), _bits(b[k])), k
 
 
+@pytest.mark.slow
 def test_toy_method_round_trips_through_a_checkpoint(int8, dense_ckpt, tmp_path):
     dense = WanModel.from_pretrained(dense_ckpt, dtype=torch.float32)
     model = copy.deepcopy(dense).quantize("int8-row")
@@ -129,6 +130,7 @@ def test_toy_method_round_trips_through_a_checkpoint(int8, dense_ckpt, tmp_path)
           load_file(tmp_path / "q" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["nvfp4", "fp8"])
 def test_in_memory_and_streaming_call_the_one_quantizer(method, dense_ckpt, tmp_path, monkeypatch):
     m = quant.get(method)

@@ -76,6 +76,7 @@ def test_default_keep_list_and_modules(models):
     assert models["tiny-i2v"].blocks[0].attn1.project_qkv is qkv_fused_dense
 
 
+@pytest.mark.slow
 def test_custom_keep_list_and_errors(models):
     keep = ("condition_embedder.time_proj", "blocks.1.ffn.*", "blocks.0.attn1.to_[qkv]")
     model = copy.deepcopy(models["tiny-t2v"]).quantize("nvfp4", NVFP4Config(keep=keep))
@@ -130,6 +131,7 @@ def _dequantized_dense(model: WanModel, quantized: WanModel) -> WanModel:
     return dense
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v"])
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 def test_w4a16_equals_dequantized_weight_model(models, variant, impl):
@@ -162,6 +164,7 @@ def test_gemm_snr_random_weights():
     assert 19.0 <= snr <= 22.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v"])
 def test_snr_vs_bf16_model(models, variant):
     model = copy.deepcopy(models[variant]).to_dtype(torch.bfloat16).set_impl("auto")

@@ -25,6 +25,7 @@ def _sdpa(q, k, v, scale=None):
                                           scale=scale).transpose(1, 2)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 2), sq=st.sampled_from([1, 17, 128, 300]), sk=st.sampled_from([1, 77, 257, 512]),
        h=st.integers(1, 4), d=st.sampled_from([64, 128]), with_img=st.booleans(), seed=st.integers(0, 2**16))
@@ -101,6 +102,7 @@ def _qk_norm_rope_unfused(qkv, wq, wk, cos, sin, heads, eps):
     return rope(q), rope(k), v.unflatten(-1, (heads, -1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "cpu"])
 @pytest.mark.parametrize("b,s,heads,d", [(1, 1, 2, 128), (2, 17, 2, 64), (1, 769, 2, 128), (2, 5, 40, 128)])
 def test_qk_norm_rope_fp32(impl, b, s, heads, d):

@@ -61,6 +61,7 @@ def _cuda_key(spec: OpSpec, args):
     return spec.packet.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device_class", GPU_CLASSES)
 @pytest.mark.parametrize("op", routing.public_ops())
 def test_dispatcher_runs_the_backend_the_table_names(op, device_class, capability, monkeypatch):
@@ -290,6 +291,7 @@ def test_internal_ops_have_the_public_schema():
 ATTENTION_OPS = ("attention", "attention_forward", "attention_lse")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routed", [frozenset(), frozenset({90, 100})], ids=["as-shipped", "ws-on-90-100"])
 @pytest.mark.parametrize("op", ATTENTION_OPS)
 def test_attention_picks_its_triton_kernel_per_arch_from_the_route(op, routed, capability, monkeypatch):
@@ -480,6 +482,7 @@ print("toy checks passed")
 '''
 
 
+@pytest.mark.slow
 def test_toy_op_added_as_files(tmp_path):
     import shutil
     import subprocess

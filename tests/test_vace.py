@@ -98,6 +98,7 @@ def test_bad_vace_configs_refused(changes, why):
 # ---------------------------------------------------------------------------------------------
 # numerics vs diffusers' WanVACETransformer3DModel
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 @pytest.mark.parametrize("case", ["scaled", "default-scale", "fewer-control-frames"])
 def test_fp32_matches_diffusers(pair, impl, case):
@@ -347,6 +348,7 @@ def test_run_control_checked_against_the_checkpoint(vace_dir, tmp_path, capsys, 
     assert "is not a VACE checkpoint" in err, err
 
 
+@pytest.mark.slow
 def test_gguf_round_trip(tmp_path):
     """A VACE checkpoint converted to GGUF (F32: exact; Q8_0: the main blocks quantized, the VACE branch kept F32
     as every non-`blocks.` tensor is) loads back with its vace_layers derived from the weights."""
