@@ -102,6 +102,7 @@ def kernel_means(monkeypatch):
     monkeypatch.setattr(R, "token_mean", Q.token_mean)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 def test_quantized_operands_bit_exact(pv, kernel_means):
     q, k, v, ki, vi = wan_like(2, 77, 133, 2, 64, Si=41, seed=5, dtype=torch.bfloat16)
@@ -141,6 +142,7 @@ def test_int8_rounding_is_half_away_from_zero():
     assert qz.q_scale.item() == pytest.approx(R.LOG2E)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 def test_quantizer_launches_move_each_argument_once(pv, monkeypatch):
     """What the cost model counts (`launch_bytes`: each distinct tensor argument of a quantizer launch, whole) is
@@ -179,6 +181,7 @@ def test_quantizer_launches_move_each_argument_once(pv, monkeypatch):
     assert sorted(set(kernels)) == ["_quantize_int8_kernel", "_quantize_v_kernel", "_token_stats_kernel"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("shape", [(1, 150, 333, 0, 2, 128), (1, 100, 200, 57, 2, 64)], ids=["hd128", "hd64-i2v"])
 def test_kernel_equals_reference_emulation(pv, shape, kernel_means):
@@ -206,6 +209,7 @@ def test_kernel_equals_reference_at_coarser_groups(monkeypatch):
     assert not torch.equal(out, R.attention_int8(*x, pv="fp16", exp2=np_exp2))  # the groups did change the result
 
 
+@pytest.mark.slow
 def test_per_token_scales_beat_sageattentions_blocks():
     """The granularity decision (kernel header): per-token Q and K scales vs SageAttention's 128-row / 64-key
     blocks, mean worst-head NRMSE over seeds (one seed's reading is noise: the header)."""
@@ -357,6 +361,7 @@ def _args(op, pv="auto", impl_dtype=torch.float32):
     return samples.op_inputs(impl_dtype)[op][:-1] + (pv,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_both_pv_modes(op, pv):
@@ -377,6 +382,7 @@ def test_compile_fullgraph_wrappers():
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["auto", "ref", "triton"])
 @pytest.mark.parametrize("op", OPS)
 def test_backends_agree_on_the_samples(op, impl):
@@ -436,6 +442,7 @@ def test_cpu_auto_is_the_fp8_emulation():
     assert not torch.equal(wan_kernels.attention_int8(*x), wan_kernels.attention_int8(*x, pv="fp16"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["auto", "ref", "triton"])
 @pytest.mark.parametrize("op, training", [("attention_int8", "attention"), ("attention_int8_lse", "attention_lse")])
 def test_requires_grad_names_the_bf16_op(op, training, impl):

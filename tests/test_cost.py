@@ -38,6 +38,7 @@ BLOCK_OPS = [o.name for o in cost.model_cost("tiny-t2v", latent=GRID).block]
 # ---------------------------------------------------------------------------------------------
 # FLOPs
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny-t2v", "tiny-i2v", "tiny-flf2v", "tiny-ti2v"])
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 def test_flops_match_flop_counter_tiny(variant, impl):
@@ -339,6 +340,7 @@ def test_cli_cost_targets(capsys):
     assert "75600" in out and "32760" in out
 
 
+@pytest.mark.slow
 def test_cli_cost_plot(tmp_path, capsys):
     path = tmp_path / "cost.png"
     rc = cli_main(["cost", "--preset", "wan2.1-t2v-1.3b", "--size", "832x480", "--plot", str(path)])
@@ -364,6 +366,7 @@ def test_cli_cost_runs_outside_the_repository(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # VACE (issue 26): the control branch is counted
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["ref", "auto"])
 def test_vace_flops_match_flop_counter(impl):
     """A VACE forward (control patch embedding, proj_in, the VACE blocks, their hints, their K/V GEMM) = the model
@@ -511,6 +514,7 @@ def _forward_live_bytes(cfg: WanConfig, c: cost.ModelCost, control: bool = False
 _PEAK_OP = {"modulation": "aten.add.Tensor", "ffn": "aten.addmm.default", "cross_q": "aten.mul.Tensor", "qk_norm_rope": "wan.qk_norm_rope.default"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b"])
 @pytest.mark.parametrize("res", ["480p", "720p"])
 @pytest.mark.parametrize("batch", [1, 2])
@@ -527,6 +531,7 @@ def test_activation_peak_matches_live_bytes_on_meta(preset, res, batch):
     assert prepare < measured
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,res", [("wan2.1-t2v-1.3b", "720p"), ("wan2.1-i2v-14b-720p", "480p")])
 @pytest.mark.parametrize("fmt,run_on", [("fp8", "cuda"), ("nvfp4", "cpu")])
 def test_activation_peak_quantized_weights(preset, res, fmt, run_on):
@@ -538,6 +543,7 @@ def test_activation_peak_quantized_weights(preset, res, fmt, run_on):
     assert c.activation_peak_bytes == _forward_live_bytes(cfg, c, run_on=run_on)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,latent,batch", [("wan2.1-vace-1.3b", (21, 60, 104), 2), ("tiny-vace", GRID, 2)])
 def test_activation_peak_vace(preset, latent, batch):
     """VACE (control given, default scales): the peak is in the last VACE block, with n + 2 streams held."""
