@@ -81,7 +81,7 @@ def _ltx(dtype=torch.float32):
 
 
 def _run_ltx(model, encoder_attention_mask=None):
-    """Batch 2 at two timesteps, 2 x 4 x 4 latent tokens, 8 text tokens (no text mask: see the refusal test)."""
+    """Batch 2 at two timesteps, 2 x 4 x 4 latent tokens, 8 text tokens (optionally a text padding mask)."""
     dtype = model.dtype
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
@@ -200,7 +200,14 @@ def _qkv(B=2, S=9, Sk=7, H=2, Hk=2, D=128, seed=0):
 
 @pytest.mark.parametrize("backend", ["wan", "wan_int8"])
 @pytest.mark.parametrize("kwargs, pattern", [
-    (dict(attn_mask=torch.ones(2, 7, dtype=torch.bool)), r"attn_mask is not supported .* shape \(2, 7\)"),
+    (dict(attn_mask=torch.ones(2, 7, dtype=torch.bool)),
+     r"attn_mask of shape \(2, 7\) does not broadcast to \[B, H, Sq, Sk\] = \(2, 2, 9, 7\)"),
+    (dict(attn_mask=torch.rand(2, 1, 9, 7) > 0.3),
+     r"attn_mask of shape \(2, 1, 9, 7\) differs between heads or queries \(only a key mask"),
+    (dict(attn_mask=torch.full((2, 1, 1, 7), -0.5)),
+     r"attn_mask of shape \(2, 1, 1, 7\): an additive mask must be 0 \(attend\) or <= -10000 \(masked\), got -0.5"),
+    (dict(attn_mask=torch.tensor([True] * 7 + [False] * 7).reshape(2, 1, 1, 7)),
+     r"attn_mask of shape \(2, 1, 1, 7\) masks every key of batch element 1"),
     (dict(is_causal=True), r"is_causal=True is not supported"),
     (dict(dropout_p=0.1), r"dropout_p=0.1 is not supported"),
     (dict(attention_kwargs={"return_lse": True}), r"return_lse=True is not supported"),
@@ -215,13 +222,56 @@ def test_refused_arguments_name_the_argument(backend, kwargs, pattern):
     assert "\n" not in str(e.value)
 
 
-def test_model_with_a_mask_is_refused():
-    """A real consumer: LTX-Video with its text mask (its pipelines pass one) makes an additive mask for the
-    cross-attention; the int8 backend refuses it by name instead of attending to the padding."""
+def _padding(B=2, Sk=8):
+    """A text padding mask per batch element ([B, Sk], 1 = token): 8 and 5 tokens (LTX pipelines pass one)."""
+    m = torch.ones(B, Sk)
+    m[1, 5:] = 0
+    return m
+
+
+@pytest.mark.parametrize("name", ["wan", "wan_int8"])
+def test_key_masks_match_stock(name):
+    """A key mask (bool [B, 1, 1, Sk], additive 0 / -inf [B, H, 1, Sk], one for the batch [1, 1, 1, Sk]): each
+    batch element attends to its own keys, as diffusers' native backend (torch SDPA with the mask) does: "wan"
+    within FP32_TOL, "wan_int8" within its bar; one op call per batch element (all keys attended: one call)."""
+    q, k, v = _qkv(Sk=12)
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[0, 3] = keep[1, 7:] = False
+    additive = torch.zeros(2, 1, 1, 12).masked_fill(~keep[:, None, None], float("-inf")).expand(2, 2, 1, 12)
+    for mask, calls in ((keep[:, None, None], 2), (additive, 2), (keep[0].reshape(1, 1, 1, 12), 2),
+                        (torch.ones(1, 1, 1, 12, dtype=torch.bool), 1)):
+        want = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=AttentionBackendName("native"))
+        with torch.no_grad(), Spy() as spy:
+            got = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=AttentionBackendName(name))
+        assert spy.calls == [OPS[name]] * calls
+        if name == "wan":
+            assert (got - want).abs().max().item() <= FP32_TOL
+        else:
+            assert 0 < _rel(got, want) < OP_NRMSE
+    unmasked = dispatch_attention_fn(q, k, v, backend=AttentionBackendName("native"))
+    assert _rel(unmasked, dispatch_attention_fn(q, k, v, attn_mask=keep[:, None, None],
+                                                backend=AttentionBackendName("native"))) > 0.05  # the mask matters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["wan", "wan_int8"])
+def test_model_with_a_text_mask_matches_stock(name):
+    """A real consumer: LTX-Video with a text padding mask (its pipelines pass one; the model turns it into an
+    additive -10000 mask per head for the cross-attention): on the backend it matches stock, the masked tokens
+    left out; 2 self-attention calls + 2 cross-attention calls per batch element."""
     model = _ltx()
-    model.set_attention_backend("wan_int8")
-    with torch.no_grad(), pytest.raises(ValueError, match=r"'wan_int8' .*: attn_mask is not supported"):
-        _run_ltx(model, encoder_attention_mask=torch.ones(2, 8))
+    with torch.no_grad():
+        want = _run_ltx(model, encoder_attention_mask=_padding())
+        unmasked = _run_ltx(model)
+        model.set_attention_backend(name)
+        with Spy() as spy:
+            got = _run_ltx(model, encoder_attention_mask=_padding())
+    assert _rel(unmasked, want) > 1e-3  # the padding matters
+    assert spy.calls == [OPS[name]] * 6
+    if name == "wan":
+        assert (got - want).abs().max().item() <= FP32_TOL
+    else:
+        assert 0 < _rel(got, want) < OP_NRMSE * 6
 
 
 def test_gqa_is_expanded():

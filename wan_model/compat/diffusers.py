@@ -512,13 +512,10 @@ def _backend_name(value: str):
     return member
 
 
-def _refuse(name: str, attn_mask, dropout_p, is_causal, return_lse, parallel_config) -> None:
+def _refuse(name: str, dropout_p, is_causal, return_lse, parallel_config) -> None:
     """What the wan kernels do not compute, as diffusers' own backends refuse it (ValueError naming the argument,
-    as its flash / sage backends do for attn_mask): never a silent fallback."""
+    as its flash / sage backends do for attn_mask; masks: `_key_masks`): never a silent fallback."""
     what = f"diffusers attention backend {name!r} ({BACKENDS[name][1]})"
-    if attn_mask is not None:
-        raise ValueError(f"{what}: attn_mask is not supported (every query attends to every key), got a mask of "
-                         f"shape {tuple(attn_mask.shape)}; use the 'native' backend for masked attention")
     if is_causal:
         raise ValueError(f"{what}: is_causal=True is not supported (non-causal attention only)")
     if dropout_p:
@@ -541,14 +538,63 @@ def _gqa(name: str, query, key, value, enable_gqa: bool):
     return key.repeat_interleave(Hq // Hk, dim=2), value.repeat_interleave(Hq // Hk, dim=2)
 
 
+MASKED = -1e4  # an additive mask entry at or below this is a masked key (diffusers' LTX writes -10000: the weight
+               # exp(s - 10000 - max) is 0 in fp32); 0 attends; anything else is a bias the kernels do not add
+
+
+def _key_masks(name: str, query, key, attn_mask):
+    """The keys each batch element attends to, [B, Sk] bool, or None when every key is attended: attn_mask in
+    SDPA's layout (broadcastable to [B, H, Sq, Sk]; bool True = attend, or additive 0 / <= MASKED / -inf), which
+    must be the same for every head and query of a batch element (a key-padding mask: diffusers' LTX-Video makes
+    [B, H, 1, Sk], HunyuanVideo [B, 1, 1, Sk]). Anything else is a one-line ValueError quoting the mask."""
+    if attn_mask is None:
+        return None
+    what = f"diffusers attention backend {name!r} ({BACKENDS[name][1]}): attn_mask of shape {tuple(attn_mask.shape)}"
+    B, Sq, H, _ = query.shape
+    full = (B, H, Sq, key.shape[1])
+    try:
+        m = attn_mask.expand(full) if attn_mask.dim() <= 4 else None
+    except RuntimeError:
+        m = None
+    if m is None:
+        raise ValueError(f"{what} does not broadcast to [B, H, Sq, Sk] = {full}")
+    if attn_mask.dtype == torch.bool:
+        keep = m
+    else:
+        keep, drop = m == 0, m <= MASKED
+        if not bool((keep | drop).all()):
+            bad = m[~(keep | drop)].flatten()[0].item()
+            raise ValueError(f"{what}: an additive mask must be 0 (attend) or <= {MASKED:g} (masked), got {bad:g} "
+                             "(a bias the kernels do not add); use the 'native' backend")
+    row = keep[:, :1, :1, :]
+    if not torch.equal(keep, row.expand(full)):
+        raise ValueError(f"{what} differs between heads or queries (only a key mask, the same keys for every query "
+                         "of a batch element, is supported); use the 'native' backend")
+    row = row[:, 0, 0, :]
+    if not bool(row.any(-1).all()):
+        raise ValueError(f"{what} masks every key of batch element {int((~row.any(-1)).nonzero()[0])} (no softmax "
+                         "to take)")
+    return None if bool(row.all()) else row
+
+
+def _attend(op, key_masks, query, key, value, *args):
+    """The op over every batch element's attended keys: one call when nothing is masked, else one call per batch
+    element on its own keys (the masked keys' weights are exactly 0: leaving them out is the same softmax)."""
+    if key_masks is None:
+        return op(query, key, value, None, None, *args)
+    return torch.cat([op(query[b:b + 1], key[b:b + 1, keep], value[b:b + 1, keep], None, None, *args)
+                      for b, keep in enumerate(key_masks)])
+
+
 def _wan_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
                    scale: float | None = None, enable_gqa: bool = False, return_lse: bool = False,
                    _parallel_config=None):
     """Backend "wan": `wan_kernels.attention` (in the inputs' dtype; trainable). query [B, Sq, H, D], key/value
     [B, Sk, H(k), D/Dv] (diffusers' layout, as ours) -> [B, Sq, H, Dv]."""
-    _refuse("wan", attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+    _refuse("wan", dropout_p, is_causal, return_lse, _parallel_config)
     key, value = _gqa("wan", query, key, value, enable_gqa)
-    return wan_kernels.resolve(BACKENDS["wan"][0], "auto", query.device)(query, key, value, None, None, scale)
+    return _attend(wan_kernels.resolve(BACKENDS["wan"][0], "auto", query.device),
+                   _key_masks("wan", query, key, attn_mask), query, key, value, scale)
 
 
 def _wan_int8_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
@@ -557,10 +603,10 @@ def _wan_int8_attention(query, key, value, attn_mask=None, dropout_p: float = 0.
     """Backend "wan_int8": `wan_kernels.attention_int8` (8-bit, pv="auto"; inference only: an input that requires
     grad in grad mode is the op's RuntimeError naming `wan_kernels.attention`, the "wan" backend's op). Layout as
     `_wan_attention`."""
-    _refuse("wan_int8", attn_mask, dropout_p, is_causal, return_lse, _parallel_config)
+    _refuse("wan_int8", dropout_p, is_causal, return_lse, _parallel_config)
     key, value = _gqa("wan_int8", query, key, value, enable_gqa)
-    return wan_kernels.resolve(BACKENDS["wan_int8"][0], "auto", query.device)(query, key, value, None, None, scale,
-                                                                              "auto")
+    return _attend(wan_kernels.resolve(BACKENDS["wan_int8"][0], "auto", query.device),
+                   _key_masks("wan_int8", query, key, attn_mask), query, key, value, scale, "auto")
 
 
 def register_attention_backends() -> tuple:
@@ -570,10 +616,12 @@ def register_attention_backends() -> tuple:
     `model.set_attention_backend("wan_int8")` or `with attention_backend("wan_int8"):`. Returns the two
     `AttentionBackendName` members (`_backend_name`: how a name joins diffusers' closed enum).
 
-    Arguments the kernels do not compute (attn_mask, is_causal, dropout_p > 0, return_lse, a parallel config) are a
-    one-line ValueError naming the argument, as diffusers' flash and sage backends refuse attn_mask: no silent
-    fallback to another backend, so a model running is a model on the kernels (HunyuanVideo always passes a key
-    mask, LTX-Video's pipelines a text mask: both are refused). enable_gqa repeats the key heads.
+    A key mask (the same attended keys for every head and query of a batch element: LTX-Video's text mask,
+    HunyuanVideo's) runs each batch element on its own keys (`_key_masks`, `_attend`). Arguments the kernels do not
+    compute (other masks, is_causal, dropout_p > 0, return_lse, a parallel config) are a one-line ValueError naming
+    the argument, as diffusers' flash and sage backends refuse attn_mask: no silent fallback to another backend, so
+    a model running is a model on the kernels. enable_gqa repeats the key heads. A mask's keys are data: a compiled
+    model with a mask breaks its graph there (fullgraph refuses it).
     Neither backend is registered as context-parallel capable, so diffusers refuses `enable_parallelism` with them.
     Limits (diffusers', any backend): `set_attention_backend` also sets diffusers' process-wide active backend,
     which `reset_attention_backend` leaves (diffusers #14249); the DIFFUSERS_ATTN_BACKEND environment variable cannot
