@@ -59,7 +59,8 @@ test-fast: build
 
 # The GPU machines run torch 2.11 + triton 3.6 (and so does anyone on torch 2.11): a second venv with exactly those
 # (from the registry) builds _C (CPU + sm_90a) from a copy of the tracked tree, runs the self-check, the C++ CPU
-# kernel tests, the dispatcher and GPU-check tests, the attention_ws AOT design checks and readiness for every arch
+# kernel tests, the dispatcher and GPU-check tests, the attention_ws and 8-bit attention AOT checks (Triton 3.6: int8
+# Q.K^T on sm_100 is mma.sync, tests/test_attention_int8_aot.py) and readiness for every arch
 # (Triton 3.6's ptxas choices differ: configs spill-free under 3.8 spilled under 3.6). (Triton 3.6's CPU interpreter
 # cannot run the attention / NVFP4 GEMM kernels, so their interpreter tests run in the main venv only; the compiled
 # kernels are what readiness checks here.)
@@ -79,6 +80,7 @@ compat:
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m wan_kernels
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_attention_ws.py -k aot
+	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_attention_int8_aot.py
 	cd $(COMPAT_SRC) && ../../$(COMPAT_VENV)/bin/python -m tools.readiness
 
 clean:
