@@ -27,7 +27,7 @@ import torch
 import wan_kernels
 from wan_kernels import ref, routing, samples
 from wan_kernels._spec import SPECS
-from wan_kernels.testing import comfy_bias, comfy_channel, stats_per_head, wan_like
+from wan_kernels.testing import comfy_bias, comfy_channel, e4m3_sweep, stats_per_head, wan_like
 from wan_kernels.triton import attention_int8 as T
 from wan_kernels.triton import attention_int8_quant as Q
 from wan_kernels.triton._launch import run
@@ -50,22 +50,8 @@ def ref64(q, k, v, ki=None, vi=None, scale=None):
 # ---------------------------------------------------------------------------------------------
 # e4m3 software encoder (the interpreted kernel's cast)
 
-def _sweep() -> torch.Tensor:
-    """Every fp32 with exponent 2^-27 .. 2^10 and any top 12 mantissa bits (all e4m3 ties and carries), low 11 bits
-    in {0, 1, 0x400, 0x7FF}, both signs; plus zeros, infinities, the saturation edge and huge values."""
-    e = torch.arange(100, 138, dtype=torch.int64)[:, None, None]
-    mhi = torch.arange(4096, dtype=torch.int64)[None, :, None] << 11
-    mlo = torch.tensor([0, 1, 0x400, 0x7FF], dtype=torch.int64)[None, None, :]
-    bits = ((e << 23) | mhi | mlo).reshape(-1)
-    bits = torch.cat([bits, bits | (1 << 31)]).to(torch.int64)
-    x = torch.from_numpy(bits.numpy().astype(np.uint32).view(np.float32))
-    extra = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 448.0, 463.99, 464.0, 464.01, 480.0, 1e30, -1e30,
-                          2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11, 2.0 ** -6 - 2.0 ** -10])
-    return torch.cat([x, extra, -extra])
-
-
 def test_e4m3_encoder_matches_torch_on_a_dense_sweep():
-    x = _sweep()
+    x = e4m3_sweep()
     got = T.e4m3_encode(x)
     want = x.clamp(-448, 448).to(torch.float8_e4m3fn)
     assert x.numel() > 1_200_000

@@ -408,6 +408,7 @@ def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
     check = gpu_check.Check(tmp_path, "cpu", dry_run=False)
     cases = gpu_check.attention_int8_cases(check)
     assert [c.name for c in cases if c.needs_cuda] == [
+        "e4m3 cast",
         *(name for r in ("480p", "720p") for name in (*(f"self-attn 14B {r} {p}" for p in ("bf16", "int8-fp16",
                                                                                           "int8-fp8")),
                                                       f"quantizer 14B {r}")),

@@ -706,7 +706,8 @@ INT8_SPEEDUP_TARGET = 2.0    # the issue's bar for routing int8 as the model's d
 
 
 def attention_int8_cases(check: Check) -> list[Case]:
-    """wan::attention_int8 on this device: (1) accuracy vs fp64 attention, worst head, for each P.V precision the
+    """wan::attention_int8 on this device: (0) with fp8, the kernels' e4m3 cast bit for bit vs torch's on a dense
+    sweep (the inline PTX's operand order); (1) accuracy vs fp64 attention, worst head, for each P.V precision the
     device has (fp8 from sm_89 on): NRMSE at most 1.05x that of the op's reference emulation on the same inputs (the
     emulation is what met the bars against sageattention on CPU, tests/test_attention_int8.py) + 1e-4, cosine as
     measured; (2) one self-attention of 163,840 Wan-like tokens (fp64 out of reach: vs our bf16 kernel, NRMSE <=
@@ -760,6 +761,14 @@ def attention_int8_cases(check: Check) -> list[Case]:
             ms = _time_ms(check, fn, reps=3)
             return {"ms": ms, "tops": _attention_flops(1, S, S, H, 128) / ms / 1e9}
         return run
+
+    def e4m3_cast():
+        from wan_kernels.triton.attention_int8 import e4m3_encode
+
+        x = testing.e4m3_sweep().to(dev)
+        got, want = e4m3_encode(x), x.clamp(-448, 448).to(torch.float8_e4m3fn)
+        bad = int((got.view(torch.uint8) != want.view(torch.uint8)).sum())
+        return {"values": x.numel(), "mismatches": bad, "status": "ok" if bad == 0 else "fail"}
 
     def quantizer(S, H):
         def run():
@@ -821,6 +830,9 @@ def attention_int8_cases(check: Check) -> list[Case]:
     cases = [Case(f"accuracy {n} pv={pv}", accuracy(n, *rest, pv), f"{n} vs fp64, worst head, vs the emulation",
                   needs_cuda=False)
              for n, *rest in INT8_ACCURACY for pv in pvs]
+    if "fp8" in pvs:
+        cases.insert(0, Case("e4m3 cast", e4m3_cast, "the kernels' fp32 -> e4m3 (inline cvt.rn.satfinite.e4m3x2.f32) "
+                             "vs torch's cast, 1.26 M values, bit for bit"))
     cases += [Case(f"long {INT8_LONG_TOKENS} tokens pv={pv}", long(pv), "163,840 Wan-like tokens vs the bf16 kernel",
                    needs_cuda=False) for pv in pvs]
     for res in ("480p", "720p"):

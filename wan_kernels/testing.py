@@ -186,3 +186,21 @@ def stats_per_head(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]
     err = (d - w).pow(2).sum((1, 3)).sqrt() / w.pow(2).sum((1, 3)).sqrt()                  # [B, H]
     cos = (d * w).sum((1, 3)) / (d.pow(2).sum((1, 3)).sqrt() * w.pow(2).sum((1, 3)).sqrt())
     return err.max().item(), cos.min().item()
+
+
+def e4m3_sweep() -> torch.Tensor:
+    """fp32 values that exercise an fp32 -> e4m3 cast: every exponent 2^-27 .. 2^10 with any top 12 mantissa bits (all
+    e4m3 ties and carries), low 11 bits in {0, 1, 0x400, 0x7FF}, both signs; plus zeros, infinities, the saturation
+    edge and huge values (~1.26 M values)."""
+    import numpy as np
+
+    e = torch.arange(100, 138, dtype=torch.int64)[:, None, None]
+    mhi = torch.arange(4096, dtype=torch.int64)[None, :, None] << 11
+    mlo = torch.tensor([0, 1, 0x400, 0x7FF], dtype=torch.int64)[None, None, :]
+    bits = ((e << 23) | mhi | mlo).reshape(-1)
+    bits = torch.cat([bits, bits | (1 << 31)])
+    x = torch.from_numpy(bits.numpy().astype(np.uint32).view(np.float32))
+    extra = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 448.0, 463.99, 464.0, 464.01, 480.0, 1e30, -1e30,
+                          2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11, 2.0 ** -6 - 2.0 ** -10])
+    return torch.cat([x, extra, -extra])
+

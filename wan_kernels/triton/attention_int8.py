@@ -82,7 +82,7 @@ from triton.runtime.jit import JITFunction
 from wan_kernels.hardware import default_pv
 from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
 from wan_kernels.triton.attention_int8_quant import Quantized, quantize, to_e4m3
-from wan_kernels.triton.nvfp4 import e4m3_code
+from wan_kernels.triton.nvfp4 import e4m3_code  # noqa: F401 (to_e4m3 calls it in the interpreted twin)
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, LOG2E, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
@@ -324,17 +324,20 @@ def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 @_jit
-def _e4m3_encode_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _e4m3_encode_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, SOFT_E4M3: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    tl.store(out_ptr + offs, e4m3_code(tl.load(x_ptr + offs, mask=ok, other=0.0)), mask=ok)
+    tl.store(out_ptr + offs, to_e4m3(tl.load(x_ptr + offs, mask=ok, other=0.0), SOFT_E4M3), mask=ok)
 
 
 def e4m3_encode(x: torch.Tensor, block: int = 1 << 16) -> torch.Tensor:
-    """The software e4m3 encoder of the interpreted kernel on a flat fp32 tensor -> float8_e4m3fn (tests)."""
+    """The kernels' fp32 -> e4m3 cast (`to_e4m3`) on a flat fp32 tensor -> float8_e4m3fn: on CPU the interpreted
+    software encoder, on CUDA the compiled cvt.rn.satfinite.e4m3x2.f32 (tests; gpu_check holds the GPU's to torch's
+    cast on the same sweep, which checks the inline PTX's operand order)."""
     x = x.float().contiguous().reshape(-1)
-    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     if x.numel():
-        run(Launch(_e4m3_encode_kernel, (triton.cdiv(x.numel(), block),), (x, out, x.numel()), dict(BLOCK=block),
-                   x.device, _interpreted))
-    return out.view(torch.float8_e4m3fn)
+        soft = target(x, "e4m3_encode") is None
+        run(Launch(_e4m3_encode_kernel, (triton.cdiv(x.numel(), block),), (x, out, x.numel()),
+                   dict(BLOCK=block if soft else 1024, SOFT_E4M3=soft), x.device, _interpreted))
+    return out
