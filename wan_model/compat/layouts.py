@@ -19,20 +19,17 @@ marker (`<layer>.comfy_quant`), which both use, is here.
 
 from __future__ import annotations
 
-import json
 import re
 
 import torch
 
+from wan_model.compat.common import MARKER_KEY, CheckpointError, cat_rows, marker_tensor, parse_marker  # noqa: F401 (re-exported)
 from wan_model.core.config import WanConfig
+from wan_model.quant import METHODS, stored_in
 
 COMFY_PREFIX = "model.diffusion_model."
 # diffusers ignores these keys on load (WanTransformer3DModel._keys_to_ignore_on_load_unexpected)
 IGNORED_KEYS = ("norm_added_q",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not match the model."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,66 +174,46 @@ def diffusers_keys(cfg: WanConfig) -> set[str]:
     return keys
 
 
-def _with_nvfp4_scales(mapping: dict[str, str], keys) -> dict[str, str]:
-    """Extend a key mapping by the NVFP4 side-car keys (<w>_scale, <w>_scale_2) of its `.weight` entries
-    present in `keys`."""
+def _with_scales(mapping: dict[str, str], keys) -> dict[str, str]:
+    """Extend a key mapping by the side-car keys of the quantization methods (<w>_scale, <w>_scale_2: each
+    method's `suffixes`) of its `.weight` entries present in `keys`."""
+    tails = sorted({s[len("weight"):] for m in METHODS.values() for s in m.suffixes if s != "weight"})
     out = dict(mapping)
     for a, b in mapping.items():
         if a.endswith(".weight") and b.endswith(".weight"):
-            for suffix in ("_scale", "_scale_2"):
+            for suffix in tails:
                 if a + suffix in keys:
                     out[a + suffix] = b + suffix
     return out
 
 
-def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat along rows, also for float8 tensors (concatenated as their bytes)."""
-    if parts[0].dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return torch.cat([p.view(torch.uint8) for p in parts]).view(parts[0].dtype)
-    return torch.cat(parts)
-
-
-def _shared_scale(parts: list[torch.Tensor], names: list[str]) -> torch.Tensor:
-    """The one global scale of a fused NVFP4 group: all members must carry the same weight_scale_2."""
-    first = parts[0]
-    if first.device.type != "meta" and any(not torch.equal(p, first) for p in parts[1:]):
-        bad = [n for n, p in zip(names, parts) if not torch.equal(p, first)]
-        raise CheckpointError(f"NVFP4 layers {names[0]} ... run as one GEMM with one global scale, but their "
-                              f"weight_scale_2 differ ({bad[:4]} vs {names[0]}): re-quantizing them would be "
-                              "lossy; quantize the dense checkpoint with `python -m wan_model convert --quantize "
-                              "nvfp4` instead")
-    return first
-
-
 def _fuse(sd, names: list[str], out: dict, native: str) -> None:
-    """Fuse the diffusers layers `names` (row order) into native module `native` (dense or NVFP4)."""
-    out[f"{native}.weight"] = _cat_rows([sd[f"{n}.weight"] for n in names])
+    """Fuse the diffusers layers `names` (row order) into native module `native` (dense, or quantized: the
+    method storing them fuses its scales, `Method.fuse_scales`)."""
+    out[f"{native}.weight"] = cat_rows([sd[f"{n}.weight"] for n in names])
     out[f"{native}.bias"] = torch.cat([sd[f"{n}.bias"] for n in names])
-    if f"{names[0]}.weight_scale_2" in sd:
-        out[f"{native}.weight_scale"] = _cat_rows([sd[f"{n}.weight_scale"] for n in names])
-        out[f"{native}.weight_scale_2"] = _shared_scale([sd[f"{n}.weight_scale_2"] for n in names], names)
-    elif f"{names[0]}.weight_scale" in sd:  # FP8
-        out[f"{native}.weight_scale"] = fp8_fused_scale(sd, names)
+    method = stored_in(sd, names[0])
+    if method is not None:
+        out.update(method.fuse_scales(sd, names, native))
 
 
 def _unfuse(sd, names: list[str], out: dict, native: str, rows: int) -> None:
-    """Inverse of `_fuse`: row slices of the native tensors (NVFP4 scales: `rows` is a multiple of 128)."""
-    for suffix in ("weight", "bias", "weight_scale"):
-        if f"{native}.{suffix}" in sd:
-            t = sd[f"{native}.{suffix}"]
-            parts = (t.view(torch.uint8).split(rows) if t.dtype == torch.float8_e4m3fn else
-                     [t.clone() for _ in names] if t.dim() == 0 else t.split(rows))  # 0-dim: a shared FP8 scale
-            for n, part in zip(names, parts):
-                out[f"{n}.{suffix}"] = part.view(t.dtype)
-    if f"{native}.weight_scale_2" in sd:
-        for n in names:
-            out[f"{n}.weight_scale_2"] = sd[f"{native}.weight_scale_2"].clone()  # safetensors: no shared storage
+    """Inverse of `_fuse`: row slices of the native weight and bias (`rows` each), the scales by the method's
+    `Method.unfuse_scales`."""
+    for suffix in ("weight", "bias"):
+        t = sd[f"{native}.{suffix}"]
+        parts = t.view(torch.uint8).split(rows) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t.split(rows)
+        for n, part in zip(names, parts):
+            out[f"{n}.{suffix}"] = part.view(t.dtype)
+    method = stored_in(sd, native)
+    if method is not None:
+        out.update(method.unfuse_scales(sd, names, native, rows))
 
 
 def diffusers_to_native(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
     """diffusers-named tensors -> our state dict (fuses QKV, stacks the cross-attn K/V of all layers).
     NVFP4 layers: packed weights and swizzled scales are row-concatenated, the shared scale checked."""
-    out = {n: sd[d] for d, n in _with_nvfp4_scales({**native_direct(cfg), **vace_direct(cfg)}, sd).items()}
+    out = {n: sd[d] for d, n in _with_scales({**native_direct(cfg), **vace_direct(cfg)}, sd).items()}
     for prefix, n, sets in block_stacks(cfg):
         for i in range(n):
             _fuse(sd, [f"{prefix}.{i}.attn1.to_{x}" for x in "qkv"], out, f"{prefix}.{i}.attn1.to_qkv")  # [3C, C]
@@ -249,7 +226,7 @@ def diffusers_to_native(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str
 
 def native_to_diffusers(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> diffusers-named tensors (splits QKV and the stacked K/V; contiguous copies)."""
-    native_of = _with_nvfp4_scales({n: d for d, n in {**native_direct(cfg), **vace_direct(cfg)}.items()}, sd)
+    native_of = _with_scales({n: d for d, n in {**native_direct(cfg), **vace_direct(cfg)}.items()}, sd)
     out = {d: sd[n] for n, d in native_of.items()}
     C = cfg.dim
     for prefix, n, sets in block_stacks(cfg):
@@ -261,36 +238,3 @@ def native_to_diffusers(sd: dict[str, torch.Tensor], cfg: WanConfig) -> dict[str
             for i in L:
                 out[f"{prefix}.{i}.{nm}.weight"] = sd[f"{name}.norm_k"][i]
     return {k: v.contiguous() for k, v in out.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# ComfyUI's per-layer marker (its quantized layers' `<layer>.comfy_quant`; the NVFP4 and FP8 file layouts of the
-# methods, wan_model/quant/nvfp4.py and fp8.py, write and read it)
-
-MARKER_KEY = "comfy_quant"
-
-
-def marker_tensor(spec: dict) -> torch.Tensor:
-    """The uint8 tensor ComfyUI stores as `<layer>.comfy_quant`: the UTF-8 bytes of json.dumps(spec)."""
-    return torch.tensor(list(json.dumps(spec).encode()), dtype=torch.uint8)
-
-
-def parse_marker(t: torch.Tensor, key: str):
-    """The JSON value of a `<layer>.comfy_quant` tensor (CheckpointError naming `key` when not JSON)."""
-    try:
-        spec = json.loads(bytes(t.flatten().to(torch.uint8).tolist()).decode())
-    except (ValueError, RecursionError, RuntimeError) as e:
-        raise CheckpointError(f"{key}: cannot parse the ComfyUI quantization spec: {e}") from e
-    return spec
-
-
-def fp8_fused_scale(sd, names: list[str]) -> torch.Tensor:
-    """The scale of one native module fusing FP8 layers `names` (row order): their per-tensor scale when all
-    are per tensor and equal (what quantize("fp8") makes), else a per-row [N, 1] scale holding each member's
-    scale on its rows: exact, the fp8 bytes are kept (e.g. a ComfyUI file's own scale for each of q, k, v)."""
-    scales = [sd[f"{n}.weight_scale"] for n in names]
-    if all(s.device.type == "meta" for s in scales):  # shapes only (check_state_dict): per row in general
-        return torch.empty(sum(sd[f"{n}.weight"].shape[0] for n in names), 1, device="meta")
-    if all(s.numel() == 1 for s in scales) and all(torch.equal(s.reshape(()), scales[0].reshape(())) for s in scales):
-        return scales[0].float().reshape(())
-    return torch.cat([s.float().reshape(-1, 1).expand(sd[f"{n}.weight"].shape[0], 1) for n, s in zip(names, scales)])

@@ -5,9 +5,9 @@ reaches a method; `register(method)` adds one (README, "Adding a quantization me
 """
 
 from wan_model.quant.method import (DEFAULT_KEEP, METHODS, Method, QuantConfig, detect, get, method_of,
-                                    method_of_module, register)
+                                    method_of_module, register, stored_in)
 from wan_model.quant.nvfp4 import NVFP4Config, NVFP4StackedKV
 from wan_model.quant.fp8 import FP8Config, FP8StackedKV
 
 __all__ = ["DEFAULT_KEEP", "METHODS", "Method", "QuantConfig", "detect", "get", "method_of", "method_of_module",
-           "register", "NVFP4Config", "NVFP4StackedKV", "FP8Config", "FP8StackedKV"]
+           "register", "stored_in", "NVFP4Config", "NVFP4StackedKV", "FP8Config", "FP8StackedKV"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from wan_kernels import fp8
 from wan_kernels.linear import FP8Linear
-from wan_model.compat.layouts import MARKER_KEY, CheckpointError, marker_tensor
+from wan_model.compat.common import MARKER_KEY, CheckpointError, marker_tensor
 from wan_model.core.model import StackedKV, split_kv
 from wan_model.quant.method import QuantConfig, Method, register
 
@@ -109,6 +109,19 @@ class FP8(Method):
         return tuple(sorted(k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight")
                             and v.dtype in fp8.DTYPES and k + "_scale" in sd and k + "_scale_2" not in sd))
 
+    def stores(self, sd, layer):
+        """A weight_scale without a weight_scale_2 (that is NVFP4)."""
+        return f"{layer}.weight_scale" in sd and f"{layer}.weight_scale_2" not in sd
+
+    def fuse_scales(self, sd, names, native):
+        return {f"{native}.weight_scale": fused_scale(sd, names)}
+
+    def unfuse_scales(self, sd, names, native, rows):
+        """A per-tensor (0-dim) scale to each member; a per-row one sliced by rows."""
+        t = sd[f"{native}.weight_scale"]
+        parts = [t.clone() for _ in names] if t.dim() == 0 else t.split(rows)
+        return {f"{n}.weight_scale": part for n, part in zip(names, parts)}
+
     def checkpoint_config(self, groups, layers, native):
         """Per-row where the checkpoint's scale is [N, 1], with the fp8 dtype stored (from the native tensors:
         the layers that could not stay FP8 are dequantized by then)."""
@@ -158,6 +171,18 @@ class FP8(Method):
 
 
 METHOD = register(FP8())
+
+
+def fused_scale(sd, names: list[str]) -> torch.Tensor:
+    """The scale of one native module fusing FP8 layers `names` (row order): their per-tensor scale when all
+    are per tensor and equal (what quantize("fp8") makes), else a per-row [N, 1] scale holding each member's
+    scale on its rows: exact, the fp8 bytes are kept (e.g. a ComfyUI file's own scale for each of q, k, v)."""
+    scales = [sd[f"{n}.weight_scale"] for n in names]
+    if all(s.device.type == "meta" for s in scales):  # shapes only (check_state_dict): per row in general
+        return torch.empty(sum(sd[f"{n}.weight"].shape[0] for n in names), 1, device="meta")
+    if all(s.numel() == 1 for s in scales) and all(torch.equal(s.reshape(()), scales[0].reshape(())) for s in scales):
+        return scales[0].float().reshape(())
+    return torch.cat([s.float().reshape(-1, 1).expand(sd[f"{n}.weight"].shape[0], 1) for n, s in zip(names, scales)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ A method is one module (wan_model/quant/<name>.py) holding one `Method` subclass
   checkpoint_layers  detection: the diffusers layers a (diffusers-named) state dict stores in this method
   requantize      the LoRA hook: a dense weight back into a module of this method (fresh scales)
   dense_on_load, conversion_config   what a load or a conversion of a checkpoint in this method keeps
+  stores, fuse_scales, unfuse_scales  a layer's scales in the fused QKV / stacked K/V (compat.layouts)
 Callers go through `get(name)`, `method_of(config)`, `method_of_module(module)` and `detect(state_dict)`; none of
 them names a method.
 """
@@ -113,7 +114,7 @@ class Method:
         return {f"{layer}.{s}": dtype for layer in layers for s, (dtype, _) in self.stored(self.config(), (0, 0)).items()}
 
     def check_checkpoint(self, sd, layers, source: dict[str, str], dense: set[str]) -> None:
-        """Raise CheckpointError (wan_model.compat.layouts) for what `checkpoint_keys` cannot say."""
+        """Raise CheckpointError (wan_model.compat.common) for what `checkpoint_keys` cannot say."""
 
     def dense_on_load(self, layers: set[str], groups: Iterable[tuple[str, tuple[str, ...]]],
                       keep: bool) -> set[str]:
@@ -126,6 +127,20 @@ class Method:
     def conversion_config(self, layers: tuple[str, ...]) -> dict | None:
         """The quantization_config a conversion that keeps `layers` in this method writes (None: none)."""
         return self.config(layers=tuple(layers)).to_json()
+
+    def stores(self, sd, layer: str) -> bool:
+        """Whether a state dict (tensors may be meta) stores `layer` (a diffusers layer or a native module) in
+        this method, by its keys."""
+        return False
+
+    def fuse_scales(self, sd, names: list[str], native: str) -> dict[str, torch.Tensor]:
+        """The scale tensors of native module `native` fusing this method's layers `names` (row order; their
+        weights are concatenated by rows): {key: tensor} (wan_model.compat.layouts, diffusers -> native names)."""
+        return {}
+
+    def unfuse_scales(self, sd, names: list[str], native: str, rows: int) -> dict[str, torch.Tensor]:
+        """Inverse of `fuse_scales`: each member's scale tensors, `rows` rows of the native module each."""
+        return {}
 
     def config_of(self, module: nn.Module) -> QuantConfig:
         """A config that quantizes like `module` does (its granularity, its dtypes)."""
@@ -180,6 +195,11 @@ def method_of(config: QuantConfig) -> Method:
 def method_of_module(module: nn.Module) -> Method | None:
     """The method whose module `module` is (None: not a quantized module)."""
     return next((m for m in METHODS.values() if isinstance(module, m.modules)), None)
+
+
+def stored_in(sd, layer: str) -> Method | None:
+    """The method a state dict stores `layer` in (`Method.stores`; None: dense)."""
+    return next((m for m in METHODS.values() if m.stores(sd, layer)), None)
 
 
 def detect(sd) -> dict[str, tuple[str, ...]]:

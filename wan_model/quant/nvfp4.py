@@ -25,7 +25,7 @@ from torch import nn
 from wan_kernels import nvfp4 as fmt
 from wan_kernels import ops
 from wan_kernels.linear import NVFP4Linear, default_mode
-from wan_model.compat.layouts import MARKER_KEY, CheckpointError, marker_tensor
+from wan_model.compat.common import MARKER_KEY, CheckpointError, cat_rows, marker_tensor
 from wan_model.core.model import StackedKV, split_kv
 from wan_model.quant.method import QuantConfig, Method, register
 
@@ -128,8 +128,36 @@ class NVFP4(Method):
         """Those with a weight_scale_2 (keys are enough)."""
         return tuple(sorted(k[: -len(".weight_scale_2")] for k in sd if k.endswith(".weight_scale_2")))
 
+    def stores(self, sd, layer):
+        return f"{layer}.weight_scale_2" in sd
+
+    def fuse_scales(self, sd, names, native):
+        """The swizzled block scales concatenated by rows (each member's rows a multiple of 128) and the one
+        global scale every member must share (`shared_scale`)."""
+        return {f"{native}.weight_scale": cat_rows([sd[f"{n}.weight_scale"] for n in names]),
+                f"{native}.weight_scale_2": shared_scale([sd[f"{n}.weight_scale_2"] for n in names], names)}
+
+    def unfuse_scales(self, sd, names, native, rows):
+        t = sd[f"{native}.weight_scale"]
+        out = {f"{n}.weight_scale": part.view(t.dtype) for n, part in zip(names, t.view(torch.uint8).split(rows))}
+        for n in names:
+            out[f"{n}.weight_scale_2"] = sd[f"{native}.weight_scale_2"].clone()  # safetensors: no shared storage
+        return out
+
 
 METHOD = register(NVFP4())
+
+
+def shared_scale(parts: list[torch.Tensor], names: list[str]) -> torch.Tensor:
+    """The one global scale of a fused NVFP4 group: all members must carry the same weight_scale_2."""
+    first = parts[0]
+    if first.device.type != "meta" and any(not torch.equal(p, first) for p in parts[1:]):
+        bad = [n for n, p in zip(names, parts) if not torch.equal(p, first)]
+        raise CheckpointError(f"NVFP4 layers {names[0]} ... run as one GEMM with one global scale, but their "
+                              f"weight_scale_2 differ ({bad[:4]} vs {names[0]}): re-quantizing them would be "
+                              "lossy; quantize the dense checkpoint with `python -m wan_model convert --quantize "
+                              "nvfp4` instead")
+    return first
 
 
 # ---------------------------------------------------------------------------------------------
