@@ -552,11 +552,12 @@ def _key_masks(name: str, query, key, attn_mask):
     what = f"diffusers attention backend {name!r} ({BACKENDS[name][1]}): attn_mask of shape {tuple(attn_mask.shape)}"
     B, Sq, H, _ = query.shape
     full = (B, H, Sq, key.shape[1])
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() <= 4 else None
     try:
-        m = attn_mask.expand(full) if attn_mask.dim() <= 4 else None
+        fits = m is not None and torch.broadcast_shapes(m.shape, full) == full
     except RuntimeError:
-        m = None
-    if m is None:
+        fits = False
+    if not fits:
         raise ValueError(f"{what} does not broadcast to [B, H, Sq, Sk] = {full}")
     if attn_mask.dtype == torch.bool:
         keep = m
@@ -566,11 +567,11 @@ def _key_masks(name: str, query, key, attn_mask):
             bad = m[~(keep | drop)].flatten()[0].item()
             raise ValueError(f"{what}: an additive mask must be 0 (attend) or <= {MASKED:g} (masked), got {bad:g} "
                              "(a bias the kernels do not add); use the 'native' backend")
-    row = keep[:, :1, :1, :]
-    if not torch.equal(keep, row.expand(full)):
+    # checked on the mask as given (its broadcast dimensions are 1): never on the [B, H, Sq, Sk] expansion
+    if not torch.equal(keep, keep[:, :1, :1, :].expand(keep.shape)):
         raise ValueError(f"{what} differs between heads or queries (only a key mask, the same keys for every query "
                          "of a batch element, is supported); use the 'native' backend")
-    row = row[:, 0, 0, :]
+    row = keep[:, 0, 0, :].expand(B, full[3])
     if not bool(row.any(-1).all()):
         raise ValueError(f"{what} masks every key of batch element {int((~row.any(-1)).nonzero()[0])} (no softmax "
                          "to take)")
