@@ -137,6 +137,22 @@ def resolve_pv(pv: str, device: torch.device) -> str:
     return pv
 
 
+def quantize_operands(q, k, v, k_img, v_img, s: float, pv: str, q_group: int = Q_GROUP, k_group: int = K_GROUP):
+    """Stages 1-3 of one call: (q int8, q's scales with s * log2 e folded in, per key set (k int8, k's scales,
+    k's mean, v e4m3/fp16, v's scales, v's mean)); pv "fp8" or "fp16"."""
+    q_i8, q_scale = quantize_int8(q, q_group)
+    sets = []
+    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
+        ks, mean = smooth_k(kt)
+        sets.append((*quantize_int8(ks, k_group), mean, *(quantize_v_fp8(vt) if pv == "fp8" else quantize_v_fp16(vt))))
+    return q_i8, q_scale * (s * LOG2E), tuple(sets)
+
+
+def lse_shift(q: torch.Tensor, mean: torch.Tensor, s: float) -> torch.Tensor:
+    """s q . mean(k) [B, H, Sq]: what smoothing took from each row's log-sum-exp."""
+    return torch.einsum("bshd,bhd->bhs", q.float(), mean) * s
+
+
 def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
                         v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "auto",
                         q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
@@ -146,17 +162,12 @@ def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img
     log-sum-exp of its (unsmoothed) scores. The inputs are never written."""
     pv = resolve_pv(pv, q.device)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q_i8, q_scale = quantize_int8(q, q_group)
-    q_scale = q_scale * (s * LOG2E)
+    q_i8, q_scale, sets = quantize_operands(q, k, v, k_img, v_img, s, pv, q_group, k_group)
     out, lses = 0, []
-    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
-        ks, mean = smooth_k(kt)
-        k_i8, k_scale = quantize_int8(ks, k_group)
-        vq, v_scale, v_mean = quantize_v_fp8(vt) if pv == "fp8" else quantize_v_fp16(vt)
+    for k_i8, k_scale, mean, vq, v_scale, v_mean in sets:
         o, m, l = attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv, q_group, k_group, block_n, exp2)
         out = out + o
-        shift = torch.einsum("bshd,bhd->bhs", q.float(), mean) * s                           # q . mean(k) * s
-        lses.append((m + torch.log2(l) - (math.log2(E4M3_MAX) if pv == "fp8" else 0.0)) * LN2 + shift)
+        lses.append((m + torch.log2(l) - (math.log2(E4M3_MAX) if pv == "fp8" else 0.0)) * LN2 + lse_shift(q, mean, s))
     return out.transpose(1, 2).to(q.dtype).contiguous(), torch.stack(lses)
 
 

@@ -72,27 +72,29 @@ class Launch:
     interpreted: Callable[[JITFunction], InterpretedFunction] | None = None  # builds the interpreter flavour
 
 
-def interpreter_twin(namespace: dict) -> Callable[[JITFunction], InterpretedFunction]:
-    """`Launch.interpreted` for the kernels of a module whose globals are `namespace`: the interpreter cannot call
-    JITFunction helpers, so the kernel and every helper it sees (the module's own and those it imported from
-    wan_kernels, not Triton's) are re-created as plain functions over one namespace in which the helpers are plain
-    functions too."""
+def interpreter_twin(kernel: JITFunction) -> InterpretedFunction:
+    """`Launch.interpreted` for kernels that call JITFunction helpers, which the interpreter cannot call: the
+    kernel and every wan_kernels helper reachable from it are re-created as plain functions, each over a copy of
+    its own module's namespace in which that module's helpers (its own and those it imported from wan_kernels,
+    not Triton's) are plain functions too."""
+    spaces: dict[int, dict] = {}
 
-    def twin(kernel: JITFunction) -> InterpretedFunction:
-        ns = dict(namespace)
+    def space(module_globals: dict) -> dict:
+        key = id(module_globals)
+        if key not in spaces:
+            spaces[key] = ns = dict(module_globals)  # registered before filling: helpers may refer to each other
+            for name, value in module_globals.items():
+                if isinstance(value, JITFunction) and value.fn.__module__.startswith("wan_kernels."):
+                    ns[name] = plain(value.fn)
+        return spaces[key]
 
-        def plain(f):
-            g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
-            g.__annotations__ = dict(f.__annotations__)
-            g.__kwdefaults__ = f.__kwdefaults__
-            return g
+    def plain(f):
+        g = types.FunctionType(f.__code__, space(f.__globals__), f.__name__, f.__defaults__, f.__closure__)
+        g.__annotations__ = dict(f.__annotations__)
+        g.__kwdefaults__ = f.__kwdefaults__
+        return g
 
-        for name, value in namespace.items():
-            if isinstance(value, JITFunction) and value.fn.__module__.startswith("wan_kernels."):
-                ns[name] = plain(value.fn)
-        return InterpretedFunction(plain(kernel.fn))
-
-    return twin
+    return InterpretedFunction(plain(kernel.fn))
 
 
 # Keyed by id(): a JITFunction hashes by its cache key, which walks the functions it calls, and raises when

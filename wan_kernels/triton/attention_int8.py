@@ -82,8 +82,7 @@ from triton.runtime.jit import JITFunction
 from wan_kernels.hardware import default_pv
 from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
 from wan_kernels.triton.attention_int8_quant import Quantized, quantize, to_e4m3
-from wan_kernels.triton.nvfp4 import e4m3_code  # noqa: F401 (to_e4m3 calls it in the interpreted twin)
-from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, LOG2E, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
+from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
 LOG2_448 = math.log2(448.0)
@@ -195,7 +194,7 @@ def _attention_int8_kernel(
 attention_int8_kernel = _attention_int8_kernel
 
 
-_interpreted = interpreter_twin(globals())  # the kernel for the Triton interpreter (CPU tensors)
+_interpreted = interpreter_twin  # the kernels for the Triton interpreter (CPU tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +241,9 @@ def _quantize(q, k, v, k_img, v_img, s: float, pv: str, lse: bool, capability, l
     if (Q_GROUP, K_GROUP) == (1, 1):
         return quantize(q, k, v, k_img, v_img, s, pv, lse, capability, launch)
     R = importlib.import_module("wan_kernels.ref.attention_int8")  # the module (the package attribute is the op)
-    q8, qs = R.quantize_int8(q, Q_GROUP)
-    sets = []
-    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
-        ksm, mean = R.smooth_k(kt)
-        sets.append((*R.quantize_int8(ksm, K_GROUP), mean, *(R.quantize_v_fp8 if pv == "fp8" else R.quantize_v_fp16)(vt)))
-    shift = torch.stack([torch.einsum("bshd,bhd->bhs", q.float(), st[2]) * s for st in sets]) if lse else None
-    return Quantized(q8, qs * (s * LOG2E), tuple(sets), shift)
+    q8, qs, sets = R.quantize_operands(q, k, v, k_img, v_img, s, pv, Q_GROUP, K_GROUP)
+    shift = torch.stack([R.lse_shift(q, st[2], s) for st in sets]) if lse else None
+    return Quantized(q8, qs, sets, shift)
 
 
 def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, config: Config | None, capability,

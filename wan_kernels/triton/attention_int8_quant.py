@@ -148,7 +148,7 @@ def _quantize_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, S, H, stride_b, stri
         tl.store(out_ptr + o, tl.math.div_rn(x, scale[None, :]).to(tl.float16), mask=ok)
 
 
-_interpreted = interpreter_twin(globals())
+_interpreted = interpreter_twin  # the kernels for the Triton interpreter (CPU tensors)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,7 +168,7 @@ def _nvfp4_dequantize_kernel(packed_ptr, scale_ptr, gs_ptr, out_ptr, M, K, ks_pa
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
-_interpreted = interpreter_twin(globals())  # the kernels for the Triton interpreter (CPU tensors)
+_interpreted = interpreter_twin  # the kernels for the Triton interpreter (CPU tensors)
 
 
 _QUANT_BLOCK_M, _QUANT_BLOCK_K = 16, 128
