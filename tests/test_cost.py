@@ -186,6 +186,52 @@ def test_block_bytes_match_dispatch_count(preset, size, batch, impl):
         assert model[name] == pytest.approx(measured[name], rel=1e-9), name
 
 
+class TotalBytes(TorchDispatchMode):
+    """Bytes of inputs + outputs of every non-view op (ByteCounter's rule), in total: no attribution."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns) and str(func) not in _FREE:
+            self.n += sum(_distinct_bytes(t) for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                          if isinstance(t, torch.Tensor))
+        return out
+
+
+@pytest.mark.parametrize("preset,batch", [("wan2.1-i2v-14b-720p", 2), ("wan2.1-flf2v-14b", 1), ("wan2.1-vace-1.3b", 2),
+                                          ("wan2.2-ti2v-5b", 1)])
+def test_context_and_head_bytes_match_dispatch_count(preset, batch):
+    """prepare_context (embedders, each context's stacked K/V GEMM over all layers, per layer k's RMSNorm and the
+    k, v copies) and the head on a whole meta model = the cost model's context rows and head row, byte for byte, by
+    the independent count (no attribution needed: totals), at 480p; the head with per-token modulation for TI2V."""
+    cfg = WanConfig.from_preset(preset)
+    c = cost.model_cost(cfg, *cost.RESOLUTIONS["480p"], 81, batch=batch)
+    with torch.device("meta"):
+        model = WanTransformer(cfg, impl="auto", device="meta")
+    model.to_dtype(torch.bfloat16, keeps_fp32)
+    for name in ("cross_kv", "cross_kv_img", "vace_cross_kv", "vace_cross_kv_img"):  # bf16, as a load assigns it
+        if getattr(model, name, None) is not None:
+            getattr(model, name).norm_k.data = getattr(model, name).norm_k.data.to(torch.bfloat16)
+    m = dict(device="meta", dtype=torch.bfloat16)
+    txt = torch.empty(batch, TEXT_TOKENS, cfg.text_dim, **m)
+    img = None
+    if cfg.has_image:
+        img = torch.empty(2 * batch, 257, cfg.image_dim, **m) if cfg.pos_embed_seq_len else \
+            torch.empty(batch, 257, cfg.image_dim, **m)
+    counter = TotalBytes()
+    with torch.no_grad(), counter:
+        model.prepare_context(txt, img)
+    assert counter.n == sum(o.bytes for o in c.context)
+    S, C = c.shape.tokens, cfg.dim
+    x, temb = torch.empty(batch, S, C, **m), torch.empty(batch, S if cfg.expand_timesteps else 1, C, **m)
+    counter = TotalBytes()
+    with torch.no_grad(), counter:
+        out = model.head(x, temb, c.shape.grid, model._ops)
+    assert out.shape == (batch, cfg.out_channels, *c.shape.latent)
+    assert counter.n == c.head[0].bytes
+
+
 # ---------------------------------------------------------------------------------------------
 # Anchor, scaling laws, fusion, formats
 

@@ -7,15 +7,17 @@ Counting rules (what the tests hold the model to, tests/test_cost.py):
   the counter on a real forward of `WanModel(impl="ref")` and of the fused model (the `wan` op formulas are
   in `wan_kernels/flops.py`, imported here lazily by `flop_counter()`).
 * Bytes are kernel-level HBM traffic with no cache reuse: every kernel reads its inputs and writes its
-  outputs once (views are free; a broadcast operand counts its distinct elements). One "kernel" is
-    - impl="ref":   one aten op of the eager reference path, mirrored op by op from `wan_model/core/model.py`
-                    and `wan_kernels/ref/*.py` (fp32 casts, materialised [B, H, S, Sk] attention scores, ...);
-    - impl="fused": the `wan` kernels (qk_norm_rope in one pass, flash attention: q, k, v read once, out
-                    written once); every other op is the same torch op as in the ref path.
-  In the transformer blocks this is exactly what a byte-counting TorchDispatchMode records (inputs + outputs
-  of each non-view op); outside the blocks (embedders, K/V projection, head; < 1% of the bytes at Wan shapes)
-  the kernels are approximated. The fused-vs-ref difference is therefore exactly the per-op difference of
-  qk_norm_rope and the attentions.
+  outputs once (views are free; a broadcast operand counts its distinct elements). The kernels are not listed
+  by hand: the transformer block, the VACE block, the head and `prepare_context` (embedders, stacked K/V) run on
+  meta tensors of the real shapes under a dispatch mode (`_kernel_trace`) that records each op as one kernel:
+    - impl="ref":   one aten op of the eager reference path (fp32 casts, materialised [B, H, S, Sk] attention
+                    scores, ...);
+    - impl="fused": a `wan` op is one kernel counted by its spec (`OpSpec.cost`: qk_norm_rope in one pass,
+                    flash attention: q, k, v read once, out written once); every other op as in the ref path.
+  tests/test_cost.py holds the blocks to an independent byte count attributed by source line, to closed forms
+  and to the flop counter. Only the embedding (patch and time embedding, VACE's control embedding; < 0.1 % of
+  the bytes at Wan shapes) is modelled by hand: TI2V's time embedding runs torch.unique, which meta tensors
+  cannot.
 * Weight formats change the block GEMM weights (and the stacked cross-attention K/V weights): bf16 2 bytes
   per element, fp8 1 byte + a 4-byte per-tensor scale, nvfp4 K/2 + K/16 bytes per row + a 4-byte global
   scale; embedders, norms and the head stay as stored (bf16 / fp32). nvfp4 GEMMs run at the fp4 tensor-core
@@ -38,6 +40,7 @@ image tokens 257 (FLF2V 514).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from wan_model.core.config import TEXT_TOKENS, WanConfig
@@ -267,66 +270,21 @@ def activation_live_points(c: ModelCost) -> tuple[int, dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel lists, mirrored from wan_model/core/model.py (WanBlock.forward) and wan_kernels/ref/*.py
+# The blocks' kernels: traced on meta tensors, not mirrored. One WanBlock (and one VaceBlock) of the config runs on
+# meta tensors of the real shapes (nothing is computed or allocated) under a dispatch mode that turns every op
+# into a Kernel; hooks on the block's modules, its bound `wan` ops and its per-role functions say which row of the
+# table each kernel belongs to.
 
-def _act(*shape: int):
-    """A bf16 activation (or bf16 weight) of `shape` on the meta device."""
+# Block linears that a weight format applies to (plus the stacked cross-attention K/V weights).
+_QUANTIZED = ("attn1.to_qkv.weight", "attn1.to_out.weight", "attn2.to_q.weight", "attn2.to_out.weight",
+              "ffn.proj_in.weight", "ffn.proj_out.weight")
+
+
+def _meta(*shape: int, dtype=None):
+    """A bf16 (or `dtype`) tensor of `shape` on the meta device."""
     import torch
 
-    return torch.empty(shape, dtype=torch.bfloat16, device="meta")
-
-
-def _f32(*shape: int):
-    import torch
-
-    return torch.empty(shape, dtype=torch.float32, device="meta")
-
-
-def _fused(op: str, *args, name: str | None = None) -> Kernel:
-    """The one kernel of a `wan` op, its FLOPs and bytes from the op's spec (`OpSpec.cost`)."""
-    import wan_kernels  # noqa: F401  (registers the specs)
-    from wan_kernels._spec import SPECS
-
-    return Kernel(name or op, **SPECS[op].cost(*args))
-
-
-def _spec_flops(op: str, *shapes) -> int:
-    """FLOPs of a `wan` op at argument shapes, from the op's spec (`OpSpec.flops`): the formula the fused kernel,
-    the flop counter and the benchmarks count."""
-    import wan_kernels  # noqa: F401  (registers the specs)
-    from wan_kernels._spec import SPECS
-
-    return SPECS[op].flops(*shapes)
-
-
-def _norm_mod(n: int, r: int, c: int, impl: str) -> list[Kernel]:
-    """wan::layer_norm_modulate: (LN_fp32(x) * (1 + scale) + shift).to(bf16); scale/shift have r rows
-    ([B, 1|S, C]). ref = wan_kernels/ref/modulate.py op by op; fused = one pass (read x, scale, shift)."""
-    nc = n * c
-    if impl == "fused":
-        return [_fused("layer_norm_modulate", _act(1, n, c), _f32(1, r, c), _f32(1, r, c), 1e-6)]
-    return [Kernel("to_fp32", read=nc * A, write=nc * F32),
-            # the reference's huge-row guard (ref/modulate.py _layer_norm): row max |x| (vector_norm), its
-            # exponent and 2^k per row (frexp, rsub, clamp, exp2 on n values: fp32/int32), then x * 2^k
-            Kernel("row_amax", read=nc * F32, write=n * F32),
-            Kernel("row_exp2", read=4 * n * F32, write=5 * n * F32),
-            Kernel("scale_rows", read=nc * F32 + n * F32, write=nc * F32),
-            Kernel("layer_norm", read=nc * F32, write=nc * F32 + 2 * n * F32),
-            Kernel("1+scale", read=r * c * F32, write=r * c * F32),
-            Kernel("mul", read=nc * F32 + r * c * F32, write=nc * F32),
-            Kernel("add", read=nc * F32 + r * c * F32, write=nc * F32),
-            Kernel("to_bf16", read=nc * F32, write=nc * A)]
-
-
-def _gated_residual(n: int, r: int, c: int, impl: str) -> list[Kernel]:
-    """wan::gated_residual: (x.float() + y * gate).to(bf16), gate with r rows. ref op by op; fused one pass."""
-    nc = n * c
-    if impl == "fused":
-        return [_fused("gated_residual", _act(1, n, c), _act(1, n, c), _f32(1, r, c))]
-    return [Kernel("x_to_fp32", read=nc * A, write=nc * F32),
-            Kernel("mul_gate", read=nc * A + r * c * F32, write=nc * F32),
-            Kernel("add", read=2 * nc * F32, write=nc * F32),
-            Kernel("to_bf16", read=nc * F32, write=nc * A)]
+    return torch.empty(shape, dtype=dtype or torch.bfloat16, device="meta")
 
 
 def _linear(name: str, m: int, n_out: int, k_in: int, fmt: str, bias: bool = True) -> Kernel:
@@ -336,142 +294,252 @@ def _linear(name: str, m: int, n_out: int, k_in: int, fmt: str, bias: bool = Tru
                   const=w + b, weight=w + b, peak="fp4" if fmt == "nvfp4" else "bf16")
 
 
-def _rms_norm_ref(n: int, c: int, with_eps_add: bool) -> list[Kernel]:
-    """ref.rms_norm (x.float(); x * rsqrt(mean(x^2) + eps) * w.float()) or F.rms_norm (no separate eps add,
-    bf16 weight read directly)."""
-    nc = n * c
-    ks = [Kernel("to_fp32", read=nc * A, write=nc * F32),
-          Kernel("pow", read=nc * F32, write=nc * F32),
-          Kernel("mean", read=nc * F32, write=n * F32)]
-    if with_eps_add:
-        ks.append(Kernel("add_eps", read=n * F32, write=n * F32))
-    ks += [Kernel("rsqrt", read=n * F32, write=n * F32),
-           Kernel("mul", read=nc * F32 + n * F32, write=nc * F32)]
-    if with_eps_add:  # ref.rms_norm: weight.to(fp32) then multiply
-        ks += [Kernel("weight_fp32", read=c * A, write=c * F32, const=c * A + c * F32, weight=c * A),
-               Kernel("mul_weight", read=nc * F32 + c * F32, write=nc * F32, const=c * F32)]
-    else:
-        ks += [Kernel("mul_weight", read=nc * F32 + c * A, write=nc * F32, const=c * A, weight=c * A),
-               Kernel("to_bf16", read=nc * F32, write=nc * A)]
-    return ks
+def _distinct_bytes(t) -> int:
+    """Bytes of the distinct elements of `t` (a stride-0, broadcast dimension counts once)."""
+    return math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
 
 
-def qk_norm_rope_kernels(batch: int, tokens: int, c: int, d: int, impl: str) -> list[Kernel]:
-    """wan::qk_norm_rope on qkv [B, S, 3C]: ref = wan_kernels/ref/qk_norm_rope.py op by op; fused = one pass
-    (read qkv, the two norm weights and cos/sin [S, D/2] fp32; write q, k, v): bench/bench_qk_norm_rope.py's
-    `fused_bytes` at batch 1."""
-    n, nc = batch * tokens, batch * tokens * c
-    table = tokens * (d // 2) * F32
-    if impl == "fused":
-        return [_fused("qk_norm_rope", _act(batch, tokens, 3 * c), _act(c), _act(c), _f32(tokens, d // 2),
-                       _f32(tokens, d // 2), c // d, 1e-6)]
-    ks = []
-    for _ in "qk":
-        ks += _rms_norm_ref(n, c, with_eps_add=True)
-    half = nc // 2
-    for _ in "qk":  # rope_interleaved: x0*c, x1*s, -, x0*s, x1*c, +, stack
-        prod = Kernel("rope_mul", read=half * F32 + table, write=half * F32, const=table)
-        ks += [prod, prod, Kernel("rope_sub", read=2 * half * F32, write=half * F32),
-               prod, prod, Kernel("rope_add", read=2 * half * F32, write=half * F32),
-               Kernel("rope_stack", read=nc * F32, write=nc * F32)]
-    ks += [Kernel("q_to_bf16", read=nc * F32, write=nc * A), Kernel("k_to_bf16", read=nc * F32, write=nc * A),
-           Kernel("v_contiguous", read=nc * A, write=nc * A)]
-    return ks
+def _kernel_trace():
+    """A TorchDispatchMode class recording every op as (label, Kernel); built on first use (torch imported lazily).
+
+    Per op: FLOPs from torch's flop counter formulas (aten matmuls, convolutions) and, for a `wan` op, all of FLOPs
+    and bytes from its spec (`OpSpec.cost`: one fused kernel); otherwise bytes = the distinct bytes of its tensor
+    inputs (read) and outputs (written). Ops whose outputs alias an input (views, and in-place ops: F.rms_norm's
+    eps add on [N] fp32 values goes uncounted, 8 bytes per token), aten._unsafe_view (a view whose schema does not
+    say so) and aten.empty move nothing. `const`: bytes that do not depend on the batch: the inputs that are
+    `constants` (parameters, RoPE tables) or are computed from constants only (a parameter cast to fp32);
+    `weight`: the bytes of parameters read, as stored: `stored` maps a parameter to its bytes and compute peak in
+    the weight format (a quantized GEMM weight: `weight_nbytes`, at the "fp4" peak for NVFP4)."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import wan_kernels  # noqa: F401  (registers the specs)
+    from wan_kernels._spec import SPECS
+
+    registry = flop_counter().flop_registry
+    free = ("aten._unsafe_view.default", "aten.empty.memory_format")
+
+    class Marks:
+        """A value per tensor, by identity (tensors compare elementwise), dropped when the tensor goes."""
+
+        def __init__(self, items=()):
+            self._d = {}
+            for t, v in items:
+                self[t] = v
+
+        def __setitem__(self, t, v) -> None:
+            k = id(t)
+            self._d[k] = (weakref.ref(t, lambda _, k=k: self._d.pop(k, None)), v)
+
+        def get(self, t):
+            e = self._d.get(id(t))
+            return e[1] if e is not None and e[0]() is t else None
+
+    class KernelTrace(TorchDispatchMode):
+        def __init__(self, constants=(), stored=None):
+            super().__init__()
+            self.label, self.kernels = None, []
+            self._const = Marks((t, True) for t in constants)
+            self._stored = Marks((stored or {}).items())   # parameter (and its views) -> (bytes, peak)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if any(r.alias_info is not None for r in func._schema.returns) or str(func) in free:
+                src = next((t for t in ins if self._const.get(t)), None)
+                for t in outs if src is not None else ():  # a view of a constant (a parameter) is one
+                    self._const[t] = True
+                    if (s := self._stored.get(src)) is not None:  # its share of the parameter's stored bytes
+                        self._stored[t] = (s[0] * _distinct_bytes(t) // _distinct_bytes(src), s[1])
+                return out
+            if not ins and not outs:
+                return out
+            if func.namespace == "wan":  # one fused kernel: the op's spec counts it
+                spec = SPECS[str(func._overloadpacket).removeprefix("wan.")]
+                self.kernels.append((self.label, Kernel(str(func._overloadpacket), **spec.cost(*args))))
+                return out
+
+            def nbytes(t) -> int:
+                s = self._stored.get(t)
+                return s[0] if s is not None else _distinct_bytes(t)
+
+            const_in = [t for t in ins if self._const.get(t)]
+            write = sum(_distinct_bytes(t) for t in outs)
+            const = sum(nbytes(t) for t in const_in)
+            if ins and len(const_in) == len(ins):  # computed from constants only: a constant
+                const += write
+                for t in outs:
+                    self._const[t] = True
+            stored = [s for s in map(self._stored.get, ins) if s is not None]
+            flops = registry[func._overloadpacket](*args, **kwargs, out_val=out) \
+                if func._overloadpacket in registry else 0
+            self.kernels.append((self.label, Kernel(
+                str(func._overloadpacket).removeprefix("aten."), flops, sum(map(nbytes, ins)), write, const,
+                sum(b for b, _ in stored), next((p for _, p in stored if p != "bf16"), "bf16"))))
+            return out
+
+    return KernelTrace
 
 
-def attention_kernels(batch: int, heads: int, sq: int, kv_sets: list[int], d: int, impl: str) -> list[Kernel]:
-    """wan::attention of q [B, Sq, H, D] over key/value sets of the given lengths (softmaxes summed).
-    ref = wan_kernels/ref/attention.py op by op (fp32 scores [B, H, Sq, Sk] materialised; for B > 1 the
-    [B, H, S, D] -> [B*H, S, D] reshapes of transposed views copy q, k^T and v); fused = flash attention."""
-    c = heads * d
-    nq = batch * sq * c
-    flops = [_spec_flops("attention", (batch, sq, heads, d), (batch, sk, heads, d), (batch, sk, heads, d))
-             for sk in kv_sets]
-    if impl == "fused":
-        kv = [_act(batch, sk, heads, d) for sk in kv_sets for _ in "kv"] + [None, None]
-        return [_fused("attention", _act(batch, sq, heads, d), *kv[:4], None, name="flash_attention")]
-    ks = [Kernel("q_to_fp32", read=nq * A, write=nq * F32)]
-    for sk, fl in zip(kv_sets, flops):
-        nk, p = batch * sk * c, batch * heads * sq * sk * F32
-        ks += [Kernel("k_to_fp32", read=nk * A, write=nk * F32), Kernel("v_to_fp32", read=nk * A, write=nk * F32)]
-        if batch > 1:
-            ks += [Kernel("q_copy", read=nq * F32, write=nq * F32), Kernel("kT_copy", read=nk * F32, write=nk * F32)]
-        ks += [Kernel("bmm_qk", flops=fl // 2, read=nq * F32 + nk * F32, write=p),
-               Kernel("scale", read=p, write=p), Kernel("softmax", read=p, write=p)]
-        if batch > 1:
-            ks.append(Kernel("v_copy", read=nk * F32, write=nk * F32))
-        ks.append(Kernel("bmm_pv", flops=fl // 2, read=p + nk * F32, write=nq * F32))
-    if len(kv_sets) > 1:
-        ks.append(Kernel("sum_sets", read=2 * nq * F32, write=nq * F32))
-    ks += [Kernel("out_to_bf16", read=nq * F32, write=nq * A), Kernel("out_contiguous", read=nq * A, write=nq * A)]
-    return ks
+# Which row of the table a block's kernel belongs to: the row of the module, bound `wan` op (its n-th call) or
+# per-role function (WanBlock's attn1.project_qkv, attn1/attn2.attend) running it; the kernels with FLOPs inside
+# the QKV projection are its GEMM. A kernel outside all of them belongs to the row before it ("modulation" before
+# the first), except after the self-attention's gated residual: the cross-attention's pre-norm.
+_ROWS = {"attn1.project_qkv": "qk_norm_rope", "attn1.attend": "self_attention", "attn1.to_out": "self_out_proj",
+         "attn2.to_q": "cross_q", "attn2.attend": "cross_attention", "attn2.to_out": "cross_out_proj",
+         "ffn.proj_in": "ffn", "ffn.proj_out": "ffn", "proj_out": "hint",
+         "layer_norm_modulate": ("self_norm", "ffn_norm"), "gated_residual": ("self_residual", "ffn_residual")}
+_AFTER = {"self_residual": "cross_norm"}
 
 
+def _traced_rows(block, call, impl: str, fmt: str, constants=(), rows=None, first: str = "modulation",
+                 quantized=_QUANTIZED) -> list[tuple[str, tuple[Kernel, ...]]]:
+    """[(row, its kernels)] of `call(ops)` (running the module `block` on meta tensors), rows in the order they first
+    run: `rows` (default `_ROWS`) names them, `first` is the row before any of them. `impl`: "ref" (the eager
+    reference path) or "fused" (the `wan` ops); `fmt`: the weight format the parameters named in `quantized` are
+    read in; `constants`: the batch-independent inputs (RoPE tables)."""
+    import dataclasses as dc
+    import itertools
+
+    import torch
+
+    from wan_model.core.model import bind_ops
+
+    params = dict(block.named_parameters())
+    stored = {}
+    for name, p in params.items():
+        if fmt != "bf16" and name in quantized:
+            stored[p] = (weight_nbytes(p.shape[0], p.shape[1], fmt), "fp4" if fmt == "nvfp4" else "bf16")
+        else:
+            stored[p] = (_distinct_bytes(p), "bf16")
+    trace = _kernel_trace()(list(params.values()) + list(constants), stored)
+    trace.label, rows = first, _ROWS if rows is None else rows
+
+    def enter(row: str) -> None:
+        trace.label = row
+
+    def leave(row: str) -> None:
+        trace.label = _AFTER.get(row, row)
+
+    def wrap(fn, rows):
+        seq = iter(rows) if isinstance(rows, tuple) else itertools.repeat(rows)
+
+        def run(*a, **kw):
+            row = next(seq)
+            enter(row)
+            try:
+                return fn(*a, **kw)
+            finally:
+                leave(row)
+        return run
+
+    modules = dict(block.named_modules())
+    handles = []
+    for key, row in rows.items():
+        owner, _, attr = key.rpartition(".")
+        if key in modules:
+            handles += [modules[key].register_forward_pre_hook(lambda m, a, row=row: enter(row)),
+                        modules[key].register_forward_hook(lambda m, a, o, row=row: leave(row))]
+        elif owner in modules and attr in vars(modules[owner]):  # a per-role function the block holds
+            setattr(modules[owner], attr, wrap(getattr(modules[owner], attr), row))
+    ops = bind_ops("auto" if impl == "fused" else "ref", "meta")
+    ops = dc.replace(ops, **{name: wrap(getattr(ops, name), seq) for name, seq in rows.items()
+                             if not isinstance(seq, str)})
+    try:
+        with torch.no_grad(), trace:
+            call(ops)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, list[Kernel]] = {}
+    for label, k in trace.kernels:
+        out.setdefault("qkv_gemm" if label == "qk_norm_rope" and k.flops else label, []).append(k)
+    return [(n, tuple(ks)) for n, ks in out.items()]
+
+
+def _block_inputs(cfg: WanConfig, shape: Shape):
+    """A meta WanBlock's inputs at `shape`: x, temb_proj, the RoPE tables and the layer's cross-attention K/V."""
+    B, S, C, H, D = shape.batch, shape.tokens, cfg.dim, cfg.num_attention_heads, cfg.attention_head_dim
+    import torch
+
+    cos, sin = _meta(S, D // 2, dtype=torch.float32), _meta(S, D // 2, dtype=torch.float32)
+    kv = [_meta(B, shape.text_tokens, H, D), _meta(B, shape.text_tokens, H, D), None, None]
+    if cfg.has_image:
+        kv[2:] = [_meta(B, shape.image_tokens, H, D), _meta(B, shape.image_tokens, H, D)]
+    return _meta(B, S, C), _meta(B, S if cfg.expand_timesteps else 1, 6, C), cos, sin, tuple(kv)
+
+
+def _meta_module(cls, cfg: WanConfig, *a):
+    """A module of `cls` on the meta device, bf16 with diffusers' fp32 modules kept fp32 (as a load gives it)."""
+    import torch
+
+    from wan_model.compat.spellings import keeps_fp32
+
+    with torch.device("meta"):
+        m = cls(cfg, *a)
+    for name, p in m.named_parameters():
+        p.data = p.data.to(torch.float32 if keeps_fp32(name) else torch.bfloat16)
+    return m
+
+
+@functools.lru_cache(maxsize=128)  # traced once per configuration and shape
 def block_ops(cfg: WanConfig, shape: Shape, impl: str, fmt: str) -> tuple[OpCost, ...]:
-    """The ops of one WanBlock.forward, in order."""
-    B, S, C, H, D, Fd = shape.batch, shape.tokens, cfg.dim, cfg.num_attention_heads, cfg.attention_head_dim, \
-        cfg.ffn_dim
-    N, NC = B * S, B * S * C
-    R = B * (S if cfg.expand_timesteps else 1)                    # rows of temb_proj / modulation vectors
-    kv_sets = [shape.text_tokens] + ([shape.image_tokens] if cfg.has_image else [])
-    ops = [
-        ("modulation", [Kernel("to_fp32", read=6 * R * C * A, write=6 * R * C * F32),
-                        Kernel("add_table", read=6 * C * F32 + 6 * R * C * F32, write=6 * R * C * F32,
-                               const=6 * C * F32, weight=6 * C * F32)]),
-        ("self_norm", _norm_mod(N, R, C, impl)),
-        ("qkv_gemm", [_linear("qkv", N, 3 * C, C, fmt)]),
-        ("qk_norm_rope", qk_norm_rope_kernels(B, S, C, D, impl)),
-        ("self_attention", attention_kernels(B, H, S, [S], D, impl)),
-        ("self_out_proj", [_linear("to_out", N, C, C, fmt)]),
-        ("self_residual", _gated_residual(N, R, C, impl)),
-        ("cross_norm", [Kernel("to_fp32", read=NC * A, write=NC * F32),
-                        Kernel("layer_norm", read=NC * F32 + 2 * C * F32, write=NC * F32 + 2 * N * F32,
-                               const=2 * C * F32, weight=2 * C * F32),
-                        Kernel("to_bf16", read=NC * F32, write=NC * A)]),
-        ("cross_q", [_linear("to_q", N, C, C, fmt)] + _rms_norm_ref(N, C, with_eps_add=False)),
-        ("cross_attention", attention_kernels(B, H, S, kv_sets, D, impl)),
-        ("cross_out_proj", [_linear("to_out", N, C, C, fmt), Kernel("residual_add", read=2 * NC * A, write=NC * A)]),
-        ("ffn_norm", _norm_mod(N, R, C, impl)),
-        ("ffn", [_linear("proj_in", N, Fd, C, fmt), Kernel("gelu_tanh", read=N * Fd * A, write=N * Fd * A),
-                 _linear("proj_out", N, C, Fd, fmt)]),
-        ("ffn_residual", _gated_residual(N, R, C, impl)),
-    ]
-    return tuple(OpCost(name, "block", tuple(ks)) for name, ks in ops)
+    """The ops of one WanBlock.forward, in order: traced (`_traced_rows`)."""
+    from wan_model.core.model import WanBlock
+
+    block, (x, temb_proj, cos, sin, kv) = _meta_module(WanBlock, cfg), _block_inputs(cfg, shape)
+    rows = _traced_rows(block, lambda ops: block(x, temb_proj, cos, sin, kv, ops), impl, fmt, (cos, sin))
+    return tuple(OpCost(name, "block", ks) for name, ks in rows)
 
 
-def _stacked_kv(name: str, cfg: WanConfig, tokens: int, fmt: str, layers: int | None = None) -> OpCost:
-    """One GEMM [B*Lc, C] x [L*2C, C]^T, then per layer RMSNorm of k (F.rms_norm) and contiguous k, v copies
-    (approximated: the norm as one fp32 pass). L: `layers` (default num_layers)."""
-    C, L = cfg.dim, layers or cfg.num_layers
-    nc = tokens * C
-    per_layer = [Kernel("norm_k", read=nc * A + C * A, write=nc * A, const=C * A, weight=C * A),
-                 Kernel("k_v_contiguous", read=2 * nc * A, write=2 * nc * A)]
-    return OpCost(name, "context", (_linear("kv_gemm", tokens, L * 2 * C, C, fmt),) + tuple(per_layer) * L)
+# The rows of WanTransformer.prepare_context, by module.
+_CONTEXT_ROWS = {"condition_embedder.text_embedder.linear_1": "text_embedder",
+                 "condition_embedder.text_embedder.linear_2": "text_embedder", "cross_kv": "cross_kv_text",
+                 "condition_embedder.image_embedder": "image_embedder", "cross_kv_img": "cross_kv_image",
+                 "vace_cross_kv": "vace_cross_kv_text", "vace_cross_kv_img": "vace_cross_kv_image"}
+
+
+def _meta_model(cfg: WanConfig):
+    """A meta WanTransformer of `cfg` with one block (and one VACE block) but every layer's stacked cross-attention
+    K/V: what the context and the head run (their parameters as a load gives them: bf16, diffusers' fp32 modules
+    fp32, the K/V norms bf16)."""
+    import torch
+
+    from wan_model.core.model import StackedKV, WanTransformer
+
+    one = cfg.replace(num_layers=1, **({"vace_layers": (0,)} if cfg.has_vace else {}))
+    model = _meta_module(lambda c: WanTransformer(c, impl="ref", device="meta"), one)
+    n_vace, C = len(cfg.vace_layers) if cfg.has_vace else 0, cfg.dim
+    for name, layers in (("cross_kv", cfg.num_layers), ("cross_kv_img", cfg.num_layers), ("vace_cross_kv", n_vace),
+                         ("vace_cross_kv_img", n_vace)):
+        if getattr(model, name, None) is not None:
+            with torch.device("meta"):
+                kv = StackedKV(layers, C, C)
+            setattr(model, name, kv.to(torch.bfloat16))
+    return model
 
 
 def context_ops(cfg: WanConfig, shape: Shape, fmt: str) -> tuple[OpCost, ...]:
-    B, C, Lt = shape.batch, cfg.dim, shape.text_tokens
-    ops = [OpCost("text_embedder", "context", (
-        _linear("linear_1", B * Lt, C, cfg.text_dim, "bf16"), Kernel("gelu_tanh", read=B * Lt * C * A,
-                                                                     write=B * Lt * C * A),
-        _linear("linear_2", B * Lt, C, C, "bf16"))),
-        _stacked_kv("cross_kv_text", cfg, B * Lt, fmt)]
-    if cfg.has_image:
-        Li, d = B * shape.image_tokens, cfg.image_dim
-        ln = [Kernel("layer_norm", read=Li * d * A + 2 * d * F32, write=Li * d * A, const=2 * d * F32,
-                     weight=2 * d * F32)]
-        ops += [OpCost("image_embedder", "context", tuple(
-            ln + [_linear("proj_in", Li, d, d, "bf16"), Kernel("gelu", read=Li * d * A, write=Li * d * A),
-                  _linear("proj_out", Li, C, d, "bf16"),
-                  Kernel("layer_norm", read=Li * C * A + 2 * C * F32, write=Li * C * A, const=2 * C * F32,
-                         weight=2 * C * F32)])),
-            _stacked_kv("cross_kv_image", cfg, Li, fmt)]
-    if cfg.has_vace:  # the VACE blocks' K/V: their own stacked GEMM per context (bf16: the branch stays dense)
-        n = len(cfg.vace_layers)
-        ops.append(_stacked_kv("vace_cross_kv_text", cfg, B * Lt, "bf16", n))
-        if cfg.has_image:
-            ops.append(_stacked_kv("vace_cross_kv_image", cfg, B * shape.image_tokens, "bf16", n))
-    return tuple(ops)
+    """WanTransformer.prepare_context, traced: the text (and image) embedders and each context's stacked K/V GEMM
+    (the blocks' K/V weights in `fmt`; the VACE blocks' stay bf16), then per layer k's RMSNorm and the k, v copies."""
+    return _context_ops(cfg, shape.batch, shape.text_tokens, shape.image_tokens, fmt)
+
+
+@functools.lru_cache(maxsize=128)  # traced once per configuration and context (the video's size does not enter)
+def _context_ops(cfg: WanConfig, B: int, text_tokens: int, image_tokens: int, fmt: str) -> tuple[OpCost, ...]:
+    model = _meta_model(cfg)
+    txt = _meta(B, text_tokens, cfg.text_dim)
+    img = None
+    if cfg.has_image:  # FLF2V: first and last frame interleaved per sample, half the tokens each
+        n = 2 if cfg.pos_embed_seq_len else 1
+        img = _meta(n * B, image_tokens // n, cfg.image_dim)
+    rows = _traced_rows(model, lambda ops: model.prepare_context(txt, img), "ref", fmt, rows=_CONTEXT_ROWS,
+                        first="text_embedder", quantized=("cross_kv.weight", "cross_kv_img.weight"))
+    return tuple(OpCost(name, "context", ks) for name, ks in rows)
 
 
 def vace_embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
@@ -489,15 +557,22 @@ def vace_embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
                                          Kernel("add_latents", read=2 * NC * A, write=NC * A))))
 
 
+@functools.lru_cache(maxsize=128)  # traced once per configuration and shape
 def vace_block_ops(cfg: WanConfig, shape: Shape, impl: str) -> tuple[OpCost, ...]:
-    """ONE VACE block: a block's ops (bf16 weights: the branch stays dense) on the control stream, its proj_out hint,
-    the hint times its scale (a 0-dim tensor) and the add to the latent stream after block vace_layers[j]."""
-    N = shape.batch * shape.tokens
-    NC = N * cfg.dim
-    hint = OpCost("vace_hint", "vace", (_linear("proj_out", N, cfg.dim, cfg.dim, "bf16"),
-                                        Kernel("mul_scale", read=NC * A + A, write=NC * A, const=A),
-                                        Kernel("add_hint", read=2 * NC * A, write=NC * A)))
-    return tuple(OpCost("vace_" + o.name, "vace", o.kernels) for o in block_ops(cfg, shape, impl, "bf16")) + (hint,)
+    """ONE VACE block, traced: a block's ops (bf16 weights: the branch stays dense) on the control stream, then the
+    hint: its proj_out, the hint times its scale (a 0-dim tensor) and the add to the latent stream after block
+    vace_layers[j] (WanTransformer._vace_hints and the block loop of its forward)."""
+    from wan_model.core.model import VaceBlock
+
+    block, (x, temb_proj, cos, sin, kv) = _meta_module(VaceBlock, cfg, False), _block_inputs(cfg, shape)
+    scale = _meta()                                               # control_hidden_states_scale[j]
+
+    def call(ops):
+        hint, _ = block(x, x, temb_proj, cos, sin, kv, ops)
+        return x + hint * scale
+
+    rows = _traced_rows(block, call, impl, "bf16", (cos, sin, scale))
+    return tuple(OpCost("vace_" + name, "vace", ks) for name, ks in rows)
 
 
 def embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
@@ -520,15 +595,14 @@ def embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
     return patch, OpCost("time_embedder", "embed", tuple(time))
 
 
+@functools.lru_cache(maxsize=128)  # traced once per configuration and shape
 def head_ops(cfg: WanConfig, shape: Shape, impl: str = "fused") -> tuple[OpCost, ...]:
-    B, S, C = shape.batch, shape.tokens, cfg.dim
-    N = B * S
-    R = B * (S if cfg.expand_timesteps else 1)
-    out = cfg.out_channels * math.prod(cfg.patch_size)
-    return (OpCost("head", "head", tuple(
-        [Kernel("modulation", read=2 * C * F32 + 2 * R * C * A, write=2 * R * C * F32, const=2 * C * F32,
-                weight=2 * C * F32)] + _norm_mod(N, R, C, impl) +
-        [_linear("proj_out", N, out, C, "bf16"), Kernel("unpatchify", read=N * out * A, write=N * out * A)])),)
+    """The output head (WanTransformer.head: adaLN, proj_out, unpatchify), traced as one row."""
+    model = _meta_model(cfg)
+    B, C = shape.batch, cfg.dim
+    x, temb = _meta(B, shape.tokens, C), _meta(B, shape.tokens if cfg.expand_timesteps else 1, C)
+    rows = _traced_rows(model, lambda ops: model.head(x, temb, shape.grid, ops), impl, "bf16")
+    return (OpCost("head", "head", tuple(k for _, ks in rows for k in ks)),)
 
 
 def model_cost(cfg: WanConfig | str, width: int = 1280, height: int = 720, frames: int = 81, *, batch: int = 1,
@@ -558,11 +632,6 @@ def model_cost(cfg: WanConfig | str, width: int = 1280, height: int = 720, frame
     return ModelCost(cfg, shape, impl, weight_format, context_ops(cfg, shape, weight_format), embed,
                      block_ops(cfg, shape, impl, weight_format), head_ops(cfg, shape, impl),
                      vace_block_ops(cfg, shape, impl) if cfg.has_vace else ())
-
-
-# Block linears that a weight format applies to (plus the stacked cross-attention K/V weights).
-_QUANTIZED = ("attn1.to_qkv.weight", "attn1.to_out.weight", "attn2.to_q.weight", "attn2.to_out.weight",
-              "ffn.proj_in.weight", "ffn.proj_out.weight")
 
 
 def parameter_bytes(cfg: WanConfig, fmt: str = "bf16") -> int:
@@ -712,36 +781,15 @@ def int8_quantization_bytes(batch: int, sq: int, kv_sets: list[int], heads: int,
     (`wan_kernels.triton.attention_int8_quant.quantize`) runs on meta tensors, its kernel launches are collected
     and counted by `launch_bytes` (each tensor argument once, whole: tests/test_attention_int8.py holds that to the
     interpreter's recorded loads and stores), and its torch glue (the [B, H, D] statistics) by a dispatch mode that
-    adds the distinct bytes of every non-view op's tensor inputs and outputs (the accounting tests/test_cost.py
-    holds the block model to)."""
-    import math
-
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    adds the distinct bytes of every non-view op's tensor inputs and outputs (`_kernel_trace`, the blocks'
+    accounting)."""
     from wan_kernels.triton import attention_int8_quant as quant
 
-    class Bytes(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if any(r.alias_info is not None for r in func._schema.returns) or \
-                    str(func) in ("aten._unsafe_view.default", "aten.empty.memory_format"):
-                return out  # views and allocations move nothing
-            for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
-                if isinstance(t, torch.Tensor):
-                    self.n += math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
-            return out
-
-    def act(s: int):
-        return torch.empty(batch, s, heads, d, dtype=torch.bfloat16, device="meta")
-
-    kv = [act(s) for s in kv_sets for _ in "kv"] + [None, None]
-    launches, counter = [], Bytes()
-    with counter:
-        quant.quantize(act(sq), *kv[:4], d ** -0.5, pv, launch=launches.append)
-    return counter.n + sum(quant.launch_bytes(launch) for launch in launches)
+    kv = [_meta(batch, s, heads, d) for s in kv_sets for _ in "kv"] + [None, None]
+    launches, trace = [], _kernel_trace()()
+    with trace:
+        quant.quantize(_meta(batch, sq, heads, d), *kv[:4], d ** -0.5, pv, launch=launches.append)
+    return sum(k.bytes for _, k in trace.kernels) + sum(quant.launch_bytes(launch) for launch in launches)
 
 
 def int8_quantization_share(c: ModelCost, peak: dict, pv: str = "fp8") -> dict[str, dict[str, float]]:

@@ -655,7 +655,6 @@ class WanTransformer(nn.Module):
         if cfg.has_vace or control is not None or control_scale is not None:
             vace = self._check_control(hidden_states, control, control_scale)
         B = hidden_states.shape[0]
-        pt, ph, pw = cfg.patch_size
         rope_cos, rope_sin = self.rope((f, h, w))                                # [S, D/2] fp32
         if context is None:
             if encoder_hidden_states is None:
@@ -681,8 +680,14 @@ class WanTransformer(nn.Module):
         if sp is not None:
             x = sp.gather(x)                                                     # [B, S, C] on every rank
 
+        return self.head(x, temb, (f, h, w), self._ops)
+
+    def head(self, x, temb, grid: tuple[int, int, int], ops: _Ops) -> torch.Tensor:
+        """The output head: adaLN of the blocks' output x [B, S, C] (shift and scale from the table and temb
+        [B, 1|S, C]), proj_out, and the tokens of the patched grid (f, h, w) back to [B, C_out, F, H, W]."""
+        B, (f, h, w), (pt, ph, pw) = x.shape[0], grid, self.config.patch_size
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(dim=2)  # [B, 1|S, C]
-        x = self._ops.layer_norm_modulate(x, scale, shift, cfg.eps)
+        x = ops.layer_norm_modulate(x, scale, shift, self.config.eps)
         x = self.proj_out(x)                                                     # [B, S, pt*ph*pw*C_out]
         x = x.reshape(B, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
