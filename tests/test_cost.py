@@ -201,10 +201,12 @@ class TotalBytes(TorchDispatchMode):
 
 @pytest.mark.parametrize("preset,batch", [("wan2.1-i2v-14b-720p", 2), ("wan2.1-flf2v-14b", 1), ("wan2.1-vace-1.3b", 2),
                                           ("wan2.2-ti2v-5b", 1)])
-def test_context_and_head_bytes_match_dispatch_count(preset, batch):
+def test_context_embed_and_head_bytes_match_dispatch_count(preset, batch):
     """prepare_context (embedders, each context's stacked K/V GEMM over all layers, per layer k's RMSNorm and the
-    k, v copies) and the head on a whole meta model = the cost model's context rows and head row, byte for byte, by
-    the independent count (no attribution needed: totals), at 480p; the head with per-token modulation for TI2V."""
+    k, v copies), the patch and time embeddings (VACE: the control's tokens and block 0's proj_in) and the head on a
+    whole meta model = the cost model's context, embed and head rows, byte for byte, by the independent count (no
+    attribution needed: totals), at 480p; the head with per-token modulation for TI2V (whose time embedding cannot
+    run on meta: torch.unique)."""
     cfg = WanConfig.from_preset(preset)
     c = cost.model_cost(cfg, *cost.RESOLUTIONS["480p"], 81, batch=batch)
     with torch.device("meta"):
@@ -230,6 +232,23 @@ def test_context_and_head_bytes_match_dispatch_count(preset, batch):
         out = model.head(x, temb, c.shape.grid, model._ops)
     assert out.shape == (batch, cfg.out_channels, *c.shape.latent)
     assert counter.n == c.head[0].bytes
+    embed = {o.name: o.bytes for o in c.embed}
+    counter = TotalBytes()
+    with torch.no_grad(), counter:
+        model.patch_tokens(torch.empty(batch, cfg.in_channels, *c.shape.latent, **m))
+    assert counter.n == embed.pop("patch_embed")
+    counter = TotalBytes()
+    if not cfg.expand_timesteps:
+        with torch.no_grad(), counter:
+            model.condition_embedder.time(torch.empty(batch, device="meta"), torch.bfloat16)
+        assert counter.n == embed.pop("time_embedder")
+    if cfg.has_vace:
+        counter = TotalBytes()
+        with torch.no_grad(), counter:
+            ctl = model.control_tokens(torch.empty(batch, cfg.vace_in_channels, *c.shape.latent, **m), S)
+            model.vace_blocks[0].add_control(ctl, x)
+        assert counter.n == embed.pop("vace_patch_embed") + embed.pop("vace_proj_in")
+    assert set(embed) == ({"time_embedder"} if cfg.expand_timesteps else set())
 
 
 # ---------------------------------------------------------------------------------------------

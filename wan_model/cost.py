@@ -8,16 +8,18 @@ Counting rules (what the tests hold the model to, tests/test_cost.py):
   in `wan_kernels/flops.py`, imported here lazily by `flop_counter()`).
 * Bytes are kernel-level HBM traffic with no cache reuse: every kernel reads its inputs and writes its
   outputs once (views are free; a broadcast operand counts its distinct elements). The kernels are not listed
-  by hand: the transformer block, the VACE block, the head and `prepare_context` (embedders, stacked K/V) run on
-  meta tensors of the real shapes under a dispatch mode (`_kernel_trace`) that records each op as one kernel:
+  by hand: the model's parts (the transformer block, the VACE block, the head, `prepare_context`'s embedders and
+  stacked K/V, the patch, time and control embeddings) run on meta tensors of the real shapes under a dispatch
+  mode (`_kernel_trace`) that records each op as one kernel:
     - impl="ref":   one aten op of the eager reference path (fp32 casts, materialised [B, H, S, Sk] attention
                     scores, ...);
     - impl="fused": a `wan` op is one kernel counted by its spec (`OpSpec.cost`: qk_norm_rope in one pass,
                     flash attention: q, k, v read once, out written once); every other op as in the ref path.
   tests/test_cost.py holds the blocks to an independent byte count attributed by source line, to closed forms
-  and to the flop counter. Only the embedding (patch and time embedding, VACE's control embedding; < 0.1 % of
-  the bytes at Wan shapes) is modelled by hand: TI2V's time embedding runs torch.unique, which meta tensors
-  cannot.
+  and to the flop counter, and the context and head to the independent count in total. TI2V's per-token
+  timesteps: torch.unique cannot run on meta tensors; the trace is told how many values it finds
+  (`timestep_rows`). The VACE hint's scale and add (two elementwise ops of the forward's loop) are traced as
+  written there.
 * Weight formats change the block GEMM weights (and the stacked cross-attention K/V weights): bf16 2 bytes
   per element, fp8 1 byte + a 4-byte per-tensor scale, nvfp4 K/2 + K/16 bytes per row + a 4-byte global
   scale; embedders, norms and the head stay as stored (bf16 / fp32). nvfp4 GEMMs run at the fp4 tensor-core
@@ -287,13 +289,6 @@ def _meta(*shape: int, dtype=None):
     return torch.empty(shape, dtype=dtype or torch.bfloat16, device="meta")
 
 
-def _linear(name: str, m: int, n_out: int, k_in: int, fmt: str, bias: bool = True) -> Kernel:
-    w = weight_nbytes(n_out, k_in, fmt)
-    b = n_out * A if bias else 0
-    return Kernel(name, flops=2 * m * n_out * k_in, read=m * k_in * A + w + b, write=m * n_out * A,
-                  const=w + b, weight=w + b, peak="fp4" if fmt == "nvfp4" else "bf16")
-
-
 def _distinct_bytes(t) -> int:
     """Bytes of the distinct elements of `t` (a stride-0, broadcast dimension counts once)."""
     return math.prod(n for n, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
@@ -338,15 +333,20 @@ def _kernel_trace():
             return e[1] if e is not None and e[0]() is t else None
 
     class KernelTrace(TorchDispatchMode):
-        def __init__(self, constants=(), stored=None):
+        def __init__(self, constants=(), stored=None, unique_rows: int | None = None):
             super().__init__()
-            self.label, self.kernels = None, []
+            self.label, self.kernels, self.unique_rows = None, [], unique_rows
             self._const = Marks((t, True) for t in constants)
             self._stored = Marks((stored or {}).items())   # parameter (and its views) -> (bytes, peak)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            out = func(*args, **kwargs)
+            if str(func) == "aten._unique2.default" and self.unique_rows is not None:
+                x = args[0]  # data-dependent: meta tensors cannot run it; the caller says how many values it finds
+                out = (x.new_empty(self.unique_rows), x.new_empty(x.shape, dtype=torch.long),
+                       x.new_empty(0, dtype=torch.long))
+            else:
+                out = func(*args, **kwargs)
             ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
             if any(r.alias_info is not None for r in func._schema.returns) or str(func) in free:
@@ -397,11 +397,12 @@ _AFTER = {"self_residual": "cross_norm"}
 
 
 def _traced_rows(block, call, impl: str, fmt: str, constants=(), rows=None, first: str = "modulation",
-                 quantized=_QUANTIZED) -> list[tuple[str, tuple[Kernel, ...]]]:
+                 quantized=_QUANTIZED, unique_rows: int | None = None) -> list[tuple[str, tuple[Kernel, ...]]]:
     """[(row, its kernels)] of `call(ops)` (running the module `block` on meta tensors), rows in the order they first
     run: `rows` (default `_ROWS`) names them, `first` is the row before any of them. `impl`: "ref" (the eager
     reference path) or "fused" (the `wan` ops); `fmt`: the weight format the parameters named in `quantized` are
-    read in; `constants`: the batch-independent inputs (RoPE tables)."""
+    read in; `constants`: the batch-independent inputs (RoPE tables); `unique_rows`: how many distinct values a
+    torch.unique finds (per-token timesteps)."""
     import dataclasses as dc
     import itertools
 
@@ -416,7 +417,7 @@ def _traced_rows(block, call, impl: str, fmt: str, constants=(), rows=None, firs
             stored[p] = (weight_nbytes(p.shape[0], p.shape[1], fmt), "fp4" if fmt == "nvfp4" else "bf16")
         else:
             stored[p] = (_distinct_bytes(p), "bf16")
-    trace = _kernel_trace()(list(params.values()) + list(constants), stored)
+    trace = _kernel_trace()(list(params.values()) + list(constants), stored, unique_rows)
     trace.label, rows = first, _ROWS if rows is None else rows
 
     def enter(row: str) -> None:
@@ -542,19 +543,19 @@ def _context_ops(cfg: WanConfig, B: int, text_tokens: int, image_tokens: int, fm
     return tuple(OpCost(name, "context", ks) for name, ks in rows)
 
 
+@functools.lru_cache(maxsize=128)  # traced once per configuration and shape
 def vace_embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
-    """The VACE ops run once per forward: the control patch embedding (Conv3d, tokens, zero padding to the latents'
-    length: a copy) and VACE block 0's proj_in added to the patched latents."""
+    """The VACE ops run once per forward, traced: the control latents' tokens (WanTransformer.control_tokens: patch
+    embedding, zero padding to the latents' length) and VACE block 0's proj_in added to the patched latents
+    (VaceBlock.add_control). The control latents are taken as long as the latents."""
+    model = _meta_model(cfg)
     B, S, C = shape.batch, shape.tokens, cfg.dim
-    N, NC = B * S, B * S * C
-    p = math.prod(cfg.patch_size)
-    w = C * cfg.vace_in_channels * p * A + C * A
-    return (OpCost("vace_patch_embed", "embed", (
-        Kernel("conv3d", flops=2 * N * C * cfg.vace_in_channels * p, read=N * cfg.vace_in_channels * p * A + w,
-               write=NC * A, const=w, weight=w),
-        Kernel("to_tokens", read=NC * A, write=NC * A), Kernel("pad_tokens", read=NC * A, write=NC * A))),
-        OpCost("vace_proj_in", "embed", (_linear("proj_in", N, C, C, "bf16"),
-                                         Kernel("add_latents", read=2 * NC * A, write=NC * A))))
+    control = _meta(B, cfg.vace_in_channels, *shape.latent)
+    tokens = _traced_rows(model, lambda ops: model.control_tokens(control, S), "ref", "bf16", rows={},
+                          first="vace_patch_embed")
+    add = _traced_rows(model, lambda ops: model.vace_blocks[0].add_control(_meta(B, S, C), _meta(B, S, C)), "ref",
+                       "bf16", rows={}, first="vace_proj_in")
+    return tuple(OpCost(name, "embed", ks) for name, ks in tokens + add)
 
 
 @functools.lru_cache(maxsize=128)  # traced once per configuration and shape
@@ -575,24 +576,21 @@ def vace_block_ops(cfg: WanConfig, shape: Shape, impl: str) -> tuple[OpCost, ...
     return tuple(OpCost("vace_" + name, "vace", ks) for name, ks in rows)
 
 
+@functools.lru_cache(maxsize=128)  # traced once per configuration and shape
 def embed_ops(cfg: WanConfig, shape: Shape) -> tuple[OpCost, ...]:
-    B, S, C = shape.batch, shape.tokens, cfg.dim
-    N, NC = B * S, B * S * C
-    p = math.prod(cfg.patch_size)
-    w = C * cfg.in_channels * p * A + C * A
-    patch = OpCost("patch_embed", "embed", (
-        Kernel("conv3d", flops=2 * N * C * cfg.in_channels * p, read=N * cfg.in_channels * p * A + w, write=NC * A,
-               const=w, weight=w),
-        Kernel("to_tokens", read=NC * A, write=NC * A)))
-    U, fd = shape.timestep_rows, cfg.freq_dim
-    time = [Kernel("linear_1", flops=2 * U * fd * C, read=U * fd * F32 + (fd * C + C) * F32, write=U * C * F32,
-                   const=(fd * C + C) * F32, weight=(fd * C + C) * F32),
-            Kernel("linear_2", flops=2 * U * C * C, read=U * C * F32 + (C * C + C) * F32, write=U * C * F32,
-                   const=(C * C + C) * F32, weight=(C * C + C) * F32),
-            _linear("time_proj", U, 6 * C, C, "bf16")]
-    if cfg.expand_timesteps:  # gather the unique rows back to tokens: temb [B, S, C], temb_proj [B, S, 6C]
-        time.append(Kernel("gather", read=7 * U * C * A, write=7 * NC * A))
-    return patch, OpCost("time_embedder", "embed", tuple(time))
+    """The patch embedding (WanTransformer.patch_tokens) and the time embedding (TimeTextImageEmbedding.time: the
+    sinusoid, the MLP and time_proj on `timestep_rows` rows; per-token timesteps (TI2V): torch.unique finds that many
+    and the rows are gathered back to the tokens), traced."""
+    import torch
+
+    model = _meta_model(cfg)
+    B, S = shape.batch, shape.tokens
+    x = _meta(B, cfg.in_channels, *shape.latent)
+    patch = _traced_rows(model, lambda ops: model.patch_tokens(x), "ref", "bf16", rows={}, first="patch_embed")
+    t = _meta(B, S, dtype=torch.float32) if cfg.expand_timesteps else _meta(shape.timestep_rows, dtype=torch.float32)
+    time = _traced_rows(model, lambda ops: model.condition_embedder.time(t, torch.bfloat16), "ref", "bf16", rows={},
+                        first="time_embedder", unique_rows=shape.timestep_rows)
+    return tuple(OpCost(name, "embed", ks) for name, ks in patch + time)
 
 
 @functools.lru_cache(maxsize=128)  # traced once per configuration and shape

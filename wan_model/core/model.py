@@ -352,9 +352,13 @@ class VaceBlock(WanBlock):
     def forward(self, c, x, temb_proj, rope_cos, rope_sin, kv, ops: _Ops):
         # c: control stream [B, S, C]; x: patched latents [B, S, C] (read by block 0 only)
         if self.proj_in is not None:
-            c = self.proj_in(c) + x
+            c = self.add_control(c, x)
         c = super().forward(c, temb_proj, rope_cos, rope_sin, kv, ops)
         return self.proj_out(c), c                                              # hint, control stream
+
+    def add_control(self, c, x):
+        """Block 0: the control tokens c through proj_in, added to the patched latents x ([B, S, C] each)."""
+        return self.proj_in(c) + x
 
 
 class WanTransformer(nn.Module):
@@ -613,14 +617,23 @@ class WanTransformer(nn.Module):
         WanVACETransformer3DModel): the control is patch-embedded, its tokens padded with zeros to the latents',
         and run through the VACE blocks (block 0 adds proj_in of it to the patched latents x)."""
         L = self.config.num_layers
-        c = self.vace_patch_embedding(control).flatten(2).transpose(1, 2)           # [B, S_c, C]
-        c = torch.cat([c, c.new_zeros(c.shape[0], x.shape[1] - c.shape[1], c.shape[2])], dim=1)  # [B, S, C]
+        c = self.control_tokens(control, x.shape[1])                              # [B, S, C]
         hints = {}
         for j, (block, layer, scale) in enumerate(zip(self.vace_blocks, self.config.vace_layers, scales)):
             args = (c, x, temb_proj, rope_cos, rope_sin, context.layer(L + j), self._ops)
             hint, c = block(*args) if ckpt is None else ckpt(block, *args)
             hints[layer] = hint * scale
         return hints
+
+    def control_tokens(self, control: torch.Tensor, tokens: int) -> torch.Tensor:
+        """VACE control latents [B, vace_in_channels, F_c, H, W] -> [B, tokens, C]: patch-embedded, the tokens of the
+        frames missing from F_c zeros (as diffusers pads them) up to the latents' `tokens`."""
+        c = self.vace_patch_embedding(control).flatten(2).transpose(1, 2)           # [B, S_c, C]
+        return torch.cat([c, c.new_zeros(c.shape[0], tokens - c.shape[1], c.shape[2])], dim=1)
+
+    def patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C_in, F, H, W] -> the patch embedding's tokens [B, S, C], S = the patched grid's size."""
+        return self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
 
     def _check_latents(self, hidden_states, timestep) -> tuple[int, int, int]:
         """The patched grid (f, h, w) of hidden_states [B, C_in, F, H, W], after checking it and the timestep
@@ -665,7 +678,7 @@ class WanTransformer(nn.Module):
             raise ValueError(f"the text context has batch {context.batch_size}, hidden_states "
                              f"{tuple(hidden_states.shape)} batch {B}: they must be equal")
 
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # [B, S, C]
+        x = self.patch_tokens(hidden_states)                                     # [B, S, C]
         temb, temb_proj = self.condition_embedder.time(timestep, context.dtype)  # [B, 1|S, C], [B, 1|S, 6, C]
         sp = getattr(self, "_parallel", None)
         if sp is not None:  # this rank's tokens [B, n, C] (wan_model/core/parallel.py)
