@@ -118,12 +118,23 @@ _LINES = [("mods = ", "modulation"), ("ops.layer_norm_modulate(x, scale, shift",
           ("ops.layer_norm_modulate(x, c_scale", "ffn_norm"),
           ('self.ffn["proj_in"]', "ffn"), ('self.ffn["proj_out"]', "ffn"), ("ops.gated_residual(x, f, c_gate)", "ffn_residual")]
 _GEMM = ("aten.addmm.default", "aten.mm.default")
-_FREE = ("aten._unsafe_view.default", "aten.empty.memory_format")
 
 
 def _distinct_bytes(t: torch.Tensor) -> int:
     n = math.prod(s for s, st in zip(t.shape, t.stride()) if st != 0)
     return n * t.element_size()
+
+
+def _op_bytes(func, args, kwargs, out) -> int | None:
+    """Bytes an op moves: its tensor inputs and outputs, distinct elements; None for what moves nothing: views (outputs
+    aliasing an input), aten._unsafe_view (a view whose schema does not say so: matmul's reshapes) and allocations
+    (empty, new_empty, ...); a fill (new_zeros, zeros_like, ...) only writes (its tensor argument gives the dtype)."""
+    name = func._overloadpacket.__name__
+    if any(r.alias_info is not None for r in func._schema.returns) or name == "_unsafe_view" or "empty" in name:
+        return None
+    fill = name.startswith("new_") or name.endswith("_like")
+    tensors = torch.utils._pytree.tree_leaves((out,) if fill else (args, kwargs, out))
+    return sum(_distinct_bytes(t) for t in tensors if isinstance(t, torch.Tensor))
 
 
 class ByteCounter(TorchDispatchMode):
@@ -153,14 +164,10 @@ class ByteCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # views move nothing: ops whose outputs alias an input, and aten._unsafe_view (a view whose schema does
-        # not say so: matmul's reshapes); aten.empty allocates without traffic
-        if any(r.alias_info is not None for r in func._schema.returns) or str(func) in _FREE:
-            return out
-        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(a, torch.Tensor)]
-        if tensors:
+        n = _op_bytes(func, args, kwargs, out)
+        if n is not None:
             label = self._label(func)
-            self.bytes[label] = self.bytes.get(label, 0) + sum(_distinct_bytes(t) for t in tensors)
+            self.bytes[label] = self.bytes.get(label, 0) + n
         return out
 
 
@@ -193,9 +200,7 @@ class TotalBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not any(r.alias_info is not None for r in func._schema.returns) and str(func) not in _FREE:
-            self.n += sum(_distinct_bytes(t) for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
-                          if isinstance(t, torch.Tensor))
+        self.n += _op_bytes(func, args, kwargs, out) or 0
         return out
 
 

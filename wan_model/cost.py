@@ -299,12 +299,14 @@ def _kernel_trace():
 
     Per op: FLOPs from torch's flop counter formulas (aten matmuls, convolutions) and, for a `wan` op, all of FLOPs
     and bytes from its spec (`OpSpec.cost`: one fused kernel); otherwise bytes = the distinct bytes of its tensor
-    inputs (read) and outputs (written). Ops whose outputs alias an input (views, and in-place ops: F.rms_norm's
-    eps add on [N] fp32 values goes uncounted, 8 bytes per token), aten._unsafe_view (a view whose schema does not
-    say so) and aten.empty move nothing. `const`: bytes that do not depend on the batch: the inputs that are
-    `constants` (parameters, RoPE tables) or are computed from constants only (a parameter cast to fp32);
-    `weight`: the bytes of parameters read, as stored: `stored` maps a parameter to its bytes and compute peak in
-    the weight format (a quantized GEMM weight: `weight_nbytes`, at the "fp4" peak for NVFP4)."""
+    inputs (read) and outputs (written). A fill (new_zeros, zeros_like, ...) reads nothing: its tensor argument only
+    gives dtype and device. Allocations (empty, new_empty, empty_like, ...), ops whose outputs alias an input (views,
+    and in-place ops: F.rms_norm's eps add on [N] fp32 values goes uncounted, 8 bytes per token) and
+    aten._unsafe_view (a view whose schema does not say so) move nothing. `const`: bytes that do not depend on the
+    batch: the inputs that are `constants` (parameters, RoPE tables) or are computed from constants only (a
+    parameter cast to fp32); `weight`: the bytes of parameters read, as stored: `stored` maps a parameter to its
+    bytes and compute peak in the weight format (a quantized GEMM weight: `weight_nbytes`, at the "fp4" peak for
+    NVFP4)."""
     import weakref
 
     import torch
@@ -314,7 +316,7 @@ def _kernel_trace():
     from wan_kernels._spec import SPECS
 
     registry = flop_counter().flop_registry
-    free = ("aten._unsafe_view.default", "aten.empty.memory_format")
+    free = ("aten._unsafe_view.default",)
 
     class Marks:
         """A value per tensor, by identity (tensors compare elementwise), dropped when the tensor goes."""
@@ -349,7 +351,10 @@ def _kernel_trace():
                 out = func(*args, **kwargs)
             ins = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-            if any(r.alias_info is not None for r in func._schema.returns) or str(func) in free:
+            name = func._overloadpacket.__name__
+            if name.startswith("new_") or name.endswith("_like"):
+                ins = []  # new_zeros, zeros_like, ...: their tensor argument gives dtype and device, it is not read
+            if any(r.alias_info is not None for r in func._schema.returns) or "empty" in name or str(func) in free:
                 src = next((t for t in ins if self._const.get(t)), None)
                 for t in outs if src is not None else ():  # a view of a constant (a parameter) is one
                     self._const[t] = True
