@@ -4,13 +4,23 @@ wan_model/testing.py."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from wan_model.core.config import WanConfig
 from wan_model.testing import random_model
 
 from _helpers import VARIANTS
+
+# Hypothesis in CI (.ci/run sets HYPOTHESIS_PROFILE=ci): the same examples on every run (seeded per test function:
+# a changed test draws anew), so whether a change lands never hinges on a fresh random draw. Elsewhere random
+# draws, as a developer explores; a failure prints the example and its reproduce_failure blob either way.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")
