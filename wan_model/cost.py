@@ -272,10 +272,10 @@ def activation_live_points(c: ModelCost) -> tuple[int, dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The blocks' kernels: traced on meta tensors, not mirrored. One WanBlock (and one VaceBlock) of the config runs on
-# meta tensors of the real shapes (nothing is computed or allocated) under a dispatch mode that turns every op
-# into a Kernel; hooks on the block's modules, its bound `wan` ops and its per-role functions say which row of the
-# table each kernel belongs to.
+# The kernels: traced on meta tensors, not mirrored. Each part of the model (a WanBlock, a VaceBlock, the head,
+# prepare_context, the embeddings) runs on meta tensors of the real shapes (nothing is computed or allocated) under
+# a dispatch mode that turns every op into a Kernel; hooks on the modules, the bound `wan` ops and the per-role
+# functions say which row of the table each kernel belongs to.
 
 # Block linears that a weight format applies to (plus the stacked cross-attention K/V weights).
 _QUANTIZED = ("attn1.to_qkv.weight", "attn1.to_out.weight", "attn2.to_q.weight", "attn2.to_out.weight",
