@@ -216,10 +216,7 @@ def test_context_embed_and_head_bytes_match_dispatch_count(preset, batch):
     c = cost.model_cost(cfg, *cost.RESOLUTIONS["480p"], 81, batch=batch)
     with torch.device("meta"):
         model = WanTransformer(cfg, impl="auto", device="meta")
-    model.to_dtype(torch.bfloat16, keeps_fp32)
-    for name in ("cross_kv", "cross_kv_img", "vace_cross_kv", "vace_cross_kv_img"):  # bf16, as a load assigns it
-        if getattr(model, name, None) is not None:
-            getattr(model, name).norm_k.data = getattr(model, name).norm_k.data.to(torch.bfloat16)
+    model.to_dtype(torch.bfloat16, keeps_fp32)                   # the K/V norms bf16 too, as a load assigns them
     m = dict(device="meta", dtype=torch.bfloat16)
     txt = torch.empty(batch, TEXT_TOKENS, cfg.text_dim, **m)
     img = None

@@ -444,14 +444,15 @@ def _traced_rows(block, call, impl: str, fmt: str, constants=(), rows=None, firs
         return run
 
     modules = dict(block.named_modules())
-    handles = []
+    handles, held = [], []
     for key, row in rows.items():
         owner, _, attr = key.rpartition(".")
         if key in modules:
             handles += [modules[key].register_forward_pre_hook(lambda m, a, row=row: enter(row)),
                         modules[key].register_forward_hook(lambda m, a, o, row=row: leave(row))]
         elif owner in modules and attr in vars(modules[owner]):  # a per-role function the block holds
-            setattr(modules[owner], attr, wrap(getattr(modules[owner], attr), row))
+            held.append((modules[owner], attr, getattr(modules[owner], attr)))
+            setattr(modules[owner], attr, wrap(held[-1][2], row))
     ops = bind_ops("auto" if impl == "fused" else "ref", "meta")
     ops = dc.replace(ops, **{name: wrap(getattr(ops, name), seq) for name, seq in rows.items()
                              if not isinstance(seq, str)})
@@ -461,6 +462,8 @@ def _traced_rows(block, call, impl: str, fmt: str, constants=(), rows=None, firs
     finally:
         for h in handles:
             h.remove()
+        for owner, attr, fn in held:
+            setattr(owner, attr, fn)
     out: dict[str, list[Kernel]] = {}
     for label, k in trace.kernels:
         out.setdefault("qkv_gemm" if label == "qk_norm_rope" and k.flops else label, []).append(k)
@@ -604,8 +607,8 @@ def head_ops(cfg: WanConfig, shape: Shape, impl: str = "fused") -> tuple[OpCost,
     model = _meta_model(cfg)
     B, C = shape.batch, cfg.dim
     x, temb = _meta(B, shape.tokens, C), _meta(B, shape.tokens if cfg.expand_timesteps else 1, C)
-    rows = _traced_rows(model, lambda ops: model.head(x, temb, shape.grid, ops), impl, "bf16")
-    return (OpCost("head", "head", tuple(k for _, ks in rows for k in ks)),)
+    rows = _traced_rows(model, lambda ops: model.head(x, temb, shape.grid, ops), impl, "bf16", rows={}, first="head")
+    return tuple(OpCost(name, "head", ks) for name, ks in rows)
 
 
 def model_cost(cfg: WanConfig | str, width: int = 1280, height: int = 720, frames: int = 81, *, batch: int = 1,
