@@ -337,7 +337,7 @@ def test_default_pv_by_arch():
 # ---------------------------------------------------------------------------------------------
 # The op: wan::attention_int8 / wan::attention_int8_lse
 
-OPS = ("attention_int8", "attention_int8_lse")
+OPS = ("attention_int8", "attention_int8_lse", "attention_int8_q8")
 # Worst-head NRMSE vs fp64 that the op's default (pv="auto" = fp8 on CPU) reaches on Wan-like hd128 inputs with an
 # image set (CASES["wan-hd128-i2v"], measured 0.026), with ~2x headroom: the bound the model test multiplies out.
 OP_NRMSE = 0.05

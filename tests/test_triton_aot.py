@@ -79,9 +79,9 @@ TILE_SWEEP = sorted({(max(1, hb - 1), d) for d in (64, 128) for hb in (1, 2, 4, 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def _check_qk_norm_rope(H, D, dtype, arch, tmp_path):
-    cfg = tqk.launch_config(H, D)
-    r = aot.compile_aot(tqk.qk_norm_rope_kernel, tqk.aot_signature(dtype), cfg.constexprs(), arch=arch,
+def _check_qk_norm_rope(H, D, dtype, arch, tmp_path, quant_q=False):
+    cfg = tqk.launch_config(H, D, quant_q)
+    r = aot.compile_aot(tqk.qk_norm_rope_kernel, tqk.aot_signature(dtype), cfg.constexprs(quant_q), arch=arch,
                         num_warps=cfg.num_warps, aligned=tqk.AOT_ALIGNED, workdir=tmp_path)
     print(f"H={H} D={D} H_BLOCK={cfg.H_BLOCK} chunks={cfg.NUM_CHUNKS} {dtype}: {r.summary()}")
     assert r.stack_bytes == 0 and r.local_bytes == 0, r.summary()
@@ -102,6 +102,21 @@ def _check_qk_norm_rope(H, D, dtype, arch, tmp_path):
 @pytest.mark.parametrize("H,D", WAN_AND_TEST_SHAPES)
 def test_qk_norm_rope_compiles_without_spills(H, D, dtype, arch, tmp_path):
     _check_qk_norm_rope(H, D, dtype, arch, tmp_path)
+
+
+# q quantized in the kernel (wan::qk_norm_rope_int8): the Wan shapes, every dtype. Beside the checks above: q is
+# rounded to its dtype before it is quantized (cvt.rn to bf16 / f16, the q the unfused kernel would store), the
+# codes are converted from fp32 (cvt.rzi to an integer after the half-away rounding) and the divisions by 127 and
+# by the scale are IEEE (div.rn, no div.full / approx): bit-identical with the 8-bit attention's quantizer.
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("H,D", WAN_AND_TEST_SHAPES)
+def test_qk_norm_rope_int8_compiles_without_spills(H, D, dtype, arch, tmp_path):
+    r = _check_qk_norm_rope(H, D, dtype, arch, tmp_path, quant_q=True)
+    rounding = {torch.bfloat16: "cvt.rn.bf16.f32", torch.float16: "cvt.rn.f16.f32", torch.float32: None}[dtype]
+    assert rounding is None or rounding in r.ptx
+    assert "cvt.rzi.s16.f32" in r.ptx or "cvt.rzi.s32.f32" in r.ptx
+    assert "div.rn.f32" in r.ptx and "div.full.f32" not in r.ptx and "div.approx" not in r.ptx
 
 
 # The other head-tile sizes: bf16 (the model dtype) on every arch.

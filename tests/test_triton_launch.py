@@ -55,6 +55,9 @@ def _big_launches(cap):
     out.append(("dequantize", tnv.prepare_dequantize(a, sa, gs, torch.bfloat16, cap)[0]))
     out.append(("qk_norm_rope", tqk.prepare(_m(BATCH, TOKENS, 3 * C), _m(C), _m(C), _m(TOKENS, D // 2, dtype=torch.float32),
                                             _m(TOKENS, D // 2, dtype=torch.float32), H, 1e-6, cap)[0]))
+    out.append(("qk_norm_rope_int8", tqk.prepare(_m(BATCH, TOKENS, 3 * C), _m(C), _m(C),
+                                                 _m(TOKENS, D // 2, dtype=torch.float32),
+                                                 _m(TOKENS, D // 2, dtype=torch.float32), H, 1e-6, cap, True)[0]))
     x = _m(BATCH, TOKENS, C)
     shift, scale, gate = _m(BATCH, 1, 6, C, dtype=torch.float32).unbind(2)[:3]
     out.append(("layer_norm_modulate", tm.prepare_layer_norm_modulate(x, scale, shift, 1e-6, cap)[0]))
@@ -100,6 +103,7 @@ def _fake_cuda_launches(dev):
     gs = f(dtype=torch.float32)
     qkv = f(1, 8, 3 * 256)
     tqk.qk_norm_rope(qkv, f(256), f(256), f(8, 32, dtype=torch.float32), f(8, 32, dtype=torch.float32), 4)
+    tqk.qk_norm_rope_int8(qkv, f(256), f(256), f(8, 32, dtype=torch.float32), f(8, 32, dtype=torch.float32), 4)
     q = f(1, 8, 2, 64)
     ta.attention(q, q, q)
     x, mod = f(1, 8, 64), f(1, 1, 64, dtype=torch.float32)

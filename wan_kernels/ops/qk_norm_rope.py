@@ -13,8 +13,8 @@ from wan_kernels.triton import qk_norm_rope as triton_qk_norm_rope
 __all__ = ["qk_norm_rope"]
 
 
-def check_qk_norm_rope(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps=None) -> None:
-    op = "qk_norm_rope"
+def check_qk_norm_rope(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps=None, *,
+                       op: str = "qk_norm_rope") -> None:
     if qkv.dim() != 3 or qkv.shape[2] % 3:
         raise ValueError(f"{op}: qkv must be [B, S, 3*C], got shape {shape_of(qkv)}")
     check_float(op, "qkv", qkv)

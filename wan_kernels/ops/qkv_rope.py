@@ -14,8 +14,8 @@ from wan_kernels.ops.qk_norm_rope import samples_qk_norm_rope
 __all__ = ["qkv_rope"]
 
 
-def check_qkv_rope(x, w_qkv, b_qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps=None) -> None:
-    op = "qkv_rope"
+def check_qkv_rope(x, w_qkv, b_qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps=None, *,
+                   op: str = "qkv_rope") -> None:
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, S, C], got shape {shape_of(x)}")
     check_float(op, "x", x)

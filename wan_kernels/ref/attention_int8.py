@@ -35,7 +35,7 @@ import torch
 
 from wan_kernels.hardware import default_pv
 
-__all__ = ["attention_int8", "attention_int8_lse"]
+__all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -137,15 +137,20 @@ def resolve_pv(pv: str, device: torch.device) -> str:
     return pv
 
 
-def quantize_operands(q, k, v, k_img, v_img, s: float, pv: str, q_group: int = Q_GROUP, k_group: int = K_GROUP):
-    """Stages 1-3 of one call: (q int8, q's scales with s * log2 e folded in, per key set (k int8, k's scales,
-    k's mean, v e4m3/fp16, v's scales, v's mean)); pv "fp8" or "fp16"."""
-    q_i8, q_scale = quantize_int8(q, q_group)
+def quantize_sets(k, v, k_img, v_img, pv: str, k_group: int = K_GROUP) -> tuple:
+    """Stages 1-3 of the key sets: per set (k int8, k's scales, k's mean, v e4m3/fp16, v's scales, v's mean)."""
     sets = []
     for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
         ks, mean = smooth_k(kt)
         sets.append((*quantize_int8(ks, k_group), mean, *(quantize_v_fp8(vt) if pv == "fp8" else quantize_v_fp16(vt))))
-    return q_i8, q_scale * (s * LOG2E), tuple(sets)
+    return tuple(sets)
+
+
+def quantize_operands(q, k, v, k_img, v_img, s: float, pv: str, q_group: int = Q_GROUP, k_group: int = K_GROUP):
+    """Stages 1-3 of one call: (q int8, q's scales with s * log2 e folded in, per key set (k int8, k's scales,
+    k's mean, v e4m3/fp16, v's scales, v's mean)); pv "fp8" or "fp16"."""
+    q_i8, q_scale = quantize_int8(q, q_group)
+    return q_i8, q_scale * (s * LOG2E), quantize_sets(k, v, k_img, v_img, pv, k_group)
 
 
 def lse_shift(q: torch.Tensor, mean: torch.Tensor, s: float) -> torch.Tensor:
@@ -188,3 +193,20 @@ def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     log-sum-exp of the unsmoothed scores s q k^T (smoothing corrected), as wan::attention_lse for ring attention."""
     out, lse = attention_int8_sets(q, k, v, None, None, scale, pv, q_group, k_group, block_n, exp2)
     return out, lse[0]
+
+
+def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_img: torch.Tensor | None = None, v_img: torch.Tensor | None = None,
+                      scale: float | None = None, pv: str = "auto", k_group: int = K_GROUP, block_n: int = BLOCK_N,
+                      exp2: Callable = torch.exp2) -> torch.Tensor:
+    """wan::attention_int8_q8: `attention_int8` from a query quantized already (wan::qk_norm_rope_int8: stage 2 of
+    q done where q was made): q8 int8 [B, Sq, H, D] and q_scale fp32 [B, H, Sq] (q ~ q8 * q_scale, one scale per
+    token and head, nothing folded in), k/v [B, Sk, H, D/Dv], optional k_img/v_img -> [B, Sq, H, Dv] in k's
+    dtype. Equal to `attention_int8(q, ...)` when (q8, q_scale) = `quantize_int8(q, 1)`."""
+    pv = resolve_pv(pv, k.device)
+    s = 1.0 / math.sqrt(q8.shape[-1]) if scale is None else float(scale)
+    qs = q_scale.float() * (s * LOG2E)
+    out = 0
+    for k_i8, k_scale, _, vq, v_scale, v_mean in quantize_sets(k, v, k_img, v_img, pv, k_group):
+        out = out + attend(q8, qs, k_i8, k_scale, vq, v_scale, v_mean, pv, 1, k_group, block_n, exp2)[0]
+    return out.transpose(1, 2).to(k.dtype).contiguous()

@@ -2,7 +2,9 @@
 
 import torch
 
-__all__ = ["qk_norm_rope", "qk_norm_rope_backward"]
+from wan_kernels.ref.attention_int8 import quantize_int8
+
+__all__ = ["qk_norm_rope", "qk_norm_rope_backward", "qk_norm_rope_int8"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,6 +37,16 @@ def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: 
     k = rope_interleaved(k, rope_cos, rope_sin)
     v = v.unflatten(-1, (num_heads, -1))
     return q.to(qkv.dtype), k.to(qkv.dtype), v.contiguous()
+
+
+def qk_norm_rope_int8(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                      rope_cos: torch.Tensor, rope_sin: torch.Tensor, num_heads: int, eps: float):
+    """qk_norm_rope with q quantized for wan::attention_int8_q8: (q8 int8 [B, S, H, D], q_scale fp32 [B, H, S], k, v)
+    where q8, q_scale are 8-bit attention's stage 2 (symmetric amax/127 per token and head, round half away from
+    zero) of the q that `qk_norm_rope` returns (rounded to qkv's dtype first)."""
+    q, k, v = qk_norm_rope(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps)
+    q8, q_scale = quantize_int8(q, 1)
+    return q8, q_scale, k, v
 
 
 def qk_norm_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, qkv: torch.Tensor,

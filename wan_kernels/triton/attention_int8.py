@@ -241,6 +241,9 @@ def _quantize(q, k, v, k_img, v_img, s: float, pv: str, lse: bool, capability, l
     if (Q_GROUP, K_GROUP) == (1, 1):
         return quantize(q, k, v, k_img, v_img, s, pv, lse, capability, launch)
     R = importlib.import_module("wan_kernels.ref.attention_int8")  # the module (the package attribute is the op)
+    if isinstance(q, tuple):
+        raise ValueError(f"attention_int8_q8 (triton): a quantized q has per-token scales, the kernel is set to "
+                         f"Q_GROUP={Q_GROUP}")
     q8, qs, sets = R.quantize_operands(q, k, v, k_img, v_img, s, pv, Q_GROUP, K_GROUP)
     shift = torch.stack([R.lse_shift(q, st[2], s) for st in sets]) if lse else None
     return Quantized(q8, qs, sets, shift)
@@ -249,9 +252,18 @@ def _quantize(q, k, v, k_img, v_img, s: float, pv: str, lse: bool, capability, l
 def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, config: Config | None, capability,
             launch: Callable[[Launch], None] = run):
     """(Launch or None when empty, out, lse [S, B, H, Sq], Quantized). The quantizer's kernels are handed to
-    `launch` as they come (`run`; readiness collects them on meta tensors)."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"attention_int8 (triton): q must be float16/bfloat16/float32, got {q.dtype}")
+    `launch` as they come (`run`; readiness collects them on meta tensors). q: a float tensor, or (q8, q_scale)
+    quantized already (wan::attention_int8_q8: the output takes k's dtype; no LSE)."""
+    quantized = isinstance(q, tuple)
+    if quantized and write_lse:
+        raise ValueError("attention_int8 (triton): an LSE needs the float q (its smoothing correction s q.mean(k))")
+    out_dtype = k.dtype if quantized else q.dtype
+    if quantized and q[0].stride(-1) != 1:
+        q = (q[0].contiguous(), q[1])
+    if quantized and q[0].dtype != torch.int8:
+        raise ValueError(f"attention_int8_q8 (triton): q8 must be int8, got {q[0].dtype}")
+    if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention_int8 (triton): q must be float16/bfloat16/float32, got {out_dtype}")
     pv = default_pv(capability) if pv in (None, "auto") else pv
     if pv not in ("fp8", "fp16"):
         raise ValueError(f"attention_int8 (triton): pv must be 'fp8', 'fp16' or 'auto', got {pv!r}")
@@ -259,15 +271,15 @@ def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, confi
         raise ValueError(f"attention_int8 (triton): pv='fp8' needs fp8 tensor cores (sm_89 or later), got "
                          f"sm_{capability[0]}{capability[1]}; use pv='fp16'")
     has_img = k_img is not None
-    B, Sq, H, D = q.shape
+    B, Sq, H, D = q[0].shape if quantized else q.shape
     Sk, DV = k.shape[1], v.shape[3]
     Si = k_img.shape[1] if has_img else 0
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qz = _quantize(q, k, v, k_img, v_img, s, pv, write_lse, capability, launch)
     k8, ks, _, v8, vs, vm = qz.sets[0]
     ki8, kis, _, vi8, vis, vim = qz.sets[-1]  # the text set again without images: never read (HAS_IMG=False)
-    out = torch.empty((B, Sq, H, DV), dtype=q.dtype, device=q.device)
-    lse = torch.empty((len(qz.sets), B, H, Sq) if write_lse else (1,), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, Sq, H, DV), dtype=out_dtype, device=k.device)
+    lse = torch.empty((len(qz.sets), B, H, Sq) if write_lse else (1,), dtype=torch.float32, device=k.device)
     if B * Sq * H == 0:
         return None, out, lse, qz
     if config is None:
@@ -282,11 +294,11 @@ def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, confi
                   BLOCK_N=config.BLOCK_N, Q_GROUP=Q_GROUP, K_GROUP=K_GROUP, HAS_IMG=has_img, WRITE_LSE=write_lse,
                   PV_FP8=pv == "fp8", SOFT_E4M3=capability is None,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(attention_int8_kernel, grid, args, kwargs, q.device, _interpreted), out, lse, qz
+    return Launch(attention_int8_kernel, grid, args, kwargs, k.device, _interpreted), out, lse, qz
 
 
 def _run(q, k, v, k_img, v_img, scale, pv, write_lse: bool, config: Config | None):
-    launch, out, lse, qz = prepare(q, k, v, k_img, v_img, scale, pv, write_lse, config, target(q, "attention_int8"))
+    launch, out, lse, qz = prepare(q, k, v, k_img, v_img, scale, pv, write_lse, config, target(k, "attention_int8"))
     if launch is not None:
         run(launch)
     return out, lse + qz.shift if write_lse else lse
@@ -300,6 +312,15 @@ def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: tor
     pv: "fp8" | "fp16" | "auto" or None (`wan_kernels.hardware.default_pv` of the device). `config` overrides
     the heuristic (tests)."""
     return _run(q, k, v, k_img, v_img, scale, pv, False, config)[0]
+
+
+def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_img: torch.Tensor | None = None, v_img: torch.Tensor | None = None, scale: float | None = None,
+                      pv: str | None = None, *, config: Config | None = None) -> torch.Tensor:
+    """wan::attention_int8_q8: `attention_int8` from q quantized already (wan::qk_norm_rope_int8): q8 int8
+    [B, Sq, H, D], q_scale fp32 [B, H, Sq] (nothing folded in) -> [B, Sq, H, Dv] in k's dtype. K and V are
+    quantized here as in `attention_int8`; the kernel is the same launch."""
+    return _run((q8, q_scale), k, v, k_img, v_img, scale, pv, False, config)[0]
 
 
 def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,

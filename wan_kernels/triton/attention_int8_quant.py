@@ -220,7 +220,8 @@ def _v(v, pv: str, capability, launch):
 
 def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, capability=None,
              launch: Callable[[Launch], None] = run) -> Quantized:
-    """Quantize every operand of one wan::attention_int8 call (new tensors; the inputs are never written).
+    """Quantize every operand of one wan::attention_int8 call (new tensors; the inputs are never written); q may be
+    (q8, q_scale) quantized already (wan::attention_int8_q8: only its scales are multiplied by the fold; no LSE).
     `capability` None = the interpreter's kernels (software e4m3); `launch` runs each kernel (`run`), or collects
     it (readiness, the cost model: meta tensors)."""
     sets = []
@@ -228,6 +229,8 @@ def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, ca
         k_mean = _stats(kt, False, launch)[0]
         k8, ks, _ = _int8(kt, k_mean, 1.0, (), 0.0, launch)
         sets.append((k8, ks, k_mean, *_v(vt, pv, capability, launch)))
+    if isinstance(q, tuple):  # quantized already (wan::qk_norm_rope_int8): its scales get the fold, as _int8's
+        return Quantized(q[0], q[1] * (scale * LOG2E), tuple(sets))
     means = tuple(st[2] for st in sets) if lse else ()
     q8, qs, shift = _int8(q, None, scale * LOG2E, means, scale, launch)
     return Quantized(q8, qs, tuple(sets), shift)

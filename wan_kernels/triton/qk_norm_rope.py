@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.triton._launch import EXACT, Launch, run, target
+from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run, target
 
 # Largest per-tensor tile (elements) of the single-tile path; beyond it the chunked path runs.
 MAX_TILE = 8192
@@ -54,13 +54,41 @@ MAX_WARPS = 16
 # before TRITON_INTERPRET=1 was set (`tl.sum` is then a compiled-only @jit function that the interpreter
 # cannot call; the interpreter recognises this combiner and reduces with numpy).
 _ADD = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
 # (Likewise `tl.full` rather than the @jit `tl.zeros`.)
 
 
+@JITFunction
+def _round_to(x, out_ty: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """x fp32 rounded to the output dtype (RNE) and back to fp32: the q that `qk_norm_rope` stores. SOFT_BF16 (the
+    interpreter with a bf16 output, whose own cast truncates): round to nearest even on the bits."""
+    if SOFT_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    return x.to(out_ty).to(tl.float32)
+
+
+@JITFunction
+def _store_q8(o, q8_ptrs, qs_ptrs, mask, head_ok, out_ty: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """q of one tile [H_BLOCK, D] fp32 -> int8 q8 and one scale per head, as the 8-bit attention's quantizer
+    (`attention_int8_quant._quantize_int8_kernel`) quantizes the stored q: rounded to the output dtype first, then
+    scale = amax / 127 (div_rn), q8 = round half away from zero of q / scale, clamped to +-127."""
+    x = tl.where(mask, _round_to(o, out_ty, SOFT_BF16), 0.0)
+    scale = tl.math.div_rn(tl.reduce(tl.abs(x), 1, _MAX), 127.0)              # [H_BLOCK]
+    y = tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)[:, None])
+    a = tl.abs(y)
+    r = tl.floor(a)
+    r = tl.minimum(r + tl.where(a - r >= 0.5, 1.0, 0.0), 127.0)
+    tl.store(q8_ptrs, tl.where(y < 0, -r, r).to(tl.int8), mask=mask)
+    tl.store(qs_ptrs, scale, mask=head_ok)
+
+
 def _qk_norm_rope_kernel(
-    qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+    qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, q8_ptr, qs_ptr,
     S, stride_qkv_b, stride_qkv_s, stride_rope_s, eps,
-    H: tl.constexpr, D: tl.constexpr, H_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, H_BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, QUANT_Q: tl.constexpr,
+    SOFT_BF16: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     C: tl.constexpr = H * D
@@ -76,7 +104,8 @@ def _qk_norm_rope_kernel(
     i = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + s * stride_rope_s + i)[None, :]  # [1, HALF] fp32, broadcast over heads
     sin = tl.load(sin_ptr + s * stride_rope_s + i)[None, :]
-    out_ty = q_ptr.dtype.element_ty
+    out_ty = q_ptr.dtype.element_ty                         # (QUANT_Q: q_ptr is k's, q's dtype, never written)
+    qs_off = (b * H + h) * S + s                            # q's scales are [B, H, S] (QUANT_Q)
 
     if NUM_CHUNKS == 1:
         mask = tl.broadcast_to((h < H)[:, None], [H_BLOCK, D])
@@ -95,7 +124,10 @@ def _qk_norm_rope_kernel(
         # [H_BLOCK, D] -> [H_BLOCK, HALF, 2] -> even / odd channels [H_BLOCK, HALF] (register-local split)
         a, bb = tl.split(tl.reshape(xq * rq * wq, [H_BLOCK, HALF, 2]))
         oq = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
-        tl.store(q_ptr + out_off + offs, oq.to(out_ty), mask=mask)
+        if QUANT_Q:
+            _store_q8(oq, q8_ptr + out_off + offs, qs_ptr + qs_off, mask, h < H, out_ty, SOFT_BF16)
+        else:
+            tl.store(q_ptr + out_off + offs, oq.to(out_ty), mask=mask)
         a, bb = tl.split(tl.reshape(xk * rk * wk, [H_BLOCK, HALF, 2]))
         ok = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
         tl.store(k_ptr + out_off + offs, ok.to(out_ty), mask=mask)
@@ -122,7 +154,11 @@ def _qk_norm_rope_kernel(
             wq = tl.load(wq_ptr + co, mask=mask, other=0.0).to(tl.float32)
             a, bb = tl.split(tl.reshape(xq * rq * wq, [H_BLOCK, HALF, 2]))
             oq = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
-            tl.store(q_ptr + out_off + co, oq.to(out_ty), mask=mask)
+            if QUANT_Q:
+                _store_q8(oq, q8_ptr + out_off + co, qs_ptr + qs_off + c * H_BLOCK * S, mask,
+                          (c * H_BLOCK + h) < H, out_ty, SOFT_BF16)
+            else:
+                tl.store(q_ptr + out_off + co, oq.to(out_ty), mask=mask)
             xk = tl.load(row + C + co, mask=mask, other=0.0).to(tl.float32)
             wk = tl.load(wk_ptr + co, mask=mask, other=0.0).to(tl.float32)
             a, bb = tl.split(tl.reshape(xk * rk * wk, [H_BLOCK, HALF, 2]))
@@ -143,20 +179,23 @@ class LaunchConfig:
     NUM_CHUNKS: int
     num_warps: int
 
-    def constexprs(self) -> dict[str, int]:
-        return {"H": self.H, "D": self.D, "H_BLOCK": self.H_BLOCK, "NUM_CHUNKS": self.NUM_CHUNKS}
+    def constexprs(self, quant_q: bool = False, soft_bf16: bool = False) -> dict[str, int]:
+        return {"H": self.H, "D": self.D, "H_BLOCK": self.H_BLOCK, "NUM_CHUNKS": self.NUM_CHUNKS,
+                "QUANT_Q": quant_q, "SOFT_BF16": soft_bf16}
 
 
-def launch_config(num_heads: int, head_dim: int) -> LaunchConfig:
+def launch_config(num_heads: int, head_dim: int, quant_q: bool = False) -> LaunchConfig:
     """The heuristic: one tile of next_pow2(H) heads when it has <= MAX_TILE elements, else chunks of
-    MAX_TILE // D heads; num_warps = tile / (32 * ELEMS_PER_THREAD), clamped to [1, MAX_WARPS]."""
+    MAX_TILE // D heads (a quarter of that when q is quantized in the kernel: with its codes and scales, chunks of
+    8192 and 4096 elements spilled 4-16 bytes in fp32 on sm_80, sm_100 or sm_120, 2048 on none of the six archs);
+    num_warps = tile / (32 * ELEMS_PER_THREAD), clamped to [1, MAX_WARPS]."""
     if head_dim < 2 or head_dim & (head_dim - 1):
         raise ValueError(f"qk_norm_rope (triton): head_dim must be a power of two >= 2, got {head_dim}")
     h_block = triton.next_power_of_2(num_heads)
     if h_block * head_dim <= MAX_TILE:
         chunks = 1
     else:
-        h_block = max(1, MAX_TILE // head_dim)
+        h_block = max(1, (MAX_TILE // 4 if quant_q else MAX_TILE) // head_dim)
         chunks = triton.cdiv(num_heads, h_block)
     tile = h_block * head_dim
     num_warps = min(MAX_WARPS, max(1, tile // (32 * ELEMS_PER_THREAD)))
@@ -164,8 +203,11 @@ def launch_config(num_heads: int, head_dim: int) -> LaunchConfig:
 
 
 def prepare(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor, rope_cos: torch.Tensor,
-            rope_sin: torch.Tensor, num_heads: int, eps: float, capability: tuple[int, int] | None):
+            rope_sin: torch.Tensor, num_heads: int, eps: float, capability: tuple[int, int] | None,
+            quant_q: bool = False):
     """(Launch or None when empty, q, k, v): the launch `qk_norm_rope` runs, for `capability` (None = interpreter).
+    quant_q (`qk_norm_rope_int8`): q is (q8 int8 [B, S, H, D], q_scale fp32 [B, H, S]) instead, q quantized in
+    registers as the 8-bit attention's quantizer would quantize the stored q.
 
     On the interpreter bf16 q/k are allocated fp32 (see `qk_norm_rope`); the caller rounds them."""
     B, S, C3 = qkv.shape
@@ -182,17 +224,25 @@ def prepare(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch
     shape = (B, S, num_heads, D)
     # The interpreter's fp32 -> bf16 cast truncates instead of rounding to nearest even (triton 3.8,
     # `cast_impl` passes no rounding mode): on CPU the kernel stores bf16 q/k in fp32 and torch rounds
-    # them (RNE, as the GPU's cvt.rn.bf16.f32). v is a plain copy and is stored by the kernel in any case.
+    # them (RNE, as the GPU's cvt.rn.bf16.f32); a q it quantizes it rounds on the bits (`_round_to`). v is a plain
+    # copy and is stored by the kernel in any case.
     soft_bf16 = capability is None and qkv.dtype == torch.bfloat16
-    q = torch.empty(shape, dtype=torch.float32 if soft_bf16 else qkv.dtype, device=qkv.device)
-    k = torch.empty_like(q)
+    k = torch.empty(shape, dtype=torch.float32 if soft_bf16 else qkv.dtype, device=qkv.device)
     v = torch.empty(shape, dtype=qkv.dtype, device=qkv.device)
+    if quant_q:
+        q8 = torch.empty(shape, dtype=torch.int8, device=qkv.device)
+        qs = torch.empty((B, num_heads, S), dtype=torch.float32, device=qkv.device)
+        q, outs = (q8, qs), (k, k, v, q8, qs)           # q_ptr: k's (q's dtype), never written
+    else:
+        q = torch.empty_like(k)
+        outs = (q, k, v, q, q)                          # q8_ptr, qs_ptr: placeholders, never written
     if B * S == 0:
         return None, q, k, v
-    cfg = launch_config(num_heads, D)
-    launch = Launch(qk_norm_rope_kernel, (B * S,), (qkv, wq, wk, cos, sin, q, k, v, S, qkv.stride(0), qkv.stride(1),
+    cfg = launch_config(num_heads, D, quant_q)
+    launch = Launch(qk_norm_rope_kernel, (B * S,), (qkv, wq, wk, cos, sin, *outs, S, qkv.stride(0), qkv.stride(1),
                                                    cos.stride(0), float(eps)),
-                    dict(cfg.constexprs(), num_warps=cfg.num_warps, **EXACT), qkv.device)
+                    dict(cfg.constexprs(quant_q, soft_bf16 and quant_q), num_warps=cfg.num_warps, **EXACT),
+                    qkv.device, interpreter_twin)
     return launch, q, k, v
 
 
@@ -212,20 +262,32 @@ def qk_norm_rope(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: 
     return q, k, v
 
 
+def qk_norm_rope_int8(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                      rope_cos: torch.Tensor, rope_sin: torch.Tensor, num_heads: int, eps: float = 1e-6):
+    """Launcher of wan::qk_norm_rope_int8 (arguments checked by the caller's wrapper): `qk_norm_rope` with q
+    quantized in the same kernel. Returns q8 int8 [B, S, H, D], q_scale fp32 [B, H, S], k, v [B, S, H, D] in
+    qkv's dtype; q8 and q_scale are bit-identical to the 8-bit attention's quantizer run on `qk_norm_rope`'s q."""
+    launch, (q8, qs), k, v = prepare(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps,
+                                     target(qkv, "qk_norm_rope_int8"), quant_q=True)
+    if launch is not None:
+        run(launch)
+    return q8, qs, k.to(qkv.dtype), v
+
+
 # Ahead-of-time compilation (tests/test_triton_aot.py, tools/aot.py): the signature a launch on a
 # GPU specialises to for contiguous [B, S, 3C] input (pointers 16-byte aligned, row stride 3C % 16 == 0).
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-AOT_ALIGNED = ("qkv_ptr", "wq_ptr", "wk_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr", "stride_qkv_b",
-               "stride_qkv_s", "stride_rope_s")
+AOT_ALIGNED = ("qkv_ptr", "wq_ptr", "wk_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_ptr", "v_ptr", "q8_ptr", "qs_ptr",
+               "stride_qkv_b", "stride_qkv_s", "stride_rope_s")
 
 
 def aot_signature(dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> dict[str, str]:
     """Triton signature of `qk_norm_rope_kernel` for qkv in `dtype` and norm weights in `weight_dtype`."""
     t, w = _TRITON_TYPES[dtype], _TRITON_TYPES[weight_dtype or dtype]
     return {"qkv_ptr": f"*{t}", "wq_ptr": f"*{w}", "wk_ptr": f"*{w}", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-            "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "S": "i32", "stride_qkv_b": "i32",
+            "q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "q8_ptr": "*i8", "qs_ptr": "*fp32", "S": "i32", "stride_qkv_b": "i32",
             "stride_qkv_s": "i32", "stride_rope_s": "i32", "eps": "fp32", "H": "constexpr", "D": "constexpr",
-            "H_BLOCK": "constexpr", "NUM_CHUNKS": "constexpr"}
+            "H_BLOCK": "constexpr", "NUM_CHUNKS": "constexpr", "QUANT_Q": "constexpr", "SOFT_BF16": "constexpr"}
 
 
 # ---------------------------------------------------------------------------------------------
