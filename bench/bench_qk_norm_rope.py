@@ -1,7 +1,8 @@
 """Benchmark of wan::qk_norm_rope (RMSNorm of q/k across heads + interleaved RoPE, fused) on Wan shapes.
 
 Shapes: Wan 1.3B (12 x 128), 5B (24 x 128), 14B (40 x 128) at 480p (32,760 tokens) and 720p (75,600 tokens),
-batch 1, bf16. Providers: wan-triton (GPU), wan-cpu (the C++ kernel, CPU), ref-eager / ref-compile (the
+batch 1, bf16. Providers: wan-triton (GPU), wan-triton-int8q (GPU: wan::qk_norm_rope_int8, q quantized in the
+kernel for 8-bit attention; its GB/s is of the bf16 op's bytes, so it reads as the speed-up), wan-cpu (the C++ kernel, CPU), ref-eager / ref-compile (the
 pure-torch reference), diffusers (its unfused sequence: norm_q, norm_k, unflatten, rope q, rope k).
 Also prints the analytic bytes moved by the fused path vs diffusers' sequence (issue 3: target <= 1/3).
 On CPU the token counts are divided by --cpu-token-divisor (default 16) to keep memory and time sane; the
@@ -106,6 +107,8 @@ def make_case(model: str, res: str, tokens: int, device: str, dtype=torch.bfloat
     on_cpu = device == "cpu"
     providers = [
         Provider("wan-triton", lambda: wan_kernels.qk_norm_rope(*args, impl="triton"), gpu_only=True),
+        # q quantized in the kernel for 8-bit attention (writes int8 q + fp32 scales instead of q: fewer bytes)
+        Provider("wan-triton-int8q", lambda: wan_kernels.qk_norm_rope_int8(*args, impl="triton"), gpu_only=True),
         Provider("ref-eager", lambda: ref.qk_norm_rope(*args)),
         Provider("ref-compile", lambda: ref_compiled(*args)),
         Provider("diffusers", lambda: diffusers_sequence(qkv, wq, wk, cos_full, sin_full, H, 1e-6)),

@@ -656,9 +656,13 @@ def test_int8_quantization_bytes_are_the_quantizers():
     q_part = cost.int8_quantization_bytes(1, S, [16], H, D) - cost.int8_quantization_bytes(1, 16, [16], H, D)
     assert q_part == (3 * D + 4) * (S - 16) * H
     assert cost.int8_quantization_bytes(1, S, [S], H, D, pv="fp16") == pytest.approx(self_b + one, rel=0.01)
+    # q quantized in qk_norm_rope (qk_norm_rope_int8 -> attention_int8_q8): the quantizer's q pass is gone (3 D + 4
+    # bytes per row and head), the fused kernel writes int8 codes + an fp32 scale where it wrote bf16 q (D - 4
+    # fewer), and the scales get the softmax fold in torch (read + write 8): 4 D - 8 bytes fewer per row and head
+    assert self_b - cost.int8_quantization_bytes(1, S, [S], H, D, fused_q=True) == (4 * D - 8) * S * H
     c = cost.model_cost("wan2.1-t2v-14b", 832, 480, 81, batch=2)
     share = cost.int8_quantization_share(c, cost._peaks()["H100"])
-    assert share["self"]["share"] < 0.10 < 0.4 < share["cross"]["share"]
+    assert share["self"]["share"] < share["self-unfused"]["share"] < 0.10 < 0.4 < share["cross"]["share"]
 
 
 def test_cli_cost_int8(capsys):
@@ -666,5 +670,5 @@ def test_cli_cost_int8(capsys):
 
     assert main(["cost", "--size", "480p", "--batch", "2", "--int8", "--gpu", "b200"]) == 0
     out = capsys.readouterr().out
-    assert "# 8-bit attention on B200 (pv fp8)" in out and "  self  attention: quantization moves" in out
-    assert "  cross attention: quantization moves" in out
+    assert "# 8-bit attention on B200 (pv fp8)" in out and "  self         attention: quantization moves" in out
+    assert "  self-unfused attention: quantization moves" in out and "  cross        attention: quantization" in out

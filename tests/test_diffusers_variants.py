@@ -18,6 +18,8 @@ import types
 import pytest
 import torch
 
+import wan_kernels
+
 from wan_model.testing import FP32_TOL
 
 diffusers = pytest.importorskip("diffusers")
@@ -135,14 +137,16 @@ def _processors(model) -> dict[str, int]:
 
 
 def _spy_kernels(model) -> list:
-    """Record the kernels' attention calls of every patched processor ("attention" / "attention_lse")."""
+    """Record the kernels' attention calls of every patched processor ("attention" / "attention_lse"; the
+    self-attention's `self_attention`, q8 with attention="int8", counts as "attention")."""
     calls = []
     for m in model.modules():
         p = getattr(m, "processor", None)
         if isinstance(p, dropin.WanKernelsAttnProcessor):
-            for op in ("attention", "attention_lse"):
+            for op, name in (("attention", "attention"), ("attention_lse", "attention_lse"),
+                             ("self_attention", "attention")):
                 if hasattr(p, op):
-                    setattr(p, op, (lambda fn, op: lambda *a: calls.append(op) or fn(*a))(getattr(p, op), op))
+                    setattr(p, op, (lambda fn, name: lambda *a: calls.append(name) or fn(*a))(getattr(p, op), name))
     return calls
 
 
@@ -284,6 +288,12 @@ def test_int8_attention_close_to_stock(models):
     p = patched.blocks[0].attn2.processor
     assert p.kind == "int8" and p.cross_attention is not p.attention
     assert 0 < err < OP_NRMSE * len(calls)
+    # q quantized in the qk_norm_rope kernel (qkv_rope_int8 -> attention_int8_q8) = the unfused 8-bit path, exactly
+    for m in patched.modules():
+        if isinstance(q := getattr(m, "processor", None), dropin.WanKernelsAttnProcessor):
+            q.qkv_rope, q.qk_norm_rope = wan_kernels.qkv_rope, wan_kernels.qk_norm_rope
+            q.self_attention = lambda qkv: wan_kernels.attention_int8(*qkv)
+    assert torch.equal(_forward("vace", patched), got)
     with pytest.raises(ValueError, match=r"attention must be one of \('bf16', 'int8'\), got 'int4'"):
         use_wan_kernels(copy.deepcopy(stock), attention="int4")
 

@@ -405,6 +405,7 @@ def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
     kernel that adds noise (as SageAttention's fp8 P.V did past 160k tokens) fails the accuracy and the long rows;
     the verdict routes int8 only when accurate and >= 2x bf16 at every timed shape."""
     monkeypatch.setattr(gpu_check, "INT8_ACCURACY", gpu_check.INT8_ACCURACY[1:2])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the fused-q rows run the kernels interpreted (64 tokens)
     check = gpu_check.Check(tmp_path, "cpu", dry_run=False)
     cases = gpu_check.attention_int8_cases(check)
     assert [c.name for c in cases if c.needs_cuda] == [
@@ -417,6 +418,18 @@ def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
     rows = {r["case"]: r for r in check.rows}
     assert all(rows[c.name]["status"] == "ok" for c in cases if not c.needs_cuda), rows
     assert rows["int8 route verdict"]["route_int8_default"] is False
+    assert rows["q fused in qk_norm_rope 14B 480p"]["identical"] is True
+
+    real_fused = wan_kernels.qk_norm_rope_int8
+
+    def off_by_one(*args, impl="auto"):  # a fused kernel whose codes differ from the quantizer's fails its row
+        q8, qs, k, v = real_fused(*args, impl=impl)
+        return q8 + (q8 < 127).to(q8.dtype), qs, k, v
+
+    monkeypatch.setattr(wan_kernels, "qk_norm_rope_int8", off_by_one)
+    fused_case = next(c for c in gpu_check.attention_int8_cases(check) if c.name.startswith("q fused"))
+    assert fused_case.run()["status"] == "fail"
+    monkeypatch.setattr(wan_kernels, "qk_norm_rope_int8", real_fused)
 
     real = wan_kernels.attention_int8
 
@@ -425,7 +438,8 @@ def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
         return out if impl == "ref" else out + out.float().std() * torch.randn_like(out.float()).to(out.dtype)
 
     monkeypatch.setattr(wan_kernels, "attention_int8", noisy)
-    bad = {c.name: c.run() for c in gpu_check.attention_int8_cases(check) if not c.needs_cuda and not c.always}
+    bad = {c.name: c.run() for c in gpu_check.attention_int8_cases(check)
+           if not c.needs_cuda and not c.always and not c.name.startswith("q fused")}
     assert all(r["status"] == "fail" for r in bad.values()), bad
 
     ok = {"section": "attention_int8", "status": "ok"}

@@ -35,15 +35,17 @@ def _model(preset="tiny-t2v", seed=0):
 
 
 def _spy(model) -> list[str]:
-    """Record which attention op each call runs ("bf16" = wan::attention, "int8" = wan::attention_int8)."""
+    """Record which attention op each call runs ("bf16" = wan::attention, "int8" = wan::attention_int8, or its
+    form from a quantized q, wan::attention_int8_q8: the single-process self-attention's)."""
     calls = []
 
     def wrap(name, fn):
         return lambda *a: calls.append(name) or fn(*a)
 
+    bound = lambda op: getattr(model._ops, op) or wan_kernels.routing.bind(op, "auto", "cpu")  # noqa: E731
     model._ops = dataclasses.replace(model._ops, attention=wrap("bf16", model._ops.attention),
-                                     attention_int8=wrap("int8", model._ops.attention_int8 or
-                                                         wan_kernels.routing.bind("attention_int8", "auto", "cpu")))
+                                     attention_int8=wrap("int8", bound("attention_int8")),
+                                     attention_int8_q8=wrap("int8", bound("attention_int8_q8")))
     return calls
 
 
@@ -85,6 +87,7 @@ def test_dense_layers_and_steps_use_the_bf16_op():
     per_step = [calls[i:i + 4] for i in range(0, len(calls), 4)]
     assert per_step == [["bf16"] * 4, ["bf16", "bf16", "int8", "int8"], ["bf16"] * 4]
     assert model.blocks[1].attn1.attend.func is M.self_attention_int8  # the configured set is bound again
+    assert model.blocks[1].attn1.project_qkv is M.qkv_fused_dense_int8 and model.blocks[0].attn1.project_qkv is M.qkv_fused_dense
     calls.clear()
     sample(model, x, text, None, num_steps=3, progress=False, dense_steps=())
     assert calls == ["bf16", "bf16", "int8", "int8"] * 3
@@ -129,7 +132,11 @@ def test_set_attention_errors_and_backends():
 def test_inference_only_inside_the_model():
     model, x = _model()
     model.set_attention("int8", dense_layers=())
-    with pytest.raises(RuntimeError, match="inference only.*wan_kernels.attention "):
+    # the first 8-bit op of a block: the projection that quantizes q for the 8-bit self-attention
+    with pytest.raises(RuntimeError, match="qk_norm_rope_int8 is inference only.*wan_kernels.qk_norm_rope "):
+        model(*x)
+    model.set_attention("int8", roles=("text",), dense_layers=())
+    with pytest.raises(RuntimeError, match="attention_int8 is inference only.*wan_kernels.attention "):
         model(*x)
 
 
@@ -165,3 +172,49 @@ def test_cli_run_int8_configures_every_expert(capsys):
     model = _model()[0]
     _set_attention(SimpleNamespace(attention="int8", ulysses=1, ring=1, error=error), [model])
     assert model.attention.kind == "int8" and "attention: int8: roles self, dense layers" in capsys.readouterr().out
+
+
+def _unfused(model):
+    """Every int8 self-attention of `model` put back on the unfused path: the bf16-form projection (q, k, v) and
+    wan::attention_int8 quantizing q itself."""
+    for b in model.blocks:
+        if b.attn1.attend.func is M.self_attention_int8:
+            b.attn1.project_qkv = M.base_projection(b.attn1.project_qkv)
+            b.attn1.attend = lambda q, k, v, ops: ops.attention_int8(q, k, v, None, None, None, "auto")
+    return model
+
+
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_fused_q_quantization_changes_nothing(impl, monkeypatch):
+    """The 8-bit self-attention's q comes quantized from the projection's kernel (qkv_rope_int8 -> attention_int8_q8):
+    the model's output equals, bit for bit, the unfused path's (qkv_rope -> attention_int8, which quantizes q)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # impl="triton": the interpreted kernels on CPU tensors
+    model, x = _model("tiny-i2v")
+    model.set_impl(impl).set_attention("int8", dense_layers=())
+    assert all(b.attn1.project_qkv is M.qkv_fused_dense_int8 for b in model.blocks)
+    with torch.no_grad():
+        fused = model(*x)
+        unfused = _unfused(model)(*x)
+        model.dense_attention(False)
+        assert torch.equal(model(*x), fused)  # the binding is the configuration's, re-applied
+    assert torch.equal(fused, unfused)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["quantize first", "attention first"])
+def test_quantized_projection_gets_its_int8_form(order):
+    """A quantized QKV (FP8 here) runs `qk_norm_rope_int8` after its own GEMM, whichever of quantize and
+    set_attention comes first; the output equals the unfused 8-bit path's."""
+    torch.manual_seed(0)
+    t = WanModel(WanConfig.from_preset("tiny-t2v"))
+    _, x = _model()
+    if order == "quantize first":
+        t.quantize("fp8").set_attention("int8", dense_layers=())
+    else:
+        t.set_attention("int8", dense_layers=()).quantize("fp8")
+    assert all(b.attn1.project_qkv is M.qkv_module_then_norm_rope_int8 for b in t.blocks)
+    with torch.no_grad():
+        fused = t(*x[:3])
+        assert torch.equal(fused, _unfused(t)(*x[:3]))
+    t.set_attention("bf16")
+    assert all(b.attn1.project_qkv is M.qkv_module_then_norm_rope for b in t.blocks)

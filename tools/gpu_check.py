@@ -253,7 +253,7 @@ def _error(got, want) -> tuple[float, bool]:
     if isinstance(got, (tuple, list)):
         errs = [_error(g, w) for g, w in zip(got, want)]
         return max(e for e, _ in errs), all(ok for _, ok in errs)
-    if got.dtype in (torch.uint8, torch.float8_e4m3fn):
+    if got.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):  # codes: mismatching bytes
         bad = float((got.view(torch.uint8) != want.view(torch.uint8)).sum())
         return bad, bad == 0
     atol, rtol = TOLERANCE[got.dtype].atol, TOLERANCE[got.dtype].rtol
@@ -788,6 +788,36 @@ def attention_int8_cases(check: Check) -> list[Case]:
                     "status": "ok" if share is None or share <= 0.10 else "over the 10 % bar"}
         return run
 
+    def fused_q(S, H):
+        def run():
+            from wan_kernels.triton._launch import interpreter_enabled, run as launch_run
+            from wan_kernels.triton.attention_int8_quant import _int8
+
+            nonlocal S
+            impl = "auto" if check.on_cuda else "triton"  # CPU: the kernels under the interpreter, 64 tokens
+            if not check.on_cuda:
+                if not interpreter_enabled():
+                    return {"status": "skip", "reason": "CPU without TRITON_INTERPRET=1"}
+                S = 64
+            g = torch.Generator(device=dev).manual_seed(0)
+            C = H * 128
+            qkv = torch.randn(1, S, 3 * C, device=dev, dtype=torch.bfloat16, generator=g)
+            wq, wk = (torch.rand(C, device=dev, generator=g).bfloat16() + 0.5 for _ in range(2))
+            ang = torch.rand(S, 64, device=dev, generator=g) * 6.0
+            args = (qkv, wq, wk, ang.cos(), ang.sin(), H)
+
+            def unfused():
+                q, k, v = wan_kernels.qk_norm_rope(*args, impl=impl)
+                return (*_int8(q, None, 1.0, (), 0.0, launch_run)[:2], k, v)
+
+            fused = wan_kernels.qk_norm_rope_int8(*args, impl=impl)
+            identical = all(torch.equal(a, b) for a, b in zip(fused, unfused()))
+            fused_ms = _time_ms(check, lambda: wan_kernels.qk_norm_rope_int8(*args, impl=impl), reps=3)
+            unfused_ms = _time_ms(check, unfused, reps=3)
+            return {"tokens": S, "identical": identical, "fused_ms": fused_ms, "unfused_ms": unfused_ms,
+                    "saved": 1 - fused_ms / unfused_ms, "status": "ok" if identical else "fail"}
+        return run
+
     def step():
         from bench.bench_model import gpu_random_model, gpu_step_inputs
         from wan_model import cost
@@ -841,6 +871,9 @@ def attention_int8_cases(check: Check) -> list[Case]:
                               f"[1, {TOKENS[res]}, 40, 128] {provider} (int8: quantization included)"))
         cases.append(Case(f"quantizer 14B {res}", quantizer(TOKENS[res], 40),
                           "the Q/K/V quantizer alone: GB/s of its counted bytes, share of the int8 call (bar 10 %)"))
+        cases.append(Case(f"q fused in qk_norm_rope 14B {res}", fused_q(TOKENS[res], 40),
+                          "qk_norm_rope_int8 vs qk_norm_rope + the quantizer's q pass: bit-identical, ms of each",
+                          needs_cuda=False))
     cases.append(Case("14B CFG step 480p int8 vs bf16", step, "wan2.1-t2v-14b, batch 2, set_attention int8 vs bf16"))
     cases.append(Case("int8 route verdict", verdict_row, "accurate everywhere and >= 2x bf16 at every shape?",
                       needs_cuda=False, always=True))

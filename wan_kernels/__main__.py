@@ -25,7 +25,7 @@ def _version(pkg: str) -> str:
 def _max_diff(a, b) -> float:
     if isinstance(a, (tuple, list)):
         return max(_max_diff(x, y) for x, y in zip(a, b))
-    if a.dtype in (torch.uint8, torch.float8_e4m3fn):  # bit patterns: count mismatching bytes
+    if a.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):  # codes: count mismatching bytes
         return float((a.view(torch.uint8) != b.view(torch.uint8)).sum())
     return float((a.float() - b.float()).abs().max())
 
@@ -34,7 +34,7 @@ def self_check(devices: list[torch.device], namespace: str = "wan") -> bool:
     """Every public op of `namespace` (its spec's sample inputs, fp32) x every backend that can run it on each
     device, against the reference."""
     ok = True
-    print("\nself-check (max |backend - ref|; NVFP4 codes/scales: mismatching bytes, must be 0):")
+    print("\nself-check (max |backend - ref|; NVFP4 and INT8 codes, e4m3 scales: mismatching bytes, must be 0):")
     for device in devices:
         for op, args in samples.op_inputs(torch.float32, device, namespace=namespace).items():
             expected = routing.resolve(op, "ref", device)(*args)

@@ -782,35 +782,51 @@ def format_report(c: ModelCost, steps: int, cfg_guidance: bool = True) -> str:
 # ---------------------------------------------------------------------------------------------
 # 8-bit attention: what its Q/K/V quantization moves (issue 23: "it should stay under 10 % at 480p")
 
-def int8_quantization_bytes(batch: int, sq: int, kv_sets: list[int], heads: int, d: int, pv: str = "fp8") -> int:
+def int8_quantization_bytes(batch: int, sq: int, kv_sets: list[int], heads: int, d: int, pv: str = "fp8",
+                            fused_q: bool = False) -> int:
     """HBM bytes of one wan::attention_int8 call's Q/K/V quantization, counted, not modelled: the Triton quantizer
     (`wan_kernels.triton.attention_int8_quant.quantize`) runs on meta tensors, its kernel launches are collected
     and counted by `launch_bytes` (each tensor argument once, whole: tests/test_attention_int8.py holds that to the
     interpreter's recorded loads and stores), and its torch glue (the [B, H, D] statistics) by a dispatch mode that
     adds the distinct bytes of every non-view op's tensor inputs and outputs (`_kernel_trace`, the blocks'
-    accounting)."""
+    accounting). fused_q: q quantized by wan::qk_norm_rope_int8 (the model's single-process self-attention,
+    wan::attention_int8_q8): the quantizer skips q, and what the fused kernel writes beyond `qk_norm_rope` (q's
+    int8 codes and fp32 scales in place of bf16 q: negative) is counted from the two ops' specs."""
+    import torch
+
+    from wan_kernels._spec import SPECS
     from wan_kernels.triton import attention_int8_quant as quant
 
     kv = [_meta(batch, s, heads, d) for s in kv_sets for _ in "kv"] + [None, None]
+    q = _meta(batch, sq, heads, d)
+    extra = 0
+    if fused_q:
+        q = (_meta(batch, sq, heads, d, dtype=torch.int8), _meta(batch, heads, sq, dtype=torch.float32))
+        args = (_meta(batch, sq, 3 * heads * d), _meta(heads * d), _meta(heads * d),
+                _meta(sq, d // 2, dtype=torch.float32), _meta(sq, d // 2, dtype=torch.float32), heads, 1e-6)
+        extra = SPECS["qk_norm_rope_int8"].cost(*args)["write"] - SPECS["qk_norm_rope"].cost(*args)["write"]
     launches, trace = [], _kernel_trace()()
     with trace:
-        quant.quantize(_meta(batch, sq, heads, d), *kv[:4], d ** -0.5, pv, launch=launches.append)
-    return sum(k.bytes for _, k in trace.kernels) + sum(quant.launch_bytes(launch) for launch in launches)
+        quant.quantize(q, *kv[:4], d ** -0.5, pv, launch=launches.append)
+    return sum(k.bytes for _, k in trace.kernels) + sum(quant.launch_bytes(launch) for launch in launches) + extra
 
 
 def int8_quantization_share(c: ModelCost, peak: dict, pv: str = "fp8") -> dict[str, dict[str, float]]:
-    """Per role ("self", "cross": text + image sets in one call), one forward of `c` with that role on
-    wan::attention_int8: the quantization's bytes and time at the HBM peak, the attention's time at the int8
-    tensor-core peak (taken as 2x the table's bf16 rate, as on A100 / H100 / B200; GeForce cards run int8 at a
-    higher multiple, where the share is larger still), and the quantization's share of their sum. The query is
-    quantized whole in both roles, so cross-attention (512 text + 257 image keys) pays a self-attention's
+    """Per role ("self": q quantized in qk_norm_rope, the model's single-process path; "self-unfused": q quantized
+    by attention_int8, as under sequence parallelism; "cross": text + image sets in one call), one forward of `c`
+    with that role on 8-bit attention: the quantization's bytes and time at the HBM peak, the attention's time at
+    the int8 tensor-core peak (taken as 2x the table's bf16 rate, as on A100 / H100 / B200; GeForce cards run int8
+    at a higher multiple, where the share is larger still), and the quantization's share of their sum. The query
+    is quantized whole in both roles, so cross-attention (512 text + 257 image keys) pays a self-attention's
     quantization for a sliver of its work."""
     cfg, s = c.config, c.shape
     H, D = cfg.num_attention_heads, cfg.attention_head_dim
     sets = [s.text_tokens] + ([s.image_tokens] if s.image_tokens else [])
     out = {}
-    for role, kv, name in (("self", [s.tokens], "self_attention"), ("cross", sets, "cross_attention")):
-        q_bytes = c.num_layers * int8_quantization_bytes(s.batch, s.tokens, kv, H, D, pv)
+    for role, kv, name, fused in (("self", [s.tokens], "self_attention", True),
+                                  ("self-unfused", [s.tokens], "self_attention", False),
+                                  ("cross", sets, "cross_attention", False)):
+        q_bytes = c.num_layers * int8_quantization_bytes(s.batch, s.tokens, kv, H, D, pv, fused)
         quant_s = q_bytes / (peak["gbps"] * 1e9)
         attn_s = c.num_layers * sum(o.flops for o in c.block if o.name == name) / (2 * peak["bf16"] * 1e12)
         out[role] = {"quant_bytes": q_bytes, "quant_s": quant_s, "attention_s": attn_s,
@@ -820,9 +836,10 @@ def int8_quantization_share(c: ModelCost, peak: dict, pv: str = "fp8") -> dict[s
 
 def format_int8(c: ModelCost, gpu: str, pv: str = "fp8") -> str:
     lines = [f"# 8-bit attention on {gpu} (pv {pv}), one forward, Q/K/V quantized by the Triton quantizer "
-             "(statistics + one quantizing pass per tensor; the bar: under 10 % of the time at 480p):"]
+             "(statistics + one quantizing pass per tensor; self: q quantized in qk_norm_rope; the bar: under 10 % "
+             "of the time at 480p):"]
     for role, p in int8_quantization_share(c, _peaks()[gpu], pv).items():
-        lines.append(f"  {role:5s} attention: quantization moves {p['quant_bytes'] / 1e9:8.1f} GB = "
+        lines.append(f"  {role:12s} attention: quantization moves {p['quant_bytes'] / 1e9:8.1f} GB = "
                      f"{p['quant_s'] * 1e3:8.1f} ms at HBM peak vs the attention {p['attention_s'] * 1e3:8.1f} ms at "
                      f"the int8 peak: {100 * p['share']:3.0f} %")
     return "\n".join(lines)

@@ -22,8 +22,9 @@ does to a transformer keeps working after the patch, in any order:
   (independently softmaxed) set; `set_attention_backend(name)` and `enable_parallelism` hand attention back
   to diffusers' own processor of that module (`WanAttnProcessor`, Animate's copy of it in
   transformer_wan_animate, ...) with that backend / parallel config, `reset_attention_backend()` returns it
-  to the kernels. `attention="int8"`: self-attention on `wan_kernels.attention_int8` (8-bit, inference only);
-  cross-attention stays on `wan_kernels.attention` (`WanKernelsAttnProcessor.cross_attention`: why).
+  to the kernels. `attention="int8"`: self-attention on `wan_kernels.attention_int8` (8-bit, inference only; q
+  quantized by `qkv_rope_int8` / `qk_norm_rope_int8`, then `attention_int8_q8`); cross-attention stays on
+  `wan_kernels.attention` (`WanKernelsAttnProcessor.cross_attention`: why).
 - diffusers' cache hooks (FirstBlockCache, MagCache, ...) and group offloading wrap blocks and modules,
   which the patch leaves alone.
 Numerics match the unpatched model up to rounding (one rounding instead of several).
@@ -109,15 +110,21 @@ class WanKernelsAttnProcessor:
 
     def bind(self, device) -> None:
         self.device = torch.device(device)
-        self.qkv_rope = wan_kernels.resolve("qkv_rope", self.impl, device)
-        self.qk_norm_rope = wan_kernels.resolve("qk_norm_rope", self.impl, device)
         bf16 = wan_kernels.resolve("attention", self.impl, device)
         if self.kind == "int8":  # pv="auto": fp16 P.V on sm_80/86, fp8 elsewhere (the op's rule)
             int8 = wan_kernels.resolve("attention_int8", self.impl, device)
             self.attention = lambda q, k, v, k_img, v_img, scale: int8(q, k, v, k_img, v_img, scale, "auto")
             self._cross = bf16
+            # self-attention: q quantized in the qk_norm_rope kernel, (q8, q_scale, k, v) -> attention_int8_q8
+            self.qkv_rope = wan_kernels.resolve("qkv_rope_int8", self.impl, device)
+            self.qk_norm_rope = wan_kernels.resolve("qk_norm_rope_int8", self.impl, device)
+            q8 = wan_kernels.resolve("attention_int8_q8", self.impl, device)
+            self.self_attention = lambda qkv: q8(*qkv, None, None, None, "auto")
         else:
             self.attention = bf16
+            self.qkv_rope = wan_kernels.resolve("qkv_rope", self.impl, device)
+            self.qk_norm_rope = wan_kernels.resolve("qk_norm_rope", self.impl, device)
+            self.self_attention = lambda qkv: bf16(*qkv, None, None, None)
 
     @property
     def cross_attention(self):
@@ -160,7 +167,8 @@ class WanKernelsAttnProcessor:
         return self._call(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
     def _self_qkv(self, attn, x, cos, sin):
-        """x [B, S, C] -> q, k, v [B, S, H, D] (RMSNorm'd q, k with RoPE), from the live projection modules."""
+        """x [B, S, C] -> q, k, v [B, S, H, D] (RMSNorm'd q, k with RoPE), from the live projection modules; with
+        attention="int8" (q8, q_scale, k, v): q quantized by the same kernel, for `self_attention`."""
         nq, nk, H, eps = attn.norm_q.weight, attn.norm_k.weight, attn.heads, attn.norm_q.eps
         fused = getattr(attn, "fused_projections", False)  # the user ran fuse_qkv_projections(): stock runs to_qkv
         mods = (attn.to_qkv,) if fused else (attn.to_q, attn.to_k, attn.to_v)
@@ -185,8 +193,7 @@ class WanKernelsAttnProcessor:
             cos, sin = rotary_emb  # [1, S, 1, D], each angle repeated for the pair
             cos = cos[0, :, 0, 0::2].float().contiguous()   # [S, D/2]
             sin = sin[0, :, 0, 1::2].float().contiguous()
-            q, k, v = self._self_qkv(attn, hidden_states, cos, sin)
-            out = self.attention(q, k, v, None, None, None)
+            out = self.self_attention(self._self_qkv(attn, hidden_states, cos, sin))
         else:  # cross-attention (+ the Wan2.1 I2V image context, first L - 512 tokens)
             k_img = v_img = None
             if attn.add_k_proj is not None:

@@ -119,7 +119,7 @@ def _finish(model: WanTransformer, config: QuantConfig) -> WanTransformer:
         if quant.method_of_module(block.attn1.to_qkv) is not None:
             block.attn1.project_qkv = qkv_module_then_norm_rope
     model._quantization = config
-    return model
+    return model.dense_attention(getattr(model, "_dense", False))  # an 8-bit self-attention: its int8 projection
 
 
 @torch.no_grad()

@@ -68,17 +68,25 @@ class _Ops:
     attention: object
     layer_norm_modulate: object
     gated_residual: object
-    attention_int8: object = None  # bound only for a model that runs 8-bit attention (`set_attention`)
+    # bound only for a model that runs 8-bit attention (`set_attention`): the op, and the fused path of its
+    # single-process self-attention (q quantized in the qk_norm_rope kernel, then attention_int8_q8)
+    attention_int8: object = None
+    attention_int8_q8: object = None
+    qkv_rope_int8: object = None
+    qk_norm_rope_int8: object = None
+
+
+INT8_OPS = ("attention_int8", "attention_int8_q8", "qkv_rope_int8", "qk_norm_rope_int8")
 
 
 def bind_ops(impl: str, device: torch.device | str, int8: bool = False) -> _Ops:
     """Bind the backends of the ops the model calls, for `impl` on `device` (`wan_kernels.routing.bind`: under
-    impl="auto" the bare dispatcher ops, no Python wrapper per call); `int8`: wan::attention_int8 too (a named
-    backend that cannot run it, e.g. impl="cpu", raises BackendUnavailableError here)."""
+    impl="auto" the bare dispatcher ops, no Python wrapper per call); `int8`: the 8-bit attention's ops too,
+    `INT8_OPS` (a named backend that cannot run them, e.g. impl="cpu", raises BackendUnavailableError here)."""
     from wan_kernels.routing import bind
 
     return _Ops(**{f.name: bind(f.name, impl, device) for f in dataclasses.fields(_Ops)
-                   if int8 or f.name != "attention_int8"})
+                   if int8 or f.name not in INT8_OPS})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +108,9 @@ def cross_attention(q, k, v, k_img, v_img, ops):
 
 
 def self_attention_int8(q, k, v, ops, pv: str = "auto"):
-    return ops.attention_int8(q, k, v, None, None, None, pv)
+    """q: (q8, q_scale), quantized where it was made (`qkv_fused_dense_int8`, `qkv_module_then_norm_rope_int8`)."""
+    q8, q_scale = q
+    return ops.attention_int8_q8(q8, q_scale, k, v, None, None, None, pv)
 
 
 def cross_attention_int8(q, k, v, k_img, v_img, ops, pv: str = "auto"):
@@ -227,10 +237,37 @@ def qkv_module_then_norm_rope(a: "SelfAttention", n, rope_cos, rope_sin, num_hea
     return ops.qk_norm_rope(a.to_qkv(n), a.norm_q, a.norm_k, rope_cos, rope_sin, num_heads, eps)
 
 
+def qkv_fused_dense_int8(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
+    """`qkv_fused_dense` for 8-bit self-attention: `qkv_rope_int8` quantizes q in the qk_norm_rope kernel.
+    Returns ((q8, q_scale), k, v)."""
+    q8, q_scale, k, v = ops.qkv_rope_int8(n, a.to_qkv.weight, a.to_qkv.bias, a.norm_q, a.norm_k, rope_cos, rope_sin,
+                                          num_heads, eps)
+    return (q8, q_scale), k, v
+
+
+def qkv_module_then_norm_rope_int8(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float,
+                                   ops: _Ops):
+    """`qkv_module_then_norm_rope` for 8-bit self-attention (`qk_norm_rope_int8`). Returns ((q8, q_scale), k, v)."""
+    q8, q_scale, k, v = ops.qk_norm_rope_int8(a.to_qkv(n), a.norm_q, a.norm_k, rope_cos, rope_sin, num_heads, eps)
+    return (q8, q_scale), k, v
+
+
+# The projection of an 8-bit self-attention, per projection kind: q quantized in the kernel that makes it.
+INT8_PROJECTIONS = {qkv_fused_dense: qkv_fused_dense_int8, qkv_module_then_norm_rope: qkv_module_then_norm_rope_int8}
+_BASE_PROJECTIONS = {v: k for k, v in INT8_PROJECTIONS.items()}
+
+
+def base_projection(fn):
+    """The projection kind behind `fn` (its bf16 form)."""
+    return _BASE_PROJECTIONS.get(fn, fn)
+
+
 class SelfAttention(nn.Module):
     """`project_qkv` is chosen at construction (dense: `qkv_fused_dense`) and rebound by
     `WanModel.quantize` (`qkv_module_then_norm_rope`): forward never branches on the weight type.
-    `attend` likewise: `local_attention`, rebound by `enable_parallelism` (wan_model/core/parallel.py)."""
+    `attend` likewise: `local_attention`, rebound by `enable_parallelism` (wan_model/core/parallel.py). An 8-bit
+    self-attention (`WanTransformer.dense_attention`) binds the pair together: the projection's int8 form
+    (`INT8_PROJECTIONS`: q quantized in the qk_norm_rope kernel) and `self_attention_int8`."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -507,10 +544,14 @@ class WanTransformer(nn.Module):
             return self
         sp = getattr(self, "_parallel", None)
         for block, (self_fn, cross_fn, self_pv) in zip(self.blocks, sets[bool(dense)]):
-            if sp is None:
-                block.attn1.attend = self_fn
-            else:  # the sequence-parallel self-attention, 8-bit where this block's is
-                block.attn1.attend = functools.partial(sp.attention, pv=self_pv) if self_pv else sp.attention
+            a = block.attn1
+            base = base_projection(a.project_qkv)
+            if sp is None:  # 8-bit: q quantized by the projection's kernel (INT8_PROJECTIONS), the pair bound together
+                a.project_qkv, a.attend = (INT8_PROJECTIONS[base] if self_pv else base), self_fn
+            else:  # the sequence-parallel self-attention, 8-bit where this block's is (q quantized after its
+                # all-to-all / per ring block: the unfused op)
+                a.project_qkv = base
+                a.attend = functools.partial(sp.attention, pv=self_pv) if self_pv else sp.attention
             block.attn2.attend = cross_fn
         return self
 
