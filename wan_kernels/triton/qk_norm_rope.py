@@ -24,6 +24,13 @@ Trade-offs:
   16-warp cap; see `launch_config`); every
   config the heuristic can pick compiles without spills for sm_80/sm_90/sm_100 (tests/test_triton_aot.py).
 
+* QUANT_Q (wan::qk_norm_rope_int8, 8-bit attention's q): the rotated q of each head is rounded to the output dtype
+  in registers (the q the kernel would store), then quantized as `attention_int8_quant` quantizes a stored q
+  (amax / 127 per token and head, div_rn, round half away from zero): int8 codes and an fp32 scale per (token,
+  head) are written instead of q, 1 byte + 4 / D per element where q took 2 (bf16), and the attention's quantizer
+  skips its pass over q (3 bytes per element). Bit-identical with qk_norm_rope + that quantizer on the same
+  launch config (tests/test_qk_norm_rope_int8.py); the chunked path uses quarter-size chunks (`launch_config`).
+
 The kernel runs on CUDA tensors, or on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1).
 Both flavours are built here from the same Python function (the choice is made per call by device), so
 importing this module before or after setting TRITON_INTERPRET makes no difference.

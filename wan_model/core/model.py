@@ -512,7 +512,9 @@ class WanTransformer(nn.Module):
         indices count from the end; default: layer 0, as Wan users run it). `pv`: the int8 op's P.V precision
         ("auto": fp16 on sm_80/86, fp8 elsewhere). Two sets of per-block functions are bound: this configuration
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
-        forward never branches on it. Under sequence parallelism int8 self-attention runs Ulysses / ring on
+        forward never branches on it. An int8 self-attention gets q quantized by its projection's kernel
+        (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8: bit-identical to attention_int8 on the bf16 q,
+        4 D - 8 bytes fewer per token and head). Under sequence parallelism int8 self-attention runs Ulysses / ring on
         wan::attention_int8 / attention_int8_lse (wan_model/core/parallel.py)."""
         if attention not in ATTENTIONS:
             raise ValueError(f"set_attention: attention must be one of {ATTENTIONS}, got {attention!r}")
