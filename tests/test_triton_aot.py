@@ -82,7 +82,8 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 def _check_qk_norm_rope(H, D, dtype, arch, tmp_path, quant_q=False):
     cfg = tqk.launch_config(H, D, quant_q)
     r = aot.compile_aot(tqk.qk_norm_rope_kernel, tqk.aot_signature(dtype), cfg.constexprs(quant_q), arch=arch,
-                        num_warps=cfg.num_warps, aligned=tqk.AOT_ALIGNED, workdir=tmp_path)
+                        num_warps=cfg.num_warps, aligned=tqk.AOT_ALIGNED, workdir=tmp_path,
+                        options=cfg.options(quant_q))
     print(f"H={H} D={D} H_BLOCK={cfg.H_BLOCK} chunks={cfg.NUM_CHUNKS} {dtype}: {r.summary()}")
     assert r.stack_bytes == 0 and r.local_bytes == 0, r.summary()
     assert r.spill_stores == 0 and r.spill_loads == 0, r.summary()

@@ -129,15 +129,15 @@ def _qk_norm_rope_kernel(
         rk = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.reduce(tl.reduce(xk * xk, 1, _ADD), 0, _ADD), C * 1.0) + eps))
 
         # [H_BLOCK, D] -> [H_BLOCK, HALF, 2] -> even / odd channels [H_BLOCK, HALF] (register-local split)
+        a, bb = tl.split(tl.reshape(xk * rk * wk, [H_BLOCK, HALF, 2]))
+        ok = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
+        tl.store(k_ptr + out_off + offs, ok.to(out_ty), mask=mask)
         a, bb = tl.split(tl.reshape(xq * rq * wq, [H_BLOCK, HALF, 2]))
         oq = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
         if QUANT_Q:
             _store_q8(oq, q8_ptr + out_off + offs, qs_ptr + qs_off, mask, h < H, out_ty, SOFT_BF16)
         else:
             tl.store(q_ptr + out_off + offs, oq.to(out_ty), mask=mask)
-        a, bb = tl.split(tl.reshape(xk * rk * wk, [H_BLOCK, HALF, 2]))
-        ok = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [H_BLOCK, D])
-        tl.store(k_ptr + out_off + offs, ok.to(out_ty), mask=mask)
     else:
         # pass 1: sums of squares over all chunks (and the v copy)
         acc_q = tl.full([H_BLOCK, D], 0.0, tl.float32)
@@ -186,9 +186,17 @@ class LaunchConfig:
     NUM_CHUNKS: int
     num_warps: int
 
-    def constexprs(self, quant_q: bool = False, soft_bf16: bool = False) -> dict[str, int]:
-        return {"H": self.H, "D": self.D, "H_BLOCK": self.H_BLOCK, "NUM_CHUNKS": self.NUM_CHUNKS,
-                "QUANT_Q": quant_q, "SOFT_BF16": soft_bf16}
+    def constexprs(self, quant_q: bool | None = None, soft_bf16: bool = False) -> dict[str, int]:
+        """The kernels' tile constexprs; with `quant_q` (False / True) the forward's QUANT_Q and SOFT_BF16 too."""
+        tile = {"H": self.H, "D": self.D, "H_BLOCK": self.H_BLOCK, "NUM_CHUNKS": self.NUM_CHUNKS}
+        return tile if quant_q is None else {**tile, "QUANT_Q": quant_q, "SOFT_BF16": soft_bf16}
+
+    def options(self, quant_q: bool) -> dict[str, int]:
+        """Compile options of a compiled launch. QUANT_Q: `maxnreg` = one CTA's share of the register file. Left to
+        itself ptxas sometimes caps the kernel at the count that fits two CTAs per SM and spills one 8-byte value
+        (fp32: 24 x 128 on sm_90, 64 registers; with the cap 79 and none); the cap changes nothing where ptxas
+        needs fewer (e.g. 48 at 7 x 128 on sm_120)."""
+        return {"maxnreg": min(255, 65536 // (32 * self.num_warps))} if quant_q else {}
 
 
 def launch_config(num_heads: int, head_dim: int, quant_q: bool = False) -> LaunchConfig:
@@ -248,7 +256,8 @@ def prepare(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch
     cfg = launch_config(num_heads, D, quant_q)
     launch = Launch(qk_norm_rope_kernel, (B * S,), (qkv, wq, wk, cos, sin, *outs, S, qkv.stride(0), qkv.stride(1),
                                                    cos.stride(0), float(eps)),
-                    dict(cfg.constexprs(quant_q, soft_bf16 and quant_q), num_warps=cfg.num_warps, **EXACT),
+                    dict(cfg.constexprs(quant_q, soft_bf16 and quant_q), num_warps=cfg.num_warps, **EXACT,
+                         **(cfg.options(quant_q) if capability is not None else {})),
                     qkv.device, interpreter_twin)
     return launch, q, k, v
 
