@@ -184,7 +184,7 @@ def _unfused(model):
     return model
 
 
-@pytest.mark.parametrize("impl", ["ref", "triton"])
+@pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=pytest.mark.slow)])
 def test_fused_q_quantization_changes_nothing(impl, monkeypatch):
     """The 8-bit self-attention's q comes quantized from the projection's kernel (qkv_rope_int8 -> attention_int8_q8):
     the model's output equals, bit for bit, the unfused path's (qkv_rope -> attention_int8, which quantizes q)."""

@@ -44,7 +44,8 @@ def quantizer(q):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("H, D", [(2, 64), (3, 32), (5, 16), (130, 64)])  # 3, 5: masked heads; 130: chunked path
+@pytest.mark.parametrize("H, D", [(2, 64), (3, 32), (5, 16),  # 3, 5: masked heads; 130: the chunked path
+                                  pytest.param(130, 64, marks=pytest.mark.slow)])
 def test_fused_q_is_the_quantizer_of_the_stored_q_bit_for_bit(H, D, dtype, monkeypatch):
     B, S = (1, 3) if H * D > tqk.MAX_TILE else (2, 7)
     args = (*make_inputs(B, S, H, D, dtype, seed=H), H, 1e-6)
@@ -96,7 +97,7 @@ def test_ops_equal_the_reference_on_their_exact_samples(dtype):
 
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("image", [False, True])
-@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("impl", [pytest.param("triton", marks=pytest.mark.slow), "ref"])
 def test_attention_from_the_fused_q_equals_attention_int8(impl, image, pv):
     """attention_int8_q8(qk_norm_rope_int8(qkv)) == attention_int8(qk_norm_rope(qkv)) bit for bit (bf16, Wan's
     layout, a tail no block divides, the image set in the same launch)."""
