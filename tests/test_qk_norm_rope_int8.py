@@ -115,6 +115,19 @@ def test_attention_from_the_fused_q_equals_attention_int8(impl, image, pv):
     assert torch.equal(scaled, wan_kernels.attention_int8(q, k, v, ki, vi, 0.3, pv=pv, impl=impl))
 
 
+def test_strided_q8_and_q_scale():
+    """q8 / q_scale as views with other strides (q8 sliced from a wider buffer, q_scale a permuted [B, S, H]) give
+    the contiguous tensors' result: the launcher makes what the kernel indexes contiguous."""
+    q8, qs, k, v, ki, vi, s, _ = samples.op_inputs()["attention_int8_q8"]
+    qs = qs * torch.linspace(0.5, 2.0, qs.numel()).reshape(qs.shape)  # a scale of its own per row and head
+    want = wan_kernels.attention_int8_q8(q8, qs, k, v, ki, vi, s, impl="triton")
+    wide = torch.cat([q8, q8], dim=-1)[..., : q8.shape[-1]]
+    permuted = qs.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    assert not wide.is_contiguous() and not permuted.is_contiguous()
+    for impl in ("triton", "ref"):
+        assert torch.equal(wan_kernels.attention_int8_q8(wide, permuted, k, v, ki, vi, s, impl=impl), want)
+
+
 def test_inputs_are_not_written():
     args = list(samples.op_inputs()["attention_int8_q8"])
     before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -149,6 +162,8 @@ def test_requires_grad_names_the_op_to_train_with(op, training, grad_arg, impl):
      r"\[2, 2, 17\] for q8 of shape \(2, 17, 2, 64\), got torch.float32 shape \(2, 2, 5\)"),
     (lambda a: (a[0], a[1], a[2][:, :, :1], *a[3:]), r"attention_int8_q8: k must be \[2, Sk, 2, 64\] for q of "
      r"shape \(2, 17, 2, 64\), got shape \(2, 8, 1, 64\)"),
+    (lambda a: (a[0], a[1], a[2][0], *a[3:]), r"attention_int8_q8: k must be \[B, Sk, H, D\], got shape "
+     r"\(8, 2, 64\)"),
     (lambda a: (*a[:7], "int4"), r"attention_int8_q8: pv must be one of \('auto', 'fp8', 'fp16'\), got 'int4'"),
     (lambda a: (a[0], a[1], *(t.double() for t in a[2:6]), *a[6:]), r"attention_int8_q8: k must be "
      r"float16/bfloat16/float32, got torch.float64"),

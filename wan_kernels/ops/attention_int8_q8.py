@@ -30,9 +30,10 @@ def check_attention_int8_q8(q8, q_scale, k, v, k_img=None, v_img=None, scale=Non
                          f"{shape_of(q8)}, got {q_scale.dtype} shape {shape_of(q_scale)}")
     if q_scale.device != q8.device:
         raise ValueError(f"{OP}: q_scale is on {q_scale.device}, q8 on {q8.device}")
+    if k.dim() != 4:
+        raise ValueError(f"{OP}: k must be [B, Sk, H, D], got shape {shape_of(k)}")
     # q8 stands in for a q of k's dtype (an expanded 1-element tensor: no memory): the [B, S, H, D] contract
-    q_like = k.new_empty((1, 1, 1, 1)).expand(q8.shape) if k.dim() == 4 else k
-    check_attention(q_like, k, v, k_img, v_img, scale, op=OP)
+    check_attention(k.new_empty((1, 1, 1, 1)).expand(q8.shape), k, v, k_img, v_img, scale, op=OP)
     if q8.device != k.device:
         raise ValueError(f"{OP}: q8 is on {q8.device}, k on {k.device}")
     if k.dtype not in FLOAT_DTYPES:

@@ -230,7 +230,7 @@ def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, ca
         k8, ks, _ = _int8(kt, k_mean, 1.0, (), 0.0, launch)
         sets.append((k8, ks, k_mean, *_v(vt, pv, capability, launch)))
     if isinstance(q, tuple):  # quantized already (wan::qk_norm_rope_int8): its scales get the fold, as _int8's
-        return Quantized(q[0], q[1] * (scale * LOG2E), tuple(sets))
+        return Quantized(q[0], (q[1] * (scale * LOG2E)).contiguous(), tuple(sets))  # [B, H, Sq], any strides in
     means = tuple(st[2] for st in sets) if lse else ()
     q8, qs, shift = _int8(q, None, scale * LOG2E, means, scale, launch)
     return Quantized(q8, qs, tuple(sets), shift)
