@@ -1,5 +1,5 @@
 """wan::qkv_rope: ONE GEMM over the concatenated [3C, C] QKV weight, then qk_norm_rope. A composite: its one
-composition (`compose_qkv_rope`) serves the dispatcher op and every named backend; wan_kernels/ref/qkv_rope.py
+composition (`gemm_then`) serves the dispatcher op and every named backend; wan_kernels/ref/qkv_rope.py
 is the reference."""
 
 from __future__ import annotations
@@ -35,15 +35,21 @@ def check_qkv_rope(x, w_qkv, b_qkv, norm_q_weight, norm_k_weight, rope_cos, rope
                  rope_cos=rope_cos, rope_sin=rope_sin)
 
 
-def compose_qkv_rope(part):
-    """qkv_rope from its parts: part("qk_norm_rope") is the dispatcher op or one named backend of it."""
-    qk_norm_rope = part("qk_norm_rope")
+def gemm_then(norm_rope: str):
+    """The composition of a one-GEMM QKV op: compose(part) runs ONE GEMM over the concatenated [3C, C] weight, then
+    part(norm_rope) (the dispatcher op or one named backend of it) on its output. Serves qkv_rope (over
+    qk_norm_rope) and qkv_rope_int8 (over qk_norm_rope_int8)."""
 
-    def qkv_rope(x, w_qkv, b_qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps):
-        qkv = torch.nn.functional.linear(x, w_qkv, b_qkv)  # ONE GEMM over the concatenated [3C, C] weight
-        return qk_norm_rope(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps)
+    def compose(part):
+        norm_rope_op = part(norm_rope)
 
-    return qkv_rope
+        def gemm_norm_rope(x, w_qkv, b_qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps):
+            qkv = torch.nn.functional.linear(x, w_qkv, b_qkv)
+            return norm_rope_op(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps)
+
+        return gemm_norm_rope
+
+    return compose
 
 
 def samples_qkv_rope(s):
@@ -56,7 +62,7 @@ SPEC = register(OpSpec(
     name="qkv_rope",
     schema="qkv_rope(Tensor x, Tensor w_qkv, Tensor? b_qkv, Tensor norm_q_weight, Tensor norm_k_weight, "
            "Tensor rope_cos, Tensor rope_sin, int num_heads, float eps) -> (Tensor q, Tensor k, Tensor v)",
-    check=check_qkv_rope, ref=ref.qkv_rope, samples=samples_qkv_rope, compose=compose_qkv_rope,
+    check=check_qkv_rope, ref=ref.qkv_rope, samples=samples_qkv_rope, compose=gemm_then("qk_norm_rope"),
     parts=("qk_norm_rope",),
     differentiable=("x", "w_qkv", "b_qkv", "norm_q_weight", "norm_k_weight"),
 ))

@@ -10,20 +10,9 @@ import torch
 from wan_kernels import ref, routing
 from wan_kernels._spec import OpSpec, register
 from wan_kernels.ops.qk_norm_rope_int8 import exact_samples, signs
-from wan_kernels.ops.qkv_rope import check_qkv_rope
+from wan_kernels.ops.qkv_rope import check_qkv_rope, gemm_then
 
 __all__ = ["qkv_rope_int8"]
-
-
-def compose_qkv_rope_int8(part):
-    """qkv_rope_int8 from its parts: part("qk_norm_rope_int8") is the dispatcher op or one named backend of it."""
-    qk_norm_rope_int8 = part("qk_norm_rope_int8")
-
-    def qkv_rope_int8(x, w_qkv, b_qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps):
-        qkv = torch.nn.functional.linear(x, w_qkv, b_qkv)  # ONE GEMM over the concatenated [3C, C] weight
-        return qk_norm_rope_int8(qkv, norm_q_weight, norm_k_weight, rope_cos, rope_sin, num_heads, eps)
-
-    return qkv_rope_int8
 
 
 def samples_qkv_rope_int8(s):
@@ -45,7 +34,7 @@ SPEC = register(OpSpec(
            "Tensor rope_cos, Tensor rope_sin, int num_heads, float eps) -> (Tensor q8, Tensor q_scale, Tensor k, "
            "Tensor v)",
     check=functools.partial(check_qkv_rope, op="qkv_rope_int8"), ref=ref.qkv_rope_int8, samples=samples_qkv_rope_int8,
-    compose=compose_qkv_rope_int8, parts=("qk_norm_rope_int8",), training_op="qkv_rope", cpp=False,
+    compose=gemm_then("qk_norm_rope_int8"), parts=("qk_norm_rope_int8",), training_op="qkv_rope", cpp=False,
 ))
 
 
