@@ -1,6 +1,7 @@
 """Helpers shared by test modules that are not fixtures (fixtures: tests/conftest.py; inputs: tests/_inputs.py;
 model builders and inputs: wan_model/testing.py; accuracy rules: wan_kernels/testing.py): the tiny variants, one
-forward of ours / of diffusers, diffusers' dtype rule and loader, NVFP4 bit-exactness, a time limit."""
+forward of ours / of diffusers, diffusers' dtype rule and loader, NVFP4 bit-exactness, a time limit, the
+dispatcher per simulated device class."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import contextlib
 import signal
 
 import torch
+
+from wan_kernels import routing
+from wan_kernels._spec import SPECS
 
 VARIANTS = ("tiny-t2v", "tiny-i2v", "tiny-flf2v", "tiny-ti2v")
 
@@ -63,3 +67,27 @@ def within(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+TRITON_FROM_SM80 = {"cpu": "ref", "sm80": "triton", "sm86": "triton", "sm89": "triton", "sm90": "triton",
+                    "sm100": "triton", "sm103": "triton", "sm120": "triton"}
+
+
+def assert_dispatch_per_device_class(op, args, routes, capability, monkeypatch):
+    """`op`'s route table is `routes`, and on every simulated device class (and sm_75, which has no class: ref) the
+    dispatcher's CUDA kernel runs that backend on `args`: the route holds the spec's launcher or reference, and the
+    backend the dispatcher resolves is the one called (`capability`: the conftest fixture)."""
+    assert routing.route_table()[op] == routes
+    spec = SPECS[op]
+    for name, cap in [*((n, c) for n, c in routing.DEVICE_CLASSES.items() if c), ("sm75", (7, 5))]:
+        capability(cap)
+        backend = routing.auto_backend(op, cap)
+        assert backend == routes.get(name, "ref"), name
+        assert routing.route(op, cap).fn.__wrapped__ is (spec.triton if backend == "triton" else spec.ref), name
+        ran = []
+        monkeypatch.setattr(routing, "backend_fn", lambda s, b, c=None: lambda *a: ran.append(b) or s.ref(*a))
+        routing.clear_caches()
+        spec.packet.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
+        monkeypatch.undo()
+        capability(cap)
+        assert ran == [backend], name

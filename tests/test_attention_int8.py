@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class
 import wan_kernels
-from wan_kernels import ref, routing, samples
+from wan_kernels import ref, samples
 from wan_kernels._spec import SPECS
 from wan_kernels.testing import comfy_bias, comfy_channel, e4m3_sweep, stats_per_head, wan_like
 from wan_kernels.triton import attention_int8 as T
@@ -381,26 +382,9 @@ def test_backends_agree_on_the_samples(op, impl):
             assert (a - b).abs().max().item() <= 1e-6
 
 
-ROUTES = {"cpu": "ref", "sm80": "triton", "sm86": "triton", "sm89": "triton", "sm90": "triton", "sm100": "triton",
-          "sm103": "triton", "sm120": "triton"}
-
-
 @pytest.mark.parametrize("op", OPS)
 def test_route_table_and_dispatcher_per_device_class(op, capability, monkeypatch):
-    assert wan_kernels.route_table()[op] == ROUTES
-    spec = SPECS[op]
-    for name, cap in [*((n, c) for n, c in routing.DEVICE_CLASSES.items() if c), ("sm75", (7, 5))]:
-        capability(cap)
-        backend = routing.auto_backend(op, cap)
-        assert backend == ROUTES.get(name, "ref")
-        assert routing.route(op, cap).fn.__wrapped__ is (spec.triton if backend == "triton" else spec.ref)
-        ran = []
-        monkeypatch.setattr(routing, "backend_fn", lambda s, b, c=None: lambda *a: ran.append(b) or s.ref(*a))
-        routing.clear_caches()
-        spec.packet.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *_args(op))
-        monkeypatch.undo()
-        capability(cap)
-        assert ran == [backend], name
+    assert_dispatch_per_device_class(op, _args(op), TRITON_FROM_SM80, capability, monkeypatch)
 
 
 def _meta(*shape):
@@ -511,4 +495,4 @@ def test_python_m_wan_kernels_lists_the_ops(capsys):
     assert main(["--no-check"]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
             if line.strip().startswith("attention_int8")}
-    assert rows == {op: list(ROUTES.values()) for op in OPS}  # its self-check: tests/test_library.py
+    assert rows == {op: list(TRITON_FROM_SM80.values()) for op in OPS}  # its self-check: tests/test_library.py

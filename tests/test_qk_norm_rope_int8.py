@@ -14,8 +14,9 @@ them and a code at a rounding boundary may move by one step (bounded below).
 import pytest
 import torch
 
+from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class
 import wan_kernels
-from wan_kernels import ref, routing, samples
+from wan_kernels import ref, samples
 from wan_kernels._spec import SPECS
 from wan_kernels.ref.attention_int8 import quantize_int8
 from wan_kernels.triton import attention_int8_quant as Q
@@ -198,24 +199,7 @@ def test_opcheck_and_compile_fullgraph(op):
         assert torch.equal(a, b)
 
 
-ROUTES = {"cpu": "ref", "sm80": "triton", "sm86": "triton", "sm89": "triton", "sm90": "triton", "sm100": "triton",
-          "sm103": "triton", "sm120": "triton"}
-
-
 @pytest.mark.parametrize("op", ["qk_norm_rope_int8", "attention_int8_q8"])
 def test_route_table_and_dispatcher_per_device_class(op, capability, monkeypatch):
-    assert wan_kernels.route_table()[op] == ROUTES
-    assert wan_kernels.route_table()["qkv_rope_int8"] == ROUTES  # a composite: its part's route
-    spec = SPECS[op]
-    for name, cap in [*((n, c) for n, c in routing.DEVICE_CLASSES.items() if c), ("sm75", (7, 5))]:
-        capability(cap)
-        backend = routing.auto_backend(op, cap)
-        assert backend == ROUTES.get(name, "ref")
-        assert routing.route(op, cap).fn.__wrapped__ is (spec.triton if backend == "triton" else spec.ref)
-        ran = []
-        monkeypatch.setattr(routing, "backend_fn", lambda s, b, c=None: lambda *a: ran.append(b) or s.ref(*a))
-        routing.clear_caches()
-        spec.packet.default.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *samples.op_inputs()[op])
-        monkeypatch.undo()
-        capability(cap)
-        assert ran == [backend], name
+    assert wan_kernels.route_table()["qkv_rope_int8"] == TRITON_FROM_SM80  # a composite: its part's route
+    assert_dispatch_per_device_class(op, samples.op_inputs()[op], TRITON_FROM_SM80, capability, monkeypatch)
