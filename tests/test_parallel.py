@@ -6,7 +6,8 @@ the output with `enable_parallelism(U, R)`, and records max |parallel - single|.
 (U, R) in {(2, 1), (1, 2)} (2 ranks) and (2, 2), (1, 4) (4 ranks); token counts 30 (not divisible by 4),
 15 and 27 (odd), 9 on 4 ranks (the last rank's block is padding only). Tolerance 1e-5 (fp32; the split changes
 only the order of the fp32 key sums, and the ring merge is exact up to fp32 rounding of O(1) values).
-The bytes each rank sends (counted at the torch.distributed calls) must equal wan_model.cost.parallel_comm.
+The bytes each rank sends (counted at the torch.distributed calls) must equal wan_model.cost.parallel_comm (8-bit
+self-attention: `int8=True`, q's codes and scales on the Ulysses wire, each piece checked to arrive bit for bit).
 Every subprocess has a wall-clock timeout, and gloo's own timeout is 30 s; one scenario makes rank 1 raise in
 its forward while rank 0 waits in a collective: both must exit, promptly, with the error reported. The CLI runs
 under torchrun (2 gloo ranks) and must write the single-process latents.
@@ -63,10 +64,11 @@ GRAD_CASES = {
 GRAD_TOL = 1e-5
 # 8-bit self-attention (set_attention("int8", dense_layers=()): every attention call of the 2 tiny layers int8):
 # name -> (variant, grid, ulysses, ring). Ulysses keeps whole heads on a rank, so it quantizes as one process does
-# (per token, per head, means over all tokens) up to the fp32 order of those sums, which can flip a rare int8
-# rounding: its output is within 1% of int8's own error of the single-process int8 output; the ring smooths and quantizes each K/V block on its own, so its output is
-# another 8-bit approximation: its relative error vs the fp32 model is bounded as the single-process one is
-# (tests/test_model_attention.py: OP_NRMSE per int8 call, summed over the calls).
+# (q per token and head by the projection's kernel, before the all-to-all, which carries its codes and scales; K's
+# means over all tokens) up to the fp32 order of those sums, which can flip a rare int8 rounding: its output is
+# within 1% of int8's own error of the single-process int8 output; the ring smooths and quantizes each K/V block
+# on its own, so its output is another 8-bit approximation: its relative error vs the fp32 model is bounded as
+# the single-process one is (tests/test_model_attention.py: OP_NRMSE per int8 call, summed over the calls).
 INT8_CASES = {
     2: {"int8-t2v-30-u2r1": ("tiny-t2v", (2, 6, 10), 2, 1), "int8-i2v-15-u1r2": ("tiny-i2v", (1, 6, 10), 1, 2)},
     4: {"int8-t2v-30-u2r2": ("tiny-t2v", (2, 6, 10), 2, 2), "int8-ti2v-9-u1r4": ("tiny-ti2v", (1, 6, 6), 1, 4)},
@@ -220,7 +222,10 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
             model.set_attention("int8", dense_layers=())
             single = model(*args)
             model.enable_parallelism(ulysses_degree=u, ring_degree=r)
+            sent.update(ulysses=0, ring=0, gather=0)
             got = model(*args)
+            sent_forward = dict(sent)
+            exchange = _q8_exchange(model._parallel) if u > 1 else None
         try:  # inference only: a parallel int8 forward with inputs requiring grad is refused
             model(*[a.clone().requires_grad_() if a is not None and a.is_floating_point() and a.ndim > 2 else a
                     for a in args])
@@ -233,7 +238,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
             model.set_attention("bf16")
         record(name, {"err_single": rel(single, exact), "err_parallel": rel(got, exact), "vs_single": rel(got, single),
                       "max_vs_single": (got - single).abs().max().item(), "disabled_equal": torch.equal(again, single),
-                      "refused": refused})
+                      "refused": refused, "sent": sent_forward, "exchange": exchange})
     for name, (variant, grid, u, r, checkpointed) in GRAD_CASES[world].items():
         record(name, _grad_case(model_of(variant), grid, u, r, checkpointed))
     if world == 4:
@@ -245,6 +250,27 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
                 record(f"error-u{u}r{r}", str(e))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _q8_exchange(sp) -> dict[str, bool]:
+    """`_to_heads_q8` (q's codes and scales packed with k, v in one byte all-to-all) vs `_to_heads` of the same
+    values as fp32 (exact for codes, scales and bf16 / fp32 k, v): per (k dtype, D, Dv) whether every piece
+    arrived bit for bit. D = 6 pads each packed row (4 + 4 * 6 + 6 = 34 bytes at bf16 -> 36)."""
+    g = torch.Generator().manual_seed(sp.rank)
+    B, n, H = 2, 3, 4
+    out = {}
+    for dtype, D, Dv in ((torch.bfloat16, 128, 128), (torch.bfloat16, 6, 10), (torch.float32, 64, 64)):
+        q8 = torch.randint(-127, 128, (B, n, H, D), generator=g, dtype=torch.int8)
+        qs = torch.rand(B, H, n, generator=g) + 1e-3
+        k, v = (torch.randn(B, n, H, d, generator=g).to(dtype) for d in (D, Dv))
+        (g8, gs), gk, gv = sp._to_heads_q8(q8, qs, k, v)
+        wq, ws, wk = sp._to_heads(torch.stack((q8.float(), qs.transpose(1, 2)[..., None].expand(B, n, H, D),
+                                                k.float())))
+        wv = sp._to_heads(torch.stack((v.float(),) * 3))[0]
+        out[f"{dtype}-{D}-{Dv}"] = (torch.equal(g8.float(), wq) and gs.dtype == torch.float32
+                                    and torch.equal(gs, ws[..., 0].transpose(1, 2)) and gk.dtype == gv.dtype == dtype
+                                    and torch.equal(gk.float(), wk) and torch.equal(gv.float(), wv))
+    return out
 
 
 def _free_port() -> int:
@@ -310,6 +336,27 @@ def test_parallel_int8_self_attention(runs, world, name):
         if r == 1:
             assert got["vs_single"] <= 0.01 * got["err_single"], (rank, got)
         assert got["disabled_equal"] and "inference only" in got["refused"], (rank, got)
+        if u > 1:  # q's codes and scales crossed the all-to-all bit for bit, at every dtype and head_dim
+            assert got["exchange"] and all(got["exchange"].values()), (rank, got["exchange"])
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("world,name", [(w, n) for w, cases in INT8_CASES.items() for n in cases])
+def test_cost_model_counts_the_bytes_of_the_8bit_exchanges(runs, world, name):
+    """wan_model.cost.parallel_comm(int8=True, act_bytes=4) = what the 8-bit fp32 run sent: without a ring, q's
+    INT8 codes and fp32 scales cross the Ulysses all-to-all instead of q (fewer bytes than the bf16 exchange of
+    the same model); with a ring, the same bytes as the unquantized exchange."""
+    from wan_model import cost
+    from wan_model.core.config import WanConfig
+
+    variant, grid, u, r = INT8_CASES[world][name]
+    c = cost.model_cost(WanConfig.from_preset(variant), latent=grid, batch=2)
+    want = cost.parallel_comm(c, u, r, int8=True, act_bytes=4)
+    plain = cost.parallel_comm(c, u, r, act_bytes=4)
+    assert (want["ulysses"] < plain["ulysses"]) == (u > 1 and r == 1)
+    for rank in range(world):
+        got = runs[world][0][rank][name]["sent"]
+        assert got == {k: want[k] for k in got}, (rank, got, want)
 
 
 @pytest.mark.subprocess

@@ -686,7 +686,7 @@ def cmd_cost(args) -> int:
     elif args.pcie_gbps is not None or args.gpu is not None and not args.int8:
         args.error("argument --gpu/--pcie-gbps: needs --vram-budget (--gpu: or --int8)")
     if args.ulysses * args.ring > 1:
-        print(cost.format_parallel(c, args.ulysses, args.ring))
+        print(cost.format_parallel(c, args.ulysses, args.ring, args.int8))
     if args.plot:
         cost.plot(c, args.plot, args.frames)
         print(f"plot written to {args.plot}")

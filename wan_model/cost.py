@@ -941,18 +941,24 @@ PARALLEL_PEAKS = {"H20": {"bf16": 148.0, "fp4": 0.0, "gbps": 4000.0}}
 PUBLISHED = {"H100": {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}, "H20": {1: 6935.5, 8: 980.5}}
 
 
-def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1) -> dict[str, int]:
+def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool = False,
+                  act_bytes: int = A) -> dict[str, int]:
     """Bytes ONE rank sends in one forward of `c` under wan_model/core/parallel.py with (ulysses, ring) degrees
-    (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (bf16 activations).
+    (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (activations of `act_bytes`, bf16: 2).
       ulysses: per layer, q, k, v before and the attention output after: 4 b n C, of which (U - 1) / U leaves;
+               `int8` (8-bit self-attention) without a ring: q's INT8 codes and fp32 scales instead of q, packed
+               with k and v in rows of 4 + 2 A D + D bytes per token and head (rounded up to a multiple of 4);
       ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops;
       gather:  after the blocks, all_gather of the rank's [b, n, C] to the P - 1 others."""
     s, cfg = c.shape, c.config
-    P, b, C, L = ulysses * ring, s.batch, cfg.dim, cfg.num_layers
+    P, b, C, L, H = ulysses * ring, s.batch, cfg.dim, cfg.num_layers, cfg.num_attention_heads
     n = math.ceil(s.tokens / P)
-    out = {"ulysses": L * 4 * b * n * C * A * (ulysses - 1) // ulysses,
-           "ring": L * (ring - 1) * 2 * b * n * C * A,
-           "gather": (P - 1) * b * n * C * A}
+    row = 3 * act_bytes * (C // H)                                     # q, k, v of one token and head
+    if int8 and ring == 1:
+        row = -(-(4 + 2 * act_bytes * (C // H) + C // H) // 4) * 4
+    out = {"ulysses": L * (b * n * H * row + b * n * C * act_bytes) * (ulysses - 1) // ulysses,
+           "ring": L * (ring - 1) * 2 * b * n * C * act_bytes,
+           "gather": (P - 1) * b * n * C * act_bytes}
     out["total"] = sum(out.values())
     return out
 
@@ -978,13 +984,19 @@ def parallel_step(c: ModelCost, gpu: str, ulysses: int = 1, ring: int = 1,
     return {"t1_s": t1, "tp_s": tp, "comm_s": exposed, "speedup": t1 / tp, "efficiency": t1 / (P * tp)}
 
 
-def format_parallel(c: ModelCost, ulysses: int, ring: int) -> str:
-    """The `cost --ulysses U --ring R` lines: bytes per rank and predicted scaling per GPU (roofline t_1 and,
-    for the published 1-GPU time of T2V-14B 720p, that time as t_1; one forward = half a CFG step)."""
+def format_parallel(c: ModelCost, ulysses: int, ring: int, int8: bool = False) -> str:
+    """The `cost --ulysses U --ring R` lines: bytes per rank (`int8`, `cost --int8`: also the Ulysses bytes of
+    the 8-bit self-attention) and predicted scaling per GPU (bf16; roofline t_1 and, for the published 1-GPU time
+    of T2V-14B 720p, that time as t_1; one forward = half a CFG step)."""
     comm = parallel_comm(c, ulysses, ring)
     lines = [f"sequence parallelism ulysses {ulysses} x ring {ring} = {ulysses * ring} ranks: per rank and forward "
              f"sends {comm['total'] / 1e9:.3f} GB (ulysses {comm['ulysses'] / 1e9:.3f}, ring "
              f"{comm['ring'] / 1e9:.3f}, gather {comm['gather'] / 1e9:.3f})"]
+    if int8 and ulysses > 1:
+        q8 = parallel_comm(c, ulysses, ring, int8=True)
+        lines.append(f"  8-bit self-attention: ulysses {q8['ulysses'] / 1e9:.3f} GB" +
+                     (f" (q as INT8 codes + fp32 scales: {100 * (1 - q8['ulysses'] / comm['ulysses']):.1f}% less)"
+                      if ring == 1 else " (with a ring q crosses unquantized: the ring quantizes it per block)"))
     for gpu in LINK_GBPS:
         p = parallel_step(c, gpu, ulysses, ring)
         lines.append(f"  {gpu:5s} NVLink {LINK_GBPS[gpu]:.0f} GB/s: roofline forward {p['t1_s']:.3f} s -> "

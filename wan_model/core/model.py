@@ -514,8 +514,9 @@ class WanTransformer(nn.Module):
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
         forward never branches on it. An int8 self-attention gets q quantized by its projection's kernel
         (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8: bit-identical to attention_int8 on the bf16 q,
-        4 D - 8 bytes fewer per token and head). Under sequence parallelism int8 self-attention runs Ulysses / ring on
-        wan::attention_int8 / attention_int8_lse (wan_model/core/parallel.py)."""
+        4 D - 8 bytes fewer per token and head). Under sequence parallelism int8 self-attention runs Ulysses on
+        attention_int8_q8 (q's codes and scales cross the all-to-all) and ring blocks on attention_int8_lse
+        (wan_model/core/parallel.py)."""
         if attention not in ATTENTIONS:
             raise ValueError(f"set_attention: attention must be one of {ATTENTIONS}, got {attention!r}")
         roles, L = tuple(roles), len(self.blocks)
@@ -548,11 +549,14 @@ class WanTransformer(nn.Module):
         for block, (self_fn, cross_fn, self_pv) in zip(self.blocks, sets[bool(dense)]):
             a = block.attn1
             base = base_projection(a.project_qkv)
-            if sp is None:  # 8-bit: q quantized by the projection's kernel (INT8_PROJECTIONS), the pair bound together
-                a.project_qkv, a.attend = (INT8_PROJECTIONS[base] if self_pv else base), self_fn
-            else:  # the sequence-parallel self-attention, 8-bit where this block's is (q quantized after its
-                # all-to-all / per ring block: the unfused op)
-                a.project_qkv = base
+            # 8-bit: q quantized by the projection's kernel (INT8_PROJECTIONS), the pair bound together; under
+            # sequence parallelism too where there is no ring (Ulysses sends q's codes), while a ring quantizes q
+            # per K/V block (the unfused wan::attention_int8_lse)
+            fused = bool(self_pv) and (sp is None or sp.R == 1)
+            a.project_qkv = INT8_PROJECTIONS[base] if fused else base
+            if sp is None:
+                a.attend = self_fn
+            else:  # the sequence-parallel self-attention, 8-bit where this block's is
                 a.attend = functools.partial(sp.attention, pv=self_pv) if self_pv else sp.attention
             block.attn2.attend = cross_fn
         return self

@@ -18,14 +18,17 @@ gets the same full output. Inside the forward:
     The inverse all-to-all gives [B, n, H, Dv].
   * gather: after the last block, `all_gather` of [B, n, C] on the whole group, padding rows dropped; the head
     runs on every rank on the full sequence.
-  * 8-bit self-attention (`set_attention("int8")`, inference only): the same exchanges, Ulysses' local
-    attention on `wan::attention_int8` (each rank holds whole heads: quantized exactly as on one process), the
-    ring's blocks on `wan::attention_int8_lse` (each block's keys smoothed by their own mean; the LSE is
-    corrected for it, so the fp32 merge is the same).
+  * 8-bit self-attention (`set_attention("int8")`, inference only): without a ring, q comes quantized from the
+    projection's kernel (per token and head, as on one process) and its INT8 codes and fp32 scales cross the
+    all-to-all in q's place, packed with k and v in one byte buffer (4 + 4 D + D bytes per token and head at bf16
+    instead of 6 D); each rank holds whole heads and runs `wan::attention_int8_q8` (K smoothed and quantized over
+    all tokens, as on one process). With a ring, the same exchanges as bf16 and the ring's blocks on
+    `wan::attention_int8_lse` (q quantized per block; each block's keys smoothed by their own mean, which the LSE
+    is corrected for, so the fp32 merge is the same).
 The sub-groups get the timeout of the group they split (`group_timeout`; torch's new_group would give them
 its 30 min default), so a stopped or dead rank fails the others' collectives after the caller's timeout.
-Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes;
-ring (R - 1) x the local K/V block.
+Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes
+(8-bit: q's codes and scales for q); ring (R - 1) x the local K/V block (`wan_model.cost.parallel_comm`).
 
 Training (backward through the collectives). Every rank passes the same full inputs and computes the same loss
 from the full output; then every rank's gradients (of the inputs and of every parameter) are the single-process
@@ -50,6 +53,7 @@ are blocking, one per parameter (no bucketing).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
@@ -219,19 +223,27 @@ class SequenceParallel:
         """Self-attention of this rank's rows: q, k, v [B, n, H, D] -> [B, n, H, Dv] (all tokens attended).
         `pv`: None, wan::attention (ring: attention_lse); else wan::attention_int8 with that P.V precision (ring:
         attention_int8_lse, whose LSE is smoothing-corrected, so the blocks merge as they do in bf16; inference
-        only: an input requiring grad is refused)."""
-        if pv is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        only: an input requiring grad is refused). Without a ring (R = 1) q may come quantized by the projection's
+        kernel, (q8 int8 [B, n, H, D], q_scale fp32 [B, H, n]): its codes and scales cross the all-to-all in place
+        of q (`_to_heads_q8`) and the local attention is wan::attention_int8_q8."""
+        quantized = isinstance(q, tuple)
+        if quantized and (pv is None or self.R > 1):
+            raise ValueError("SequenceParallel.attention: a quantized q (q8, q_scale) is for the 8-bit attention "
+                             f"without a ring, got pv={pv!r}, ring_degree={self.R}")
+        tensors = (*q, k, v) if quantized else (q, k, v)
+        if pv is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             raise RuntimeError("wan::attention_int8 is inference only (no gradients), but the sequence-parallel "
                                "self-attention's inputs require grad: train with set_attention('bf16'), or run "
                                "under torch.no_grad()")
-        if self.U > 1:
-            q, k, v = self._to_heads(torch.stack((q, k, v)))                   # [B, U n, H / U, D] each
+        if self.U > 1:                                                         # [B, U n, H / U, D] each
+            q, k, v = self._to_heads_q8(*q, k, v) if quantized else self._to_heads(torch.stack((q, k, v)))
         if self.R > 1:
             out = self._ring(q, k, v) if pv is None else self._ring_int8(q, k, v, pv)
         else:
-            valid = min(self.S, k.shape[1])                                    # drop padding keys
-            out = (ops.attention(q, k[:, :valid], v[:, :valid], None, None, None) if pv is None else
-                   ops.attention_int8(q, k[:, :valid], v[:, :valid], None, None, None, pv))
+            k, v = k[:, :min(self.S, k.shape[1])], v[:, :min(self.S, v.shape[1])]  # drop padding keys
+            out = (ops.attention(q, k, v, None, None, None) if pv is None else
+                   ops.attention_int8_q8(*q, k, v, None, None, None, pv) if quantized else
+                   ops.attention_int8(q, k, v, None, None, None, pv))
         return self._to_tokens(out) if self.U > 1 else out
 
     def _to_heads(self, qkv):
@@ -240,6 +252,27 @@ class SequenceParallel:
         x = qkv.reshape(3, B, n, self.U, H // self.U, D).permute(3, 0, 1, 2, 4, 5)  # [U, 3, B, n, h, D]
         y = _AllToAll.apply(x, self.ulysses_group)                         # y[u]: rank u's tokens, my heads
         return y.permute(1, 2, 0, 3, 4, 5).reshape(3, B, self.U * n, H // self.U, D).unbind(0)
+
+    def _to_heads_q8(self, q8, q_scale, k, v):
+        """`_to_heads` of a quantized q: q8 int8 [B, n, H, D], q_scale fp32 [B, H, n], k [B, n, H, D], v [B, n, H,
+        Dv] -> ((q8 [B, U n, h, D], q_scale [B, h, U n]), k, v [B, U n, h, D|Dv]), h = H / U. One all-to-all of
+        bytes: each (token, head) row packs q_scale | k | v | q8 (4 + A (D + Dv) + D bytes, padded to a multiple of
+        4, for k, v of A bytes an element; q, k, v would be A (2 D + Dv): 644 vs 768 bytes at bf16, D = 128). The
+        codes and scales are per token and head, so they arrive as the single-process projection made them; all
+        four come back as views of the received buffer (each at a byte offset its element size divides)."""
+        B, n, H, _ = k.shape
+        h = H // self.U
+        rows = [q_scale.transpose(1, 2).unsqueeze(-1).contiguous().view(torch.uint8), k.contiguous().view(torch.uint8),
+                v.contiguous().view(torch.uint8), q8.view(torch.uint8)]
+        ends = list(itertools.accumulate(t.shape[-1] for t in rows))     # [4, 4 + A D, 4 + A (D + Dv), ...]
+        rows.append(k.new_zeros((B, n, H, -ends[-1] % 4), dtype=torch.uint8))
+        x = torch.cat(rows, dim=-1)                                        # [B, n, H, W], W a multiple of 4
+        W = x.shape[-1]
+        y = _AllToAll.apply(x.reshape(B, n, self.U, h, W).permute(2, 0, 1, 3, 4), self.ulysses_group)
+        y = y.permute(1, 0, 2, 3, 4).reshape(B, self.U * n, h, W)          # [B, U n, h, W]: the group's tokens
+        q_scale = y[..., :4].view(torch.float32).squeeze(-1).transpose(1, 2)
+        k, v = y[..., 4:ends[1]].view(k.dtype), y[..., ends[1]:ends[2]].view(v.dtype)
+        return (y[..., ends[2]:ends[3]].view(torch.int8), q_scale), k, v
 
     def _to_tokens(self, out):
         """[B, U n, H / U, Dv] -> [B, n, H, Dv] (this rank's tokens, all heads)."""
