@@ -685,7 +685,7 @@ def test_parallel_comm_of_the_8bit_ulysses_exchange(capsys):
         assert q8["ulysses"] * 1024 == plain["ulysses"] * 900 and q8["gather"] == plain["gather"]
         assert cost.parallel_comm(c, U, 2, int8=True) == cost.parallel_comm(c, U, 2)
     assert cli_main(["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--ulysses", "4", "--int8"]) == 0
-    assert "8-bit self-attention: ulysses 8.845 GB (q as INT8 codes + fp32 scales: 12.1% less)" in \
+    assert "8-bit self-attention in every layer: ulysses 8.845 GB (q as INT8 codes + fp32 scales: 12.1% less)" in \
         capsys.readouterr().out
     assert cli_main(["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--ulysses", "2", "--ring", "2",
                      "--int8"]) == 0

@@ -405,6 +405,20 @@ def test_heads_not_divisible_by_ulysses_is_a_clear_error_before_any_collective()
         model.enable_parallelism(ring_degree=2)
 
 
+def test_a_quantized_q_is_refused_where_a_ring_or_bf16_would_need_it_whole():
+    """(q8, q_scale) is for the 8-bit attention without a ring (a ring block's LSE adds back q . mean(k), which
+    needs the unquantized q); the model never binds it otherwise, and a wrong binding is an error before any
+    collective, not a silent dequantization."""
+    from wan_model.core.parallel import SequenceParallel
+
+    sp = object.__new__(SequenceParallel)
+    q8, qs, k = torch.zeros(1, 4, 2, 8, dtype=torch.int8), torch.ones(1, 2, 4), torch.zeros(1, 4, 2, 8)
+    for U, R, pv in ((1, 2, "fp16"), (2, 1, None)):
+        sp.U, sp.R = U, R
+        with pytest.raises(ValueError, match=f"got pv={pv!r}, ring_degree={R}"):
+            sp.attention((q8, qs), k, k, ops=None, pv=pv)
+
+
 @pytest.mark.subprocess
 def test_a_rank_that_raises_ends_every_process(tmp_path):
     results, rcs, errs, seconds = _spawn(2, tmp_path, "raise")

@@ -946,8 +946,9 @@ def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool =
     """Bytes ONE rank sends in one forward of `c` under wan_model/core/parallel.py with (ulysses, ring) degrees
     (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (activations of `act_bytes`, bf16: 2).
       ulysses: per layer, q, k, v before and the attention output after: 4 b n C, of which (U - 1) / U leaves;
-               `int8` (8-bit self-attention) without a ring: q's INT8 codes and fp32 scales instead of q, packed
-               with k and v in rows of 4 + 2 A D + D bytes per token and head (rounded up to a multiple of 4);
+               `int8` (every layer's self-attention 8-bit: `set_attention("int8", dense_layers=())`) without a
+               ring: q's INT8 codes and fp32 scales instead of q, packed with k and v in rows of 4 + 2 A D + D
+               bytes per token and head (rounded up to a multiple of 4);
       ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops;
       gather:  after the blocks, all_gather of the rank's [b, n, C] to the P - 1 others."""
     s, cfg = c.shape, c.config
@@ -994,7 +995,7 @@ def format_parallel(c: ModelCost, ulysses: int, ring: int, int8: bool = False) -
              f"{comm['ring'] / 1e9:.3f}, gather {comm['gather'] / 1e9:.3f})"]
     if int8 and ulysses > 1:
         q8 = parallel_comm(c, ulysses, ring, int8=True)
-        lines.append(f"  8-bit self-attention: ulysses {q8['ulysses'] / 1e9:.3f} GB" +
+        lines.append(f"  8-bit self-attention in every layer: ulysses {q8['ulysses'] / 1e9:.3f} GB" +
                      (f" (q as INT8 codes + fp32 scales: {100 * (1 - q8['ulysses'] / comm['ulysses']):.1f}% less)"
                       if ring == 1 else " (with a ring q crosses unquantized: the ring quantizes it per block)"))
     for gpu in LINK_GBPS:
