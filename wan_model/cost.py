@@ -812,13 +812,15 @@ def int8_quantization_bytes(batch: int, sq: int, kv_sets: list[int], heads: int,
 
 
 def int8_quantization_share(c: ModelCost, peak: dict, pv: str = "fp8") -> dict[str, dict[str, float]]:
-    """Per role ("self": q quantized in qk_norm_rope, the model's single-process path; "self-unfused": q quantized
-    by attention_int8, as under sequence parallelism; "cross": text + image sets in one call), one forward of `c`
-    with that role on 8-bit attention: the quantization's bytes and time at the HBM peak, the attention's time at
-    the int8 tensor-core peak (taken as 2x the table's bf16 rate, as on A100 / H100 / B200; GeForce cards run int8
-    at a higher multiple, where the share is larger still), and the quantization's share of their sum. The query
-    is quantized whole in both roles, so cross-attention (512 text + 257 image keys) pays a self-attention's
-    quantization for a sliver of its work."""
+    """Per role ("self": q quantized in qk_norm_rope, the model's path on one process and under Ulysses;
+    "self-unfused": q quantized by attention_int8, as a ring's blocks are; "cross": text + image sets in one call),
+    one forward of `c` with that role on 8-bit attention: the quantization's bytes and time at the HBM peak, the
+    attention's time at the int8 tensor-core peak (taken as 2x the table's bf16 rate, as on A100 / H100 / B200;
+    GeForce cards run int8 at a higher multiple, where the share is larger still), and the quantization's share of
+    their sum. The query is quantized whole in both roles, so cross-attention (512 text + 257 image keys) pays a
+    self-attention's quantization for a sliver of its work. (A ring of R blocks quantizes q and each K/V block per
+    block, R calls of S / R queries and keys: its quantization time over its attention time is R times the
+    single-process "self-unfused" ratio, the quantization being linear in the tokens and the attention quadratic.)"""
     cfg, s = c.config, c.shape
     H, D = cfg.num_attention_heads, cfg.attention_head_dim
     sets = [s.text_tokens] + ([s.image_tokens] if s.image_tokens else [])
