@@ -338,7 +338,7 @@ def test_default_pv_by_arch():
 # ---------------------------------------------------------------------------------------------
 # The op: wan::attention_int8 / wan::attention_int8_lse
 
-OPS = ("attention_int8", "attention_int8_lse", "attention_int8_q8")
+OPS = ("attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse")
 # Worst-head NRMSE vs fp64 that the op's default (pv="auto" = fp8 on CPU) reaches on Wan-like hd128 inputs with an
 # image set (CASES["wan-hd128-i2v"], measured 0.026), with ~2x headroom: the bound the model test multiplies out.
 OP_NRMSE = 0.05
@@ -461,6 +461,78 @@ def test_lse_merges_two_key_blocks():
     whole = stats_per_head(wan_kernels.attention_int8(q, k, v), want_o)[0]
     assert stats_per_head(out, want_o)[0] < max(OP_NRMSE, 1.5 * whole)
     assert (lse.double() - want_l).abs().max().item() < 0.05  # as the one-block LSE test
+
+
+# ---------------------------------------------------------------------------------------------
+# wan::attention_int8_q8_lse: a ring's blocks on the fused q (quantized once, never again per block)
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_q8_lse_kernel_equals_reference_emulation(pv, kernel_means):
+    """The kernel's output is attention_int8_q8's (the same launch, bit for bit); its LSE, whose smoothing correction
+    it adds in the kernel from the int8 tile (sum_d q8 mean_k times the folded scale), equals the reference's
+    (s (q8 q_scale) . mean_k, einsum) to fp32 rounding of the terms: a few ulps of the largest of |lse| and the
+    correction (~100 here: the keys share a bias of RMS 40)."""
+    q, k, v, _, _ = comfy_bias(1, 90, 150, 2, 64, seed=9, dtype=torch.float32)
+    q8, qs = R.quantize_int8(q, 1)
+    out, lse = T.attention_int8_q8_lse(q8, qs, k, v, pv=pv)
+    want, want_lse = R.attention_int8_q8_lse(q8, qs, k, v, pv=pv, block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2)
+    assert torch.equal(out, T.attention_int8_q8(q8, qs, k, v, pv=pv))
+    assert (out - want).abs().max().item() <= 64 * 2.0 ** -24 * v.abs().max().item()
+    shift = R.lse_shift(q8.float() * qs.transpose(1, 2)[..., None], R.token_mean(k), 0.125)
+    assert lse.shape == want_lse.shape == (1, 2, 90) and shift.abs().max().item() > 50
+    assert (lse - want_lse).abs().max().item() <= 16 * 2.0 ** -24 * (want_lse.abs().max() + shift.abs().max()).item()
+
+
+def test_q8_lse_is_that_of_the_dequantized_queries_scores():
+    """The LSE is logsumexp_n(s q^ . k_n) of q^ = q8 * q_scale (the scores the output was computed from), not of the
+    float q that no longer exists: with keys sharing a bias of RMS 40 the two differ by s (q - q^) . mean(k) (~0.7
+    here), and a ring merges its blocks exactly only with the former. Bound: the int8 K score error (as the
+    float-q LSE test's)."""
+    q, k, v, _, _ = comfy_bias(1, 64, 200, 2, 64, seed=9, dtype=torch.float32)
+    q8, qs = R.quantize_int8(q, 1)
+    q_hat = q8.double() * qs.double().transpose(1, 2)[..., None]
+    want = ref.attention_lse(q_hat, k.double(), v.double())
+    real = ref.attention_lse(q.double(), k.double(), v.double())[1]
+    assert (want[1] - real).abs().max().item() > 0.3
+    for impl in ("auto", "triton"):
+        for pv in ("fp8", "fp16"):
+            out, lse = wan_kernels.attention_int8_q8_lse(q8, qs, k, v, pv=pv, impl=impl)
+            assert lse.shape == (1, 2, 64) and lse.dtype == torch.float32 and out.dtype == k.dtype
+            assert (lse.double() - want[1]).abs().max().item() < 0.05
+            assert stats_per_head(out, want[0])[0] < OP_NRMSE
+
+
+def test_q8_lse_merges_key_blocks_as_one_call():
+    """Ring attention's merge of three key blocks on one quantized q: each block smoothed and quantized on its own,
+    the merged output within the op's error of fp64 over all keys (of q^), the merged LSE within the score error
+    of the full logsumexp of q^."""
+    q, k, v, _, _ = comfy_bias(1, 90, 300, 2, 128, seed=3, dtype=torch.float32)
+    q8, qs = R.quantize_int8(q, 1)
+    out = lse = None
+    for lo, hi in ((0, 128), (128, 256), (256, 300)):
+        o, l = wan_kernels.attention_int8_q8_lse(q8, qs, k[:, lo:hi], v[:, lo:hi])
+        if out is None:
+            out, lse = o, l
+        else:
+            w = torch.sigmoid(l - lse).transpose(1, 2)[..., None]                        # [B, Sq, H, 1]
+            out, lse = out - w * (out - o), lse - torch.nn.functional.logsigmoid(lse - l)
+    q_hat = q8.double() * qs.double().transpose(1, 2)[..., None]
+    want_o, want_l = ref.attention_lse(q_hat, k.double(), v.double())
+    whole = stats_per_head(wan_kernels.attention_int8_q8(q8, qs, k, v), want_o)[0]
+    assert stats_per_head(out, want_o)[0] < max(OP_NRMSE, 1.5 * whole)
+    assert (lse.double() - want_l).abs().max().item() < 0.05
+
+
+def test_q8_lse_errors_quote_the_op():
+    q8, qs, k, v, scale, _ = samples.op_inputs()["attention_int8_q8_lse"]
+    with pytest.raises(ValueError, match=r"attention_int8_q8_lse: q8 must be int8 \[B, Sq, H, D\], got torch.float32"):
+        wan_kernels.attention_int8_q8_lse(q8.float(), qs, k, v)
+    with pytest.raises(ValueError, match=r"attention_int8_q8_lse: q_scale must be float32 \[B, H, Sq\]"):
+        wan_kernels.attention_int8_q8_lse(q8, qs.transpose(1, 2), k, v)
+    with pytest.raises(ValueError, match="attention_int8_q8_lse: pv must be one of"):
+        wan_kernels.attention_int8_q8_lse(q8, qs, k, v, pv="int4")
+    with pytest.raises(ValueError, match="attention_int8_q8_lse \\(triton\\): one key set"):
+        T.prepare((q8, qs), k, v, k, v, None, "fp16", True, None, None)
 
 
 def test_op_accuracy_bound_of_the_model_test():

@@ -1,6 +1,6 @@
 """GPU readiness of 8-bit attention (wan_kernels/triton/attention_int8.py and its quantizer,
 attention_int8_quant.py) without a GPU: every config its launcher picks (arch x head_dim 64/128 x kind
-self/cross/i2v x pv fp16/fp8 x LSE) compiles ahead of time (tools/aot.py) from the launcher's own `prepare` on meta
+self/cross/i2v x pv fp16/fp8 x LSE, and the LSE on a quantized q for self-attention) compiles ahead of time (tools/aot.py) from the launcher's own `prepare` on meta
 tensors (hd64: 12 heads x 1,560 tokens; hd128: 40 heads (Wan 14B) x 262,144 tokens with CFG, a long video whose
 B*S*H*D passes 2^31 (Wan 14B 720p: 75,600); text 512, image 257 keys), for sm_80/86/89/90/100/120, with
 
@@ -63,11 +63,15 @@ def _discard(launch):
 
 
 def _launch(arch, d, kind, pv, lse):
+    """lse: False, True, or "q8" (wan::attention_int8_q8_lse: q quantized already, the LSE's correction in the
+    kernel; a ring's self-attention blocks only)."""
     h, s = SHAPES[d]
     sk, si = KV[kind] or (s, 0)
     kv = [_meta(2, n, h, d) for n in (sk, sk, si, si) if n]
     img = kv[2:] if si else (None, None)
-    return T.prepare(_meta(2, s, h, d), kv[0], kv[1], *img, None, pv, lse, None, _cap(arch), _discard)[0], \
+    q = (torch.empty((2, s, h, d), dtype=torch.int8, device="meta"),
+         torch.empty((2, h, s), dtype=torch.float32, device="meta")) if lse == "q8" else _meta(2, s, h, d)
+    return T.prepare(q, kv[0], kv[1], *img, None, pv, bool(lse), None, _cap(arch), _discard)[0], \
         T.pick_config(_cap(arch), d, max(sk, si), bool(si))
 
 
@@ -77,7 +81,7 @@ def _cases():
         for d in SHAPES:
             for kind in KV:
                 for pv in ("fp16", "fp8") if T.default_pv(_cap(arch)) == "fp8" else ("fp16",):
-                    for lse in (False, True):
+                    for lse in (False, True, "q8") if kind == "self" else (False, True):
                         launch, cfg = _launch(arch, d, kind, pv, lse)
                         spec = aot.specialize(launch, arch)
                         key = (arch, repr(spec.signature), repr(spec.constexprs), repr(spec.attrs),
@@ -86,7 +90,8 @@ def _cases():
                             seen[key].append(kind)
                             continue
                         seen[key] = kinds = [kind]
-                        label = f"sm{arch}-hd{d}-{kind}-{cfg}-{pv}{'-lse' if lse else ''}"
+                        mode = {False: "", True: "-lse", "q8": "-lse-q8"}[lse]
+                        label = f"sm{arch}-hd{d}-{kind}-{cfg}-{pv}{mode}"
                         cases.append(pytest.param(arch, d, kind, pv, lse, kinds, id=label))
     return cases
 
@@ -107,7 +112,8 @@ def print_table():
 def test_every_launch_is_covered():
     """Each (arch, head_dim, kind, pv, LSE) the launcher can pick is compiled (once per distinct specialisation)."""
     covered = {(c.values[0], c.values[1], k, c.values[3], c.values[4]) for c in CASES for k in c.values[5]}
-    want = {(a, d, k, pv, lse) for a in ARCHS for d in SHAPES for k in KV for lse in (False, True)
+    want = {(a, d, k, pv, lse) for a in ARCHS for d in SHAPES for k in KV
+            for lse in ((False, True, "q8") if k == "self" else (False, True))
             for pv in (("fp16", "fp8") if a >= 89 else ("fp16",))}
     assert covered == want
     assert {(a, d) for a, d, _ in T.CONFIGS} == {(a, d) for a in T.ARCH_CLASSES for d in (64, 128)}
@@ -124,7 +130,8 @@ def test_fp8_is_refused_without_fp8_tensor_cores(arch):
 def test_config_compiles_without_spills(arch, head_dim, kind, pv, write_lse, kinds, tmp_path):
     launch, cfg = _launch(arch, head_dim, kind, pv, write_lse)
     r = aot.compile_launch(launch, arch, workdir=tmp_path)
-    RESULTS.append(("+".join(kinds), f"{cfg} hd{head_dim} {pv}{' lse' if write_lse else ''}", r))
+    RESULTS.append(("+".join(kinds), f"{cfg} hd{head_dim} {pv}{' lse' if write_lse else ''}"
+                                     f"{' q8' if write_lse == 'q8' else ''}", r))
     cls = mma_class(_cap(arch))
     i8 = "mma.sync" if cls == "tcgen05" and TRITON_36 else cls
     assert re.search(_I8[i8], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))

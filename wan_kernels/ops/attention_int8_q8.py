@@ -21,25 +21,27 @@ __all__ = ["attention_int8_q8"]
 OP = "attention_int8_q8"
 
 
-def check_attention_int8_q8(q8, q_scale, k, v, k_img=None, v_img=None, scale=None, pv="auto") -> None:
+def check_attention_int8_q8(q8, q_scale, k, v, k_img=None, v_img=None, scale=None, pv="auto", *, op: str = OP
+                            ) -> None:
+    """The argument contract of attention_int8_q8 (`op`: the name the messages quote; also attention_int8_q8_lse)."""
     if q8.dtype != torch.int8 or q8.dim() != 4:
-        raise ValueError(f"{OP}: q8 must be int8 [B, Sq, H, D], got {q8.dtype} shape {shape_of(q8)}")
+        raise ValueError(f"{op}: q8 must be int8 [B, Sq, H, D], got {q8.dtype} shape {shape_of(q8)}")
     B, Sq, H, _ = q8.shape
     if q_scale.dtype != torch.float32 or q_scale.shape != (B, H, Sq):
-        raise ValueError(f"{OP}: q_scale must be float32 [B, H, Sq] = [{B}, {H}, {Sq}] for q8 of shape "
+        raise ValueError(f"{op}: q_scale must be float32 [B, H, Sq] = [{B}, {H}, {Sq}] for q8 of shape "
                          f"{shape_of(q8)}, got {q_scale.dtype} shape {shape_of(q_scale)}")
     if q_scale.device != q8.device:
-        raise ValueError(f"{OP}: q_scale is on {q_scale.device}, q8 on {q8.device}")
+        raise ValueError(f"{op}: q_scale is on {q_scale.device}, q8 on {q8.device}")
     if k.dim() != 4:
-        raise ValueError(f"{OP}: k must be [B, Sk, H, D], got shape {shape_of(k)}")
+        raise ValueError(f"{op}: k must be [B, Sk, H, D], got shape {shape_of(k)}")
     # q8 stands in for a q of k's dtype (an expanded 1-element tensor: no memory): the [B, S, H, D] contract
-    check_attention(k.new_empty((1, 1, 1, 1)).expand(q8.shape), k, v, k_img, v_img, scale, op=OP)
+    check_attention(k.new_empty((1, 1, 1, 1)).expand(q8.shape), k, v, k_img, v_img, scale, op=op)
     if q8.device != k.device:
-        raise ValueError(f"{OP}: q8 is on {q8.device}, k on {k.device}")
+        raise ValueError(f"{op}: q8 is on {q8.device}, k on {k.device}")
     if k.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{OP}: k must be float16/bfloat16/float32, got {k.dtype} (shape {shape_of(k)})")
+        raise ValueError(f"{op}: k must be float16/bfloat16/float32, got {k.dtype} (shape {shape_of(k)})")
     if pv not in PV_MODES:
-        raise ValueError(f"{OP}: pv must be one of {PV_MODES}, got {pv!r}")
+        raise ValueError(f"{op}: pv must be one of {PV_MODES}, got {pv!r}")
 
 
 def fake_attention_int8_q8(q8, q_scale, k, v, k_img, v_img, scale, pv="auto"):

@@ -35,7 +35,7 @@ import torch
 
 from wan_kernels.hardware import default_pv
 
-__all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8"]
+__all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -210,3 +210,20 @@ def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, 
     for k_i8, k_scale, _, vq, v_scale, v_mean in quantize_sets(k, v, k_img, v_img, pv, k_group):
         out = out + attend(q8, qs, k_i8, k_scale, vq, v_scale, v_mean, pv, 1, k_group, block_n, exp2)[0]
     return out.transpose(1, 2).to(k.dtype).contiguous()
+
+
+def attention_int8_q8_lse(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float | None = None, pv: str = "auto", k_group: int = K_GROUP,
+                          block_n: int = BLOCK_N, exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
+    """wan::attention_int8_q8_lse: `attention_int8_lse` from a query quantized already (q8, q_scale as
+    `attention_int8_q8`), one key set: (out [B, Sq, H, Dv] in k's dtype, lse [B, H, Sq] fp32). The smoothing
+    correction is s q^ . mean(k) of the dequantized q^ = q8 * q_scale (no float q exists): the LSE of the scores
+    the output was computed from, so ring blocks merge self-consistently."""
+    pv = resolve_pv(pv, k.device)
+    s = 1.0 / math.sqrt(q8.shape[-1]) if scale is None else float(scale)
+    qs = q_scale.float() * (s * LOG2E)
+    (k_i8, k_scale, mean, vq, v_scale, v_mean), = quantize_sets(k, v, None, None, pv, k_group)
+    o, m, l = attend(q8, qs, k_i8, k_scale, vq, v_scale, v_mean, pv, 1, k_group, block_n, exp2)
+    q_hat = q8.float() * q_scale.float().transpose(1, 2).unsqueeze(-1)
+    lse = (m + torch.log2(l) - (math.log2(E4M3_MAX) if pv == "fp8" else 0.0)) * LN2 + lse_shift(q_hat, mean, s)
+    return o.transpose(1, 2).to(k.dtype).contiguous(), lse

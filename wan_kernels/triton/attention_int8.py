@@ -14,7 +14,9 @@ Formula, per (batch, head), per key/value set j (text k, v; in I2V mode also k_i
     lse_j = (m + log2(l / 448 or 1)) ln 2 + s q.mean(k)
 (rha: round half away from zero, as SageAttention). The sets keep independent (m, l, acc) and their outputs are
 summed in fp32 and rounded once to q's dtype (REFERENCE §4). Smoothing makes the LSE that of the smoothed scores:
-the launcher adds s q.mean(k) (fp32, torch) back, so the LSE is that of the real scores.
+the launcher adds s q.mean(k) (fp32, torch) back, so the LSE is that of the real scores. From a q quantized
+already (wan::attention_int8_q8_lse, SHIFT_Q8: a ring's blocks on the fused q) there is no float q: the kernel adds
+s q^.mean(k) of q^ = q8 * q_scale itself, after the key loop (the LSE of the scores its output was computed from).
 
 Granularity: one scale per Q row and per key (Q_GROUP = K_GROUP = 1), finer than SageAttention (Triton: 128 Q rows,
 64 keys; CUDA "per thread": 4-row Q groups, 16-key K groups), whose scale must be uniform over an MMA fragment.
@@ -97,7 +99,7 @@ _jit = JITFunction
 @_jit
 def _attention_int8_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, ki_ptr, kis_ptr, vi_ptr, vis_ptr, vim_ptr, o_ptr, lse_ptr,
-    Sq, Sk, Si, H, Gq, Gk, Gi,
+    km_ptr, Sq, Sk, Si, H, Gq, Gk, Gi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -107,6 +109,7 @@ def _attention_int8_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     HAS_IMG: tl.constexpr, WRITE_LSE: tl.constexpr, PV_FP8: tl.constexpr, SOFT_E4M3: tl.constexpr,
+    SHIFT_Q8: tl.constexpr = False,
 ):
     NUM_SETS: tl.constexpr = 2 if HAS_IMG else 1
     start_m = tl.program_id(0) * BLOCK_M
@@ -183,6 +186,19 @@ def _attention_int8_kernel(
             lse = m_i + tl.math.log2(l_i)
             if PV_FP8:
                 lse = lse - _LOG2_448
+            if SHIFT_Q8:  # the LSE's smoothing correction from the quantized q (one key set): s q^.mean(k), log2
+                # domain (wan::attention_int8_q8_lse: no float q to take it from), from q's tile read again in
+                # 32-wide chunks here, after the loop: computed before it, from the tile in registers or read
+                # again, it spilled on sm_120 (hd128, Triton 3.6)
+                offs_c = tl.arange(0, 32)
+                q_shift = tl.full([BLOCK_M], 0.0, tl.float32)
+                for c in tl.static_range(0, BLOCK_D, 32):
+                    c_ok = offs_c < D - c
+                    qc = tl.load(q_base + offs_m[:, None] * stride_qs + (c + offs_c)[None, :],
+                                 mask=row_ok[:, None] & c_ok[None, :], other=0)
+                    km = tl.load(km_ptr + bh * D + c + offs_c, mask=c_ok, other=0.0)
+                    q_shift += tl.reduce(qc.to(tl.float32) * km[None, :], 1, _ADD)
+                lse = lse + q_shift * qs
             lse_base = lse_ptr + ((j * tl.num_programs(1) + bh) * Sq + start_m)
             tl.store(lse_base + offs_m, lse * _LN2, mask=row_ok)
 
@@ -253,10 +269,11 @@ def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, confi
             launch: Callable[[Launch], None] = run):
     """(Launch or None when empty, out, lse [S, B, H, Sq], Quantized). The quantizer's kernels are handed to
     `launch` as they come (`run`; readiness collects them on meta tensors). q: a float tensor, or (q8, q_scale)
-    quantized already (wan::attention_int8_q8: the output takes k's dtype; no LSE)."""
+    quantized already (wan::attention_int8_q8, and with an LSE wan::attention_int8_q8_lse, one key set: the output
+    takes k's dtype)."""
     quantized = isinstance(q, tuple)
-    if quantized and write_lse:
-        raise ValueError("attention_int8 (triton): an LSE needs the float q (its smoothing correction s q.mean(k))")
+    if quantized and write_lse and k_img is not None:
+        raise ValueError("attention_int8_q8_lse (triton): one key set (no k_img / v_img)")
     out_dtype = k.dtype if quantized else q.dtype
     if quantized and q[0].stride(-1) != 1:
         q = (q[0].contiguous(), q[1])
@@ -285,14 +302,14 @@ def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, confi
     if config is None:
         config = pick_config(capability, D, max(Sk, Si), has_img)
     grid = (triton.cdiv(Sq, config.BLOCK_M), B * H)
-    args = (qz.q, qz.q_scale, k8, ks, v8, vs, vm, ki8, kis, vi8, vis, vim, out, lse,
+    args = (qz.q, qz.q_scale, k8, ks, v8, vs, vm, ki8, kis, vi8, vis, vim, out, lse, qz.sets[0][2],
             Sq, Sk, Si, H, qz.q_scale.shape[-1], ks.shape[-1], kis.shape[-1],
             qz.q.stride(0), qz.q.stride(1), qz.q.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
             v8.stride(0), v8.stride(1), v8.stride(2), ki8.stride(0), ki8.stride(1), ki8.stride(2),
             vi8.stride(0), vi8.stride(1), vi8.stride(2), out.stride(0), out.stride(1), out.stride(2))
     kwargs = dict(D=D, DV=DV, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(DV), BLOCK_M=config.BLOCK_M,
                   BLOCK_N=config.BLOCK_N, Q_GROUP=Q_GROUP, K_GROUP=K_GROUP, HAS_IMG=has_img, WRITE_LSE=write_lse,
-                  PV_FP8=pv == "fp8", SOFT_E4M3=capability is None,
+                  PV_FP8=pv == "fp8", SOFT_E4M3=capability is None, SHIFT_Q8=quantized and write_lse,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return Launch(attention_int8_kernel, grid, args, kwargs, k.device, _interpreted), out, lse, qz
 
@@ -301,7 +318,7 @@ def _run(q, k, v, k_img, v_img, scale, pv, write_lse: bool, config: Config | Non
     launch, out, lse, qz = prepare(q, k, v, k_img, v_img, scale, pv, write_lse, config, target(k, "attention_int8"))
     if launch is not None:
         run(launch)
-    return out, lse + qz.shift if write_lse else lse
+    return out, lse + qz.shift if write_lse and qz.shift is not None else lse
 
 
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
@@ -321,6 +338,16 @@ def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, 
     [B, Sq, H, D], q_scale fp32 [B, H, Sq] (nothing folded in) -> [B, Sq, H, Dv] in k's dtype. K and V are
     quantized here as in `attention_int8`; the kernel is the same launch."""
     return _run((q8, q_scale), k, v, k_img, v_img, scale, pv, False, config)[0]
+
+
+def attention_int8_q8_lse(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scale: float | None = None, pv: str | None = None, *, config: Config | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """wan::attention_int8_q8_lse: `attention_int8_lse` from q quantized already (ring attention on the fused q):
+    (out [B, Sq, H, Dv] in k's dtype, lse [B, H, Sq] fp32) whose smoothing correction s q^.mean(k) is taken from
+    the dequantized q^ = q8 * q_scale, in the kernel: the LSE of the scores the output was computed from."""
+    out, lse = _run((q8, q_scale), k, v, None, None, scale, pv, True, config)
+    return out, lse[0]
 
 
 def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,

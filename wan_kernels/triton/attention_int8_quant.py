@@ -221,7 +221,8 @@ def _v(v, pv: str, capability, launch):
 def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, capability=None,
              launch: Callable[[Launch], None] = run) -> Quantized:
     """Quantize every operand of one wan::attention_int8 call (new tensors; the inputs are never written); q may be
-    (q8, q_scale) quantized already (wan::attention_int8_q8: only its scales are multiplied by the fold; no LSE).
+    (q8, q_scale) quantized already (wan::attention_int8_q8: only its scales are multiplied by the fold; no shift:
+    with an LSE the attention kernel takes it from q8, SHIFT_Q8).
     `capability` None = the interpreter's kernels (software e4m3); `launch` runs each kernel (`run`), or collects
     it (readiness, the cost model: meta tensors)."""
     sets = []
