@@ -63,12 +63,13 @@ GRAD_CASES = {
 }
 GRAD_TOL = 1e-5
 # 8-bit self-attention (set_attention("int8", dense_layers=()): every attention call of the 2 tiny layers int8):
-# name -> (variant, grid, ulysses, ring). Ulysses keeps whole heads on a rank, so it quantizes as one process does
-# (q per token and head by the projection's kernel, before the all-to-all, which carries its codes and scales; K's
-# means over all tokens) up to the fp32 order of those sums, which can flip a rare int8 rounding: its output is
-# within 1% of int8's own error of the single-process int8 output; the ring smooths and quantizes each K/V block
-# on its own, so its output is another 8-bit approximation: its relative error vs the fp32 model is bounded as
-# the single-process one is (tests/test_model_attention.py: OP_NRMSE per int8 call, summed over the calls).
+# name -> (variant, grid, ulysses, ring). q is quantized per token and head by the projection's kernel, before any
+# exchange (the all-to-all carries its codes and scales), as on one process. Ulysses keeps whole heads on a rank,
+# so it also quantizes K as one process does (means over all tokens) up to the fp32 order of those sums, which can
+# flip a rare int8 rounding: its output is within 1% of int8's own error of the single-process int8 output; the
+# ring smooths and quantizes each K/V block on its own, so its output is another 8-bit approximation: its relative
+# error vs the fp32 model is bounded as the single-process one is (tests/test_model_attention.py: OP_NRMSE per
+# int8 call, summed over the calls).
 INT8_CASES = {
     2: {"int8-t2v-30-u2r1": ("tiny-t2v", (2, 6, 10), 2, 1), "int8-i2v-15-u1r2": ("tiny-i2v", (1, 6, 10), 1, 2)},
     4: {"int8-t2v-30-u2r2": ("tiny-t2v", (2, 6, 10), 2, 2), "int8-ti2v-9-u1r4": ("tiny-ti2v", (1, 6, 6), 1, 4)},
@@ -226,6 +227,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
             got = model(*args)
             sent_forward = dict(sent)
             exchange = _q8_exchange(model._parallel) if u > 1 else None
+            fused = [b.attn1.project_qkv.__name__ for b in model.blocks]
         try:  # inference only: a parallel int8 forward with inputs requiring grad is refused
             model(*[a.clone().requires_grad_() if a is not None and a.is_floating_point() and a.ndim > 2 else a
                     for a in args])
@@ -238,7 +240,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
             model.set_attention("bf16")
         record(name, {"err_single": rel(single, exact), "err_parallel": rel(got, exact), "vs_single": rel(got, single),
                       "max_vs_single": (got - single).abs().max().item(), "disabled_equal": torch.equal(again, single),
-                      "refused": refused, "sent": sent_forward, "exchange": exchange})
+                      "refused": refused, "sent": sent_forward, "exchange": exchange, "projections": fused})
     for name, (variant, grid, u, r, checkpointed) in GRAD_CASES[world].items():
         record(name, _grad_case(model_of(variant), grid, u, r, checkpointed))
     if world == 4:
@@ -323,9 +325,10 @@ def test_parallel_output_equals_single_process(runs, world, name):
 @pytest.mark.subprocess
 @pytest.mark.parametrize("world,name", [(w, n) for w, cases in INT8_CASES.items() for n in cases])
 def test_parallel_int8_self_attention(runs, world, name):
-    """8-bit self-attention under Ulysses / ring: Ulysses equals the single-process int8 model; the ring's
-    per-block quantization stays within the int8 model bound; both really ran 8-bit (differ from fp32); the
-    parallel int8 forward refuses inputs that require grad; disabling gives the single-process int8 output."""
+    """8-bit self-attention under Ulysses / ring, on q quantized by the projection's kernel: Ulysses equals the
+    single-process int8 model; the ring's per-block K/V quantization stays within the int8 model bound; both
+    really ran 8-bit (differ from fp32); the parallel int8 forward refuses inputs that require grad; disabling
+    gives the single-process int8 output."""
     results, rcs, errs, _ = runs[world]
     assert rcs == [0] * world, errs
     _, _, u, r = INT8_CASES[world][name]
@@ -338,14 +341,16 @@ def test_parallel_int8_self_attention(runs, world, name):
         assert got["disabled_equal"] and "inference only" in got["refused"], (rank, got)
         if u > 1:  # q's codes and scales crossed the all-to-all bit for bit, at every dtype and head_dim
             assert got["exchange"] and all(got["exchange"].values()), (rank, got["exchange"])
+        # q quantized by the projection's kernel in every layer, Ulysses or ring (then attention_int8_q8[_lse])
+        assert got["projections"] == ["qkv_fused_dense_int8"] * 2, (rank, got["projections"])
 
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("world,name", [(w, n) for w, cases in INT8_CASES.items() for n in cases])
 def test_cost_model_counts_the_bytes_of_the_8bit_exchanges(runs, world, name):
-    """wan_model.cost.parallel_comm(int8=True, act_bytes=4) = what the 8-bit fp32 run sent: without a ring, q's
-    INT8 codes and fp32 scales cross the Ulysses all-to-all instead of q (fewer bytes than the bf16 exchange of
-    the same model); with a ring, the same bytes as the unquantized exchange."""
+    """wan_model.cost.parallel_comm(int8=True, act_bytes=4) = what the 8-bit fp32 run sent: q's INT8 codes and fp32
+    scales cross the Ulysses all-to-all instead of q (fewer bytes than the bf16 exchange of the same model); the
+    ring's K/V blocks and the gather are unchanged."""
     from wan_model import cost
     from wan_model.core.config import WanConfig
 
@@ -353,7 +358,7 @@ def test_cost_model_counts_the_bytes_of_the_8bit_exchanges(runs, world, name):
     c = cost.model_cost(WanConfig.from_preset(variant), latent=grid, batch=2)
     want = cost.parallel_comm(c, u, r, int8=True, act_bytes=4)
     plain = cost.parallel_comm(c, u, r, act_bytes=4)
-    assert (want["ulysses"] < plain["ulysses"]) == (u > 1 and r == 1)
+    assert (want["ulysses"] < plain["ulysses"]) == (u > 1) and want["ring"] == plain["ring"]
     for rank in range(world):
         got = runs[world][0][rank][name]["sent"]
         assert got == {k: want[k] for k in got}, (rank, got, want)
@@ -405,18 +410,17 @@ def test_heads_not_divisible_by_ulysses_is_a_clear_error_before_any_collective()
         model.enable_parallelism(ring_degree=2)
 
 
-def test_a_quantized_q_is_refused_where_a_ring_or_bf16_would_need_it_whole():
-    """(q8, q_scale) is for the 8-bit attention without a ring (a ring block's LSE adds back q . mean(k), which
-    needs the unquantized q); the model never binds it otherwise, and a wrong binding is an error before any
-    collective, not a silent dequantization."""
+def test_a_quantized_q_is_refused_by_the_bf16_attention():
+    """(q8, q_scale) is for the 8-bit attention; the model never binds it to the bf16 one, and a wrong binding is an
+    error before any collective, not a silent dequantization."""
     from wan_model.core.parallel import SequenceParallel
 
     sp = object.__new__(SequenceParallel)
     q8, qs, k = torch.zeros(1, 4, 2, 8, dtype=torch.int8), torch.ones(1, 2, 4), torch.zeros(1, 4, 2, 8)
-    for U, R, pv in ((1, 2, "fp16"), (2, 1, None)):
+    for U, R in ((1, 2), (2, 1), (2, 2)):
         sp.U, sp.R = U, R
-        with pytest.raises(ValueError, match=f"got pv={pv!r}, ring_degree={R}"):
-            sp.attention((q8, qs), k, k, ops=None, pv=pv)
+        with pytest.raises(ValueError, match=r"a quantized q \(q8, q_scale\) is for the 8-bit attention, got pv=None"):
+            sp.attention((q8, qs), k, k, ops=None, pv=None)
 
 
 @pytest.mark.subprocess

@@ -813,14 +813,14 @@ def int8_quantization_bytes(batch: int, sq: int, kv_sets: list[int], heads: int,
 
 def int8_quantization_share(c: ModelCost, peak: dict, pv: str = "fp8") -> dict[str, dict[str, float]]:
     """Per role ("self": q quantized in qk_norm_rope, the model's path on one process and under Ulysses;
-    "self-unfused": q quantized by attention_int8, as a ring's blocks are; "cross": text + image sets in one call),
+    "self-unfused": q quantized by attention_int8; "cross": text + image sets in one call),
     one forward of `c` with that role on 8-bit attention: the quantization's bytes and time at the HBM peak, the
     attention's time at the int8 tensor-core peak (taken as 2x the table's bf16 rate, as on A100 / H100 / B200;
     GeForce cards run int8 at a higher multiple, where the share is larger still), and the quantization's share of
     their sum. The query is quantized whole in both roles, so cross-attention (512 text + 257 image keys) pays a
-    self-attention's quantization for a sliver of its work. (A ring of R blocks quantizes q and each K/V block per
-    block, R calls of S / R queries and keys: its quantization time over its attention time is R times the
-    single-process "self-unfused" ratio, the quantization being linear in the tokens and the attention quadratic.)"""
+    self-attention's quantization for a sliver of its work. (A ring of R blocks quantizes each K/V block on every
+    rank, R calls of S / R keys: its K/V quantization time over its attention time is R times the single-process
+    ratio, the quantization being linear in the tokens and the attention quadratic; q is quantized once, fused.)"""
     cfg, s = c.config, c.shape
     H, D = cfg.num_attention_heads, cfg.attention_head_dim
     sets = [s.text_tokens] + ([s.image_tokens] if s.image_tokens else [])
@@ -948,16 +948,16 @@ def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool =
     """Bytes ONE rank sends in one forward of `c` under wan_model/core/parallel.py with (ulysses, ring) degrees
     (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (activations of `act_bytes`, bf16: 2).
       ulysses: per layer, q, k, v before and the attention output after: 4 b n C, of which (U - 1) / U leaves;
-               `int8` (every layer's self-attention 8-bit: `set_attention("int8", dense_layers=())`) without a
-               ring: q's INT8 codes and fp32 scales instead of q, packed with k and v in rows of 4 + 2 A D + D
-               bytes per token and head (rounded up to a multiple of 4);
+               `int8` (every layer's self-attention 8-bit: `set_attention("int8", dense_layers=())`): q's INT8
+               codes and fp32 scales instead of q, packed with k and v in rows of 4 + 2 A D + D bytes per token and
+               head (rounded up to a multiple of 4);
       ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops;
       gather:  after the blocks, all_gather of the rank's [b, n, C] to the P - 1 others."""
     s, cfg = c.shape, c.config
     P, b, C, L, H = ulysses * ring, s.batch, cfg.dim, cfg.num_layers, cfg.num_attention_heads
     n = math.ceil(s.tokens / P)
     row = 3 * act_bytes * (C // H)                                     # q, k, v of one token and head
-    if int8 and ring == 1:
+    if int8:
         row = -(-(4 + 2 * act_bytes * (C // H) + C // H) // 4) * 4
     out = {"ulysses": L * (b * n * H * row + b * n * C * act_bytes) * (ulysses - 1) // ulysses,
            "ring": L * (ring - 1) * 2 * b * n * C * act_bytes,
@@ -997,9 +997,8 @@ def format_parallel(c: ModelCost, ulysses: int, ring: int, int8: bool = False) -
              f"{comm['ring'] / 1e9:.3f}, gather {comm['gather'] / 1e9:.3f})"]
     if int8 and ulysses > 1:
         q8 = parallel_comm(c, ulysses, ring, int8=True)
-        lines.append(f"  8-bit self-attention in every layer: ulysses {q8['ulysses'] / 1e9:.3f} GB" +
-                     (f" (q as INT8 codes + fp32 scales: {100 * (1 - q8['ulysses'] / comm['ulysses']):.1f}% less)"
-                      if ring == 1 else " (with a ring q crosses unquantized: the ring quantizes it per block)"))
+        lines.append(f"  8-bit self-attention in every layer: ulysses {q8['ulysses'] / 1e9:.3f} GB (q as INT8 codes "
+                     f"+ fp32 scales: {100 * (1 - q8['ulysses'] / comm['ulysses']):.1f}% less)")
     for gpu in LINK_GBPS:
         p = parallel_step(c, gpu, ulysses, ring)
         lines.append(f"  {gpu:5s} NVLink {LINK_GBPS[gpu]:.0f} GB/s: roofline forward {p['t1_s']:.3f} s -> "

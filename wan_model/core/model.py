@@ -514,8 +514,8 @@ class WanTransformer(nn.Module):
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
         forward never branches on it. An int8 self-attention gets q quantized by its projection's kernel
         (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8: bit-identical to attention_int8 on the bf16 q,
-        4 D - 8 bytes fewer per token and head). Under sequence parallelism int8 self-attention runs Ulysses on
-        attention_int8_q8 (q's codes and scales cross the all-to-all) and ring blocks on attention_int8_lse
+        4 D - 8 bytes fewer per token and head). Under sequence parallelism the same q: its codes and scales cross
+        Ulysses' all-to-all, the local attention is attention_int8_q8, a ring's blocks attention_int8_q8_lse
         (wan_model/core/parallel.py)."""
         if attention not in ATTENTIONS:
             raise ValueError(f"set_attention: attention must be one of {ATTENTIONS}, got {attention!r}")
@@ -550,10 +550,8 @@ class WanTransformer(nn.Module):
             a = block.attn1
             base = base_projection(a.project_qkv)
             # 8-bit: q quantized by the projection's kernel (INT8_PROJECTIONS), the pair bound together; under
-            # sequence parallelism too where there is no ring (Ulysses sends q's codes), while a ring quantizes q
-            # per K/V block (the unfused wan::attention_int8_lse)
-            fused = bool(self_pv) and (sp is None or sp.R == 1)
-            a.project_qkv = INT8_PROJECTIONS[base] if fused else base
+            # sequence parallelism too (Ulysses sends q's codes, a ring's blocks take them as they are)
+            a.project_qkv = INT8_PROJECTIONS[base] if self_pv else base
             if sp is None:
                 a.attend = self_fn
             else:  # the sequence-parallel self-attention, 8-bit where this block's is

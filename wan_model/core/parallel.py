@@ -18,13 +18,13 @@ gets the same full output. Inside the forward:
     The inverse all-to-all gives [B, n, H, Dv].
   * gather: after the last block, `all_gather` of [B, n, C] on the whole group, padding rows dropped; the head
     runs on every rank on the full sequence.
-  * 8-bit self-attention (`set_attention("int8")`, inference only): without a ring, q comes quantized from the
-    projection's kernel (per token and head, as on one process) and its INT8 codes and fp32 scales cross the
-    all-to-all in q's place, packed with k and v in one byte buffer (4 + 4 D + D bytes per token and head at bf16
-    instead of 6 D); each rank holds whole heads and runs `wan::attention_int8_q8` (K smoothed and quantized over
-    all tokens, as on one process). With a ring, the same exchanges as bf16 and the ring's blocks on
-    `wan::attention_int8_lse` (q quantized per block; each block's keys smoothed by their own mean, which the LSE
-    is corrected for, so the fp32 merge is the same).
+  * 8-bit self-attention (`set_attention("int8")`, inference only): q comes quantized from the projection's
+    kernel (per token and head, as on one process) and its INT8 codes and fp32 scales cross the all-to-all in
+    q's place, packed with k and v in one byte buffer (4 + 4 D + D bytes per token and head at bf16 instead of
+    6 D). Without a ring each rank holds whole heads and runs `wan::attention_int8_q8` (K smoothed and quantized
+    over all tokens, as on one process); the ring's blocks run `wan::attention_int8_q8_lse` (each block's keys
+    smoothed by their own mean, which the LSE is corrected for with the dequantized q, so the fp32 merge is that
+    of the scores the blocks' outputs were computed from; q is never quantized again per block).
 The sub-groups get the timeout of the group they split (`group_timeout`; torch's new_group would give them
 its 30 min default), so a stopped or dead rank fails the others' collectives after the caller's timeout.
 Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes
@@ -223,13 +223,14 @@ class SequenceParallel:
         """Self-attention of this rank's rows: q, k, v [B, n, H, D] -> [B, n, H, Dv] (all tokens attended).
         `pv`: None, wan::attention (ring: attention_lse); else wan::attention_int8 with that P.V precision (ring:
         attention_int8_lse, whose LSE is smoothing-corrected, so the blocks merge as they do in bf16; inference
-        only: an input requiring grad is refused). Without a ring (R = 1) q may come quantized by the projection's
+        only: an input requiring grad is refused). For the 8-bit attention q may come quantized by the projection's
         kernel, (q8 int8 [B, n, H, D], q_scale fp32 [B, H, n]): its codes and scales cross the all-to-all in place
-        of q (`_to_heads_q8`) and the local attention is wan::attention_int8_q8."""
+        of q (`_to_heads_q8`) and the attention is wan::attention_int8_q8 (ring: attention_int8_q8_lse, q never
+        quantized again per block)."""
         quantized = isinstance(q, tuple)
-        if quantized and (pv is None or self.R > 1):
-            raise ValueError("SequenceParallel.attention: a quantized q (q8, q_scale) is for the 8-bit attention "
-                             f"without a ring, got pv={pv!r}, ring_degree={self.R}")
+        if quantized and pv is None:
+            raise ValueError("SequenceParallel.attention: a quantized q (q8, q_scale) is for the 8-bit attention, "
+                             "got pv=None (wan::attention)")
         tensors = (*q, k, v) if quantized else (q, k, v)
         if pv is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             raise RuntimeError("wan::attention_int8 is inference only (no gradients), but the sequence-parallel "
@@ -288,12 +289,18 @@ class SequenceParallel:
 
     def _ring_int8(self, q, k, v, pv: str):
         """`_ring` on wan::attention_int8_lse (no autograd: inference only); each block's keys smoothed by their
-        own mean, which its smoothing-corrected LSE accounts for."""
+        own mean, which its smoothing-corrected LSE accounts for. q quantized already, (q8, q_scale): on
+        wan::attention_int8_q8_lse (its LSE corrected with q8 * q_scale, the q its scores were computed from)."""
         from wan_kernels.routing import bind
 
-        int8_lse = bind("attention_int8_lse", self.lse_impl, q.device)
-        out, _ = _ring_merge(q, k, v, self, lambda q_, k_, v_: int8_lse(q_, k_, v_, None, pv))
-        return out.to(q.dtype)
+        if isinstance(q, tuple):
+            int8_lse = bind("attention_int8_q8_lse", self.lse_impl, k.device)
+            attend = lambda q_, k_, v_: int8_lse(*q_, k_, v_, None, pv)  # noqa: E731
+        else:
+            int8_lse = bind("attention_int8_lse", self.lse_impl, k.device)
+            attend = lambda q_, k_, v_: int8_lse(q_, k_, v_, None, pv)  # noqa: E731
+        out, _ = _ring_merge(q, k, v, self, attend)
+        return out.to(k.dtype)
 
     @staticmethod
     def _valid(S: int, j: int, Sb: int) -> int:
