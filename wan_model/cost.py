@@ -812,7 +812,7 @@ def int8_quantization_bytes(batch: int, sq: int, kv_sets: list[int], heads: int,
 
 
 def int8_quantization_share(c: ModelCost, peak: dict, pv: str = "fp8") -> dict[str, dict[str, float]]:
-    """Per role ("self": q quantized in qk_norm_rope, the model's path on one process and under Ulysses;
+    """Per role ("self": q quantized in qk_norm_rope, the model's path, on one process and sequence parallel;
     "self-unfused": q quantized by attention_int8; "cross": text + image sets in one call),
     one forward of `c` with that role on 8-bit attention: the quantization's bytes and time at the HBM peak, the
     attention's time at the int8 tensor-core peak (taken as 2x the table's bf16 rate, as on A100 / H100 / B200;
