@@ -153,6 +153,12 @@ def quantize_operands(q, k, v, k_img, v_img, s: float, pv: str, q_group: int = Q
     return q_i8, q_scale * (s * LOG2E), quantize_sets(k, v, k_img, v_img, pv, k_group)
 
 
+def smoothed_lse(m: torch.Tensor, l: torch.Tensor, pv: str) -> torch.Tensor:
+    """The natural-log LSE of the smoothed scores from `attend`'s log2 row max m and row sum l (of weights scaled
+    by 448 for pv "fp8")."""
+    return (m + torch.log2(l) - (math.log2(E4M3_MAX) if pv == "fp8" else 0.0)) * LN2
+
+
 def lse_shift(q: torch.Tensor, mean: torch.Tensor, s: float) -> torch.Tensor:
     """s q . mean(k) [B, H, Sq]: what smoothing took from each row's log-sum-exp."""
     return torch.einsum("bshd,bhd->bhs", q.float(), mean) * s
@@ -172,7 +178,7 @@ def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img
     for k_i8, k_scale, mean, vq, v_scale, v_mean in sets:
         o, m, l = attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv, q_group, k_group, block_n, exp2)
         out = out + o
-        lses.append((m + torch.log2(l) - (math.log2(E4M3_MAX) if pv == "fp8" else 0.0)) * LN2 + lse_shift(q, mean, s))
+        lses.append(smoothed_lse(m, l, pv) + lse_shift(q, mean, s))
     return out.transpose(1, 2).to(q.dtype).contiguous(), torch.stack(lses)
 
 
@@ -225,5 +231,5 @@ def attention_int8_q8_lse(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tens
     (k_i8, k_scale, mean, vq, v_scale, v_mean), = quantize_sets(k, v, None, None, pv, k_group)
     o, m, l = attend(q8, qs, k_i8, k_scale, vq, v_scale, v_mean, pv, 1, k_group, block_n, exp2)
     q_hat = q8.float() * q_scale.float().transpose(1, 2).unsqueeze(-1)
-    lse = (m + torch.log2(l) - (math.log2(E4M3_MAX) if pv == "fp8" else 0.0)) * LN2 + lse_shift(q_hat, mean, s)
+    lse = smoothed_lse(m, l, pv) + lse_shift(q_hat, mean, s)
     return o.transpose(1, 2).to(k.dtype).contiguous(), lse
