@@ -411,16 +411,18 @@ def test_heads_not_divisible_by_ulysses_is_a_clear_error_before_any_collective()
 
 
 def test_a_quantized_q_is_refused_by_the_bf16_attention():
-    """(q8, q_scale) is for the 8-bit attention; the model never binds it to the bf16 one, and a wrong binding is an
-    error before any collective, not a silent dequantization."""
+    """(q8, q_scale) is for the 8-bit attention, a float q for the bf16 one; the model binds them so, and a wrong
+    binding is an error before any collective, not a silent dequantization (nor a second quantization)."""
     from wan_model.core.parallel import SequenceParallel
 
     sp = object.__new__(SequenceParallel)
     q8, qs, k = torch.zeros(1, 4, 2, 8, dtype=torch.int8), torch.ones(1, 2, 4), torch.zeros(1, 4, 2, 8)
     for U, R in ((1, 2), (2, 1), (2, 2)):
         sp.U, sp.R = U, R
-        with pytest.raises(ValueError, match=r"a quantized q \(q8, q_scale\) is for the 8-bit attention, got pv=None"):
+        with pytest.raises(ValueError, match=r"got \(q8, q_scale\) with pv=None"):
             sp.attention((q8, qs), k, k, ops=None, pv=None)
+        with pytest.raises(ValueError, match="the 8-bit attention takes q quantized .* got a float q with pv='fp16'"):
+            sp.attention(k, k, k, ops=None, pv="fp16")
 
 
 @pytest.mark.subprocess

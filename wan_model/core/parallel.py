@@ -221,30 +221,29 @@ class SequenceParallel:
     # ------------------------------------------------------------------------------------------
     def attention(self, q, k, v, ops, pv: str | None = None):
         """Self-attention of this rank's rows: q, k, v [B, n, H, D] -> [B, n, H, Dv] (all tokens attended).
-        `pv`: None, wan::attention (ring: attention_lse); else wan::attention_int8 with that P.V precision (ring:
-        attention_int8_lse, whose LSE is smoothing-corrected, so the blocks merge as they do in bf16; inference
-        only: an input requiring grad is refused). For the 8-bit attention q may come quantized by the projection's
-        kernel, (q8 int8 [B, n, H, D], q_scale fp32 [B, H, n]): its codes and scales cross the all-to-all in place
-        of q (`_to_heads_q8`) and the attention is wan::attention_int8_q8 (ring: attention_int8_q8_lse, q never
-        quantized again per block)."""
+        `pv`: None, wan::attention (ring: attention_lse) on a float q; else the 8-bit attention with that P.V
+        precision on q quantized by the projection's kernel, (q8 int8 [B, n, H, D], q_scale fp32 [B, H, n]): its
+        codes and scales cross the all-to-all in place of q (`_to_heads_q8`) and the attention is
+        wan::attention_int8_q8 (ring: attention_int8_q8_lse, whose LSE is smoothing-corrected, so the blocks merge
+        as they do in bf16; q is never quantized again per block). Inference only: an input requiring grad is
+        refused."""
         quantized = isinstance(q, tuple)
-        if quantized and pv is None:
-            raise ValueError("SequenceParallel.attention: a quantized q (q8, q_scale) is for the 8-bit attention, "
-                             "got pv=None (wan::attention)")
-        tensors = (*q, k, v) if quantized else (q, k, v)
-        if pv is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if quantized != (pv is not None):
+            raise ValueError("SequenceParallel.attention: the 8-bit attention takes q quantized (q8, q_scale), "
+                             f"wan::attention a float q; got {'(q8, q_scale)' if quantized else 'a float q'} "
+                             f"with pv={pv!r}")
+        if quantized and torch.is_grad_enabled() and any(t.requires_grad for t in (*q, k, v)):
             raise RuntimeError("wan::attention_int8 is inference only (no gradients), but the sequence-parallel "
                                "self-attention's inputs require grad: train with set_attention('bf16'), or run "
                                "under torch.no_grad()")
         if self.U > 1:                                                         # [B, U n, H / U, D] each
             q, k, v = self._to_heads_q8(*q, k, v) if quantized else self._to_heads(torch.stack((q, k, v)))
         if self.R > 1:
-            out = self._ring(q, k, v) if pv is None else self._ring_int8(q, k, v, pv)
+            out = self._ring_int8(q, k, v, pv) if quantized else self._ring(q, k, v)
         else:
             k, v = k[:, :min(self.S, k.shape[1])], v[:, :min(self.S, v.shape[1])]  # drop padding keys
-            out = (ops.attention(q, k, v, None, None, None) if pv is None else
-                   ops.attention_int8_q8(*q, k, v, None, None, None, pv) if quantized else
-                   ops.attention_int8(q, k, v, None, None, None, pv))
+            out = (ops.attention_int8_q8(*q, k, v, None, None, None, pv) if quantized else
+                   ops.attention(q, k, v, None, None, None))
         return self._to_tokens(out) if self.U > 1 else out
 
     def _to_heads(self, qkv):
@@ -288,18 +287,13 @@ class SequenceParallel:
         return _Ring.apply(q, k, v, self)
 
     def _ring_int8(self, q, k, v, pv: str):
-        """`_ring` on wan::attention_int8_lse (no autograd: inference only); each block's keys smoothed by their
-        own mean, which its smoothing-corrected LSE accounts for. q quantized already, (q8, q_scale): on
-        wan::attention_int8_q8_lse (its LSE corrected with q8 * q_scale, the q its scores were computed from)."""
+        """`_ring` of a quantized q, (q8, q_scale), on wan::attention_int8_q8_lse (no autograd: inference only);
+        each block's keys smoothed by their own mean, which its LSE accounts for with q8 * q_scale (the q its
+        scores were computed from)."""
         from wan_kernels.routing import bind
 
-        if isinstance(q, tuple):
-            int8_lse = bind("attention_int8_q8_lse", self.lse_impl, k.device)
-            attend = lambda q_, k_, v_: int8_lse(*q_, k_, v_, None, pv)  # noqa: E731
-        else:
-            int8_lse = bind("attention_int8_lse", self.lse_impl, k.device)
-            attend = lambda q_, k_, v_: int8_lse(q_, k_, v_, None, pv)  # noqa: E731
-        out, _ = _ring_merge(q, k, v, self, attend)
+        int8_lse = bind("attention_int8_q8_lse", self.lse_impl, k.device)
+        out, _ = _ring_merge(q, k, v, self, lambda q_, k_, v_: int8_lse(*q_, k_, v_, None, pv))
         return out.to(k.dtype)
 
     @staticmethod
