@@ -179,10 +179,13 @@ def test_named_unavailable_backend_raises_never_falls_back(monkeypatch):
     a, a_s, a_gs, b, b_s, b_gs, bias, dt = op_inputs()["nvfp4_gemm"]
     with pytest.raises(wan_kernels.BackendUnavailableError, match="no C\\+\\+ CPU kernel of wan::nvfp4_gemm"):
         wan_kernels.nvfp4_gemm(a, a_s, a_gs, b, b_s, b_gs, bias, dt, impl="cpu")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    routing.clear_caches()  # backends are resolved once; other tests resolved them under TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    wan_kernels.attention(q, k, v, impl="triton")   # runs interpreted ...
+    monkeypatch.delenv("TRITON_INTERPRET")          # ... and is refused once the interpreter is off (not cached)
     with pytest.raises(wan_kernels.BackendUnavailableError, match="Triton needs CUDA tensors"):
         wan_kernels.attention(q, k, v, impl="triton")
+    with pytest.raises(wan_kernels.BackendUnavailableError, match="Triton needs CUDA tensors"):
+        routing.bind("attention", "triton", "cpu")
     assert routing.unavailable_reason("attention", "cuda", "cpu") == "backend 'cuda' runs CUDA tensors, got cpu"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert routing.unavailable_reason("attention", "cuda", "cuda") == "wan::attention has no CUDA kernel"

@@ -298,7 +298,8 @@ def _resolve(op: str, impl: str, device: torch.device | str, lean: bool):
             fn = _autograd.backend(spec, spec.compose(lambda part: SPECS[part].packet.default), own_autograd=True)
         else:
             fn = _autograd.backend(spec, spec.packet.default, own_autograd=True)
-        _RESOLVED[key] = fn
+        if not (impl == "triton" and device.type == "cpu"):  # that one runs while TRITON_INTERPRET=1: checked anew
+            _RESOLVED[key] = fn
     return fn
 
 
