@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class
+from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class, opcheck
 import wan_kernels
 from wan_kernels import ref, samples
 from wan_kernels._spec import SPECS
@@ -338,21 +338,26 @@ def test_default_pv_by_arch():
 # ---------------------------------------------------------------------------------------------
 # The op: wan::attention_int8 / wan::attention_int8_lse
 
-OPS = ("attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse")
+OPS = ("attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse", "quantize_kv_int8",
+       "attention_int8_quantized_lse")
 # Worst-head NRMSE vs fp64 that the op's default (pv="auto" = fp8 on CPU) reaches on Wan-like hd128 inputs with an
 # image set (CASES["wan-hd128-i2v"], measured 0.026), with ~2x headroom: the bound the model test multiplies out.
 OP_NRMSE = 0.05
 
 
-def _args(op, pv="auto", impl_dtype=torch.float32):
-    return samples.op_inputs(impl_dtype)[op][:-1] + (pv,)
+def _args(op, pv="auto"):
+    """The op's samples with this pv (attention_int8_quantized_lse: its K/V set quantized for it, out_dtype None)."""
+    if op == "attention_int8_quantized_lse":
+        q8, qs, k, v, scale, _ = samples.op_inputs()["attention_int8_q8_lse"]
+        return (q8, qs, *R.quantize_kv_int8(k, v, pv), scale, None)
+    return samples.op_inputs()[op][:-1] + (pv,)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck_both_pv_modes(op, pv):
-    torch.library.opcheck(getattr(torch.ops.wan, op).default, _args(op, pv))
+    opcheck(op, _args(op, pv))
 
 
 def test_compile_fullgraph_wrappers():
@@ -379,7 +384,7 @@ def test_backends_agree_on_the_samples(op, impl):
         args = _args(op, pv)
         got, want = wan_kernels.resolve(op, impl, "cpu")(*args), SPECS[op].ref(*args)
         for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-            assert (a - b).abs().max().item() <= 1e-6
+            assert a.dtype == b.dtype and (a.float() - b.float()).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -566,6 +571,98 @@ def test_q8_lse_errors_quote_the_op():
         T.prepare((q8, qs), k, v, k, v, None, "fp16", True, None, None)
 
 
+# ---------------------------------------------------------------------------------------------
+# wan::quantize_kv_int8 + wan::attention_int8_quantized_lse: a ring block quantized once by its owner
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality, e4m3 included (compared as bytes)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        *(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (a, b)))
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_quantize_kv_kernel_equals_reference_stages(pv, kernel_means):
+    """The Triton quantizer's K/V set is the reference's stages 1-3 bit for bit (given its token means), on inputs
+    that are never written; bf16 V beyond fp16's range gets power-of-two scales at pv="fp16"."""
+    _, k, v, _, _ = wan_like(2, 5, 133, 2, 64, seed=5, dtype=torch.bfloat16)
+    v = v * 1e5
+    before = (k.clone(), v.clone())
+    got, want = T.quantize_kv_int8(k, v, pv), R.quantize_kv_int8(k, v, pv)
+    assert torch.equal(k, before[0]) and torch.equal(v, before[1])
+    assert all(_same(a, b) for a, b in zip(got, want))
+    assert got[3].dtype == (torch.float8_e4m3fn if pv == "fp8" else torch.float16)
+    assert pv == "fp8" or got[4].max().item() > 1
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_quantized_lse_is_q8_lse_on_the_quantized_block(pv, kernel_means):
+    """attention_int8_quantized_lse on quantize_kv_int8's set is attention_int8_q8_lse, bit for bit (the same kernel
+    launch after the same quantizer), in k's dtype; in float32 (the ring's default) it is the reference's emulation
+    on the same operands to fp32 summation order (bounds of the q8_lse test above). fp16 inputs: the interpreter's
+    fp32 -> bf16 cast truncates (REFERENCE §1's bf16 gap), its fp16 cast rounds to nearest as the GPU's."""
+    q, k, v, _, _ = comfy_bias(1, 90, 150, 2, 64, seed=9, dtype=torch.float16)
+    q8, qs = R.quantize_int8(q, 1)
+    kv = T.quantize_kv_int8(k, v, pv)
+    out, lse = T.attention_int8_quantized_lse(q8, qs, *kv, None, k.dtype)
+    want_out, want_lse = T.attention_int8_q8_lse(q8, qs, k, v, pv=pv)
+    assert _same(out, want_out) and _same(lse, want_lse)
+    out32, lse32 = T.attention_int8_quantized_lse(q8, qs, *kv)
+    ref_out, ref_lse = R.attention_int8_quantized_lse(q8, qs, *kv, block_n=T.INTERPRETER_CONFIG.BLOCK_N,
+                                                      exp2=np_exp2)
+    assert out32.dtype == ref_out.dtype == torch.float32 and _same(lse32, lse)
+    assert (out32 - ref_out).abs().max().item() <= 64 * 2.0 ** -24 * v.float().abs().max().item()
+    assert (lse32 - ref_lse).abs().max().item() <= 16 * 2.0 ** -24 * (ref_lse.abs().max() + 100).item()
+    assert torch.equal(out32.to(k.dtype), out)  # the bf16 output is the fp32 one rounded once
+
+
+def test_quantized_lse_reads_a_ring_buffers_views_in_place():
+    """A ring block of fewer valid keys than its buffer's rows: k8 / v8 [B, Sb, H, D] sliced to the valid keys and
+    k_scale [B, H, Sb] sliced likewise (row stride Sb, not Sk) give the result of the same operands made contiguous,
+    on both backends; so do scales and statistics in other layouts (copied by the launcher)."""
+    q, k, v, _, _ = wan_like(2, 40, 96, 2, 64, seed=4, dtype=torch.float32)
+    q8, qs = R.quantize_int8(q, 1)
+    valid = 70
+    k8, ks, km, v8, vs, vm = R.quantize_kv_int8(k[:, :valid], v[:, :valid], "fp16")
+    buf_k8, buf_v8 = torch.zeros(2, 96, 2, 64, dtype=torch.int8), torch.zeros(2, 96, 2, 64, dtype=torch.float16)
+    buf_ks = torch.full((2, 2, 96), float("nan"))
+    buf_k8[:, :valid], buf_v8[:, :valid], buf_ks[..., :valid] = k8, v8, ks
+    views = (buf_k8[:, :valid], buf_ks[..., :valid], km, buf_v8[:, :valid], vs, vm)
+    assert views[1].stride() == (192, 96, 1) and not views[1].is_contiguous()
+    strided = (k8, ks.transpose(1, 2).contiguous().transpose(1, 2), km.transpose(1, 2).contiguous().transpose(1, 2),
+               v8, vs.transpose(1, 2).contiguous().transpose(1, 2), vm)
+    for impl in ("ref", "triton"):
+        want = wan_kernels.attention_int8_quantized_lse(q8, qs, k8, ks, km, v8, vs, vm, impl=impl)
+        for operands in (views, strided):
+            got = wan_kernels.attention_int8_quantized_lse(q8, qs, *operands, impl=impl)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), impl
+
+
+def test_quantized_lse_errors_quote_the_operand():
+    args = list(_args("attention_int8_quantized_lse"))
+    cases = [(2, args[2].float(), r"k8 must be int8 \[B, Sk, H, D\] = \[2, 8, 2, 64\], got torch.float32"),
+             (3, args[3][..., :5], r"k_scale must be float32 \[B, H, Sk\] = \[2, 2, 8\], got torch.float32 shape "
+                                   r"\(2, 2, 5\)"),
+             (5, args[5].float(), r"v8 must be float8_e4m3fn/float16 \[B, Sk, H, Dv\] = \[2, 8, 2, 64\], got "
+                                  r"torch.float32"),
+             (4, args[4][:, :1], r"k_mean must be float32 \[B, H, D\] = \[2, 2, 64\]"),
+             (9, torch.int32, "out_dtype must be float32/float16/bfloat16, got torch.int32")]
+    for i, bad, pattern in cases:
+        x = list(args)
+        x[i] = bad
+        with pytest.raises(ValueError, match=pattern):
+            wan_kernels.attention_int8_quantized_lse(*x[:9], out_dtype=x[9])
+        with pytest.raises(ValueError, match=pattern):
+            torch.ops.wan.attention_int8_quantized_lse(*x)
+    k, v, _ = samples.op_inputs()["quantize_kv_int8"]
+    with pytest.raises(ValueError, match=r"quantize_kv_int8: v must be \[B, S, H, Dv\] = \[2, 8, 2, Dv\] matching k "
+                                         r"\(2, 8, 2, 64\), got shape \(2, 7, 2, 64\)"):
+        wan_kernels.quantize_kv_int8(k, v[:, :7])
+    with pytest.raises(ValueError, match="quantize_kv_int8: pv must be one of"):
+        wan_kernels.quantize_kv_int8(k, v, pv="int4")
+    with pytest.raises(ValueError, match=r"pv='fp8' needs fp8 tensor cores \(sm_89 or later\), got sm_80"):
+        T._resolve_pv("fp8", (8, 0))
+
+
 def test_op_accuracy_bound_of_the_model_test():
     """OP_NRMSE (the model test's per-head bound) holds for the op's default on Wan-like hd128 I2V inputs."""
     x = CASES["wan-hd128-i2v"]()
@@ -597,5 +694,5 @@ def test_python_m_wan_kernels_lists_the_ops(capsys):
 
     assert main(["--no-check"]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
-            if line.strip().startswith("attention_int8")}
+            if line.strip().startswith(("attention_int8", "quantize_kv_int8"))}
     assert rows == {op: list(TRITON_FROM_SM80.values()) for op in OPS}  # its self-check: tests/test_library.py

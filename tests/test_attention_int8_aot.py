@@ -1,8 +1,9 @@
 """GPU readiness of 8-bit attention (wan_kernels/triton/attention_int8.py and its quantizer,
 attention_int8_quant.py) without a GPU: every config its launcher picks (arch x head_dim 64/128 x kind
-self/cross/i2v x pv fp16/fp8 x LSE, and the LSE on a quantized q for self-attention) compiles ahead of time (tools/aot.py) from the launcher's own `prepare` on meta
-tensors (hd64: 12 heads x 1,560 tokens; hd128: 40 heads (Wan 14B) x 262,144 tokens with CFG, a long video whose
-B*S*H*D passes 2^31 (Wan 14B 720p: 75,600); text 512, image 257 keys), for sm_80/86/89/90/100/120, with
+self/cross/i2v x pv fp16/fp8 x LSE, and for self-attention the LSE on a quantized q and on quantized q, K and V)
+compiles ahead of time (tools/aot.py) from the launcher's own `prepare` on meta tensors (hd64: 12 heads x 1,560
+tokens; hd128: 40 heads (Wan 14B) x 262,144 tokens with CFG, a long video whose B*S*H*D passes 2^31 (Wan 14B 720p:
+75,600); text 512, image 257 keys), for sm_80/86/89/90/100/120, with
 
 * the int8 MMA for Q.K^T in the PTX: `mma.sync ... s8` (sm_80/86/89/120), `wgmma ... s8` (sm_90),
   `tcgen05.mma ... kind::i8` (sm_100 under Triton 3.8; under 3.6, `make compat`, it is mma.sync: REFERENCE §10);
@@ -13,7 +14,7 @@ B*S*H*D passes 2^31 (Wan 14B 720p: 75,600); text 512, image 257 keys), for sm_80
 * no 32-bit offset that wraps at those sizes (`aot.offset_overflows`: interval analysis of the PTX).
 The quantizer's kernels (statistics, int8 Q/K, fp8/fp16 V) compile the same way: no spills, IEEE division, no
 fma contraction (bit-exact with the reference), the same e4m3 cast, 64-bit offsets.
-Cost: ~1-2 s per compile on these 2 cores, ~170 compiles.
+Cost: ~1-2 s per compile on these 2 cores, ~190 compiles.
 """
 
 import re
@@ -63,10 +64,16 @@ def _discard(launch):
 
 
 def _launch(arch, d, kind, pv, lse):
-    """lse: False, True, or "q8" (wan::attention_int8_q8_lse: q quantized already, the LSE's correction in the
-    kernel; a ring's self-attention blocks only)."""
+    """lse: False, True, "q8" (wan::attention_int8_q8_lse: q quantized already, the LSE's correction in the
+    kernel) or "kv8" (wan::attention_int8_quantized_lse: K/V quantized already too, fp32 output); the last two for
+    a ring's self-attention blocks only."""
     h, s = SHAPES[d]
     sk, si = KV[kind] or (s, 0)
+    if lse == "kv8":
+        q8 = torch.empty((2, s, h, d), dtype=torch.int8, device="meta")
+        kv = Q.quantize_kv(_meta(2, sk, h, d), _meta(2, sk, h, d), pv, _cap(arch), _discard)
+        return T.prepare_quantized(q8, torch.empty((2, h, s), device="meta"), kv, None, None, None, _cap(arch))[0], \
+            T.pick_config(_cap(arch), d, sk, False)
     kv = [_meta(2, n, h, d) for n in (sk, sk, si, si) if n]
     img = kv[2:] if si else (None, None)
     q = (torch.empty((2, s, h, d), dtype=torch.int8, device="meta"),
@@ -81,7 +88,7 @@ def _cases():
         for d in SHAPES:
             for kind in KV:
                 for pv in ("fp16", "fp8") if T.default_pv(_cap(arch)) == "fp8" else ("fp16",):
-                    for lse in (False, True, "q8") if kind == "self" else (False, True):
+                    for lse in (False, True, "q8", "kv8") if kind == "self" else (False, True):
                         launch, cfg = _launch(arch, d, kind, pv, lse)
                         spec = aot.specialize(launch, arch)
                         key = (arch, repr(spec.signature), repr(spec.constexprs), repr(spec.attrs),
@@ -90,7 +97,7 @@ def _cases():
                             seen[key].append(kind)
                             continue
                         seen[key] = kinds = [kind]
-                        mode = {False: "", True: "-lse", "q8": "-lse-q8"}[lse]
+                        mode = {False: "", True: "-lse", "q8": "-lse-q8", "kv8": "-lse-kv8"}[lse]
                         label = f"sm{arch}-hd{d}-{kind}-{cfg}-{pv}{mode}"
                         cases.append(pytest.param(arch, d, kind, pv, lse, kinds, id=label))
     return cases
@@ -113,7 +120,7 @@ def test_every_launch_is_covered():
     """Each (arch, head_dim, kind, pv, LSE) the launcher can pick is compiled (once per distinct specialisation)."""
     covered = {(c.values[0], c.values[1], k, c.values[3], c.values[4]) for c in CASES for k in c.values[5]}
     want = {(a, d, k, pv, lse) for a in ARCHS for d in SHAPES for k in KV
-            for lse in ((False, True, "q8") if k == "self" else (False, True))
+            for lse in ((False, True, "q8", "kv8") if k == "self" else (False, True))
             for pv in (("fp16", "fp8") if a >= 89 else ("fp16",))}
     assert covered == want
     assert {(a, d) for a, d, _ in T.CONFIGS} == {(a, d) for a in T.ARCH_CLASSES for d in (64, 128)}
@@ -131,7 +138,7 @@ def test_config_compiles_without_spills(arch, head_dim, kind, pv, write_lse, kin
     launch, cfg = _launch(arch, head_dim, kind, pv, write_lse)
     r = aot.compile_launch(launch, arch, workdir=tmp_path)
     RESULTS.append(("+".join(kinds), f"{cfg} hd{head_dim} {pv}{' lse' if write_lse else ''}"
-                                     f"{' q8' if write_lse == 'q8' else ''}", r))
+                                     f"{' ' + write_lse if isinstance(write_lse, str) else ''}", r))
     cls = mma_class(_cap(arch))
     i8 = "mma.sync" if cls == "tcgen05" and TRITON_36 else cls
     assert re.search(_I8[i8], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))

@@ -677,14 +677,22 @@ def test_cli_cost_int8(capsys):
 def test_parallel_comm_of_the_8bit_ulysses_exchange(capsys):
     """q crosses the Ulysses all-to-all as INT8 codes + an fp32 scale per token and head, packed with k and v:
     4 + 2 * 2 * D + D bytes (bf16 k, v) instead of 3 * 2 * D; the output's 2 D unchanged. Wan-14B (D = 128):
-    (644 + 256) / (768 + 256) of the bf16 Ulysses bytes, 12.1 % less, with or without a ring (whose K/V blocks
-    are unchanged). (What the collectives really send: tests/test_parallel.py.)"""
+    (644 + 256) / (768 + 256) of the bf16 Ulysses bytes, 12.1 % less, with or without a ring. A ring's K/V block
+    (U n tokens, h = H / U heads) travels quantized: per token and head D bytes of K codes + 4 of K's scale + D (fp8
+    P.V: e4m3) or 2 D (fp16) of V, and per head K's mean and V's scale and mean (3 x 4 D), instead of 2 x 2 D.
+    (What the collectives really send: tests/test_parallel.py.)"""
     c = cost.model_cost("wan2.1-t2v-14b", 832, 480, 81, batch=2)
+    L, b, H, D = 40, 2, 40, 128
+    n_of = {P: -(-c.shape.tokens // P) for P in (2, 4, 8, 16)}
     for U in (2, 4, 8):
         for R in (1, 2):
             plain, q8 = cost.parallel_comm(c, U, R), cost.parallel_comm(c, U, R, int8=True)
-            assert q8["ulysses"] * 1024 == plain["ulysses"] * 900
-            assert (q8["ring"], q8["gather"]) == (plain["ring"], plain["gather"])
+            assert q8["ulysses"] * 1024 == plain["ulysses"] * 900 and q8["gather"] == plain["gather"]
+            n = n_of[U * R]
+            assert plain["ring"] == L * (R - 1) * b * U * n * (H // U) * 2 * 2 * D
+            for pv, v_bytes in (("fp8", D), ("fp16", 2 * D)):
+                kv8 = cost.parallel_comm(c, U, R, int8=True, pv=pv)["ring"]
+                assert kv8 == L * (R - 1) * (b * U * n * (H // U) * (D + 4 + v_bytes) + 3 * b * (H // U) * 4 * D)
     assert cli_main(["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--ulysses", "4", "--int8"]) == 0
     assert "8-bit self-attention in every layer: ulysses 8.845 GB (q as INT8 codes + fp32 scales: 12.1% less)" in \
         capsys.readouterr().out

@@ -402,7 +402,8 @@ def test_attention_accuracy_section_on_cpu_tensors(tmp_path, monkeypatch, capsys
 def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
     """The 8-bit attention section, run here (CPU: the op's backend is its reference emulation, so the accuracy rows
     compare it with itself and pass): every CPU-runnable row ok and the verdict not to route without timings. A
-    kernel that adds noise (as SageAttention's fp8 P.V did past 160k tokens) fails the accuracy and the long rows;
+    kernel that adds noise (as SageAttention's fp8 P.V did past 160k tokens) fails the accuracy rows (the ring
+    block's included) and the long rows;
     the verdict routes int8 only when accurate and >= 2x bf16 at every timed shape."""
     monkeypatch.setattr(gpu_check, "INT8_ACCURACY", gpu_check.INT8_ACCURACY[1:2])
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the fused-q rows run the kernels interpreted (64 tokens)
@@ -437,7 +438,15 @@ def test_attention_int8_section_on_cpu_and_its_rules(tmp_path, monkeypatch):
         out = real(*args, impl=impl, **kw)
         return out if impl == "ref" else out + out.float().std() * torch.randn_like(out.float()).to(out.dtype)
 
+    real_ring = wan_kernels.attention_int8_quantized_lse
+
+    def noisy_ring(*args, impl="auto", **kw):
+        out, lse = real_ring(*args, impl=impl, **kw)
+        return (out, lse) if impl == "ref" else (out + out.float().std() * torch.randn_like(out.float()).to(out.dtype),
+                                                 lse)
+
     monkeypatch.setattr(wan_kernels, "attention_int8", noisy)
+    monkeypatch.setattr(wan_kernels, "attention_int8_quantized_lse", noisy_ring)
     bad = {c.name: c.run() for c in gpu_check.attention_int8_cases(check)
            if not c.needs_cuda and not c.always and not c.name.startswith("q fused")}
     assert all(r["status"] == "fail" for r in bad.values()), bad

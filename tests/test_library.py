@@ -12,6 +12,7 @@ from wan_kernels import _extension, routing
 from wan_kernels._extension import EXTENSION
 from wan_kernels._spec import SPECS, all_specs
 
+from _helpers import opcheck
 from _inputs import op_inputs
 
 SPECS_ALL = {s.name: s for s in all_specs()}  # public and internal ops
@@ -106,19 +107,7 @@ def _requiring_grad(op: str, args: tuple) -> tuple:
 @pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
-    args = _requiring_grad(op, op_inputs()[op])
-    fp8_inputs = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn]
-    if not fp8_inputs:
-        torch.library.opcheck(getattr(torch.ops.wan, op).default, args)
-        return
-    # SchemaCheckMode (opcheck's test_schema) compares inputs with allclose, which torch does not implement
-    # for float8_e4m3fn. Run the other three checks, and check the schema's promise (no input mutated)
-    # ourselves on the raw bytes.
-    torch.library.opcheck(getattr(torch.ops.wan, op).default, args,
-                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
-    before = [a.view(torch.uint8).clone() for a in fp8_inputs]
-    getattr(torch.ops.wan, op)(*args)
-    assert all(torch.equal(b, a.view(torch.uint8)) for a, b in zip(fp8_inputs, before))
+    opcheck(op, _requiring_grad(op, op_inputs()[op]))
 
 
 @pytest.mark.slow

@@ -818,6 +818,33 @@ def attention_int8_cases(check: Check) -> list[Case]:
                     "saved": 1 - fused_ms / unfused_ms, "status": "ok" if identical else "fail"}
         return run
 
+    def ring_block(pv):
+        def run():
+            # a ring's block: K/V quantized once (quantize_kv_int8), attended on the fused q
+            # (attention_int8_quantized_lse) = attention_int8_q8_lse bit for bit; its fp32 output and LSE vs fp64
+            # attention of the dequantized q (the scores it computes): NRMSE within 1.05x the emulation's + 1e-4,
+            # LSE within the int8 score error (0.05, tests/test_attention_int8.py)
+            from wan_kernels.ref.attention_int8 import quantize_int8
+
+            S = 4096 // scale_len
+            q, k, v = (t.to(dev) for t in testing.comfy_bias(1, S, S, 4, 128, seed=0)[:3])
+            q8, qs = quantize_int8(q, 1)
+            kv = wan_kernels.quantize_kv_int8(k, v, pv=pv)
+            out, lse = wan_kernels.attention_int8_quantized_lse(q8, qs, *kv)
+            same = all(torch.equal(a, b) for a, b in zip(
+                wan_kernels.attention_int8_quantized_lse(q8, qs, *kv, out_dtype=k.dtype),
+                wan_kernels.attention_int8_q8_lse(q8, qs, k, v, pv=pv)))
+            emul = wan_kernels.attention_int8_quantized_lse(q8, qs, *kv, impl="ref")[0]
+            q_hat = q8.double() * qs.double().transpose(1, 2)[..., None]
+            want, want_lse = ref.attention_lse(q_hat, k.double(), v.double())
+            nrmse, cos = testing.stats_per_head(out, want)
+            nrmse_emul, _ = testing.stats_per_head(emul, want)
+            lse_err = (lse.double() - want_lse).abs().max().item()
+            ok = same and math.isfinite(nrmse) and nrmse <= 1.05 * nrmse_emul + 1e-4 and lse_err < 0.05
+            return {"tokens": S, "same_as_q8_lse": same, "nrmse": nrmse, "cos": cos, "nrmse_emulation": nrmse_emul,
+                    "lse_max_err": lse_err, "status": "ok" if ok else "fail"}
+        return run
+
     def step():
         from bench.bench_model import gpu_random_model, gpu_step_inputs
         from wan_model import cost
@@ -865,6 +892,8 @@ def attention_int8_cases(check: Check) -> list[Case]:
                              "vs torch's cast, 1.26 M values, bit for bit"))
     cases += [Case(f"long {INT8_LONG_TOKENS} tokens pv={pv}", long(pv), "163,840 Wan-like tokens vs the bf16 kernel",
                    needs_cuda=False) for pv in pvs]
+    cases += [Case(f"accuracy ring block pv={pv}", ring_block(pv), "quantize_kv_int8 + attention_int8_quantized_lse: "
+                   "= attention_int8_q8_lse, vs fp64 of q^ and the emulation", needs_cuda=False) for pv in pvs]
     for res in ("480p", "720p"):
         for provider in ("bf16", *(f"int8-{pv}" for pv in pvs)):
             cases.append(Case(f"self-attn 14B {res} {provider}", speed(TOKENS[res], 40, provider),

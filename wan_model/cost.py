@@ -943,7 +943,7 @@ PARALLEL_PEAKS = {"H20": {"bf16": 148.0, "fp4": 0.0, "gbps": 4000.0}}
 PUBLISHED = {"H100": {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}, "H20": {1: 6935.5, 8: 980.5}}
 
 
-def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool = False,
+def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool = False, pv: str = "fp8",
                   act_bytes: int = A) -> dict[str, int]:
     """Bytes ONE rank sends in one forward of `c` under wan_model/core/parallel.py with (ulysses, ring) degrees
     (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (activations of `act_bytes`, bf16: 2).
@@ -951,7 +951,9 @@ def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool =
                `int8` (every layer's self-attention 8-bit: `set_attention("int8", dense_layers=())`): q's INT8
                codes and fp32 scales instead of q, packed with k and v in rows of 4 + 2 A D + D bytes per token and
                head (rounded up to a multiple of 4);
-      ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops;
+      ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops; `int8`: the
+               block quantized once by its owner (`wan_model.core.parallel.kv8_layout` for `pv`: K's INT8 codes,
+               V in e4m3 / fp16, fp32 scales and means, 16-byte aligned pieces) instead;
       gather:  after the blocks, all_gather of the rank's [b, n, C] to the P - 1 others."""
     s, cfg = c.shape, c.config
     P, b, C, L, H = ulysses * ring, s.batch, cfg.dim, cfg.num_layers, cfg.num_attention_heads
@@ -959,8 +961,13 @@ def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool =
     row = 3 * act_bytes * (C // H)                                     # q, k, v of one token and head
     if int8:
         row = -(-(4 + 2 * act_bytes * (C // H) + C // H) // 4) * 4
+    block = 2 * b * n * C * act_bytes
+    if int8:
+        from wan_model.core.parallel import kv8_layout, layout_bytes
+
+        block = layout_bytes(kv8_layout(b, ulysses * n, H // ulysses, C // H, C // H, pv))
     out = {"ulysses": L * (b * n * H * row + b * n * C * act_bytes) * (ulysses - 1) // ulysses,
-           "ring": L * (ring - 1) * 2 * b * n * C * act_bytes,
+           "ring": L * (ring - 1) * block,
            "gather": (P - 1) * b * n * C * act_bytes}
     out["total"] = sum(out.values())
     return out
@@ -988,9 +995,9 @@ def parallel_step(c: ModelCost, gpu: str, ulysses: int = 1, ring: int = 1,
 
 
 def format_parallel(c: ModelCost, ulysses: int, ring: int, int8: bool = False) -> str:
-    """The `cost --ulysses U --ring R` lines: bytes per rank (`int8`, `cost --int8`: also the Ulysses bytes of
-    the 8-bit self-attention) and predicted scaling per GPU (bf16; roofline t_1 and, for the published 1-GPU time
-    of T2V-14B 720p, that time as t_1; one forward = half a CFG step)."""
+    """The `cost --ulysses U --ring R` lines: bytes per rank (`int8`, `cost --int8`: also the Ulysses and ring
+    bytes of the 8-bit self-attention) and predicted scaling per GPU (bf16; roofline t_1 and, for the published
+    1-GPU time of T2V-14B 720p, that time as t_1; one forward = half a CFG step)."""
     comm = parallel_comm(c, ulysses, ring)
     lines = [f"sequence parallelism ulysses {ulysses} x ring {ring} = {ulysses * ring} ranks: per rank and forward "
              f"sends {comm['total'] / 1e9:.3f} GB (ulysses {comm['ulysses'] / 1e9:.3f}, ring "
@@ -999,6 +1006,12 @@ def format_parallel(c: ModelCost, ulysses: int, ring: int, int8: bool = False) -
         q8 = parallel_comm(c, ulysses, ring, int8=True)
         lines.append(f"  8-bit self-attention in every layer: ulysses {q8['ulysses'] / 1e9:.3f} GB (q as INT8 codes "
                      f"+ fp32 scales: {100 * (1 - q8['ulysses'] / comm['ulysses']):.1f}% less)")
+    if int8 and ring > 1:
+        for pv in ("fp8", "fp16"):
+            kv8 = parallel_comm(c, ulysses, ring, int8=True, pv=pv)
+            lines.append(f"  8-bit self-attention in every layer, P.V {pv}: ring {kv8['ring'] / 1e9:.3f} GB (K/V "
+                         f"blocks as INT8 / {'e4m3' if pv == 'fp8' else 'fp16'} codes + fp32 scales: "
+                         f"{100 * (1 - kv8['ring'] / comm['ring']):.1f}% less)")
     for gpu in LINK_GBPS:
         p = parallel_step(c, gpu, ulysses, ring)
         lines.append(f"  {gpu:5s} NVLink {LINK_GBPS[gpu]:.0f} GB/s: roofline forward {p['t1_s']:.3f} s -> "

@@ -35,7 +35,8 @@ import torch
 
 from wan_kernels.hardware import default_pv
 
-__all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse"]
+__all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse",
+           "attention_int8_quantized_lse", "quantize_kv_int8"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -218,18 +219,44 @@ def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, 
     return out.transpose(1, 2).to(k.dtype).contiguous()
 
 
+def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, pv: str = "auto", k_group: int = K_GROUP) -> tuple:
+    """wan::quantize_kv_int8: stages 1-3 of one key/value set, as the 8-bit attention quantizes it: (k int8 [B, S,
+    H, D], k_scale fp32 [B, H, S], k_mean fp32 [B, H, D], v e4m3 (pv "fp8") / fp16 [B, S, H, Dv], v_scale fp32 [B,
+    H, Dv], v_mean fp32 [B, H, Dv]): what `attention_int8_quantized_lse` takes (a ring block quantized once by its
+    owner and sent as codes)."""
+    return quantize_sets(k, v, None, None, resolve_pv(pv, k.device), k_group)[0]
+
+
+def pv_of(v8: torch.Tensor) -> str:
+    """The P.V precision a quantized V was made for: e4m3 -> "fp8", fp16 -> "fp16"."""
+    return {torch.float8_e4m3fn: "fp8", torch.float16: "fp16"}[v8.dtype]
+
+
+def attention_int8_quantized_lse(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
+                                 k_mean: torch.Tensor, v8: torch.Tensor, v_scale: torch.Tensor, v_mean: torch.Tensor,
+                                 scale: float | None = None, out_dtype: torch.dtype | None = None,
+                                 k_group: int = K_GROUP, block_n: int = BLOCK_N, exp2: Callable = torch.exp2
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """wan::attention_int8_quantized_lse: `attention_int8_q8_lse` from K and V quantized already (by
+    `quantize_kv_int8`; the P.V precision is v8's: e4m3 -> fp8, fp16 -> fp16): (out [B, Sq, H, Dv] in `out_dtype`
+    (None: float32), lse [B, H, Sq] fp32, natural log of the scores of q^ = q8 * q_scale, smoothing corrected
+    with k_mean)."""
+    pv = pv_of(v8)
+    s = 1.0 / math.sqrt(q8.shape[-1]) if scale is None else float(scale)
+    qs = q_scale.float() * (s * LOG2E)
+    o, m, l = attend(q8, qs, k8, k_scale, v8, v_scale, v_mean, pv, 1, k_group, block_n, exp2)
+    q_hat = q8.float() * q_scale.float().transpose(1, 2).unsqueeze(-1)
+    lse = smoothed_lse(m, l, pv) + lse_shift(q_hat, k_mean, s)
+    return o.transpose(1, 2).to(out_dtype or torch.float32).contiguous(), lse
+
+
 def attention_int8_q8_lse(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           scale: float | None = None, pv: str = "auto", k_group: int = K_GROUP,
                           block_n: int = BLOCK_N, exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
     """wan::attention_int8_q8_lse: `attention_int8_lse` from a query quantized already (q8, q_scale as
     `attention_int8_q8`), one key set: (out [B, Sq, H, Dv] in k's dtype, lse [B, H, Sq] fp32). The smoothing
     correction is s q^ . mean(k) of the dequantized q^ = q8 * q_scale (no float q exists): the LSE of the scores
-    the output was computed from, so ring blocks merge self-consistently."""
-    pv = resolve_pv(pv, k.device)
-    s = 1.0 / math.sqrt(q8.shape[-1]) if scale is None else float(scale)
-    qs = q_scale.float() * (s * LOG2E)
-    (k_i8, k_scale, mean, vq, v_scale, v_mean), = quantize_sets(k, v, None, None, pv, k_group)
-    o, m, l = attend(q8, qs, k_i8, k_scale, vq, v_scale, v_mean, pv, 1, k_group, block_n, exp2)
-    q_hat = q8.float() * q_scale.float().transpose(1, 2).unsqueeze(-1)
-    lse = smoothed_lse(m, l, pv) + lse_shift(q_hat, mean, s)
-    return o.transpose(1, 2).to(k.dtype).contiguous(), lse
+    the output was computed from, so ring blocks merge self-consistently. = `attention_int8_quantized_lse` of
+    `quantize_kv_int8(k, v)`."""
+    kv = quantize_kv_int8(k, v, pv, k_group)
+    return attention_int8_quantized_lse(q8, q_scale, *kv, scale, k.dtype, k_group, block_n, exp2)

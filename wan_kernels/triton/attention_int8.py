@@ -83,7 +83,7 @@ from triton.runtime.jit import JITFunction
 
 from wan_kernels.hardware import default_pv
 from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
-from wan_kernels.triton.attention_int8_quant import Quantized, quantize, to_e4m3
+from wan_kernels.triton.attention_int8_quant import LOG2E, Quantized, quantize, quantize_kv, to_e4m3
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
@@ -99,7 +99,7 @@ _jit = JITFunction
 @_jit
 def _attention_int8_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, ki_ptr, kis_ptr, vi_ptr, vis_ptr, vim_ptr, o_ptr, lse_ptr,
-    km_ptr, Sq, Sk, Si, H, Gq, Gk, Gi,
+    km_ptr, Sq, Sk, Si, H, row_qs, row_ks, row_kis,  # row_*: the scales' (b, h) row strides
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -128,14 +128,14 @@ def _attention_int8_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_qs
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0)                    # [BLOCK_M, BLOCK_D] int8
-    qs = tl.load(qs_ptr + bh * Gq + (start_m + offs_m) // Q_GROUP, mask=row_ok, other=0.0)
+    qs = tl.load(qs_ptr + bh * row_qs + (start_m + offs_m) // Q_GROUP, mask=row_ok, other=0.0)
 
     for j in tl.static_range(NUM_SETS):
         if j == 0:
             kv_len = Sk
             k_base = k_ptr + b * stride_kb + h * stride_kh
             v_base = v_ptr + b * stride_vb + h * stride_vh
-            ks_base = ks_ptr + bh * Gk
+            ks_base = ks_ptr + bh * row_ks
             vs_base = vs_ptr + bh * DV
             vm_base = vm_ptr + bh * DV
             s_k = stride_ks
@@ -144,7 +144,7 @@ def _attention_int8_kernel(
             kv_len = Si
             k_base = ki_ptr + b * stride_kib + h * stride_kih
             v_base = vi_ptr + b * stride_vib + h * stride_vih
-            ks_base = kis_ptr + bh * Gi
+            ks_base = kis_ptr + bh * row_kis
             vs_base = vis_ptr + bh * DV
             vm_base = vim_ptr + bh * DV
             s_k = stride_kis
@@ -265,6 +265,16 @@ def _quantize(q, k, v, k_img, v_img, s: float, pv: str, lse: bool, capability, l
     return Quantized(q8, qs, sets, shift)
 
 
+def _resolve_pv(pv: str | None, capability) -> str:
+    pv = default_pv(capability) if pv in (None, "auto") else pv
+    if pv not in ("fp8", "fp16"):
+        raise ValueError(f"attention_int8 (triton): pv must be 'fp8', 'fp16' or 'auto', got {pv!r}")
+    if pv == "fp8" and default_pv(capability) != "fp8":
+        raise ValueError(f"attention_int8 (triton): pv='fp8' needs fp8 tensor cores (sm_89 or later), got "
+                         f"sm_{capability[0]}{capability[1]}; use pv='fp16'")
+    return pv
+
+
 def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, config: Config | None, capability,
             launch: Callable[[Launch], None] = run):
     """(Launch or None when empty, out, lse [S, B, H, Sq], Quantized). The quantizer's kernels are handed to
@@ -281,37 +291,63 @@ def prepare(q, k, v, k_img, v_img, scale, pv: str | None, write_lse: bool, confi
         raise ValueError(f"attention_int8_q8 (triton): q8 must be int8, got {q[0].dtype}")
     if out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention_int8 (triton): q must be float16/bfloat16/float32, got {out_dtype}")
-    pv = default_pv(capability) if pv in (None, "auto") else pv
-    if pv not in ("fp8", "fp16"):
-        raise ValueError(f"attention_int8 (triton): pv must be 'fp8', 'fp16' or 'auto', got {pv!r}")
-    if pv == "fp8" and default_pv(capability) != "fp8":
-        raise ValueError(f"attention_int8 (triton): pv='fp8' needs fp8 tensor cores (sm_89 or later), got "
-                         f"sm_{capability[0]}{capability[1]}; use pv='fp16'")
-    has_img = k_img is not None
-    B, Sq, H, D = q[0].shape if quantized else q.shape
-    Sk, DV = k.shape[1], v.shape[3]
-    Si = k_img.shape[1] if has_img else 0
+    pv = _resolve_pv(pv, capability)
+    D = q[0].shape[-1] if quantized else q.shape[-1]
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qz = _quantize(q, k, v, k_img, v_img, s, pv, write_lse, capability, launch)
-    k8, ks, _, v8, vs, vm = qz.sets[0]
-    ki8, kis, _, vi8, vis, vim = qz.sets[-1]  # the text set again without images: never read (HAS_IMG=False)
-    out = torch.empty((B, Sq, H, DV), dtype=out_dtype, device=k.device)
-    lse = torch.empty((len(qz.sets), B, H, Sq) if write_lse else (1,), dtype=torch.float32, device=k.device)
+    launch_, out, lse = kernel_launch(qz, out_dtype, write_lse, quantized and write_lse, config, capability)
+    return launch_, out, lse, qz
+
+
+def _last_unit(x: torch.Tensor) -> torch.Tensor:
+    """x with a unit stride in its last dimension (the kernel's loads); a copy only when it has not."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Scales [B, H, S] as the kernel indexes them, (b H + h) * stride(1) + token: unit token stride and (b, h) rows
+    of one stride (a ring block's k_scale may be a view of fewer valid keys than its buffer's rows); else a copy."""
+    ok = t.shape[0] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
+    return _last_unit(t) if ok else t.contiguous()
+
+
+def _set_operands(kv: tuple) -> tuple:
+    """One key set's operands as the kernel reads them: k8 / v8 with unit last stride, k_scale `_rows`, the [B, H,
+    D] statistics contiguous (indexed (b H + h) D + d)."""
+    k8, ks, km, v8, vs, vm = kv
+    return _last_unit(k8), _rows(ks), km.contiguous(), _last_unit(v8), vs.contiguous(), vm.contiguous()
+
+
+def kernel_launch(qz: Quantized, out_dtype: torch.dtype, write_lse: bool, shift_q8: bool, config: Config | None,
+                  capability) -> tuple[Launch | None, torch.Tensor, torch.Tensor]:
+    """The attention kernel's launch on quantized operands (`Quantized`: q's scales with the softmax scale and
+    log2 e folded in; one or two key sets; the P.V precision is the sets' V dtype): (Launch or None when empty,
+    out [B, Sq, H, Dv] of `out_dtype`, lse [sets, B, H, Sq]). Operands in layouts the kernel does not read are
+    copied (`_set_operands`); a ring block's views (fewer valid keys than its buffer's rows) are read in place."""
+    q8, qs = _last_unit(qz.q), _rows(qz.q_scale)
+    k8, ks, km, v8, vs, vm = _set_operands(qz.sets[0])
+    ki8, kis, _, vi8, vis, vim = _set_operands(qz.sets[-1])  # the text set again without images: never read
+    has_img = len(qz.sets) == 2
+    B, Sq, H, D = q8.shape
+    Sk, DV = k8.shape[1], v8.shape[3]
+    Si = ki8.shape[1] if has_img else 0
+    out = torch.empty((B, Sq, H, DV), dtype=out_dtype, device=k8.device)
+    lse = torch.empty((len(qz.sets), B, H, Sq) if write_lse else (1,), dtype=torch.float32, device=k8.device)
     if B * Sq * H == 0:
-        return None, out, lse, qz
+        return None, out, lse
     if config is None:
         config = pick_config(capability, D, max(Sk, Si), has_img)
     grid = (triton.cdiv(Sq, config.BLOCK_M), B * H)
-    args = (qz.q, qz.q_scale, k8, ks, v8, vs, vm, ki8, kis, vi8, vis, vim, out, lse, qz.sets[0][2],
-            Sq, Sk, Si, H, qz.q_scale.shape[-1], ks.shape[-1], kis.shape[-1],
-            qz.q.stride(0), qz.q.stride(1), qz.q.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+    args = (q8, qs, k8, ks, v8, vs, vm, ki8, kis, vi8, vis, vim, out, lse, km,
+            Sq, Sk, Si, H, qs.stride(1), ks.stride(1), kis.stride(1),
+            q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
             v8.stride(0), v8.stride(1), v8.stride(2), ki8.stride(0), ki8.stride(1), ki8.stride(2),
             vi8.stride(0), vi8.stride(1), vi8.stride(2), out.stride(0), out.stride(1), out.stride(2))
     kwargs = dict(D=D, DV=DV, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(DV), BLOCK_M=config.BLOCK_M,
                   BLOCK_N=config.BLOCK_N, Q_GROUP=Q_GROUP, K_GROUP=K_GROUP, HAS_IMG=has_img, WRITE_LSE=write_lse,
-                  PV_FP8=pv == "fp8", SOFT_E4M3=capability is None, SHIFT_Q8=quantized and write_lse,
+                  PV_FP8=v8.dtype == torch.float8_e4m3fn, SOFT_E4M3=capability is None, SHIFT_Q8=shift_q8,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(attention_int8_kernel, grid, args, kwargs, k.device, _interpreted), out, lse, qz
+    return Launch(attention_int8_kernel, grid, args, kwargs, k8.device, _interpreted), out, lse
 
 
 def _run(q, k, v, k_img, v_img, scale, pv, write_lse: bool, config: Config | None):
@@ -348,6 +384,38 @@ def attention_int8_q8_lse(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tens
     the dequantized q^ = q8 * q_scale, in the kernel: the LSE of the scores the output was computed from."""
     out, lse = _run((q8, q_scale), k, v, None, None, scale, pv, True, config)
     return out, lse[0]
+
+
+def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, pv: str | None = None) -> tuple[torch.Tensor, ...]:
+    """wan::quantize_kv_int8: one key/value set quantized as `attention_int8` quantizes it (the Triton quantizer):
+    (k int8 [B, S, H, D], k_scale fp32 [B, H, S], k_mean fp32 [B, H, D], v e4m3 (pv "fp8") / fp16 [B, S, H, Dv],
+    v_scale, v_mean fp32 [B, H, Dv]), the operands `attention_int8_quantized_lse` takes."""
+    capability = target(k, "quantize_kv_int8")
+    return quantize_kv(k, v, _resolve_pv(pv, capability), capability)
+
+
+def attention_int8_quantized_lse(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,
+                                 k_mean: torch.Tensor, v8: torch.Tensor, v_scale: torch.Tensor, v_mean: torch.Tensor,
+                                 scale: float | None = None, out_dtype: torch.dtype | None = None, *,
+                                 config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """wan::attention_int8_quantized_lse: `attention_int8_q8_lse` on K and V quantized already (`quantize_kv_int8`;
+    a ring's blocks quantized once by their owner): (out [B, Sq, H, Dv] in `out_dtype`, None: float32; lse [B, H,
+    Sq] fp32). The P.V precision is v8's (e4m3: fp8, fp16: fp16); the same kernel launch as attention_int8_q8_lse
+    after its quantizer."""
+    launch, out, lse = prepare_quantized(q8, q_scale, (k8, k_scale, k_mean, v8, v_scale, v_mean), scale, out_dtype,
+                                         config, target(k8, "attention_int8_quantized_lse"))
+    if launch is not None:
+        run(launch)
+    return out, lse[0]
+
+
+def prepare_quantized(q8, q_scale, kv: tuple, scale, out_dtype, config: Config | None, capability):
+    """`attention_int8_quantized_lse`'s kernel launch (Launch or None when empty, out, lse [1, B, H, Sq]) on q8,
+    q_scale and one quantized key/value set `kv` (quantize_kv_int8's six tensors)."""
+    _resolve_pv("fp8" if kv[3].dtype == torch.float8_e4m3fn else "fp16", capability)  # e4m3 V needs fp8 MMA
+    s = 1.0 / math.sqrt(q8.shape[-1]) if scale is None else float(scale)
+    qz = Quantized(q8, (q_scale * (s * LOG2E)).contiguous(), (kv,))
+    return kernel_launch(qz, out_dtype or torch.float32, True, True, config, capability)
 
 
 def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,

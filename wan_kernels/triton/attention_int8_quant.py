@@ -39,7 +39,7 @@ from triton.runtime.jit import JITFunction
 from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
 from wan_kernels.triton.nvfp4 import e4m3_code
 
-__all__ = ["Quantized", "launch_bytes", "quantize", "quantize_launches", "to_e4m3", "token_mean"]
+__all__ = ["Quantized", "launch_bytes", "quantize", "quantize_kv", "quantize_launches", "to_e4m3", "token_mean"]
 
 LOG2E = 1.4426950408889634
 E4M3_MAX = 448.0
@@ -218,6 +218,14 @@ def _v(v, pv: str, capability, launch):
     return out, scale, mean
 
 
+def quantize_kv(k, v, pv: str, capability=None, launch: Callable[[Launch], None] = run) -> tuple:
+    """One key/value set (new tensors): (k int8 [B, S, H, D], k_scale [B, H, S], k_mean [B, H, D], v e4m3 / fp16
+    [B, S, H, Dv], v_scale, v_mean [B, H, Dv]); the kernel's operands of that set (wan::quantize_kv_int8)."""
+    k_mean = _stats(k, False, launch)[0]
+    k8, ks, _ = _int8(k, k_mean, 1.0, (), 0.0, launch)
+    return (k8, ks, k_mean, *_v(v, pv, capability, launch))
+
+
 def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, capability=None,
              launch: Callable[[Launch], None] = run) -> Quantized:
     """Quantize every operand of one wan::attention_int8 call (new tensors; the inputs are never written); q may be
@@ -225,16 +233,13 @@ def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, ca
     with an LSE the attention kernel takes it from q8, SHIFT_Q8).
     `capability` None = the interpreter's kernels (software e4m3); `launch` runs each kernel (`run`), or collects
     it (readiness, the cost model: meta tensors)."""
-    sets = []
-    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
-        k_mean = _stats(kt, False, launch)[0]
-        k8, ks, _ = _int8(kt, k_mean, 1.0, (), 0.0, launch)
-        sets.append((k8, ks, k_mean, *_v(vt, pv, capability, launch)))
+    sets = tuple(quantize_kv(kt, vt, pv, capability, launch)
+                 for kt, vt in (((k, v),) if k_img is None else ((k, v), (k_img, v_img))))
     if isinstance(q, tuple):  # quantized already (wan::qk_norm_rope_int8): its scales get the fold, as _int8's
-        return Quantized(q[0], (q[1] * (scale * LOG2E)).contiguous(), tuple(sets))  # [B, H, Sq], any strides in
+        return Quantized(q[0], (q[1] * (scale * LOG2E)).contiguous(), sets)  # [B, H, Sq], any strides in
     means = tuple(st[2] for st in sets) if lse else ()
     q8, qs, shift = _int8(q, None, scale * LOG2E, means, scale, launch)
-    return Quantized(q8, qs, tuple(sets), shift)
+    return Quantized(q8, qs, sets, shift)
 
 
 def quantize_launches(q, k, v, k_img, v_img, pv: str, lse: bool, capability) -> list[Launch]:

@@ -22,13 +22,17 @@ gets the same full output. Inside the forward:
     kernel (per token and head, as on one process) and its INT8 codes and fp32 scales cross the all-to-all in
     q's place, packed with k and v in one byte buffer (4 + 4 D + D bytes per token and head at bf16 instead of
     6 D). Without a ring each rank holds whole heads and runs `wan::attention_int8_q8` (K smoothed and quantized
-    over all tokens, as on one process); the ring's blocks run `wan::attention_int8_q8_lse` (each block's keys
-    smoothed by their own mean, which the LSE is corrected for with the dequantized q, so the fp32 merge is that
-    of the scores the blocks' outputs were computed from; q is never quantized again per block).
+    over all tokens, as on one process); in a ring each rank quantizes its own K/V block once
+    (`wan::quantize_kv_int8`: the block's keys smoothed by their own mean) and the codes travel round the ring
+    (`kv8_layout`: 260 bytes per token and head at D = 128 with fp8 P.V, 388 with fp16, instead of 512 at bf16);
+    every rank runs `wan::attention_int8_quantized_lse` on each block, whose LSE is corrected for the smoothing
+    with the dequantized q, so the fp32 merge is that of the scores the blocks' outputs were computed from (q and
+    the blocks are never quantized again).
 The sub-groups get the timeout of the group they split (`group_timeout`; torch's new_group would give them
 its 30 min default), so a stopped or dead rank fails the others' collectives after the caller's timeout.
 Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes
-(8-bit: q's codes and scales for q); ring (R - 1) x the local K/V block (`wan_model.cost.parallel_comm`).
+(8-bit: q's codes and scales for q); ring (R - 1) x the local K/V block (8-bit: its codes and scales)
+(`wan_model.cost.parallel_comm`).
 
 Training (backward through the collectives). Every rank passes the same full inputs and computes the same loss
 from the full output; then every rank's gradients (of the inputs and of every parameter) are the single-process
@@ -224,9 +228,9 @@ class SequenceParallel:
         `pv`: None, wan::attention (ring: attention_lse) on a float q; else the 8-bit attention with that P.V
         precision on q quantized by the projection's kernel, (q8 int8 [B, n, H, D], q_scale fp32 [B, H, n]): its
         codes and scales cross the all-to-all in place of q (`_to_heads_q8`) and the attention is
-        wan::attention_int8_q8 (ring: attention_int8_q8_lse, whose LSE is smoothing-corrected, so the blocks merge
-        as they do in bf16; q is never quantized again per block). Inference only: an input requiring grad is
-        refused."""
+        wan::attention_int8_q8 (ring: `_ring_int8`, each block quantized once by its owner and attended with
+        attention_int8_quantized_lse, whose LSE is smoothing-corrected, so the blocks merge as they do in bf16).
+        Inference only: an input requiring grad is refused."""
         quantized = isinstance(q, tuple)
         if quantized != (pv is not None):
             raise ValueError("SequenceParallel.attention: the 8-bit attention takes q quantized (q8, q_scale), "
@@ -287,13 +291,31 @@ class SequenceParallel:
         return _Ring.apply(q, k, v, self)
 
     def _ring_int8(self, q, k, v, pv: str):
-        """`_ring` of a quantized q, (q8, q_scale), on wan::attention_int8_q8_lse (no autograd: inference only);
-        each block's keys smoothed by their own mean, which its LSE accounts for with q8 * q_scale (the q its
-        scores were computed from)."""
+        """`_ring` of a quantized q, (q8, q_scale), inference only. Each rank quantizes its own K/V block once
+        (wan::quantize_kv_int8: the block's valid keys smoothed by their own mean, INT8 per key, V per channel) and
+        the codes travel round the ring in one byte buffer per block (`kv8_layout`: ~half the bytes of bf16 K and V
+        with fp8 P.V); every rank runs wan::attention_int8_quantized_lse on each block as it comes (no quantizer
+        pass on received blocks), whose LSE is corrected with q8 * q_scale (the q its scores were computed from),
+        and merges the blocks' fp32 outputs."""
+        from wan_kernels.ref.attention_int8 import resolve_pv
         from wan_kernels.routing import bind
 
-        int8_lse = bind("attention_int8_q8_lse", self.lse_impl, k.device)
-        out, _ = _ring_merge(q, k, v, self, lambda q_, k_, v_: int8_lse(*q_, k_, v_, None, pv))
+        quantize = bind("quantize_kv_int8", self.lse_impl, k.device)
+        attention = bind("attention_int8_quantized_lse", self.lse_impl, k.device)
+        pv = resolve_pv(pv, k.device)
+        B, Sb, h, D = k.shape
+        layout = kv8_layout(B, Sb, h, D, v.shape[-1], pv)
+        own = self._valid(self.S, self.ring_rank, Sb)
+        block = torch.empty(layout_bytes(layout), dtype=torch.uint8, device=k.device)  # rows past `own`, pads: unread
+        if own:
+            for t, view in zip(quantize(k[:, :own], v[:, :own], pv), unpack(block, layout, own)):
+                view.copy_(t)
+
+        def attend(q_, buf, j):
+            valid = self._valid(self.S, j, Sb)
+            return attention(*q_, *unpack(buf, layout, valid), None, torch.float32) if valid else None
+
+        out, _ = _ring_merge(q, block, self, attend)
         return out.to(k.dtype)
 
     @staticmethod
@@ -309,20 +331,21 @@ class SequenceParallel:
             + [dist.P2POp(dist.irecv, t, group=self.ring_group, group_peer=(r - 1) % R) for t in recv])
 
 
-def _ring_merge(q, k, v, sp, attention_lse):
-    """The ring's forward: q [B, Sb, h, D] against every ring rank's K/V block, `attention_lse(q, k, v)` -> (out,
-    natural-log lse [B, h, Sb]) per block, merged in fp32; returns (out fp32, lse). Each block is passed on while
-    the current one is computed."""
-    R, r, Sb = sp.R, sp.ring_rank, k.shape[1]
-    kv = torch.stack((k, v)).contiguous()
+def _ring_merge(q, block, sp, attend):
+    """The ring's forward: q [B, Sb, h, D] against every ring rank's K/V block. `block`: this rank's block as one
+    tensor (every rank's of the same size), passed on as it is while the one in hand is computed;
+    `attend(q, block, j)` -> (out, natural-log lse [B, h, Sb]) of ring rank j's block, or None for
+    a block of padding only. Merged in fp32; returns (out fp32, lse)."""
+    R, r = sp.R, sp.ring_rank
     out = lse = None
     for step in range(R):
+        j = (r - step) % R
         if step < R - 1:  # pass the block on while this one is computed
-            nxt = torch.empty_like(kv)
-            reqs = sp._hop([kv], [nxt])
-        valid = sp._valid(sp.S, (r - step) % R, Sb)
-        if valid:
-            o_b, lse_b = attention_lse(q, kv[0, :, :valid], kv[1, :, :valid])
+            nxt = torch.empty_like(block)
+            reqs = sp._hop([block], [nxt])
+        part = attend(q, block, j)
+        if part is not None:
+            o_b, lse_b = part
             o_b = o_b.to(lse_b.dtype)
             if out is None:
                 out, lse = o_b, lse_b
@@ -333,8 +356,52 @@ def _ring_merge(q, k, v, sp, attention_lse):
         if step < R - 1:
             for req in reqs:
                 req.wait()
-            kv = nxt
+            block = nxt
     return out, lse
+
+
+def _attend_kv(attention_lse, sp, Sb: int):
+    """`_ring_merge`'s attend for a block stacked as kv [2, B, Sb, h, D]: its valid keys (no padding)."""
+    def attend(q, kv, j):
+        valid = sp._valid(sp.S, j, Sb)
+        return attention_lse(q, kv[0, :, :valid], kv[1, :, :valid], None) if valid else None
+    return attend
+
+
+_ALIGN = 16  # bytes: each piece of a packed ring block starts where a fresh allocation would (the kernels' loads)
+
+
+def kv8_layout(B: int, Sb: int, h: int, D: int, Dv: int, pv: str) -> tuple[tuple[int, tuple, torch.dtype], ...]:
+    """The byte layout of a ring block of Sb token rows quantized by wan::quantize_kv_int8 for `pv`: (byte offset,
+    shape, dtype) of k8 int8 [B, Sb, h, D], k_scale fp32 [B, h, Sb], k_mean fp32 [B, h, D], v8 (e4m3 / fp16)
+    [B, Sb, h, Dv], v_scale, v_mean fp32 [B, h, Dv], each at a multiple of 16 bytes. A block of `valid` < Sb keys
+    (padding) fills the first `valid` rows of k8, k_scale and v8 (`unpack`)."""
+    pieces = (((B, Sb, h, D), torch.int8), ((B, h, Sb), torch.float32), ((B, h, D), torch.float32),
+              ((B, Sb, h, Dv), torch.float8_e4m3fn if pv == "fp8" else torch.float16),
+              ((B, h, Dv), torch.float32), ((B, h, Dv), torch.float32))
+    layout, offset = [], 0
+    for shape, dtype in pieces:
+        layout.append((offset, shape, dtype))
+        offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    return tuple(layout)
+
+
+def layout_bytes(layout) -> int:
+    """The size of a buffer holding `layout` (`kv8_layout`), a multiple of 16 bytes."""
+    offset, shape, dtype = layout[-1]
+    return offset + -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+
+
+def unpack(buf: torch.Tensor, layout, valid: int) -> tuple[torch.Tensor, ...]:
+    """Views of a ring block's byte buffer (`kv8_layout`) as quantize_kv_int8's outputs for its first `valid` keys:
+    k8 [B, valid, h, D], k_scale [B, h, valid] (rows of the buffer's Sb), k_mean, v8 [B, valid, h, Dv], v_scale,
+    v_mean."""
+    views = []
+    for i, (offset, shape, dtype) in enumerate(layout):
+        n = math.prod(shape) * dtype.itemsize
+        t = buf[offset:offset + n].view(dtype).view(shape)
+        views.append(t[:, :valid] if i in (0, 3) else t[..., :valid] if i == 1 else t)
+    return tuple(views)
 
 
 class _Ring(torch.autograd.Function):
@@ -348,7 +415,8 @@ class _Ring(torch.autograd.Function):
         from wan_kernels.routing import bind
 
         attention_lse = bind("attention_lse", sp.lse_impl, q.device)
-        out, lse = _ring_merge(q, k, v, sp, lambda q_, k_, v_: attention_lse(q_, k_, v_, None))
+        kv = torch.stack((k, v)).contiguous()
+        out, lse = _ring_merge(q, kv, sp, _attend_kv(attention_lse, sp, k.shape[1]))
         ctx.sp, ctx.S = sp, sp.S
         ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
