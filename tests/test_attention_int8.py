@@ -339,14 +339,17 @@ def test_default_pv_by_arch():
 # The op: wan::attention_int8 / wan::attention_int8_lse
 
 OPS = ("attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse", "quantize_kv_int8",
-       "attention_int8_quantized_lse")
+       "attention_int8_quantized_lse", "kv_stats")
 # Worst-head NRMSE vs fp64 that the op's default (pv="auto" = fp8 on CPU) reaches on Wan-like hd128 inputs with an
 # image set (CASES["wan-hd128-i2v"], measured 0.026), with ~2x headroom: the bound the model test multiplies out.
 OP_NRMSE = 0.05
 
 
 def _args(op, pv="auto"):
-    """The op's samples with this pv (attention_int8_quantized_lse: its K/V set quantized for it, out_dtype None)."""
+    """The op's samples with this pv (attention_int8_quantized_lse: its K/V set quantized for it, out_dtype None;
+    kv_stats has no pv)."""
+    if op == "kv_stats":
+        return samples.op_inputs()[op]
     if op == "attention_int8_quantized_lse":
         q8, qs, k, v, scale, _ = samples.op_inputs()["attention_int8_q8_lse"]
         return (q8, qs, *R.quantize_kv_int8(k, v, pv), scale, None)
@@ -615,6 +618,46 @@ def test_quantized_lse_is_q8_lse_on_the_quantized_block(pv, kernel_means):
     assert torch.equal(out32.to(k.dtype), out)  # the bf16 output is the fp32 one rounded once
 
 
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_a_key_set_quantized_in_parts_equals_the_whole(pv):
+    """What Ulysses does per rank: kv_stats of each part of a key set, summed / maxed / mined (the all-reduces),
+    kv_stats_finish, quantize_kv_int8 of each part with those statistics: concatenated, the codes and scales are
+    those of quantizing the whole set with the same statistics, bit for bit, on both backends (and the Triton
+    quantizer's equal the reference's); the statistics are the whole set's own to fp32 summation order."""
+    _, k, v, _, _ = wan_like(2, 5, 333, 2, 64, seed=3, dtype=torch.bfloat16)
+    v = v * (1e5 if pv == "fp16" else 1)          # bf16 V beyond fp16's range: power-of-two scales
+    parts = [(0, 100), (100, 256), (256, 333)]
+    for impl in ("ref", "triton"):
+        stats = [wan_kernels.kv_stats(k[:, a:b], v[:, a:b], impl=impl) for a, b in parts]
+        k_sum, v_sum = sum(st[0] for st in stats), sum(st[1] for st in stats)
+        v_max = torch.stack([st[2] for st in stats]).amax(0)
+        v_min = torch.stack([st[3] for st in stats]).amin(0)
+        k_mean, v_mean, v_scale = R.kv_stats_finish(k_sum, v_sum, v_max, v_min, 333, pv)
+        own = R.kv_stats_finish(*R.kv_stats(k, v), 333, pv)
+        for a, b in zip((k_mean, v_mean, v_scale), own):
+            assert (a - b).abs().max().item() <= 333 * 2.0 ** -24 * (1 + b.abs().max().item())
+        kw = dict(pv=pv, k_mean=k_mean, v_mean=v_mean, v_scale=v_scale, impl=impl)
+        pieces = [wan_kernels.quantize_kv_int8(k[:, a:b], v[:, a:b], **kw) for a, b in parts]
+        whole = wan_kernels.quantize_kv_int8(k, v, **kw)
+        assert _same(torch.cat([p[0] for p in pieces], 1), whole[0]) and _same(torch.cat([p[3] for p in pieces], 1),
+                                                                               whole[3])
+        assert _same(torch.cat([p[1] for p in pieces], -1), whole[1])
+        assert all(_same(p[i], whole[i]) for p in pieces for i in (2, 4, 5))
+        assert all(not any(t is x for x in (k_mean, v_mean, v_scale)) for t in whole)  # outputs alias no input
+        if impl == "triton":
+            assert all(_same(a, b) for a, b in zip(whole, R.quantize_kv_int8(k, v, pv, k_mean, v_mean, v_scale)))
+        assert pv == "fp8" or (whole[5] == 0).all() and whole[4].max().item() > 1
+
+
+def test_kv_stats_kernel_equals_reference_to_summation_order():
+    _, k, v, _, _ = wan_like(2, 5, 1500, 3, 64, seed=2, dtype=torch.bfloat16)
+    got, want = T.kv_stats(k, v), R.kv_stats(k, v)
+    assert all(a.dtype == torch.float32 and a.shape == b.shape == (2, 3, 64) for a, b in zip(got, want))
+    for a, b, x in zip(got, want, (k, v, v, v)):
+        bound = 1500 * 2.0 ** -24 * x.float().abs().max().item() if a is got[0] or a is got[1] else 0.0
+        assert (a - b).abs().max().item() <= bound
+
+
 def test_quantized_lse_reads_a_ring_buffers_views_in_place():
     """A ring block of fewer valid keys than its buffer's rows: k8 / v8 [B, Sb, H, D] sliced to the valid keys and
     k_scale [B, H, Sb] sliced likewise (row stride Sb, not Sk) give the result of the same operands made contiguous,
@@ -659,6 +702,14 @@ def test_quantized_lse_errors_quote_the_operand():
         wan_kernels.quantize_kv_int8(k, v[:, :7])
     with pytest.raises(ValueError, match="quantize_kv_int8: pv must be one of"):
         wan_kernels.quantize_kv_int8(k, v, pv="int4")
+    mean = torch.zeros(2, 2, 64)
+    with pytest.raises(ValueError, match=r"quantize_kv_int8: k_mean, v_mean and v_scale go together, each float32 "
+                                         r"\[B, H, D or Dv\] on k's device: v_mean must be \[2, 2, 64\], got None"):
+        wan_kernels.quantize_kv_int8(k, v, k_mean=mean)
+    with pytest.raises(ValueError, match=r"v_scale must be \[2, 2, 64\], got torch.float64 shape \(2, 2, 64\)"):
+        torch.ops.wan.quantize_kv_int8(k, v, "auto", mean, mean, mean.double())
+    with pytest.raises(ValueError, match=r"kv_stats: v must be \[B, S, H, Dv\]"):
+        wan_kernels.kv_stats(k, v[:, :7])
     with pytest.raises(ValueError, match=r"pv='fp8' needs fp8 tensor cores \(sm_89 or later\), got sm_80"):
         T._resolve_pv("fp8", (8, 0))
 
@@ -694,5 +745,5 @@ def test_python_m_wan_kernels_lists_the_ops(capsys):
 
     assert main(["--no-check"]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()
-            if line.strip().startswith(("attention_int8", "quantize_kv_int8"))}
+            if line.strip().startswith(("attention_int8", "quantize_kv_int8", "kv_stats"))}
     assert rows == {op: list(TRITON_FROM_SM80.values()) for op in OPS}  # its self-check: tests/test_library.py

@@ -675,10 +675,12 @@ def test_cli_cost_int8(capsys):
 
 
 def test_parallel_comm_of_the_8bit_ulysses_exchange(capsys):
-    """q crosses the Ulysses all-to-all as INT8 codes + an fp32 scale per token and head, packed with k and v:
-    4 + 2 * 2 * D + D bytes (bf16 k, v) instead of 3 * 2 * D; the output's 2 D unchanged. Wan-14B (D = 128):
-    (644 + 256) / (768 + 256) of the bf16 Ulysses bytes, 12.1 % less, with or without a ring. A ring's K/V block
-    (U n tokens, h = H / U heads) travels quantized: per token and head D bytes of K codes + 4 of K's scale + D (fp8
+    """Ulysses' 8-bit exchange sends q, k and v as codes and fp32 scales, each (token, head) row 16-byte aligned
+    pieces: k8 D | v8 D (e4m3) or 2 D (fp16) | q8 D | (q_scale, k_scale) 8, rounded up to 16: at D = 128, 400 /
+    528 bytes instead of 3 * 2 * D = 768 for bf16; the output's 2 D unchanged. Wan-14B: (400 + 256) / (768 + 256)
+    of the bf16 Ulysses bytes, 35.9 % less (fp8), (528 + 256) / 1024, 23.4 % less (fp16); plus two all-reduces of
+    the K/V statistics per layer (fp32 [b, H, 2 D] each, 2 (U - 1) / U of them sent). A ring's K/V block (U n
+    tokens, h = H / U heads) travels quantized: per token and head D bytes of K codes + 4 of K's scale + D (fp8
     P.V: e4m3) or 2 D (fp16) of V, and per head K's mean and V's scale and mean (3 x 4 D), instead of 2 x 2 D.
     (What the collectives really send: tests/test_parallel.py.)"""
     c = cost.model_cost("wan2.1-t2v-14b", 832, 480, 81, batch=2)
@@ -686,13 +688,16 @@ def test_parallel_comm_of_the_8bit_ulysses_exchange(capsys):
     n_of = {P: -(-c.shape.tokens // P) for P in (2, 4, 8, 16)}
     for U in (2, 4, 8):
         for R in (1, 2):
-            plain, q8 = cost.parallel_comm(c, U, R), cost.parallel_comm(c, U, R, int8=True)
-            assert q8["ulysses"] * 1024 == plain["ulysses"] * 900 and q8["gather"] == plain["gather"]
+            plain = cost.parallel_comm(c, U, R)
             n = n_of[U * R]
-            assert plain["ring"] == L * (R - 1) * b * U * n * (H // U) * 2 * 2 * D
-            for pv, v_bytes in (("fp8", D), ("fp16", 2 * D)):
-                kv8 = cost.parallel_comm(c, U, R, int8=True, pv=pv)["ring"]
-                assert kv8 == L * (R - 1) * (b * U * n * (H // U) * (D + 4 + v_bytes) + 3 * b * (H // U) * 4 * D)
+            assert plain["ring"] == L * (R - 1) * b * U * n * (H // U) * 2 * 2 * D and plain["stats"] == 0
+            for pv, v_bytes, row in (("fp8", D, 400), ("fp16", 2 * D, 528)):
+                q8 = cost.parallel_comm(c, U, R, int8=True, pv=pv)
+                assert q8["ulysses"] * 1024 == plain["ulysses"] * (row + 256) and q8["gather"] == plain["gather"]
+                assert q8["stats"] == L * 2 * 4 * b * H * 2 * D * 2 * (U - 1) // U
+                assert q8["ring"] == L * (R - 1) * (b * U * n * (H // U) * (D + 4 + v_bytes) + 3 * b * (H // U) * 4 * D)
     assert cli_main(["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--ulysses", "4", "--int8"]) == 0
-    assert "8-bit self-attention in every layer: ulysses 8.845 GB (q as INT8 codes + fp32 scales: 12.1% less)" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8-bit self-attention in every layer, P.V fp8: ulysses 6.447 GB (q, k, v as INT8 / e4m3 codes + fp32 " \
+        "scales: 35.9% less) + statistics 4.92 MB" in out
+    assert "P.V fp16: ulysses 7.705 GB (q, k, v as INT8 / fp16 codes + fp32 scales: 23.4% less)" in out

@@ -148,8 +148,8 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
     models, results = {}, {}
-    sent = {"ulysses": 0, "ring": 0, "gather": 0}  # bytes this rank sends, counted at the torch.distributed calls
-    a2a, p2p, gather = dist.all_to_all_single, dist.batch_isend_irecv, dist.all_gather
+    sent = {"ulysses": 0, "stats": 0, "ring": 0, "gather": 0}  # bytes this rank sends, at the torch.distributed calls
+    a2a, p2p, gather, reduce = dist.all_to_all_single, dist.batch_isend_irecv, dist.all_gather, dist.all_reduce
 
     def all_to_all_single(out, inp, *a, group=None, **kw):
         sent["ulysses"] += inp.nbytes * (dist.get_world_size(group) - 1) // dist.get_world_size(group)
@@ -163,7 +163,12 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
         sent["gather"] += x.nbytes * (len(parts) - 1)
         return gather(parts, x, *a, **kw)
 
+    def all_reduce(t, *a, group=None, **kw):  # as a ring all-reduce sends: 2 (P - 1) / P of the tensor
+        sent["stats"] += t.nbytes * 2 * (dist.get_world_size(group) - 1) // dist.get_world_size(group)
+        return reduce(t, *a, group=group, **kw)
+
     dist.all_to_all_single, dist.batch_isend_irecv, dist.all_gather = all_to_all_single, batch_isend_irecv, all_gather
+    dist.all_reduce = all_reduce
 
     def record(name, value):
         results[name] = value
@@ -207,7 +212,7 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
         with torch.no_grad():
             want = model(*args)
             model.enable_parallelism(ulysses_degree=u, ring_degree=r)
-            sent.update(ulysses=0, ring=0, gather=0)
+            sent.update(ulysses=0, stats=0, ring=0, gather=0)
             got = model(*args)
             model.disable_parallelism()
             again = model(*args)
@@ -223,10 +228,10 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
             model.set_attention("int8", dense_layers=())
             single = model(*args)
             model.enable_parallelism(ulysses_degree=u, ring_degree=r)
-            sent.update(ulysses=0, ring=0, gather=0)
+            sent.update(ulysses=0, stats=0, ring=0, gather=0)
             got = model(*args)
             sent_forward = dict(sent)
-            exchange = _q8_exchange(model._parallel) if u > 1 else None
+            exchange = _qkv8_exchange(model._parallel) if u > 1 else None
             fused = [b.attn1.project_qkv.__name__ for b in model.blocks]
         try:  # inference only: a parallel int8 forward with inputs requiring grad is refused
             model(*[a.clone().requires_grad_() if a is not None and a.is_floating_point() and a.ndim > 2 else a
@@ -254,24 +259,44 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
     dist.destroy_process_group()
 
 
-def _q8_exchange(sp) -> dict[str, bool]:
-    """`_to_heads_q8` (q's codes and scales packed with k, v in one byte all-to-all) vs `_to_heads` of the same
-    values as fp32 (exact for codes, scales and bf16 / fp32 k, v): per (k dtype, D, Dv) whether every piece
-    arrived bit for bit. D = 6 pads each packed row (4 + 4 * 6 + 6 = 34 bytes at bf16 -> 36)."""
+def _qkv8_exchange(sp) -> dict[str, bool]:
+    """`_to_heads_qkv8` (K and V quantized on each rank with the group's all-reduced statistics, their codes packed
+    with q's in one byte all-to-all) vs `_to_heads` of the same float tensors followed by quantize_kv_int8 of the
+    gathered set with those statistics: per (k dtype, D, Dv, pv) whether q's codes and scales arrived bit for bit,
+    K's and V's codes and scales equal the gathered quantization's bit for bit, and the statistics equal the
+    gathered set's own (kv_stats_finish of its sums) to fp32 summation order (K's sums in another order), and the
+    views the kernel reads are 16-byte aligned. D = 6, Dv = 10 pad every piece of the row to 16 bytes."""
+    from wan_kernels import quantize_kv_int8
+    from wan_kernels.ref.attention_int8 import kv_stats, kv_stats_finish
+
     g = torch.Generator().manual_seed(sp.rank)
     B, n, H = 2, 3, 4
+    sp.S = sp.size * n  # no padding
     out = {}
-    for dtype, D, Dv in ((torch.bfloat16, 128, 128), (torch.bfloat16, 6, 10), (torch.float32, 64, 64)):
+    for dtype, D, Dv, pv in ((torch.bfloat16, 128, 128, "fp8"), (torch.bfloat16, 6, 10, "fp16"),
+                             (torch.float32, 64, 64, "fp8")):
         q8 = torch.randint(-127, 128, (B, n, H, D), generator=g, dtype=torch.int8)
         qs = torch.rand(B, H, n, generator=g) + 1e-3
-        k, v = (torch.randn(B, n, H, d, generator=g).to(dtype) for d in (D, Dv))
-        (g8, gs), gk, gv = sp._to_heads_q8(q8, qs, k, v)
+        k, v = (torch.randn(B, n, H, d, generator=g).to(dtype) + 3 for d in (D, Dv))
+        (g8, gs), kv = sp._to_heads_qkv8(q8, qs, k, v, pv)
         wq, ws, wk = sp._to_heads(torch.stack((q8.float(), qs.transpose(1, 2)[..., None].expand(B, n, H, D),
                                                 k.float())))
         wv = sp._to_heads(torch.stack((v.float(),) * 3))[0]
-        out[f"{dtype}-{D}-{Dv}"] = (torch.equal(g8.float(), wq) and gs.dtype == torch.float32
-                                    and torch.equal(gs, ws[..., 0].transpose(1, 2)) and gk.dtype == gv.dtype == dtype
-                                    and torch.equal(gk.float(), wk) and torch.equal(gv.float(), wv))
+        gathered_k, gathered_v = wk.to(dtype), wv.to(dtype)
+        want = quantize_kv_int8(gathered_k, gathered_v, pv=pv, k_mean=kv[2], v_mean=kv[5], v_scale=kv[4])
+        own = kv_stats_finish(*kv_stats(gathered_k, gathered_v), gathered_k.shape[1], pv)
+        same = [torch.equal(*(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (a, b)))
+                for a, b in zip(kv, want)]
+        close = [(a - b).abs().max().item() <= 1e-5 * (1 + b.abs().max().item()) for a, b in zip((kv[2], kv[5], kv[4]),
+                                                                                               own)]
+        # the kernel reads q8, k8, v8 in place: 16-byte aligned pointers and strides where D is a multiple of 16
+        # (Triton then specialises the launch as for fresh tensors, the AOT-checked one)
+        aligned = D % 16 or all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0
+                                                               for st in t.stride()[:-1]) for t in (g8, kv[0], kv[3]))
+        out[f"{dtype}-{D}-{Dv}-{pv}"] = (torch.equal(g8.float(), wq) and gs.dtype == torch.float32
+                                         and torch.equal(gs, ws[..., 0].transpose(1, 2)) and all(same) and all(close)
+                                         and kv[3].dtype == (torch.float8_e4m3fn if pv == "fp8" else torch.float16)
+                                         and bool(aligned))
     return out
 
 
@@ -348,10 +373,10 @@ def test_parallel_int8_self_attention(runs, world, name):
 @pytest.mark.subprocess
 @pytest.mark.parametrize("world,name", [(w, n) for w, cases in INT8_CASES.items() for n in cases])
 def test_cost_model_counts_the_bytes_of_the_8bit_exchanges(runs, world, name):
-    """wan_model.cost.parallel_comm(int8=True, act_bytes=4) = what the 8-bit fp32 run sent: q's INT8 codes and fp32
-    scales cross the Ulysses all-to-all instead of q, and the ring's K/V blocks travel quantized (K's INT8 codes, V
-    in e4m3: "auto" on CPU is fp8), each fewer bytes than the float exchange of the same model; the gather is
-    unchanged."""
+    """wan_model.cost.parallel_comm(int8=True, act_bytes=4) = what the 8-bit fp32 run sent: q, k and v cross the
+    Ulysses all-to-all as codes and scales (V in e4m3: "auto" on CPU is fp8) after two small all-reduces of the
+    K/V statistics, and the ring's K/V blocks travel quantized, each fewer bytes than the float exchange of the same
+    model; the gather is unchanged."""
     from wan_model import cost
     from wan_model.core.config import WanConfig
 
@@ -360,7 +385,7 @@ def test_cost_model_counts_the_bytes_of_the_8bit_exchanges(runs, world, name):
     want = cost.parallel_comm(c, u, r, int8=True, act_bytes=4)
     plain = cost.parallel_comm(c, u, r, act_bytes=4)
     assert (want["ulysses"] < plain["ulysses"]) == (u > 1) and (want["ring"] < plain["ring"]) == (r > 1)
-    assert want["gather"] == plain["gather"]
+    assert want["gather"] == plain["gather"] and plain["stats"] == 0 and (want["stats"] > 0) == (u > 1)
     for rank in range(world):
         got = runs[world][0][rank][name]["sent"]
         assert got == {k: want[k] for k in got}, (rank, got, want)

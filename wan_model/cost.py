@@ -948,9 +948,11 @@ def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool =
     """Bytes ONE rank sends in one forward of `c` under wan_model/core/parallel.py with (ulysses, ring) degrees
     (it receives as many). P = U R ranks hold n = ceil(S / P) tokens (activations of `act_bytes`, bf16: 2).
       ulysses: per layer, q, k, v before and the attention output after: 4 b n C, of which (U - 1) / U leaves;
-               `int8` (every layer's self-attention 8-bit: `set_attention("int8", dense_layers=())`): q's INT8
-               codes and fp32 scales instead of q, packed with k and v in rows of 4 + 2 A D + D bytes per token and
-               head (rounded up to a multiple of 4);
+               `int8` (every layer's self-attention 8-bit: `set_attention("int8", dense_layers=())`): q, k and v
+               as their codes and fp32 scales, in rows of `wan_model.core.parallel.qkv8_row(D, D, pv)` bytes per
+               token and head (400 at D = 128 with fp8 P.V, 528 with fp16), and the output;
+      stats:   `int8` with Ulysses: per layer, the all-reduces of the K/V statistics (fp32 sums [b, H, 2 D] and
+               extrema [b, H, 2 D]), counted as a ring all-reduce sends: 2 (U - 1) / U of them;
       ring:    per layer, the K/V block (U n tokens x C / U channels = 2 b n C) makes R - 1 hops; `int8`: the
                block quantized once by its owner (`wan_model.core.parallel.kv8_layout` for `pv`: K's INT8 codes,
                V in e4m3 / fp16, fp32 scales and means, 16-byte aligned pieces) instead;
@@ -958,16 +960,16 @@ def parallel_comm(c: ModelCost, ulysses: int = 1, ring: int = 1, *, int8: bool =
     s, cfg = c.shape, c.config
     P, b, C, L, H = ulysses * ring, s.batch, cfg.dim, cfg.num_layers, cfg.num_attention_heads
     n = math.ceil(s.tokens / P)
-    row = 3 * act_bytes * (C // H)                                     # q, k, v of one token and head
+    D = C // H
+    row, block, stats = 3 * act_bytes * D, 2 * b * n * C * act_bytes, 0     # q, k, v of one token and head
     if int8:
-        row = -(-(4 + 2 * act_bytes * (C // H) + C // H) // 4) * 4
-    block = 2 * b * n * C * act_bytes
-    if int8:
-        from wan_model.core.parallel import kv8_layout, layout_bytes
+        from wan_model.core.parallel import kv8_layout, layout_bytes, qkv8_row
 
-        block = layout_bytes(kv8_layout(b, ulysses * n, H // ulysses, C // H, C // H, pv))
+        row = qkv8_row(D, D, pv)[1]
+        block = layout_bytes(kv8_layout(b, ulysses * n, H // ulysses, D, D, pv))
+        stats = L * 2 * (4 * b * H * 2 * D) * 2 * (ulysses - 1) // ulysses
     out = {"ulysses": L * (b * n * H * row + b * n * C * act_bytes) * (ulysses - 1) // ulysses,
-           "ring": L * (ring - 1) * block,
+           "stats": stats, "ring": L * (ring - 1) * block,
            "gather": (P - 1) * b * n * C * act_bytes}
     out["total"] = sum(out.values())
     return out
@@ -1003,9 +1005,12 @@ def format_parallel(c: ModelCost, ulysses: int, ring: int, int8: bool = False) -
              f"sends {comm['total'] / 1e9:.3f} GB (ulysses {comm['ulysses'] / 1e9:.3f}, ring "
              f"{comm['ring'] / 1e9:.3f}, gather {comm['gather'] / 1e9:.3f})"]
     if int8 and ulysses > 1:
-        q8 = parallel_comm(c, ulysses, ring, int8=True)
-        lines.append(f"  8-bit self-attention in every layer: ulysses {q8['ulysses'] / 1e9:.3f} GB (q as INT8 codes "
-                     f"+ fp32 scales: {100 * (1 - q8['ulysses'] / comm['ulysses']):.1f}% less)")
+        for pv in ("fp8", "fp16"):
+            q8 = parallel_comm(c, ulysses, ring, int8=True, pv=pv)
+            lines.append(f"  8-bit self-attention in every layer, P.V {pv}: ulysses {q8['ulysses'] / 1e9:.3f} GB "
+                         f"(q, k, v as INT8 / {'e4m3' if pv == 'fp8' else 'fp16'} codes + fp32 scales: "
+                         f"{100 * (1 - q8['ulysses'] / comm['ulysses']):.1f}% less) + statistics "
+                         f"{q8['stats'] / 1e6:.2f} MB")
     if int8 and ring > 1:
         for pv in ("fp8", "fp16"):
             kv8 = parallel_comm(c, ulysses, ring, int8=True, pv=pv)

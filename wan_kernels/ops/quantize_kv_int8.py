@@ -20,7 +20,7 @@ __all__ = ["quantize_kv_int8"]
 OP = "quantize_kv_int8"
 
 
-def check_quantize_kv_int8(k, v, pv="auto") -> None:
+def check_quantize_kv_int8(k, v, pv="auto", k_mean=None, v_mean=None, v_scale=None) -> None:
     if k.dim() != 4:
         raise ValueError(f"{OP}: k must be [B, S, H, D], got shape {shape_of(k)}")
     if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
@@ -35,9 +35,18 @@ def check_quantize_kv_int8(k, v, pv="auto") -> None:
         raise ValueError(f"{OP}: k has no tokens (shape {shape_of(k)})")
     if pv not in PV_MODES:
         raise ValueError(f"{OP}: pv must be one of {PV_MODES}, got {pv!r}")
+    stats = {"k_mean": k_mean, "v_mean": v_mean, "v_scale": v_scale}
+    if any(t is not None for t in stats.values()):
+        B, _, H, D = k.shape
+        for name, t in stats.items():
+            want = (B, H, D if name == "k_mean" else v.shape[-1])
+            if t is None or t.dtype != torch.float32 or tuple(t.shape) != want or t.device != k.device:
+                raise ValueError(f"{OP}: k_mean, v_mean and v_scale go together, each float32 [B, H, D or Dv] on k's "
+                                 f"device: {name} must be {list(want)}, got "
+                                 f"{'None' if t is None else f'{t.dtype} shape {shape_of(t)} on {t.device}'}")
 
 
-def fake_quantize_kv_int8(k, v, pv="auto"):
+def fake_quantize_kv_int8(k, v, pv="auto", k_mean=None, v_mean=None, v_scale=None):
     B, S, H, D = k.shape
     Dv = v.shape[-1]
     v_dtype = torch.float8_e4m3fn if resolve_pv(pv, k.device) == "fp8" else torch.float16
@@ -53,14 +62,16 @@ def samples_quantize_kv_int8(s):
 
 SPEC = register(OpSpec(
     name=OP,
-    schema="quantize_kv_int8(Tensor k, Tensor v, str pv=\"auto\") -> (Tensor k8, Tensor k_scale, Tensor k_mean, "
-           "Tensor v8, Tensor v_scale, Tensor v_mean)",
+    schema="quantize_kv_int8(Tensor k, Tensor v, str pv=\"auto\", Tensor? k_mean=None, Tensor? v_mean=None, "
+           "Tensor? v_scale=None) -> (Tensor k8, Tensor k_scale, Tensor k_mean_out, Tensor v8, Tensor v_scale_out, "
+           "Tensor v_mean_out)",
     check=check_quantize_kv_int8, ref=ref.quantize_kv_int8, samples=samples_quantize_kv_int8,
     fake=fake_quantize_kv_int8, training_op="attention_lse", triton=triton_attention_int8.quantize_kv_int8, cpp=False,
 ))
 
 
-def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, *, pv: str = "auto", impl: str = "auto"
+def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, *, pv: str = "auto", k_mean: torch.Tensor | None = None,
+                     v_mean: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, impl: str = "auto"
                      ) -> tuple[torch.Tensor, ...]:
     """One key/value set quantized for `attention_int8_quantized_lse`, exactly as `attention_int8` quantizes it.
 
@@ -68,5 +79,9 @@ def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, *, pv: str = "auto", impl
     k_scale float32 [B, H, S] (k - k_mean ~ k8 * k_scale per token), k_mean float32 [B, H, D] (over the S tokens),
     v8 [B, S, H, Dv] (pv "fp8": float8_e4m3fn of (v - v_mean) / v_scale; "fp16": float16 of v / v_scale, v_mean
     0), v_scale float32 [B, H, Dv] (per channel), v_mean float32 [B, H, Dv]). pv "auto": the device's P.V
-    precision (`attention_int8`). Inference only (RuntimeError naming `attention_lse` for k/v requiring grad)."""
-    return routing.resolve(OP, impl, k.device)(k, v, pv)
+    precision (`attention_int8`). k_mean, v_mean, v_scale (float32 [B, H, D / Dv], all or none): the statistics of
+    the whole key set when k, v hold a part of its tokens (a rank's share before an exchange: `kv_stats` summed
+    over the parts, then `kv_stats_finish`, wan_kernels/ref/attention_int8.py); then no statistics pass runs, and
+    the codes equal those of quantizing the whole set (fp16 V is not smoothed: v_mean is returned as zeros).
+    Inference only (RuntimeError naming `attention_lse` for k/v requiring grad)."""
+    return routing.resolve(OP, impl, k.device)(k, v, pv, k_mean, v_mean, v_scale)

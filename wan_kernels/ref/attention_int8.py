@@ -36,7 +36,7 @@ import torch
 from wan_kernels.hardware import default_pv
 
 __all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse",
-           "attention_int8_quantized_lse", "quantize_kv_int8"]
+           "attention_int8_quantized_lse", "kv_stats", "quantize_kv_int8"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -219,12 +219,47 @@ def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, 
     return out.transpose(1, 2).to(k.dtype).contiguous()
 
 
-def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, pv: str = "auto", k_group: int = K_GROUP) -> tuple:
+def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """wan::kv_stats: (k_sum [B, H, D], v_sum [B, H, Dv], v_max, v_min) fp32 over the tokens: a key set's
+    quantization statistics in a form that adds up over ranks (sum / max / min all-reduces), `kv_stats_finish`
+    turns into `quantize_kv_int8`'s k_mean, v_mean, v_scale."""
+    kf, vf = k.float(), v.float()
+    return kf.sum(1), vf.sum(1), vf.amax(1), vf.amin(1)
+
+
+def kv_stats_finish(k_sum: torch.Tensor, v_sum: torch.Tensor, v_max: torch.Tensor, v_min: torch.Tensor, tokens: int,
+                    pv: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_mean, v_mean, v_scale) [B, H, D / Dv] of a key set of `tokens` tokens from its `kv_stats` (summed over
+    its parts): the statistics stages 1 and 3 use (V: amax|v - mean| / 448 for "fp8", equal to the max of
+    v_max - mean and mean - v_min since rounding is monotone; for "fp16" a power of two, 1 unless amax > 32768,
+    and mean 0: fp16 V is not smoothed)."""
+    k_mean, v_mean = k_sum / tokens, v_sum / tokens
+    if pv == "fp8":
+        return k_mean, v_mean, torch.maximum(v_max - v_mean, v_mean - v_min) / E4M3_MAX
+    amax = torch.maximum(v_max.abs(), v_min.abs())
+    return k_mean, torch.zeros_like(v_mean), torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX,
+                                                                                          min=1.0))))
+
+
+def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, pv: str = "auto", k_mean: torch.Tensor | None = None,
+                     v_mean: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     k_group: int = K_GROUP) -> tuple:
     """wan::quantize_kv_int8: stages 1-3 of one key/value set, as the 8-bit attention quantizes it: (k int8 [B, S,
     H, D], k_scale fp32 [B, H, S], k_mean fp32 [B, H, D], v e4m3 (pv "fp8") / fp16 [B, S, H, Dv], v_scale fp32 [B,
     H, Dv], v_mean fp32 [B, H, Dv]): what `attention_int8_quantized_lse` takes (a ring block quantized once by its
-    owner and sent as codes)."""
-    return quantize_sets(k, v, None, None, resolve_pv(pv, k.device), k_group)[0]
+    owner and sent as codes). k_mean, v_mean, v_scale (all or none, `kv_stats_finish`): the statistics of the whole
+    set when k, v hold a part of its tokens (a rank's, before an exchange); fp16 ignores v_mean (returns zeros)."""
+    pv = resolve_pv(pv, k.device)
+    if k_mean is None:
+        return quantize_sets(k, v, None, None, pv, k_group)[0]
+    k_mean, v_mean, v_scale = (t.to(torch.float32, copy=True) for t in (k_mean, v_mean, v_scale))  # no aliases
+    k8, ks = quantize_int8(k.float() - k_mean[:, None], k_group)
+    if pv == "fp8":
+        div = torch.where(v_scale > 0, v_scale, torch.ones_like(v_scale))
+        v8 = to_e4m3((v.float() - v_mean[:, None]) / div[:, None]).contiguous()
+    else:
+        v8, v_mean = (v.float() / v_scale[:, None]).to(torch.float16).contiguous(), torch.zeros_like(v_mean)
+    return k8, ks, k_mean, v8, v_scale, v_mean
 
 
 def pv_of(v8: torch.Tensor) -> str:
@@ -258,5 +293,5 @@ def attention_int8_q8_lse(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tens
     correction is s q^ . mean(k) of the dequantized q^ = q8 * q_scale (no float q exists): the LSE of the scores
     the output was computed from, so ring blocks merge self-consistently. = `attention_int8_quantized_lse` of
     `quantize_kv_int8(k, v)`."""
-    kv = quantize_kv_int8(k, v, pv, k_group)
+    kv = quantize_kv_int8(k, v, pv, k_group=k_group)
     return attention_int8_quantized_lse(q8, q_scale, *kv, scale, k.dtype, k_group, block_n, exp2)

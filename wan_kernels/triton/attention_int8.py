@@ -84,6 +84,7 @@ from triton.runtime.jit import JITFunction
 from wan_kernels.hardware import default_pv
 from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
 from wan_kernels.triton.attention_int8_quant import LOG2E, Quantized, quantize, quantize_kv, to_e4m3
+from wan_kernels.triton.attention_int8_quant import kv_stats as _kv_stats
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
@@ -386,12 +387,23 @@ def attention_int8_q8_lse(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tens
     return out, lse[0]
 
 
-def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, pv: str | None = None) -> tuple[torch.Tensor, ...]:
+def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, pv: str | None = None, k_mean: torch.Tensor | None = None,
+                     v_mean: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, ...]:
     """wan::quantize_kv_int8: one key/value set quantized as `attention_int8` quantizes it (the Triton quantizer):
     (k int8 [B, S, H, D], k_scale fp32 [B, H, S], k_mean fp32 [B, H, D], v e4m3 (pv "fp8") / fp16 [B, S, H, Dv],
-    v_scale, v_mean fp32 [B, H, Dv]), the operands `attention_int8_quantized_lse` takes."""
+    v_scale, v_mean fp32 [B, H, Dv]), the operands `attention_int8_quantized_lse` takes; with k_mean, v_mean,
+    v_scale given (the whole set's, `ref.kv_stats_finish`), no statistics pass."""
     capability = target(k, "quantize_kv_int8")
-    return quantize_kv(k, v, _resolve_pv(pv, capability), capability)
+    stats = None if k_mean is None else (k_mean, v_mean, v_scale)
+    return quantize_kv(k, v, _resolve_pv(pv, capability), capability, stats=stats)
+
+
+def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """wan::kv_stats: (k_sum, v_sum, v_max, v_min) [B, H, D / Dv] fp32 over the tokens (the quantizer's statistics
+    kernel)."""
+    target(k, "kv_stats")
+    return _kv_stats(k, v)
 
 
 def attention_int8_quantized_lse(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k_scale: torch.Tensor,

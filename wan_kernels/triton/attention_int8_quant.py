@@ -39,7 +39,8 @@ from triton.runtime.jit import JITFunction
 from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
 from wan_kernels.triton.nvfp4 import e4m3_code
 
-__all__ = ["Quantized", "launch_bytes", "quantize", "quantize_kv", "quantize_launches", "to_e4m3", "token_mean"]
+__all__ = ["Quantized", "kv_stats", "launch_bytes", "quantize", "quantize_kv", "quantize_launches", "to_e4m3",
+           "token_mean", "v_scale_of"]
 
 LOG2E = 1.4426950408889634
 E4M3_MAX = 448.0
@@ -168,8 +169,8 @@ def _grid_args(x: torch.Tensor, rows: int) -> tuple:
         dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
-def _stats(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
-    """(mean [B, H, D], max, min or None) of x over its tokens, fp32, from the chunk partials."""
+def _sums(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
+    """(sum [B, H, D], max, min or None) of x over its tokens, fp32, from the chunk partials."""
     B, S, H, D = x.shape
     n = triton.cdiv(S, CHUNK)
     parts = [torch.empty((B * H, n, D), dtype=torch.float32, device=x.device) for _ in range(3 if extrema else 1)]
@@ -177,10 +178,32 @@ def _stats(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
     if n and B * H:
         launch(Launch(_token_stats_kernel, (n, bh), (x, *parts, *[parts[0]] * (3 - len(parts)), S_, H_, n, *strides),
                       dict(kw, CHUNK=CHUNK, ROWS=STATS_ROWS, EXTREMA=extrema), x.device, _interpreted))
-    mean = (parts[0].sum(1) / S).reshape(B, H, D)
+    total = parts[0].sum(1).reshape(B, H, D)
     if not extrema:
-        return mean, None, None
-    return mean, parts[1].amax(1).reshape(B, H, D), parts[2].amin(1).reshape(B, H, D)
+        return total, None, None
+    return total, parts[1].amax(1).reshape(B, H, D), parts[2].amin(1).reshape(B, H, D)
+
+
+def _stats(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
+    """(mean [B, H, D], max, min or None) of x over its tokens, fp32."""
+    total, hi, lo = _sums(x, extrema, launch)
+    return total / x.shape[1], hi, lo
+
+
+def kv_stats(k: torch.Tensor, v: torch.Tensor, launch: Callable[[Launch], None] = run) -> tuple[torch.Tensor, ...]:
+    """(k_sum, v_sum, v_max, v_min) [B, H, D / Dv] fp32 over the tokens (wan::kv_stats): the statistics a key set's
+    quantization needs, in a form that adds up over ranks (sums, maxima, minima)."""
+    return (_sums(k, False, launch)[0], *_sums(v, True, launch))
+
+
+def v_scale_of(pv: str, mean: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor):
+    """V's per-channel (scale, mean) from its token mean, maximum and minimum: fp8, amax|v - mean| / 448 (= the max
+    of hi - mean and mean - lo exactly: rounding is monotone); fp16, a power of two (1 unless amax > 32768), mean 0
+    (fp16 V is not smoothed)."""
+    if pv == "fp8":
+        return torch.maximum(hi - mean, mean - lo) / E4M3_MAX, mean
+    amax = torch.maximum(hi.abs(), lo.abs())
+    return torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0)))), torch.zeros_like(mean)
 
 
 def _int8(x, mean, fold: float, means: tuple, shift_scale: float, launch):
@@ -199,17 +222,13 @@ def _int8(x, mean, fold: float, means: tuple, shift_scale: float, launch):
     return out, scale, shift
 
 
-def _v(v, pv: str, capability, launch):
+def _v(v, pv: str, capability, launch, stats=None):
+    """V quantized: (v8, scale, mean); `stats` (mean, scale) given, or from V's own tokens."""
     B, S, H, D = v.shape
-    mean, hi, lo = _stats(v, True, launch)
-    if pv == "fp8":
-        scale = torch.maximum(hi - mean, mean - lo) / E4M3_MAX      # = amax|v - mean| exactly (rounding is monotone)
-        out = torch.empty((B, S, H, D), dtype=torch.float8_e4m3fn, device=v.device)
-    else:
-        amax = torch.maximum(hi.abs(), lo.abs())
-        scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0))))
+    scale, mean = v_scale_of(pv, *_stats(v, True, launch)) if stats is None else (stats[1], stats[0])
+    if pv != "fp8":
         mean = torch.zeros_like(scale)
-        out = torch.empty((B, S, H, D), dtype=torch.float16, device=v.device)
+    out = torch.empty((B, S, H, D), dtype=torch.float8_e4m3fn if pv == "fp8" else torch.float16, device=v.device)
     grid, sizes, kw = _grid_args(v, QUANT_ROWS)
     if out.numel():
         launch(Launch(_quantize_v_kernel, grid, (v, mean if pv == "fp8" else scale, scale, out, *sizes),
@@ -218,12 +237,16 @@ def _v(v, pv: str, capability, launch):
     return out, scale, mean
 
 
-def quantize_kv(k, v, pv: str, capability=None, launch: Callable[[Launch], None] = run) -> tuple:
+def quantize_kv(k, v, pv: str, capability=None, launch: Callable[[Launch], None] = run, stats=None) -> tuple:
     """One key/value set (new tensors): (k int8 [B, S, H, D], k_scale [B, H, S], k_mean [B, H, D], v e4m3 / fp16
-    [B, S, H, Dv], v_scale, v_mean [B, H, Dv]); the kernel's operands of that set (wan::quantize_kv_int8)."""
-    k_mean = _stats(k, False, launch)[0]
+    [B, S, H, Dv], v_scale, v_mean [B, H, Dv]); the kernel's operands of that set (wan::quantize_kv_int8).
+    `stats`: (k_mean, v_mean, v_scale) of the whole set when k, v are a part of it (a rank's tokens), else None:
+    from k's and v's own tokens."""
+    # indexed (b H + h) D + d; copies, so that no output is an input (the op's outputs alias nothing)
+    stats = None if stats is None else tuple(t.to(torch.float32, copy=True).contiguous() for t in stats)
+    k_mean = _stats(k, False, launch)[0] if stats is None else stats[0]
     k8, ks, _ = _int8(k, k_mean, 1.0, (), 0.0, launch)
-    return (k8, ks, k_mean, *_v(v, pv, capability, launch))
+    return (k8, ks, k_mean, *_v(v, pv, capability, launch, None if stats is None else stats[1:]))
 
 
 def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, capability=None,

@@ -515,8 +515,9 @@ class WanTransformer(nn.Module):
         forward never branches on it. An int8 self-attention gets q quantized by its projection's kernel
         (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8: bit-identical to attention_int8 on the bf16 q,
         4 D - 8 bytes fewer per token and head). Under sequence parallelism the same q: its codes and scales cross
-        Ulysses' all-to-all, the local attention is attention_int8_q8; a ring's blocks are quantized once by their
-        owner (quantize_kv_int8) and attended with attention_int8_quantized_lse (wan_model/core/parallel.py)."""
+        Ulysses' all-to-all with K's and V's (quantized before it with the group's statistics), a ring's blocks
+        are quantized once by their owner, and the attention is attention_int8_quantized_lse
+        (wan_model/core/parallel.py)."""
         if attention not in ATTENTIONS:
             raise ValueError(f"set_attention: attention must be one of {ATTENTIONS}, got {attention!r}")
         roles, L = tuple(roles), len(self.blocks)

@@ -19,20 +19,23 @@ gets the same full output. Inside the forward:
   * gather: after the last block, `all_gather` of [B, n, C] on the whole group, padding rows dropped; the head
     runs on every rank on the full sequence.
   * 8-bit self-attention (`set_attention("int8")`, inference only): q comes quantized from the projection's
-    kernel (per token and head, as on one process) and its INT8 codes and fp32 scales cross the all-to-all in
-    q's place, packed with k and v in one byte buffer (4 + 4 D + D bytes per token and head at bf16 instead of
-    6 D). Without a ring each rank holds whole heads and runs `wan::attention_int8_q8` (K smoothed and quantized
-    over all tokens, as on one process); in a ring each rank quantizes its own K/V block once
-    (`wan::quantize_kv_int8`: the block's keys smoothed by their own mean) and the codes travel round the ring
-    (`kv8_layout`: 260 bytes per token and head at D = 128 with fp8 P.V, 388 with fp16, instead of 512 at bf16);
-    every rank runs `wan::attention_int8_quantized_lse` on each block, whose LSE is corrected for the smoothing
-    with the dequantized q, so the fp32 merge is that of the scores the blocks' outputs were computed from (q and
-    the blocks are never quantized again).
+    kernel (per token and head, as on one process). With Ulysses, each rank also quantizes its own k and v
+    BEFORE the all-to-all, with the statistics of the Ulysses group's whole key set (`wan::kv_stats` of its
+    tokens, two all-reduces of [B, H, 2 D] fp32 over the group, `kv_stats_finish`), so the codes equal those of
+    quantizing the gathered set (as one process does, up to the fp32 order of the sums), and q, k and v cross the
+    all-to-all as codes and scales in one byte buffer (`qkv8_row`: 400 bytes per token and head at D = 128 with
+    fp8 P.V, 528 with fp16, instead of 768 at bf16); each rank then runs `wan::attention_int8_quantized_lse` on
+    whole heads. Without Ulysses or ring: `wan::attention_int8_q8`. In a ring each K/V block is quantized once,
+    by its owner (`wan::quantize_kv_int8` on its valid keys, or the Ulysses exchange's codes) and travels round
+    the ring as codes (`kv8_layout`: 260 bytes per token and head at D = 128 with fp8 P.V, 388 with fp16,
+    instead of 512 at bf16); every rank runs `wan::attention_int8_quantized_lse` on each block, whose LSE is
+    corrected for the smoothing with the dequantized q, so the fp32 merge is that of the scores the blocks'
+    outputs were computed from (q and the blocks are never quantized again).
 The sub-groups get the timeout of the group they split (`group_timeout`; torch's new_group would give them
 its 30 min default), so a stopped or dead rank fails the others' collectives after the caller's timeout.
 Communication per self-attention layer and rank: Ulysses 4 x (U - 1) / U of the local q, k, v, out bytes
-(8-bit: q's codes and scales for q); ring (R - 1) x the local K/V block (8-bit: its codes and scales)
-(`wan_model.cost.parallel_comm`).
+(8-bit: q's, k's and v's codes and scales, and the statistics' all-reduces); ring (R - 1) x the local K/V block
+(8-bit: its codes and scales) (`wan_model.cost.parallel_comm`).
 
 Training (backward through the collectives). Every rank passes the same full inputs and computes the same loss
 from the full output; then every rank's gradients (of the inputs and of every parameter) are the single-process
@@ -57,7 +60,6 @@ are blocking, one per parameter (no bucketing).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import torch
@@ -226,11 +228,9 @@ class SequenceParallel:
     def attention(self, q, k, v, ops, pv: str | None = None):
         """Self-attention of this rank's rows: q, k, v [B, n, H, D] -> [B, n, H, Dv] (all tokens attended).
         `pv`: None, wan::attention (ring: attention_lse) on a float q; else the 8-bit attention with that P.V
-        precision on q quantized by the projection's kernel, (q8 int8 [B, n, H, D], q_scale fp32 [B, H, n]): its
-        codes and scales cross the all-to-all in place of q (`_to_heads_q8`) and the attention is
-        wan::attention_int8_q8 (ring: `_ring_int8`, each block quantized once by its owner and attended with
-        attention_int8_quantized_lse, whose LSE is smoothing-corrected, so the blocks merge as they do in bf16).
-        Inference only: an input requiring grad is refused."""
+        precision on q quantized by the projection's kernel, (q8 int8 [B, n, H, D], q_scale fp32 [B, H, n])
+        (`_attention_int8`: Ulysses sends q, k and v as codes; a ring's blocks travel quantized). Inference only:
+        an input requiring grad is refused."""
         quantized = isinstance(q, tuple)
         if quantized != (pv is not None):
             raise ValueError("SequenceParallel.attention: the 8-bit attention takes q quantized (q8, q_scale), "
@@ -240,15 +240,42 @@ class SequenceParallel:
             raise RuntimeError("wan::attention_int8 is inference only (no gradients), but the sequence-parallel "
                                "self-attention's inputs require grad: train with set_attention('bf16'), or run "
                                "under torch.no_grad()")
+        if quantized:
+            return self._attention_int8(q, k, v, ops, pv)
         if self.U > 1:                                                         # [B, U n, H / U, D] each
-            q, k, v = self._to_heads_q8(*q, k, v) if quantized else self._to_heads(torch.stack((q, k, v)))
+            q, k, v = self._to_heads(torch.stack((q, k, v)))
         if self.R > 1:
-            out = self._ring_int8(q, k, v, pv) if quantized else self._ring(q, k, v)
+            out = self._ring(q, k, v)
         else:
             k, v = k[:, :min(self.S, k.shape[1])], v[:, :min(self.S, v.shape[1])]  # drop padding keys
-            out = (ops.attention_int8_q8(*q, k, v, None, None, None, pv) if quantized else
-                   ops.attention(q, k, v, None, None, None))
+            out = ops.attention(q, k, v, None, None, None)
         return self._to_tokens(out) if self.U > 1 else out
+
+    def _attention_int8(self, q, k, v, ops, pv: str):
+        """`attention` on q quantized by the projection, (q8, q_scale). Ulysses (U > 1): K and V are quantized on
+        each rank BEFORE the all-to-all, with the statistics of the whole key set (the Ulysses group's tokens:
+        wan::kv_stats of the rank's tokens, all-reduced over the group, `kv_stats_finish`), so their codes cross it
+        with q's (`_to_heads_qkv8`) and equal those of quantizing the gathered set; then
+        wan::attention_int8_quantized_lse on them (or the ring on that block). Without Ulysses: attention_int8_q8
+        (K and V quantized here), or the ring."""
+        from wan_kernels.ref.attention_int8 import resolve_pv
+
+        pv = resolve_pv(pv, k.device)
+        if self.U == 1:
+            if self.R > 1:
+                return self._ring_int8(q, pv, k.dtype, k, v)
+            valid = min(self.S, k.shape[1])                                    # drop padding keys
+            return ops.attention_int8_q8(*q, k[:, :valid], v[:, :valid], None, None, None, pv)
+        q, kv = self._to_heads_qkv8(*q, k, v, pv)
+        if self.R > 1:
+            out = self._ring_int8(q, pv, k.dtype, kv=kv)
+        else:
+            from wan_kernels.routing import bind
+
+            valid = min(self.S, kv[0].shape[1])
+            attention = bind("attention_int8_quantized_lse", self.lse_impl, k.device)
+            out = attention(*q, *_valid_keys(kv, valid), None, k.dtype)[0]
+        return self._to_tokens(out)
 
     def _to_heads(self, qkv):
         """[3, B, n, H, D] (all heads of n tokens) -> 3 x [B, U n, H / U, D] (the Ulysses group's tokens)."""
@@ -257,26 +284,59 @@ class SequenceParallel:
         y = _AllToAll.apply(x, self.ulysses_group)                         # y[u]: rank u's tokens, my heads
         return y.permute(1, 2, 0, 3, 4, 5).reshape(3, B, self.U * n, H // self.U, D).unbind(0)
 
-    def _to_heads_q8(self, q8, q_scale, k, v):
-        """`_to_heads` of a quantized q: q8 int8 [B, n, H, D], q_scale fp32 [B, H, n], k [B, n, H, D], v [B, n, H,
-        Dv] -> ((q8 [B, U n, h, D], q_scale [B, h, U n]), k, v [B, U n, h, D|Dv]), h = H / U. One all-to-all of
-        bytes: each (token, head) row packs q_scale | k | v | q8 (4 + A (D + Dv) + D bytes, padded to a multiple of
-        4, for k, v of A bytes an element; q, k, v would be A (2 D + Dv): 644 vs 768 bytes at bf16, D = 128). The
-        codes and scales are per token and head, so they arrive as the single-process projection made them; all
-        four come back as views of the received buffer (each at a byte offset its element size divides)."""
-        B, n, H, _ = k.shape
-        h = H // self.U
-        rows = [q_scale.transpose(1, 2).unsqueeze(-1).contiguous().view(torch.uint8), k.contiguous().view(torch.uint8),
-                v.contiguous().view(torch.uint8), q8.view(torch.uint8)]
-        ends = list(itertools.accumulate(t.shape[-1] for t in rows))     # [4, 4 + A D, 4 + A (D + Dv), ...]
-        rows.append(k.new_zeros((B, n, H, -ends[-1] % 4), dtype=torch.uint8))
-        x = torch.cat(rows, dim=-1)                                        # [B, n, H, W], W a multiple of 4
-        W = x.shape[-1]
+    def _group_kv_stats(self, k, v, pv: str):
+        """(k_mean, v_mean, v_scale) [B, H, D / Dv] of the Ulysses group's key set (ring block): wan::kv_stats of
+        this rank's valid tokens (no padding), summed (max, min) over the group, `kv_stats_finish`."""
+        from wan_kernels.ref.attention_int8 import kv_stats_finish
+        from wan_kernels.routing import bind
+
+        B, n, H, D = k.shape
+        Dv, u0 = v.shape[-1], self.ring_rank * self.U * n                  # the group's first global token
+        mine = min(max(self.S - (u0 + self.ulysses_rank * n), 0), n)
+        if mine:
+            k_sum, v_sum, v_max, v_min = bind("kv_stats", self.lse_impl, k.device)(k[:, :mine], v[:, :mine])
+        else:
+            k_sum, v_sum = k.new_zeros((B, H, D), dtype=torch.float32), v.new_zeros((B, H, Dv), dtype=torch.float32)
+            v_max, v_min = torch.full_like(v_sum, float("-inf")), torch.full_like(v_sum, float("inf"))
+        sums, extrema = torch.cat((k_sum, v_sum), -1), torch.cat((v_max, -v_min), -1)
+        dist.all_reduce(sums, group=self.ulysses_group)
+        dist.all_reduce(extrema, op=dist.ReduceOp.MAX, group=self.ulysses_group)
+        tokens = min(max(self.S - u0, 0), self.U * n)
+        if tokens == 0:  # a ring block of padding only: never attended
+            return k_sum.new_zeros((B, H, D)), v_sum.new_zeros((B, H, Dv)), v_sum.new_ones((B, H, Dv))
+        return kv_stats_finish(sums[..., :D], sums[..., D:], extrema[..., :Dv], -extrema[..., Dv:], tokens, pv)
+
+    def _to_heads_qkv8(self, q8, q_scale, k, v, pv: str):
+        """The Ulysses exchange of the 8-bit self-attention: q8 int8 [B, n, H, D], q_scale fp32 [B, H, n] and this
+        rank's k [B, n, H, D], v [B, n, H, Dv], quantized here with the group's statistics (`_group_kv_stats`) ->
+        ((q8 [B, U n, h, D], q_scale [B, h, U n]), the quantized set of the group's tokens for my h = H / U heads:
+        (k8, k_scale, k_mean, v8, v_scale, v_mean) as wan::quantize_kv_int8 gives it). One all-to-all of bytes:
+        each (token, head) row packs k8 | v8 | q8 | (q_scale, k_scale), each piece at a multiple of 16 bytes in a
+        row of a multiple of 16 bytes (`qkv8_row`), so the kernels read K and V through views of the received
+        buffer with 16-byte aligned pointers and strides. 400 bytes per token and head at D = 128 with fp8 P.V
+        (528 with fp16) instead of 768 for bf16 q, k, v (644 with q's codes and bf16 k, v). The per-head
+        statistics are the same on every rank of the group (all-reduced): not sent."""
+        from wan_kernels.routing import bind
+
+        B, n, H, D = k.shape
+        Dv, h, u = v.shape[-1], H // self.U, self.ulysses_rank
+        k_mean, v_mean, v_scale = self._group_kv_stats(k, v, pv)
+        k8, ks, _, v8, _, _ = bind("quantize_kv_int8", self.lse_impl, k.device)(k, v, pv, k_mean, v_mean, v_scale)
+        offsets, W = qkv8_row(D, Dv, pv)
+        x = torch.zeros((B, n, H, W), dtype=torch.uint8, device=k.device)
+        scales = torch.stack((q_scale, ks), -1).transpose(1, 2)              # [B, n, H, 2] fp32
+        for t, o in zip((k8, v8, q8, scales), offsets):
+            t = t.reshape(B, n, H, -1)
+            x[..., o:o + t.shape[-1] * t.element_size()] = t.contiguous().view(torch.uint8)
         y = _AllToAll.apply(x.reshape(B, n, self.U, h, W).permute(2, 0, 1, 3, 4), self.ulysses_group)
         y = y.permute(1, 0, 2, 3, 4).reshape(B, self.U * n, h, W)          # [B, U n, h, W]: the group's tokens
-        q_scale = y[..., :4].view(torch.float32).squeeze(-1).transpose(1, 2)
-        k, v = y[..., 4:ends[1]].view(k.dtype), y[..., ends[1]:ends[2]].view(v.dtype)
-        return (y[..., ends[2]:ends[3]].view(torch.int8), q_scale), k, v
+        ok, ov, oq, os_ = offsets
+        v_dtype = torch.float8_e4m3fn if pv == "fp8" else torch.float16
+        sc = y[..., os_:os_ + 8].view(torch.float32)                         # [B, U n, h, 2]
+        mine = slice(u * h, (u + 1) * h)
+        kv = (y[..., ok:ok + D].view(torch.int8), sc[..., 1].transpose(1, 2), k_mean[:, mine],
+              y[..., ov:ov + Dv * v_dtype.itemsize].view(v_dtype), v_scale[:, mine], v_mean[:, mine])
+        return (y[..., oq:oq + D].view(torch.int8), sc[..., 0].transpose(1, 2)), kv
 
     def _to_tokens(self, out):
         """[B, U n, H / U, Dv] -> [B, n, H, Dv] (this rank's tokens, all heads)."""
@@ -290,25 +350,26 @@ class SequenceParallel:
         """q [B, Sb, h, D] against the K/V blocks of every ring rank (block j: global tokens [j Sb, (j+1) Sb))."""
         return _Ring.apply(q, k, v, self)
 
-    def _ring_int8(self, q, k, v, pv: str):
-        """`_ring` of a quantized q, (q8, q_scale), inference only. Each rank quantizes its own K/V block once
-        (wan::quantize_kv_int8: the block's valid keys smoothed by their own mean, INT8 per key, V per channel) and
-        the codes travel round the ring in one byte buffer per block (`kv8_layout`: ~half the bytes of bf16 K and V
-        with fp8 P.V); every rank runs wan::attention_int8_quantized_lse on each block as it comes (no quantizer
-        pass on received blocks), whose LSE is corrected with q8 * q_scale (the q its scores were computed from),
-        and merges the blocks' fp32 outputs."""
-        from wan_kernels.ref.attention_int8 import resolve_pv
+    def _ring_int8(self, q, pv: str, dtype: torch.dtype, k=None, v=None, kv=None):
+        """`_ring` of a quantized q, (q8, q_scale), inference only. Each rank's K/V block is quantized once: here
+        (wan::quantize_kv_int8 on its valid keys, smoothed by their own mean), or before Ulysses' all-to-all (`kv`:
+        the quantized set of the block, `_to_heads_qkv8`). Its codes, scales and means travel round the ring in one
+        byte buffer per block (`kv8_layout`: ~half the bytes of bf16 K and V with fp8 P.V); every rank runs
+        wan::attention_int8_quantized_lse on each block as it comes (no quantizer pass on received blocks), whose
+        LSE is corrected with q8 * q_scale (the q its scores were computed from), and merges the fp32 outputs
+        (returned in `dtype`)."""
         from wan_kernels.routing import bind
 
-        quantize = bind("quantize_kv_int8", self.lse_impl, k.device)
-        attention = bind("attention_int8_quantized_lse", self.lse_impl, k.device)
-        pv = resolve_pv(pv, k.device)
-        B, Sb, h, D = k.shape
-        layout = kv8_layout(B, Sb, h, D, v.shape[-1], pv)
+        attention = bind("attention_int8_quantized_lse", self.lse_impl, q[0].device)
+        B, Sb, h, D = q[0].shape
+        Dv = (v if kv is None else kv[3]).shape[-1]
+        layout = kv8_layout(B, Sb, h, D, Dv, pv)
         own = self._valid(self.S, self.ring_rank, Sb)
-        block = torch.empty(layout_bytes(layout), dtype=torch.uint8, device=k.device)  # rows past `own`, pads: unread
+        block = torch.empty(layout_bytes(layout), dtype=torch.uint8, device=q[0].device)  # rows past `own`: unread
         if own:
-            for t, view in zip(quantize(k[:, :own], v[:, :own], pv), unpack(block, layout, own)):
+            if kv is None:
+                kv = bind("quantize_kv_int8", self.lse_impl, k.device)(k[:, :own], v[:, :own], pv)
+            for t, view in zip(_valid_keys(kv, own), unpack(block, layout, own)):
                 view.copy_(t)
 
         def attend(q_, buf, j):
@@ -316,7 +377,7 @@ class SequenceParallel:
             return attention(*q_, *unpack(buf, layout, valid), None, torch.float32) if valid else None
 
         out, _ = _ring_merge(q, block, self, attend)
-        return out.to(k.dtype)
+        return out.to(dtype)
 
     @staticmethod
     def _valid(S: int, j: int, Sb: int) -> int:
@@ -392,16 +453,30 @@ def layout_bytes(layout) -> int:
     return offset + -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
 
 
+def qkv8_row(D: int, Dv: int, pv: str) -> tuple[tuple[int, int, int, int], int]:
+    """The row of Ulysses' 8-bit exchange (`SequenceParallel._to_heads_qkv8`), per token and head: byte offsets of
+    k8 (D), v8 (Dv e4m3 for pv "fp8", fp16 otherwise), q8 (D) and the fp32 pair (q_scale, k_scale), each at a
+    multiple of 16, and the row's width W (a multiple of 16). D = Dv = 128: 400 bytes (fp8), 528 (fp16)."""
+    offsets, end = [], 0
+    for size in (D, Dv * (1 if pv == "fp8" else 2), D, 8):
+        end = -(-end // _ALIGN) * _ALIGN
+        offsets.append(end)
+        end += size
+    return tuple(offsets), -(-end // _ALIGN) * _ALIGN
+
+
+def _valid_keys(kv: tuple, valid: int) -> tuple:
+    """A quantized key set (k8, k_scale, k_mean, v8, v_scale, v_mean) cut to its first `valid` keys (views)."""
+    k8, ks, km, v8, vs, vm = kv
+    return k8[:, :valid], ks[..., :valid], km, v8[:, :valid], vs, vm
+
+
 def unpack(buf: torch.Tensor, layout, valid: int) -> tuple[torch.Tensor, ...]:
     """Views of a ring block's byte buffer (`kv8_layout`) as quantize_kv_int8's outputs for its first `valid` keys:
     k8 [B, valid, h, D], k_scale [B, h, valid] (rows of the buffer's Sb), k_mean, v8 [B, valid, h, Dv], v_scale,
     v_mean."""
-    views = []
-    for i, (offset, shape, dtype) in enumerate(layout):
-        n = math.prod(shape) * dtype.itemsize
-        t = buf[offset:offset + n].view(dtype).view(shape)
-        views.append(t[:, :valid] if i in (0, 3) else t[..., :valid] if i == 1 else t)
-    return tuple(views)
+    return _valid_keys(tuple(buf[o:o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                             for o, shape, dtype in layout), valid)
 
 
 class _Ring(torch.autograd.Function):
