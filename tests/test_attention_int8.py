@@ -680,6 +680,29 @@ def test_quantized_lse_reads_a_ring_buffers_views_in_place():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), impl
 
 
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_quantized_lse_reads_the_ulysses_exchange_in_place(pv):
+    """Ulysses' 8-bit exchange (wan_model/core/parallel.py): q8, k8, v8 packed in 16-byte aligned pieces of rows of
+    W bytes, then read through views of the received buffer (token stride h W, head stride W bytes; the scales'
+    token stride h W / 4 floats). The op on those views equals the op on the same operands made contiguous, on
+    both backends (the all-to-all between moves whole rows: the views' layout is the received one)."""
+    from wan_model.core.parallel import pack_qkv8, qkv8_row, unpack_qkv8
+
+    q, k, v, _, _ = wan_like(2, 70, 70, 2, 64, seed=6, dtype=torch.float32)
+    q8, qs = R.quantize_int8(q, 1)
+    k8, ks, km, v8, vs, vm = R.quantize_kv_int8(k, v, pv)
+    x = pack_qkv8(q8, qs, k8, ks, v8)
+    assert x.shape[-1] == qkv8_row(64, 64, pv)[1] == (208 if pv == "fp8" else 272)  # 3 x 64 (+ 64) + 8, to 16
+    g8, gs, gk8, gks, gv8 = unpack_qkv8(x, 64, 64, pv)
+    assert all(_same(a, b) for a, b in ((g8, q8), (gs, qs), (gk8, k8), (gks, ks), (gv8, v8)))
+    W = x.shape[-1]
+    assert gk8.stride() == (70 * 2 * W, 2 * W, W, 1) and gks.stride(-1) == 2 * W // 4
+    for impl in ("ref", "triton"):
+        want = wan_kernels.attention_int8_quantized_lse(q8, qs, k8, ks, km, v8, vs, vm, impl=impl)
+        got = wan_kernels.attention_int8_quantized_lse(g8, gs, gk8, gks, km, gv8, vs, vm, impl=impl)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), impl
+
+
 def test_quantized_lse_errors_quote_the_operand():
     args = list(_args("attention_int8_quantized_lse"))
     cases = [(2, args[2].float(), r"k8 must be int8 \[B, Sk, H, D\] = \[2, 8, 2, 64\], got torch.float32"),

@@ -322,21 +322,13 @@ class SequenceParallel:
         Dv, h, u = v.shape[-1], H // self.U, self.ulysses_rank
         k_mean, v_mean, v_scale = self._group_kv_stats(k, v, pv)
         k8, ks, _, v8, _, _ = bind("quantize_kv_int8", self.lse_impl, k.device)(k, v, pv, k_mean, v_mean, v_scale)
-        offsets, W = qkv8_row(D, Dv, pv)
-        x = torch.zeros((B, n, H, W), dtype=torch.uint8, device=k.device)
-        scales = torch.stack((q_scale, ks), -1).transpose(1, 2)              # [B, n, H, 2] fp32
-        for t, o in zip((k8, v8, q8, scales), offsets):
-            t = t.reshape(B, n, H, -1)
-            x[..., o:o + t.shape[-1] * t.element_size()] = t.contiguous().view(torch.uint8)
+        x = pack_qkv8(q8, q_scale, k8, ks, v8)                               # [B, n, H, W]
+        W = x.shape[-1]
         y = _AllToAll.apply(x.reshape(B, n, self.U, h, W).permute(2, 0, 1, 3, 4), self.ulysses_group)
         y = y.permute(1, 0, 2, 3, 4).reshape(B, self.U * n, h, W)          # [B, U n, h, W]: the group's tokens
-        ok, ov, oq, os_ = offsets
-        v_dtype = torch.float8_e4m3fn if pv == "fp8" else torch.float16
-        sc = y[..., os_:os_ + 8].view(torch.float32)                         # [B, U n, h, 2]
+        q8, q_scale, k8, ks, v8 = unpack_qkv8(y, D, Dv, pv)
         mine = slice(u * h, (u + 1) * h)
-        kv = (y[..., ok:ok + D].view(torch.int8), sc[..., 1].transpose(1, 2), k_mean[:, mine],
-              y[..., ov:ov + Dv * v_dtype.itemsize].view(v_dtype), v_scale[:, mine], v_mean[:, mine])
-        return (y[..., oq:oq + D].view(torch.int8), sc[..., 0].transpose(1, 2)), kv
+        return (q8, q_scale), (k8, ks, k_mean[:, mine], v8, v_scale[:, mine], v_mean[:, mine])
 
     def _to_tokens(self, out):
         """[B, U n, H / U, Dv] -> [B, n, H, Dv] (this rank's tokens, all heads)."""
@@ -463,6 +455,31 @@ def qkv8_row(D: int, Dv: int, pv: str) -> tuple[tuple[int, int, int, int], int]:
         offsets.append(end)
         end += size
     return tuple(offsets), -(-end // _ALIGN) * _ALIGN
+
+
+def pack_qkv8(q8, q_scale, k8, k_scale, v8) -> torch.Tensor:
+    """The rows of Ulysses' 8-bit exchange: q8, k8 int8 [B, n, H, D], v8 e4m3 / fp16 [B, n, H, Dv], q_scale,
+    k_scale fp32 [B, H, n] -> uint8 [B, n, H, W] laid out by `qkv8_row` (zero pads)."""
+    B, n, H, D = k8.shape
+    pv = "fp8" if v8.dtype == torch.float8_e4m3fn else "fp16"
+    offsets, W = qkv8_row(D, v8.shape[-1], pv)
+    x = torch.zeros((B, n, H, W), dtype=torch.uint8, device=k8.device)
+    scales = torch.stack((q_scale, k_scale), -1).transpose(1, 2)             # [B, n, H, 2] fp32
+    for t, o in zip((k8, v8, q8, scales), offsets):
+        t = t.reshape(B, n, H, -1)
+        x[..., o:o + t.shape[-1] * t.element_size()] = t.contiguous().view(torch.uint8)
+    return x
+
+
+def unpack_qkv8(y: torch.Tensor, D: int, Dv: int, pv: str) -> tuple[torch.Tensor, ...]:
+    """Views of received rows [B, S, h, W] (`pack_qkv8`): (q8 [B, S, h, D], q_scale [B, h, S], k8, k_scale, v8),
+    read by the kernels in place (16-byte aligned pieces; the scales, of token stride h W / 4, the launcher's `_rows`
+    copies)."""
+    (ok, ov, oq, os_), _ = qkv8_row(D, Dv, pv)
+    v_dtype = torch.float8_e4m3fn if pv == "fp8" else torch.float16
+    sc = y[..., os_:os_ + 8].view(torch.float32)                             # [B, S, h, 2]
+    return (y[..., oq:oq + D].view(torch.int8), sc[..., 0].transpose(1, 2), y[..., ok:ok + D].view(torch.int8),
+            sc[..., 1].transpose(1, 2), y[..., ov:ov + Dv * v_dtype.itemsize].view(v_dtype))
 
 
 def _valid_keys(kv: tuple, valid: int) -> tuple:
