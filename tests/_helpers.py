@@ -1,7 +1,7 @@
 """Helpers shared by test modules that are not fixtures (fixtures: tests/conftest.py; inputs: tests/_inputs.py;
 model builders and inputs: wan_model/testing.py; accuracy rules: wan_kernels/testing.py): the tiny variants, one
 forward of ours / of diffusers, diffusers' dtype rule and loader, NVFP4 bit-exactness, a time limit, the
-dispatcher per simulated device class, opcheck on float8 inputs."""
+dispatcher per simulated device class, opcheck and bit equality on float8 inputs."""
 
 from __future__ import annotations
 
@@ -28,6 +28,13 @@ def run_diffusers(ref, inputs):
     x, t, text, img = inputs
     with torch.no_grad():
         return ref(x, t, text, img, return_dict=False)[0]
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality of two tensors of one dtype and shape, float8_e4m3fn included (compared as bytes: torch has no
+    equality kernel for it)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        *(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (a, b)))
 
 
 def assert_same_quant(a, b):

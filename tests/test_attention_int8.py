@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class, opcheck
+from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class, bit_equal, opcheck
 import wan_kernels
 from wan_kernels import ref, samples
 from wan_kernels._spec import SPECS
@@ -577,12 +577,6 @@ def test_q8_lse_errors_quote_the_op():
 # ---------------------------------------------------------------------------------------------
 # wan::quantize_kv_int8 + wan::attention_int8_quantized_lse: a ring block quantized once by its owner
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit equality, e4m3 included (compared as bytes)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        *(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (a, b)))
-
-
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 def test_quantize_kv_kernel_equals_reference_stages(pv, kernel_means):
     """The Triton quantizer's K/V set is the reference's stages 1-3 bit for bit (given its token means), on inputs
@@ -592,7 +586,7 @@ def test_quantize_kv_kernel_equals_reference_stages(pv, kernel_means):
     before = (k.clone(), v.clone())
     got, want = T.quantize_kv_int8(k, v, pv), R.quantize_kv_int8(k, v, pv)
     assert torch.equal(k, before[0]) and torch.equal(v, before[1])
-    assert all(_same(a, b) for a, b in zip(got, want))
+    assert all(bit_equal(a, b) for a, b in zip(got, want))
     assert got[3].dtype == (torch.float8_e4m3fn if pv == "fp8" else torch.float16)
     assert pv == "fp8" or got[4].max().item() > 1
 
@@ -608,11 +602,11 @@ def test_quantized_lse_is_q8_lse_on_the_quantized_block(pv, kernel_means):
     kv = T.quantize_kv_int8(k, v, pv)
     out, lse = T.attention_int8_quantized_lse(q8, qs, *kv, None, k.dtype)
     want_out, want_lse = T.attention_int8_q8_lse(q8, qs, k, v, pv=pv)
-    assert _same(out, want_out) and _same(lse, want_lse)
+    assert bit_equal(out, want_out) and bit_equal(lse, want_lse)
     out32, lse32 = T.attention_int8_quantized_lse(q8, qs, *kv)
     ref_out, ref_lse = R.attention_int8_quantized_lse(q8, qs, *kv, block_n=T.INTERPRETER_CONFIG.BLOCK_N,
                                                       exp2=np_exp2)
-    assert out32.dtype == ref_out.dtype == torch.float32 and _same(lse32, lse)
+    assert out32.dtype == ref_out.dtype == torch.float32 and bit_equal(lse32, lse)
     assert (out32 - ref_out).abs().max().item() <= 64 * 2.0 ** -24 * v.float().abs().max().item()
     assert (lse32 - ref_lse).abs().max().item() <= 16 * 2.0 ** -24 * (ref_lse.abs().max() + 100).item()
     assert torch.equal(out32.to(k.dtype), out)  # the bf16 output is the fp32 one rounded once
@@ -639,13 +633,13 @@ def test_a_key_set_quantized_in_parts_equals_the_whole(pv):
         kw = dict(pv=pv, k_mean=k_mean, v_mean=v_mean, v_scale=v_scale, impl=impl)
         pieces = [wan_kernels.quantize_kv_int8(k[:, a:b], v[:, a:b], **kw) for a, b in parts]
         whole = wan_kernels.quantize_kv_int8(k, v, **kw)
-        assert _same(torch.cat([p[0] for p in pieces], 1), whole[0]) and _same(torch.cat([p[3] for p in pieces], 1),
-                                                                               whole[3])
-        assert _same(torch.cat([p[1] for p in pieces], -1), whole[1])
-        assert all(_same(p[i], whole[i]) for p in pieces for i in (2, 4, 5))
+        assert bit_equal(torch.cat([p[0] for p in pieces], 1), whole[0])
+        assert bit_equal(torch.cat([p[3] for p in pieces], 1), whole[3])
+        assert bit_equal(torch.cat([p[1] for p in pieces], -1), whole[1])
+        assert all(bit_equal(p[i], whole[i]) for p in pieces for i in (2, 4, 5))
         assert all(not any(t is x for x in (k_mean, v_mean, v_scale)) for t in whole)  # outputs alias no input
         if impl == "triton":
-            assert all(_same(a, b) for a, b in zip(whole, R.quantize_kv_int8(k, v, pv, k_mean, v_mean, v_scale)))
+            assert all(bit_equal(a, b) for a, b in zip(whole, R.quantize_kv_int8(k, v, pv, k_mean, v_mean, v_scale)))
         assert pv == "fp8" or (whole[5] == 0).all() and whole[4].max().item() > 1
 
 
@@ -694,7 +688,7 @@ def test_quantized_lse_reads_the_ulysses_exchange_in_place(pv):
     x = pack_qkv8(q8, qs, k8, ks, v8)
     assert x.shape[-1] == qkv8_row(64, 64, pv)[1] == (208 if pv == "fp8" else 272)  # 3 x 64 (+ 64) + 8, to 16
     g8, gs, gk8, gks, gv8 = unpack_qkv8(x, 64, 64, pv)
-    assert all(_same(a, b) for a, b in ((g8, q8), (gs, qs), (gk8, k8), (gks, ks), (gv8, v8)))
+    assert all(bit_equal(a, b) for a, b in ((g8, q8), (gs, qs), (gk8, k8), (gks, ks), (gv8, v8)))
     W = x.shape[-1]
     assert gk8.stride() == (70 * 2 * W, 2 * W, W, 1) and gks.stride(-1) == 2 * W // 4
     for impl in ("ref", "triton"):

@@ -266,6 +266,7 @@ def _qkv8_exchange(sp) -> dict[str, bool]:
     K's and V's codes and scales equal the gathered quantization's bit for bit, and the statistics equal the
     gathered set's own (kv_stats_finish of its sums) to fp32 summation order (K's sums in another order), and the
     views the kernel reads are 16-byte aligned. D = 6, Dv = 10 pad every piece of the row to 16 bytes."""
+    from _helpers import bit_equal
     from wan_kernels import quantize_kv_int8
     from wan_kernels.ref.attention_int8 import kv_stats, kv_stats_finish
 
@@ -285,8 +286,7 @@ def _qkv8_exchange(sp) -> dict[str, bool]:
         gathered_k, gathered_v = wk.to(dtype), wv.to(dtype)
         want = quantize_kv_int8(gathered_k, gathered_v, pv=pv, k_mean=kv[2], v_mean=kv[5], v_scale=kv[4])
         own = kv_stats_finish(*kv_stats(gathered_k, gathered_v), gathered_k.shape[1], pv)
-        same = [torch.equal(*(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (a, b)))
-                for a, b in zip(kv, want)]
+        same = [bit_equal(a, b) for a, b in zip(kv, want)]
         close = [(a - b).abs().max().item() <= 1e-5 * (1 + b.abs().max().item()) for a, b in zip((kv[2], kv[5], kv[4]),
                                                                                                own)]
         # the kernel reads q8, k8, v8 in place: 16-byte aligned pointers and strides where D is a multiple of 16

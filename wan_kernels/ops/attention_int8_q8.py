@@ -21,9 +21,8 @@ __all__ = ["attention_int8_q8"]
 OP = "attention_int8_q8"
 
 
-def check_attention_int8_q8(q8, q_scale, k, v, k_img=None, v_img=None, scale=None, pv="auto", *, op: str = OP
-                            ) -> None:
-    """The argument contract of attention_int8_q8 (`op`: the name the messages quote; also attention_int8_q8_lse)."""
+def check_q8(op: str, q8, q_scale) -> None:
+    """A query quantized already: q8 int8 [B, Sq, H, D] and q_scale float32 [B, H, Sq] on q8's device."""
     if q8.dtype != torch.int8 or q8.dim() != 4:
         raise ValueError(f"{op}: q8 must be int8 [B, Sq, H, D], got {q8.dtype} shape {shape_of(q8)}")
     B, Sq, H, _ = q8.shape
@@ -32,6 +31,12 @@ def check_attention_int8_q8(q8, q_scale, k, v, k_img=None, v_img=None, scale=Non
                          f"{shape_of(q8)}, got {q_scale.dtype} shape {shape_of(q_scale)}")
     if q_scale.device != q8.device:
         raise ValueError(f"{op}: q_scale is on {q_scale.device}, q8 on {q8.device}")
+
+
+def check_attention_int8_q8(q8, q_scale, k, v, k_img=None, v_img=None, scale=None, pv="auto", *, op: str = OP
+                            ) -> None:
+    """The argument contract of attention_int8_q8 (`op`: the name the messages quote; also attention_int8_q8_lse)."""
+    check_q8(op, q8, q_scale)
     if k.dim() != 4:
         raise ValueError(f"{op}: k must be [B, Sk, H, D], got shape {shape_of(k)}")
     # q8 stands in for a q of k's dtype (an expanded 1-element tensor: no memory): the [B, S, H, D] contract

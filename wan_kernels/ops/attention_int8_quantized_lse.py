@@ -13,6 +13,7 @@ import torch
 from wan_kernels import ref, routing
 from wan_kernels._checks import FLOAT_DTYPES, shape_of
 from wan_kernels._spec import OpSpec, register
+from wan_kernels.ops.attention_int8_q8 import check_q8
 from wan_kernels.ops.attention_int8_q8_lse import samples_attention_int8_q8_lse
 from wan_kernels.ops.attention_lse import attention_lse_flops
 from wan_kernels.ref.attention_int8 import quantize_kv_int8
@@ -33,14 +34,12 @@ def _want(name: str, t, dtype: torch.dtype | tuple, shape: tuple, what: str) -> 
 
 def check_attention_int8_quantized_lse(q8, q_scale, k8, k_scale, k_mean, v8, v_scale, v_mean, scale=None,
                                        out_dtype=None) -> None:
-    if q8.dtype != torch.int8 or q8.dim() != 4:
-        raise ValueError(f"{OP}: q8 must be int8 [B, Sq, H, D], got {q8.dtype} shape {shape_of(q8)}")
+    check_q8(OP, q8, q_scale)
     B, Sq, H, D = q8.shape
     if k8.dim() != 4 or v8.dim() != 4:
         raise ValueError(f"{OP}: k8 and v8 must be [B, Sk, H, D] and [B, Sk, H, Dv], got shapes {shape_of(k8)} and "
                          f"{shape_of(v8)}")
     Sk, Dv = k8.shape[1], v8.shape[-1]
-    _want("q_scale", q_scale, torch.float32, (B, H, Sq), "[B, H, Sq]")
     _want("k8", k8, torch.int8, (B, Sk, H, D), "[B, Sk, H, D]")
     _want("k_scale", k_scale, torch.float32, (B, H, Sk), "[B, H, Sk]")
     _want("k_mean", k_mean, torch.float32, (B, H, D), "[B, H, D]")
@@ -49,8 +48,8 @@ def check_attention_int8_quantized_lse(q8, q_scale, k8, k_scale, k_mean, v8, v_s
     _want("v_mean", v_mean, torch.float32, (B, H, Dv), "[B, H, Dv]")
     if Sk == 0:
         raise ValueError(f"{OP}: k8 has no keys (shape {shape_of(k8)})")
-    for name, t in (("q_scale", q_scale), ("k8", k8), ("k_scale", k_scale), ("k_mean", k_mean), ("v8", v8),
-                    ("v_scale", v_scale), ("v_mean", v_mean)):
+    for name, t in (("k8", k8), ("k_scale", k_scale), ("k_mean", k_mean), ("v8", v8), ("v_scale", v_scale),
+                    ("v_mean", v_mean)):
         if t.device != q8.device:
             raise ValueError(f"{OP}: {name} is on {t.device}, q8 on {q8.device}")
     if scale is not None and not scale > 0:

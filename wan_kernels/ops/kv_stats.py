@@ -20,10 +20,7 @@ OP = "kv_stats"
 
 
 def check_kv_stats(k, v) -> None:
-    try:
-        check_quantize_kv_int8(k, v)
-    except ValueError as e:
-        raise ValueError(str(e).replace("quantize_kv_int8:", f"{OP}:", 1)) from None
+    check_quantize_kv_int8(k, v, op=OP)
 
 
 def fake_kv_stats(k, v):

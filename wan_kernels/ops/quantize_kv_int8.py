@@ -20,28 +20,29 @@ __all__ = ["quantize_kv_int8"]
 OP = "quantize_kv_int8"
 
 
-def check_quantize_kv_int8(k, v, pv="auto", k_mean=None, v_mean=None, v_scale=None) -> None:
+def check_quantize_kv_int8(k, v, pv="auto", k_mean=None, v_mean=None, v_scale=None, *, op: str = OP) -> None:
+    """The argument contract of quantize_kv_int8 (`op`: the name the messages quote; also kv_stats)."""
     if k.dim() != 4:
-        raise ValueError(f"{OP}: k must be [B, S, H, D], got shape {shape_of(k)}")
+        raise ValueError(f"{op}: k must be [B, S, H, D], got shape {shape_of(k)}")
     if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{OP}: v must be [B, S, H, Dv] = [{', '.join(map(str, k.shape[:3]))}, Dv] matching k "
+        raise ValueError(f"{op}: v must be [B, S, H, Dv] = [{', '.join(map(str, k.shape[:3]))}, Dv] matching k "
                          f"{shape_of(k)}, got shape {shape_of(v)}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{OP}: {name} must be float16/bfloat16/float32, got {t.dtype} (shape {shape_of(t)})")
+            raise ValueError(f"{op}: {name} must be float16/bfloat16/float32, got {t.dtype} (shape {shape_of(t)})")
     if v.device != k.device:
-        raise ValueError(f"{OP}: v is on {v.device}, k on {k.device}")
+        raise ValueError(f"{op}: v is on {v.device}, k on {k.device}")
     if k.shape[1] == 0:
-        raise ValueError(f"{OP}: k has no tokens (shape {shape_of(k)})")
+        raise ValueError(f"{op}: k has no tokens (shape {shape_of(k)})")
     if pv not in PV_MODES:
-        raise ValueError(f"{OP}: pv must be one of {PV_MODES}, got {pv!r}")
+        raise ValueError(f"{op}: pv must be one of {PV_MODES}, got {pv!r}")
     stats = {"k_mean": k_mean, "v_mean": v_mean, "v_scale": v_scale}
     if any(t is not None for t in stats.values()):
         B, _, H, D = k.shape
         for name, t in stats.items():
             want = (B, H, D if name == "k_mean" else v.shape[-1])
             if t is None or t.dtype != torch.float32 or tuple(t.shape) != want or t.device != k.device:
-                raise ValueError(f"{OP}: k_mean, v_mean and v_scale go together, each float32 [B, H, D or Dv] on k's "
+                raise ValueError(f"{op}: k_mean, v_mean and v_scale go together, each float32 [B, H, D or Dv] on k's "
                                  f"device: {name} must be {list(want)}, got "
                                  f"{'None' if t is None else f'{t.dtype} shape {shape_of(t)} on {t.device}'}")
 

@@ -81,23 +81,26 @@ def quantize_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return xi.transpose(1, 2).contiguous(), scale
 
 
-def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_v_fp8(v: torch.Tensor, mean: torch.Tensor | None = None, scale: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v [B, S, H, Dv] -> (e4m3 [B, S, H, Dv], scale [B, H, Dv], mean [B, H, Dv] fp32): v smoothed by its mean over
     tokens (Sage2's smooth_v: the softmax weights sum to 1, so the mean is added back exactly), then per channel,
-    scale = amax / 448."""
-    mean = token_mean(v)
+    scale = amax / 448. `mean`, `scale`: those of a whole set v is part of (`kv_stats_finish`), else v's own."""
+    mean = token_mean(v) if mean is None else mean
     vs = v.float() - mean[:, None]
-    scale = vs.abs().amax(dim=1) / E4M3_MAX
+    scale = vs.abs().amax(dim=1) / E4M3_MAX if scale is None else scale
     div = torch.where(scale > 0, scale, torch.ones_like(scale))
     return to_e4m3(vs / div[:, None]).contiguous(), scale, mean
 
 
-def quantize_v_fp16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_v_fp16(v: torch.Tensor, scale: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v [B, S, H, Dv] -> (fp16 [B, S, H, Dv], scale [B, H, Dv], mean [B, H, Dv] = 0): per channel, a power of
     two, 1 unless amax > 32768 (so that |v16| <= 32768 and P.V, accumulated in fp32, cannot overflow; fp16 v is
-    exact: no smoothing)."""
-    amax = v.float().abs().amax(dim=1)
-    scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0))))
+    exact: no smoothing). `scale`: that of a whole set v is part of (`kv_stats_finish`), else v's own."""
+    if scale is None:
+        amax = v.float().abs().amax(dim=1)
+        scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0))))
     return (v.float() / scale[:, None]).to(torch.float16).contiguous(), scale, torch.zeros_like(scale)
 
 
@@ -254,12 +257,7 @@ def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, pv: str = "auto", k_mean:
         return quantize_sets(k, v, None, None, pv, k_group)[0]
     k_mean, v_mean, v_scale = (t.to(torch.float32, copy=True) for t in (k_mean, v_mean, v_scale))  # no aliases
     k8, ks = quantize_int8(k.float() - k_mean[:, None], k_group)
-    if pv == "fp8":
-        div = torch.where(v_scale > 0, v_scale, torch.ones_like(v_scale))
-        v8 = to_e4m3((v.float() - v_mean[:, None]) / div[:, None]).contiguous()
-    else:
-        v8, v_mean = (v.float() / v_scale[:, None]).to(torch.float16).contiguous(), torch.zeros_like(v_mean)
-    return k8, ks, k_mean, v8, v_scale, v_mean
+    return (k8, ks, k_mean, *(quantize_v_fp8(v, v_mean, v_scale) if pv == "fp8" else quantize_v_fp16(v, v_scale)))
 
 
 def pv_of(v8: torch.Tensor) -> str:
