@@ -28,6 +28,7 @@ from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class, bit_equ
 import wan_kernels
 from wan_kernels import ref, samples
 from wan_kernels._spec import SPECS
+from wan_kernels.hardware import fp8_pv_acc16
 from wan_kernels.testing import comfy_bias, comfy_channel, e4m3_sweep, stats_per_head, wan_like
 from wan_kernels.triton import attention_int8 as T
 from wan_kernels.triton import attention_int8_quant as Q
@@ -159,7 +160,11 @@ def test_quantizer_launches_move_each_argument_once(pv, monkeypatch):
         run(launch)
         named = set()
         for t in {id(t): t for t in launch.args if isinstance(t, torch.Tensor)}.values():
-            named.update(range(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+            first = torch.zeros((), dtype=torch.int64)  # each element's byte offset (e4m3 V: strided, padded rows)
+            for n, st in zip(t.shape, t.stride()):
+                first = first[..., None] + torch.arange(n) * st * t.element_size()
+            for a in (t.data_ptr() + first.unique()).tolist():
+                named.update(range(a, a + t.element_size()))
         assert touched == named, launch.kernel.fn.__name__
         assert Q.launch_bytes(launch) == len(named)
         kernels.append(launch.kernel.fn.__name__)
@@ -170,7 +175,8 @@ def test_quantizer_launches_move_each_argument_once(pv, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
-@pytest.mark.parametrize("shape", [(1, 150, 333, 0, 2, 128), (1, 100, 200, 57, 2, 64)], ids=["hd128", "hd64-i2v"])
+@pytest.mark.parametrize("shape", [(1, 150, 333, 0, 2, 128), (1, 100, 200, 57, 2, 64), (1, 70, 128, 64, 2, 64)],
+                         ids=["hd128", "hd64-i2v", "hd64-i2v-whole-tiles"])  # 64-key tiles: with and without tails
 def test_kernel_equals_reference_emulation(pv, shape, kernel_means):
     B, Sq, Sk, Si, H, D = shape
     x = wan_like(B, Sq, Sk, H, D, Si=Si, seed=7, dtype=torch.float32)
@@ -181,6 +187,46 @@ def test_kernel_equals_reference_emulation(pv, shape, kernel_means):
     assert (out - want).abs().max().item() <= bound
     assert lse.shape == want_lse.shape == (2 if Si else 1, B, H, Sq)
     assert (lse - want_lse).abs().max().item() <= 16 * 2.0 ** -24 * (1 + want_lse.abs().max().item())
+
+
+@pytest.mark.slow
+def test_fp16_accumulated_pv_kernel_equals_reference_emulation(monkeypatch, kernel_means):
+    """The fp8 P.V of sm_89 / sm_120 (`hardware.fp8_pv_acc16`: each key tile's dot in fp16, then the fp32 total),
+    forced on the interpreter: equal to the reference's acc16 emulation to summation order, and within a few
+    1e-4 of the fp32-accumulated result (it rounds each tile's P.V to 11 bits; e4m3 P and V carry 4)."""
+    monkeypatch.setattr(T, "fp8_pv_acc16", lambda capability: True)
+    x = wan_like(1, 100, 200, 2, 64, Si=57, seed=7, dtype=torch.float32)
+    out, lse = T.attention_int8_sets(*x, pv="fp8")
+    want, want_lse = R.attention_int8_sets(*x, pv="fp8", block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2,
+                                          acc16=True)
+    bound = 64 * 2.0 ** -24 * max(t.abs().max().item() for t in x[2::2] if t is not None)
+    assert (out - want).abs().max().item() <= bound
+    assert (lse - want_lse).abs().max().item() <= 16 * 2.0 ** -24 * (1 + want_lse.abs().max().item())
+    f32 = R.attention_int8(*x, pv="fp8", block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2)
+    rel = ((out - f32).norm() / f32.norm()).item()
+    assert 0 < rel < 5e-4, rel
+
+
+def test_fp16_accumulator_holds_the_largest_tile():
+    """The worst 64-key tile for the fp16 accumulator: every weight at P's maximum 448 (equal scores) and every
+    e4m3 V code at +V_E4M3_MAX (a ring block's keys all at the top of the group's range, quantized with the group's
+    statistics): 64 x 448 x 1.75 = 50,176 < 65,504, so the output is that V exactly, finite, on the interpreter's
+    fp16-accumulated P.V. (With SageAttention's 448-scaled V it would be inf.)"""
+    assert 64 * T.E4M3_P_MAX * R.V_E4M3_MAX < T.FP16_MAX < 64 * T.E4M3_P_MAX * 2 * R.V_E4M3_MAX
+    B, S, H, D = 1, 64, 1, 64
+    q8, qs = torch.zeros(B, 16, H, D, dtype=torch.int8), torch.ones(B, H, 16)
+    k, v = torch.randn(B, S, H, D), torch.full((B, S, H, D), 3.0)
+    stats = (torch.zeros(B, H, D), torch.zeros(B, H, D), torch.full((B, H, D), 3.0 / R.V_E4M3_MAX))
+    kv = wan_kernels.quantize_kv_int8(k, v, pv="fp8", k_mean=stats[0], v_mean=stats[1], v_scale=stats[2],
+                                      impl="triton")
+    assert (kv[3].float() == R.V_E4M3_MAX).all()
+    for acc16 in (True, False):
+        T.fp8_pv_acc16, saved = (lambda capability: acc16), T.fp8_pv_acc16
+        try:
+            out = wan_kernels.attention_int8_quantized_lse(q8, qs, *kv, impl="triton")[0]
+        finally:
+            T.fp8_pv_acc16 = saved
+        assert torch.equal(out, torch.full_like(out, 3.0)), acc16
 
 
 def test_kernel_equals_reference_at_coarser_groups(monkeypatch):
@@ -333,6 +379,9 @@ def test_default_pv_by_arch():
     assert [T.default_pv(c) for c in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), None)] == \
         ["fp16", "fp16", "fp8", "fp8", "fp8", "fp8", "fp8"]
     assert math.isclose(T.LOG2_448, math.log2(448))
+    # fp8 P.V accumulates in fp16 where the fp32 accumulator runs at half rate (GeForce Ada / Blackwell)
+    caps = ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0), (12, 1), None)
+    assert [fp8_pv_acc16(c) for c in caps] == [False, False, True, False, False, False, True, True, False]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,6 +744,31 @@ def test_quantized_lse_reads_the_ulysses_exchange_in_place(pv):
         want = wan_kernels.attention_int8_quantized_lse(q8, qs, k8, ks, km, v8, vs, vm, impl=impl)
         got = wan_kernels.attention_int8_quantized_lse(g8, gs, gk8, gks, km, gv8, vs, vm, impl=impl)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), impl
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_quantized_v_has_the_kernels_layout_on_every_backend(pv):
+    """wan::quantize_kv_int8's v8 is laid out as `hardware.empty_v8` by every backend and by its fake (opcheck holds
+    the fake to the reference): e4m3 token-contiguous with (batch, head, channel) rows of 16 bytes (70 tokens ->
+    80), the K-major operand of the fp8 MMAs, read by the kernel in place; fp16 contiguous. A V in the other layout
+    gives the same bits on both backends (the launcher copies it into the kernel's: `_v_operand`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v, _, _ = wan_like(2, 40, 70, 2, 64, seed=1, dtype=torch.float32)
+    want = (2 * 64 * 80, 1, 64 * 80, 80) if pv == "fp8" else (70 * 2 * 64, 2 * 64, 64, 1)
+    kv = {impl: wan_kernels.quantize_kv_int8(k, v, pv=pv, impl=impl) for impl in ("ref", "triton")}
+    with FakeTensorMode() as mode:
+        fake = torch.ops.wan.quantize_kv_int8(mode.from_tensor(k), mode.from_tensor(v), pv)[3]
+    assert kv["ref"][3].stride() == kv["triton"][3].stride() == fake.stride() == want
+    assert T._v_operand(kv["triton"][3]) is kv["triton"][3]
+    v8 = kv["ref"][3]
+    other = v8.contiguous() if pv == "fp8" else v8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert other.stride() != want and bit_equal(other, kv["ref"][3])
+    q8, qs = R.quantize_int8(q, 1)
+    for impl in ("ref", "triton"):
+        a = wan_kernels.attention_int8_quantized_lse(q8, qs, *kv["ref"], impl=impl)
+        b = wan_kernels.attention_int8_quantized_lse(q8, qs, *kv["ref"][:3], other, *kv["ref"][4:], impl=impl)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), impl
 
 
 def test_quantized_lse_errors_quote_the_operand():

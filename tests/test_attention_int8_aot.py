@@ -8,8 +8,11 @@ tokens; hd128: 40 heads (Wan 14B) x 262,144 tokens with CFG, a long video whose 
 * the int8 MMA for Q.K^T in the PTX: `mma.sync ... s8` (sm_80/86/89/120), `wgmma ... s8` (sm_90),
   `tcgen05.mma ... kind::i8` (sm_100 under Triton 3.8; under 3.6, `make compat`, it is mma.sync: REFERENCE §10);
 * the P.V MMA of the pv mode: e4m3 (`mma.sync`/`wgmma` `.e4m3`, tcgen05 `kind::f8f6f4`) or f16 (`kind::f16`),
-  and P rounded to e4m3 once (cvt.rn.satfinite.e4m3x2.f32, never through f16);
+  and P rounded to e4m3 once (cvt.rn.satfinite.e4m3x2.f32, never through f16); the e4m3 mma.sync (sm_89 / sm_120)
+  accumulates in fp16 (`.f16.e4m3.e4m3.f16`: `hardware.fp8_pv_acc16`), wgmma and tcgen05 in fp32;
 * zero spills (cuobjdump STACK/LOCAL 0 and no STL/LDL in the SASS), registers <= 255;
+* with fp8 P.V, V's tiles reach the MMA without byte-wise shared-memory loads or stores (the e4m3 V is
+  token-contiguous, `wan_kernels.hardware.empty_v8`: 8-bit MMA operands are K-major);
 * shared memory within the arch's per-block limit (sm_86/89/120: 99 KB);
 * no 32-bit offset that wraps at those sizes (`aot.offset_overflows`: interval analysis of the PTX).
 The quantizer's kernels (statistics, int8 Q/K, fp8/fp16 V) compile the same way: no spills, IEEE division, no
@@ -41,7 +44,7 @@ KV = {"self": None, "cross": (512, 0), "i2v": (512, 257)}
 _I8 = {"mma.sync": r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32",
        "wgmma": r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8",
        "tcgen05": r"tcgen05\.mma\.cta_group::\d\.kind::i8"}
-_PV = {("mma.sync", "fp8"): r"mma\.sync\.aligned\.m16n8k32\.row\.col\.f32\.e4m3\.e4m3\.f32",
+_PV = {("mma.sync", "fp8"): r"mma\.sync\.aligned\.m16n8k32\.row\.col\.f16\.e4m3\.e4m3\.f16",  # fp16 acc
        ("mma.sync", "fp16"): r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32",
        ("wgmma", "fp8"): r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.f32\.e4m3\.e4m3",
        ("wgmma", "fp16"): r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16",
@@ -148,6 +151,11 @@ def test_config_compiles_without_spills(arch, head_dim, kind, pv, write_lse, kin
     assert r.registers <= 255, r.summary()
     if pv == "fp8":  # P to e4m3 rounded once (Triton's own cast goes through f16 toward zero on sm_89)
         assert "cvt.rn.satfinite.e4m3x2.f32" in r.ptx and "cvt.rz.f16.f32" not in r.ptx
+        # V's e4m3 tiles reach the MMA K-major (`hardware.empty_v8`): no byte-wise shared-memory access at a
+        # per-thread address (a channel-contiguous V: 256 LDS.U8 per warp and tile on sm_89 / sm_120, 32 STS.U8 on
+        # sm_90; sm_100's one or two byte accesses of a barrier flag before the loop use a uniform address, [URn])
+        bytewise = re.findall(r"\b(?:LDS|STS)\.U8\b[^;]*\[R\d", aot.sass(r.cubin_path))
+        assert not bytewise, (r.summary(), len(bytewise))
     check = aot.offset_overflows(launch, r.ptx, arch)
     assert check.checked > 0 and check.overflowing == [], check.overflowing[:4]
 

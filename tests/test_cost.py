@@ -681,7 +681,8 @@ def test_parallel_comm_of_the_8bit_ulysses_exchange(capsys):
     of the bf16 Ulysses bytes, 35.9 % less (fp8), (528 + 256) / 1024, 23.4 % less (fp16); plus two all-reduces of
     the K/V statistics per layer (fp32 [b, H, 2 D] each, 2 (U - 1) / U of them sent). A ring's K/V block (U n
     tokens, h = H / U heads) travels quantized: per token and head D bytes of K codes + 4 of K's scale + D (fp8
-    P.V: e4m3) or 2 D (fp16) of V, and per head K's mean and V's scale and mean (3 x 4 D), instead of 2 x 2 D.
+    P.V: e4m3) or 2 D (fp16) of V, and per head K's mean and V's scale and mean (3 x 4 D), instead of 2 x 2 D;
+    an e4m3 V's token rows are padded to 16 (`hardware.empty_v8`: 16,380 tokens -> 16,384).
     (What the collectives really send: tests/test_parallel.py.)"""
     c = cost.model_cost("wan2.1-t2v-14b", 832, 480, 81, batch=2)
     L, b, H, D = 40, 2, 40, 128
@@ -695,7 +696,9 @@ def test_parallel_comm_of_the_8bit_ulysses_exchange(capsys):
                 q8 = cost.parallel_comm(c, U, R, int8=True, pv=pv)
                 assert q8["ulysses"] * 1024 == plain["ulysses"] * (row + 256) and q8["gather"] == plain["gather"]
                 assert q8["stats"] == L * 2 * 4 * b * H * 2 * D * 2 * (U - 1) // U
-                assert q8["ring"] == L * (R - 1) * (b * U * n * (H // U) * (D + 4 + v_bytes) + 3 * b * (H // U) * 4 * D)
+                rows = -(-U * n // 16) * 16 if pv == "fp8" else U * n  # V's token rows (e4m3: padded to 16)
+                assert q8["ring"] == L * (R - 1) * (b * U * n * (H // U) * (D + 4) + b * rows * (H // U) * v_bytes
+                                                    + 3 * b * (H // U) * 4 * D)
     assert cli_main(["cost", "--preset", "wan2.1-t2v-14b", "--size", "832x480", "--ulysses", "4", "--int8"]) == 0
     out = capsys.readouterr().out
     assert "8-bit self-attention in every layer, P.V fp8: ulysses 6.447 GB (q, k, v as INT8 / e4m3 codes + fp32 " \

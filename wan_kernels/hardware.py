@@ -1,5 +1,6 @@
 """Peak throughput of the GPUs this package targets: the one table the benchmarks, the cost model and the
-GPU check read (REFERENCE.md section 6)."""
+GPU check read (REFERENCE.md section 6); and what their MMAs impose on 8-bit attention's operands (`default_pv`,
+`empty_v8`)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,38 @@ def default_pv(capability: tuple[int, int] | None) -> str:
     the GPU has FP8 MMAs (sm_89 and later), "fp16" below (sm_80/86). None (CPU: the reference, the Triton
     interpreter) is "fp8": the CPU emulates what the fp8 GPUs run, the accuracy most users get."""
     return "fp8" if capability is None or tuple(capability) >= FP8_MMA_CAPABILITY else "fp16"
+
+
+# bytes: an e4m3 V's (batch, head, channel) rows of tokens start at multiples of 16 (`empty_v8`)
+V8_ROW = 16
+# An e4m3 V's per-channel range: |v8| <= 1.75 = 448 / 2^8, the grid of amax/448 shifted by a power of two (the same
+# rounding except below 2^-6, 0.9 % of the channel's amax), so that a 64-key tile's P.V (P up to 448) fits the fp16
+# accumulator of the fp8 MMA on sm_89 / sm_120 (`fp8_pv_acc16`): 64 x 448 x 1.75 = 50,176 < 65,504.
+# (SageAttention2++ scales to 2.25, 64,512: another grid, measured no more accurate, and less headroom.)
+V_E4M3_MAX = 1.75
+
+
+def empty_v8(B: int, S: int, H: int, Dv: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised quantized V [B, S, H, Dv] in the layout every backend returns and the kernel reads fastest.
+    float8_e4m3fn: token-contiguous, strides (H Dv S', 1, Dv S', S') with S' = S rounded up to V8_ROW: the P.V
+    MMA's B operand is K-major (K = tokens), the only layout mma.sync m16n8k32 / wgmma / tcgen05 take for 8-bit
+    types; channel-contiguous, each key tile's B fragments were gathered byte by byte from shared memory (sm_89 /
+    sm_120: 256 LDS.U8 + 208 PRMT per warp and tile of 64 keys at head_dim 128) or transposed into it with byte
+    stores (sm_90: 32 STS.U8). float16: contiguous (ldmatrix.trans / wgmma take 16-bit operands either way)."""
+    if dtype != torch.float8_e4m3fn:
+        return torch.empty((B, S, H, Dv), dtype=dtype, device=device)
+    Sp = -(-S // V8_ROW) * V8_ROW
+    return torch.empty_strided((B, S, H, Dv), (H * Dv * Sp, 1, Dv * Sp, Sp), dtype=dtype, device=device)
+
+
+def fp8_pv_acc16(capability: tuple[int, int] | None) -> bool:
+    """Whether 8-bit attention's fp8 P.V accumulates each key tile in fp16 on this device class: on the mma.sync
+    GPUs with fp8 (sm_89 Ada, sm_12x Blackwell GeForce / RTX PRO), whose GeForce parts run the fp8 MMA at half rate
+    with an fp32 accumulator (RTX 4090: 330 vs 660 TFLOP/s) while int8 Q.K^T runs at 660: with fp32 accumulation
+    P.V would bound the kernel at 2 / (1 / 660 + 1 / 330) = 440 TOPS, below SageAttention2++'s ~490 (which
+    accumulates in fp16 too). Each tile's product is then added into the fp32 total (two-level), so the fp16 sum
+    spans at most 64 keys (V_E4M3_MAX). sm_90 / sm_100 (full-rate fp32 accumulation) and the CPU (None): fp32."""
+    if capability is None:
+        return False
+    cap = tuple(capability)
+    return FP8_MMA_CAPABILITY <= cap < (9, 0) or cap[0] == 12

@@ -11,6 +11,7 @@ import torch
 from wan_kernels import ref, routing
 from wan_kernels._checks import FLOAT_DTYPES, shape_of
 from wan_kernels._spec import OpSpec, register
+from wan_kernels.hardware import empty_v8
 from wan_kernels.ops.attention_int8 import PV_MODES, int8_samples
 from wan_kernels.ref.attention_int8 import resolve_pv
 from wan_kernels.triton import attention_int8 as triton_attention_int8
@@ -53,7 +54,7 @@ def fake_quantize_kv_int8(k, v, pv="auto", k_mean=None, v_mean=None, v_scale=Non
     v_dtype = torch.float8_e4m3fn if resolve_pv(pv, k.device) == "fp8" else torch.float16
     f32 = dict(dtype=torch.float32)
     return (k.new_empty((B, S, H, D), dtype=torch.int8), k.new_empty((B, H, S), **f32), k.new_empty((B, H, D), **f32),
-            v.new_empty((B, S, H, Dv), dtype=v_dtype), v.new_empty((B, H, Dv), **f32), v.new_empty((B, H, Dv), **f32))
+            empty_v8(B, S, H, Dv, v_dtype, v.device), v.new_empty((B, H, Dv), **f32), v.new_empty((B, H, Dv), **f32))
 
 
 def samples_quantize_kv_int8(s):
@@ -78,10 +79,11 @@ def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, *, pv: str = "auto", k_me
 
     k: [B, S, H, D], v: [B, S, H, Dv], float16/bfloat16/float32 (never written). Returns (k8 int8 [B, S, H, D],
     k_scale float32 [B, H, S] (k - k_mean ~ k8 * k_scale per token), k_mean float32 [B, H, D] (over the S tokens),
-    v8 [B, S, H, Dv] (pv "fp8": float8_e4m3fn of (v - v_mean) / v_scale; "fp16": float16 of v / v_scale, v_mean
-    0), v_scale float32 [B, H, Dv] (per channel), v_mean float32 [B, H, Dv]). pv "auto": the device's P.V
-    precision (`attention_int8`). k_mean, v_mean, v_scale (float32 [B, H, D / Dv], all or none): the statistics of
-    the whole key set when k, v hold a part of its tokens (a rank's share before an exchange: `kv_stats` summed
+    v8 [B, S, H, Dv] (pv "fp8": float8_e4m3fn of (v - v_mean) / v_scale, token-contiguous (`hardware.empty_v8`:
+    the fp8 MMA's K-major operand); "fp16": float16 of v / v_scale, v_mean 0, contiguous), v_scale float32 [B, H,
+    Dv] (per channel), v_mean float32 [B, H, Dv]). pv "auto": the device's P.V precision (`attention_int8`).
+    k_mean, v_mean, v_scale (float32 [B, H, D / Dv], all or none): the statistics of the whole key set when k, v
+    hold a part of its tokens (a rank's share before an exchange: `kv_stats` summed
     over the parts, then `kv_stats_finish`, wan_kernels/ref/attention_int8.py); then no statistics pass runs, and
     the codes equal those of quantizing the whole set (fp16 V is not smoothed: v_mean is returned as zeros).
     Inference only (RuntimeError naming `attention_lse` for k/v requiring grad)."""

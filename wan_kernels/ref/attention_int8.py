@@ -7,12 +7,13 @@ Stages (each a function the tests compare with the kernel's):
    per `group` consecutive tokens of one (batch, head) (Q: `q_group` rows, K: `k_group` keys). The softmax
    scale and log2(e) are folded into Q's scale.
 3. `quantize_v_fp8` / `quantize_v_fp16`: V per channel over all tokens of one (batch, head): e4m3 of v - mean_n(v)
-   with scale amax/448 (the mean is added to the output), or fp16 with a power-of-two scale that is 1 unless
-   amax > 32768.
+   with scale amax/1.75 (V_E4M3_MAX; the mean is added to the output), or fp16 with a power-of-two scale that is
+   1 unless amax > 32768. An e4m3 V is laid out token-contiguous (`empty_v8`): the fp8 MMAs take 8-bit operands K-major.
 4. `attend`: per key tile of `block_n` keys (the kernel's BLOCK_N, which decides where P is rounded):
        s = (q_i8 . k_i8) * q_scale * k_scale                   (int32 dot, exact in fp32: |dot| <= 127^2 D < 2^24)
        m' = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
-       fp8:  p8 = e4m3(448 p);  l = l alpha + rowsum p8;  acc = acc alpha + (p8 v8)   (fresh per tile: two-level)
+       fp8:  p8 = e4m3(448 p);  l = l alpha + rowsum p8;  acc = acc alpha + (p8 v8)   (fresh per tile: two-level;
+             `acc16`: the tile's product rounded to fp16, the accumulator of the fp8 MMA on sm_89 / sm_120)
        fp16: p16 = fp16(p);     l = l alpha + rowsum p16; acc = acc alpha + (p16 v16)
    out = acc / l * v_scale + v_mean;  lse = (m + log2(l / 448 or 1)) ln 2 + s_qk q.mean(k) (natural log, unsmoothed).
    The row max of a tile's p maps to 448 only in the tile holding the running max; others are rescaled by
@@ -33,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from wan_kernels.hardware import default_pv
+from wan_kernels.hardware import V_E4M3_MAX, default_pv, empty_v8
 
 __all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse",
            "attention_int8_quantized_lse", "kv_stats", "quantize_kv_int8"]
@@ -85,12 +86,12 @@ def quantize_v_fp8(v: torch.Tensor, mean: torch.Tensor | None = None, scale: tor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v [B, S, H, Dv] -> (e4m3 [B, S, H, Dv], scale [B, H, Dv], mean [B, H, Dv] fp32): v smoothed by its mean over
     tokens (Sage2's smooth_v: the softmax weights sum to 1, so the mean is added back exactly), then per channel,
-    scale = amax / 448. `mean`, `scale`: those of a whole set v is part of (`kv_stats_finish`), else v's own."""
+    scale = amax / V_E4M3_MAX. `mean`, `scale`: those of a whole set v is part of (`kv_stats_finish`), else v's own."""
     mean = token_mean(v) if mean is None else mean
     vs = v.float() - mean[:, None]
-    scale = vs.abs().amax(dim=1) / E4M3_MAX if scale is None else scale
+    scale = vs.abs().amax(dim=1) / V_E4M3_MAX if scale is None else scale
     div = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return to_e4m3(vs / div[:, None]).contiguous(), scale, mean
+    return empty_v8(*v.shape, torch.float8_e4m3fn, v.device).copy_(to_e4m3(vs / div[:, None])), scale, mean
 
 
 def quantize_v_fp16(v: torch.Tensor, scale: torch.Tensor | None = None
@@ -105,10 +106,12 @@ def quantize_v_fp16(v: torch.Tensor, scale: torch.Tensor | None = None
 
 
 def attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv: str, q_group: int, k_group: int, block_n: int,
-           exp2: Callable = torch.exp2):
+           exp2: Callable = torch.exp2, acc16: bool = False):
     """One key set's softmax(s) v from quantized operands (stage 4). q_i8 [B, Sq, H, D], q_scale [B, H, Gq]
     (softmax scale and log2 e folded in), k_i8 [B, Sk, H, D], k_scale [B, H, Gk], vq [B, Sk, H, Dv] e4m3/fp16,
-    v_scale, v_mean [B, H, Dv]. Returns (out [B, H, Sq, Dv] fp32, m [B, H, Sq] (log2 domain), l [B, H, Sq])."""
+    v_scale, v_mean [B, H, Dv]. acc16 (fp8): each tile's P.V rounded to fp16, as the kernel's fp8 MMA with an fp16
+    accumulator (sm_89 / sm_120) leaves it. Returns (out [B, H, Sq, Dv] fp32, m [B, H, Sq] (log2 domain),
+    l [B, H, Sq])."""
     B, Sq, H, _ = q_i8.shape
     Sk, Dv = k_i8.shape[1], vq.shape[-1]
     qf = q_i8.float().transpose(1, 2)                                                    # [B, H, Sq, D]
@@ -126,7 +129,8 @@ def attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv: str, q_group: 
         alpha = exp2(m - m_new)
         p = to_e4m3(p * E4M3_MAX).float() if pv == "fp8" else p.to(torch.float16).float()
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.matmul(p, vf[:, :, n0:n1])
+        pv_tile = torch.matmul(p, vf[:, :, n0:n1])
+        acc = acc * alpha[..., None] + (pv_tile.half().float() if acc16 and pv == "fp8" else pv_tile)
         m = m_new
     return acc / l[..., None] * v_scale[:, :, None, :] + v_mean[:, :, None, :], m, l
 
@@ -171,16 +175,17 @@ def lse_shift(q: torch.Tensor, mean: torch.Tensor, s: float) -> torch.Tensor:
 def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
                         v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "auto",
                         q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
-                        exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
+                        exp2: Callable = torch.exp2, acc16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Sq, H, Dv] in q's dtype, lse [S, B, H, Sq] fp32), S = 1 or 2 (with the image set): 8-bit
     softmax(q k^T s) v [+ softmax(q k_img^T s) v_img], s = scale or 1/sqrt(D), and each set's natural-log
-    log-sum-exp of its (unsmoothed) scores. The inputs are never written."""
+    log-sum-exp of its (unsmoothed) scores. The inputs are never written. acc16: `attend`'s."""
     pv = resolve_pv(pv, q.device)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q_i8, q_scale, sets = quantize_operands(q, k, v, k_img, v_img, s, pv, q_group, k_group)
     out, lses = 0, []
     for k_i8, k_scale, mean, vq, v_scale, v_mean in sets:
-        o, m, l = attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv, q_group, k_group, block_n, exp2)
+        o, m, l = attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv, q_group, k_group, block_n, exp2,
+                         acc16)
         out = out + o
         lses.append(smoothed_lse(m, l, pv) + lse_shift(q, mean, s))
     return out.transpose(1, 2).to(q.dtype).contiguous(), torch.stack(lses)
@@ -233,12 +238,12 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def kv_stats_finish(k_sum: torch.Tensor, v_sum: torch.Tensor, v_max: torch.Tensor, v_min: torch.Tensor, tokens: int,
                     pv: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k_mean, v_mean, v_scale) [B, H, D / Dv] of a key set of `tokens` tokens from its `kv_stats` (summed over
-    its parts): the statistics stages 1 and 3 use (V: amax|v - mean| / 448 for "fp8", equal to the max of
+    its parts): the statistics stages 1 and 3 use (V: amax|v - mean| / V_E4M3_MAX for "fp8", equal to the max of
     v_max - mean and mean - v_min since rounding is monotone; for "fp16" a power of two, 1 unless amax > 32768,
     and mean 0: fp16 V is not smoothed)."""
     k_mean, v_mean = k_sum / tokens, v_sum / tokens
     if pv == "fp8":
-        return k_mean, v_mean, torch.maximum(v_max - v_mean, v_mean - v_min) / E4M3_MAX
+        return k_mean, v_mean, torch.maximum(v_max - v_mean, v_mean - v_min) / V_E4M3_MAX
     amax = torch.maximum(v_max.abs(), v_min.abs())
     return k_mean, torch.zeros_like(v_mean), torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX,
                                                                                           min=1.0))))

@@ -7,8 +7,9 @@ Formula, per (batch, head), per key/value set j (text k, v; in I2V mode also k_i
     q_i8 = rha(q / sq),  sq = amax/127 per Q_GROUP rows;  k_i8 = rha(k~ / sk),  sk = amax/127 per K_GROUP keys
     s    = int32(q_i8 k_i8^T) * (sq * scale * log2 e) * sk   (exact int dot; scale and log2 e folded into sq)
     m'   = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
-    fp8:  v8 = e4m3((v - vm) / sv), vm = mean_n(v), sv = amax/448 per channel over all tokens;  p8 = e4m3(448 p)
-          acc = acc * alpha + dot(p8, v8)   (each tile's dot starts from 0 and is added in fp32: two-level)
+    fp8:  v8 = e4m3((v - vm) / sv), vm = mean_n(v), sv = amax/1.75 per channel over all tokens;  p8 = e4m3(448 p)
+          acc = acc * alpha + dot(p8, v8)   (each tile's dot starts from 0 and is added in fp32: two-level;
+                                              the dot accumulates in fp16 on sm_89 / sm_120: PV_ACC16)
     fp16: v16 = fp16(v / sv), sv = 1 unless amax > 32768 (a power of two);  acc = dot(fp16(p), v16, acc * alpha)
     l    = l * alpha + rowsum(rounded p);  out += acc / l * sv + vm  (vm = 0 for fp16)
     lse_j = (m + log2(l / 448 or 1)) ln 2 + s q.mean(k)
@@ -42,6 +43,14 @@ Precision trade-offs:
   dot starts fresh (BLOCK_N <= 128 keys, what Sage2 promotes at) and is added to the fp32 total by the CUDA cores.
   Triton's default `max_num_imprecise_acc` on sm_90 (no promotion inside one dot) is therefore what we want:
   the dot's K dimension IS the key tile, so passing max_num_imprecise_acc = BLOCK_N would change nothing.
+* fp16 accumulation on sm_89 / sm_120 (`hardware.fp8_pv_acc16`, PV_ACC16): there the tile's fp8 dot accumulates in
+  fp16 (`mma.sync ... f16.e4m3.e4m3.f16`, Sage2++'s "fp32+fp16"): the GeForce parts run the fp8 MMA at half rate
+  into fp32 (RTX 4090: 330 vs 660 TFLOP/s, the int8 Q.K^T's rate), which would cap the kernel at 440 TOPS. V's
+  codes are scaled to |v8| <= 1.75 (`hardware.V_E4M3_MAX`: amax/448's grid times 2^-8, the same rounding but in
+  e4m3's subnormals) so a 64-key tile's sum stays below 64 x 448 x 1.75 = 50,176 < 65,504; the launcher refuses a
+  larger BLOCK_N. Measured on the reference (tests' accuracy cases): worst-head NRMSE the same as fp32
+  accumulation's to 4 digits (e.g. Wan-like hd128 self 0.05707 -> 0.05705); SageAttention2++'s amax/2.25 (another
+  rounding grid) moved them by -11 % to +37 % (Wan-like hd64 I2V 0.0209 -> 0.0287, past the fp8 bar).
 * l sums the rounded weights (p8 / p16), so out is a convex combination of the quantized v rows.
 * Q/K/V are quantized by the Triton quantizer (`attention_int8_quant.py`: a statistics pass over k and v, then
   one quantizing pass per tensor, ~13 bytes moved per element of q at bf16). Inputs are never written (the
@@ -54,8 +63,19 @@ Precision trade-offs:
   e4m3 in software (`triton/nvfp4.py`'s `e4m3_code`, bit-exact with torch's cast: tested on a dense sweep); the
   launcher picks it with the constexpr SOFT_E4M3.
 
-Masking and offsets: query rows >= Sq load zeros and are not stored; keys >= S_j load zeros and get score -inf
-(the select runs only in a set's last, partial tile). Base offsets and scale indices are int64. head_dim and Dv
+V's layout: the kernel takes all four strides of V, and an e4m3 V is token-contiguous (`hardware.empty_v8`, what
+the quantizer writes and every backend of wan::quantize_kv_int8 returns): 8-bit MMA operands are K-major only
+(mma.sync m16n8k32's "col" B, wgmma and tcgen05 for 8-bit types), and for P.V the K dimension is the tokens. With a
+channel-contiguous e4m3 V, Triton built each key tile's B fragments byte by byte: per warp and tile at head_dim
+128, 256 LDS.U8 + 208 PRMT on sm_89 and sm_120 (ldmatrix.trans exists for 16-bit elements only), 32 STS.U8 into a
+transposed shared tile on sm_90; token-contiguous, the fragments are ldmatrix loads (44 LDSM, 16 PRMT) and on sm_90
+the tile goes to shared memory by cp.async (tests/test_attention_int8_aot.py counts them). An e4m3 V in another
+layout is transposed once by the launcher (`_v_operand`). fp16 V stays channel-contiguous (ldmatrix.trans).
+
+Masking and offsets: query rows >= Sq load zeros and are not stored; a set's whole key tiles load with no key mask,
+and its last, partial tile (`_key_tile`, MASKED: peeled off the loop) loads zeros past S_j and gives them score
+-inf. Base offsets and scale indices are int64 (V's channel stride, padded tokens, is int32: fine below 16.9 M
+tokens). head_dim and Dv
 are padded to powers of two >= 32 (int8 dot K-width) with masked loads.
 
 Tiles (`CONFIGS`, per arch class x head_dim x kind, as the bf16 kernel), checked ahead of time for sm_80/86/89/
@@ -63,7 +83,7 @@ Tiles (`CONFIGS`, per arch class x head_dim x kind, as the bf16 kernel), checked
 sm_80/86/89/120, wgmma s8 on sm_90 and tcgen05 kind::i8 on sm_100; P.V e4m3 mma.sync / wgmma / kind::f8f6f4 or
 f16. BLOCK_M 128 with 8 warps, except hd128 I2V: the first set's output stays live (fp32, 64 registers per thread
 at 128 x 128) beside the second set's accumulator, and 128x32 spilled on sm_90 (fp8), sm_100 and sm_120 (56-192
-bytes); 64x64 with 8 warps does not (REG 206-236). sm_80/86 have no fp8 MMA (Triton refuses the e4m3 type
+bytes); 64x64 with 8 warps does not (up to REG 254 with fp16-accumulated fp8 P.V on sm_120). sm_80/86 have no fp8 MMA (Triton refuses the e4m3 type
 there): `default_pv` picks fp16 and an explicit pv="fp8" is refused in `prepare`.
 
 The kernel runs on CUDA tensors, or on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1).
@@ -81,13 +101,14 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.hardware import default_pv
+from wan_kernels.hardware import V_E4M3_MAX, default_pv, empty_v8, fp8_pv_acc16
 from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
 from wan_kernels.triton.attention_int8_quant import LOG2E, Quantized, quantize, quantize_kv, to_e4m3
 from wan_kernels.triton.attention_int8_quant import kv_stats as _kv_stats
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
+E4M3_P_MAX, FP16_MAX = 448.0, 65504.0  # P's row max in e4m3; the fp16 accumulator's range (PV_ACC16)
 LOG2_448 = math.log2(448.0)
 Q_GROUP, K_GROUP = 1, 1  # per-token scales (header: Granularity)
 _LN2 = tl.constexpr(LN2)          # the kernel reads module globals only as constexprs (a float global fails to compile)
@@ -98,18 +119,57 @@ _jit = JITFunction
 
 
 @_jit
+def _key_tile(q, qs, kt_ptrs, ks_ptrs, vt_ptrs, m_i, l_i, acc, n_ok, d_ok, dv_ok,
+              PV_FP8: tl.constexpr, PV_ACC16: tl.constexpr, SOFT_E4M3: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile of one set: the online softmax's (m, l, acc) after it. MASKED: the set's last, partial tile
+    (n_ok: its keys; the others load zeros and get score -inf). The whole tiles load K and V with no key mask: a
+    mask along V's token-contiguous e4m3 rows (`hardware.empty_v8`) has no two equal neighbours, so its loads were
+    single bytes through registers instead of 16-byte cp.async (it spilled at hd64 on sm_100 and sm_120).
+    PV_ACC16: the fp8 P.V dot accumulates in fp16 (`hardware.fp8_pv_acc16`), then joins the fp32 total."""
+    if MASKED:
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0)
+        ks = tl.load(ks_ptrs, mask=n_ok, other=0.0)
+    else:
+        kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0)
+        ks = tl.load(ks_ptrs)
+    s = tl.dot(q, kt).to(tl.float32) * qs[:, None] * ks[None, :]            # int32 -> fp32, log2 domain
+    if MASKED:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    if MASKED:
+        vt = tl.load(vt_ptrs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    else:
+        vt = tl.load(vt_ptrs, mask=dv_ok[None, :], other=0.0)
+    if PV_FP8:
+        p8 = to_e4m3(p * 448.0, SOFT_E4M3)
+        l_i = l_i * alpha + tl.reduce(p8.to(tl.float32), 1, _ADD)
+        if PV_ACC16:                                                          # fresh fp8 dot: two-level
+            acc = acc * alpha[:, None] + tl.dot(p8, vt, out_dtype=tl.float16).to(tl.float32)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p8, vt)
+    else:
+        p16 = p.to(tl.float16)
+        l_i = l_i * alpha + tl.reduce(p16.to(tl.float32), 1, _ADD)
+        acc = tl.dot(p16, vt, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@_jit
 def _attention_int8_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vm_ptr, ki_ptr, kis_ptr, vi_ptr, vis_ptr, vim_ptr, o_ptr, lse_ptr,
     km_ptr, Sq, Sk, Si, H, row_qs, row_ks, row_kis,  # row_*: the scales' (b, h) row strides
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
+    stride_vb, stride_vs, stride_vh, stride_vd,
     stride_kib, stride_kis, stride_kih,
-    stride_vib, stride_vis, stride_vih,
+    stride_vib, stride_vis, stride_vih, stride_vid,
     stride_ob, stride_os, stride_oh,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
-    HAS_IMG: tl.constexpr, WRITE_LSE: tl.constexpr, PV_FP8: tl.constexpr, SOFT_E4M3: tl.constexpr,
+    HAS_IMG: tl.constexpr, WRITE_LSE: tl.constexpr, PV_FP8: tl.constexpr, PV_ACC16: tl.constexpr,
+    SOFT_E4M3: tl.constexpr,
     SHIFT_Q8: tl.constexpr = False,
 ):
     NUM_SETS: tl.constexpr = 2 if HAS_IMG else 1
@@ -141,6 +201,7 @@ def _attention_int8_kernel(
             vm_base = vm_ptr + bh * DV
             s_k = stride_ks
             s_v = stride_vs
+            s_vd = stride_vd
         else:
             kv_len = Si
             k_base = ki_ptr + b * stride_kib + h * stride_kih
@@ -150,39 +211,33 @@ def _attention_int8_kernel(
             vm_base = vim_ptr + bh * DV
             s_k = stride_kis
             s_v = stride_vis
+            s_vd = stride_vid
         k_offs = offs_n[None, :] * s_k + offs_d[:, None]                          # [BLOCK_D, BLOCK_N]: k^T tile
-        v_offs = offs_n[:, None] * s_v + offs_dv[None, :]                         # [BLOCK_N, BLOCK_DV]
+        v_offs = offs_n[:, None] * s_v + offs_dv[None, :] * s_vd                  # [BLOCK_N, BLOCK_DV]
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.full([BLOCK_M], 0.0, tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
-        for start_n in range(0, kv_len, BLOCK_N):
-            n_ok = offs_n < kv_len - start_n
-            kt = tl.load(k_base + k_offs, mask=d_ok[:, None] & n_ok[None, :], other=0)
-            ks = tl.load(ks_base + (start_n + offs_n) // K_GROUP, mask=n_ok, other=0.0)
-            s = tl.dot(q, kt).to(tl.float32) * qs[:, None] * ks[None, :]        # int32 -> fp32, log2 domain
-            if start_n + BLOCK_N > kv_len:                                        # last, partial tile only
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            vt = tl.load(v_base + v_offs, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-            if PV_FP8:
-                p8 = to_e4m3(p * 448.0, SOFT_E4M3)
-                l_i = l_i * alpha + tl.reduce(p8.to(tl.float32), 1, _ADD)
-                acc = acc * alpha[:, None] + tl.dot(p8, vt)                       # fresh fp8 dot: two-level
-            else:
-                p16 = p.to(tl.float16)
-                l_i = l_i * alpha + tl.reduce(p16.to(tl.float32), 1, _ADD)
-                acc = tl.dot(p16, vt, acc * alpha[:, None])
-            m_i = m_new
+        n_full = kv_len - kv_len % BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):                                   # whole tiles: no key mask
+            m_i, l_i, acc = _key_tile(q, qs, k_base + k_offs, ks_base + (start_n + offs_n) // K_GROUP,
+                                      v_base + v_offs, m_i, l_i, acc, offs_n, d_ok, dv_ok, PV_FP8, PV_ACC16,
+                                      SOFT_E4M3, False)
             k_base += BLOCK_N * s_k
             v_base += BLOCK_N * s_v
+        if n_full < kv_len:                                                         # the last, partial tile
+            m_i, l_i, acc = _key_tile(q, qs, k_base + k_offs, ks_base + (n_full + offs_n) // K_GROUP,
+                                      v_base + v_offs, m_i, l_i, acc, offs_n < kv_len - n_full, d_ok, dv_ok,
+                                      PV_FP8, PV_ACC16, SOFT_E4M3, True)
         vs = tl.load(vs_base + offs_dv, mask=dv_ok, other=0.0)
         vm = tl.load(vm_base + offs_dv, mask=dv_ok, other=0.0)
         if j == 0:
             out = acc / l_i[:, None] * vs[None, :] + vm[None, :]
         else:
             out += acc / l_i[:, None] * vs[None, :] + vm[None, :]
+        if j == NUM_SETS - 1:  # stored before the LSE's epilogue: the tile's registers are free for it
+            o_base = o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
+            tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & dv_ok[None, :])
         if WRITE_LSE:
             lse = m_i + tl.math.log2(l_i)
             if PV_FP8:
@@ -202,10 +257,6 @@ def _attention_int8_kernel(
                 lse = lse + q_shift * qs
             lse_base = lse_ptr + ((j * tl.num_programs(1) + bh) * Sq + start_m)
             tl.store(lse_base + offs_m, lse * _LN2, mask=row_ok)
-
-    o_base = o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_os
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_dv[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & dv_ok[None, :])
 
 
 attention_int8_kernel = _attention_int8_kernel
@@ -312,11 +363,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return _last_unit(t) if ok else t.contiguous()
 
 
+def _v_operand(v8: torch.Tensor) -> torch.Tensor:
+    """A quantized V as the kernel reads it fastest (`hardware.empty_v8`): e4m3 token-contiguous, fp16 with unit
+    last stride; a copy only when it is not (e.g. the rows of Ulysses' exchange: one pass, where a channel-contiguous
+    e4m3 V would cost the kernel byte-wise transposes in every key tile of every query block)."""
+    if v8.dtype != torch.float8_e4m3fn:
+        return _last_unit(v8)
+    if v8.stride(1) == 1 or v8.shape[1] <= 1:
+        return v8
+    return empty_v8(*v8.shape, v8.dtype, v8.device).copy_(v8)
+
+
 def _set_operands(kv: tuple) -> tuple:
-    """One key set's operands as the kernel reads them: k8 / v8 with unit last stride, k_scale `_rows`, the [B, H,
-    D] statistics contiguous (indexed (b H + h) D + d)."""
+    """One key set's operands as the kernel reads them: k8 with unit last stride, v8 `_v_operand`, k_scale `_rows`,
+    the [B, H, D] statistics contiguous (indexed (b H + h) D + d)."""
     k8, ks, km, v8, vs, vm = kv
-    return _last_unit(k8), _rows(ks), km.contiguous(), _last_unit(v8), vs.contiguous(), vm.contiguous()
+    return _last_unit(k8), _rows(ks), km.contiguous(), _v_operand(v8), vs.contiguous(), vm.contiguous()
 
 
 def kernel_launch(qz: Quantized, out_dtype: torch.dtype, write_lse: bool, shift_q8: bool, config: Config | None,
@@ -338,15 +400,20 @@ def kernel_launch(qz: Quantized, out_dtype: torch.dtype, write_lse: bool, shift_
         return None, out, lse
     if config is None:
         config = pick_config(capability, D, max(Sk, Si), has_img)
+    pv8 = v8.dtype == torch.float8_e4m3fn
+    acc16 = pv8 and fp8_pv_acc16(capability)
+    if acc16 and config.BLOCK_N * E4M3_P_MAX * V_E4M3_MAX > FP16_MAX:
+        raise ValueError(f"attention_int8 (triton): BLOCK_N={config.BLOCK_N} keys of P.V overflow the fp16 "
+                         f"accumulator (at most {int(FP16_MAX // (E4M3_P_MAX * V_E4M3_MAX))})")
     grid = (triton.cdiv(Sq, config.BLOCK_M), B * H)
     args = (q8, qs, k8, ks, v8, vs, vm, ki8, kis, vi8, vis, vim, out, lse, km,
             Sq, Sk, Si, H, qs.stride(1), ks.stride(1), kis.stride(1),
             q8.stride(0), q8.stride(1), q8.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
-            v8.stride(0), v8.stride(1), v8.stride(2), ki8.stride(0), ki8.stride(1), ki8.stride(2),
-            vi8.stride(0), vi8.stride(1), vi8.stride(2), out.stride(0), out.stride(1), out.stride(2))
+            v8.stride(0), v8.stride(1), v8.stride(2), v8.stride(3), ki8.stride(0), ki8.stride(1), ki8.stride(2),
+            vi8.stride(0), vi8.stride(1), vi8.stride(2), vi8.stride(3), out.stride(0), out.stride(1), out.stride(2))
     kwargs = dict(D=D, DV=DV, BLOCK_D=block_dim(D), BLOCK_DV=block_dim(DV), BLOCK_M=config.BLOCK_M,
                   BLOCK_N=config.BLOCK_N, Q_GROUP=Q_GROUP, K_GROUP=K_GROUP, HAS_IMG=has_img, WRITE_LSE=write_lse,
-                  PV_FP8=v8.dtype == torch.float8_e4m3fn, SOFT_E4M3=capability is None, SHIFT_Q8=shift_q8,
+                  PV_FP8=pv8, PV_ACC16=acc16, SOFT_E4M3=capability is None, SHIFT_Q8=shift_q8,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return Launch(attention_int8_kernel, grid, args, kwargs, k8.device, _interpreted), out, lse
 

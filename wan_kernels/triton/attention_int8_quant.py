@@ -7,7 +7,7 @@
     _quantize_int8_kernel one row per (token, head): x (- mean: K's smoothing) -> int8, symmetric amax/127 per row,
                           round half away from zero; writes the scale times `fold` (Q: softmax scale * log2 e),
                           and for Q with an LSE output each key set's s q.mean(k) (the smoothing's correction).
-    _quantize_v_kernel    V per channel: fp8 = e4m3((v - mean) / (amax/448)), fp16 = v / (a power of two).
+    _quantize_v_kernel    V per channel: fp8 = e4m3((v - mean) / (amax/1.75)), fp16 = v / (a power of two).
 
 Bit-exact with the reference's stages given the same means: the kernels divide with IEEE `div_rn` (as torch does;
 plain `/` may compile to div.full.f32, 2 ulp) and contract nothing (EXACT: no fma), e4m3 is cvt.rn.satfinite after
@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from wan_kernels.hardware import V_E4M3_MAX, empty_v8
 from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
 from wan_kernels.triton.nvfp4 import e4m3_code
 
@@ -128,6 +129,7 @@ def _quantize_int8_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, m0_ptr, m1_ptr, s
 
 @_jit
 def _quantize_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, S, H, stride_b, stride_s, stride_h,
+                       out_b, out_s, out_h, out_d,  # out's strides (e4m3: token-contiguous, `hardware.empty_v8`)
                        D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, FP8: tl.constexpr,
                        SOFT_E4M3: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
@@ -140,7 +142,7 @@ def _quantize_v_kernel(v_ptr, mean_ptr, scale_ptr, out_ptr, S, H, stride_b, stri
     x = tl.load(v_ptr + b * stride_b + h * stride_h + rows[:, None] * stride_s + offs_d[None, :], mask=ok,
                 other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + bh * D + offs_d, mask=d_ok, other=1.0)
-    o = ((b * S + rows) * H + h)[:, None] * D + offs_d[None, :]
+    o = b * out_b + h * out_h + rows[:, None] * out_s + offs_d[None, :] * out_d
     if FP8:
         mean = tl.load(mean_ptr + bh * D + offs_d, mask=d_ok, other=0.0)
         y = tl.math.div_rn(x - mean[None, :], tl.where(scale > 0, scale, 1.0)[None, :])
@@ -197,11 +199,11 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, launch: Callable[[Launch], None] 
 
 
 def v_scale_of(pv: str, mean: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor):
-    """V's per-channel (scale, mean) from its token mean, maximum and minimum: fp8, amax|v - mean| / 448 (= the max
-    of hi - mean and mean - lo exactly: rounding is monotone); fp16, a power of two (1 unless amax > 32768), mean 0
-    (fp16 V is not smoothed)."""
+    """V's per-channel (scale, mean) from its token mean, maximum and minimum: fp8, amax|v - mean| / V_E4M3_MAX (=
+    the max of hi - mean and mean - lo exactly: rounding is monotone); fp16, a power of two (1 unless amax > 32768),
+    mean 0 (fp16 V is not smoothed)."""
     if pv == "fp8":
-        return torch.maximum(hi - mean, mean - lo) / E4M3_MAX, mean
+        return torch.maximum(hi - mean, mean - lo) / V_E4M3_MAX, mean
     amax = torch.maximum(hi.abs(), lo.abs())
     return torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0)))), torch.zeros_like(mean)
 
@@ -228,10 +230,10 @@ def _v(v, pv: str, capability, launch, stats=None):
     scale, mean = v_scale_of(pv, *_stats(v, True, launch)) if stats is None else (stats[1], stats[0])
     if pv != "fp8":
         mean = torch.zeros_like(scale)
-    out = torch.empty((B, S, H, D), dtype=torch.float8_e4m3fn if pv == "fp8" else torch.float16, device=v.device)
+    out = empty_v8(B, S, H, D, torch.float8_e4m3fn if pv == "fp8" else torch.float16, v.device)
     grid, sizes, kw = _grid_args(v, QUANT_ROWS)
     if out.numel():
-        launch(Launch(_quantize_v_kernel, grid, (v, mean if pv == "fp8" else scale, scale, out, *sizes),
+        launch(Launch(_quantize_v_kernel, grid, (v, mean if pv == "fp8" else scale, scale, out, *sizes, *out.stride()),
                       dict(kw, ROWS=QUANT_ROWS, FP8=pv == "fp8", SOFT_E4M3=capability is None, **EXACT),
                       v.device, _interpreted))
     return out, scale, mean

@@ -66,6 +66,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from wan_kernels.hardware import empty_v8
+
 
 class _SumGrad(torch.autograd.Function):
     """A replicated tensor entering the token-split region: identity forward, gradient summed over `group`."""
@@ -312,8 +314,9 @@ class SequenceParallel:
         ((q8 [B, U n, h, D], q_scale [B, h, U n]), the quantized set of the group's tokens for my h = H / U heads:
         (k8, k_scale, k_mean, v8, v_scale, v_mean) as wan::quantize_kv_int8 gives it). One all-to-all of bytes:
         each (token, head) row packs k8 | v8 | q8 | (q_scale, k_scale), each piece at a multiple of 16 bytes in a
-        row of a multiple of 16 bytes (`qkv8_row`), so the kernels read K and V through views of the received
-        buffer with 16-byte aligned pointers and strides. 400 bytes per token and head at D = 128 with fp8 P.V
+        row of a multiple of 16 bytes (`qkv8_row`), so the kernels read q and K through views of the received
+        buffer with 16-byte aligned pointers and strides (and an fp16 V; an e4m3 V the launcher transposes into its
+        token-contiguous layout, `hardware.empty_v8`, in one pass). 400 bytes per token and head at D = 128 with fp8 P.V
         (528 with fp16) instead of 768 for bf16 q, k, v (644 with q's codes and bf16 k, v). The per-head
         statistics are the same on every rank of the group (all-reduced): not sent."""
         from wan_kernels.routing import bind
@@ -424,25 +427,28 @@ def _attend_kv(attention_lse, sp, Sb: int):
 _ALIGN = 16  # bytes: each piece of a packed ring block starts where a fresh allocation would (the kernels' loads)
 
 
-def kv8_layout(B: int, Sb: int, h: int, D: int, Dv: int, pv: str) -> tuple[tuple[int, tuple, torch.dtype], ...]:
+def kv8_layout(B: int, Sb: int, h: int, D: int, Dv: int, pv: str) -> tuple[tuple[int, tuple, tuple, torch.dtype], ...]:
     """The byte layout of a ring block of Sb token rows quantized by wan::quantize_kv_int8 for `pv`: (byte offset,
-    shape, dtype) of k8 int8 [B, Sb, h, D], k_scale fp32 [B, h, Sb], k_mean fp32 [B, h, D], v8 (e4m3 / fp16)
-    [B, Sb, h, Dv], v_scale, v_mean fp32 [B, h, Dv], each at a multiple of 16 bytes. A block of `valid` < Sb keys
-    (padding) fills the first `valid` rows of k8, k_scale and v8 (`unpack`)."""
+    shape, strides, dtype) of k8 int8 [B, Sb, h, D], k_scale fp32 [B, h, Sb], k_mean fp32 [B, h, D], v8 [B, Sb, h,
+    Dv] (e4m3: token-contiguous as `hardware.empty_v8` lays it out, the kernel's layout, so a received block is read
+    in place; fp16: contiguous), v_scale, v_mean fp32 [B, h, Dv], each at a multiple of 16 bytes. A block of
+    `valid` < Sb keys (padding) fills the first `valid` rows of k8, k_scale and v8 (`unpack`)."""
+    v8 = empty_v8(B, Sb, h, Dv, torch.float8_e4m3fn if pv == "fp8" else torch.float16, "meta")
     pieces = (((B, Sb, h, D), torch.int8), ((B, h, Sb), torch.float32), ((B, h, D), torch.float32),
-              ((B, Sb, h, Dv), torch.float8_e4m3fn if pv == "fp8" else torch.float16),
-              ((B, h, Dv), torch.float32), ((B, h, Dv), torch.float32))
+              v8, ((B, h, Dv), torch.float32), ((B, h, Dv), torch.float32))
     layout, offset = [], 0
-    for shape, dtype in pieces:
-        layout.append((offset, shape, dtype))
-        offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    for piece in pieces:
+        t = piece if isinstance(piece, torch.Tensor) else torch.empty(piece[0], dtype=piece[1], device="meta")
+        size = (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()  # to its last byte
+        layout.append((offset, tuple(t.shape), t.stride(), t.dtype, size))
+        offset += -(-size // _ALIGN) * _ALIGN
     return tuple(layout)
 
 
 def layout_bytes(layout) -> int:
     """The size of a buffer holding `layout` (`kv8_layout`), a multiple of 16 bytes."""
-    offset, shape, dtype = layout[-1]
-    return offset + -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+    offset, *_, size = layout[-1]
+    return offset + -(-size // _ALIGN) * _ALIGN
 
 
 def qkv8_row(D: int, Dv: int, pv: str) -> tuple[tuple[int, int, int, int], int]:
@@ -490,10 +496,10 @@ def _valid_keys(kv: tuple, valid: int) -> tuple:
 
 def unpack(buf: torch.Tensor, layout, valid: int) -> tuple[torch.Tensor, ...]:
     """Views of a ring block's byte buffer (`kv8_layout`) as quantize_kv_int8's outputs for its first `valid` keys:
-    k8 [B, valid, h, D], k_scale [B, h, valid] (rows of the buffer's Sb), k_mean, v8 [B, valid, h, Dv], v_scale,
-    v_mean."""
-    return _valid_keys(tuple(buf[o:o + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-                             for o, shape, dtype in layout), valid)
+    k8 [B, valid, h, D], k_scale [B, h, valid] (rows of the buffer's Sb), k_mean, v8 [B, valid, h, Dv] (e4m3:
+    token-contiguous rows of the buffer's padded Sb), v_scale, v_mean."""
+    return _valid_keys(tuple(buf[o:o + size].view(dtype).as_strided(shape, stride)
+                             for o, shape, stride, dtype, size in layout), valid)
 
 
 class _Ring(torch.autograd.Function):
