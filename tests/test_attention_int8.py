@@ -28,7 +28,7 @@ from _helpers import TRITON_FROM_SM80, assert_dispatch_per_device_class, bit_equ
 import wan_kernels
 from wan_kernels import ref, samples
 from wan_kernels._spec import SPECS
-from wan_kernels.hardware import fp8_pv_acc16
+from wan_kernels.hardware import pv_acc16
 from wan_kernels.testing import comfy_bias, comfy_channel, e4m3_sweep, stats_per_head, wan_like
 from wan_kernels.triton import attention_int8 as T
 from wan_kernels.triton import attention_int8_quant as Q
@@ -190,42 +190,60 @@ def test_kernel_equals_reference_emulation(pv, shape, kernel_means):
 
 
 @pytest.mark.slow
-def test_fp16_accumulated_pv_kernel_equals_reference_emulation(monkeypatch, kernel_means):
-    """The fp8 P.V of sm_89 / sm_120 (`hardware.fp8_pv_acc16`: each key tile's dot in fp16, then the fp32 total),
-    forced on the interpreter: equal to the reference's acc16 emulation to summation order, and within a few
-    1e-4 of the fp32-accumulated result (it rounds each tile's P.V to 11 bits; e4m3 P and V carry 4)."""
-    monkeypatch.setattr(T, "fp8_pv_acc16", lambda capability: True)
-    x = wan_like(1, 100, 200, 2, 64, Si=57, seed=7, dtype=torch.float32)
-    out, lse = T.attention_int8_sets(*x, pv="fp8")
-    want, want_lse = R.attention_int8_sets(*x, pv="fp8", block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2,
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_fp16_accumulated_pv_kernel_equals_reference_emulation(pv, monkeypatch, kernel_means):
+    """The P.V of sm_86 / sm_89 / sm_12x (`hardware.pv_acc16`: each key tile's dot accumulated in fp16, then added
+    into the fp32 total), forced on the interpreter: equal to the reference's acc16 emulation to summation order,
+    and within a few 1e-4 of the fp32-accumulated result (it rounds each tile's P.V to 11 bits)."""
+    monkeypatch.setattr(T, "pv_acc16", lambda capability: True)
+    x = wan_like(1, 100, 200, 2, 64, seed=7, dtype=torch.float32)  # one key set (with an image set: fp32, below)
+    out, lse = T.attention_int8_sets(*x, pv=pv)
+    want, want_lse = R.attention_int8_sets(*x, pv=pv, block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2,
                                           acc16=True)
     bound = 64 * 2.0 ** -24 * max(t.abs().max().item() for t in x[2::2] if t is not None)
     assert (out - want).abs().max().item() <= bound
     assert (lse - want_lse).abs().max().item() <= 16 * 2.0 ** -24 * (1 + want_lse.abs().max().item())
-    f32 = R.attention_int8(*x, pv="fp8", block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2)
+    f32 = R.attention_int8(*x, pv=pv, block_n=T.INTERPRETER_CONFIG.BLOCK_N, exp2=np_exp2)
     rel = ((out - f32).norm() / f32.norm()).item()
     assert 0 < rel < 5e-4, rel
 
 
-def test_fp16_accumulator_holds_the_largest_tile():
-    """The worst 64-key tile for the fp16 accumulator: every weight at P's maximum 448 (equal scores) and every
-    e4m3 V code at +V_E4M3_MAX (a ring block's keys all at the top of the group's range, quantized with the group's
-    statistics): 64 x 448 x 1.75 = 50,176 < 65,504, so the output is that V exactly, finite, on the interpreter's
-    fp16-accumulated P.V. (With SageAttention's 448-scaled V it would be inf.)"""
-    assert 64 * T.E4M3_P_MAX * R.V_E4M3_MAX < T.FP16_MAX < 64 * T.E4M3_P_MAX * 2 * R.V_E4M3_MAX
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_launches_accumulate_pv_in_fp16_on_geforce_class_archs_without_an_image_set(pv):
+    """The launcher's PV_ACC16 per arch (`hardware.pv_acc16`) and kind: an I2V launch (two key sets) keeps fp32."""
+    meta = [torch.empty(1, n, 4, 128, dtype=torch.bfloat16, device="meta") for n in (256, 512, 512, 257, 257)]
+    for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)):
+        if pv == "fp8" and cap < (8, 9):
+            continue
+        for img in (False, True):
+            sets = meta[1:] if img else meta[1:3] + [None, None]
+            launch = T.prepare(meta[0], *sets, None, pv, False, None, cap, lambda launch: None)[0]
+            assert launch.kwargs["PV_ACC16"] == (pv_acc16(cap) and not img), (cap, img)
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_fp16_accumulator_holds_the_largest_tile(pv):
+    """The worst 64-key tile for the fp16 accumulator: every weight at P's maximum (448 as e4m3, 1 as fp16: equal
+    scores) and every V code at the top of its range (+V_E4M3_MAX = 1.75 / +FP16_V_MAX = 512: a ring block's keys
+    all at the top of the group's range, quantized with the group's statistics): 64 x 448 x 1.75 = 50,176 and
+    64 x 512 = 32,768 < 65,504, so the output is that V exactly, finite, with the P.V accumulated in fp16 or fp32
+    on the interpreter. (With SageAttention's 448-scaled e4m3 V or our former fp16 bound 32,768 it would be inf.)"""
+    top = {"fp8": T.E4M3_P_MAX * R.V_E4M3_MAX, "fp16": R.FP16_V_MAX}[pv]  # one key's largest p v in the codes
+    assert 64 * top < T.FP16_MAX < 128 * top
     B, S, H, D = 1, 64, 1, 64
     q8, qs = torch.zeros(B, 16, H, D, dtype=torch.int8), torch.ones(B, H, 16)
     k, v = torch.randn(B, S, H, D), torch.full((B, S, H, D), 3.0)
-    stats = (torch.zeros(B, H, D), torch.zeros(B, H, D), torch.full((B, H, D), 3.0 / R.V_E4M3_MAX))
-    kv = wan_kernels.quantize_kv_int8(k, v, pv="fp8", k_mean=stats[0], v_mean=stats[1], v_scale=stats[2],
+    code = R.V_E4M3_MAX if pv == "fp8" else R.FP16_V_MAX
+    stats = (torch.zeros(B, H, D), torch.zeros(B, H, D), torch.full((B, H, D), 3.0 / code))
+    kv = wan_kernels.quantize_kv_int8(k, v, pv=pv, k_mean=stats[0], v_mean=stats[1], v_scale=stats[2],
                                       impl="triton")
-    assert (kv[3].float() == R.V_E4M3_MAX).all()
+    assert (kv[3].float() == code).all()
     for acc16 in (True, False):
-        T.fp8_pv_acc16, saved = (lambda capability: acc16), T.fp8_pv_acc16
+        T.pv_acc16, saved = (lambda capability: acc16), T.pv_acc16
         try:
             out = wan_kernels.attention_int8_quantized_lse(q8, qs, *kv, impl="triton")[0]
         finally:
-            T.fp8_pv_acc16 = saved
+            T.pv_acc16 = saved
         assert torch.equal(out, torch.full_like(out, 3.0)), acc16
 
 
@@ -379,9 +397,9 @@ def test_default_pv_by_arch():
     assert [T.default_pv(c) for c in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), None)] == \
         ["fp16", "fp16", "fp8", "fp8", "fp8", "fp8", "fp8"]
     assert math.isclose(T.LOG2_448, math.log2(448))
-    # fp8 P.V accumulates in fp16 where the fp32 accumulator runs at half rate (GeForce Ada / Blackwell)
+    # P.V tiles accumulate in fp16 where fp32 accumulation runs at half rate (GeForce Ampere / Ada / Blackwell)
     caps = ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0), (12, 1), None)
-    assert [fp8_pv_acc16(c) for c in caps] == [False, False, True, False, False, False, True, True, False]
+    assert [pv_acc16(c) for c in caps] == [False, True, True, False, False, False, True, True, False]
 
 
 # ---------------------------------------------------------------------------------------------

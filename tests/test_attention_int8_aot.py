@@ -8,8 +8,9 @@ tokens; hd128: 40 heads (Wan 14B) x 262,144 tokens with CFG, a long video whose 
 * the int8 MMA for Q.K^T in the PTX: `mma.sync ... s8` (sm_80/86/89/120), `wgmma ... s8` (sm_90),
   `tcgen05.mma ... kind::i8` (sm_100 under Triton 3.8; under 3.6, `make compat`, it is mma.sync: REFERENCE §10);
 * the P.V MMA of the pv mode: e4m3 (`mma.sync`/`wgmma` `.e4m3`, tcgen05 `kind::f8f6f4`) or f16 (`kind::f16`),
-  and P rounded to e4m3 once (cvt.rn.satfinite.e4m3x2.f32, never through f16); the e4m3 mma.sync (sm_89 / sm_120)
-  accumulates in fp16 (`.f16.e4m3.e4m3.f16`: `hardware.fp8_pv_acc16`), wgmma and tcgen05 in fp32;
+  and P rounded to e4m3 once (cvt.rn.satfinite.e4m3x2.f32, never through f16); the P.V mma.sync accumulates in
+  fp16 on sm_86 / sm_89 / sm_120 (`.f16.e4m3.e4m3.f16` / `.f16.f16.f16.f16`: `hardware.pv_acc16`; not with an
+  image set), in fp32 on sm_80, and wgmma and tcgen05 in fp32;
 * zero spills (cuobjdump STACK/LOCAL 0 and no STL/LDL in the SASS), registers <= 255;
 * with fp8 P.V, V's tiles reach the MMA without byte-wise shared-memory loads or stores (the e4m3 V is
   token-contiguous, `wan_kernels.hardware.empty_v8`: 8-bit MMA operands are K-major);
@@ -27,6 +28,7 @@ import torch
 import triton
 
 from tools import aot
+from wan_kernels.hardware import pv_acc16
 from wan_kernels.triton import attention_int8 as T
 from wan_kernels.triton import attention_int8_quant as Q
 from wan_kernels.triton._launch import mma_class
@@ -44,8 +46,10 @@ KV = {"self": None, "cross": (512, 0), "i2v": (512, 257)}
 _I8 = {"mma.sync": r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32",
        "wgmma": r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8",
        "tcgen05": r"tcgen05\.mma\.cta_group::\d\.kind::i8"}
-_PV = {("mma.sync", "fp8"): r"mma\.sync\.aligned\.m16n8k32\.row\.col\.f16\.e4m3\.e4m3\.f16",  # fp16 acc
+_PV = {("mma.sync", "fp8"): r"mma\.sync\.aligned\.m16n8k32\.row\.col\.f32\.e4m3\.e4m3\.f32",
        ("mma.sync", "fp16"): r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32",
+       ("acc16", "fp8"): r"mma\.sync\.aligned\.m16n8k32\.row\.col\.f16\.e4m3\.e4m3\.f16",
+       ("acc16", "fp16"): r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f16\.f16\.f16\.f16",
        ("wgmma", "fp8"): r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.f32\.e4m3\.e4m3",
        ("wgmma", "fp16"): r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16",
        ("tcgen05", "fp8"): r"tcgen05\.mma\.cta_group::\d\.kind::f8f6f4",
@@ -145,7 +149,9 @@ def test_config_compiles_without_spills(arch, head_dim, kind, pv, write_lse, kin
     cls = mma_class(_cap(arch))
     i8 = "mma.sync" if cls == "tcgen05" and TRITON_36 else cls
     assert re.search(_I8[i8], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))
-    assert re.search(_PV[cls, pv], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))
+    acc16 = pv_acc16(_cap(arch)) and kind != "i2v"  # the launcher keeps fp32 with an image set
+    assert re.search(_PV["acc16" if acc16 else cls, pv], r.ptx), (r.summary(), sorted(set(_ANY_MMA.findall(r.ptx))))
+    assert not acc16 or not re.search(_PV[cls, pv], r.ptx)  # no fp32-accumulating P.V left
     assert not r.spills, r.summary()
     assert r.shared_bytes <= SHARED_LIMIT[arch], r.summary()
     assert r.registers <= 255, r.summary()

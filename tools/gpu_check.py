@@ -716,7 +716,7 @@ def attention_int8_cases(check: Check) -> list[Case]:
     CFG step at 480p with int8 vs bf16 attention, and the latent difference; (5) the verdict row: route int8 as
     the default only if every accuracy row passed and int8 is >= 2x bf16 at every timed shape."""
     from wan_kernels import ref, testing
-    from wan_kernels.hardware import fp8_pv_acc16
+    from wan_kernels.hardware import pv_acc16
     from wan_kernels.triton import attention as fa2
 
     dev = check.device
@@ -761,8 +761,8 @@ def attention_int8_cases(check: Check) -> list[Case]:
                   (lambda: wan_kernels.attention_int8(q, k, v, pv=provider.split("-")[1])))
             ms = _time_ms(check, fn, reps=3)
             out = {"ms": ms, "tops": _attention_flops(1, S, S, H, 128) / ms / 1e9}
-            if provider == "int8-fp8":  # the tile's P.V accumulator on this device (hardware.fp8_pv_acc16)
-                out["pv_accumulator"] = "fp16" if fp8_pv_acc16(cap) else "fp32"
+            if provider != "bf16":  # the key tile's P.V accumulator on this device (hardware.pv_acc16)
+                out["pv_accumulator"] = "fp16" if pv_acc16(cap) else "fp32"
             return out
         return run
 

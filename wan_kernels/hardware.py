@@ -44,10 +44,13 @@ def default_pv(capability: tuple[int, int] | None) -> str:
 # bytes: an e4m3 V's (batch, head, channel) rows of tokens start at multiples of 16 (`empty_v8`)
 V8_ROW = 16
 # An e4m3 V's per-channel range: |v8| <= 1.75 = 448 / 2^8, the grid of amax/448 shifted by a power of two (the same
-# rounding except below 2^-6, 0.9 % of the channel's amax), so that a 64-key tile's P.V (P up to 448) fits the fp16
-# accumulator of the fp8 MMA on sm_89 / sm_120 (`fp8_pv_acc16`): 64 x 448 x 1.75 = 50,176 < 65,504.
+# rounding except below 2^-6, 0.9 % of the channel's amax), so that a 64-key tile's P.V (P up to 448) fits an fp16
+# accumulator (`pv_acc16`): 64 x 448 x 1.75 = 50,176 < 65,504.
 # (SageAttention2++ scales to 2.25, 64,512: another grid, measured no more accurate, and less headroom.)
 V_E4M3_MAX = 1.75
+# An fp16 V's per-channel range: V is divided by a power of two (exact) when its amax passes 512, so that a 64-key
+# tile's P.V (P <= 1) fits an fp16 accumulator: 64 x 512 = 32,768 < 65,504.
+FP16_V_MAX = 512.0
 
 
 def empty_v8(B: int, S: int, H: int, Dv: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -63,14 +66,16 @@ def empty_v8(B: int, S: int, H: int, Dv: int, dtype: torch.dtype, device) -> tor
     return torch.empty_strided((B, S, H, Dv), (H * Dv * Sp, 1, Dv * Sp, Sp), dtype=dtype, device=device)
 
 
-def fp8_pv_acc16(capability: tuple[int, int] | None) -> bool:
-    """Whether 8-bit attention's fp8 P.V accumulates each key tile in fp16 on this device class: on the mma.sync
-    GPUs with fp8 (sm_89 Ada, sm_12x Blackwell GeForce / RTX PRO), whose GeForce parts run the fp8 MMA at half rate
-    with an fp32 accumulator (RTX 4090: 330 vs 660 TFLOP/s) while int8 Q.K^T runs at 660: with fp32 accumulation
-    P.V would bound the kernel at 2 / (1 / 660 + 1 / 330) = 440 TOPS, below SageAttention2++'s ~490 (which
-    accumulates in fp16 too). Each tile's product is then added into the fp32 total (two-level), so the fp16 sum
-    spans at most 64 keys (V_E4M3_MAX). sm_90 / sm_100 (full-rate fp32 accumulation) and the CPU (None): fp32."""
+def pv_acc16(capability: tuple[int, int] | None) -> bool:
+    """Whether 8-bit attention's P.V (fp8 or fp16) accumulates each key tile in fp16 on this device class: the
+    mma.sync GPUs of the GeForce line (sm_86 Ampere, sm_89 Ada, sm_12x Blackwell; their workstation siblings lose
+    nothing by it), which run fp8 / fp16 MMAs into fp32 at half rate (RTX 4090: fp8 330 vs 660 TFLOP/s, the int8
+    Q.K^T's rate; RTX 3090: fp16 71 vs 142, int8 284): with fp32 accumulation P.V would bound the kernel at
+    2 / (1 / 660 + 1 / 330) = 440 TOPS on an RTX 4090, below SageAttention2++'s ~490 (which accumulates in fp16
+    too). Each tile's product is then added into the fp32 total (two-level), so an fp16 sum spans at most 64 keys
+    of codes bounded for it (V_E4M3_MAX, FP16_V_MAX). sm_80 (A100), sm_90 / sm_100 (full-rate fp32 accumulation)
+    and the CPU (None): fp32."""
     if capability is None:
         return False
     cap = tuple(capability)
-    return FP8_MMA_CAPABILITY <= cap < (9, 0) or cap[0] == 12
+    return (8, 6) <= cap < (9, 0) or cap[0] == 12

@@ -8,12 +8,13 @@ Stages (each a function the tests compare with the kernel's):
    scale and log2(e) are folded into Q's scale.
 3. `quantize_v_fp8` / `quantize_v_fp16`: V per channel over all tokens of one (batch, head): e4m3 of v - mean_n(v)
    with scale amax/1.75 (V_E4M3_MAX; the mean is added to the output), or fp16 with a power-of-two scale that is
-   1 unless amax > 32768. An e4m3 V is laid out token-contiguous (`empty_v8`): the fp8 MMAs take 8-bit operands K-major.
+   1 unless amax > 512 (FP16_V_MAX). An e4m3 V is laid out token-contiguous (`empty_v8`): the fp8 MMAs take
+   8-bit operands K-major.
 4. `attend`: per key tile of `block_n` keys (the kernel's BLOCK_N, which decides where P is rounded):
        s = (q_i8 . k_i8) * q_scale * k_scale                   (int32 dot, exact in fp32: |dot| <= 127^2 D < 2^24)
        m' = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
        fp8:  p8 = e4m3(448 p);  l = l alpha + rowsum p8;  acc = acc alpha + (p8 v8)   (fresh per tile: two-level;
-             `acc16`: the tile's product rounded to fp16, the accumulator of the fp8 MMA on sm_89 / sm_120)
+             `acc16`: the tile's product rounded to fp16, the MMA's accumulator on sm_86 / sm_89 / sm_12x)
        fp16: p16 = fp16(p);     l = l alpha + rowsum p16; acc = acc alpha + (p16 v16)
    out = acc / l * v_scale + v_mean;  lse = (m + log2(l / 448 or 1)) ln 2 + s_qk q.mean(k) (natural log, unsmoothed).
    The row max of a tile's p maps to 448 only in the tile holding the running max; others are rescaled by
@@ -34,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from wan_kernels.hardware import V_E4M3_MAX, default_pv, empty_v8
+from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, default_pv, empty_v8
 
 __all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse",
            "attention_int8_quantized_lse", "kv_stats", "quantize_kv_int8"]
@@ -42,7 +43,6 @@ __all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attenti
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 E4M3_MAX = 448.0
-FP16_V_MAX = 32768.0  # V above this (per channel) is scaled down by a power of two for the fp16 P.V path
 Q_GROUP, K_GROUP, BLOCK_N = 1, 1, 64  # per-token Q and K scales: see the kernel's header
 
 
@@ -97,7 +97,7 @@ def quantize_v_fp8(v: torch.Tensor, mean: torch.Tensor | None = None, scale: tor
 def quantize_v_fp16(v: torch.Tensor, scale: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v [B, S, H, Dv] -> (fp16 [B, S, H, Dv], scale [B, H, Dv], mean [B, H, Dv] = 0): per channel, a power of
-    two, 1 unless amax > 32768 (so that |v16| <= 32768 and P.V, accumulated in fp32, cannot overflow; fp16 v is
+    two, 1 unless amax > FP16_V_MAX = 512 (so that a 64-key tile's P.V fits an fp16 accumulator; fp16 v is
     exact: no smoothing). `scale`: that of a whole set v is part of (`kv_stats_finish`), else v's own."""
     if scale is None:
         amax = v.float().abs().amax(dim=1)
@@ -109,9 +109,9 @@ def attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv: str, q_group: 
            exp2: Callable = torch.exp2, acc16: bool = False):
     """One key set's softmax(s) v from quantized operands (stage 4). q_i8 [B, Sq, H, D], q_scale [B, H, Gq]
     (softmax scale and log2 e folded in), k_i8 [B, Sk, H, D], k_scale [B, H, Gk], vq [B, Sk, H, Dv] e4m3/fp16,
-    v_scale, v_mean [B, H, Dv]. acc16 (fp8): each tile's P.V rounded to fp16, as the kernel's fp8 MMA with an fp16
-    accumulator (sm_89 / sm_120) leaves it. Returns (out [B, H, Sq, Dv] fp32, m [B, H, Sq] (log2 domain),
-    l [B, H, Sq])."""
+    v_scale, v_mean [B, H, Dv]. acc16: each tile's P.V rounded to fp16, as the kernel's MMA with an fp16
+    accumulator leaves it (`hardware.pv_acc16`: sm_86 / sm_89 / sm_12x). Returns (out [B, H, Sq, Dv] fp32,
+    m [B, H, Sq] (log2 domain), l [B, H, Sq])."""
     B, Sq, H, _ = q_i8.shape
     Sk, Dv = k_i8.shape[1], vq.shape[-1]
     qf = q_i8.float().transpose(1, 2)                                                    # [B, H, Sq, D]
@@ -130,7 +130,7 @@ def attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv: str, q_group: 
         p = to_e4m3(p * E4M3_MAX).float() if pv == "fp8" else p.to(torch.float16).float()
         l = l * alpha + p.sum(-1)
         pv_tile = torch.matmul(p, vf[:, :, n0:n1])
-        acc = acc * alpha[..., None] + (pv_tile.half().float() if acc16 and pv == "fp8" else pv_tile)
+        acc = acc * alpha[..., None] + (pv_tile.half().float() if acc16 else pv_tile)
         m = m_new
     return acc / l[..., None] * v_scale[:, :, None, :] + v_mean[:, :, None, :], m, l
 
@@ -239,7 +239,7 @@ def kv_stats_finish(k_sum: torch.Tensor, v_sum: torch.Tensor, v_max: torch.Tenso
                     pv: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k_mean, v_mean, v_scale) [B, H, D / Dv] of a key set of `tokens` tokens from its `kv_stats` (summed over
     its parts): the statistics stages 1 and 3 use (V: amax|v - mean| / V_E4M3_MAX for "fp8", equal to the max of
-    v_max - mean and mean - v_min since rounding is monotone; for "fp16" a power of two, 1 unless amax > 32768,
+    v_max - mean and mean - v_min since rounding is monotone; for "fp16" a power of two, 1 unless amax > 512,
     and mean 0: fp16 V is not smoothed)."""
     k_mean, v_mean = k_sum / tokens, v_sum / tokens
     if pv == "fp8":

@@ -9,8 +9,9 @@ Formula, per (batch, head), per key/value set j (text k, v; in I2V mode also k_i
     m'   = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
     fp8:  v8 = e4m3((v - vm) / sv), vm = mean_n(v), sv = amax/1.75 per channel over all tokens;  p8 = e4m3(448 p)
           acc = acc * alpha + dot(p8, v8)   (each tile's dot starts from 0 and is added in fp32: two-level;
-                                              the dot accumulates in fp16 on sm_89 / sm_120: PV_ACC16)
-    fp16: v16 = fp16(v / sv), sv = 1 unless amax > 32768 (a power of two);  acc = dot(fp16(p), v16, acc * alpha)
+                                              the dot accumulates in fp16 on sm_86 / sm_89 / sm_12x: PV_ACC16)
+    fp16: v16 = fp16(v / sv), sv = 1 unless amax > 512 (a power of two);  acc = dot(fp16(p), v16, acc * alpha)
+          (PV_ACC16: acc = acc * alpha + dot(fp16(p), v16) accumulated in fp16, as fp8's)
     l    = l * alpha + rowsum(rounded p);  out += acc / l * sv + vm  (vm = 0 for fp16)
     lse_j = (m + log2(l / 448 or 1)) ln 2 + s q.mean(k)
 (rha: round half away from zero, as SageAttention). The sets keep independent (m, l, acc) and their outputs are
@@ -43,14 +44,17 @@ Precision trade-offs:
   dot starts fresh (BLOCK_N <= 128 keys, what Sage2 promotes at) and is added to the fp32 total by the CUDA cores.
   Triton's default `max_num_imprecise_acc` on sm_90 (no promotion inside one dot) is therefore what we want:
   the dot's K dimension IS the key tile, so passing max_num_imprecise_acc = BLOCK_N would change nothing.
-* fp16 accumulation on sm_89 / sm_120 (`hardware.fp8_pv_acc16`, PV_ACC16): there the tile's fp8 dot accumulates in
-  fp16 (`mma.sync ... f16.e4m3.e4m3.f16`, Sage2++'s "fp32+fp16"): the GeForce parts run the fp8 MMA at half rate
-  into fp32 (RTX 4090: 330 vs 660 TFLOP/s, the int8 Q.K^T's rate), which would cap the kernel at 440 TOPS. V's
-  codes are scaled to |v8| <= 1.75 (`hardware.V_E4M3_MAX`: amax/448's grid times 2^-8, the same rounding but in
-  e4m3's subnormals) so a 64-key tile's sum stays below 64 x 448 x 1.75 = 50,176 < 65,504; the launcher refuses a
-  larger BLOCK_N. Measured on the reference (tests' accuracy cases): worst-head NRMSE the same as fp32
-  accumulation's to 4 digits (e.g. Wan-like hd128 self 0.05707 -> 0.05705); SageAttention2++'s amax/2.25 (another
-  rounding grid) moved them by -11 % to +37 % (Wan-like hd64 I2V 0.0209 -> 0.0287, past the fp8 bar).
+* fp16 accumulation on sm_86 / sm_89 / sm_12x (`hardware.pv_acc16`, PV_ACC16): there each tile's P.V dot
+  accumulates in fp16 (`mma.sync ... f16.e4m3.e4m3.f16` / `f16.f16.f16.f16`, Sage2++'s "fp32+fp16") and joins the
+  fp32 total: the GeForce parts run fp8 / fp16 MMAs into fp32 at half rate (RTX 4090: fp8 330 vs 660 TFLOP/s, the
+  int8 Q.K^T's rate; RTX 3090: fp16 71 vs 142), which would cap an RTX 4090 at 440 TOPS. V's codes are bounded
+  for it: e4m3 |v8| <= 1.75 (`hardware.V_E4M3_MAX`: amax/448's grid times 2^-8, the same rounding but in e4m3's
+  subnormals), 64 x 448 x 1.75 = 50,176 < 65,504; fp16 |v16| <= 512 (`hardware.FP16_V_MAX`, a power-of-two
+  divisor), 64 x 512 = 32,768; the launcher refuses a larger BLOCK_N. Not with an image set (I2V: its two sets'
+  live state left no registers for the fp16 tile on sm_120). Measured on the reference (the tests'
+  accuracy cases): worst-head NRMSE the same as fp32 accumulation's to 4 digits, both pv modes (e.g. Wan-like
+  hd128 self fp8 0.05707 -> 0.05705, fp16 0.05264 -> 0.05264); SageAttention2++'s amax/2.25 (another rounding
+  grid) moved them by -11 % to +37 % (Wan-like hd64 I2V 0.0209 -> 0.0287, past the fp8 bar).
 * l sums the rounded weights (p8 / p16), so out is a convex combination of the quantized v rows.
 * Q/K/V are quantized by the Triton quantizer (`attention_int8_quant.py`: a statistics pass over k and v, then
   one quantizing pass per tensor, ~13 bytes moved per element of q at bf16). Inputs are never written (the
@@ -101,14 +105,14 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.hardware import V_E4M3_MAX, default_pv, empty_v8, fp8_pv_acc16
+from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, default_pv, empty_v8, pv_acc16
 from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
 from wan_kernels.triton.attention_int8_quant import LOG2E, Quantized, quantize, quantize_kv, to_e4m3
 from wan_kernels.triton.attention_int8_quant import kv_stats as _kv_stats
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
-E4M3_P_MAX, FP16_MAX = 448.0, 65504.0  # P's row max in e4m3; the fp16 accumulator's range (PV_ACC16)
+E4M3_P_MAX, FP16_MAX = 448.0, 65504.0  # P's row max as e4m3 (as fp16: 1); the fp16 accumulator's range (PV_ACC16)
 LOG2_448 = math.log2(448.0)
 Q_GROUP, K_GROUP = 1, 1  # per-token scales (header: Granularity)
 _LN2 = tl.constexpr(LN2)          # the kernel reads module globals only as constexprs (a float global fails to compile)
@@ -125,7 +129,7 @@ def _key_tile(q, qs, kt_ptrs, ks_ptrs, vt_ptrs, m_i, l_i, acc, n_ok, d_ok, dv_ok
     (n_ok: its keys; the others load zeros and get score -inf). The whole tiles load K and V with no key mask: a
     mask along V's token-contiguous e4m3 rows (`hardware.empty_v8`) has no two equal neighbours, so its loads were
     single bytes through registers instead of 16-byte cp.async (it spilled at hd64 on sm_100 and sm_120).
-    PV_ACC16: the fp8 P.V dot accumulates in fp16 (`hardware.fp8_pv_acc16`), then joins the fp32 total."""
+    PV_ACC16: the tile's P.V dot accumulates in fp16 (`hardware.pv_acc16`), then joins the fp32 total."""
     if MASKED:
         kt = tl.load(kt_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0)
         ks = tl.load(ks_ptrs, mask=n_ok, other=0.0)
@@ -152,7 +156,10 @@ def _key_tile(q, qs, kt_ptrs, ks_ptrs, vt_ptrs, m_i, l_i, acc, n_ok, d_ok, dv_ok
     else:
         p16 = p.to(tl.float16)
         l_i = l_i * alpha + tl.reduce(p16.to(tl.float32), 1, _ADD)
-        acc = tl.dot(p16, vt, acc * alpha[:, None])
+        if PV_ACC16:
+            acc = acc * alpha[:, None] + tl.dot(p16, vt, out_dtype=tl.float16).to(tl.float32)
+        else:
+            acc = tl.dot(p16, vt, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -401,10 +408,13 @@ def kernel_launch(qz: Quantized, out_dtype: torch.dtype, write_lse: bool, shift_
     if config is None:
         config = pick_config(capability, D, max(Sk, Si), has_img)
     pv8 = v8.dtype == torch.float8_e4m3fn
-    acc16 = pv8 and fp8_pv_acc16(capability)
-    if acc16 and config.BLOCK_N * E4M3_P_MAX * V_E4M3_MAX > FP16_MAX:
+    # not with an image set: I2V's two sets (cross-attention, bf16 in the model by default; 512 + 257 keys) keep the
+    # first set's output live beside the second's accumulator, and the fp16 tile spilled 8 bytes on sm_120 (hd128)
+    acc16 = pv_acc16(capability) and not has_img
+    tile_max = E4M3_P_MAX * V_E4M3_MAX if pv8 else FP16_V_MAX  # one key's largest |p v| in the codes
+    if acc16 and config.BLOCK_N * tile_max > FP16_MAX:
         raise ValueError(f"attention_int8 (triton): BLOCK_N={config.BLOCK_N} keys of P.V overflow the fp16 "
-                         f"accumulator (at most {int(FP16_MAX // (E4M3_P_MAX * V_E4M3_MAX))})")
+                         f"accumulator (at most {int(FP16_MAX // tile_max)})")
     grid = (triton.cdiv(Sq, config.BLOCK_M), B * H)
     args = (q8, qs, k8, ks, v8, vs, vm, ki8, kis, vi8, vis, vim, out, lse, km,
             Sq, Sk, Si, H, qs.stride(1), ks.stride(1), kis.stride(1),

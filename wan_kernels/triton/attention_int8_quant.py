@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.hardware import V_E4M3_MAX, empty_v8
+from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, empty_v8
 from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
 from wan_kernels.triton.nvfp4 import e4m3_code
 
@@ -45,7 +45,6 @@ __all__ = ["Quantized", "kv_stats", "launch_bytes", "quantize", "quantize_kv", "
 
 LOG2E = 1.4426950408889634
 E4M3_MAX = 448.0
-FP16_V_MAX = 32768.0
 CHUNK, STATS_ROWS, QUANT_ROWS = 512, 64, 64  # tokens per statistics program (looped STATS_ROWS at a time); rows
 _jit = JITFunction                            # per quantization program
 # reductions through tl.reduce with these combiners (tl.sum / tl.max are @jit functions of triton.language, which
@@ -200,7 +199,7 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, launch: Callable[[Launch], None] 
 
 def v_scale_of(pv: str, mean: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor):
     """V's per-channel (scale, mean) from its token mean, maximum and minimum: fp8, amax|v - mean| / V_E4M3_MAX (=
-    the max of hi - mean and mean - lo exactly: rounding is monotone); fp16, a power of two (1 unless amax > 32768),
+    the max of hi - mean and mean - lo exactly: rounding is monotone); fp16, a power of two (1 unless amax > 512),
     mean 0 (fp16 V is not smoothed)."""
     if pv == "fp8":
         return torch.maximum(hi - mean, mean - lo) / V_E4M3_MAX, mean
