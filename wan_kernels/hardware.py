@@ -1,6 +1,6 @@
 """Peak throughput of the GPUs this package targets: the one table the benchmarks, the cost model and the
-GPU check read (REFERENCE.md section 6); and what their MMAs impose on 8-bit attention's operands (`default_pv`,
-`empty_v8`)."""
+GPU check read (REFERENCE.md section 6); and what their MMAs impose on 8-bit attention (`default_pv`, `pv_acc16`,
+`empty_v8`, the ranges of V's codes)."""
 
 from __future__ import annotations
 

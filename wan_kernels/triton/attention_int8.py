@@ -87,8 +87,8 @@ Tiles (`CONFIGS`, per arch class x head_dim x kind, as the bf16 kernel), checked
 sm_80/86/89/120, wgmma s8 on sm_90 and tcgen05 kind::i8 on sm_100; P.V e4m3 mma.sync / wgmma / kind::f8f6f4 or
 f16. BLOCK_M 128 with 8 warps, except hd128 I2V: the first set's output stays live (fp32, 64 registers per thread
 at 128 x 128) beside the second set's accumulator, and 128x32 spilled on sm_90 (fp8), sm_100 and sm_120 (56-192
-bytes); 64x64 with 8 warps does not (up to REG 254 with fp16-accumulated fp8 P.V on sm_120). sm_80/86 have no fp8 MMA (Triton refuses the e4m3 type
-there): `default_pv` picks fp16 and an explicit pv="fp8" is refused in `prepare`.
+bytes); 64x64 with 8 warps does not (REG 226-255 under Triton 3.8). sm_80/86 have no fp8 MMA
+(Triton refuses the e4m3 type there): `default_pv` picks fp16 and an explicit pv="fp8" is refused in `prepare`.
 
 The kernel runs on CUDA tensors, or on CPU tensors through the Triton interpreter (TRITON_INTERPRET=1).
 """

@@ -427,9 +427,9 @@ def _attend_kv(attention_lse, sp, Sb: int):
 _ALIGN = 16  # bytes: each piece of a packed ring block starts where a fresh allocation would (the kernels' loads)
 
 
-def kv8_layout(B: int, Sb: int, h: int, D: int, Dv: int, pv: str) -> tuple[tuple[int, tuple, tuple, torch.dtype], ...]:
+def kv8_layout(B: int, Sb: int, h: int, D: int, Dv: int, pv: str) -> tuple[tuple, ...]:
     """The byte layout of a ring block of Sb token rows quantized by wan::quantize_kv_int8 for `pv`: (byte offset,
-    shape, strides, dtype) of k8 int8 [B, Sb, h, D], k_scale fp32 [B, h, Sb], k_mean fp32 [B, h, D], v8 [B, Sb, h,
+    shape, strides, dtype, bytes to its last element) of k8 int8 [B, Sb, h, D], k_scale fp32 [B, h, Sb], k_mean fp32 [B, h, D], v8 [B, Sb, h,
     Dv] (e4m3: token-contiguous as `hardware.empty_v8` lays it out, the kernel's layout, so a received block is read
     in place; fp16: contiguous), v_scale, v_mean fp32 [B, h, Dv], each at a multiple of 16 bytes. A block of
     `valid` < Sb keys (padding) fills the first `valid` rows of k8, k_scale and v8 (`unpack`)."""
