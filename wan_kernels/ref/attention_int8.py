@@ -15,7 +15,7 @@ Stages (each a function the tests compare with the kernel's):
        m' = max(m, rowmax s);  p = exp2(s - m');  alpha = exp2(m - m')
        fp8:  p8 = e4m3(448 p);  l = l alpha + rowsum p8;  acc = acc alpha + (p8 v8)   (fresh per tile: two-level;
              `acc16`: the tile's product rounded to fp16, the MMA's accumulator on sm_86 / sm_89 / sm_12x)
-       fp16: p16 = fp16(p);     l = l alpha + rowsum p16; acc = acc alpha + (p16 v16)
+       fp16: p16 = fp16(p);     l = l alpha + rowsum p16; acc = acc alpha + (p16 v16)   (`acc16` likewise)
    out = acc / l * v_scale + v_mean;  lse = (m + log2(l / 448 or 1)) ln 2 + s_qk q.mean(k) (natural log, unsmoothed).
    The row max of a tile's p maps to 448 only in the tile holding the running max; others are rescaled by
    alpha in the fp32 accumulator, so the e4m3 range is never exceeded. l sums the ROUNDED weights, so the
