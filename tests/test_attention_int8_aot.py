@@ -170,10 +170,12 @@ def test_config_compiles_without_spills(arch, head_dim, kind, pv, write_lse, kin
 # The quantizer (wan_kernels/triton/attention_int8_quant.py): statistics, int8 Q/K, fp8/fp16 V
 
 def _quant_cases():
-    """Each quantizer kernel in each of its modes (EXTREMA, SMOOTH, SHIFTS, FP8) once per arch, from the launches of
-    head_dim 128 (every Wan model's) at 40 heads x LONG tokens with CFG, self and I2V, with and without LSE. The
+    """Each quantizer kernel in each of its modes (EXTREMA, SMOOTH, BALANCE, SHIFTS, FP8) once per arch, from the
+    launches of
+    head_dim 128 (every Wan model's) at 40 heads x LONG tokens with CFG, self and I2V, with and without LSE, and a
+    key set's quantization for a q quantized already (attention_int8_q8, a ring's blocks). The
     launches' other specialisations (alignment of the lengths) change no instruction that matters here: the
-    kernels are memory-bound loops with no MMA; one compile per mode keeps this at ~44 compiles."""
+    kernels are memory-bound loops with no MMA; one compile per mode keeps this at ~54 compiles."""
     cases, seen = [], set()
     h, s = SHAPES[128]
     for arch in ARCHS:
@@ -181,8 +183,10 @@ def _quant_cases():
             for img in (False, True):
                 for lse in (False, True):
                     kv = [_meta(2, n, h, 128) for n in (512, 512, 257, 257)] if img else [_meta(2, s, h, 128)] * 2
-                    for launch in Q.quantize_launches(_meta(2, s, h, 128), kv[0], kv[1], *(kv[2:] or (None, None)),
-                                                      pv, lse, _cap(arch)):
+                    launches = Q.quantize_launches(_meta(2, s, h, 128), kv[0], kv[1], *(kv[2:] or (None, None)),
+                                                   pv, lse, _cap(arch))
+                    Q.quantize_kv(kv[0], kv[1], pv, _cap(arch), launches.append)  # q quantized already: no balance
+                    for launch in launches:
                         name = launch.kernel.fn.__name__
                         modes = tuple(sorted((k, v) for k, v in launch.kwargs.items() if k in _MODES))
                         if (arch, name, modes) not in seen:
@@ -192,7 +196,7 @@ def _quant_cases():
     return cases
 
 
-_MODES = ("EXTREMA", "SMOOTH", "SHIFTS", "FP8")
+_MODES = ("EXTREMA", "SMOOTH", "BALANCE", "SHIFTS", "FP8")
 
 
 QUANT_CASES = _quant_cases()
@@ -200,13 +204,14 @@ QUANT_CASES = _quant_cases()
 
 def test_quantizer_launches_cover_its_kernels_and_modes():
     names = {(c.values[1].kernel.fn.__name__, tuple(sorted((k, v) for k, v in c.values[1].kwargs.items()
-                                                            if k in ("EXTREMA", "SMOOTH", "SHIFTS", "FP8"))))
+                                                            if k in _MODES)))
              for c in QUANT_CASES}
     assert names == {("_token_stats_kernel", (("EXTREMA", False),)), ("_token_stats_kernel", (("EXTREMA", True),)),
-                     ("_quantize_int8_kernel", (("SHIFTS", 0), ("SMOOTH", False))),
-                     ("_quantize_int8_kernel", (("SHIFTS", 0), ("SMOOTH", True))),
-                     ("_quantize_int8_kernel", (("SHIFTS", 1), ("SMOOTH", False))),
-                     ("_quantize_int8_kernel", (("SHIFTS", 2), ("SMOOTH", False))),
+                     ("_quantize_int8_kernel", (("BALANCE", True), ("SHIFTS", 0), ("SMOOTH", False))),
+                     ("_quantize_int8_kernel", (("BALANCE", True), ("SHIFTS", 0), ("SMOOTH", True))),
+                     ("_quantize_int8_kernel", (("BALANCE", True), ("SHIFTS", 1), ("SMOOTH", False))),
+                     ("_quantize_int8_kernel", (("BALANCE", True), ("SHIFTS", 2), ("SMOOTH", False))),
+                     ("_quantize_int8_kernel", (("BALANCE", False), ("SHIFTS", 0), ("SMOOTH", True))),
                      ("_quantize_v_kernel", (("FP8", False),)), ("_quantize_v_kernel", (("FP8", True),))}
 
 

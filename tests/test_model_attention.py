@@ -4,11 +4,13 @@ dense layers and dense steps (the sampler), no branch in forward; on CPU the int
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
 
 import wan_kernels
+from wan_kernels.triton import attention_int8 as T
 from wan_model.cli import _parser
 from wan_model.core import model as M
 from wan_model.core.config import WanConfig
@@ -16,6 +18,8 @@ from wan_model.core.model import WanTransformer
 from wan_model.core.parallel import local_attention
 from wan_model.core.sampling import sample
 from wan_model.model import WanModel
+
+R = importlib.import_module("wan_kernels.ref.attention_int8")  # the module: the package attribute is the op
 
 # tests/test_attention_int8.py OP_NRMSE: the worst-head NRMSE bound of one wan::attention_int8 call (pv auto) vs
 # fp64 on Wan-like hd128 inputs. Each int8 call perturbs its branch by at most that, relative; a branch enters the
@@ -174,27 +178,30 @@ def test_cli_run_int8_configures_every_expert(capsys):
     assert model.attention.kind == "int8" and "attention: int8: roles self, dense layers" in capsys.readouterr().out
 
 
-def _unfused(model):
+def _unfused(model, impl):
     """Every int8 self-attention of `model` put back on the unfused path: the bf16-form projection (q, k, v) and
-    wan::attention_int8 quantizing q itself."""
+    wan::attention_int8's backend quantizing q itself, without its channel balance (stage 1b: it needs q's
+    statistics before q is rounded, which the fused kernel cannot have)."""
+    attention = {"ref": R.attention_int8, "triton": T.attention_int8}[impl]
     for b in model.blocks:
         if b.attn1.attend.func is M.self_attention_int8:
             b.attn1.project_qkv = M.base_projection(b.attn1.project_qkv)
-            b.attn1.attend = lambda q, k, v, ops: ops.attention_int8(q, k, v, None, None, None, "auto")
+            b.attn1.attend = lambda q, k, v, ops: attention(q, k, v, balance=False)
     return model
 
 
 @pytest.mark.parametrize("impl", ["ref", pytest.param("triton", marks=pytest.mark.slow)])
 def test_fused_q_quantization_changes_nothing(impl, monkeypatch):
     """The 8-bit self-attention's q comes quantized from the projection's kernel (qkv_rope_int8 -> attention_int8_q8):
-    the model's output equals, bit for bit, the unfused path's (qkv_rope -> attention_int8, which quantizes q)."""
+    the model's output equals, bit for bit, the unfused path's (qkv_rope -> attention_int8 without the channel
+    balance, which quantizes q)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # impl="triton": the interpreted kernels on CPU tensors
     model, x = _model("tiny-i2v")
     model.set_impl(impl).set_attention("int8", dense_layers=())
     assert all(b.attn1.project_qkv is M.qkv_fused_dense_int8 for b in model.blocks)
     with torch.no_grad():
         fused = model(*x)
-        unfused = _unfused(model)(*x)
+        unfused = _unfused(model, impl)(*x)
         model.dense_attention(False)
         assert torch.equal(model(*x), fused)  # the binding is the configuration's, re-applied
     assert torch.equal(fused, unfused)
@@ -215,6 +222,6 @@ def test_quantized_projection_gets_its_int8_form(order):
     assert all(b.attn1.project_qkv is M.qkv_module_then_norm_rope_int8 for b in t.blocks)
     with torch.no_grad():
         fused = t(*x[:3])
-        assert torch.equal(fused, _unfused(t)(*x[:3]))
+        assert torch.equal(fused, _unfused(t, "ref")(*x[:3]))  # CPU: the reference backend
     t.set_attention("bf16")
     assert all(b.attn1.project_qkv is M.qkv_module_then_norm_rope for b in t.blocks)

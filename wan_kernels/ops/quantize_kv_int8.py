@@ -75,7 +75,8 @@ SPEC = register(OpSpec(
 def quantize_kv_int8(k: torch.Tensor, v: torch.Tensor, *, pv: str = "auto", k_mean: torch.Tensor | None = None,
                      v_mean: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, impl: str = "auto"
                      ) -> tuple[torch.Tensor, ...]:
-    """One key/value set quantized for `attention_int8_quantized_lse`, exactly as `attention_int8` quantizes it.
+    """One key/value set quantized for `attention_int8_quantized_lse`, exactly as `attention_int8_q8` quantizes it
+    (`attention_int8` also divides k by its channel balance with q).
 
     k: [B, S, H, D], v: [B, S, H, Dv], float16/bfloat16/float32 (never written). Returns (k8 int8 [B, S, H, D],
     k_scale float32 [B, H, S] (k - k_mean ~ k8 * k_scale per token), k_mean float32 [B, H, D] (over the S tokens),

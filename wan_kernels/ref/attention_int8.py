@@ -3,6 +3,10 @@ what `wan_kernels/triton/attention_int8.py` computes, in fp32 on CPU, [B, S, H, 
 
 Stages (each a function the tests compare with the kernel's):
 1. `smooth_k`: k - mean_n(k) per (batch, head), per key set (softmax is invariant to it; the LSE gets q.mean back).
+1b. `channel_balance` (when q and k are quantized together, not for a q quantized already): q b and (k - mean) / b
+   per (batch, head, channel), b = sqrt(max_n|k - mean| / max_n|q|) over every key set: the scores are the same
+   sums, and a channel large in one operand no longer coarsens the per-token grid of that operand's other channels
+   (SmoothQuant's migration between attention's operands; about half the error on Wan-like channel gains).
 2. `quantize_int8`: q and the smoothed k to INT8, symmetric amax/127, round half away from zero, one fp32 scale
    per `group` consecutive tokens of one (batch, head) (Q: `q_group` rows, K: `k_group` keys). The softmax
    scale and log2(e) are folded into Q's scale.
@@ -145,20 +149,52 @@ def resolve_pv(pv: str, device: torch.device) -> str:
     return pv
 
 
+def channel_balance(q_amax: torch.Tensor, k_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1b's factors (b, 1 / b) [B, H, D] fp32 from the per-channel maxima over the tokens of |q| and of the
+    smoothed |k| (every key set's): b = sqrt(k_amax / q_amax), 1 where either is 0 or the ratio is not finite.
+    q b and k / b carry the same scores (q k^T is a sum over channels of q_d k_d) with each channel's range split
+    evenly between them: a channel large in k alone no longer coarsens every other channel of k's per-token INT8
+    grid (SmoothQuant's migration, exponent 1/2, applied to attention's two operands)."""
+    ratio = k_amax / q_amax
+    b = torch.where((q_amax > 0) & (k_amax > 0) & torch.isfinite(ratio), torch.sqrt(ratio), torch.ones_like(ratio))
+    return b, torch.reciprocal(b)
+
+
+def smoothed_amax(ks: torch.Tensor) -> torch.Tensor:
+    """max over the tokens of |k - mean| [B, H, D] from the smoothed keys (the quantizer gets it exactly from k's
+    maximum and minimum: rounding of k - mean is monotone in k)."""
+    return ks.abs().amax(dim=1)
+
+
+def quantize_set(ks: torch.Tensor, mean: torch.Tensor, v: torch.Tensor, pv: str, k_group: int = K_GROUP,
+                 k_mul: torch.Tensor | None = None) -> tuple:
+    """Stages 2-3 of one key set from its smoothed keys: (k int8, k's scales, k's mean, v e4m3/fp16, v's scales,
+    v's mean); k_mul [B, H, D]: stage 1b's 1 / b, multiplied in before the INT8 rounding."""
+    ks = ks if k_mul is None else ks * k_mul[:, None]
+    return (*quantize_int8(ks, k_group), mean, *(quantize_v_fp8(v) if pv == "fp8" else quantize_v_fp16(v)))
+
+
 def quantize_sets(k, v, k_img, v_img, pv: str, k_group: int = K_GROUP) -> tuple:
-    """Stages 1-3 of the key sets: per set (k int8, k's scales, k's mean, v e4m3/fp16, v's scales, v's mean)."""
-    sets = []
-    for kt, vt in ((k, v),) if k_img is None else ((k, v), (k_img, v_img)):
-        ks, mean = smooth_k(kt)
-        sets.append((*quantize_int8(ks, k_group), mean, *(quantize_v_fp8(vt) if pv == "fp8" else quantize_v_fp16(vt))))
-    return tuple(sets)
+    """Stages 1-3 of the key sets without stage 1b (a query quantized already): per set (k int8, k's scales,
+    k's mean, v e4m3/fp16, v's scales, v's mean)."""
+    return tuple(quantize_set(*smooth_k(kt), vt, pv, k_group)
+                 for kt, vt in (((k, v),) if k_img is None else ((k, v), (k_img, v_img))))
 
 
-def quantize_operands(q, k, v, k_img, v_img, s: float, pv: str, q_group: int = Q_GROUP, k_group: int = K_GROUP):
+def quantize_operands(q, k, v, k_img, v_img, s: float, pv: str, q_group: int = Q_GROUP, k_group: int = K_GROUP,
+                      balance: bool = True):
     """Stages 1-3 of one call: (q int8, q's scales with s * log2 e folded in, per key set (k int8, k's scales,
-    k's mean, v e4m3/fp16, v's scales, v's mean)); pv "fp8" or "fp16"."""
-    q_i8, q_scale = quantize_int8(q, q_group)
-    return q_i8, q_scale * (s * LOG2E), quantize_sets(k, v, k_img, v_img, pv, k_group)
+    k's mean, v e4m3/fp16, v's scales, v's mean), b [B, H, D] or None); pv "fp8" or "fp16". balance: stage 1b
+    (`channel_balance`, one b for q and every key set: q meets them all)."""
+    smoothed = [smooth_k(kt) for kt in ((k,) if k_img is None else (k, k_img))]
+    b = k_mul = None
+    if balance and q.shape[1] and all(ks.shape[1] for ks, _ in smoothed):  # (no tokens: nothing to balance)
+        k_amax = torch.stack([smoothed_amax(ks) for ks, _ in smoothed]).amax(0)
+        b, k_mul = channel_balance(q.float().abs().amax(dim=1), k_amax)
+    q_i8, q_scale = quantize_int8(q if b is None else q.float() * b[:, None], q_group)
+    sets = tuple(quantize_set(ks, mean, vt, pv, k_group, k_mul)
+                 for (ks, mean), vt in zip(smoothed, (v,) if k_img is None else (v, v_img)))
+    return q_i8, q_scale * (s * LOG2E), sets, b
 
 
 def smoothed_lse(m: torch.Tensor, l: torch.Tensor, pv: str) -> torch.Tensor:
@@ -175,13 +211,15 @@ def lse_shift(q: torch.Tensor, mean: torch.Tensor, s: float) -> torch.Tensor:
 def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
                         v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "auto",
                         q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
-                        exp2: Callable = torch.exp2, acc16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        exp2: Callable = torch.exp2, acc16: bool = False, balance: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Sq, H, Dv] in q's dtype, lse [S, B, H, Sq] fp32), S = 1 or 2 (with the image set): 8-bit
     softmax(q k^T s) v [+ softmax(q k_img^T s) v_img], s = scale or 1/sqrt(D), and each set's natural-log
-    log-sum-exp of its (unsmoothed) scores. The inputs are never written. acc16: `attend`'s."""
+    log-sum-exp of its (unsmoothed) scores. The inputs are never written. acc16: `attend`'s; balance: stage 1b
+    (False: q quantized as `attention_int8_q8`'s callers do, `quantize_int8(q, 1)`)."""
     pv = resolve_pv(pv, q.device)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q_i8, q_scale, sets = quantize_operands(q, k, v, k_img, v_img, s, pv, q_group, k_group)
+    q_i8, q_scale, sets, _ = quantize_operands(q, k, v, k_img, v_img, s, pv, q_group, k_group, balance)
     out, lses = 0, []
     for k_i8, k_scale, mean, vq, v_scale, v_mean in sets:
         o, m, l = attend(q_i8, q_scale, k_i8, k_scale, vq, v_scale, v_mean, pv, q_group, k_group, block_n, exp2,
@@ -194,19 +232,22 @@ def attention_int8_sets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img
 def attention_int8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_img: torch.Tensor | None = None,
                    v_img: torch.Tensor | None = None, scale: float | None = None, pv: str = "auto",
                    q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
-                   exp2: Callable = torch.exp2) -> torch.Tensor:
+                   exp2: Callable = torch.exp2, balance: bool = True) -> torch.Tensor:
     """wan::attention_int8: q [B, Sq, H, D], k/v [B, Sk, H, D/Dv], optional k_img/v_img [B, Si, H, D/Dv] ->
     [B, Sq, H, Dv] in q's dtype. pv: "fp8" (P and V in e4m3), "fp16" or "auto" (`resolve_pv`). q_group / k_group:
-    tokens per Q / K scale; block_n: keys per online-softmax step (where P is rounded: the kernel's BLOCK_N)."""
-    return attention_int8_sets(q, k, v, k_img, v_img, scale, pv, q_group, k_group, block_n, exp2)[0]
+    tokens per Q / K scale; block_n: keys per online-softmax step (where P is rounded: the kernel's BLOCK_N);
+    balance: stage 1b (`attention_int8_sets`)."""
+    return attention_int8_sets(q, k, v, k_img, v_img, scale, pv, q_group, k_group, block_n, exp2,
+                               balance=balance)[0]
 
 
 def attention_int8_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                        pv: str = "auto", q_group: int = Q_GROUP, k_group: int = K_GROUP, block_n: int = BLOCK_N,
-                       exp2: Callable = torch.exp2) -> tuple[torch.Tensor, torch.Tensor]:
+                       exp2: Callable = torch.exp2, balance: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """wan::attention_int8_lse: one key set, (out [B, Sq, H, Dv] in q's dtype, lse [B, H, Sq] fp32): the natural-log
     log-sum-exp of the unsmoothed scores s q k^T (smoothing corrected), as wan::attention_lse for ring attention."""
-    out, lse = attention_int8_sets(q, k, v, None, None, scale, pv, q_group, k_group, block_n, exp2)
+    out, lse = attention_int8_sets(q, k, v, None, None, scale, pv, q_group, k_group, block_n, exp2,
+                                   balance=balance)
     return out, lse[0]
 
 

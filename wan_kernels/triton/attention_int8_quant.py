@@ -1,10 +1,13 @@
 """Triton quantizer of 8-bit attention's operands (wan::attention_int8): the stages 1-3 of
-`wan_kernels/ref/attention_int8.py`, in three kernels that each read their input once.
+`wan_kernels/ref/attention_int8.py` (1b included), in three kernels: a statistics pass over each input, then one
+quantizing pass per tensor.
 
     _token_stats_kernel   per (batch, head) and chunk of CHUNK tokens: the column sums (and, for V, maxima and
                           minima) of x [B, S, H, D] in fp32 -> partials [B*H, chunks, D]; the launcher adds the
                           partials in torch ([B, H, D]-sized work) into the K / V means and V's per-channel scales.
-    _quantize_int8_kernel one row per (token, head): x (- mean: K's smoothing) -> int8, symmetric amax/127 per row,
+                          For q and k with the channel balance (stage 1b), maxima and minima of both too.
+    _quantize_int8_kernel one row per (token, head): x (- mean: K's smoothing) (* b for Q, * 1 / b for K: the
+                          channel balance) -> int8, symmetric amax/127 per row,
                           round half away from zero; writes the scale times `fold` (Q: softmax scale * log2 e),
                           and for Q with an LSE output each key set's s q.mean(k) (the smoothing's correction).
     _quantize_v_kernel    V per channel: fp8 = e4m3((v - mean) / (amax/1.75)), fp16 = v / (a power of two).
@@ -13,12 +16,14 @@ Bit-exact with the reference's stages given the same means: the kernels divide w
 plain `/` may compile to div.full.f32, 2 ulp) and contract nothing (EXACT: no fma), e4m3 is cvt.rn.satfinite after
 the clamp (`to_e4m3`). The means themselves are fp32 sums in another order than torch's `mean`
 (chunks of CHUNK tokens, then the chunks): they agree to summation error, which the tests bound, and the tests
-compare every later stage bit for bit with the reference fed the kernel's means.
+compare every later stage bit for bit with the reference fed the kernel's means (the balance b follows from them
+and the exact maxima: the same fp32 torch ops on the same values).
 
-HBM traffic per call (bf16 inputs, fp8 P.V): q read once and written as int8 (3 bytes per element), k and v read
-twice (statistics, then quantization) and written once (5 bytes each), plus 4-byte per-row scales and the
-partials (1/CHUNK of a tensor's fp32 size per statistic): ~13 bytes per element of q, against ~40 for the torch
-passes it replaces. `wan_model.cost.int8_quantization_bytes` counts the launches this module makes.
+HBM traffic per call (bf16 inputs, fp8 P.V): q, k and v read twice (statistics, then quantization) and written
+once as 8-bit codes (5 bytes per element each; q read once, 3 bytes, where it comes without the channel balance),
+plus 4-byte per-row scales and the partials (1/CHUNK of a tensor's fp32 size per statistic): ~15 bytes per element
+of q, against ~40 for the torch passes it replaces. `wan_model.cost.int8_quantization_bytes` counts the launches
+this module makes.
 
 Offsets: the (batch, head) index, token indices and every scale / partial index are int64 (B*S*H*D passes 2^31
 at 160k tokens x 2 x 40 heads x 128 = 1.6e9 only within a factor of 1.3; S*B*H scale indices do not, but cost
@@ -37,6 +42,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, empty_v8
+from wan_kernels.ref.attention_int8 import channel_balance
 from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
 from wan_kernels.triton.nvfp4 import e4m3_code
 
@@ -95,10 +101,10 @@ def _token_stats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, S, H, n_chunks, stride
 
 
 @_jit
-def _quantize_int8_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, m0_ptr, m1_ptr, shift_ptr, fold, shift_scale,
-                          S, H, stride_b, stride_s, stride_h,
+def _quantize_int8_kernel(x_ptr, mean_ptr, mul_ptr, out_ptr, scale_ptr, m0_ptr, m1_ptr, shift_ptr, fold,
+                          shift_scale, S, H, stride_b, stride_s, stride_h,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, SMOOTH: tl.constexpr,
-                          SHIFTS: tl.constexpr):
+                          BALANCE: tl.constexpr, SHIFTS: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -111,8 +117,11 @@ def _quantize_int8_kernel(x_ptr, mean_ptr, out_ptr, scale_ptr, m0_ptr, m1_ptr, s
                 other=0.0).to(tl.float32)
     if SMOOTH:
         x = tl.where(ok, x - tl.load(mean_ptr + bh * D + offs_d, mask=d_ok, other=0.0)[None, :], 0.0)
-    scale = tl.math.div_rn(tl.reduce(tl.abs(x), 1, _MAX), 127.0)
-    y = tl.math.div_rn(x, tl.where(scale > 0, scale, 1.0)[:, None])
+    xb = x
+    if BALANCE:                                                                  # stage 1b: q b or (k - mean) / b
+        xb = x * tl.load(mul_ptr + bh * D + offs_d, mask=d_ok, other=1.0)[None, :]
+    scale = tl.math.div_rn(tl.reduce(tl.abs(xb), 1, _MAX), 127.0)
+    y = tl.math.div_rn(xb, tl.where(scale > 0, scale, 1.0)[:, None])
     a = tl.abs(y)
     r = tl.floor(a)
     r = tl.minimum(r + tl.where(a - r >= 0.5, 1.0, 0.0), 127.0)                  # round half away from zero
@@ -162,6 +171,7 @@ class Quantized:
     q_scale: torch.Tensor
     sets: tuple[tuple[torch.Tensor, ...], ...]
     shift: torch.Tensor | None = None
+    balance: torch.Tensor | None = None  # stage 1b's b [B, H, D] (q was multiplied by it, each set's k divided)
 
 
 def _grid_args(x: torch.Tensor, rows: int) -> tuple:
@@ -207,7 +217,8 @@ def v_scale_of(pv: str, mean: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor):
     return torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0)))), torch.zeros_like(mean)
 
 
-def _int8(x, mean, fold: float, means: tuple, shift_scale: float, launch):
+def _int8(x, mean, fold: float, means: tuple, shift_scale: float, launch, mul=None):
+    """x (- mean) (* mul: stage 1b's b for Q, 1 / b for K) -> (int8, per-row scale * fold, shift or None)."""
     B, S, H, D = x.shape
     out = torch.empty((B, S, H, D), dtype=torch.int8, device=x.device)
     scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
@@ -216,9 +227,10 @@ def _int8(x, mean, fold: float, means: tuple, shift_scale: float, launch):
     if out.numel():
         m = list(means) + [scale] * (2 - len(means))  # unread placeholders (SHIFTS says how many are real)
         launch(Launch(_quantize_int8_kernel, grid,
-                      (x, scale if mean is None else mean, out, scale, *m, scale if shift is None else shift, fold,
-                       shift_scale, *sizes),
-                      dict(kw, ROWS=QUANT_ROWS, SMOOTH=mean is not None, SHIFTS=len(means), **EXACT),
+                      (x, scale if mean is None else mean, scale if mul is None else mul, out, scale, *m,
+                       scale if shift is None else shift, fold, shift_scale, *sizes),
+                      dict(kw, ROWS=QUANT_ROWS, SMOOTH=mean is not None, BALANCE=mul is not None, SHIFTS=len(means),
+                           **EXACT),
                       x.device, _interpreted))
     return out, scale, shift
 
@@ -238,32 +250,54 @@ def _v(v, pv: str, capability, launch, stats=None):
     return out, scale, mean
 
 
-def quantize_kv(k, v, pv: str, capability=None, launch: Callable[[Launch], None] = run, stats=None) -> tuple:
+def quantize_kv(k, v, pv: str, capability=None, launch: Callable[[Launch], None] = run, stats=None, k_mean=None,
+                k_mul=None) -> tuple:
     """One key/value set (new tensors): (k int8 [B, S, H, D], k_scale [B, H, S], k_mean [B, H, D], v e4m3 / fp16
     [B, S, H, Dv], v_scale, v_mean [B, H, Dv]); the kernel's operands of that set (wan::quantize_kv_int8).
     `stats`: (k_mean, v_mean, v_scale) of the whole set when k, v are a part of it (a rank's tokens), else None:
-    from k's and v's own tokens."""
+    from k's and v's own tokens. `k_mean`: k's own mean computed already (`quantize`'s stage 1b), `k_mul`: 1 / b."""
     # indexed (b H + h) D + d; copies, so that no output is an input (the op's outputs alias nothing)
     stats = None if stats is None else tuple(t.to(torch.float32, copy=True).contiguous() for t in stats)
-    k_mean = _stats(k, False, launch)[0] if stats is None else stats[0]
-    k8, ks, _ = _int8(k, k_mean, 1.0, (), 0.0, launch)
+    if k_mean is None:
+        k_mean = _stats(k, False, launch)[0] if stats is None else stats[0]
+    k8, ks, _ = _int8(k, k_mean, 1.0, (), 0.0, launch, k_mul)
     return (k8, ks, k_mean, *_v(v, pv, capability, launch, None if stats is None else stats[1:]))
 
 
+def _balance(q, keys, launch):
+    """Stage 1b (`ref.channel_balance`): (b, 1 / b) [B, H, D] and each key set's mean, from q's and the keys'
+    per-channel maxima and minima (the statistics kernel with EXTREMA: the keys' pass computes their means too);
+    max|k - mean| is max(k_max - mean, mean - k_min) exactly (rounding is monotone)."""
+    _, q_max, q_min = _sums(q, True, launch)
+    means, k_amax = [], None
+    for kt in keys:
+        mean, hi, lo = _stats(kt, True, launch)
+        amax = torch.maximum(hi - mean, mean - lo)
+        means.append(mean)
+        k_amax = amax if k_amax is None else torch.maximum(k_amax, amax)
+    b, k_mul = channel_balance(torch.maximum(q_max.abs(), q_min.abs()), k_amax)
+    return b.contiguous(), k_mul.contiguous(), means
+
+
 def quantize(q, k, v, k_img, v_img, scale: float, pv: str, lse: bool = False, capability=None,
-             launch: Callable[[Launch], None] = run) -> Quantized:
+             launch: Callable[[Launch], None] = run, balance: bool = True) -> Quantized:
     """Quantize every operand of one wan::attention_int8 call (new tensors; the inputs are never written); q may be
     (q8, q_scale) quantized already (wan::attention_int8_q8: only its scales are multiplied by the fold; no shift:
-    with an LSE the attention kernel takes it from q8, SHIFT_Q8).
+    with an LSE the attention kernel takes it from q8, SHIFT_Q8; no stage 1b: q was rounded without it).
     `capability` None = the interpreter's kernels (software e4m3); `launch` runs each kernel (`run`), or collects
-    it (readiness, the cost model: meta tensors)."""
-    sets = tuple(quantize_kv(kt, vt, pv, capability, launch)
-                 for kt, vt in (((k, v),) if k_img is None else ((k, v), (k_img, v_img))))
+    it (readiness, the cost model: meta tensors); `balance`: stage 1b for a float q."""
+    pairs = ((k, v),) if k_img is None else ((k, v), (k_img, v_img))
     if isinstance(q, tuple):  # quantized already (wan::qk_norm_rope_int8): its scales get the fold, as _int8's
+        sets = tuple(quantize_kv(kt, vt, pv, capability, launch) for kt, vt in pairs)
         return Quantized(q[0], (q[1] * (scale * LOG2E)).contiguous(), sets)  # [B, H, Sq], any strides in
-    means = tuple(st[2] for st in sets) if lse else ()
-    q8, qs, shift = _int8(q, None, scale * LOG2E, means, scale, launch)
-    return Quantized(q8, qs, sets, shift)
+    b = k_mul = None
+    means = [None] * len(pairs)
+    if balance and q.shape[1] and all(kt.shape[1] for kt, _ in pairs):  # (no tokens: nothing to balance)
+        b, k_mul, means = _balance(q, [kt for kt, _ in pairs], launch)
+    sets = tuple(quantize_kv(kt, vt, pv, capability, launch, k_mean=mean, k_mul=k_mul)
+                 for (kt, vt), mean in zip(pairs, means))
+    q8, qs, shift = _int8(q, None, scale * LOG2E, tuple(st[2] for st in sets) if lse else (), scale, launch, b)
+    return Quantized(q8, qs, sets, shift, b)
 
 
 def quantize_launches(q, k, v, k_img, v_img, pv: str, lse: bool, capability) -> list[Launch]:
