@@ -231,7 +231,7 @@ def test_fp16_accumulator_holds_the_largest_tile(pv):
     all at the top of the group's range, quantized with the group's statistics): 64 x 448 x 1.75 = 50,176 and
     64 x 512 = 32,768 < 65,504, so the output is that V exactly, finite, with the P.V accumulated in fp16 or fp32
     on the interpreter. (With SageAttention's 448-scaled e4m3 V or our former fp16 bound 32,768 it would be inf.)"""
-    top = {"fp8": T.E4M3_P_MAX * R.V_E4M3_MAX, "fp16": R.FP16_V_MAX}[pv]  # one key's largest p v in the codes
+    top = {"fp8": T.E4M3_MAX * R.V_E4M3_MAX, "fp16": R.FP16_V_MAX}[pv]  # one key's largest p v in the codes
     assert 64 * top < T.FP16_MAX < 128 * top
     B, S, H, D = 1, 64, 1, 64
     q8, qs = torch.zeros(B, 16, H, D, dtype=torch.int8), torch.ones(B, H, 16)

@@ -41,6 +41,10 @@ def default_pv(capability: tuple[int, int] | None) -> str:
     return "fp8" if capability is None or tuple(capability) >= FP8_MMA_CAPABILITY else "fp16"
 
 
+# The largest finite float8_e4m3fn (P's row max in 8-bit attention, NVFP4's block-scale range) and float16 (the
+# range of an fp16 MMA accumulator, `pv_acc16`).
+E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+FP16_MAX = float(torch.finfo(torch.float16).max)
 # bytes: an e4m3 V's (batch, head, channel) rows of tokens start at multiples of 16 (`empty_v8`)
 V8_ROW = 16
 # An e4m3 V's per-channel range: |v8| <= 1.75 = 448 / 2^8, the grid of amax/448 shifted by a power of two (the same

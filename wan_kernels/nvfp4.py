@@ -15,9 +15,10 @@ boundary where that costs no device sync (wan_kernels._checks).
 
 import torch
 
+from wan_kernels.hardware import E4M3_MAX
+
 BLOCK = 16
 E2M1_MAX = 6.0
-E4M3_MAX = 448.0
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 

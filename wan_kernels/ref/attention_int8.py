@@ -39,14 +39,13 @@ from typing import Callable
 
 import torch
 
-from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, default_pv, empty_v8
+from wan_kernels.hardware import E4M3_MAX, FP16_V_MAX, V_E4M3_MAX, default_pv, empty_v8
 
 __all__ = ["attention_int8", "attention_int8_lse", "attention_int8_q8", "attention_int8_q8_lse",
            "attention_int8_quantized_lse", "kv_stats", "quantize_kv_int8"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-E4M3_MAX = 448.0
 Q_GROUP, K_GROUP, BLOCK_N = 1, 1, 64  # per-token Q and K scales: see the kernel's header
 
 

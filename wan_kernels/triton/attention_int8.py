@@ -112,18 +112,18 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, default_pv, empty_v8, pv_acc16
+from wan_kernels.hardware import E4M3_MAX, FP16_MAX, FP16_V_MAX, V_E4M3_MAX, default_pv, empty_v8, pv_acc16
 from wan_kernels.triton._launch import Launch, interpreter_twin, run, target
 from wan_kernels.triton.attention_int8_quant import LOG2E, Quantized, quantize, quantize_kv, to_e4m3
 from wan_kernels.triton.attention_int8_quant import kv_stats as _kv_stats
 from wan_kernels.triton.attention import ARCH_CLASSES, KINDS, Config, arch_class, kind_of  # noqa: F401 (the table's keys)
 
 LN2 = 0.6931471805599453
-E4M3_P_MAX, FP16_MAX = 448.0, 65504.0  # P's row max as e4m3 (as fp16: 1); the fp16 accumulator's range (PV_ACC16)
-LOG2_448 = math.log2(448.0)
+LOG2_448 = math.log2(E4M3_MAX)  # P's row max as e4m3 (as fp16: 1)
 Q_GROUP, K_GROUP = 1, 1  # per-token scales (header: Granularity)
 _LN2 = tl.constexpr(LN2)          # the kernel reads module globals only as constexprs (a float global fails to compile)
 _LOG2_448 = tl.constexpr(LOG2_448)
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
 _ADD = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 _jit = JITFunction
@@ -154,7 +154,7 @@ def _key_tile(q, qs, kt_ptrs, ks_ptrs, vt_ptrs, m_i, l_i, acc, n_ok, d_ok, dv_ok
     else:
         vt = tl.load(vt_ptrs, mask=dv_ok[None, :], other=0.0)
     if PV_FP8:
-        p8 = to_e4m3(p * 448.0, SOFT_E4M3)
+        p8 = to_e4m3(p * _E4M3_MAX, SOFT_E4M3)
         l_i = l_i * alpha + tl.reduce(p8.to(tl.float32), 1, _ADD)
         if PV_ACC16:                                                          # fresh fp8 dot: two-level
             acc = acc * alpha[:, None] + tl.dot(p8, vt, out_dtype=tl.float16).to(tl.float32)
@@ -419,7 +419,7 @@ def kernel_launch(qz: Quantized, out_dtype: torch.dtype, write_lse: bool, shift_
     # not with an image set: I2V's two sets (cross-attention, bf16 in the model by default; 512 + 257 keys) keep the
     # first set's output live beside the second's accumulator, and the fp16 tile spilled 8 bytes on sm_120 (hd128)
     acc16 = pv_acc16(capability) and not has_img
-    tile_max = E4M3_P_MAX * V_E4M3_MAX if pv8 else FP16_V_MAX  # one key's largest |p v| in the codes
+    tile_max = E4M3_MAX * V_E4M3_MAX if pv8 else FP16_V_MAX  # one key's largest |p v| in the codes
     if acc16 and config.BLOCK_N * tile_max > FP16_MAX:
         raise ValueError(f"attention_int8 (triton): BLOCK_N={config.BLOCK_N} keys of P.V overflow the fp16 "
                          f"accumulator (at most {int(FP16_MAX // tile_max)})")

@@ -50,7 +50,6 @@ __all__ = ["Quantized", "kv_stats", "launch_bytes", "quantize", "quantize_kv", "
            "token_mean", "v_scale_of"]
 
 LOG2E = 1.4426950408889634
-E4M3_MAX = 448.0
 CHUNK, STATS_ROWS, QUANT_ROWS = 512, 64, 64  # tokens per statistics program (looped STATS_ROWS at a time); rows
 _jit = JITFunction                            # per quantization program
 # reductions through tl.reduce with these combiners (tl.sum / tl.max are @jit functions of triton.language, which
