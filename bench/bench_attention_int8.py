@@ -5,6 +5,8 @@ Shapes (REFERENCE §2/§6): 40 heads x head_dim 128, bf16 inputs; self-attention
 Providers:
   int8-fp16       wan_kernels.attention_int8(pv="fp16"), the Triton kernel (quantization included)     GPU only
   int8-fp8        wan_kernels.attention_int8(pv="fp8"); listed only on sm_89+ (FP8 MMA)              GPU only
+  int8-nobalance  the device's default pv without the quantizer's channel balance (stage 1b: a statistics
+                  pass over q), the Triton function itself: what the balance costs                 GPU only
   wan-triton      wan_kernels.attention, our bf16 Triton kernel                                       GPU only
   sdpa            F.scaled_dot_product_attention, flash backend (I2V: two calls summed)               GPU only
   sdpa-cudnn      the same, cuDNN backend                                                             GPU only
@@ -41,6 +43,7 @@ from bench.bench_attention import HEAD_DIM, HEADS, IMAGE, REF_MAX_BYTES, TEXT, T
 from wan_kernels import ref  # noqa: E402
 from wan_kernels._spec import SPECS  # noqa: E402
 from wan_kernels.hardware import default_pv  # noqa: E402
+from wan_kernels.triton import attention_int8 as attention_int8_triton  # noqa: E402
 
 NRMSE_GATE = 0.06  # random Gaussian V: fp8 P.V alone costs ~3.6-4.2% (REFERENCE §10), fp16 ~1%
 
@@ -71,6 +74,10 @@ def make_case(label: str, B: int, Sq: int, Sk: int, Si: int | None, H: int, D: i
                                  gpu_only=True)
             providers.append(p)
             int8.append(p)
+        p = harness.Provider("int8-nobalance", lambda: attention_int8_triton.attention_int8(
+            q, k, v, ki, vi, pv=default_pv(cap), balance=False), gpu_only=True)
+        providers.append(p)
+        int8.append(p)
         sage = _sage(q, k, v, ki, vi)
         if sage is not None:
             providers.append(sage)
@@ -149,8 +156,8 @@ def main(argv=None) -> None:
         print("bench_attention_int8: no GPU; the Wan shapes need one. Run with --quick for the CPU run (the "
               "correctness gate on tiny shapes, reference providers).", file=sys.stderr)
         sys.exit(2)
-    notes = [] if on_gpu else ["CPU: tiny shapes, reference providers only; int8-fp16 / int8-fp8 / sage / wan-triton "
-                               "/ sdpa / sdpa-cudnn / int8-quantize (GPU providers) skipped"]
+    notes = [] if on_gpu else ["CPU: tiny shapes, reference providers only; int8-fp16 / int8-fp8 / int8-nobalance / "
+                               "sage / wan-triton / sdpa / sdpa-cudnn / int8-quantize (GPU providers) skipped"]
     if on_gpu and default_pv(torch.cuda.get_device_capability()) != "fp8":
         notes.append("int8-fp8 not listed: this GPU has no FP8 MMA (sm_80/86)")
     rows = []
