@@ -1,7 +1,8 @@
 """wan::attention_int8_q8: wan::attention_int8 from a query quantized already, by wan::qk_norm_rope_int8 /
 qkv_rope_int8 in the kernel that made it (the fusion of 8-bit attention's Q quantization into the QKV epilogue):
-q8 int8 [B, Sq, H, D] and q_scale fp32 [B, H, Sq]; K and V are smoothed and quantized as attention_int8 does them,
-the attention kernel is the same launch. Output in k's dtype. Inference only.
+q8 int8 [B, Sq, H, D] and q_scale fp32 [B, H, Sq]; K and V are smoothed and quantized as attention_int8 does them
+less its channel balance (which needs q's maxima before q is rounded), the attention kernel is the same launch.
+Output in k's dtype. Inference only.
 Kernels: wan_kernels/ref/attention_int8.py, wan_kernels/triton/attention_int8.py."""
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, 
                       scale: float | None = None, *, pv: str = "auto", impl: str = "auto") -> torch.Tensor:
     """`attention_int8` from q quantized already (`qk_norm_rope_int8` / `qkv_rope_int8`): q8 int8 [B, Sq, H, D],
     q_scale float32 [B, H, Sq] (q ~ q8 * q_scale per token and head); k, v, k_img, v_img, scale, pv as
-    `attention_int8`. Output [B, Sq, H, Dv] in k's dtype; equal to `attention_int8(q, ...)` for the q that q8 and
-    q_scale quantize. Inference only (RuntimeError naming `attention` for k/v requiring grad)."""
+    `attention_int8`. Output [B, Sq, H, Dv] in k's dtype; equal to `attention_int8(q, ...)` without its channel
+    balance (the backends' balance=False) for the q that q8 and q_scale quantize. Inference only (RuntimeError
+    naming `attention` for k/v requiring grad)."""
     return routing.resolve(OP, impl, k.device)(q8, q_scale, k, v, k_img, v_img, scale, pv)

@@ -2,7 +2,8 @@
 takes it), one key/value set: the output and the natural-log log-sum-exp by which ring attention merges key
 blocks, for a ring fed the fused q (wan::qkv_rope_int8 / qk_norm_rope_int8) that is never quantized again per
 block. The LSE's smoothing correction s q^.mean(k) comes from the dequantized q^ = q8 * q_scale, in the kernel.
-Output in k's dtype. Inference only. Kernels: wan_kernels/ref/attention_int8.py, wan_kernels/triton/attention_int8.py."""
+Output in k's dtype. Inference only.
+Kernels: wan_kernels/ref/attention_int8.py, wan_kernels/triton/attention_int8.py."""
 
 from __future__ import annotations
 

@@ -67,7 +67,8 @@ def qk_norm_rope_int8(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_wei
 
     qkv, norm weights, rope tables: as `qk_norm_rope`. Returns q8 int8 [B, S, H, D], q_scale float32 [B, H, S]
     (q ~ q8 * q_scale: symmetric amax/127 per token and head, round half away from zero, of the q `qk_norm_rope`
-    returns, rounded to qkv's dtype first; bit-identical to `attention_int8`'s own quantization of that q), and
+    returns, rounded to qkv's dtype first; bit-identical to the 8-bit attention quantizer's rounding of that q
+    without its channel balance, `attention_int8_q8`'s contract), and
     k, v [B, S, H, D] in qkv's dtype. Inference only (RuntimeError naming `qk_norm_rope` for an input requiring grad).
     """
     return routing.resolve("qk_norm_rope_int8", impl, qkv.device)(qkv, norm_q_weight, norm_k_weight, rope_cos,

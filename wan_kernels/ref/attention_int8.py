@@ -257,7 +257,7 @@ def attention_int8_q8(q8: torch.Tensor, q_scale: torch.Tensor, k: torch.Tensor, 
     """wan::attention_int8_q8: `attention_int8` from a query quantized already (wan::qk_norm_rope_int8: stage 2 of
     q done where q was made): q8 int8 [B, Sq, H, D] and q_scale fp32 [B, H, Sq] (q ~ q8 * q_scale, one scale per
     token and head, nothing folded in), k/v [B, Sk, H, D/Dv], optional k_img/v_img -> [B, Sq, H, Dv] in k's
-    dtype. Equal to `attention_int8(q, ...)` when (q8, q_scale) = `quantize_int8(q, 1)`."""
+    dtype. Equal to `attention_int8(q, ..., balance=False)` when (q8, q_scale) = `quantize_int8(q, 1)`."""
     pv = resolve_pv(pv, k.device)
     s = 1.0 / math.sqrt(q8.shape[-1]) if scale is None else float(scale)
     qs = q_scale.float() * (s * LOG2E)

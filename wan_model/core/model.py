@@ -513,8 +513,9 @@ class WanTransformer(nn.Module):
         ("auto": fp16 on sm_80/86, fp8 elsewhere). Two sets of per-block functions are bound: this configuration
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
         forward never branches on it. An int8 self-attention gets q quantized by its projection's kernel
-        (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8: bit-identical to attention_int8 on the bf16 q,
-        4 D - 8 bytes fewer per token and head). Under sequence parallelism the same q: its codes and scales cross
+        (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8: bit-identical to attention_int8 on the bf16 q
+        less its channel balance, which needs q's maxima before q is rounded; 6 D - 8 bytes fewer per token and
+        head). Under sequence parallelism the same q: its codes and scales cross
         Ulysses' all-to-all with K's and V's (quantized before it with the group's statistics), a ring's blocks
         are quantized once by their owner, and the attention is attention_int8_quantized_lse
         (wan_model/core/parallel.py)."""
