@@ -34,11 +34,14 @@ statistic is the worse of 2 heads on a heavy-tailed input whose error is dominat
 relative for 128 / 32 / 1 rows). No index bug: the kernel equals the reference at groups 32 / 16 (test).
 Per-token scales leave one error: a channel large in k (or q) alone sets that row's grid for all its channels. The
 channel balance (the quantizer's stage 1b, where q and k are quantized together) multiplies q by b and K by 1 / b
-per (batch, head, channel), b = sqrt(max|k - mean| / max|q|): the scores are the same sums, the range is split
-evenly between the operands, and nothing changes in this kernel. Same measure, seed 0: Wan-like hd128 self
-0.053 -> 0.023 (fp16 P.V), I2V hd128 0.021 -> 0.014, hd64 0.019 -> 0.010; comfy recipes (i.i.d. channels) unchanged.
-A power-of-two b (exact products) measured 10-20 % worse than the square root. A q quantized already
-(attention_int8_q8: the fused qk_norm_rope_int8) goes without it: its rounding came before K was seen.
+per (batch, head, channel), b^4 = (max|k - mean| / max|q|) (RMS(k - mean) / RMS(q)) (`ref.channel_balance`):
+the scores are the same sums, the range is split evenly between the operands, and nothing changes in this kernel.
+Worst-head NRMSE (fp16 P.V, reference), mean over 8 seeds without -> with: Wan-like hd128 self 0.0172 -> 0.0094,
+I2V hd128 0.0214 -> 0.0148, hd64 0.0124 -> 0.0080 (fp8 P.V: 0.0206 -> 0.0147, 0.0279 -> 0.0226, 0.0170 ->
+0.0133); no seed's worst head more than 1.07x worse; comfy-channel (i.i.d. channels) unchanged. With the maxima
+alone (b^2 = the amax ratio, SmoothQuant's form) one seed's head came out 1.8x worse: a sink key's value sets a
+maximum; a power-of-two b (exact products) was 10-20 % worse again. A q quantized already (attention_int8_q8:
+the fused qk_norm_rope_int8) goes without it: its rounding came before K was seen.
 V per channel over all tokens (Sage2): the scale multiplies the output columns once. fp8 V is smoothed (Sage2's
 smooth_v): e4m3 keeps 3 mantissa bits relative to the channel's amax, so a channel with a large offset and a small
 spread lost most of it; since the weights sum to 1 the mean comes back exactly in the epilogue (Wan-like inputs:

@@ -5,7 +5,7 @@ quantizing pass per tensor.
     _token_stats_kernel   per (batch, head) and chunk of CHUNK tokens: the column sums (and, for V, maxima and
                           minima) of x [B, S, H, D] in fp32 -> partials [B*H, chunks, D]; the launcher adds the
                           partials in torch ([B, H, D]-sized work) into the K / V means and V's per-channel scales.
-                          For q and k with the channel balance (stage 1b), maxima and minima of both too.
+                          For q and k with the channel balance (stage 1b): maxima, minima and sums of squares too.
     _quantize_int8_kernel one row per (token, head): x (- mean: K's smoothing) (* b for Q, * 1 / b for K: the
                           channel balance) -> int8, symmetric amax/127 per row,
                           round half away from zero; writes the scale times `fold` (Q: softmax scale * log2 e),
@@ -42,12 +42,12 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, empty_v8
-from wan_kernels.ref.attention_int8 import channel_balance
+from wan_kernels.ref.attention_int8 import channel_balance, smoothed_sqmean
 from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
 from wan_kernels.triton.nvfp4 import e4m3_code
 
 __all__ = ["Quantized", "kv_stats", "launch_bytes", "quantize", "quantize_kv", "quantize_launches", "to_e4m3",
-           "token_mean", "v_scale_of"]
+           "token_mean", "token_sqmean", "v_scale_of"]
 
 LOG2E = 1.4426950408889634
 CHUNK, STATS_ROWS, QUANT_ROWS = 512, 64, 64  # tokens per statistics program (looped STATS_ROWS at a time); rows
@@ -71,9 +71,9 @@ def to_e4m3(x, SOFT_E4M3: tl.constexpr):
 
 
 @_jit
-def _token_stats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, S, H, n_chunks, stride_b, stride_s, stride_h,
+def _token_stats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, sq_ptr, S, H, n_chunks, stride_b, stride_s, stride_h,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
-                        EXTREMA: tl.constexpr):
+                        EXTREMA: tl.constexpr, SQUARES: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -84,7 +84,8 @@ def _token_stats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, S, H, n_chunks, stride
     acc = tl.full([BLOCK_D], 0.0, tl.float32)
     hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
     lo = tl.full([BLOCK_D], float("inf"), tl.float32)
-    for r in tl.static_range(0, CHUNK, ROWS):
+    sq = tl.full([BLOCK_D], 0.0, tl.float32)
+    for r in tl.range(0, CHUNK, ROWS):
         rows = c.to(tl.int64) * CHUNK + r + tl.arange(0, ROWS)
         ok = (rows < S)[:, None] & d_ok[None, :]
         x = tl.load(base + rows[:, None] * stride_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -92,11 +93,15 @@ def _token_stats_kernel(x_ptr, sum_ptr, max_ptr, min_ptr, S, H, n_chunks, stride
         if EXTREMA:
             hi = tl.maximum(hi, tl.reduce(tl.where(ok, x, float("-inf")), 0, _MAX))
             lo = tl.minimum(lo, tl.reduce(tl.where(ok, x, float("inf")), 0, _MIN))
+        if SQUARES:
+            sq += tl.reduce(x * x, 0, _ADD)
     out = (bh * n_chunks + c) * D + offs_d
     tl.store(sum_ptr + out, acc, mask=d_ok)
     if EXTREMA:
         tl.store(max_ptr + out, hi, mask=d_ok)
         tl.store(min_ptr + out, lo, mask=d_ok)
+    if SQUARES:
+        tl.store(sq_ptr + out, sq, mask=d_ok)
 
 
 @_jit
@@ -179,19 +184,28 @@ def _grid_args(x: torch.Tensor, rows: int) -> tuple:
         dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
-def _sums(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
-    """(sum [B, H, D], max, min or None) of x over its tokens, fp32, from the chunk partials."""
+def _moments(x: torch.Tensor, extrema: bool, squares: bool, launch: Callable[[Launch], None]):
+    """(sum [B, H, D], max, min, sum of squares; None where not asked) of x over its tokens, fp32, from the chunk
+    partials."""
     B, S, H, D = x.shape
     n = triton.cdiv(S, CHUNK)
-    parts = [torch.empty((B * H, n, D), dtype=torch.float32, device=x.device) for _ in range(3 if extrema else 1)]
+    parts = [torch.empty((B * H, n, D), dtype=torch.float32, device=x.device)
+             for _ in range(1 + 2 * extrema + squares)]
+    total, *rest = parts
+    hi, lo = (rest.pop(0), rest.pop(0)) if extrema else (total, total)  # unwritten placeholders without EXTREMA
+    sq = rest.pop(0) if squares else total
     (_, bh), (S_, H_, *strides), kw = _grid_args(x, CHUNK)
     if n and B * H:
-        launch(Launch(_token_stats_kernel, (n, bh), (x, *parts, *[parts[0]] * (3 - len(parts)), S_, H_, n, *strides),
-                      dict(kw, CHUNK=CHUNK, ROWS=STATS_ROWS, EXTREMA=extrema), x.device, _interpreted))
-    total = parts[0].sum(1).reshape(B, H, D)
-    if not extrema:
-        return total, None, None
-    return total, parts[1].amax(1).reshape(B, H, D), parts[2].amin(1).reshape(B, H, D)
+        launch(Launch(_token_stats_kernel, (n, bh), (x, total, hi, lo, sq, S_, H_, n, *strides),
+                      dict(kw, CHUNK=CHUNK, ROWS=STATS_ROWS, EXTREMA=extrema, SQUARES=squares), x.device,
+                      _interpreted))
+    return (total.sum(1).reshape(B, H, D), hi.amax(1).reshape(B, H, D) if extrema else None,
+            lo.amin(1).reshape(B, H, D) if extrema else None, sq.sum(1).reshape(B, H, D) if squares else None)
+
+
+def _sums(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
+    """(sum [B, H, D], max, min or None) of x over its tokens, fp32, from the chunk partials."""
+    return _moments(x, extrema, False, launch)[:3]
 
 
 def _stats(x: torch.Tensor, extrema: bool, launch: Callable[[Launch], None]):
@@ -263,18 +277,27 @@ def quantize_kv(k, v, pv: str, capability=None, launch: Callable[[Launch], None]
     return (k8, ks, k_mean, *_v(v, pv, capability, launch, None if stats is None else stats[1:]))
 
 
+def token_sqmean(x: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D] -> its mean square over the tokens [B, H, D] fp32, as the quantizer computes it (chunk sums of
+    squares added in torch): what the tests hand the reference (`ref.token_sqmean`), as `token_mean`."""
+    return _moments(x, False, True, run)[3] / x.shape[1]
+
+
 def _balance(q, keys, launch):
-    """Stage 1b (`ref.channel_balance`): (b, 1 / b) [B, H, D] and each key set's mean, from q's and the keys'
-    per-channel maxima and minima (the statistics kernel with EXTREMA: the keys' pass computes their means too);
-    max|k - mean| is max(k_max - mean, mean - k_min) exactly (rounding is monotone)."""
-    _, q_max, q_min = _sums(q, True, launch)
-    means, k_amax = [], None
+    """Stage 1b (`ref.channel_balance`): (b, 1 / b) [B, H, D] and each key set's mean, from one statistics pass
+    over q and each key set (EXTREMA and SQUARES: the keys' pass gives their means too): max|k - mean| is
+    max(k_max - mean, mean - k_min) exactly (rounding is monotone), the smoothed keys' mean square
+    mean(k^2) - mean^2 (`ref.smoothed_sqmean`), q's max|q| and mean(q^2)."""
+    q_sum, q_max, q_min, q_sq = _moments(q, True, True, launch)
+    means, k_amax, k_sq = [], [], []
     for kt in keys:
-        mean, hi, lo = _stats(kt, True, launch)
-        amax = torch.maximum(hi - mean, mean - lo)
+        total, hi, lo, sq = _moments(kt, True, True, launch)
+        mean = total / kt.shape[1]
         means.append(mean)
-        k_amax = amax if k_amax is None else torch.maximum(k_amax, amax)
-    b, k_mul = channel_balance(torch.maximum(q_max.abs(), q_min.abs()), k_amax)
+        k_amax.append(torch.maximum(hi - mean, mean - lo))
+        k_sq.append(smoothed_sqmean(sq / kt.shape[1], mean))
+    b, k_mul = channel_balance(torch.maximum(q_max.abs(), q_min.abs()), q_sq / q.shape[1],
+                               torch.stack(k_amax).amax(0), torch.stack(k_sq).amax(0))
     return b.contiguous(), k_mul.contiguous(), means
 
 
