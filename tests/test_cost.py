@@ -642,9 +642,9 @@ def test_block_live_points_match_live_bytes_on_meta(preset, size, batch):
 def test_int8_quantization_bytes_are_the_quantizers():
     """What 8-bit attention's Q/K/V quantization moves is counted from the Triton quantizer's own launches on meta
     tensors: the floor (read bf16 q, k, v once, write their 8-bit copies) plus the second read of q, k and v for
-    their statistics (q's and k's maxima: the channel balance), the per-token fp32 scales and the [B, H, D]
-    statistics, nothing more; linear in the tokens; a
-    cross-attention's query costs what a self-attention's does. The figures `cost --int8` and the README quote:
+    their statistics (q's and k's maxima and mean squares: the channel balance), the per-token fp32 scales and the
+    [B, H, D] statistics, nothing more; linear in the tokens; a cross-attention's query costs what a
+    self-attention's does. The figures `cost --int8` and the README quote:
     under the issue's 10 % bar for self-attention at 480p (14B, CFG, H100), cross-attention far over it (bf16)."""
     S, H, D = 4096, 40, 128
     one = S * H * D
