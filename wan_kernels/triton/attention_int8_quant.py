@@ -288,7 +288,7 @@ def _balance(q, keys, launch):
     over q and each key set (EXTREMA and SQUARES: the keys' pass gives their means too): max|k - mean| is
     max(k_max - mean, mean - k_min) exactly (rounding is monotone), the smoothed keys' mean square
     mean(k^2) - mean^2 (`ref.smoothed_sqmean`), q's max|q| and mean(q^2)."""
-    q_sum, q_max, q_min, q_sq = _moments(q, True, True, launch)
+    _, q_max, q_min, q_sq = _moments(q, True, True, launch)
     means, k_amax, k_sq = [], [], []
     for kt in keys:
         total, hi, lo, sq = _moments(kt, True, True, launch)
