@@ -711,9 +711,10 @@ def attention_int8_cases(check: Check) -> list[Case]:
     sweep (the inline PTX's operand order); (1) accuracy vs fp64 attention, worst head, for each P.V precision the
     device has (fp8 from sm_89 on): NRMSE at most 1.05x that of the op's reference emulation on the same inputs (the
     emulation is what met the bars against sageattention on CPU, tests/test_attention_int8.py) + 1e-4, cosine as
-    measured, and the NRMSE without the quantizer's channel balance (recorded); (2) one self-attention of 163,840 Wan-like tokens (fp64 out of reach: vs our bf16 kernel, NRMSE <=
-    0.1: noise is ~1.4); (3) TOPS of int8 (quantization included) vs our bf16 kernel at 14B 480p / 720p, and the
-    quantizer alone (its GB/s and share of the int8 call, the cost model's 6 % / 2 % to confirm); (4) a 14B
+    measured, and the NRMSE without the quantizer's channel balance (recorded); (2) one self-attention of 163,840
+    Wan-like tokens (fp64 out of reach: vs our bf16 kernel, NRMSE <= 0.1: noise is ~1.4); (3) TOPS of int8
+    (quantization included) vs our bf16 kernel at 14B 480p / 720p, and the quantizer alone (its GB/s and share of
+    the int8 call, the cost model's 6 % / 3 % to confirm); (4) a 14B
     CFG step at 480p with int8 vs bf16 attention, and the latent difference; (5) the verdict row: route int8 as
     the default only if every accuracy row passed and int8 is >= 2x bf16 at every timed shape."""
     from wan_kernels import ref, testing
