@@ -328,6 +328,28 @@ def test_rss_not_grown_beyond_ring_on_13b_shape():
     assert grown < ring + 64 * 2 ** 20, (grown, ring)
 
 
+@pytest.mark.parametrize("order", ["attention first", "offload first"])
+def test_int8_balance_is_folded_into_the_masters(order, mode):
+    """8-bit self-attention under offload: a dense step measures q and k in the ring (nothing is copied back) and the
+    switch folds the balance into the host masters (wan_model/core/balance.py): the sampled latents and every
+    block's balance equal those without offload."""
+    from wan_model.core.sampling import sample
+
+    plain = _model("tiny-t2v").set_attention("int8", dense_layers=())
+    x, _, txt, _ = make_inputs(plain.config, batch=1)
+    want = sample(plain, x, txt, None, num_steps=4, progress=False).latents
+    model = _model("tiny-t2v")
+    if order == "attention first":
+        model.set_attention("int8", dense_layers=()).enable_offload(blocks_on_device=2)
+    else:
+        model.enable_offload(blocks_on_device=2).set_attention("int8", dense_layers=())
+    assert torch.equal(sample(model, x, txt, None, num_steps=4, progress=False).latents, want)
+    model.disable_offload()
+    for got, ref in zip(model.blocks, plain.blocks):
+        assert _on_device(got.attn1.balance, "cpu") and torch.equal(got.attn1.balance, ref.attn1.balance)
+    assert not torch.equal(plain.blocks[-1].attn1.balance, torch.ones_like(plain.blocks[-1].attn1.balance))
+
+
 # ---------------------------------------------------------------------------------------------
 # two experts (Wan2.2 A14B)
 
@@ -460,7 +482,10 @@ def test_file_tier_reads_each_block_from_the_file(tmp_path, mode):
     ram = WanModel.from_pretrained(ckpt, dtype=dtype).enable_offload(2)
     filed = WanModel.from_pretrained(ckpt, dtype=dtype).enable_offload(2, from_file=ckpt)
     off = filed._offload
-    assert all(e.source is not None for b in off.streamed for e in off.entries[b])  # no host copy left
+    # no host copy left of what the file holds (the 8-bit balance, a non-persistent buffer, is in no checkpoint)
+    saved = lambda e: e.name not in e.module._non_persistent_buffers_set  # noqa: E731
+    assert all(e.source is not None for b in off.streamed for e in off.entries[b] if saved(e))
+    assert [e.name for b in off.streamed for e in off.entries[b] if not saved(e)] == ["balance"] * len(off.streamed)
     want = _run(plain, dtype)
     assert torch.equal(_run(ram, dtype), want) and torch.equal(_run(filed, dtype), want)
     assert _same_sd(filed.state_dict(), plain.state_dict())
@@ -477,7 +502,8 @@ def test_file_tier_reads_each_block_from_the_file(tmp_path, mode):
     # LoRA: the blocks it changes come to memory, the others stay in the file
     lora = _lora(plain)
     filed.load_lora(lora, 0.5)
-    assert all(e.source is not None for e in off.entries[2]) and any(e.source is None for e in off.entries[3])
+    assert all(e.source is not None for e in off.entries[2] if saved(e)) and any(e.source is None for e in
+                                                                                   off.entries[3] if saved(e))
     filed.unload_lora()
     filed.disable_offload()
     assert torch.equal(_run(filed, dtype), changed)
@@ -499,12 +525,18 @@ def test_cost_offload_plan(fmt):
     from wan_model import cost
 
     c = cost.model_cost(_cfg("tiny-t2v"), 64, 64, 5, weight_format=fmt)  # L = 5 layers
-    real = _model("tiny-t2v", torch.bfloat16, None if fmt == "bf16" else fmt).blocks[0]
-    block = sum(t.numel() * t.element_size() for t in _tensors(real).values())
+    model = _model("tiny-t2v", torch.bfloat16, None if fmt == "bf16" else fmt)
+    block = sum(t.numel() * t.element_size() for t in _tensors(model.blocks[0]).values())
     L = c.num_layers
     p = cost.offload_plan(c, "H100", 10 ** 12, prefetch=1, pcie_gbps=25.0)
-    assert p["block_bytes"] == block  # the bytes a real block of that format holds
-    assert p["fixed_bytes"] == c.weight_bytes - L * block and p["activation_bytes"] == c.activation_peak_bytes
+    assert p["block_bytes"] == block  # the bytes a real block of that format holds (weights and buffers)
+    state, other = cost.buffer_bytes(c.config)  # the buffers: the 8-bit balance, fp32 [C] per block
+    assert state == sum(m._buffers[k].numel() * m._buffers[k].element_size() for m in model.blocks[0].modules()
+                        for k in m._non_persistent_buffers_set) == 4 * c.config.dim
+    assert p["fixed_bytes"] == c.weight_bytes - L * (block - state) + other
+    if fmt == "bf16":  # as offload counts it (the quantized formats' analytic cross-attention K/V is fmt's)
+        assert p["fixed_bytes"] == offload.fixed_bytes(model)
+    assert p["activation_bytes"] == c.activation_peak_bytes
     assert p["transfer_s"] == block / 25e9 and p["compute_s"] == c.block_roofline(PEAKS["H100"])
     assert p["blocks_on_device"] == L and p["streamed"] == 0 and p["step_s"] == c.roofline(PEAKS["H100"], False)
     base = p["fixed_bytes"] + p["activation_bytes"]

@@ -240,12 +240,21 @@ def _worker(rank: int, world: int, port: int, out_path: str, scenario: str) -> N
         except RuntimeError as e:
             refused = str(e)
         with torch.no_grad():
+            # the channel balance: a dense step measures q and k on each rank's tokens, the switch back folds b
+            # from the statistics merged over the group (wan_model/core/balance.py): the same b on every rank
+            model.dense_attention(True)(*args)
+            balanced = model.dense_attention(False)(*args)
+            balance = torch.cat([b.attn1.balance for b in model.blocks])
             model.disable_parallelism()
-            again = model(*args)
+            single_balanced = model(*args)  # one process, the same b
+            again = model.reset_balance()(*args)
             model.set_attention("bf16")
         record(name, {"err_single": rel(single, exact), "err_parallel": rel(got, exact), "vs_single": rel(got, single),
                       "max_vs_single": (got - single).abs().max().item(), "disabled_equal": torch.equal(again, single),
-                      "refused": refused, "sent": sent_forward, "exchange": exchange, "projections": fused})
+                      "refused": refused, "sent": sent_forward, "exchange": exchange, "projections": fused,
+                      "balance": balance.tolist(), "err_balanced": rel(single_balanced, exact),
+                      "err_parallel_balanced": rel(balanced, exact),
+                      "vs_single_balanced": rel(balanced, single_balanced)})
     for name, (variant, grid, u, r, checkpointed) in GRAD_CASES[world].items():
         record(name, _grad_case(model_of(variant), grid, u, r, checkpointed))
     if world == 4:
@@ -368,6 +377,15 @@ def test_parallel_int8_self_attention(runs, world, name):
             assert got["exchange"] and all(got["exchange"].values()), (rank, got["exchange"])
         # q quantized by the projection's kernel in every layer, Ulysses or ring (then attention_int8_q8[_lse])
         assert got["projections"] == ["qkv_fused_dense_int8"] * 2, (rank, got["projections"])
+        # the balance folded after a parallel dense step: one b on every rank (else scores would mix q b_r with
+        # k / b_s), measured (not 1), within the int8 bound
+        assert got["balance"] == results[0][name]["balance"], rank
+        assert any(abs(b - 1) > 0.05 for b in got["balance"]), got["balance"]
+        assert 0 < got["err_balanced"] < OP_NRMSE * calls and 0 < got["err_parallel_balanced"] < OP_NRMSE * calls
+        if r == 1:  # Ulysses with the same b as one process: the same codes but where the fp32 order of the
+            # group's sums flips one (here one K code in layer 1: 3.4 % of int8's error; a 1e-7 relative change of
+            # the input flips codes worth up to 17 % of it, 20 draws). Each rank folding its own b: 240 %.
+            assert got["vs_single_balanced"] <= 0.25 * got["err_balanced"], (rank, got)
 
 
 @pytest.mark.subprocess

@@ -93,13 +93,18 @@ def _qk_norm_rope_jobs(archs):
                                      _meta(c, dtype=dtype), _meta(TOKENS, d // 2, dtype=torch.float32),
                                      _meta(TOKENS, d // 2, dtype=torch.float32), h, 1e-6, _cap(arch))[0]
                 jobs.append(Job("qk_norm_rope", label, arch, False, launch))
-                # q quantized in the kernel for 8-bit attention (wan::qk_norm_rope_int8; its own chunk size)
-                launch = tqk.prepare(_meta(CFG_BATCH, TOKENS, 3 * c, dtype=dtype), _meta(c, dtype=dtype),
-                                     _meta(c, dtype=dtype), _meta(TOKENS, d // 2, dtype=torch.float32),
-                                     _meta(TOKENS, d // 2, dtype=torch.float32), h, 1e-6, _cap(arch), quant_q=True)[0]
-                k = launch.kwargs
-                jobs.append(Job("qk_norm_rope", f"int8 q H={k['H']} D={k['D']} H_BLOCK={k['H_BLOCK']} "
-                                f"chunks={k['NUM_CHUNKS']} w{k['num_warps']} {str(dtype)[6:]}", arch, False, launch))
+                # q quantized in the kernel for 8-bit attention (wan::qk_norm_rope_int8; its own chunk size), with
+                # norm weights in qkv's dtype (the op's users, diffusers' processor) and in fp32 (WanModel's, the
+                # channel balance folded in: wan_model/core/balance.py)
+                for w in dict.fromkeys((dtype, torch.float32)):
+                    launch = tqk.prepare(_meta(CFG_BATCH, TOKENS, 3 * c, dtype=dtype), _meta(c, dtype=w),
+                                         _meta(c, dtype=w), _meta(TOKENS, d // 2, dtype=torch.float32),
+                                         _meta(TOKENS, d // 2, dtype=torch.float32), h, 1e-6, _cap(arch),
+                                         quant_q=True)[0]
+                    k = launch.kwargs
+                    jobs.append(Job("qk_norm_rope", f"int8 q H={k['H']} D={k['D']} H_BLOCK={k['H_BLOCK']} "
+                                    f"chunks={k['NUM_CHUNKS']} w{k['num_warps']} {str(dtype)[6:]}"
+                                    f"{' w fp32' if w != dtype else ''}", arch, False, launch))
         # backward: the Wan head counts (1.3B / 5B / 14B) and one chunked row, bf16 and fp32 (q and k launches)
         for h, d in ((12, 128), (24, 128), (40, 128), (80, 128)):
             cfg, c = tqk.launch_config(h, d), h * d

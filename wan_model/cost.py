@@ -674,6 +674,29 @@ def parameter_bytes(cfg: WanConfig, fmt: str = "bf16") -> int:
     return blocks * cfg.num_layers + other
 
 
+def buffer_bytes(cfg: WanConfig) -> tuple[int, int]:
+    """(per block, outside the blocks) bytes of the model's buffers: state, not weights, in no checkpoint (each
+    self-attention's 8-bit channel balance, fp32 [C]: wan_model/core/balance.py); block offload streams a block's
+    with it. Exact: enumerated from a meta-device WanTransformer."""
+    import torch
+
+    from wan_model.core.model import WanTransformer
+
+    n_vace = len(cfg.vace_layers) if cfg.has_vace else 0
+    with torch.device("meta"):
+        model = WanTransformer(cfg.replace(num_layers=1, **({"vace_layers": (0,)} if n_vace else {})), impl="ref",
+                               device="meta")
+    block, other = 0, 0
+    for path, m in model.named_modules():
+        for key in m._non_persistent_buffers_set:  # (a quantized layer's persistent buffers are its weights)
+            n = m._buffers[key].numel() * m._buffers[key].element_size()
+            if path.startswith("blocks."):
+                block += n
+            else:
+                other += n * (n_vace if path.startswith("vace_blocks.") else 1)
+    return block, other
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end and targets
 
@@ -1037,8 +1060,9 @@ def format_parallel(c: ModelCost, ulysses: int, ring: int, int8: bool = False) -
 def offload_plan(c: ModelCost, gpu: str, vram_budget, prefetch: int = 1, pcie_gbps: float = 25.0) -> dict:
     """Block offload of the model of `c` (one forward of its batch) on `gpu` under `vram_budget` (bytes or "12GB").
 
-    block_bytes: one block's weights in the weight format (the block kernels' parameter bytes, = the bytes of a
-    real block of that format); fixed_bytes: the other weights (always resident); activation_bytes: the
+    block_bytes: one block's weights in the weight format (the block kernels' parameter bytes) and its buffers
+    (`buffer_bytes`), = the bytes of a real block of that format; fixed_bytes: the other weights and buffers
+    (always resident); activation_bytes: the
     activation peak (`ModelCost.activation_peak_bytes`: K/V and RoPE tables included). Blocks on the device:
     N + prefetch = (budget - fixed - activations) // block_bytes (wan_model.core.offload's rule with the
     activations taken out too), N at most L; the last L - N + 1 blocks are
@@ -1056,8 +1080,10 @@ def offload_plan(c: ModelCost, gpu: str, vram_budget, prefetch: int = 1, pcie_gb
     if not pcie_gbps > 0:
         raise ValueError(f"pcie_gbps must be > 0, got {pcie_gbps!r}")
     budget, L = parse_budget(vram_budget), c.num_layers
-    block = sum(o.weight_bytes for o in c.block)
-    fixed, act = c.weight_bytes - L * block, c.activation_peak_bytes
+    weights = sum(o.weight_bytes for o in c.block)
+    state, state_other = buffer_bytes(c.config)
+    block = weights + state  # a slot holds the block's buffers too
+    fixed, act = c.weight_bytes - L * weights + state_other, c.activation_peak_bytes
     peak = peaks[gpu]
     transfer, compute = block / (pcie_gbps * 1e9), c.block_roofline(peak)
     n = min((budget - fixed - act) // block - prefetch, L)

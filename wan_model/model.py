@@ -100,7 +100,8 @@ class WanModel(WanTransformer):
         """`WanTransformer.enable_offload` (wan_model/core/offload.py). `from_file`: the low-host-RAM tier: the
         dense safetensors checkpoint this model was loaded from (a diffusers dir or one file, any of the key
         namings): the streamed blocks are read from its memory map at each copy (cast to the model's dtypes, the
-        fused QKV from its q, k, v rows) and their host tensors are dropped. A model holding a LoRA or quantized
+        fused QKV from its q, k, v rows) and their host tensors are dropped (but the buffers no checkpoint holds:
+        the 8-bit balance, 4 C bytes per block, keeps a host copy). A model holding a LoRA or quantized
         weights differs from its file and is refused; LoRA / quantize / load_state_dict after enabling move the
         blocks they change to host memory. `device`, `parked`: as WanTransformer.enable_offload."""
         sources = None if from_file is None else _file_sources(self, from_file)

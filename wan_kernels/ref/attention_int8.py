@@ -174,10 +174,16 @@ def channel_balance(q_amax: torch.Tensor, q_sqmean: torch.Tensor, k_amax: torch.
     ra, rr = k_amax / q_amax, torch.sqrt(k_sqmean / q_sqmean)
     ok_a = (q_amax > 0) & (k_amax > 0) & torch.isfinite(ra)
     ok_r = ok_a & (q_sqmean > 0) & (k_sqmean > 0) & torch.isfinite(rr)
-    one = torch.ones_like(ra)
-    b = torch.where(ok_r, torch.sqrt(torch.sqrt(torch.where(ok_r, ra, one)) * torch.sqrt(torch.where(ok_r, rr, one))),
-                    torch.where(ok_a, torch.sqrt(torch.where(ok_a, ra, one)), one))
+    # the unusable ratios' roots (nan, inf, 0) are computed and discarded by the selects (nothing differentiates)
+    b = torch.where(ok_r, torch.sqrt(torch.sqrt(ra) * torch.sqrt(rr)),
+                    torch.where(ok_a, torch.sqrt(ra), torch.ones_like(ra)))
     return b, torch.reciprocal(b)
+
+
+def centred_amax(hi: torch.Tensor, lo: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """max over the tokens of |x - mean| from x's maximum and minimum over them: max(hi - mean, mean - lo), exactly
+    (rounding of x - mean is monotone in x). K's after smoothing (stage 1b), V's range (stage 3)."""
+    return torch.maximum(hi - mean, mean - lo)
 
 
 def smoothed_amax(ks: torch.Tensor) -> torch.Tensor:
@@ -306,7 +312,7 @@ def kv_stats_finish(k_sum: torch.Tensor, v_sum: torch.Tensor, v_max: torch.Tenso
     and mean 0: fp16 V is not smoothed)."""
     k_mean, v_mean = k_sum / tokens, v_sum / tokens
     if pv == "fp8":
-        return k_mean, v_mean, torch.maximum(v_max - v_mean, v_mean - v_min) / V_E4M3_MAX
+        return k_mean, v_mean, centred_amax(v_max, v_min, v_mean) / V_E4M3_MAX
     amax = torch.maximum(v_max.abs(), v_min.abs())
     return k_mean, torch.zeros_like(v_mean), torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX,
                                                                                           min=1.0))))

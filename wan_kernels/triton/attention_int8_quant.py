@@ -42,7 +42,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from wan_kernels.hardware import FP16_V_MAX, V_E4M3_MAX, empty_v8
-from wan_kernels.ref.attention_int8 import channel_balance, smoothed_sqmean
+from wan_kernels.ref.attention_int8 import centred_amax, channel_balance, smoothed_sqmean
 from wan_kernels.triton._launch import EXACT, Launch, interpreter_twin, run
 from wan_kernels.triton.nvfp4 import e4m3_code
 
@@ -222,10 +222,9 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, launch: Callable[[Launch], None] 
 
 def v_scale_of(pv: str, mean: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor):
     """V's per-channel (scale, mean) from its token mean, maximum and minimum: fp8, amax|v - mean| / V_E4M3_MAX (=
-    the max of hi - mean and mean - lo exactly: rounding is monotone); fp16, a power of two (1 unless amax > 512),
-    mean 0 (fp16 V is not smoothed)."""
+    `ref.centred_amax`); fp16, a power of two (1 unless amax > 512), mean 0 (fp16 V is not smoothed)."""
     if pv == "fp8":
-        return torch.maximum(hi - mean, mean - lo) / V_E4M3_MAX, mean
+        return centred_amax(hi, lo, mean) / V_E4M3_MAX, mean
     amax = torch.maximum(hi.abs(), lo.abs())
     return torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / FP16_V_MAX, min=1.0)))), torch.zeros_like(mean)
 
@@ -285,16 +284,16 @@ def token_sqmean(x: torch.Tensor) -> torch.Tensor:
 
 def _balance(q, keys, launch):
     """Stage 1b (`ref.channel_balance`): (b, 1 / b) [B, H, D] and each key set's mean, from one statistics pass
-    over q and each key set (EXTREMA and SQUARES: the keys' pass gives their means too): max|k - mean| is
-    max(k_max - mean, mean - k_min) exactly (rounding is monotone), the smoothed keys' mean square
-    mean(k^2) - mean^2 (`ref.smoothed_sqmean`), q's max|q| and mean(q^2)."""
+    over q and each key set (EXTREMA and SQUARES: the keys' pass gives their means too): max|k - mean| from k's
+    extrema (`ref.centred_amax`), the smoothed keys' mean square mean(k^2) - mean^2 (`ref.smoothed_sqmean`), q's
+    max|q| and mean(q^2)."""
     _, q_max, q_min, q_sq = _moments(q, True, True, launch)
     means, k_amax, k_sq = [], [], []
     for kt in keys:
         total, hi, lo, sq = _moments(kt, True, True, launch)
         mean = total / kt.shape[1]
         means.append(mean)
-        k_amax.append(torch.maximum(hi - mean, mean - lo))
+        k_amax.append(centred_amax(hi, lo, mean))
         k_sq.append(smoothed_sqmean(sq / kt.shape[1], mean))
     b, k_mul = channel_balance(torch.maximum(q_max.abs(), q_min.abs()), q_sq / q.shape[1],
                                torch.stack(k_amax).amax(0), torch.stack(k_sq).amax(0))

@@ -23,7 +23,8 @@ does to a transformer keeps working after the patch, in any order:
   to diffusers' own processor of that module (`WanAttnProcessor`, Animate's copy of it in
   transformer_wan_animate, ...) with that backend / parallel config, `reset_attention_backend()` returns it
   to the kernels. `attention="int8"`: self-attention on `wan_kernels.attention_int8` (8-bit, inference only; q
-  quantized by `qkv_rope_int8` / `qk_norm_rope_int8`, then `attention_int8_q8`); cross-attention stays on
+  quantized by `qkv_rope_int8` / `qk_norm_rope_int8`, then `attention_int8_q8`, without the channel balance
+  that WanModel folds in from its dense steps: a diffusers pipeline has none); cross-attention stays on
   `wan_kernels.attention` (`WanKernelsAttnProcessor.cross_attention`: why).
 - diffusers' cache hooks (FirstBlockCache, MagCache, ...) and group offloading wrap blocks and modules,
   which the patch leaves alone.

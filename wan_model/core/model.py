@@ -29,7 +29,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import wan_kernels  # noqa: F401  (registers the wan ops)
+from wan_model.core.balance import balance_of, folded_norms, measure, merge
 from wan_model.core.config import WanConfig
+from wan_model.core.offload import on_host
 from wan_model.core.parallel import disable, enable, local_attention
 from wan_model.core.rope import rope_tables
 
@@ -238,23 +240,41 @@ def qkv_module_then_norm_rope(a: "SelfAttention", n, rope_cos, rope_sin, num_hea
 
 
 def qkv_fused_dense_int8(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
-    """`qkv_fused_dense` for 8-bit self-attention: `qkv_rope_int8` quantizes q in the qk_norm_rope kernel.
-    Returns ((q8, q_scale), k, v)."""
-    q8, q_scale, k, v = ops.qkv_rope_int8(n, a.to_qkv.weight, a.to_qkv.bias, a.norm_q, a.norm_k, rope_cos, rope_sin,
+    """`qkv_fused_dense` for 8-bit self-attention: `qkv_rope_int8` quantizes q in the qk_norm_rope kernel, with the
+    channel balance folded into the norm weights (wan_model/core/balance.py). Returns ((q8, q_scale), k / b, v)."""
+    norm_q, norm_k = folded_norms(a.norm_q, a.norm_k, a.balance)
+    q8, q_scale, k, v = ops.qkv_rope_int8(n, a.to_qkv.weight, a.to_qkv.bias, norm_q, norm_k, rope_cos, rope_sin,
                                           num_heads, eps)
     return (q8, q_scale), k, v
 
 
 def qkv_module_then_norm_rope_int8(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float,
                                    ops: _Ops):
-    """`qkv_module_then_norm_rope` for 8-bit self-attention (`qk_norm_rope_int8`). Returns ((q8, q_scale), k, v)."""
-    q8, q_scale, k, v = ops.qk_norm_rope_int8(a.to_qkv(n), a.norm_q, a.norm_k, rope_cos, rope_sin, num_heads, eps)
+    """`qkv_module_then_norm_rope` for 8-bit self-attention (`qk_norm_rope_int8`, the balance folded in as in
+    `qkv_fused_dense_int8`). Returns ((q8, q_scale), k / b, v)."""
+    norm_q, norm_k = folded_norms(a.norm_q, a.norm_k, a.balance)
+    q8, q_scale, k, v = ops.qk_norm_rope_int8(a.to_qkv(n), norm_q, norm_k, rope_cos, rope_sin, num_heads, eps)
     return (q8, q_scale), k, v
 
 
-# The projection of an 8-bit self-attention, per projection kind: q quantized in the kernel that makes it.
+def measuring(project):
+    """`project` (a bf16-form projection) that also records its q's and k's channel statistics as `a.measured`
+    (`balance.measure`; a plain attribute, not a buffer: block offload streams buffers in and never back): a dense
+    step's projection in a block whose self-attention is 8-bit."""
+    def measured(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
+        q, k, v = project(a, n, rope_cos, rope_sin, num_heads, eps, ops)
+        a.measured = measure(q.detach(), k.detach())
+        return q, k, v
+
+    measured.__name__ = measured.__qualname__ = f"{project.__name__}_measured"
+    return measured
+
+
+# The projection of an 8-bit self-attention, per projection kind: q quantized in the kernel that makes it; and
+# the form a dense step runs in such a block (its statistics recorded for the balance).
 INT8_PROJECTIONS = {qkv_fused_dense: qkv_fused_dense_int8, qkv_module_then_norm_rope: qkv_module_then_norm_rope_int8}
-_BASE_PROJECTIONS = {v: k for k, v in INT8_PROJECTIONS.items()}
+MEASURING_PROJECTIONS = {base: measuring(base) for base in INT8_PROJECTIONS}
+_BASE_PROJECTIONS = {**{v: k for k, v in INT8_PROJECTIONS.items()}, **{v: k for k, v in MEASURING_PROJECTIONS.items()}}
 
 
 def base_projection(fn):
@@ -278,6 +298,10 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(C, C)
         self.project_qkv = qkv_fused_dense            # a plain function (deepcopy/compile friendly)
         self.attend = local_attention                 # (q, k, v, ops) -> [B, S, H, Dv]
+        # the 8-bit self-attention's channel balance (wan_model/core/balance.py): b [C], 1 until a dense step has
+        # measured q and k (`measured`: their statistics [4, C] until folded); not saved with the weights
+        self.register_buffer("balance", torch.ones(C), persistent=False)
+        self.measured = None
 
 
 class CrossAttention(nn.Module):
@@ -513,9 +537,10 @@ class WanTransformer(nn.Module):
         ("auto": fp16 on sm_80/86, fp8 elsewhere). Two sets of per-block functions are bound: this configuration
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
         forward never branches on it. An int8 self-attention gets q quantized by its projection's kernel
-        (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8: bit-identical to attention_int8 on the bf16 q
-        less its channel balance, which needs q's maxima before q is rounded; 6 D - 8 bytes fewer per token and
-        head). Under sequence parallelism the same q: its codes and scales cross
+        (qkv_rope_int8 / qk_norm_rope_int8, then attention_int8_q8; 6 D - 8 bytes fewer per token and head), with
+        the op's channel balance folded into the norm weights from statistics its dense steps measure
+        (wan_model/core/balance.py; b = 1, i.e. attention_int8 on the bf16 q less its balance bit for bit, until a
+        dense step has run; reset here). Under sequence parallelism the same q: its codes and scales cross
         Ulysses' all-to-all with K's and V's (quantized before it with the group's statistics), a ring's blocks
         are quantized once by their owner, and the attention is attention_int8_quantized_lse
         (wan_model/core/parallel.py)."""
@@ -533,6 +558,7 @@ class WanTransformer(nn.Module):
         self._ops = bind_ops(self.impl, self.device, int8)
         self._attention = AttentionConfig(attention, roles, tuple(sorted({i % L for i in dense_layers})), pv)
         dense = attention_fns(())
+        self.reset_balance()  # a new configuration measures afresh
         self._attention_sets = {
             True: [dense] * L,
             False: [attention_fns(roles if int8 and i not in self._attention.dense_layers else (), pv)
@@ -542,24 +568,60 @@ class WanTransformer(nn.Module):
     def dense_attention(self, dense: bool) -> "WanTransformer":
         """Bind the dense set (True: wan::attention in every role and layer) or the configured one (False): the
         sampler's per-step switch. Under sequence parallelism the self-attention is the parallel one, on the op the
-        set names."""
-        self._dense = bool(dense)
+        set names.
+
+        A block whose configured self-attention is 8-bit measures its q and k while dense (its projection's
+        `measuring` form) and, at the switch back, folds the channel balance they call for into its norm weights
+        (`balance`; wan_model/core/balance.py): from the step after a dense one, the fused q is balanced too."""
+        was_dense, self._dense = getattr(self, "_dense", False), bool(dense)
         sets = getattr(self, "_attention_sets", None)
         if sets is None:
             return self
         sp = getattr(self, "_parallel", None)
-        for block, (self_fn, cross_fn, self_pv) in zip(self.blocks, sets[bool(dense)]):
+        int8 = [pv is not None for _, _, pv in sets[False]]
+        if was_dense and not dense and any(int8):
+            self._fold_balance(int8, sp)
+        for block, (self_fn, cross_fn, self_pv), measured in zip(self.blocks, sets[bool(dense)], int8):
             a = block.attn1
             base = base_projection(a.project_qkv)
             # 8-bit: q quantized by the projection's kernel (INT8_PROJECTIONS), the pair bound together; under
-            # sequence parallelism too (Ulysses sends q's codes, a ring's blocks take them as they are)
-            a.project_qkv = INT8_PROJECTIONS[base] if self_pv else base
+            # sequence parallelism too (Ulysses sends q's codes, a ring's blocks take them as they are). A dense
+            # step in an 8-bit block: the bf16 form, measuring (MEASURING_PROJECTIONS)
+            a.project_qkv = INT8_PROJECTIONS[base] if self_pv else MEASURING_PROJECTIONS[base] if measured else base
             if sp is None:
                 a.attend = self_fn
             else:  # the sequence-parallel self-attention, 8-bit where this block's is
                 a.attend = functools.partial(sp.attention, pv=self_pv) if self_pv else sp.attention
             block.attn2.attend = cross_fn
         return self
+
+    def reset_balance(self) -> "WanTransformer":
+        """Every self-attention's channel balance back to 1, nothing measured (fp32, on its weights' device: also
+        how a model loaded onto "meta" gets it, as no checkpoint holds it; with block offload, on the masters)."""
+        with on_host(self):
+            for m in self.modules():
+                if isinstance(m, SelfAttention):
+                    if m.balance.is_meta and not m.norm_q.is_meta:
+                        m.balance = torch.ones(m.norm_q.shape, device=m.norm_q.device)
+                    m.balance.fill_(1)
+                    m.measured = None
+        return self
+
+    @torch.no_grad()
+    def _fold_balance(self, int8: list[bool], sp) -> None:
+        """Each 8-bit block's balance from the statistics its dense step measured (merged over the sequence-parallel
+        group first: every rank must fold the same b, and every rank measured the same blocks); with block offload,
+        into the streamed blocks' host masters. A block that measured nothing since the last fold keeps its b."""
+        attns = [b.attn1 for b, on in zip(self.blocks, int8) if on and b.attn1.measured is not None]
+        if not attns:
+            return
+        stats = torch.stack([a.measured for a in attns])
+        if sp is not None:
+            stats = merge(stats, sp.group)
+        with on_host(self):
+            for a, b in zip(attns, balance_of(stats)):
+                a.balance.copy_(b)
+                a.measured = None
 
     # ------------------------------------------------------------------------------------------
     def rope(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,6 +184,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], config: WanConfig | None 
               v.to(device=device, dtype=torch.float32 if keeps_fp32(k) else dtype) for k, v in native.items()}
     _quantized_modules(model, found, device, native, skip=applied)  # the methods that read the tensors (FP8)
     model.load_state_dict(native, strict=True, assign=True)
+    model.reset_balance()  # the buffers no checkpoint holds, off "meta"
     model._apply(lambda t: t)  # re-bind the op backends on the real device
     return model
 
