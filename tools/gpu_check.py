@@ -927,9 +927,11 @@ OFFLOAD_LAYERS = 8
 
 def offload_budget(c, blocks: int, prefetch: int = 1) -> int:
     """The VRAM budget for which wan_model.cost.offload_plan puts `blocks` blocks of the model of `c` on the device
-    (its rule: N + prefetch = (budget - fixed - activations) // block)."""
-    block = sum(o.weight_bytes for o in c.block)
-    return c.weight_bytes - c.num_layers * block + c.activation_peak_bytes + (blocks + prefetch) * block
+    (its rule: N + prefetch = (budget - fixed - activations) // block, with the plan's own byte counts)."""
+    from wan_model import cost
+
+    p = cost.offload_plan(c, "H100", 1 << 60, prefetch=prefetch)
+    return p["fixed_bytes"] + p["activation_bytes"] + (blocks + prefetch) * p["block_bytes"]
 
 
 def offload_cases(check: Check) -> list[Case]:
