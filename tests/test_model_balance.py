@@ -38,8 +38,9 @@ def test_measure_is_the_statistics_over_batch_and_tokens(chunk_bytes):
     want = torch.stack((q64.abs().amax((0, 1)), q64.square().mean((0, 1)), ks.abs().amax((0, 1)),
                         ks.square().mean((0, 1))))
     assert got.dtype == torch.float32 and got.shape == (4, 3, 8)
-    # maxima: bf16 values and an fp32 mean (k - mean in fp32: 2^-24 of the bias of ~5); mean squares: fp32 sums
-    # and E[k^2] - mean^2 (the bias's square, ~25, cancels: 2^-24 * 25 * 33 terms ~ 5e-5 absolute, k's variance ~1)
+    # maxima: q's are bf16 values (exact); k's centred one carries its fp32 mean's rounding (a sum of 33 terms of
+    # up to ~10: <= 33 * 2^-24 relative, ~2e-5 absolute at most, against maxima of ~10). Mean squares: fp32 sums and
+    # E[k^2] - mean^2 (the bias's square, ~25, cancels: 2^-24 * 25 * 33 terms ~ 5e-5 absolute, k's variance ~1)
     torch.testing.assert_close(got[[0, 2]].double(), want[[0, 2]], rtol=0, atol=2e-6 * want[2].max().item())
     torch.testing.assert_close(got[[1, 3]].double(), want[[1, 3]], rtol=1e-5, atol=1e-4)
 
