@@ -152,7 +152,7 @@ def test_cli_demo_prints_int8_vs_bf16(capsys):
                  "--text-len", "8", "--no-progress"]) == 0  # the comparison is the demo's default
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("int8 attention ("))
-    assert "roles self, dense layers [0] and the first and last steps, pv auto" in line
+    assert "roles self, dense layers [0] and each expert's first and the last step, pv auto" in line
     rel = float(line.split("relative RMS ")[1].split()[0])
     assert 0 < rel < OP_NRMSE * 2  # one int8 step of three, layer 1 only (2 calls)
     # the bf16 run is still the one compared with diffusers (when installed)

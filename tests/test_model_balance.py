@@ -205,6 +205,56 @@ def test_balance_cuts_the_int8_error_of_a_sampled_latent(seed, monkeypatch):
     assert 0 < err["balanced"] < 0.85 * err["unbalanced"], err
 
 
+def _steps_seen(experts):
+    """[(expert, dense, balanced)] per step of `experts`' forwards: dense (its layer-1 self-attention's projection is
+    the measuring bf16 form), balanced (its b is not 1 while it runs the int8 form)."""
+    seen = []
+
+    def hook(name, a):
+        def pre(module, args, kwargs):
+            p = a.project_qkv
+            if p in M.MEASURING_PROJECTIONS.values() or p in M.INT8_PROJECTIONS.values():
+                seen.append((name, p in M.MEASURING_PROJECTIONS.values(),
+                             not torch.equal(a.balance, torch.ones_like(a.balance))))
+        return pre
+
+    for name, m in experts.items():
+        m.register_forward_pre_hook(hook(name, m.blocks[1].attn1), with_kwargs=True)
+    return seen
+
+
+def test_each_expert_measures_in_its_own_first_step():
+    """Wan2.2's two experts: by default the low-noise expert's first step is dense too, so its 8-bit steps run
+    balanced in the first generation (with the first and last steps only, the low-noise expert measured nothing
+    until its last step: every one of its 8-bit steps ran b = 1). 6 steps, boundary 875: high 0-2, low 3-5."""
+    from wan_model.core.model import WanExperts
+
+    high, x, text = _model(0)
+    low, *_ = _model(1)
+    pair = WanExperts(high, low, 0.875)
+    for m in (high, low):
+        m.set_attention("int8", dense_layers=(0,))
+    seen = _steps_seen({"high": high, "low": low})
+    with torch.no_grad():
+        result = sample(pair, x, text, None, num_steps=6, progress=False)
+    assert result.experts == ["high"] * 3 + ["low"] * 3
+    assert seen == [("high", True, False), ("high", False, True), ("high", False, True),
+                    ("low", True, False), ("low", False, True), ("low", True, True)]
+    seen.clear()
+    for m in (high, low):
+        m.set_attention("int8", dense_layers=(0,))
+    with torch.no_grad():
+        sample(pair, x, text, None, num_steps=6, progress=False, dense_steps=(0, -1))  # the steps given, as given
+    assert [s[1] for s in seen] == [True, False, False, False, False, True]
+    assert seen[4] == ("low", False, False)  # the low-noise expert unmeasured: its 8-bit steps unbalanced
+    single, *_ = _model(2)
+    single.set_attention("int8")
+    seen = _steps_seen({"single": single})
+    with torch.no_grad():
+        sample(single, x, text, None, num_steps=4, progress=False)
+    assert [s[1] for s in seen] == [True, False, False, True]  # one expert: the first and the last step
+
+
 def test_merge_is_identity_on_one_process(tmp_path):
     """`merge` over a group of one (gloo): the statistics as they are (the multi-rank merge: tests/test_parallel.py)."""
     import torch.distributed as dist

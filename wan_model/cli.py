@@ -266,8 +266,8 @@ def _print_routes() -> None:
 
 def _describe_attention(model, kind: str) -> str:
     a = model.attention
-    return f"{kind}: roles {'/'.join(a.roles)}, dense layers {list(a.dense_layers)} and the first and last steps, " \
-        f"pv {a.pv}"
+    return f"{kind}: roles {'/'.join(a.roles)}, dense layers {list(a.dense_layers)} and each expert's first and the " \
+        f"last step, pv {a.pv}"
 
 
 def _set_attention(args, models) -> None:
@@ -743,7 +743,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--impl", default="auto", choices=wan_kernels.IMPLS, help="backend of every wan op")
     r.add_argument("--attention", default="bf16", choices=("bf16", "int8"),
                    help="bf16: wan::attention; int8: wan::attention_int8 (SageAttention2-class, opt-in) except "
-                        "layer 0 and the first and last steps")
+                        "layer 0, each expert's first step and the last step")
     r.add_argument("--frames", type=video_frames, default=81, help="video frames, 4k + 1")
     r.add_argument("--height", type=pixels, default=480, help="video height in pixels, a multiple of 16")
     r.add_argument("--width", type=pixels, default=832, help="video width in pixels, a multiple of 16")

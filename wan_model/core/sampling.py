@@ -54,8 +54,11 @@ def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_emb
     prompt is None or guidance_scale == 1. image_embeds: CLIP tokens for Wan2.1 I2V/FLF2V;
     condition: [B, C_in - C, F, H, W] channels concatenated to the latents at every step (I2V).
     dense_steps: the step indices run with dense attention (`WanTransformer.dense_attention`: wan::attention in
-    every role) when the model was set to 8-bit attention; default the first and the last step, as Wan users do.
-    The configured attention is bound again afterwards. No effect on a bf16 model (both sets are the same).
+    every role) when the model was set to 8-bit attention; default (None) the first step each expert runs and the
+    last step: the first and last, as Wan users do, and for a two-expert model also the low-noise expert's first
+    (its 8-bit layers measure their own q and k there: the channel balance of its later steps,
+    wan_model/core/balance.py; without it, a first generation would run them unbalanced). The configured attention
+    is bound again afterwards. No effect on a bf16 model (both sets are the same).
     control: VACE models, the control latents [B, vace_in_channels, F, H, W] (WanVACEPipeline's conditioning
     latents), given to the cond and the uncond forward alike as that pipeline does, with control_scale
     [len(vace_layers)] (default ones).
@@ -77,7 +80,7 @@ def sample(model: WanTransformer | WanExperts, latents: torch.Tensor, prompt_emb
             vace[name] = {"control_hidden_states": torch.cat([c, c]) if cfg_on else c,
                           "control_hidden_states_scale": None if control_scale is None else control_scale.to(m.dtype)}
 
-    dense = {0, num_steps - 1} if dense_steps is None else {i % num_steps for i in dense_steps}
+    dense = None if dense_steps is None else {i % num_steps for i in dense_steps}
     try:
         return _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, condition, cfg_on,
                       progress, dense, vace)
@@ -97,7 +100,8 @@ def _euler(model, experts, contexts, latents, num_steps, guidance_scale, shift, 
         t_next = float(sigmas[i + 1] * 1000) if i + 1 < num_steps else None   # an offloaded pair prefetches
         name = "single" if "single" in experts else ("high" if model.expert(t, t_next) is model.high else "low")
         m = experts[name]
-        m.dense_attention(i in dense)                                        # rebinds the pre-bound set
+        # rebinds the pre-bound set; by default dense: each expert's first step and the last
+        m.dense_attention(name not in used or i == num_steps - 1 if dense is None else i in dense)
         inp = x if condition is None else torch.cat([x, condition.float()], dim=1)
         inp = inp.to(m.dtype)
         if cfg_on:
