@@ -356,6 +356,81 @@ def test_compile_fullgraph(stock, how):
     assert _err(_forward(patched), _forward(stock.transformer)) <= FP32_TOL
 
 
+def _uneven(seed: int):
+    """A tiny diffusers Wan transformer (head_dim 128) whose self-attention has log-normal RMSNorm gains and a key
+    bias: the uneven channels the 8-bit attention's balance is for (tests/test_model_balance.py's model)."""
+    torch.manual_seed(seed)
+    model = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128,
+                                            in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                            num_layers=2).eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for blk in model.blocks:
+            a, C = blk.attn1, blk.attn1.inner_dim
+            a.norm_q.weight.copy_(torch.exp(torch.randn(C, generator=g)))
+            a.norm_k.weight.copy_(torch.exp(torch.randn(C, generator=g)))
+            a.to_k.bias += 3 * torch.randn(C, generator=g)
+    return model
+
+
+@torch.no_grad()
+def _forward_uneven(model) -> torch.Tensor:
+    """384 tokens (3 frames of 16 x 16 latents), two timesteps."""
+    g = torch.Generator().manual_seed(0)
+    return model(torch.randn(2, 4, 3, 16, 16, generator=g), torch.tensor([700.0, 300.0]),
+                 torch.randn(2, 16, 32, generator=g), return_dict=False)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int8_first_call_measures_the_balance(seed):
+    """attention="int8": each self-attention's first call measures q and k and runs the unfused op (which balances
+    them itself); later calls quantize q in the projection's kernel with that balance folded into the norm weights
+    (wan_model/core/balance.py), exactly the folded projection then the op less its own balance, and cut the error
+    of the unbalanced fused q (seeds 0-3: 0.57-0.66x; bar 0.85x, tests/test_model_balance.py's)."""
+    from wan_kernels.ref.attention_int8 import attention_int8
+    from wan_kernels.ref.qk_norm_rope import qk_norm_rope
+    from wan_kernels.ref.qkv_rope import qkv_rope
+
+    stock = _uneven(seed)
+    want = _forward_uneven(stock)
+    patched = use_wan_kernels(copy.deepcopy(stock), attention="int8")
+    procs = [b.attn1.processor for b in patched.blocks]
+    assert all(p.balance is None for p in procs)
+    first, later = _forward_uneven(patched), _forward_uneven(patched)
+    ref = use_wan_kernels(copy.deepcopy(stock))  # bf16 processors, the self-attention on the balanced int8 op
+    for b in ref.blocks:
+        b.attn1.processor.self_attention = lambda qkv: attention_int8(*qkv)
+    assert torch.equal(_forward_uneven(ref), first)
+    balances = [p.balance for p in procs]
+    assert all(not torch.allclose(b, torch.ones_like(b)) for b in balances)
+    for p in procs:
+        p.balance = torch.ones_like(p.balance)
+    unbalanced = _forward_uneven(patched)
+    err = {name: ((out - want).norm() / want.norm()).item()
+           for name, out in (("first", first), ("later", later), ("unbalanced", unbalanced))}
+    print(f"seed {seed}: int8 relative error {err}, later / unbalanced {err['later'] / err['unbalanced']:.3f}")
+    assert 0 < err["later"] < 0.85 * err["unbalanced"], err
+    for p, b in zip(procs, balances):
+        p.balance = b
+        p.qkv_rope, p.qk_norm_rope = qkv_rope, qk_norm_rope  # the references the int8 forms' are made of
+        p.self_attention = lambda qkv: attention_int8(*qkv, balance=False)
+    assert torch.equal(_forward_uneven(patched), later)
+
+
+@pytest.mark.slow
+def test_int8_first_call_under_compile():
+    """torch.compile(fullgraph=True) traces the measuring first call (the processor's balance set as a side
+    effect) and the fused calls after it: the same outputs as eager."""
+    stock = _uneven(0)
+    eager = use_wan_kernels(copy.deepcopy(stock), attention="int8")
+    want = [_forward_uneven(eager) for _ in range(2)]
+    patched = use_wan_kernels(copy.deepcopy(stock), attention="int8")
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    for i, w in enumerate(want):
+        assert _err(_forward_uneven(compiled), w) <= FP32_TOL, i
+        assert all(b.attn1.processor.balance is not None for b in patched.blocks)
+
+
 @pytest.mark.slow
 def test_fuse_qkv_projections_is_honoured(stock):
     """After diffusers' fuse_qkv_projections stock runs to_qkv / to_kv: so do we (a LoRA loaded on to_q

@@ -23,9 +23,10 @@ does to a transformer keeps working after the patch, in any order:
   to diffusers' own processor of that module (`WanAttnProcessor`, Animate's copy of it in
   transformer_wan_animate, ...) with that backend / parallel config, `reset_attention_backend()` returns it
   to the kernels. `attention="int8"`: self-attention on `wan_kernels.attention_int8` (8-bit, inference only; q
-  quantized by `qkv_rope_int8` / `qk_norm_rope_int8`, then `attention_int8_q8`, without the channel balance
-  that WanModel folds in from its dense steps: a diffusers pipeline has none); cross-attention stays on
-  `wan_kernels.attention` (`WanKernelsAttnProcessor.cross_attention`: why).
+  quantized by `qkv_rope_int8` / `qk_norm_rope_int8`, then `attention_int8_q8`, with the op's channel balance
+  folded into the norm weights as WanModel folds it, measured by each self-attention's first call, which runs
+  the unfused op: `WanKernelsAttnProcessor._self_attention`); cross-attention stays on `wan_kernels.attention`
+  (`WanKernelsAttnProcessor.cross_attention`: why).
 - diffusers' cache hooks (FirstBlockCache, MagCache, ...) and group offloading wrap blocks and modules,
   which the patch leaves alone.
 Numerics match the unpatched model up to rounding (one rounding instead of several).
@@ -58,6 +59,7 @@ from diffusers.models.transformers import transformer_wan  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 import wan_kernels  # noqa: E402
+from wan_model.core.balance import balance_of, folded_norms, measure  # noqa: E402
 
 TEXT_TOKENS = 512  # diffusers hard-codes the text context length when splitting the I2V context
 ATTENTIONS = ("bf16", "int8")  # wan::attention (in the inputs' dtype) / wan::attention_int8 (8-bit, inference)
@@ -106,6 +108,9 @@ class WanKernelsAttnProcessor:
             raise ValueError(f"use_wan_kernels: attention must be one of {ATTENTIONS}, got {attention!r}")
         self.impl, self.kind = impl, attention
         self._backend = self._parallel = None
+        # attention="int8": the self-attention's channel balance b [C] fp32 (wan_model/core/balance.py), measured
+        # by its first call; None until then
+        self.balance = None
         self.bind(device)
         self._rebind()
 
@@ -121,6 +126,9 @@ class WanKernelsAttnProcessor:
             self.qk_norm_rope = wan_kernels.resolve("qk_norm_rope_int8", self.impl, device)
             q8 = wan_kernels.resolve("attention_int8_q8", self.impl, device)
             self.self_attention = lambda qkv: q8(*qkv, None, None, None, "auto")
+            # the first call's bf16 q, k, v (measured for the balance)
+            self._dense_qkv_rope = wan_kernels.resolve("qkv_rope", self.impl, device)
+            self._dense_qk_norm_rope = wan_kernels.resolve("qk_norm_rope", self.impl, device)
         else:
             self.attention = bf16
             self.qkv_rope = wan_kernels.resolve("qkv_rope", self.impl, device)
@@ -167,18 +175,34 @@ class WanKernelsAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         return self._call(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
-    def _self_qkv(self, attn, x, cos, sin):
-        """x [B, S, C] -> q, k, v [B, S, H, D] (RMSNorm'd q, k with RoPE), from the live projection modules; with
-        attention="int8" (q8, q_scale, k, v): q quantized by the same kernel, for `self_attention`."""
+    def _self_attention(self, attn, x, cos, sin):
+        """Self-attention of x [B, S, C] -> [B, S, H, D]. With attention="int8", its first call measures q and k
+        (`balance.measure`, the statistics a WanModel dense step takes) and runs wan::attention_int8 on them, which
+        balances its operands itself; every later call gets q quantized by the projection's kernel with that
+        balance b folded into the norm weights (w_q b, w_k / b: the same scores, the op's stage 1b without a pass
+        over q; wan_model/core/balance.py)."""
+        if self.kind == "int8" and self.balance is None:
+            q, k, v = self._self_qkv(attn, x, cos, sin, self._dense_qkv_rope, self._dense_qk_norm_rope)
+            self.balance = balance_of(measure(q.detach(), k.detach()))
+            return self.attention(q, k, v, None, None, None)
+        balance = self.balance.to(x.device) if self.kind == "int8" else None
+        return self.self_attention(self._self_qkv(attn, x, cos, sin, self.qkv_rope, self.qk_norm_rope, balance))
+
+    def _self_qkv(self, attn, x, cos, sin, qkv_rope, qk_norm_rope, balance=None):
+        """x [B, S, C] -> q, k, v [B, S, H, D] (RMSNorm'd q, k with RoPE), from the live projection modules, by
+        `qkv_rope` (a plain weight) or `qk_norm_rope`; their int8 forms give (q8, q_scale, k, v), q quantized by
+        the same kernel, for `self_attention`. `balance` b [C]: q b and k / b (folded into the norm weights)."""
         nq, nk, H, eps = attn.norm_q.weight, attn.norm_k.weight, attn.heads, attn.norm_q.eps
+        if balance is not None:
+            nq, nk = folded_norms(nq, nk, balance)
         fused = getattr(attn, "fused_projections", False)  # the user ran fuse_qkv_projections(): stock runs to_qkv
         mods = (attn.to_qkv,) if fused else (attn.to_q, attn.to_k, attn.to_v)
         if all(_dense(m, x.dtype) for m in mods):
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight   # [3C, C]
             b = torch.cat([m.bias for m in mods]) if len(mods) > 1 else mods[0].bias
-            return self.qkv_rope(x, w, b, nq, nk, cos, sin, H, eps)
+            return qkv_rope(x, w, b, nq, nk, cos, sin, H, eps)
         qkv = torch.cat([m(x) for m in mods], dim=-1) if len(mods) > 1 else mods[0](x)   # [B, S, 3C]
-        return self.qk_norm_rope(qkv, nq, nk, cos, sin, H, eps)
+        return qk_norm_rope(qkv, nq, nk, cos, sin, H, eps)
 
     def _wan(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if attention_mask is not None:
@@ -194,7 +218,7 @@ class WanKernelsAttnProcessor:
             cos, sin = rotary_emb  # [1, S, 1, D], each angle repeated for the pair
             cos = cos[0, :, 0, 0::2].float().contiguous()   # [S, D/2]
             sin = sin[0, :, 0, 1::2].float().contiguous()
-            out = self.self_attention(self._self_qkv(attn, hidden_states, cos, sin))
+            out = self._self_attention(attn, hidden_states, cos, sin)
         else:  # cross-attention (+ the Wan2.1 I2V image context, first L - 512 tokens)
             k_img = v_img = None
             if attn.add_k_proj is not None:
