@@ -640,19 +640,27 @@ def model_cost(cfg: WanConfig | str, width: int = 1280, height: int = 720, frame
                      vace_block_ops(cfg, shape, impl) if cfg.has_vace else ())
 
 
+def _one_block_model(cfg: WanConfig):
+    """(a meta-device WanTransformer of `cfg` with one block and, for VACE, one VACE block (the first: its proj_in
+    counted once), the number of VACE blocks `cfg` has): what the byte counts below enumerate."""
+    import torch
+
+    from wan_model.core.model import WanTransformer
+
+    n_vace = len(cfg.vace_layers) if cfg.has_vace else 0
+    with torch.device("meta"):
+        model = WanTransformer(cfg.replace(num_layers=1, **({"vace_layers": (0,)} if n_vace else {})), impl="ref",
+                               device="meta")
+    return model, n_vace
+
+
 def parameter_bytes(cfg: WanConfig, fmt: str = "bf16") -> int:
     """Bytes of all parameters of one transformer as loaded in bf16 (diffusers' fp32 modules kept fp32), the
     block linears and cross-attention K/V weights in `fmt` (the VACE branch stays bf16). Exact: enumerated from a
     meta-device WanModel."""
-    import torch
-
     from wan_model.compat.spellings import keeps_fp32
-    from wan_model.core.model import WanTransformer
 
-    n_vace = len(cfg.vace_layers) if cfg.has_vace else 0
-    with torch.device("meta"):  # one block (and one VACE block, the first: proj_in counted once)
-        model = WanTransformer(cfg.replace(num_layers=1, **({"vace_layers": (0,)} if n_vace else {})), impl="ref",
-                               device="meta")
+    model, n_vace = _one_block_model(cfg)
     blocks, other = 0, 0
     for name, p in model.named_parameters():
         if name.startswith("vace_"):
@@ -678,14 +686,7 @@ def buffer_bytes(cfg: WanConfig) -> tuple[int, int]:
     """(per block, outside the blocks) bytes of the model's buffers: state, not weights, in no checkpoint (each
     self-attention's 8-bit channel balance, fp32 [C]: wan_model/core/balance.py); block offload streams a block's
     with it. Exact: enumerated from a meta-device WanTransformer."""
-    import torch
-
-    from wan_model.core.model import WanTransformer
-
-    n_vace = len(cfg.vace_layers) if cfg.has_vace else 0
-    with torch.device("meta"):
-        model = WanTransformer(cfg.replace(num_layers=1, **({"vace_layers": (0,)} if n_vace else {})), impl="ref",
-                               device="meta")
+    model, n_vace = _one_block_model(cfg)
     block, other = 0, 0
     for path, m in model.named_modules():
         for key in m._non_persistent_buffers_set:  # (a quantized layer's persistent buffers are its weights)
