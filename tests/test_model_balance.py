@@ -11,7 +11,8 @@ import torch
 
 from wan_kernels.ref.qk_norm_rope import qk_norm_rope
 from wan_model.core import model as M
-from wan_model.core.balance import balance_of, folded_norms, measure, merge
+from wan_model.core import balance as BAL
+from wan_model.core.balance import balance_of, finish, folded_norms, measure, merge
 from wan_model.core.config import WanConfig
 from wan_model.core.model import WanTransformer
 from wan_model.core.sampling import sample
@@ -32,7 +33,7 @@ def _qk(seed=0, B=2, S=33, H=3, D=8, dtype=torch.bfloat16):
 @pytest.mark.parametrize("chunk_bytes", [64 << 20, 4 * 2 * 3 * 8 * 5])  # one run of tokens; runs of 5 (33 = 6 x 5 + 3)
 def test_measure_is_the_statistics_over_batch_and_tokens(chunk_bytes):
     q, k = _qk()
-    got = measure(q, k, chunk_bytes).unflatten(-1, (3, 8))
+    got = finish(measure(q, k, chunk_bytes=chunk_bytes)).unflatten(-1, (3, 8))
     q64, k64 = q.double(), k.double()
     ks = k64 - k64.mean(1, keepdim=True)  # smoothed per (batch, head, channel), as the quantizer smooths
     want = torch.stack((q64.abs().amax((0, 1)), q64.square().mean((0, 1)), ks.abs().amax((0, 1)),
@@ -43,6 +44,40 @@ def test_measure_is_the_statistics_over_batch_and_tokens(chunk_bytes):
     # E[k^2] - mean^2 (the bias's square, ~25, cancels: 2^-24 * 25 * 33 terms ~ 5e-5 absolute, k's variance ~1)
     torch.testing.assert_close(got[[0, 2]].double(), want[[0, 2]], rtol=0, atol=2e-6 * want[2].max().item())
     torch.testing.assert_close(got[[1, 3]].double(), want[[1, 3]], rtol=1e-5, atol=1e-4)
+
+
+def _added_up(parts):
+    """Partial statistics of parts of a sequence added up as `merge` adds them over ranks (max / sum per row)."""
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out[BAL.MAXED] = torch.maximum(out[BAL.MAXED], p[BAL.MAXED])
+        out[BAL.SUMMED] += p[BAL.SUMMED]
+    return out
+
+
+def test_parts_with_padding_rows_add_up_to_the_whole():
+    """Sequence parallelism's view: 33 tokens on 4 ranks of 9 rows, the last with 6 tokens and 3 padding rows
+    (zero q and k, as zero RoPE rows make them; `real_rows` finds them in the tables): the parts' statistics added
+    up are the whole sequence's, up to the fp32 order of the sums. Counted as tokens, the padding's zero keys
+    pull k's mean toward 0 and widen its centred range: with a key bias of ~5 here, up to 20x k's max |k - mean|
+    (and 187x its mean square) in some channel."""
+    q, k = _qk()
+    angle = torch.randn(33, 4)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    pad = lambda t: torch.cat([t, torch.zeros_like(t[:, :3])], dim=1)  # noqa: E731
+    qp, kp = pad(q), pad(k)
+    tables = [torch.cat([t, torch.zeros(3, 4)]) for t in (cos, sin)]
+    tokens = BAL.real_rows(*tables)
+    assert tokens.tolist() == [True] * 33 + [False] * 3
+    assert BAL.real_rows(torch.ones(1, 4), torch.zeros(1, 4)).tolist() == [True]  # angle 0 is a token
+    parts = [measure(qp[:, i:i + 9], kp[:, i:i + 9], tokens[i:i + 9]) for i in range(0, 36, 9)]
+    whole = finish(measure(q, k))
+    got = finish(_added_up(parts))
+    # maxima exact but for k's fp32 mean (see test_measure_...); mean squares: fp32 sums in another order
+    torch.testing.assert_close(got[[0, 2]], whole[[0, 2]], rtol=0, atol=2e-6 * whole[2].max().item())
+    torch.testing.assert_close(got[[1, 3]], whole[[1, 3]], rtol=1e-5, atol=1e-4)
+    counted = finish(measure(qp, kp))  # the padding taken for tokens
+    assert (counted[2] / whole[2]).max() > 10
 
 
 def test_balance_is_the_ops_balance_of_each_rope_pair():
@@ -111,7 +146,7 @@ def test_fused_projection_takes_the_balance():
     ops = M.bind_ops("ref", "cpu", int8=True)
     with torch.no_grad():
         q, k, v = M.qkv_fused_dense(a, n, torch.cos(angle), torch.sin(angle), H, cfg.eps, ops)
-        a.balance = balance_of(measure(q, k))
+        a.balance = balance_of(finish(measure(q, k)))
         (q8, qs), kb, vb = M.qkv_fused_dense_int8(a, n, torch.cos(angle), torch.sin(angle), H, cfg.eps, ops)
     bh = a.balance.view(H, -1)
     want8, want_scale = R.quantize_int8(q * bh, 1)
@@ -128,7 +163,7 @@ def test_dense_step_measures_and_the_switch_folds(monkeypatch):
     model, x, text = _model()
     seen = []
     real = M.measure
-    monkeypatch.setattr(M, "measure", lambda q, k: seen.append((q, k)) or real(q, k))
+    monkeypatch.setattr(M, "measure", lambda *args: seen.append(args) or real(*args))
     model.set_attention("int8")  # layer 0 dense: only layer 1 measures
     assert [b.attn1.project_qkv for b in model.blocks] == [M.qkv_fused_dense, M.qkv_fused_dense_int8]
     model.dense_attention(True)
@@ -136,7 +171,7 @@ def test_dense_step_measures_and_the_switch_folds(monkeypatch):
     assert model.blocks[0].attn1.project_qkv is M.qkv_fused_dense
     with torch.no_grad():
         model(x, torch.tensor([500.0]), text)
-    assert len(seen) == 1
+    assert len(seen) == 1 and bool(seen[0][2].all())  # one process: every row is a token
     a = model.blocks[1].attn1
     stats = a.measured
     torch.testing.assert_close(stats, real(*seen[0]), rtol=0, atol=0)
@@ -145,7 +180,7 @@ def test_dense_step_measures_and_the_switch_folds(monkeypatch):
     model.dense_attention(True)  # dense again: nothing folded
     assert torch.equal(a.balance, torch.ones_like(a.balance))
     model.dense_attention(False)
-    torch.testing.assert_close(a.balance, balance_of(stats), rtol=0, atol=0)
+    torch.testing.assert_close(a.balance, balance_of(finish(stats)), rtol=0, atol=0)
     assert not torch.allclose(a.balance, torch.ones_like(a.balance)) and a.measured is None
     assert torch.equal(model.blocks[0].attn1.balance, torch.ones_like(a.balance))
     b = a.balance.clone()

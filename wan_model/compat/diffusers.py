@@ -59,7 +59,7 @@ from diffusers.models.transformers import transformer_wan  # noqa: E402
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 import wan_kernels  # noqa: E402
-from wan_model.core.balance import balance_of, folded_norms, measure  # noqa: E402
+from wan_model.core.balance import balance_of, finish, folded_norms, measure  # noqa: E402
 
 TEXT_TOKENS = 512  # diffusers hard-codes the text context length when splitting the I2V context
 ATTENTIONS = ("bf16", "int8")  # wan::attention (in the inputs' dtype) / wan::attention_int8 (8-bit, inference)
@@ -183,7 +183,7 @@ class WanKernelsAttnProcessor:
         over q; wan_model/core/balance.py)."""
         if self.kind == "int8" and self.balance is None:
             q, k, v = self._self_qkv(attn, x, cos, sin, self._dense_qkv_rope, self._dense_qk_norm_rope)
-            self.balance = balance_of(measure(q.detach(), k.detach()))
+            self.balance = balance_of(finish(measure(q.detach(), k.detach())))
             return self.attention(q, k, v, None, None, None)
         balance = self.balance.to(x.device) if self.kind == "int8" else None
         return self.self_attention(self._self_qkv(attn, x, cos, sin, self.qkv_rope, self.qk_norm_rope, balance))

@@ -11,13 +11,14 @@ channels of each pair
 
 and every score q . k is the same sum (exact arithmetic): any such b leaves the attention what it is, only the
 INT8 grids change. The b comes from the statistics of the bf16 q and k that a dense step computes anyway
-(`measure`, recorded by the measuring projection while the sampler's dense steps run) and is used from the next
-8-bit step on (`WanTransformer.dense_attention`). The products w_q b, w_k / b are taken in fp32 at every call
-(2 C multiplies per layer): the kernel reads fp32 weights as it reads bf16 ones, and b = 1 (nothing measured yet)
-gives back exactly the weights, hence exactly the q8 of the unbalanced fused path.
+(`measure`, recorded by the measuring projection while the sampler's dense steps run, then `finish`) and is used
+from the next 8-bit step on (`WanTransformer.dense_attention`). The products w_q b, w_k / b are taken in fp32 at
+every call (2 C multiplies per layer): the kernel reads fp32 weights as it reads bf16 ones, and b = 1 (nothing
+measured yet) gives back exactly the weights, hence exactly the q8 of the unbalanced fused path.
 
-Under sequence parallelism every rank must fold the same b (a token's q b meets other ranks' k / b): the
-statistics are merged over the group first (`merge`: maxima by max, mean squares by their mean)."""
+Under sequence parallelism every rank must fold the same b (a token's q b meets other ranks' k / b): each rank
+measures sums and extrema over its own tokens (its padding rows excluded), which add up over the group (`merge`)
+into the statistics of the whole sequence: the b of one process, up to the fp32 order of the sums."""
 
 from __future__ import annotations
 
@@ -27,50 +28,79 @@ import torch
 
 from wan_kernels.ref.attention_int8 import centred_amax, channel_balance, smoothed_sqmean
 
-__all__ = ["measure", "merge", "balance_of", "folded_norms"]
+__all__ = ["measure", "merge", "finish", "balance_of", "folded_norms", "real_rows"]
 
+# `finish`'s statistics [4, C]
 Q_AMAX, Q_SQMEAN, K_AMAX, K_SQMEAN = range(4)
+# `measure`'s partial statistics [7, B, C]: each adds up over parts of the sequence, by max (the extrema; k's
+# minimum as the maximum of -k) or by sum (`merge`)
+P_Q_AMAX, P_K_MAX, P_K_NEGMAX, P_Q_SQ, P_K_SUM, P_K_SQ, P_TOKENS = range(7)
+MAXED, SUMMED = [P_Q_AMAX, P_K_MAX, P_K_NEGMAX], [P_Q_SQ, P_K_SUM, P_K_SQ, P_TOKENS]
 
 
-def measure(q: torch.Tensor, k: torch.Tensor, chunk_bytes: int = 64 << 20) -> torch.Tensor:
-    """Per-channel statistics [4, C] fp32 of q and k [B, S, H, D] over batch and tokens (the balance is shared
-    by the batch: CFG's two halves see the same weights): max |q|, mean q^2, and of k smoothed as the quantizer
-    smooths it (its per-(batch, head, channel) mean over the tokens subtracted) max |k - mean|, mean (k - mean)^2,
-    from k's sums, extrema and sums of squares as the quantizer's statistics pass gets them (`centred_amax`,
-    `smoothed_sqmean`: a key bias much larger than k's spread costs the latter digits, not sense; b only steers
-    the rounding). One read of q and k, in runs of tokens whose fp32 copies take about `chunk_bytes` (64 MB: a
-    dense step at 720p must not need a second q)."""
+def real_rows(rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    """bool [S]: the rows of a projection's RoPE tables [S, D/2] that are tokens. Sequence parallelism pads the last
+    ranks' shards with zero rows of the tables (wan_model/core/parallel.py, `split`), whose q and k are then 0: no
+    token of any key set, so no statistic may count them; a token's row has cos^2 + sin^2 = 1, never both 0."""
+    return (rope_cos[:, 0] != 0) | (rope_sin[:, 0] != 0)
+
+
+def measure(q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor | None = None,
+            chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """Partial statistics [7, B, C] fp32 (rows `P_*`) of q and k [B, S, H, D] over the rows `tokens` (bool [S];
+    None: all): per batch and channel max |q|, max k, max -k, and the sums of q^2, k, k^2 and the token count,
+    which add up over parts of a sequence (`merge`: sequence parallelism's ranks) and which `finish` makes the
+    statistics of the whole. One read of q and k, in runs of tokens whose fp32 copies take about `chunk_bytes`
+    (64 MB: a dense step at 720p must not need a second q); no host sync (the rows are a mask)."""
     B, S, H, D = q.shape
     step = max(1, chunk_bytes // (4 * B * H * D))
-    f32 = dict(dtype=torch.float32, device=q.device)
-    q_amax, q_sq = torch.zeros(H, D, **f32), torch.zeros(H, D, **f32)
-    k_sum, k_sq = torch.zeros(B, H, D, **f32), torch.zeros(B, H, D, **f32)
-    k_hi, k_lo = torch.full((B, H, D), -math.inf, **f32), torch.full((B, H, D), math.inf, **f32)
+    out = torch.zeros(7, B, H, D, dtype=torch.float32, device=q.device)
+    out[[P_K_MAX, P_K_NEGMAX]] = -math.inf
     for s0 in range(0, S, step):
         qc, kc = q[:, s0:s0 + step].float(), k[:, s0:s0 + step].float()
-        q_amax = torch.maximum(q_amax, qc.abs().amax(dim=(0, 1)))
-        q_sq += qc.square().sum(dim=(0, 1))
-        k_sum += kc.sum(dim=1)
-        k_sq += kc.square().sum(dim=1)
-        k_hi, k_lo = torch.maximum(k_hi, kc.amax(dim=1)), torch.minimum(k_lo, kc.amin(dim=1))
-    mean = k_sum / S
-    k_amax = centred_amax(k_hi, k_lo, mean).amax(dim=0)
-    k_sqmean = smoothed_sqmean(k_sq / S, mean).mean(dim=0)
-    return torch.stack((q_amax, q_sq / (B * S), k_amax, k_sqmean)).flatten(1)
+        if tokens is not None:
+            real = tokens[s0:s0 + step].view(1, -1, 1, 1)
+            qc, kc = qc * real, kc * real  # non-token rows add 0 to the sums and to max |q|
+            out[P_K_MAX] = torch.maximum(out[P_K_MAX], kc.masked_fill(~real, -math.inf).amax(dim=1))
+            out[P_K_NEGMAX] = torch.maximum(out[P_K_NEGMAX], (-kc).masked_fill(~real, -math.inf).amax(dim=1))
+            out[P_TOKENS] += real.sum()
+        else:
+            out[P_K_MAX] = torch.maximum(out[P_K_MAX], kc.amax(dim=1))
+            out[P_K_NEGMAX] = torch.maximum(out[P_K_NEGMAX], -kc.amin(dim=1))
+            out[P_TOKENS] += kc.shape[1]
+        out[P_Q_AMAX] = torch.maximum(out[P_Q_AMAX], qc.abs().amax(dim=1))
+        out[P_Q_SQ] += qc.square().sum(dim=1)
+        out[P_K_SUM] += kc.sum(dim=1)
+        out[P_K_SQ] += kc.square().sum(dim=1)
+    return out.flatten(2)
 
 
-def merge(stats: torch.Tensor, group=None) -> torch.Tensor:
-    """`measure`'s statistics [..., 4, C] merged over a process group (every rank gets the same values): maxima
-    by all_reduce MAX, mean squares by their mean over the ranks (equal token counts per rank)."""
+def merge(partial: torch.Tensor, group=None) -> torch.Tensor:
+    """`measure`'s partial statistics [..., 7, B, C] added up over a process group's parts of the sequence (every
+    rank gets the same values): the extrema by all_reduce MAX, the sums by all_reduce SUM."""
     import torch.distributed as dist
 
-    amax, sq = stats[..., [Q_AMAX, K_AMAX], :].contiguous(), stats[..., [Q_SQMEAN, K_SQMEAN], :].contiguous()
-    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(sq, group=group)
-    sq /= dist.get_world_size(group)
-    out = torch.empty_like(stats)
-    out[..., [Q_AMAX, K_AMAX], :], out[..., [Q_SQMEAN, K_SQMEAN], :] = amax, sq
+    maxed, summed = partial[..., MAXED, :, :].contiguous(), partial[..., SUMMED, :, :].contiguous()
+    dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(summed, group=group)
+    out = torch.empty_like(partial)
+    out[..., MAXED, :, :], out[..., SUMMED, :, :] = maxed, summed
     return out
+
+
+def finish(partial: torch.Tensor) -> torch.Tensor:
+    """Statistics [..., 4, C] (rows Q_AMAX, Q_SQMEAN, K_AMAX, K_SQMEAN) from partial ones [..., 7, B, C] over the
+    whole sequence: over batch and tokens (the balance is shared by the batch: CFG's two halves see the same
+    weights) max |q| and mean q^2, and of k smoothed as the quantizer smooths it (its per-(batch, head, channel)
+    mean over the tokens subtracted) max |k - mean| and mean (k - mean)^2, from k's sums and extrema as the
+    quantizer's statistics pass gets them (`centred_amax`, `smoothed_sqmean`: a key bias much larger than k's
+    spread costs the latter digits, not sense; b only steers the rounding)."""
+    p = lambda row: partial[..., row, :, :]  # noqa: E731  [..., B, C]
+    tokens = p(P_TOKENS)
+    mean = p(P_K_SUM) / tokens
+    return torch.stack((p(P_Q_AMAX).amax(-2), p(P_Q_SQ).sum(-2) / tokens.sum(-2),
+                        centred_amax(p(P_K_MAX), -p(P_K_NEGMAX), mean).amax(-2),
+                        smoothed_sqmean(p(P_K_SQ) / tokens, mean).mean(-2)), dim=-2)
 
 
 def balance_of(stats: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import wan_kernels  # noqa: F401  (registers the wan ops)
-from wan_model.core.balance import balance_of, folded_norms, measure, merge
+from wan_model.core.balance import balance_of, finish, folded_norms, measure, merge, real_rows
 from wan_model.core.config import WanConfig
 from wan_model.core.offload import on_host
 from wan_model.core.parallel import disable, enable, local_attention
@@ -258,12 +258,13 @@ def qkv_module_then_norm_rope_int8(a: "SelfAttention", n, rope_cos, rope_sin, nu
 
 
 def measuring(project):
-    """`project` (a bf16-form projection) that also records its q's and k's channel statistics as `a.measured`
-    (`balance.measure`; a plain attribute, not a buffer: block offload streams buffers in and never back): a dense
+    """`project` (a bf16-form projection) that also records its q's and k's partial channel statistics over its
+    tokens as `a.measured` (`balance.measure`, sequence parallelism's padding rows excluded by `real_rows`; a plain
+    attribute, not a buffer: block offload streams buffers in and never back): a dense
     step's projection in a block whose self-attention is 8-bit."""
     def measured(a: "SelfAttention", n, rope_cos, rope_sin, num_heads: int, eps: float, ops: _Ops):
         q, k, v = project(a, n, rope_cos, rope_sin, num_heads, eps, ops)
-        a.measured = measure(q.detach(), k.detach())
+        a.measured = measure(q.detach(), k.detach(), real_rows(rope_cos, rope_sin))
         return q, k, v
 
     measured.__name__ = measured.__qualname__ = f"{project.__name__}_measured"
@@ -609,9 +610,10 @@ class WanTransformer(nn.Module):
 
     @torch.no_grad()
     def _fold_balance(self, int8: list[bool], sp) -> None:
-        """Each 8-bit block's balance from the statistics its dense step measured (merged over the sequence-parallel
-        group first: every rank must fold the same b, and every rank measured the same blocks); with block offload,
-        into the streamed blocks' host masters. A block that measured nothing since the last fold keeps its b."""
+        """Each 8-bit block's balance from the statistics its dense step measured (under sequence parallelism added
+        up over the group first: every rank must fold the same b, and every rank measured the same blocks); with
+        block offload, into the streamed blocks' host masters. A block that measured nothing since the last fold
+        keeps its b."""
         attns = [b.attn1 for b, on in zip(self.blocks, int8) if on and b.attn1.measured is not None]
         if not attns:
             return
@@ -619,7 +621,7 @@ class WanTransformer(nn.Module):
         if sp is not None:
             stats = merge(stats, sp.group)
         with on_host(self):
-            for a, b in zip(attns, balance_of(stats)):
+            for a, b in zip(attns, balance_of(finish(stats))):
                 a.balance.copy_(b)
                 a.measured = None
 
