@@ -80,6 +80,37 @@ def test_int8_model_runs_close_to_bf16(preset):
     assert torch.equal(again, want)  # back to bf16: bit-identical
 
 
+def test_vace_blocks_run_as_their_layer():
+    """A VACE model's VACE blocks get the attention of the layer whose hint they make (tiny-vace: hints after layers
+    0 and 2; layer 0 dense keeps VACE block 0 dense, VACE block 1 runs int8 with the fused q), measure in a dense
+    step and fold their balance at the switch, as the blocks do; the output within the int8 bound of bf16 (diffusers'
+    drop-in runs VACE blocks' self-attention 8-bit too)."""
+    from wan_model.testing import make_control, make_inputs, random_model
+
+    model = random_model(WanConfig.from_preset("tiny-vace"), seed=3).set_impl("auto")
+    x, t, text, _ = make_inputs(model.config, batch=1)
+    args = (x, t, text)
+    kw = dict(control_hidden_states=make_control(model.config, x))
+    with torch.no_grad():
+        want = model(*args, **kw)
+        model.set_attention("int8")
+        calls = _spy(model)
+        got = model(*args, **kw)
+    vace = model.vace_blocks
+    assert [b.attn1.project_qkv for b in vace] == [M.qkv_fused_dense, M.qkv_fused_dense_int8]
+    assert vace[1].attn1.attend.func is M.self_attention_int8 and vace[0].attn1.attend is local_attention
+    assert calls.count("int8") == 3 + 1 and calls.count("bf16") == 1 + 1 + 4 + 2  # self: blocks 1-3, VACE block 1
+    err = ((got - want).norm() / want.norm()).item()
+    assert 0 < err < OP_NRMSE * 4, err
+    with torch.no_grad():
+        model.dense_attention(True)(*args, **kw)
+    assert vace[1].attn1.project_qkv is M.MEASURING_PROJECTIONS[M.qkv_fused_dense] and vace[0].attn1.measured is None
+    model.dense_attention(False)
+    ones = torch.ones_like(vace[0].attn1.balance)
+    assert torch.equal(vace[0].attn1.balance, ones) and not torch.allclose(vace[1].attn1.balance, ones)
+    assert vace[1].attn1.project_qkv is M.qkv_fused_dense_int8
+
+
 @pytest.mark.slow
 def test_dense_layers_and_steps_use_the_bf16_op():
     model, (x, _, text, _) = _model()

@@ -533,8 +533,8 @@ class WanTransformer(nn.Module):
         """Pick the attention op per role once, here: "bf16" (wan::attention everywhere, the default) or "int8"
         (wan::attention_int8, SageAttention2-class, inference only) for the roles in `roles` ("self", "text",
         "image": self-attention, text and image cross-attention; default self only, `INT8_ROLES`) of every layer
-        except `dense_layers` (negative
-        indices count from the end; default: layer 0, as Wan users run it). `pv`: the int8 op's P.V precision
+        except `dense_layers` (negative indices count from the end; default: layer 0, as Wan users run it); a VACE
+        model's VACE blocks as the layer whose hint they make (`_attention_layers`). `pv`: the int8 op's P.V precision
         ("auto": fp16 on sm_80/86, fp8 elsewhere). Two sets of per-block functions are bound: this configuration
         and the dense one (bf16 everywhere), between which `dense_attention` switches (the sampler's dense steps);
         forward never branches on it. An int8 self-attention gets q quantized by its projection's kernel
@@ -560,11 +560,19 @@ class WanTransformer(nn.Module):
         self._attention = AttentionConfig(attention, roles, tuple(sorted({i % L for i in dense_layers})), pv)
         dense = attention_fns(())
         self.reset_balance()  # a new configuration measures afresh
+        layers = self._attention_layers()
         self._attention_sets = {
-            True: [dense] * L,
+            True: [dense] * len(layers),
             False: [attention_fns(roles if int8 and i not in self._attention.dense_layers else (), pv)
-                    for i in range(L)]}
+                    for _, i in layers]}
         return self.dense_attention(False)
+
+    def _attention_layers(self) -> list[tuple["WanBlock", int]]:
+        """(block, its layer) of every block whose attention `set_attention` configures: the blocks, then a VACE
+        model's VACE blocks, each at the layer whose hint it makes (`vace_layers`: the VACE block of a dense layer
+        is dense too)."""
+        vace = zip(self.vace_blocks, self.config.vace_layers) if self.config.has_vace else ()
+        return [*((b, i) for i, b in enumerate(self.blocks)), *vace]
 
     def dense_attention(self, dense: bool) -> "WanTransformer":
         """Bind the dense set (True: wan::attention in every role and layer) or the configured one (False): the
@@ -582,7 +590,8 @@ class WanTransformer(nn.Module):
         int8 = [pv is not None for _, _, pv in sets[False]]
         if was_dense and not dense and any(int8):
             self._fold_balance(int8, sp)
-        for block, (self_fn, cross_fn, self_pv), measured in zip(self.blocks, sets[bool(dense)], int8):
+        blocks = [b for b, _ in self._attention_layers()]
+        for block, (self_fn, cross_fn, self_pv), measured in zip(blocks, sets[bool(dense)], int8):
             a = block.attn1
             base = base_projection(a.project_qkv)
             # 8-bit: q quantized by the projection's kernel (INT8_PROJECTIONS), the pair bound together; under
@@ -614,7 +623,7 @@ class WanTransformer(nn.Module):
         up over the group first: every rank must fold the same b, and every rank measured the same blocks); with
         block offload, into the streamed blocks' host masters. A block that measured nothing since the last fold
         keeps its b."""
-        attns = [b.attn1 for b, on in zip(self.blocks, int8) if on and b.attn1.measured is not None]
+        attns = [b.attn1 for (b, _), on in zip(self._attention_layers(), int8) if on and b.attn1.measured is not None]
         if not attns:
             return
         stats = torch.stack([a.measured for a in attns])
