@@ -17,7 +17,7 @@ import torch
 from wan_model.compat.layouts import native_to_diffusers
 from wan_model.core import offload
 from wan_model.core.config import WanConfig
-from wan_model.testing import make_inputs, random_model
+from wan_model.testing import make_control, make_inputs, random_model
 
 L = 5  # layers of the test models: enough for resident + streamed blocks and a ring that wraps
 
@@ -329,25 +329,28 @@ def test_rss_not_grown_beyond_ring_on_13b_shape():
 
 
 @pytest.mark.parametrize("order", ["attention first", "offload first"])
-def test_int8_balance_is_folded_into_the_masters(order, mode):
+@pytest.mark.parametrize("name", ["tiny-t2v", "tiny-vace"])
+def test_int8_balance_is_folded_into_the_masters(name, order, mode):
     """8-bit self-attention under offload: a dense step measures q and k in the ring (nothing is copied back) and the
     switch folds the balance into the host masters (wan_model/core/balance.py): the sampled latents and every
-    block's balance equal those without offload."""
+    block's balance (a VACE model's VACE blocks' too) equal those without offload."""
     from wan_model.core.sampling import sample
 
-    plain = _model("tiny-t2v").set_attention("int8", dense_layers=())
+    plain = _model(name).set_attention("int8", dense_layers=())
     x, _, txt, _ = make_inputs(plain.config, batch=1)
-    want = sample(plain, x, txt, None, num_steps=4, progress=False).latents
-    model = _model("tiny-t2v")
+    control = make_control(plain.config, x) if plain.config.has_vace else None
+    want = sample(plain, x, txt, None, num_steps=4, progress=False, control=control).latents
+    model = _model(name)
     if order == "attention first":
         model.set_attention("int8", dense_layers=()).enable_offload(blocks_on_device=2)
     else:
         model.enable_offload(blocks_on_device=2).set_attention("int8", dense_layers=())
-    assert torch.equal(sample(model, x, txt, None, num_steps=4, progress=False).latents, want)
+    assert torch.equal(sample(model, x, txt, None, num_steps=4, progress=False, control=control).latents, want)
     model.disable_offload()
-    for got, ref in zip(model.blocks, plain.blocks):
+    vace = (model.vace_blocks, plain.vace_blocks) if plain.config.has_vace else ((), ())
+    for got, ref in zip([*model.blocks, *vace[0]], [*plain.blocks, *vace[1]]):
         assert _on_device(got.attn1.balance, "cpu") and torch.equal(got.attn1.balance, ref.attn1.balance)
-    assert not torch.equal(plain.blocks[-1].attn1.balance, torch.ones_like(plain.blocks[-1].attn1.balance))
+        assert not torch.equal(ref.attn1.balance, torch.ones_like(ref.attn1.balance))
 
 
 # ---------------------------------------------------------------------------------------------
