@@ -62,7 +62,7 @@ def measure(q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor | None = None
             real = tokens[s0:s0 + step].view(1, -1, 1, 1)
             qc, kc = qc * real, kc * real  # non-token rows add 0 to the sums and to max |q|
             out[P_K_MAX] = torch.maximum(out[P_K_MAX], kc.masked_fill(~real, -math.inf).amax(dim=1))
-            out[P_K_NEGMAX] = torch.maximum(out[P_K_NEGMAX], (-kc).masked_fill(~real, -math.inf).amax(dim=1))
+            out[P_K_NEGMAX] = torch.maximum(out[P_K_NEGMAX], -kc.masked_fill(~real, math.inf).amin(dim=1))
             out[P_TOKENS] += real.sum()
         else:
             out[P_K_MAX] = torch.maximum(out[P_K_MAX], kc.amax(dim=1))
