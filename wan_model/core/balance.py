@@ -58,16 +58,14 @@ def measure(q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor | None = None
     out[[P_K_MAX, P_K_NEGMAX]] = -math.inf
     for s0 in range(0, S, step):
         qc, kc = q[:, s0:s0 + step].float(), k[:, s0:s0 + step].float()
+        k_hi = k_lo = kc
         if tokens is not None:
             real = tokens[s0:s0 + step].view(1, -1, 1, 1)
             qc, kc = qc * real, kc * real  # non-token rows add 0 to the sums and to max |q|
-            out[P_K_MAX] = torch.maximum(out[P_K_MAX], kc.masked_fill(~real, -math.inf).amax(dim=1))
-            out[P_K_NEGMAX] = torch.maximum(out[P_K_NEGMAX], -kc.masked_fill(~real, math.inf).amin(dim=1))
-            out[P_TOKENS] += real.sum()
-        else:
-            out[P_K_MAX] = torch.maximum(out[P_K_MAX], kc.amax(dim=1))
-            out[P_K_NEGMAX] = torch.maximum(out[P_K_NEGMAX], -kc.amin(dim=1))
-            out[P_TOKENS] += kc.shape[1]
+            k_hi, k_lo = kc.masked_fill(~real, -math.inf), kc.masked_fill(~real, math.inf)
+        out[P_K_MAX] = torch.maximum(out[P_K_MAX], k_hi.amax(dim=1))
+        out[P_K_NEGMAX] = torch.maximum(out[P_K_NEGMAX], -k_lo.amin(dim=1))
+        out[P_TOKENS] += kc.shape[1] if tokens is None else real.sum()
         out[P_Q_AMAX] = torch.maximum(out[P_Q_AMAX], qc.abs().amax(dim=1))
         out[P_Q_SQ] += qc.square().sum(dim=1)
         out[P_K_SUM] += kc.sum(dim=1)
